@@ -1,0 +1,57 @@
+//! A small network client for tests to run inside pods (as a process, so that it is
+//! in the pod's cgroup). Prints what it saw as `key=value` lines.
+//!
+//!   tb-probe connect <ip:port> <message>   send, read the reply to EOF
+//!   tb-probe hold-cluster <spec.yaml>      build a cluster, print its prefix, wait
+use std::{
+    io::{Read, Write},
+    net::{Shutdown, SocketAddr, TcpStream},
+    process::ExitCode,
+    time::Duration,
+};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        ["connect", addr, message] => connect(addr, message),
+        ["hold-cluster", spec] => hold_cluster(spec),
+        _ => Err(anyhow::anyhow!(
+            "usage: tb-probe connect <ip:port> <message> | hold-cluster <spec.yaml>"
+        )),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            println!("error={e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn connect(addr: &str, message: &str) -> anyhow::Result<()> {
+    let addr: SocketAddr = addr.parse()?;
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    println!("peer={}", stream.peer_addr()?);
+    println!("local={}", stream.local_addr()?);
+    stream.write_all(message.as_bytes())?;
+    stream.shutdown(Shutdown::Write)?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply)?;
+    println!("reply={reply}");
+    Ok(())
+}
+
+fn hold_cluster(spec: &str) -> anyhow::Result<()> {
+    let spec = testbed::ClusterSpec::from_file(spec.as_ref())?;
+    let cluster = testbed::Cluster::new(&spec)?;
+    println!("prefix={}", cluster.prefix());
+    loop {
+        std::thread::park();
+    }
+}

@@ -1,0 +1,18 @@
+//! The testbed: a Kubernetes-like cluster made of real kernel networking on one
+//! machine, for end-to-end tests of the tunnel and for `cargo xtask demo`.
+//!
+//! ```no_run
+//! use testbed::{Cluster, ClusterSpec};
+//! let spec = ClusterSpec::new().node("node-a", ["client"]).node("node-b", ["server"]);
+//! let cluster = Cluster::new(&spec)?;
+//! let out = cluster.pod("client").run("ip", ["-brief", "addr"])?;
+//! # anyhow::Ok(())
+//! ```
+//!
+//! Needs root, iproute2 and cgroup v2; see [`host`].
+
+pub mod app;
+pub mod cluster;
+pub mod host;
+
+pub use cluster::{Cluster, ClusterSpec, Node, NodeSpec, Pod};

@@ -1,0 +1,92 @@
+//! Project tasks: `cargo xtask <bootstrap|test|demo>`.
+
+mod bootstrap;
+mod demo;
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Build, test and demo tasks for the ztunnel workspace")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need (idempotent): iproute2, the nightly
+    /// toolchain's rust-src, a pinned bpf-linker.
+    Bootstrap,
+    /// Run every test of the workspace (as root: the tests build real namespaces,
+    /// cgroups and BPF programs). Extra arguments go to the test runner.
+    Test {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Build a testbed cluster and show traffic crossing it.
+    Demo {
+        /// The cluster to build.
+        #[arg(long, default_value = "tests/clusters/demo.yaml")]
+        cluster: PathBuf,
+    },
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("xtask: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    std::env::set_current_dir(workspace_root()).context("entering the workspace root")?;
+    match cli.task {
+        Task::Bootstrap => bootstrap::run(true),
+        Task::Test { args } => {
+            require_root("the tests")?;
+            bootstrap::run(false)?;
+            test(&args)
+        }
+        Task::Demo { cluster } => {
+            require_root("the demo")?;
+            bootstrap::run(false)?;
+            demo::run(&cluster)
+        }
+    }
+}
+
+fn test(args: &[String]) -> Result<()> {
+    let mut cmd = Command::new("cargo");
+    if bootstrap::have_nextest() {
+        cmd.args(["nextest", "run", "--no-fail-fast"]);
+    } else {
+        println!("xtask: cargo-nextest not found, using cargo test");
+        cmd.args(["test", "--no-fail-fast"]);
+    }
+    // Default members: everything but the eBPF crate, which only builds for BPF.
+    cmd.args(args);
+    status(&mut cmd)
+}
+
+fn require_root(what: &str) -> Result<()> {
+    testbed::host::require_root().with_context(|| format!("{what} cannot run"))
+}
+
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+/// Runs `cmd`, failing unless it exits 0.
+pub(crate) fn status(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}

@@ -1,0 +1,91 @@
+//! The one definition of everything the eBPF programs and the daemon exchange:
+//! well-known ports, map key and value layouts, and map names.
+//!
+//! Addresses are stored exactly as the kernel hands them to the programs: an IPv4
+//! address is the four octets in network order read as a native `u32`
+//! (`u32::from_ne_bytes(ip.octets())`), so neither side ever swaps bytes.
+#![no_std]
+
+/// Where enrolled pods' outbound TCP is steered, inside the pod's network namespace.
+pub const OUTBOUND_PORT: u16 = 15001;
+/// Where plaintext connections to an enrolled pod are steered.
+pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
+/// HBONE (HTTP/2 CONNECT over mTLS) to an enrolled pod.
+pub const HBONE_PORT: u16 = 15008;
+/// Where enrolled pods' DNS queries (UDP/53) are steered.
+pub const DNS_PORT: u16 = 15053;
+/// `SO_MARK` the tunnel puts on sockets it opens inside a pod; the programs never
+/// capture a socket carrying it. Same value as Istio's ztunnel.
+pub const TUNNEL_MARK: u32 = 0x539;
+
+/// 127.0.0.1 as the programs see it.
+pub const LOCALHOST: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
+
+/// Map names, pinned under the tunnel's bpffs directory.
+pub mod maps {
+    /// netns cookie → [`crate::PodConfig`]: the enrolled pods.
+    pub const ENROLLED: &str = "ZT_ENROLLED";
+    /// socket cookie → [`crate::OrigDst`]: destination of a captured connect().
+    pub const ORIG_DST_BY_COOKIE: &str = "ZT_ORIG_DST_COOKIE";
+    /// [`crate::ConnKey`] of the client end → [`crate::OrigDst`]: what the tunnel reads.
+    pub const ORIG_DST: &str = "ZT_ORIG_DST";
+    /// socket cookie → [`crate::OrigDst`]: the DNS server a pod's UDP socket last asked.
+    pub const DNS_ORIG: &str = "ZT_DNS_ORIG";
+    /// [`crate::ListenerKey`] → the tunnel's listening socket for that pod.
+    pub const LISTENERS: &str = "ZT_LISTENERS";
+}
+
+/// An enrolled pod, keyed by its network namespace cookie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodConfig {
+    /// The pod's IP (network order, see the crate docs).
+    pub pod_ip: u32,
+    /// Reserved; zero.
+    pub flags: u32,
+}
+
+/// An original destination.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OrigDst {
+    /// Network order, see the crate docs.
+    pub ip: u32,
+    /// Host order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// The client end of a captured connection as the tunnel's listener sees it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnKey {
+    pub netns_cookie: u64,
+    /// Network order.
+    pub ip: u32,
+    /// Host order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Which of a pod's inbound listeners.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListenerKey {
+    /// The pod IP the listener serves (network order).
+    pub pod_ip: u32,
+    /// [`LISTENER_PLAINTEXT`] or [`LISTENER_HBONE`].
+    pub kind: u32,
+}
+
+pub const LISTENER_PLAINTEXT: u32 = 0;
+pub const LISTENER_HBONE: u32 = 1;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all four are repr(C), Copy, and padding-free with explicit pad fields.
+    unsafe impl aya::Pod for super::PodConfig {}
+    unsafe impl aya::Pod for super::OrigDst {}
+    unsafe impl aya::Pod for super::ConnKey {}
+    unsafe impl aya::Pod for super::ListenerKey {}
+}

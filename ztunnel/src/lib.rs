@@ -1,0 +1,3 @@
+//! ztunnel: the per-node tunnel of an eBPF-assisted ambient service mesh.
+pub mod netns;
+pub mod redirect;

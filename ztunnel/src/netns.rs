@@ -1,0 +1,48 @@
+//! Network namespace helpers: run code inside a pod's namespace, identify one.
+
+use std::{fs::File, io, os::fd::AsRawFd, path::Path, thread};
+
+use nix::sched::{setns, CloneFlags};
+
+/// `SO_NETNS_COOKIE` (Linux 5.14+): a socket's network namespace cookie, the same
+/// value `bpf_get_netns_cookie()` returns to the programs.
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+/// Runs `f` on a short-lived thread that has entered the network namespace at
+/// `netns`. Sockets `f` creates belong to that namespace for their whole life; the
+/// calling thread never changes namespace.
+pub fn run_in<T, F>(netns: &Path, f: F) -> io::Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> io::Result<T> + Send + 'static,
+{
+    let ns = File::open(netns)?;
+    thread::Builder::new()
+        .name("netns".into())
+        .spawn(move || {
+            setns(&ns, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+            f()
+        })?
+        .join()
+        .map_err(|_| io::Error::other("thread inside the network namespace panicked"))?
+}
+
+/// The network namespace cookie of the namespace `socket` lives in.
+pub fn cookie(socket: &impl AsRawFd) -> io::Result<u64> {
+    let mut value: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: value/len describe a valid u64 buffer for the kernel to fill.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut value as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value)
+}

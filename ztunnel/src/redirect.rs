@@ -1,0 +1,312 @@
+//! Loads the redirection programs (ztunnel-ebpf) and enrolls pods into them.
+//!
+//! The cgroup programs are attached once, at the cgroup that holds every pod of the
+//! node, and act only on sockets whose network namespace is in the `ENROLLED` map;
+//! enrolling a pod is a map update plus one `sk_lookup` attach to its network
+//! namespace. Maps and links are pinned under a bpffs directory, so a restarted
+//! tunnel finds them in place: the pods stay captured (and fail closed) while it is
+//! away, and on return it only has to open its listeners again.
+//!
+//! Pin layout under the directory:
+//!
+//! ```text
+//! maps/ZT_*                    the maps (see ztunnel_ebpf_common::maps)
+//! links/<program>              the cgroup links on the pod cgroup root
+//! pods/<netns cookie>/inbound  each enrolled pod's sk_lookup link
+//! ```
+
+use std::{
+    fs::{self, File},
+    io,
+    net::{Ipv4Addr, SocketAddrV4, TcpListener, UdpSocket},
+    os::fd::{AsFd, AsRawFd},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, Context, Result};
+use aya::{
+    maps::{HashMap, MapData, SockHash},
+    programs::{
+        links::{FdLink, PinnedLink},
+        CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps,
+    },
+    Ebpf, EbpfLoader,
+};
+use ztunnel_ebpf_common::{
+    maps, ConnKey, ListenerKey, OrigDst, PodConfig, DNS_PORT, HBONE_PORT, INBOUND_PLAINTEXT_PORT,
+    LISTENER_HBONE, LISTENER_PLAINTEXT, OUTBOUND_PORT,
+};
+
+use crate::netns;
+
+/// The compiled redirection programs, embedded at build time.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ztunnel-redirect"));
+
+/// The cgroup programs: (program name in the object, pin name).
+const CGROUP_PROGRAMS: [(&str, &str); 4] = [
+    ("redirect_connect4", "connect4"),
+    ("redirect_sendmsg4", "sendmsg4"),
+    ("redirect_recvmsg4", "recvmsg4"),
+    ("redirect_getpeername4", "getpeername4"),
+];
+const SOCKOPS_PROGRAM: (&str, &str) = ("redirect_sockops", "sockops");
+const INBOUND_PROGRAM: &str = "redirect_inbound";
+/// cgroup BPF links always coexist with other programs on the same cgroup (another
+/// tunnel, another product); the kernel refuses multi-attach flags on links, so the
+/// "single" mode here means "no flags", not "exclusive".
+const LINK_MODE: CgroupAttachMode = CgroupAttachMode::Single;
+
+/// Where the redirection lives on this node.
+#[derive(Clone, Debug)]
+pub struct RedirectConfig {
+    /// A directory on a bpffs mount for this tunnel's pins (created if missing).
+    pub pin_dir: PathBuf,
+    /// The cgroup v2 directory under which every pod of the node has its cgroup.
+    pub pod_cgroup_root: PathBuf,
+}
+
+/// A pod as the redirection sees it.
+#[derive(Clone, Debug)]
+pub struct PodNetwork {
+    /// The pod's network namespace, e.g. `/run/netns/<name>` or `/proc/<pid>/ns/net`.
+    pub netns: PathBuf,
+    /// The pod's cgroup v2 directory; must lie under [`RedirectConfig::pod_cgroup_root`].
+    pub cgroup: PathBuf,
+    pub ip: Ipv4Addr,
+}
+
+/// The tunnel's sockets inside one enrolled pod. Closing them (or the process
+/// exiting) leaves the pod failing closed until the pod is enrolled again.
+#[derive(Debug)]
+pub struct PodListeners {
+    pub netns_cookie: u64,
+    /// Captured outbound TCP, 127.0.0.1:15001.
+    pub outbound: TcpListener,
+    /// Captured inbound plaintext, assigned by sk_lookup.
+    pub inbound_plaintext: TcpListener,
+    /// Inbound HBONE, assigned by sk_lookup.
+    pub hbone: TcpListener,
+    /// Captured DNS, 127.0.0.1:15053.
+    pub dns: UdpSocket,
+}
+
+/// The loaded programs and the maps the tunnel reads and writes.
+pub struct Redirector {
+    config: RedirectConfig,
+    ebpf: Ebpf,
+    enrolled: HashMap<MapData, u64, PodConfig>,
+    orig_dst: HashMap<MapData, ConnKey, OrigDst>,
+    listeners: SockHash<MapData, ListenerKey>,
+}
+
+impl Redirector {
+    /// Loads the programs, reusing pinned maps, and attaches the cgroup programs to
+    /// the pod cgroup root unless a previous run left them attached.
+    pub fn start(config: RedirectConfig) -> Result<Self> {
+        let maps_dir = config.pin_dir.join("maps");
+        let links_dir = config.pin_dir.join("links");
+        for dir in [&maps_dir, &links_dir, &config.pin_dir.join("pods")] {
+            fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&maps_dir)
+            .load(OBJECT)
+            .context("loading the redirection programs")?;
+        let root = File::open(&config.pod_cgroup_root)
+            .with_context(|| format!("opening cgroup {}", config.pod_cgroup_root.display()))?;
+
+        for (name, pin) in CGROUP_PROGRAMS {
+            let program: &mut CgroupSockAddr = program_mut(&mut ebpf, name)?;
+            program.load().with_context(|| format!("loading {name}"))?;
+            let pin = links_dir.join(pin);
+            if !pin.exists() {
+                let id = program
+                    .attach(root.as_fd(), LINK_MODE)
+                    .with_context(|| format!("attaching {name} to the pod cgroup root"))?;
+                let link: FdLink = program.take_link(id)?.try_into()?;
+                link.pin(&pin)
+                    .with_context(|| format!("pinning {}", pin.display()))?;
+            }
+        }
+        let (name, pin) = SOCKOPS_PROGRAM;
+        let program: &mut SockOps = program_mut(&mut ebpf, name)?;
+        program.load().with_context(|| format!("loading {name}"))?;
+        let pin = links_dir.join(pin);
+        if !pin.exists() {
+            let id = program
+                .attach(root.as_fd(), LINK_MODE)
+                .with_context(|| format!("attaching {name} to the pod cgroup root"))?;
+            let link: FdLink = program.take_link(id)?.try_into()?;
+            link.pin(&pin)
+                .with_context(|| format!("pinning {}", pin.display()))?;
+        }
+        let program: &mut SkLookup = program_mut(&mut ebpf, INBOUND_PROGRAM)?;
+        program
+            .load()
+            .with_context(|| format!("loading {INBOUND_PROGRAM}"))?;
+
+        let enrolled = HashMap::try_from(take_map(&mut ebpf, maps::ENROLLED)?)?;
+        let orig_dst = HashMap::try_from(take_map(&mut ebpf, maps::ORIG_DST)?)?;
+        let listeners = SockHash::try_from(take_map(&mut ebpf, maps::LISTENERS)?)?;
+        Ok(Self {
+            config,
+            ebpf,
+            enrolled,
+            orig_dst,
+            listeners,
+        })
+    }
+
+    /// Captures a pod's traffic and opens the tunnel's listeners inside it. Enrolling
+    /// a pod that is already enrolled (e.g. after a restart) only replaces the
+    /// listeners.
+    pub fn enroll(&mut self, pod: &PodNetwork) -> Result<PodListeners> {
+        if !pod.cgroup.starts_with(&self.config.pod_cgroup_root) {
+            bail!(
+                "pod cgroup {} is not under the pod cgroup root {}: its traffic would not be captured",
+                pod.cgroup.display(),
+                self.config.pod_cgroup_root.display()
+            );
+        }
+        let netns_file = File::open(&pod.netns)
+            .with_context(|| format!("opening network namespace {}", pod.netns.display()))?;
+        let listeners = netns::run_in(&pod.netns, open_listeners)
+            .with_context(|| format!("opening listeners in {}", pod.netns.display()))?;
+        let cookie = listeners.netns_cookie;
+        let pod_ip = u32::from_ne_bytes(pod.ip.octets());
+
+        for (kind, socket) in [
+            (LISTENER_PLAINTEXT, &listeners.inbound_plaintext),
+            (LISTENER_HBONE, &listeners.hbone),
+        ] {
+            self.listeners
+                .insert(ListenerKey { pod_ip, kind }, socket.as_raw_fd(), 0)
+                .context("registering an inbound listener")?;
+        }
+        let pin = self.pod_pin_dir(cookie).join("inbound");
+        if !pin.exists() {
+            fs::create_dir_all(self.pod_pin_dir(cookie))?;
+            let program: &mut SkLookup = program_mut(&mut self.ebpf, INBOUND_PROGRAM)?;
+            let id = program
+                .attach(netns_file.as_fd())
+                .context("attaching the inbound sk_lookup program to the pod's netns")?;
+            let link: FdLink = program.take_link(id)?.into();
+            link.pin(&pin)
+                .with_context(|| format!("pinning {}", pin.display()))?;
+        }
+        self.enrolled
+            .insert(cookie, PodConfig { pod_ip, flags: 0 }, 0)
+            .context("adding the pod to the enrolled map")?;
+        Ok(listeners)
+    }
+
+    /// Stops capturing the pod: its traffic flows directly again.
+    pub fn unenroll(&mut self, netns_cookie: u64, ip: Ipv4Addr) -> Result<()> {
+        let pod_ip = u32::from_ne_bytes(ip.octets());
+        remove_if_present(self.enrolled.remove(&netns_cookie))?;
+        let dir = self.pod_pin_dir(netns_cookie);
+        let pin = dir.join("inbound");
+        if pin.exists() {
+            // Unpinning and dropping the last reference detaches the link.
+            let link = PinnedLink::from_pin(&pin)?;
+            drop(link.unpin()?);
+        }
+        remove_dir_if_present(&dir)?;
+        for kind in [LISTENER_PLAINTEXT, LISTENER_HBONE] {
+            remove_if_present(self.listeners.remove(&ListenerKey { pod_ip, kind }))?;
+        }
+        Ok(())
+    }
+
+    /// The destination a pod asked for, given the peer address of a connection
+    /// accepted on that pod's outbound listener.
+    pub fn original_dst(&self, netns_cookie: u64, peer: SocketAddrV4) -> Option<SocketAddrV4> {
+        let key = ConnKey {
+            netns_cookie,
+            ip: u32::from_ne_bytes(peer.ip().octets()),
+            port: peer.port(),
+            _pad: 0,
+        };
+        let orig = self.orig_dst.get(&key, 0).ok()?;
+        Some(SocketAddrV4::new(
+            Ipv4Addr::from(orig.ip.to_ne_bytes()),
+            orig.port,
+        ))
+    }
+
+    /// Netns cookies of every pod enrolled, including by a previous run.
+    pub fn enrolled_pods(&self) -> Result<Vec<(u64, Ipv4Addr)>> {
+        self.enrolled
+            .iter()
+            .map(|entry| {
+                let (cookie, config) = entry?;
+                Ok((cookie, Ipv4Addr::from(config.pod_ip.to_ne_bytes())))
+            })
+            .collect()
+    }
+
+    fn pod_pin_dir(&self, netns_cookie: u64) -> PathBuf {
+        self.config
+            .pin_dir
+            .join("pods")
+            .join(netns_cookie.to_string())
+    }
+}
+
+/// Removes every pin of a tunnel: links (which detaches the programs) and maps.
+/// For uninstalling, and for tests cleaning up after themselves.
+pub fn uninstall(pin_dir: &Path) -> io::Result<()> {
+    match fs::remove_dir_all(pin_dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
+fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let program = ebpf
+        .program_mut(name)
+        .with_context(|| format!("program {name} missing from the eBPF object"))?;
+    Ok(program.try_into()?)
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
+    ebpf.take_map(name)
+        .with_context(|| format!("map {name} missing from the eBPF object"))
+}
+
+fn remove_if_present(result: Result<(), aya::maps::MapError>) -> Result<()> {
+    match result {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        other => Ok(other?),
+    }
+}
+
+fn remove_dir_if_present(dir: &Path) -> io::Result<()> {
+    match fs::remove_dir(dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
+/// Runs inside the pod's network namespace.
+fn open_listeners() -> io::Result<PodListeners> {
+    let localhost = Ipv4Addr::LOCALHOST;
+    let tcp = |port| -> io::Result<TcpListener> {
+        let listener = TcpListener::bind(SocketAddrV4::new(localhost, port))?;
+        listener.set_nonblocking(true)?;
+        Ok(listener)
+    };
+    let outbound = tcp(OUTBOUND_PORT)?;
+    let dns = UdpSocket::bind(SocketAddrV4::new(localhost, DNS_PORT))?;
+    dns.set_nonblocking(true)?;
+    Ok(PodListeners {
+        netns_cookie: netns::cookie(&outbound)?,
+        outbound,
+        inbound_plaintext: tcp(INBOUND_PLAINTEXT_PORT)?,
+        hbone: tcp(HBONE_PORT)?,
+        dns,
+    })
+}

@@ -26,6 +26,8 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Run benchmarks (as root), all of them or those named: redirect.
+    Bench { names: Vec<String> },
     /// Build a testbed cluster and show traffic crossing it.
     Demo {
         /// The cluster to build.
@@ -50,6 +52,11 @@ fn run(cli: Cli) -> Result<()> {
             bootstrap::run(false)?;
             test(&args)
         }
+        Task::Bench { names } => {
+            require_root("the benchmarks")?;
+            bootstrap::run(false)?;
+            bench(&names)
+        }
         Task::Demo { cluster } => {
             require_root("the demo")?;
             bootstrap::run(false)?;
@@ -69,6 +76,26 @@ fn test(args: &[String]) -> Result<()> {
     // Default members: everything but the eBPF crate, which only builds for BPF.
     cmd.args(args);
     status(&mut cmd)
+}
+
+/// Benchmarks of the tests package (tests/benches), each reporting ratios measured
+/// within one run.
+const BENCHES: [&str; 1] = ["redirect"];
+
+fn bench(names: &[String]) -> Result<()> {
+    for name in names {
+        if !BENCHES.contains(&name.as_str()) {
+            bail!("no benchmark {name:?}; there are: {}", BENCHES.join(", "));
+        }
+    }
+    let selected: Vec<&str> = match names.is_empty() {
+        true => BENCHES.to_vec(),
+        false => names.iter().map(String::as_str).collect(),
+    };
+    for name in selected {
+        status(Command::new("cargo").args(["bench", "-p", "ztunnel-tests", "--bench", name]))?;
+    }
+    Ok(())
 }
 
 fn require_root(what: &str) -> Result<()> {

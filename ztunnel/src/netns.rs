@@ -46,3 +46,18 @@ pub fn cookie(socket: &impl AsRawFd) -> io::Result<u64> {
     }
     Ok(value)
 }
+
+/// A non-blocking TCP socket created inside the network namespace at `netns` and
+/// marked as the tunnel's own, so the redirection programs never capture it. Connect
+/// it from any thread (e.g. with `tokio::net::TcpSocket::from_std_stream`).
+pub fn tcp_socket_in(netns: &Path) -> io::Result<socket2::Socket> {
+    run_in(netns, || {
+        let socket = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::STREAM.nonblocking().cloexec(),
+            Some(socket2::Protocol::TCP),
+        )?;
+        socket.set_mark(ztunnel_ebpf_common::TUNNEL_MARK)?;
+        Ok(socket)
+    })
+}

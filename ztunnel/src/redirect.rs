@@ -277,9 +277,16 @@ fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
         .with_context(|| format!("map {name} missing from the eBPF object"))
 }
 
+/// A missing key is fine: sockhash entries vanish by themselves when the socket
+/// closes, and a previous attempt may have removed the rest.
 fn remove_if_present(result: Result<(), aya::maps::MapError>) -> Result<()> {
     match result {
         Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.kind() == io::ErrorKind::NotFound =>
+        {
+            Ok(())
+        }
         other => Ok(other?),
     }
 }

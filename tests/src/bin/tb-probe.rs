@@ -2,10 +2,11 @@
 //! in the pod's cgroup). Prints what it saw as `key=value` lines.
 //!
 //!   tb-probe connect <ip:port> <message>   send, read the reply to EOF
+//!   tb-probe dns <ip:port> <query>         one datagram with sendto, print the reply
 //!   tb-probe hold-cluster <spec.yaml>      build a cluster, print its prefix, wait
 use std::{
     io::{Read, Write},
-    net::{Shutdown, SocketAddr, TcpStream},
+    net::{Shutdown, SocketAddr, TcpStream, UdpSocket},
     process::ExitCode,
     time::Duration,
 };
@@ -19,9 +20,10 @@ fn main() -> ExitCode {
         .as_slice()
     {
         ["connect", addr, message] => connect(addr, message),
+        ["dns", addr, query] => dns(addr, query),
         ["hold-cluster", spec] => hold_cluster(spec),
         _ => Err(anyhow::anyhow!(
-            "usage: tb-probe connect <ip:port> <message> | hold-cluster <spec.yaml>"
+            "usage: tb-probe connect <ip:port> <message> | dns <ip:port> <query> | hold-cluster <spec.yaml>"
         )),
     };
     match result {
@@ -35,7 +37,8 @@ fn main() -> ExitCode {
 
 fn connect(addr: &str, message: &str) -> anyhow::Result<()> {
     let addr: SocketAddr = addr.parse()?;
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    // Short: tests also check that a dropped SYN never connects.
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     println!("peer={}", stream.peer_addr()?);
     println!("local={}", stream.local_addr()?);
@@ -44,6 +47,18 @@ fn connect(addr: &str, message: &str) -> anyhow::Result<()> {
     let mut reply = String::new();
     stream.read_to_string(&mut reply)?;
     println!("reply={reply}");
+    Ok(())
+}
+
+fn dns(addr: &str, query: &str) -> anyhow::Result<()> {
+    let addr: SocketAddr = addr.parse()?;
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    socket.set_read_timeout(Some(Duration::from_secs(5)))?;
+    socket.send_to(query.as_bytes(), addr)?;
+    let mut buf = [0u8; 1500];
+    let (n, from) = socket.recv_from(&mut buf)?;
+    println!("from={from}");
+    println!("reply={}", String::from_utf8_lossy(&buf[..n]));
     Ok(())
 }
 

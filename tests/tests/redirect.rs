@@ -1,0 +1,305 @@
+//! eBPF redirection end to end: real programs, real pods, real sockets. The node
+//! tunnel is `tb-tunnel`, a process driving ztunnel's `redirect` module, so stopping
+//! it is a real process exit.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::SocketAddr,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, ChildStdout, Stdio},
+};
+
+use testbed::{app::EchoServer, Cluster, ClusterSpec, Pod};
+
+const PROBE: &str = env!("CARGO_BIN_EXE_tb-probe");
+const TUNNEL: &str = env!("CARGO_BIN_EXE_tb-tunnel");
+
+/// node-a: client and server (enrolled by the tests that want them), plain (never);
+/// node-b: remote (never enrolled).
+fn cluster() -> Cluster {
+    Cluster::new(
+        &ClusterSpec::new()
+            .node("node-a", ["client", "server", "plain"])
+            .node("node-b", ["remote"]),
+    )
+    .unwrap()
+}
+
+fn pod_arg(pod: &Pod) -> String {
+    format!(
+        "{},{},{}",
+        pod.netns_path().display(),
+        pod.cgroup.display(),
+        pod.ip
+    )
+}
+
+/// A running tb-tunnel on node-a; killed (SIGKILL) on drop.
+struct Tunnel {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Tunnel {
+    fn start(cluster: &Cluster, enrolled: &[&str]) -> Tunnel {
+        let node = cluster.node("node-a");
+        let mut cmd = node.command(TUNNEL).unwrap();
+        cmd.arg("--pin-dir")
+            .arg(pin_dir(cluster))
+            .arg("--pod-cgroup-root")
+            .arg(&node.pod_cgroup_root);
+        for pod in enrolled {
+            cmd.arg("--pod").arg(pod_arg(cluster.pod(pod)));
+        }
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut tunnel = Tunnel {
+            stdin: child.stdin.take().unwrap(),
+            stdout: BufReader::new(child.stdout.take().unwrap()),
+            child,
+        };
+        // tb-tunnel prints `ready` or exits (EOF) with its error on stderr.
+        assert_eq!(tunnel.line(), "ready");
+        tunnel
+    }
+
+    fn line(&mut self) -> String {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        line.trim().to_owned()
+    }
+
+    fn command(&mut self, command: &str) -> String {
+        writeln!(self.stdin, "{command}").unwrap();
+        self.line()
+    }
+
+    fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Tunnel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn pin_dir(cluster: &Cluster) -> PathBuf {
+    cluster.node("node-a").bpffs.join("ztunnel")
+}
+
+/// tb-probe's output for a TCP exchange from `pod`.
+fn connect(cluster: &Cluster, pod: &str, target: SocketAddr, message: &str) -> String {
+    let out = cluster
+        .pod(pod)
+        .run(PROBE, ["connect", &target.to_string(), message])
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn addr(pod: &Pod, port: u16) -> SocketAddr {
+    SocketAddr::new(pod.ip.into(), port)
+}
+
+#[test]
+fn outbound_connect_is_captured_with_its_original_destination() {
+    let cluster = cluster();
+    let _tunnel = Tunnel::start(&cluster, &["client"]);
+
+    // Anywhere at all: the tunnel accepts it and knows where it was going, and the
+    // application sees the peer it asked for.
+    let out = connect(&cluster, "client", "10.1.2.3:4567".parse().unwrap(), "x");
+    assert!(out.contains("reply=outbound orig=10.1.2.3:4567\n"), "{out}");
+    assert!(out.contains("peer=10.1.2.3:4567\n"), "{out}");
+
+    // A real destination: the tunnel's own connection from the node is not captured
+    // again, and reaches the remote pod from the node's address.
+    let remote = cluster.pod("remote");
+    let echo = EchoServer::start(remote, 8080).unwrap();
+    let out = connect(&cluster, "client", addr(remote, 8080), "hello");
+    assert!(
+        out.contains(&format!(
+            "reply=outbound orig={}\nremote:hello",
+            addr(remote, 8080)
+        )),
+        "{out}"
+    );
+    let peers = echo.stop().unwrap();
+    assert_eq!(peers.len(), 1);
+    assert_eq!(peers[0].ip(), cluster.node("node-a").ip);
+}
+
+#[test]
+fn loopback_inside_an_enrolled_pod_is_untouched() {
+    let cluster = cluster();
+    let _tunnel = Tunnel::start(&cluster, &["client"]);
+    let echo = EchoServer::start(cluster.pod("client"), 7000).unwrap();
+    let out = connect(&cluster, "client", "127.0.0.1:7000".parse().unwrap(), "lo");
+    assert!(out.contains("reply=client:lo"), "{out}");
+    assert!(!out.contains("outbound"), "{out}");
+    assert_eq!(echo.stop().unwrap()[0].ip().to_string(), "127.0.0.1");
+}
+
+#[test]
+fn inbound_connections_reach_the_tunnel_with_their_port() {
+    let cluster = cluster();
+    let _tunnel = Tunnel::start(&cluster, &["server"]);
+    let server = cluster.pod("server");
+    let remote = cluster.pod("remote");
+    let echo = EchoServer::start(server, 8080).unwrap();
+
+    let out = connect(&cluster, "remote", addr(server, 8080), "hello");
+    let header = format!(
+        "reply=inbound dst={} peer={}:",
+        addr(server, 8080),
+        remote.ip
+    );
+    assert!(out.contains(&header), "{out}");
+    // ... and the tunnel's delivery to the application, from inside the pod, reached
+    // the application instead of looping back into the tunnel.
+    assert!(out.contains("\nserver:hello"), "{out}");
+    assert_eq!(echo.stop().unwrap()[0].ip(), server.ip);
+
+    let out = connect(&cluster, "remote", addr(server, 15008), "");
+    let header = format!(
+        "reply=hbone dst={} peer={}:",
+        addr(server, 15008),
+        remote.ip
+    );
+    assert!(out.contains(&header), "{out}");
+}
+
+#[test]
+fn pods_that_are_not_enrolled_are_untouched() {
+    let cluster = cluster();
+    let _tunnel = Tunnel::start(&cluster, &["client", "server"]);
+    let (plain, remote) = (cluster.pod("plain"), cluster.pod("remote"));
+    let remote_echo = EchoServer::start(remote, 8080).unwrap();
+    let plain_echo = EchoServer::start(plain, 8080).unwrap();
+
+    let out = connect(&cluster, "plain", addr(remote, 8080), "hello");
+    assert!(out.ends_with("reply=remote:hello\n"), "{out}");
+    let out = connect(&cluster, "remote", addr(plain, 8080), "hi");
+    assert!(out.ends_with("reply=plain:hi\n"), "{out}");
+    assert_eq!(remote_echo.stop().unwrap()[0].ip(), plain.ip);
+    assert_eq!(plain_echo.stop().unwrap()[0].ip(), remote.ip);
+}
+
+fn link_inodes(pin_dir: &Path) -> Vec<u64> {
+    let mut pins = vec![
+        pin_dir.join("links/connect4"),
+        pin_dir.join("links/sockops"),
+    ];
+    for pod in std::fs::read_dir(pin_dir.join("pods")).unwrap() {
+        pins.push(pod.unwrap().path().join("inbound"));
+    }
+    pins.iter()
+        .map(|p| std::fs::metadata(p).unwrap().ino())
+        .collect()
+}
+
+#[test]
+fn with_the_tunnel_down_enrolled_pods_fail_closed_and_recover_on_restart() {
+    let cluster = cluster();
+    let (server, remote) = (cluster.pod("server"), cluster.pod("remote"));
+    let tunnel = Tunnel::start(&cluster, &["client", "server"]);
+    let pins_before = link_inodes(&pin_dir(&cluster));
+    tunnel.kill();
+
+    let remote_echo = EchoServer::start(remote, 8080).unwrap();
+    let server_echo = EchoServer::start(server, 8080).unwrap();
+    // Outbound: refused, not sent in the clear.
+    let out = connect(&cluster, "client", addr(remote, 8080), "leak?");
+    assert!(out.contains("error=Connection refused"), "{out}");
+    // Inbound plaintext: never reaches the application.
+    let out = connect(&cluster, "remote", addr(server, 8080), "leak?");
+    assert!(out.starts_with("error="), "{out}");
+    assert!(
+        server_echo.stop().unwrap().is_empty(),
+        "the app got a connection"
+    );
+    assert!(
+        remote_echo.stop().unwrap().is_empty(),
+        "the remote got a connection"
+    );
+
+    // Back again, with the pods' enrollment found in the pins, not redone.
+    let _tunnel = Tunnel::start(&cluster, &["client", "server"]);
+    assert_eq!(link_inodes(&pin_dir(&cluster)), pins_before);
+    let remote_echo = EchoServer::start(remote, 8080).unwrap();
+    let out = connect(&cluster, "client", addr(remote, 8080), "again");
+    assert!(out.contains("\nremote:again"), "{out}");
+    let server_echo = EchoServer::start(server, 8080).unwrap();
+    let out = connect(&cluster, "remote", addr(server, 8080), "in");
+    assert!(out.contains("reply=inbound dst="), "{out}");
+    assert!(out.contains("\nserver:in"), "{out}");
+    assert_eq!(remote_echo.stop().unwrap().len(), 1);
+    assert_eq!(server_echo.stop().unwrap().len(), 1);
+}
+
+#[test]
+fn unenroll_restores_direct_traffic() {
+    let cluster = cluster();
+    let mut tunnel = Tunnel::start(&cluster, &["client", "server"]);
+    let (client, server, remote) = (
+        cluster.pod("client"),
+        cluster.pod("server"),
+        cluster.pod("remote"),
+    );
+    let remote_echo = EchoServer::start(remote, 8080).unwrap();
+    let server_echo = EchoServer::start(server, 8080).unwrap();
+    assert!(connect(&cluster, "client", addr(remote, 8080), "a").contains("outbound orig="));
+
+    assert_eq!(tunnel.command(&format!("unenroll {}", client.ip)), "ok");
+    assert_eq!(tunnel.command(&format!("unenroll {}", server.ip)), "ok");
+    let out = connect(&cluster, "client", addr(remote, 8080), "direct");
+    assert!(out.ends_with("reply=remote:direct\n"), "{out}");
+    let out = connect(&cluster, "remote", addr(server, 8080), "direct");
+    assert!(out.ends_with("reply=server:direct\n"), "{out}");
+    let pods_pinned = std::fs::read_dir(pin_dir(&cluster).join("pods"))
+        .unwrap()
+        .count();
+    assert_eq!(
+        pods_pinned, 0,
+        "unenroll left the pods' sk_lookup links pinned"
+    );
+
+    let peers = remote_echo.stop().unwrap();
+    assert_eq!(
+        peers[1].ip(),
+        client.ip,
+        "after unenroll the remote sees the pod itself"
+    );
+    assert_eq!(server_echo.stop().unwrap()[0].ip(), remote.ip);
+
+    // And enrolling again captures again.
+    assert_eq!(tunnel.command(&format!("enroll {}", pod_arg(client))), "ok");
+    assert!(
+        connect(&cluster, "client", "10.9.9.9:99".parse().unwrap(), "")
+            .contains("orig=10.9.9.9:99")
+    );
+}
+
+#[test]
+fn dns_from_an_enrolled_pod_reaches_the_tunnel_and_answers_from_the_server() {
+    let cluster = cluster();
+    let _tunnel = Tunnel::start(&cluster, &["client"]);
+    let client = cluster.pod("client");
+    for server in ["10.96.0.10:53", "8.8.8.8:53"] {
+        let out = client.run(PROBE, ["dns", server, "example.com"]).unwrap();
+        let out = String::from_utf8_lossy(&out.stdout);
+        assert!(out.contains(&format!("from={server}\n")), "{out}");
+        assert!(
+            out.contains(&format!("reply=dns pod={} query=example.com", client.ip)),
+            "{out}"
+        );
+    }
+}

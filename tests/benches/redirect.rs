@@ -15,6 +15,10 @@ use std::{
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd,
     path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
     thread,
     time::{Duration, Instant},
 };
@@ -96,10 +100,10 @@ fn connect_latency(cluster: &Cluster, redirector: &mut Redirector) -> Result<()>
     })?;
     let tunnel = listeners.outbound.try_clone()?;
     tunnel.set_nonblocking(false)?;
-    spawn_acceptor(tunnel);
+    let tunnel_accepted = spawn_acceptor(tunnel);
     let plain_ip = plain.ip;
     let app = plain.in_netns(move || TcpListener::bind((plain_ip, 9000)))??;
-    spawn_acceptor(app);
+    let app_accepted = spawn_acceptor(app);
 
     let own_cgroup = current_cgroup()?;
     let mut captured = Vec::new();
@@ -115,6 +119,17 @@ fn connect_latency(cluster: &Cluster, redirector: &mut Redirector) -> Result<()>
         direct.extend(plain.in_netns(move || time_connects(target))??);
     }
     join_cgroup(&own_cgroup)?;
+    // Every enrolled connect() went to the tunnel (nothing listens on the enrolled
+    // pod's port 9000), every unenrolled one to the app.
+    let expected = ROUNDS * CONNECTS_PER_ROUND;
+    wait_for(
+        || tunnel_accepted.load(Ordering::Relaxed) == expected,
+        "tunnel accepts",
+    )?;
+    wait_for(
+        || app_accepted.load(Ordering::Relaxed) == expected,
+        "app accepts",
+    )?;
 
     let (c, d) = (median(&mut captured), median(&mut direct));
     println!(
@@ -158,12 +173,26 @@ fn set_linger_zero(stream: &TcpStream) -> io::Result<()> {
     Ok(())
 }
 
-fn spawn_acceptor(listener: TcpListener) {
+/// Accepts and drops connections on a thread; returns the running count.
+fn spawn_acceptor(listener: TcpListener) -> Arc<AtomicUsize> {
+    let count = Arc::new(AtomicUsize::new(0));
+    let counter = count.clone();
     thread::spawn(move || {
         while let Ok((stream, _)) = listener.accept() {
+            counter.fetch_add(1, Ordering::Relaxed);
             drop(stream);
         }
     });
+    count
+}
+
+fn wait_for(done: impl Fn() -> bool, what: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        anyhow::ensure!(Instant::now() < deadline, "{what}: count never reached");
+        thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
 }
 
 /// A new network namespace with loopback up, held open by the returned file.

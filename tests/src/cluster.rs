@@ -447,6 +447,12 @@ impl Node {
         enter_command(program, &self.netns, &self.cgroup)
     }
 
+    /// A command that runs in the node's network namespace and in `cgroup` (e.g. a
+    /// group under the pod cgroup root, where a Kubernetes node keeps its tunnel).
+    pub fn command_in_cgroup(&self, program: impl AsRef<OsStr>, cgroup: &Path) -> Result<Command> {
+        enter_command(program, &self.netns, cgroup)
+    }
+
     /// Runs `f` on a thread inside the node's network namespace.
     pub fn in_netns<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
         in_netns_path(&netns_path(&self.netns), f)

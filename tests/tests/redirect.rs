@@ -7,7 +7,7 @@ use std::{
     net::SocketAddr,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
-    process::{Child, ChildStdin, ChildStdout, Stdio},
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
 };
 
 use testbed::{app::EchoServer, Cluster, ClusterSpec, Pod};
@@ -45,7 +45,11 @@ struct Tunnel {
 impl Tunnel {
     fn start(cluster: &Cluster, enrolled: &[&str]) -> Tunnel {
         let node = cluster.node("node-a");
-        let mut cmd = node.command(TUNNEL).unwrap();
+        Tunnel::start_with(cluster, enrolled, node.command(TUNNEL).unwrap())
+    }
+
+    fn start_with(cluster: &Cluster, enrolled: &[&str], mut cmd: Command) -> Tunnel {
+        let node = cluster.node("node-a");
         cmd.arg("--pin-dir")
             .arg(pin_dir(cluster))
             .arg("--pod-cgroup-root")
@@ -141,11 +145,66 @@ fn outbound_connect_is_captured_with_its_original_destination() {
 fn loopback_inside_an_enrolled_pod_is_untouched() {
     let cluster = cluster();
     let _tunnel = Tunnel::start(&cluster, &["client"]);
-    let echo = EchoServer::start(cluster.pod("client"), 7000).unwrap();
+    let client = cluster.pod("client");
+    let echo = EchoServer::start(client, 7000).unwrap();
+    // To 127.0.0.1 and to the pod's own address: both stay inside the pod.
     let out = connect(&cluster, "client", "127.0.0.1:7000".parse().unwrap(), "lo");
-    assert!(out.contains("reply=client:lo"), "{out}");
-    assert!(!out.contains("outbound"), "{out}");
-    assert_eq!(echo.stop().unwrap()[0].ip().to_string(), "127.0.0.1");
+    assert!(out.ends_with("reply=client:lo\n"), "{out}");
+    let out = connect(&cluster, "client", addr(client, 7000), "self");
+    assert!(out.ends_with("reply=client:self\n"), "{out}");
+    let peers = echo.stop().unwrap();
+    assert_eq!(peers[0].ip().to_string(), "127.0.0.1");
+    assert_eq!(peers[1].ip(), client.ip);
+}
+
+#[test]
+fn ipv6_sockets_are_captured_for_ipv4_and_refused_for_ipv6() {
+    let cluster = cluster();
+    let _tunnel = Tunnel::start(&cluster, &["client"]);
+    // A dual-stack socket talking IPv4 (what Java and many runtimes do): captured.
+    let out = connect(
+        &cluster,
+        "client",
+        "[::ffff:10.1.2.3]:4567".parse().unwrap(),
+        "x",
+    );
+    assert!(out.contains("reply=outbound orig=10.1.2.3:4567\n"), "{out}");
+    assert!(out.contains("peer=[::ffff:10.1.2.3]:4567\n"), "{out}");
+    // Real IPv6 is not carried by the mesh: refused rather than sent in the clear.
+    let out = connect(&cluster, "client", "[fd00::1]:80".parse().unwrap(), "x");
+    assert!(out.contains("error=Operation not permitted"), "{out}");
+    let out = cluster
+        .pod("client")
+        .run(PROBE, ["dns", "[fd00::53]:53", "q"])
+        .unwrap();
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(out.contains("error=Operation not permitted"), "{out}");
+    // DNS over a dual-stack socket: captured, answered as from the server.
+    let out = cluster
+        .pod("client")
+        .run(PROBE, ["dns", "[::ffff:8.8.4.4]:53", "q"])
+        .unwrap();
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(out.contains("from=[::ffff:8.8.4.4]:53\n"), "{out}");
+    assert!(out.contains("reply=dns pod="), "{out}");
+}
+
+#[test]
+fn a_tunnel_under_the_pod_cgroup_root_does_not_capture_itself() {
+    // On a Kubernetes node the tunnel's own pod sits under the same cgroup root as
+    // the pods it captures: its sockets inside pods are exempt by their mark.
+    let cluster = cluster();
+    let node = cluster.node("node-a");
+    let own = node.pod_cgroup_root.join("ztunnel");
+    std::fs::create_dir(&own).unwrap();
+    let cmd = node.command_in_cgroup(TUNNEL, &own).unwrap();
+    let _tunnel = Tunnel::start_with(&cluster, &["server"], cmd);
+    let server = cluster.pod("server");
+    let echo = EchoServer::start(server, 8080).unwrap();
+    let out = connect(&cluster, "remote", addr(server, 8080), "marked");
+    assert!(out.contains("reply=inbound dst="), "{out}");
+    assert!(out.ends_with("\nserver:marked\n"), "{out}");
+    assert_eq!(echo.stop().unwrap().len(), 1);
 }
 
 #[test]

@@ -3,6 +3,8 @@
 #![no_std]
 #![no_main]
 
+use core::ptr::{read_volatile, write_volatile};
+
 use aya_ebpf::{
     bindings::{bpf_sock_addr, sk_action::SK_DROP, sk_action::SK_PASS},
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
@@ -17,14 +19,21 @@ use ztunnel_ebpf_common::{
 };
 
 const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
 const SOCK_STREAM: u32 = 1;
 const SOCK_DGRAM: u32 = 2;
 const IPPROTO_TCP: u32 = 6;
 const DNS_SERVER_PORT: u16 = 53;
 const BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: u32 = 4;
 
-/// Return codes of cgroup sock_addr programs: 1 lets the call proceed.
+/// The third word of an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`).
+const MAPPED_PREFIX: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+/// The last word of `::1`.
+const IPV6_LOOPBACK_TAIL: u32 = u32::from_ne_bytes([0, 0, 0, 1]);
+
+/// Return codes of cgroup sock_addr programs: proceed, or fail the call with EPERM.
 const PROCEED: i32 = 1;
+const REFUSE: i32 = 0;
 
 #[map(name = "ZT_ENROLLED")]
 static ENROLLED: HashMap<u64, PodConfig> = HashMap::pinned(16_384, 0);
@@ -41,26 +50,86 @@ static DNS_ORIG: LruHashMap<u64, OrigDst> = LruHashMap::pinned(16_384, 0);
 #[map(name = "ZT_LISTENERS")]
 static LISTENERS: SockHash<ListenerKey> = SockHash::pinned(32_768, 0);
 
-fn addr(ctx: &SockAddrContext) -> &bpf_sock_addr {
-    // SAFETY: the kernel hands every sock_addr program a valid context.
-    unsafe { &*ctx.sock_addr }
+/// What a sock_addr call is about, read once from the context.
+struct Call {
+    ctx: *mut bpf_sock_addr,
+    kind: u32,
+    /// The IPv4 address (of an IPv4 call, or the v4 part of a mapped IPv6 one).
+    ip: u32,
+    /// Host order.
+    port: u16,
 }
 
-/// True when this socket belongs to an enrolled pod and is not the tunnel's own.
-fn captured(ctx: &SockAddrContext) -> bool {
-    let a = addr(ctx);
-    if a.user_family != AF_INET {
-        return false;
+/// The family of a program is fixed at compile time (`V6`: the connect6, sendmsg6...
+/// variant, whose IPv4 traffic uses mapped addresses `::ffff:a.b.c.d`): LLVM would
+/// otherwise pick the context field by pointer arithmetic, which the verifier refuses.
+enum Address {
+    Ip(Call),
+    /// IPv6 loopback or unspecified: local to the pod.
+    V6Local,
+    /// A real IPv6 destination: the mesh does not carry IPv6 (yet).
+    V6,
+}
+
+fn read_call<const V6: bool>(ctx: &SockAddrContext) -> Address {
+    let a = ctx.sock_addr;
+    // SAFETY: the kernel hands every sock_addr program a valid context; each field
+    // is read with its own 4-byte load, as the verifier requires.
+    unsafe {
+        let kind = read_volatile(&(*a).type_);
+        let port = u16::from_be(read_volatile(&(*a).user_port) as u16);
+        if !V6 {
+            let ip = read_volatile(&(*a).user_ip4);
+            return Address::Ip(Call {
+                ctx: a,
+                kind,
+                ip,
+                port,
+            });
+        }
+        let w0 = read_volatile(&(*a).user_ip6[0]);
+        let w1 = read_volatile(&(*a).user_ip6[1]);
+        let w2 = read_volatile(&(*a).user_ip6[2]);
+        let w3 = read_volatile(&(*a).user_ip6[3]);
+        if w0 == 0 && w1 == 0 && w2 == MAPPED_PREFIX {
+            return Address::Ip(Call {
+                ctx: a,
+                kind,
+                ip: w3,
+                port,
+            });
+        }
+        if w0 == 0 && w1 == 0 && w2 == 0 && (w3 == 0 || w3 == IPV6_LOOPBACK_TAIL) {
+            return Address::V6Local;
+        }
+        Address::V6
     }
+}
+
+fn write_address<const V6: bool>(call: &Call, ip: u32, port: u16) {
+    // Volatile stores: LLVM may otherwise merge adjacent 32-bit context stores into
+    // one 64-bit store, which the verifier refuses.
+    // SAFETY: user_ip4/user_ip6/user_port are writable in the hooks that call this.
+    unsafe {
+        if V6 {
+            // A mapped address: only the IPv4 part changes.
+            write_volatile(&mut (*call.ctx).user_ip6[3], ip);
+        } else {
+            write_volatile(&mut (*call.ctx).user_ip4, ip);
+        }
+        write_volatile(&mut (*call.ctx).user_port, u32::from(port.to_be()));
+    }
+}
+
+/// The pod this socket belongs to, unless it is not enrolled or is the tunnel's own.
+fn enrolled_pod(ctx: &SockAddrContext) -> Option<PodConfig> {
     // SAFETY: helper valid for every sock_addr program.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    // SAFETY: read-only lookup of a plain value.
-    if unsafe { ENROLLED.get(&netns) }.is_none() {
-        return false;
-    }
+    // SAFETY: read-only lookup of a plain value, copied out at once.
+    let pod = unsafe { ENROLLED.get(&netns) }.copied()?;
     // SAFETY: `sk` is always set for sock_addr programs.
-    let mark = unsafe { (*a.__bindgen_anon_1.sk).mark };
-    mark != TUNNEL_MARK
+    let mark = unsafe { (*(*ctx.sock_addr).__bindgen_anon_1.sk).mark };
+    (mark != TUNNEL_MARK).then_some(pod)
 }
 
 fn is_loopback(ip: u32) -> bool {
@@ -68,82 +137,113 @@ fn is_loopback(ip: u32) -> bool {
     ip.to_ne_bytes()[0] == 127
 }
 
-/// Rewrites the destination to 127.0.0.1:`port`, remembering the original by cookie.
-fn steer(ctx: &SockAddrContext, port: u16, by_cookie: &LruHashMap<u64, OrigDst>) {
-    let a = ctx.sock_addr;
-    // SAFETY: valid context; fields read as the kernel stores them.
-    let (ip, user_port) = unsafe { ((*a).user_ip4, (*a).user_port) };
+/// Sends the call to 127.0.0.1:`port` in the pod, remembering the original
+/// destination under the socket's cookie.
+fn steer<const V6: bool>(
+    ctx: &SockAddrContext,
+    call: &Call,
+    port: u16,
+    by_cookie: &LruHashMap<u64, OrigDst>,
+) {
     let orig = OrigDst {
-        ip,
-        port: u16::from_be(user_port as u16),
+        ip: call.ip,
+        port: call.port,
         _pad: 0,
     };
     // SAFETY: helper valid for sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let _ = by_cookie.insert(&cookie, &orig, 0);
-    // Volatile stores: LLVM may otherwise merge the two 32-bit context stores into
-    // one 64-bit store, which the verifier refuses.
-    // SAFETY: writable context fields of connect4/sendmsg4.
-    unsafe {
-        core::ptr::write_volatile(&mut (*a).user_ip4, LOCALHOST);
-        core::ptr::write_volatile(&mut (*a).user_port, u32::from(port.to_be()));
-    }
+    write_address::<V6>(call, LOCALHOST, port);
 }
 
 /// connect() from a pod: TCP to the outbound listener, UDP/53 to the DNS listener.
+/// The pod's own address and loopback are left alone.
+fn connect<const V6: bool>(ctx: &SockAddrContext) -> i32 {
+    let Some(pod) = enrolled_pod(ctx) else {
+        return PROCEED;
+    };
+    match read_call::<V6>(ctx) {
+        Address::V6Local => PROCEED,
+        Address::V6 => REFUSE,
+        Address::Ip(call) => {
+            if is_loopback(call.ip) || call.ip == pod.pod_ip {
+                return PROCEED;
+            }
+            match call.kind {
+                SOCK_STREAM => steer::<V6>(ctx, &call, OUTBOUND_PORT, &ORIG_DST_BY_COOKIE),
+                SOCK_DGRAM if call.port == DNS_SERVER_PORT => {
+                    steer::<V6>(ctx, &call, DNS_PORT, &DNS_ORIG)
+                }
+                _ => {}
+            }
+            PROCEED
+        }
+    }
+}
+
 #[cgroup_sock_addr(connect4)]
 pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
-    if !captured(&ctx) {
-        return PROCEED;
-    }
-    let a = addr(&ctx);
-    if is_loopback(a.user_ip4) {
-        return PROCEED;
-    }
-    let port = u16::from_be(a.user_port as u16);
-    match a.type_ {
-        SOCK_STREAM => steer(&ctx, OUTBOUND_PORT, &ORIG_DST_BY_COOKIE),
-        SOCK_DGRAM if port == DNS_SERVER_PORT => steer(&ctx, DNS_PORT, &DNS_ORIG),
-        _ => {}
-    }
-    PROCEED
+    connect::<false>(&ctx)
 }
 
-/// sendto()/sendmsg() of an unconnected UDP socket: DNS to the DNS listener.
+#[cgroup_sock_addr(connect6)]
+pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
+    connect::<true>(&ctx)
+}
+
+/// sendto()/sendmsg() on an unconnected UDP socket: DNS to the DNS listener.
+fn sendmsg<const V6: bool>(ctx: &SockAddrContext) -> i32 {
+    if enrolled_pod(ctx).is_none() {
+        return PROCEED;
+    }
+    match read_call::<V6>(ctx) {
+        Address::Ip(call) => {
+            if call.kind == SOCK_DGRAM && call.port == DNS_SERVER_PORT && !is_loopback(call.ip) {
+                steer::<V6>(ctx, &call, DNS_PORT, &DNS_ORIG);
+            }
+            PROCEED
+        }
+        // DNS to an IPv6 server would leave the pod unseen: refused.
+        Address::V6 if is_dns(ctx) => REFUSE,
+        _ => PROCEED,
+    }
+}
+
+fn is_dns(ctx: &SockAddrContext) -> bool {
+    // SAFETY: valid context, 4-byte load.
+    u16::from_be(unsafe { read_volatile(&(*ctx.sock_addr).user_port) } as u16) == DNS_SERVER_PORT
+}
+
 #[cgroup_sock_addr(sendmsg4)]
 pub fn redirect_sendmsg4(ctx: SockAddrContext) -> i32 {
-    if !captured(&ctx) {
-        return PROCEED;
-    }
-    let a = addr(&ctx);
-    if a.type_ == SOCK_DGRAM
-        && !is_loopback(a.user_ip4)
-        && u16::from_be(a.user_port as u16) == DNS_SERVER_PORT
-    {
-        steer(&ctx, DNS_PORT, &DNS_ORIG);
-    }
-    PROCEED
+    sendmsg::<false>(&ctx)
 }
 
-/// Rewrites `ctx`'s address to the DNS server this socket asked, if the reply came
-/// from the tunnel's DNS listener.
-fn restore_dns_source(ctx: &SockAddrContext) {
-    let a = ctx.sock_addr;
-    // SAFETY: valid context.
-    let (ip, port) = unsafe { ((*a).user_ip4, u16::from_be((*a).user_port as u16)) };
-    if ip != LOCALHOST || port != DNS_PORT {
+#[cgroup_sock_addr(sendmsg6)]
+pub fn redirect_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sendmsg::<true>(&ctx)
+}
+
+/// If `call` names one of the tunnel's listeners in the pod, rewrites it to the
+/// original destination filed for this socket: the application sees the peer it
+/// asked for.
+fn restore_peer<const V6: bool>(ctx: &SockAddrContext) {
+    let Address::Ip(call) = read_call::<V6>(ctx) else {
+        return;
+    };
+    if call.ip != LOCALHOST {
         return;
     }
+    let by_cookie = match (call.kind, call.port) {
+        (SOCK_DGRAM, DNS_PORT) => &DNS_ORIG,
+        (SOCK_STREAM, OUTBOUND_PORT) => &ORIG_DST_BY_COOKIE,
+        _ => return,
+    };
     // SAFETY: helper valid for sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: read-only lookup of a plain value, copied out at once.
-    if let Some(orig) = unsafe { DNS_ORIG.get(&cookie) } {
-        let (ip, port) = (orig.ip, orig.port);
-        // SAFETY: writable context fields of recvmsg4/getpeername4.
-        unsafe {
-            core::ptr::write_volatile(&mut (*a).user_ip4, ip);
-            core::ptr::write_volatile(&mut (*a).user_port, u32::from(port.to_be()));
-        }
+    if let Some(orig) = unsafe { by_cookie.get(&cookie) }.copied() {
+        write_address::<V6>(&call, orig.ip, orig.port);
     }
 }
 
@@ -151,43 +251,26 @@ fn restore_dns_source(ctx: &SockAddrContext) {
 /// server the pod asked, not from the tunnel.
 #[cgroup_sock_addr(recvmsg4)]
 pub fn redirect_recvmsg4(ctx: SockAddrContext) -> i32 {
-    restore_dns_source(&ctx);
+    restore_peer::<false>(&ctx);
     PROCEED
 }
 
-/// getpeername() on a pod's socket: the application sees the peer it asked for.
+#[cgroup_sock_addr(recvmsg6)]
+pub fn redirect_recvmsg6(ctx: SockAddrContext) -> i32 {
+    restore_peer::<true>(&ctx);
+    PROCEED
+}
+
+/// getpeername() on a pod's socket.
 #[cgroup_sock_addr(getpeername4)]
 pub fn redirect_getpeername4(ctx: SockAddrContext) -> i32 {
-    let a = ctx.sock_addr;
-    // SAFETY: valid context.
-    let (ip, port, kind) = unsafe {
-        (
-            (*a).user_ip4,
-            u16::from_be((*a).user_port as u16),
-            (*a).type_,
-        )
-    };
-    if ip != LOCALHOST {
-        return PROCEED;
-    }
-    if kind == SOCK_DGRAM {
-        restore_dns_source(&ctx);
-        return PROCEED;
-    }
-    if port != OUTBOUND_PORT {
-        return PROCEED;
-    }
-    // SAFETY: helper valid for sock_addr programs.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: read-only lookup of a plain value, copied out at once.
-    if let Some(orig) = unsafe { ORIG_DST_BY_COOKIE.get(&cookie) } {
-        let (ip, port) = (orig.ip, orig.port);
-        // SAFETY: writable context fields of getpeername4.
-        unsafe {
-            core::ptr::write_volatile(&mut (*a).user_ip4, ip);
-            core::ptr::write_volatile(&mut (*a).user_port, u32::from(port.to_be()));
-        }
-    }
+    restore_peer::<false>(&ctx);
+    PROCEED
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn redirect_getpeername6(ctx: SockAddrContext) -> i32 {
+    restore_peer::<true>(&ctx);
     PROCEED
 }
 
@@ -196,10 +279,27 @@ pub fn redirect_getpeername4(ctx: SockAddrContext) -> i32 {
 /// tunnel sees as the peer of the connection it accepts.
 #[sock_ops]
 pub fn redirect_sockops(ctx: SockOpsContext) -> u32 {
-    if ctx.op() != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB || ctx.family() != AF_INET {
+    if ctx.op() != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
         return 1;
     }
-    // SAFETY: helpers valid for sock_ops programs.
+    let ops = ctx.ops;
+    // Both loads happen whatever the family (volatile): LLVM would otherwise choose
+    // the field by pointer arithmetic, which the verifier refuses.
+    // SAFETY: valid context; 4-byte loads of readable fields.
+    let (family, ip4, ip6_tail) = unsafe {
+        (
+            read_volatile(&(*ops).family),
+            read_volatile(&(*ops).local_ip4),
+            read_volatile(&(*ops).local_ip6[3]),
+        )
+    };
+    let local_ip = match family {
+        AF_INET => ip4,
+        // An IPv6 socket talking IPv4 (the only IPv6 kind the capture lets out).
+        AF_INET6 => ip6_tail,
+        _ => return 1,
+    };
+    // SAFETY: helper valid for sock_ops programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: read-only lookup of a plain value, copied out at once.
     let Some(orig) = (unsafe { ORIG_DST_BY_COOKIE.get(&cookie) }).copied() else {
@@ -208,7 +308,7 @@ pub fn redirect_sockops(ctx: SockOpsContext) -> u32 {
     let key = ConnKey {
         // SAFETY: as above.
         netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
-        ip: ctx.local_ip4(),
+        ip: local_ip,
         port: ctx.local_port() as u16,
         _pad: 0,
     };
@@ -221,28 +321,77 @@ pub fn redirect_sockops(ctx: SockOpsContext) -> u32 {
 /// down — the connection is dropped rather than handed to the application.
 #[sk_lookup]
 pub fn redirect_inbound(ctx: SkLookupContext) -> u32 {
-    // SAFETY: the kernel hands every sk_lookup program a valid context.
-    let l = unsafe { &*ctx.lookup };
-    if l.family != AF_INET || l.protocol != IPPROTO_TCP {
+    let l = ctx.lookup;
+    // SAFETY: the kernel hands every sk_lookup program a valid context. Every field
+    // is read by its own volatile 4-byte load: LLVM would otherwise share computed
+    // context pointers between branches, which the verifier refuses.
+    let (family, protocol) =
+        unsafe { (read_volatile(&(*l).family), read_volatile(&(*l).protocol)) };
+    if protocol != IPPROTO_TCP {
         return SK_PASS;
     }
+    if family == AF_INET6 {
+        return inbound_v6(&ctx);
+    }
+    if family != AF_INET {
+        return SK_PASS;
+    }
+    // SAFETY: as above.
+    let (local, remote, local_port) = unsafe {
+        (
+            read_volatile(&(*l).local_ip4),
+            read_volatile(&(*l).remote_ip4),
+            read_volatile(&(*l).local_port),
+        )
+    };
     // The pod talking to itself (and the tunnel delivering to the application from
     // the pod's own address) is loopback traffic: untouched.
-    if l.remote_ip4 == l.local_ip4 || is_loopback(l.local_ip4) {
+    if remote == local || is_loopback(local) {
         return SK_PASS;
     }
-    let kind = if l.local_port == u32::from(HBONE_PORT) {
+    let kind = if local_port == u32::from(HBONE_PORT) {
         LISTENER_HBONE
     } else {
         LISTENER_PLAINTEXT
     };
     let key = ListenerKey {
-        pod_ip: l.local_ip4,
+        pod_ip: local,
         kind,
     };
     match LISTENERS.redirect_sk_lookup(&ctx, key, 0) {
         Ok(()) => SK_PASS,
         Err(_) => SK_DROP,
+    }
+}
+
+/// IPv6 is not carried by the mesh: only the pod's own loopback and the pod talking
+/// to itself pass; anything else would bypass the tunnel, so it is dropped.
+#[inline(never)]
+fn inbound_v6(ctx: &SkLookupContext) -> u32 {
+    let l = ctx.lookup;
+    // SAFETY: valid context; one volatile 4-byte load per word.
+    let (local, remote) = unsafe {
+        (
+            [
+                read_volatile(&(*l).local_ip6[0]),
+                read_volatile(&(*l).local_ip6[1]),
+                read_volatile(&(*l).local_ip6[2]),
+                read_volatile(&(*l).local_ip6[3]),
+            ],
+            [
+                read_volatile(&(*l).remote_ip6[0]),
+                read_volatile(&(*l).remote_ip6[1]),
+                read_volatile(&(*l).remote_ip6[2]),
+                read_volatile(&(*l).remote_ip6[3]),
+            ],
+        )
+    };
+    let loopback =
+        local[0] == 0 && local[1] == 0 && local[2] == 0 && local[3] == IPV6_LOOPBACK_TAIL;
+    if loopback || local == remote {
+        SK_PASS
+    } else {
+        SK_DROP
     }
 }
 

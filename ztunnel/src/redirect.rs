@@ -43,11 +43,15 @@ use crate::netns;
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ztunnel-redirect"));
 
 /// The cgroup programs: (program name in the object, pin name).
-const CGROUP_PROGRAMS: [(&str, &str); 4] = [
+const CGROUP_PROGRAMS: [(&str, &str); 8] = [
     ("redirect_connect4", "connect4"),
+    ("redirect_connect6", "connect6"),
     ("redirect_sendmsg4", "sendmsg4"),
+    ("redirect_sendmsg6", "sendmsg6"),
     ("redirect_recvmsg4", "recvmsg4"),
+    ("redirect_recvmsg6", "recvmsg6"),
     ("redirect_getpeername4", "getpeername4"),
+    ("redirect_getpeername6", "getpeername6"),
 ];
 const SOCKOPS_PROGRAM: (&str, &str) = ("redirect_sockops", "sockops");
 const INBOUND_PROGRAM: &str = "redirect_inbound";

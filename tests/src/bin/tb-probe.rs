@@ -52,7 +52,10 @@ fn connect(addr: &str, message: &str) -> anyhow::Result<()> {
 
 fn dns(addr: &str, query: &str) -> anyhow::Result<()> {
     let addr: SocketAddr = addr.parse()?;
-    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    let socket = match addr {
+        SocketAddr::V4(_) => UdpSocket::bind("0.0.0.0:0")?,
+        SocketAddr::V6(_) => UdpSocket::bind("[::]:0")?,
+    };
     socket.set_read_timeout(Some(Duration::from_secs(5)))?;
     socket.send_to(query.as_bytes(), addr)?;
     let mut buf = [0u8; 1500];

@@ -14,5 +14,7 @@
 pub mod app;
 pub mod cluster;
 pub mod host;
+#[cfg(feature = "mesh")]
+pub mod mesh;
 
 pub use cluster::{Cluster, ClusterSpec, Node, NodeSpec, Pod};

@@ -1,3 +1,15 @@
 //! ztunnel: the per-node tunnel of an eBPF-assisted ambient service mesh.
+//!
+//! Data flows one way: `config` → state → proxy. Around it: `identity` and `certs`
+//! (workload certificates from the `ca`), `tls` (mTLS with SPIFFE identities),
+//! `redirect` (the eBPF capture), `metrics` and `admin`.
+pub mod admin;
+pub mod ca;
+pub mod certs;
+pub mod config;
+pub mod http_server;
+pub mod identity;
+pub mod metrics;
 pub mod netns;
 pub mod redirect;
+pub mod tls;

@@ -1,1 +1,207 @@
-fn main() {}
+//! `ztunnel`: the node tunnel and its tools.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use ztunnel::{
+    ca::{
+        auth::{LocalPods, NodeTokens},
+        server::{CaMetrics, CaServer},
+        Authority, AuthorityOptions,
+    },
+    certs::CertInfo,
+};
+
+#[derive(Parser)]
+#[command(version, about = "eBPF-assisted ambient mesh node tunnel")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the certificate authority: signs workload certificates for node tunnels,
+    /// serving Istio's CA API (gRPC over TLS).
+    Ca(CaArgs),
+    /// Print the certificates a running tunnel holds (from its admin port).
+    Certs(CertsArgs),
+}
+
+#[derive(Args)]
+struct CaArgs {
+    /// Directory with Istio's `cacerts` files (ca-cert.pem, ca-key.pem,
+    /// root-cert.pem, cert-chain.pem); a root is generated there if it is empty.
+    #[arg(long)]
+    dir: PathBuf,
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// Address to serve the CA API on.
+    #[arg(long, default_value = "0.0.0.0:15012")]
+    listen: SocketAddr,
+    /// DNS names for the CA's TLS certificate (what clients verify).
+    #[arg(long = "server-name", default_value = "ztunnel-ca.istio-system.svc")]
+    server_names: Vec<String>,
+    /// YAML file `node: token` authenticating each node's tunnel (local mode).
+    #[arg(long)]
+    node_tokens: PathBuf,
+    /// Directory of Kubernetes YAML: the pods, to check a workload runs on the
+    /// caller's node (local mode).
+    #[arg(long)]
+    config: PathBuf,
+    /// Lifetime of a certificate when the request names none.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    default_ttl: Duration,
+    /// Longest lifetime granted; longer requests are refused.
+    #[arg(long, default_value = "90d", value_parser = parse_duration)]
+    max_ttl: Duration,
+    /// Where to serve Prometheus metrics.
+    #[arg(long, default_value = "127.0.0.1:15014")]
+    metrics_addr: SocketAddr,
+}
+
+#[derive(Args)]
+struct CertsArgs {
+    /// The tunnel's admin address.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin: SocketAddr,
+    /// Output format.
+    #[arg(short, long, default_value = "table", value_parser = ["table", "json"])]
+    output: String,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Ca(args) => ca(args).await,
+            Command::Certs(args) => certs(args).await,
+        }
+    });
+    if let Err(e) = result {
+        eprintln!("ztunnel: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn ca(args: CaArgs) -> Result<()> {
+    let authority = Arc::new(Authority::load_or_create(AuthorityOptions {
+        dir: args.dir.clone(),
+        trust_domain: args.trust_domain.clone(),
+        default_ttl: args.default_ttl,
+        max_ttl: args.max_ttl,
+    })?);
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = CaMetrics::register(&mut registry);
+    let server = CaServer::new(
+        authority,
+        Arc::new(NodeTokens::from_file(&args.node_tokens)?),
+        Arc::new(LocalPods::new(args.config.clone())),
+        metrics,
+    );
+    let tls = server.tls_config(&args.server_names)?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let metrics_listener = tokio::net::TcpListener::bind(args.metrics_addr)
+        .await
+        .with_context(|| format!("binding {}", args.metrics_addr))?;
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        trust_domain = %args.trust_domain,
+        dir = %args.dir.display(),
+        "CA serving"
+    );
+    let registry = Arc::new(Mutex::new(registry));
+    tokio::spawn(ztunnel::http_server::serve(
+        metrics_listener,
+        ztunnel::metrics::handler(registry),
+    ));
+    server.serve(listener, tls).await
+}
+
+async fn certs(args: CertsArgs) -> Result<()> {
+    let body = http_get(args.admin, "/certs").await?;
+    if args.output == "json" {
+        println!("{body}");
+        return Ok(());
+    }
+    let certs: Vec<CertInfo> = serde_json::from_str(&body).context("parsing /certs")?;
+    println!(
+        "{:<60} {:<34} {:<22} {:<22}",
+        "IDENTITY", "SERIAL", "NOT BEFORE", "NOT AFTER"
+    );
+    for cert in certs {
+        println!(
+            "{:<60} {:<34} {:<22} {:<22}",
+            cert.identity,
+            cert.serial,
+            timestamp(cert.not_before),
+            timestamp(cert.not_after)
+        );
+    }
+    Ok(())
+}
+
+fn timestamp(unix: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix as i64)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| unix.to_string())
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
+    use http_body_util::{BodyExt, Empty};
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connecting to the admin port {addr}: is the tunnel running?"))?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+    tokio::spawn(connection);
+    let request = http::Request::get(path)
+        .header(http::header::HOST, addr.to_string())
+        .body(Empty::<bytes::Bytes>::new())?;
+    let response = sender.send_request(request).await?;
+    let status = response.status();
+    let body = response.into_body().collect().await?.to_bytes();
+    if !status.is_success() {
+        bail!("{path}: HTTP {status}");
+    }
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+/// `90s`, `30m`, `24h`, `90d`, or plain seconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let (number, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?}: expected a number with s, m, h or d"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => return Err(format!("{text:?}: unknown unit {unit:?} (s, m, h, d)")),
+    };
+    Ok(Duration::from_secs(secs))
+}

@@ -1,0 +1,577 @@
+//! Workload identity end to end: the CA's decisions, the certificate manager's
+//! renewals, and peer verification over real TLS on loopback.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use prometheus_client::registry::Registry;
+use rcgen::{CertificateParams, DistinguishedName, Issuer, KeyPair, SanType};
+use rustls::pki_types::ServerName;
+use testbed::mesh::{LocalCa, PodOnNode};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use ztunnel::{
+    ca::client::CaError,
+    certs::{CertManager, CertManagerConfig, WorkloadCert},
+    identity::Identity,
+    tls::{self, TrustBundle},
+};
+
+const TD: &str = "cluster.local";
+
+fn id(ns: &str, sa: &str) -> Identity {
+    Identity::new(TD, ns, sa).unwrap()
+}
+
+/// sleep/web on node-a, other on node-b.
+async fn ca() -> LocalCa {
+    LocalCa::start(
+        TD,
+        &[
+            PodOnNode {
+                namespace: "demo",
+                service_account: "sleep",
+                node: "node-a",
+            },
+            PodOnNode {
+                namespace: "demo",
+                service_account: "web",
+                node: "node-a",
+            },
+            PodOnNode {
+                namespace: "demo",
+                service_account: "other",
+                node: "node-b",
+            },
+        ],
+    )
+    .await
+    .unwrap()
+}
+
+fn manager(ca: &LocalCa, node: &str, ttl: Duration) -> Arc<CertManager> {
+    let mut config = CertManagerConfig::new(TD);
+    config.ttl = ttl;
+    config.backoff_initial = Duration::from_millis(50);
+    config.backoff_max = Duration::from_millis(400);
+    CertManager::new(
+        Arc::new(ca.client(node).unwrap()),
+        config,
+        &mut Registry::default(),
+    )
+}
+
+/// A CSR for these SANs, as a (possibly misbehaving) tunnel would send it.
+fn csr(sans: Vec<SanType>) -> String {
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.subject_alt_names = sans;
+    params.serialize_request(&key).unwrap().pem().unwrap()
+}
+
+fn uri(text: &str) -> SanType {
+    SanType::URI(text.try_into().unwrap())
+}
+
+fn refused_code(result: Result<Vec<String>, CaError>) -> (i32, String) {
+    match result {
+        Err(CaError::Refused { code, message }) => (code, message),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_ca_signs_a_workload_on_the_callers_node() {
+    let ca = ca().await;
+    let certs = manager(&ca, "node-a", Duration::from_secs(3600));
+    let cert = certs.fetch(&id("demo", "sleep")).await.unwrap();
+
+    assert_eq!(
+        tls::identity_of(&cert.chain[0]).unwrap(),
+        id("demo", "sleep")
+    );
+    let (_, x509) = x509_parser::parse_x509_certificate(&cert.chain[0]).unwrap();
+    let usage = x509.key_usage().unwrap().unwrap().value;
+    assert!(usage.digital_signature() && usage.key_encipherment());
+    assert!(
+        !usage.key_cert_sign(),
+        "a workload certificate must not sign certificates"
+    );
+    let eku = x509.extended_key_usage().unwrap().unwrap().value;
+    assert!(eku.server_auth && eku.client_auth);
+    assert!(!x509.is_ca());
+    let lifetime = cert.info.not_after - cert.info.not_before;
+    assert!(
+        (3600..=3600 + 120).contains(&lifetime),
+        "lifetime {lifetime}s"
+    );
+    assert!(
+        ca.metrics()
+            .contains("citadel_server_success_cert_issuance_count_total 1"),
+        "{}",
+        ca.metrics()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_ca_refuses_what_it_cannot_vouch_for_and_says_why() {
+    let ca = ca().await;
+    let node_a = ca.client("node-a").unwrap();
+    let ttl = Duration::from_secs(3600);
+
+    // A workload that runs on another node.
+    let other = id("demo", "other");
+    let (code, message) = refused_code(
+        node_a
+            .create_certificate(&csr(vec![uri(&other.to_string())]), &other, ttl)
+            .await,
+    );
+    assert_eq!(code, 7, "PermissionDenied");
+    assert!(message.contains("node-a"), "{message}");
+
+    // A foreign trust domain.
+    let foreign = Identity::new("evil.example", "demo", "sleep").unwrap();
+    let (code, message) = refused_code(
+        node_a
+            .create_certificate(&csr(vec![uri(&foreign.to_string())]), &foreign, ttl)
+            .await,
+    );
+    assert_eq!(code, 3, "InvalidArgument");
+    assert!(message.contains("trust domain"), "{message}");
+
+    // Two SANs.
+    let sleep = id("demo", "sleep");
+    let two = csr(vec![
+        uri(&sleep.to_string()),
+        SanType::DnsName("sleep.demo".try_into().unwrap()),
+    ]);
+    let (code, message) = refused_code(node_a.create_certificate(&two, &sleep, ttl).await);
+    assert_eq!(code, 3);
+    assert!(message.contains("exactly one URI SAN"), "{message}");
+
+    // An unauthenticated caller.
+    let stranger = ca.client_with_token("not-a-token-anyone-has").unwrap();
+    let (code, message) = refused_code(
+        stranger
+            .create_certificate(&csr(vec![uri(&sleep.to_string())]), &sleep, ttl)
+            .await,
+    );
+    assert_eq!(code, 16, "Unauthenticated");
+    assert!(message.contains("not authenticated"), "{message}");
+
+    // Longer than the CA allows.
+    let (code, message) = refused_code(
+        node_a
+            .create_certificate(
+                &csr(vec![uri(&sleep.to_string())]),
+                &sleep,
+                Duration::from_secs(365 * 86_400),
+            )
+            .await,
+    );
+    assert_eq!(code, 3);
+    assert!(message.contains("exceeds the maximum"), "{message}");
+
+    let metrics = ca.metrics();
+    for reason in [
+        "not_on_caller_node",
+        "foreign_trust_domain",
+        "san_count",
+        "unauthenticated",
+        "ttl_too_long",
+    ] {
+        assert!(
+            metrics.contains(&format!(
+                "ztunnel_ca_csr_refused_total{{reason=\"{reason}\"}} 1"
+            )),
+            "{reason} not counted:\n{metrics}"
+        );
+    }
+    // ... and it keeps serving everyone else.
+    assert!(node_a
+        .create_certificate(&csr(vec![uri(&sleep.to_string())]), &sleep, ttl)
+        .await
+        .is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_first_requests_share_one_csr() {
+    let ca = ca().await;
+    let certs = manager(&ca, "node-a", Duration::from_secs(3600));
+    let sleep = id("demo", "sleep");
+    let fetches: Vec<_> = (0..20)
+        .map(|_| {
+            let (certs, sleep) = (certs.clone(), sleep.clone());
+            tokio::spawn(async move { certs.fetch(&sleep).await.unwrap().info.serial.clone() })
+        })
+        .collect();
+    let mut serials = Vec::new();
+    for f in fetches {
+        serials.push(f.await.unwrap());
+    }
+    serials.dedup();
+    assert_eq!(serials.len(), 1, "one certificate for all");
+    assert!(
+        ca.metrics().contains("citadel_server_csr_count_total 1"),
+        "{}",
+        ca.metrics()
+    );
+
+    // A workload that left the node: its certificate is dropped.
+    certs.retain(|identity| identity != &sleep);
+    assert!(certs.certificates().is_empty());
+}
+
+/// Completes an mTLS handshake: `server` presents its certificate and `client`
+/// expects `expected`. Returns the identity the server saw.
+async fn handshake(
+    server: &WorkloadCert,
+    client: &WorkloadCert,
+    expected: Identity,
+) -> Result<Identity, String> {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = TlsAcceptor::from(server.server_config().unwrap());
+    let accept = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut tls = acceptor.accept(tcp).await.map_err(|e| e.to_string())?;
+        let peer =
+            tls::peer_identity(tls.get_ref().1.peer_certificates()).map_err(|e| e.to_string());
+        let _ = tls.write_all(b"x").await;
+        peer
+    });
+    let connector = TlsConnector::from(client.client_config(expected).unwrap());
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::try_from("workload").unwrap();
+    let client_result = async {
+        let mut tls = connector
+            .connect(name, tcp)
+            .await
+            .map_err(|e| e.to_string())?;
+        // TLS 1.3: the server checks the client certificate after the client
+        // finishes; reading the server's byte proves both sides agreed.
+        let mut byte = [0u8; 1];
+        tls.read_exact(&mut byte).await.map_err(|e| e.to_string())?;
+        Ok::<_, String>(())
+    }
+    .await;
+    let server_result = accept.await.unwrap();
+    client_result?;
+    server_result
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn workloads_handshake_with_their_identities() {
+    let ca = ca().await;
+    let certs = manager(&ca, "node-a", Duration::from_secs(3600));
+    let (sleep, web) = (id("demo", "sleep"), id("demo", "web"));
+    let (sleep_cert, web_cert) = (
+        certs.fetch(&sleep).await.unwrap(),
+        certs.fetch(&web).await.unwrap(),
+    );
+    assert_eq!(
+        handshake(&web_cert, &sleep_cert, web.clone())
+            .await
+            .unwrap(),
+        sleep
+    );
+
+    // Secure naming: the server is not who the client asked for.
+    let err = handshake(&web_cert, &sleep_cert, sleep.clone())
+        .await
+        .unwrap_err();
+    assert!(err.contains("peer is spiffe://cluster.local/ns/demo/sa/web, expected spiffe://cluster.local/ns/demo/sa/sleep"), "{err}");
+}
+
+/// A leaf for `identity` signed with the CA's own key, with any validity: for
+/// certificates the CA would never issue.
+fn forge(
+    ca_dir: &std::path::Path,
+    identity: &str,
+    not_before: time::OffsetDateTime,
+    not_after: time::OffsetDateTime,
+) -> WorkloadCert {
+    let ca_key =
+        KeyPair::from_pem(&std::fs::read_to_string(ca_dir.join("ca-key.pem")).unwrap()).unwrap();
+    let issuer = Issuer::from_ca_cert_pem(
+        &std::fs::read_to_string(ca_dir.join("ca-cert.pem")).unwrap(),
+        ca_key,
+    )
+    .unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = vec![uri(identity)];
+    params.not_before = not_before;
+    params.not_after = not_after;
+    params.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let root =
+        tls::parse_certs(&std::fs::read_to_string(ca_dir.join("root-cert.pem")).unwrap()).unwrap();
+    let key_der = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    let chain = vec![cert.der().clone()];
+    WorkloadCert {
+        identity: identity.parse().unwrap(),
+        key: tls::certified_key(chain.clone(), &key_der).unwrap(),
+        chain,
+        bundle: TrustBundle::new(root, TD, &[]).unwrap(),
+        info: ztunnel::certs::cert_info(cert.der()).unwrap(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn peers_with_bad_certificates_are_refused() {
+    let ca = ca().await;
+    let certs = manager(&ca, "node-a", Duration::from_secs(3600));
+    let (sleep, web) = (id("demo", "sleep"), id("demo", "web"));
+    let sleep_cert = certs.fetch(&sleep).await.unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let cacerts = ca.dir.path().join("cacerts");
+
+    // From a root we do not trust: another CA for the same trust domain.
+    let stranger_ca = LocalCa::start(
+        TD,
+        &[PodOnNode {
+            namespace: "demo",
+            service_account: "web",
+            node: "node-a",
+        }],
+    )
+    .await
+    .unwrap();
+    let stranger = manager(&stranger_ca, "node-a", Duration::from_secs(3600))
+        .fetch(&web)
+        .await
+        .unwrap();
+    let err = handshake(&stranger, &sleep_cert, web.clone())
+        .await
+        .unwrap_err();
+    assert!(err.contains("UnknownIssuer"), "{err}");
+    // ... in either direction.
+    let web_cert = certs.fetch(&web).await.unwrap();
+    assert!(handshake(&web_cert, &stranger, web.clone()).await.is_err());
+
+    // Expired.
+    let expired = forge(
+        &cacerts,
+        &web.to_string(),
+        now - time::Duration::hours(2),
+        now - time::Duration::hours(1),
+    );
+    let err = handshake(&expired, &sleep_cert, web.clone())
+        .await
+        .unwrap_err();
+    assert!(err.contains("Expired"), "{err}");
+
+    // A valid certificate with another identity than the one expected.
+    let err = handshake(&web_cert, &sleep_cert, id("demo", "db"))
+        .await
+        .unwrap_err();
+    assert!(
+        err.contains("expected spiffe://cluster.local/ns/demo/sa/db"),
+        "{err}"
+    );
+
+    // A trust domain that is neither ours nor an alias.
+    let old = forge(
+        &cacerts,
+        "spiffe://old.local/ns/demo/sa/web",
+        now - time::Duration::minutes(1),
+        now + time::Duration::hours(1),
+    );
+    let err = handshake(&old, &sleep_cert, web.clone()).await.unwrap_err();
+    assert!(err.contains("old.local"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_alias_trust_domain_is_accepted() {
+    let ca = ca().await;
+    let mut config = CertManagerConfig::new(TD);
+    config.trust_domain_aliases = vec!["old.local".into()];
+    let certs = CertManager::new(
+        Arc::new(ca.client("node-a").unwrap()),
+        config,
+        &mut Registry::default(),
+    );
+    let sleep_cert = certs.fetch(&id("demo", "sleep")).await.unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let old = forge(
+        &ca.dir.path().join("cacerts"),
+        "spiffe://old.local/ns/demo/sa/web",
+        now - time::Duration::minutes(1),
+        now + time::Duration::hours(1),
+    );
+    // We expect cluster.local's web; old.local's web is the same workload.
+    handshake(&old, &sleep_cert, id("demo", "web"))
+        .await
+        .unwrap();
+}
+
+async fn wait_for_new_serial(
+    certs: &Arc<CertManager>,
+    identity: &Identity,
+    old: &str,
+    within: Duration,
+) -> Arc<WorkloadCert> {
+    let deadline = Instant::now() + within;
+    loop {
+        let cert = certs.fetch(identity).await.unwrap();
+        if cert.info.serial != old {
+            return cert;
+        }
+        assert!(Instant::now() < deadline, "no renewal within {within:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_tunnel_keeps_serving_while_the_ca_is_down_and_renews_when_it_returns() {
+    let mut ca = ca().await;
+    // Short certificates: renewal due after about 3 s.
+    let certs = manager(&ca, "node-a", Duration::from_secs(6));
+    let (sleep, web) = (id("demo", "sleep"), id("demo", "web"));
+    let first = certs.fetch(&sleep).await.unwrap();
+    let web_cert = certs.fetch(&web).await.unwrap();
+
+    ca.stop().await;
+    // Renewal comes due and fails against the stopped CA ...
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while certs.request_failures() < 2 {
+        assert!(Instant::now() < deadline, "no renewal attempt within 10 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // ... and the still-valid certificate keeps serving.
+    let still = certs.fetch(&sleep).await.unwrap();
+    assert_eq!(still.info.serial, first.info.serial);
+    handshake(&web_cert, &still, web.clone()).await.unwrap();
+
+    ca.run().await.unwrap();
+    let renewed =
+        wait_for_new_serial(&certs, &sleep, &first.info.serial, Duration::from_secs(5)).await;
+    assert!(renewed.info.not_after > first.info.not_after);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rotation_under_a_live_mtls_connection_drops_no_byte() {
+    let ca = ca().await;
+    let certs = manager(&ca, "node-a", Duration::from_secs(4));
+    let (sleep, web) = (id("demo", "sleep"), id("demo", "web"));
+    let (client_cert, server_cert) = (
+        certs.fetch(&sleep).await.unwrap(),
+        certs.fetch(&web).await.unwrap(),
+    );
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = TlsAcceptor::from(server_cert.server_config().unwrap());
+    // The server counts and checksums everything until EOF.
+    let server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut tls = acceptor.accept(tcp).await.unwrap();
+        let (mut total, mut sum) = (0u64, 0u64);
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = tls.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+            sum = buf[..n]
+                .iter()
+                .fold(sum, |s, b| s.wrapping_mul(31).wrapping_add(*b as u64));
+        }
+        tls.write_all(format!("{total} {sum}").as_bytes())
+            .await
+            .unwrap();
+        tls.shutdown().await.unwrap();
+    });
+    let connector = TlsConnector::from(client_cert.client_config(web.clone()).unwrap());
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let mut tls = connector
+        .connect(ServerName::try_from("web").unwrap(), tcp)
+        .await
+        .unwrap();
+
+    // Stream until both certificates have been renewed.
+    let (mut total, mut sum, mut i) = (0u64, 0u64, 0u64);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let chunk: Vec<u8> = (0..16 * 1024).map(|j| ((i + j) % 251) as u8).collect();
+        tls.write_all(&chunk).await.unwrap();
+        total += chunk.len() as u64;
+        sum = chunk
+            .iter()
+            .fold(sum, |s, b| s.wrapping_mul(31).wrapping_add(*b as u64));
+        i += 1;
+        let (c, s) = (
+            certs.fetch(&sleep).await.unwrap(),
+            certs.fetch(&web).await.unwrap(),
+        );
+        if c.info.serial != client_cert.info.serial && s.info.serial != server_cert.info.serial {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no rotation within 10 s");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tls.shutdown().await.unwrap();
+    let mut reply = String::new();
+    tls.read_to_string(&mut reply).await.unwrap();
+    assert_eq!(reply, format!("{total} {sum}"));
+    server.await.unwrap();
+
+    // New connections present the new certificates.
+    let (new_client, new_server) = (
+        certs.fetch(&sleep).await.unwrap(),
+        certs.fetch(&web).await.unwrap(),
+    );
+    assert_eq!(
+        handshake(&new_server, &new_client, web).await.unwrap(),
+        sleep
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ztunnel_certs_lists_what_the_tunnel_holds_without_keys() {
+    let ca = ca().await;
+    let certs = manager(&ca, "node-a", Duration::from_secs(3600));
+    let cert = certs.fetch(&id("demo", "sleep")).await.unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = listener.local_addr().unwrap();
+    tokio::spawn(ztunnel::http_server::serve(
+        listener,
+        ztunnel::admin::handler(certs.clone()),
+    ));
+
+    let out = tokio::process::Command::new(testbed::mesh::ztunnel_binary())
+        .args(["certs", "--admin", &admin.to_string()])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("spiffe://cluster.local/ns/demo/sa/sleep"),
+        "{stdout}"
+    );
+    assert!(stdout.contains(&cert.info.serial), "{stdout}");
+    let json = tokio::process::Command::new(testbed::mesh::ztunnel_binary())
+        .args(["certs", "--admin", &admin.to_string(), "-o", "json"])
+        .output()
+        .await
+        .unwrap();
+    let json = String::from_utf8_lossy(&json.stdout);
+    assert!(json.contains("\"not_after\""), "{json}");
+    assert!(!json.contains("PRIVATE"), "keys must never be shown");
+}

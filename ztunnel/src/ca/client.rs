@@ -1,0 +1,204 @@
+//! The tunnel's side of Istio's CA API: one HTTP/2 connection over TLS, reopened
+//! when it breaks.
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::ServerName;
+use tokio::{net::TcpStream, sync::Mutex};
+use tokio_rustls::TlsConnector;
+
+use super::grpc::{self, Code, IstioCertificateRequest, IstioCertificateResponse};
+use crate::identity::Identity;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Clone, Debug)]
+pub struct CaClientConfig {
+    /// `host:port` of the CA.
+    pub address: String,
+    /// The name the CA's certificate must carry.
+    pub server_name: String,
+    /// Roots that signed the CA's serving certificate.
+    pub roots_pem: String,
+    /// The caller's credential, re-read for every call (tokens rotate).
+    pub token_file: PathBuf,
+}
+
+/// Why a call failed: the CA said no, or it could not be reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CaError {
+    Refused { code: i32, message: String },
+    Unreachable(String),
+}
+
+impl std::fmt::Display for CaError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Refused { code, message } => {
+                write!(f, "CA refused (gRPC status {code}): {message}")
+            }
+            Self::Unreachable(e) => write!(f, "CA unreachable: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for CaError {}
+
+pub struct CaClient {
+    config: CaClientConfig,
+    tls: TlsConnector,
+    connection: Mutex<Option<SendRequest<Full<Bytes>>>>,
+}
+
+impl CaClient {
+    pub fn new(config: CaClientConfig) -> anyhow::Result<Self> {
+        let mut roots = rustls::RootCertStore::empty();
+        for root in crate::tls::parse_certs(&config.roots_pem)? {
+            roots.add(root)?;
+        }
+        let mut tls = rustls::ClientConfig::builder_with_provider(crate::tls::crypto_provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![crate::tls::ALPN_H2.to_vec()];
+        Ok(Self {
+            config,
+            tls: TlsConnector::from(Arc::new(tls)),
+            connection: Mutex::new(None),
+        })
+    }
+
+    /// Asks for a certificate for `identity` (the CSR's SAN), on its behalf.
+    pub async fn create_certificate(
+        &self,
+        csr_pem: &str,
+        identity: &Identity,
+        ttl: Duration,
+    ) -> Result<Vec<String>, CaError> {
+        let token = std::fs::read_to_string(&self.config.token_file).map_err(|e| {
+            CaError::Unreachable(format!(
+                "reading the token {}: {e}",
+                self.config.token_file.display()
+            ))
+        })?;
+        let mut metadata = prost_types::Struct::default();
+        metadata.fields.insert(
+            grpc::IMPERSONATED_IDENTITY.to_owned(),
+            prost_types::Value {
+                kind: Some(prost_types::value::Kind::StringValue(identity.to_string())),
+            },
+        );
+        let message = IstioCertificateRequest {
+            csr: csr_pem.to_owned(),
+            validity_duration: ttl.as_secs() as i64,
+            metadata: Some(metadata),
+        };
+        let request = Request::post(format!(
+            "https://{}{}",
+            self.config.server_name,
+            grpc::CREATE_CERTIFICATE_PATH
+        ))
+        .header(http::header::CONTENT_TYPE, grpc::CONTENT_TYPE)
+        .header("te", "trailers")
+        .header(
+            http::header::AUTHORIZATION,
+            format!("Bearer {}", token.trim()),
+        )
+        .body(Full::new(grpc::frame(&message)))
+        .map_err(|e| CaError::Unreachable(e.to_string()))?;
+        let call = async {
+            let mut sender = self.sender().await?;
+            let response = match sender.send_request(request).await {
+                Ok(response) => response,
+                Err(e) => {
+                    // Never reuse a connection that failed a call.
+                    *self.connection.lock().await = None;
+                    return Err(CaError::Unreachable(format!("sending the request: {e}")));
+                }
+            };
+            decode(response).await
+        };
+        tokio::time::timeout(CALL_TIMEOUT, call)
+            .await
+            .map_err(|_| CaError::Unreachable("the call timed out".into()))?
+    }
+
+    async fn sender(&self) -> Result<SendRequest<Full<Bytes>>, CaError> {
+        let mut slot = self.connection.lock().await;
+        if let Some(sender) = slot.as_ref() {
+            if !sender.is_closed() {
+                return Ok(sender.clone());
+            }
+        }
+        let unreachable = |e: String| CaError::Unreachable(e);
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.config.address))
+            .await
+            .map_err(|_| unreachable(format!("connecting to {} timed out", self.config.address)))?
+            .map_err(|e| unreachable(format!("connecting to {}: {e}", self.config.address)))?;
+        let name = ServerName::try_from(self.config.server_name.clone())
+            .map_err(|e| unreachable(format!("server name: {e}")))?;
+        let tls = tokio::time::timeout(CONNECT_TIMEOUT, self.tls.connect(name, tcp))
+            .await
+            .map_err(|_| unreachable("TLS handshake timed out".into()))?
+            .map_err(|e| unreachable(format!("TLS handshake: {e}")))?;
+        let (sender, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .map_err(|e| unreachable(format!("HTTP/2 handshake: {e}")))?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!("CA connection ended: {e}");
+            }
+        });
+        *slot = Some(sender.clone());
+        Ok(sender)
+    }
+}
+
+async fn decode(response: http::Response<hyper::body::Incoming>) -> Result<Vec<String>, CaError> {
+    if response.status() != StatusCode::OK {
+        return Err(CaError::Unreachable(format!(
+            "HTTP status {}",
+            response.status()
+        )));
+    }
+    let (parts, body) = response.into_parts();
+    let collected = body
+        .collect()
+        .await
+        .map_err(|e| CaError::Unreachable(format!("reading the response: {e}")))?;
+    let trailers = collected.trailers().cloned().unwrap_or_default();
+    // Trailers-only responses carry the status in the headers.
+    let status_source = if trailers.contains_key("grpc-status") {
+        &trailers
+    } else {
+        &parts.headers
+    };
+    let code: i32 = status_source
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| CaError::Unreachable("the response has no grpc-status".into()))?;
+    if code != Code::Ok as i32 {
+        let message = status_source
+            .get("grpc-message")
+            .and_then(|v| v.to_str().ok())
+            .map(grpc::decode_message)
+            .unwrap_or_default();
+        return Err(CaError::Refused { code, message });
+    }
+    let response: IstioCertificateResponse =
+        grpc::unframe(collected.to_bytes()).map_err(CaError::Unreachable)?;
+    if response.cert_chain.len() < 2 {
+        return Err(CaError::Unreachable(
+            "the response holds no chain and root".into(),
+        ));
+    }
+    Ok(response.cert_chain)
+}

@@ -1,0 +1,327 @@
+//! The certificate authority (`ztunnel ca`): signs workload CSRs it can vouch for.
+//!
+//! - [`Authority`]: the signing material (a self-generated root kept in a directory,
+//!   or Istio's `cacerts` files) and the rules every certificate follows.
+//! - [`server`]: Istio's CA API, gRPC `IstioCertificateService/CreateCertificate`
+//!   over TLS, with caller authentication and node authorization.
+//! - [`client`]: the same API from the tunnel's side (also talks to istiod).
+
+pub mod auth;
+pub mod client;
+pub mod grpc;
+pub mod server;
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{bail, Context, Result};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+};
+use time::OffsetDateTime;
+
+use crate::identity::Identity;
+
+/// Istio's `cacerts` file names.
+pub const CA_CERT: &str = "ca-cert.pem";
+pub const CA_KEY: &str = "ca-key.pem";
+pub const ROOT_CERT: &str = "root-cert.pem";
+pub const CERT_CHAIN: &str = "cert-chain.pem";
+
+/// Certificates are valid from a little before they are signed: clocks differ.
+const BACKDATE: Duration = Duration::from_secs(60);
+const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+#[derive(Clone, Debug)]
+pub struct AuthorityOptions {
+    /// Holds the `cacerts` files; a root is generated here when there are none.
+    pub dir: PathBuf,
+    pub trust_domain: String,
+    /// For a CSR that asks for no particular lifetime (Istio: 24 h).
+    pub default_ttl: Duration,
+    /// Longer requests are refused.
+    pub max_ttl: Duration,
+}
+
+/// Why a CSR was not signed; `reason()` is the metric label.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    Unauthenticated(String),
+    NotOnNode(String),
+    BadCsr(String),
+    SanCount(usize),
+    ForeignTrustDomain(String),
+    TtlTooLong { asked: Duration, max: Duration },
+    Internal(String),
+}
+
+impl Refusal {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Unauthenticated(_) => "unauthenticated",
+            Self::NotOnNode(_) => "not_on_caller_node",
+            Self::BadCsr(_) => "bad_csr",
+            Self::SanCount(_) => "san_count",
+            Self::ForeignTrustDomain(_) => "foreign_trust_domain",
+            Self::TtlTooLong { .. } => "ttl_too_long",
+            Self::Internal(_) => "internal",
+        }
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Unauthenticated(why) => write!(f, "caller not authenticated: {why}"),
+            Self::NotOnNode(why) => write!(f, "not authorized: {why}"),
+            Self::BadCsr(why) => write!(f, "invalid CSR: {why}"),
+            Self::SanCount(n) => write!(
+                f,
+                "invalid CSR: it must carry exactly one URI SAN, it has {n} SANs"
+            ),
+            Self::ForeignTrustDomain(id) => {
+                write!(f, "invalid CSR: {id} is not in this CA's trust domain")
+            }
+            Self::TtlTooLong { asked, max } => write!(
+                f,
+                "requested lifetime {}s exceeds the maximum {}s",
+                asked.as_secs(),
+                max.as_secs()
+            ),
+            Self::Internal(why) => write!(f, "internal error: {why}"),
+        }
+    }
+}
+
+/// The CA's signing material and policy.
+pub struct Authority {
+    options: AuthorityOptions,
+    issuer: Issuer<'static, KeyPair>,
+    /// Between the signing certificate and the root, from `cert-chain.pem`
+    /// (Istio: ca-cert, intermediates, root); empty for a self-generated root.
+    chain_pem: String,
+    /// `root-cert.pem`: the trust bundle handed to every workload.
+    root_pem: String,
+    root_not_after: SystemTime,
+}
+
+impl Authority {
+    /// Loads `cacerts` from the directory, generating a self-signed root there first
+    /// if it holds none.
+    pub fn load_or_create(options: AuthorityOptions) -> Result<Self> {
+        let dir = &options.dir;
+        if !dir.join(CA_CERT).exists() {
+            generate_root(dir, &options.trust_domain)?;
+        }
+        let read = |name: &str| -> Result<String> {
+            let path = dir.join(name);
+            fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
+        };
+        let ca_cert = read(CA_CERT)?;
+        let key = KeyPair::from_pem(&read(CA_KEY)?).context("parsing ca-key.pem")?;
+        let issuer = Issuer::from_ca_cert_pem(&ca_cert, key).context("parsing ca-cert.pem")?;
+        let root_pem = read(ROOT_CERT)?;
+        let chain_pem = match dir.join(CERT_CHAIN).exists() {
+            true => read(CERT_CHAIN)?,
+            false => String::new(),
+        };
+        let roots = crate::tls::parse_certs(&root_pem).context("root-cert.pem")?;
+        let root_not_after = roots
+            .iter()
+            .map(|r| not_after(r))
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .min()
+            .context("no root")?;
+        Ok(Self {
+            options,
+            issuer,
+            chain_pem,
+            root_pem,
+            root_not_after,
+        })
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.options.trust_domain
+    }
+
+    pub fn root_pem(&self) -> &str {
+        &self.root_pem
+    }
+
+    pub fn root_not_after(&self) -> SystemTime {
+        self.root_not_after
+    }
+
+    /// Checks a CSR and returns the identity it asks for, without signing.
+    pub fn check_csr(
+        &self,
+        csr_pem: &str,
+    ) -> Result<(Identity, CertificateSigningRequestParams), Refusal> {
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| Refusal::BadCsr(format!("cannot parse or verify it: {e}")))?;
+        let sans = &csr.params.subject_alt_names;
+        let [SanType::URI(uri)] = sans.as_slice() else {
+            return Err(Refusal::SanCount(sans.len()));
+        };
+        let identity: Identity = uri
+            .as_str()
+            .parse()
+            .map_err(|e| Refusal::BadCsr(format!("{e}")))?;
+        if identity.trust_domain() != self.options.trust_domain {
+            return Err(Refusal::ForeignTrustDomain(identity.to_string()));
+        }
+        Ok((identity, csr))
+    }
+
+    /// Signs a checked CSR for `ttl` (or the default). Returns Istio's response
+    /// chain: the leaf, the chain to the root if any, and the root(s) last.
+    pub fn sign(
+        &self,
+        identity: &Identity,
+        csr: &CertificateSigningRequestParams,
+        ttl: Option<Duration>,
+    ) -> Result<Vec<String>, Refusal> {
+        let ttl = ttl.unwrap_or(self.options.default_ttl);
+        if ttl > self.options.max_ttl {
+            return Err(Refusal::TtlTooLong {
+                asked: ttl,
+                max: self.options.max_ttl,
+            });
+        }
+        let leaf = self
+            .leaf_params(identity, ttl)
+            .and_then(|params| {
+                params
+                    .signed_by(&csr.public_key, &self.issuer)
+                    .map_err(Into::into)
+            })
+            .map_err(|e| Refusal::Internal(format!("{e:#}")))?;
+        let mut chain = vec![leaf.pem()];
+        if !self.chain_pem.trim().is_empty() {
+            chain.push(self.chain_pem.clone());
+        }
+        chain.push(self.root_pem.clone());
+        Ok(chain)
+    }
+
+    fn leaf_params(&self, identity: &Identity, ttl: Duration) -> Result<CertificateParams> {
+        let now = OffsetDateTime::now_utc();
+        let mut params = CertificateParams::default();
+        // Istio leaves the subject empty; the SAN carries the identity.
+        params.distinguished_name = DistinguishedName::new();
+        params.not_before = now - BACKDATE;
+        params.not_after = now + ttl;
+        params.serial_number = Some(random_serial());
+        params.subject_alt_names = vec![SanType::URI(identity.to_string().try_into()?)];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        Ok(params)
+    }
+
+    /// A certificate for the CA's own TLS listener, for these DNS names.
+    pub fn serving_certificate(&self, dns_names: &[String]) -> Result<(String, String)> {
+        let key = KeyPair::generate()?;
+        let now = OffsetDateTime::now_utc();
+        let mut params = CertificateParams::new(dns_names.to_vec())?;
+        params.distinguished_name = DistinguishedName::new();
+        params.not_before = now - BACKDATE;
+        params.not_after = now + Duration::from_secs(365 * 24 * 3600);
+        params.serial_number = Some(random_serial());
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        let mut chain = cert.pem();
+        if !self.chain_pem.trim().is_empty() {
+            chain.push_str(&self.chain_pem);
+        }
+        Ok((chain, key.serialize_pem()))
+    }
+}
+
+fn random_serial() -> SerialNumber {
+    let mut bytes = [0u8; 16];
+    fastrand_fill(&mut bytes);
+    bytes[0] &= 0x7f; // positive
+    bytes[0] |= 0x01; // and never shorter than 16 bytes
+    SerialNumber::from_slice(&bytes)
+}
+
+/// Serial numbers must be unpredictable: from the system's CSPRNG via ring.
+fn fastrand_fill(bytes: &mut [u8]) {
+    use rustls::crypto::ring::default_provider;
+    default_provider()
+        .secure_random
+        .fill(bytes)
+        .expect("the system random source works");
+}
+
+fn not_after(der: &rustls::pki_types::CertificateDer<'_>) -> Result<SystemTime> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(der).context("parsing a root certificate")?;
+    let secs = cert.validity().not_after.timestamp();
+    Ok(SystemTime::UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64))
+}
+
+fn generate_root(dir: &Path, trust_domain: &str) -> Result<()> {
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let key = KeyPair::generate()?;
+    let now = OffsetDateTime::now_utc();
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, trust_domain);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "ztunnel root CA");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.not_before = now - BACKDATE;
+    params.not_after = now + ROOT_LIFETIME;
+    params.serial_number = Some(random_serial());
+    let cert = params.self_signed(&key)?;
+    if dir.join(CA_KEY).exists() {
+        bail!(
+            "{} exists without {CA_CERT}: refusing to overwrite a key",
+            dir.join(CA_KEY).display()
+        );
+    }
+    write_private(&dir.join(CA_KEY), &key.serialize_pem())?;
+    fs::write(dir.join(ROOT_CERT), cert.pem())?;
+    // ca-cert.pem last: its presence means the directory is complete.
+    fs::write(dir.join(CA_CERT), cert.pem())?;
+    Ok(())
+}
+
+fn write_private(path: &Path, contents: &str) -> Result<()> {
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(contents.as_bytes())?;
+    Ok(())
+}

@@ -1,0 +1,376 @@
+//! The certificate manager: a certificate per local workload, its key generated on
+//! the node and never sent anywhere, fetched on first use (concurrent first uses
+//! share one request), renewed at about half its lifetime, and kept serving while
+//! the CA is unreachable for as long as it is valid.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{bail, Context, Result};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{family::Family, gauge::Gauge},
+    registry::Registry,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use serde::{Deserialize, Serialize};
+use tokio::{sync::watch, task::JoinHandle};
+
+use crate::{
+    ca::client::{CaClient, CaError},
+    identity::Identity,
+    tls::{self, TrustBundle},
+};
+
+#[derive(Clone, Debug)]
+pub struct CertManagerConfig {
+    pub trust_domain: String,
+    pub trust_domain_aliases: Vec<String>,
+    /// Lifetime to ask for (Istio: 24 h).
+    pub ttl: Duration,
+    /// Retry delays while the CA is unreachable: doubling from `backoff_initial`,
+    /// capped at `backoff_max`, with jitter.
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+}
+
+impl CertManagerConfig {
+    pub fn new(trust_domain: &str) -> Self {
+        Self {
+            trust_domain: trust_domain.to_owned(),
+            trust_domain_aliases: Vec::new(),
+            ttl: Duration::from_secs(24 * 3600),
+            backoff_initial: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A workload's certificate, ready for TLS.
+pub struct WorkloadCert {
+    pub identity: Identity,
+    /// Leaf first, then intermediates.
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: Arc<rustls::sign::CertifiedKey>,
+    /// The roots the CA handed out with it, and the trust domains accepted.
+    pub bundle: TrustBundle,
+    pub info: CertInfo,
+}
+
+/// What `/certs` shows: never the key.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CertInfo {
+    pub identity: String,
+    pub serial: String,
+    pub not_before: u64,
+    pub not_after: u64,
+}
+
+impl WorkloadCert {
+    pub fn valid_at(&self, now: SystemTime) -> bool {
+        let secs = unix(now);
+        self.info.not_before <= secs && secs < self.info.not_after
+    }
+
+    /// mTLS server side, presenting this certificate.
+    pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>> {
+        tls::server_config(self.key.clone(), self.bundle.clone())
+    }
+
+    /// mTLS client side, presenting this certificate and requiring `peer`.
+    pub fn client_config(&self, peer: Identity) -> Result<Arc<rustls::ClientConfig>> {
+        tls::client_config(self.key.clone(), self.bundle.clone(), peer)
+    }
+}
+
+#[derive(Clone)]
+enum State {
+    Pending,
+    Ready(Arc<WorkloadCert>),
+    Failed(String),
+}
+
+struct Entry {
+    state: watch::Receiver<State>,
+    refresher: JoinHandle<()>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct IdentityLabels {
+    identity: String,
+}
+
+pub struct CertManager {
+    ca: Arc<CaClient>,
+    config: CertManagerConfig,
+    entries: Mutex<HashMap<Identity, Entry>>,
+    expiry: Family<IdentityLabels, Gauge>,
+    root_expiry: Gauge,
+    failures: prometheus_client::metrics::counter::Counter,
+}
+
+impl CertManager {
+    pub fn new(ca: Arc<CaClient>, config: CertManagerConfig, registry: &mut Registry) -> Arc<Self> {
+        let expiry = Family::<IdentityLabels, Gauge>::default();
+        let root_expiry = Gauge::default();
+        registry.register(
+            "ztunnel_workload_cert_expiry_timestamp",
+            "Unix time each workload certificate expires",
+            expiry.clone(),
+        );
+        registry.register(
+            "ztunnel_root_cert_expiry_timestamp",
+            "Unix time the earliest trusted root expires",
+            root_expiry.clone(),
+        );
+        let failures = prometheus_client::metrics::counter::Counter::default();
+        registry.register(
+            "ztunnel_workload_cert_request_failures",
+            "Certificate requests that failed (CA unreachable or refusing)",
+            failures.clone(),
+        );
+        Arc::new(Self {
+            ca,
+            config,
+            entries: Mutex::new(HashMap::new()),
+            expiry,
+            root_expiry,
+            failures,
+        })
+    }
+
+    /// The workload's current certificate, requesting it first if need be.
+    pub async fn fetch(self: &Arc<Self>, identity: &Identity) -> Result<Arc<WorkloadCert>> {
+        let mut state = {
+            let mut entries = self.entries.lock().expect("not poisoned");
+            let entry = entries.entry(identity.clone()).or_insert_with(|| {
+                let (tx, rx) = watch::channel(State::Pending);
+                let refresher = tokio::spawn(refresh(Arc::downgrade(self), identity.clone(), tx));
+                Entry {
+                    state: rx,
+                    refresher,
+                }
+            });
+            entry.state.clone()
+        };
+        loop {
+            let current = state.borrow_and_update().clone();
+            match current {
+                State::Ready(cert) if cert.valid_at(SystemTime::now()) => return Ok(cert),
+                State::Ready(_) => {
+                    bail!("the certificate of {identity} expired and could not be renewed")
+                }
+                State::Failed(e) => bail!("no certificate for {identity}: {e}"),
+                State::Pending => {}
+            }
+            state
+                .changed()
+                .await
+                .context("the certificate manager stopped")?;
+        }
+    }
+
+    /// How many certificate requests have failed so far.
+    pub fn request_failures(&self) -> u64 {
+        self.failures.get()
+    }
+
+    /// Drops the certificates of workloads that left the node.
+    pub fn retain(&self, keep: impl Fn(&Identity) -> bool) {
+        let mut entries = self.entries.lock().expect("not poisoned");
+        entries.retain(|identity, entry| {
+            let kept = keep(identity);
+            if !kept {
+                entry.refresher.abort();
+                self.expiry.remove(&IdentityLabels {
+                    identity: identity.to_string(),
+                });
+            }
+            kept
+        });
+    }
+
+    /// The certificates held now, sorted by identity.
+    pub fn certificates(&self) -> Vec<CertInfo> {
+        let entries = self.entries.lock().expect("not poisoned");
+        let mut infos: Vec<CertInfo> = entries
+            .values()
+            .filter_map(|e| match &*e.state.borrow() {
+                State::Ready(cert) => Some(cert.info.clone()),
+                _ => None,
+            })
+            .collect();
+        infos.sort_by(|a, b| a.identity.cmp(&b.identity));
+        infos
+    }
+
+    async fn request(&self, identity: &Identity) -> Result<WorkloadCert, String> {
+        let key = rcgen::KeyPair::generate().map_err(|e| format!("generating a key: {e}"))?;
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        let uri = identity
+            .to_string()
+            .try_into()
+            .map_err(|e| format!("{e}"))?;
+        params.subject_alt_names = vec![rcgen::SanType::URI(uri)];
+        let csr = params
+            .serialize_request(&key)
+            .and_then(|csr| csr.pem())
+            .map_err(|e| format!("building the CSR: {e}"))?;
+        let response = self
+            .ca
+            .create_certificate(&csr, identity, self.config.ttl)
+            .await
+            .map_err(|e: CaError| e.to_string())?;
+        self.accept(identity, &key, &response)
+            .map_err(|e| format!("{e:#}"))
+    }
+
+    /// Checks what the CA sent and makes it usable.
+    fn accept(
+        &self,
+        identity: &Identity,
+        key: &rcgen::KeyPair,
+        response: &[String],
+    ) -> Result<WorkloadCert> {
+        let (roots_pem, chain_pems) = response.split_last().context("empty response")?;
+        let roots = tls::parse_certs(roots_pem).context("the CA's root")?;
+        let mut chain = Vec::new();
+        for pem in chain_pems {
+            chain.extend(tls::parse_certs(pem)?);
+        }
+        let leaf = chain.first().context("the CA sent no certificate")?.clone();
+        let got = tls::identity_of(&leaf)?;
+        if got != *identity {
+            bail!("the CA issued a certificate for {got}, not {identity}");
+        }
+        let bundle = TrustBundle::new(
+            roots,
+            &self.config.trust_domain,
+            &self.config.trust_domain_aliases,
+        )?;
+        // Our own certificate must verify like a peer's would.
+        bundle
+            .verify(
+                &leaf,
+                &chain[1..],
+                rustls::pki_types::UnixTime::now(),
+                webpki::KeyUsage::client_auth(),
+            )
+            .map_err(|e| anyhow::anyhow!("the issued certificate does not verify: {e}"))?;
+        let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let info = cert_info(&leaf)?;
+        Ok(WorkloadCert {
+            identity: identity.clone(),
+            key: tls::certified_key(chain.clone(), &key_der)?,
+            chain,
+            bundle,
+            info,
+        })
+    }
+
+    fn publish_metrics(&self, cert: &WorkloadCert) {
+        self.expiry
+            .get_or_create(&IdentityLabels {
+                identity: cert.identity.to_string(),
+            })
+            .set(cert.info.not_after as i64);
+        let root_expiry = cert
+            .bundle
+            .roots()
+            .iter()
+            .filter_map(|r| cert_info(r).ok())
+            .map(|i| i.not_after)
+            .min()
+            .unwrap_or(0);
+        self.root_expiry.set(root_expiry as i64);
+    }
+}
+
+/// The per-workload task: get a certificate, publish it, sleep until it is due for
+/// renewal, repeat; back off while the CA cannot be reached.
+async fn refresh(
+    manager: std::sync::Weak<CertManager>,
+    identity: Identity,
+    state: watch::Sender<State>,
+) {
+    let mut backoff = None::<Duration>;
+    loop {
+        let Some(this) = manager.upgrade() else {
+            return;
+        };
+        let result = this.request(&identity).await;
+        let wait = match result {
+            Ok(cert) => {
+                this.publish_metrics(&cert);
+                let cert = Arc::new(cert);
+                let due = renewal_due(&cert.info);
+                tracing::info!(%identity, serial = %cert.info.serial, "workload certificate ready");
+                state.send_replace(State::Ready(cert));
+                backoff = None;
+                due
+            }
+            Err(e) => {
+                this.failures.inc();
+                let still_valid =
+                    matches!(&*state.borrow(), State::Ready(c) if c.valid_at(SystemTime::now()));
+                tracing::warn!(%identity, still_valid, "fetching the workload certificate failed: {e}");
+                if !still_valid {
+                    state.send_replace(State::Failed(e));
+                }
+                let next = match backoff {
+                    None => this.config.backoff_initial,
+                    Some(b) => (b * 2).min(this.config.backoff_max),
+                };
+                backoff = Some(next);
+                jitter(next, 0.2)
+            }
+        };
+        drop(this);
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// Half of the remaining lifetime, give or take 5% of it. Measured from now, not
+/// from `not_before`: CAs backdate certificates against clock skew.
+fn renewal_due(info: &CertInfo) -> Duration {
+    let now = SystemTime::now();
+    let expiry = SystemTime::UNIX_EPOCH + Duration::from_secs(info.not_after);
+    let remaining = expiry.duration_since(now).unwrap_or_default();
+    remaining.mul_f64(0.5 + (fastrand::f64() - 0.5) * 0.1)
+}
+
+fn jitter(d: Duration, fraction: f64) -> Duration {
+    d.mul_f64(1.0 + (fastrand::f64() - 0.5) * 2.0 * fraction)
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+pub fn cert_info(der: &CertificateDer<'_>) -> Result<CertInfo> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(der).context("parsing the certificate")?;
+    let identity = tls::identity_of(der)
+        .map(|i| i.to_string())
+        .unwrap_or_default();
+    Ok(CertInfo {
+        identity,
+        serial: cert.raw_serial_as_string().replace(':', ""),
+        not_before: cert.validity().not_before.timestamp().max(0) as u64,
+        not_after: cert.validity().not_after.timestamp().max(0) as u64,
+    })
+}
+
+impl Drop for CertManager {
+    fn drop(&mut self) {
+        for entry in self.entries.get_mut().expect("not poisoned").values() {
+            entry.refresher.abort();
+        }
+    }
+}

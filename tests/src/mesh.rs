@@ -72,10 +72,21 @@ pub struct LocalCa {
 
 impl LocalCa {
     pub async fn start(trust_domain: &str, pods: &[PodOnNode<'_>]) -> Result<Self> {
+        Self::start_with(trust_domain, pods, |_| Ok(())).await
+    }
+
+    /// Like [`LocalCa::start`], with `cacerts` prepared by `prepare` (given the
+    /// directory) instead of a generated root.
+    pub async fn start_with(
+        trust_domain: &str,
+        pods: &[PodOnNode<'_>],
+        prepare: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<Self> {
         let dir = TempDir::new("ca")?;
         for sub in ["cacerts", "config", "tokens"] {
             fs::create_dir(dir.path().join(sub))?;
         }
+        prepare(&dir.path().join("cacerts"))?;
         let mut nodes: Vec<String> = pods.iter().map(|p| p.node.to_owned()).collect();
         nodes.sort();
         nodes.dedup();

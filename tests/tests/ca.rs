@@ -575,3 +575,196 @@ async fn ztunnel_certs_lists_what_the_tunnel_holds_without_keys() {
     assert!(json.contains("\"not_after\""), "{json}");
     assert!(!json.contains("PRIVATE"), "keys must never be shown");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plugged_in_intermediate_signs_and_chains_to_its_root() {
+    // Istio's cacerts layout: an intermediate signs, the root is only trusted.
+    let ca = LocalCa::start_with(
+        TD,
+        &[PodOnNode {
+            namespace: "demo",
+            service_account: "sleep",
+            node: "node-a",
+        }],
+        |dir| {
+            let root_key = KeyPair::generate()?;
+            let mut root = CertificateParams::default();
+            root.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            root.distinguished_name
+                .push(rcgen::DnType::CommonName, "offline root");
+            root.key_usages = vec![
+                rcgen::KeyUsagePurpose::KeyCertSign,
+                rcgen::KeyUsagePurpose::CrlSign,
+            ];
+            let root_cert = root.self_signed(&root_key)?;
+            let inter_key = KeyPair::generate()?;
+            let mut inter = CertificateParams::default();
+            inter.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+            inter
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, "cluster intermediate");
+            inter.key_usages = vec![
+                rcgen::KeyUsagePurpose::KeyCertSign,
+                rcgen::KeyUsagePurpose::CrlSign,
+            ];
+            let inter_cert = inter.signed_by(&inter_key, &Issuer::new(root, &root_key))?;
+            std::fs::write(dir.join("ca-cert.pem"), inter_cert.pem())?;
+            std::fs::write(dir.join("ca-key.pem"), inter_key.serialize_pem())?;
+            std::fs::write(dir.join("root-cert.pem"), root_cert.pem())?;
+            std::fs::write(
+                dir.join("cert-chain.pem"),
+                format!("{}{}", inter_cert.pem(), root_cert.pem()),
+            )?;
+            Ok(())
+        },
+    )
+    .await
+    .unwrap();
+    let certs = manager(&ca, "node-a", Duration::from_secs(3600));
+    let sleep = id("demo", "sleep");
+    let cert = certs.fetch(&sleep).await.unwrap();
+    assert!(
+        cert.chain.len() >= 2,
+        "the leaf travels with its intermediate"
+    );
+    let (_, root) = x509_parser::parse_x509_certificate(&cert.bundle.roots()[0]).unwrap();
+    assert!(root.subject().to_string().contains("offline root"));
+    // Two workloads of this CA trust each other through the intermediate.
+    let other = certs.fetch(&sleep).await.unwrap();
+    assert_eq!(
+        handshake(&cert, &other, sleep.clone()).await.unwrap(),
+        sleep
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn during_a_root_rotation_both_roots_are_trusted() {
+    let mut old = ca().await;
+    let mut new = LocalCa::start(
+        TD,
+        &[PodOnNode {
+            namespace: "demo",
+            service_account: "web",
+            node: "node-a",
+        }],
+    )
+    .await
+    .unwrap();
+    let (sleep, web) = (id("demo", "sleep"), id("demo", "web"));
+    let web_from_new_root = manager(&new, "node-a", Duration::from_secs(3600))
+        .fetch(&web)
+        .await
+        .unwrap();
+    let sleep_cert = manager(&old, "node-a", Duration::from_secs(3600))
+        .fetch(&sleep)
+        .await
+        .unwrap();
+    assert!(handshake(&web_from_new_root, &sleep_cert, web.clone())
+        .await
+        .is_err());
+
+    // The operator puts both roots in the bundle each CA hands out.
+    let bundle = format!("{}{}", old.root_pem(), new.root_pem());
+    for ca in [&mut old, &mut new] {
+        ca.stop().await;
+        std::fs::write(ca.dir.path().join("cacerts/root-cert.pem"), &bundle).unwrap();
+        ca.run().await.unwrap();
+    }
+    let web_from_new_root = manager(&new, "node-a", Duration::from_secs(3600))
+        .fetch(&web)
+        .await
+        .unwrap();
+    let sleep_cert = manager(&old, "node-a", Duration::from_secs(3600))
+        .fetch(&sleep)
+        .await
+        .unwrap();
+    assert_eq!(sleep_cert.bundle.roots().len(), 2);
+    assert_eq!(
+        handshake(&web_from_new_root, &sleep_cert, web)
+            .await
+            .unwrap(),
+        sleep
+    );
+}
+
+/// A port nobody listens on right now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_ztunnel_ca_command_serves_the_ca_api_and_metrics() {
+    // Files from a LocalCa (tokens, pods); the CA itself is the `ztunnel ca` process.
+    let mut files = ca().await;
+    files.stop().await;
+    let (api, metrics) = (free_port(), free_port());
+    let dir = files.dir.path();
+    let mut child = tokio::process::Command::new(testbed::mesh::ztunnel_binary())
+        .args([
+            "ca",
+            "--trust-domain",
+            TD,
+            "--server-name",
+            testbed::mesh::CA_SERVER_NAME,
+        ])
+        .arg("--dir")
+        .arg(dir.join("cacerts"))
+        .arg("--node-tokens")
+        .arg(dir.join("node-tokens.yaml"))
+        .arg("--config")
+        .arg(dir.join("config"))
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{api}"),
+            "--metrics-addr",
+            &format!("127.0.0.1:{metrics}"),
+        ])
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", metrics)).await.is_err() {
+        assert!(Instant::now() < deadline, "ztunnel ca did not start");
+        assert!(child.try_wait().unwrap().is_none(), "ztunnel ca exited");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    files.addr = format!("127.0.0.1:{api}").parse().unwrap();
+    let certs = manager(&files, "node-a", Duration::from_secs(3600));
+    let cert = certs.fetch(&id("demo", "sleep")).await.unwrap();
+    assert_eq!(cert.identity, id("demo", "sleep"));
+    let other = id("demo", "other");
+    let refused = files
+        .client("node-a")
+        .unwrap()
+        .create_certificate(
+            &csr(vec![uri(&other.to_string())]),
+            &other,
+            Duration::from_secs(60),
+        )
+        .await;
+    assert_eq!(refused_code(refused).0, 7);
+
+    let mut tcp = TcpStream::connect(("127.0.0.1", metrics)).await.unwrap();
+    tcp.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut page = String::new();
+    tcp.read_to_string(&mut page).await.unwrap();
+    assert!(
+        page.contains("citadel_server_success_cert_issuance_count_total 1"),
+        "{page}"
+    );
+    assert!(
+        page.contains("ztunnel_ca_csr_refused_total{reason=\"not_on_caller_node\"} 1"),
+        "{page}"
+    );
+    assert!(
+        page.contains("citadel_server_root_cert_expiry_timestamp"),
+        "{page}"
+    );
+    child.kill().await.unwrap();
+}

@@ -26,7 +26,7 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Run benchmarks (as root), all of them or those named: redirect.
+    /// Run benchmarks (as root), all of them or those named: redirect, ca.
     Bench { names: Vec<String> },
     /// Build a testbed cluster and show traffic crossing it.
     Demo {
@@ -80,7 +80,7 @@ fn test(args: &[String]) -> Result<()> {
 
 /// Benchmarks of the tests package (tests/benches), each reporting ratios measured
 /// within one run.
-const BENCHES: [&str; 1] = ["redirect"];
+const BENCHES: [&str; 2] = ["redirect", "ca"];
 
 fn bench(names: &[String]) -> Result<()> {
     for name in names {

@@ -141,6 +141,8 @@ impl CaClient {
             .await
             .map_err(|_| unreachable(format!("connecting to {} timed out", self.config.address)))?
             .map_err(|e| unreachable(format!("connecting to {}: {e}", self.config.address)))?;
+        // Small request/response messages: Nagle would hold them for a delayed ACK.
+        let _ = tcp.set_nodelay(true);
         let name = ServerName::try_from(self.config.server_name.clone())
             .map_err(|e| unreachable(format!("server name: {e}")))?;
         let tls = tokio::time::timeout(CONNECT_TIMEOUT, self.tls.connect(name, tcp))

@@ -138,6 +138,7 @@ impl CaServer {
                 Some(_) = connections.join_next() => continue,
             };
             let (server, acceptor) = (self.clone(), acceptor.clone());
+            let _ = tcp.set_nodelay(true);
             connections.spawn(async move {
                 let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
                 {

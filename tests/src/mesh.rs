@@ -64,6 +64,10 @@ pub struct PodOnNode<'a> {
 pub struct LocalCa {
     pub dir: TempDir,
     pub addr: SocketAddr,
+    /// Where it finds the pods (default: its own directory's `config`).
+    pub config_dir: PathBuf,
+    /// The network namespace it listens in (default: the test's).
+    pub netns: Option<PathBuf>,
     pub trust_domain: String,
     pub registry: Arc<Mutex<Registry>>,
     nodes: Vec<String>,
@@ -108,6 +112,8 @@ impl LocalCa {
         }
         fs::write(dir.path().join("config/pods.yaml"), yaml)?;
         let mut ca = Self {
+            config_dir: dir.path().join("config"),
+            netns: None,
             dir,
             addr: "127.0.0.1:0".parse()?,
             trust_domain: trust_domain.to_owned(),
@@ -135,13 +141,25 @@ impl LocalCa {
             Arc::new(NodeTokens::from_file(
                 &self.dir.path().join("node-tokens.yaml"),
             )?),
-            Arc::new(LocalPods::new(self.dir.path().join("config"))),
+            Arc::new(LocalPods::new(self.config_dir.clone())),
             metrics,
         );
         let tls = server.tls_config(&[CA_SERVER_NAME.to_owned()])?;
-        let listener = TcpListener::bind(self.addr)
-            .await
-            .context("binding the CA")?;
+        let listener = match &self.netns {
+            None => TcpListener::bind(self.addr)
+                .await
+                .context("binding the CA")?,
+            Some(netns) => {
+                let addr = self.addr;
+                let std = ztunnel::netns::run_in(netns, move || {
+                    let l = std::net::TcpListener::bind(addr)?;
+                    l.set_nonblocking(true)?;
+                    Ok(l)
+                })
+                .context("binding the CA in its network namespace")?;
+                TcpListener::from_std(std)?
+            }
+        };
         self.addr = listener.local_addr()?;
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server.serve_until(listener, tls, async {
@@ -149,6 +167,36 @@ impl LocalCa {
         }));
         self.task = Some((stop, task));
         Ok(())
+    }
+
+    /// A CA for a mesh: pods from `config_dir`, a token for each node, listening on
+    /// `addr` inside `netns` (a node's, so every node reaches it over the fabric).
+    pub async fn for_mesh(
+        trust_domain: &str,
+        nodes: &[&str],
+        config_dir: &Path,
+        netns: &Path,
+        addr: SocketAddr,
+    ) -> Result<Self> {
+        let pods: Vec<PodOnNode> = nodes
+            .iter()
+            .map(|node| PodOnNode {
+                namespace: "unused",
+                service_account: "unused",
+                node,
+            })
+            .collect();
+        let mut ca = Self::start(trust_domain, &pods).await?;
+        ca.stop().await;
+        ca.config_dir = config_dir.to_owned();
+        ca.netns = Some(netns.to_owned());
+        ca.addr = addr;
+        ca.run().await?;
+        Ok(ca)
+    }
+
+    pub fn token_file(&self, node: &str) -> PathBuf {
+        self.dir.path().join("tokens").join(node)
     }
 
     /// Stops serving and closes every connection: the CA is down.
@@ -218,4 +266,331 @@ pub fn ztunnel_binary() -> PathBuf {
         binary.display()
     );
     binary
+}
+
+/// A pod's place in the mesh config.
+#[derive(Clone, Debug)]
+pub struct WorkloadSpec {
+    pub pod: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub labels: Vec<(String, String)>,
+}
+
+impl WorkloadSpec {
+    pub fn new(pod: &str, namespace: &str, service_account: &str) -> Self {
+        Self {
+            pod: pod.into(),
+            namespace: namespace.into(),
+            service_account: service_account.into(),
+            labels: vec![("app".into(), pod.into())],
+        }
+    }
+
+    pub fn label(mut self, key: &str, value: &str) -> Self {
+        self.labels.retain(|(k, _)| k != key);
+        self.labels.push((key.into(), value.into()));
+        self
+    }
+}
+
+pub const TRUST_DOMAIN: &str = "cluster.local";
+const CA_PORT: u16 = 15012;
+
+/// A running mesh on a testbed cluster: the config directory every node reads, the
+/// CA (in the test process, listening in the first node's namespace) and a
+/// `ztunnel run` process per node.
+pub struct Mesh {
+    pub cluster: crate::Cluster,
+    pub ca: LocalCa,
+    pub config: TempDir,
+    tunnels: BTreeMap<String, std::process::Child>,
+}
+
+impl Mesh {
+    /// Writes the config (`ambient` namespaces labelled for the mesh, the others
+    /// plain) and starts a tunnel on every node.
+    pub async fn start(
+        cluster: crate::Cluster,
+        workloads: &[WorkloadSpec],
+        ambient: &[&str],
+    ) -> Result<Self> {
+        let config = TempDir::new("config")?;
+        fs::write(
+            config.path().join("workloads.yaml"),
+            workloads_yaml(&cluster, workloads)?,
+        )?;
+        let mut namespaces: Vec<&str> = workloads.iter().map(|w| w.namespace.as_str()).collect();
+        namespaces.sort();
+        namespaces.dedup();
+        for ns in namespaces {
+            fs::write(
+                config.path().join(format!("ns-{ns}.yaml")),
+                namespace_yaml(ns, ambient.contains(&ns)),
+            )?;
+        }
+        let first = &cluster.nodes()[0];
+        let nodes: Vec<String> = cluster.nodes().iter().map(|n| n.name.clone()).collect();
+        let node_refs: Vec<&str> = nodes.iter().map(String::as_str).collect();
+        let addr = SocketAddr::new(first.ip.into(), CA_PORT);
+        let ca = LocalCa::for_mesh(
+            TRUST_DOMAIN,
+            &node_refs,
+            config.path(),
+            &crate::cluster::netns_path(&first.netns),
+            addr,
+        )
+        .await?;
+        fs::write(
+            config
+                .path()
+                .join("..")
+                .join(format!("{}-root.pem", cluster.prefix())),
+            ca.root_pem(),
+        )?;
+        let mut mesh = Self {
+            cluster,
+            ca,
+            config,
+            tunnels: BTreeMap::new(),
+        };
+        for node in &nodes {
+            mesh.start_tunnel(node).await?;
+        }
+        Ok(mesh)
+    }
+
+    fn root_file(&self) -> PathBuf {
+        self.config
+            .path()
+            .join("..")
+            .join(format!("{}-root.pem", self.cluster.prefix()))
+    }
+
+    /// The tunnel's log (stderr), for assertions on what it reported.
+    pub fn log_file(&self, node: &str) -> PathBuf {
+        self.ca.dir.path().join(format!("ztunnel-{node}.log"))
+    }
+
+    pub fn log(&self, node: &str) -> String {
+        fs::read_to_string(self.log_file(node)).unwrap_or_default()
+    }
+
+    /// Starts `ztunnel run` on the node and waits until it is ready.
+    pub async fn start_tunnel(&mut self, node_name: &str) -> Result<()> {
+        let node = self.cluster.node(node_name).clone();
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_file(node_name))?;
+        let mut cmd = node.command(ztunnel_binary())?;
+        cmd.arg("run")
+            .arg("--config")
+            .arg(self.config.path())
+            .args([
+                "--config-poll",
+                "100ms",
+                "--node",
+                node_name,
+                "--trust-domain",
+                TRUST_DOMAIN,
+            ])
+            .arg("--ca-address")
+            .arg(self.ca.addr.to_string())
+            .arg("--ca-root")
+            .arg(self.root_file())
+            .arg("--ca-token")
+            .arg(self.ca.token_file(node_name))
+            .arg("--pin-dir")
+            .arg(node.bpffs.join("ztunnel"))
+            .arg("--pod-cgroup-root")
+            .arg(&node.pod_cgroup_root)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(log);
+        let mut child = cmd.spawn().context("starting ztunnel run")?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                anyhow::bail!(
+                    "ztunnel on {node_name} exited ({status}):\n{}",
+                    self.log(node_name)
+                );
+            }
+            if self
+                .http_get(node_name, 15021, "/healthz/ready")
+                .await
+                .is_ok_and(|(code, _)| code == 200)
+            {
+                break;
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "ztunnel on {node_name} not ready:\n{}",
+                self.log(node_name)
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        self.tunnels.insert(node_name.to_owned(), child);
+        Ok(())
+    }
+
+    /// Kills the node's tunnel (SIGKILL: no draining).
+    pub fn kill_tunnel(&mut self, node: &str) {
+        if let Some(mut child) = self.tunnels.remove(node) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Sends SIGTERM and waits for the tunnel to exit; returns its exit status.
+    pub async fn stop_tunnel(&mut self, node: &str) -> Result<std::process::ExitStatus> {
+        let mut child = self
+            .tunnels
+            .remove(node)
+            .context("no tunnel on that node")?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "ztunnel on {node} did not exit after SIGTERM"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    /// GET `path` from the node's tunnel on `port` (inside the node's namespace).
+    pub async fn http_get(&self, node: &str, port: u16, path: &str) -> Result<(u16, String)> {
+        let node = self.cluster.node(node);
+        let path = path.to_owned();
+        node.in_netns(move || -> Result<(u16, String)> {
+            use std::io::{Read, Write};
+            let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port))?;
+            tcp.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+            write!(tcp, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+            let mut response = String::new();
+            tcp.read_to_string(&mut response)?;
+            let code = response
+                .split_whitespace()
+                .nth(1)
+                .and_then(|c| c.parse().ok())
+                .context("no HTTP status")?;
+            let body = response
+                .split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_owned())
+                .unwrap_or_default();
+            Ok((code, body))
+        })?
+    }
+
+    /// The node's Prometheus metrics page.
+    pub async fn metrics(&self, node: &str) -> String {
+        self.http_get(node, 15020, "/metrics")
+            .await
+            .map(|(_, b)| b)
+            .unwrap_or_default()
+    }
+
+    /// The node's `/config_dump`.
+    pub async fn config_dump(&self, node: &str) -> serde_json::Value {
+        let (_, body) = self
+            .http_get(node, 15000, "/config_dump")
+            .await
+            .expect("config_dump");
+        serde_json::from_str(&body).expect("config_dump is JSON")
+    }
+
+    /// Writes (or replaces) a config file; the tunnels pick it up.
+    pub fn write_config(&self, name: &str, yaml: &str) -> Result<()> {
+        // Write then rename: a tunnel never reads half a file.
+        let tmp = self.config.path().join(format!(".{name}.tmp"));
+        fs::write(&tmp, yaml)?;
+        fs::rename(&tmp, self.config.path().join(name))?;
+        Ok(())
+    }
+
+    /// Waits until the node's tunnel has `pod` enrolled (or not).
+    pub async fn wait_enrolled(&self, node: &str, pod: &str, enrolled: bool) -> Result<()> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let dump = self.config_dump(node).await;
+            let list = dump["enrolled"].as_array().cloned().unwrap_or_default();
+            let found = list
+                .iter()
+                .any(|e| e.as_str().is_some_and(|e| e.ends_with(&format!("/{pod}"))));
+            if found == enrolled {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "{pod} enrolled={found} on {node}, expected {enrolled}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        for (_, mut child) in std::mem::take(&mut self.tunnels) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = fs::remove_file(self.root_file());
+    }
+}
+
+pub fn namespace_yaml(name: &str, ambient: bool) -> String {
+    let labels = if ambient {
+        "\n  labels:\n    istio.io/dataplane-mode: ambient"
+    } else {
+        ""
+    };
+    format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}{labels}\n")
+}
+
+fn workloads_yaml(cluster: &crate::Cluster, workloads: &[WorkloadSpec]) -> Result<String> {
+    let mut yaml = String::new();
+    for w in workloads {
+        let pod = cluster.pod(&w.pod);
+        let labels: String = w
+            .labels
+            .iter()
+            .map(|(k, v)| format!("\n    {k}: {v}"))
+            .collect();
+        yaml.push_str(&format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  labels:{labels}\n  annotations:\n    ztunnel.local/netns: {}\n    ztunnel.local/cgroup: {}\nspec:\n  serviceAccountName: {}\n  nodeName: {}\nstatus:\n  podIP: {}\n",
+            w.pod,
+            w.namespace,
+            pod.netns_path().display(),
+            pod.cgroup.display(),
+            w.service_account,
+            pod.node,
+            pod.ip
+        ));
+    }
+    Ok(yaml)
+}
+
+/// Polls `check` until it returns true; fails after `within`.
+pub async fn eventually<F, Fut>(within: std::time::Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + within;
+    while !check().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not within {within:?}: {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }

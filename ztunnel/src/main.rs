@@ -27,6 +27,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the node tunnel: enroll this node's ambient pods and carry their traffic
+    /// over HBONE with their own identities.
+    Run(RunArgs),
     /// Run the certificate authority: signs workload certificates for node tunnels,
     /// serving Istio's CA API (gRPC over TLS).
     Ca(CaArgs),
@@ -67,6 +70,55 @@ struct CaArgs {
 }
 
 #[derive(Args)]
+struct RunArgs {
+    /// Directory of Kubernetes YAML (Namespaces, Pods, Services, Istio security
+    /// resources), watched for changes.
+    #[arg(long)]
+    config: PathBuf,
+    /// How often the directory is checked for changes.
+    #[arg(long, default_value = "1s", value_parser = parse_duration_ms)]
+    config_poll: Duration,
+    /// This node's name (`spec.nodeName` of its pods).
+    #[arg(long, env = "NODE_NAME")]
+    node: String,
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// Other trust domains accepted as this one (Istio's trustDomainAliases).
+    #[arg(long = "trust-domain-alias")]
+    trust_domain_aliases: Vec<String>,
+    /// The CA (`ztunnel ca`, or istiod), host:port.
+    #[arg(long)]
+    ca_address: String,
+    /// The name on the CA's TLS certificate.
+    #[arg(long, default_value = "ztunnel-ca.istio-system.svc")]
+    ca_server_name: String,
+    /// PEM roots that signed the CA's TLS certificate.
+    #[arg(long)]
+    ca_root: PathBuf,
+    /// This node's credential for the CA.
+    #[arg(long)]
+    ca_token: PathBuf,
+    /// Lifetime asked for workload certificates.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    cert_ttl: Duration,
+    /// Directory on a bpffs mount for this tunnel's pinned programs and maps.
+    #[arg(long, default_value = "/sys/fs/bpf/ztunnel")]
+    pin_dir: PathBuf,
+    /// The cgroup v2 directory holding every pod of the node.
+    #[arg(long)]
+    pod_cgroup_root: PathBuf,
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin_addr: SocketAddr,
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    metrics_addr: SocketAddr,
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    readiness_addr: SocketAddr,
+    /// How long open connections may finish after SIGTERM.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    drain_timeout: Duration,
+}
+
+#[derive(Args)]
 struct CertsArgs {
     /// The tunnel's admin address.
     #[arg(long, default_value = "127.0.0.1:15000")]
@@ -77,17 +129,26 @@ struct CertsArgs {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+    use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt, EnvFilter};
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, reload) = tracing_subscriber::reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
         )
-        .with_writer(std::io::stderr)
         .init();
+    let set_log_level: ztunnel::daemon::SetLogLevel = Arc::new(move |level: &str| {
+        let filter = EnvFilter::try_new(level).map_err(|e| format!("bad level {level:?}: {e}"))?;
+        reload.reload(filter).map_err(|e| e.to_string())
+    });
     let cli = Cli::parse();
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
     let result = runtime.block_on(async {
         match cli.command {
+            Command::Run(args) => run(args, set_log_level).await,
             Command::Ca(args) => ca(args).await,
             Command::Certs(args) => certs(args).await,
         }
@@ -96,6 +157,31 @@ fn main() {
         eprintln!("ztunnel: error: {e:#}");
         std::process::exit(1);
     }
+}
+
+async fn run(args: RunArgs, set_log_level: ztunnel::daemon::SetLogLevel) -> Result<()> {
+    ztunnel::daemon::run(
+        ztunnel::daemon::RunOptions {
+            config_dir: args.config,
+            config_poll: args.config_poll,
+            node: args.node,
+            trust_domain: args.trust_domain,
+            trust_domain_aliases: args.trust_domain_aliases,
+            ca_address: args.ca_address,
+            ca_server_name: args.ca_server_name,
+            ca_root: args.ca_root,
+            ca_token: args.ca_token,
+            cert_ttl: args.cert_ttl,
+            pin_dir: args.pin_dir,
+            pod_cgroup_root: args.pod_cgroup_root,
+            admin_addr: args.admin_addr,
+            metrics_addr: args.metrics_addr,
+            readiness_addr: args.readiness_addr,
+            drain_timeout: args.drain_timeout,
+        },
+        set_log_level,
+    )
+    .await
 }
 
 async fn ca(args: CaArgs) -> Result<()> {
@@ -185,6 +271,17 @@ async fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
         bail!("{path}: HTTP {status}");
     }
     Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Like [`parse_duration`], also accepting milliseconds (`250ms`).
+fn parse_duration_ms(text: &str) -> Result<Duration, String> {
+    match text.strip_suffix("ms") {
+        Some(ms) => ms
+            .parse()
+            .map(Duration::from_millis)
+            .map_err(|_| format!("{text:?}: expected a number of milliseconds")),
+        None => parse_duration(text),
+    }
 }
 
 /// `90s`, `30m`, `24h`, `90d`, or plain seconds.

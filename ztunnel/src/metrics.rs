@@ -27,3 +27,65 @@ pub fn handler(registry: Arc<Mutex<Registry>>) -> Handler {
         }
     })
 }
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family},
+};
+
+/// Labels of Istio's TCP metrics, with Istio's values ("unknown" when not known).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    /// "source" (the client's tunnel) or "destination" (the server's).
+    pub reporter: String,
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    pub destination_service: String,
+    pub request_protocol: String,
+    /// "-" for none; "DENY" for policy denials, "UF" upstream failure, ...
+    pub response_flags: String,
+    /// "mutual_tls" over HBONE, "unknown" for plaintext.
+    pub connection_security_policy: String,
+}
+
+pub const UNKNOWN: &str = "unknown";
+
+/// Istio's TCP metrics.
+#[derive(Clone, Default)]
+pub struct TcpMetrics {
+    pub opened: Family<TcpLabels, Counter>,
+    pub closed: Family<TcpLabels, Counter>,
+    pub sent: Family<TcpLabels, Counter>,
+    pub received: Family<TcpLabels, Counter>,
+}
+
+impl TcpMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "istio_tcp_connections_opened",
+            "TCP connections opened",
+            m.opened.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_closed",
+            "TCP connections closed",
+            m.closed.clone(),
+        );
+        registry.register(
+            "istio_tcp_sent_bytes",
+            "Bytes sent to the client (response direction)",
+            m.sent.clone(),
+        );
+        registry.register(
+            "istio_tcp_received_bytes",
+            "Bytes received from the client (request direction)",
+            m.received.clone(),
+        );
+        m
+    }
+}

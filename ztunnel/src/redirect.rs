@@ -33,9 +33,9 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use ztunnel_ebpf_common::{
-    maps, ConnKey, ListenerKey, OrigDst, PodConfig, DNS_PORT, HBONE_PORT, INBOUND_PLAINTEXT_PORT,
-    LISTENER_HBONE, LISTENER_PLAINTEXT, OUTBOUND_PORT,
+    maps, ConnKey, ListenerKey, OrigDst, PodConfig, LISTENER_HBONE, LISTENER_PLAINTEXT,
 };
+pub use ztunnel_ebpf_common::{DNS_PORT, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 
 use crate::netns;
 

@@ -3,6 +3,10 @@
 //!
 //!   tb-probe connect <ip:port> <message>   send, read the reply to EOF
 //!   tb-probe dns <ip:port> <query>         one datagram with sendto, print the reply
+//!   tb-probe bulk <ip:port> <bytes>         send that many bytes, half-close, check
+//!                                          the echo (`<name>:<payload>`) comes back whole
+//!   tb-probe parallel <ip:port> <n> <msg>  n connections at once, each one exchange
+//!   tb-probe connect-from <ip> <ip:port> <msg>  like connect, from a chosen source
 //!   tb-probe hold-cluster <spec.yaml>      build a cluster, print its prefix, wait
 use std::{
     io::{Read, Write},
@@ -21,6 +25,9 @@ fn main() -> ExitCode {
     {
         ["connect", addr, message] => connect(addr, message),
         ["dns", addr, query] => dns(addr, query),
+        ["bulk", addr, bytes] => bulk(addr, bytes),
+        ["parallel", addr, n, message] => parallel(addr, n, message),
+        ["connect-from", source, addr, message] => connect_from(source, addr, message),
         ["hold-cluster", spec] => hold_cluster(spec),
         _ => Err(anyhow::anyhow!(
             "usage: tb-probe connect <ip:port> <message> | dns <ip:port> <query> | hold-cluster <spec.yaml>"
@@ -63,6 +70,96 @@ fn dns(addr: &str, query: &str) -> anyhow::Result<()> {
     println!("from={from}");
     println!("reply={}", String::from_utf8_lossy(&buf[..n]));
     Ok(())
+}
+
+fn payload(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8).collect()
+}
+
+fn bulk(addr: &str, bytes: &str) -> anyhow::Result<()> {
+    let addr: SocketAddr = addr.parse()?;
+    let data = payload(bytes.parse()?);
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut reader = stream.try_clone()?;
+    // Read while writing: the echo only starts at EOF, but a large reply must not
+    // wait on a full send buffer either.
+    let reading = std::thread::spawn(move || {
+        let mut reply = Vec::new();
+        reader.read_to_end(&mut reply).map(|_| reply)
+    });
+    stream.write_all(&data)?;
+    stream.shutdown(Shutdown::Write)?;
+    let reply = reading
+        .join()
+        .map_err(|_| anyhow::anyhow!("reader panicked"))??;
+    let colon = reply
+        .iter()
+        .position(|b| *b == b':')
+        .ok_or_else(|| anyhow::anyhow!("no reply"))?;
+    anyhow::ensure!(
+        reply[colon + 1..] == data[..],
+        "reply differs: {} bytes back for {} sent",
+        reply.len() - colon - 1,
+        data.len()
+    );
+    println!(
+        "ok sent={} received={}",
+        data.len(),
+        reply.len() - colon - 1
+    );
+    Ok(())
+}
+
+fn parallel(addr: &str, n: &str, message: &str) -> anyhow::Result<()> {
+    let addr: SocketAddr = addr.parse()?;
+    let n: usize = n.parse()?;
+    let threads: Vec<_> = (0..n)
+        .map(|i| {
+            let message = format!("{message}-{i}");
+            std::thread::spawn(move || -> anyhow::Result<bool> {
+                let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+                stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+                stream.write_all(message.as_bytes())?;
+                stream.shutdown(Shutdown::Write)?;
+                let mut reply = String::new();
+                stream.read_to_string(&mut reply)?;
+                Ok(reply.ends_with(&format!(":{message}")))
+            })
+        })
+        .collect();
+    let mut good = 0;
+    for thread in threads {
+        match thread.join() {
+            Ok(Ok(true)) => good += 1,
+            Ok(Ok(false)) => println!("error=a reply did not match"),
+            Ok(Err(e)) => println!("error={e:#}"),
+            Err(_) => println!("error=a thread panicked"),
+        }
+    }
+    println!("ok={good}");
+    Ok(())
+}
+
+fn connect_from(source: &str, addr: &str, message: &str) -> anyhow::Result<()> {
+    let source: std::net::IpAddr = source.parse()?;
+    let addr: SocketAddr = addr.parse()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(SocketAddr::new(source, 0))?;
+        let mut stream =
+            tokio::time::timeout(Duration::from_secs(5), socket.connect(addr)).await??;
+        stream.write_all(message.as_bytes()).await?;
+        stream.shutdown().await?;
+        let mut reply = String::new();
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut reply)).await??;
+        println!("reply={reply}");
+        Ok(())
+    })
 }
 
 fn hold_cluster(spec: &str) -> anyhow::Result<()> {

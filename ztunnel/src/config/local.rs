@@ -1,15 +1,23 @@
-//! The local source: a directory of Kubernetes YAML files.
+//! The local source: a directory of Kubernetes YAML files, watched for changes.
+//!
+//! A bad object is refused with an error naming the file, the object and the field,
+//! and its last good version (if any) stays in force; a file that cannot be read or
+//! parsed at all keeps all of its last good objects. Everything else updates.
 
 use std::{
+    collections::{BTreeMap, HashMap},
     fs,
+    net::Ipv4Addr,
     path::{Path, PathBuf},
-    time::SystemTime,
+    sync::Arc,
+    time::{Duration, SystemTime},
 };
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde::Deserialize;
+use tokio::sync::watch;
 
-use super::Pod;
+use super::{ConfigError, Namespace, Pod, Policy, Service, ServiceAccount, ServicePort, Snapshot};
 
 /// What the directory looked like: files with their size and modification time.
 /// Equal fingerprints mean nothing to re-read.
@@ -19,8 +27,10 @@ pub struct Fingerprint(Vec<(PathBuf, u64, Option<SystemTime>)>);
 pub fn fingerprint(dir: &Path) -> Result<Fingerprint> {
     let mut files = Vec::new();
     for path in yaml_files(dir)? {
-        let meta = fs::metadata(&path)?;
-        files.push((path, meta.len(), meta.modified().ok()));
+        // A file removed between listing and stat is simply gone.
+        if let Ok(meta) = fs::metadata(&path) {
+            files.push((path, meta.len(), meta.modified().ok()));
+        }
     }
     Ok(Fingerprint(files))
 }
@@ -41,20 +51,259 @@ pub fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// (kind, namespace, name)
+type Key = (String, String, String);
+
+#[derive(Clone, Debug, PartialEq)]
+enum Object {
+    Namespace(Namespace),
+    ServiceAccount(ServiceAccount),
+    Pod(Pod),
+    Service(Service),
+    Policy(Policy),
+}
+
+/// The Istio kinds we keep for policy.
+const POLICY_KINDS: [&str; 3] = [
+    "AuthorizationPolicy",
+    "PeerAuthentication",
+    "RequestAuthentication",
+];
+
+/// Loads a directory, remembering the last good version of every object.
+#[derive(Default)]
+pub struct LocalSource {
+    dir: PathBuf,
+    last_good: HashMap<Key, (PathBuf, Object)>,
+}
+
+impl LocalSource {
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_owned(),
+            last_good: HashMap::new(),
+        }
+    }
+
+    /// Reads the directory: the resulting snapshot, and every error found.
+    pub fn load(&mut self) -> Result<(Snapshot, Vec<ConfigError>)> {
+        let mut objects: HashMap<Key, (PathBuf, Object)> = HashMap::new();
+        let mut errors = Vec::new();
+        for path in yaml_files(&self.dir)? {
+            let text = match fs::read_to_string(&path) {
+                Ok(text) => text,
+                Err(e) => {
+                    errors.push(error(&path, None, format!("cannot read: {e}")));
+                    self.keep_file(&path, &mut objects);
+                    continue;
+                }
+            };
+            let mut documents = Vec::new();
+            for document in serde_yaml::Deserializer::from_str(&text) {
+                match serde_yaml::Value::deserialize(document) {
+                    Ok(value) => documents.push(value),
+                    Err(e) => {
+                        errors.push(error(&path, None, format!("not valid YAML: {e}")));
+                        documents.clear();
+                        self.keep_file(&path, &mut objects);
+                        break;
+                    }
+                }
+            }
+            for value in documents {
+                if value.is_null() {
+                    continue;
+                }
+                let key = match identify(&value) {
+                    Ok(Some(key)) => key,
+                    Ok(None) => continue, // a kind the mesh does not use
+                    Err(e) => {
+                        errors.push(error(&path, None, e));
+                        continue;
+                    }
+                };
+                let label = format!("{} {}/{}", key.0, key.1, key.2);
+                if let Some((other, _)) = objects.get(&key) {
+                    errors.push(error(
+                        &path,
+                        Some(label),
+                        format!("also defined in {}", other.display()),
+                    ));
+                    continue;
+                }
+                match parse(&key, value) {
+                    Ok(object) => {
+                        objects.insert(key, (path.clone(), object));
+                    }
+                    Err(e) => {
+                        errors.push(error(&path, Some(label), format!("{e:#}")));
+                        if let Some(previous) = self.last_good.get(&key) {
+                            objects.insert(key, previous.clone());
+                        }
+                    }
+                }
+            }
+        }
+        self.last_good = objects;
+        Ok((self.snapshot(), errors))
+    }
+
+    /// Keeps every last-good object of a file that could not be read.
+    fn keep_file(&self, path: &Path, objects: &mut HashMap<Key, (PathBuf, Object)>) {
+        for (key, entry) in &self.last_good {
+            if entry.0 == path {
+                objects.insert(key.clone(), entry.clone());
+            }
+        }
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        let mut snapshot = Snapshot::default();
+        for ((kind, ns, name), (_, object)) in &self.last_good {
+            match object.clone() {
+                Object::Namespace(n) => {
+                    snapshot.namespaces.insert(name.clone(), n);
+                }
+                Object::ServiceAccount(sa) => {
+                    snapshot
+                        .service_accounts
+                        .insert((ns.clone(), name.clone()), sa);
+                }
+                Object::Pod(p) => {
+                    snapshot.pods.insert((ns.clone(), name.clone()), p);
+                }
+                Object::Service(s) => {
+                    snapshot.services.insert((ns.clone(), name.clone()), s);
+                }
+                Object::Policy(p) => {
+                    snapshot
+                        .policies
+                        .insert((kind.clone(), ns.clone(), name.clone()), p);
+                }
+            }
+        }
+        snapshot
+    }
+}
+
+/// Watches the directory, publishing a new snapshot whenever a file changes.
+/// Errors are logged with their file, object and field.
+pub fn watch(dir: &Path, every: Duration) -> Result<watch::Receiver<Arc<Snapshot>>> {
+    let mut source = LocalSource::new(dir);
+    let mut seen = fingerprint(dir)?;
+    let (snapshot, errors) = source.load()?;
+    report(&errors);
+    let (tx, rx) = watch::channel(Arc::new(snapshot));
+    let dir = dir.to_owned();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            let now = match fingerprint(&dir) {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::warn!("config: {e:#}; keeping the last good state");
+                    continue;
+                }
+            };
+            if now == seen {
+                continue;
+            }
+            seen = now;
+            match source.load() {
+                Ok((snapshot, errors)) => {
+                    report(&errors);
+                    tx.send_if_modified(|current| {
+                        let changed = **current != snapshot;
+                        if changed {
+                            *current = Arc::new(snapshot);
+                        }
+                        changed
+                    });
+                    if tx.is_closed() {
+                        return;
+                    }
+                }
+                Err(e) => tracing::warn!("config: {e:#}; keeping the last good state"),
+            }
+        }
+    });
+    Ok(rx)
+}
+
+fn report(errors: &[ConfigError]) {
+    for e in errors {
+        tracing::warn!(file = %e.file.display(), object = e.object.as_deref().unwrap_or(""), "config refused: {}", e.message);
+    }
+}
+
+fn error(path: &Path, object: Option<String>, message: String) -> ConfigError {
+    ConfigError {
+        file: path.to_owned(),
+        object,
+        message,
+    }
+}
+
+/// The object's key, or None for kinds the mesh ignores.
+fn identify(value: &serde_yaml::Value) -> Result<Option<Key>, String> {
+    let kind = value
+        .get("kind")
+        .and_then(|k| k.as_str())
+        .ok_or("a document without `kind`")?;
+    let api = value
+        .get("apiVersion")
+        .and_then(|a| a.as_str())
+        .unwrap_or("");
+    let known = match kind {
+        "Namespace" | "ServiceAccount" | "Pod" | "Service" => api == "v1",
+        k if POLICY_KINDS.contains(&k) => {
+            matches!(api, "security.istio.io/v1" | "security.istio.io/v1beta1")
+        }
+        _ => false,
+    };
+    if !known {
+        return Ok(None);
+    }
+    let meta = value
+        .get("metadata")
+        .ok_or(format!("{kind} without metadata"))?;
+    let name = meta
+        .get("name")
+        .and_then(|n| n.as_str())
+        .ok_or(format!("{kind}: metadata.name is missing"))?;
+    let namespace = match kind {
+        "Namespace" => "",
+        _ => meta
+            .get("namespace")
+            .and_then(|n| n.as_str())
+            .unwrap_or("default"),
+    };
+    Ok(Some((
+        kind.to_owned(),
+        namespace.to_owned(),
+        name.to_owned(),
+    )))
+}
+
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct Meta {
-    name: String,
-    #[serde(default = "default_namespace")]
-    namespace: String,
     #[serde(default)]
-    labels: std::collections::BTreeMap<String, String>,
-}
-
-fn default_namespace() -> String {
-    "default".into()
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
 }
 
 #[derive(Deserialize)]
+struct Resource<Spec, Status = serde_yaml::Value> {
+    metadata: Meta,
+    #[serde(default = "Option::default")]
+    spec: Option<Spec>,
+    #[serde(default = "Option::default")]
+    status: Option<Status>,
+}
+
+#[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase")]
 struct PodSpec {
     #[serde(default)]
@@ -66,60 +315,204 @@ struct PodSpec {
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase")]
 struct PodStatus {
-    #[serde(default)]
+    #[serde(default, rename = "podIP")]
     pod_ip: Option<String>,
 }
 
-#[derive(Deserialize)]
-struct PodObject {
-    metadata: Meta,
-    spec: PodSpec,
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct ServiceSpec {
+    #[serde(default, rename = "clusterIP")]
+    cluster_ip: Option<String>,
     #[serde(default)]
-    status: PodStatus,
+    ports: Vec<PortSpec>,
+    #[serde(default)]
+    selector: BTreeMap<String, String>,
 }
 
-/// Every Pod in the directory's files. A document that does not parse is reported
-/// and skipped; the others still count.
-pub fn load_pods(dir: &Path) -> Result<Vec<Pod>> {
-    let mut pods = Vec::new();
-    for path in yaml_files(dir)? {
-        let text =
-            fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        for document in serde_yaml::Deserializer::from_str(&text) {
-            let value = match serde_yaml::Value::deserialize(document) {
-                Ok(v) => v,
-                Err(e) => {
-                    tracing::warn!(file = %path.display(), "skipping a YAML document: {e}");
-                    continue;
-                }
-            };
-            if value.get("kind").and_then(|k| k.as_str()) != Some("Pod") {
-                continue;
-            }
-            match pod_from(value) {
-                Ok(pod) => pods.push(pod),
-                Err(e) => tracing::warn!(file = %path.display(), "skipping a Pod: {e:#}"),
-            }
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PortSpec {
+    #[serde(default)]
+    name: Option<String>,
+    port: u16,
+    #[serde(default)]
+    target_port: Option<serde_yaml::Value>,
+}
+
+fn parse(key: &Key, value: serde_yaml::Value) -> Result<Object> {
+    let (kind, namespace, name) = key.clone();
+    Ok(match kind.as_str() {
+        "Namespace" => {
+            let r: Resource<serde_yaml::Value> = serde_yaml::from_value(value)?;
+            Object::Namespace(Namespace {
+                name,
+                labels: r.metadata.labels,
+            })
         }
-    }
-    Ok(pods)
+        "ServiceAccount" => Object::ServiceAccount(ServiceAccount { name, namespace }),
+        "Pod" => {
+            let r: Resource<PodSpec, PodStatus> = serde_yaml::from_value(value)?;
+            let spec = r.spec.unwrap_or_default();
+            let ip =
+                match r.status.and_then(|s| s.pod_ip) {
+                    Some(ip) => Some(ip.parse::<Ipv4Addr>().map_err(|_| {
+                        anyhow::anyhow!("status.podIP: {ip:?} is not an IPv4 address")
+                    })?),
+                    None => None,
+                };
+            Object::Pod(Pod {
+                name,
+                namespace,
+                labels: r.metadata.labels,
+                annotations: r.metadata.annotations,
+                service_account: spec
+                    .service_account_name
+                    .unwrap_or_else(|| "default".into()),
+                node_name: spec.node_name.unwrap_or_default(),
+                ip,
+            })
+        }
+        "Service" => {
+            let r: Resource<ServiceSpec> = serde_yaml::from_value(value)?;
+            let spec = r.spec.unwrap_or_default();
+            let cluster_ip = match spec.cluster_ip.as_deref() {
+                None | Some("None") | Some("") => None,
+                Some(ip) => Some(ip.parse::<Ipv4Addr>().map_err(|_| {
+                    anyhow::anyhow!("spec.clusterIP: {ip:?} is not an IPv4 address")
+                })?),
+            };
+            let mut ports = Vec::new();
+            for (i, p) in spec.ports.into_iter().enumerate() {
+                if p.port == 0 {
+                    bail!("spec.ports[{i}].port: 0 is not a port");
+                }
+                let target_port = match p.target_port {
+                    None => p.port,
+                    Some(serde_yaml::Value::Number(n)) => n
+                        .as_u64()
+                        .and_then(|n| u16::try_from(n).ok())
+                        .filter(|n| *n > 0)
+                        .ok_or_else(|| anyhow::anyhow!("spec.ports[{i}].targetPort: {n} is not a port"))?,
+                    Some(other) => bail!(
+                        "spec.ports[{i}].targetPort: {other:?}: named target ports are not supported"
+                    ),
+                };
+                ports.push(ServicePort {
+                    name: p.name,
+                    port: p.port,
+                    target_port,
+                });
+            }
+            Object::Service(Service {
+                name,
+                namespace,
+                cluster_ip,
+                ports,
+                selector: spec.selector,
+            })
+        }
+        _ => {
+            let api_version = value
+                .get("apiVersion")
+                .and_then(|a| a.as_str())
+                .unwrap_or_default()
+                .to_owned();
+            let spec = value
+                .get("spec")
+                .cloned()
+                .unwrap_or(serde_yaml::Value::Null);
+            Object::Policy(Policy {
+                kind,
+                api_version,
+                name,
+                namespace,
+                spec,
+            })
+        }
+    })
 }
 
-fn pod_from(value: serde_yaml::Value) -> Result<Pod> {
-    let object: PodObject = serde_yaml::from_value(value)?;
-    let ip = match object.status.pod_ip {
-        Some(ip) => Some(ip.parse().with_context(|| format!("status.podIP {ip:?}"))?),
-        None => None,
-    };
-    Ok(Pod {
-        name: object.metadata.name,
-        namespace: object.metadata.namespace,
-        labels: object.metadata.labels,
-        service_account: object
-            .spec
-            .service_account_name
-            .unwrap_or_else(|| "default".into()),
-        node_name: object.spec.node_name.unwrap_or_default(),
-        ip,
-    })
+/// Every valid Pod in the directory (for the CA's node checks).
+pub fn load_pods(dir: &Path) -> Result<Vec<Pod>> {
+    let (snapshot, errors) = LocalSource::new(dir).load()?;
+    report(&errors);
+    Ok(snapshot.pods.into_values().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir_with(files: &[(&str, &str)]) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "ztunnel-config-test-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        fs::create_dir_all(&dir).unwrap();
+        for (name, text) in files {
+            fs::write(dir.join(name), text).unwrap();
+        }
+        dir
+    }
+
+    const POD: &str = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: sleep\n  namespace: demo\n  labels: {app: sleep}\nspec:\n  serviceAccountName: sleep\n  nodeName: node-a\nstatus:\n  podIP: 10.244.0.2\n";
+
+    #[test]
+    fn parses_the_kinds_the_mesh_uses() {
+        let dir = dir_with(&[
+            ("ns.yaml", "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: demo\n  labels: {istio.io/dataplane-mode: ambient}\n"),
+            ("pod.yaml", POD),
+            ("svc.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: demo}\nspec:\n  clusterIP: 10.96.0.10\n  selector: {app: web}\n  ports:\n  - {port: 80, targetPort: 8080}\n"),
+            ("ap.yaml", "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny, namespace: demo}\nspec: {action: DENY}\n"),
+            ("other.yaml", "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x}\n"),
+        ]);
+        let (snapshot, errors) = LocalSource::new(&dir).load().unwrap();
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(
+            snapshot.namespaces["demo"].labels["istio.io/dataplane-mode"],
+            "ambient"
+        );
+        let pod = &snapshot.pods[&("demo".into(), "sleep".into())];
+        assert_eq!(pod.ip, Some(Ipv4Addr::new(10, 244, 0, 2)));
+        assert_eq!(pod.service_account, "sleep");
+        let svc = &snapshot.services[&("demo".into(), "web".into())];
+        assert_eq!(svc.ports[0].target_port, 8080);
+        assert_eq!(snapshot.policies.len(), 1);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_bad_object_is_refused_with_its_file_object_and_field_and_its_last_good_version_stays() {
+        let dir = dir_with(&[("pod.yaml", POD)]);
+        let mut source = LocalSource::new(&dir);
+        let (first, _) = source.load().unwrap();
+        fs::write(dir.join("pod.yaml"), POD.replace("10.244.0.2", "not-an-ip")).unwrap();
+        fs::write(dir.join("broken.yaml"), "kind: [unclosed\n").unwrap();
+        let (second, errors) = source.load().unwrap();
+        assert_eq!(second.pods, first.pods, "the last good pod stays");
+        let text: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+        assert!(
+            text.iter()
+                .any(|e| e.contains("pod.yaml: Pod demo/sleep: status.podIP")),
+            "{text:?}"
+        );
+        assert!(
+            text.iter()
+                .any(|e| e.contains("broken.yaml: not valid YAML")),
+            "{text:?}"
+        );
+
+        let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: demo}\nspec:\n  ports:\n  - {port: 80, targetPort: http}\n";
+        fs::write(dir.join("svc.yaml"), svc).unwrap();
+        let (_, errors) = source.load().unwrap();
+        assert!(
+            errors.iter().any(|e| e
+                .to_string()
+                .contains("Service demo/web: spec.ports[0].targetPort")),
+            "{errors:?}"
+        );
+        fs::remove_dir_all(dir).unwrap();
+    }
 }

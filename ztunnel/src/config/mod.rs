@@ -1,9 +1,32 @@
 //! Configuration sources. Each parses Kubernetes resources into the same typed
-//! objects; the rest of the tunnel never sees where they came from.
+//! objects (a [`Snapshot`]); the rest of the tunnel never sees where they came from.
 
 pub mod local;
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{collections::BTreeMap, fmt, net::Ipv4Addr, path::PathBuf};
+
+/// The namespace label that puts a namespace's pods in the mesh, and the value.
+pub const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
+pub const AMBIENT: &str = "ambient";
+/// On a pod, opts it out of an ambient namespace.
+pub const OPT_OUT: &str = "none";
+
+/// Local mode only: where the node finds a pod's network namespace and cgroup (in a
+/// cluster the container runtime tells).
+pub const NETNS_ANNOTATION: &str = "ztunnel.local/netns";
+pub const CGROUP_ANNOTATION: &str = "ztunnel.local/cgroup";
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Namespace {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceAccount {
+    pub name: String,
+    pub namespace: String,
+}
 
 /// A pod, as far as the mesh cares.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -11,10 +34,67 @@ pub struct Pod {
     pub name: String,
     pub namespace: String,
     pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
     /// `spec.serviceAccountName`, "default" when unset.
     pub service_account: String,
     /// `spec.nodeName`.
     pub node_name: String,
     /// `status.podIP`, once assigned.
     pub ip: Option<Ipv4Addr>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePort {
+    pub name: Option<String>,
+    pub port: u16,
+    /// A number; named target ports are not supported yet and are refused.
+    pub target_port: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    pub cluster_ip: Option<Ipv4Addr>,
+    pub ports: Vec<ServicePort>,
+    pub selector: BTreeMap<String, String>,
+}
+
+/// A `security.istio.io` resource, kept as parsed YAML until policy reads it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Policy {
+    pub kind: String,
+    pub api_version: String,
+    pub name: String,
+    pub namespace: String,
+    pub spec: serde_yaml::Value,
+}
+
+/// Everything a source knows at one moment.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Snapshot {
+    pub namespaces: BTreeMap<String, Namespace>,
+    pub service_accounts: BTreeMap<(String, String), ServiceAccount>,
+    pub pods: BTreeMap<(String, String), Pod>,
+    pub services: BTreeMap<(String, String), Service>,
+    pub policies: BTreeMap<(String, String, String), Policy>,
+}
+
+/// A refused object or file: where, which object, what is wrong.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// `Kind namespace/name` when known.
+    pub object: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(object) = &self.object {
+            write!(f, ": {object}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
 }

@@ -1,0 +1,258 @@
+//! Inbound: HBONE (mTLS + HTTP/2 CONNECT) and plaintext connections to an enrolled
+//! pod, delivered to the application from inside the pod.
+
+use std::{
+    convert::Infallible,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Empty;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio_rustls::TlsAcceptor;
+
+use super::{relay, Context, Record};
+use crate::{identity::Identity, state::Workload, tls};
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub async fn serve_hbone(ctx: Arc<Context>, pod: Arc<Workload>, listener: TcpListener) {
+    // The TLS config for the pod's current certificate, rebuilt when it rotates.
+    let mut current: Option<(String, TlsAcceptor)> = None;
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(pod = %pod.name, "HBONE accept failed: {e}");
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = match ctx.certs.fetch(&pod.identity).await {
+            Ok(cert) => match &current {
+                Some((serial, acceptor)) if *serial == cert.info.serial => acceptor.clone(),
+                _ => match cert.server_config() {
+                    Ok(config) => {
+                        let acceptor = TlsAcceptor::from(config);
+                        current = Some((cert.info.serial.clone(), acceptor.clone()));
+                        acceptor
+                    }
+                    Err(e) => {
+                        tracing::warn!(pod = %pod.name, "HBONE: TLS config: {e:#}");
+                        continue;
+                    }
+                },
+            },
+            Err(e) => {
+                // Fail closed: no certificate, no connection.
+                tracing::warn!(pod = %pod.name, %peer, "HBONE refused: {e:#}");
+                continue;
+            }
+        };
+        let (ctx2, pod) = (ctx.clone(), pod.clone());
+        ctx.connections.spawn(async move {
+            if let Err(e) = hbone_connection(ctx2, pod.clone(), acceptor, tcp, peer).await {
+                tracing::debug!(pod = %pod.name, %peer, "HBONE connection: {e:#}");
+            }
+        });
+    }
+}
+
+async fn hbone_connection(
+    ctx: Arc<Context>,
+    pod: Arc<Workload>,
+    acceptor: TlsAcceptor,
+    tcp: TcpStream,
+    peer: SocketAddr,
+) -> Result<()> {
+    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+        .await
+        .context("TLS handshake timed out")?
+        .context("mTLS handshake")?;
+    let peer_identity = tls::peer_identity(tls.get_ref().1.peer_certificates())?;
+    let settings = ctx.hbone.clone();
+    let service = hyper::service::service_fn(move |req| {
+        let (ctx, pod, peer_identity) = (ctx.clone(), pod.clone(), peer_identity.clone());
+        async move { Ok::<_, Infallible>(connect(ctx, pod, peer_identity, peer, req).await) }
+    });
+    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(settings.stream_window)
+        .initial_connection_window_size(settings.connection_window)
+        .max_frame_size(settings.max_frame_size)
+        .max_concurrent_streams(settings.max_streams_per_connection as u32)
+        .keep_alive_interval(settings.keepalive_interval)
+        .keep_alive_timeout(settings.keepalive_timeout)
+        .serve_connection(TokioIo::new(tls), service)
+        .await
+        .context("HTTP/2")?;
+    Ok(())
+}
+
+fn status(code: StatusCode) -> Response<Empty<Bytes>> {
+    Response::builder()
+        .status(code)
+        .body(Empty::new())
+        .expect("a valid response")
+}
+
+/// One CONNECT stream: answered 200 only once the application accepted.
+async fn connect(
+    ctx: Arc<Context>,
+    pod: Arc<Workload>,
+    peer_identity: Identity,
+    peer: SocketAddr,
+    mut req: Request<Incoming>,
+) -> Response<Empty<Bytes>> {
+    let state = ctx.snapshot();
+    // The client's workload, when its claimed address belongs to the identity it proved.
+    let source = forwarded_for(&req)
+        .and_then(|ip| state.workload_by_ip(ip))
+        .filter(|w| w.identity == peer_identity)
+        .cloned();
+    let mut record = Record {
+        started: Instant::now(),
+        reporter: "destination",
+        source_addr: source
+            .as_ref()
+            .map_or(peer, |w| SocketAddr::new(IpAddr::V4(w.ip), 0)),
+        destination_addr: peer,
+        source,
+        destination: Some(pod.clone()),
+        source_principal: Some(peer_identity.to_string()),
+        destination_service: None,
+        mtls: true,
+    };
+    if req.method() != Method::CONNECT {
+        record.refused(
+            &ctx.metrics,
+            "DENY",
+            &format!("HBONE: {} is not CONNECT", req.method()),
+        );
+        return status(StatusCode::BAD_REQUEST);
+    }
+    let target: Option<SocketAddr> = req.uri().authority().and_then(|a| a.as_str().parse().ok());
+    let Some(target) = target else {
+        record.refused(&ctx.metrics, "DENY", "HBONE: :authority is not ip:port");
+        return status(StatusCode::BAD_REQUEST);
+    };
+    record.destination_addr = target;
+    if target.ip() != IpAddr::V4(pod.ip) {
+        record.refused(
+            &ctx.metrics,
+            "DENY",
+            &format!("HBONE: {target} is not this pod"),
+        );
+        return status(StatusCode::BAD_REQUEST);
+    }
+    let app = match deliver(&pod, target).await {
+        Ok(app) => app,
+        Err(e) => {
+            record.refused(
+                &ctx.metrics,
+                "UF",
+                &format!("application unreachable: {e:#}"),
+            );
+            return status(StatusCode::SERVICE_UNAVAILABLE);
+        }
+    };
+    record.opened(&ctx.metrics);
+    let upgrade = hyper::upgrade::on(&mut req);
+    let metrics = ctx.metrics.clone();
+    ctx.connections.spawn(async move {
+        let mut app = app;
+        match upgrade.await {
+            Ok(upgraded) => match relay(&mut TokioIo::new(upgraded), &mut app).await {
+                Ok((received, sent)) => record.closed(&metrics, received, sent, None),
+                Err(e) => record.closed(&metrics, 0, 0, Some(&e.to_string())),
+            },
+            Err(e) => record.closed(&metrics, 0, 0, Some(&format!("upgrade: {e}"))),
+        }
+    });
+    status(StatusCode::OK)
+}
+
+/// The `for=` address of a `forwarded` header.
+fn forwarded_for(req: &Request<Incoming>) -> Option<std::net::Ipv4Addr> {
+    let value = req.headers().get("forwarded")?.to_str().ok()?;
+    value
+        .split([';', ','])
+        .find_map(|part| part.trim().strip_prefix("for="))
+        .and_then(|ip| ip.trim_matches('"').parse().ok())
+}
+
+/// Connects to the application from inside the pod, as the tunnel (marked, so the
+/// redirection leaves it alone), from the pod's own address.
+async fn deliver(pod: &Workload, target: SocketAddr) -> Result<TcpStream> {
+    let netns = pod
+        .netns
+        .as_ref()
+        .context("the pod's network namespace is unknown")?;
+    let socket = crate::netns::tcp_socket_in(netns).context("opening a socket in the pod")?;
+    let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(socket));
+    let stream = tokio::time::timeout(APP_CONNECT_TIMEOUT, socket.connect(target))
+        .await
+        .context("timed out")?
+        .with_context(|| format!("connecting to {target}"))?;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+pub async fn serve_plaintext(ctx: Arc<Context>, pod: Arc<Workload>, listener: TcpListener) {
+    loop {
+        let (mut stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(pod = %pod.name, "plaintext accept failed: {e}");
+                continue;
+            }
+        };
+        let (ctx2, pod) = (ctx.clone(), pod.clone());
+        ctx.connections.spawn(async move {
+            let ctx = ctx2;
+            let target = match stream.local_addr() {
+                Ok(addr) => addr,
+                Err(_) => return,
+            };
+            let state = ctx.snapshot();
+            let source = match peer.ip() {
+                IpAddr::V4(ip) => state.workload_by_ip(ip).cloned(),
+                IpAddr::V6(_) => None,
+            };
+            let record = Record {
+                started: Instant::now(),
+                reporter: "destination",
+                source_addr: peer,
+                destination_addr: target,
+                source,
+                destination: Some(pod.clone()),
+                source_principal: None,
+                destination_service: None,
+                mtls: false,
+            };
+            // PeerAuthentication decides here once policy lands; until then: deliver.
+            let mut app = match deliver(&pod, target).await {
+                Ok(app) => app,
+                Err(e) => {
+                    return record.refused(
+                        &ctx.metrics,
+                        "UF",
+                        &format!("application unreachable: {e:#}"),
+                    )
+                }
+            };
+            record.opened(&ctx.metrics);
+            match relay(&mut stream, &mut app).await {
+                Ok((received, sent)) => record.closed(&ctx.metrics, received, sent, None),
+                Err(e) => record.closed(&ctx.metrics, 0, 0, Some(&e.to_string())),
+            }
+        });
+    }
+}

@@ -1,0 +1,194 @@
+//! The proxy: per enrolled pod, the captured outbound connections (15001), inbound
+//! HBONE (15008), inbound plaintext (15006) and DNS (15053).
+
+pub mod dns;
+pub mod inbound;
+pub mod outbound;
+pub mod pool;
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    sync::watch,
+    task::JoinSet,
+};
+use tokio_util::task::TaskTracker;
+
+use crate::{
+    certs::CertManager,
+    metrics::{TcpLabels, TcpMetrics, UNKNOWN},
+    redirect::{PodListeners, Redirector},
+    state::{State, Workload},
+};
+
+/// Bytes moved per read/write when relaying: large enough for throughput, small
+/// enough for many idle connections.
+const RELAY_BUFFER: usize = 64 * 1024;
+
+/// What every connection handler shares.
+pub struct Context {
+    pub state: watch::Receiver<Arc<State>>,
+    pub certs: Arc<CertManager>,
+    pub pool: Arc<pool::Pool>,
+    pub metrics: TcpMetrics,
+    pub redirect: Arc<Mutex<Redirector>>,
+    /// Every live connection, so that shutdown can wait for them.
+    pub connections: TaskTracker,
+    pub hbone: pool::PoolSettings,
+}
+
+impl Context {
+    /// The current state: one consistent snapshot, taken once per connection.
+    pub fn snapshot(&self) -> Arc<State> {
+        self.state.borrow().clone()
+    }
+}
+
+/// Serves one enrolled pod's listeners until the returned set is dropped.
+pub fn serve_pod(
+    ctx: Arc<Context>,
+    workload: Arc<Workload>,
+    listeners: PodListeners,
+) -> std::io::Result<JoinSet<()>> {
+    let mut tasks = JoinSet::new();
+    let cookie = listeners.netns_cookie;
+    let outbound = tokio::net::TcpListener::from_std(listeners.outbound)?;
+    let hbone = tokio::net::TcpListener::from_std(listeners.hbone)?;
+    let plaintext = tokio::net::TcpListener::from_std(listeners.inbound_plaintext)?;
+    let dns = tokio::net::UdpSocket::from_std(listeners.dns)?;
+    tasks.spawn(outbound::serve(
+        ctx.clone(),
+        workload.clone(),
+        cookie,
+        outbound,
+    ));
+    tasks.spawn(inbound::serve_hbone(ctx.clone(), workload.clone(), hbone));
+    tasks.spawn(inbound::serve_plaintext(
+        ctx.clone(),
+        workload.clone(),
+        plaintext,
+    ));
+    tasks.spawn(dns::serve(workload, dns));
+    Ok(tasks)
+}
+
+/// One connection's facts, for the access log and Istio's metrics.
+pub struct Record {
+    pub started: Instant,
+    pub reporter: &'static str,
+    pub source_addr: SocketAddr,
+    pub destination_addr: SocketAddr,
+    pub source: Option<Arc<Workload>>,
+    pub destination: Option<Arc<Workload>>,
+    pub source_principal: Option<String>,
+    pub destination_service: Option<String>,
+    pub mtls: bool,
+}
+
+impl Record {
+    fn labels(&self, response_flags: &str) -> TcpLabels {
+        let name = |w: &Option<Arc<Workload>>| {
+            w.as_ref()
+                .map_or(UNKNOWN.into(), |w| w.workload_name().to_owned())
+        };
+        let ns =
+            |w: &Option<Arc<Workload>>| w.as_ref().map_or(UNKNOWN.into(), |w| w.namespace.clone());
+        let principal = |w: &Option<Arc<Workload>>| {
+            w.as_ref()
+                .map_or(UNKNOWN.into(), |w| w.identity.to_string())
+        };
+        TcpLabels {
+            reporter: self.reporter.into(),
+            source_workload: name(&self.source),
+            source_workload_namespace: ns(&self.source),
+            source_principal: self
+                .source_principal
+                .clone()
+                .unwrap_or_else(|| principal(&self.source)),
+            destination_workload: name(&self.destination),
+            destination_workload_namespace: ns(&self.destination),
+            destination_principal: if self.mtls {
+                principal(&self.destination)
+            } else {
+                UNKNOWN.into()
+            },
+            destination_service: self
+                .destination_service
+                .clone()
+                .unwrap_or_else(|| UNKNOWN.into()),
+            request_protocol: "tcp".into(),
+            response_flags: response_flags.into(),
+            connection_security_policy: if self.mtls {
+                "mutual_tls".into()
+            } else {
+                UNKNOWN.into()
+            },
+        }
+    }
+
+    /// Counts the connection as opened.
+    pub fn opened(&self, metrics: &TcpMetrics) {
+        metrics.opened.get_or_create(&self.labels("-")).inc();
+    }
+
+    /// Counts the end of a connection and writes its access-log line.
+    pub fn closed(&self, metrics: &TcpMetrics, received: u64, sent: u64, error: Option<&str>) {
+        let labels = self.labels("-");
+        metrics.closed.get_or_create(&labels).inc();
+        metrics.received.get_or_create(&labels).inc_by(received);
+        metrics.sent.get_or_create(&labels).inc_by(sent);
+        self.log(received, sent, error);
+    }
+
+    /// A connection refused before it was opened: counted and logged with why.
+    pub fn refused(&self, metrics: &TcpMetrics, flags: &str, reason: &str) {
+        let labels = self.labels(flags);
+        metrics.opened.get_or_create(&labels).inc();
+        metrics.closed.get_or_create(&labels).inc();
+        self.log(0, 0, Some(reason));
+    }
+
+    fn log(&self, received: u64, sent: u64, error: Option<&str>) {
+        let identity = |w: &Option<Arc<Workload>>| {
+            w.as_ref()
+                .map(|w| w.identity.to_string())
+                .unwrap_or_default()
+        };
+        let workload = |w: &Option<Arc<Workload>>| {
+            w.as_ref()
+                .map(|w| format!("{}/{}", w.namespace, w.name))
+                .unwrap_or_default()
+        };
+        tracing::info!(
+            target: "access",
+            reporter = self.reporter,
+            src.addr = %self.source_addr,
+            src.workload = %workload(&self.source),
+            src.identity = %self.source_principal.clone().unwrap_or_else(|| identity(&self.source)),
+            dst.addr = %self.destination_addr,
+            dst.service = self.destination_service.as_deref().unwrap_or(""),
+            dst.workload = %workload(&self.destination),
+            dst.identity = %if self.mtls { identity(&self.destination) } else { String::new() },
+            mtls = self.mtls,
+            bytes_received = received,
+            bytes_sent = sent,
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            error = error.unwrap_or(""),
+            "connection"
+        );
+    }
+}
+
+/// Relays both ways until both sides are done; returns (client→server, server→client).
+pub async fn relay<A, B>(client: &mut A, server: &mut B) -> std::io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    tokio::io::copy_bidirectional_with_sizes(client, server, RELAY_BUFFER, RELAY_BUFFER).await
+}

@@ -1,0 +1,243 @@
+//! Captured outbound connections: find the destination, then HBONE to its tunnel
+//! (in-mesh workloads) or plain TCP (everything else).
+
+use std::{
+    net::{IpAddr, SocketAddr, SocketAddrV4},
+    sync::Arc,
+    time::Instant,
+};
+
+use anyhow::{Context as _, Result};
+use http::{HeaderMap, HeaderValue};
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+
+use super::{relay, Context, Record};
+use crate::state::Workload;
+
+/// Where a captured connection goes.
+enum Route {
+    /// An in-mesh workload: HBONE to its node's tunnel.
+    Hbone {
+        workload: Arc<Workload>,
+        port: u16,
+        service: Option<String>,
+    },
+    /// Anything else: a direct connection from the node.
+    Passthrough {
+        address: SocketAddrV4,
+        workload: Option<Arc<Workload>>,
+        service: Option<String>,
+    },
+}
+
+pub async fn serve(
+    ctx: Arc<Context>,
+    source: Arc<Workload>,
+    netns_cookie: u64,
+    listener: TcpListener,
+) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(pod = %source.name, "outbound accept failed: {e}");
+                continue;
+            }
+        };
+        let (ctx2, source) = (ctx.clone(), source.clone());
+        ctx.connections.spawn(async move {
+            handle(ctx2, source, netns_cookie, stream, peer).await;
+        });
+    }
+}
+
+async fn handle(
+    ctx: Arc<Context>,
+    source: Arc<Workload>,
+    netns_cookie: u64,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+) {
+    let _ = stream.set_nodelay(true);
+    let mut record = Record {
+        started: Instant::now(),
+        reporter: "source",
+        source_addr: peer,
+        destination_addr: peer,
+        source: Some(source.clone()),
+        destination: None,
+        source_principal: None,
+        destination_service: None,
+        mtls: false,
+    };
+    // Only the pod itself can have made this connection: from loopback or from its
+    // own address. Any other source address is spoofed.
+    let SocketAddr::V4(peer_v4) = peer else {
+        return record.refused(&ctx.metrics, "DENY", "non-IPv4 source");
+    };
+    if !peer_v4.ip().is_loopback() && *peer_v4.ip() != source.ip {
+        tracing::warn!(pod = %source.name, %peer, "refused: source address is not the pod's");
+        return record.refused(&ctx.metrics, "DENY", "spoofed source address");
+    }
+    let original = ctx
+        .redirect
+        .lock()
+        .expect("not poisoned")
+        .original_dst(netns_cookie, peer_v4);
+    let Some(original) = original else {
+        return record.refused(
+            &ctx.metrics,
+            "NR",
+            "no original destination for the connection",
+        );
+    };
+    record.destination_addr = original.into();
+    let state = ctx.snapshot();
+    // The source must still be this pod, at this address.
+    if state
+        .workload_by_ip(source.ip)
+        .map(|w| w.identity != source.identity)
+        .unwrap_or(true)
+    {
+        return record.refused(
+            &ctx.metrics,
+            "DENY",
+            "the source pod is no longer in the mesh state",
+        );
+    }
+    let route = match route(&state, original) {
+        Ok(route) => route,
+        Err(e) => return record.refused(&ctx.metrics, "NR", &format!("{e:#}")),
+    };
+    let result = match route {
+        Route::Hbone {
+            workload,
+            port,
+            service,
+        } => {
+            record.destination = Some(workload.clone());
+            record.destination_service = service;
+            record.mtls = true;
+            record.opened(&ctx.metrics);
+            hbone(&ctx, &source, &workload, port, &mut stream).await
+        }
+        Route::Passthrough {
+            address,
+            workload,
+            service,
+        } => {
+            record.destination = workload;
+            record.destination_service = service;
+            record.opened(&ctx.metrics);
+            passthrough(address, &mut stream).await
+        }
+    };
+    match result {
+        Ok((received, sent)) => record.closed(&ctx.metrics, received, sent, None),
+        Err(e) => record.closed(&ctx.metrics, 0, 0, Some(&format!("{e:#}"))),
+    }
+}
+
+fn route(state: &crate::state::State, original: SocketAddrV4) -> Result<Route> {
+    let (ip, port) = (*original.ip(), original.port());
+    if let Some(service) = state.service_by_vip(ip) {
+        let name = format!("{}.{}.svc", service.name, service.namespace);
+        let target = service
+            .ports
+            .iter()
+            .find(|p| p.port == port)
+            .with_context(|| format!("service {name} has no port {port}"))?
+            .target_port;
+        anyhow::ensure!(
+            !service.endpoints.is_empty(),
+            "service {name} has no endpoints"
+        );
+        // Spread connections across the endpoints.
+        let workload = service.endpoints[fastrand::usize(..service.endpoints.len())].clone();
+        return Ok(match workload.captured {
+            true => Route::Hbone {
+                workload,
+                port: target,
+                service: Some(name),
+            },
+            false => Route::Passthrough {
+                address: SocketAddrV4::new(workload.ip, target),
+                workload: Some(workload),
+                service: Some(name),
+            },
+        });
+    }
+    Ok(match state.workload_by_ip(ip) {
+        Some(workload) if workload.captured => Route::Hbone {
+            workload: workload.clone(),
+            port,
+            service: None,
+        },
+        workload => Route::Passthrough {
+            address: original,
+            workload: workload.cloned(),
+            service: None,
+        },
+    })
+}
+
+async fn hbone(
+    ctx: &Context,
+    source: &Arc<Workload>,
+    destination: &Arc<Workload>,
+    port: u16,
+    stream: &mut TcpStream,
+) -> Result<(u64, u64)> {
+    let cert = ctx.certs.fetch(&source.identity).await?;
+    let address = SocketAddr::new(IpAddr::V4(destination.ip), crate::redirect::HBONE_PORT);
+    let authority = SocketAddr::new(IpAddr::V4(destination.ip), port);
+    let (upgraded, _guard) = ctx
+        .pool
+        .connect(
+            &cert,
+            &destination.identity,
+            address,
+            authority,
+            headers(source),
+        )
+        .await?;
+    let mut tunnel = TokioIo::new(upgraded);
+    Ok(relay(stream, &mut tunnel).await?)
+}
+
+async fn passthrough(address: SocketAddrV4, stream: &mut TcpStream) -> Result<(u64, u64)> {
+    let mut upstream = TcpStream::connect(address)
+        .await
+        .with_context(|| format!("connecting to {address}"))?;
+    let _ = upstream.set_nodelay(true);
+    Ok(relay(stream, &mut upstream).await?)
+}
+
+/// The headers Istio's ztunnel puts on a CONNECT, so the two interoperate.
+fn headers(source: &Workload) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    let baggage = format!(
+        "k8s.cluster.name=Kubernetes,k8s.namespace.name={},k8s.pod.name={},service.name={},service.version={}",
+        source.namespace,
+        source.name,
+        source.workload_name(),
+        source.labels.get("app.kubernetes.io/version").or(source.labels.get("version")).map_or("latest", String::as_str),
+    );
+    if let Ok(v) = HeaderValue::from_str(&baggage) {
+        headers.insert("baggage", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&format!("for={}", source.ip)) {
+        headers.insert("forwarded", v);
+    }
+    let traceparent = format!(
+        "00-{:032x}-{:016x}-00",
+        fastrand::u128(1..),
+        fastrand::u64(1..)
+    );
+    headers.insert(
+        "traceparent",
+        HeaderValue::from_str(&traceparent).expect("hex is a valid header"),
+    );
+    headers
+}

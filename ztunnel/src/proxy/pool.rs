@@ -1,0 +1,248 @@
+//! HBONE client connections, pooled: many CONNECT streams share one mTLS HTTP/2
+//! connection per (source identity, destination identity, destination address).
+
+use std::{
+    collections::HashMap,
+    net::{Ipv4Addr, SocketAddr},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::Empty;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use crate::{certs::WorkloadCert, identity::Identity};
+
+/// HTTP/2 and pool settings.
+#[derive(Clone, Debug)]
+pub struct PoolSettings {
+    pub max_streams_per_connection: usize,
+    pub idle_timeout: Duration,
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+    pub stream_window: u32,
+    pub connection_window: u32,
+    pub max_frame_size: u32,
+    pub connect_timeout: Duration,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        Self {
+            max_streams_per_connection: 100,
+            idle_timeout: Duration::from_secs(60),
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(20),
+            stream_window: 4 * 1024 * 1024,
+            connection_window: 16 * 1024 * 1024,
+            max_frame_size: 1024 * 1024,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct Key {
+    source: Identity,
+    destination: Identity,
+    address: SocketAddr,
+}
+
+struct Connection {
+    sender: SendRequest<Empty<Bytes>>,
+    streams: Arc<AtomicUsize>,
+    last_used: Mutex<Instant>,
+}
+
+/// A stream in use; dropping it frees its slot on the connection.
+pub struct StreamGuard(Arc<AtomicUsize>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[derive(Default)]
+pub struct Pool {
+    settings: PoolSettings,
+    connections: Mutex<HashMap<Key, Vec<Arc<Connection>>>>,
+}
+
+impl Pool {
+    pub fn new(settings: PoolSettings) -> Arc<Self> {
+        let pool = Arc::new(Self {
+            settings,
+            connections: Mutex::new(HashMap::new()),
+        });
+        let weak = Arc::downgrade(&pool);
+        tokio::spawn(async move {
+            loop {
+                let Some(pool) = weak.upgrade() else { return };
+                let every = pool.settings.idle_timeout / 4;
+                pool.evict_idle();
+                drop(pool);
+                tokio::time::sleep(every).await;
+            }
+        });
+        pool
+    }
+
+    /// Opens a CONNECT stream to `authority` through `address` (the destination's
+    /// HBONE port), as `source`, requiring the server to be `destination`.
+    pub async fn connect(
+        &self,
+        source: &Arc<WorkloadCert>,
+        destination: &Identity,
+        address: SocketAddr,
+        authority: SocketAddr,
+        headers: http::HeaderMap,
+    ) -> Result<(hyper::upgrade::Upgraded, StreamGuard)> {
+        let key = Key {
+            source: source.identity.clone(),
+            destination: destination.clone(),
+            address,
+        };
+        let (mut sender, guard) = match self.take_slot(&key) {
+            Some(slot) => slot,
+            None => {
+                let connection = Arc::new(self.open(source, destination, address).await?);
+                connection.streams.fetch_add(1, Ordering::AcqRel);
+                let slot = (
+                    connection.sender.clone(),
+                    StreamGuard(connection.streams.clone()),
+                );
+                self.connections
+                    .lock()
+                    .expect("not poisoned")
+                    .entry(key)
+                    .or_default()
+                    .push(connection);
+                slot
+            }
+        };
+        let mut request = Request::builder()
+            .method(Method::CONNECT)
+            .uri(authority.to_string())
+            .body(Empty::new())
+            .context("building the CONNECT request")?;
+        *request.headers_mut() = headers;
+        let response = sender
+            .send_request(request)
+            .await
+            .context("HBONE CONNECT")?;
+        if response.status() != StatusCode::OK {
+            bail!(
+                "HBONE CONNECT to {authority} via {address}: {}",
+                response.status()
+            );
+        }
+        let upgraded = hyper::upgrade::on(response)
+            .await
+            .context("HBONE stream upgrade")?;
+        Ok((upgraded, guard))
+    }
+
+    /// A free stream slot on a live pooled connection.
+    fn take_slot(&self, key: &Key) -> Option<(SendRequest<Empty<Bytes>>, StreamGuard)> {
+        let mut connections = self.connections.lock().expect("not poisoned");
+        let list = connections.get_mut(key)?;
+        // A broken connection is never handed out again.
+        list.retain(|c| !c.sender.is_closed());
+        for connection in list.iter() {
+            let streams = connection.streams.load(Ordering::Acquire);
+            if streams < self.settings.max_streams_per_connection && connection.sender.is_ready() {
+                connection.streams.fetch_add(1, Ordering::AcqRel);
+                *connection.last_used.lock().expect("not poisoned") = Instant::now();
+                return Some((
+                    connection.sender.clone(),
+                    StreamGuard(connection.streams.clone()),
+                ));
+            }
+        }
+        None
+    }
+
+    async fn open(
+        &self,
+        source: &Arc<WorkloadCert>,
+        destination: &Identity,
+        address: SocketAddr,
+    ) -> Result<Connection> {
+        let s = &self.settings;
+        let tcp = tokio::time::timeout(s.connect_timeout, TcpStream::connect(address))
+            .await
+            .with_context(|| format!("connecting to {address} timed out"))?
+            .with_context(|| format!("connecting to {address}"))?;
+        tcp.set_nodelay(true)?;
+        let connector = TlsConnector::from(source.client_config(destination.clone())?);
+        let name = ServerName::IpAddress(address.ip().into());
+        let tls = tokio::time::timeout(s.connect_timeout, connector.connect(name, tcp))
+            .await
+            .with_context(|| format!("TLS handshake with {address} timed out"))?
+            .with_context(|| format!("mTLS handshake with {address} (expecting {destination})"))?;
+        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(s.stream_window)
+            .initial_connection_window_size(s.connection_window)
+            .max_frame_size(s.max_frame_size)
+            .keep_alive_interval(s.keepalive_interval)
+            .keep_alive_timeout(s.keepalive_timeout)
+            .keep_alive_while_idle(true)
+            .handshake(TokioIo::new(tls))
+            .await
+            .context("HTTP/2 handshake")?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(%address, "HBONE connection ended: {e}");
+            }
+        });
+        Ok(Connection {
+            sender,
+            streams: Arc::new(AtomicUsize::new(0)),
+            last_used: Mutex::new(Instant::now()),
+        })
+    }
+
+    /// Closes every pooled connection to `ip` at once (the workload left; its IP
+    /// may be reused by another).
+    pub fn evict_address(&self, ip: Ipv4Addr) {
+        self.connections
+            .lock()
+            .expect("not poisoned")
+            .retain(|key, _| key.address.ip() != ip);
+    }
+
+    fn evict_idle(&self) {
+        let idle = self.settings.idle_timeout;
+        let mut connections = self.connections.lock().expect("not poisoned");
+        for list in connections.values_mut() {
+            list.retain(|c| {
+                !c.sender.is_closed()
+                    && (c.streams.load(Ordering::Acquire) > 0
+                        || c.last_used.lock().expect("not poisoned").elapsed() < idle)
+            });
+        }
+        connections.retain(|_, list| !list.is_empty());
+    }
+
+    /// Live pooled connections (for tests and /config_dump).
+    pub fn connection_count(&self) -> usize {
+        self.connections
+            .lock()
+            .expect("not poisoned")
+            .values()
+            .map(Vec::len)
+            .sum()
+    }
+}

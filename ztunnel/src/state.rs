@@ -1,0 +1,243 @@
+//! The mesh as the tunnel sees it, built from a config snapshot: workloads by IP
+//! and by name, services by VIP with their endpoints. Immutable: the proxy takes one
+//! `Arc<State>` per connection and never holds a lock while it works.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::Ipv4Addr,
+    path::PathBuf,
+    sync::Arc,
+};
+
+use crate::{
+    config::{self, Snapshot},
+    identity::Identity,
+};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Workload {
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub node: String,
+    pub ip: Ipv4Addr,
+    pub labels: BTreeMap<String, String>,
+    pub identity: Identity,
+    /// In an ambient namespace and not opted out: its node's tunnel carries its
+    /// traffic, and it is reached over HBONE.
+    pub captured: bool,
+    /// Local mode: where its node finds its network namespace and cgroup.
+    pub netns: Option<PathBuf>,
+    pub cgroup: Option<PathBuf>,
+}
+
+impl Workload {
+    /// The canonical workload name, as Istio derives it for telemetry.
+    pub fn workload_name(&self) -> &str {
+        [
+            "service.istio.io/canonical-name",
+            "app.kubernetes.io/name",
+            "app",
+        ]
+        .iter()
+        .find_map(|l| self.labels.get(*l))
+        .map(String::as_str)
+        .unwrap_or(&self.name)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    pub vip: Ipv4Addr,
+    pub ports: Vec<config::ServicePort>,
+    /// Pods selected by the service that have an IP.
+    pub endpoints: Vec<Arc<Workload>>,
+}
+
+#[derive(Debug, Default)]
+pub struct State {
+    pub node: String,
+    pub snapshot: Arc<Snapshot>,
+    by_ip: HashMap<Ipv4Addr, Arc<Workload>>,
+    by_name: HashMap<(String, String), Arc<Workload>>,
+    services: HashMap<Ipv4Addr, Arc<Service>>,
+}
+
+impl State {
+    pub fn build(snapshot: Arc<Snapshot>, node: &str, trust_domain: &str) -> Self {
+        let mut state = State {
+            node: node.to_owned(),
+            ..Default::default()
+        };
+        for pod in snapshot.pods.values() {
+            let Some(ip) = pod.ip else { continue };
+            let ambient_ns = snapshot
+                .namespaces
+                .get(&pod.namespace)
+                .and_then(|n| n.labels.get(config::DATAPLANE_MODE))
+                .is_some_and(|m| m == config::AMBIENT);
+            let opted_out = pod
+                .labels
+                .get(config::DATAPLANE_MODE)
+                .is_some_and(|m| m == config::OPT_OUT);
+            let Ok(identity) = Identity::new(trust_domain, &pod.namespace, &pod.service_account)
+            else {
+                tracing::warn!(pod = %pod.name, namespace = %pod.namespace, "no valid identity for the pod; left out of the mesh");
+                continue;
+            };
+            let workload = Arc::new(Workload {
+                name: pod.name.clone(),
+                namespace: pod.namespace.clone(),
+                service_account: pod.service_account.clone(),
+                node: pod.node_name.clone(),
+                ip,
+                labels: pod.labels.clone(),
+                identity,
+                captured: ambient_ns && !opted_out,
+                netns: pod
+                    .annotations
+                    .get(config::NETNS_ANNOTATION)
+                    .map(PathBuf::from),
+                cgroup: pod
+                    .annotations
+                    .get(config::CGROUP_ANNOTATION)
+                    .map(PathBuf::from),
+            });
+            state.by_ip.insert(ip, workload.clone());
+            state
+                .by_name
+                .insert((pod.namespace.clone(), pod.name.clone()), workload);
+        }
+        for svc in snapshot.services.values() {
+            let Some(vip) = svc.cluster_ip else { continue };
+            let mut endpoints: Vec<Arc<Workload>> = if svc.selector.is_empty() {
+                Vec::new()
+            } else {
+                state
+                    .by_name
+                    .values()
+                    .filter(|w| w.namespace == svc.namespace)
+                    .filter(|w| svc.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+                    .cloned()
+                    .collect()
+            };
+            endpoints.sort_by_key(|w| w.ip);
+            state.services.insert(
+                vip,
+                Arc::new(Service {
+                    name: svc.name.clone(),
+                    namespace: svc.namespace.clone(),
+                    vip,
+                    ports: svc.ports.clone(),
+                    endpoints,
+                }),
+            );
+        }
+        state.snapshot = snapshot;
+        state
+    }
+
+    pub fn workload_by_ip(&self, ip: Ipv4Addr) -> Option<&Arc<Workload>> {
+        self.by_ip.get(&ip)
+    }
+
+    pub fn workload_by_name(&self, namespace: &str, name: &str) -> Option<&Arc<Workload>> {
+        self.by_name.get(&(namespace.to_owned(), name.to_owned()))
+    }
+
+    pub fn service_by_vip(&self, ip: Ipv4Addr) -> Option<&Arc<Service>> {
+        self.services.get(&ip)
+    }
+
+    pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
+        self.by_ip.values()
+    }
+
+    pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
+        self.services.values()
+    }
+
+    /// The captured workloads this node's tunnel serves.
+    pub fn local_workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
+        self.by_ip
+            .values()
+            .filter(move |w| w.captured && w.node == self.node)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Namespace, Pod, Service as SvcConfig, ServicePort};
+
+    fn pod(ns: &str, name: &str, node: &str, ip: [u8; 4], labels: &[(&str, &str)]) -> Pod {
+        Pod {
+            name: name.into(),
+            namespace: ns.into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            annotations: BTreeMap::new(),
+            service_account: "default".into(),
+            node_name: node.into(),
+            ip: Some(ip.into()),
+        }
+    }
+
+    #[test]
+    fn ambient_namespaces_capture_their_pods_unless_opted_out() {
+        let mut snapshot = Snapshot::default();
+        snapshot.namespaces.insert(
+            "mesh".into(),
+            Namespace {
+                name: "mesh".into(),
+                labels: [(config::DATAPLANE_MODE.to_string(), "ambient".to_string())].into(),
+            },
+        );
+        for p in [
+            pod("mesh", "a", "n1", [10, 0, 0, 1], &[("app", "web")]),
+            pod("mesh", "b", "n2", [10, 0, 0, 2], &[("app", "web")]),
+            pod(
+                "mesh",
+                "c",
+                "n1",
+                [10, 0, 0, 3],
+                &[(config::DATAPLANE_MODE, "none")],
+            ),
+            pod("plain", "d", "n1", [10, 0, 0, 4], &[("app", "web")]),
+        ] {
+            snapshot
+                .pods
+                .insert((p.namespace.clone(), p.name.clone()), p);
+        }
+        snapshot.services.insert(
+            ("mesh".into(), "web".into()),
+            SvcConfig {
+                name: "web".into(),
+                namespace: "mesh".into(),
+                cluster_ip: Some([10, 96, 0, 1].into()),
+                ports: vec![ServicePort {
+                    name: None,
+                    port: 80,
+                    target_port: 8080,
+                }],
+                selector: [("app".to_string(), "web".to_string())].into(),
+            },
+        );
+        let state = State::build(Arc::new(snapshot), "n1", "cluster.local");
+        let local: Vec<&str> = state.local_workloads().map(|w| w.name.as_str()).collect();
+        assert_eq!(local, vec!["a"]);
+        assert!(!state.workload_by_ip([10, 0, 0, 3].into()).unwrap().captured);
+        assert!(!state.workload_by_ip([10, 0, 0, 4].into()).unwrap().captured);
+        let svc = state.service_by_vip([10, 96, 0, 1].into()).unwrap();
+        let names: Vec<&str> = svc.endpoints.iter().map(|w| w.name.as_str()).collect();
+        assert_eq!(names, vec!["a", "b"], "same namespace only");
+        assert_eq!(
+            state.workload_by_name("mesh", "a").unwrap().workload_name(),
+            "web"
+        );
+    }
+}

@@ -49,8 +49,9 @@ impl EchoServer {
                         tokio::spawn(async move {
                             let mut message = Vec::new();
                             if stream.read_to_end(&mut message).await.is_ok() {
-                                let reply = format!("{name}:{}", String::from_utf8_lossy(&message));
-                                let _ = stream.write_all(reply.as_bytes()).await;
+                                let mut reply = format!("{name}:").into_bytes();
+                                reply.extend_from_slice(&message);
+                                let _ = stream.write_all(&reply).await;
                             }
                         });
                     }

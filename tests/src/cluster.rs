@@ -355,6 +355,11 @@ impl Cluster {
         Ok(())
     }
 
+    /// The namespace holding the bridge between the nodes (for captures).
+    pub fn fabric_netns(&self) -> PathBuf {
+        netns_path(&self.fabric)
+    }
+
     /// The per-cluster prefix of every name it made.
     pub fn prefix(&self) -> &str {
         &self.prefix

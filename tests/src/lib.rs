@@ -12,6 +12,7 @@
 //! Needs root, iproute2 and cgroup v2; see [`host`].
 
 pub mod app;
+pub mod capture;
 pub mod cluster;
 pub mod host;
 #[cfg(feature = "mesh")]

@@ -405,7 +405,11 @@ impl Mesh {
             .arg(node.bpffs.join("ztunnel"))
             .arg("--pod-cgroup-root")
             .arg(&node.pod_cgroup_root)
-            .env("RUST_LOG", "info")
+            // ZTB_LOG overrides the tunnels' log filter when debugging a test.
+            .env(
+                "RUST_LOG",
+                std::env::var("ZTB_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(std::process::Stdio::null())
             .stderr(log);
         let mut child = cmd.spawn().context("starting ztunnel run")?;
@@ -539,6 +543,14 @@ impl Mesh {
 
 impl Drop for Mesh {
     fn drop(&mut self) {
+        if let Ok(dir) = std::env::var("ZTB_KEEP_LOGS") {
+            for node in self.tunnels.keys() {
+                let _ = fs::copy(
+                    self.log_file(node),
+                    Path::new(&dir).join(format!("{node}.log")),
+                );
+            }
+        }
         for (_, mut child) in std::mem::take(&mut self.tunnels) {
             let _ = child.kill();
             let _ = child.wait();

@@ -85,3 +85,239 @@ async fn pods_talk_across_nodes_through_the_mesh_with_their_identities() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pods_on_the_same_node_talk_through_the_mesh() {
+    let mesh = mesh().await;
+    let local = mesh.cluster.pod("local-server");
+    let echo = EchoServer::start(local, 8080).unwrap();
+    let out = probe(
+        &mesh,
+        "client",
+        &["connect", &addr(&mesh, "local-server", 8080), "near"],
+    );
+    assert!(out.contains("reply=local-server:near"), "{out}");
+    assert_eq!(
+        echo.stop().unwrap()[0].ip(),
+        local.ip,
+        "delivered by the tunnel"
+    );
+    eventually(Duration::from_secs(5), "HBONE on the same node", || async {
+        mesh.metrics("node-a").await.lines().any(|l| {
+            l.starts_with("istio_tcp_connections_opened_total{")
+                && l.contains("reporter=\"destination\"")
+                && l.contains("destination_workload=\"server\"")
+                && l.contains("connection_security_policy=\"mutual_tls\"")
+        })
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn large_transfers_and_half_close_deliver_every_byte_both_ways() {
+    let mesh = mesh().await;
+    let _echo = EchoServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    let out = probe(
+        &mesh,
+        "client",
+        &["bulk", &addr(&mesh, "server", 8080), "8000000"],
+    );
+    assert!(out.contains("ok sent=8000000 received=8000000"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn many_concurrent_streams_share_one_pooled_connection() {
+    let mesh = mesh().await;
+    let echo = EchoServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    let out = probe(
+        &mesh,
+        "client",
+        &["parallel", &addr(&mesh, "server", 8080), "50", "m"],
+    );
+    assert!(out.contains("ok=50"), "{out}");
+    assert_eq!(echo.stop().unwrap().len(), 50);
+    let dump = mesh.config_dump("node-a").await;
+    assert_eq!(dump["pooled_connections"], 1, "{dump}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn between_nodes_the_traffic_is_tls_on_15008_never_the_payload() {
+    let mesh = mesh().await;
+    let _echo = EchoServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    let capture = testbed::capture::Capture::start(&mesh.cluster.fabric_netns()).unwrap();
+    let marker = "PLAINTEXT-MARKER-7f3a9c";
+    let out = probe(
+        &mesh,
+        "client",
+        &["connect", &addr(&mesh, "server", 8080), marker],
+    );
+    assert!(out.contains(&format!("reply=server:{marker}")), "{out}");
+    let packets = capture.stop();
+    let hbone = packets
+        .iter()
+        .filter(|p| p.tcp_ports().is_some_and(|(s, d)| s == 15008 || d == 15008))
+        .count();
+    assert!(
+        hbone > 0,
+        "no packet to or from port 15008 crossed the fabric ({} packets)",
+        packets.len()
+    );
+    assert!(
+        packets.iter().all(|p| p
+            .tcp_ports()
+            .is_none_or(|(s, d)| s == 15008 || d == 15008 || s == 15012 || d == 15012)),
+        "TCP other than HBONE (and the CA) crossed the fabric"
+    );
+    let bytes: Vec<u8> = packets.iter().flat_map(|p| p.data.clone()).collect();
+    assert!(
+        !bytes.windows(marker.len()).any(|w| w == marker.as_bytes()),
+        "the payload crossed the fabric in the clear"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_service_vip_reaches_all_its_endpoints() {
+    let mesh = mesh().await;
+    mesh.write_config(
+        "svc.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: server, namespace: demo}\nspec:\n  clusterIP: 10.96.0.50\n  selector: {app: server}\n  ports:\n  - {port: 80, targetPort: 8080}\n",
+    )
+    .unwrap();
+    eventually(
+        Duration::from_secs(5),
+        "the service in node-a's state",
+        || async {
+            mesh.config_dump("node-a").await["services"]
+                .as_array()
+                .is_some_and(|s| !s.is_empty())
+        },
+    )
+    .await;
+    let echoes: Vec<_> = ["server", "server-2", "local-server"]
+        .iter()
+        .map(|p| EchoServer::start(mesh.cluster.pod(p), 8080).unwrap())
+        .collect();
+    for i in 0..30 {
+        let out = probe(
+            &mesh,
+            "client",
+            &["connect", "10.96.0.50:80", &format!("r{i}")],
+        );
+        assert!(
+            out.contains(&format!("server:r{i}")) || out.contains(&format!("server-2:r{i}")),
+            "{out}"
+        );
+    }
+    for echo in echoes {
+        assert!(
+            !echo.stop().unwrap().is_empty(),
+            "an endpoint got no connection"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_spoofed_source_address_is_refused() {
+    let mesh = mesh().await;
+    let echo = EchoServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    let client = mesh.cluster.pod("client");
+    let out = client
+        .run("ip", ["addr", "add", "10.244.0.200/32", "dev", "eth0"])
+        .unwrap();
+    assert!(out.status.success());
+    let out = probe(
+        &mesh,
+        "client",
+        &[
+            "connect-from",
+            "10.244.0.200",
+            &addr(&mesh, "server", 8080),
+            "spoof",
+        ],
+    );
+    assert!(!out.contains("server:spoof"), "{out}");
+    assert!(
+        echo.stop().unwrap().is_empty(),
+        "the spoofed connection reached the server"
+    );
+    eventually(Duration::from_secs(5), "the refusal counted", || async {
+        mesh.metrics("node-a").await.lines().any(|l| {
+            l.starts_with("istio_tcp_connections_closed_total{")
+                && l.contains("response_flags=\"DENY\"")
+        })
+    })
+    .await;
+    assert!(
+        mesh.log("node-a").contains("spoofed source address"),
+        "{}",
+        mesh.log("node-a")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_config_edit_is_picked_up_without_restart_and_broken_yaml_is_ignored() {
+    let mesh = mesh().await;
+    let plain = mesh.cluster.pod("plain");
+    let echo = EchoServer::start(plain, 8080).unwrap();
+    // "plain" is out of the mesh: the client's tunnel passes the connection through.
+    let out = probe(
+        &mesh,
+        "client",
+        &["connect", &addr(&mesh, "plain", 8080), "a"],
+    );
+    assert!(out.contains("reply=plain:a"), "{out}");
+
+    mesh.write_config("broken.yaml", "kind: [unclosed\n")
+        .unwrap();
+    mesh.write_config(
+        "ns-plain.yaml",
+        &testbed::mesh::namespace_yaml("plain", true),
+    )
+    .unwrap();
+    mesh.wait_enrolled("node-b", "plain", true).await.unwrap();
+    // ... and the client's node sees it in the mesh too.
+    eventually(
+        Duration::from_secs(5),
+        "node-a sees plain captured",
+        || async {
+            let dump = mesh.config_dump("node-a").await;
+            dump["workloads"].as_array().is_some_and(|ws| {
+                ws.iter()
+                    .any(|w| w["name"] == "plain" && w["captured"] == true)
+            })
+        },
+    )
+    .await;
+    let out = probe(
+        &mesh,
+        "client",
+        &["connect", &addr(&mesh, "plain", 8080), "b"],
+    );
+    assert!(out.contains("reply=plain:b"), "{out}");
+    let peers = echo.stop().unwrap();
+    assert_eq!(
+        peers[0].ip(),
+        mesh.cluster.node("node-a").ip,
+        "passthrough comes from the node"
+    );
+    assert_eq!(
+        peers[1].ip(),
+        plain.ip,
+        "through the mesh it is delivered inside the pod"
+    );
+    for node in ["node-a", "node-b"] {
+        eventually(Duration::from_secs(5), "broken.yaml reported", || async {
+            let log = mesh.log(node);
+            log.contains("broken.yaml") && log.contains("not valid YAML")
+        })
+        .await;
+    }
+
+    // Taking the label away un-enrolls the pod.
+    mesh.write_config(
+        "ns-plain.yaml",
+        &testbed::mesh::namespace_yaml("plain", false),
+    )
+    .unwrap();
+    mesh.wait_enrolled("node-b", "plain", false).await.unwrap();
+}

@@ -77,6 +77,7 @@ impl Drop for StreamGuard {
 pub struct Pool {
     settings: PoolSettings,
     connections: Mutex<HashMap<Key, Vec<Arc<Connection>>>>,
+    dialing: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Pool {
@@ -84,6 +85,7 @@ impl Pool {
         let pool = Arc::new(Self {
             settings,
             connections: Mutex::new(HashMap::new()),
+            dialing: Mutex::new(HashMap::new()),
         });
         let weak = Arc::downgrade(&pool);
         tokio::spawn(async move {
@@ -116,19 +118,28 @@ impl Pool {
         let (mut sender, guard) = match self.take_slot(&key) {
             Some(slot) => slot,
             None => {
-                let connection = Arc::new(self.open(source, destination, address).await?);
-                connection.streams.fetch_add(1, Ordering::AcqRel);
-                let slot = (
-                    connection.sender.clone(),
-                    StreamGuard(connection.streams.clone()),
-                );
-                self.connections
-                    .lock()
-                    .expect("not poisoned")
-                    .entry(key)
-                    .or_default()
-                    .push(connection);
-                slot
+                // One dial per key at a time, the lock held until the new connection
+                // is in the pool: streams that start together share it.
+                let dialing = self.dial_lock(&key);
+                let _dialing = dialing.lock().await;
+                match self.take_slot(&key) {
+                    Some(slot) => slot,
+                    None => {
+                        let connection = Arc::new(self.open(source, destination, address).await?);
+                        connection.streams.fetch_add(1, Ordering::AcqRel);
+                        let slot = (
+                            connection.sender.clone(),
+                            StreamGuard(connection.streams.clone()),
+                        );
+                        self.connections
+                            .lock()
+                            .expect("not poisoned")
+                            .entry(key)
+                            .or_default()
+                            .push(connection);
+                        slot
+                    }
+                }
             }
         };
         let mut request = Request::builder()
@@ -153,6 +164,15 @@ impl Pool {
         Ok((upgraded, guard))
     }
 
+    fn dial_lock(&self, key: &Key) -> Arc<tokio::sync::Mutex<()>> {
+        self.dialing
+            .lock()
+            .expect("not poisoned")
+            .entry(key.clone())
+            .or_default()
+            .clone()
+    }
+
     /// A free stream slot on a live pooled connection.
     fn take_slot(&self, key: &Key) -> Option<(SendRequest<Empty<Bytes>>, StreamGuard)> {
         let mut connections = self.connections.lock().expect("not poisoned");
@@ -161,7 +181,7 @@ impl Pool {
         list.retain(|c| !c.sender.is_closed());
         for connection in list.iter() {
             let streams = connection.streams.load(Ordering::Acquire);
-            if streams < self.settings.max_streams_per_connection && connection.sender.is_ready() {
+            if streams < self.settings.max_streams_per_connection {
                 connection.streams.fetch_add(1, Ordering::AcqRel);
                 *connection.last_used.lock().expect("not poisoned") = Instant::now();
                 return Some((
@@ -234,6 +254,12 @@ impl Pool {
             });
         }
         connections.retain(|_, list| !list.is_empty());
+        drop(connections);
+        // Dial locks nobody holds or waits on.
+        self.dialing
+            .lock()
+            .expect("not poisoned")
+            .retain(|_, lock| Arc::strong_count(lock) > 1);
     }
 
     /// Live pooled connections (for tests and /config_dump).

@@ -21,6 +21,9 @@ fn main() -> anyhow::Result<()> {
     let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").context("no manifest dir")?);
     let ebpf_dir = manifest_dir.join("../ztunnel-ebpf");
     let ebpf_dir = ebpf_dir.to_str().context("non-UTF-8 path")?;
+    // aya-build relays the nested cargo's stderr as build warnings: keep it to
+    // real diagnostics, not a line per compiled crate.
+    env::set_var("CARGO_TERM_QUIET", "true");
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "ztunnel-ebpf",

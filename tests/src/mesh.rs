@@ -238,6 +238,41 @@ impl LocalCa {
         })
     }
 
+    /// A certificate for `identity`, signed with this CA's key, with any validity:
+    /// one the CA itself would never issue (impostors, expired peers).
+    pub fn forge(
+        &self,
+        identity: &str,
+        not_before: time::OffsetDateTime,
+        not_after: time::OffsetDateTime,
+    ) -> Result<ztunnel::certs::WorkloadCert> {
+        use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, Issuer, KeyPair, SanType};
+        let cacerts = self.dir.path().join("cacerts");
+        let ca_key = KeyPair::from_pem(&fs::read_to_string(cacerts.join("ca-key.pem"))?)?;
+        let issuer =
+            Issuer::from_ca_cert_pem(&fs::read_to_string(cacerts.join("ca-cert.pem"))?, ca_key)?;
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::URI(identity.try_into()?)];
+        params.not_before = not_before;
+        params.not_after = not_after;
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = params.signed_by(&key, &issuer)?;
+        let roots = ztunnel::tls::parse_certs(&self.root_pem())?;
+        let key_der = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        let chain = vec![cert.der().clone()];
+        Ok(ztunnel::certs::WorkloadCert {
+            identity: identity.parse()?,
+            key: ztunnel::tls::certified_key(chain.clone(), &key_der)?,
+            chain,
+            bundle: ztunnel::tls::TrustBundle::new(roots, &self.trust_domain, &[])?,
+            info: ztunnel::certs::cert_info(cert.der())?,
+        })
+    }
+
     /// The CA's metrics in Prometheus text form.
     pub fn metrics(&self) -> String {
         let mut text = String::new();
@@ -275,6 +310,9 @@ pub struct WorkloadSpec {
     pub namespace: String,
     pub service_account: String,
     pub labels: Vec<(String, String)>,
+    /// Declares the pod on another node than the one it runs on (no tunnel then
+    /// serves it: for impostor tests).
+    pub node: Option<String>,
 }
 
 impl WorkloadSpec {
@@ -284,7 +322,13 @@ impl WorkloadSpec {
             namespace: namespace.into(),
             service_account: service_account.into(),
             labels: vec![("app".into(), pod.into())],
+            node: None,
         }
+    }
+
+    pub fn declared_on(mut self, node: &str) -> Self {
+        self.node = Some(node.into());
+        self
     }
 
     pub fn label(mut self, key: &str, value: &str) -> Self {
@@ -584,7 +628,7 @@ fn workloads_yaml(cluster: &crate::Cluster, workloads: &[WorkloadSpec]) -> Resul
             pod.netns_path().display(),
             pod.cgroup.display(),
             w.service_account,
-            pod.node,
+            w.node.as_deref().unwrap_or(&pod.node),
             pod.ip
         ));
     }

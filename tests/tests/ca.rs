@@ -19,7 +19,7 @@ use ztunnel::{
     ca::client::CaError,
     certs::{CertManager, CertManagerConfig, WorkloadCert},
     identity::Identity,
-    tls::{self, TrustBundle},
+    tls,
 };
 
 const TD: &str = "cluster.local";
@@ -289,44 +289,6 @@ async fn workloads_handshake_with_their_identities() {
     assert!(err.contains("peer is spiffe://cluster.local/ns/demo/sa/web, expected spiffe://cluster.local/ns/demo/sa/sleep"), "{err}");
 }
 
-/// A leaf for `identity` signed with the CA's own key, with any validity: for
-/// certificates the CA would never issue.
-fn forge(
-    ca_dir: &std::path::Path,
-    identity: &str,
-    not_before: time::OffsetDateTime,
-    not_after: time::OffsetDateTime,
-) -> WorkloadCert {
-    let ca_key =
-        KeyPair::from_pem(&std::fs::read_to_string(ca_dir.join("ca-key.pem")).unwrap()).unwrap();
-    let issuer = Issuer::from_ca_cert_pem(
-        &std::fs::read_to_string(ca_dir.join("ca-cert.pem")).unwrap(),
-        ca_key,
-    )
-    .unwrap();
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::default();
-    params.subject_alt_names = vec![uri(identity)];
-    params.not_before = not_before;
-    params.not_after = not_after;
-    params.extended_key_usages = vec![
-        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    let cert = params.signed_by(&key, &issuer).unwrap();
-    let root =
-        tls::parse_certs(&std::fs::read_to_string(ca_dir.join("root-cert.pem")).unwrap()).unwrap();
-    let key_der = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
-    let chain = vec![cert.der().clone()];
-    WorkloadCert {
-        identity: identity.parse().unwrap(),
-        key: tls::certified_key(chain.clone(), &key_der).unwrap(),
-        chain,
-        bundle: TrustBundle::new(root, TD, &[]).unwrap(),
-        info: ztunnel::certs::cert_info(cert.der()).unwrap(),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn peers_with_bad_certificates_are_refused() {
     let ca = ca().await;
@@ -334,7 +296,6 @@ async fn peers_with_bad_certificates_are_refused() {
     let (sleep, web) = (id("demo", "sleep"), id("demo", "web"));
     let sleep_cert = certs.fetch(&sleep).await.unwrap();
     let now = time::OffsetDateTime::now_utc();
-    let cacerts = ca.dir.path().join("cacerts");
 
     // From a root we do not trust: another CA for the same trust domain.
     let stranger_ca = LocalCa::start(
@@ -360,12 +321,13 @@ async fn peers_with_bad_certificates_are_refused() {
     assert!(handshake(&web_cert, &stranger, web.clone()).await.is_err());
 
     // Expired.
-    let expired = forge(
-        &cacerts,
-        &web.to_string(),
-        now - time::Duration::hours(2),
-        now - time::Duration::hours(1),
-    );
+    let expired = ca
+        .forge(
+            &web.to_string(),
+            now - time::Duration::hours(2),
+            now - time::Duration::hours(1),
+        )
+        .unwrap();
     let err = handshake(&expired, &sleep_cert, web.clone())
         .await
         .unwrap_err();
@@ -381,12 +343,13 @@ async fn peers_with_bad_certificates_are_refused() {
     );
 
     // A trust domain that is neither ours nor an alias.
-    let old = forge(
-        &cacerts,
-        "spiffe://old.local/ns/demo/sa/web",
-        now - time::Duration::minutes(1),
-        now + time::Duration::hours(1),
-    );
+    let old = ca
+        .forge(
+            "spiffe://old.local/ns/demo/sa/web",
+            now - time::Duration::minutes(1),
+            now + time::Duration::hours(1),
+        )
+        .unwrap();
     let err = handshake(&old, &sleep_cert, web.clone()).await.unwrap_err();
     assert!(err.contains("old.local"), "{err}");
 }
@@ -403,12 +366,13 @@ async fn an_alias_trust_domain_is_accepted() {
     );
     let sleep_cert = certs.fetch(&id("demo", "sleep")).await.unwrap();
     let now = time::OffsetDateTime::now_utc();
-    let old = forge(
-        &ca.dir.path().join("cacerts"),
-        "spiffe://old.local/ns/demo/sa/web",
-        now - time::Duration::minutes(1),
-        now + time::Duration::hours(1),
-    );
+    let old = ca
+        .forge(
+            "spiffe://old.local/ns/demo/sa/web",
+            now - time::Duration::minutes(1),
+            now + time::Duration::hours(1),
+        )
+        .unwrap();
     // We expect cluster.local's web; old.local's web is the same workload.
     handshake(&old, &sleep_cert, id("demo", "web"))
         .await

@@ -11,21 +11,26 @@ use testbed::{
 const PROBE: &str = env!("CARGO_BIN_EXE_tb-probe");
 
 /// node-a: client, local-server; node-b: server, server-2, plain (namespace "plain",
-/// not ambient).
+/// not ambient), and rogue (not in the config unless a test declares it).
 async fn mesh() -> Mesh {
+    mesh_with(Vec::new()).await
+}
+
+async fn mesh_with(extra: Vec<WorkloadSpec>) -> Mesh {
     let cluster = Cluster::new(
         &ClusterSpec::new()
             .node("node-a", ["client", "local-server"])
-            .node("node-b", ["server", "server-2", "plain"]),
+            .node("node-b", ["server", "server-2", "plain", "rogue"]),
     )
     .unwrap();
-    let workloads = [
+    let mut workloads = vec![
         WorkloadSpec::new("client", "demo", "client"),
         WorkloadSpec::new("local-server", "demo", "server").label("app", "server"),
         WorkloadSpec::new("server", "demo", "server"),
         WorkloadSpec::new("server-2", "demo", "server").label("app", "server"),
         WorkloadSpec::new("plain", "plain", "default"),
     ];
+    workloads.extend(extra);
     Mesh::start(cluster, &workloads, &["demo"]).await.unwrap()
 }
 
@@ -320,4 +325,156 @@ async fn a_config_edit_is_picked_up_without_restart_and_broken_yaml_is_ignored()
     )
     .unwrap();
     mesh.wait_enrolled("node-b", "plain", false).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_destination_presenting_the_wrong_identity_is_refused() {
+    // The config says 10.244.1.5 is demo/server (on a node with no tunnel); what
+    // answers on its port 15008 holds a valid certificate of the mesh, for another
+    // identity.
+    let mesh = mesh_with(vec![
+        WorkloadSpec::new("rogue", "demo", "server").declared_on("node-z")
+    ])
+    .await;
+    let now = time::OffsetDateTime::now_utc();
+    let impostor = mesh
+        .ca
+        .forge(
+            "spiffe://cluster.local/ns/demo/sa/other",
+            now - time::Duration::minutes(1),
+            now + time::Duration::hours(1),
+        )
+        .unwrap();
+    let config = impostor.server_config().unwrap();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let rogue = mesh
+        .cluster
+        .pod("rogue")
+        .spawn_task(move || async move {
+            let listener = tokio::net::TcpListener::bind("0.0.0.0:15008")
+                .await
+                .unwrap();
+            ready_tx.send(()).unwrap();
+            let acceptor = tokio_rustls::TlsAcceptor::from(config);
+            let (tcp, _) = listener.accept().await.unwrap();
+            // The handshake fails on the client's side: it checks who we are.
+            acceptor.accept(tcp).await.is_ok()
+        })
+        .unwrap();
+    ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+
+    let out = probe(
+        &mesh,
+        "client",
+        &["connect", &addr(&mesh, "rogue", 8080), "secret"],
+    );
+    assert!(!out.contains("secret"), "{out}");
+    let _ = rogue.join();
+    eventually(Duration::from_secs(5), "the refusal in the log", || async {
+        mesh.log("node-a").contains("peer is spiffe://cluster.local/ns/demo/sa/other, expected spiffe://cluster.local/ns/demo/sa/server")
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_application_and_garbage_hbone_are_refused_and_the_tunnel_serves_on() {
+    let mesh = mesh().await;
+    // Nothing listens on port 9999 in the server pod: HBONE answers 503.
+    let out = probe(
+        &mesh,
+        "client",
+        &["connect", &addr(&mesh, "server", 9999), "x"],
+    );
+    assert!(!out.contains("reply=server"), "{out}");
+    eventually(
+        Duration::from_secs(5),
+        "503 counted as an upstream failure",
+        || async {
+            mesh.metrics("node-b").await.lines().any(|l| {
+                l.starts_with("istio_tcp_connections_opened_total{")
+                    && l.contains("response_flags=\"UF\"")
+            })
+        },
+    )
+    .await;
+    assert!(mesh.log("node-a").contains("503"), "{}", mesh.log("node-a"));
+
+    // Garbage to port 15008.
+    let server_ip = mesh.cluster.pod("server").ip;
+    let closed = mesh
+        .cluster
+        .node("node-a")
+        .in_netns(move || -> std::io::Result<usize> {
+            use std::io::{Read, Write};
+            let mut tcp = std::net::TcpStream::connect((server_ip, 15008))?;
+            tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+            tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n\x00\xff garbage")?;
+            let mut buf = Vec::new();
+            let _ = tcp.read_to_end(&mut buf);
+            Ok(buf.len())
+        })
+        .unwrap();
+    assert!(closed.is_ok(), "the connection was not closed: {closed:?}");
+
+    let _echo = EchoServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    let out = probe(
+        &mesh,
+        "client",
+        &["connect", &addr(&mesh, "server", 8080), "still"],
+    );
+    assert!(out.contains("reply=server:still"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_drains_open_connections_then_the_pod_fails_closed() {
+    let mut mesh = mesh().await;
+    let echo = EchoServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    let mut slow = mesh
+        .cluster
+        .pod("client")
+        .command(PROBE)
+        .unwrap()
+        .args(["slow", &addr(&mesh, "server", 8080), "1500", "patience"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(slow.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    assert_eq!(line.trim(), "connected");
+    eventually(
+        Duration::from_secs(5),
+        "the connection open at the source",
+        || async {
+            mesh.metrics("node-a").await.lines().any(|l| {
+                l.starts_with("istio_tcp_connections_opened_total{")
+                    && l.contains("reporter=\"source\"")
+            })
+        },
+    )
+    .await;
+
+    let status = mesh.stop_tunnel("node-a").await.unwrap();
+    assert!(status.success(), "exit status {status}");
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    assert!(
+        rest.contains("reply=server:patience"),
+        "the open connection was cut: {rest}"
+    );
+    assert!(slow.wait().unwrap().success());
+    assert!(
+        mesh.log("node-a").contains("draining"),
+        "{}",
+        mesh.log("node-a")
+    );
+
+    // The tunnel is gone: the pod fails closed.
+    let out = probe(
+        &mesh,
+        "client",
+        &["connect", &addr(&mesh, "server", 8080), "leak?"],
+    );
+    assert!(out.contains("error=Connection refused"), "{out}");
+    assert_eq!(echo.stop().unwrap().len(), 1);
 }

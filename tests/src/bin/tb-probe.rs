@@ -7,6 +7,7 @@
 //!                                          the echo (`<name>:<payload>`) comes back whole
 //!   tb-probe parallel <ip:port> <n> <msg>  n connections at once, each one exchange
 //!   tb-probe connect-from <ip> <ip:port> <msg>  like connect, from a chosen source
+//!   tb-probe slow <ip:port> <ms> <msg>     connect, send, wait, then half-close and read
 //!   tb-probe hold-cluster <spec.yaml>      build a cluster, print its prefix, wait
 use std::{
     io::{Read, Write},
@@ -28,6 +29,7 @@ fn main() -> ExitCode {
         ["bulk", addr, bytes] => bulk(addr, bytes),
         ["parallel", addr, n, message] => parallel(addr, n, message),
         ["connect-from", source, addr, message] => connect_from(source, addr, message),
+        ["slow", addr, millis, message] => slow(addr, millis, message),
         ["hold-cluster", spec] => hold_cluster(spec),
         _ => Err(anyhow::anyhow!(
             "usage: tb-probe connect <ip:port> <message> | dns <ip:port> <query> | hold-cluster <spec.yaml>"
@@ -138,6 +140,20 @@ fn parallel(addr: &str, n: &str, message: &str) -> anyhow::Result<()> {
         }
     }
     println!("ok={good}");
+    Ok(())
+}
+
+fn slow(addr: &str, millis: &str, message: &str) -> anyhow::Result<()> {
+    let addr: SocketAddr = addr.parse()?;
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    stream.write_all(message.as_bytes())?;
+    println!("connected");
+    std::thread::sleep(Duration::from_millis(millis.parse()?));
+    stream.shutdown(Shutdown::Write)?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply)?;
+    println!("reply={reply}");
     Ok(())
 }
 

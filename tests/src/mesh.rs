@@ -286,21 +286,21 @@ fn token_for(node: &str) -> String {
     format!("token-of-{node}-0123456789abcdef")
 }
 
-/// The built `ztunnel` binary (next to this test binary's directory). `cargo xtask
-/// test` builds it with the rest of the workspace.
+/// The built `ztunnel` binary, next to the running executable (a binary in
+/// `target/<profile>/`) or one directory up (a test in `target/<profile>/deps/`).
+/// `cargo xtask test` and `cargo xtask demo` build it.
 pub fn ztunnel_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("the test binary's path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps/<test>");
-    let binary = dir.join("ztunnel");
-    assert!(
-        binary.exists(),
-        "{} is missing: build it with `cargo build -p ztunnel` (cargo xtask test does)",
-        binary.display()
-    );
-    binary
+    let exe = std::env::current_exe().expect("the executable's path");
+    let dir = exe.parent().expect("the executable's directory");
+    [dir.join("ztunnel"), dir.join("../ztunnel")]
+        .into_iter()
+        .find(|p| p.exists())
+        .unwrap_or_else(|| {
+            panic!(
+                "no ztunnel binary near {}: build it with `cargo build -p ztunnel`",
+                exe.display()
+            )
+        })
 }
 
 /// A pod's place in the mesh config.

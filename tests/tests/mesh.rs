@@ -478,3 +478,35 @@ async fn sigterm_drains_open_connections_then_the_pod_fails_closed() {
     assert!(out.contains("error=Connection refused"), "{out}");
     assert_eq!(echo.stop().unwrap().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plaintext_from_outside_the_mesh_is_delivered_with_no_identity() {
+    let mesh = mesh().await;
+    let server = mesh.cluster.pod("server");
+    let echo = EchoServer::start(server, 8080).unwrap();
+    let out = probe(
+        &mesh,
+        "plain",
+        &["connect", &addr(&mesh, "server", 8080), "clear"],
+    );
+    assert!(out.contains("reply=server:clear"), "{out}");
+    assert_eq!(
+        echo.stop().unwrap()[0].ip(),
+        server.ip,
+        "delivered by the tunnel"
+    );
+    // Its address names a workload, but nothing proves it: no principal.
+    eventually(
+        Duration::from_secs(5),
+        "plaintext counted without identity",
+        || async {
+            mesh.metrics("node-b").await.lines().any(|l| {
+                l.starts_with("istio_tcp_connections_closed_total{")
+                    && l.contains("source_workload=\"plain\"")
+                    && l.contains("source_principal=\"unknown\"")
+                    && l.contains("connection_security_policy=\"unknown\"")
+            })
+        },
+    )
+    .await;
+}

@@ -28,12 +28,9 @@ enum Task {
     },
     /// Run benchmarks (as root), all of them or those named: redirect, ca.
     Bench { names: Vec<String> },
-    /// Build a testbed cluster and show traffic crossing it.
-    Demo {
-        /// The cluster to build.
-        #[arg(long, default_value = "tests/clusters/demo.yaml")]
-        cluster: PathBuf,
-    },
+    /// Build a two-node testbed cluster, run the mesh on it and show traffic
+    /// crossing it: which flows were encrypted, with which identities.
+    Demo,
 }
 
 fn main() {
@@ -57,10 +54,10 @@ fn run(cli: Cli) -> Result<()> {
             bootstrap::run(false)?;
             bench(&names)
         }
-        Task::Demo { cluster } => {
+        Task::Demo => {
             require_root("the demo")?;
             bootstrap::run(false)?;
-            demo::run(&cluster)
+            demo::run()
         }
     }
 }

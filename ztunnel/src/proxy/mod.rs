@@ -106,10 +106,7 @@ impl Record {
             reporter: self.reporter.into(),
             source_workload: name(&self.source),
             source_workload_namespace: ns(&self.source),
-            source_principal: self
-                .source_principal
-                .clone()
-                .unwrap_or_else(|| principal(&self.source)),
+            source_principal: self.proven_source().unwrap_or_else(|| UNKNOWN.into()),
             destination_workload: name(&self.destination),
             destination_workload_namespace: ns(&self.destination),
             destination_principal: if self.mtls {
@@ -128,6 +125,17 @@ impl Record {
             } else {
                 UNKNOWN.into()
             },
+        }
+    }
+
+    /// The source's identity, when something proves it: its certificate (inbound
+    /// HBONE), or being the local pod the connection was captured from (outbound).
+    /// A plaintext peer has none, whatever its address says.
+    fn proven_source(&self) -> Option<String> {
+        match (&self.source_principal, self.reporter) {
+            (Some(p), _) => Some(p.clone()),
+            (None, "source") => self.source.as_ref().map(|w| w.identity.to_string()),
+            (None, _) => None,
         }
     }
 
@@ -169,7 +177,7 @@ impl Record {
             reporter = self.reporter,
             src.addr = %self.source_addr,
             src.workload = %workload(&self.source),
-            src.identity = %self.source_principal.clone().unwrap_or_else(|| identity(&self.source)),
+            src.identity = %self.proven_source().unwrap_or_default(),
             dst.addr = %self.destination_addr,
             dst.service = self.destination_service.as_deref().unwrap_or(""),
             dst.workload = %workload(&self.destination),

@@ -105,3 +105,111 @@ pub async fn exchange(addr: SocketAddr, message: &str) -> Result<String> {
         .context("reading the reply timed out")??;
     Ok(reply)
 }
+
+/// Pins the calling thread to one CPU (for latency measurements that must control
+/// placement).
+pub fn pin_current_thread(cpu: usize) -> std::io::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes within it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Pins every thread of a process to one CPU.
+pub fn pin_process(pid: u32, cpu: usize) -> std::io::Result<()> {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let tid: i32 = task?.file_name().to_string_lossy().parse().unwrap_or(0);
+        // SAFETY: as above, for another thread id.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            if libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A server for measurements, in a pod: `sink` mode reads to EOF and answers with
+/// the byte count; `echo` mode writes back every byte as it arrives.
+pub struct BenchServer {
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Vec<SocketAddr>>>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum BenchMode {
+    Sink,
+    Echo,
+}
+
+impl BenchServer {
+    pub fn start(pod: &Pod, port: u16, mode: BenchMode, cpu: Option<usize>) -> Result<Self> {
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let (stop, mut stopped) = oneshot::channel::<()>();
+        let task = pod.spawn_task(move || async move {
+            if let Some(cpu) = cpu {
+                let _ = pin_current_thread(cpu);
+            }
+            let listener = match TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).await {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return Vec::new();
+                }
+            };
+            let _ = ready_tx.send(Ok(()));
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => return Vec::new(),
+                    accepted = listener.accept() => {
+                        let Ok((mut stream, _)) = accepted else { continue };
+                        let _ = stream.set_nodelay(true);
+                        tokio::spawn(async move {
+                            let mut buf = vec![0u8; 256 * 1024];
+                            let mut total = 0u64;
+                            loop {
+                                let n = match stream.read(&mut buf).await {
+                                    Ok(0) | Err(_) => break,
+                                    Ok(n) => n,
+                                };
+                                total += n as u64;
+                                if mode == BenchMode::Echo && stream.write_all(&buf[..n]).await.is_err() {
+                                    return;
+                                }
+                            }
+                            if mode == BenchMode::Sink {
+                                let _ = stream.write_all(total.to_string().as_bytes()).await;
+                            }
+                        });
+                    }
+                }
+            }
+        })?;
+        ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .context("bench server did not start")?
+            .with_context(|| format!("binding port {port} in pod {}", pod.name))?;
+        Ok(Self {
+            stop: Some(stop),
+            task: Some(task),
+        })
+    }
+}
+
+impl Drop for BenchServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.join();
+        }
+    }
+}

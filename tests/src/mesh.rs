@@ -483,6 +483,11 @@ impl Mesh {
         Ok(())
     }
 
+    /// The process id of the node's tunnel.
+    pub fn tunnel_pid(&self, node: &str) -> Option<u32> {
+        self.tunnels.get(node).map(|c| c.id())
+    }
+
     /// Kills the node's tunnel (SIGKILL: no draining).
     pub fn kill_tunnel(&mut self, node: &str) {
         if let Some(mut child) = self.tunnels.remove(node) {

@@ -26,7 +26,7 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Run benchmarks (as root), all of them or those named: redirect, ca.
+    /// Run benchmarks (as root), all of them or those named: redirect, ca, mesh.
     Bench { names: Vec<String> },
     /// Build a two-node testbed cluster, run the mesh on it and show traffic
     /// crossing it: which flows were encrypted, with which identities.
@@ -77,7 +77,7 @@ fn test(args: &[String]) -> Result<()> {
 
 /// Benchmarks of the tests package (tests/benches), each reporting ratios measured
 /// within one run.
-const BENCHES: [&str; 2] = ["redirect", "ca"];
+const BENCHES: [&str; 3] = ["redirect", "ca", "mesh"];
 
 fn bench(names: &[String]) -> Result<()> {
     for name in names {
@@ -89,6 +89,16 @@ fn bench(names: &[String]) -> Result<()> {
         true => BENCHES.to_vec(),
         false => names.iter().map(String::as_str).collect(),
     };
+    // The mesh benchmark drives the real (optimized) ztunnel binary.
+    status(Command::new("cargo").args([
+        "build",
+        "--release",
+        "--quiet",
+        "-p",
+        "ztunnel",
+        "--bin",
+        "ztunnel",
+    ]))?;
     for name in selected {
         status(Command::new("cargo").args(["bench", "-p", "ztunnel-tests", "--bench", name]))?;
     }

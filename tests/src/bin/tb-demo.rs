@@ -48,7 +48,7 @@ async fn main() -> Result<()> {
         .iter()
         .map(|p| EchoServer::start(mesh.cluster.pod(p), 8080))
         .collect::<Result<Vec<_>>>()?;
-    println!("{:<15} {:<15} {}", "FROM", "TO", "REPLY");
+    println!("{:<15} {:<15} REPLY", "FROM", "TO");
     for from in ["shop-client", "legacy-client"] {
         for to in ["shop-server", "legacy-server"] {
             let target = format!("{}:8080", mesh.cluster.pod(to).ip);

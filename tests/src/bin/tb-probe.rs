@@ -8,6 +8,11 @@
 //!   tb-probe parallel <ip:port> <n> <msg>  n connections at once, each one exchange
 //!   tb-probe connect-from <ip> <ip:port> <msg>  like connect, from a chosen source
 //!   tb-probe slow <ip:port> <ms> <msg>     connect, send, wait, then half-close and read
+//! Measurements (against testbed::app::BenchServer):
+//!   tb-probe throughput <ip:port> <bytes>  send to a sink; print bits per second
+//!   tb-probe rr <ip:port> <count> <cpu>    1-byte round trips to an echo, pinned to a CPU
+//!   tb-probe conns <ip:port> <ms>          connect/exchange/close for a while: rate
+//!   tb-probe idle <ip:port> <n>            hold n idle connections until stdin closes
 //!   tb-probe hold-cluster <spec.yaml>      build a cluster, print its prefix, wait
 use std::{
     io::{Read, Write},
@@ -30,6 +35,10 @@ fn main() -> ExitCode {
         ["parallel", addr, n, message] => parallel(addr, n, message),
         ["connect-from", source, addr, message] => connect_from(source, addr, message),
         ["slow", addr, millis, message] => slow(addr, millis, message),
+        ["throughput", addr, bytes] => throughput(addr, bytes),
+        ["rr", addr, count, cpu] => round_trips(addr, count, cpu),
+        ["conns", addr, millis] => connections(addr, millis),
+        ["idle", addr, n] => idle(addr, n),
         ["hold-cluster", spec] => hold_cluster(spec),
         _ => Err(anyhow::anyhow!(
             "usage: tb-probe connect <ip:port> <message> | dns <ip:port> <query> | hold-cluster <spec.yaml>"
@@ -154,6 +163,91 @@ fn slow(addr: &str, millis: &str, message: &str) -> anyhow::Result<()> {
     let mut reply = String::new();
     stream.read_to_string(&mut reply)?;
     println!("reply={reply}");
+    Ok(())
+}
+
+fn throughput(addr: &str, bytes: &str) -> anyhow::Result<()> {
+    let addr: SocketAddr = addr.parse()?;
+    let total: u64 = bytes.parse()?;
+    let chunk = vec![0x5au8; 256 * 1024];
+    let started = std::time::Instant::now();
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    let mut sent = 0u64;
+    while sent < total {
+        let n = chunk.len().min((total - sent) as usize);
+        stream.write_all(&chunk[..n])?;
+        sent += n as u64;
+    }
+    stream.shutdown(Shutdown::Write)?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply)?;
+    let elapsed = started.elapsed();
+    anyhow::ensure!(
+        reply.trim() == total.to_string(),
+        "the sink counted {reply:?}, sent {total}"
+    );
+    println!(
+        "bits_per_second={:.0}",
+        total as f64 * 8.0 / elapsed.as_secs_f64()
+    );
+    Ok(())
+}
+
+fn round_trips(addr: &str, count: &str, cpu: &str) -> anyhow::Result<()> {
+    testbed::app::pin_current_thread(cpu.parse()?)?;
+    let addr: SocketAddr = addr.parse()?;
+    let count: usize = count.parse()?;
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_nodelay(true)?;
+    let mut times = Vec::with_capacity(count);
+    let mut byte = [0u8; 1];
+    for i in 0..count + 100 {
+        let t = std::time::Instant::now();
+        stream.write_all(b"x")?;
+        stream.read_exact(&mut byte)?;
+        if i >= 100 {
+            times.push(t.elapsed()); // after a warm-up
+        }
+    }
+    times.sort_unstable();
+    println!("median_ns={}", times[times.len() / 2].as_nanos());
+    println!("p99_ns={}", times[times.len() * 99 / 100].as_nanos());
+    Ok(())
+}
+
+fn connections(addr: &str, millis: &str) -> anyhow::Result<()> {
+    let addr: SocketAddr = addr.parse()?;
+    let until = std::time::Instant::now() + Duration::from_millis(millis.parse()?);
+    let started = std::time::Instant::now();
+    let mut n = 0u64;
+    let mut byte = [0u8; 1];
+    while std::time::Instant::now() < until {
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        stream.write_all(b"x")?;
+        stream.read_exact(&mut byte)?;
+        n += 1;
+    }
+    println!(
+        "per_second={:.0}",
+        n as f64 / started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn idle(addr: &str, n: &str) -> anyhow::Result<()> {
+    let addr: SocketAddr = addr.parse()?;
+    let mut streams = Vec::new();
+    let mut byte = [0u8; 1];
+    for _ in 0..n.parse::<usize>()? {
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        // One exchange: the connection is established end to end, then idle.
+        stream.write_all(b"x")?;
+        stream.read_exact(&mut byte)?;
+        streams.push(stream);
+    }
+    println!("open={}", streams.len());
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line);
     Ok(())
 }
 

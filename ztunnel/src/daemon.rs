@@ -23,10 +23,10 @@ use crate::{
     certs::{CertManager, CertManagerConfig},
     config,
     http_server::{self, Handler},
-    metrics::{self, TcpMetrics},
+    metrics::{self, PolicyMetrics, TcpMetrics},
     proxy::{self, pool::Pool, Context},
     redirect::{PodNetwork, RedirectConfig, Redirector},
-    state::{State, Workload},
+    state::{MeshSettings, State, Workload},
 };
 
 #[derive(Clone, Debug)]
@@ -36,6 +36,7 @@ pub struct RunOptions {
     pub node: String,
     pub trust_domain: String,
     pub trust_domain_aliases: Vec<String>,
+    pub root_namespace: String,
     pub ca_address: String,
     pub ca_server_name: String,
     pub ca_root: PathBuf,
@@ -64,11 +65,13 @@ pub async fn run(options: RunOptions, set_log_level: SetLogLevel) -> Result<()> 
     let tcp_metrics = TcpMetrics::register(&mut registry);
 
     let snapshots = config::local::watch(&options.config_dir, options.config_poll)?;
-    let states = spawn_state(
-        snapshots,
-        options.node.clone(),
-        options.trust_domain.clone(),
-    );
+    let settings = MeshSettings {
+        node: options.node.clone(),
+        trust_domain: options.trust_domain.clone(),
+        trust_domain_aliases: options.trust_domain_aliases.clone(),
+        root_namespace: options.root_namespace.clone(),
+    };
+    let states = spawn_state(snapshots, settings);
 
     let ca = CaClient::new(CaClientConfig {
         address: options.ca_address.clone(),
@@ -95,6 +98,8 @@ pub async fn run(options: RunOptions, set_log_level: SetLogLevel) -> Result<()> 
         redirect: Arc::new(Mutex::new(redirector)),
         connections: TaskTracker::new(),
         hbone: settings,
+        policy_metrics: PolicyMetrics::register(&mut registry),
+        active: Arc::default(),
     });
 
     let ready = Arc::new(AtomicBool::new(false));
@@ -158,16 +163,15 @@ async fn shutdown_signal() {
 /// Rebuilds the state on every config snapshot.
 fn spawn_state(
     mut snapshots: watch::Receiver<Arc<config::Snapshot>>,
-    node: String,
-    trust_domain: String,
+    settings: MeshSettings,
 ) -> watch::Receiver<Arc<State>> {
-    let first = State::build(snapshots.borrow_and_update().clone(), &node, &trust_domain);
+    let first = State::build(snapshots.borrow_and_update().clone(), &settings);
     let (tx, rx) = watch::channel(Arc::new(first));
     tokio::spawn(async move {
         while snapshots.changed().await.is_ok() {
             let snapshot = snapshots.borrow_and_update().clone();
             if tx
-                .send(Arc::new(State::build(snapshot, &node, &trust_domain)))
+                .send(Arc::new(State::build(snapshot, &settings)))
                 .is_err()
             {
                 return;
@@ -274,6 +278,14 @@ async fn reconcile(
             }
             Err(e) => tracing::warn!(pod = %workload.name, "serving the pod failed: {e}"),
         }
+    }
+    // Policy applies to new connections at once, and to the open ones here.
+    let closed = ctx.active.reevaluate(state);
+    if closed > 0 {
+        tracing::info!(
+            closed,
+            "policy change: closed the connections it now denies"
+        );
     }
     // Certificates only for the workloads still here.
     let local: Vec<_> = state

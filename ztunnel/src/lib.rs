@@ -12,6 +12,7 @@ pub mod http_server;
 pub mod identity;
 pub mod metrics;
 pub mod netns;
+pub mod policy;
 pub mod proxy;
 pub mod redirect;
 pub mod state;

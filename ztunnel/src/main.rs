@@ -35,6 +35,53 @@ enum Command {
     Ca(CaArgs),
     /// Print the certificates a running tunnel holds (from its admin port).
     Certs(CertsArgs),
+    /// Policy tools.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// What the mesh decides for a connection: ALLOW or DENY, the layer that
+    /// decides and the deciding policy. Exit status 0 for allow, 1 for deny.
+    Check(CheckArgs),
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    /// Directory of Kubernetes YAML (the same as `ztunnel run --config`).
+    #[arg(long)]
+    config: PathBuf,
+    /// The client: <namespace>/<pod>.
+    #[arg(long)]
+    from: String,
+    /// The server: <namespace>/<pod>:<port>.
+    #[arg(long)]
+    to: String,
+    /// The client connects without mTLS (as a client outside the mesh does).
+    #[arg(long)]
+    plaintext: bool,
+    /// HTTP method (decided by a waypoint).
+    #[arg(long)]
+    method: Option<String>,
+    /// HTTP path (decided by a waypoint).
+    #[arg(long)]
+    path: Option<String>,
+    /// HTTP header K=V (decided by a waypoint).
+    #[arg(long)]
+    header: Vec<String>,
+    /// A JWT (decided by a waypoint).
+    #[arg(long)]
+    jwt: Option<String>,
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    #[arg(long = "trust-domain-alias")]
+    trust_domain_aliases: Vec<String>,
+    #[arg(long, default_value = ztunnel::policy::ROOT_NAMESPACE)]
+    root_namespace: String,
+    /// Output format.
+    #[arg(short, long, default_value = "text", value_parser = ["text", "json"])]
+    output: String,
 }
 
 #[derive(Args)]
@@ -86,6 +133,9 @@ struct RunArgs {
     /// Other trust domains accepted as this one (Istio's trustDomainAliases).
     #[arg(long = "trust-domain-alias")]
     trust_domain_aliases: Vec<String>,
+    /// Policies in this namespace apply to the whole mesh.
+    #[arg(long, default_value = ztunnel::policy::ROOT_NAMESPACE)]
+    root_namespace: String,
     /// The CA (`ztunnel ca`, or istiod), host:port.
     #[arg(long)]
     ca_address: String,
@@ -151,6 +201,14 @@ fn main() {
             Command::Run(args) => run(args, set_log_level).await,
             Command::Ca(args) => ca(args).await,
             Command::Certs(args) => certs(args).await,
+            Command::Policy(PolicyCommand::Check(args)) => match policy_check(args) {
+                Ok(true) => Ok(()),
+                Ok(false) => std::process::exit(1),
+                Err(e) => {
+                    eprintln!("ztunnel: error: {e:#}");
+                    std::process::exit(2);
+                }
+            },
         }
     });
     if let Err(e) = result {
@@ -167,6 +225,7 @@ async fn run(args: RunArgs, set_log_level: ztunnel::daemon::SetLogLevel) -> Resu
             node: args.node,
             trust_domain: args.trust_domain,
             trust_domain_aliases: args.trust_domain_aliases,
+            root_namespace: args.root_namespace,
             ca_address: args.ca_address,
             ca_server_name: args.ca_server_name,
             ca_root: args.ca_root,
@@ -182,6 +241,42 @@ async fn run(args: RunArgs, set_log_level: ztunnel::daemon::SetLogLevel) -> Resu
         set_log_level,
     )
     .await
+}
+
+/// Prints the decision; Ok(true) for allow.
+fn policy_check(args: CheckArgs) -> Result<bool> {
+    let (snapshot, errors) = ztunnel::config::local::LocalSource::new(&args.config).load()?;
+    for e in &errors {
+        eprintln!("ztunnel: config refused: {e}");
+    }
+    let mut settings = ztunnel::state::MeshSettings::new("", &args.trust_domain);
+    settings.trust_domain_aliases = args.trust_domain_aliases;
+    settings.root_namespace = args.root_namespace;
+    let query = ztunnel::policy::check::Query {
+        from: args.from,
+        to: args.to,
+        plaintext: args.plaintext,
+        http: args.method.is_some()
+            || args.path.is_some()
+            || !args.header.is_empty()
+            || args.jwt.is_some(),
+    };
+    let outcome = ztunnel::policy::check::check(snapshot, &settings, &query)?;
+    if args.output == "json" {
+        println!("{}", serde_json::to_string_pretty(&outcome)?);
+    } else {
+        println!(
+            "{} (layer: {}, policy: {})",
+            outcome.decision,
+            outcome.layer,
+            outcome.policy.as_deref().unwrap_or("-")
+        );
+        println!("  reason: {}", outcome.reason);
+        for note in &outcome.notes {
+            println!("  note: {note}");
+        }
+    }
+    Ok(outcome.allowed())
 }
 
 async fn ca(args: CaArgs) -> Result<()> {

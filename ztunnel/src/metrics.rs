@@ -89,3 +89,42 @@ impl TcpMetrics {
         m
     }
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeniedLabels {
+    /// The deciding policy (`ns/name`), or "none" when no ALLOW policy matched.
+    pub policy: String,
+    /// "authorization" or "peer_authentication".
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShadowLabels {
+    pub policy: String,
+    /// What the policy would have decided: "allow" or "deny"; "audit" for AUDIT.
+    pub decision: String,
+}
+
+/// Policy outcomes, by the policy that decided.
+#[derive(Clone, Default)]
+pub struct PolicyMetrics {
+    pub denied: Family<DeniedLabels, Counter>,
+    pub shadow: Family<ShadowLabels, Counter>,
+}
+
+impl PolicyMetrics {
+    pub fn register(registry: &mut prometheus_client::registry::Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "ztunnel_connections_denied",
+            "Connections refused by policy, by the deciding policy",
+            m.denied.clone(),
+        );
+        registry.register(
+            "ztunnel_policy_shadow_decisions",
+            "Dry-run and AUDIT policies that matched, with what they would have decided",
+            m.shadow.clone(),
+        );
+        m
+    }
+}

@@ -56,19 +56,50 @@ pub struct Service {
     pub endpoints: Vec<Arc<Workload>>,
 }
 
+/// What the state needs besides the config.
+#[derive(Clone, Debug)]
+pub struct MeshSettings {
+    pub node: String,
+    pub trust_domain: String,
+    pub trust_domain_aliases: Vec<String>,
+    /// Policies here apply to every namespace (Istio: istio-system).
+    pub root_namespace: String,
+}
+
+impl MeshSettings {
+    pub fn new(node: &str, trust_domain: &str) -> Self {
+        Self {
+            node: node.to_owned(),
+            trust_domain: trust_domain.to_owned(),
+            trust_domain_aliases: Vec::new(),
+            root_namespace: crate::policy::ROOT_NAMESPACE.to_owned(),
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct State {
     pub node: String,
     pub snapshot: Arc<Snapshot>,
+    /// The compiled policies.
+    pub policies: Arc<crate::policy::Index>,
     by_ip: HashMap<Ipv4Addr, Arc<Workload>>,
     by_name: HashMap<(String, String), Arc<Workload>>,
     services: HashMap<Ipv4Addr, Arc<Service>>,
 }
 
 impl State {
-    pub fn build(snapshot: Arc<Snapshot>, node: &str, trust_domain: &str) -> Self {
+    pub fn build(snapshot: Arc<Snapshot>, settings: &MeshSettings) -> Self {
+        let trust_domain = settings.trust_domain.as_str();
+        let mut trust_domains = vec![settings.trust_domain.clone()];
+        trust_domains.extend(settings.trust_domain_aliases.iter().cloned());
         let mut state = State {
-            node: node.to_owned(),
+            node: settings.node.clone(),
+            policies: Arc::new(crate::policy::Index::build(
+                snapshot.policies.values(),
+                &settings.root_namespace,
+                trust_domains,
+            )),
             ..Default::default()
         };
         for pod in snapshot.pods.values() {
@@ -227,7 +258,10 @@ mod tests {
                 selector: [("app".to_string(), "web".to_string())].into(),
             },
         );
-        let state = State::build(Arc::new(snapshot), "n1", "cluster.local");
+        let state = State::build(
+            Arc::new(snapshot),
+            &MeshSettings::new("n1", "cluster.local"),
+        );
         let local: Vec<&str> = state.local_workloads().map(|w| w.name.as_str()).collect();
         assert_eq!(local, vec!["a"]);
         assert!(!state.workload_by_ip([10, 0, 0, 3].into()).unwrap().captured);

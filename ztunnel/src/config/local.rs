@@ -422,13 +422,17 @@ fn parse(key: &Key, value: serde_yaml::Value) -> Result<Object> {
                 .get("spec")
                 .cloned()
                 .unwrap_or(serde_yaml::Value::Null);
-            Object::Policy(Policy {
+            let meta: Resource<serde_yaml::Value> = serde_yaml::from_value(value)?;
+            let policy = Policy {
                 kind,
                 api_version,
                 name,
                 namespace,
+                annotations: meta.metadata.annotations,
                 spec,
-            })
+            };
+            crate::policy::validate(&policy).map_err(|e| anyhow::anyhow!("spec.{e}"))?;
+            Object::Policy(policy)
         }
     })
 }

@@ -67,6 +67,7 @@ pub struct Policy {
     pub api_version: String,
     pub name: String,
     pub namespace: String,
+    pub annotations: BTreeMap<String, String>,
     pub spec: serde_yaml::Value,
 }
 

@@ -18,7 +18,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
 use super::{relay, Context, Record};
-use crate::{identity::Identity, state::Workload, tls};
+use crate::{identity::Identity, policy::Connection, state::Workload, tls};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -152,6 +152,21 @@ async fn connect(
         );
         return status(StatusCode::BAD_REQUEST);
     }
+    // The source address policy sees: the client workload's, when its identity
+    // proved it; otherwise the address the connection came from.
+    let conn = Connection {
+        source_identity: Some(peer_identity.clone()),
+        source_ip: record
+            .source
+            .as_ref()
+            .map_or(peer.ip(), |w| IpAddr::V4(w.ip)),
+        destination_ip: target.ip(),
+        destination_port: target.port(),
+    };
+    if let Err(reason) = ctx.authorize(&state, &pod, &conn, false) {
+        record.refused(&ctx.metrics, "DENY", &reason);
+        return status(StatusCode::UNAUTHORIZED);
+    }
     let app = match deliver(&pod, target).await {
         Ok(app) => app,
         Err(e) => {
@@ -164,17 +179,27 @@ async fn connect(
         }
     };
     record.opened(&ctx.metrics);
+    let registration = ctx.active.register(conn, pod.clone(), false);
     let upgrade = hyper::upgrade::on(&mut req);
     let metrics = ctx.metrics.clone();
     ctx.connections.spawn(async move {
         let mut app = app;
         match upgrade.await {
-            Ok(upgraded) => match relay(&mut TokioIo::new(upgraded), &mut app).await {
-                Ok((received, sent)) => record.closed(&metrics, received, sent, None),
-                Err(e) => record.closed(&metrics, 0, 0, Some(&e.to_string())),
-            },
+            Ok(upgraded) => {
+                let mut tunnel = TokioIo::new(upgraded);
+                tokio::select! {
+                    result = relay(&mut tunnel, &mut app) => match result {
+                        Ok((received, sent)) => record.closed(&metrics, received, sent, None),
+                        Err(e) => record.closed(&metrics, 0, 0, Some(&e.to_string())),
+                    },
+                    _ = registration.cancelled.cancelled() => {
+                        record.closed(&metrics, 0, 0, Some("closed: a policy change denies it"));
+                    }
+                }
+            }
             Err(e) => record.closed(&metrics, 0, 0, Some(&format!("upgrade: {e}"))),
         }
+        drop(registration);
     });
     status(StatusCode::OK)
 }
@@ -237,7 +262,15 @@ pub async fn serve_plaintext(ctx: Arc<Context>, pod: Arc<Workload>, listener: Tc
                 destination_service: None,
                 mtls: false,
             };
-            // PeerAuthentication decides here once policy lands; until then: deliver.
+            let conn = Connection {
+                source_identity: None,
+                source_ip: peer.ip(),
+                destination_ip: target.ip(),
+                destination_port: target.port(),
+            };
+            if let Err(reason) = ctx.authorize(&state, &pod, &conn, true) {
+                return record.refused(&ctx.metrics, "DENY", &reason);
+            }
             let mut app = match deliver(&pod, target).await {
                 Ok(app) => app,
                 Err(e) => {
@@ -249,9 +282,15 @@ pub async fn serve_plaintext(ctx: Arc<Context>, pod: Arc<Workload>, listener: Tc
                 }
             };
             record.opened(&ctx.metrics);
-            match relay(&mut stream, &mut app).await {
-                Ok((received, sent)) => record.closed(&ctx.metrics, received, sent, None),
-                Err(e) => record.closed(&ctx.metrics, 0, 0, Some(&e.to_string())),
+            let registration = ctx.active.register(conn, pod.clone(), true);
+            tokio::select! {
+                result = relay(&mut stream, &mut app) => match result {
+                    Ok((received, sent)) => record.closed(&ctx.metrics, received, sent, None),
+                    Err(e) => record.closed(&ctx.metrics, 0, 0, Some(&e.to_string())),
+                },
+                _ = registration.cancelled.cancelled() => {
+                    record.closed(&ctx.metrics, 0, 0, Some("closed: a policy change denies it"));
+                }
             }
         });
     }

@@ -1,6 +1,7 @@
 //! The proxy: per enrolled pod, the captured outbound connections (15001), inbound
 //! HBONE (15008), inbound plaintext (15006) and DNS (15053).
 
+pub mod active;
 pub mod dns;
 pub mod inbound;
 pub mod outbound;
@@ -21,7 +22,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::{
     certs::CertManager,
-    metrics::{TcpLabels, TcpMetrics, UNKNOWN},
+    metrics::{DeniedLabels, PolicyMetrics, ShadowLabels, TcpLabels, TcpMetrics, UNKNOWN},
+    policy::{authz::describe_source, Connection, Mode},
     redirect::{PodListeners, Redirector},
     state::{State, Workload},
 };
@@ -40,12 +42,107 @@ pub struct Context {
     /// Every live connection, so that shutdown can wait for them.
     pub connections: TaskTracker,
     pub hbone: pool::PoolSettings,
+    pub policy_metrics: PolicyMetrics,
+    /// Inbound connections, re-decided when policy changes.
+    pub active: Arc<active::Active>,
 }
 
 impl Context {
     /// The current state: one consistent snapshot, taken once per connection.
     pub fn snapshot(&self) -> Arc<State> {
         self.state.borrow().clone()
+    }
+
+    /// Decides an inbound connection: PeerAuthentication for plaintext, then
+    /// AuthorizationPolicy. Logs and counts denials (with the deciding policy),
+    /// AUDIT matches and dry-run shadow decisions.
+    pub fn authorize(
+        &self,
+        state: &State,
+        destination: &Workload,
+        conn: &Connection,
+        plaintext: bool,
+    ) -> Result<(), String> {
+        if plaintext {
+            let (mode, policy) = state
+                .policies
+                .peer_authentication(destination, conn.destination_port);
+            if mode == Mode::Strict {
+                let policy = policy.unwrap_or_default();
+                self.deny(
+                    &policy,
+                    "peer_authentication",
+                    destination,
+                    conn,
+                    &format!("plaintext refused: PeerAuthentication {policy} is STRICT"),
+                );
+                return Err(format!("PeerAuthentication {policy} is STRICT"));
+            }
+        }
+        let decision = state.policies.authorize(destination, conn);
+        for policy in &decision.audit {
+            tracing::info!(target: "audit", %policy, src = %describe_source(conn), dst = %format!("{}/{}", destination.namespace, destination.name), port = conn.destination_port, "AUDIT policy matched");
+            self.policy_metrics
+                .shadow
+                .get_or_create(&ShadowLabels {
+                    policy: policy.clone(),
+                    decision: "audit".into(),
+                })
+                .inc();
+        }
+        for shadow in &decision.dry_run {
+            let (policy, rest) = shadow.split_once(": would ").unwrap_or((shadow, ""));
+            let would = if rest.starts_with("allow") {
+                "allow"
+            } else {
+                "deny"
+            };
+            tracing::info!(target: "dry_run", %policy, src = %describe_source(conn), dst = %format!("{}/{}", destination.namespace, destination.name), port = conn.destination_port, "dry-run: {shadow}");
+            self.policy_metrics
+                .shadow
+                .get_or_create(&ShadowLabels {
+                    policy: policy.to_owned(),
+                    decision: would.into(),
+                })
+                .inc();
+        }
+        if decision.allow {
+            return Ok(());
+        }
+        let policy = decision.policy.clone().unwrap_or_else(|| "none".into());
+        self.deny(
+            &policy,
+            "authorization",
+            destination,
+            conn,
+            &decision.reason,
+        );
+        Err(decision.reason)
+    }
+
+    fn deny(
+        &self,
+        policy: &str,
+        kind: &str,
+        destination: &Workload,
+        conn: &Connection,
+        reason: &str,
+    ) {
+        tracing::warn!(
+            src = %describe_source(conn),
+            dst = %format!("{}/{}", destination.namespace, destination.name),
+            dst.identity = %destination.identity,
+            port = conn.destination_port,
+            %policy,
+            "connection denied: {reason}"
+        );
+        self.policy_metrics
+            .denied
+            .get_or_create(&DeniedLabels {
+                policy: policy.to_owned(),
+                kind: kind.to_owned(),
+            })
+            .inc();
     }
 }
 

@@ -1,0 +1,321 @@
+//! Policy: PeerAuthentication and L4 AuthorizationPolicy with Istio's semantics.
+//!
+//! [`Index`] is compiled once per config change. Evaluating a connection looks up
+//! the policies that target its destination (cached per workload) and never walks
+//! the rest of the mesh.
+
+pub mod authz;
+pub mod check;
+pub mod matching;
+pub mod peer_auth;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    sync::{Arc, Mutex},
+};
+
+use serde::Serialize;
+
+pub use authz::{Action, Compiled};
+pub use peer_auth::{Mode, PeerAuthentication};
+
+use crate::{config::Policy, identity::Identity, state::Workload};
+
+/// Istio's default root namespace: its policies apply to the whole mesh.
+pub const ROOT_NAMESPACE: &str = "istio-system";
+
+/// What the tunnel knows about a connection when it decides.
+#[derive(Clone, Debug)]
+pub struct Connection {
+    /// Proven by mTLS; None for plaintext.
+    pub source_identity: Option<Identity>,
+    pub source_ip: IpAddr,
+    pub destination_ip: IpAddr,
+    pub destination_port: u16,
+}
+
+/// The outcome for one connection.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Decision {
+    pub allow: bool,
+    /// The deciding policy, `namespace/name`.
+    pub policy: Option<String>,
+    /// Why, in words: "denied by DENY policy ns/name", "no ALLOW policy matched", ...
+    pub reason: String,
+    /// Policies with L7 attributes that target the destination (they belong on a
+    /// waypoint; see [`authz`]).
+    pub l7_notes: Vec<String>,
+    /// Dry-run policies that matched, with what they would have decided.
+    pub dry_run: Vec<String>,
+    /// AUDIT policies that matched.
+    pub audit: Vec<String>,
+}
+
+/// Validates a `security.istio.io` resource (for the config source: a bad one is
+/// refused with this message and its last good version kept).
+pub fn validate(policy: &Policy) -> Result<(), String> {
+    match policy.kind.as_str() {
+        "AuthorizationPolicy" => Compiled::compile(
+            &policy.namespace,
+            &policy.name,
+            &policy.annotations,
+            &policy.spec,
+        )
+        .map(|_| ()),
+        "PeerAuthentication" => {
+            PeerAuthentication::compile(&policy.namespace, &policy.name, &policy.spec).map(|_| ())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The policies applying to one workload, by action.
+#[derive(Default, Debug)]
+struct Applicable {
+    custom: Vec<Arc<Compiled>>,
+    deny: Vec<Arc<Compiled>>,
+    allow: Vec<Arc<Compiled>>,
+    audit: Vec<Arc<Compiled>>,
+    dry_run: Vec<Arc<Compiled>>,
+    l7_notes: Vec<String>,
+}
+
+/// All policies of the mesh, compiled.
+#[derive(Debug, Default)]
+pub struct Index {
+    root_namespace: String,
+    trust_domains: Vec<String>,
+    /// AuthorizationPolicies by namespace (the root namespace's apply everywhere).
+    authz: HashMap<String, Vec<Arc<Compiled>>>,
+    peer_auth: HashMap<String, Vec<Arc<PeerAuthentication>>>,
+    cache: Mutex<HashMap<(String, String), Arc<Applicable>>>,
+}
+
+impl Index {
+    /// Compiles the snapshot's policies. Invalid ones were refused by the config
+    /// source already; anything that still fails is skipped and logged.
+    pub fn build<'a>(
+        policies: impl IntoIterator<Item = &'a Policy>,
+        root_namespace: &str,
+        trust_domains: Vec<String>,
+    ) -> Self {
+        let mut index = Self {
+            root_namespace: root_namespace.to_owned(),
+            trust_domains,
+            ..Default::default()
+        };
+        for policy in policies {
+            match policy.kind.as_str() {
+                "AuthorizationPolicy" => match Compiled::compile(
+                    &policy.namespace,
+                    &policy.name,
+                    &policy.annotations,
+                    &policy.spec,
+                ) {
+                    Ok(c) => {
+                        if c.waypoint_only {
+                            tracing::debug!(policy = %c.name, "attached with targetRefs: the waypoint's, not enforced by the tunnel");
+                            continue;
+                        }
+                        if c.has_l7 {
+                            tracing::warn!(policy = %c.name, "{}", l7_note(&c));
+                        }
+                        index
+                            .authz
+                            .entry(c.namespace.clone())
+                            .or_default()
+                            .push(Arc::new(c));
+                    }
+                    Err(e) => {
+                        tracing::warn!(policy = %format!("{}/{}", policy.namespace, policy.name), "skipped: {e}")
+                    }
+                },
+                "PeerAuthentication" => {
+                    match PeerAuthentication::compile(&policy.namespace, &policy.name, &policy.spec)
+                    {
+                        Ok(p) => index
+                            .peer_auth
+                            .entry(p.namespace.clone())
+                            .or_default()
+                            .push(Arc::new(p)),
+                        Err(e) => {
+                            tracing::warn!(policy = %format!("{}/{}", policy.namespace, policy.name), "skipped: {e}")
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        // Deterministic order: the first match in a list is the one reported.
+        for list in index.authz.values_mut() {
+            list.sort_by(|a, b| a.name.cmp(&b.name));
+        }
+        for list in index.peer_auth.values_mut() {
+            list.sort_by(|a, b| a.name.cmp(&b.name));
+        }
+        index
+    }
+
+    pub fn trust_domains(&self) -> &[String] {
+        &self.trust_domains
+    }
+
+    /// How many AuthorizationPolicies the tunnel enforces.
+    pub fn authorization_policy_count(&self) -> usize {
+        self.authz.values().map(Vec::len).sum()
+    }
+
+    fn applicable(&self, workload: &Workload) -> Arc<Applicable> {
+        let key = (workload.namespace.clone(), workload.name.clone());
+        if let Some(found) = self.cache.lock().expect("not poisoned").get(&key) {
+            return found.clone();
+        }
+        let mut applicable = Applicable::default();
+        let root = self.authz.get(&self.root_namespace).into_iter().flatten();
+        let own = (workload.namespace != self.root_namespace)
+            .then(|| self.authz.get(&workload.namespace))
+            .flatten()
+            .into_iter()
+            .flatten();
+        for policy in root.chain(own) {
+            let selected = policy.selector.as_ref().is_none_or(|labels| {
+                labels
+                    .iter()
+                    .all(|(k, v)| workload.labels.get(k) == Some(v))
+            });
+            if !selected {
+                continue;
+            }
+            if policy.has_l7 {
+                applicable
+                    .l7_notes
+                    .push(format!("{}: {}", policy.name, l7_note(policy)));
+            }
+            if policy.dry_run {
+                applicable.dry_run.push(policy.clone());
+                continue;
+            }
+            match policy.action {
+                Action::Custom => applicable.custom.push(policy.clone()),
+                Action::Deny => applicable.deny.push(policy.clone()),
+                Action::Allow => applicable.allow.push(policy.clone()),
+                Action::Audit => applicable.audit.push(policy.clone()),
+            }
+        }
+        let applicable = Arc::new(applicable);
+        self.cache
+            .lock()
+            .expect("not poisoned")
+            .insert(key, applicable.clone());
+        applicable
+    }
+
+    /// AuthorizationPolicy for a connection to `destination`: CUSTOM, then DENY,
+    /// then ALLOW; AUDIT and dry-run policies are recorded, never decide.
+    pub fn authorize(&self, destination: &Workload, conn: &Connection) -> Decision {
+        let applicable = self.applicable(destination);
+        let mut decision = decide(
+            &applicable.custom,
+            &applicable.deny,
+            &applicable.allow,
+            conn,
+            &self.trust_domains,
+        );
+        decision.l7_notes = applicable.l7_notes.clone();
+        decision.audit = applicable
+            .audit
+            .iter()
+            .filter(|p| p.matches(conn, &self.trust_domains))
+            .map(|p| p.name.clone())
+            .collect();
+        for shadow in &applicable.dry_run {
+            if !shadow.matches(conn, &self.trust_domains) && shadow.action != Action::Allow {
+                continue;
+            }
+            // What the decision would be with this policy enforced.
+            let one = std::slice::from_ref(shadow);
+            let (deny, allow) = match shadow.action {
+                Action::Deny => (
+                    [&applicable.deny[..], one].concat(),
+                    applicable.allow.clone(),
+                ),
+                Action::Allow => (
+                    applicable.deny.clone(),
+                    [&applicable.allow[..], one].concat(),
+                ),
+                _ => (applicable.deny.clone(), applicable.allow.clone()),
+            };
+            let would = decide(&applicable.custom, &deny, &allow, conn, &self.trust_domains);
+            decision.dry_run.push(format!(
+                "{}: would {} ({})",
+                shadow.name,
+                if would.allow { "allow" } else { "deny" },
+                would.reason
+            ));
+        }
+        decision
+    }
+
+    /// The PeerAuthentication mode for plaintext to `destination:port`, and the
+    /// policy that set it (None: the mesh default, PERMISSIVE).
+    pub fn peer_authentication(&self, destination: &Workload, port: u16) -> (Mode, Option<String>) {
+        peer_auth::effective(&self.peer_auth, &self.root_namespace, destination, port)
+    }
+}
+
+fn decide(
+    custom: &[Arc<Compiled>],
+    deny: &[Arc<Compiled>],
+    allow: &[Arc<Compiled>],
+    conn: &Connection,
+    tds: &[String],
+) -> Decision {
+    let base = |allow: bool, policy: Option<String>, reason: String| Decision {
+        allow,
+        policy,
+        reason,
+        l7_notes: Vec::new(),
+        dry_run: Vec::new(),
+        audit: Vec::new(),
+    };
+    if let Some(p) = custom.iter().find(|p| p.matches(conn, tds)) {
+        let provider = p.provider.as_deref().unwrap_or("");
+        return base(
+            false,
+            Some(p.name.clone()),
+            format!("denied by CUSTOM policy {}: provider {provider:?} is not available in the tunnel (fail closed)", p.name),
+        );
+    }
+    if let Some(p) = deny.iter().find(|p| p.matches(conn, tds)) {
+        return base(
+            false,
+            Some(p.name.clone()),
+            format!("denied by DENY policy {}", p.name),
+        );
+    }
+    if allow.is_empty() {
+        return base(true, None, "no ALLOW policy applies: allowed".into());
+    }
+    match allow.iter().find(|p| p.matches(conn, tds)) {
+        Some(p) => base(
+            true,
+            Some(p.name.clone()),
+            format!("allowed by ALLOW policy {}", p.name),
+        ),
+        None => base(false, None, "no ALLOW policy matched".into()),
+    }
+}
+
+fn l7_note(policy: &Compiled) -> String {
+    match policy.action {
+        Action::Allow => "uses L7 attributes the tunnel cannot see: its rules that need them never match here (fail closed); it belongs on a waypoint".into(),
+        _ => "uses L7 attributes the tunnel cannot see: enforced here on its L4 part alone (it denies more); it belongs on a waypoint".into(),
+    }
+}
+
+/// Annotations of the policy resource, kept for dry-run.
+pub type Annotations = BTreeMap<String, String>;
+
+#[cfg(test)]
+mod tests;

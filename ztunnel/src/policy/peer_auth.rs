@@ -1,0 +1,146 @@
+//! PeerAuthentication: which plaintext a workload accepts.
+//!
+//! Scopes, narrowest first: the workload's (a selector in its namespace, with
+//! `portLevelMtls` overrides), its namespace's (no selector), the mesh's (root
+//! namespace, no selector). UNSET inherits from the next scope; with nothing set the
+//! mesh default is PERMISSIVE. Between tunnels HBONE is always mTLS: the mode only
+//! governs plaintext arriving at a pod, and DISABLE never downgrades mesh traffic.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use crate::state::Workload;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum Mode {
+    Unset,
+    Strict,
+    Permissive,
+    Disable,
+}
+
+impl Mode {
+    fn parse(text: Option<&str>, field: &str) -> Result<Self, String> {
+        Ok(match text.unwrap_or("UNSET") {
+            "UNSET" => Mode::Unset,
+            "STRICT" => Mode::Strict,
+            "PERMISSIVE" => Mode::Permissive,
+            "DISABLE" => Mode::Disable,
+            other => {
+                return Err(format!(
+                    "{field}: {other:?} is not UNSET, STRICT, PERMISSIVE or DISABLE"
+                ))
+            }
+        })
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Spec {
+    #[serde(default)]
+    selector: Option<super::authz::Selector>,
+    #[serde(default)]
+    mtls: Option<MtlsSpec>,
+    #[serde(default)]
+    port_level_mtls: BTreeMap<String, MtlsSpec>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct MtlsSpec {
+    #[serde(default)]
+    mode: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct PeerAuthentication {
+    pub name: String,
+    pub namespace: String,
+    pub selector: Option<BTreeMap<String, String>>,
+    pub mode: Mode,
+    pub ports: BTreeMap<u16, Mode>,
+}
+
+impl PeerAuthentication {
+    pub fn compile(namespace: &str, name: &str, spec: &serde_yaml::Value) -> Result<Self, String> {
+        let spec: Spec = if spec.is_null() {
+            Spec::default()
+        } else {
+            serde_yaml::from_value(spec.clone()).map_err(|e| e.to_string())?
+        };
+        let mode = Mode::parse(
+            spec.mtls.as_ref().and_then(|m| m.mode.as_deref()),
+            "mtls.mode",
+        )?;
+        let mut ports = BTreeMap::new();
+        for (port, mtls) in &spec.port_level_mtls {
+            let number = port
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| format!("portLevelMtls: {port:?} is not a port"))?;
+            ports.insert(
+                number,
+                Mode::parse(mtls.mode.as_deref(), &format!("portLevelMtls[{port}].mode"))?,
+            );
+        }
+        let selector = spec
+            .selector
+            .map(|s| s.match_labels)
+            .filter(|l| !l.is_empty());
+        if !ports.is_empty() && selector.is_none() {
+            return Err("portLevelMtls: only a policy with a workload selector may set it".into());
+        }
+        Ok(Self {
+            name: format!("{namespace}/{name}"),
+            namespace: namespace.to_owned(),
+            selector,
+            mode,
+            ports,
+        })
+    }
+}
+
+pub(super) fn effective(
+    policies: &HashMap<String, Vec<Arc<PeerAuthentication>>>,
+    root: &str,
+    workload: &Workload,
+    port: u16,
+) -> (Mode, Option<String>) {
+    let own = policies
+        .get(&workload.namespace)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    // Workload scope: the first (by name) policy selecting the workload.
+    let workload_policy = own.iter().find(|p| {
+        p.selector.as_ref().is_some_and(|labels| {
+            labels
+                .iter()
+                .all(|(k, v)| workload.labels.get(k) == Some(v))
+        })
+    });
+    if let Some(p) = workload_policy {
+        if let Some(mode) = p.ports.get(&port).filter(|m| **m != Mode::Unset) {
+            return (*mode, Some(p.name.clone()));
+        }
+        if p.mode != Mode::Unset {
+            return (p.mode, Some(p.name.clone()));
+        }
+    }
+    let namespace_policy = own.iter().find(|p| p.selector.is_none());
+    if let Some(p) = namespace_policy.filter(|p| p.mode != Mode::Unset) {
+        return (p.mode, Some(p.name.clone()));
+    }
+    let mesh_policy = policies
+        .get(root)
+        .into_iter()
+        .flatten()
+        .find(|p| p.selector.is_none());
+    if let Some(p) = mesh_policy.filter(|p| p.mode != Mode::Unset) {
+        return (p.mode, Some(p.name.clone()));
+    }
+    (Mode::Permissive, None)
+}

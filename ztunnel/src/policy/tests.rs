@@ -1,0 +1,509 @@
+//! The engine's semantics, rule by rule (Istio's AuthorizationPolicy and
+//! PeerAuthentication reference, and the ambient L4 policy page).
+
+use super::*;
+use crate::{identity::Identity, state::Workload};
+
+fn workload(ns: &str, name: &str, labels: &[(&str, &str)]) -> Workload {
+    Workload {
+        name: name.into(),
+        namespace: ns.into(),
+        service_account: name.into(),
+        node: "n".into(),
+        ip: "10.244.0.9".parse().unwrap(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        identity: Identity::new("cluster.local", ns, name).unwrap(),
+        captured: true,
+        netns: None,
+        cgroup: None,
+    }
+}
+
+fn policy(kind: &str, ns: &str, name: &str, spec: &str) -> Policy {
+    policy_with(kind, ns, name, spec, &[])
+}
+
+fn policy_with(
+    kind: &str,
+    ns: &str,
+    name: &str,
+    spec: &str,
+    annotations: &[(&str, &str)],
+) -> Policy {
+    Policy {
+        kind: kind.into(),
+        api_version: "security.istio.io/v1".into(),
+        name: name.into(),
+        namespace: ns.into(),
+        annotations: annotations
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        spec: serde_yaml::from_str(spec).unwrap(),
+    }
+}
+
+fn ap(ns: &str, name: &str, spec: &str) -> Policy {
+    policy("AuthorizationPolicy", ns, name, spec)
+}
+
+fn index(policies: &[Policy]) -> Index {
+    for p in policies {
+        validate(p).unwrap_or_else(|e| panic!("{}: {e}", p.name));
+    }
+    Index::build(
+        policies,
+        ROOT_NAMESPACE,
+        vec!["cluster.local".into(), "old.local".into()],
+    )
+}
+
+fn mtls(from_ns: &str, from_sa: &str, port: u16) -> Connection {
+    Connection {
+        source_identity: Some(Identity::new("cluster.local", from_ns, from_sa).unwrap()),
+        source_ip: "10.244.1.7".parse().unwrap(),
+        destination_ip: "10.244.0.9".parse().unwrap(),
+        destination_port: port,
+    }
+}
+
+fn plaintext(port: u16) -> Connection {
+    Connection {
+        source_identity: None,
+        ..mtls("x", "y", port)
+    }
+}
+
+fn web() -> Workload {
+    workload("shop", "web", &[("app", "web")])
+}
+
+fn allows(index: &Index, conn: &Connection) -> bool {
+    index.authorize(&web(), conn).allow
+}
+
+#[test]
+fn no_policy_allows() {
+    let d = index(&[]).authorize(&web(), &mtls("a", "b", 80));
+    assert!(d.allow);
+    assert_eq!(d.policy, None);
+}
+
+#[test]
+fn an_allow_policy_that_matches_nothing_denies() {
+    let i = index(&[ap(
+        "shop",
+        "only-db",
+        "rules: [{from: [{source: {principals: [cluster.local/ns/db/sa/db]}}]}]",
+    )]);
+    let d = i.authorize(&web(), &mtls("shop", "other", 80));
+    assert!(!d.allow);
+    assert_eq!(d.reason, "no ALLOW policy matched");
+    let d = i.authorize(&web(), &mtls("db", "db", 80));
+    assert!(d.allow);
+    assert_eq!(d.policy.as_deref(), Some("shop/only-db"));
+}
+
+#[test]
+fn an_empty_spec_denies_all_and_an_empty_rule_allows_all() {
+    assert!(!allows(
+        &index(&[ap("shop", "deny-all", "{}")]),
+        &mtls("a", "b", 80)
+    ));
+    assert!(allows(
+        &index(&[ap("shop", "allow-all", "rules: [{}]")]),
+        &mtls("a", "b", 80)
+    ));
+    // DENY with no rules denies nothing.
+    assert!(allows(
+        &index(&[ap("shop", "noop", "action: DENY")]),
+        &mtls("a", "b", 80)
+    ));
+}
+
+#[test]
+fn custom_then_deny_then_allow() {
+    let allow_all = ap("shop", "allow-all", "rules: [{}]");
+    let deny_b = ap(
+        "shop",
+        "deny-b",
+        "action: DENY\nrules: [{from: [{source: {namespaces: [b]}}]}]",
+    );
+    let custom = ap(
+        "shop",
+        "ext",
+        "action: CUSTOM\nprovider: {name: opa}\nrules: [{to: [{operation: {ports: ['9000']}}]}]",
+    );
+    let i = index(&[allow_all, deny_b, custom]);
+    let d = i.authorize(&web(), &mtls("b", "x", 80));
+    assert_eq!((d.allow, d.policy.as_deref()), (false, Some("shop/deny-b")));
+    let d = i.authorize(&web(), &mtls("b", "x", 9000));
+    assert_eq!(
+        (d.allow, d.policy.as_deref()),
+        (false, Some("shop/ext")),
+        "CUSTOM is first"
+    );
+    assert!(d.reason.contains("fail closed"), "{}", d.reason);
+    assert!(allows(&i, &mtls("a", "x", 80)));
+}
+
+#[test]
+fn audit_never_changes_the_decision() {
+    let i = index(&[ap("shop", "watch", "action: AUDIT\nrules: [{}]")]);
+    let d = i.authorize(&web(), &mtls("a", "b", 80));
+    assert!(d.allow);
+    assert_eq!(d.audit, vec!["shop/watch".to_string()]);
+}
+
+#[test]
+fn targeting_root_namespace_namespace_selector_and_target_refs() {
+    let root = ap(
+        ROOT_NAMESPACE,
+        "mesh-deny",
+        "action: DENY\nrules: [{from: [{source: {namespaces: [evil]}}]}]",
+    );
+    let other_ns = ap("elsewhere", "deny-all", "{}");
+    let selected = ap(
+        "shop",
+        "db-only",
+        "selector: {matchLabels: {app: db}}\nrules: []",
+    );
+    let waypoint = ap(
+        "shop",
+        "l7",
+        "targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: wp}]",
+    );
+    let i = index(&[root, other_ns, selected, waypoint]);
+    assert!(
+        !allows(&i, &mtls("evil", "x", 80)),
+        "root namespace policies apply everywhere"
+    );
+    assert!(
+        allows(&i, &mtls("good", "x", 80)),
+        "other namespaces', other workloads' and targetRef policies do not"
+    );
+    let db = workload("shop", "db", &[("app", "db")]);
+    assert!(
+        !i.authorize(&db, &mtls("good", "x", 80)).allow,
+        "the selector picks db"
+    );
+}
+
+#[test]
+fn principals_with_exact_prefix_suffix_and_presence() {
+    for (pattern, ns, sa, expected) in [
+        ("cluster.local/ns/a/sa/b", "a", "b", true),
+        ("cluster.local/ns/a/sa/b", "a", "c", false),
+        ("cluster.local/ns/a/*", "a", "zzz", true),
+        ("*/sa/b", "q", "b", true),
+        ("*/sa/b", "q", "c", false),
+        ("*", "q", "c", true),
+    ] {
+        let i = index(&[ap(
+            "shop",
+            "p",
+            &format!("rules: [{{from: [{{source: {{principals: ['{pattern}']}}}}]}}]"),
+        )]);
+        assert_eq!(
+            allows(&i, &mtls(ns, sa, 80)),
+            expected,
+            "{pattern} vs {ns}/{sa}"
+        );
+    }
+}
+
+#[test]
+fn identity_fields_never_match_plaintext() {
+    for source in [
+        "principals: ['*']",
+        "notPrincipals: [cluster.local/ns/a/sa/b]",
+        "namespaces: ['*']",
+        "notNamespaces: [a]",
+        "serviceAccounts: [a/b]",
+        "notServiceAccounts: [a/b]",
+    ] {
+        let i = index(&[ap(
+            "shop",
+            "p",
+            &format!("rules: [{{from: [{{source: {{{source}}}}}]}}]"),
+        )]);
+        assert!(
+            !allows(&i, &plaintext(80)),
+            "{source} matched a plaintext peer"
+        );
+    }
+    for when in [
+        "{key: source.principal, values: ['*']}",
+        "{key: source.namespace, notValues: [a]}",
+    ] {
+        let i = index(&[ap("shop", "p", &format!("rules: [{{when: [{when}]}}]"))]);
+        assert!(
+            !allows(&i, &plaintext(80)),
+            "{when} matched a plaintext peer"
+        );
+    }
+}
+
+#[test]
+fn not_fields_exclude() {
+    let i = index(&[ap(
+        "shop",
+        "p",
+        "rules: [{from: [{source: {notNamespaces: [bad], notPrincipals: ['*/sa/evil']}}]}]",
+    )]);
+    assert!(allows(&i, &mtls("good", "x", 80)));
+    assert!(!allows(&i, &mtls("bad", "x", 80)));
+    assert!(!allows(&i, &mtls("good", "evil", 80)));
+}
+
+#[test]
+fn ip_blocks_and_ports() {
+    let i = index(&[ap(
+        "shop",
+        "p",
+        "rules: [{from: [{source: {ipBlocks: [10.244.1.0/24], notIpBlocks: [10.244.1.7]}}]}]",
+    )]);
+    assert!(!allows(&i, &mtls("a", "b", 80)), "10.244.1.7 is excluded");
+    let mut c = mtls("a", "b", 80);
+    c.source_ip = "10.244.1.8".parse().unwrap();
+    assert!(allows(&i, &c));
+    c.source_ip = "10.9.9.9".parse().unwrap();
+    assert!(!allows(&i, &c));
+    let i = index(&[ap(
+        "shop",
+        "p",
+        "rules: [{to: [{operation: {ports: ['80', '8080'], notPorts: ['8080']}}]}]",
+    )]);
+    assert!(allows(&i, &mtls("a", "b", 80)));
+    assert!(!allows(&i, &mtls("a", "b", 8080)));
+    assert!(!allows(&i, &mtls("a", "b", 9090)));
+    // IP blocks do not need an identity.
+    let i = index(&[ap(
+        "shop",
+        "p",
+        "rules: [{from: [{source: {ipBlocks: [10.244.0.0/16]}}]}]",
+    )]);
+    assert!(allows(&i, &plaintext(80)));
+}
+
+#[test]
+fn service_accounts() {
+    let i = index(&[ap(
+        "shop",
+        "p",
+        "rules: [{from: [{source: {serviceAccounts: [shop/client]}}]}]",
+    )]);
+    assert!(allows(&i, &mtls("shop", "client", 80)));
+    assert!(!allows(&i, &mtls("shop", "other", 80)));
+    assert!(!allows(&i, &mtls("other", "client", 80)));
+}
+
+#[test]
+fn when_conditions() {
+    let spec = "rules: [{when: [{key: source.ip, values: [10.244.1.0/24]}, {key: destination.port, notValues: ['22']}, {key: source.namespace, values: ['fr*']}, {key: destination.ip, values: [10.244.0.9]}]}]";
+    let i = index(&[ap("shop", "p", spec)]);
+    assert!(allows(&i, &mtls("front", "x", 80)));
+    assert!(!allows(&i, &mtls("front", "x", 22)), "notValues");
+    assert!(!allows(&i, &mtls("back", "x", 80)), "namespace prefix");
+    let i = index(&[ap(
+        "shop",
+        "p",
+        "rules: [{when: [{key: source.principal, values: [cluster.local/ns/a/sa/b]}]}]",
+    )]);
+    assert!(allows(&i, &mtls("a", "b", 80)));
+    assert!(!allows(&i, &mtls("a", "c", 80)));
+}
+
+#[test]
+fn trust_domain_aliases_apply_to_principals() {
+    let i = index(&[ap(
+        "shop",
+        "p",
+        "rules: [{from: [{source: {principals: [cluster.local/ns/a/sa/b]}}]}]",
+    )]);
+    let mut c = mtls("a", "b", 80);
+    c.source_identity = Some(Identity::new("old.local", "a", "b").unwrap());
+    assert!(allows(&i, &c), "old.local is an alias of cluster.local");
+    c.source_identity = Some(Identity::new("other.local", "a", "b").unwrap());
+    assert!(!allows(&i, &c));
+    let i = index(&[ap(
+        "shop",
+        "p",
+        "rules: [{from: [{source: {principals: [old.local/ns/a/sa/b]}}]}]",
+    )]);
+    assert!(allows(&i, &mtls("a", "b", 80)), "and the other way round");
+}
+
+#[test]
+fn l7_attributes_fail_closed_for_allow_and_deny_more_for_deny() {
+    // ALLOW that needs a method: never matches in the tunnel.
+    let i = index(&[ap(
+        "shop",
+        "get-only",
+        "rules: [{to: [{operation: {methods: [GET]}}]}]",
+    )]);
+    let d = i.authorize(&web(), &mtls("a", "b", 80));
+    assert!(!d.allow);
+    assert!(
+        d.l7_notes
+            .iter()
+            .any(|n| n.contains("shop/get-only") && n.contains("waypoint")),
+        "{:?}",
+        d.l7_notes
+    );
+    // ... while its L4-only rules still work.
+    let i = index(&[ap(
+        "shop",
+        "mixed",
+        "rules: [{to: [{operation: {methods: [GET]}}]}, {from: [{source: {namespaces: [a]}}]}]",
+    )]);
+    assert!(allows(&i, &mtls("a", "b", 80)));
+    // DENY on a path from namespace b: enforced on "from namespace b" alone.
+    let i = index(&[ap("shop", "no-admin", "action: DENY\nrules: [{from: [{source: {namespaces: [b]}}], to: [{operation: {paths: [/admin]}}]}]")]);
+    assert!(!allows(&i, &mtls("b", "x", 80)), "denies more");
+    assert!(
+        allows(&i, &mtls("c", "x", 80)),
+        "but only its L4 part's sources"
+    );
+    let i = index(&[ap(
+        "shop",
+        "hdr",
+        "action: DENY\nrules: [{when: [{key: 'request.headers[x-evil]', values: ['1']}]}]",
+    )]);
+    assert!(
+        !allows(&i, &mtls("c", "x", 80)),
+        "a DENY whose only condition is L7 denies all"
+    );
+}
+
+#[test]
+fn dry_run_is_evaluated_not_enforced() {
+    let p = policy_with(
+        "AuthorizationPolicy",
+        "shop",
+        "try-deny",
+        "action: DENY\nrules: [{}]",
+        &[("istio.io/dry-run", "true")],
+    );
+    let d = index(&[p]).authorize(&web(), &mtls("a", "b", 80));
+    assert!(d.allow);
+    assert_eq!(
+        d.dry_run,
+        vec!["shop/try-deny: would deny (denied by DENY policy shop/try-deny)".to_string()]
+    );
+}
+
+#[test]
+fn invalid_policies_are_refused_with_the_field() {
+    for (spec, error) in [
+        ("action: MAYBE", "action"),
+        ("action: CUSTOM", "provider"),
+        ("provider: {name: x}", "provider"),
+        (
+            "rules: [{to: [{operation: {ports: ['http']}}]}]",
+            "rules[0].to[0].operation.ports",
+        ),
+        (
+            "rules: [{from: [{source: {ipBlocks: [10.0.0.0/99]}}]}]",
+            "rules[0].from[0].source.ipBlocks",
+        ),
+        (
+            "rules: [{when: [{key: source.ipp, values: [x]}]}]",
+            "unknown key",
+        ),
+        ("rules: [{from: [{source: {}}]}]", "at least one field"),
+        ("rules: [{when: [{key: source.ip}]}]", "values or notValues"),
+        ("rulez: []", "unknown field"),
+        (
+            "rules: [{from: [{source: {serviceAccounts: [nons]}}]}]",
+            "serviceAccounts",
+        ),
+    ] {
+        let err = validate(&ap("shop", "bad", spec)).unwrap_err();
+        assert!(err.contains(error), "{spec}: {err}");
+    }
+    let err = validate(&policy_with(
+        "AuthorizationPolicy",
+        "shop",
+        "bad",
+        "{}",
+        &[("istio.io/dry-run", "yes")],
+    ))
+    .unwrap_err();
+    assert!(err.contains("dry-run"), "{err}");
+}
+
+fn pa(ns: &str, name: &str, spec: &str) -> Policy {
+    policy("PeerAuthentication", ns, name, spec)
+}
+
+#[test]
+fn peer_authentication_narrowest_wins() {
+    let w = web();
+    assert_eq!(
+        index(&[]).peer_authentication(&w, 80),
+        (Mode::Permissive, None),
+        "mesh default"
+    );
+    let mesh_strict = pa(ROOT_NAMESPACE, "default", "mtls: {mode: STRICT}");
+    assert_eq!(
+        index(std::slice::from_ref(&mesh_strict)).peer_authentication(&w, 80).0,
+        Mode::Strict
+    );
+    let ns_permissive = pa("shop", "default", "mtls: {mode: PERMISSIVE}");
+    let i = index(&[mesh_strict.clone(), ns_permissive.clone()]);
+    assert_eq!(
+        i.peer_authentication(&w, 80),
+        (Mode::Permissive, Some("shop/default".into()))
+    );
+    let ns_unset = pa("shop", "default", "mtls: {mode: UNSET}");
+    assert_eq!(
+        index(&[mesh_strict.clone(), ns_unset])
+            .peer_authentication(&w, 80)
+            .0,
+        Mode::Strict,
+        "UNSET inherits"
+    );
+    let wl = pa("shop", "web", "selector: {matchLabels: {app: web}}\nmtls: {mode: STRICT}\nportLevelMtls: {'8080': {mode: DISABLE}, '9090': {mode: UNSET}}");
+    let i = index(&[ns_permissive, wl]);
+    assert_eq!(
+        i.peer_authentication(&w, 80),
+        (Mode::Strict, Some("shop/web".into()))
+    );
+    assert_eq!(
+        i.peer_authentication(&w, 8080).0,
+        Mode::Disable,
+        "port level"
+    );
+    assert_eq!(
+        i.peer_authentication(&w, 9090).0,
+        Mode::Strict,
+        "UNSET port inherits the workload's"
+    );
+    let other = workload("shop", "db", &[("app", "db")]);
+    assert_eq!(
+        i.peer_authentication(&other, 80).0,
+        Mode::Permissive,
+        "the selector picks web only"
+    );
+    let err = validate(&pa("shop", "bad", "portLevelMtls: {'80': {mode: STRICT}}")).unwrap_err();
+    assert!(err.contains("selector"), "{err}");
+    assert!(validate(&pa("shop", "bad", "mtls: {mode: STRICTER}")).is_err());
+}
+
+#[test]
+fn evaluation_only_sees_the_policies_that_target_the_destination() {
+    // 10,000 policies elsewhere; the destination's namespace has one.
+    let mut policies: Vec<Policy> = (0..10_000)
+        .map(|n| ap(&format!("ns{n}"), "deny-all", "{}"))
+        .collect();
+    policies.push(ap("shop", "allow-all", "rules: [{}]"));
+    let i = index(&policies);
+    let d = i.authorize(&web(), &mtls("a", "b", 80));
+    assert_eq!(d.policy.as_deref(), Some("shop/allow-all"));
+    let applicable = i.applicable(&web());
+    assert_eq!(applicable.allow.len() + applicable.deny.len(), 1);
+}

@@ -510,3 +510,183 @@ async fn plaintext_from_outside_the_mesh_is_delivered_with_no_identity() {
     )
     .await;
 }
+
+const ALLOW_CLIENT: &str = r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: server-from-client, namespace: demo}
+spec:
+  selector: {matchLabels: {app: server}}
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/demo/sa/client]}}]
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_real_policy_allows_and_refuses_real_connections() {
+    let mesh = mesh().await;
+    mesh.write_config("policy.yaml", ALLOW_CLIENT).unwrap();
+    eventually(
+        Duration::from_secs(5),
+        "the policy loaded on node-b",
+        || async {
+            mesh.config_dump("node-b").await["policies"]
+                .as_array()
+                .is_some_and(|p| !p.is_empty())
+        },
+    )
+    .await;
+    let echo = EchoServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    let out = probe(
+        &mesh,
+        "client",
+        &["connect", &addr(&mesh, "server", 8080), "ok"],
+    );
+    assert!(out.contains("reply=server:ok"), "{out}");
+    // local-server runs as demo/server: not allowed.
+    let out = probe(
+        &mesh,
+        "local-server",
+        &["connect", &addr(&mesh, "server", 8080), "no"],
+    );
+    assert!(!out.contains("server:no"), "{out}");
+    assert_eq!(
+        echo.stop().unwrap().len(),
+        1,
+        "the denied connection never reached the app"
+    );
+    eventually(
+        Duration::from_secs(5),
+        "the denial explained and counted",
+        || async {
+            mesh.log("node-b")
+                .contains("connection denied: no ALLOW policy matched")
+                && mesh.metrics("node-b").await.contains(
+                    "ztunnel_connections_denied_total{policy=\"none\",kind=\"authorization\"} 1",
+                )
+        },
+    )
+    .await;
+    let log = mesh.log("node-b");
+    let line = log
+        .lines()
+        .find(|l| l.contains("connection denied"))
+        .unwrap();
+    assert!(
+        line.contains("spiffe://cluster.local/ns/demo/sa/server") && line.contains("port=8080"),
+        "{line}"
+    );
+
+    // A DENY policy names itself (the application is up: only policy stops it).
+    let _echo = EchoServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    mesh.write_config(
+        "deny.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-client, namespace: demo}\nspec:\n  action: DENY\n  rules: [{from: [{source: {principals: ['*/sa/client']}}]}]\n",
+    )
+    .unwrap();
+    eventually(
+        Duration::from_secs(5),
+        "the DENY policy enforced",
+        || async {
+            let out = probe(
+                &mesh,
+                "client",
+                &["connect", &addr(&mesh, "server", 8080), "x"],
+            );
+            !out.contains("server:x")
+        },
+    )
+    .await;
+    eventually(Duration::from_secs(5), "the DENY counted by name", || async {
+        mesh.metrics("node-b").await.contains("ztunnel_connections_denied_total{policy=\"demo/no-client\",kind=\"authorization\"}")
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn strict_refuses_a_client_outside_the_mesh() {
+    let mesh = mesh().await;
+    let echo = EchoServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    mesh.write_config("pa.yaml", "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: strict, namespace: demo}\nspec: {mtls: {mode: STRICT}}\n")
+        .unwrap();
+    eventually(
+        Duration::from_secs(5),
+        "the policy loaded on node-b",
+        || async {
+            mesh.config_dump("node-b").await["policies"]
+                .as_array()
+                .is_some_and(|p| !p.is_empty())
+        },
+    )
+    .await;
+    let out = probe(
+        &mesh,
+        "plain",
+        &["connect", &addr(&mesh, "server", 8080), "clear"],
+    );
+    assert!(!out.contains("server:clear"), "{out}");
+    // Mesh traffic is mTLS: unaffected.
+    let out = probe(
+        &mesh,
+        "client",
+        &["connect", &addr(&mesh, "server", 8080), "tls"],
+    );
+    assert!(out.contains("reply=server:tls"), "{out}");
+    assert_eq!(echo.stop().unwrap().len(), 1);
+    assert!(
+        mesh.log("node-b")
+            .contains("plaintext refused: PeerAuthentication demo/strict is STRICT"),
+        "{}",
+        mesh.log("node-b")
+    );
+    assert!(mesh.metrics("node-b").await.contains(
+        "ztunnel_connections_denied_total{policy=\"demo/strict\",kind=\"peer_authentication\"}"
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_policy_edit_closes_a_live_connection() {
+    let mesh = mesh().await;
+    let echo = EchoServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    let mut slow = mesh
+        .cluster
+        .pod("client")
+        .command(PROBE)
+        .unwrap()
+        .args(["slow", &addr(&mesh, "server", 8080), "4000", "doomed"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(slow.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    assert_eq!(line.trim(), "connected");
+    eventually(
+        Duration::from_secs(5),
+        "the connection open at the destination",
+        || async {
+            mesh.metrics("node-b").await.lines().any(|l| {
+                l.starts_with("istio_tcp_connections_opened_total{")
+                    && l.contains("reporter=\"destination\"")
+            })
+        },
+    )
+    .await;
+    mesh.write_config("deny-all.yaml", "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-all, namespace: demo}\nspec: {}\n")
+        .unwrap();
+    eventually(
+        Duration::from_secs(5),
+        "the live connection closed",
+        || async {
+            mesh.log("node-b")
+                .contains("closing a connection the new policy denies")
+        },
+    )
+    .await;
+    let mut rest = String::new();
+    let _ = std::io::Read::read_to_string(&mut stdout, &mut rest);
+    let _ = slow.wait();
+    assert!(
+        !rest.contains("server:doomed"),
+        "the denied connection carried on: {rest}"
+    );
+    let _ = echo.stop();
+}

@@ -450,7 +450,9 @@ fn peer_authentication_narrowest_wins() {
     );
     let mesh_strict = pa(ROOT_NAMESPACE, "default", "mtls: {mode: STRICT}");
     assert_eq!(
-        index(std::slice::from_ref(&mesh_strict)).peer_authentication(&w, 80).0,
+        index(std::slice::from_ref(&mesh_strict))
+            .peer_authentication(&w, 80)
+            .0,
         Mode::Strict
     );
     let ns_permissive = pa("shop", "default", "mtls: {mode: PERMISSIVE}");

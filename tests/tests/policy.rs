@@ -1,0 +1,202 @@
+//! `ztunnel policy check` on YAML directories: the decision, the layer, the deciding
+//! policy, the exit status.
+
+use std::process::Command;
+
+use testbed::mesh::{ztunnel_binary, TempDir};
+
+const CONFIG: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: legacy}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: shop, labels: {app: client}}
+spec: {serviceAccountName: client, nodeName: node-a}
+status: {podIP: 10.244.0.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: shop, labels: {app: web}}
+spec: {serviceAccountName: web, nodeName: node-b}
+status: {podIP: 10.244.1.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: old, namespace: legacy}
+spec: {nodeName: node-b}
+status: {podIP: 10.244.1.3}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: web-from-client, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/shop/sa/client]}}]
+    to: [{operation: {ports: ["8080"]}}]
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: strict, namespace: shop}
+spec: {mtls: {mode: STRICT}}
+"#;
+
+fn check(dir: &TempDir, args: &[&str]) -> (i32, String) {
+    let out = Command::new(ztunnel_binary())
+        .args(["policy", "check", "--config"])
+        .arg(dir.path())
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+fn config(extra: &str) -> TempDir {
+    let dir = TempDir::new("policy-check").unwrap();
+    std::fs::write(dir.path().join("mesh.yaml"), format!("{CONFIG}{extra}")).unwrap();
+    dir
+}
+
+#[test]
+fn an_allowed_connection_names_the_policy_and_exits_0() {
+    let dir = config("");
+    let (code, out) = check(&dir, &["--from", "shop/client", "--to", "shop/web:8080"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.starts_with("ALLOW (layer: ztunnel, policy: shop/web-from-client)"),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_denied_connection_says_why_and_exits_1() {
+    let dir = config("");
+    let (code, out) = check(&dir, &["--from", "shop/client", "--to", "shop/web:9090"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.starts_with("DENY (layer: ztunnel, policy: -)"), "{out}");
+    assert!(out.contains("reason: no ALLOW policy matched"), "{out}");
+}
+
+#[test]
+fn strict_refuses_plaintext_and_clients_outside_the_mesh() {
+    let dir = config("");
+    let (code, out) = check(
+        &dir,
+        &[
+            "--from",
+            "shop/client",
+            "--to",
+            "shop/web:8080",
+            "--plaintext",
+        ],
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("policy: shop/strict") && out.contains("STRICT"),
+        "{out}"
+    );
+    let (code, out) = check(&dir, &["--from", "legacy/old", "--to", "shop/web:8080"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("not in the mesh: its traffic arrives in plaintext"),
+        "{out}"
+    );
+}
+
+#[test]
+fn json_output_carries_every_field() {
+    let dir = config("");
+    let (code, out) = check(
+        &dir,
+        &[
+            "--from",
+            "shop/client",
+            "--to",
+            "shop/web:8080",
+            "-o",
+            "json",
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(json["decision"], "ALLOW");
+    assert_eq!(json["layer"], "ztunnel");
+    assert_eq!(json["policy"], "shop/web-from-client");
+}
+
+#[test]
+fn a_destination_outside_the_mesh_has_no_enforcing_layer() {
+    let dir = config("");
+    let (code, out) = check(&dir, &["--from", "shop/client", "--to", "legacy/old:80"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("layer: none"), "{out}");
+}
+
+#[test]
+fn deny_policies_win_and_l7_rules_are_reported() {
+    let dir = config(
+        r#"
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-admin, namespace: shop}
+spec:
+  action: DENY
+  rules:
+  - from: [{source: {namespaces: [shop]}}]
+    to: [{operation: {paths: [/admin]}}]
+"#,
+    );
+    let (code, out) = check(
+        &dir,
+        &[
+            "--from",
+            "shop/client",
+            "--to",
+            "shop/web:8080",
+            "--method",
+            "GET",
+            "--path",
+            "/",
+        ],
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("policy: shop/no-admin"), "{out}");
+    assert!(
+        out.contains("note: shop/no-admin: uses L7 attributes"),
+        "{out}"
+    );
+    assert!(
+        out.contains("note: HTTP attributes are decided by a waypoint"),
+        "{out}"
+    );
+}
+
+#[test]
+fn bad_input_is_an_error_not_a_decision() {
+    let dir = config("");
+    let (code, out) = check(&dir, &["--from", "shop/nobody", "--to", "shop/web:8080"]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("no pod shop/nobody"), "{out}");
+    let dir = config("---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: broken, namespace: shop}\nspec: {action: MAYBE}\n");
+    let (code, out) = check(&dir, &["--from", "shop/client", "--to", "shop/web:8080"]);
+    assert_eq!(
+        code, 0,
+        "the broken policy is refused, the rest applies: {out}"
+    );
+    assert!(
+        out.contains("AuthorizationPolicy shop/broken: spec.action"),
+        "{out}"
+    );
+}

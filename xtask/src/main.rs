@@ -63,6 +63,9 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn test(args: &[String]) -> Result<()> {
+    // End-to-end tests run the real `ztunnel` binary; cargo only builds a package's
+    // binaries for that package's own integration tests.
+    status(Command::new("cargo").args(["build", "--quiet", "-p", "ztunnel", "--bins"]))?;
     let mut cmd = Command::new("cargo");
     if bootstrap::have_nextest() {
         cmd.args(["nextest", "run", "--no-fail-fast"]);

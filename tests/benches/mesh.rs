@@ -98,6 +98,11 @@ async fn main() -> Result<()> {
     let (m, d) = (median(mesh_bps), median(direct_bps));
     println!("mesh/throughput   mesh {:.2} Gbit/s, direct {:.2} Gbit/s: ratio {:.2} (single stream, 1 GiB, median of {ROUNDS})", m / 1e9, d / 1e9, m / d);
 
+    // ZTB_BENCH=throughput stops here (for tuning runs).
+    if std::env::var("ZTB_BENCH").is_ok_and(|b| b == "throughput") {
+        return Ok(());
+    }
+
     // New connections per second.
     let (mut mesh_cps, mut direct_cps) = (Vec::new(), Vec::new());
     for _ in 0..ROUNDS {

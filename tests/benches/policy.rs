@@ -71,6 +71,7 @@ fn run(total: usize) {
         captured: true,
         netns: None,
         cgroup: None,
+        waypoint: None,
     };
     let sources: Vec<Connection> = ["front", "ops", "legacy", "evil", "other"]
         .iter()

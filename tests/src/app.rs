@@ -20,7 +20,7 @@ use crate::Pod;
 /// once the client has shut down its sending side, and remembers who connected.
 pub struct EchoServer {
     stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<Vec<SocketAddr>>>,
+    task: Option<std::thread::JoinHandle<Vec<SocketAddr>>>,
 }
 
 impl EchoServer {
@@ -210,6 +210,101 @@ impl Drop for BenchServer {
         }
         if let Some(task) = self.task.take() {
             let _ = task.join();
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 server in a pod: answers every request with 200 and the body
+/// `<pod> <METHOD> <path>`, keeping connections alive.
+pub struct HttpServer {
+    _inner: EchoServer,
+}
+
+impl HttpServer {
+    pub fn start(pod: &Pod, port: u16) -> Result<Self> {
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let (stop, mut stopped) = oneshot::channel::<()>();
+        let name = pod.name.clone();
+        let task = pod.spawn_task(move || async move {
+            let listener = match TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).await {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return Vec::new();
+                }
+            };
+            let _ = ready_tx.send(Ok(()));
+            let mut peers = Vec::new();
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => return peers,
+                    accepted = listener.accept() => {
+                        let Ok((stream, peer)) = accepted else { continue };
+                        peers.push(peer);
+                        tokio::spawn(serve_http(stream, name.clone()));
+                    }
+                }
+            }
+        })?;
+        ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .context("HTTP server did not start")?
+            .with_context(|| format!("binding port {port} in pod {}", pod.name))?;
+        Ok(Self {
+            _inner: EchoServer {
+                stop: Some(stop),
+                task: Some(task),
+            },
+        })
+    }
+}
+
+async fn serve_http(stream: tokio::net::TcpStream, name: String) {
+    use tokio::io::AsyncBufReadExt;
+    let mut stream = tokio::io::BufReader::new(stream);
+    loop {
+        let mut request_line = String::new();
+        if stream.read_line(&mut request_line).await.unwrap_or(0) == 0 {
+            return;
+        }
+        let mut length = 0usize;
+        let mut close = false;
+        loop {
+            let mut header = String::new();
+            if stream.read_line(&mut header).await.unwrap_or(0) == 0 {
+                return;
+            }
+            if header == "\r\n" {
+                break;
+            }
+            if let Some((k, v)) = header.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+                if k.eq_ignore_ascii_case("connection") && v.trim().eq_ignore_ascii_case("close") {
+                    close = true;
+                }
+            }
+        }
+        let mut body = vec![0u8; length];
+        if stream.read_exact(&mut body).await.is_err() {
+            return;
+        }
+        let mut parts = request_line.split_whitespace();
+        let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        let reply = format!("{name} {method} {path}");
+        let response = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\ncontent-type: text/plain\r\n\r\n{reply}",
+            reply.len()
+        );
+        if stream
+            .get_mut()
+            .write_all(response.as_bytes())
+            .await
+            .is_err()
+            || close
+        {
+            return;
         }
     }
 }

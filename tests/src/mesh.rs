@@ -483,6 +483,85 @@ impl Mesh {
         Ok(())
     }
 
+    /// Starts the `waypoint` binary in `pod` (declared in the config as the pod of
+    /// Gateway `namespace/name`), and waits until it serves.
+    pub async fn start_waypoint(
+        &mut self,
+        pod_name: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Result<()> {
+        let pod = self.cluster.pod(pod_name).clone();
+        let log_name = format!("waypoint-{pod_name}");
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_file(&log_name))?;
+        let binary = ztunnel_binary().with_file_name("waypoint");
+        let mut cmd = pod.command(&binary)?;
+        cmd.arg("--config")
+            .arg(self.config.path())
+            .args([
+                "--config-poll-ms",
+                "100",
+                "--name",
+                name,
+                "--namespace",
+                namespace,
+                "--pod",
+                pod_name,
+            ])
+            .arg("--ca-address")
+            .arg(self.ca.addr.to_string())
+            .arg("--ca-root")
+            .arg(self.root_file())
+            .arg("--ca-token")
+            .arg(self.ca.token_file(&pod.node))
+            .env(
+                "RUST_LOG",
+                std::env::var("ZTB_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdout(std::process::Stdio::null())
+            .stderr(log);
+        let mut child = cmd.spawn().context("starting the waypoint")?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let ip = pod.ip;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                anyhow::bail!("the waypoint exited ({status}):\n{}", self.log(&log_name));
+            }
+            let listening =
+                pod.in_netns(move || std::net::TcpStream::connect((ip, 15008)).is_ok())?;
+            if listening {
+                break;
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "the waypoint is not listening:\n{}",
+                self.log(&log_name)
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        self.tunnels.insert(log_name, child);
+        Ok(())
+    }
+
+    /// The waypoint's metrics page (it listens on 15020 inside its pod).
+    pub async fn waypoint_metrics(&self, pod: &str) -> String {
+        let pod = self.cluster.pod(pod);
+        pod.in_netns(|| -> std::io::Result<String> {
+            use std::io::{Read, Write};
+            let mut tcp = std::net::TcpStream::connect(("127.0.0.1", 15020))?;
+            tcp.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+            let mut page = String::new();
+            tcp.read_to_string(&mut page)?;
+            Ok(page)
+        })
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default()
+    }
+
     /// The process id of the node's tunnel.
     pub fn tunnel_pid(&self, node: &str) -> Option<u32> {
         self.tunnels.get(node).map(|c| c.id())

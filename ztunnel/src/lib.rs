@@ -17,3 +17,4 @@ pub mod proxy;
 pub mod redirect;
 pub mod state;
 pub mod tls;
+pub mod waypoint;

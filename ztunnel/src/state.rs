@@ -29,6 +29,8 @@ pub struct Workload {
     /// Local mode: where its node finds its network namespace and cgroup.
     pub netns: Option<PathBuf>,
     pub cgroup: Option<PathBuf>,
+    /// The waypoint (namespace, name) its pod-addressed traffic may go through.
+    pub waypoint: Option<(String, String)>,
 }
 
 impl Workload {
@@ -54,6 +56,37 @@ pub struct Service {
     pub ports: Vec<config::ServicePort>,
     /// Pods selected by the service that have an IP.
     pub endpoints: Vec<Arc<Workload>>,
+    /// The waypoint (namespace, name) its traffic may go through.
+    pub waypoint: Option<(String, String)>,
+}
+
+/// Which traffic a waypoint handles (`istio.io/waypoint-for`; Istio's default is
+/// service-addressed traffic).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WaypointFor {
+    Service,
+    Workload,
+    All,
+    None,
+}
+
+/// A waypoint: a Gateway of class istio-waypoint and the pods serving it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Waypoint {
+    pub name: String,
+    pub namespace: String,
+    pub traffic: WaypointFor,
+    pub pods: Vec<Arc<Workload>>,
+}
+
+impl Waypoint {
+    pub fn serves_services(&self) -> bool {
+        matches!(self.traffic, WaypointFor::Service | WaypointFor::All)
+    }
+
+    pub fn serves_workloads(&self) -> bool {
+        matches!(self.traffic, WaypointFor::Workload | WaypointFor::All)
+    }
 }
 
 /// What the state needs besides the config.
@@ -86,6 +119,28 @@ pub struct State {
     by_ip: HashMap<Ipv4Addr, Arc<Workload>>,
     by_name: HashMap<(String, String), Arc<Workload>>,
     services: HashMap<Ipv4Addr, Arc<Service>>,
+    waypoints: HashMap<(String, String), Arc<Waypoint>>,
+}
+
+/// `istio.io/use-waypoint` on an object, else on its namespace; "none" opts out.
+fn use_waypoint(
+    labels: &BTreeMap<String, String>,
+    namespace: &str,
+    snapshot: &Snapshot,
+) -> Option<(String, String)> {
+    let ns_labels = snapshot.namespaces.get(namespace).map(|n| &n.labels);
+    let (name, source) = match labels.get(config::USE_WAYPOINT) {
+        Some(name) => (name, labels),
+        None => (ns_labels?.get(config::USE_WAYPOINT)?, ns_labels?),
+    };
+    if name == "none" {
+        return None;
+    }
+    let waypoint_ns = source
+        .get(config::USE_WAYPOINT_NAMESPACE)
+        .cloned()
+        .unwrap_or_else(|| namespace.to_owned());
+    Some((waypoint_ns, name.clone()))
 }
 
 impl State {
@@ -113,6 +168,8 @@ impl State {
                 .labels
                 .get(config::DATAPLANE_MODE)
                 .is_some_and(|m| m == config::OPT_OUT);
+            // A waypoint's pods are never captured: they speak HBONE themselves.
+            let is_waypoint = pod.labels.contains_key(config::GATEWAY_NAME);
             let Ok(identity) = Identity::new(trust_domain, &pod.namespace, &pod.service_account)
             else {
                 tracing::warn!(pod = %pod.name, namespace = %pod.namespace, "no valid identity for the pod; left out of the mesh");
@@ -126,7 +183,7 @@ impl State {
                 ip,
                 labels: pod.labels.clone(),
                 identity,
-                captured: ambient_ns && !opted_out,
+                captured: ambient_ns && !opted_out && !is_waypoint,
                 netns: pod
                     .annotations
                     .get(config::NETNS_ANNOTATION)
@@ -135,6 +192,7 @@ impl State {
                     .annotations
                     .get(config::CGROUP_ANNOTATION)
                     .map(PathBuf::from),
+                waypoint: use_waypoint(&pod.labels, &pod.namespace, &snapshot),
             });
             state.by_ip.insert(ip, workload.clone());
             state
@@ -163,11 +221,47 @@ impl State {
                     vip,
                     ports: svc.ports.clone(),
                     endpoints,
+                    waypoint: use_waypoint(&svc.labels, &svc.namespace, &snapshot),
+                }),
+            );
+        }
+        for gateway in snapshot
+            .gateways
+            .values()
+            .filter(|g| g.class == config::WAYPOINT_CLASS)
+        {
+            let traffic = match gateway.labels.get(config::WAYPOINT_FOR).map(String::as_str) {
+                None | Some("service") => WaypointFor::Service,
+                Some("workload") => WaypointFor::Workload,
+                Some("all") => WaypointFor::All,
+                Some(_) => WaypointFor::None,
+            };
+            let mut pods: Vec<Arc<Workload>> = state
+                .by_name
+                .values()
+                .filter(|w| {
+                    w.namespace == gateway.namespace
+                        && w.labels.get(config::GATEWAY_NAME) == Some(&gateway.name)
+                })
+                .cloned()
+                .collect();
+            pods.sort_by_key(|w| w.ip);
+            state.waypoints.insert(
+                (gateway.namespace.clone(), gateway.name.clone()),
+                Arc::new(Waypoint {
+                    name: gateway.name.clone(),
+                    namespace: gateway.namespace.clone(),
+                    traffic,
+                    pods,
                 }),
             );
         }
         state.snapshot = snapshot;
         state
+    }
+
+    pub fn waypoint(&self, key: &(String, String)) -> Option<&Arc<Waypoint>> {
+        self.waypoints.get(key)
     }
 
     pub fn workload_by_ip(&self, ip: Ipv4Addr) -> Option<&Arc<Workload>> {
@@ -249,6 +343,7 @@ mod tests {
             SvcConfig {
                 name: "web".into(),
                 namespace: "mesh".into(),
+                labels: BTreeMap::new(),
                 cluster_ip: Some([10, 96, 0, 1].into()),
                 ports: vec![ServicePort {
                     name: None,

@@ -13,6 +13,7 @@
 //!   tb-probe rr <ip:port> <count> <cpu>    1-byte round trips to an echo, pinned to a CPU
 //!   tb-probe conns <ip:port> <ms>          connect/exchange/close for a while: rate
 //!   tb-probe idle <ip:port> <n>            hold n idle connections until stdin closes
+//!   tb-probe http <ip:port> <METHOD> <path> [Name:value]...  one HTTP/1.1 request
 //!   tb-probe hold-cluster <spec.yaml>      build a cluster, print its prefix, wait
 use std::{
     io::{Read, Write},
@@ -39,6 +40,7 @@ fn main() -> ExitCode {
         ["rr", addr, count, cpu] => round_trips(addr, count, cpu),
         ["conns", addr, millis] => connections(addr, millis),
         ["idle", addr, n] => idle(addr, n),
+        ["http", addr, method, path, headers @ ..] => http(addr, method, path, headers),
         ["hold-cluster", spec] => hold_cluster(spec),
         _ => Err(anyhow::anyhow!(
             "usage: tb-probe connect <ip:port> <message> | dns <ip:port> <query> | hold-cluster <spec.yaml>"
@@ -248,6 +250,30 @@ fn idle(addr: &str, n: &str) -> anyhow::Result<()> {
     println!("open={}", streams.len());
     let mut line = String::new();
     let _ = std::io::stdin().read_line(&mut line);
+    Ok(())
+}
+
+fn http(addr: &str, method: &str, path: &str, headers: &[&str]) -> anyhow::Result<()> {
+    let target: SocketAddr = addr.parse()?;
+    let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-length: 0\r\nconnection: close\r\n"
+    );
+    for header in headers {
+        request.push_str(&format!("{header}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes())?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response.split_whitespace().nth(1).unwrap_or("none");
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .unwrap_or("");
+    println!("status={status}");
+    println!("body={body}");
     Ok(())
 }
 

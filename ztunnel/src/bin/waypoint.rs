@@ -1,1 +1,85 @@
-fn main() {}
+//! `waypoint`: L7 policy for the destinations that use it (see ztunnel::waypoint).
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Waypoint: L7 AuthorizationPolicy for ambient mesh destinations"
+)]
+struct Args {
+    /// Directory of Kubernetes YAML (the same as `ztunnel run --config`).
+    #[arg(long)]
+    config: PathBuf,
+    /// The waypoint Gateway's name (gatewayClassName: istio-waypoint).
+    #[arg(long)]
+    name: String,
+    /// The waypoint's namespace.
+    #[arg(long)]
+    namespace: String,
+    /// This waypoint pod's name (its identity comes from its service account).
+    #[arg(long, env = "POD_NAME")]
+    pod: String,
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    #[arg(long = "trust-domain-alias")]
+    trust_domain_aliases: Vec<String>,
+    #[arg(long, default_value = ztunnel::policy::ROOT_NAMESPACE)]
+    root_namespace: String,
+    /// The CA, host:port.
+    #[arg(long)]
+    ca_address: String,
+    #[arg(long, default_value = "ztunnel-ca.istio-system.svc")]
+    ca_server_name: String,
+    /// PEM roots that signed the CA's TLS certificate.
+    #[arg(long)]
+    ca_root: PathBuf,
+    /// The credential for the CA.
+    #[arg(long)]
+    ca_token: PathBuf,
+    #[arg(long, default_value = "86400")]
+    cert_ttl_seconds: u64,
+    #[arg(long, default_value = "0.0.0.0:15008")]
+    listen: SocketAddr,
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    metrics_addr: SocketAddr,
+    /// How often the config directory is checked, in milliseconds.
+    #[arg(long, default_value = "1000")]
+    config_poll_ms: u64,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let args = Args::parse();
+    let options = ztunnel::waypoint::WaypointOptions {
+        config_dir: args.config,
+        config_poll: Duration::from_millis(args.config_poll_ms),
+        name: args.name,
+        namespace: args.namespace,
+        pod: args.pod,
+        trust_domain: args.trust_domain,
+        trust_domain_aliases: args.trust_domain_aliases,
+        root_namespace: args.root_namespace,
+        ca_address: args.ca_address,
+        ca_server_name: args.ca_server_name,
+        ca_root: args.ca_root,
+        ca_token: args.ca_token,
+        cert_ttl: Duration::from_secs(args.cert_ttl_seconds),
+        listen: args.listen,
+        metrics_addr: args.metrics_addr,
+    };
+    let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
+    if let Err(e) = runtime.block_on(ztunnel::waypoint::run(options)) {
+        eprintln!("waypoint: error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -17,7 +17,9 @@ use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use tokio::sync::watch;
 
-use super::{ConfigError, Namespace, Pod, Policy, Service, ServiceAccount, ServicePort, Snapshot};
+use super::{
+    ConfigError, Gateway, Namespace, Pod, Policy, Service, ServiceAccount, ServicePort, Snapshot,
+};
 
 /// What the directory looked like: files with their size and modification time.
 /// Equal fingerprints mean nothing to re-read.
@@ -61,6 +63,7 @@ enum Object {
     Pod(Pod),
     Service(Service),
     Policy(Policy),
+    Gateway(Gateway),
 }
 
 /// The Istio kinds we keep for policy.
@@ -175,6 +178,9 @@ impl LocalSource {
                 Object::Service(s) => {
                     snapshot.services.insert((ns.clone(), name.clone()), s);
                 }
+                Object::Gateway(g) => {
+                    snapshot.gateways.insert((ns.clone(), name.clone()), g);
+                }
                 Object::Policy(p) => {
                     snapshot
                         .policies
@@ -256,6 +262,10 @@ fn identify(value: &serde_yaml::Value) -> Result<Option<Key>, String> {
         .unwrap_or("");
     let known = match kind {
         "Namespace" | "ServiceAccount" | "Pod" | "Service" => api == "v1",
+        "Gateway" => matches!(
+            api,
+            "gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1"
+        ),
         k if POLICY_KINDS.contains(&k) => {
             matches!(api, "security.istio.io/v1" | "security.istio.io/v1beta1")
         }
@@ -407,9 +417,25 @@ fn parse(key: &Key, value: serde_yaml::Value) -> Result<Object> {
             Object::Service(Service {
                 name,
                 namespace,
+                labels: r.metadata.labels,
                 cluster_ip,
                 ports,
                 selector: spec.selector,
+            })
+        }
+        "Gateway" => {
+            let class = value
+                .get("spec")
+                .and_then(|s| s.get("gatewayClassName"))
+                .and_then(|c| c.as_str())
+                .ok_or_else(|| anyhow::anyhow!("spec.gatewayClassName is required"))?
+                .to_owned();
+            let r: Resource<serde_yaml::Value> = serde_yaml::from_value(value)?;
+            Object::Gateway(Gateway {
+                name,
+                namespace,
+                class,
+                labels: r.metadata.labels,
             })
         }
         _ => {

@@ -55,10 +55,31 @@ pub struct ServicePort {
 pub struct Service {
     pub name: String,
     pub namespace: String,
+    pub labels: BTreeMap<String, String>,
     pub cluster_ip: Option<Ipv4Addr>,
     pub ports: Vec<ServicePort>,
     pub selector: BTreeMap<String, String>,
 }
+
+/// A `gateway.networking.k8s.io` Gateway; class `istio-waypoint` declares a waypoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Gateway {
+    pub name: String,
+    pub namespace: String,
+    pub class: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The class of waypoint Gateways.
+pub const WAYPOINT_CLASS: &str = "istio-waypoint";
+/// On a Namespace, Service or Pod: the waypoint its traffic goes through.
+pub const USE_WAYPOINT: &str = "istio.io/use-waypoint";
+/// ... and the waypoint's namespace when it is another.
+pub const USE_WAYPOINT_NAMESPACE: &str = "istio.io/use-waypoint-namespace";
+/// On a waypoint Gateway: which traffic it handles (service, workload, all, none).
+pub const WAYPOINT_FOR: &str = "istio.io/waypoint-for";
+/// On a waypoint's pods: the Gateway they serve.
+pub const GATEWAY_NAME: &str = "gateway.networking.k8s.io/gateway-name";
 
 /// A `security.istio.io` resource, kept as parsed YAML until policy reads it.
 #[derive(Clone, Debug, PartialEq)]
@@ -79,6 +100,7 @@ pub struct Snapshot {
     pub pods: BTreeMap<(String, String), Pod>,
     pub services: BTreeMap<(String, String), Service>,
     pub policies: BTreeMap<(String, String, String), Policy>,
+    pub gateways: BTreeMap<(String, String), Gateway>,
 }
 
 /// A refused object or file: where, which object, what is wrong.

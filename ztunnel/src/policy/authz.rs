@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 
 use super::matching::{Cidr, StringMatch};
-use super::Connection;
+use super::{Connection, Request};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Action {
@@ -124,6 +124,8 @@ pub struct Compiled {
     pub selector: Option<BTreeMap<String, String>>,
     /// Attached with targetRef(s): the waypoint's, not enforced by the tunnel.
     pub waypoint_only: bool,
+    /// targetRef(s): (kind, name) in the policy's namespace (Gateway or Service).
+    pub targets: Vec<(String, String)>,
     pub dry_run: bool,
     /// The policy uses L7 attributes the tunnel cannot see.
     pub has_l7: bool,
@@ -132,7 +134,7 @@ pub struct Compiled {
 
 #[derive(Clone, Debug, Default)]
 struct Rule {
-    /// An ALLOW rule needing L7: never matches at L4.
+    /// An ALLOW rule needing L7: never matches at L4 (in the tunnel).
     never: bool,
     from: Vec<Source>,
     to: Vec<Operation>,
@@ -149,12 +151,24 @@ struct Source {
     not_ip_blocks: Vec<Cidr>,
     service_accounts: Vec<String>,
     not_service_accounts: Vec<String>,
+    // L7: only the waypoint sees these.
+    request_principals: Vec<StringMatch>,
+    not_request_principals: Vec<StringMatch>,
+    remote_ip_blocks: Vec<Cidr>,
+    not_remote_ip_blocks: Vec<Cidr>,
 }
 
 #[derive(Clone, Debug, Default)]
 struct Operation {
     ports: Vec<u16>,
     not_ports: Vec<u16>,
+    // L7: only the waypoint sees these.
+    hosts: Vec<StringMatch>,
+    not_hosts: Vec<StringMatch>,
+    methods: Vec<StringMatch>,
+    not_methods: Vec<StringMatch>,
+    paths: Vec<StringMatch>,
+    not_paths: Vec<StringMatch>,
 }
 
 #[derive(Clone, Debug)]
@@ -164,6 +178,17 @@ enum ConditionKey {
     SourcePrincipal,
     DestinationIp,
     DestinationPort,
+    // L7: only the waypoint sees these.
+    Header(String),
+    RemoteIp,
+    AuthPrincipal,
+    AuthAudiences,
+    AuthPresenter,
+    /// `request.auth.claims[a][b]`: a path into nested claims.
+    AuthClaim(Vec<String>),
+    /// Valid in Istio, not evaluated here (connection.sni, experimental.*): never
+    /// matches.
+    Unsupported,
 }
 
 #[derive(Clone, Debug)]
@@ -171,6 +196,43 @@ struct Condition {
     key: ConditionKey,
     values: Vec<String>,
     not_values: Vec<String>,
+}
+
+/// Parses an L7 `when` key.
+fn l7_key(key: &str) -> Result<ConditionKey, String> {
+    let bracketed = |rest: &str| -> Result<Vec<String>, String> {
+        // `[a][b]...`
+        let mut parts = Vec::new();
+        let mut rest = rest;
+        while let Some(inner) = rest.strip_prefix('[') {
+            let end = inner
+                .find(']')
+                .ok_or_else(|| format!("{key:?}: unclosed ["))?;
+            parts.push(inner[..end].to_owned());
+            rest = &inner[end + 1..];
+        }
+        if !rest.is_empty() || parts.is_empty() || parts.iter().any(String::is_empty) {
+            return Err(format!("{key:?}: expected [name]"));
+        }
+        Ok(parts)
+    };
+    Ok(match key {
+        "remote.ip" => ConditionKey::RemoteIp,
+        "request.auth.principal" => ConditionKey::AuthPrincipal,
+        "request.auth.audiences" => ConditionKey::AuthAudiences,
+        "request.auth.presenter" => ConditionKey::AuthPresenter,
+        k if k.starts_with("request.headers[") => {
+            let parts = bracketed(&k["request.headers".len()..])?;
+            if parts.len() != 1 {
+                return Err(format!("{k:?}: one header name"));
+            }
+            ConditionKey::Header(parts[0].to_ascii_lowercase())
+        }
+        k if k.starts_with("request.auth.claims[") => {
+            ConditionKey::AuthClaim(bracketed(&k["request.auth.claims".len()..])?)
+        }
+        _ => ConditionKey::Unsupported,
+    })
 }
 
 /// Known keys only the waypoint can evaluate (Istio's list).
@@ -236,6 +298,30 @@ impl Compiled {
             return Err("istio.io/dry-run is not supported for CUSTOM policies".into());
         }
         let mut has_l7 = false;
+        let mut targets = Vec::new();
+        for (i, target) in spec
+            .target_ref
+            .iter()
+            .chain(spec.target_refs.iter().flatten())
+            .enumerate()
+        {
+            let field = |f: &str| target.get(f).and_then(|v| v.as_str()).map(str::to_owned);
+            let (Some(kind), Some(target_name)) = (field("kind"), field("name")) else {
+                return Err(format!("targetRefs[{i}]: kind and name are required"));
+            };
+            if !matches!(
+                kind.as_str(),
+                "Gateway" | "Service" | "ServiceEntry" | "GatewayClass"
+            ) {
+                return Err(format!("targetRefs[{i}].kind: {kind:?} is not Gateway, GatewayClass, Service or ServiceEntry"));
+            }
+            if field("namespace").is_some_and(|ns| ns != namespace) {
+                return Err(format!(
+                    "targetRefs[{i}].namespace: must be the policy's namespace"
+                ));
+            }
+            targets.push((kind, target_name));
+        }
         let mut rules = Vec::new();
         for (i, rule) in spec.rules.unwrap_or_default().into_iter().enumerate() {
             let (rule, l7) = compile_rule(rule, action).map_err(|e| format!("rules[{i}].{e}"))?;
@@ -248,18 +334,32 @@ impl Compiled {
             action,
             provider,
             selector: spec.selector.map(|s| s.match_labels),
-            waypoint_only: spec.target_ref.is_some() || spec.target_refs.is_some(),
+            waypoint_only: !targets.is_empty(),
+            targets,
             dry_run,
             has_l7,
             rules,
         })
     }
 
-    /// Whether any rule matches the connection. No rules: never.
+    /// Whether any rule matches the connection, as the tunnel sees it (no L7).
+    /// No rules: never.
     pub fn matches(&self, conn: &Connection, trust_domains: &[String]) -> bool {
         self.rules
             .iter()
-            .any(|rule| rule.matches(conn, trust_domains))
+            .any(|rule| rule.matches(conn, None, trust_domains))
+    }
+
+    /// Whether any rule matches the request, as a waypoint sees it.
+    pub fn matches_request(
+        &self,
+        conn: &Connection,
+        req: &Request,
+        trust_domains: &[String],
+    ) -> bool {
+        self.rules
+            .iter()
+            .any(|rule| rule.matches(conn, Some(req), trust_domains))
     }
 }
 
@@ -337,6 +437,10 @@ fn compile_rule(rule: RuleSpec, action: Action) -> Result<(Rule, bool), String> 
             not_ip_blocks: cidrs(&s.not_ip_blocks, "notIpBlocks")?,
             service_accounts: accounts(&s.service_accounts, "serviceAccounts")?,
             not_service_accounts: accounts(&s.not_service_accounts, "notServiceAccounts")?,
+            request_principals: strings(&s.request_principals),
+            not_request_principals: strings(&s.not_request_principals),
+            remote_ip_blocks: cidrs(&s.remote_ip_blocks, "remoteIpBlocks")?,
+            not_remote_ip_blocks: cidrs(&s.not_remote_ip_blocks, "notRemoteIpBlocks")?,
         });
     }
     let mut to = Vec::new();
@@ -363,9 +467,27 @@ fn compile_rule(rule: RuleSpec, action: Action) -> Result<(Rule, bool), String> 
                 })
                 .collect()
         };
+        let strings = |v: &Option<Vec<String>>| {
+            v.iter()
+                .flatten()
+                .map(|p| StringMatch::parse(p))
+                .collect::<Vec<_>>()
+        };
+        let lower = |v: &Option<Vec<String>>| {
+            v.iter()
+                .flatten()
+                .map(|p| StringMatch::parse(&p.to_ascii_lowercase()))
+                .collect::<Vec<_>>()
+        };
         to.push(Operation {
             ports: ports(&o.ports, "ports")?,
             not_ports: ports(&o.not_ports, "notPorts")?,
+            hosts: lower(&o.hosts),
+            not_hosts: lower(&o.not_hosts),
+            methods: strings(&o.methods),
+            not_methods: strings(&o.not_methods),
+            paths: strings(&o.paths),
+            not_paths: strings(&o.not_paths),
         });
     }
     let mut when = Vec::new();
@@ -381,7 +503,7 @@ fn compile_rule(rule: RuleSpec, action: Action) -> Result<(Rule, bool), String> 
             "destination.port" => ConditionKey::DestinationPort,
             k if is_l7_key(k) => {
                 l7 = true;
-                continue;
+                l7_key(k).map_err(|e| format!("when[{i}].key: {e}"))?
             }
             k => return Err(format!("when[{i}].key: unknown key {k:?}")),
         };
@@ -417,12 +539,24 @@ fn compile_rule(rule: RuleSpec, action: Action) -> Result<(Rule, bool), String> 
 }
 
 impl Rule {
-    fn matches(&self, conn: &Connection, tds: &[String]) -> bool {
-        !self.never
-            && (self.from.is_empty() || self.from.iter().any(|s| s.matches(conn, tds)))
-            && (self.to.is_empty() || self.to.iter().any(|o| o.matches(conn)))
-            && self.when.iter().all(|c| c.matches(conn, tds))
+    /// `req` is None in the tunnel: L7 attributes are unseen (an ALLOW rule needing
+    /// them never matches; other rules are judged on the rest), Some at a waypoint.
+    fn matches(&self, conn: &Connection, req: Option<&Request>, tds: &[String]) -> bool {
+        (req.is_some() || !self.never)
+            && (self.from.is_empty() || self.from.iter().any(|s| s.matches(conn, req, tds)))
+            && (self.to.is_empty() || self.to.iter().any(|o| o.matches(conn, req)))
+            && self.when.iter().all(|c| c.matches(conn, req, tds))
     }
+}
+
+/// A list of patterns that must (or, `not`, must not) match one of `values`; an
+/// empty list matches anything.
+fn list_matches(patterns: &[StringMatch], values: &[&str]) -> bool {
+    patterns.is_empty() || patterns.iter().any(|p| values.iter().any(|v| p.matches(v)))
+}
+
+fn list_excludes(patterns: &[StringMatch], values: &[&str]) -> bool {
+    !patterns.iter().any(|p| values.iter().any(|v| p.matches(v)))
 }
 
 /// The peer's principal in every accepted trust domain (aliases are one domain).
@@ -444,7 +578,22 @@ fn any_principal(patterns: &[StringMatch], conn: &Connection, tds: &[String]) ->
 }
 
 impl Source {
-    fn matches(&self, conn: &Connection, tds: &[String]) -> bool {
+    fn matches(&self, conn: &Connection, req: Option<&Request>, tds: &[String]) -> bool {
+        self.matches_l4(conn, tds) && req.is_none_or(|req| self.matches_l7(conn, req))
+    }
+
+    fn matches_l7(&self, conn: &Connection, req: &Request) -> bool {
+        // No token: the request principal is empty, which only `not` lists match.
+        let principal = req.auth.as_ref().map_or("", |a| a.principal.as_str());
+        let remote = req.remote_ip.unwrap_or(conn.source_ip);
+        list_matches(&self.request_principals, &[principal])
+            && list_excludes(&self.not_request_principals, &[principal])
+            && (self.remote_ip_blocks.is_empty()
+                || self.remote_ip_blocks.iter().any(|c| c.contains(remote)))
+            && !self.not_remote_ip_blocks.iter().any(|c| c.contains(remote))
+    }
+
+    fn matches_l4(&self, conn: &Connection, tds: &[String]) -> bool {
         let identity = conn.source_identity.as_ref();
         let namespace = identity.map(|id| id.namespace());
         let account = identity.map(|id| format!("{}/{}", id.namespace(), id.service_account()));
@@ -481,14 +630,55 @@ fn trusted(conn: &Connection, tds: &[String]) -> bool {
 }
 
 impl Operation {
-    fn matches(&self, conn: &Connection) -> bool {
+    fn matches(&self, conn: &Connection, req: Option<&Request>) -> bool {
+        self.matches_l4(conn) && req.is_none_or(|req| self.matches_l7(req))
+    }
+
+    fn matches_l7(&self, req: &Request) -> bool {
+        // Hosts compare case-insensitively, with or without the port.
+        let host = req.host.to_ascii_lowercase();
+        let bare = host
+            .rsplit_once(':')
+            .filter(|(_, p)| p.parse::<u16>().is_ok())
+            .map_or(host.as_str(), |(h, _)| h);
+        let hosts = [host.as_str(), bare];
+        list_matches(&self.hosts, &hosts)
+            && list_excludes(&self.not_hosts, &hosts)
+            && list_matches(&self.methods, &[req.method.as_str()])
+            && list_excludes(&self.not_methods, &[req.method.as_str()])
+            && list_matches(&self.paths, &[req.path.as_str()])
+            && list_excludes(&self.not_paths, &[req.path.as_str()])
+    }
+
+    fn matches_l4(&self, conn: &Connection) -> bool {
         (self.ports.is_empty() || self.ports.contains(&conn.destination_port))
             && !self.not_ports.contains(&conn.destination_port)
     }
 }
 
 impl Condition {
-    fn matches(&self, conn: &Connection, tds: &[String]) -> bool {
+    fn matches(&self, conn: &Connection, req: Option<&Request>, tds: &[String]) -> bool {
+        if let Some(values) = self.request_values(req) {
+            let values: Vec<&str> = values.iter().map(String::as_str).collect();
+            let test = |pattern: &String| -> bool {
+                match self.key {
+                    ConditionKey::RemoteIp => Cidr::parse(pattern).is_ok_and(|c| {
+                        values
+                            .iter()
+                            .any(|v| v.parse().is_ok_and(|ip| c.contains(ip)))
+                    }),
+                    _ => values
+                        .iter()
+                        .any(|v| StringMatch::parse(pattern).matches(v)),
+                }
+            };
+            return (self.values.is_empty() || self.values.iter().any(test))
+                && !self.not_values.iter().any(test);
+        }
+        if self.is_l7() {
+            // In the tunnel: unseen, judged on the rest of the rule.
+            return !matches!(self.key, ConditionKey::Unsupported) || req.is_none();
+        }
         let test = |value: &str| -> Option<bool> {
             match self.key {
                 ConditionKey::SourceIp => {
@@ -505,6 +695,7 @@ impl Condition {
                 ConditionKey::SourcePrincipal => {
                     any_principal(&[StringMatch::parse(value)], conn, tds)
                 }
+                _ => None,
             }
         };
         let identity_key = matches!(
@@ -524,5 +715,58 @@ pub fn describe_source(conn: &Connection) -> String {
     match &conn.source_identity {
         Some(id) => format!("{id} ({})", conn.source_ip),
         None => format!("{} (no identity: plaintext)", conn.source_ip),
+    }
+}
+
+impl Condition {
+    fn is_l7(&self) -> bool {
+        !matches!(
+            self.key,
+            ConditionKey::SourceIp
+                | ConditionKey::SourceNamespace
+                | ConditionKey::SourcePrincipal
+                | ConditionKey::DestinationIp
+                | ConditionKey::DestinationPort
+        )
+    }
+
+    /// The request's values for an L7 key (None in the tunnel, or for L4 keys).
+    fn request_values(&self, req: Option<&Request>) -> Option<Vec<String>> {
+        let req = req?;
+        let auth = req.auth.as_ref();
+        Some(match &self.key {
+            ConditionKey::Header(name) => req
+                .headers
+                .iter()
+                .filter(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+                .collect(),
+            ConditionKey::RemoteIp => vec![req.remote_ip?.to_string()],
+            ConditionKey::AuthPrincipal => {
+                auth.map(|a| vec![a.principal.clone()]).unwrap_or_default()
+            }
+            ConditionKey::AuthAudiences => auth.map(|a| a.audiences.clone()).unwrap_or_default(),
+            ConditionKey::AuthPresenter => {
+                auth.and_then(|a| a.presenter.clone()).into_iter().collect()
+            }
+            ConditionKey::AuthClaim(path) => {
+                let mut value = auth.map(|a| &a.claims);
+                for part in path {
+                    value = value.and_then(|v| v.get(part));
+                }
+                match value {
+                    Some(serde_json::Value::String(s)) => vec![s.clone()],
+                    Some(serde_json::Value::Array(items)) => items
+                        .iter()
+                        .filter_map(|i| i.as_str().map(str::to_owned))
+                        .collect(),
+                    Some(serde_json::Value::Bool(b)) => vec![b.to_string()],
+                    Some(serde_json::Value::Number(n)) => vec![n.to_string()],
+                    _ => Vec::new(),
+                }
+            }
+            ConditionKey::Unsupported => return None,
+            _ => return None,
+        })
     }
 }

@@ -35,6 +35,31 @@ pub struct Connection {
     pub destination_port: u16,
 }
 
+/// What a waypoint knows about an HTTP request when it decides.
+#[derive(Clone, Debug, Default)]
+pub struct Request {
+    pub method: String,
+    /// Without the query string.
+    pub path: String,
+    /// Host header or :authority.
+    pub host: String,
+    /// Lowercase names.
+    pub headers: Vec<(String, String)>,
+    /// The client's address (remoteIpBlocks, remote.ip); None: the connection's.
+    pub remote_ip: Option<IpAddr>,
+    /// A validated JWT, if the request carried one.
+    pub auth: Option<RequestAuth>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct RequestAuth {
+    /// `<iss>/<sub>`.
+    pub principal: String,
+    pub audiences: Vec<String>,
+    pub presenter: Option<String>,
+    pub claims: serde_json::Value,
+}
+
 /// The outcome for one connection.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Decision {
@@ -89,6 +114,8 @@ pub struct Index {
     /// AuthorizationPolicies by namespace (the root namespace's apply everywhere).
     authz: HashMap<String, Vec<Arc<Compiled>>>,
     peer_auth: HashMap<String, Vec<Arc<PeerAuthentication>>>,
+    /// Policies attached with targetRefs: (namespace, kind, name) → policies.
+    attached: HashMap<(String, String, String), Vec<Arc<Compiled>>>,
     cache: Mutex<HashMap<(String, String), Arc<Applicable>>>,
 }
 
@@ -115,7 +142,15 @@ impl Index {
                 ) {
                     Ok(c) => {
                         if c.waypoint_only {
-                            tracing::debug!(policy = %c.name, "attached with targetRefs: the waypoint's, not enforced by the tunnel");
+                            // The waypoint's, not enforced by the tunnel.
+                            let c = Arc::new(c);
+                            for (kind, name) in &c.targets {
+                                index
+                                    .attached
+                                    .entry((c.namespace.clone(), kind.clone(), name.clone()))
+                                    .or_default()
+                                    .push(c.clone());
+                            }
                             continue;
                         }
                         if c.has_l7 {
@@ -264,12 +299,97 @@ impl Index {
     }
 }
 
+impl Index {
+    /// AuthorizationPolicy at a waypoint, for one request: the policies attached to
+    /// the waypoint's Gateway and to the destination Service, with every field.
+    pub fn authorize_request(
+        &self,
+        waypoint: (&str, &str),
+        service: Option<(&str, &str)>,
+        conn: &Connection,
+        req: Option<&Request>,
+    ) -> Decision {
+        let gateway = self.attached.get(&(
+            waypoint.0.to_owned(),
+            "Gateway".to_owned(),
+            waypoint.1.to_owned(),
+        ));
+        let service = service.and_then(|(ns, name)| {
+            self.attached
+                .get(&(ns.to_owned(), "Service".to_owned(), name.to_owned()))
+        });
+        let policies: Vec<&Arc<Compiled>> = gateway.into_iter().chain(service).flatten().collect();
+        let tds = &self.trust_domains;
+        let pick = |action: Action| -> Vec<Arc<Compiled>> {
+            policies
+                .iter()
+                .filter(|p| p.action == action && !p.dry_run)
+                .map(|p| (*p).clone())
+                .collect()
+        };
+        // Without a request (non-HTTP traffic) the waypoint judges like the tunnel.
+        let matcher = |p: &Compiled| match req {
+            Some(req) => p.matches_request(conn, req, tds),
+            None => p.matches(conn, tds),
+        };
+        let mut decision = decide_with(
+            &pick(Action::Custom),
+            &pick(Action::Deny),
+            &pick(Action::Allow),
+            &matcher,
+            "the waypoint",
+        );
+        decision.audit = pick(Action::Audit)
+            .iter()
+            .filter(|p| matcher(p))
+            .map(|p| p.name.clone())
+            .collect();
+        for shadow in policies.iter().filter(|p| p.dry_run && matcher(p)) {
+            decision.dry_run.push(format!(
+                "{}: would {}",
+                shadow.name,
+                if shadow.action == Action::Allow {
+                    "allow"
+                } else {
+                    "deny"
+                }
+            ));
+        }
+        decision
+    }
+
+    /// Whether any policy is attached to this waypoint or service.
+    pub fn has_attached(&self, waypoint: (&str, &str)) -> bool {
+        self.attached.contains_key(&(
+            waypoint.0.to_owned(),
+            "Gateway".to_owned(),
+            waypoint.1.to_owned(),
+        ))
+    }
+}
+
 fn decide(
     custom: &[Arc<Compiled>],
     deny: &[Arc<Compiled>],
     allow: &[Arc<Compiled>],
     conn: &Connection,
     tds: &[String],
+) -> Decision {
+    decide_with(
+        custom,
+        deny,
+        allow,
+        &|p: &Compiled| p.matches(conn, tds),
+        "the tunnel",
+    )
+}
+
+fn decide_with(
+    custom: &[Arc<Compiled>],
+    deny: &[Arc<Compiled>],
+    allow: &[Arc<Compiled>],
+    matches: &dyn Fn(&Compiled) -> bool,
+    layer: &str,
 ) -> Decision {
     let base = |allow: bool, policy: Option<String>, reason: String| Decision {
         allow,
@@ -279,15 +399,15 @@ fn decide(
         dry_run: Vec::new(),
         audit: Vec::new(),
     };
-    if let Some(p) = custom.iter().find(|p| p.matches(conn, tds)) {
+    if let Some(p) = custom.iter().find(|p| matches(p)) {
         let provider = p.provider.as_deref().unwrap_or("");
         return base(
             false,
             Some(p.name.clone()),
-            format!("denied by CUSTOM policy {}: provider {provider:?} is not available in the tunnel (fail closed)", p.name),
+            format!("denied by CUSTOM policy {}: provider {provider:?} is not available in {layer} (fail closed)", p.name),
         );
     }
-    if let Some(p) = deny.iter().find(|p| p.matches(conn, tds)) {
+    if let Some(p) = deny.iter().find(|p| matches(p)) {
         return base(
             false,
             Some(p.name.clone()),
@@ -297,7 +417,7 @@ fn decide(
     if allow.is_empty() {
         return base(true, None, "no ALLOW policy applies: allowed".into());
     }
-    match allow.iter().find(|p| p.matches(conn, tds)) {
+    match allow.iter().find(|p| matches(p)) {
         Some(p) => base(
             true,
             Some(p.name.clone()),

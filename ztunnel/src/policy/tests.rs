@@ -19,6 +19,7 @@ fn workload(ns: &str, name: &str, labels: &[(&str, &str)]) -> Workload {
         captured: true,
         netns: None,
         cgroup: None,
+        waypoint: None,
     }
 }
 

@@ -23,6 +23,14 @@ enum Route {
         port: u16,
         service: Option<String>,
     },
+    /// The destination uses a waypoint: HBONE to a waypoint pod, asking for the
+    /// original destination (the service VIP or the pod).
+    Waypoint {
+        waypoint: Arc<Workload>,
+        authority: SocketAddrV4,
+        destination: Option<Arc<Workload>>,
+        service: Option<String>,
+    },
     /// Anything else: a direct connection from the node.
     Passthrough {
         address: SocketAddrV4,
@@ -122,6 +130,25 @@ async fn handle(
             record.opened(&ctx.metrics);
             hbone(&ctx, &source, &workload, port, &mut stream).await
         }
+        Route::Waypoint {
+            waypoint,
+            authority,
+            destination,
+            service,
+        } => {
+            record.destination = destination;
+            record.destination_service = service;
+            record.mtls = true;
+            record.opened(&ctx.metrics);
+            hbone_to(
+                &ctx,
+                &source,
+                &waypoint,
+                SocketAddr::V4(authority),
+                &mut stream,
+            )
+            .await
+        }
         Route::Passthrough {
             address,
             workload,
@@ -153,6 +180,16 @@ fn route(state: &crate::state::State, original: SocketAddrV4) -> Result<Route> {
             !service.endpoints.is_empty(),
             "service {name} has no endpoints"
         );
+        if let Some(key) = &service.waypoint {
+            if let Some(waypoint) = waypoint_pod(state, key, true)? {
+                return Ok(Route::Waypoint {
+                    waypoint,
+                    authority: original,
+                    destination: None,
+                    service: Some(name),
+                });
+            }
+        }
         // Spread connections across the endpoints.
         let workload = service.endpoints[fastrand::usize(..service.endpoints.len())].clone();
         return Ok(match workload.captured {
@@ -168,6 +205,18 @@ fn route(state: &crate::state::State, original: SocketAddrV4) -> Result<Route> {
             },
         });
     }
+    if let Some(workload) = state.workload_by_ip(ip) {
+        if let Some(key) = &workload.waypoint {
+            if let Some(waypoint) = waypoint_pod(state, key, false)? {
+                return Ok(Route::Waypoint {
+                    waypoint,
+                    authority: original,
+                    destination: Some(workload.clone()),
+                    service: None,
+                });
+            }
+        }
+    }
     Ok(match state.workload_by_ip(ip) {
         Some(workload) if workload.captured => Route::Hbone {
             workload: workload.clone(),
@@ -182,6 +231,39 @@ fn route(state: &crate::state::State, original: SocketAddrV4) -> Result<Route> {
     })
 }
 
+/// A waypoint pod for traffic to `key`'s waypoint, if that waypoint handles this
+/// kind of traffic. A waypoint that is declared but has no pods fails closed.
+fn waypoint_pod(
+    state: &crate::state::State,
+    key: &(String, String),
+    service: bool,
+) -> Result<Option<Arc<Workload>>> {
+    let Some(waypoint) = state.waypoint(key) else {
+        anyhow::bail!(
+            "waypoint {}/{} is not declared (no Gateway of class istio-waypoint)",
+            key.0,
+            key.1
+        );
+    };
+    let serves = if service {
+        waypoint.serves_services()
+    } else {
+        waypoint.serves_workloads()
+    };
+    if !serves {
+        return Ok(None);
+    }
+    anyhow::ensure!(
+        !waypoint.pods.is_empty(),
+        "waypoint {}/{} has no pods",
+        key.0,
+        key.1
+    );
+    Ok(Some(
+        waypoint.pods[fastrand::usize(..waypoint.pods.len())].clone(),
+    ))
+}
+
 async fn hbone(
     ctx: &Context,
     source: &Arc<Workload>,
@@ -189,9 +271,21 @@ async fn hbone(
     port: u16,
     stream: &mut TcpStream,
 ) -> Result<(u64, u64)> {
-    let cert = ctx.certs.fetch(&source.identity).await?;
-    let address = SocketAddr::new(IpAddr::V4(destination.ip), crate::redirect::HBONE_PORT);
     let authority = SocketAddr::new(IpAddr::V4(destination.ip), port);
+    hbone_to(ctx, source, destination, authority, stream).await
+}
+
+/// HBONE to `peer`'s port 15008 (a workload's tunnel, or a waypoint), for `authority`.
+async fn hbone_to(
+    ctx: &Context,
+    source: &Arc<Workload>,
+    peer: &Arc<Workload>,
+    authority: SocketAddr,
+    stream: &mut TcpStream,
+) -> Result<(u64, u64)> {
+    let cert = ctx.certs.fetch(&source.identity).await?;
+    let address = SocketAddr::new(IpAddr::V4(peer.ip), crate::redirect::HBONE_PORT);
+    let destination = peer;
     let (upgraded, _guard) = ctx
         .pool
         .connect(

@@ -1,0 +1,627 @@
+//! The waypoint (`waypoint` binary): terminates HBONE for the destinations that use
+//! it, applies L7 AuthorizationPolicy to each HTTP request (policies attached to its
+//! Gateway or to the destination Service with `targetRefs`), and forwards what is
+//! allowed to the destination over HBONE, as itself. Non-HTTP traffic gets L4 policy.
+
+use std::{
+    convert::Infallible,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context as TaskContext, Poll},
+    time::Duration,
+};
+
+use anyhow::{bail, Context as _, Result};
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
+use hyper::{body::Incoming, client::conn::http1::SendRequest};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family},
+    registry::Registry,
+};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+};
+use tokio_rustls::TlsAcceptor;
+
+use crate::{
+    ca::client::{CaClient, CaClientConfig},
+    certs::{CertManager, CertManagerConfig, WorkloadCert},
+    config,
+    identity::Identity,
+    policy::{Connection, Request as PolicyRequest},
+    proxy::{pool::Pool, relay},
+    state::{MeshSettings, State, Workload},
+    tls,
+};
+
+#[derive(Clone, Debug)]
+pub struct WaypointOptions {
+    pub config_dir: PathBuf,
+    pub config_poll: Duration,
+    /// The Gateway this waypoint serves, and its namespace.
+    pub name: String,
+    pub namespace: String,
+    /// This waypoint's own pod (its identity comes from its service account).
+    pub pod: String,
+    pub trust_domain: String,
+    pub trust_domain_aliases: Vec<String>,
+    pub root_namespace: String,
+    pub ca_address: String,
+    pub ca_server_name: String,
+    pub ca_root: PathBuf,
+    pub ca_token: PathBuf,
+    pub cert_ttl: Duration,
+    pub listen: SocketAddr,
+    pub metrics_addr: SocketAddr,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    reporter: String,
+    source_workload: String,
+    source_principal: String,
+    destination_workload: String,
+    destination_principal: String,
+    destination_service: String,
+    request_protocol: String,
+    response_code: String,
+    connection_security_policy: String,
+}
+
+struct Waypoint {
+    key: (String, String),
+    identity: Identity,
+    state: tokio::sync::watch::Receiver<Arc<State>>,
+    certs: Arc<CertManager>,
+    pool: Arc<Pool>,
+    requests: Family<RequestLabels, Counter>,
+}
+
+/// Where a CONNECT through the waypoint is going.
+#[derive(Clone)]
+struct Target {
+    /// The endpoint chosen, and the port on it.
+    workload: Arc<Workload>,
+    port: u16,
+    /// The service addressed, if any: (namespace, name).
+    service: Option<(String, String)>,
+    /// The address the client asked for.
+    asked: SocketAddr,
+}
+
+pub async fn run(options: WaypointOptions) -> Result<()> {
+    let settings = MeshSettings {
+        node: String::new(),
+        trust_domain: options.trust_domain.clone(),
+        trust_domain_aliases: options.trust_domain_aliases.clone(),
+        root_namespace: options.root_namespace.clone(),
+    };
+    let mut snapshots = config::local::watch(&options.config_dir, options.config_poll)?;
+    let first = State::build(snapshots.borrow_and_update().clone(), &settings);
+    let Some(me) = first
+        .workload_by_name(&options.namespace, &options.pod)
+        .cloned()
+    else {
+        bail!(
+            "pod {}/{} is not in the config: the waypoint needs its own identity",
+            options.namespace,
+            options.pod
+        );
+    };
+    let (tx, states) = tokio::sync::watch::channel(Arc::new(first));
+    tokio::spawn(async move {
+        while snapshots.changed().await.is_ok() {
+            let snapshot = snapshots.borrow_and_update().clone();
+            if tx
+                .send(Arc::new(State::build(snapshot, &settings)))
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+
+    let mut registry = Registry::default();
+    let requests = Family::<RequestLabels, Counter>::default();
+    registry.register(
+        "istio_requests",
+        "HTTP requests through the waypoint",
+        requests.clone(),
+    );
+    let ca = CaClient::new(CaClientConfig {
+        address: options.ca_address.clone(),
+        server_name: options.ca_server_name.clone(),
+        roots_pem: std::fs::read_to_string(&options.ca_root)
+            .with_context(|| format!("reading {}", options.ca_root.display()))?,
+        token_file: options.ca_token.clone(),
+    })?;
+    let mut cert_config = CertManagerConfig::new(&options.trust_domain);
+    cert_config.trust_domain_aliases = options.trust_domain_aliases.clone();
+    cert_config.ttl = options.cert_ttl;
+    let certs = CertManager::new(Arc::new(ca), cert_config, &mut registry);
+    certs
+        .fetch(&me.identity)
+        .await
+        .context("the waypoint's own certificate")?;
+
+    let waypoint = Arc::new(Waypoint {
+        key: (options.namespace.clone(), options.name.clone()),
+        identity: me.identity.clone(),
+        state: states,
+        certs,
+        pool: Pool::new(Default::default()),
+        requests,
+    });
+    let metrics = TcpListener::bind(options.metrics_addr)
+        .await
+        .with_context(|| format!("binding {}", options.metrics_addr))?;
+    tokio::spawn(crate::http_server::serve(
+        metrics,
+        crate::metrics::handler(Arc::new(Mutex::new(registry))),
+    ));
+    let listener = TcpListener::bind(options.listen)
+        .await
+        .with_context(|| format!("binding {}", options.listen))?;
+    tracing::info!(waypoint = %format!("{}/{}", options.namespace, options.name), identity = %me.identity, listen = %options.listen, "waypoint running");
+    loop {
+        let (tcp, peer) = listener.accept().await?;
+        let waypoint = waypoint.clone();
+        tokio::spawn(async move {
+            if let Err(e) = waypoint.connection(tcp, peer).await {
+                tracing::debug!(%peer, "waypoint connection: {e:#}");
+            }
+        });
+    }
+}
+
+impl Waypoint {
+    async fn connection(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) -> Result<()> {
+        let _ = tcp.set_nodelay(true);
+        let cert = self.certs.fetch(&self.identity).await?;
+        let tls = TlsAcceptor::from(cert.server_config()?)
+            .accept(tcp)
+            .await
+            .context("mTLS handshake")?;
+        let client = tls::peer_identity(tls.get_ref().1.peer_certificates())?;
+        let this = self.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let (this, client) = (this.clone(), client.clone());
+            async move { Ok::<_, Infallible>(this.connect(client, peer, req)) }
+        });
+        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .serve_connection(TokioIo::new(tls), service)
+            .await
+            .context("HTTP/2")?;
+        Ok(())
+    }
+
+    fn resolve(&self, state: &State, asked: SocketAddr) -> Option<Target> {
+        let IpAddr::V4(ip) = asked.ip() else {
+            return None;
+        };
+        if let Some(service) = state.service_by_vip(ip) {
+            let port = service
+                .ports
+                .iter()
+                .find(|p| p.port == asked.port())?
+                .target_port;
+            if service.endpoints.is_empty() {
+                return None;
+            }
+            let workload = service.endpoints[fastrand::usize(..service.endpoints.len())].clone();
+            return Some(Target {
+                workload,
+                port,
+                service: Some((service.namespace.clone(), service.name.clone())),
+                asked,
+            });
+        }
+        let workload = state.workload_by_ip(ip)?.clone();
+        Some(Target {
+            workload,
+            port: asked.port(),
+            service: None,
+            asked,
+        })
+    }
+
+    fn connect(
+        self: Arc<Self>,
+        client: Identity,
+        peer: SocketAddr,
+        mut req: Request<Incoming>,
+    ) -> Response<Empty<Bytes>> {
+        let status = |code| {
+            Response::builder()
+                .status(code)
+                .body(Empty::new())
+                .expect("valid")
+        };
+        if req.method() != Method::CONNECT {
+            return status(StatusCode::BAD_REQUEST);
+        }
+        let Some(asked) = req
+            .uri()
+            .authority()
+            .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+        else {
+            return status(StatusCode::BAD_REQUEST);
+        };
+        let state = self.state.borrow().clone();
+        let Some(target) = self.resolve(&state, asked) else {
+            tracing::warn!(%asked, "waypoint: no such destination");
+            return status(StatusCode::SERVICE_UNAVAILABLE);
+        };
+        // The client's own address when its identity proves it (as the tunnel does).
+        let source_ip = forwarded_for(&req)
+            .and_then(|ip| {
+                state
+                    .workload_by_ip(ip)
+                    .filter(|w| w.identity == client)
+                    .map(|w| IpAddr::V4(w.ip))
+            })
+            .unwrap_or(peer.ip());
+        let upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            let stream = match upgrade.await {
+                Ok(upgraded) => TokioIo::new(upgraded),
+                Err(e) => return tracing::debug!("waypoint upgrade: {e}"),
+            };
+            if let Err(e) = self.stream(stream, client, source_ip, target).await {
+                tracing::debug!("waypoint stream: {e:#}");
+            }
+        });
+        status(StatusCode::OK)
+    }
+
+    /// One tunnelled stream: HTTP gets L7 policy per request; anything else L4.
+    async fn stream(
+        self: Arc<Self>,
+        mut stream: TokioIo<hyper::upgrade::Upgraded>,
+        client: Identity,
+        source_ip: IpAddr,
+        target: Target,
+    ) -> Result<()> {
+        let mut first = vec![0u8; 24];
+        let n =
+            match tokio::time::timeout(Duration::from_millis(500), stream.read(&mut first)).await {
+                Ok(read) => read?,
+                Err(_) => 0, // the server speaks first: not HTTP
+            };
+        first.truncate(n);
+        let conn = Connection {
+            source_identity: Some(client.clone()),
+            source_ip,
+            destination_ip: target.asked.ip(),
+            destination_port: target.asked.port(),
+        };
+        let stream = Prefixed {
+            prefix: first.clone(),
+            inner: stream,
+        };
+        if looks_like_http(&first) {
+            let this = self.clone();
+            let upstream: Arc<tokio::sync::Mutex<Option<SendRequest<Incoming>>>> = Arc::default();
+            let service = hyper::service::service_fn(move |req| {
+                let (this, conn, target, upstream, client) = (
+                    this.clone(),
+                    conn.clone(),
+                    target.clone(),
+                    upstream.clone(),
+                    client.clone(),
+                );
+                async move {
+                    Ok::<_, Infallible>(this.request(req, &conn, &client, &target, upstream).await)
+                }
+            });
+            hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+                .map_err(|e| anyhow::anyhow!("HTTP: {e}"))?;
+            return Ok(());
+        }
+        let state = self.state.borrow().clone();
+        let service = target
+            .service
+            .as_ref()
+            .map(|(ns, n)| (ns.as_str(), n.as_str()));
+        let decision =
+            state
+                .policies
+                .authorize_request((&self.key.0, &self.key.1), service, &conn, None);
+        if !decision.allow {
+            tracing::warn!(src = %client, dst = %target.asked, "waypoint: connection denied: {}", decision.reason);
+            return Ok(());
+        }
+        let mut upstream = self.upstream_stream(&target).await?;
+        let mut stream = stream;
+        relay(&mut stream, &mut upstream).await?;
+        Ok(())
+    }
+
+    /// A byte stream to the chosen endpoint: HBONE when it is in the mesh.
+    async fn upstream_stream(&self, target: &Target) -> Result<Box<dyn Io>> {
+        let address = SocketAddr::new(IpAddr::V4(target.workload.ip), target.port);
+        if !target.workload.captured {
+            return Ok(Box::new(
+                TcpStream::connect(address)
+                    .await
+                    .with_context(|| format!("connecting to {address}"))?,
+            ));
+        }
+        let cert: Arc<WorkloadCert> = self.certs.fetch(&self.identity).await?;
+        let hbone = SocketAddr::new(IpAddr::V4(target.workload.ip), crate::redirect::HBONE_PORT);
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            "forwarded",
+            http::HeaderValue::from_str(&format!("for={}", target.workload.ip))
+                .expect("an address"),
+        );
+        let (upgraded, guard) = self
+            .pool
+            .connect(&cert, &target.workload.identity, hbone, address, headers)
+            .await?;
+        Ok(Box::new(Guarded {
+            inner: TokioIo::new(upgraded),
+            _guard: guard,
+        }))
+    }
+
+    async fn request(
+        &self,
+        req: Request<Incoming>,
+        conn: &Connection,
+        client: &Identity,
+        target: &Target,
+        upstream: Arc<tokio::sync::Mutex<Option<SendRequest<Incoming>>>>,
+    ) -> Response<BoxBody<Bytes, hyper::Error>> {
+        let host = req
+            .uri()
+            .authority()
+            .map(|a| a.to_string())
+            .or_else(|| {
+                req.headers()
+                    .get(http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned)
+            })
+            .unwrap_or_default();
+        let attributes = PolicyRequest {
+            method: req.method().to_string(),
+            path: req.uri().path().to_owned(),
+            host: host.clone(),
+            headers: req
+                .headers()
+                .iter()
+                .filter_map(|(k, v)| {
+                    v.to_str()
+                        .ok()
+                        .map(|v| (k.as_str().to_owned(), v.to_owned()))
+                })
+                .collect(),
+            remote_ip: None,
+            auth: None,
+        };
+        let state = self.state.borrow().clone();
+        let service = target
+            .service
+            .as_ref()
+            .map(|(ns, n)| (ns.as_str(), n.as_str()));
+        let decision = state.policies.authorize_request(
+            (&self.key.0, &self.key.1),
+            service,
+            conn,
+            Some(&attributes),
+        );
+        let response = if decision.allow {
+            match self.forward(req, &host, target, &upstream).await {
+                Ok(response) => response.map(|b| b.boxed()),
+                Err(e) => {
+                    tracing::warn!(dst = %target.asked, "waypoint: upstream failed: {e:#}");
+                    text(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error\n")
+                }
+            }
+        } else {
+            tracing::warn!(
+                src = %client,
+                dst = %target.asked,
+                method = %attributes.method,
+                path = %attributes.path,
+                policy = decision.policy.as_deref().unwrap_or("none"),
+                "request denied: {}",
+                decision.reason
+            );
+            text(StatusCode::FORBIDDEN, "RBAC: access denied")
+        };
+        let source = state
+            .workload_by_ip(match conn.source_ip {
+                IpAddr::V4(ip) => ip,
+                _ => std::net::Ipv4Addr::UNSPECIFIED,
+            })
+            .filter(|w| &w.identity == client);
+        self.requests
+            .get_or_create(&RequestLabels {
+                reporter: "waypoint".into(),
+                source_workload: source.map_or(crate::metrics::UNKNOWN.into(), |w| {
+                    w.workload_name().to_owned()
+                }),
+                source_principal: client.to_string(),
+                destination_workload: target.workload.workload_name().to_owned(),
+                destination_principal: target.workload.identity.to_string(),
+                destination_service: target
+                    .service
+                    .as_ref()
+                    .map_or(crate::metrics::UNKNOWN.into(), |(ns, n)| {
+                        format!("{n}.{ns}.svc")
+                    }),
+                request_protocol: "http".into(),
+                response_code: response.status().as_u16().to_string(),
+                connection_security_policy: "mutual_tls".into(),
+            })
+            .inc();
+        response
+    }
+
+    /// Sends the request to the endpoint over this downstream connection's upstream
+    /// (opened on first use, kept alive for the following requests).
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        host: &str,
+        target: &Target,
+        upstream: &tokio::sync::Mutex<Option<SendRequest<Incoming>>>,
+    ) -> Result<Response<Incoming>> {
+        let (mut parts, body) = req.into_parts();
+        // HTTP/1.1 upstream: origin-form URI and a Host header.
+        parts.uri = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .parse()?;
+        parts.version = http::Version::HTTP_11;
+        if !host.is_empty() {
+            parts
+                .headers
+                .insert(http::header::HOST, http::HeaderValue::from_str(host)?);
+        }
+        let mut slot = upstream.lock().await;
+        if slot.as_ref().is_none_or(|s| s.is_closed()) {
+            let io = self.upstream_stream(target).await?;
+            let (sender, connection) =
+                hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+            tokio::spawn(connection);
+            *slot = Some(sender);
+        }
+        let sender = slot.as_mut().expect("set above");
+        sender.ready().await?;
+        Ok(sender
+            .send_request(Request::from_parts(parts, body))
+            .await?)
+    }
+}
+
+fn text(code: StatusCode, body: &'static str) -> Response<BoxBody<Bytes, hyper::Error>> {
+    Response::builder()
+        .status(code)
+        .header(http::header::CONTENT_TYPE, "text/plain")
+        .body(
+            Full::new(Bytes::from_static(body.as_bytes()))
+                .map_err(|never| match never {})
+                .boxed(),
+        )
+        .expect("a valid response")
+}
+
+fn forwarded_for(req: &Request<Incoming>) -> Option<std::net::Ipv4Addr> {
+    let value = req.headers().get("forwarded")?.to_str().ok()?;
+    value
+        .split([';', ','])
+        .find_map(|part| part.trim().strip_prefix("for="))
+        .and_then(|ip| ip.trim_matches('"').parse().ok())
+}
+
+/// HTTP/1.x methods, and the HTTP/2 prior-knowledge preface.
+fn looks_like_http(first: &[u8]) -> bool {
+    const STARTS: [&[u8]; 10] = [
+        b"GET ",
+        b"POST ",
+        b"PUT ",
+        b"DELETE ",
+        b"HEAD ",
+        b"OPTIONS ",
+        b"PATCH ",
+        b"CONNECT ",
+        b"TRACE ",
+        b"PRI * HTTP/2.0",
+    ];
+    STARTS.iter().any(|s| {
+        first.starts_with(s) || (first.len() < s.len() && !first.is_empty() && s.starts_with(first))
+    })
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// A stream whose first bytes were already read.
+struct Prefixed<S> {
+    prefix: Vec<u8>,
+    inner: S,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.drain(..n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// An HBONE stream holding its pool slot.
+struct Guarded {
+    inner: TokioIo<hyper::upgrade::Upgraded>,
+    _guard: crate::proxy::pool::StreamGuard,
+}
+
+impl AsyncRead for Guarded {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Guarded {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

@@ -200,3 +200,98 @@ fn bad_input_is_an_error_not_a_decision() {
         "{out}"
     );
 }
+
+const WAYPOINT: &str = r#"
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: wp, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: wp}}
+spec: {serviceAccountName: wp, nodeName: node-b}
+status: {podIP: 10.244.1.9}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: wp, namespace: shop}
+spec: {gatewayClassName: istio-waypoint}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: websvc, namespace: shop, labels: {istio.io/use-waypoint: wp}}
+spec:
+  clusterIP: 10.96.0.9
+  selector: {app: web}
+  ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: gets, namespace: shop}
+spec:
+  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: wp}]
+  rules: [{to: [{operation: {methods: [GET]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: web-from-waypoint, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/wp]}}]}]
+"#;
+
+#[test]
+fn a_destination_behind_a_waypoint_reports_the_waypoint_decision() {
+    let dir = config(WAYPOINT);
+    let (code, out) = check(
+        &dir,
+        &[
+            "--from",
+            "shop/client",
+            "--to",
+            "shop/websvc:80",
+            "--method",
+            "GET",
+            "--path",
+            "/x",
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.starts_with("ALLOW (layer: waypoint, policy: shop/gets)"),
+        "{out}"
+    );
+    let (code, out) = check(
+        &dir,
+        &[
+            "--from",
+            "shop/client",
+            "--to",
+            "shop/websvc:80",
+            "--method",
+            "POST",
+            "--path",
+            "/x",
+        ],
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.starts_with("DENY (layer: waypoint, policy: -)"),
+        "{out}"
+    );
+    assert!(out.contains("note: through waypoint shop/wp"), "{out}");
+    // The pod itself, addressed directly, is the tunnel's business (waypoint-for: service).
+    let (code, out) = check(
+        &dir,
+        &[
+            "--from",
+            "shop/client",
+            "--to",
+            "shop/web:8080",
+            "--method",
+            "POST",
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.starts_with("ALLOW (layer: ztunnel, policy: shop/web-from-client)"),
+        "{out}"
+    );
+}

@@ -252,14 +252,29 @@ fn policy_check(args: CheckArgs) -> Result<bool> {
     let mut settings = ztunnel::state::MeshSettings::new("", &args.trust_domain);
     settings.trust_domain_aliases = args.trust_domain_aliases;
     settings.root_namespace = args.root_namespace;
+    let http = (args.method.is_some()
+        || args.path.is_some()
+        || !args.header.is_empty()
+        || args.jwt.is_some())
+    .then(|| ztunnel::policy::check::HttpQuery {
+        method: args.method.clone().unwrap_or_else(|| "GET".into()),
+        path: args.path.clone().unwrap_or_else(|| "/".into()),
+        headers: args
+            .header
+            .iter()
+            .map(|h| {
+                h.split_once('=')
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                    .unwrap_or((h.clone(), String::new()))
+            })
+            .collect(),
+        jwt: args.jwt.clone(),
+    });
     let query = ztunnel::policy::check::Query {
         from: args.from,
         to: args.to,
         plaintext: args.plaintext,
-        http: args.method.is_some()
-            || args.path.is_some()
-            || !args.header.is_empty()
-            || args.jwt.is_some(),
+        http,
     };
     let outcome = ztunnel::policy::check::check(snapshot, &settings, &query)?;
     if args.output == "json" {

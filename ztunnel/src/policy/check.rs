@@ -1,34 +1,44 @@
 //! `ztunnel policy check`: what the data path would decide for a connection, from a
-//! config directory, with the same engine ([`super::Index`]).
+//! config directory, with the same engine ([`super::Index`]) the tunnel and the
+//! waypoint call.
 
-use std::sync::Arc;
+use std::{net::IpAddr, sync::Arc};
 
 use anyhow::{bail, Context as _, Result};
 use serde::Serialize;
 
-use super::{Connection, Mode};
+use super::{Connection, Mode, Request};
 use crate::{
     config::Snapshot,
-    state::{MeshSettings, State},
+    state::{MeshSettings, State, Waypoint, Workload},
 };
+
+/// HTTP details of the request to check (decided by a waypoint).
+#[derive(Clone, Debug, Default)]
+pub struct HttpQuery {
+    pub method: String,
+    pub path: String,
+    /// `name=value` pairs.
+    pub headers: Vec<(String, String)>,
+    pub jwt: Option<String>,
+}
 
 /// A connection to check.
 #[derive(Clone, Debug)]
 pub struct Query {
     /// `namespace/pod`.
     pub from: String,
-    /// `namespace/pod:port`.
+    /// `namespace/pod:port`, or `namespace/service:port` for service-addressed traffic.
     pub to: String,
     pub plaintext: bool,
-    /// HTTP details were given (`--method`, `--path`, `--header`, `--jwt`).
-    pub http: bool,
+    pub http: Option<HttpQuery>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Outcome {
-    /// "ALLOW" or "DENY".
+    /// "ALLOW", "DENY", or "401" (an invalid JWT).
     pub decision: String,
-    /// "ztunnel", or "none" when no tunnel enforces policy for the destination.
+    /// "ztunnel", "waypoint", or "none" when nothing enforces policy there.
     pub layer: String,
     pub policy: Option<String>,
     pub reason: String,
@@ -39,74 +49,231 @@ impl Outcome {
     pub fn allowed(&self) -> bool {
         self.decision == "ALLOW"
     }
+
+    fn new(
+        decision: &str,
+        layer: &str,
+        policy: Option<String>,
+        reason: String,
+        notes: Vec<String>,
+    ) -> Self {
+        Self {
+            decision: decision.into(),
+            layer: layer.into(),
+            policy,
+            reason,
+            notes,
+        }
+    }
 }
 
-fn split_pod(text: &str) -> Result<(&str, &str)> {
+fn split_name(text: &str) -> Result<(&str, &str)> {
     text.split_once('/')
-        .filter(|(ns, pod)| !ns.is_empty() && !pod.is_empty())
-        .with_context(|| format!("{text:?}: expected <namespace>/<pod>"))
+        .filter(|(ns, name)| !ns.is_empty() && !name.is_empty())
+        .with_context(|| format!("{text:?}: expected <namespace>/<name>"))
+}
+
+/// The destination of the query: a pod, or a service (one of its endpoints).
+struct Destination {
+    workload: Arc<Workload>,
+    port: u16,
+    address: (IpAddr, u16),
+    service: Option<(String, String)>,
+    waypoint: Option<Arc<Waypoint>>,
+}
+
+fn destination(state: &State, to: &str, notes: &mut Vec<String>) -> Result<Destination> {
+    let (name, port) = to
+        .rsplit_once(':')
+        .with_context(|| format!("{to:?}: expected <namespace>/<pod>:<port>"))?;
+    let port: u16 = port
+        .parse()
+        .with_context(|| format!("{port:?} is not a port"))?;
+    let (ns, name) = split_name(name)?;
+    if let Some(workload) = state.workload_by_name(ns, name) {
+        let waypoint = workload
+            .waypoint
+            .as_ref()
+            .and_then(|k| state.waypoint(k))
+            .filter(|w| w.serves_workloads())
+            .cloned();
+        return Ok(Destination {
+            workload: workload.clone(),
+            port,
+            address: (workload.ip.into(), port),
+            service: None,
+            waypoint,
+        });
+    }
+    let service = state
+        .services()
+        .find(|s| s.namespace == ns && s.name == name)
+        .with_context(|| format!("no pod or service {ns}/{name} (with an IP) in the config"))?;
+    let target = service
+        .ports
+        .iter()
+        .find(|p| p.port == port)
+        .with_context(|| format!("service {ns}/{name} has no port {port}"))?
+        .target_port;
+    let workload = service
+        .endpoints
+        .first()
+        .with_context(|| format!("service {ns}/{name} has no endpoints"))?
+        .clone();
+    if service.endpoints.len() > 1 {
+        notes.push(format!(
+            "service {ns}/{name} has {} endpoints; checked against {}",
+            service.endpoints.len(),
+            workload.name
+        ));
+    }
+    let waypoint = service
+        .waypoint
+        .as_ref()
+        .and_then(|k| state.waypoint(k))
+        .filter(|w| w.serves_services())
+        .cloned();
+    Ok(Destination {
+        workload,
+        port: target,
+        address: (service.vip.into(), port),
+        service: Some((service.namespace.clone(), service.name.clone())),
+        waypoint,
+    })
 }
 
 pub fn check(snapshot: Snapshot, settings: &MeshSettings, query: &Query) -> Result<Outcome> {
     let state = State::build(Arc::new(snapshot), settings);
-    let (from_ns, from_pod) = split_pod(&query.from)?;
-    let (to, port) = query
-        .to
-        .rsplit_once(':')
-        .with_context(|| format!("{:?}: expected <namespace>/<pod>:<port>", query.to))?;
-    let port: u16 = port
-        .parse()
-        .with_context(|| format!("{port:?} is not a port"))?;
-    let (to_ns, to_pod) = split_pod(to)?;
-    let Some(source) = state.workload_by_name(from_ns, from_pod) else {
+    let (from_ns, from_pod) = split_name(&query.from)?;
+    let Some(source) = state.workload_by_name(from_ns, from_pod).cloned() else {
         bail!("no pod {from_ns}/{from_pod} with an IP in the config");
     };
-    let Some(destination) = state.workload_by_name(to_ns, to_pod) else {
-        bail!("no pod {to_ns}/{to_pod} with an IP in the config");
-    };
     let mut notes = Vec::new();
-    if query.http {
-        notes.push(
-            "HTTP attributes are decided by a waypoint; no waypoint serves this destination, so only the tunnel's L4 decision applies".into(),
-        );
-    }
-    if !destination.captured {
-        return Ok(Outcome {
-            decision: "ALLOW".into(),
-            layer: "none".into(),
-            policy: None,
-            reason: format!(
-                "{to_ns}/{to_pod} is not in the mesh: no tunnel enforces policy for it"
-            ),
-            notes,
-        });
-    }
+    let dst = destination(&state, &query.to, &mut notes)?;
     let plaintext = query.plaintext || !source.captured;
     if !source.captured && !query.plaintext {
         notes.push(format!(
             "{from_ns}/{from_pod} is not in the mesh: its traffic arrives in plaintext"
         ));
     }
+    let identity = (!plaintext).then(|| source.identity.clone());
+
+    if let Some(waypoint) = &dst.waypoint {
+        let conn = Connection {
+            source_identity: identity.clone(),
+            source_ip: source.ip.into(),
+            destination_ip: dst.address.0,
+            destination_port: dst.address.1,
+        };
+        let request = query.http.as_ref().map(|h| Request {
+            method: h.method.clone(),
+            path: h.path.split('?').next().unwrap_or("/").to_owned(),
+            host: format!("{}:{}", dst.address.0, dst.address.1),
+            headers: h
+                .headers
+                .iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+                .collect(),
+            remote_ip: None,
+            auth: None,
+        });
+        if query.http.as_ref().is_some_and(|h| h.jwt.is_some()) {
+            notes.push("JWT validation (RequestAuthentication) is not implemented yet: the token was not evaluated".into());
+        }
+        if request.is_none() {
+            notes.push("no HTTP details given: the waypoint judges the connection at L4".into());
+        }
+        let service = dst
+            .service
+            .as_ref()
+            .map(|(ns, n)| (ns.as_str(), n.as_str()));
+        let decision = state.policies.authorize_request(
+            (&waypoint.namespace, &waypoint.name),
+            service,
+            &conn,
+            request.as_ref(),
+        );
+        notes.extend(decision.dry_run.iter().map(|d| format!("dry-run {d}")));
+        notes.extend(
+            decision
+                .audit
+                .iter()
+                .map(|a| format!("AUDIT policy {a} matched")),
+        );
+        notes.push(format!(
+            "through waypoint {}/{}",
+            waypoint.namespace, waypoint.name
+        ));
+        if !decision.allow {
+            return Ok(Outcome::new(
+                "DENY",
+                "waypoint",
+                decision.policy,
+                decision.reason,
+                notes,
+            ));
+        }
+        // Then the destination's tunnel, which sees the waypoint as the client.
+        if let Some(wp) = waypoint.pods.first() {
+            let conn = Connection {
+                source_identity: Some(wp.identity.clone()),
+                source_ip: wp.ip.into(),
+                destination_ip: dst.workload.ip.into(),
+                destination_port: dst.port,
+            };
+            if dst.workload.captured {
+                let tunnel = state.policies.authorize(&dst.workload, &conn);
+                if !tunnel.allow {
+                    notes.push("the destination's tunnel judges the waypoint's connection".into());
+                    return Ok(Outcome::new(
+                        "DENY",
+                        "ztunnel",
+                        tunnel.policy,
+                        tunnel.reason,
+                        notes,
+                    ));
+                }
+            }
+        }
+        return Ok(Outcome::new(
+            "ALLOW",
+            "waypoint",
+            decision.policy,
+            decision.reason,
+            notes,
+        ));
+    }
+
+    if query.http.is_some() {
+        notes.push("HTTP attributes are decided by a waypoint; no waypoint serves this destination, so only the tunnel's L4 decision applies".into());
+    }
+    if !dst.workload.captured {
+        let reason = format!(
+            "{}/{} is not in the mesh: no tunnel enforces policy for it",
+            dst.workload.namespace, dst.workload.name
+        );
+        return Ok(Outcome::new("ALLOW", "none", None, reason, notes));
+    }
     let conn = Connection {
-        source_identity: (!plaintext).then(|| source.identity.clone()),
+        source_identity: identity,
         source_ip: source.ip.into(),
-        destination_ip: destination.ip.into(),
-        destination_port: port,
+        destination_ip: dst.workload.ip.into(),
+        destination_port: dst.port,
     };
     if plaintext {
-        let (mode, policy) = state.policies.peer_authentication(destination, port);
+        let (mode, policy) = state.policies.peer_authentication(&dst.workload, dst.port);
         if mode == Mode::Strict {
             let name = policy.clone().unwrap_or_default();
-            return Ok(Outcome {
-                decision: "DENY".into(),
-                layer: "ztunnel".into(),
+            return Ok(Outcome::new(
+                "DENY",
+                "ztunnel",
                 policy,
-                reason: format!("plaintext refused: PeerAuthentication {name} is STRICT"),
+                format!("plaintext refused: PeerAuthentication {name} is STRICT"),
                 notes,
-            });
+            ));
         }
     }
-    let decision = state.policies.authorize(destination, &conn);
+    let decision = state.policies.authorize(&dst.workload, &conn);
     notes.extend(decision.l7_notes.iter().cloned());
     notes.extend(decision.dry_run.iter().map(|d| format!("dry-run {d}")));
     notes.extend(
@@ -115,11 +282,12 @@ pub fn check(snapshot: Snapshot, settings: &MeshSettings, query: &Query) -> Resu
             .iter()
             .map(|a| format!("AUDIT policy {a} matched")),
     );
-    Ok(Outcome {
-        decision: if decision.allow { "ALLOW" } else { "DENY" }.into(),
-        layer: "ztunnel".into(),
-        policy: decision.policy,
-        reason: decision.reason,
+    let verdict = if decision.allow { "ALLOW" } else { "DENY" };
+    Ok(Outcome::new(
+        verdict,
+        "ztunnel",
+        decision.policy,
+        decision.reason,
         notes,
-    })
+    ))
 }

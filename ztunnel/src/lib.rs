@@ -10,6 +10,7 @@ pub mod config;
 pub mod daemon;
 pub mod http_server;
 pub mod identity;
+pub mod jwt;
 pub mod metrics;
 pub mod netns;
 pub mod policy;

@@ -160,3 +160,85 @@ async fn pod_addressed_traffic_skips_a_service_waypoint() {
     let pod = format!("{}:8080", mesh.cluster.pod("server").ip);
     assert_eq!(http(&mesh, &pod, "POST", "/anything", &[]).0, "200");
 }
+
+fn claims(exp_in: i64) -> serde_json::Value {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    serde_json::json!({"iss": "https://issuer.test", "sub": "alice", "aud": "shop", "exp": now + exp_in})
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn request_authentication_validates_jwts_at_the_waypoint() {
+    let mesh = mesh().await;
+    let _server = HttpServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    let issuer = ztunnel::jwt::testing::Es256Issuer::default();
+    let (token, expired, jwks) = (
+        issuer.token(&claims(3600)),
+        issuer.token(&claims(-10)),
+        issuer.jwks(),
+    );
+    let authn = format!(
+        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt, namespace: demo}}\nspec:\n  targetRefs: [{{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}}]\n  jwtRules:\n  - issuer: https://issuer.test\n    audiences: [shop]\n    jwks: '{jwks}'\n"
+    );
+    mesh.write_config("authn.yaml", &authn).unwrap();
+    let bearer = format!("authorization: Bearer {token}");
+    eventually(
+        Duration::from_secs(5),
+        "the RequestAuthentication loaded",
+        || async {
+            http(
+                &mesh,
+                VIP,
+                "GET",
+                "/public/x",
+                &["authorization: Bearer garbage"],
+            )
+            .0 == "401"
+        },
+    )
+    .await;
+    assert_eq!(
+        http(&mesh, VIP, "GET", "/public/x", &[&bearer]).0,
+        "200",
+        "a valid token"
+    );
+    assert_eq!(
+        http(
+            &mesh,
+            VIP,
+            "GET",
+            "/public/x",
+            &[&format!("authorization: Bearer {expired}")]
+        ),
+        ("401".into(), "Jwt verification fails".into())
+    );
+    assert_eq!(
+        http(&mesh, VIP, "GET", "/public/x", &[]).0,
+        "200",
+        "no token passes RequestAuthentication alone"
+    );
+    assert!(
+        mesh.log("waypoint-waypoint")
+            .contains("JWT: the token expired"),
+        "{}",
+        mesh.log("waypoint-waypoint")
+    );
+
+    // Now require a token, and allow alice to /admin.
+    mesh.write_config(
+        "require-jwt.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: require-jwt, namespace: demo}\nspec:\n  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]\n  action: DENY\n  rules: [{from: [{source: {notRequestPrincipals: ['*']}}]}]\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: alice-admin, namespace: demo}\nspec:\n  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]\n  rules: [{from: [{source: {requestPrincipals: [https://issuer.test/alice]}}], to: [{operation: {paths: [/admin]}}], when: [{key: request.auth.audiences, values: [shop]}]}]\n",
+    )
+    .unwrap();
+    eventually(Duration::from_secs(5), "no token is now denied", || async {
+        http(&mesh, VIP, "GET", "/public/x", &[]).0 == "403"
+    })
+    .await;
+    assert_eq!(http(&mesh, VIP, "GET", "/public/x", &[&bearer]).0, "200");
+    assert_eq!(
+        http(&mesh, VIP, "GET", "/admin", &[&bearer]),
+        ("200".into(), "server GET /admin".into())
+    );
+}

@@ -218,3 +218,129 @@ mod tests {
         assert!(Jwks::parse("{}").is_err());
     }
 }
+
+/// Minting tokens with fresh keys: for tests and for trying policies out.
+pub mod testing {
+    use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
+    use ring::{
+        rand::SystemRandom,
+        signature::{EcdsaKeyPair, Ed25519KeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING},
+    };
+
+    /// An ES256 issuer: one key, many tokens.
+    pub struct Es256Issuer {
+        key: EcdsaKeyPair,
+        rng: SystemRandom,
+    }
+
+    impl Default for Es256Issuer {
+        fn default() -> Self {
+            let rng = SystemRandom::new();
+            let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+                .expect("key generation");
+            let key =
+                EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng)
+                    .expect("a fresh key");
+            Self { key, rng }
+        }
+    }
+
+    impl Es256Issuer {
+        pub fn jwks(&self) -> String {
+            let point = self.key.public_key().as_ref();
+            serde_json::json!({"keys": [{"kty": "EC", "crv": "P-256", "kid": "k1",
+                "x": URL_SAFE_NO_PAD.encode(&point[1..33]), "y": URL_SAFE_NO_PAD.encode(&point[33..])}]})
+            .to_string()
+        }
+
+        pub fn token(&self, claims: &serde_json::Value) -> String {
+            let signed = format!(
+                "{}.{}",
+                URL_SAFE_NO_PAD.encode(r#"{"alg":"ES256","kid":"k1"}"#),
+                URL_SAFE_NO_PAD.encode(claims.to_string())
+            );
+            let signature = self
+                .key
+                .sign(&self.rng, signed.as_bytes())
+                .expect("signing");
+            format!("{signed}.{}", URL_SAFE_NO_PAD.encode(signature.as_ref()))
+        }
+    }
+
+    pub fn es256(claims: &serde_json::Value) -> (String, String) {
+        let issuer = Es256Issuer::default();
+        (issuer.token(claims), issuer.jwks())
+    }
+
+    pub fn eddsa(claims: &serde_json::Value) -> (String, String) {
+        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).expect("key generation");
+        let key = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).expect("a fresh key");
+        let jwks = serde_json::json!({"keys": [{"kty": "OKP", "crv": "Ed25519", "x": URL_SAFE_NO_PAD.encode(key.public_key().as_ref())}]});
+        let signed = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(r#"{"alg":"EdDSA"}"#),
+            URL_SAFE_NO_PAD.encode(claims.to_string())
+        );
+        let signature = key.sign(signed.as_bytes());
+        (
+            format!("{signed}.{}", URL_SAFE_NO_PAD.encode(signature.as_ref())),
+            jwks.to_string(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod minted {
+    use super::*;
+
+    fn claims(exp_in: i64, aud: &str) -> serde_json::Value {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        serde_json::json!({"iss": "https://issuer.test", "sub": "alice", "aud": aud, "azp": "web", "exp": now + exp_in, "role": {"name": "admin"}})
+    }
+
+    #[test]
+    fn es256_and_eddsa_tokens_verify_with_their_claims() {
+        for (token, jwks) in [
+            testing::es256(&claims(3600, "shop")),
+            testing::eddsa(&claims(3600, "shop")),
+        ] {
+            let jwks = Jwks::parse(&jwks).unwrap();
+            let auth = verify(&token, &jwks, "https://issuer.test", &["shop".into()]).unwrap();
+            assert_eq!(auth.principal, "https://issuer.test/alice");
+            assert_eq!(auth.presenter.as_deref(), Some("web"));
+            assert_eq!(auth.claims["role"]["name"], "admin");
+            assert_eq!(
+                verify(&token, &jwks, "https://issuer.test", &["other".into()]).unwrap_err(),
+                "audience not allowed"
+            );
+            assert_eq!(
+                verify(&token, &jwks, "https://other.test", &[]).unwrap_err(),
+                "issuer mismatch"
+            );
+        }
+        let (expired, jwks) = testing::es256(&claims(-10, "shop"));
+        assert_eq!(
+            verify(
+                &expired,
+                &Jwks::parse(&jwks).unwrap(),
+                "https://issuer.test",
+                &[]
+            )
+            .unwrap_err(),
+            "the token expired"
+        );
+        // A token signed by another key.
+        let (token, _) = testing::es256(&claims(3600, "shop"));
+        let (_, other) = testing::es256(&claims(3600, "shop"));
+        assert!(verify(
+            &token,
+            &Jwks::parse(&other).unwrap(),
+            "https://issuer.test",
+            &[]
+        )
+        .is_err());
+    }
+}

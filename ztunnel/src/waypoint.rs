@@ -4,13 +4,14 @@
 //! allowed to the destination over HBONE, as itself. Non-HTTP traffic gets L4 policy.
 
 use std::{
+    collections::HashMap,
     convert::Infallible,
     net::{IpAddr, SocketAddr},
     path::PathBuf,
     pin::Pin,
     sync::{Arc, Mutex},
     task::{Context as TaskContext, Poll},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context as _, Result};
@@ -35,7 +36,11 @@ use crate::{
     certs::{CertManager, CertManagerConfig, WorkloadCert},
     config,
     identity::Identity,
-    policy::{Connection, Request as PolicyRequest},
+    jwt::{self, Jwks},
+    policy::{
+        authn::{find_token, JwksSource, JwtRule, Location, RequestAuthentication},
+        Connection, Request as PolicyRequest, RequestAuth,
+    },
     proxy::{pool::Pool, relay},
     state::{MeshSettings, State, Workload},
     tls,
@@ -82,7 +87,14 @@ struct Waypoint {
     certs: Arc<CertManager>,
     pool: Arc<Pool>,
     requests: Family<RequestLabels, Counter>,
+    /// JWKS fetched from jwksUri: (keys, when fetched).
+    jwks: Mutex<HashMap<String, (Arc<Jwks>, Instant)>>,
 }
+
+/// How long a fetched JWKS is used before it is fetched again (on failure the
+/// last good one stays in use).
+const JWKS_REFRESH: Duration = Duration::from_secs(20 * 60);
+const JWKS_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where a CONNECT through the waypoint is going.
 #[derive(Clone)]
@@ -158,6 +170,7 @@ pub async fn run(options: WaypointOptions) -> Result<()> {
         certs,
         pool: Pool::new(Default::default()),
         requests,
+        jwks: Mutex::new(HashMap::new()),
     });
     let metrics = TcpListener::bind(options.metrics_addr)
         .await
@@ -377,7 +390,7 @@ impl Waypoint {
 
     async fn request(
         &self,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         conn: &Connection,
         client: &Identity,
         target: &Target,
@@ -394,6 +407,24 @@ impl Waypoint {
                     .map(str::to_owned)
             })
             .unwrap_or_default();
+        let state = self.state.borrow().clone();
+        let service = target
+            .service
+            .as_ref()
+            .map(|(ns, n)| (ns.as_str(), n.as_str()));
+        // RequestAuthentication first: an invalid token is 401, none passes.
+        let authentications = state
+            .policies
+            .request_authentications((&self.key.0, &self.key.1), service);
+        let auth = match self.authenticate(&authentications, &mut req).await {
+            Ok(auth) => auth,
+            Err(reason) => {
+                tracing::warn!(src = %client, dst = %target.asked, path = %req.uri().path(), "request refused: JWT: {reason}");
+                let response = text(StatusCode::UNAUTHORIZED, "Jwt verification fails");
+                self.count(&state, conn, client, target, response.status());
+                return response;
+            }
+        };
         let attributes = PolicyRequest {
             method: req.method().to_string(),
             path: req.uri().path().to_owned(),
@@ -408,13 +439,8 @@ impl Waypoint {
                 })
                 .collect(),
             remote_ip: None,
-            auth: None,
+            auth,
         };
-        let state = self.state.borrow().clone();
-        let service = target
-            .service
-            .as_ref()
-            .map(|(ns, n)| (ns.as_str(), n.as_str()));
         let decision = state.policies.authorize_request(
             (&self.key.0, &self.key.1),
             service,
@@ -441,12 +467,23 @@ impl Waypoint {
             );
             text(StatusCode::FORBIDDEN, "RBAC: access denied")
         };
-        let source = state
-            .workload_by_ip(match conn.source_ip {
-                IpAddr::V4(ip) => ip,
-                _ => std::net::Ipv4Addr::UNSPECIFIED,
-            })
-            .filter(|w| &w.identity == client);
+        self.count(&state, conn, client, target, response.status());
+        response
+    }
+
+    /// `istio_requests_total` for one response.
+    fn count(
+        &self,
+        state: &State,
+        conn: &Connection,
+        client: &Identity,
+        target: &Target,
+        status: StatusCode,
+    ) {
+        let source = match conn.source_ip {
+            IpAddr::V4(ip) => state.workload_by_ip(ip).filter(|w| &w.identity == client),
+            IpAddr::V6(_) => None,
+        };
         self.requests
             .get_or_create(&RequestLabels {
                 reporter: "waypoint".into(),
@@ -463,11 +500,105 @@ impl Waypoint {
                         format!("{n}.{ns}.svc")
                     }),
                 request_protocol: "http".into(),
-                response_code: response.status().as_u16().to_string(),
+                response_code: status.as_u16().to_string(),
                 connection_security_policy: "mutual_tls".into(),
             })
             .inc();
-        response
+    }
+
+    /// Validates the request's JWT, if it carries one, against the rules of
+    /// `authentications`, and applies their outputs (token removal, payload and
+    /// claim headers). Ok(None): no token.
+    async fn authenticate(
+        &self,
+        authentications: &[Arc<RequestAuthentication>],
+        req: &mut Request<Incoming>,
+    ) -> Result<Option<RequestAuth>, String> {
+        let rules: Vec<&JwtRule> = authentications.iter().flat_map(|a| &a.rules).collect();
+        if rules.is_empty() {
+            return Ok(None);
+        }
+        let headers: Vec<(String, String)> = req
+            .headers()
+            .iter()
+            .filter_map(|(k, v)| {
+                v.to_str()
+                    .ok()
+                    .map(|v| (k.as_str().to_owned(), v.to_owned()))
+            })
+            .collect();
+        let Some((token, location)) = find_token(&rules, &headers, req.uri().query()) else {
+            return Ok(None);
+        };
+        let issuer = jwt::issuer(&token)?;
+        let rule = rules
+            .iter()
+            .find(|r| r.issuer == issuer)
+            .ok_or_else(|| format!("issuer {issuer:?} is not accepted"))?;
+        let jwks = match &rule.jwks {
+            JwksSource::Inline(jwks) => Arc::new(jwks.clone()),
+            JwksSource::Uri(uri) => self.fetch_jwks(uri).await?,
+        };
+        let auth = jwt::verify(&token, &jwks, &rule.issuer, &rule.audiences)?;
+        let headers = req.headers_mut();
+        if let (false, Location::Header(name)) = (rule.forward_original_token, &location) {
+            headers.remove(name.as_str());
+        }
+        if let Some(header) = &rule.output_payload_to_header {
+            if let (Some(payload), Ok(name)) = (
+                token.split('.').nth(1),
+                http::HeaderName::try_from(header.as_str()),
+            ) {
+                if let Ok(value) = http::HeaderValue::from_str(payload) {
+                    headers.insert(name, value);
+                }
+            }
+        }
+        for (header, claim) in &rule.output_claim_to_headers {
+            let value = match &auth.claims[claim] {
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Null => continue,
+                other => other.to_string(),
+            };
+            if let (Ok(name), Ok(value)) = (
+                http::HeaderName::try_from(header.as_str()),
+                http::HeaderValue::from_str(&value),
+            ) {
+                headers.insert(name, value);
+            }
+        }
+        Ok(Some(auth))
+    }
+
+    /// A jwksUri's keys: cached, refreshed after JWKS_REFRESH. When a fetch fails
+    /// the last good keys stay in use; with none, tokens from that issuer are
+    /// refused (fail closed).
+    async fn fetch_jwks(&self, uri: &str) -> Result<Arc<Jwks>, String> {
+        let cached = self.jwks.lock().expect("not poisoned").get(uri).cloned();
+        if let Some((jwks, fetched)) = &cached {
+            if fetched.elapsed() < JWKS_REFRESH {
+                return Ok(jwks.clone());
+            }
+        }
+        match tokio::time::timeout(JWKS_TIMEOUT, fetch(uri))
+            .await
+            .unwrap_or_else(|_| Err("timed out".into()))
+        {
+            Ok(jwks) => {
+                let jwks = Arc::new(jwks);
+                self.jwks
+                    .lock()
+                    .expect("not poisoned")
+                    .insert(uri.to_owned(), (jwks.clone(), Instant::now()));
+                Ok(jwks)
+            }
+            Err(e) => {
+                tracing::warn!(%uri, "fetching the JWKS failed: {e}");
+                cached
+                    .map(|(jwks, _)| jwks)
+                    .ok_or_else(|| format!("no keys from {uri}: {e}"))
+            }
+        }
     }
 
     /// Sends the request to the endpoint over this downstream connection's upstream
@@ -506,6 +637,45 @@ impl Waypoint {
             .send_request(Request::from_parts(parts, body))
             .await?)
     }
+}
+
+/// GETs a JWKS over plain HTTP.
+async fn fetch(uri: &str) -> Result<Jwks, String> {
+    let parsed: http::Uri = uri.parse().map_err(|e| format!("{e}"))?;
+    if parsed.scheme_str() != Some("http") {
+        return Err("only http:// jwksUri is supported".into());
+    }
+    let authority = parsed.authority().ok_or("no host")?.clone();
+    let address = if authority.port().is_some() {
+        authority.to_string()
+    } else {
+        format!("{authority}:80")
+    };
+    let tcp = TcpStream::connect(&address)
+        .await
+        .map_err(|e| format!("connecting to {address}: {e}"))?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(connection);
+    let request = Request::get(parsed.path_and_query().map_or("/", |p| p.as_str()))
+        .header(http::header::HOST, authority.as_str())
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| e.to_string())?;
+    if !response.status().is_success() {
+        return Err(format!("HTTP {}", response.status()));
+    }
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Jwks::parse(&String::from_utf8_lossy(&body))
 }
 
 fn text(code: StatusCode, body: &'static str) -> Response<BoxBody<Bytes, hyper::Error>> {

@@ -4,6 +4,7 @@
 //! the policies that target its destination (cached per workload) and never walks
 //! the rest of the mesh.
 
+pub mod authn;
 pub mod authz;
 pub mod check;
 pub mod matching;
@@ -88,6 +89,10 @@ pub fn validate(policy: &Policy) -> Result<(), String> {
             &policy.spec,
         )
         .map(|_| ()),
+        "RequestAuthentication" => {
+            authn::RequestAuthentication::compile(&policy.namespace, &policy.name, &policy.spec)
+                .map(|_| ())
+        }
         "PeerAuthentication" => {
             PeerAuthentication::compile(&policy.namespace, &policy.name, &policy.spec).map(|_| ())
         }
@@ -116,6 +121,8 @@ pub struct Index {
     peer_auth: HashMap<String, Vec<Arc<PeerAuthentication>>>,
     /// Policies attached with targetRefs: (namespace, kind, name) → policies.
     attached: HashMap<(String, String, String), Vec<Arc<Compiled>>>,
+    /// RequestAuthentications attached with targetRefs: (namespace, kind, name).
+    authn: HashMap<(String, String, String), Vec<Arc<authn::RequestAuthentication>>>,
     cache: Mutex<HashMap<(String, String), Arc<Applicable>>>,
 }
 
@@ -161,6 +168,28 @@ impl Index {
                             .entry(c.namespace.clone())
                             .or_default()
                             .push(Arc::new(c));
+                    }
+                    Err(e) => {
+                        tracing::warn!(policy = %format!("{}/{}", policy.namespace, policy.name), "skipped: {e}")
+                    }
+                },
+                "RequestAuthentication" => match authn::RequestAuthentication::compile(
+                    &policy.namespace,
+                    &policy.name,
+                    &policy.spec,
+                ) {
+                    Ok(a) => {
+                        let a = Arc::new(a);
+                        if a.targets.is_empty() {
+                            tracing::debug!(policy = %a.name, "RequestAuthentication without targetRefs: no waypoint applies it");
+                        }
+                        for (kind, name) in &a.targets {
+                            index
+                                .authn
+                                .entry((a.namespace.clone(), kind.clone(), name.clone()))
+                                .or_default()
+                                .push(a.clone());
+                        }
                     }
                     Err(e) => {
                         tracing::warn!(policy = %format!("{}/{}", policy.namespace, policy.name), "skipped: {e}")
@@ -356,6 +385,30 @@ impl Index {
             ));
         }
         decision
+    }
+
+    /// The RequestAuthentications a waypoint applies for a destination: those
+    /// attached to its Gateway and to the destination Service.
+    pub fn request_authentications(
+        &self,
+        waypoint: (&str, &str),
+        service: Option<(&str, &str)>,
+    ) -> Vec<Arc<authn::RequestAuthentication>> {
+        let gateway = self.authn.get(&(
+            waypoint.0.to_owned(),
+            "Gateway".to_owned(),
+            waypoint.1.to_owned(),
+        ));
+        let service = service.and_then(|(ns, name)| {
+            self.authn
+                .get(&(ns.to_owned(), "Service".to_owned(), name.to_owned()))
+        });
+        gateway
+            .into_iter()
+            .chain(service)
+            .flatten()
+            .cloned()
+            .collect()
     }
 
     /// Whether any policy is attached to this waypoint or service.

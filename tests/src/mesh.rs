@@ -491,6 +491,18 @@ impl Mesh {
         namespace: &str,
         name: &str,
     ) -> Result<()> {
+        self.start_waypoint_with(pod_name, namespace, name, None)
+            .await
+    }
+
+    /// Like [`Mesh::start_waypoint`], with a MeshConfig file (extension providers).
+    pub async fn start_waypoint_with(
+        &mut self,
+        pod_name: &str,
+        namespace: &str,
+        name: &str,
+        mesh_config: Option<&Path>,
+    ) -> Result<()> {
         let pod = self.cluster.pod(pod_name).clone();
         let log_name = format!("waypoint-{pod_name}");
         let log = fs::OpenOptions::new()
@@ -523,6 +535,9 @@ impl Mesh {
             )
             .stdout(std::process::Stdio::null())
             .stderr(log);
+        if let Some(path) = mesh_config {
+            cmd.arg("--mesh-config").arg(path);
+        }
         let mut child = cmd.spawn().context("starting the waypoint")?;
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         let ip = pod.ip;

@@ -242,3 +242,136 @@ async fn request_authentication_validates_jwts_at_the_waypoint() {
         ("200".into(), "server GET /admin".into())
     );
 }
+
+/// An ext-authz HTTP service (Envoy's HTTP check protocol) in the waypoint's pod on
+/// 127.0.0.1:9191: paths with "deny" are refused with 403, "slow" never answers in
+/// time, anything else is allowed.
+fn start_ext_authz(mesh: &Mesh) -> std::thread::JoinHandle<()> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let handle = mesh
+        .cluster
+        .pod("waypoint")
+        .spawn_task(move || async move {
+            use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:9191").await.unwrap();
+            ready_tx.send(()).unwrap();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { return };
+                tokio::spawn(async move {
+                    let mut stream = tokio::io::BufReader::new(stream);
+                    let mut line = String::new();
+                    stream.read_line(&mut line).await.unwrap();
+                    loop {
+                        let mut header = String::new();
+                        if stream.read_line(&mut header).await.unwrap_or(0) == 0 || header == "\r\n" {
+                            break;
+                        }
+                    }
+                    let path = line.split_whitespace().nth(1).unwrap_or("").to_owned();
+                    let response = if path.contains("slow") {
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                        "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n".to_owned()
+                    } else if path.contains("deny") {
+                        "HTTP/1.1 403 Forbidden\r\nx-reason: denied-by-test\r\ncontent-length: 4\r\n\r\nnope".to_owned()
+                    } else {
+                        "HTTP/1.1 200 OK\r\nx-auth-user: alice\r\ncontent-length: 0\r\n\r\n".to_owned()
+                    };
+                    let _ = stream.get_mut().write_all(response.as_bytes()).await;
+                });
+            }
+        })
+        .unwrap();
+    ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    handle
+}
+
+const EXT_AUTHZ_POLICIES: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ext-closed, namespace: demo}
+spec:
+  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]
+  action: CUSTOM
+  provider: {name: closed}
+  rules: [{to: [{operation: {paths: ["/public/ext/*"]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ext-open, namespace: demo}
+spec:
+  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]
+  action: CUSTOM
+  provider: {name: open}
+  rules: [{to: [{operation: {paths: ["/public/open/*"]}}]}]
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn custom_external_authorization_allows_denies_and_honours_fail_open() {
+    let cluster = Cluster::new(
+        &ClusterSpec::new()
+            .node("node-a", ["client"])
+            .node("node-b", ["server", "waypoint"]),
+    )
+    .unwrap();
+    let workloads = [
+        WorkloadSpec::new("client", "demo", "client"),
+        WorkloadSpec::new("server", "demo", "server"),
+        WorkloadSpec::new("waypoint", "demo", "waypoint")
+            .label("gateway.networking.k8s.io/gateway-name", "waypoint"),
+    ];
+    let mut mesh = Mesh::start(cluster, &workloads, &["demo"]).await.unwrap();
+    mesh.write_config("waypoint.yaml", CONFIG).unwrap();
+    mesh.write_config("ext.yaml", EXT_AUTHZ_POLICIES).unwrap();
+    let providers = |name: &str, fail_open: bool| {
+        format!("- name: {name}\n  envoyExtAuthzHttp:\n    service: 127.0.0.1\n    port: 9191\n    timeout: 300ms\n    failOpen: {fail_open}\n    headersToDownstreamOnDeny: [x-reason]\n    headersToUpstreamOnAllow: [x-auth-user]\n")
+    };
+    let mesh_config = testbed::mesh::TempDir::new("meshconfig").unwrap();
+    let path = mesh_config.path().join("mesh.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "extensionProviders:\n{}{}",
+            providers("closed", false),
+            providers("open", true)
+        ),
+    )
+    .unwrap();
+    eventually(Duration::from_secs(5), "the config loaded", || async {
+        mesh.config_dump("node-a").await["services"]
+            .as_array()
+            .is_some_and(|s| !s.is_empty())
+    })
+    .await;
+    let _authz = start_ext_authz(&mesh);
+    mesh.start_waypoint_with("waypoint", "demo", "waypoint", Some(&path))
+        .await
+        .unwrap();
+    let _server = HttpServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+
+    assert_eq!(
+        http(&mesh, VIP, "GET", "/public/ext/ok", &[]),
+        ("200".into(), "server GET /public/ext/ok".into())
+    );
+    assert_eq!(
+        http(&mesh, VIP, "GET", "/public/ext/deny", &[]),
+        ("403".into(), "nope".into()),
+        "the provider's answer reaches the client"
+    );
+    assert_eq!(
+        http(&mesh, VIP, "GET", "/public/ext/slow", &[]).0,
+        "403",
+        "timeout, failOpen false"
+    );
+    assert_eq!(
+        http(&mesh, VIP, "GET", "/public/open/slow", &[]).0,
+        "200",
+        "timeout, failOpen true"
+    );
+    assert_eq!(
+        http(&mesh, VIP, "GET", "/public/plain", &[]).0,
+        "200",
+        "CUSTOM applies only to its rules"
+    );
+    // CUSTOM comes before ALLOW: an allowed provider does not bypass ALLOW rules.
+    assert_eq!(http(&mesh, VIP, "POST", "/public/ext/ok", &[]).0, "403");
+}

@@ -34,7 +34,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::{
     ca::client::{CaClient, CaClientConfig},
     certs::{CertManager, CertManagerConfig, WorkloadCert},
-    config,
+    config, extauthz,
     identity::Identity,
     jwt::{self, Jwks},
     policy::{
@@ -65,6 +65,8 @@ pub struct WaypointOptions {
     pub cert_ttl: Duration,
     pub listen: SocketAddr,
     pub metrics_addr: SocketAddr,
+    /// Istio MeshConfig YAML with `extensionProviders` (for CUSTOM policies).
+    pub mesh_config: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -87,6 +89,8 @@ struct Waypoint {
     certs: Arc<CertManager>,
     pool: Arc<Pool>,
     requests: Family<RequestLabels, Counter>,
+    /// Extension providers of the mesh config, by name.
+    providers: HashMap<String, extauthz::ProviderSpec>,
     /// JWKS fetched from jwksUri: (keys, when fetched).
     jwks: Mutex<HashMap<String, (Arc<Jwks>, Instant)>>,
 }
@@ -171,6 +175,10 @@ pub async fn run(options: WaypointOptions) -> Result<()> {
         pool: Pool::new(Default::default()),
         requests,
         jwks: Mutex::new(HashMap::new()),
+        providers: match &options.mesh_config {
+            Some(path) => extauthz::MeshConfig::load(path)?.providers(),
+            None => HashMap::new(),
+        },
     });
     let metrics = TcpListener::bind(options.metrics_addr)
         .await
@@ -346,10 +354,13 @@ impl Waypoint {
             .service
             .as_ref()
             .map(|(ns, n)| (ns.as_str(), n.as_str()));
-        let decision =
-            state
-                .policies
-                .authorize_request((&self.key.0, &self.key.1), service, &conn, None);
+        let decision = state.policies.authorize_request(
+            (&self.key.0, &self.key.1),
+            service,
+            &conn,
+            None,
+            false,
+        );
         if !decision.allow {
             tracing::warn!(src = %client, dst = %target.asked, "waypoint: connection denied: {}", decision.reason);
             return Ok(());
@@ -441,11 +452,27 @@ impl Waypoint {
             remote_ip: None,
             auth,
         };
+        // CUSTOM first: the external authorizer of each matching policy.
+        let custom =
+            state
+                .policies
+                .custom_request((&self.key.0, &self.key.1), service, conn, &attributes);
+        for (policy, provider) in &custom {
+            match self.ext_authz(&state, provider, &req).await {
+                Ok(upstream_headers) => req.headers_mut().extend(upstream_headers),
+                Err(response) => {
+                    tracing::warn!(src = %client, dst = %target.asked, path = %attributes.path, %policy, %provider, "request denied by CUSTOM policy");
+                    self.count(&state, conn, client, target, response.status());
+                    return response;
+                }
+            }
+        }
         let decision = state.policies.authorize_request(
             (&self.key.0, &self.key.1),
             service,
             conn,
             Some(&attributes),
+            true,
         );
         let response = if decision.allow {
             match self.forward(req, &host, target, &upstream).await {
@@ -469,6 +496,60 @@ impl Waypoint {
         };
         self.count(&state, conn, client, target, response.status());
         response
+    }
+
+    /// Asks `provider` about the request: Ok(headers for upstream), or the response
+    /// that denies it. Unknown providers and gRPC providers (not supported yet)
+    /// deny: fail closed.
+    async fn ext_authz(
+        &self,
+        state: &State,
+        provider: &str,
+        req: &Request<Incoming>,
+    ) -> Result<http::HeaderMap, Response<BoxBody<Bytes, hyper::Error>>> {
+        let deny = |why: String| {
+            tracing::warn!(%provider, "ext authz: {why}");
+            text(StatusCode::FORBIDDEN, "RBAC: access denied")
+        };
+        let Some(spec) = self.providers.get(provider) else {
+            return Err(deny(
+                "no such extension provider in the mesh config (fail closed)".into(),
+            ));
+        };
+        let Some(http_provider) = &spec.envoy_ext_authz_http else {
+            return Err(deny(
+                "only envoyExtAuthzHttp providers are supported (fail closed)".into(),
+            ));
+        };
+        let Some(address) = resolve_provider(state, &http_provider.service, http_provider.port)
+        else {
+            return Err(deny(format!("cannot resolve {}", http_provider.service)));
+        };
+        match extauthz::check_http(
+            http_provider,
+            address,
+            req.method(),
+            req.uri().path(),
+            req.headers(),
+        )
+        .await
+        {
+            extauthz::Verdict::Allow(headers) => Ok(headers),
+            extauthz::Verdict::Deny {
+                status,
+                headers,
+                body,
+                reason,
+            } => {
+                tracing::info!(%provider, "ext authz denied: {reason}");
+                let mut response = Response::builder()
+                    .status(status)
+                    .body(Full::new(body).map_err(|never| match never {}).boxed())
+                    .expect("a valid response");
+                response.headers_mut().extend(headers);
+                Err(response)
+            }
+        }
     }
 
     /// `istio_requests_total` for one response.
@@ -637,6 +718,20 @@ impl Waypoint {
             .send_request(Request::from_parts(parts, body))
             .await?)
     }
+}
+
+/// A provider's address: an IP, or `name.namespace.svc[.cluster.local]` → the
+/// service's VIP (the waypoint reaches it like any client).
+fn resolve_provider(state: &State, service: &str, port: u16) -> Option<SocketAddr> {
+    if let Ok(ip) = service.parse::<IpAddr>() {
+        return Some(SocketAddr::new(ip, port));
+    }
+    let mut labels = service.split('.');
+    let (name, namespace) = (labels.next()?, labels.next()?);
+    let svc = state
+        .services()
+        .find(|s| s.name == name && s.namespace == namespace)?;
+    Some(SocketAddr::new(IpAddr::V4(svc.vip), port))
 }
 
 /// GETs a JWKS over plain HTTP.

@@ -45,6 +45,9 @@ struct Args {
     listen: SocketAddr,
     #[arg(long, default_value = "0.0.0.0:15020")]
     metrics_addr: SocketAddr,
+    /// Istio MeshConfig YAML with `extensionProviders` (for CUSTOM policies).
+    #[arg(long)]
+    mesh_config: Option<PathBuf>,
     /// How often the config directory is checked, in milliseconds.
     #[arg(long, default_value = "1000")]
     config_poll_ms: u64,
@@ -76,6 +79,7 @@ fn main() {
         cert_ttl: Duration::from_secs(args.cert_ttl_seconds),
         listen: args.listen,
         metrics_addr: args.metrics_addr,
+        mesh_config: args.mesh_config,
     };
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
     if let Err(e) = runtime.block_on(ztunnel::waypoint::run(options)) {

@@ -192,6 +192,7 @@ pub fn check(snapshot: Snapshot, settings: &MeshSettings, query: &Query) -> Resu
             service,
             &conn,
             request.as_ref(),
+            false,
         );
         notes.extend(decision.dry_run.iter().map(|d| format!("dry-run {d}")));
         notes.extend(

@@ -337,6 +337,7 @@ impl Index {
         service: Option<(&str, &str)>,
         conn: &Connection,
         req: Option<&Request>,
+        ext_authz: bool,
     ) -> Decision {
         let gateway = self.attached.get(&(
             waypoint.0.to_owned(),
@@ -361,8 +362,15 @@ impl Index {
             Some(req) => p.matches_request(conn, req, tds),
             None => p.matches(conn, tds),
         };
+        // With an external authorizer the waypoint asks it for CUSTOM policies
+        // itself (see `custom_request`); without one they deny (fail closed).
+        let custom = if ext_authz {
+            Vec::new()
+        } else {
+            pick(Action::Custom)
+        };
         let mut decision = decide_with(
-            &pick(Action::Custom),
+            &custom,
             &pick(Action::Deny),
             &pick(Action::Allow),
             &matcher,
@@ -408,6 +416,37 @@ impl Index {
             .chain(service)
             .flatten()
             .cloned()
+            .collect()
+    }
+
+    /// The CUSTOM policies attached to this waypoint or service whose rules match
+    /// the request: (policy, provider), in name order.
+    pub fn custom_request(
+        &self,
+        waypoint: (&str, &str),
+        service: Option<(&str, &str)>,
+        conn: &Connection,
+        req: &Request,
+    ) -> Vec<(String, String)> {
+        let gateway = self.attached.get(&(
+            waypoint.0.to_owned(),
+            "Gateway".to_owned(),
+            waypoint.1.to_owned(),
+        ));
+        let service = service.and_then(|(ns, name)| {
+            self.attached
+                .get(&(ns.to_owned(), "Service".to_owned(), name.to_owned()))
+        });
+        gateway
+            .into_iter()
+            .chain(service)
+            .flatten()
+            .filter(|p| {
+                p.action == Action::Custom
+                    && !p.dry_run
+                    && p.matches_request(conn, req, &self.trust_domains)
+            })
+            .map(|p| (p.name.clone(), p.provider.clone().unwrap_or_default()))
             .collect()
     }
 

@@ -26,7 +26,7 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Run benchmarks (as root), all of them or those named: redirect, ca, mesh, policy.
+    /// Run benchmarks (as root), all of them or those named: redirect, ca, mesh, policy, waypoint.
     Bench { names: Vec<String> },
     /// Build a two-node testbed cluster, run the mesh on it and show traffic
     /// crossing it: which flows were encrypted, with which identities.
@@ -80,7 +80,7 @@ fn test(args: &[String]) -> Result<()> {
 
 /// Benchmarks of the tests package (tests/benches), each reporting ratios measured
 /// within one run.
-const BENCHES: [&str; 4] = ["redirect", "ca", "mesh", "policy"];
+const BENCHES: [&str; 5] = ["redirect", "ca", "mesh", "policy", "waypoint"];
 
 fn bench(names: &[String]) -> Result<()> {
     for name in names {
@@ -92,15 +92,14 @@ fn bench(names: &[String]) -> Result<()> {
         true => BENCHES.to_vec(),
         false => names.iter().map(String::as_str).collect(),
     };
-    // The mesh benchmark drives the real (optimized) ztunnel binary.
+    // The mesh and waypoint benchmarks drive the real (optimized) binaries.
     status(Command::new("cargo").args([
         "build",
         "--release",
         "--quiet",
         "-p",
         "ztunnel",
-        "--bin",
-        "ztunnel",
+        "--bins",
     ]))?;
     for name in selected {
         status(Command::new("cargo").args(["bench", "-p", "ztunnel-tests", "--bench", name]))?;

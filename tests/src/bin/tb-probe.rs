@@ -13,6 +13,7 @@
 //!   tb-probe rr <ip:port> <count> <cpu>    1-byte round trips to an echo, pinned to a CPU
 //!   tb-probe conns <ip:port> <ms>          connect/exchange/close for a while: rate
 //!   tb-probe idle <ip:port> <n>            hold n idle connections until stdin closes
+//!   tb-probe httpload <ip:port> <n>        n keep-alive GETs on one connection: rate, p50, p99
 //!   tb-probe http <ip:port> <METHOD> <path> [Name:value]...  one HTTP/1.1 request
 //!   tb-probe hold-cluster <spec.yaml>      build a cluster, print its prefix, wait
 use std::{
@@ -40,6 +41,7 @@ fn main() -> ExitCode {
         ["rr", addr, count, cpu] => round_trips(addr, count, cpu),
         ["conns", addr, millis] => connections(addr, millis),
         ["idle", addr, n] => idle(addr, n),
+        ["httpload", addr, n] => http_load(addr, n),
         ["http", addr, method, path, headers @ ..] => http(addr, method, path, headers),
         ["hold-cluster", spec] => hold_cluster(spec),
         _ => Err(anyhow::anyhow!(
@@ -274,6 +276,47 @@ fn http(addr: &str, method: &str, path: &str, headers: &[&str]) -> anyhow::Resul
         .unwrap_or("");
     println!("status={status}");
     println!("body={body}");
+    Ok(())
+}
+
+fn http_load(addr: &str, n: &str) -> anyhow::Result<()> {
+    use std::io::BufRead;
+    let target: SocketAddr = addr.parse()?;
+    let n: usize = n.parse()?;
+    let stream = TcpStream::connect_timeout(&target, Duration::from_secs(5))?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut writer = stream.try_clone()?;
+    let mut reader = std::io::BufReader::new(stream);
+    let request = format!("GET /public/load HTTP/1.1\r\nhost: {addr}\r\n\r\n");
+    let mut times = Vec::with_capacity(n);
+    let started = std::time::Instant::now();
+    for _ in 0..n {
+        let t = std::time::Instant::now();
+        writer.write_all(request.as_bytes())?;
+        let mut status = String::new();
+        reader.read_line(&mut status)?;
+        anyhow::ensure!(status.contains(" 200 "), "status {status:?}");
+        let mut length = 0;
+        loop {
+            let mut header = String::new();
+            reader.read_line(&mut header)?;
+            if header == "\r\n" {
+                break;
+            }
+            if let Some(v) = header.to_ascii_lowercase().strip_prefix("content-length:") {
+                length = v.trim().parse()?;
+            }
+        }
+        let mut body = vec![0u8; length];
+        reader.read_exact(&mut body)?;
+        times.push(t.elapsed());
+    }
+    let elapsed = started.elapsed();
+    times.sort_unstable();
+    println!("per_second={:.0}", n as f64 / elapsed.as_secs_f64());
+    println!("p50_us={}", times[n / 2].as_micros());
+    println!("p99_us={}", times[n * 99 / 100].as_micros());
     Ok(())
 }
 

@@ -295,3 +295,47 @@ fn a_destination_behind_a_waypoint_reports_the_waypoint_decision() {
         "{out}"
     );
 }
+
+#[test]
+fn policy_check_validates_a_jwt_like_the_waypoint() {
+    let issuer = ztunnel::jwt::testing::Es256Issuer::default();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let claims =
+        |exp: i64| serde_json::json!({"iss": "https://issuer.test", "sub": "alice", "exp": exp});
+    let (valid, expired) = (
+        issuer.token(&claims(now + 3600)),
+        issuer.token(&claims(now - 10)),
+    );
+    let extra = format!(
+        "{WAYPOINT}---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt, namespace: shop}}\nspec:\n  targetRefs: [{{kind: Gateway, group: gateway.networking.k8s.io, name: wp}}]\n  jwtRules: [{{issuer: https://issuer.test, jwks: '{}'}}]\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: require-jwt, namespace: shop}}\nspec:\n  targetRefs: [{{kind: Gateway, group: gateway.networking.k8s.io, name: wp}}]\n  action: DENY\n  rules: [{{from: [{{source: {{notRequestPrincipals: ['*']}}}}]}}]\n",
+        issuer.jwks()
+    );
+    let dir = config(&extra);
+    let base = [
+        "--from",
+        "shop/client",
+        "--to",
+        "shop/websvc:80",
+        "--method",
+        "GET",
+    ];
+    let (code, out) = check(&dir, &[&base[..], &["--jwt", &valid]].concat());
+    assert_eq!(code, 0, "{out}");
+    assert!(out.starts_with("ALLOW (layer: waypoint"), "{out}");
+    let (code, out) = check(&dir, &[&base[..], &["--jwt", &expired]].concat());
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.starts_with("401 (layer: waypoint, policy: shop/jwt)")
+            && out.contains("the token expired"),
+        "{out}"
+    );
+    let (code, out) = check(&dir, &base);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.starts_with("DENY (layer: waypoint, policy: shop/require-jwt)"),
+        "{out}"
+    );
+}

@@ -177,8 +177,37 @@ pub fn check(snapshot: Snapshot, settings: &MeshSettings, query: &Query) -> Resu
             remote_ip: None,
             auth: None,
         });
-        if query.http.as_ref().is_some_and(|h| h.jwt.is_some()) {
-            notes.push("JWT validation (RequestAuthentication) is not implemented yet: the token was not evaluated".into());
+        let mut request = request;
+        if let (Some(token), Some(req)) = (
+            query.http.as_ref().and_then(|h| h.jwt.as_deref()),
+            request.as_mut(),
+        ) {
+            let service = dst
+                .service
+                .as_ref()
+                .map(|(ns, n)| (ns.as_str(), n.as_str()));
+            let authentications = state
+                .policies
+                .request_authentications((&waypoint.namespace, &waypoint.name), service);
+            let rules: Vec<&super::authn::JwtRule> =
+                authentications.iter().flat_map(|a| &a.rules).collect();
+            if rules.is_empty() {
+                notes.push("no RequestAuthentication applies: the token is not read".into());
+            } else {
+                match validate_offline(token, &rules) {
+                    Ok(auth) => req.auth = Some(auth),
+                    Err(reason) => {
+                        let reason = format!("Jwt verification fails: {reason}");
+                        return Ok(Outcome::new(
+                            "401",
+                            "waypoint",
+                            authentications.first().map(|a| a.name.clone()),
+                            reason,
+                            notes,
+                        ));
+                    }
+                }
+            }
         }
         if request.is_none() {
             notes.push("no HTTP details given: the waypoint judges the connection at L4".into());
@@ -291,4 +320,24 @@ pub fn check(snapshot: Snapshot, settings: &MeshSettings, query: &Query) -> Resu
         decision.reason,
         notes,
     ))
+}
+
+/// Validates a token against rules with inline keys (a jwksUri is not fetched here).
+fn validate_offline(
+    token: &str,
+    rules: &[&super::authn::JwtRule],
+) -> Result<super::RequestAuth, String> {
+    let issuer = crate::jwt::issuer(token)?;
+    let rule = rules
+        .iter()
+        .find(|r| r.issuer == issuer)
+        .ok_or_else(|| format!("issuer {issuer:?} is not accepted"))?;
+    match &rule.jwks {
+        super::authn::JwksSource::Inline(jwks) => {
+            crate::jwt::verify(token, jwks, &rule.issuer, &rule.audiences)
+        }
+        super::authn::JwksSource::Uri(uri) => Err(format!(
+            "the keys are at {uri}; policy check does not fetch them"
+        )),
+    }
 }

@@ -449,6 +449,10 @@ impl Mesh {
             .arg(node.bpffs.join("ztunnel"))
             .arg("--pod-cgroup-root")
             .arg(&node.pod_cgroup_root)
+            .env(
+                "ZTUNNEL_WORKER_THREADS",
+                std::env::var("ZTB_WORKERS").unwrap_or_else(|_| "2".into()),
+            )
             // ZTB_LOG overrides the tunnels' log filter when debugging a test.
             .env(
                 "RUST_LOG",

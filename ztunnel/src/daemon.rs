@@ -100,6 +100,7 @@ pub async fn run(options: RunOptions, set_log_level: SetLogLevel) -> Result<()> 
         hbone: settings,
         policy_metrics: PolicyMetrics::register(&mut registry),
         active: Arc::default(),
+        sockets: Default::default(),
     });
 
     let ready = Arc::new(AtomicBool::new(false));
@@ -229,6 +230,9 @@ async fn reconcile(
     };
     for mut pod in leaving {
         pod.tasks.shutdown().await;
+        if let Some(netns) = &pod.workload.netns {
+            ctx.sockets.lock().expect("not poisoned").remove(netns);
+        }
         let result = ctx
             .redirect
             .lock()

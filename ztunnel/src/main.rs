@@ -195,7 +195,15 @@ fn main() {
         reload.reload(filter).map_err(|e| e.to_string())
     });
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
+    // ZTUNNEL_WORKER_THREADS overrides tokio's default (one per CPU).
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = std::env::var("ZTUNNEL_WORKER_THREADS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+    {
+        builder.worker_threads(n);
+    }
+    let runtime = builder.enable_all().build().expect("a tokio runtime");
     let result = runtime.block_on(async {
         match cli.command {
             Command::Run(args) => run(args, set_log_level).await,

@@ -51,13 +51,60 @@ pub fn cookie(socket: &impl AsRawFd) -> io::Result<u64> {
 /// marked as the tunnel's own, so the redirection programs never capture it. Connect
 /// it from any thread (e.g. with `tokio::net::TcpSocket::from_std_stream`).
 pub fn tcp_socket_in(netns: &Path) -> io::Result<socket2::Socket> {
-    run_in(netns, || {
-        let socket = socket2::Socket::new(
-            socket2::Domain::IPV4,
-            socket2::Type::STREAM.nonblocking().cloexec(),
-            Some(socket2::Protocol::TCP),
-        )?;
-        socket.set_mark(ztunnel_ebpf_common::TUNNEL_MARK)?;
-        Ok(socket)
-    })
+    run_in(netns, marked_tcp_socket)
+}
+
+type SocketReply = tokio::sync::oneshot::Sender<io::Result<socket2::Socket>>;
+
+/// Makes the tunnel's (marked) sockets inside one pod: a thread that stays in the
+/// pod's network namespace, so a connection to the application costs a message,
+/// not a thread. The thread ends when the last clone is dropped.
+#[derive(Clone)]
+pub struct SocketFactory {
+    requests: std::sync::mpsc::Sender<SocketReply>,
+}
+
+impl SocketFactory {
+    pub fn new(netns: &Path) -> io::Result<Self> {
+        let ns = File::open(netns)?;
+        let (requests, incoming) = std::sync::mpsc::channel::<SocketReply>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        thread::Builder::new()
+            .name("netns-sockets".into())
+            .spawn(move || {
+                if let Err(e) = setns(&ns, CloneFlags::CLONE_NEWNET) {
+                    let _ = ready_tx.send(Err(io::Error::from(e)));
+                    return;
+                }
+                let _ = ready_tx.send(Ok(()));
+                while let Ok(reply) = incoming.recv() {
+                    let _ = reply.send(marked_tcp_socket());
+                }
+            })?;
+        ready_rx
+            .recv()
+            .map_err(|_| io::Error::other("the socket thread did not start"))??;
+        Ok(Self { requests })
+    }
+
+    /// A non-blocking, marked TCP socket in the pod's namespace.
+    pub async fn tcp_socket(&self) -> io::Result<socket2::Socket> {
+        let (reply, socket) = tokio::sync::oneshot::channel();
+        self.requests
+            .send(reply)
+            .map_err(|_| io::Error::other("the socket thread is gone"))?;
+        socket
+            .await
+            .map_err(|_| io::Error::other("the socket thread is gone"))?
+    }
+}
+
+fn marked_tcp_socket() -> io::Result<socket2::Socket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::STREAM.nonblocking().cloexec(),
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_mark(ztunnel_ebpf_common::TUNNEL_MARK)?;
+    Ok(socket)
 }

@@ -167,7 +167,7 @@ async fn connect(
         record.refused(&ctx.metrics, "DENY", &reason);
         return status(StatusCode::UNAUTHORIZED);
     }
-    let app = match deliver(&pod, target).await {
+    let app = match deliver(&ctx, &pod, target).await {
         Ok(app) => app,
         Err(e) => {
             record.refused(
@@ -215,12 +215,16 @@ fn forwarded_for(req: &Request<Incoming>) -> Option<std::net::Ipv4Addr> {
 
 /// Connects to the application from inside the pod, as the tunnel (marked, so the
 /// redirection leaves it alone), from the pod's own address.
-async fn deliver(pod: &Workload, target: SocketAddr) -> Result<TcpStream> {
+async fn deliver(ctx: &Context, pod: &Workload, target: SocketAddr) -> Result<TcpStream> {
     let netns = pod
         .netns
         .as_ref()
         .context("the pod's network namespace is unknown")?;
-    let socket = crate::netns::tcp_socket_in(netns).context("opening a socket in the pod")?;
+    let factory = ctx.socket_factory(netns).context("entering the pod")?;
+    let socket = factory
+        .tcp_socket()
+        .await
+        .context("opening a socket in the pod")?;
     let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(socket));
     let stream = tokio::time::timeout(APP_CONNECT_TIMEOUT, socket.connect(target))
         .await
@@ -271,7 +275,7 @@ pub async fn serve_plaintext(ctx: Arc<Context>, pod: Arc<Workload>, listener: Tc
             if let Err(reason) = ctx.authorize(&state, &pod, &conn, true) {
                 return record.refused(&ctx.metrics, "DENY", &reason);
             }
-            let mut app = match deliver(&pod, target).await {
+            let mut app = match deliver(&ctx, &pod, target).await {
                 Ok(app) => app,
                 Err(e) => {
                     return record.refused(

@@ -45,9 +45,25 @@ pub struct Context {
     pub policy_metrics: PolicyMetrics,
     /// Inbound connections, re-decided when policy changes.
     pub active: Arc<active::Active>,
+    /// Per enrolled pod (by netns path): the thread that makes sockets inside it.
+    pub sockets: Mutex<std::collections::HashMap<std::path::PathBuf, crate::netns::SocketFactory>>,
 }
 
 impl Context {
+    /// The socket factory of a pod's network namespace, started on first use.
+    pub fn socket_factory(
+        &self,
+        netns: &std::path::Path,
+    ) -> std::io::Result<crate::netns::SocketFactory> {
+        let mut sockets = self.sockets.lock().expect("not poisoned");
+        if let Some(factory) = sockets.get(netns) {
+            return Ok(factory.clone());
+        }
+        let factory = crate::netns::SocketFactory::new(netns)?;
+        sockets.insert(netns.to_owned(), factory.clone());
+        Ok(factory)
+    }
+
     /// The current state: one consistent snapshot, taken once per connection.
     pub fn snapshot(&self) -> Arc<State> {
         self.state.borrow().clone()

@@ -297,6 +297,15 @@ spec:
 ---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
+metadata: {name: ext-grpc, namespace: demo}
+spec:
+  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]
+  action: CUSTOM
+  provider: {name: grpc}
+  rules: [{to: [{operation: {paths: ["/public/grpc/*"]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
 metadata: {name: ext-open, namespace: demo}
 spec:
   targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]
@@ -330,7 +339,7 @@ async fn custom_external_authorization_allows_denies_and_honours_fail_open() {
     std::fs::write(
         &path,
         format!(
-            "extensionProviders:\n{}{}",
+            "extensionProviders:\n{}{}- name: grpc\n  envoyExtAuthzGrpc: {{service: 127.0.0.1, port: 9292, timeout: 1s}}\n",
             providers("closed", false),
             providers("open", true)
         ),
@@ -343,6 +352,7 @@ async fn custom_external_authorization_allows_denies_and_honours_fail_open() {
     })
     .await;
     let _authz = start_ext_authz(&mesh);
+    let _grpc = start_grpc_ext_authz(&mesh);
     mesh.start_waypoint_with("waypoint", "demo", "waypoint", Some(&path))
         .await
         .unwrap();
@@ -372,6 +382,81 @@ async fn custom_external_authorization_allows_denies_and_honours_fail_open() {
         "200",
         "CUSTOM applies only to its rules"
     );
+    // The gRPC protocol (Envoy's Authorization/Check).
+    assert_eq!(http(&mesh, VIP, "GET", "/public/grpc/ok", &[]).0, "200");
+    assert_eq!(
+        http(&mesh, VIP, "GET", "/public/grpc/deny", &[]),
+        ("403".into(), "grpc says no".into())
+    );
     // CUSTOM comes before ALLOW: an allowed provider does not bypass ALLOW rules.
     assert_eq!(http(&mesh, VIP, "POST", "/public/ext/ok", &[]).0, "403");
+}
+
+/// An Envoy-protocol gRPC ext-authz server (h2c) in the waypoint's pod on
+/// 127.0.0.1:9292: paths with "deny" are refused, others allowed.
+fn start_grpc_ext_authz(mesh: &Mesh) -> std::thread::JoinHandle<()> {
+    use http_body_util::BodyExt;
+    use ztunnel::{ca::grpc, extauthz::proto};
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let handle = mesh
+        .cluster
+        .pod("waypoint")
+        .spawn_task(move || async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:9292")
+                .await
+                .unwrap();
+            ready_tx.send(()).unwrap();
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        |req: http::Request<hyper::body::Incoming>| async move {
+                            assert_eq!(req.uri().path(), proto::CHECK_PATH);
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            let check: proto::CheckRequest = grpc::unframe(body).unwrap();
+                            let http = check.attributes.unwrap().request.unwrap().http.unwrap();
+                            let response = if http.path.contains("deny") {
+                                proto::CheckResponse {
+                                    status: Some(proto::RpcStatus {
+                                        code: 7,
+                                        message: "no".into(),
+                                    }),
+                                    denied_response: Some(proto::DeniedHttpResponse {
+                                        status: Some(proto::HttpStatus { code: 403 }),
+                                        headers: vec![],
+                                        body: "grpc says no".into(),
+                                    }),
+                                    ok_response: None,
+                                }
+                            } else {
+                                proto::CheckResponse {
+                                    status: Some(proto::RpcStatus::default()),
+                                    denied_response: None,
+                                    ok_response: Some(proto::OkHttpResponse::default()),
+                                }
+                            };
+                            Ok::<_, std::convert::Infallible>(
+                                http::Response::builder()
+                                    .header("content-type", "application/grpc")
+                                    .body(grpc::UnaryBody::new(
+                                        Some(grpc::frame(&response)),
+                                        grpc::status_trailers(grpc::Code::Ok, ""),
+                                    ))
+                                    .unwrap(),
+                            )
+                        },
+                    );
+                    let _ = hyper::server::conn::http2::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                    .await;
+                });
+            }
+        })
+        .unwrap();
+    ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    handle
 }

@@ -28,7 +28,7 @@ pub struct ProviderSpec {
     #[serde(default)]
     pub envoy_ext_authz_http: Option<HttpProvider>,
     #[serde(default)]
-    pub envoy_ext_authz_grpc: Option<serde_yaml::Value>,
+    pub envoy_ext_authz_grpc: Option<GrpcProvider>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -196,4 +196,275 @@ async fn ask(
         parts.headers,
         body.collect().await?.to_bytes(),
     ))
+}
+
+/// Envoy's gRPC authorization API (`envoy.service.auth.v3.Authorization/Check`),
+/// the fields the waypoint sends and reads.
+pub mod proto {
+    use std::collections::HashMap;
+
+    pub const CHECK_PATH: &str = "/envoy.service.auth.v3.Authorization/Check";
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct CheckRequest {
+        #[prost(message, optional, tag = "1")]
+        pub attributes: Option<AttributeContext>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct AttributeContext {
+        #[prost(message, optional, tag = "1")]
+        pub source: Option<Peer>,
+        #[prost(message, optional, tag = "2")]
+        pub destination: Option<Peer>,
+        #[prost(message, optional, tag = "4")]
+        pub request: Option<AttributeRequest>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Peer {
+        #[prost(message, optional, tag = "1")]
+        pub address: Option<Address>,
+        #[prost(string, tag = "4")]
+        pub principal: String,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Address {
+        #[prost(message, optional, tag = "1")]
+        pub socket_address: Option<SocketAddress>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct SocketAddress {
+        #[prost(string, tag = "2")]
+        pub address: String,
+        #[prost(uint32, tag = "3")]
+        pub port_value: u32,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct AttributeRequest {
+        #[prost(message, optional, tag = "2")]
+        pub http: Option<HttpRequest>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct HttpRequest {
+        #[prost(string, tag = "2")]
+        pub method: String,
+        #[prost(map = "string, string", tag = "3")]
+        pub headers: HashMap<String, String>,
+        #[prost(string, tag = "4")]
+        pub path: String,
+        #[prost(string, tag = "5")]
+        pub host: String,
+        #[prost(string, tag = "10")]
+        pub protocol: String,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct CheckResponse {
+        #[prost(message, optional, tag = "1")]
+        pub status: Option<RpcStatus>,
+        #[prost(message, optional, tag = "2")]
+        pub denied_response: Option<DeniedHttpResponse>,
+        #[prost(message, optional, tag = "3")]
+        pub ok_response: Option<OkHttpResponse>,
+    }
+
+    /// google.rpc.Status
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct RpcStatus {
+        #[prost(int32, tag = "1")]
+        pub code: i32,
+        #[prost(string, tag = "2")]
+        pub message: String,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct DeniedHttpResponse {
+        #[prost(message, optional, tag = "1")]
+        pub status: Option<HttpStatus>,
+        #[prost(message, repeated, tag = "2")]
+        pub headers: Vec<HeaderValueOption>,
+        #[prost(string, tag = "3")]
+        pub body: String,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct OkHttpResponse {
+        #[prost(message, repeated, tag = "2")]
+        pub headers: Vec<HeaderValueOption>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct HttpStatus {
+        #[prost(int32, tag = "1")]
+        pub code: i32,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct HeaderValueOption {
+        #[prost(message, optional, tag = "1")]
+        pub header: Option<HeaderValue>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct HeaderValue {
+        #[prost(string, tag = "1")]
+        pub key: String,
+        #[prost(string, tag = "2")]
+        pub value: String,
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GrpcProvider {
+    pub service: String,
+    pub port: u16,
+    #[serde(default)]
+    pub timeout: Option<String>,
+    #[serde(default)]
+    pub fail_open: bool,
+    #[serde(default)]
+    pub status_on_error: Option<String>,
+}
+
+/// What the waypoint tells a gRPC provider about a request.
+pub struct CheckContext<'a> {
+    pub method: &'a http::Method,
+    pub path: &'a str,
+    pub host: &'a str,
+    pub headers: &'a HeaderMap,
+    pub source_principal: String,
+    pub source: SocketAddr,
+    pub destination: SocketAddr,
+}
+
+/// Asks a gRPC provider (plaintext HTTP/2) about a request.
+pub async fn check_grpc(
+    provider: &GrpcProvider,
+    address: SocketAddr,
+    context: CheckContext<'_>,
+) -> Verdict {
+    let timeout = parse_timeout(provider.timeout.as_deref()).unwrap_or(Duration::from_millis(600));
+    let failure = match tokio::time::timeout(timeout, ask_grpc(address, &context)).await {
+        Ok(Ok(response)) => {
+            let headers = |options: &[proto::HeaderValueOption]| {
+                let mut map = HeaderMap::new();
+                for header in options.iter().filter_map(|o| o.header.as_ref()) {
+                    if let (Ok(k), Ok(v)) = (
+                        http::HeaderName::try_from(header.key.as_str()),
+                        http::HeaderValue::from_str(&header.value),
+                    ) {
+                        map.append(k, v);
+                    }
+                }
+                map
+            };
+            let code = response.status.as_ref().map_or(0, |s| s.code);
+            if code == 0 {
+                return Verdict::Allow(
+                    response
+                        .ok_response
+                        .as_ref()
+                        .map(|o| headers(&o.headers))
+                        .unwrap_or_default(),
+                );
+            }
+            let denied = response.denied_response.unwrap_or_default();
+            let status = denied
+                .status
+                .and_then(|s| StatusCode::from_u16(s.code as u16).ok())
+                .filter(|s| s.as_u16() >= 100)
+                .unwrap_or(StatusCode::FORBIDDEN);
+            return Verdict::Deny {
+                status,
+                headers: headers(&denied.headers),
+                body: Bytes::from(denied.body),
+                reason: format!("the provider answered status {code}"),
+            };
+        }
+        Ok(Err(e)) => format!("the provider failed: {e:#}"),
+        Err(_) => format!("the provider did not answer within {timeout:?}"),
+    };
+    if provider.fail_open {
+        tracing::warn!("ext authz: {failure}; failOpen: allowed");
+        return Verdict::Allow(HeaderMap::new());
+    }
+    let status = provider
+        .status_on_error
+        .as_deref()
+        .and_then(|s| s.parse::<u16>().ok())
+        .and_then(|s| StatusCode::from_u16(s).ok())
+        .unwrap_or(StatusCode::FORBIDDEN);
+    Verdict::Deny {
+        status,
+        headers: HeaderMap::new(),
+        body: Bytes::new(),
+        reason: failure,
+    }
+}
+
+async fn ask_grpc(address: SocketAddr, context: &CheckContext<'_>) -> Result<proto::CheckResponse> {
+    use crate::ca::grpc;
+    let peer = |addr: SocketAddr, principal: String| proto::Peer {
+        address: Some(proto::Address {
+            socket_address: Some(proto::SocketAddress {
+                address: addr.ip().to_string(),
+                port_value: addr.port().into(),
+            }),
+        }),
+        principal,
+    };
+    let request = proto::CheckRequest {
+        attributes: Some(proto::AttributeContext {
+            source: Some(peer(context.source, context.source_principal.clone())),
+            destination: Some(peer(context.destination, String::new())),
+            request: Some(proto::AttributeRequest {
+                http: Some(proto::HttpRequest {
+                    method: context.method.to_string(),
+                    headers: context
+                        .headers
+                        .iter()
+                        .filter_map(|(k, v)| {
+                            v.to_str()
+                                .ok()
+                                .map(|v| (k.as_str().to_owned(), v.to_owned()))
+                        })
+                        .collect(),
+                    path: context.path.to_owned(),
+                    host: context.host.to_owned(),
+                    protocol: "HTTP/1.1".into(),
+                }),
+            }),
+        }),
+    };
+    let tcp = TcpStream::connect(address)
+        .await
+        .with_context(|| format!("connecting to {address}"))?;
+    tcp.set_nodelay(true)?;
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(tcp),
+    )
+    .await?;
+    tokio::spawn(connection);
+    let call = Request::post(format!("http://{address}{}", proto::CHECK_PATH))
+        .header(http::header::CONTENT_TYPE, grpc::CONTENT_TYPE)
+        .header("te", "trailers")
+        .body(http_body_util::Full::new(grpc::frame(&request)))?;
+    let response = sender.send_request(call).await?;
+    let (parts, body) = response.into_parts();
+    let collected = body.collect().await?;
+    let trailers = collected.trailers().cloned().unwrap_or_default();
+    let status = trailers
+        .get("grpc-status")
+        .or(parts.headers.get("grpc-status"))
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("0");
+    anyhow::ensure!(status == "0", "gRPC status {status}");
+    grpc::unframe(collected.to_bytes()).map_err(|e| anyhow::anyhow!(e))
 }

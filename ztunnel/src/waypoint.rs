@@ -458,7 +458,10 @@ impl Waypoint {
                 .policies
                 .custom_request((&self.key.0, &self.key.1), service, conn, &attributes);
         for (policy, provider) in &custom {
-            match self.ext_authz(&state, provider, &req).await {
+            match self
+                .ext_authz(&state, provider, &req, client, conn, &host)
+                .await
+            {
                 Ok(upstream_headers) => req.headers_mut().extend(upstream_headers),
                 Err(response) => {
                     tracing::warn!(src = %client, dst = %target.asked, path = %attributes.path, %policy, %provider, "request denied by CUSTOM policy");
@@ -506,6 +509,9 @@ impl Waypoint {
         state: &State,
         provider: &str,
         req: &Request<Incoming>,
+        client: &Identity,
+        conn: &Connection,
+        host: &str,
     ) -> Result<http::HeaderMap, Response<BoxBody<Bytes, hyper::Error>>> {
         let deny = |why: String| {
             tracing::warn!(%provider, "ext authz: {why}");
@@ -516,24 +522,40 @@ impl Waypoint {
                 "no such extension provider in the mesh config (fail closed)".into(),
             ));
         };
-        let Some(http_provider) = &spec.envoy_ext_authz_http else {
+        let verdict = if let Some(grpc) = &spec.envoy_ext_authz_grpc {
+            let Some(address) = resolve_provider(state, &grpc.service, grpc.port) else {
+                return Err(deny(format!("cannot resolve {}", grpc.service)));
+            };
+            let context = extauthz::CheckContext {
+                method: req.method(),
+                path: req.uri().path_and_query().map_or("/", |p| p.as_str()),
+                host,
+                headers: req.headers(),
+                source_principal: client.to_string(),
+                source: SocketAddr::new(conn.source_ip, 0),
+                destination: SocketAddr::new(conn.destination_ip, conn.destination_port),
+            };
+            extauthz::check_grpc(grpc, address, context).await
+        } else if let Some(http_provider) = &spec.envoy_ext_authz_http {
+            let Some(address) = resolve_provider(state, &http_provider.service, http_provider.port)
+            else {
+                return Err(deny(format!("cannot resolve {}", http_provider.service)));
+            };
+            extauthz::check_http(
+                http_provider,
+                address,
+                req.method(),
+                req.uri().path(),
+                req.headers(),
+            )
+            .await
+        } else {
             return Err(deny(
-                "only envoyExtAuthzHttp providers are supported (fail closed)".into(),
+                "the provider is neither envoyExtAuthzHttp nor envoyExtAuthzGrpc (fail closed)"
+                    .into(),
             ));
         };
-        let Some(address) = resolve_provider(state, &http_provider.service, http_provider.port)
-        else {
-            return Err(deny(format!("cannot resolve {}", http_provider.service)));
-        };
-        match extauthz::check_http(
-            http_provider,
-            address,
-            req.method(),
-            req.uri().path(),
-            req.headers(),
-        )
-        .await
-        {
+        match verdict {
             extauthz::Verdict::Allow(headers) => Ok(headers),
             extauthz::Verdict::Deny {
                 status,

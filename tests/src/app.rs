@@ -269,6 +269,8 @@ async fn serve_http(stream: tokio::net::TcpStream, name: String) {
         }
         let mut length = 0usize;
         let mut close = false;
+        // Headers the tests look for, echoed in the body.
+        let mut echoed = Vec::new();
         loop {
             let mut header = String::new();
             if stream.read_line(&mut header).await.unwrap_or(0) == 0 {
@@ -284,6 +286,10 @@ async fn serve_http(stream: tokio::net::TcpStream, name: String) {
                 if k.eq_ignore_ascii_case("connection") && v.trim().eq_ignore_ascii_case("close") {
                     close = true;
                 }
+                let name = k.trim().to_ascii_lowercase();
+                if name.starts_with("x-echo") || name == "authorization" {
+                    echoed.push(format!(" {name}={}", v.trim()));
+                }
             }
         }
         let mut body = vec![0u8; length];
@@ -292,7 +298,7 @@ async fn serve_http(stream: tokio::net::TcpStream, name: String) {
         }
         let mut parts = request_line.split_whitespace();
         let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-        let reply = format!("{name} {method} {path}");
+        let reply = format!("{name} {method} {path}{}", echoed.join(""));
         let response = format!(
             "HTTP/1.1 200 OK\r\ncontent-length: {}\r\ncontent-type: text/plain\r\n\r\n{reply}",
             reply.len()

@@ -180,7 +180,7 @@ async fn request_authentication_validates_jwts_at_the_waypoint() {
         issuer.jwks(),
     );
     let authn = format!(
-        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt, namespace: demo}}\nspec:\n  targetRefs: [{{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}}]\n  jwtRules:\n  - issuer: https://issuer.test\n    audiences: [shop]\n    jwks: '{jwks}'\n"
+        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt, namespace: demo}}\nspec:\n  targetRefs: [{{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}}]\n  jwtRules:\n  - issuer: https://issuer.test\n    audiences: [shop]\n    jwks: '{jwks}'\n    outputClaimToHeaders: [{{header: x-echo-sub, claim: sub}}]\n    outputPayloadToHeader: x-echo-payload\n"
     );
     mesh.write_config("authn.yaml", &authn).unwrap();
     let bearer = format!("authorization: Bearer {token}");
@@ -199,11 +199,19 @@ async fn request_authentication_validates_jwts_at_the_waypoint() {
         },
     )
     .await;
-    assert_eq!(
-        http(&mesh, VIP, "GET", "/public/x", &[&bearer]).0,
-        "200",
-        "a valid token"
+    let (status, body) = http(&mesh, VIP, "GET", "/public/x", &[&bearer]);
+    assert_eq!(status, "200", "a valid token");
+    // The claim and the payload travel upstream; the token itself does not
+    // (forwardOriginalToken is false by default).
+    assert!(body.contains(" x-echo-sub=alice"), "{body}");
+    assert!(
+        body.contains(&format!(
+            " x-echo-payload={}",
+            token.split('.').nth(1).unwrap()
+        )),
+        "{body}"
     );
+    assert!(!body.contains("authorization="), "{body}");
     assert_eq!(
         http(
             &mesh,
@@ -237,10 +245,9 @@ async fn request_authentication_validates_jwts_at_the_waypoint() {
     })
     .await;
     assert_eq!(http(&mesh, VIP, "GET", "/public/x", &[&bearer]).0, "200");
-    assert_eq!(
-        http(&mesh, VIP, "GET", "/admin", &[&bearer]),
-        ("200".into(), "server GET /admin".into())
-    );
+    let (status, body) = http(&mesh, VIP, "GET", "/admin", &[&bearer]);
+    assert_eq!(status, "200");
+    assert!(body.starts_with("server GET /admin "), "{body}");
 }
 
 /// An ext-authz HTTP service (Envoy's HTTP check protocol) in the waypoint's pod on
@@ -459,4 +466,45 @@ fn start_grpc_ext_authz(mesh: &Mesh) -> std::thread::JoinHandle<()> {
         .unwrap();
     ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
     handle
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_destination_tunnel_enforces_its_l4_policy_on_the_waypoint() {
+    let mesh = mesh().await;
+    let _server = HttpServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    // The server accepts only its waypoint: through the service (the waypoint) it
+    // works, straight to the pod it does not.
+    mesh.write_config(
+        "l4.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: only-waypoint, namespace: demo}\nspec:\n  selector: {matchLabels: {app: server}}\n  rules: [{from: [{source: {principals: [cluster.local/ns/demo/sa/waypoint]}}]}]\n",
+    )
+    .unwrap();
+    let pod = format!("{}:8080", mesh.cluster.pod("server").ip);
+    eventually(Duration::from_secs(5), "direct traffic refused", || async {
+        http(&mesh, &pod, "GET", "/public/a", &[]).0 != "200"
+    })
+    .await;
+    assert_eq!(http(&mesh, VIP, "GET", "/public/a", &[]).0, "200");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http2_with_prior_knowledge_is_served_too() {
+    let mesh = mesh().await;
+    let _server = HttpServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    let out = mesh
+        .cluster
+        .pod("client")
+        .run(PROBE, ["h2", VIP, "GET", "/public/h2"])
+        .unwrap();
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.contains("status=200") && out.contains("body=server GET /public/h2"),
+        "{out}"
+    );
+    let out = mesh
+        .cluster
+        .pod("client")
+        .run(PROBE, ["h2", VIP, "POST", "/public/h2"])
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("status=403"));
 }

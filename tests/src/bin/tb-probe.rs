@@ -13,6 +13,7 @@
 //!   tb-probe rr <ip:port> <count> <cpu>    1-byte round trips to an echo, pinned to a CPU
 //!   tb-probe conns <ip:port> <ms>          connect/exchange/close for a while: rate
 //!   tb-probe idle <ip:port> <n>            hold n idle connections until stdin closes
+//!   tb-probe h2 <ip:port> <METHOD> <path>  one HTTP/2 request (prior knowledge)
 //!   tb-probe httpload <ip:port> <n>        n keep-alive GETs on one connection: rate, p50, p99
 //!   tb-probe http <ip:port> <METHOD> <path> [Name:value]...  one HTTP/1.1 request
 //!   tb-probe hold-cluster <spec.yaml>      build a cluster, print its prefix, wait
@@ -42,6 +43,7 @@ fn main() -> ExitCode {
         ["conns", addr, millis] => connections(addr, millis),
         ["idle", addr, n] => idle(addr, n),
         ["httpload", addr, n] => http_load(addr, n),
+        ["h2", addr, method, path] => h2(addr, method, path),
         ["http", addr, method, path, headers @ ..] => http(addr, method, path, headers),
         ["hold-cluster", spec] => hold_cluster(spec),
         _ => Err(anyhow::anyhow!(
@@ -318,6 +320,32 @@ fn http_load(addr: &str, n: &str) -> anyhow::Result<()> {
     println!("p50_us={}", times[n / 2].as_micros());
     println!("p99_us={}", times[n * 99 / 100].as_micros());
     Ok(())
+}
+
+fn h2(addr: &str, method: &str, path: &str) -> anyhow::Result<()> {
+    use http_body_util::BodyExt;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let (mut sender, connection) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await?;
+        tokio::spawn(connection);
+        let request = http::Request::builder()
+            .method(method)
+            .uri(format!("http://{addr}{path}"))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+        let response = sender.send_request(request).await?;
+        let status = response.status();
+        let body = response.into_body().collect().await?.to_bytes();
+        println!("status={}", status.as_u16());
+        println!("body={}", String::from_utf8_lossy(&body));
+        Ok(())
+    })
 }
 
 fn connect_from(source: &str, addr: &str, message: &str) -> anyhow::Result<()> {

@@ -508,3 +508,76 @@ async fn http2_with_prior_knowledge_is_served_too() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("status=403"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jwks_are_fetched_from_jwks_uri() {
+    let mesh = mesh().await;
+    let _server = HttpServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    let issuer = ztunnel::jwt::testing::Es256Issuer::default();
+    let jwks = issuer.jwks();
+    // The keys, served where the waypoint can fetch them (its own pod).
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let _keys = mesh
+        .cluster
+        .pod("waypoint")
+        .spawn_task(move || async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:9393")
+                .await
+                .unwrap();
+            ready_tx.send(()).unwrap();
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut buf = [0u8; 1024];
+                let _ = stream.read(&mut buf).await;
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{jwks}",
+                    jwks.len()
+                );
+                let _ = stream.write_all(response.as_bytes()).await;
+            }
+        })
+        .unwrap();
+    ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    mesh.write_config(
+        "authn.yaml",
+        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: jwt, namespace: demo}\nspec:\n  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]\n  jwtRules: [{issuer: https://issuer.test, jwksUri: 'http://127.0.0.1:9393/jwks'}]\n",
+    )
+    .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let token = issuer
+        .token(&serde_json::json!({"iss": "https://issuer.test", "sub": "bob", "exp": now + 600}));
+    let other = ztunnel::jwt::testing::Es256Issuer::default()
+        .token(&serde_json::json!({"iss": "https://issuer.test", "sub": "eve", "exp": now + 600}));
+    eventually(
+        Duration::from_secs(5),
+        "a token from another key refused",
+        || async {
+            http(
+                &mesh,
+                VIP,
+                "GET",
+                "/public/x",
+                &[&format!("authorization: Bearer {other}")],
+            )
+            .0 == "401"
+        },
+    )
+    .await;
+    assert_eq!(
+        http(
+            &mesh,
+            VIP,
+            "GET",
+            "/public/x",
+            &[&format!("authorization: Bearer {token}")]
+        )
+        .0,
+        "200"
+    );
+}

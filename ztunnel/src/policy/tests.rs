@@ -510,3 +510,87 @@ fn evaluation_only_sees_the_policies_that_target_the_destination() {
     let applicable = i.applicable(&web());
     assert_eq!(applicable.allow.len() + applicable.deny.len(), 1);
 }
+
+fn request(method: &str, path: &str, host: &str, headers: &[(&str, &str)]) -> Request {
+    Request {
+        method: method.into(),
+        path: path.into(),
+        host: host.into(),
+        headers: headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        remote_ip: None,
+        auth: None,
+    }
+}
+
+fn attached(spec: &str) -> Index {
+    let header = "targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: wp}]\n";
+    index(&[ap("shop", "p", &format!("{header}{spec}"))])
+}
+
+fn waypoint_allows(i: &Index, req: &Request) -> bool {
+    i.authorize_request(("shop", "wp"), None, &mtls("a", "b", 80), Some(req), false)
+        .allow
+}
+
+#[test]
+fn at_the_waypoint_l7_fields_match_requests() {
+    let i = attached("rules: [{to: [{operation: {hosts: ['*.shop.svc', 'web:80'], methods: [GET], notPaths: ['/admin*']}}]}]");
+    assert!(waypoint_allows(
+        &i,
+        &request("GET", "/x", "web.shop.svc", &[])
+    ));
+    assert!(
+        waypoint_allows(&i, &request("GET", "/x", "WEB.shop.svc:8080", &[])),
+        "case-insensitive, port ignored"
+    );
+    assert!(waypoint_allows(&i, &request("GET", "/x", "web:80", &[])));
+    assert!(!waypoint_allows(&i, &request("GET", "/x", "db.other", &[])));
+    assert!(!waypoint_allows(
+        &i,
+        &request("POST", "/x", "web.shop.svc", &[])
+    ));
+    assert!(!waypoint_allows(
+        &i,
+        &request("GET", "/admin/users", "web.shop.svc", &[])
+    ));
+}
+
+#[test]
+fn at_the_waypoint_jwt_claims_and_headers_match() {
+    let i = attached("rules: [{when: [{key: 'request.auth.claims[role][name]', values: [admin]}, {key: 'request.headers[x-tenant]', values: ['t-*']}, {key: request.auth.presenter, values: [web]}]}]");
+    let mut req = request("GET", "/", "h", &[("x-tenant", "t-1")]);
+    assert!(!waypoint_allows(&i, &req), "no token: no claims");
+    req.auth = Some(RequestAuth {
+        principal: "iss/alice".into(),
+        audiences: vec!["shop".into()],
+        presenter: Some("web".into()),
+        claims: serde_json::json!({"role": {"name": "admin"}}),
+    });
+    assert!(waypoint_allows(&i, &req));
+    req.headers = vec![("x-tenant".into(), "other".into())];
+    assert!(!waypoint_allows(&i, &req), "header prefix");
+    let i = attached("rules: [{from: [{source: {remoteIpBlocks: [10.244.0.0/16]}}]}]");
+    let mut req = request("GET", "/", "h", &[]);
+    req.remote_ip = Some("10.244.3.3".parse().unwrap());
+    assert!(waypoint_allows(&i, &req));
+    req.remote_ip = Some("192.168.1.1".parse().unwrap());
+    assert!(!waypoint_allows(&i, &req));
+}
+
+#[test]
+fn at_the_waypoint_non_http_traffic_gets_l4_policy_only() {
+    // An ALLOW that needs a method cannot match a TCP stream: denied (fail closed).
+    let i = attached("rules: [{to: [{operation: {methods: [GET]}}]}]");
+    assert!(
+        !i.authorize_request(("shop", "wp"), None, &mtls("a", "b", 80), None, false)
+            .allow
+    );
+    let i = attached("rules: [{from: [{source: {namespaces: [a]}}]}]");
+    assert!(
+        i.authorize_request(("shop", "wp"), None, &mtls("a", "b", 80), None, false)
+            .allow
+    );
+}

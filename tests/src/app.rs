@@ -26,6 +26,15 @@ pub struct EchoServer {
 impl EchoServer {
     /// Starts listening on 0.0.0.0:`port` in `pod`; returns once it listens.
     pub fn start(pod: &Pod, port: u16) -> Result<Self> {
+        Self::serve(pod, port, echo)
+    }
+
+    /// Serves each accepted connection with `handle(stream, pod name)`.
+    fn serve<F, Fut>(pod: &Pod, port: u16, handle: F) -> Result<Self>
+    where
+        F: Fn(tokio::net::TcpStream, String) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
         let (ready_tx, ready_rx) = mpsc::channel();
         let (stop, mut stopped) = oneshot::channel::<()>();
         let name = pod.name.clone();
@@ -43,24 +52,16 @@ impl EchoServer {
                 tokio::select! {
                     _ = &mut stopped => return peers,
                     accepted = listener.accept() => {
-                        let Ok((mut stream, peer)) = accepted else { continue };
+                        let Ok((stream, peer)) = accepted else { continue };
                         peers.push(peer);
-                        let name = name.clone();
-                        tokio::spawn(async move {
-                            let mut message = Vec::new();
-                            if stream.read_to_end(&mut message).await.is_ok() {
-                                let mut reply = format!("{name}:").into_bytes();
-                                reply.extend_from_slice(&message);
-                                let _ = stream.write_all(&reply).await;
-                            }
-                        });
+                        tokio::spawn(handle(stream, name.clone()));
                     }
                 }
             }
         })?;
         ready_rx
             .recv_timeout(Duration::from_secs(10))
-            .context("echo server did not start")?
+            .context("server did not start")?
             .with_context(|| format!("binding port {port} in pod {}", pod.name))?;
         Ok(Self {
             stop: Some(stop),
@@ -222,40 +223,19 @@ pub struct HttpServer {
 
 impl HttpServer {
     pub fn start(pod: &Pod, port: u16) -> Result<Self> {
-        let (ready_tx, ready_rx) = mpsc::channel();
-        let (stop, mut stopped) = oneshot::channel::<()>();
-        let name = pod.name.clone();
-        let task = pod.spawn_task(move || async move {
-            let listener = match TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).await {
-                Ok(l) => l,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                    return Vec::new();
-                }
-            };
-            let _ = ready_tx.send(Ok(()));
-            let mut peers = Vec::new();
-            loop {
-                tokio::select! {
-                    _ = &mut stopped => return peers,
-                    accepted = listener.accept() => {
-                        let Ok((stream, peer)) = accepted else { continue };
-                        peers.push(peer);
-                        tokio::spawn(serve_http(stream, name.clone()));
-                    }
-                }
-            }
-        })?;
-        ready_rx
-            .recv_timeout(Duration::from_secs(10))
-            .context("HTTP server did not start")?
-            .with_context(|| format!("binding port {port} in pod {}", pod.name))?;
         Ok(Self {
-            _inner: EchoServer {
-                stop: Some(stop),
-                task: Some(task),
-            },
+            _inner: EchoServer::serve(pod, port, serve_http)?,
         })
+    }
+}
+
+/// Answers with `<pod>:<what it read>` once the client has shut down its side.
+async fn echo(mut stream: tokio::net::TcpStream, name: String) {
+    let mut message = Vec::new();
+    if stream.read_to_end(&mut message).await.is_ok() {
+        let mut reply = format!("{name}:").into_bytes();
+        reply.extend_from_slice(&message);
+        let _ = stream.write_all(&reply).await;
     }
 }
 

@@ -429,19 +429,7 @@ async fn an_unreachable_application_and_garbage_hbone_are_refused_and_the_tunnel
 async fn sigterm_drains_open_connections_then_the_pod_fails_closed() {
     let mut mesh = mesh().await;
     let echo = EchoServer::start(mesh.cluster.pod("server"), 8080).unwrap();
-    let mut slow = mesh
-        .cluster
-        .pod("client")
-        .command(PROBE)
-        .unwrap()
-        .args(["slow", &addr(&mesh, "server", 8080), "1500", "patience"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = std::io::BufReader::new(slow.stdout.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
-    assert_eq!(line.trim(), "connected");
+    let (mut slow, mut stdout) = slow_exchange(&mesh, 1500, "patience");
     eventually(
         Duration::from_secs(5),
         "the connection open at the source",
@@ -646,19 +634,7 @@ async fn strict_refuses_a_client_outside_the_mesh() {
 async fn a_policy_edit_closes_a_live_connection() {
     let mesh = mesh().await;
     let echo = EchoServer::start(mesh.cluster.pod("server"), 8080).unwrap();
-    let mut slow = mesh
-        .cluster
-        .pod("client")
-        .command(PROBE)
-        .unwrap()
-        .args(["slow", &addr(&mesh, "server", 8080), "4000", "doomed"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = std::io::BufReader::new(slow.stdout.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
-    assert_eq!(line.trim(), "connected");
+    let (mut slow, mut stdout) = slow_exchange(&mesh, 4000, "doomed");
     eventually(
         Duration::from_secs(5),
         "the connection open at the destination",
@@ -689,4 +665,35 @@ async fn a_policy_edit_closes_a_live_connection() {
         "the denied connection carried on: {rest}"
     );
     let _ = echo.stop();
+}
+
+/// Starts a slow exchange from the client to the server (connect, send, wait
+/// `millis`, then half-close and read); returns once it is connected.
+fn slow_exchange(
+    mesh: &Mesh,
+    millis: u64,
+    message: &str,
+) -> (
+    std::process::Child,
+    std::io::BufReader<std::process::ChildStdout>,
+) {
+    let mut slow = mesh
+        .cluster
+        .pod("client")
+        .command(PROBE)
+        .unwrap()
+        .args([
+            "slow",
+            &addr(mesh, "server", 8080),
+            &millis.to_string(),
+            message,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(slow.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    assert_eq!(line.trim(), "connected");
+    (slow, stdout)
 }

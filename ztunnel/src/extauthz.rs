@@ -143,13 +143,21 @@ pub async fn check_http(
         Ok(Err(e)) => format!("the provider failed: {e:#}"),
         Err(_) => format!("the provider did not answer within {timeout:?}"),
     };
-    if provider.fail_open {
+    on_failure(
+        provider.fail_open,
+        provider.status_on_error.as_deref(),
+        failure,
+    )
+}
+
+/// A provider that failed or timed out: allowed if `failOpen`, else denied with
+/// `statusOnError` (403 by default).
+fn on_failure(fail_open: bool, status_on_error: Option<&str>, failure: String) -> Verdict {
+    if fail_open {
         tracing::warn!("ext authz: {failure}; failOpen: allowed");
         return Verdict::Allow(HeaderMap::new());
     }
-    let status = provider
-        .status_on_error
-        .as_deref()
+    let status = status_on_error
         .and_then(|s| s.parse::<u16>().ok())
         .and_then(|s| StatusCode::from_u16(s).ok())
         .unwrap_or(StatusCode::FORBIDDEN);
@@ -390,22 +398,11 @@ pub async fn check_grpc(
         Ok(Err(e)) => format!("the provider failed: {e:#}"),
         Err(_) => format!("the provider did not answer within {timeout:?}"),
     };
-    if provider.fail_open {
-        tracing::warn!("ext authz: {failure}; failOpen: allowed");
-        return Verdict::Allow(HeaderMap::new());
-    }
-    let status = provider
-        .status_on_error
-        .as_deref()
-        .and_then(|s| s.parse::<u16>().ok())
-        .and_then(|s| StatusCode::from_u16(s).ok())
-        .unwrap_or(StatusCode::FORBIDDEN);
-    Verdict::Deny {
-        status,
-        headers: HeaderMap::new(),
-        body: Bytes::new(),
-        reason: failure,
-    }
+    on_failure(
+        provider.fail_open,
+        provider.status_on_error.as_deref(),
+        failure,
+    )
 }
 
 async fn ask_grpc(address: SocketAddr, context: &CheckContext<'_>) -> Result<proto::CheckResponse> {

@@ -105,22 +105,25 @@ fn connect_latency(cluster: &Cluster, redirector: &mut Redirector) -> Result<()>
     let app = plain.in_netns(move || TcpListener::bind((plain_ip, 9000)))??;
     let app_accepted = spawn_acceptor(app);
 
-    let own_cgroup = current_cgroup()?;
+    // Back to our own cgroup whatever happens: the cluster's cleanup kills every
+    // process left in its cgroups.
+    let _home = Home(current_cgroup()?);
     let mut captured = Vec::new();
     let mut direct = Vec::new();
     for _ in 0..ROUNDS {
         // The whole process joins the pod's cgroup (cgroup programs see the process'
         // cgroup); the measuring thread enters the pod's network namespace.
         join_cgroup(&enrolled.cgroup)?;
-        let target = SocketAddr::new(enrolled.ip.into(), 9000);
+        // Any address outside the pod is captured (its own address is not).
+        let target = SocketAddr::new(std::net::Ipv4Addr::new(10, 255, 0, 1).into(), 9000);
         captured.extend(enrolled.in_netns(move || time_connects(target))??);
         join_cgroup(&plain.cgroup)?;
         let target = SocketAddr::new(plain.ip.into(), 9000);
         direct.extend(plain.in_netns(move || time_connects(target))??);
     }
-    join_cgroup(&own_cgroup)?;
-    // Every enrolled connect() went to the tunnel (nothing listens on the enrolled
-    // pod's port 9000), every unenrolled one to the app.
+    join_cgroup(&_home.0)?;
+    // Every enrolled connect() went to the tunnel (nothing answers 10.255.0.1),
+    // every unenrolled one to the app.
     let expected = ROUNDS * CONNECTS_PER_ROUND;
     wait_for(
         || tunnel_accepted.load(Ordering::Relaxed) == expected,
@@ -232,6 +235,15 @@ fn current_cgroup() -> Result<PathBuf> {
         .find_map(|l| l.strip_prefix("0::"))
         .context("no cgroup v2 entry in /proc/self/cgroup")?;
     Ok(testbed::host::cgroup2_root()?.join(path.trim_start_matches('/')))
+}
+
+/// Joins the cgroup it holds when dropped.
+struct Home(PathBuf);
+
+impl Drop for Home {
+    fn drop(&mut self) {
+        let _ = join_cgroup(&self.0);
+    }
 }
 
 fn join_cgroup(cgroup: &Path) -> Result<()> {

@@ -697,3 +697,40 @@ fn slow_exchange(
     assert_eq!(line.trim(), "connected");
     (slow, stdout)
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_that_left_the_mesh_while_the_tunnel_was_down_is_released() {
+    let mut mesh = mesh().await;
+    let _echo = EchoServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    // The tunnel dies; meanwhile the client's namespace leaves the mesh.
+    mesh.kill_tunnel("node-a");
+    let out = probe(
+        &mesh,
+        "client",
+        &["connect", &addr(&mesh, "server", 8080), "x"],
+    );
+    assert!(
+        out.contains("error=Connection refused"),
+        "fail closed while away: {out}"
+    );
+    mesh.write_config(
+        "ns-demo.yaml",
+        &testbed::mesh::namespace_yaml("demo", false),
+    )
+    .unwrap();
+    mesh.start_tunnel("node-a").await.unwrap();
+    // Back, it releases the client: its traffic flows directly (plaintext: the
+    // server's namespace is not ambient either now).
+    let out = probe(
+        &mesh,
+        "client",
+        &["connect", &addr(&mesh, "server", 8080), "free"],
+    );
+    assert!(out.contains("reply=server:free"), "{out}");
+    assert!(
+        mesh.log("node-a")
+            .contains("released a pod a previous run enrolled"),
+        "{}",
+        mesh.log("node-a")
+    );
+}

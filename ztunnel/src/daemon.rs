@@ -193,10 +193,41 @@ async fn reconcile_loop(
     loop {
         let state = states.borrow_and_update().clone();
         reconcile(&ctx, &state, previous.as_deref(), &enrolled).await;
+        if previous.is_none() {
+            release_leftovers(&ctx, &enrolled);
+        }
         ready.store(true, Ordering::Release);
         previous = Some(state);
         if states.changed().await.is_err() {
             return;
+        }
+    }
+}
+
+/// Pods a previous run enrolled (their pins survived it) that this run does not
+/// serve: they left the mesh while the tunnel was away. Release them, so their
+/// traffic is neither captured into nothing nor dropped.
+fn release_leftovers(ctx: &Context, enrolled: &Mutex<HashMap<(String, String), Enrolled>>) {
+    let ours: Vec<u64> = enrolled
+        .lock()
+        .expect("not poisoned")
+        .values()
+        .map(|e| e.netns_cookie)
+        .collect();
+    let mut redirect = ctx.redirect.lock().expect("not poisoned");
+    let pinned = match redirect.enrolled_pods() {
+        Ok(pinned) => pinned,
+        Err(e) => return tracing::warn!("listing enrolled pods: {e:#}"),
+    };
+    for (cookie, ip) in pinned
+        .into_iter()
+        .filter(|(cookie, _)| !ours.contains(cookie))
+    {
+        match redirect.unenroll(cookie, ip) {
+            Ok(()) => {
+                tracing::info!(%ip, "released a pod a previous run enrolled: it is no longer in the mesh")
+            }
+            Err(e) => tracing::warn!(%ip, "releasing a leftover pod: {e:#}"),
         }
     }
 }

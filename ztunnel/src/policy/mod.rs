@@ -11,7 +11,7 @@ pub mod matching;
 pub mod peer_auth;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     net::IpAddr,
     sync::{Arc, Mutex},
 };
@@ -223,11 +223,6 @@ impl Index {
 
     pub fn trust_domains(&self) -> &[String] {
         &self.trust_domains
-    }
-
-    /// How many AuthorizationPolicies the tunnel enforces.
-    pub fn authorization_policy_count(&self) -> usize {
-        self.authz.values().map(Vec::len).sum()
     }
 
     fn applicable(&self, workload: &Workload) -> Arc<Applicable> {
@@ -449,15 +444,6 @@ impl Index {
             .map(|p| (p.name.clone(), p.provider.clone().unwrap_or_default()))
             .collect()
     }
-
-    /// Whether any policy is attached to this waypoint or service.
-    pub fn has_attached(&self, waypoint: (&str, &str)) -> bool {
-        self.attached.contains_key(&(
-            waypoint.0.to_owned(),
-            "Gateway".to_owned(),
-            waypoint.1.to_owned(),
-        ))
-    }
 }
 
 fn decide(
@@ -525,9 +511,6 @@ fn l7_note(policy: &Compiled) -> String {
         _ => "uses L7 attributes the tunnel cannot see: enforced here on its L4 part alone (it denies more); it belongs on a waypoint".into(),
     }
 }
-
-/// Annotations of the policy resource, kept for dry-run.
-pub type Annotations = BTreeMap<String, String>;
 
 #[cfg(test)]
 mod tests;

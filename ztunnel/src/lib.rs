@@ -8,6 +8,7 @@ pub mod ca;
 pub mod certs;
 pub mod config;
 pub mod daemon;
+pub mod discovery;
 pub mod extauthz;
 pub mod http_server;
 pub mod identity;

@@ -732,3 +732,91 @@ async fn the_ztunnel_ca_command_serves_the_ca_api_and_metrics() {
     );
     child.kill().await.unwrap();
 }
+
+/// A stand-in for the API server's TokenReview endpoint (no API server runs on this
+/// machine): it knows three tokens, and wants the CA's own token.
+async fn fake_token_review() -> std::net::SocketAddr {
+    use http_body_util::BodyExt;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    |req: http::Request<hyper::body::Incoming>| async move {
+                        assert_eq!(
+                            req.uri().path(),
+                            "/apis/authentication.k8s.io/v1/tokenreviews"
+                        );
+                        let authorized = req.headers()["authorization"] == "Bearer ca-own-token";
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        let review: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                        let status = match (authorized, review["spec"]["token"].as_str().unwrap()) {
+                            (false, _) => {
+                                serde_json::json!({"authenticated": false, "error": "the CA is not authorized"})
+                            }
+                            (true, "tunnel-a") => {
+                                serde_json::json!({"authenticated": true, "user": {
+                            "username": "system:serviceaccount:istio-system:ztunnel",
+                            "extra": {"authentication.kubernetes.io/node-name": ["node-a"]}}})
+                            }
+                            (true, "app") => {
+                                serde_json::json!({"authenticated": true, "user": {"username": "system:serviceaccount:demo:sleep"}})
+                            }
+                            (true, "unbound") => {
+                                serde_json::json!({"authenticated": true, "user": {"username": "system:serviceaccount:istio-system:ztunnel"}})
+                            }
+                            _ => {
+                                serde_json::json!({"authenticated": false, "error": "invalid bearer token"})
+                            }
+                        };
+                        let response = serde_json::json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "status": status});
+                        Ok::<_, std::convert::Infallible>(http::Response::new(
+                            http_body_util::Full::new(bytes::Bytes::from(response.to_string())),
+                        ))
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn token_review_authenticates_tunnels_by_their_bound_service_account_tokens() {
+    use ztunnel::ca::auth::{Authenticator, TokenReview};
+    let api = fake_token_review().await;
+    let dir = testbed::mesh::TempDir::new("token-review").unwrap();
+    let own = dir.path().join("token");
+    std::fs::write(&own, "ca-own-token").unwrap();
+    let review = TokenReview {
+        api_server: format!("http://{api}"),
+        api_roots_pem: None,
+        own_token: own.clone(),
+        allowed: vec!["istio-system/ztunnel".into()],
+        audiences: vec!["istio-ca".into()],
+    };
+    assert_eq!(
+        review.authenticate("tunnel-a").await.unwrap().node,
+        "node-a"
+    );
+    let err = review.authenticate("app").await.unwrap_err();
+    assert!(
+        err.contains("demo/sleep may not request certificates"),
+        "{err}"
+    );
+    let err = review.authenticate("unbound").await.unwrap_err();
+    assert!(err.contains("not bound to a pod"), "{err}");
+    let err = review.authenticate("forged").await.unwrap_err();
+    assert!(err.contains("invalid bearer token"), "{err}");
+    std::fs::write(&own, "stale").unwrap();
+    assert!(review
+        .authenticate("tunnel-a")
+        .await
+        .unwrap_err()
+        .contains("not authorized"));
+}

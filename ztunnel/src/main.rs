@@ -99,8 +99,37 @@ struct CaArgs {
     #[arg(long = "server-name", default_value = "ztunnel-ca.istio-system.svc")]
     server_names: Vec<String>,
     /// YAML file `node: token` authenticating each node's tunnel (local mode).
+    #[arg(
+        long,
+        conflicts_with = "token_review",
+        required_unless_present = "token_review"
+    )]
+    node_tokens: Option<PathBuf>,
+    /// In a cluster: the API server to check tunnels' ServiceAccount tokens with
+    /// (TokenReview), e.g. https://kubernetes.default.svc.
     #[arg(long)]
-    node_tokens: PathBuf,
+    token_review: Option<String>,
+    /// PEM roots of the API server's certificate.
+    #[arg(
+        long,
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+    )]
+    kube_ca: PathBuf,
+    /// The CA's own ServiceAccount token, for the TokenReview calls.
+    #[arg(
+        long,
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    )]
+    kube_token: PathBuf,
+    /// `namespace/name` of the tunnels' service account.
+    #[arg(
+        long = "tunnel-service-account",
+        default_value = "istio-system/ztunnel"
+    )]
+    tunnel_service_accounts: Vec<String>,
+    /// Audience the tunnels' tokens must be for.
+    #[arg(long, default_value = "istio-ca")]
+    token_audience: String,
     /// Directory of Kubernetes YAML: the pods, to check a workload runs on the
     /// caller's node (local mode).
     #[arg(long)]
@@ -302,6 +331,30 @@ fn policy_check(args: CheckArgs) -> Result<bool> {
     Ok(outcome.allowed())
 }
 
+fn authenticator(args: &CaArgs) -> Result<Arc<dyn ztunnel::ca::auth::Authenticator>> {
+    if let Some(api_server) = &args.token_review {
+        let roots = match api_server.starts_with("https://") {
+            true => Some(
+                std::fs::read_to_string(&args.kube_ca)
+                    .with_context(|| format!("reading {}", args.kube_ca.display()))?,
+            ),
+            false => None,
+        };
+        return Ok(Arc::new(ztunnel::ca::auth::TokenReview {
+            api_server: api_server.clone(),
+            api_roots_pem: roots,
+            own_token: args.kube_token.clone(),
+            allowed: args.tunnel_service_accounts.clone(),
+            audiences: vec![args.token_audience.clone()],
+        }));
+    }
+    let tokens = args
+        .node_tokens
+        .as_ref()
+        .context("--node-tokens or --token-review is required")?;
+    Ok(Arc::new(NodeTokens::from_file(tokens)?))
+}
+
 async fn ca(args: CaArgs) -> Result<()> {
     let authority = Arc::new(Authority::load_or_create(AuthorityOptions {
         dir: args.dir.clone(),
@@ -313,7 +366,7 @@ async fn ca(args: CaArgs) -> Result<()> {
     let metrics = CaMetrics::register(&mut registry);
     let server = CaServer::new(
         authority,
-        Arc::new(NodeTokens::from_file(&args.node_tokens)?),
+        authenticator(&args)?,
         Arc::new(LocalPods::new(args.config.clone())),
         metrics,
     );

@@ -190,7 +190,7 @@ impl CaServer {
             Err(e) => return status_response(Code::InvalidArgument, &e),
         };
         self.metrics.csr_requests.inc();
-        match self.create_certificate(token.as_deref(), &request) {
+        match self.create_certificate(token.as_deref(), &request).await {
             Ok((identity, cert_chain)) => {
                 self.metrics.issued.inc();
                 tracing::info!(%identity, "CA: certificate issued");
@@ -217,7 +217,7 @@ impl CaServer {
     }
 
     /// The whole decision, apart from transport.
-    pub fn create_certificate(
+    pub async fn create_certificate(
         &self,
         token: Option<&str>,
         request: &IstioCertificateRequest,
@@ -226,6 +226,7 @@ impl CaServer {
         let caller = self
             .authenticator
             .authenticate(token)
+            .await
             .map_err(Refusal::Unauthenticated)?;
         let (identity, csr) = self.authority.check_csr(&request.csr)?;
         if let Some(asked) = impersonated(request) {

@@ -299,6 +299,7 @@ mod tests {
 
     fn pod(ns: &str, name: &str, node: &str, ip: [u8; 4], labels: &[(&str, &str)]) -> Pod {
         Pod {
+            uid: None,
             name: name.into(),
             namespace: ns.into(),
             labels: labels

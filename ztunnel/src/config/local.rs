@@ -54,10 +54,10 @@ pub fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// (kind, namespace, name)
-type Key = (String, String, String);
+pub(super) type Key = (String, String, String);
 
 #[derive(Clone, Debug, PartialEq)]
-enum Object {
+pub(super) enum Object {
     Namespace(Namespace),
     ServiceAccount(ServiceAccount),
     Pod(Pod),
@@ -161,35 +161,44 @@ impl LocalSource {
     }
 
     fn snapshot(&self) -> Snapshot {
-        let mut snapshot = Snapshot::default();
-        for ((kind, ns, name), (_, object)) in &self.last_good {
-            match object.clone() {
-                Object::Namespace(n) => {
-                    snapshot.namespaces.insert(name.clone(), n);
-                }
-                Object::ServiceAccount(sa) => {
-                    snapshot
-                        .service_accounts
-                        .insert((ns.clone(), name.clone()), sa);
-                }
-                Object::Pod(p) => {
-                    snapshot.pods.insert((ns.clone(), name.clone()), p);
-                }
-                Object::Service(s) => {
-                    snapshot.services.insert((ns.clone(), name.clone()), s);
-                }
-                Object::Gateway(g) => {
-                    snapshot.gateways.insert((ns.clone(), name.clone()), g);
-                }
-                Object::Policy(p) => {
-                    snapshot
-                        .policies
-                        .insert((kind.clone(), ns.clone(), name.clone()), p);
-                }
+        build_snapshot(
+            self.last_good
+                .iter()
+                .map(|(key, (_, object))| (key, object)),
+        )
+    }
+}
+
+/// The snapshot holding these objects.
+pub(super) fn build_snapshot<'a>(objects: impl Iterator<Item = (&'a Key, &'a Object)>) -> Snapshot {
+    let mut snapshot = Snapshot::default();
+    for ((kind, ns, name), object) in objects {
+        match object.clone() {
+            Object::Namespace(n) => {
+                snapshot.namespaces.insert(name.clone(), n);
+            }
+            Object::ServiceAccount(sa) => {
+                snapshot
+                    .service_accounts
+                    .insert((ns.clone(), name.clone()), sa);
+            }
+            Object::Pod(p) => {
+                snapshot.pods.insert((ns.clone(), name.clone()), p);
+            }
+            Object::Service(s) => {
+                snapshot.services.insert((ns.clone(), name.clone()), s);
+            }
+            Object::Gateway(g) => {
+                snapshot.gateways.insert((ns.clone(), name.clone()), g);
+            }
+            Object::Policy(p) => {
+                snapshot
+                    .policies
+                    .insert((kind.clone(), ns.clone(), name.clone()), p);
             }
         }
-        snapshot
     }
+    snapshot
 }
 
 /// Watches the directory, publishing a new snapshot whenever a file changes.
@@ -251,7 +260,7 @@ fn error(path: &Path, object: Option<String>, message: String) -> ConfigError {
 }
 
 /// The object's key, or None for kinds the mesh ignores.
-fn identify(value: &serde_yaml::Value) -> Result<Option<Key>, String> {
+pub(super) fn identify(value: &serde_yaml::Value) -> Result<Option<Key>, String> {
     let kind = value
         .get("kind")
         .and_then(|k| k.as_str())
@@ -298,6 +307,8 @@ fn identify(value: &serde_yaml::Value) -> Result<Option<Key>, String> {
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Meta {
+    #[serde(default)]
+    uid: Option<String>,
     #[serde(default)]
     labels: BTreeMap<String, String>,
     #[serde(default)]
@@ -350,7 +361,7 @@ struct PortSpec {
     target_port: Option<serde_yaml::Value>,
 }
 
-fn parse(key: &Key, value: serde_yaml::Value) -> Result<Object> {
+pub(super) fn parse(key: &Key, value: serde_yaml::Value) -> Result<Object> {
     let (kind, namespace, name) = key.clone();
     Ok(match kind.as_str() {
         "Namespace" => {
@@ -372,6 +383,7 @@ fn parse(key: &Key, value: serde_yaml::Value) -> Result<Object> {
                     None => None,
                 };
             Object::Pod(Pod {
+                uid: r.metadata.uid,
                 name,
                 namespace,
                 labels: r.metadata.labels,

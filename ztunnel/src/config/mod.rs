@@ -1,6 +1,7 @@
 //! Configuration sources. Each parses Kubernetes resources into the same typed
 //! objects (a [`Snapshot`]); the rest of the tunnel never sees where they came from.
 
+pub mod kube;
 pub mod local;
 
 use std::{collections::BTreeMap, fmt, net::Ipv4Addr, path::PathBuf};
@@ -31,6 +32,8 @@ pub struct ServiceAccount {
 /// A pod, as far as the mesh cares.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Pod {
+    /// `metadata.uid`: names the pod's cgroup on its node.
+    pub uid: Option<String>,
     pub name: String,
     pub namespace: String,
     pub labels: BTreeMap<String, String>,

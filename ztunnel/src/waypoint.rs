@@ -41,7 +41,7 @@ use crate::{
         authn::{find_token, JwksSource, JwtRule, Location, RequestAuthentication},
         Connection, Request as PolicyRequest, RequestAuth,
     },
-    proxy::{pool::Pool, relay},
+    proxy::{inbound::forwarded_for, pool::Pool, relay},
     state::{MeshSettings, State, Workload},
     tls,
 };
@@ -805,14 +805,6 @@ fn text(code: StatusCode, body: &'static str) -> Response<BoxBody<Bytes, hyper::
                 .boxed(),
         )
         .expect("a valid response")
-}
-
-fn forwarded_for(req: &Request<Incoming>) -> Option<std::net::Ipv4Addr> {
-    let value = req.headers().get("forwarded")?.to_str().ok()?;
-    value
-        .split([';', ','])
-        .find_map(|part| part.trim().strip_prefix("for="))
-        .and_then(|ip| ip.trim_matches('"').parse().ok())
 }
 
 /// HTTP/1.x methods, and the HTTP/2 prior-knowledge preface.

@@ -204,8 +204,9 @@ async fn connect(
     status(StatusCode::OK)
 }
 
-/// The `for=` address of a `forwarded` header.
-fn forwarded_for(req: &Request<Incoming>) -> Option<std::net::Ipv4Addr> {
+/// The `for=` address of a `forwarded` header (HBONE clients name the workload
+/// they act for; trust it only when the proven identity matches).
+pub(crate) fn forwarded_for(req: &Request<Incoming>) -> Option<std::net::Ipv4Addr> {
     let value = req.headers().get("forwarded")?.to_str().ok()?;
     value
         .split([';', ','])

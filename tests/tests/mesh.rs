@@ -65,7 +65,7 @@ async fn pods_talk_across_nodes_through_the_mesh_with_their_identities() {
     assert_eq!(peers[0].ip(), server.ip);
 
     // Counted on both sides with Istio's names and labels (at close: wait for it).
-    eventually(Duration::from_secs(5), "source metrics", || async {
+    eventually(Duration::from_secs(15), "source metrics", || async {
         mesh.metrics("node-a").await.lines().any(|l| {
             l.starts_with("istio_tcp_connections_closed_total{")
                 && l.contains("reporter=\"source\"")
@@ -75,7 +75,7 @@ async fn pods_talk_across_nodes_through_the_mesh_with_their_identities() {
         })
     })
     .await;
-    eventually(Duration::from_secs(5), "destination metrics", || async {
+    eventually(Duration::from_secs(15), "destination metrics", || async {
         mesh.metrics("node-b").await.lines().any(|l| {
             l.starts_with("istio_tcp_received_bytes_total{")
                 && l.contains("reporter=\"destination\"")
@@ -84,7 +84,7 @@ async fn pods_talk_across_nodes_through_the_mesh_with_their_identities() {
         })
     })
     .await;
-    eventually(Duration::from_secs(5), "an access-log line", || async {
+    eventually(Duration::from_secs(15), "an access-log line", || async {
         mesh.log("node-b")
             .contains("src.identity=spiffe://cluster.local/ns/demo/sa/client")
     })
@@ -107,14 +107,18 @@ async fn pods_on_the_same_node_talk_through_the_mesh() {
         local.ip,
         "delivered by the tunnel"
     );
-    eventually(Duration::from_secs(5), "HBONE on the same node", || async {
-        mesh.metrics("node-a").await.lines().any(|l| {
-            l.starts_with("istio_tcp_connections_opened_total{")
-                && l.contains("reporter=\"destination\"")
-                && l.contains("destination_workload=\"server\"")
-                && l.contains("connection_security_policy=\"mutual_tls\"")
-        })
-    })
+    eventually(
+        Duration::from_secs(15),
+        "HBONE on the same node",
+        || async {
+            mesh.metrics("node-a").await.lines().any(|l| {
+                l.starts_with("istio_tcp_connections_opened_total{")
+                    && l.contains("reporter=\"destination\"")
+                    && l.contains("destination_workload=\"server\"")
+                    && l.contains("connection_security_policy=\"mutual_tls\"")
+            })
+        },
+    )
     .await;
 }
 
@@ -189,7 +193,7 @@ async fn a_service_vip_reaches_all_its_endpoints() {
     )
     .unwrap();
     eventually(
-        Duration::from_secs(5),
+        Duration::from_secs(15),
         "the service in node-a's state",
         || async {
             mesh.config_dump("node-a").await["services"]
@@ -245,7 +249,7 @@ async fn a_spoofed_source_address_is_refused() {
         echo.stop().unwrap().is_empty(),
         "the spoofed connection reached the server"
     );
-    eventually(Duration::from_secs(5), "the refusal counted", || async {
+    eventually(Duration::from_secs(15), "the refusal counted", || async {
         mesh.metrics("node-a").await.lines().any(|l| {
             l.starts_with("istio_tcp_connections_closed_total{")
                 && l.contains("response_flags=\"DENY\"")
@@ -282,7 +286,7 @@ async fn a_config_edit_is_picked_up_without_restart_and_broken_yaml_is_ignored()
     mesh.wait_enrolled("node-b", "plain", true).await.unwrap();
     // ... and the client's node sees it in the mesh too.
     eventually(
-        Duration::from_secs(5),
+        Duration::from_secs(15),
         "node-a sees plain captured",
         || async {
             let dump = mesh.config_dump("node-a").await;
@@ -311,7 +315,7 @@ async fn a_config_edit_is_picked_up_without_restart_and_broken_yaml_is_ignored()
         "through the mesh it is delivered inside the pod"
     );
     for node in ["node-a", "node-b"] {
-        eventually(Duration::from_secs(5), "broken.yaml reported", || async {
+        eventually(Duration::from_secs(15), "broken.yaml reported", || async {
             let log = mesh.log(node);
             log.contains("broken.yaml") && log.contains("not valid YAML")
         })
@@ -370,7 +374,7 @@ async fn a_destination_presenting_the_wrong_identity_is_refused() {
     );
     assert!(!out.contains("secret"), "{out}");
     let _ = rogue.join();
-    eventually(Duration::from_secs(5), "the refusal in the log", || async {
+    eventually(Duration::from_secs(15), "the refusal in the log", || async {
         mesh.log("node-a").contains("peer is spiffe://cluster.local/ns/demo/sa/other, expected spiffe://cluster.local/ns/demo/sa/server")
     })
     .await;
@@ -387,7 +391,7 @@ async fn an_unreachable_application_and_garbage_hbone_are_refused_and_the_tunnel
     );
     assert!(!out.contains("reply=server"), "{out}");
     eventually(
-        Duration::from_secs(5),
+        Duration::from_secs(15),
         "503 counted as an upstream failure",
         || async {
             mesh.metrics("node-b").await.lines().any(|l| {
@@ -431,7 +435,7 @@ async fn sigterm_drains_open_connections_then_the_pod_fails_closed() {
     let echo = EchoServer::start(mesh.cluster.pod("server"), 8080).unwrap();
     let (mut slow, mut stdout) = slow_exchange(&mesh, 1500, "patience");
     eventually(
-        Duration::from_secs(5),
+        Duration::from_secs(15),
         "the connection open at the source",
         || async {
             mesh.metrics("node-a").await.lines().any(|l| {
@@ -485,7 +489,7 @@ async fn plaintext_from_outside_the_mesh_is_delivered_with_no_identity() {
     );
     // Its address names a workload, but nothing proves it: no principal.
     eventually(
-        Duration::from_secs(5),
+        Duration::from_secs(15),
         "plaintext counted without identity",
         || async {
             mesh.metrics("node-b").await.lines().any(|l| {
@@ -513,7 +517,7 @@ async fn a_real_policy_allows_and_refuses_real_connections() {
     let mesh = mesh().await;
     mesh.write_config("policy.yaml", ALLOW_CLIENT).unwrap();
     eventually(
-        Duration::from_secs(5),
+        Duration::from_secs(15),
         "the policy loaded on node-b",
         || async {
             mesh.config_dump("node-b").await["policies"]
@@ -542,7 +546,7 @@ async fn a_real_policy_allows_and_refuses_real_connections() {
         "the denied connection never reached the app"
     );
     eventually(
-        Duration::from_secs(5),
+        Duration::from_secs(15),
         "the denial explained and counted",
         || async {
             mesh.log("node-b")
@@ -571,7 +575,7 @@ async fn a_real_policy_allows_and_refuses_real_connections() {
     )
     .unwrap();
     eventually(
-        Duration::from_secs(5),
+        Duration::from_secs(15),
         "the DENY policy enforced",
         || async {
             let out = probe(
@@ -583,7 +587,7 @@ async fn a_real_policy_allows_and_refuses_real_connections() {
         },
     )
     .await;
-    eventually(Duration::from_secs(5), "the DENY counted by name", || async {
+    eventually(Duration::from_secs(15), "the DENY counted by name", || async {
         mesh.metrics("node-b").await.contains("ztunnel_connections_denied_total{policy=\"demo/no-client\",kind=\"authorization\"}")
     })
     .await;
@@ -596,7 +600,7 @@ async fn strict_refuses_a_client_outside_the_mesh() {
     mesh.write_config("pa.yaml", "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: strict, namespace: demo}\nspec: {mtls: {mode: STRICT}}\n")
         .unwrap();
     eventually(
-        Duration::from_secs(5),
+        Duration::from_secs(15),
         "the policy loaded on node-b",
         || async {
             mesh.config_dump("node-b").await["policies"]
@@ -636,7 +640,7 @@ async fn a_policy_edit_closes_a_live_connection() {
     let echo = EchoServer::start(mesh.cluster.pod("server"), 8080).unwrap();
     let (mut slow, mut stdout) = slow_exchange(&mesh, 4000, "doomed");
     eventually(
-        Duration::from_secs(5),
+        Duration::from_secs(15),
         "the connection open at the destination",
         || async {
             mesh.metrics("node-b").await.lines().any(|l| {
@@ -649,7 +653,7 @@ async fn a_policy_edit_closes_a_live_connection() {
     mesh.write_config("deny-all.yaml", "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-all, namespace: demo}\nspec: {}\n")
         .unwrap();
     eventually(
-        Duration::from_secs(5),
+        Duration::from_secs(15),
         "the live connection closed",
         || async {
             mesh.log("node-b")

@@ -62,7 +62,7 @@ async fn mesh() -> Mesh {
     ];
     let mut mesh = Mesh::start(cluster, &workloads, &["demo"]).await.unwrap();
     mesh.write_config("waypoint.yaml", CONFIG).unwrap();
-    eventually(Duration::from_secs(5), "the config loaded", || async {
+    eventually(Duration::from_secs(15), "the config loaded", || async {
         mesh.config_dump("node-a").await["services"]
             .as_array()
             .is_some_and(|s| !s.is_empty())
@@ -109,7 +109,7 @@ async fn the_waypoint_allows_get_and_denies_post_by_a_methods_rule() {
         ("403".into(), "RBAC: access denied".into())
     );
     eventually(
-        Duration::from_secs(5),
+        Duration::from_secs(15),
         "istio_requests_total at the waypoint",
         || async {
             let page = mesh.waypoint_metrics("waypoint").await;
@@ -185,7 +185,7 @@ async fn request_authentication_validates_jwts_at_the_waypoint() {
     mesh.write_config("authn.yaml", &authn).unwrap();
     let bearer = format!("authorization: Bearer {token}");
     eventually(
-        Duration::from_secs(5),
+        Duration::from_secs(15),
         "the RequestAuthentication loaded",
         || async {
             http(
@@ -240,9 +240,11 @@ async fn request_authentication_validates_jwts_at_the_waypoint() {
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: require-jwt, namespace: demo}\nspec:\n  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]\n  action: DENY\n  rules: [{from: [{source: {notRequestPrincipals: ['*']}}]}]\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: alice-admin, namespace: demo}\nspec:\n  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]\n  rules: [{from: [{source: {requestPrincipals: [https://issuer.test/alice]}}], to: [{operation: {paths: [/admin]}}], when: [{key: request.auth.audiences, values: [shop]}]}]\n",
     )
     .unwrap();
-    eventually(Duration::from_secs(5), "no token is now denied", || async {
-        http(&mesh, VIP, "GET", "/public/x", &[]).0 == "403"
-    })
+    eventually(
+        Duration::from_secs(15),
+        "no token is now denied",
+        || async { http(&mesh, VIP, "GET", "/public/x", &[]).0 == "403" },
+    )
     .await;
     assert_eq!(http(&mesh, VIP, "GET", "/public/x", &[&bearer]).0, "200");
     let (status, body) = http(&mesh, VIP, "GET", "/admin", &[&bearer]);
@@ -352,7 +354,7 @@ async fn custom_external_authorization_allows_denies_and_honours_fail_open() {
         ),
     )
     .unwrap();
-    eventually(Duration::from_secs(5), "the config loaded", || async {
+    eventually(Duration::from_secs(15), "the config loaded", || async {
         mesh.config_dump("node-a").await["services"]
             .as_array()
             .is_some_and(|s| !s.is_empty())
@@ -480,9 +482,11 @@ async fn the_destination_tunnel_enforces_its_l4_policy_on_the_waypoint() {
     )
     .unwrap();
     let pod = format!("{}:8080", mesh.cluster.pod("server").ip);
-    eventually(Duration::from_secs(5), "direct traffic refused", || async {
-        http(&mesh, &pod, "GET", "/public/a", &[]).0 != "200"
-    })
+    eventually(
+        Duration::from_secs(15),
+        "direct traffic refused",
+        || async { http(&mesh, &pod, "GET", "/public/a", &[]).0 != "200" },
+    )
     .await;
     assert_eq!(http(&mesh, VIP, "GET", "/public/a", &[]).0, "200");
 }
@@ -555,7 +559,7 @@ async fn jwks_are_fetched_from_jwks_uri() {
     let other = ztunnel::jwt::testing::Es256Issuer::default()
         .token(&serde_json::json!({"iss": "https://issuer.test", "sub": "eve", "exp": now + 600}));
     eventually(
-        Duration::from_secs(5),
+        Duration::from_secs(15),
         "a token from another key refused",
         || async {
             http(

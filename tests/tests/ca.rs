@@ -786,37 +786,56 @@ async fn fake_token_review() -> std::net::SocketAddr {
     addr
 }
 
+/// A client for a stand-in API server, authenticating with `token` (as the CA does
+/// with its own ServiceAccount token).
+pub async fn kube_client(api: std::net::SocketAddr, token: &str) -> kube::Client {
+    let kubeconfig = format!(
+        "apiVersion: v1\nkind: Config\ncurrent-context: test\n\
+         clusters: [{{name: test, cluster: {{server: 'http://{api}'}}}}]\n\
+         users: [{{name: test, user: {{token: {token}}}}}]\n\
+         contexts: [{{name: test, context: {{cluster: test, user: test}}}}]\n"
+    );
+    let kubeconfig = kube::config::Kubeconfig::from_yaml(&kubeconfig).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(
+        kubeconfig,
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await
+    .unwrap();
+    kube::Client::try_from(config).unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn token_review_authenticates_tunnels_by_their_bound_service_account_tokens() {
-    use ztunnel::ca::auth::{Authenticator, TokenReview};
+async fn token_review_authenticates_tunnels_for_their_node_and_workloads_for_themselves() {
+    use ztunnel::ca::{
+        auth::{Authenticator, Caller},
+        kube::TokenReview,
+    };
     let api = fake_token_review().await;
-    let dir = testbed::mesh::TempDir::new("token-review").unwrap();
-    let own = dir.path().join("token");
-    std::fs::write(&own, "ca-own-token").unwrap();
     let review = TokenReview {
-        api_server: format!("http://{api}"),
-        api_roots_pem: None,
-        own_token: own.clone(),
-        allowed: vec!["istio-system/ztunnel".into()],
+        client: kube_client(api, "ca-own-token").await,
+        tunnels: vec!["istio-system/ztunnel".into()],
         audiences: vec!["istio-ca".into()],
     };
     assert_eq!(
-        review.authenticate("tunnel-a").await.unwrap().node,
-        "node-a"
+        review.authenticate("tunnel-a").await.unwrap(),
+        Caller::Node("node-a".into())
     );
-    let err = review.authenticate("app").await.unwrap_err();
-    assert!(
-        err.contains("demo/sleep may not request certificates"),
-        "{err}"
+    assert_eq!(
+        review.authenticate("app").await.unwrap(),
+        Caller::Workload {
+            namespace: "demo".into(),
+            service_account: "sleep".into()
+        }
     );
     let err = review.authenticate("unbound").await.unwrap_err();
     assert!(err.contains("not bound to a pod"), "{err}");
     let err = review.authenticate("forged").await.unwrap_err();
     assert!(err.contains("invalid bearer token"), "{err}");
-    std::fs::write(&own, "stale").unwrap();
-    assert!(review
-        .authenticate("tunnel-a")
-        .await
-        .unwrap_err()
-        .contains("not authorized"));
+    let stale = TokenReview {
+        client: kube_client(api, "stale").await,
+        ..review
+    };
+    let err = stale.authenticate("tunnel-a").await.unwrap_err();
+    assert!(err.contains("not authorized"), "{err}");
 }

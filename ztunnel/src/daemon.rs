@@ -31,8 +31,7 @@ use crate::{
 
 #[derive(Clone, Debug)]
 pub struct RunOptions {
-    pub config_dir: PathBuf,
-    pub config_poll: Duration,
+    pub source: config::Source,
     pub node: String,
     pub trust_domain: String,
     pub trust_domain_aliases: Vec<String>,
@@ -64,7 +63,7 @@ pub async fn run(options: RunOptions, set_log_level: SetLogLevel) -> Result<()> 
     let mut registry = prometheus_client::registry::Registry::default();
     let tcp_metrics = TcpMetrics::register(&mut registry);
 
-    let snapshots = config::local::watch(&options.config_dir, options.config_poll)?;
+    let snapshots = options.source.watch().await?;
     let settings = MeshSettings {
         node: options.node.clone(),
         trust_domain: options.trust_domain.clone(),
@@ -112,7 +111,7 @@ pub async fn run(options: RunOptions, set_log_level: SetLogLevel) -> Result<()> 
     serve_http(options.admin_addr, admin).await?;
 
     let reconciler = tokio::spawn(reconcile_loop(ctx.clone(), states, enrolled.clone(), ready));
-    tracing::info!(node = %options.node, config = %options.config_dir.display(), "ztunnel running");
+    tracing::info!(node = %options.node, config = %options.source, "ztunnel running");
 
     shutdown_signal().await;
     tracing::info!(

@@ -8,6 +8,7 @@
 //! first) shares the pod's network namespace, reached as `/proc/<pid>/ns/net`.
 
 use std::{
+    collections::HashMap,
     fs, io,
     path::{Path, PathBuf},
 };
@@ -25,17 +26,37 @@ const MAX_DEPTH: usize = 4;
 /// The pod's runtime, or None when the node has no cgroup for it, or no process in
 /// it yet.
 pub fn find_pod(root: &Path, uid: &str) -> io::Result<Option<PodRuntime>> {
-    let Some(cgroup) = find_cgroup(root, uid, 0)? else {
-        return Ok(None);
-    };
-    Ok(first_pid(&cgroup, 0)?.map(|pid| PodRuntime {
+    match pod_cgroups(root)?.get(uid) {
+        Some(cgroup) => runtime_of(cgroup),
+        None => Ok(None),
+    }
+}
+
+/// Every pod cgroup below the root, by pod UID: one walk of the tree for all pods.
+pub fn pod_cgroups(root: &Path) -> io::Result<HashMap<String, PathBuf>> {
+    let mut found = HashMap::new();
+    collect_pod_cgroups(root, 0, &mut found)?;
+    Ok(found)
+}
+
+/// Where a pod with this cgroup lives: the cgroup and the network namespace of a
+/// process in it; None while it has no process.
+pub fn runtime_of(cgroup: &Path) -> io::Result<Option<PodRuntime>> {
+    Ok(first_pid(cgroup, 0)?.map(|pid| PodRuntime {
         netns: PathBuf::from(format!("/proc/{pid}/ns/net")),
-        cgroup,
+        cgroup: cgroup.to_owned(),
     }))
 }
 
-fn is_pod_cgroup(name: &str, uid: &str) -> bool {
-    name == format!("pod{uid}") || name.ends_with(&format!("-pod{}.slice", uid.replace('-', "_")))
+/// The pod UID a kubelet cgroup name carries, if it is a pod's.
+fn pod_uid(name: &str) -> Option<String> {
+    // systemd: kubepods-burstable-pod<uid with _>.slice, kubepods-pod<uid>.slice
+    if let Some(stem) = name.strip_suffix(".slice") {
+        let (_, uid) = stem.rsplit_once("-pod")?;
+        return Some(uid.replace('_', "-"));
+    }
+    // cgroupfs: pod<uid>
+    name.strip_prefix("pod").map(str::to_owned)
 }
 
 fn subdirectories(dir: &Path) -> io::Result<Vec<PathBuf>> {
@@ -50,20 +71,25 @@ fn subdirectories(dir: &Path) -> io::Result<Vec<PathBuf>> {
     Ok(dirs)
 }
 
-fn find_cgroup(dir: &Path, uid: &str, depth: usize) -> io::Result<Option<PathBuf>> {
+fn collect_pod_cgroups(
+    dir: &Path,
+    depth: usize,
+    found: &mut HashMap<String, PathBuf>,
+) -> io::Result<()> {
     if depth > MAX_DEPTH {
-        return Ok(None);
+        return Ok(());
     }
     for sub in subdirectories(dir)? {
         let name = sub.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-        if is_pod_cgroup(name, uid) {
-            return Ok(Some(sub));
-        }
-        if let Some(found) = find_cgroup(&sub, uid, depth + 1)? {
-            return Ok(Some(found));
+        match pod_uid(name).filter(|uid| !uid.is_empty()) {
+            // The containers below a pod's cgroup are not pods.
+            Some(uid) => {
+                found.insert(uid, sub);
+            }
+            None => collect_pod_cgroups(&sub, depth + 1, found)?,
         }
     }
-    Ok(None)
+    Ok(())
 }
 
 /// A process in the cgroup or below it.

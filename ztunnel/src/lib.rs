@@ -13,6 +13,7 @@ pub mod extauthz;
 pub mod http_server;
 pub mod identity;
 pub mod jwt;
+pub mod k8s;
 pub mod metrics;
 pub mod netns;
 pub mod policy;

@@ -98,29 +98,29 @@ struct CaArgs {
     /// DNS names for the CA's TLS certificate (what clients verify).
     #[arg(long = "server-name", default_value = "ztunnel-ca.istio-system.svc")]
     server_names: Vec<String>,
-    /// YAML file `node: token` authenticating each node's tunnel (local mode).
-    #[arg(
-        long,
-        conflicts_with = "token_review",
-        required_unless_present = "token_review"
-    )]
+    /// Local mode: YAML file `node: token` authenticating each node's tunnel.
+    #[arg(long, conflicts_with = "kube", required_unless_present = "kube")]
     node_tokens: Option<PathBuf>,
-    /// In a cluster: the API server to check tunnels' ServiceAccount tokens with
-    /// (TokenReview), e.g. https://kubernetes.default.svc.
+    /// Local mode: directory of Kubernetes YAML whose pods say which node runs
+    /// which workload.
+    #[arg(long, conflicts_with = "kube", required_unless_present = "kube")]
+    config: Option<PathBuf>,
+    /// In a cluster (in-cluster config, or the kubeconfig outside one): callers
+    /// are authenticated by TokenReview, nodes' pods come from the API server.
     #[arg(long)]
-    token_review: Option<String>,
-    /// PEM roots of the API server's certificate.
-    #[arg(
-        long,
-        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
-    )]
-    kube_ca: PathBuf,
-    /// The CA's own ServiceAccount token, for the TokenReview calls.
-    #[arg(
-        long,
-        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
-    )]
-    kube_token: PathBuf,
+    kube: bool,
+    /// With --kube: keep the root in this Secret of the CA's namespace (created
+    /// with a new root when missing). Without it, --dir is used as it is (e.g. the
+    /// `cacerts` Secret mounted there).
+    #[arg(long, requires = "kube")]
+    root_secret: Option<String>,
+    /// With --kube: publish the root in this ConfigMap of the CA's namespace, key
+    /// root-cert.pem, for the tunnels to mount.
+    #[arg(long, requires = "kube")]
+    root_config_map: Option<String>,
+    /// The CA's namespace (from the downward API in a pod).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "istio-system")]
+    namespace: String,
     /// `namespace/name` of the tunnels' service account.
     #[arg(
         long = "tunnel-service-account",
@@ -130,10 +130,6 @@ struct CaArgs {
     /// Audience the tunnels' tokens must be for.
     #[arg(long, default_value = "istio-ca")]
     token_audience: String,
-    /// Directory of Kubernetes YAML: the pods, to check a workload runs on the
-    /// caller's node (local mode).
-    #[arg(long)]
-    config: PathBuf,
     /// Lifetime of a certificate when the request names none.
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     default_ttl: Duration,
@@ -150,7 +146,13 @@ struct RunArgs {
     /// Directory of Kubernetes YAML (Namespaces, Pods, Services, Istio security
     /// resources), watched for changes.
     #[arg(long)]
-    config: PathBuf,
+    config: Option<PathBuf>,
+    /// Watch the cluster's API server instead (the default when running in a pod).
+    #[arg(long)]
+    kube: bool,
+    /// Kubernetes source: the longest time between rebuilds of the state.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    resync: Duration,
     /// How often the directory is checked for changes.
     #[arg(long, default_value = "1s", value_parser = parse_duration_ms)]
     config_poll: Duration,
@@ -255,10 +257,19 @@ fn main() {
 }
 
 async fn run(args: RunArgs, set_log_level: ztunnel::daemon::SetLogLevel) -> Result<()> {
+    let source = ztunnel::config::Source::choose(
+        args.config,
+        args.kube,
+        args.config_poll,
+        ztunnel::config::kube::KubeOptions {
+            node: args.node.clone(),
+            pod_cgroup_root: Some(args.pod_cgroup_root.clone()),
+            resync: args.resync,
+        },
+    )?;
     ztunnel::daemon::run(
         ztunnel::daemon::RunOptions {
-            config_dir: args.config,
-            config_poll: args.config_poll,
+            source,
             node: args.node,
             trust_domain: args.trust_domain,
             trust_domain_aliases: args.trust_domain_aliases,
@@ -331,45 +342,57 @@ fn policy_check(args: CheckArgs) -> Result<bool> {
     Ok(outcome.allowed())
 }
 
-fn authenticator(args: &CaArgs) -> Result<Arc<dyn ztunnel::ca::auth::Authenticator>> {
-    if let Some(api_server) = &args.token_review {
-        let roots = match api_server.starts_with("https://") {
-            true => Some(
-                std::fs::read_to_string(&args.kube_ca)
-                    .with_context(|| format!("reading {}", args.kube_ca.display()))?,
-            ),
-            false => None,
-        };
-        return Ok(Arc::new(ztunnel::ca::auth::TokenReview {
-            api_server: api_server.clone(),
-            api_roots_pem: roots,
-            own_token: args.kube_token.clone(),
-            allowed: args.tunnel_service_accounts.clone(),
-            audiences: vec![args.token_audience.clone()],
-        }));
-    }
-    let tokens = args
-        .node_tokens
-        .as_ref()
-        .context("--node-tokens or --token-review is required")?;
-    Ok(Arc::new(NodeTokens::from_file(tokens)?))
-}
-
 async fn ca(args: CaArgs) -> Result<()> {
-    let authority = Arc::new(Authority::load_or_create(AuthorityOptions {
+    let options = AuthorityOptions {
         dir: args.dir.clone(),
         trust_domain: args.trust_domain.clone(),
         default_ttl: args.default_ttl,
         max_ttl: args.max_ttl,
-    })?);
+    };
+    let (authenticator, authorizer): (
+        Arc<dyn ztunnel::ca::auth::Authenticator>,
+        Arc<dyn ztunnel::ca::auth::NodeAuthorizer>,
+    ) = match args.kube {
+        true => {
+            use ztunnel::ca::kube;
+            let client = ztunnel::k8s::client().await?;
+            if let Some(secret) = &args.root_secret {
+                kube::sync_root_secret(client.clone(), &args.namespace, secret, &args.dir, |dir| {
+                    Authority::load_or_create(options.clone())
+                        .map(drop)
+                        .with_context(|| format!("creating a root in {}", dir.display()))
+                })
+                .await?;
+            }
+            let pods = kube::KubePods::start(client.clone());
+            let review = kube::TokenReview {
+                client,
+                tunnels: args.tunnel_service_accounts.clone(),
+                audiences: vec![args.token_audience.clone()],
+            };
+            (Arc::new(review), Arc::new(pods))
+        }
+        false => {
+            let tokens = args
+                .node_tokens
+                .as_ref()
+                .context("--node-tokens is required")?;
+            let config = args.config.clone().context("--config is required")?;
+            (
+                Arc::new(NodeTokens::from_file(tokens)?),
+                Arc::new(LocalPods::new(config)),
+            )
+        }
+    };
+    let authority = Arc::new(Authority::load_or_create(options)?);
+    if let Some(name) = &args.root_config_map {
+        let client = ztunnel::k8s::client().await?;
+        ztunnel::ca::kube::publish_root(client, &args.namespace, name, authority.root_pem())
+            .await?;
+    }
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = CaMetrics::register(&mut registry);
-    let server = CaServer::new(
-        authority,
-        authenticator(&args)?,
-        Arc::new(LocalPods::new(args.config.clone())),
-        metrics,
-    );
+    let server = CaServer::new(authority, authenticator, authorizer, metrics);
     let tls = server.tls_config(&args.server_names)?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

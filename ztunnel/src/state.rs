@@ -184,14 +184,8 @@ impl State {
                 labels: pod.labels.clone(),
                 identity,
                 captured: ambient_ns && !opted_out && !is_waypoint,
-                netns: pod
-                    .annotations
-                    .get(config::NETNS_ANNOTATION)
-                    .map(PathBuf::from),
-                cgroup: pod
-                    .annotations
-                    .get(config::CGROUP_ANNOTATION)
-                    .map(PathBuf::from),
+                netns: pod.netns.clone(),
+                cgroup: pod.cgroup.clone(),
                 waypoint: use_waypoint(&pod.labels, &pod.namespace, &snapshot),
             });
             state.by_ip.insert(ip, workload.clone());
@@ -310,6 +304,8 @@ mod tests {
             service_account: "default".into(),
             node_name: node.into(),
             ip: Some(ip.into()),
+            netns: None,
+            cgroup: None,
         }
     }
 

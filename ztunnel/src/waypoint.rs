@@ -48,8 +48,7 @@ use crate::{
 
 #[derive(Clone, Debug)]
 pub struct WaypointOptions {
-    pub config_dir: PathBuf,
-    pub config_poll: Duration,
+    pub source: config::Source,
     /// The Gateway this waypoint serves, and its namespace.
     pub name: String,
     pub namespace: String,
@@ -119,7 +118,7 @@ pub async fn run(options: WaypointOptions) -> Result<()> {
         trust_domain_aliases: options.trust_domain_aliases.clone(),
         root_namespace: options.root_namespace.clone(),
     };
-    let mut snapshots = config::local::watch(&options.config_dir, options.config_poll)?;
+    let mut snapshots = options.source.watch().await?;
     let first = State::build(snapshots.borrow_and_update().clone(), &settings);
     let Some(me) = first
         .workload_by_name(&options.namespace, &options.pod)

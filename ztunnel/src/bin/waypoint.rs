@@ -12,7 +12,10 @@ use clap::Parser;
 struct Args {
     /// Directory of Kubernetes YAML (the same as `ztunnel run --config`).
     #[arg(long)]
-    config: PathBuf,
+    config: Option<PathBuf>,
+    /// Read the configuration from the cluster's API server (the default in a pod).
+    #[arg(long)]
+    kube: bool,
     /// The waypoint Gateway's name (gatewayClassName: istio-waypoint).
     #[arg(long)]
     name: String,
@@ -63,9 +66,24 @@ fn main() {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
+    let source = match ztunnel::config::Source::choose(
+        args.config.clone(),
+        args.kube,
+        Duration::from_millis(args.config_poll_ms),
+        ztunnel::config::kube::KubeOptions {
+            node: String::new(),
+            pod_cgroup_root: None,
+            resync: Duration::from_secs(60),
+        },
+    ) {
+        Ok(source) => source,
+        Err(e) => {
+            eprintln!("waypoint: {e:#}");
+            std::process::exit(2);
+        }
+    };
     let options = ztunnel::waypoint::WaypointOptions {
-        config_dir: args.config,
-        config_poll: Duration::from_millis(args.config_poll_ms),
+        source,
         name: args.name,
         namespace: args.namespace,
         pod: args.pod,

@@ -9,6 +9,7 @@
 pub mod auth;
 pub mod client;
 pub mod grpc;
+pub mod kube;
 pub mod server;
 
 use std::{
@@ -52,6 +53,7 @@ pub struct AuthorityOptions {
 pub enum Refusal {
     Unauthenticated(String),
     NotOnNode(String),
+    NotOwnIdentity(String),
     BadCsr(String),
     SanCount(usize),
     ForeignTrustDomain(String),
@@ -64,6 +66,7 @@ impl Refusal {
         match self {
             Self::Unauthenticated(_) => "unauthenticated",
             Self::NotOnNode(_) => "not_on_caller_node",
+            Self::NotOwnIdentity(_) => "not_caller_identity",
             Self::BadCsr(_) => "bad_csr",
             Self::SanCount(_) => "san_count",
             Self::ForeignTrustDomain(_) => "foreign_trust_domain",
@@ -77,7 +80,9 @@ impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Unauthenticated(why) => write!(f, "caller not authenticated: {why}"),
-            Self::NotOnNode(why) => write!(f, "not authorized: {why}"),
+            Self::NotOnNode(why) | Self::NotOwnIdentity(why) => {
+                write!(f, "not authorized: {why}")
+            }
             Self::BadCsr(why) => write!(f, "invalid CSR: {why}"),
             Self::SanCount(n) => write!(
                 f,
@@ -314,7 +319,7 @@ fn generate_root(dir: &Path, trust_domain: &str) -> Result<()> {
     Ok(())
 }
 
-fn write_private(path: &Path, contents: &str) -> Result<()> {
+pub(crate) fn write_private(path: &Path, contents: &str) -> Result<()> {
     use std::{io::Write, os::unix::fs::OpenOptionsExt};
     let mut file = fs::OpenOptions::new()
         .write(true)

@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use super::{
-    auth::{Authenticator, NodeAuthorizer},
+    auth::{Authenticator, Caller, NodeAuthorizer},
     grpc::{self, Code, IstioCertificateRequest, IstioCertificateResponse, UnaryBody},
     Authority, Refusal,
 };
@@ -207,7 +207,7 @@ impl CaServer {
                 tracing::warn!(reason = refusal.reason(), "CA: CSR refused: {refusal}");
                 let code = match refusal {
                     Refusal::Unauthenticated(_) => Code::Unauthenticated,
-                    Refusal::NotOnNode(_) => Code::PermissionDenied,
+                    Refusal::NotOnNode(_) | Refusal::NotOwnIdentity(_) => Code::PermissionDenied,
                     Refusal::Internal(_) => Code::Internal,
                     _ => Code::InvalidArgument,
                 };
@@ -237,17 +237,30 @@ impl CaServer {
                 )));
             }
         }
-        match self.authorizer.runs_on(&identity, &caller.node) {
-            Ok(true) => {}
-            Ok(false) => {
-                return Err(Refusal::NotOnNode(format!(
-                    "no pod with service account {} in namespace {} runs on node {}",
-                    identity.service_account(),
-                    identity.namespace(),
-                    caller.node
-                )))
+        match caller {
+            Caller::Node(node) => match self.authorizer.runs_on(&identity, &node) {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Err(Refusal::NotOnNode(format!(
+                        "no pod with service account {} in namespace {} runs on node {node}",
+                        identity.service_account(),
+                        identity.namespace(),
+                    )))
+                }
+                Err(e) => return Err(Refusal::Internal(format!("looking up pods: {e}"))),
+            },
+            Caller::Workload {
+                namespace,
+                service_account,
+            } => {
+                if (identity.namespace(), identity.service_account())
+                    != (namespace.as_str(), service_account.as_str())
+                {
+                    return Err(Refusal::NotOwnIdentity(format!(
+                        "service account {namespace}/{service_account} may only ask for its own identity, not {identity}"
+                    )));
+                }
             }
-            Err(e) => return Err(Refusal::Internal(format!("looking up pods: {e}"))),
         }
         let ttl = match request.validity_duration {
             0 => None,

@@ -1,42 +1,283 @@
-//! The Kubernetes source's translation: API objects (as the watchers hand them
-//! over, JSON) into the same [`Snapshot`] the local source builds, through the same
-//! typed parsing and validation. The watchers themselves (kube-rs reflectors) are
-//! not here yet.
+//! The Kubernetes source: a reflector (list, then watch, relisting with backoff
+//! after errors) per kind the mesh reads — the [`k8s::CONFIG`] list — whose stores
+//! are translated into the same [`Snapshot`] the local source builds, through the
+//! same typed parsing and validation.
+//!
+//! The first snapshot waits until every kind has been listed once: a tunnel that
+//! served before it knew the AuthorizationPolicies would fail open. After that, an
+//! API server outage changes nothing: the stores keep the last state while the
+//! watchers retry. The snapshot is rebuilt on every change and at least every
+//! `resync`, which is also how pods whose runtime was not on the node yet are found.
 
+use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::Result;
+use futures_util::StreamExt;
+use kube::{
+    api::{Api, DynamicObject},
+    runtime::{
+        reflector::{self, Store},
+        watcher, WatchStreamExt,
+    },
+};
 use serde_json::Value;
+use tokio::sync::{watch, Notify};
 
-use super::{local, Snapshot};
+use super::{
+    local::{self, Key, Object},
+    Snapshot,
+};
+use crate::{discovery, k8s};
 
-/// The snapshot of these objects, and one message per object refused
-/// (`Kind namespace/name: field: problem`). Kinds the mesh does not read are skipped.
-pub fn translate(objects: impl IntoIterator<Item = Value>) -> (Snapshot, Vec<String>) {
-    let mut parsed = Vec::new();
-    let mut errors = Vec::new();
-    for object in objects {
-        let value: serde_yaml::Value = match serde_yaml::to_value(&object) {
-            Ok(v) => v,
-            Err(e) => {
-                errors.push(format!("not an object: {e}"));
-                continue;
+/// What the Kubernetes source needs besides a client.
+#[derive(Clone, Debug)]
+pub struct KubeOptions {
+    /// This node (`spec.nodeName` of the pods it serves).
+    pub node: String,
+    /// The node's pod cgroup root (kubepods), where the pods' cgroups are found by
+    /// UID; None for a waypoint, which enrolls nothing.
+    pub pod_cgroup_root: Option<PathBuf>,
+    /// The longest time between rebuilds of the snapshot.
+    pub resync: Duration,
+}
+
+/// How often a pod on this node whose cgroup or process is not there yet is looked
+/// for again.
+const RUNTIME_RETRY: Duration = Duration::from_secs(1);
+
+/// Starts the watchers; returns once every kind has been listed, with the first
+/// snapshot.
+pub async fn watch(
+    client: kube::Client,
+    options: KubeOptions,
+) -> Result<watch::Receiver<Arc<Snapshot>>> {
+    let changed = Arc::new(Notify::new());
+    let mut stores = Vec::new();
+    for access in k8s::CONFIG {
+        let resource = access.resource;
+        let api_resource = resource.api_resource();
+        let api = Api::<DynamicObject>::all_with(client.clone(), &api_resource);
+        let writer = reflector::store::Writer::new(api_resource);
+        stores.push((resource, writer.as_reader()));
+        let changed = changed.clone();
+        tokio::spawn(async move {
+            let events = watcher(api, watcher::Config::default())
+                .default_backoff()
+                // What the API server keeps for itself is a large share of every object.
+                .modify(|object| object.metadata.managed_fields = None)
+                .reflect(writer);
+            let mut events = std::pin::pin!(events);
+            while let Some(event) = events.next().await {
+                match event {
+                    Ok(
+                        watcher::Event::Apply(_)
+                        | watcher::Event::Delete(_)
+                        | watcher::Event::InitDone,
+                    ) => changed.notify_one(),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(
+                        kind = resource.kind,
+                        "watching the API server: {e}; retrying, the last state stays"
+                    ),
+                }
             }
-        };
-        let key = match local::identify(&value) {
-            Ok(Some(key)) => key,
-            Ok(None) => continue,
-            Err(e) => {
-                errors.push(e);
-                continue;
+        });
+    }
+    for (resource, store) in &stores {
+        loop {
+            tokio::select! {
+                ready = store.wait_until_ready() => {
+                    ready?;
+                    break;
+                }
+                _ = tokio::time::sleep(Duration::from_secs(10)) => tracing::warn!(
+                    kind = resource.kind,
+                    "still waiting for the first list; nothing is served until every kind is known"
+                ),
             }
-        };
-        match local::parse(&key, value) {
-            Ok(object) => parsed.push((key, object)),
-            Err(e) => errors.push(format!("{} {}/{}: {e:#}", key.0, key.1, key.2)),
         }
     }
-    (
-        local::build_snapshot(parsed.iter().map(|(k, o)| (k, o))),
-        errors,
-    )
+    let mut builder = Builder {
+        stores,
+        options,
+        translator: Translator::default(),
+        runtimes: HashMap::new(),
+        reported: Vec::new(),
+    };
+    let (first, mut incomplete) = builder.build();
+    let (tx, rx) = watch::channel(Arc::new(first));
+    tokio::spawn(async move {
+        let mut resync = tokio::time::interval(builder.options.resync);
+        resync.tick().await;
+        loop {
+            tokio::select! {
+                _ = changed.notified() => {}
+                _ = resync.tick() => {}
+                _ = tokio::time::sleep(RUNTIME_RETRY), if incomplete => {}
+            }
+            // Building walks every object (and the node's cgroups): not on the
+            // proxy's threads.
+            let (b, (snapshot, missing)) = tokio::task::spawn_blocking(move || {
+                let built = builder.build();
+                (builder, built)
+            })
+            .await
+            .expect("the snapshot builder does not panic");
+            builder = b;
+            incomplete = missing;
+            let stop = tx.is_closed();
+            tx.send_if_modified(|current| {
+                let changed = **current != snapshot;
+                if changed {
+                    *current = Arc::new(snapshot);
+                }
+                changed
+            });
+            if stop {
+                return;
+            }
+        }
+    });
+    Ok(rx)
+}
+
+/// Turns the stores into snapshots.
+struct Builder {
+    stores: Vec<(k8s::Resource, Store<DynamicObject>)>,
+    options: KubeOptions,
+    translator: Translator,
+    /// Pods of this node already found, by UID.
+    runtimes: HashMap<String, discovery::PodRuntime>,
+    /// The refusals last logged, so a resync does not repeat them.
+    reported: Vec<String>,
+}
+
+impl Builder {
+    /// The snapshot, and whether a pod of this node still lacks its runtime.
+    fn build(&mut self) -> (Snapshot, bool) {
+        let objects = self.stores.iter().flat_map(|(resource, store)| {
+            store.state().into_iter().filter_map(move |object| {
+                // List items come without apiVersion and kind: the store says which.
+                let mut value = serde_json::to_value(&*object).ok()?;
+                value["apiVersion"] = resource.api_version().into();
+                value["kind"] = resource.kind.into();
+                Some(value)
+            })
+        });
+        let (mut snapshot, errors) = self.translator.translate(objects);
+        for error in errors.iter().filter(|e| !self.reported.contains(e)) {
+            tracing::warn!("config refused: {error}");
+        }
+        self.reported = errors;
+        let incomplete = match &self.options.pod_cgroup_root {
+            Some(root) => {
+                attach_runtimes(&mut snapshot, &self.options.node, root, &mut self.runtimes)
+            }
+            None => false,
+        };
+        (snapshot, incomplete)
+    }
+}
+
+/// Fills in where this node's pods live (their network namespace and cgroup), found
+/// from their UID. Returns whether some pod could not be found yet.
+fn attach_runtimes(
+    snapshot: &mut Snapshot,
+    node: &str,
+    root: &std::path::Path,
+    known: &mut HashMap<String, discovery::PodRuntime>,
+) -> bool {
+    let local = |pod: &super::Pod| pod.node_name == node && pod.ip.is_some();
+    let uids: Vec<String> = snapshot
+        .pods
+        .values()
+        .filter(|p| local(p))
+        .filter_map(|p| p.uid.clone())
+        .collect();
+    // A runtime is stale once its process is gone (the sandbox was recreated).
+    known.retain(|uid, runtime| uids.contains(uid) && runtime.netns.exists());
+    let mut incomplete = false;
+    let missing: Vec<&String> = uids.iter().filter(|u| !known.contains_key(*u)).collect();
+    if !missing.is_empty() {
+        match discovery::pod_cgroups(root) {
+            Ok(cgroups) => {
+                for uid in missing {
+                    match cgroups.get(uid).map(|c| discovery::runtime_of(c)) {
+                        Some(Ok(Some(runtime))) => {
+                            known.insert(uid.clone(), runtime);
+                        }
+                        Some(Err(e)) => {
+                            tracing::warn!(uid = %uid, "reading the pod's cgroup: {e}");
+                            incomplete = true;
+                        }
+                        _ => incomplete = true,
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(root = %root.display(), "listing the node's pod cgroups: {e}");
+                incomplete = true;
+            }
+        }
+    }
+    for pod in snapshot.pods.values_mut().filter(|p| local(p)) {
+        if let Some(runtime) = pod.uid.as_ref().and_then(|uid| known.get(uid)) {
+            pod.netns = Some(runtime.netns.clone());
+            pod.cgroup = Some(runtime.cgroup.clone());
+        }
+    }
+    incomplete
+}
+
+/// Translates API objects, remembering the last good version of every object: a
+/// bad update is refused and the version before it stays.
+#[derive(Default)]
+pub struct Translator {
+    last_good: HashMap<Key, Object>,
+}
+
+impl Translator {
+    /// The snapshot of these objects, and one message per object refused
+    /// (`Kind namespace/name: field: problem`). Kinds the mesh does not read are
+    /// skipped.
+    pub fn translate(
+        &mut self,
+        objects: impl IntoIterator<Item = Value>,
+    ) -> (Snapshot, Vec<String>) {
+        let mut parsed = HashMap::new();
+        let mut errors = Vec::new();
+        for object in objects {
+            let value: serde_yaml::Value = match serde_yaml::to_value(&object) {
+                Ok(v) => v,
+                Err(e) => {
+                    errors.push(format!("not an object: {e}"));
+                    continue;
+                }
+            };
+            let key = match local::identify(&value) {
+                Ok(Some(key)) => key,
+                Ok(None) => continue,
+                Err(e) => {
+                    errors.push(e);
+                    continue;
+                }
+            };
+            match local::parse(&key, value) {
+                Ok(object) => {
+                    parsed.insert(key, object);
+                }
+                Err(e) => {
+                    errors.push(format!("{} {}/{}: {e:#}", key.0, key.1, key.2));
+                    if let Some(previous) = self.last_good.get(&key) {
+                        parsed.insert(key, previous.clone());
+                    }
+                }
+            }
+        }
+        errors.sort();
+        self.last_good = parsed;
+        (local::build_snapshot(self.last_good.iter()), errors)
+    }
 }
 
 #[cfg(test)]
@@ -79,7 +320,7 @@ mod tests {
 
     #[test]
     fn api_objects_become_the_same_snapshot_the_local_source_builds() {
-        let (snapshot, errors) = translate(recorded());
+        let (snapshot, errors) = Translator::default().translate(recorded());
         assert_eq!(
             snapshot.namespaces["shop"].labels["istio.io/dataplane-mode"],
             "ambient"

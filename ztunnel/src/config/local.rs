@@ -19,6 +19,7 @@ use tokio::sync::watch;
 
 use super::{
     ConfigError, Gateway, Namespace, Pod, Policy, Service, ServiceAccount, ServicePort, Snapshot,
+    CGROUP_ANNOTATION, NETNS_ANNOTATION,
 };
 
 /// What the directory looked like: files with their size and modification time.
@@ -331,6 +332,8 @@ struct PodSpec {
     service_account_name: Option<String>,
     #[serde(default)]
     node_name: Option<String>,
+    #[serde(default)]
+    host_network: bool,
 }
 
 #[derive(Deserialize, Default)]
@@ -338,6 +341,8 @@ struct PodSpec {
 struct PodStatus {
     #[serde(default, rename = "podIP")]
     pod_ip: Option<String>,
+    #[serde(default)]
+    phase: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -375,8 +380,13 @@ pub(super) fn parse(key: &Key, value: serde_yaml::Value) -> Result<Object> {
         "Pod" => {
             let r: Resource<PodSpec, PodStatus> = serde_yaml::from_value(value)?;
             let spec = r.spec.unwrap_or_default();
+            let status = r.status.unwrap_or_default();
+            // A pod on the host's network has the node's address, not its own; a
+            // terminated pod's address is free for another pod.
+            let own_address = !spec.host_network
+                && !matches!(status.phase.as_deref(), Some("Succeeded" | "Failed"));
             let ip =
-                match r.status.and_then(|s| s.pod_ip) {
+                match status.pod_ip.filter(|_| own_address) {
                     Some(ip) => Some(ip.parse::<Ipv4Addr>().map_err(|_| {
                         anyhow::anyhow!("status.podIP: {ip:?} is not an IPv4 address")
                     })?),
@@ -387,12 +397,22 @@ pub(super) fn parse(key: &Key, value: serde_yaml::Value) -> Result<Object> {
                 name,
                 namespace,
                 labels: r.metadata.labels,
-                annotations: r.metadata.annotations,
                 service_account: spec
                     .service_account_name
                     .unwrap_or_else(|| "default".into()),
                 node_name: spec.node_name.unwrap_or_default(),
                 ip,
+                netns: r
+                    .metadata
+                    .annotations
+                    .get(NETNS_ANNOTATION)
+                    .map(PathBuf::from),
+                cgroup: r
+                    .metadata
+                    .annotations
+                    .get(CGROUP_ANNOTATION)
+                    .map(PathBuf::from),
+                annotations: r.metadata.annotations,
             })
         }
         "Service" => {

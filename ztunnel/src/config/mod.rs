@@ -4,6 +4,60 @@
 pub mod kube;
 pub mod local;
 
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Result;
+use tokio::sync::watch;
+
+/// Where the configuration comes from.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// A directory of YAML, checked for changes this often.
+    Local { dir: PathBuf, poll: Duration },
+    /// The API server of the cluster the process runs in.
+    Kube(kube::KubeOptions),
+}
+
+impl Source {
+    /// What the command line asks for: `--config DIR` is the local source;
+    /// otherwise the Kubernetes one, when asked for (`--kube`) or running in a pod.
+    pub fn choose(
+        config: Option<PathBuf>,
+        kube: bool,
+        poll: Duration,
+        kube_options: kube::KubeOptions,
+    ) -> Result<Self> {
+        let in_pod = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+        match config {
+            Some(dir) if !kube => Ok(Source::Local { dir, poll }),
+            Some(_) => anyhow::bail!("--config and --kube are two sources: choose one"),
+            None if kube || in_pod => Ok(Source::Kube(kube_options)),
+            None => anyhow::bail!(
+                "no configuration source: --config DIR (local YAML) or --kube (the cluster's API server)"
+            ),
+        }
+    }
+
+    /// Starts watching; returns with the first snapshot.
+    pub async fn watch(&self) -> Result<watch::Receiver<Arc<Snapshot>>> {
+        match self {
+            Source::Local { dir, poll } => local::watch(dir, *poll),
+            Source::Kube(options) => {
+                kube::watch(crate::k8s::client().await?, options.clone()).await
+            }
+        }
+    }
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Local { dir, .. } => write!(f, "{}", dir.display()),
+            Source::Kube(_) => write!(f, "kubernetes"),
+        }
+    }
+}
+
 use std::{collections::BTreeMap, fmt, net::Ipv4Addr, path::PathBuf};
 
 /// The namespace label that puts a namespace's pods in the mesh, and the value.
@@ -42,8 +96,13 @@ pub struct Pod {
     pub service_account: String,
     /// `spec.nodeName`.
     pub node_name: String,
-    /// `status.podIP`, once assigned.
+    /// `status.podIP`, once assigned; None for a pod on the host's network or one
+    /// that has terminated (its address may already be another pod's).
     pub ip: Option<Ipv4Addr>,
+    /// Where its node finds its network namespace and cgroup: the source fills
+    /// these in for the pods of its node (local mode: from annotations).
+    pub netns: Option<PathBuf>,
+    pub cgroup: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1,0 +1,292 @@
+//! The CA in a cluster: who is asking (TokenReview of the caller's projected
+//! ServiceAccount token), which node runs which workload (a reflector of the pods),
+//! and the root kept in a Secret and published in a ConfigMap for the tunnels.
+//! Every call goes through an entry of [`k8s::CA`], which `deploy/`'s RBAC grants.
+
+use std::{collections::BTreeMap, fs, path::Path, time::Duration};
+
+use anyhow::{Context, Result};
+use futures_util::StreamExt;
+use k8s_openapi::{
+    api::{
+        authentication::v1::{TokenReview as Review, TokenReviewSpec},
+        core::v1::{ConfigMap, Secret},
+    },
+    ByteString,
+};
+use kube::{
+    api::{Api, DynamicObject, ObjectMeta, PostParams},
+    runtime::{
+        reflector::{self, Store},
+        watcher, WatchStreamExt,
+    },
+};
+
+use super::auth::{AuthFuture, Authenticator, Caller, NodeAuthorizer};
+use crate::{identity::Identity, k8s};
+
+/// Authenticates callers by their projected ServiceAccount token. A tunnel's
+/// service account speaks for the node its token is bound to; any other service
+/// account only for itself (a waypoint asking for its own identity).
+pub struct TokenReview {
+    pub client: kube::Client,
+    /// `namespace/name` of the tunnels' service accounts.
+    pub tunnels: Vec<String>,
+    /// Audiences the token must be for (Istio's CA: `istio-ca`).
+    pub audiences: Vec<String>,
+}
+
+/// The node a pod-bound projected token carries (Kubernetes 1.30+).
+const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
+
+impl Authenticator for TokenReview {
+    fn authenticate<'a>(&'a self, token: &'a str) -> AuthFuture<'a> {
+        Box::pin(async move {
+            let review = Review {
+                spec: TokenReviewSpec {
+                    token: Some(token.to_owned()),
+                    audiences: Some(self.audiences.clone()),
+                },
+                ..Default::default()
+            };
+            let api: Api<Review> = Api::all(self.client.clone());
+            debug_assert_eq!(k8s::CA_TOKEN_REVIEWS.verbs, ["create"]);
+            let reviewed = tokio::time::timeout(
+                Duration::from_secs(10),
+                api.create(&PostParams::default(), &review),
+            )
+            .await
+            .map_err(|_| "TokenReview timed out".to_owned())?
+            .map_err(|e| format!("TokenReview failed: {e}"))?;
+            let status = reviewed.status.unwrap_or_default();
+            if status.authenticated != Some(true) {
+                let error = status.error.unwrap_or_else(|| "not authenticated".into());
+                return Err(format!("TokenReview: {error}"));
+            }
+            let user = status.user.unwrap_or_default();
+            let username = user.username.unwrap_or_default();
+            let (namespace, name) = username
+                .strip_prefix("system:serviceaccount:")
+                .and_then(|a| a.split_once(':'))
+                .ok_or_else(|| format!("{username:?} is not a service account"))?;
+            if !self.tunnels.contains(&format!("{namespace}/{name}")) {
+                return Ok(Caller::Workload {
+                    namespace: namespace.to_owned(),
+                    service_account: name.to_owned(),
+                });
+            }
+            let node = user
+                .extra
+                .as_ref()
+                .and_then(|extra| extra.get(NODE_NAME_EXTRA))
+                .and_then(|nodes| nodes.first())
+                .ok_or_else(|| {
+                    format!("the token of {namespace}/{name} is not bound to a pod on a node")
+                })?;
+            Ok(Caller::Node(node.clone()))
+        })
+    }
+}
+
+/// Which node runs which workload: the cluster's pods, watched.
+pub struct KubePods {
+    store: Store<DynamicObject>,
+}
+
+impl KubePods {
+    /// Starts the watch; answers are refusals until the first list is in.
+    pub fn start(client: kube::Client) -> Self {
+        let access = k8s::CA[0];
+        debug_assert_eq!(access.resource, k8s::PODS);
+        let resource = access.resource.api_resource();
+        let api = Api::<DynamicObject>::all_with(client, &resource);
+        let writer = reflector::store::Writer::new(resource);
+        let store = writer.as_reader();
+        tokio::spawn(async move {
+            let events = watcher(api, watcher::Config::default())
+                .default_backoff()
+                .modify(|pod| pod.metadata.managed_fields = None)
+                .reflect(writer);
+            let mut events = std::pin::pin!(events);
+            while let Some(event) = events.next().await {
+                if let Err(e) = event {
+                    tracing::warn!("watching pods: {e}; retrying, the last state stays");
+                }
+            }
+        });
+        Self { store }
+    }
+
+    /// The pods known, once listed (for a test or a readiness check).
+    pub async fn synced(&self) -> Result<()> {
+        Ok(self.store.wait_until_ready().await?)
+    }
+}
+
+impl NodeAuthorizer for KubePods {
+    fn runs_on(&self, identity: &Identity, node: &str) -> Result<bool, String> {
+        if self.store.wait_until_ready().now_or_never().is_none() {
+            return Err("the pod list is not synced yet".into());
+        }
+        Ok(self.store.state().iter().any(|pod| {
+            let spec = &pod.data["spec"];
+            let phase = pod.data["status"]["phase"].as_str().unwrap_or_default();
+            pod.metadata.namespace.as_deref() == Some(identity.namespace())
+                && spec["nodeName"].as_str() == Some(node)
+                && spec["serviceAccountName"].as_str().unwrap_or("default")
+                    == identity.service_account()
+                && !matches!(phase, "Succeeded" | "Failed")
+        }))
+    }
+}
+
+trait NowOrNever: std::future::Future + Sized {
+    /// The output if the future is ready at once.
+    fn now_or_never(self) -> Option<Self::Output> {
+        let mut future = std::pin::pin!(self);
+        let waker = std::task::Waker::noop();
+        match future
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(waker))
+        {
+            std::task::Poll::Ready(output) => Some(output),
+            std::task::Poll::Pending => None,
+        }
+    }
+}
+
+impl<F: std::future::Future> NowOrNever for F {}
+
+/// Makes the Secret `name` and the directory `dir` hold the same root: the
+/// Secret's files are written to the directory; when there is no Secret, the
+/// directory's root (generated if none) is stored in a new one. Two CAs starting
+/// at once agree: the second's create fails and it takes the first one's root.
+pub async fn sync_root_secret(
+    client: kube::Client,
+    namespace: &str,
+    name: &str,
+    dir: &Path,
+    create_root: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
+    let access = k8s::CA_ROOT_SECRET;
+    let api: Api<Secret> = Api::namespaced(client, namespace);
+    // verbs: get
+    debug_assert!(access.verbs.contains(&"get"));
+    if let Some(secret) = api.get_opt(name).await.context("reading the root Secret")? {
+        return write_secret_files(&secret, dir);
+    }
+    create_root(dir)?;
+    let mut data = BTreeMap::new();
+    for file in [
+        super::CA_CERT,
+        super::CA_KEY,
+        super::ROOT_CERT,
+        super::CERT_CHAIN,
+    ] {
+        if let Ok(bytes) = fs::read(dir.join(file)) {
+            data.insert(file.to_owned(), ByteString(bytes));
+        }
+    }
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some(namespace.to_owned()),
+            ..Default::default()
+        },
+        data: Some(data),
+        type_: Some("Opaque".into()),
+        ..Default::default()
+    };
+    // verbs: create
+    debug_assert!(access.verbs.contains(&"create"));
+    match api.create(&PostParams::default(), &secret).await {
+        Ok(_) => {
+            tracing::info!(secret = %format!("{namespace}/{name}"), "stored the new root");
+            Ok(())
+        }
+        Err(kube::Error::Api(status)) if status.code == 409 => {
+            let secret = api.get(name).await.context("reading the root Secret")?;
+            tracing::info!("another CA stored a root first: using it");
+            write_secret_files(&secret, dir)
+        }
+        Err(e) => Err(e).context("storing the root Secret"),
+    }
+}
+
+fn write_secret_files(secret: &Secret, dir: &Path) -> Result<()> {
+    let data = secret
+        .data
+        .as_ref()
+        .context("the root Secret has no data")?;
+    anyhow::ensure!(
+        data.contains_key(super::CA_CERT) && data.contains_key(super::CA_KEY),
+        "the root Secret lacks {} or {}",
+        super::CA_CERT,
+        super::CA_KEY
+    );
+    fs::create_dir_all(dir)?;
+    // The key file first, ca-cert.pem last: its presence means complete.
+    let mut files: Vec<_> = data.iter().collect();
+    files.sort_by_key(|(name, _)| name.as_str() == super::CA_CERT);
+    for (file, bytes) in files {
+        anyhow::ensure!(
+            [
+                super::CA_CERT,
+                super::CA_KEY,
+                super::ROOT_CERT,
+                super::CERT_CHAIN
+            ]
+            .contains(&file.as_str()),
+            "the root Secret holds an unexpected key {file:?}"
+        );
+        super::write_private(&dir.join(file), &String::from_utf8_lossy(&bytes.0))?;
+    }
+    Ok(())
+}
+
+/// Publishes the root for the tunnels (which mount this ConfigMap) in the key
+/// `root-cert.pem`.
+pub async fn publish_root(
+    client: kube::Client,
+    namespace: &str,
+    name: &str,
+    root_pem: &str,
+) -> Result<()> {
+    let access = k8s::CA_ROOT_CONFIG_MAP;
+    let api: Api<ConfigMap> = Api::namespaced(client, namespace);
+    let config_map = ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some(namespace.to_owned()),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([(
+            super::ROOT_CERT.to_owned(),
+            root_pem.to_owned(),
+        )])),
+        ..Default::default()
+    };
+    debug_assert!(["get", "create", "update"]
+        .iter()
+        .all(|v| access.verbs.contains(v)));
+    match api
+        .get_opt(name)
+        .await
+        .context("reading the root ConfigMap")?
+    {
+        None => {
+            api.create(&PostParams::default(), &config_map)
+                .await
+                .context("creating the root ConfigMap")?;
+        }
+        Some(existing) if existing.data == config_map.data => {}
+        Some(existing) => {
+            let mut updated = config_map;
+            updated.metadata.resource_version = existing.metadata.resource_version;
+            api.replace(name, &PostParams::default(), &updated)
+                .await
+                .context("updating the root ConfigMap")?;
+        }
+    }
+    Ok(())
+}

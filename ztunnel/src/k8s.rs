@@ -1,0 +1,158 @@
+//! What each part of the mesh asks the Kubernetes API server for.
+//!
+//! One list per part. The code makes its calls through these entries, and the RBAC
+//! in `deploy/` is checked against them by a test, so the two cannot drift: a call
+//! the list does not name is a call RBAC does not grant, and a grant the list does
+//! not name is privilege nobody uses.
+
+use kube::core::{ApiResource, GroupVersionKind};
+
+/// A kind of API object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Resource {
+    /// `""` for the core group.
+    pub group: &'static str,
+    pub version: &'static str,
+    pub kind: &'static str,
+    /// The URL path segment, and what RBAC rules name.
+    pub plural: &'static str,
+}
+
+impl Resource {
+    /// `group/version`, or `version` for the core group.
+    pub fn api_version(&self) -> String {
+        match self.group {
+            "" => self.version.to_owned(),
+            group => format!("{group}/{}", self.version),
+        }
+    }
+
+    pub fn api_resource(&self) -> ApiResource {
+        ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk(self.group, self.version, self.kind),
+            self.plural,
+        )
+    }
+}
+
+const fn resource(
+    group: &'static str,
+    version: &'static str,
+    kind: &'static str,
+    plural: &'static str,
+) -> Resource {
+    Resource {
+        group,
+        version,
+        kind,
+        plural,
+    }
+}
+
+pub const NAMESPACES: Resource = resource("", "v1", "Namespace", "namespaces");
+pub const PODS: Resource = resource("", "v1", "Pod", "pods");
+pub const SERVICES: Resource = resource("", "v1", "Service", "services");
+pub const SERVICE_ACCOUNTS: Resource = resource("", "v1", "ServiceAccount", "serviceaccounts");
+pub const SECRETS: Resource = resource("", "v1", "Secret", "secrets");
+pub const CONFIG_MAPS: Resource = resource("", "v1", "ConfigMap", "configmaps");
+pub const TOKEN_REVIEWS: Resource =
+    resource("authentication.k8s.io", "v1", "TokenReview", "tokenreviews");
+pub const AUTHORIZATION_POLICIES: Resource = resource(
+    "security.istio.io",
+    "v1",
+    "AuthorizationPolicy",
+    "authorizationpolicies",
+);
+pub const PEER_AUTHENTICATIONS: Resource = resource(
+    "security.istio.io",
+    "v1",
+    "PeerAuthentication",
+    "peerauthentications",
+);
+pub const REQUEST_AUTHENTICATIONS: Resource = resource(
+    "security.istio.io",
+    "v1",
+    "RequestAuthentication",
+    "requestauthentications",
+);
+pub const GATEWAYS: Resource = resource("gateway.networking.k8s.io", "v1", "Gateway", "gateways");
+
+/// Where a grant applies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// Every namespace (a ClusterRole).
+    Cluster,
+    /// The part's own namespace only (a Role).
+    OwnNamespace,
+}
+
+/// One permission a part needs, and why.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Access {
+    pub resource: Resource,
+    pub verbs: &'static [&'static str],
+    pub scope: Scope,
+}
+
+/// What a watch (a reflector: list, then watch) needs.
+pub const WATCH: &[&str] = &["list", "watch"];
+
+const fn watched(resource: Resource) -> Access {
+    Access {
+        resource,
+        verbs: WATCH,
+        scope: Scope::Cluster,
+    }
+}
+
+/// The mesh configuration the tunnel and the waypoint watch: every kind the
+/// Kubernetes source translates into a snapshot.
+pub const CONFIG: &[Access] = &[
+    watched(NAMESPACES),
+    watched(PODS),
+    watched(SERVICES),
+    watched(SERVICE_ACCOUNTS),
+    watched(AUTHORIZATION_POLICIES),
+    watched(PEER_AUTHENTICATIONS),
+    watched(REQUEST_AUTHENTICATIONS),
+    watched(GATEWAYS),
+];
+
+/// The CA: pods (which node runs which workload), TokenReview (who is asking), and
+/// in its own namespace the root's Secret and the ConfigMap publishing the root.
+pub const CA: &[Access] = &[
+    watched(PODS),
+    CA_TOKEN_REVIEWS,
+    CA_ROOT_SECRET,
+    CA_ROOT_CONFIG_MAP,
+];
+pub const CA_TOKEN_REVIEWS: Access = Access {
+    resource: TOKEN_REVIEWS,
+    verbs: &["create"],
+    scope: Scope::Cluster,
+};
+pub const CA_ROOT_SECRET: Access = Access {
+    resource: SECRETS,
+    verbs: &["get", "create"],
+    scope: Scope::OwnNamespace,
+};
+pub const CA_ROOT_CONFIG_MAP: Access = Access {
+    resource: CONFIG_MAPS,
+    verbs: &["get", "create", "update"],
+    scope: Scope::OwnNamespace,
+};
+
+/// Each part's service account in `deploy/` and the list it is granted.
+pub const PARTS: &[(&str, &[Access])] = &[
+    ("ztunnel", CONFIG),
+    ("ztunnel-ca", CA),
+    ("waypoint", CONFIG),
+];
+
+/// A client for the cluster the process runs in (or the kubeconfig's, outside one).
+pub async fn client() -> anyhow::Result<kube::Client> {
+    use anyhow::Context;
+    kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API server (in-cluster config or kubeconfig)")
+}

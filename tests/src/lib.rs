@@ -16,6 +16,8 @@ pub mod capture;
 pub mod cluster;
 pub mod host;
 #[cfg(feature = "mesh")]
+pub mod kube_api;
+#[cfg(feature = "mesh")]
 pub mod mesh;
 
 pub use cluster::{Cluster, ClusterSpec, Node, NodeSpec, Pod};

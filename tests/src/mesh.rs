@@ -349,6 +349,20 @@ pub struct Mesh {
     pub ca: LocalCa,
     pub config: TempDir,
     tunnels: BTreeMap<String, std::process::Child>,
+    /// Kubernetes mode: the stand-in API server the tunnels watch, their
+    /// kubeconfig, and the processes standing for the pods' sandboxes in the
+    /// kubelet-style cgroups the tunnels discover.
+    pub api: Option<crate::kube_api::FakeApiServer>,
+    kubeconfig: Option<PathBuf>,
+    sandboxes: Vec<std::process::Child>,
+}
+
+/// Where the stand-in API server listens: in the first node's namespace.
+const API_PORT: u16 = 6443;
+
+/// The UID the stand-in API server gives the n-th workload's pod.
+pub fn pod_uid(n: usize) -> String {
+    format!("0c0ffee0-0000-4000-8000-{n:012}")
 }
 
 impl Mesh {
@@ -358,6 +372,26 @@ impl Mesh {
         cluster: crate::Cluster,
         workloads: &[WorkloadSpec],
         ambient: &[&str],
+    ) -> Result<Self> {
+        Self::start_from(cluster, workloads, ambient, false).await
+    }
+
+    /// The same mesh, with tunnels that read a (stand-in) Kubernetes API server
+    /// (`ztunnel run --kube`) and find their pods by UID in kubelet-style cgroups,
+    /// as on a Kubernetes node. The CA keeps reading the config directory.
+    pub async fn start_kube(
+        cluster: crate::Cluster,
+        workloads: &[WorkloadSpec],
+        ambient: &[&str],
+    ) -> Result<Self> {
+        Self::start_from(cluster, workloads, ambient, true).await
+    }
+
+    async fn start_from(
+        cluster: crate::Cluster,
+        workloads: &[WorkloadSpec],
+        ambient: &[&str],
+        kube: bool,
     ) -> Result<Self> {
         let config = TempDir::new("config")?;
         fs::write(
@@ -397,11 +431,61 @@ impl Mesh {
             ca,
             config,
             tunnels: BTreeMap::new(),
+            api: None,
+            kubeconfig: None,
+            sandboxes: Vec::new(),
         };
+        if kube {
+            mesh.start_api(workloads, ambient)?;
+        }
         for node in &nodes {
             mesh.start_tunnel(node).await?;
         }
         Ok(mesh)
+    }
+
+    /// Starts the stand-in API server with the namespaces, service accounts and
+    /// pods (by UID, without the local-mode annotations), and lays out each pod's
+    /// cgroup as the kubelet would, with a sandbox process in the pod's netns.
+    fn start_api(&mut self, workloads: &[WorkloadSpec], ambient: &[&str]) -> Result<()> {
+        let first = self.cluster.nodes()[0].clone();
+        let addr = SocketAddr::new(first.ip.into(), API_PORT);
+        let listener = first.in_netns(move || std::net::TcpListener::bind(addr))??;
+        let api = crate::kube_api::FakeApiServer::start_on(listener)?;
+        for w in workloads {
+            api.apply_yaml(&namespace_yaml(
+                &w.namespace,
+                ambient.contains(&w.namespace.as_str()),
+            ));
+            api.apply(
+                serde_json::json!({"apiVersion": "v1", "kind": "ServiceAccount",
+                "metadata": {"name": w.service_account, "namespace": w.namespace}}),
+            );
+        }
+        for (n, w) in workloads.iter().enumerate() {
+            let pod = self.cluster.pod(&w.pod).clone();
+            let uid = pod_uid(n);
+            api.apply(serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": w.pod, "namespace": w.namespace, "uid": uid, "labels": w.labels.iter().cloned().collect::<BTreeMap<_, _>>()},
+                "spec": {"serviceAccountName": w.service_account, "nodeName": w.node.as_deref().unwrap_or(&pod.node)},
+                "status": {"phase": "Running", "podIP": pod.ip.to_string()}}));
+            let node = self.cluster.node(&pod.node);
+            let sandbox = node
+                .pod_cgroup_root
+                .join(format!("kubepods/besteffort/pod{uid}/sandbox"));
+            fs::create_dir_all(&sandbox)?;
+            let child = pod.command("sleep")?.arg("3600").spawn()?;
+            fs::write(sandbox.join("cgroup.procs"), child.id().to_string())?;
+            self.sandboxes.push(child);
+        }
+        self.kubeconfig = Some(api.kubeconfig(self.config.path(), "tunnel")?);
+        self.api = Some(api);
+        Ok(())
+    }
+
+    /// The stand-in API server (Kubernetes mode).
+    pub fn api(&self) -> &crate::kube_api::FakeApiServer {
+        self.api.as_ref().expect("a mesh started with start_kube")
     }
 
     fn root_file(&self) -> PathBuf {
@@ -428,38 +512,40 @@ impl Mesh {
             .append(true)
             .open(self.log_file(node_name))?;
         let mut cmd = node.command(ztunnel_binary())?;
-        cmd.arg("run")
-            .arg("--config")
-            .arg(self.config.path())
-            .args([
-                "--config-poll",
-                "100ms",
-                "--node",
-                node_name,
-                "--trust-domain",
-                TRUST_DOMAIN,
-            ])
-            .arg("--ca-address")
-            .arg(self.ca.addr.to_string())
-            .arg("--ca-root")
-            .arg(self.root_file())
-            .arg("--ca-token")
-            .arg(self.ca.token_file(node_name))
-            .arg("--pin-dir")
-            .arg(node.bpffs.join("ztunnel"))
-            .arg("--pod-cgroup-root")
-            .arg(&node.pod_cgroup_root)
-            .env(
-                "ZTUNNEL_WORKER_THREADS",
-                std::env::var("ZTB_WORKERS").unwrap_or_else(|_| "2".into()),
-            )
-            // ZTB_LOG overrides the tunnels' log filter when debugging a test.
-            .env(
-                "RUST_LOG",
-                std::env::var("ZTB_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdout(std::process::Stdio::null())
-            .stderr(log);
+        cmd.arg("run");
+        match &self.kubeconfig {
+            Some(kubeconfig) => cmd.arg("--kube").env("KUBECONFIG", kubeconfig),
+            None => cmd.arg("--config").arg(self.config.path()),
+        };
+        cmd.args([
+            "--config-poll",
+            "100ms",
+            "--node",
+            node_name,
+            "--trust-domain",
+            TRUST_DOMAIN,
+        ])
+        .arg("--ca-address")
+        .arg(self.ca.addr.to_string())
+        .arg("--ca-root")
+        .arg(self.root_file())
+        .arg("--ca-token")
+        .arg(self.ca.token_file(node_name))
+        .arg("--pin-dir")
+        .arg(node.bpffs.join("ztunnel"))
+        .arg("--pod-cgroup-root")
+        .arg(&node.pod_cgroup_root)
+        .env(
+            "ZTUNNEL_WORKER_THREADS",
+            std::env::var("ZTB_WORKERS").unwrap_or_else(|_| "2".into()),
+        )
+        // ZTB_LOG overrides the tunnels' log filter when debugging a test.
+        .env(
+            "RUST_LOG",
+            std::env::var("ZTB_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(log);
         let mut child = cmd.spawn().context("starting ztunnel run")?;
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         loop {
@@ -699,6 +785,10 @@ impl Drop for Mesh {
             }
         }
         for (_, mut child) in std::mem::take(&mut self.tunnels) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for mut child in std::mem::take(&mut self.sandboxes) {
             let _ = child.kill();
             let _ = child.wait();
         }

@@ -152,7 +152,11 @@ pub const PARTS: &[(&str, &[Access])] = &[
 /// A client for the cluster the process runs in (or the kubeconfig's, outside one).
 pub async fn client() -> anyhow::Result<kube::Client> {
     use anyhow::Context;
-    kube::Client::try_default()
+    let mut config = kube::Config::infer()
         .await
-        .context("connecting to the Kubernetes API server (in-cluster config or kubeconfig)")
+        .context("finding the Kubernetes API server (in-cluster config or kubeconfig)")?;
+    // Failures surface at once: the watchers back off and say so themselves, the
+    // CA refuses (and the tunnel retries) rather than hold a request for minutes.
+    config.default_retry = false;
+    kube::Client::try_from(config).context("a client for the Kubernetes API server")
 }

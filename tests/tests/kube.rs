@@ -1,0 +1,277 @@
+//! The Kubernetes source and the CA's Kubernetes calls, against a stand-in API
+//! server (no cluster runs on this machine): real watches over HTTP, real
+//! enrollment on the testbed from pods found by UID in kubelet-style cgroups.
+
+use std::{net::SocketAddr, time::Duration};
+
+use serde_json::json;
+use testbed::{
+    app::EchoServer,
+    kube_api::{Call, FakeApiServer},
+    mesh::{eventually, Mesh, TempDir, WorkloadSpec},
+    Cluster, ClusterSpec,
+};
+use ztunnel::k8s::{self, Access, Scope};
+
+const PROBE: &str = env!("CARGO_BIN_EXE_tb-probe");
+
+fn probe(mesh: &Mesh, pod: &str, target: &str, message: &str) -> String {
+    let out = mesh
+        .cluster
+        .pod(pod)
+        .run(PROBE, ["connect", target, message])
+        .unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Every call is one the list grants: the verb, the resource, and for a grant in
+/// the caller's own namespace, that namespace.
+fn assert_granted(calls: &[Call], list: &[Access], own_namespace: &str) {
+    assert!(!calls.is_empty(), "no calls recorded");
+    for call in calls {
+        let granted = list.iter().any(|a| {
+            format!("{}/{}", a.resource.group, a.resource.plural) == call.resource
+                && a.verbs.contains(&call.verb.as_str())
+                && match a.scope {
+                    Scope::Cluster => true,
+                    Scope::OwnNamespace => call.namespace.as_deref() == Some(own_namespace),
+                }
+        });
+        assert!(granted, "{call:?} is not in the access list");
+    }
+}
+
+const DENY_CLIENT: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-client, namespace: demo}
+spec:
+  action: DENY
+  rules: [{from: [{source: {principals: [cluster.local/ns/demo/sa/client]}}]}]
+";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tunnels_watching_the_api_server_enroll_their_ambient_pods_and_follow_changes() {
+    let cluster = Cluster::new(
+        &ClusterSpec::new()
+            .node("node-a", ["client"])
+            .node("node-b", ["server", "plain"]),
+    )
+    .unwrap();
+    let workloads = [
+        WorkloadSpec::new("client", "demo", "client"),
+        WorkloadSpec::new("server", "demo", "server"),
+        WorkloadSpec::new("plain", "plain", "default"),
+    ];
+    let mesh = Mesh::start_kube(cluster, &workloads, &["demo"])
+        .await
+        .unwrap();
+    // Each tunnel enrolls exactly its own node's ambient pods, found by UID.
+    mesh.wait_enrolled("node-a", "client", true).await.unwrap();
+    mesh.wait_enrolled("node-b", "server", true).await.unwrap();
+    mesh.wait_enrolled("node-b", "plain", false).await.unwrap();
+    mesh.wait_enrolled("node-a", "server", false).await.unwrap();
+
+    let server = SocketAddr::new(mesh.cluster.pod("server").ip.into(), 8080).to_string();
+    let echo = EchoServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    let out = probe(&mesh, "client", &server, "hello");
+    assert!(out.contains("reply=server:hello"), "{out}");
+    eventually(
+        Duration::from_secs(15),
+        "an mTLS connection counted",
+        || async {
+            mesh.metrics("node-b").await.lines().any(|l| {
+                l.starts_with("istio_tcp_connections_opened_total{")
+                    && l.contains("source_principal=\"spiffe://cluster.local/ns/demo/sa/client\"")
+                    && l.contains("connection_security_policy=\"mutual_tls\"")
+            })
+        },
+    )
+    .await;
+
+    // A policy created in the API applies.
+    mesh.api().apply_yaml(DENY_CLIENT);
+    eventually(
+        Duration::from_secs(15),
+        "the policy reaches node-b",
+        || async {
+            mesh.config_dump("node-b").await["policies"]
+                .as_array()
+                .is_some_and(|p| !p.is_empty())
+        },
+    )
+    .await;
+    let out = probe(&mesh, "client", &server, "denied");
+    assert!(!out.contains("server:denied"), "{out}");
+
+    // An API server outage keeps the last state: still enrolled, still enforced.
+    mesh.api().set_available(false);
+    eventually(
+        Duration::from_secs(15),
+        "the tunnel notices the outage",
+        || async { mesh.log("node-b").contains("watching the API server") },
+    )
+    .await;
+    mesh.wait_enrolled("node-b", "server", true).await.unwrap();
+    let out = probe(&mesh, "client", &server, "still-denied");
+    assert!(!out.contains("server:still-denied"), "{out}");
+    mesh.api().set_available(true);
+
+    // Deleting the policy (after the outage: the watch resumes) lets traffic in.
+    mesh.api()
+        .delete(&serde_yaml::from_str(DENY_CLIENT).unwrap());
+    eventually(
+        Duration::from_secs(30),
+        "the deletion reaches node-b",
+        || async {
+            mesh.config_dump("node-b").await["policies"]
+                .as_array()
+                .is_some_and(|p| p.is_empty())
+        },
+    )
+    .await;
+    let out = probe(&mesh, "client", &server, "again");
+    assert!(out.contains("reply=server:again"), "{out}");
+
+    // Removing the namespace label un-enrolls; deleting a pod does too.
+    mesh.api()
+        .apply(json!({"apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": "demo", "labels": {}}}));
+    mesh.wait_enrolled("node-a", "client", false).await.unwrap();
+    mesh.wait_enrolled("node-b", "server", false).await.unwrap();
+    let pod = mesh.api().get(&json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "server", "namespace": "demo"}}));
+    mesh.api()
+        .apply_yaml(&testbed::mesh::namespace_yaml("demo", true));
+    mesh.wait_enrolled("node-b", "server", true).await.unwrap();
+    mesh.api().delete(&pod.expect("the server pod"));
+    mesh.wait_enrolled("node-b", "server", false).await.unwrap();
+    drop(echo);
+
+    // Everything the tunnels asked the API server for is in the list RBAC grants.
+    assert_granted(&mesh.api().calls(), k8s::CONFIG, "");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_ca_keeps_its_root_in_a_secret_publishes_it_and_knows_which_node_runs_what() {
+    use ztunnel::ca::{
+        auth::{Authenticator, Caller, NodeAuthorizer},
+        kube::{publish_root, sync_root_secret, KubePods, TokenReview},
+        Authority, AuthorityOptions,
+    };
+    let api = FakeApiServer::start().await.unwrap();
+    let dir = TempDir::new("kube-ca").unwrap();
+    let client = client(&api, &dir).await;
+    let options = |sub: &str| AuthorityOptions {
+        dir: dir.path().join(sub),
+        trust_domain: "cluster.local".into(),
+        default_ttl: Duration::from_secs(3600),
+        max_ttl: Duration::from_secs(7200),
+    };
+
+    // The first CA creates the root and stores it; the next one takes it.
+    let first = options("first");
+    sync_root_secret(
+        client.clone(),
+        "istio-system",
+        "ztunnel-ca",
+        &first.dir,
+        |_| Authority::load_or_create(first.clone()).map(drop),
+    )
+    .await
+    .unwrap();
+    let second = options("second");
+    sync_root_secret(
+        client.clone(),
+        "istio-system",
+        "ztunnel-ca",
+        &second.dir,
+        |_| panic!("the root exists: nothing to create"),
+    )
+    .await
+    .unwrap();
+    let a = Authority::load_or_create(first).unwrap();
+    let b = Authority::load_or_create(second).unwrap();
+    assert_eq!(a.root_pem(), b.root_pem(), "one root for every replica");
+
+    publish_root(
+        client.clone(),
+        "istio-system",
+        "ztunnel-ca-root",
+        a.root_pem(),
+    )
+    .await
+    .unwrap();
+    let published = api
+        .get(&json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "ztunnel-ca-root", "namespace": "istio-system"}}))
+        .expect("the root ConfigMap");
+    assert_eq!(published["data"]["root-cert.pem"], a.root_pem());
+    // A rotated root replaces it.
+    publish_root(
+        client.clone(),
+        "istio-system",
+        "ztunnel-ca-root",
+        "NEW ROOT",
+    )
+    .await
+    .unwrap();
+    let published = api
+        .get(&json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "ztunnel-ca-root", "namespace": "istio-system"}}))
+        .unwrap();
+    assert_eq!(published["data"]["root-cert.pem"], "NEW ROOT");
+
+    // Which node runs which workload, from the watched pods.
+    let sleep = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "sleep-1", "namespace": "demo"},
+        "spec": {"serviceAccountName": "sleep", "nodeName": "node-a"},
+        "status": {"phase": "Running"}});
+    api.apply(sleep.clone());
+    let pods = KubePods::start(client.clone());
+    pods.synced().await.unwrap();
+    let identity: ztunnel::identity::Identity =
+        "spiffe://cluster.local/ns/demo/sa/sleep".parse().unwrap();
+    assert_eq!(pods.runs_on(&identity, "node-a"), Ok(true));
+    assert_eq!(pods.runs_on(&identity, "node-b"), Ok(false));
+    api.delete(&sleep);
+    eventually(Duration::from_secs(15), "the deletion seen", || async {
+        pods.runs_on(&identity, "node-a") == Ok(false)
+    })
+    .await;
+
+    // Callers by TokenReview.
+    api.on_token_review(|token| match token {
+        "tunnel" => json!({"authenticated": true, "user": {
+            "username": "system:serviceaccount:istio-system:ztunnel",
+            "extra": {"authentication.kubernetes.io/node-name": ["node-a"]}}}),
+        _ => json!({"authenticated": false, "error": "invalid bearer token"}),
+    });
+    let review = TokenReview {
+        client,
+        tunnels: vec!["istio-system/ztunnel".into()],
+        audiences: vec!["istio-ca".into()],
+    };
+    assert_eq!(
+        review.authenticate("tunnel").await,
+        Ok(Caller::Node("node-a".into()))
+    );
+    assert!(review.authenticate("forged").await.is_err());
+
+    assert_granted(&api.calls(), k8s::CA, "istio-system");
+}
+
+async fn client(api: &FakeApiServer, dir: &TempDir) -> kube::Client {
+    let kubeconfig = api.kubeconfig(dir.path(), "ca").unwrap();
+    let kubeconfig = kube::config::Kubeconfig::read_from(kubeconfig).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(
+        kubeconfig,
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await
+    .unwrap();
+    kube::Client::try_from(config).unwrap()
+}

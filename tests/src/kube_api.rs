@@ -117,6 +117,14 @@ impl FakeApiServer {
         Ok(path)
     }
 
+    /// A client for this server, as the code under test builds one from a
+    /// kubeconfig.
+    pub async fn client(&self, dir: &Path) -> Result<kube::Client> {
+        let kubeconfig = kube::config::Kubeconfig::read_from(self.kubeconfig(dir, "test")?)?;
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
+        Ok(kube::Client::try_from(config)?)
+    }
+
     pub fn on_token_review(&self, answer: impl Fn(&str) -> Value + Send + Sync + 'static) {
         *self.token_reviews.lock().unwrap() = Some(Arc::new(answer));
     }

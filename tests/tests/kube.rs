@@ -164,7 +164,7 @@ async fn the_ca_keeps_its_root_in_a_secret_publishes_it_and_knows_which_node_run
     };
     let api = FakeApiServer::start().await.unwrap();
     let dir = TempDir::new("kube-ca").unwrap();
-    let client = client(&api, &dir).await;
+    let client = api.client(dir.path()).await.unwrap();
     let options = |sub: &str| AuthorityOptions {
         dir: dir.path().join(sub),
         trust_domain: "cluster.local".into(),
@@ -262,16 +262,4 @@ async fn the_ca_keeps_its_root_in_a_secret_publishes_it_and_knows_which_node_run
     assert!(review.authenticate("forged").await.is_err());
 
     assert_granted(&api.calls(), k8s::CA, "istio-system");
-}
-
-async fn client(api: &FakeApiServer, dir: &TempDir) -> kube::Client {
-    let kubeconfig = api.kubeconfig(dir.path(), "ca").unwrap();
-    let kubeconfig = kube::config::Kubeconfig::read_from(kubeconfig).unwrap();
-    let config = kube::Config::from_custom_kubeconfig(
-        kubeconfig,
-        &kube::config::KubeConfigOptions::default(),
-    )
-    .await
-    .unwrap();
-    kube::Client::try_from(config).unwrap()
 }

@@ -1,4 +1,5 @@
-//! The manifests in deploy/: well-formed, and covering what the mesh reads.
+//! The manifests in deploy/: every object of a known type with every field known,
+//! RBAC equal to the access lists the code calls through, the CRDs the mesh needs.
 
 #[test]
 fn every_security_kind_the_mesh_reads_has_a_crd_serving_v1_and_v1beta1() {
@@ -37,4 +38,293 @@ fn every_security_kind_the_mesh_reads_has_a_crd_serving_v1_and_v1beta1() {
             .count();
         assert_eq!(storage, 1, "{kind}: exactly one storage version");
     }
+}
+
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+};
+
+use k8s_openapi::{
+    api::{
+        apps::v1::{DaemonSet, Deployment},
+        core::v1::{ConfigMap, Namespace, Service, ServiceAccount},
+        rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding},
+    },
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use ztunnel::k8s::{self, Scope};
+
+fn deploy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+/// Every YAML file under deploy/, with its documents as JSON.
+fn manifests() -> Vec<(PathBuf, Vec<Value>)> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, out);
+            } else if path.extension().is_some_and(|e| e == "yaml") {
+                out.push(path);
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(&deploy_dir(), &mut files);
+    files.sort();
+    files
+        .into_iter()
+        .map(|path| {
+            let text = std::fs::read_to_string(&path).unwrap();
+            let docs = serde_yaml::Deserializer::from_str(&text)
+                .map(|d| serde::Deserialize::deserialize(d).unwrap())
+                .filter(|v: &serde_yaml::Value| !v.is_null())
+                .map(|v| serde_json::to_value(v).unwrap())
+                .collect();
+            (path, docs)
+        })
+        .collect()
+}
+
+/// Parses into the Kubernetes type and back: a field the type does not know
+/// (a typo, a field of another version) would be lost on the way.
+fn round_trip<T: DeserializeOwned + serde::Serialize>(doc: &Value) -> Result<T, String> {
+    let typed: T = serde_json::from_value(doc.clone()).map_err(|e| e.to_string())?;
+    let back = serde_json::to_value(&typed).unwrap();
+    match first_difference(doc, &back, String::new()) {
+        Some(path) => Err(format!(
+            "{path}: not a field of this type (or not as written)"
+        )),
+        None => Ok(typed),
+    }
+}
+
+/// Where two JSON values first differ, as a path.
+fn first_difference(written: &Value, understood: &Value, path: String) -> Option<String> {
+    match (written, understood) {
+        (Value::Object(a), Value::Object(b)) => a
+            .iter()
+            .find_map(|(k, v)| match b.get(k) {
+                Some(w) => first_difference(v, w, format!("{path}.{k}")),
+                None => Some(format!("{path}.{k}")),
+            })
+            .or_else(|| (a.len() != b.len()).then(|| path.clone())),
+        (Value::Array(a), Value::Array(b)) if a.len() == b.len() => a
+            .iter()
+            .zip(b)
+            .enumerate()
+            .find_map(|(i, (v, w))| first_difference(v, w, format!("{path}[{i}]"))),
+        (a, b) => (a != b).then_some(path),
+    }
+}
+
+#[test]
+fn every_manifest_parses_into_its_kubernetes_type_with_every_field_known() {
+    let mut checked = 0;
+    for (path, docs) in manifests() {
+        for doc in &docs {
+            let kind = doc["kind"].as_str().unwrap_or_default();
+            let name = format!("{}: {kind} {}", path.display(), doc["metadata"]["name"]);
+            let result = match kind {
+                "Namespace" => round_trip::<Namespace>(doc).map(drop),
+                "ServiceAccount" => round_trip::<ServiceAccount>(doc).map(drop),
+                "ConfigMap" => round_trip::<ConfigMap>(doc).map(drop),
+                "Service" => round_trip::<Service>(doc).map(drop),
+                "Deployment" => round_trip::<Deployment>(doc).map(drop),
+                "DaemonSet" => round_trip::<DaemonSet>(doc).map(drop),
+                "ClusterRole" => round_trip::<ClusterRole>(doc).map(drop),
+                "ClusterRoleBinding" => round_trip::<ClusterRoleBinding>(doc).map(drop),
+                "Role" => round_trip::<Role>(doc).map(drop),
+                "RoleBinding" => round_trip::<RoleBinding>(doc).map(drop),
+                "CustomResourceDefinition" => round_trip::<CustomResourceDefinition>(doc).map(drop),
+                // The mesh's own kinds: checked by the mesh's parser below.
+                "AuthorizationPolicy"
+                | "PeerAuthentication"
+                | "RequestAuthentication"
+                | "Gateway" => Ok(()),
+                "Kustomization" => check_kustomization(&path, doc),
+                other => Err(format!("a kind this test does not know: {other}")),
+            };
+            if let Err(e) = result {
+                panic!("{name}: {e}");
+            }
+            checked += 1;
+        }
+        // The mesh's kinds, through the same parsing and validation the tunnel uses.
+        let dir = path.parent().unwrap();
+        let (_, errors) = ztunnel::config::local::LocalSource::new(dir)
+            .load()
+            .unwrap();
+        assert!(errors.is_empty(), "{}: {errors:?}", dir.display());
+    }
+    assert!(checked >= 30, "only {checked} objects found");
+}
+
+/// A kustomization lists exactly the YAML files of its directory.
+fn check_kustomization(path: &Path, doc: &Value) -> Result<(), String> {
+    let dir = path.parent().unwrap();
+    let listed: BTreeSet<String> = doc["resources"]
+        .as_array()
+        .ok_or("no resources")?
+        .iter()
+        .map(|r| r.as_str().unwrap_or_default().to_owned())
+        .collect();
+    let present: BTreeSet<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".yaml") && n != "kustomization.yaml")
+        .collect();
+    if listed != present {
+        return Err(format!("lists {listed:?}, the directory holds {present:?}"));
+    }
+    Ok(())
+}
+
+/// (group, resource, verb, scope) for every permission.
+type Grants = BTreeSet<(String, String, String, String)>;
+
+fn expand(rules: &[PolicyRule], scope: &str) -> Grants {
+    let mut grants = Grants::new();
+    for rule in rules {
+        assert!(
+            rule.resource_names.is_none() && rule.non_resource_urls.is_none(),
+            "{rule:?}: the list has no such grants"
+        );
+        for group in rule.api_groups.iter().flatten() {
+            for resource in rule.resources.iter().flatten() {
+                for verb in &rule.verbs {
+                    assert!(
+                        group != "*" && resource != "*" && verb != "*",
+                        "a wildcard in {rule:?}"
+                    );
+                    grants.insert((group.clone(), resource.clone(), verb.clone(), scope.into()));
+                }
+            }
+        }
+    }
+    grants
+}
+
+#[test]
+fn rbac_grants_each_part_exactly_what_its_access_list_names() {
+    let docs: Vec<Value> = manifests().into_iter().flat_map(|(_, d)| d).collect();
+    let of_kind = |kind: &'static str| docs.iter().filter(move |d| d["kind"] == kind);
+    for (account, list) in k8s::PARTS {
+        let sa = of_kind("ServiceAccount")
+            .find(|d| d["metadata"]["name"] == *account)
+            .unwrap_or_else(|| panic!("no ServiceAccount {account} in deploy/"));
+        let namespace = sa["metadata"]["namespace"].as_str().unwrap().to_owned();
+        let binds_us = |subjects: &Option<Vec<k8s_openapi::api::rbac::v1::Subject>>| {
+            subjects.iter().flatten().any(|s| {
+                s.kind == "ServiceAccount"
+                    && s.name == *account
+                    && s.namespace.as_deref() == Some(namespace.as_str())
+            })
+        };
+        let mut granted = Grants::new();
+        for binding in of_kind("ClusterRoleBinding") {
+            let binding: ClusterRoleBinding = serde_json::from_value(binding.clone()).unwrap();
+            if !binds_us(&binding.subjects) {
+                continue;
+            }
+            assert_eq!(binding.role_ref.kind, "ClusterRole");
+            let role = of_kind("ClusterRole")
+                .find(|r| r["metadata"]["name"] == binding.role_ref.name.as_str())
+                .expect("the bound ClusterRole exists");
+            let role: ClusterRole = serde_json::from_value(role.clone()).unwrap();
+            granted.extend(expand(role.rules.as_deref().unwrap_or_default(), "cluster"));
+        }
+        for binding in of_kind("RoleBinding") {
+            let binding: RoleBinding = serde_json::from_value(binding.clone()).unwrap();
+            if !binds_us(&binding.subjects) {
+                continue;
+            }
+            let role_ns = binding.metadata.namespace.clone().unwrap();
+            let scope = if role_ns == namespace { "own" } else { "other" };
+            let role = of_kind("Role")
+                .find(|r| {
+                    r["metadata"]["name"] == binding.role_ref.name.as_str()
+                        && r["metadata"]["namespace"] == role_ns.as_str()
+                })
+                .expect("the bound Role exists");
+            let role: Role = serde_json::from_value(role.clone()).unwrap();
+            granted.extend(expand(role.rules.as_deref().unwrap_or_default(), scope));
+        }
+        let mut needed = Grants::new();
+        for access in *list {
+            for verb in access.verbs {
+                let scope = match access.scope {
+                    Scope::Cluster => "cluster",
+                    Scope::OwnNamespace => "own",
+                };
+                needed.insert((
+                    access.resource.group.into(),
+                    access.resource.plural.into(),
+                    (*verb).into(),
+                    scope.into(),
+                ));
+            }
+        }
+        assert_eq!(
+            granted, needed,
+            "{account}: RBAC in deploy/ (left) against the access list in ztunnel::k8s (right)"
+        );
+    }
+}
+
+#[test]
+fn the_dashboard_only_charts_metrics_the_code_exports() {
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(deploy_dir().join("grafana-dashboard.json")).unwrap(),
+    )
+    .unwrap();
+    // Metric names as the code registers them (counters gain `_total` on export).
+    let mut exported = BTreeSet::new();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ztunnel/src");
+    let mut dirs = vec![src];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            for literal in text.split('"').skip(1).step_by(2) {
+                if ["istio_", "ztunnel_", "citadel_"]
+                    .iter()
+                    .any(|p| literal.starts_with(p))
+                    && literal.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                {
+                    exported.insert(literal.to_owned());
+                }
+            }
+        }
+    }
+    let mut charted = 0;
+    let panels = dashboard["panels"].as_array().unwrap();
+    for target in panels
+        .iter()
+        .flat_map(|p| p["targets"].as_array().into_iter().flatten())
+    {
+        let expr = target["expr"].as_str().unwrap();
+        for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if ["istio_", "ztunnel_", "citadel_"]
+                .iter()
+                .any(|p| word.starts_with(p))
+            {
+                let base = word.strip_suffix("_total").unwrap_or(word);
+                assert!(
+                    exported.contains(base),
+                    "{word} in {expr:?} is not exported"
+                );
+                charted += 1;
+            }
+        }
+    }
+    assert!(charted >= 10, "only {charted} metrics charted");
 }

@@ -51,3 +51,27 @@ fn a_pods_cgroup_and_netns_are_found_from_its_uid() {
         child.wait().unwrap();
     }
 }
+
+#[test]
+fn the_kubelets_pod_cgroup_is_found_below_the_cgroup_mount_for_each_layout() {
+    use ztunnel::discovery::kubepods_root;
+    for (layout, expected) in [
+        (
+            "kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice",
+            "kubelet.slice/kubelet-kubepods.slice",
+        ),
+        ("kubepods.slice/kubepods-burstable.slice", "kubepods.slice"),
+        ("kubepods/burstable/pod1234", "kubepods"),
+    ] {
+        let dir = testbed::mesh::TempDir::new("kubepods").unwrap();
+        fs::create_dir_all(dir.path().join("system.slice/containerd.service")).unwrap();
+        fs::create_dir_all(dir.path().join(layout)).unwrap();
+        assert_eq!(
+            kubepods_root(dir.path()).unwrap(),
+            Some(dir.path().join(expected)),
+            "{layout}"
+        );
+    }
+    let empty = testbed::mesh::TempDir::new("no-kubepods").unwrap();
+    assert_eq!(kubepods_root(empty.path()).unwrap(), None);
+}

@@ -108,3 +108,30 @@ fn first_pid(dir: &Path, depth: usize) -> io::Result<Option<u32>> {
     }
     Ok(None)
 }
+
+/// The kubelet's cgroup holding every pod, found below the cgroup v2 mount: the
+/// cgroupfs driver's `kubepods`, the systemd driver's `kubepods.slice`, or, with a
+/// kubelet `--cgroup-root` (kind's `/kubelet`), `kubelet.slice/kubelet-kubepods.slice`.
+pub fn kubepods_root(cgroup_mount: &Path) -> io::Result<Option<PathBuf>> {
+    let is_kubepods = |name: &str| {
+        name == "kubepods" || name == "kubepods.slice" || name.ends_with("-kubepods.slice")
+    };
+    let mut level = vec![cgroup_mount.to_owned()];
+    for _ in 0..3 {
+        let mut next = Vec::new();
+        for dir in &level {
+            for sub in subdirectories(dir)? {
+                if sub
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(is_kubepods)
+                {
+                    return Ok(Some(sub));
+                }
+                next.push(sub);
+            }
+        }
+        level = next;
+    }
+    Ok(None)
+}

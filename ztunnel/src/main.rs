@@ -185,9 +185,14 @@ struct RunArgs {
     /// Directory on a bpffs mount for this tunnel's pinned programs and maps.
     #[arg(long, default_value = "/sys/fs/bpf/ztunnel")]
     pin_dir: PathBuf,
-    /// The cgroup v2 directory holding every pod of the node.
+    /// The cgroup v2 directory holding every pod of the node (default: the
+    /// kubelet's, found below --cgroup-mount).
     #[arg(long)]
-    pod_cgroup_root: PathBuf,
+    pod_cgroup_root: Option<PathBuf>,
+    /// Where the node's cgroup v2 hierarchy is mounted (in a pod: the host's,
+    /// mounted in).
+    #[arg(long, default_value = "/sys/fs/cgroup")]
+    cgroup_mount: PathBuf,
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin_addr: SocketAddr,
     #[arg(long, default_value = "0.0.0.0:15020")]
@@ -257,13 +262,28 @@ fn main() {
 }
 
 async fn run(args: RunArgs, set_log_level: ztunnel::daemon::SetLogLevel) -> Result<()> {
+    let pod_cgroup_root = match args.pod_cgroup_root {
+        Some(root) => root,
+        None => {
+            let found = ztunnel::discovery::kubepods_root(&args.cgroup_mount)
+                .with_context(|| format!("reading {}", args.cgroup_mount.display()))?
+                .with_context(|| {
+                    format!(
+                        "no kubelet pod cgroup (kubepods) below {}: pass --pod-cgroup-root",
+                        args.cgroup_mount.display()
+                    )
+                })?;
+            tracing::info!(root = %found.display(), "the node's pods live below this cgroup");
+            found
+        }
+    };
     let source = ztunnel::config::Source::choose(
         args.config,
         args.kube,
         args.config_poll,
         ztunnel::config::kube::KubeOptions {
             node: args.node.clone(),
-            pod_cgroup_root: Some(args.pod_cgroup_root.clone()),
+            pod_cgroup_root: Some(pod_cgroup_root.clone()),
             resync: args.resync,
         },
     )?;
@@ -280,7 +300,7 @@ async fn run(args: RunArgs, set_log_level: ztunnel::daemon::SetLogLevel) -> Resu
             ca_token: args.ca_token,
             cert_ttl: args.cert_ttl,
             pin_dir: args.pin_dir,
-            pod_cgroup_root: args.pod_cgroup_root,
+            pod_cgroup_root,
             admin_addr: args.admin_addr,
             metrics_addr: args.metrics_addr,
             readiness_addr: args.readiness_addr,

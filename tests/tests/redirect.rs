@@ -362,3 +362,22 @@ fn dns_from_an_enrolled_pod_reaches_the_tunnel_and_answers_from_the_server() {
         );
     }
 }
+
+#[test]
+fn bpffs_is_mounted_where_a_node_has_none_and_left_alone_where_it_has() {
+    use ztunnel::redirect::{is_bpffs, mount_bpffs};
+    /// Unmounts even when an assertion fails.
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount(&self.0);
+        }
+    }
+    let dir = testbed::mesh::TempDir::new("bpffs").unwrap();
+    let path = dir.path().join("bpf");
+    assert!(!is_bpffs(dir.path()).unwrap());
+    let _unmount = Unmount(path.clone());
+    assert!(mount_bpffs(&path).unwrap(), "mounted where there was none");
+    assert!(is_bpffs(&path).unwrap());
+    assert!(!mount_bpffs(&path).unwrap(), "an existing mount is kept");
+}

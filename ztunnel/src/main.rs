@@ -38,6 +38,9 @@ enum Command {
     /// Policy tools.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Mount bpffs at the path unless one is there (a node init step: pins must
+    /// live on the host's bpffs to outlive the tunnel).
+    MountBpffs { path: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -245,6 +248,12 @@ fn main() {
             Command::Run(args) => run(args, set_log_level).await,
             Command::Ca(args) => ca(args).await,
             Command::Certs(args) => certs(args).await,
+            Command::MountBpffs { path } => {
+                ztunnel::redirect::mount_bpffs(&path).map(|mounted| match mounted {
+                    true => println!("mounted bpffs at {}", path.display()),
+                    false => println!("{} is already a bpffs mount", path.display()),
+                })
+            }
             Command::Policy(PolicyCommand::Check(args)) => match policy_check(args) {
                 Ok(true) => Ok(()),
                 Ok(false) => std::process::exit(1),

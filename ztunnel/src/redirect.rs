@@ -112,6 +112,13 @@ impl Redirector {
         for dir in [&maps_dir, &links_dir, &config.pin_dir.join("pods")] {
             fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
+        // Pins elsewhere would die with this process, and with them the capture of
+        // every pod while the tunnel is away: refuse rather than fail open.
+        anyhow::ensure!(
+            is_bpffs(&config.pin_dir)?,
+            "{} is not on a bpffs mount: mount one (mount -t bpf bpf /sys/fs/bpf, or `ztunnel mount-bpffs /sys/fs/bpf`)",
+            config.pin_dir.display()
+        );
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
             .load(OBJECT)
@@ -320,4 +327,32 @@ fn open_listeners() -> io::Result<PodListeners> {
         hbone: tcp(HBONE_PORT)?,
         dns,
     })
+}
+
+/// `statfs` f_type of a bpffs mount.
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+/// Whether the path lies on a bpffs mount.
+pub fn is_bpffs(path: &Path) -> Result<bool> {
+    let stat =
+        nix::sys::statfs::statfs(path).with_context(|| format!("statfs {}", path.display()))?;
+    Ok(stat.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+}
+
+/// Mounts bpffs at `path` unless one is there already; returns whether it mounted.
+/// (Some nodes, e.g. kind's, come without one; pins must outlive the tunnel.)
+pub fn mount_bpffs(path: &Path) -> Result<bool> {
+    fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
+    if is_bpffs(path)? {
+        return Ok(false);
+    }
+    nix::mount::mount(
+        Some("bpf"),
+        path,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .with_context(|| format!("mounting bpffs at {}", path.display()))?;
+    Ok(true)
 }

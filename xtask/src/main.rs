@@ -1,7 +1,8 @@
-//! Project tasks: `cargo xtask <bootstrap|test|demo>`.
+//! Project tasks: `cargo xtask <bootstrap|test|bench|demo|run>`.
 
 mod bootstrap;
 mod demo;
+mod kind;
 
 use std::{path::PathBuf, process::Command};
 
@@ -31,6 +32,21 @@ enum Task {
     /// Build a two-node testbed cluster, run the mesh on it and show traffic
     /// crossing it: which flows were encrypted, with which identities.
     Demo,
+    /// Run the mesh in a kind cluster (needs Docker and kind): build and load the
+    /// image, apply deploy/, deploy a sample namespace with a policy, and show
+    /// mutual TLS and the policy at work.
+    Run {
+        /// Print the commands instead of running them.
+        #[arg(long)]
+        dry_run: bool,
+        /// Delete the cluster.
+        #[arg(long)]
+        down: bool,
+        #[arg(long, default_value = "ztunnel")]
+        cluster: String,
+        #[arg(long, default_value = "ztunnel:dev")]
+        image: String,
+    },
 }
 
 fn main() {
@@ -58,6 +74,26 @@ fn run(cli: Cli) -> Result<()> {
             require_root("the demo")?;
             bootstrap::run(false)?;
             demo::run()
+        }
+        Task::Run {
+            dry_run,
+            down,
+            cluster,
+            image,
+        } => {
+            let options = kind::Options {
+                cluster,
+                image,
+                dry_run,
+                down,
+            };
+            if !dry_run && !down {
+                // Say what is missing before installing anything.
+                kind::require_tools(false)?;
+                // The image is built from host-built binaries (the eBPF build).
+                bootstrap::run(false)?;
+            }
+            kind::run(&options)
         }
     }
 }

@@ -52,6 +52,8 @@ const fn resource(
 pub const NAMESPACES: Resource = resource("", "v1", "Namespace", "namespaces");
 pub const PODS: Resource = resource("", "v1", "Pod", "pods");
 pub const SERVICES: Resource = resource("", "v1", "Service", "services");
+pub const ENDPOINT_SLICES: Resource =
+    resource("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices");
 pub const SERVICE_ACCOUNTS: Resource = resource("", "v1", "ServiceAccount", "serviceaccounts");
 pub const SECRETS: Resource = resource("", "v1", "Secret", "secrets");
 pub const CONFIG_MAPS: Resource = resource("", "v1", "ConfigMap", "configmaps");
@@ -111,6 +113,7 @@ pub const CONFIG: &[Access] = &[
     watched(NAMESPACES),
     watched(PODS),
     watched(SERVICES),
+    watched(ENDPOINT_SLICES),
     watched(SERVICE_ACCOUNTS),
     watched(AUTHORIZATION_POLICIES),
     watched(PEER_AUTHENTICATIONS),

@@ -195,8 +195,37 @@ impl State {
         }
         for svc in snapshot.services.values() {
             let Some(vip) = svc.cluster_ip else { continue };
+            let slices: Vec<&config::EndpointSlice> = snapshot
+                .endpoint_slices
+                .values()
+                .filter(|e| {
+                    e.namespace == svc.namespace && e.service.as_deref() == Some(svc.name.as_str())
+                })
+                .collect();
+            // Named target ports are resolved per service port in its slices; a port
+            // not resolved yet is left out (its traffic is not routed, not guessed).
+            let ports = svc
+                .ports
+                .iter()
+                .filter_map(|p| match &p.target_port_name {
+                    None => Some(p.clone()),
+                    Some(_) => slices
+                        .iter()
+                        .flat_map(|e| &e.ports)
+                        .find(|(name, _)| *name == p.name)
+                        .map(|(_, number)| config::ServicePort {
+                            target_port: *number,
+                            ..p.clone()
+                        }),
+                })
+                .collect();
+            // Without a selector, the endpoints are whatever its slices list.
             let mut endpoints: Vec<Arc<Workload>> = if svc.selector.is_empty() {
-                Vec::new()
+                slices
+                    .iter()
+                    .flat_map(|e| &e.addresses)
+                    .filter_map(|ip| state.by_ip.get(ip).cloned())
+                    .collect()
             } else {
                 state
                     .by_name
@@ -207,13 +236,14 @@ impl State {
                     .collect()
             };
             endpoints.sort_by_key(|w| w.ip);
+            endpoints.dedup_by_key(|w| w.ip);
             state.services.insert(
                 vip,
                 Arc::new(Service {
                     name: svc.name.clone(),
                     namespace: svc.namespace.clone(),
                     vip,
-                    ports: svc.ports.clone(),
+                    ports,
                     endpoints,
                     waypoint: use_waypoint(&svc.labels, &svc.namespace, &snapshot),
                 }),
@@ -346,6 +376,7 @@ mod tests {
                     name: None,
                     port: 80,
                     target_port: 8080,
+                    target_port_name: None,
                 }],
                 selector: [("app".to_string(), "web".to_string())].into(),
             },

@@ -307,6 +307,25 @@ mod tests {
             "selector": {"app": "web"}, "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]},
    "status": {"loadBalancer": {}}},
   {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web", "namespace": "shop"}},
+  {"apiVersion": "v1", "kind": "Service",
+   "metadata": {"name": "web-named", "namespace": "shop"},
+   "spec": {"clusterIP": "10.96.12.35", "selector": {"app": "web"},
+            "ports": [{"name": "http", "port": 80, "targetPort": "web-http"}, {"name": "admin", "port": 9000, "targetPort": "admin"}]}},
+  {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+   "metadata": {"name": "web-named-x7k2p", "namespace": "shop",
+                "labels": {"kubernetes.io/service-name": "web-named", "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"}},
+   "addressType": "IPv4",
+   "endpoints": [{"addresses": ["10.244.0.5"], "conditions": {"ready": true}, "nodeName": "node-a",
+                  "targetRef": {"kind": "Pod", "name": "web-7d9f-abc", "namespace": "shop"}}],
+   "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]},
+  {"apiVersion": "v1", "kind": "Service",
+   "metadata": {"name": "by-hand", "namespace": "shop"},
+   "spec": {"clusterIP": "10.96.12.36", "ports": [{"port": 5432}]}},
+  {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+   "metadata": {"name": "by-hand-1", "namespace": "shop", "labels": {"kubernetes.io/service-name": "by-hand"}},
+   "addressType": "IPv4",
+   "endpoints": [{"addresses": ["10.244.0.5"]}, {"addresses": ["10.244.9.9"], "conditions": {"ready": false}}],
+   "ports": [{"port": 5432}]},
   {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
    "metadata": {"name": "allow-front", "namespace": "shop", "generation": 2},
    "spec": {"selector": {"matchLabels": {"app": "web"}},
@@ -357,5 +376,22 @@ mod tests {
         );
         let local: Vec<&str> = state.local_workloads().map(|w| w.name.as_str()).collect();
         assert_eq!(local, vec!["web-7d9f-abc"]);
+        // A named target port takes its number from the EndpointSlice; a port its
+        // slices do not resolve yet is left out.
+        let named = state
+            .service_by_vip("10.96.12.35".parse().unwrap())
+            .unwrap();
+        let ports: Vec<(u16, u16)> = named
+            .ports
+            .iter()
+            .map(|p| (p.port, p.target_port))
+            .collect();
+        assert_eq!(ports, vec![(80, 8080)]);
+        // A service without a selector has the endpoints its slices list (ready ones).
+        let by_hand = state
+            .service_by_vip("10.96.12.36".parse().unwrap())
+            .unwrap();
+        let endpoints: Vec<&str> = by_hand.endpoints.iter().map(|w| w.name.as_str()).collect();
+        assert_eq!(endpoints, vec!["web-7d9f-abc"]);
     }
 }

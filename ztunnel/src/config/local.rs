@@ -18,8 +18,8 @@ use serde::Deserialize;
 use tokio::sync::watch;
 
 use super::{
-    ConfigError, Gateway, Namespace, Pod, Policy, Service, ServiceAccount, ServicePort, Snapshot,
-    CGROUP_ANNOTATION, NETNS_ANNOTATION,
+    ConfigError, EndpointSlice, Gateway, Namespace, Pod, Policy, Service, ServiceAccount,
+    ServicePort, Snapshot, CGROUP_ANNOTATION, NETNS_ANNOTATION, SERVICE_NAME_LABEL,
 };
 
 /// What the directory looked like: files with their size and modification time.
@@ -65,6 +65,7 @@ pub(super) enum Object {
     Service(Service),
     Policy(Policy),
     Gateway(Gateway),
+    EndpointSlice(EndpointSlice),
 }
 
 /// The Istio kinds we keep for policy.
@@ -192,6 +193,11 @@ pub(super) fn build_snapshot<'a>(objects: impl Iterator<Item = (&'a Key, &'a Obj
             Object::Gateway(g) => {
                 snapshot.gateways.insert((ns.clone(), name.clone()), g);
             }
+            Object::EndpointSlice(e) => {
+                snapshot
+                    .endpoint_slices
+                    .insert((ns.clone(), name.clone()), e);
+            }
             Object::Policy(p) => {
                 snapshot
                     .policies
@@ -272,6 +278,7 @@ pub(super) fn identify(value: &serde_yaml::Value) -> Result<Option<Key>, String>
         .unwrap_or("");
     let known = match kind {
         "Namespace" | "ServiceAccount" | "Pod" | "Service" => api == "v1",
+        "EndpointSlice" => api == "discovery.k8s.io/v1",
         "Gateway" => matches!(
             api,
             "gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1"
@@ -366,6 +373,51 @@ struct PortSpec {
     target_port: Option<serde_yaml::Value>,
 }
 
+/// A container port name (IANA_SVC_NAME): lower-case letters, digits and
+/// hyphens, at most 15, with a letter.
+fn is_port_name(name: &str) -> bool {
+    (1..=15).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && name.chars().any(|c| c.is_ascii_lowercase())
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct EndpointSliceSpec {
+    metadata: Meta,
+    address_type: String,
+    #[serde(default)]
+    endpoints: Vec<EndpointSpec>,
+    #[serde(default)]
+    ports: Vec<EndpointPortSpec>,
+}
+
+#[derive(Deserialize)]
+struct EndpointSpec {
+    #[serde(default)]
+    addresses: Vec<String>,
+    #[serde(default)]
+    conditions: EndpointConditions,
+}
+
+#[derive(Deserialize, Default)]
+struct EndpointConditions {
+    #[serde(default)]
+    ready: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct EndpointPortSpec {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    port: Option<u16>,
+}
+
 pub(super) fn parse(key: &Key, value: serde_yaml::Value) -> Result<Object> {
     let (kind, namespace, name) = key.clone();
     Ok(match kind.as_str() {
@@ -377,6 +429,39 @@ pub(super) fn parse(key: &Key, value: serde_yaml::Value) -> Result<Object> {
             })
         }
         "ServiceAccount" => Object::ServiceAccount(ServiceAccount { name, namespace }),
+        "EndpointSlice" => {
+            let slice: EndpointSliceSpec = serde_yaml::from_value(value)?;
+            let mut addresses = Vec::new();
+            // Only IPv4 slices: the mesh is IPv4 (IPv6 is refused at capture).
+            if slice.address_type == "IPv4" {
+                for (i, endpoint) in slice.endpoints.iter().enumerate() {
+                    if endpoint.conditions.ready == Some(false) {
+                        continue;
+                    }
+                    for address in &endpoint.addresses {
+                        addresses.push(address.parse::<Ipv4Addr>().map_err(|_| {
+                            anyhow::anyhow!(
+                                "endpoints[{i}].addresses: {address:?} is not an IPv4 address"
+                            )
+                        })?);
+                    }
+                }
+            }
+            let mut ports = Vec::new();
+            for (i, p) in slice.ports.into_iter().enumerate() {
+                match p.port {
+                    Some(port) if port > 0 => ports.push((p.name, port)),
+                    _ => bail!("ports[{i}].port: missing or 0"),
+                }
+            }
+            Object::EndpointSlice(EndpointSlice {
+                name,
+                namespace,
+                service: slice.metadata.labels.get(SERVICE_NAME_LABEL).cloned(),
+                addresses,
+                ports,
+            })
+        }
         "Pod" => {
             let r: Resource<PodSpec, PodStatus> = serde_yaml::from_value(value)?;
             let spec = r.spec.unwrap_or_default();
@@ -429,21 +514,33 @@ pub(super) fn parse(key: &Key, value: serde_yaml::Value) -> Result<Object> {
                 if p.port == 0 {
                     bail!("spec.ports[{i}].port: 0 is not a port");
                 }
-                let target_port = match p.target_port {
-                    None => p.port,
-                    Some(serde_yaml::Value::Number(n)) => n
-                        .as_u64()
-                        .and_then(|n| u16::try_from(n).ok())
-                        .filter(|n| *n > 0)
-                        .ok_or_else(|| anyhow::anyhow!("spec.ports[{i}].targetPort: {n} is not a port"))?,
-                    Some(other) => bail!(
-                        "spec.ports[{i}].targetPort: {other:?}: named target ports are not supported"
+                let (target_port, target_port_name) = match p.target_port {
+                    None => (p.port, None),
+                    Some(serde_yaml::Value::Number(n)) => (
+                        n.as_u64()
+                            .and_then(|n| u16::try_from(n).ok())
+                            .filter(|n| *n > 0)
+                            .ok_or_else(|| {
+                                anyhow::anyhow!("spec.ports[{i}].targetPort: {n} is not a port")
+                            })?,
+                        None,
                     ),
+                    // A number written as a string is still a number.
+                    Some(serde_yaml::Value::String(s)) => match s.parse::<u16>() {
+                        Ok(n) if n > 0 => (n, None),
+                        Ok(_) => bail!("spec.ports[{i}].targetPort: 0 is not a port"),
+                        Err(_) if is_port_name(&s) => (0, Some(s)),
+                        Err(_) => bail!(
+                            "spec.ports[{i}].targetPort: {s:?} is neither a port nor a port name"
+                        ),
+                    },
+                    Some(other) => bail!("spec.ports[{i}].targetPort: {other:?} is not a port"),
                 };
                 ports.push(ServicePort {
                     name: p.name,
                     port: p.port,
                     target_port,
+                    target_port_name,
                 });
             }
             Object::Service(Service {
@@ -566,7 +663,7 @@ mod tests {
             "{text:?}"
         );
 
-        let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: demo}\nspec:\n  ports:\n  - {port: 80, targetPort: http}\n";
+        let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: demo}\nspec:\n  ports:\n  - {port: 80, targetPort: Not_A_Name}\n";
         fs::write(dir.join("svc.yaml"), svc).unwrap();
         let (_, errors) = source.load().unwrap();
         assert!(

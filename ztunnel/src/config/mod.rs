@@ -109,9 +109,29 @@ pub struct Pod {
 pub struct ServicePort {
     pub name: Option<String>,
     pub port: u16,
-    /// A number; named target ports are not supported yet and are refused.
+    /// A number, or 0 when the target port is named (see `target_port_name`).
     pub target_port: u16,
+    /// A named target port (a container port's name): its number comes from the
+    /// service's EndpointSlices.
+    pub target_port_name: Option<String>,
 }
+
+/// A `discovery.k8s.io` EndpointSlice: where a service's endpoints are, and the
+/// numbers its (possibly named) target ports resolved to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointSlice {
+    pub name: String,
+    pub namespace: String,
+    /// The `kubernetes.io/service-name` label.
+    pub service: Option<String>,
+    /// Addresses of the endpoints not marked unready (IPv4 slices only).
+    pub addresses: Vec<Ipv4Addr>,
+    /// (service port name, target port number).
+    pub ports: Vec<(Option<String>, u16)>,
+}
+
+/// The label naming an EndpointSlice's service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Service {
@@ -163,6 +183,7 @@ pub struct Snapshot {
     pub services: BTreeMap<(String, String), Service>,
     pub policies: BTreeMap<(String, String, String), Policy>,
     pub gateways: BTreeMap<(String, String), Gateway>,
+    pub endpoint_slices: BTreeMap<(String, String), EndpointSlice>,
 }
 
 /// A refused object or file: where, which object, what is wrong.

@@ -53,6 +53,13 @@ spec:
   rules: [{from: [{source: {principals: [cluster.local/ns/demo/sa/client]}}]}]
 ";
 
+const MALFORMED_POLICY: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: maybe, namespace: demo}
+spec:
+  action: PERHAPS
+";
+
 #[tokio::test(flavor = "multi_thread")]
 async fn tunnels_watching_the_api_server_enroll_their_ambient_pods_and_follow_changes() {
     let cluster = Cluster::new(
@@ -92,7 +99,9 @@ async fn tunnels_watching_the_api_server_enroll_their_ambient_pods_and_follow_ch
     )
     .await;
 
-    // A policy created in the API applies.
+    // A policy created in the API applies; a malformed one beside it is refused,
+    // logged and counted, and does not hold the good one back.
+    mesh.api().apply_yaml(MALFORMED_POLICY);
     mesh.api().apply_yaml(DENY_CLIENT);
     eventually(
         Duration::from_secs(15),
@@ -100,10 +109,21 @@ async fn tunnels_watching_the_api_server_enroll_their_ambient_pods_and_follow_ch
         || async {
             mesh.config_dump("node-b").await["policies"]
                 .as_array()
-                .is_some_and(|p| !p.is_empty())
+                .is_some_and(|p| p.len() == 1)
         },
     )
     .await;
+    assert!(
+        mesh.metrics("node-b")
+            .await
+            .lines()
+            .any(|l| l == "ztunnel_config_refused_objects 1"),
+        "the malformed policy is counted"
+    );
+    assert!(
+        mesh.log("node-b").contains("demo/maybe"),
+        "the refusal names the object"
+    );
     let out = probe(&mesh, "client", &server, "denied");
     assert!(!out.contains("server:denied"), "{out}");
 
@@ -116,6 +136,13 @@ async fn tunnels_watching_the_api_server_enroll_their_ambient_pods_and_follow_ch
     )
     .await;
     mesh.wait_enrolled("node-b", "server", true).await.unwrap();
+    assert!(
+        mesh.metrics("node-b")
+            .await
+            .lines()
+            .any(|l| l.starts_with("ztunnel_config_source_errors_total ") && !l.ends_with(" 0")),
+        "the outage is counted"
+    );
     let out = probe(&mesh, "client", &server, "still-denied");
     assert!(!out.contains("server:still-denied"), "{out}");
     mesh.api().set_available(true);

@@ -320,6 +320,13 @@ async fn a_config_edit_is_picked_up_without_restart_and_broken_yaml_is_ignored()
             log.contains("broken.yaml") && log.contains("not valid YAML")
         })
         .await;
+        let metrics = mesh.metrics(node).await;
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l == "ztunnel_config_refused_objects 1"),
+            "{node} counts the broken file"
+        );
     }
 
     // Taking the label away un-enrolls the pod.

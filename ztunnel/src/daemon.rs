@@ -63,7 +63,10 @@ pub async fn run(options: RunOptions, set_log_level: SetLogLevel) -> Result<()> 
     let mut registry = prometheus_client::registry::Registry::default();
     let tcp_metrics = TcpMetrics::register(&mut registry);
 
-    let snapshots = options.source.watch().await?;
+    let snapshots = options
+        .source
+        .watch(config::ConfigMetrics::register(&mut registry))
+        .await?;
     let settings = MeshSettings {
         node: options.node.clone(),
         trust_domain: options.trust_domain.clone(),

@@ -118,7 +118,11 @@ pub async fn run(options: WaypointOptions) -> Result<()> {
         trust_domain_aliases: options.trust_domain_aliases.clone(),
         root_namespace: options.root_namespace.clone(),
     };
-    let mut snapshots = options.source.watch().await?;
+    let mut registry = Registry::default();
+    let mut snapshots = options
+        .source
+        .watch(config::ConfigMetrics::register(&mut registry))
+        .await?;
     let first = State::build(snapshots.borrow_and_update().clone(), &settings);
     let Some(me) = first
         .workload_by_name(&options.namespace, &options.pod)
@@ -143,7 +147,6 @@ pub async fn run(options: WaypointOptions) -> Result<()> {
         }
     });
 
-    let mut registry = Registry::default();
     let requests = Family::<RequestLabels, Counter>::default();
     registry.register(
         "istio_requests",

@@ -25,7 +25,7 @@ use tokio::sync::{watch, Notify};
 
 use super::{
     local::{self, Key, Object},
-    Snapshot,
+    ConfigMetrics, Snapshot,
 };
 use crate::{discovery, k8s};
 
@@ -50,6 +50,7 @@ const RUNTIME_RETRY: Duration = Duration::from_secs(1);
 pub async fn watch(
     client: kube::Client,
     options: KubeOptions,
+    metrics: ConfigMetrics,
 ) -> Result<watch::Receiver<Arc<Snapshot>>> {
     let changed = Arc::new(Notify::new());
     let mut stores = Vec::new();
@@ -60,6 +61,7 @@ pub async fn watch(
         let writer = reflector::store::Writer::new(api_resource);
         stores.push((resource, writer.as_reader()));
         let changed = changed.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             let events = watcher(api, watcher::Config::default())
                 .default_backoff()
@@ -75,10 +77,13 @@ pub async fn watch(
                         | watcher::Event::InitDone,
                     ) => changed.notify_one(),
                     Ok(_) => {}
-                    Err(e) => tracing::warn!(
-                        kind = resource.kind,
-                        "watching the API server: {e}; retrying, the last state stays"
-                    ),
+                    Err(e) => {
+                        tracing::warn!(
+                            kind = resource.kind,
+                            "watching the API server: {e}; retrying, the last state stays"
+                        );
+                        metrics.source_errors.inc();
+                    }
                 }
             }
         });
@@ -103,8 +108,10 @@ pub async fn watch(
         translator: Translator::default(),
         runtimes: HashMap::new(),
         reported: Vec::new(),
+        metrics,
     };
     let (first, mut incomplete) = builder.build();
+    builder.metrics.updates.inc();
     let (tx, rx) = watch::channel(Arc::new(first));
     tokio::spawn(async move {
         let mut resync = tokio::time::interval(builder.options.resync);
@@ -126,13 +133,15 @@ pub async fn watch(
             builder = b;
             incomplete = missing;
             let stop = tx.is_closed();
-            tx.send_if_modified(|current| {
+            if tx.send_if_modified(|current| {
                 let changed = **current != snapshot;
                 if changed {
                     *current = Arc::new(snapshot);
                 }
                 changed
-            });
+            }) {
+                builder.metrics.updates.inc();
+            }
             if stop {
                 return;
             }
@@ -150,6 +159,7 @@ struct Builder {
     runtimes: HashMap<String, discovery::PodRuntime>,
     /// The refusals last logged, so a resync does not repeat them.
     reported: Vec<String>,
+    metrics: ConfigMetrics,
 }
 
 impl Builder {
@@ -168,6 +178,7 @@ impl Builder {
         for error in errors.iter().filter(|e| !self.reported.contains(e)) {
             tracing::warn!("config refused: {error}");
         }
+        self.metrics.built(errors.len());
         self.reported = errors;
         let incomplete = match &self.options.pod_cgroup_root {
             Some(root) => {

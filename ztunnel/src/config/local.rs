@@ -18,8 +18,8 @@ use serde::Deserialize;
 use tokio::sync::watch;
 
 use super::{
-    ConfigError, EndpointSlice, Gateway, Namespace, Pod, Policy, Service, ServiceAccount,
-    ServicePort, Snapshot, CGROUP_ANNOTATION, NETNS_ANNOTATION, SERVICE_NAME_LABEL,
+    ConfigError, ConfigMetrics, EndpointSlice, Gateway, Namespace, Pod, Policy, Service,
+    ServiceAccount, ServicePort, Snapshot, CGROUP_ANNOTATION, NETNS_ANNOTATION, SERVICE_NAME_LABEL,
 };
 
 /// What the directory looked like: files with their size and modification time.
@@ -210,11 +210,17 @@ pub(super) fn build_snapshot<'a>(objects: impl Iterator<Item = (&'a Key, &'a Obj
 
 /// Watches the directory, publishing a new snapshot whenever a file changes.
 /// Errors are logged with their file, object and field.
-pub fn watch(dir: &Path, every: Duration) -> Result<watch::Receiver<Arc<Snapshot>>> {
+pub fn watch(
+    dir: &Path,
+    every: Duration,
+    metrics: ConfigMetrics,
+) -> Result<watch::Receiver<Arc<Snapshot>>> {
     let mut source = LocalSource::new(dir);
     let mut seen = fingerprint(dir)?;
     let (snapshot, errors) = source.load()?;
     report(&errors);
+    metrics.built(errors.len());
+    metrics.updates.inc();
     let (tx, rx) = watch::channel(Arc::new(snapshot));
     let dir = dir.to_owned();
     tokio::spawn(async move {
@@ -224,6 +230,7 @@ pub fn watch(dir: &Path, every: Duration) -> Result<watch::Receiver<Arc<Snapshot
                 Ok(f) => f,
                 Err(e) => {
                     tracing::warn!("config: {e:#}; keeping the last good state");
+                    metrics.source_errors.inc();
                     continue;
                 }
             };
@@ -234,18 +241,24 @@ pub fn watch(dir: &Path, every: Duration) -> Result<watch::Receiver<Arc<Snapshot
             match source.load() {
                 Ok((snapshot, errors)) => {
                     report(&errors);
-                    tx.send_if_modified(|current| {
+                    metrics.built(errors.len());
+                    if tx.send_if_modified(|current| {
                         let changed = **current != snapshot;
                         if changed {
                             *current = Arc::new(snapshot);
                         }
                         changed
-                    });
+                    }) {
+                        metrics.updates.inc();
+                    }
                     if tx.is_closed() {
                         return;
                     }
                 }
-                Err(e) => tracing::warn!("config: {e:#}; keeping the last good state"),
+                Err(e) => {
+                    tracing::warn!("config: {e:#}; keeping the last good state");
+                    metrics.source_errors.inc();
+                }
             }
         }
     });

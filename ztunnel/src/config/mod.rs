@@ -7,6 +7,10 @@ pub mod local;
 use std::{sync::Arc, time::Duration};
 
 use anyhow::Result;
+use prometheus_client::{
+    metrics::{counter::Counter, gauge::Gauge},
+    registry::Registry,
+};
 use tokio::sync::watch;
 
 /// Where the configuration comes from.
@@ -39,13 +43,52 @@ impl Source {
     }
 
     /// Starts watching; returns with the first snapshot.
-    pub async fn watch(&self) -> Result<watch::Receiver<Arc<Snapshot>>> {
+    pub async fn watch(&self, metrics: ConfigMetrics) -> Result<watch::Receiver<Arc<Snapshot>>> {
         match self {
-            Source::Local { dir, poll } => local::watch(dir, *poll),
+            Source::Local { dir, poll } => local::watch(dir, *poll, metrics),
             Source::Kube(options) => {
-                kube::watch(crate::k8s::client().await?, options.clone()).await
+                kube::watch(crate::k8s::client().await?, options.clone(), metrics).await
             }
         }
+    }
+}
+
+/// How the configuration is doing: what an operator alerts on when a policy was
+/// refused or the API server is unreachable.
+#[derive(Clone, Default)]
+pub struct ConfigMetrics {
+    /// Objects refused in the configuration now in force (a malformed policy, say).
+    pub refused: Gauge,
+    /// Failures to read the source: an unreadable directory, an API-server error.
+    pub source_errors: Counter,
+    /// Configurations applied, the first one included.
+    pub updates: Counter,
+}
+
+impl ConfigMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "ztunnel_config_refused_objects",
+            "Objects refused in the configuration now in force",
+            m.refused.clone(),
+        );
+        registry.register(
+            "ztunnel_config_source_errors",
+            "Failures to read the configuration source; the last state stays",
+            m.source_errors.clone(),
+        );
+        registry.register(
+            "ztunnel_config_updates",
+            "Configurations applied",
+            m.updates.clone(),
+        );
+        m
+    }
+
+    /// Records a configuration built with these refusals.
+    fn built(&self, refused: usize) {
+        self.refused.set(refused as i64);
     }
 }
 

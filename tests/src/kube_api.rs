@@ -31,6 +31,9 @@ pub struct Call {
     pub resource: String,
     /// The namespace of a namespaced call.
     pub namespace: Option<String>,
+    /// The object's name, for a call on one object (create names none: the name is
+    /// in the body, and RBAC does not limit creation by name).
+    pub name: Option<String>,
 }
 
 /// Where an object lives: (group, version, plural).
@@ -227,6 +230,7 @@ impl FakeApiServer {
                 verb: verb.into(),
                 resource: format!("{}/{}", target.collection.0, target.collection.2),
                 namespace: target.namespace.clone(),
+                name: target.name.clone(),
             });
             if !store.available {
                 return status(StatusCode::SERVICE_UNAVAILABLE, "the API server is down");

@@ -184,16 +184,19 @@ fn check_kustomization(path: &Path, doc: &Value) -> Result<(), String> {
     Ok(())
 }
 
-/// (group, resource, verb, scope) for every permission.
-type Grants = BTreeSet<(String, String, String, String)>;
+/// (group, resource, verb, scope, names) for every permission; names sorted,
+/// empty for any object.
+type Grants = BTreeSet<(String, String, String, String, Vec<String>)>;
 
 fn expand(rules: &[PolicyRule], scope: &str) -> Grants {
     let mut grants = Grants::new();
     for rule in rules {
         assert!(
-            rule.resource_names.is_none() && rule.non_resource_urls.is_none(),
+            rule.non_resource_urls.is_none(),
             "{rule:?}: the list has no such grants"
         );
+        let mut names = rule.resource_names.clone().unwrap_or_default();
+        names.sort();
         for group in rule.api_groups.iter().flatten() {
             for resource in rule.resources.iter().flatten() {
                 for verb in &rule.verbs {
@@ -201,7 +204,13 @@ fn expand(rules: &[PolicyRule], scope: &str) -> Grants {
                         group != "*" && resource != "*" && verb != "*",
                         "a wildcard in {rule:?}"
                     );
-                    grants.insert((group.clone(), resource.clone(), verb.clone(), scope.into()));
+                    grants.insert((
+                        group.clone(),
+                        resource.clone(),
+                        verb.clone(),
+                        scope.into(),
+                        names.clone(),
+                    ));
                 }
             }
         }
@@ -261,11 +270,14 @@ fn rbac_grants_each_part_exactly_what_its_access_list_names() {
                     Scope::Cluster => "cluster",
                     Scope::OwnNamespace => "own",
                 };
+                let mut names: Vec<String> = access.names.iter().map(|n| n.to_string()).collect();
+                names.sort();
                 needed.insert((
                     access.resource.group.into(),
                     access.resource.plural.into(),
                     (*verb).into(),
                     scope.into(),
+                    names,
                 ));
             }
         }

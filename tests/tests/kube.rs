@@ -28,14 +28,15 @@ fn probe(mesh: &Mesh, pod: &str, target: &str, message: &str) -> String {
     )
 }
 
-/// Every call is one the list grants: the verb, the resource, and for a grant in
-/// the caller's own namespace, that namespace.
+/// Every call is one the list grants: the verb, the resource, the object's name
+/// where the grant names objects, and for a grant in the caller's own namespace,
+/// that namespace.
 fn assert_granted(calls: &[Call], list: &[Access], own_namespace: &str) {
     assert!(!calls.is_empty(), "no calls recorded");
     for call in calls {
         let granted = list.iter().any(|a| {
             format!("{}/{}", a.resource.group, a.resource.plural) == call.resource
-                && a.verbs.contains(&call.verb.as_str())
+                && a.allows(&call.verb, call.name.as_deref())
                 && match a.scope {
                     Scope::Cluster => true,
                     Scope::OwnNamespace => call.namespace.as_deref() == Some(own_namespace),

@@ -104,6 +104,15 @@ impl Options {
                 ],
                 When::Always,
             ),
+            // Symbol tables are a fifth of the binaries; the image has no debugger.
+            step(
+                "strip",
+                &[
+                    "target/ztunnel-image/ztunnel",
+                    "target/ztunnel-image/waypoint",
+                ],
+                When::Always,
+            ),
             step("docker", &["build", "-t", image, CONTEXT], When::Always),
             step(
                 "kind",
@@ -455,6 +464,7 @@ mod tests {
         let expected = [
             "kind create cluster --name ztunnel --wait 120s    # only if the cluster does not exist",
             "cargo build --release -p ztunnel --bins",
+            "strip target/ztunnel-image/ztunnel target/ztunnel-image/waypoint",
             "docker build -t ztunnel:dev target/ztunnel-image",
             "kind load docker-image ztunnel:dev --name ztunnel",
             "kubectl --context kind-ztunnel apply -k deploy/gateway-api    # only if the cluster has no Gateway CRD",

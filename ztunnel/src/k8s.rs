@@ -94,6 +94,9 @@ pub struct Access {
     pub resource: Resource,
     pub verbs: &'static [&'static str],
     pub scope: Scope,
+    /// The objects the grant is limited to (RBAC `resourceNames`); empty for any.
+    /// RBAC cannot limit `create` (or list/watch) by name.
+    pub names: &'static [&'static str],
 }
 
 /// What a watch (a reflector: list, then watch) needs.
@@ -104,6 +107,7 @@ const fn watched(resource: Resource) -> Access {
         resource,
         verbs: WATCH,
         scope: Scope::Cluster,
+        names: &[],
     }
 }
 
@@ -126,24 +130,63 @@ pub const CONFIG: &[Access] = &[
 pub const CA: &[Access] = &[
     watched(PODS),
     CA_TOKEN_REVIEWS,
-    CA_ROOT_SECRET,
-    CA_ROOT_CONFIG_MAP,
+    CA_ROOT_SECRET_READ,
+    CA_ROOT_SECRET_CREATE,
+    CA_ROOT_CONFIG_MAP_WRITE,
+    CA_ROOT_CONFIG_MAP_CREATE,
 ];
+
+/// The Secret holding the CA's root in `deploy/` (`ztunnel ca --root-secret`): the
+/// only Secret the CA may read.
+pub const ROOT_SECRET: &str = "ztunnel-ca";
+/// The ConfigMap publishing the root in `deploy/` (`--root-config-map`).
+pub const ROOT_CONFIG_MAP: &str = "ztunnel-ca-root";
+
 pub const CA_TOKEN_REVIEWS: Access = Access {
     resource: TOKEN_REVIEWS,
     verbs: &["create"],
     scope: Scope::Cluster,
+    names: &[],
 };
-pub const CA_ROOT_SECRET: Access = Access {
+pub const CA_ROOT_SECRET_READ: Access = Access {
     resource: SECRETS,
-    verbs: &["get", "create"],
+    verbs: &["get"],
     scope: Scope::OwnNamespace,
+    names: &[ROOT_SECRET],
 };
-pub const CA_ROOT_CONFIG_MAP: Access = Access {
+pub const CA_ROOT_SECRET_CREATE: Access = Access {
+    resource: SECRETS,
+    verbs: &["create"],
+    scope: Scope::OwnNamespace,
+    names: &[],
+};
+pub const CA_ROOT_CONFIG_MAP_WRITE: Access = Access {
     resource: CONFIG_MAPS,
-    verbs: &["get", "create", "update"],
+    verbs: &["get", "update"],
     scope: Scope::OwnNamespace,
+    names: &[ROOT_CONFIG_MAP],
 };
+pub const CA_ROOT_CONFIG_MAP_CREATE: Access = Access {
+    resource: CONFIG_MAPS,
+    verbs: &["create"],
+    scope: Scope::OwnNamespace,
+    names: &[],
+};
+
+impl Access {
+    /// Whether this grant covers a call: the verb, and the object's name when the
+    /// grant is limited to names (`None`: a call on no single object).
+    pub fn allows(&self, verb: &str, name: Option<&str>) -> bool {
+        self.verbs.contains(&verb)
+            && (self.names.is_empty() || name.is_some_and(|n| self.names.contains(&n)))
+    }
+}
+
+/// Whether some grant of the list covers `verb` on `resource` named `name`.
+pub fn granted(list: &[Access], resource: Resource, verb: &str, name: Option<&str>) -> bool {
+    list.iter()
+        .any(|a| a.resource == resource && a.allows(verb, name))
+}
 
 /// Each part's service account in `deploy/` and the list it is granted.
 pub const PARTS: &[(&str, &[Access])] = &[

@@ -114,11 +114,12 @@ struct CaArgs {
     kube: bool,
     /// With --kube: keep the root in this Secret of the CA's namespace (created
     /// with a new root when missing). Without it, --dir is used as it is (e.g. the
-    /// `cacerts` Secret mounted there).
+    /// `cacerts` Secret mounted there). deploy/'s RBAC lets the CA read only the
+    /// Secret `ztunnel-ca`.
     #[arg(long, requires = "kube")]
     root_secret: Option<String>,
     /// With --kube: publish the root in this ConfigMap of the CA's namespace, key
-    /// root-cert.pem, for the tunnels to mount.
+    /// root-cert.pem, for the tunnels to mount (deploy/'s RBAC: `ztunnel-ca-root`).
     #[arg(long, requires = "kube")]
     root_config_map: Option<String>,
     /// The CA's namespace (from the downward API in a pod).

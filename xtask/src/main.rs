@@ -27,7 +27,7 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Run benchmarks (as root), all of them or those named: redirect, ca, mesh, policy, waypoint.
+    /// Run benchmarks (as root), all of them or those named: redirect, ca, mesh, policy, waypoint, config.
     Bench { names: Vec<String> },
     /// Build a two-node testbed cluster, run the mesh on it and show traffic
     /// crossing it: which flows were encrypted, with which identities.
@@ -116,7 +116,7 @@ fn test(args: &[String]) -> Result<()> {
 
 /// Benchmarks of the tests package (tests/benches), each reporting ratios measured
 /// within one run.
-const BENCHES: [&str; 5] = ["redirect", "ca", "mesh", "policy", "waypoint"];
+const BENCHES: [&str; 6] = ["redirect", "ca", "mesh", "policy", "waypoint", "config"];
 
 fn bench(names: &[String]) -> Result<()> {
     for name in names {

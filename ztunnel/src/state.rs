@@ -193,15 +193,32 @@ impl State {
                 .by_name
                 .insert((pod.namespace.clone(), pod.name.clone()), workload);
         }
+        // Services and waypoints select among their namespace's workloads and
+        // their own slices: indexed once, so a build grows with the cluster, not
+        // with its square.
+        let mut by_namespace: HashMap<&str, Vec<&Arc<Workload>>> = HashMap::new();
+        for workload in state.by_name.values() {
+            by_namespace
+                .entry(workload.namespace.as_str())
+                .or_default()
+                .push(workload);
+        }
+        let mut slices_of: HashMap<(&str, &str), Vec<&config::EndpointSlice>> = HashMap::new();
+        for slice in snapshot.endpoint_slices.values() {
+            if let Some(service) = &slice.service {
+                slices_of
+                    .entry((slice.namespace.as_str(), service.as_str()))
+                    .or_default()
+                    .push(slice);
+            }
+        }
+        let in_namespace = |ns: &str| by_namespace.get(ns).into_iter().flatten().copied();
         for svc in snapshot.services.values() {
             let Some(vip) = svc.cluster_ip else { continue };
-            let slices: Vec<&config::EndpointSlice> = snapshot
-                .endpoint_slices
-                .values()
-                .filter(|e| {
-                    e.namespace == svc.namespace && e.service.as_deref() == Some(svc.name.as_str())
-                })
-                .collect();
+            let slices = slices_of
+                .get(&(svc.namespace.as_str(), svc.name.as_str()))
+                .map(Vec::as_slice)
+                .unwrap_or_default();
             // Named target ports are resolved per service port in its slices; a port
             // not resolved yet is left out (its traffic is not routed, not guessed).
             let ports = svc
@@ -227,10 +244,7 @@ impl State {
                     .filter_map(|ip| state.by_ip.get(ip).cloned())
                     .collect()
             } else {
-                state
-                    .by_name
-                    .values()
-                    .filter(|w| w.namespace == svc.namespace)
+                in_namespace(&svc.namespace)
                     .filter(|w| svc.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
                     .cloned()
                     .collect()
@@ -260,13 +274,8 @@ impl State {
                 Some("all") => WaypointFor::All,
                 Some(_) => WaypointFor::None,
             };
-            let mut pods: Vec<Arc<Workload>> = state
-                .by_name
-                .values()
-                .filter(|w| {
-                    w.namespace == gateway.namespace
-                        && w.labels.get(config::GATEWAY_NAME) == Some(&gateway.name)
-                })
+            let mut pods: Vec<Arc<Workload>> = in_namespace(&gateway.namespace)
+                .filter(|w| w.labels.get(config::GATEWAY_NAME) == Some(&gateway.name))
                 .cloned()
                 .collect();
             pods.sort_by_key(|w| w.ip);

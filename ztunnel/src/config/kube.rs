@@ -9,7 +9,12 @@
 //! watchers retry. The snapshot is rebuilt on every change and at least every
 //! `resync`, which is also how pods whose runtime was not on the node yet are found.
 
-use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::Result;
 use futures_util::StreamExt;
@@ -65,8 +70,7 @@ pub async fn watch(
         tokio::spawn(async move {
             let events = watcher(api, watcher::Config::default())
                 .default_backoff()
-                // What the API server keeps for itself is a large share of every object.
-                .modify(|object| object.metadata.managed_fields = None)
+                .modify(move |object| prune(resource, object))
                 .reflect(writer);
             let mut events = std::pin::pin!(events);
             while let Some(event) = events.next().await {
@@ -165,28 +169,86 @@ struct Builder {
 impl Builder {
     /// The snapshot, and whether a pod of this node still lacks its runtime.
     fn build(&mut self) -> (Snapshot, bool) {
-        let objects = self.stores.iter().flat_map(|(resource, store)| {
-            store.state().into_iter().filter_map(move |object| {
-                // List items come without apiVersion and kind: the store says which.
-                let mut value = serde_json::to_value(&*object).ok()?;
-                value["apiVersion"] = resource.api_version().into();
-                value["kind"] = resource.kind.into();
-                Some(value)
-            })
-        });
-        let (mut snapshot, errors) = self.translator.translate(objects);
+        let stored: Vec<(k8s::Resource, Arc<DynamicObject>)> = self
+            .stores
+            .iter()
+            .flat_map(|(resource, store)| store.state().into_iter().map(|o| (*resource, o)))
+            .collect();
+        let (mut snapshot, errors) = self
+            .translator
+            .translate_stored(stored.iter().map(|(r, o)| (*r, &**o)));
         for error in errors.iter().filter(|e| !self.reported.contains(e)) {
             tracing::warn!("config refused: {error}");
         }
         self.metrics.built(errors.len());
         self.reported = errors;
-        let incomplete = match &self.options.pod_cgroup_root {
-            Some(root) => {
-                attach_runtimes(&mut snapshot, &self.options.node, root, &mut self.runtimes)
-            }
-            None => false,
-        };
+        let incomplete = locate_pods(
+            &mut snapshot,
+            &self.options.node,
+            self.options.pod_cgroup_root.as_deref(),
+            &mut self.runtimes,
+        );
         (snapshot, incomplete)
+    }
+}
+
+/// An object of the store as the translator reads it. List items come without
+/// apiVersion and kind: the store says which.
+fn to_value(resource: k8s::Resource, object: &DynamicObject) -> Option<Value> {
+    let mut value = serde_json::to_value(object).ok()?;
+    value["apiVersion"] = resource.api_version().into();
+    value["kind"] = resource.kind.into();
+    Some(value)
+}
+
+/// The kubectl annotation holding a whole copy of the object as last applied.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Drops what the mesh never reads before the store keeps an object. Every tunnel
+/// holds every pod of the cluster, and most of a pod is containers, volumes and
+/// status the mesh has no use for.
+pub fn prune(resource: k8s::Resource, object: &mut DynamicObject) {
+    let meta = &mut object.metadata;
+    meta.managed_fields = None;
+    meta.owner_references = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.remove(LAST_APPLIED);
+    }
+    if resource == k8s::PODS {
+        // Nothing reads a pod's annotations in a cluster (the local source's
+        // ztunnel.local/* ones are ignored here).
+        meta.annotations = None;
+        keep_only(
+            &mut object.data,
+            "spec",
+            &["serviceAccountName", "nodeName", "hostNetwork"],
+        );
+        keep_only(&mut object.data, "status", &["podIP", "phase"]);
+    }
+}
+
+fn keep_only(data: &mut Value, section: &str, fields: &[&str]) {
+    if let Some(Value::Object(map)) = data.get_mut(section) {
+        map.retain(|k, _| fields.contains(&k.as_str()));
+    }
+}
+
+/// Where this node's pods live. The node says, never the API: a pod annotated with
+/// the local source's `ztunnel.local/netns` must not point the tunnel at the host's
+/// namespace. Returns whether some pod of this node could not be found yet.
+fn locate_pods(
+    snapshot: &mut Snapshot,
+    node: &str,
+    pod_cgroup_root: Option<&std::path::Path>,
+    known: &mut HashMap<String, discovery::PodRuntime>,
+) -> bool {
+    for pod in snapshot.pods.values_mut() {
+        pod.netns = None;
+        pod.cgroup = None;
+    }
+    match pod_cgroup_root {
+        Some(root) => attach_runtimes(snapshot, node, root, known),
+        None => false,
     }
 }
 
@@ -245,6 +307,19 @@ fn attach_runtimes(
 #[derive(Default)]
 pub struct Translator {
     last_good: HashMap<Key, Object>,
+    /// What each stored object came to at its resourceVersion: one that has not
+    /// changed since the last build is not parsed again.
+    seen: HashMap<(&'static str, String, String), (String, Outcome)>,
+}
+
+/// What became of one object.
+#[derive(Clone)]
+enum Outcome {
+    Parsed(Key),
+    /// Refused (its last good version, if any, stays), with the message.
+    Refused(Option<Key>, String),
+    /// A kind the mesh does not read.
+    Ignored,
 }
 
 impl Translator {
@@ -255,39 +330,94 @@ impl Translator {
         &mut self,
         objects: impl IntoIterator<Item = Value>,
     ) -> (Snapshot, Vec<String>) {
-        let mut parsed = HashMap::new();
+        let mut in_force = HashSet::new();
         let mut errors = Vec::new();
         for object in objects {
-            let value: serde_yaml::Value = match serde_yaml::to_value(&object) {
-                Ok(v) => v,
-                Err(e) => {
-                    errors.push(format!("not an object: {e}"));
-                    continue;
-                }
+            let outcome = self.translate_one(object);
+            file(&outcome, &mut in_force, &mut errors);
+        }
+        self.finish(in_force, errors)
+    }
+
+    /// Like [`translate`](Self::translate) for the stores' objects, parsing only
+    /// those whose resourceVersion changed since the last call.
+    pub fn translate_stored<'a>(
+        &mut self,
+        objects: impl IntoIterator<Item = (k8s::Resource, &'a DynamicObject)>,
+    ) -> (Snapshot, Vec<String>) {
+        let mut in_force = HashSet::new();
+        let mut errors = Vec::new();
+        let mut seen = HashMap::new();
+        for (resource, object) in objects {
+            let id = (
+                resource.kind,
+                object.metadata.namespace.clone().unwrap_or_default(),
+                object.metadata.name.clone().unwrap_or_default(),
+            );
+            let version = object.metadata.resource_version.clone();
+            let outcome = match self.seen.remove(&id) {
+                Some((was, outcome)) if Some(&was) == version.as_ref() => outcome,
+                _ => match to_value(resource, object) {
+                    Some(value) => self.translate_one(value),
+                    None => continue,
+                },
             };
-            let key = match local::identify(&value) {
-                Ok(Some(key)) => key,
-                Ok(None) => continue,
-                Err(e) => {
-                    errors.push(e);
-                    continue;
-                }
-            };
-            match local::parse(&key, value) {
-                Ok(object) => {
-                    parsed.insert(key, object);
-                }
-                Err(e) => {
-                    errors.push(format!("{} {}/{}: {e:#}", key.0, key.1, key.2));
-                    if let Some(previous) = self.last_good.get(&key) {
-                        parsed.insert(key, previous.clone());
-                    }
-                }
+            file(&outcome, &mut in_force, &mut errors);
+            if let Some(version) = version {
+                seen.insert(id, (version, outcome));
             }
         }
+        self.seen = seen;
+        self.finish(in_force, errors)
+    }
+
+    fn translate_one(&mut self, object: Value) -> Outcome {
+        let value: serde_yaml::Value = match serde_yaml::to_value(&object) {
+            Ok(v) => v,
+            Err(e) => return Outcome::Refused(None, format!("not an object: {e}")),
+        };
+        let key = match local::identify(&value) {
+            Ok(Some(key)) => key,
+            Ok(None) => return Outcome::Ignored,
+            Err(e) => return Outcome::Refused(None, e),
+        };
+        match local::parse(&key, value) {
+            Ok(object) => {
+                self.last_good.insert(key.clone(), object);
+                Outcome::Parsed(key)
+            }
+            Err(e) => {
+                let message = format!("{} {}/{}: {e:#}", key.0, key.1, key.2);
+                Outcome::Refused(Some(key), message)
+            }
+        }
+    }
+
+    /// The snapshot of the objects in force: each one's last good version.
+    fn finish(
+        &mut self,
+        in_force: HashSet<Key>,
+        mut errors: Vec<String>,
+    ) -> (Snapshot, Vec<String>) {
         errors.sort();
-        self.last_good = parsed;
+        self.last_good.retain(|key, _| in_force.contains(key));
         (local::build_snapshot(self.last_good.iter()), errors)
+    }
+}
+
+/// Records an object's outcome: its key is in force (for a refusal, its last good
+/// version stays, if it had one).
+fn file(outcome: &Outcome, in_force: &mut HashSet<Key>, errors: &mut Vec<String>) {
+    let key = match outcome {
+        Outcome::Parsed(key) => Some(key),
+        Outcome::Refused(key, message) => {
+            errors.push(message.clone());
+            key.as_ref()
+        }
+        Outcome::Ignored => None,
+    };
+    if let Some(key) = key {
+        in_force.insert(key.clone());
     }
 }
 
@@ -404,5 +534,155 @@ mod tests {
             .unwrap();
         let endpoints: Vec<&str> = by_hand.endpoints.iter().map(|w| w.name.as_str()).collect();
         assert_eq!(endpoints, vec!["web-7d9f-abc"]);
+    }
+
+    fn dynamic(value: &Value) -> DynamicObject {
+        serde_json::from_value(value.clone()).unwrap()
+    }
+
+    /// The watched kind of a recorded object; None for kinds no store holds.
+    fn resource_of(value: &Value) -> Option<k8s::Resource> {
+        k8s::CONFIG
+            .iter()
+            .map(|a| a.resource)
+            .find(|r| r.kind == value["kind"] && r.api_version() == value["apiVersion"])
+    }
+
+    #[test]
+    fn pruned_objects_translate_to_the_same_snapshot() {
+        let full = recorded();
+        let pruned: Vec<Value> = full
+            .iter()
+            .map(|v| {
+                let mut object = dynamic(v);
+                if let Some(resource) = resource_of(v) {
+                    prune(resource, &mut object);
+                }
+                serde_json::to_value(object).unwrap()
+            })
+            .collect();
+        let pod = pruned.iter().find(|v| v["kind"] == "Pod").unwrap();
+        assert!(pod["spec"].get("containers").is_none(), "{pod}");
+        assert!(pod["metadata"].get("managedFields").is_none(), "{pod}");
+        assert_eq!(
+            Translator::default().translate(full),
+            Translator::default().translate(pruned)
+        );
+    }
+
+    /// Removes the directory even when the test fails.
+    struct TempDir(std::path::PathBuf);
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn where_a_pod_lives_comes_from_the_node_not_from_its_annotations() {
+        let mut objects = recorded();
+        let pod = objects.iter_mut().find(|v| v["kind"] == "Pod").unwrap();
+        pod["metadata"]["annotations"] = serde_json::json!({
+            crate::config::NETNS_ANNOTATION: "/proc/1/ns/net",
+            crate::config::CGROUP_ANNOTATION: "/sys/fs/cgroup",
+        });
+        let (mut snapshot, _) = Translator::default().translate(objects);
+        let key = ("shop".to_string(), "web-7d9f-abc".to_string());
+        assert_eq!(
+            snapshot.pods[&key].netns.as_deref(),
+            Some(std::path::Path::new("/proc/1/ns/net")),
+            "the local source's annotation parsed"
+        );
+
+        // Not on the node yet: nowhere, and looked for again.
+        let root =
+            TempDir(std::env::temp_dir().join(format!("ztunnel-kube-test-{}", std::process::id())));
+        let pod_cgroup = root
+            .0
+            .join("kubepods/besteffort/pod5f0c1a2b-3c4d-4e5f-8a9b-0c1d2e3f4a5b");
+        std::fs::create_dir_all(pod_cgroup.join("sandbox")).unwrap();
+        let mut known = HashMap::new();
+        assert!(locate_pods(
+            &mut snapshot,
+            "node-a",
+            Some(&root.0),
+            &mut known
+        ));
+        assert_eq!(snapshot.pods[&key].netns, None);
+        assert_eq!(snapshot.pods[&key].cgroup, None);
+
+        // Its sandbox runs: found by UID, in that process's namespace.
+        std::fs::write(pod_cgroup.join("sandbox/cgroup.procs"), "4242\n").unwrap();
+        assert!(!locate_pods(
+            &mut snapshot,
+            "node-a",
+            Some(&root.0),
+            &mut known
+        ));
+        assert_eq!(
+            snapshot.pods[&key].netns.as_deref(),
+            Some(std::path::Path::new("/proc/4242/ns/net"))
+        );
+        assert_eq!(
+            snapshot.pods[&key].cgroup.as_deref(),
+            Some(pod_cgroup.as_path())
+        );
+    }
+
+    #[test]
+    fn stored_objects_are_parsed_again_only_when_their_version_changes() {
+        let stored = |values: &[Value]| -> Vec<(k8s::Resource, DynamicObject)> {
+            values
+                .iter()
+                .filter_map(|v| {
+                    let mut v = v.clone();
+                    if v["metadata"]["resourceVersion"].is_null() {
+                        v["metadata"]["resourceVersion"] = "1".into();
+                    }
+                    Some((resource_of(&v)?, dynamic(&v)))
+                })
+                .collect()
+        };
+        let translate = |t: &mut Translator, objects: &[(k8s::Resource, DynamicObject)]| {
+            t.translate_stored(objects.iter().map(|(r, o)| (*r, o)))
+        };
+        let mut values = recorded();
+        let mut translator = Translator::default();
+        let first = translate(&mut translator, &stored(&values));
+        assert_eq!(first, Translator::default().translate(recorded()));
+
+        // The policy breaks: refused, its last good version stays, also on the
+        // rebuilds that do not parse it again.
+        let policy = values
+            .iter_mut()
+            .find(|v| v["kind"] == "AuthorizationPolicy")
+            .unwrap();
+        policy["spec"]["action"] = "PERHAPS".into();
+        policy["metadata"]["resourceVersion"] = "2".into();
+        let objects = stored(&values);
+        for _ in 0..2 {
+            let (snapshot, errors) = translate(&mut translator, &objects);
+            assert_eq!(snapshot.policies, first.0.policies);
+            assert_eq!(errors.len(), 2, "{errors:?}");
+            assert!(
+                errors[0].starts_with("AuthorizationPolicy shop/allow-front"),
+                "{errors:?}"
+            );
+        }
+
+        // A changed pod is seen; a deleted policy is gone.
+        let pod = values.iter_mut().find(|v| v["kind"] == "Pod").unwrap();
+        pod["metadata"]["labels"]["app"] = "shop".into();
+        pod["metadata"]["resourceVersion"] = "3".into();
+        values.retain(|v| v["kind"] != "AuthorizationPolicy");
+        let (snapshot, errors) = translate(&mut translator, &stored(&values));
+        let pod = &snapshot.pods[&("shop".into(), "web-7d9f-abc".into())];
+        assert_eq!(pod.labels["app"], "shop");
+        assert!(snapshot.policies.is_empty());
+        assert_eq!(
+            errors.len(),
+            1,
+            "only the broken PeerAuthentication: {errors:?}"
+        );
     }
 }

@@ -469,17 +469,27 @@ impl Mesh {
                 "metadata": {"name": w.pod, "namespace": w.namespace, "uid": uid, "labels": w.labels.iter().cloned().collect::<BTreeMap<_, _>>()},
                 "spec": {"serviceAccountName": w.service_account, "nodeName": w.node.as_deref().unwrap_or(&pod.node)},
                 "status": {"phase": "Running", "podIP": pod.ip.to_string()}}));
-            let node = self.cluster.node(&pod.node);
-            let sandbox = node
-                .pod_cgroup_root
-                .join(format!("kubepods/besteffort/pod{uid}/sandbox"));
-            fs::create_dir_all(&sandbox)?;
-            let child = pod.command("sleep")?.arg("3600").spawn()?;
-            fs::write(sandbox.join("cgroup.procs"), child.id().to_string())?;
-            self.sandboxes.push(child);
+            self.start_sandbox(&w.pod, &uid)?;
         }
         self.kubeconfig = Some(api.kubeconfig(self.config.path(), "tunnel")?);
         self.api = Some(api);
+        Ok(())
+    }
+
+    /// Does on the pod's node what the kubelet does when the pod with this UID
+    /// starts: its cgroup, named after the UID, with a sandbox process in the pod's
+    /// network namespace.
+    pub fn start_sandbox(&mut self, pod: &str, uid: &str) -> Result<()> {
+        let pod = self.cluster.pod(pod).clone();
+        let sandbox = self
+            .cluster
+            .node(&pod.node)
+            .pod_cgroup_root
+            .join(format!("kubepods/besteffort/pod{uid}/sandbox"));
+        fs::create_dir_all(&sandbox)?;
+        let child = pod.command("sleep")?.arg("3600").spawn()?;
+        fs::write(sandbox.join("cgroup.procs"), child.id().to_string())?;
+        self.sandboxes.push(child);
         Ok(())
     }
 

@@ -74,7 +74,7 @@ async fn tunnels_watching_the_api_server_enroll_their_ambient_pods_and_follow_ch
         WorkloadSpec::new("server", "demo", "server"),
         WorkloadSpec::new("plain", "plain", "default"),
     ];
-    let mesh = Mesh::start_kube(cluster, &workloads, &["demo"])
+    let mut mesh = Mesh::start_kube(cluster, &workloads, &["demo"])
         .await
         .unwrap();
     // Each tunnel enrolls exactly its own node's ambient pods, found by UID.
@@ -175,8 +175,30 @@ async fn tunnels_watching_the_api_server_enroll_their_ambient_pods_and_follow_ch
     mesh.api()
         .apply_yaml(&testbed::mesh::namespace_yaml("demo", true));
     mesh.wait_enrolled("node-b", "server", true).await.unwrap();
-    mesh.api().delete(&pod.expect("the server pod"));
+    let mut pod = pod.expect("the server pod");
+    mesh.api().delete(&pod);
     mesh.wait_enrolled("node-b", "server", false).await.unwrap();
+
+    // Recreated, with a new UID: in the state at once, enrolled as soon as the
+    // node has its sandbox.
+    let uid = "0d1e2f3a-4b5c-4d6e-8f70-8192a3b4c5d6";
+    pod["metadata"]["uid"] = uid.into();
+    mesh.api().apply(pod);
+    eventually(
+        Duration::from_secs(15),
+        "the recreated pod in node-b's state",
+        || async {
+            mesh.config_dump("node-b").await["workloads"]
+                .as_array()
+                .is_some_and(|ws| ws.iter().any(|w| w["name"] == "server"))
+        },
+    )
+    .await;
+    mesh.wait_enrolled("node-b", "server", false).await.unwrap();
+    mesh.start_sandbox("server", uid).unwrap();
+    mesh.wait_enrolled("node-b", "server", true).await.unwrap();
+    let out = probe(&mesh, "client", &server, "recreated");
+    assert!(out.contains("reply=server:recreated"), "{out}");
     drop(echo);
 
     // Everything the tunnels asked the API server for is in the list RBAC grants.

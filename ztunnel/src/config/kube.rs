@@ -47,8 +47,11 @@ pub struct KubeOptions {
 }
 
 /// How often a pod on this node whose cgroup or process is not there yet is looked
-/// for again.
-const RUNTIME_RETRY: Duration = Duration::from_secs(1);
+/// for again: often at first, since until it is found it is not in the mesh, then
+/// less for one that does not come (its sandbox failing, say).
+const RUNTIME_RETRY: Duration = Duration::from_millis(100);
+const RUNTIME_RETRY_SLOW: Duration = Duration::from_secs(1);
+const RUNTIME_RETRY_FAST_FOR: Duration = Duration::from_secs(10);
 
 /// Starts the watchers; returns once every kind has been listed, with the first
 /// snapshot.
@@ -110,32 +113,43 @@ pub async fn watch(
         stores,
         options,
         translator: Translator::default(),
+        translated: Snapshot::default(),
         runtimes: HashMap::new(),
         reported: Vec::new(),
         metrics,
     };
-    let (first, mut incomplete) = builder.build();
+    let (first, incomplete) = builder.build(true);
+    let mut pending_since = incomplete.then(tokio::time::Instant::now);
     builder.metrics.updates.inc();
     let (tx, rx) = watch::channel(Arc::new(first));
     tokio::spawn(async move {
         let mut resync = tokio::time::interval(builder.options.resync);
         resync.tick().await;
         loop {
-            tokio::select! {
-                _ = changed.notified() => {}
-                _ = resync.tick() => {}
-                _ = tokio::time::sleep(RUNTIME_RETRY), if incomplete => {}
-            }
+            let retry = match pending_since {
+                Some(since) if since.elapsed() < RUNTIME_RETRY_FAST_FOR => RUNTIME_RETRY,
+                _ => RUNTIME_RETRY_SLOW,
+            };
+            // A retry only looks at the node again; the objects have not changed.
+            let objects_changed = tokio::select! {
+                _ = changed.notified() => true,
+                _ = resync.tick() => true,
+                _ = tokio::time::sleep(retry), if pending_since.is_some() => false,
+            };
             // Building walks every object (and the node's cgroups): not on the
             // proxy's threads.
             let (b, (snapshot, missing)) = tokio::task::spawn_blocking(move || {
-                let built = builder.build();
+                let built = builder.build(objects_changed);
                 (builder, built)
             })
             .await
             .expect("the snapshot builder does not panic");
             builder = b;
-            incomplete = missing;
+            pending_since = match (missing, pending_since) {
+                (false, _) => None,
+                (true, None) => Some(tokio::time::Instant::now()),
+                (true, since) => since,
+            };
             let stop = tx.is_closed();
             if tx.send_if_modified(|current| {
                 let changed = **current != snapshot;
@@ -159,6 +173,8 @@ struct Builder {
     stores: Vec<(k8s::Resource, Store<DynamicObject>)>,
     options: KubeOptions,
     translator: Translator,
+    /// The objects' snapshot as last translated, before pods are located.
+    translated: Snapshot,
     /// Pods of this node already found, by UID.
     runtimes: HashMap<String, discovery::PodRuntime>,
     /// The refusals last logged, so a resync does not repeat them.
@@ -167,21 +183,13 @@ struct Builder {
 }
 
 impl Builder {
-    /// The snapshot, and whether a pod of this node still lacks its runtime.
-    fn build(&mut self) -> (Snapshot, bool) {
-        let stored: Vec<(k8s::Resource, Arc<DynamicObject>)> = self
-            .stores
-            .iter()
-            .flat_map(|(resource, store)| store.state().into_iter().map(|o| (*resource, o)))
-            .collect();
-        let (mut snapshot, errors) = self
-            .translator
-            .translate_stored(stored.iter().map(|(r, o)| (*r, &**o)));
-        for error in errors.iter().filter(|e| !self.reported.contains(e)) {
-            tracing::warn!("config refused: {error}");
+    /// The snapshot (from the stores when `objects_changed`, else from the last
+    /// translation), and whether a pod of this node still lacks its runtime.
+    fn build(&mut self, objects_changed: bool) -> (Snapshot, bool) {
+        if objects_changed {
+            self.translate();
         }
-        self.metrics.built(errors.len());
-        self.reported = errors;
+        let mut snapshot = self.translated.clone();
         let incomplete = locate_pods(
             &mut snapshot,
             &self.options.node,
@@ -189,6 +197,23 @@ impl Builder {
             &mut self.runtimes,
         );
         (snapshot, incomplete)
+    }
+
+    fn translate(&mut self) {
+        let stored: Vec<(k8s::Resource, Arc<DynamicObject>)> = self
+            .stores
+            .iter()
+            .flat_map(|(resource, store)| store.state().into_iter().map(|o| (*resource, o)))
+            .collect();
+        let (snapshot, errors) = self
+            .translator
+            .translate_stored(stored.iter().map(|(r, o)| (*r, &**o)));
+        for error in errors.iter().filter(|e| !self.reported.contains(e)) {
+            tracing::warn!("config refused: {error}");
+        }
+        self.metrics.built(errors.len());
+        self.reported = errors;
+        self.translated = snapshot;
     }
 }
 

@@ -209,7 +209,10 @@ async fn tunnels_watching_the_api_server_enroll_their_ambient_pods_and_follow_ch
 async fn the_ca_keeps_its_root_in_a_secret_publishes_it_and_knows_which_node_runs_what() {
     use ztunnel::ca::{
         auth::{Authenticator, Caller, NodeAuthorizer},
-        kube::{publish_root, sync_root_secret, KubePods, TokenReview},
+        kube::{
+            publish_root, publish_root_in_ambient_namespaces, sync_root_secret, KubePods,
+            TokenReview,
+        },
         Authority, AuthorityOptions,
     };
     let api = FakeApiServer::start().await.unwrap();
@@ -274,6 +277,33 @@ async fn the_ca_keeps_its_root_in_a_secret_publishes_it_and_knows_which_node_run
             "metadata": {"name": "ztunnel-ca-root", "namespace": "istio-system"}}))
         .unwrap();
     assert_eq!(published["data"]["root-cert.pem"], "NEW ROOT");
+
+    // ... and in every ambient namespace, for the waypoints there; a namespace
+    // labelled later gets it too, one without the label does not.
+    api.apply_yaml(&testbed::mesh::namespace_yaml("demo", true));
+    api.apply_yaml(&testbed::mesh::namespace_yaml("plain", false));
+    let publisher = tokio::spawn(publish_root_in_ambient_namespaces(
+        client.clone(),
+        "ztunnel-ca-root".into(),
+        "NEW ROOT".into(),
+    ));
+    let root_in = |ns: &str| {
+        api.get(&json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "ztunnel-ca-root", "namespace": ns}}))
+            .map(|cm| cm["data"]["root-cert.pem"].clone())
+    };
+    eventually(Duration::from_secs(15), "the root in demo", || async {
+        root_in("demo") == Some(json!("NEW ROOT"))
+    })
+    .await;
+    assert_eq!(root_in("plain"), None);
+    api.apply_yaml(&testbed::mesh::namespace_yaml("later", true));
+    eventually(Duration::from_secs(15), "the root in later", || async {
+        root_in("later") == Some(json!("NEW ROOT"))
+    })
+    .await;
+    assert_eq!(root_in("plain"), None);
+    publisher.abort();
 
     // Which node runs which workload, from the watched pods.
     let sleep = json!({"apiVersion": "v1", "kind": "Pod",

@@ -125,10 +125,12 @@ pub const CONFIG: &[Access] = &[
     watched(GATEWAYS),
 ];
 
-/// The CA: pods (which node runs which workload), TokenReview (who is asking), and
-/// in its own namespace the root's Secret and the ConfigMap publishing the root.
+/// The CA: pods (which node runs which workload), TokenReview (who is asking), the
+/// root's Secret in its own namespace, and the ConfigMap publishing the root there
+/// and in every ambient namespace (namespaces watched to know which).
 pub const CA: &[Access] = &[
     watched(PODS),
+    watched(NAMESPACES),
     CA_TOKEN_REVIEWS,
     CA_ROOT_SECRET_READ,
     CA_ROOT_SECRET_CREATE,
@@ -163,13 +165,13 @@ pub const CA_ROOT_SECRET_CREATE: Access = Access {
 pub const CA_ROOT_CONFIG_MAP_WRITE: Access = Access {
     resource: CONFIG_MAPS,
     verbs: &["get", "update"],
-    scope: Scope::OwnNamespace,
+    scope: Scope::Cluster,
     names: &[ROOT_CONFIG_MAP],
 };
 pub const CA_ROOT_CONFIG_MAP_CREATE: Access = Access {
     resource: CONFIG_MAPS,
     verbs: &["create"],
-    scope: Scope::OwnNamespace,
+    scope: Scope::Cluster,
     names: &[],
 };
 

@@ -118,8 +118,9 @@ struct CaArgs {
     /// Secret `ztunnel-ca`.
     #[arg(long, requires = "kube")]
     root_secret: Option<String>,
-    /// With --kube: publish the root in this ConfigMap of the CA's namespace, key
-    /// root-cert.pem, for the tunnels to mount (deploy/'s RBAC: `ztunnel-ca-root`).
+    /// With --kube: publish the root in this ConfigMap, key root-cert.pem, in the
+    /// CA's namespace for the tunnels and in every ambient namespace for the
+    /// waypoints (deploy/'s RBAC: `ztunnel-ca-root`).
     #[arg(long, requires = "kube")]
     root_config_map: Option<String>,
     /// The CA's namespace (from the downward API in a pod).
@@ -417,8 +418,18 @@ async fn ca(args: CaArgs) -> Result<()> {
     let authority = Arc::new(Authority::load_or_create(options)?);
     if let Some(name) = &args.root_config_map {
         let client = ztunnel::k8s::client().await?;
-        ztunnel::ca::kube::publish_root(client, &args.namespace, name, authority.root_pem())
-            .await?;
+        ztunnel::ca::kube::publish_root(
+            client.clone(),
+            &args.namespace,
+            name,
+            authority.root_pem(),
+        )
+        .await?;
+        tokio::spawn(ztunnel::ca::kube::publish_root_in_ambient_namespaces(
+            client,
+            name.clone(),
+            authority.root_pem().to_owned(),
+        ));
     }
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = CaMetrics::register(&mut registry);

@@ -1,6 +1,7 @@
 //! The CA in a cluster: who is asking (TokenReview of the caller's projected
 //! ServiceAccount token), which node runs which workload (a reflector of the pods),
-//! and the root kept in a Secret and published in a ConfigMap for the tunnels.
+//! and the root kept in a Secret and published in a ConfigMap for the tunnels and
+//! the waypoints.
 //! Every call goes through an entry of [`k8s::CA`], which `deploy/`'s RBAC grants.
 
 use std::{collections::BTreeMap, fs, path::Path, time::Duration};
@@ -96,16 +97,15 @@ pub struct KubePods {
 impl KubePods {
     /// Starts the watch; answers are refusals until the first list is in.
     pub fn start(client: kube::Client) -> Self {
-        let access = k8s::CA[0];
-        debug_assert_eq!(access.resource, k8s::PODS);
-        let resource = access.resource.api_resource();
+        debug_assert!(k8s::granted(k8s::CA, k8s::PODS, "watch", None));
+        let resource = k8s::PODS.api_resource();
         let api = Api::<DynamicObject>::all_with(client, &resource);
         let writer = reflector::store::Writer::new(resource);
         let store = writer.as_reader();
         tokio::spawn(async move {
             let events = watcher(api, watcher::Config::default())
                 .default_backoff()
-                .modify(|pod| pod.metadata.managed_fields = None)
+                .modify(|pod| crate::config::kube::prune(k8s::PODS, pod))
                 .reflect(writer);
             let mut events = std::pin::pin!(events);
             while let Some(event) = events.next().await {
@@ -280,4 +280,77 @@ pub async fn publish_root(
         }
     }
     Ok(())
+}
+
+/// How often every namespace's root ConfigMap is checked again (one deleted by
+/// hand comes back), and how soon a failed publication is retried.
+const REPUBLISH: Duration = Duration::from_secs(300);
+const RETRY: Duration = Duration::from_secs(10);
+
+/// Keeps the root published, as `publish_root` does, in every namespace labelled
+/// ambient: the waypoints there mount it to trust the mesh (Istio publishes its
+/// `istio-ca-root-cert` the same way). Runs until the process ends.
+pub async fn publish_root_in_ambient_namespaces(
+    client: kube::Client,
+    name: String,
+    root_pem: String,
+) {
+    debug_assert!(k8s::granted(k8s::CA, k8s::NAMESPACES, "watch", None));
+    let resource = k8s::NAMESPACES.api_resource();
+    let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
+    let writer = reflector::store::Writer::new(resource);
+    let store = writer.as_reader();
+    let changed = std::sync::Arc::new(tokio::sync::Notify::new());
+    let notify = changed.clone();
+    tokio::spawn(async move {
+        let events = watcher(api, watcher::Config::default())
+            .default_backoff()
+            .reflect(writer);
+        let mut events = std::pin::pin!(events);
+        while let Some(event) = events.next().await {
+            match event {
+                Ok(_) => notify.notify_one(),
+                Err(e) => tracing::warn!("watching namespaces: {e}; retrying"),
+            }
+        }
+    });
+    if store.wait_until_ready().await.is_err() {
+        return;
+    }
+    let mut published = std::collections::HashSet::new();
+    let mut republish = tokio::time::interval(REPUBLISH);
+    loop {
+        let ambient: Vec<String> = store
+            .state()
+            .iter()
+            .filter(|ns| {
+                ns.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(crate::config::DATAPLANE_MODE))
+                    .is_some_and(|mode| mode == crate::config::AMBIENT)
+            })
+            .filter_map(|ns| ns.metadata.name.clone())
+            .collect();
+        let mut failed = false;
+        for namespace in ambient {
+            if published.contains(&namespace) {
+                continue;
+            }
+            match publish_root(client.clone(), &namespace, &name, &root_pem).await {
+                Ok(()) => {
+                    published.insert(namespace);
+                }
+                Err(e) => {
+                    tracing::warn!(namespace = %namespace, "publishing the root: {e:#}");
+                    failed = true;
+                }
+            }
+        }
+        tokio::select! {
+            _ = changed.notified() => {}
+            _ = republish.tick() => published.clear(),
+            _ = tokio::time::sleep(RETRY), if failed => {}
+        }
+    }
 }

@@ -46,6 +46,12 @@ fn assert_granted(calls: &[Call], list: &[Access], own_namespace: &str) {
     }
 }
 
+/// Whether node-b reports `n` pods of its own not found on the node.
+async fn unlocated(mesh: &Mesh, n: u32) -> bool {
+    let line = format!("ztunnel_pods_unlocated {n}");
+    mesh.metrics("node-b").await.lines().any(|l| l == line)
+}
+
 const DENY_CLIENT: &str = "apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {name: deny-client, namespace: demo}
@@ -195,8 +201,18 @@ async fn tunnels_watching_the_api_server_enroll_their_ambient_pods_and_follow_ch
     )
     .await;
     mesh.wait_enrolled("node-b", "server", false).await.unwrap();
+    eventually(
+        Duration::from_secs(15),
+        "the pod counted as not found",
+        || unlocated(&mesh, 1),
+    )
+    .await;
     mesh.start_sandbox("server", uid).unwrap();
     mesh.wait_enrolled("node-b", "server", true).await.unwrap();
+    eventually(Duration::from_secs(15), "no pod left unfound", || {
+        unlocated(&mesh, 0)
+    })
+    .await;
     let out = probe(&mesh, "client", &server, "recreated");
     assert!(out.contains("reply=server:recreated"), "{out}");
     drop(echo);

@@ -115,6 +115,7 @@ pub async fn watch(
         translator: Translator::default(),
         translated: Snapshot::default(),
         runtimes: HashMap::new(),
+        unlocated_since: HashMap::new(),
         reported: Vec::new(),
         metrics,
     };
@@ -177,6 +178,9 @@ struct Builder {
     translated: Snapshot,
     /// Pods of this node already found, by UID.
     runtimes: HashMap<String, discovery::PodRuntime>,
+    /// Pods of this node not found yet, by UID: since when, and whether that was
+    /// reported.
+    unlocated_since: HashMap<String, (std::time::Instant, bool)>,
     /// The refusals last logged, so a resync does not repeat them.
     reported: Vec<String>,
     metrics: ConfigMetrics,
@@ -190,13 +194,38 @@ impl Builder {
             self.translate();
         }
         let mut snapshot = self.translated.clone();
-        let incomplete = locate_pods(
+        let unlocated = locate_pods(
             &mut snapshot,
             &self.options.node,
             self.options.pod_cgroup_root.as_deref(),
             &mut self.runtimes,
         );
-        (snapshot, incomplete)
+        self.report_unlocated(&unlocated);
+        (snapshot, !unlocated.is_empty())
+    }
+
+    /// Says which pods of this node are still not found after a while: until they
+    /// are, their traffic is outside the mesh.
+    fn report_unlocated(&mut self, unlocated: &[Unlocated]) {
+        let now = std::time::Instant::now();
+        self.unlocated_since
+            .retain(|uid, _| unlocated.iter().any(|(u, _)| u == uid));
+        for (uid, pod) in unlocated {
+            let (since, warned) = self
+                .unlocated_since
+                .entry(uid.clone())
+                .or_insert((now, false));
+            if !*warned && now - *since >= RUNTIME_RETRY_FAST_FOR {
+                *warned = true;
+                tracing::warn!(
+                    pod = %pod,
+                    uid = %uid,
+                    root = ?self.options.pod_cgroup_root,
+                    "no cgroup with a process for this pod of this node: not in the mesh until there is"
+                );
+            }
+        }
+        self.metrics.pods_unlocated.set(unlocated.len() as i64);
     }
 
     fn translate(&mut self) {
@@ -258,44 +287,50 @@ fn keep_only(data: &mut Value, section: &str, fields: &[&str]) {
     }
 }
 
+/// A pod of this node not found on it (yet): its UID and `namespace/name`.
+type Unlocated = (String, String);
+
 /// Where this node's pods live. The node says, never the API: a pod annotated with
 /// the local source's `ztunnel.local/netns` must not point the tunnel at the host's
-/// namespace. Returns whether some pod of this node could not be found yet.
+/// namespace. Returns the pods of this node that could not be found yet.
 fn locate_pods(
     snapshot: &mut Snapshot,
     node: &str,
     pod_cgroup_root: Option<&std::path::Path>,
     known: &mut HashMap<String, discovery::PodRuntime>,
-) -> bool {
+) -> Vec<Unlocated> {
     for pod in snapshot.pods.values_mut() {
         pod.netns = None;
         pod.cgroup = None;
     }
     match pod_cgroup_root {
         Some(root) => attach_runtimes(snapshot, node, root, known),
-        None => false,
+        None => Vec::new(),
     }
 }
 
 /// Fills in where this node's pods live (their network namespace and cgroup), found
-/// from their UID. Returns whether some pod could not be found yet.
+/// from their UID. Returns the pods not found.
 fn attach_runtimes(
     snapshot: &mut Snapshot,
     node: &str,
     root: &std::path::Path,
     known: &mut HashMap<String, discovery::PodRuntime>,
-) -> bool {
+) -> Vec<Unlocated> {
     let local = |pod: &super::Pod| pod.node_name == node && pod.ip.is_some();
-    let uids: Vec<String> = snapshot
+    let uids: HashSet<&String> = snapshot
         .pods
         .values()
         .filter(|p| local(p))
-        .filter_map(|p| p.uid.clone())
+        .filter_map(|p| p.uid.as_ref())
         .collect();
     // A runtime is stale once its process is gone (the sandbox was recreated).
     known.retain(|uid, runtime| uids.contains(uid) && runtime.netns.exists());
-    let mut incomplete = false;
-    let missing: Vec<&String> = uids.iter().filter(|u| !known.contains_key(*u)).collect();
+    let missing: Vec<&String> = uids
+        .iter()
+        .copied()
+        .filter(|u| !known.contains_key(*u))
+        .collect();
     if !missing.is_empty() {
         match discovery::pod_cgroups(root) {
             Ok(cgroups) => {
@@ -305,26 +340,29 @@ fn attach_runtimes(
                             known.insert(uid.clone(), runtime);
                         }
                         Some(Err(e)) => {
-                            tracing::warn!(uid = %uid, "reading the pod's cgroup: {e}");
-                            incomplete = true;
+                            tracing::debug!(uid = %uid, "reading the pod's cgroup: {e}")
                         }
-                        _ => incomplete = true,
+                        _ => {}
                     }
                 }
             }
             Err(e) => {
-                tracing::warn!(root = %root.display(), "listing the node's pod cgroups: {e}");
-                incomplete = true;
+                tracing::debug!(root = %root.display(), "listing the node's pod cgroups: {e}")
             }
         }
     }
+    let mut unlocated = Vec::new();
     for pod in snapshot.pods.values_mut().filter(|p| local(p)) {
-        if let Some(runtime) = pod.uid.as_ref().and_then(|uid| known.get(uid)) {
-            pod.netns = Some(runtime.netns.clone());
-            pod.cgroup = Some(runtime.cgroup.clone());
+        let Some(uid) = &pod.uid else { continue };
+        match known.get(uid) {
+            Some(runtime) => {
+                pod.netns = Some(runtime.netns.clone());
+                pod.cgroup = Some(runtime.cgroup.clone());
+            }
+            None => unlocated.push((uid.clone(), format!("{}/{}", pod.namespace, pod.name))),
         }
     }
-    incomplete
+    unlocated
 }
 
 /// Translates API objects, remembering the last good version of every object: a

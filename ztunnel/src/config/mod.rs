@@ -63,6 +63,9 @@ pub struct ConfigMetrics {
     pub source_errors: Counter,
     /// Configurations applied, the first one included.
     pub updates: Counter,
+    /// Pods of this node not found on it yet (Kubernetes source): outside the mesh
+    /// until they are.
+    pub pods_unlocated: Gauge,
 }
 
 impl ConfigMetrics {
@@ -82,6 +85,11 @@ impl ConfigMetrics {
             "ztunnel_config_updates",
             "Configurations applied",
             m.updates.clone(),
+        );
+        registry.register(
+            "ztunnel_pods_unlocated",
+            "Pods of this node whose cgroup and network namespace are not found yet",
+            m.pods_unlocated.clone(),
         );
         m
     }

@@ -665,23 +665,19 @@ mod tests {
             .join("kubepods/besteffort/pod5f0c1a2b-3c4d-4e5f-8a9b-0c1d2e3f4a5b");
         std::fs::create_dir_all(pod_cgroup.join("sandbox")).unwrap();
         let mut known = HashMap::new();
-        assert!(locate_pods(
-            &mut snapshot,
-            "node-a",
-            Some(&root.0),
-            &mut known
-        ));
+        let unlocated = locate_pods(&mut snapshot, "node-a", Some(&root.0), &mut known);
+        let expected = (
+            "5f0c1a2b-3c4d-4e5f-8a9b-0c1d2e3f4a5b".to_string(),
+            "shop/web-7d9f-abc".to_string(),
+        );
+        assert_eq!(unlocated, vec![expected]);
         assert_eq!(snapshot.pods[&key].netns, None);
         assert_eq!(snapshot.pods[&key].cgroup, None);
 
         // Its sandbox runs: found by UID, in that process's namespace.
         std::fs::write(pod_cgroup.join("sandbox/cgroup.procs"), "4242\n").unwrap();
-        assert!(!locate_pods(
-            &mut snapshot,
-            "node-a",
-            Some(&root.0),
-            &mut known
-        ));
+        let unlocated = locate_pods(&mut snapshot, "node-a", Some(&root.0), &mut known);
+        assert!(unlocated.is_empty(), "{unlocated:?}");
         assert_eq!(
             snapshot.pods[&key].netns.as_deref(),
             Some(std::path::Path::new("/proc/4242/ns/net"))

@@ -756,11 +756,19 @@ impl Mesh {
 
     /// Writes (or replaces) a config file; the tunnels pick it up.
     pub fn write_config(&self, name: &str, yaml: &str) -> Result<()> {
-        // Write then rename: a tunnel never reads half a file.
-        let tmp = self.config.path().join(format!(".{name}.tmp"));
-        fs::write(&tmp, yaml)?;
-        fs::rename(&tmp, self.config.path().join(name))?;
-        Ok(())
+        write_config_file(self.config.path(), name, yaml)
+    }
+
+    /// A config writer that outlives a borrow of the mesh (for a thread that
+    /// changes the config while the test waits on the mesh).
+    pub fn config_writer(&self) -> impl Fn(&str, &str) -> Result<()> + Send + 'static {
+        let dir = self.config.path().to_owned();
+        move |name, yaml| write_config_file(&dir, name, yaml)
+    }
+
+    /// The config's Pod object for this workload.
+    pub fn workload_yaml(&self, workload: &WorkloadSpec) -> Result<String> {
+        workloads_yaml(&self.cluster, std::slice::from_ref(workload))
     }
 
     /// Waits until the node's tunnel has `pod` enrolled (or not).
@@ -813,6 +821,14 @@ pub fn namespace_yaml(name: &str, ambient: bool) -> String {
         ""
     };
     format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}{labels}\n")
+}
+
+fn write_config_file(dir: &Path, name: &str, yaml: &str) -> Result<()> {
+    // Write then rename: a tunnel never reads half a file.
+    let tmp = dir.join(format!(".{name}.tmp"));
+    fs::write(&tmp, yaml)?;
+    fs::rename(&tmp, dir.join(name))?;
+    Ok(())
 }
 
 fn workloads_yaml(cluster: &crate::Cluster, workloads: &[WorkloadSpec]) -> Result<String> {

@@ -3,8 +3,11 @@
 
 #[test]
 fn every_security_kind_the_mesh_reads_has_a_crd_serving_v1_and_v1beta1() {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/crds.yaml"))
-        .unwrap();
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/istio-crds/crds.yaml"
+    ))
+    .unwrap();
     let crds: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&text)
         .map(|d| serde::Deserialize::deserialize(d).unwrap())
         .collect();
@@ -216,6 +219,31 @@ fn expand(rules: &[PolicyRule], scope: &str) -> Grants {
         }
     }
     grants
+}
+
+/// The API server refuses a CRD in a Kubernetes group (`*.k8s.io`,
+/// `*.kubernetes.io`) without the approval annotation.
+#[test]
+fn crds_in_kubernetes_groups_carry_the_approval_annotation() {
+    let mut protected = 0;
+    for (path, docs) in manifests() {
+        for crd in docs
+            .iter()
+            .filter(|d| d["kind"] == "CustomResourceDefinition")
+        {
+            let group = crd["spec"]["group"].as_str().unwrap_or_default();
+            if group.ends_with(".k8s.io") || group.ends_with(".kubernetes.io") {
+                protected += 1;
+                let approval = &crd["metadata"]["annotations"]["api-approved.kubernetes.io"];
+                assert!(
+                    approval.as_str().is_some_and(|a| a.starts_with("https://")),
+                    "{}: CRD for {group} without api-approved.kubernetes.io",
+                    path.display()
+                );
+            }
+        }
+    }
+    assert_eq!(protected, 1, "the Gateway CRD");
 }
 
 #[test]

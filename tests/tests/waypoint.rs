@@ -585,3 +585,50 @@ async fn jwks_are_fetched_from_jwks_uri() {
         "200"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_waypoint_whose_pod_is_not_in_the_config_yet_waits_for_it() {
+    let cluster = Cluster::new(
+        &ClusterSpec::new()
+            .node("node-a", ["client"])
+            .node("node-b", ["server", "late"]),
+    )
+    .unwrap();
+    let workloads = [
+        WorkloadSpec::new("client", "demo", "client"),
+        WorkloadSpec::new("server", "demo", "server"),
+    ];
+    let mut mesh = Mesh::start(cluster, &workloads, &["demo"]).await.unwrap();
+    mesh.write_config("waypoint.yaml", CONFIG).unwrap();
+    // The waypoint's pod reaches the config only once the waypoint says it waits.
+    let late = WorkloadSpec::new("late", "demo", "waypoint")
+        .label("gateway.networking.k8s.io/gateway-name", "waypoint");
+    let pod_yaml = mesh.workload_yaml(&late).unwrap();
+    let write = mesh.config_writer();
+    let log = mesh.log_file("waypoint-late");
+    let writer = std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("waiting for this pod")
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the waypoint never said it waits"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        write("late.yaml", &pod_yaml).unwrap();
+    });
+    mesh.start_waypoint("late", "demo", "waypoint")
+        .await
+        .unwrap();
+    writer.join().unwrap();
+
+    let _server = HttpServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    assert_eq!(
+        http(&mesh, VIP, "POST", "/public/a", &[]),
+        ("403".into(), "RBAC: access denied".into()),
+        "the waypoint serves, with its policy"
+    );
+}

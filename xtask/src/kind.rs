@@ -14,13 +14,16 @@ use anyhow::{bail, Context, Result};
 
 pub struct Options {
     pub cluster: String,
-    pub image: String,
     pub dry_run: bool,
     pub down: bool,
 }
 
 /// Where the image's build context is staged.
 const CONTEXT: &str = "target/ztunnel-image";
+
+/// The image every manifest in deploy/ names; kind serves it from the node, loaded
+/// under this tag.
+pub const IMAGE: &str = "ztunnel:dev";
 
 /// One command of the flow.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -36,8 +39,12 @@ pub enum When {
     Always,
     /// `kind get clusters` does not list the cluster.
     NoCluster,
+    /// `kind get clusters` lists the cluster (it is reused).
+    ClusterExisted,
     /// The cluster has no Gateway API Gateway CRD.
     NoGatewayCrd,
+    /// The cluster has no security.istio.io CRDs (no Istio).
+    NoIstioCrds,
 }
 
 impl fmt::Display for Step {
@@ -52,7 +59,12 @@ impl fmt::Display for Step {
         match self.when {
             When::Always => Ok(()),
             When::NoCluster => write!(f, "    # only if the cluster does not exist"),
+            When::ClusterExisted => write!(
+                f,
+                "    # only if the cluster was reused: the new image has the same tag"
+            ),
             When::NoGatewayCrd => write!(f, "    # only if the cluster has no Gateway CRD"),
+            When::NoIstioCrds => write!(f, "    # only if the cluster has no Istio CRDs"),
         }
     }
 }
@@ -81,7 +93,7 @@ impl Options {
     /// Everything up to a running mesh with the sample deployed.
     pub fn setup(&self) -> Vec<Step> {
         let cluster = self.cluster.as_str();
-        let image = self.image.as_str();
+        let image = IMAGE;
         vec![
             step(
                 "kind",
@@ -120,7 +132,19 @@ impl Options {
                 When::Always,
             ),
             self.kubectl(&["apply", "-k", "deploy/gateway-api"], When::NoGatewayCrd),
+            self.kubectl(&["apply", "-k", "deploy/istio-crds"], When::NoIstioCrds),
             self.kubectl(&["apply", "-k", "deploy"], When::Always),
+            self.kubectl(
+                &[
+                    "-n",
+                    "istio-system",
+                    "rollout",
+                    "restart",
+                    "daemonset/ztunnel",
+                    "deployment/ztunnel-ca",
+                ],
+                When::ClusterExisted,
+            ),
             self.kubectl(
                 &[
                     "-n",
@@ -255,17 +279,17 @@ pub fn run(options: &Options) -> Result<()> {
     }
     let clusters = capture(&step("kind", &["get", "clusters"], When::Always))?;
     let have_cluster = clusters.lines().any(|c| c.trim() == options.cluster);
+    let has_crd = |name: &str| {
+        let probe = options.kubectl(&["get", "crd", name], When::Always);
+        command(&probe).output().is_ok_and(|o| o.status.success())
+    };
     for s in options.setup() {
         let skip = match s.when {
             When::Always => false,
             When::NoCluster => have_cluster,
-            When::NoGatewayCrd => {
-                let probe = options.kubectl(
-                    &["get", "crd", "gateways.gateway.networking.k8s.io"],
-                    When::Always,
-                );
-                command(&probe).output().is_ok_and(|o| o.status.success())
-            }
+            When::ClusterExisted => !have_cluster,
+            When::NoGatewayCrd => has_crd("gateways.gateway.networking.k8s.io"),
+            When::NoIstioCrds => has_crd("authorizationpolicies.security.istio.io"),
         };
         if skip {
             println!("xtask: skip  {s}");
@@ -291,7 +315,7 @@ fn print_plan(options: &Options) {
     for s in options.setup() {
         println!("{s}");
     }
-    println!("# proof (retried until the tunnels have enrolled the pods, up to 90 s):");
+    println!("# proof (all retried until they hold at once, up to 120 s: pods are enrolled shortly after they start):");
     println!("{}    # must answer", options.client_call());
     println!(
         "{}    # must fail: the policy allows only the client",
@@ -308,58 +332,30 @@ fn print_plan(options: &Options) {
     }
 }
 
-/// Shows, from the cluster itself, that the mesh works.
+/// Shows, from the cluster itself, that the mesh works. The pods are enrolled
+/// shortly after they start: every check is retried until all hold at once.
 fn prove(options: &Options) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let reply = loop {
-        match capture(&options.client_call()) {
-            Ok(reply) if reply.contains("hello from the server") => break reply,
-            other if Instant::now() > deadline => {
-                bail!("the client never reached the server: {other:?}")
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let proof = loop {
+        match check(options) {
+            Ok(proof) => break proof,
+            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(e) => {
+                println!("xtask: not yet: {e:#}");
+                std::thread::sleep(Duration::from_secs(3));
             }
-            _ => std::thread::sleep(Duration::from_secs(2)),
         }
     };
     println!(
         "\nPROOF 1: demo/client -> server answered: {}",
-        reply.trim()
+        proof.reply.trim()
     );
-    let intruder = command(&options.intruder_call()).output()?;
-    if intruder.status.success() {
-        bail!(
-            "the intruder reached the server: the policy is not enforced ({})",
-            String::from_utf8_lossy(&intruder.stdout)
-        );
-    }
     println!(
         "PROOF 2: demo/intruder -> server refused ({})",
-        String::from_utf8_lossy(&intruder.stderr).trim()
+        proof.refusal.trim()
     );
-    let pods = capture(&options.tunnel_pods())?;
-    let mut mtls = Vec::new();
-    for pod in pods.split_whitespace() {
-        let metrics = capture(&options.tunnel_metrics(pod))?;
-        mtls.extend(
-            metrics
-                .lines()
-                .filter(|l| {
-                    l.starts_with("istio_tcp_connections_opened_total{")
-                        && l.contains("reporter=\"destination\"")
-                        && l.contains(
-                            "source_principal=\"spiffe://cluster.local/ns/demo/sa/client\"",
-                        )
-                })
-                .map(str::to_owned),
-        );
-    }
-    if !mtls
-        .iter()
-        .any(|l| l.contains("connection_security_policy=\"mutual_tls\""))
-    {
-        bail!("no mutual-TLS connection from the client in the tunnels' metrics: {mtls:?}");
-    }
     println!("PROOF 3: the server's tunnel counted the client's connections as mutual TLS:");
-    for line in &mtls {
+    for line in &proof.mtls {
         println!("  {line}");
     }
     let logs = capture(&options.tunnel_logs())?;
@@ -379,9 +375,55 @@ fn prove(options: &Options) -> Result<()> {
     Ok(())
 }
 
+struct Proof {
+    reply: String,
+    refusal: String,
+    mtls: Vec<String>,
+}
+
+fn check(options: &Options) -> Result<Proof> {
+    let reply = capture(&options.client_call()).context("the client's call")?;
+    if !reply.contains("hello from the server") {
+        bail!("the client got {reply:?}");
+    }
+    let intruder = command(&options.intruder_call()).output()?;
+    if intruder.status.success() {
+        bail!(
+            "the intruder reached the server: the policy is not enforced (yet?): {}",
+            String::from_utf8_lossy(&intruder.stdout).trim()
+        );
+    }
+    let pods = capture(&options.tunnel_pods())?;
+    let mut mtls = Vec::new();
+    for pod in pods.split_whitespace() {
+        let metrics = capture(&options.tunnel_metrics(pod))?;
+        mtls.extend(
+            metrics
+                .lines()
+                .filter(|l| {
+                    l.starts_with("istio_tcp_connections_opened_total{")
+                        && l.contains("reporter=\"destination\"")
+                        && l.contains(
+                            "source_principal=\"spiffe://cluster.local/ns/demo/sa/client\"",
+                        )
+                        && l.contains("connection_security_policy=\"mutual_tls\"")
+                })
+                .map(str::to_owned),
+        );
+    }
+    if mtls.is_empty() {
+        bail!("no mutual-TLS connection from the client in the tunnels' metrics");
+    }
+    Ok(Proof {
+        reply,
+        refusal: String::from_utf8_lossy(&intruder.stderr).into_owned(),
+        mtls,
+    })
+}
+
 /// What the flow needs on this machine, and how to get what is missing.
 pub fn require_tools(down: bool) -> Result<()> {
-    let mut missing = Vec::new();
+    let mut missing: Vec<String> = Vec::new();
     let works = |program: &str, args: &[&str]| {
         Command::new(program)
             .args(args)
@@ -392,17 +434,28 @@ pub fn require_tools(down: bool) -> Result<()> {
         missing.push(
             "a running Docker engine (`docker info` fails): install Docker Engine \
              (Debian: `apt install docker.io`, or https://docs.docker.com/engine/install/debian/) \
-             and start it (`systemctl start docker`)",
+             and start it (`systemctl start docker`)"
+                .into(),
         );
     }
     if !works("kind", &["version"]) {
         missing.push(
-            "kind: download https://kind.sigs.k8s.io/dl/v0.25.0/kind-linux-amd64 to /usr/local/bin/kind \
-             and make it executable (or `go install sigs.k8s.io/kind@v0.25.0`)",
+            "kind: download https://kind.sigs.k8s.io/dl/v0.33.0/kind-linux-amd64 to /usr/local/bin/kind \
+             and make it executable (or `go install sigs.k8s.io/kind@v0.33.0`)"
+                .into(),
         );
     }
     if !down && !works("kubectl", &["version", "--client"]) {
-        missing.push("kubectl: see https://kubernetes.io/docs/tasks/tools/install-kubectl-linux/");
+        missing.push(
+            "kubectl: see https://kubernetes.io/docs/tasks/tools/install-kubectl-linux/".into(),
+        );
+    }
+    if let Some(host) = host_glibc().filter(|v| !down && *v > IMAGE_GLIBC) {
+        missing.push(format!(
+            "a build host with glibc {}.{} or older: this one has {}.{}, and binaries built \
+             here would not start on the image's base (distroless cc-debian12); build on Debian 12",
+            IMAGE_GLIBC.0, IMAGE_GLIBC.1, host.0, host.1
+        ));
     }
     if missing.is_empty() {
         return Ok(());
@@ -412,6 +465,19 @@ pub fn require_tools(down: bool) -> Result<()> {
          `cargo xtask run --dry-run` prints what this would run.",
         missing.join("\n  - ")
     )
+}
+
+/// The glibc of the image's base (distroless cc-debian12): binaries linked against
+/// a newer one do not start there.
+const IMAGE_GLIBC: (u32, u32) = (2, 36);
+
+/// This machine's glibc, from `ldd --version` ("ldd (Debian GLIBC 2.36-9) 2.36").
+fn host_glibc() -> Option<(u32, u32)> {
+    let out = Command::new("ldd").arg("--version").output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let version = text.lines().next()?.rsplit(' ').next()?;
+    let (major, minor) = version.split_once('.')?;
+    Some((major.parse().ok()?, minor.trim().parse().ok()?))
 }
 
 fn command(s: &Step) -> Command {
@@ -448,7 +514,6 @@ mod tests {
     fn options(down: bool) -> Options {
         Options {
             cluster: "ztunnel".into(),
-            image: "ztunnel:dev".into(),
             dry_run: true,
             down,
         }
@@ -468,7 +533,9 @@ mod tests {
             "docker build -t ztunnel:dev target/ztunnel-image",
             "kind load docker-image ztunnel:dev --name ztunnel",
             "kubectl --context kind-ztunnel apply -k deploy/gateway-api    # only if the cluster has no Gateway CRD",
+            "kubectl --context kind-ztunnel apply -k deploy/istio-crds    # only if the cluster has no Istio CRDs",
             "kubectl --context kind-ztunnel apply -k deploy",
+            "kubectl --context kind-ztunnel -n istio-system rollout restart daemonset/ztunnel deployment/ztunnel-ca    # only if the cluster was reused: the new image has the same tag",
             "kubectl --context kind-ztunnel apply -k deploy/sample",
         ];
         let mut at = 0;
@@ -497,6 +564,40 @@ mod tests {
                 .join(s.args.last().unwrap());
             assert!(dir.join("kustomization.yaml").exists(), "{s}");
         }
+    }
+
+    /// kind serves the image it loaded under IMAGE: every container of ours names
+    /// exactly that.
+    #[test]
+    fn every_manifest_runs_the_image_the_flow_loads() {
+        let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+        let mut files = vec![];
+        for dir in [deploy.clone(), deploy.join("waypoint")] {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.extension().is_some_and(|e| e == "yaml") {
+                    files.push(path);
+                }
+            }
+        }
+        let mut seen = 0;
+        for path in files {
+            let text = std::fs::read_to_string(&path).unwrap();
+            for image in text
+                .lines()
+                .filter_map(|l| l.trim().strip_prefix("image: "))
+            {
+                assert_eq!(image, IMAGE, "{}", path.display());
+                seen += 1;
+            }
+        }
+        assert_eq!(seen, 4, "the tunnel, its init step, the CA, the waypoint");
+    }
+
+    #[test]
+    fn the_host_glibc_is_read() {
+        let (major, minor) = host_glibc().expect("ldd --version names a version");
+        assert!(major == 2 && minor >= 17, "{major}.{minor}");
     }
 
     #[test]

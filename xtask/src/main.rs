@@ -44,8 +44,6 @@ enum Task {
         down: bool,
         #[arg(long, default_value = "ztunnel")]
         cluster: String,
-        #[arg(long, default_value = "ztunnel:dev")]
-        image: String,
     },
 }
 
@@ -79,11 +77,9 @@ fn run(cli: Cli) -> Result<()> {
             dry_run,
             down,
             cluster,
-            image,
         } => {
             let options = kind::Options {
                 cluster,
-                image,
                 dry_run,
                 down,
             };

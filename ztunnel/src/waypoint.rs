@@ -111,6 +111,9 @@ struct Target {
     asked: SocketAddr,
 }
 
+/// How long a starting waypoint waits to find its own pod in the config.
+const OWN_POD_WAIT: Duration = Duration::from_secs(60);
+
 pub async fn run(options: WaypointOptions) -> Result<()> {
     let settings = MeshSettings {
         node: String::new(),
@@ -123,16 +126,29 @@ pub async fn run(options: WaypointOptions) -> Result<()> {
         .source
         .watch(config::ConfigMetrics::register(&mut registry))
         .await?;
-    let first = State::build(snapshots.borrow_and_update().clone(), &settings);
-    let Some(me) = first
-        .workload_by_name(&options.namespace, &options.pod)
-        .cloned()
-    else {
-        bail!(
-            "pod {}/{} is not in the config: the waypoint needs its own identity",
-            options.namespace,
-            options.pod
+    // The waypoint's own pod gives its identity. Just started, the API may not have
+    // its address yet: wait for it a while, then give up.
+    let deadline = tokio::time::Instant::now() + OWN_POD_WAIT;
+    let (first, me) = loop {
+        let state = State::build(snapshots.borrow_and_update().clone(), &settings);
+        if let Some(me) = state
+            .workload_by_name(&options.namespace, &options.pod)
+            .cloned()
+        {
+            break (state, me);
+        }
+        tracing::info!(
+            pod = %format!("{}/{}", options.namespace, options.pod),
+            "waiting for this pod (with its address) in the config: it gives the waypoint's identity"
         );
+        match tokio::time::timeout_at(deadline, snapshots.changed()).await {
+            Ok(Ok(())) => {}
+            _ => bail!(
+                "pod {}/{} is not in the config (or has no address): the waypoint needs its own identity",
+                options.namespace,
+                options.pod
+            ),
+        }
     };
     let (tx, states) = tokio::sync::watch::channel(Arc::new(first));
     tokio::spawn(async move {

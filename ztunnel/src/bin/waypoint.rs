@@ -19,8 +19,8 @@ struct Args {
     /// The waypoint Gateway's name (gatewayClassName: istio-waypoint).
     #[arg(long)]
     name: String,
-    /// The waypoint's namespace.
-    #[arg(long)]
+    /// The waypoint's namespace (from the downward API in a pod).
+    #[arg(long, env = "POD_NAMESPACE")]
     namespace: String,
     /// This waypoint pod's name (its identity comes from its service account).
     #[arg(long, env = "POD_NAME")]

@@ -742,20 +742,29 @@ async fn token_review_authenticates_tunnels_for_their_node_and_workloads_for_the
     // A stand-in API server: it knows three tokens.
     let api = testbed::kube_api::FakeApiServer::start().await.unwrap();
     api.on_token_review(|token| match token {
-        "tunnel-a" => serde_json::json!({"authenticated": true, "user": {
-            "username": "system:serviceaccount:istio-system:ztunnel",
+        "tunnel-a" => serde_json::json!({"authenticated": true, "audiences": ["istio-ca"],
+            "user": {"username": "system:serviceaccount:istio-system:ztunnel",
             "extra": {"authentication.kubernetes.io/node-name": ["node-a"]}}}),
-        "app" => serde_json::json!({"authenticated": true,
+        "app" => serde_json::json!({"authenticated": true, "audiences": ["istio-ca"],
             "user": {"username": "system:serviceaccount:demo:sleep"}}),
-        "unbound" => serde_json::json!({"authenticated": true,
+        "unbound" => serde_json::json!({"authenticated": true, "audiences": ["istio-ca"],
             "user": {"username": "system:serviceaccount:istio-system:ztunnel"}}),
+        // An authenticator deaf to audiences: valid, but not confirmed for ours.
+        "other-audience" => serde_json::json!({"authenticated": true,
+            "user": {"username": "system:serviceaccount:demo:sleep"}}),
         _ => serde_json::json!({"authenticated": false, "error": "invalid bearer token"}),
     });
     let dir = testbed::mesh::TempDir::new("token-review").unwrap();
-    let review = TokenReview {
-        client: api.client(dir.path()).await.unwrap(),
-        tunnels: vec!["istio-system/ztunnel".into()],
-        audiences: vec!["istio-ca".into()],
+    let review = TokenReview::new(
+        api.client(dir.path()).await.unwrap(),
+        vec!["istio-system/ztunnel".into()],
+        vec!["istio-ca".into()],
+    );
+    let reviews = || {
+        api.calls()
+            .iter()
+            .filter(|c| c.resource.ends_with("/tokenreviews"))
+            .count()
     };
     assert_eq!(
         review.authenticate("tunnel-a").await.unwrap(),
@@ -772,4 +781,21 @@ async fn token_review_authenticates_tunnels_for_their_node_and_workloads_for_the
     assert!(err.contains("not bound to a pod"), "{err}");
     let err = review.authenticate("forged").await.unwrap_err();
     assert!(err.contains("invalid bearer token"), "{err}");
+    let err = review.authenticate("other-audience").await.unwrap_err();
+    assert!(err.contains("not confirmed for the audience"), "{err}");
+
+    // A caller authenticated a moment ago is not reviewed again; a refused one is.
+    let before = reviews();
+    for _ in 0..3 {
+        assert_eq!(
+            review.authenticate("tunnel-a").await.unwrap(),
+            Caller::Node("node-a".into())
+        );
+        assert!(review.authenticate("forged").await.is_err());
+    }
+    assert_eq!(
+        reviews() - before,
+        3,
+        "one review per refusal, none for the tunnel"
+    );
 }

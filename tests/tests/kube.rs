@@ -341,16 +341,16 @@ async fn the_ca_keeps_its_root_in_a_secret_publishes_it_and_knows_which_node_run
 
     // Callers by TokenReview.
     api.on_token_review(|token| match token {
-        "tunnel" => json!({"authenticated": true, "user": {
+        "tunnel" => json!({"authenticated": true, "audiences": ["istio-ca"], "user": {
             "username": "system:serviceaccount:istio-system:ztunnel",
             "extra": {"authentication.kubernetes.io/node-name": ["node-a"]}}}),
         _ => json!({"authenticated": false, "error": "invalid bearer token"}),
     });
-    let review = TokenReview {
+    let review = TokenReview::new(
         client,
-        tunnels: vec!["istio-system/ztunnel".into()],
-        audiences: vec!["istio-ca".into()],
-    };
+        vec!["istio-system/ztunnel".into()],
+        vec!["istio-ca".into()],
+    );
     assert_eq!(
         review.authenticate("tunnel").await,
         Ok(Caller::Node("node-a".into()))

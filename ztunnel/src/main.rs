@@ -396,11 +396,11 @@ async fn ca(args: CaArgs) -> Result<()> {
                 .await?;
             }
             let pods = kube::KubePods::start(client.clone());
-            let review = kube::TokenReview {
+            let review = kube::TokenReview::new(
                 client,
-                tunnels: args.tunnel_service_accounts.clone(),
-                audiences: vec![args.token_audience.clone()],
-            };
+                args.tunnel_service_accounts.clone(),
+                vec![args.token_audience.clone()],
+            );
             (Arc::new(review), Arc::new(pods))
         }
         false => {

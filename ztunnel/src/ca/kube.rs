@@ -4,7 +4,12 @@
 //! the waypoints.
 //! Every call goes through an entry of [`k8s::CA`], which `deploy/`'s RBAC grants.
 
-use std::{collections::BTreeMap, fs, path::Path, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    fs,
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result};
 use futures_util::StreamExt;
@@ -30,11 +35,101 @@ use crate::{identity::Identity, k8s};
 /// service account speaks for the node its token is bound to; any other service
 /// account only for itself (a waypoint asking for its own identity).
 pub struct TokenReview {
-    pub client: kube::Client,
+    client: kube::Client,
     /// `namespace/name` of the tunnels' service accounts.
-    pub tunnels: Vec<String>,
+    tunnels: Vec<String>,
     /// Audiences the token must be for (Istio's CA: `istio-ca`).
-    pub audiences: Vec<String>,
+    audiences: Vec<String>,
+    /// Callers recently authenticated, by the SHA-256 of their token: a tunnel
+    /// asking for a node's worth of certificates costs one review, not one each.
+    recent: std::sync::Mutex<HashMap<Vec<u8>, (Caller, Instant)>>,
+}
+
+/// How long an authentication is reused. Short: a deleted pod's token stops
+/// working soon after (and which pods a node runs is checked on every request).
+const REVIEW_REUSE: Duration = Duration::from_secs(60);
+/// At most this many callers are remembered.
+const REVIEW_CACHE_SIZE: usize = 10_000;
+
+impl TokenReview {
+    pub fn new(client: kube::Client, tunnels: Vec<String>, audiences: Vec<String>) -> Self {
+        Self {
+            client,
+            tunnels,
+            audiences,
+            recent: Default::default(),
+        }
+    }
+
+    fn remembered(&self, key: &[u8]) -> Option<Caller> {
+        let recent = self.recent.lock().unwrap();
+        let (caller, at) = recent.get(key)?;
+        (at.elapsed() < REVIEW_REUSE).then(|| caller.clone())
+    }
+
+    fn remember(&self, key: Vec<u8>, caller: &Caller) {
+        let mut recent = self.recent.lock().unwrap();
+        if recent.len() >= REVIEW_CACHE_SIZE {
+            recent.retain(|_, (_, at)| at.elapsed() < REVIEW_REUSE);
+        }
+        if recent.len() < REVIEW_CACHE_SIZE {
+            recent.insert(key, (caller.clone(), Instant::now()));
+        }
+    }
+
+    async fn review(&self, token: &str) -> Result<Caller, String> {
+        let review = Review {
+            spec: TokenReviewSpec {
+                token: Some(token.to_owned()),
+                audiences: Some(self.audiences.clone()),
+            },
+            ..Default::default()
+        };
+        let api: Api<Review> = Api::all(self.client.clone());
+        debug_assert!(k8s::granted(k8s::CA, k8s::TOKEN_REVIEWS, "create", None));
+        let reviewed = tokio::time::timeout(
+            Duration::from_secs(10),
+            api.create(&PostParams::default(), &review),
+        )
+        .await
+        .map_err(|_| "TokenReview timed out".to_owned())?
+        .map_err(|e| format!("TokenReview failed: {e}"))?;
+        let status = reviewed.status.unwrap_or_default();
+        if status.authenticated != Some(true) {
+            let error = status.error.unwrap_or_else(|| "not authenticated".into());
+            return Err(format!("TokenReview: {error}"));
+        }
+        // An authenticator that ignores audiences answers without any: a token
+        // for another service would pass. Only a confirmed audience counts.
+        let confirmed = status.audiences.unwrap_or_default();
+        if !confirmed.iter().any(|a| self.audiences.contains(a)) {
+            return Err(format!(
+                "TokenReview: the token is not confirmed for the audience {:?}",
+                self.audiences
+            ));
+        }
+        let user = status.user.unwrap_or_default();
+        let username = user.username.unwrap_or_default();
+        let (namespace, name) = username
+            .strip_prefix("system:serviceaccount:")
+            .and_then(|a| a.split_once(':'))
+            .ok_or_else(|| format!("{username:?} is not a service account"))?;
+        if !self.tunnels.contains(&format!("{namespace}/{name}")) {
+            return Ok(Caller::Workload {
+                namespace: namespace.to_owned(),
+                service_account: name.to_owned(),
+            });
+        }
+        let node = user
+            .extra
+            .as_ref()
+            .and_then(|extra| extra.get(NODE_NAME_EXTRA))
+            .and_then(|nodes| nodes.first())
+            .ok_or_else(|| {
+                format!("the token of {namespace}/{name} is not bound to a pod on a node")
+            })?;
+        Ok(Caller::Node(node.clone()))
+    }
 }
 
 /// The node a pod-bound projected token carries (Kubernetes 1.30+).
@@ -43,48 +138,17 @@ const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
 impl Authenticator for TokenReview {
     fn authenticate<'a>(&'a self, token: &'a str) -> AuthFuture<'a> {
         Box::pin(async move {
-            let review = Review {
-                spec: TokenReviewSpec {
-                    token: Some(token.to_owned()),
-                    audiences: Some(self.audiences.clone()),
-                },
-                ..Default::default()
-            };
-            let api: Api<Review> = Api::all(self.client.clone());
-            debug_assert_eq!(k8s::CA_TOKEN_REVIEWS.verbs, ["create"]);
-            let reviewed = tokio::time::timeout(
-                Duration::from_secs(10),
-                api.create(&PostParams::default(), &review),
-            )
-            .await
-            .map_err(|_| "TokenReview timed out".to_owned())?
-            .map_err(|e| format!("TokenReview failed: {e}"))?;
-            let status = reviewed.status.unwrap_or_default();
-            if status.authenticated != Some(true) {
-                let error = status.error.unwrap_or_else(|| "not authenticated".into());
-                return Err(format!("TokenReview: {error}"));
-            }
-            let user = status.user.unwrap_or_default();
-            let username = user.username.unwrap_or_default();
-            let (namespace, name) = username
-                .strip_prefix("system:serviceaccount:")
-                .and_then(|a| a.split_once(':'))
-                .ok_or_else(|| format!("{username:?} is not a service account"))?;
-            if !self.tunnels.contains(&format!("{namespace}/{name}")) {
-                return Ok(Caller::Workload {
-                    namespace: namespace.to_owned(),
-                    service_account: name.to_owned(),
-                });
-            }
-            let node = user
-                .extra
+            let key = ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
                 .as_ref()
-                .and_then(|extra| extra.get(NODE_NAME_EXTRA))
-                .and_then(|nodes| nodes.first())
-                .ok_or_else(|| {
-                    format!("the token of {namespace}/{name} is not bound to a pod on a node")
-                })?;
-            Ok(Caller::Node(node.clone()))
+                .to_vec();
+            if let Some(caller) = self.remembered(&key) {
+                return Ok(caller);
+            }
+            // Refusals are not remembered: a caller whose token was just
+            // minted may be retried at once.
+            let caller = self.review(token).await?;
+            self.remember(key, &caller);
+            Ok(caller)
         })
     }
 }

@@ -207,6 +207,13 @@ impl LocalCa {
         }
     }
 
+    /// Starts again with a new root (as a CA whose root Secret was replaced).
+    pub async fn new_root(&mut self) -> Result<()> {
+        self.stop().await;
+        fs::remove_dir_all(self.dir.path().join("cacerts"))?;
+        self.run().await
+    }
+
     pub fn root_pem(&self) -> String {
         fs::read_to_string(self.dir.path().join("cacerts/root-cert.pem"))
             .expect("the CA wrote its root")
@@ -222,6 +229,7 @@ impl LocalCa {
             address: self.addr.to_string(),
             server_name: CA_SERVER_NAME.into(),
             roots_pem: self.root_pem(),
+            roots_file: None,
             token_file: self.dir.path().join("tokens").join(node),
         })
     }
@@ -234,6 +242,7 @@ impl LocalCa {
             address: self.addr.to_string(),
             server_name: CA_SERVER_NAME.into(),
             roots_pem: self.root_pem(),
+            roots_file: None,
             token_file: path,
         })
     }

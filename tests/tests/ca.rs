@@ -424,6 +424,45 @@ async fn the_tunnel_keeps_serving_while_the_ca_is_down_and_renews_when_it_return
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_tunnel_trusts_the_cas_new_root_once_its_roots_file_has_it() {
+    let mut ca = ca().await;
+    let dir = testbed::mesh::TempDir::new("ca-roots").unwrap();
+    let roots = dir.path().join("root-cert.pem");
+    std::fs::write(&roots, ca.root_pem()).unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, std::fs::read(ca.token_file("node-a")).unwrap()).unwrap();
+    let config = ztunnel::ca::client::CaClientConfig::from_files(
+        &ca.addr.to_string(),
+        testbed::mesh::CA_SERVER_NAME,
+        &roots,
+        &token,
+    )
+    .unwrap();
+    let client = ztunnel::ca::client::CaClient::new(config).unwrap();
+    let sleep = id("demo", "sleep");
+    let request = csr(vec![SanType::URI(sleep.to_string().try_into().unwrap())]);
+    let ask = || client.create_certificate(&request, &sleep, Duration::from_secs(3600));
+    ask().await.unwrap();
+
+    let old_root = ca.root_pem();
+    ca.new_root().await.unwrap();
+    assert_ne!(ca.root_pem(), old_root);
+    // Still trusting the old root: the CA's new certificate is refused.
+    let err = ask().await.unwrap_err();
+    assert!(
+        matches!(&err, CaError::Unreachable(e) if e.contains("TLS handshake")),
+        "{err}"
+    );
+    // A root file that is not PEM leaves the old trust in place ...
+    std::fs::write(&roots, "not a certificate").unwrap();
+    assert!(ask().await.is_err());
+    // ... and the new root, once there, is trusted on the next connection.
+    std::fs::write(&roots, ca.root_pem()).unwrap();
+    let chain = ask().await.unwrap();
+    assert_eq!(chain.last().map(|r| r.trim()), Some(ca.root_pem().trim()));
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_rotation_under_a_live_mtls_connection_drops_no_byte() {
     let ca = ca().await;
     let certs = manager(&ca, "node-a", Duration::from_secs(4));

@@ -169,13 +169,12 @@ pub async fn run(options: WaypointOptions) -> Result<()> {
         "HTTP requests through the waypoint",
         requests.clone(),
     );
-    let ca = CaClient::new(CaClientConfig {
-        address: options.ca_address.clone(),
-        server_name: options.ca_server_name.clone(),
-        roots_pem: std::fs::read_to_string(&options.ca_root)
-            .with_context(|| format!("reading {}", options.ca_root.display()))?,
-        token_file: options.ca_token.clone(),
-    })?;
+    let ca = CaClient::new(CaClientConfig::from_files(
+        &options.ca_address,
+        &options.ca_server_name,
+        &options.ca_root,
+        &options.ca_token,
+    )?)?;
     let mut cert_config = CertManagerConfig::new(&options.trust_domain);
     cert_config.trust_domain_aliases = options.trust_domain_aliases.clone();
     cert_config.ttl = options.cert_ttl;

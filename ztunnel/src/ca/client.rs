@@ -26,8 +26,33 @@ pub struct CaClientConfig {
     pub server_name: String,
     /// Roots that signed the CA's serving certificate.
     pub roots_pem: String,
+    /// Where the roots come from, if a file: read again before every new
+    /// connection, so a CA given a new root is trusted once the file says so (a
+    /// ConfigMap volume follows the ConfigMap).
+    pub roots_file: Option<PathBuf>,
     /// The caller's credential, re-read for every call (tokens rotate).
     pub token_file: PathBuf,
+}
+
+impl CaClientConfig {
+    /// A client of the CA at `address` (named `server_name`), trusting the roots in
+    /// `roots_file`, authenticated by the token in `token_file`.
+    pub fn from_files(
+        address: &str,
+        server_name: &str,
+        roots_file: &std::path::Path,
+        token_file: &std::path::Path,
+    ) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        Ok(Self {
+            address: address.to_owned(),
+            server_name: server_name.to_owned(),
+            roots_pem: std::fs::read_to_string(roots_file)
+                .with_context(|| format!("reading {}", roots_file.display()))?,
+            roots_file: Some(roots_file.to_owned()),
+            token_file: token_file.to_owned(),
+        })
+    }
 }
 
 /// Why a call failed: the CA said no, or it could not be reached.
@@ -52,26 +77,59 @@ impl std::error::Error for CaError {}
 
 pub struct CaClient {
     config: CaClientConfig,
-    tls: TlsConnector,
+    /// The roots in force (as read) and the connector trusting them.
+    tls: std::sync::Mutex<(String, TlsConnector)>,
     connection: Mutex<Option<SendRequest<Full<Bytes>>>>,
+}
+
+/// A TLS connector trusting exactly these roots.
+fn connector(roots_pem: &str) -> anyhow::Result<TlsConnector> {
+    let mut roots = rustls::RootCertStore::empty();
+    for root in crate::tls::parse_certs(roots_pem)? {
+        roots.add(root)?;
+    }
+    let mut tls = rustls::ClientConfig::builder_with_provider(crate::tls::crypto_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![crate::tls::ALPN_H2.to_vec()];
+    Ok(TlsConnector::from(Arc::new(tls)))
 }
 
 impl CaClient {
     pub fn new(config: CaClientConfig) -> anyhow::Result<Self> {
-        let mut roots = rustls::RootCertStore::empty();
-        for root in crate::tls::parse_certs(&config.roots_pem)? {
-            roots.add(root)?;
-        }
-        let mut tls = rustls::ClientConfig::builder_with_provider(crate::tls::crypto_provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        tls.alpn_protocols = vec![crate::tls::ALPN_H2.to_vec()];
+        let tls = connector(&config.roots_pem)?;
         Ok(Self {
+            tls: std::sync::Mutex::new((config.roots_pem.clone(), tls)),
             config,
-            tls: TlsConnector::from(Arc::new(tls)),
             connection: Mutex::new(None),
         })
+    }
+
+    /// The connector for a new connection, trusting the roots file as it is now;
+    /// one that cannot be read or parsed leaves the roots as they were.
+    fn current_connector(&self) -> TlsConnector {
+        let mut current = self.tls.lock().unwrap();
+        if let Some(path) = &self.config.roots_file {
+            match std::fs::read_to_string(path) {
+                Ok(pem) if pem != current.0 => match connector(&pem) {
+                    Ok(tls) => {
+                        tracing::info!(file = %path.display(), "the CA's roots changed: trusting the new ones");
+                        *current = (pem, tls);
+                    }
+                    Err(e) => tracing::warn!(
+                        file = %path.display(),
+                        "the CA's roots changed but are not usable, keeping the previous: {e:#}"
+                    ),
+                },
+                Ok(_) => {}
+                Err(e) => tracing::warn!(
+                    file = %path.display(),
+                    "reading the CA's roots, keeping the previous: {e}"
+                ),
+            }
+        }
+        current.1.clone()
     }
 
     /// Asks for a certificate for `identity` (the CSR's SAN), on its behalf.
@@ -145,7 +203,8 @@ impl CaClient {
         let _ = tcp.set_nodelay(true);
         let name = ServerName::try_from(self.config.server_name.clone())
             .map_err(|e| unreachable(format!("server name: {e}")))?;
-        let tls = tokio::time::timeout(CONNECT_TIMEOUT, self.tls.connect(name, tcp))
+        let tls = self.current_connector();
+        let tls = tokio::time::timeout(CONNECT_TIMEOUT, tls.connect(name, tcp))
             .await
             .map_err(|_| unreachable("TLS handshake timed out".into()))?
             .map_err(|e| unreachable(format!("TLS handshake: {e}")))?;

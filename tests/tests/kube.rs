@@ -319,6 +319,25 @@ async fn the_ca_keeps_its_root_in_a_secret_publishes_it_and_knows_which_node_run
     })
     .await;
     assert_eq!(root_in("plain"), None);
+    // A namespace deleted (with its ConfigMap) and created again gets the root
+    // again, without waiting for the periodic check. "another" marks a pass made
+    // after the deletion.
+    let later = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "later"}});
+    api.delete(&json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "ztunnel-ca-root", "namespace": "later"}}));
+    api.delete(&later);
+    api.apply_yaml(&testbed::mesh::namespace_yaml("another", true));
+    eventually(Duration::from_secs(15), "the root in another", || async {
+        root_in("another").is_some()
+    })
+    .await;
+    api.apply_yaml(&testbed::mesh::namespace_yaml("later", true));
+    eventually(
+        Duration::from_secs(15),
+        "the root in later again",
+        || async { root_in("later") == Some(json!("NEW ROOT")) },
+    )
+    .await;
     publisher.abort();
 
     // Which node runs which workload, from the watched pods.

@@ -378,11 +378,13 @@ pub async fn publish_root_in_ambient_namespaces(
             }
         }
     });
-    if store.wait_until_ready().await.is_err() {
+    if let Err(e) = store.wait_until_ready().await {
+        tracing::warn!("namespaces never listed ({e}): the root is not published in them");
         return;
     }
     let mut published = std::collections::HashSet::new();
     let mut republish = tokio::time::interval(REPUBLISH);
+    republish.tick().await;
     loop {
         let ambient: Vec<String> = store
             .state()
@@ -396,6 +398,9 @@ pub async fn publish_root_in_ambient_namespaces(
             })
             .filter_map(|ns| ns.metadata.name.clone())
             .collect();
+        // A namespace deleted (or no longer ambient) is forgotten: re-created, it
+        // gets the root again at once.
+        published.retain(|ns| ambient.contains(ns));
         let mut failed = false;
         for namespace in ambient {
             if published.contains(&namespace) {

@@ -119,47 +119,41 @@ pub async fn watch(
         reported: Vec::new(),
         metrics,
     };
-    let (first, incomplete) = builder.build(true);
-    let mut pending_since = incomplete.then(tokio::time::Instant::now);
+    let (first, mut retry) = builder.build(true);
+    let first = first.expect("a build from the objects makes a snapshot");
     builder.metrics.updates.inc();
     let (tx, rx) = watch::channel(Arc::new(first));
     tokio::spawn(async move {
         let mut resync = tokio::time::interval(builder.options.resync);
         resync.tick().await;
         loop {
-            let retry = match pending_since {
-                Some(since) if since.elapsed() < RUNTIME_RETRY_FAST_FOR => RUNTIME_RETRY,
-                _ => RUNTIME_RETRY_SLOW,
-            };
             // A retry only looks at the node again; the objects have not changed.
             let objects_changed = tokio::select! {
                 _ = changed.notified() => true,
                 _ = resync.tick() => true,
-                _ = tokio::time::sleep(retry), if pending_since.is_some() => false,
+                _ = tokio::time::sleep(retry.unwrap_or_default()), if retry.is_some() => false,
             };
             // Building walks every object (and the node's cgroups): not on the
             // proxy's threads.
-            let (b, (snapshot, missing)) = tokio::task::spawn_blocking(move || {
+            let (b, (snapshot, next)) = tokio::task::spawn_blocking(move || {
                 let built = builder.build(objects_changed);
                 (builder, built)
             })
             .await
             .expect("the snapshot builder does not panic");
             builder = b;
-            pending_since = match (missing, pending_since) {
-                (false, _) => None,
-                (true, None) => Some(tokio::time::Instant::now()),
-                (true, since) => since,
-            };
+            retry = next;
             let stop = tx.is_closed();
-            if tx.send_if_modified(|current| {
-                let changed = **current != snapshot;
-                if changed {
-                    *current = Arc::new(snapshot);
+            if let Some(snapshot) = snapshot {
+                if tx.send_if_modified(|current| {
+                    let changed = **current != snapshot;
+                    if changed {
+                        *current = Arc::new(snapshot);
+                    }
+                    changed
+                }) {
+                    builder.metrics.updates.inc();
                 }
-                changed
-            }) {
-                builder.metrics.updates.inc();
             }
             if stop {
                 return;
@@ -178,9 +172,9 @@ struct Builder {
     translated: Snapshot,
     /// Pods of this node already found, by UID.
     runtimes: HashMap<String, discovery::PodRuntime>,
-    /// Pods of this node not found yet, by UID: since when, and whether that was
-    /// reported.
-    unlocated_since: HashMap<String, (std::time::Instant, bool)>,
+    /// Pods of this node not found yet, by UID: since when, whether that was
+    /// reported, and the pod's `namespace/name`.
+    unlocated_since: HashMap<String, (std::time::Instant, bool, String)>,
     /// The refusals last logged, so a resync does not repeat them.
     reported: Vec<String>,
     metrics: ConfigMetrics,
@@ -188,34 +182,60 @@ struct Builder {
 
 impl Builder {
     /// The snapshot (from the stores when `objects_changed`, else from the last
-    /// translation), and whether a pod of this node still lacks its runtime.
-    fn build(&mut self, objects_changed: bool) -> (Snapshot, bool) {
+    /// translation; None when only the node was looked at and nothing was found),
+    /// and when to look for this node's missing pods again (None: none missing).
+    fn build(&mut self, objects_changed: bool) -> (Option<Snapshot>, Option<Duration>) {
+        let node = self.options.node.clone();
+        let node = node.as_str();
         if objects_changed {
             self.translate();
+        } else if let Some(root) = &self.options.pod_cgroup_root {
+            let before = self.runtimes.len();
+            let lost = discover(&self.translated, node, root, &mut self.runtimes);
+            if !lost && self.runtimes.len() == before {
+                self.warn_overdue();
+                return (None, self.retry());
+            }
         }
         let mut snapshot = self.translated.clone();
         let unlocated = locate_pods(
             &mut snapshot,
-            &self.options.node,
+            node,
             self.options.pod_cgroup_root.as_deref(),
             &mut self.runtimes,
         );
-        self.report_unlocated(&unlocated);
-        (snapshot, !unlocated.is_empty())
-    }
-
-    /// Says which pods of this node are still not found after a while: until they
-    /// are, their traffic is outside the mesh.
-    fn report_unlocated(&mut self, unlocated: &[Unlocated]) {
         let now = std::time::Instant::now();
         self.unlocated_since
             .retain(|uid, _| unlocated.iter().any(|(u, _)| u == uid));
         for (uid, pod) in unlocated {
-            let (since, warned) = self
-                .unlocated_since
-                .entry(uid.clone())
-                .or_insert((now, false));
-            if !*warned && now - *since >= RUNTIME_RETRY_FAST_FOR {
+            self.unlocated_since.entry(uid).or_insert((now, false, pod));
+        }
+        self.metrics
+            .pods_unlocated
+            .set(self.unlocated_since.len() as i64);
+        self.warn_overdue();
+        (Some(snapshot), self.retry())
+    }
+
+    /// Often while a pod has just been placed here, then less for one that does
+    /// not come.
+    fn retry(&self) -> Option<Duration> {
+        let youngest = self
+            .unlocated_since
+            .values()
+            .map(|(since, ..)| since.elapsed())
+            .min()?;
+        Some(match youngest < RUNTIME_RETRY_FAST_FOR {
+            true => RUNTIME_RETRY,
+            false => RUNTIME_RETRY_SLOW,
+        })
+    }
+
+    /// Says which pods of this node are still not found after a while: until they
+    /// are, their traffic is outside the mesh.
+    fn warn_overdue(&mut self) {
+        for (uid, (since, warned, pod)) in &mut self.unlocated_since {
+            if !*warned && since.elapsed() >= RUNTIME_RETRY_FAST_FOR {
                 *warned = true;
                 tracing::warn!(
                     pod = %pod,
@@ -225,7 +245,6 @@ impl Builder {
                 );
             }
         }
-        self.metrics.pods_unlocated.set(unlocated.len() as i64);
     }
 
     fn translate(&mut self) {
@@ -309,6 +328,55 @@ fn locate_pods(
     }
 }
 
+/// This node's pods: those with an address (not on the host's network), by UID.
+fn local_uids<'a>(snapshot: &'a Snapshot, node: &'a str) -> impl Iterator<Item = &'a String> {
+    snapshot
+        .pods
+        .values()
+        .filter(move |p| p.node_name == node && p.ip.is_some())
+        .filter_map(|p| p.uid.as_ref())
+}
+
+/// Brings `known` up to date with the node: forgets pods gone (or whose sandbox
+/// was replaced) and finds those not known yet. Returns whether some were
+/// forgotten.
+fn discover(
+    snapshot: &Snapshot,
+    node: &str,
+    root: &std::path::Path,
+    known: &mut HashMap<String, discovery::PodRuntime>,
+) -> bool {
+    let uids: HashSet<&String> = local_uids(snapshot, node).collect();
+    let before = known.len();
+    // A runtime is stale once its process or cgroup is gone.
+    known.retain(|uid, runtime| {
+        uids.contains(uid) && runtime.netns.exists() && runtime.cgroup.exists()
+    });
+    let lost = known.len() != before;
+    let missing: Vec<&String> = uids
+        .into_iter()
+        .filter(|u| !known.contains_key(*u))
+        .collect();
+    if missing.is_empty() {
+        return lost;
+    }
+    match discovery::pod_cgroups(root) {
+        Ok(cgroups) => {
+            for uid in missing {
+                match cgroups.get(uid).map(|c| discovery::runtime_of(c)) {
+                    Some(Ok(Some(runtime))) => {
+                        known.insert(uid.clone(), runtime);
+                    }
+                    Some(Err(e)) => tracing::debug!(uid = %uid, "reading the pod's cgroup: {e}"),
+                    _ => {}
+                }
+            }
+        }
+        Err(e) => tracing::debug!(root = %root.display(), "listing the node's pod cgroups: {e}"),
+    }
+    lost
+}
+
 /// Fills in where this node's pods live (their network namespace and cgroup), found
 /// from their UID. Returns the pods not found.
 fn attach_runtimes(
@@ -317,42 +385,13 @@ fn attach_runtimes(
     root: &std::path::Path,
     known: &mut HashMap<String, discovery::PodRuntime>,
 ) -> Vec<Unlocated> {
-    let local = |pod: &super::Pod| pod.node_name == node && pod.ip.is_some();
-    let uids: HashSet<&String> = snapshot
-        .pods
-        .values()
-        .filter(|p| local(p))
-        .filter_map(|p| p.uid.as_ref())
-        .collect();
-    // A runtime is stale once its process is gone (the sandbox was recreated).
-    known.retain(|uid, runtime| uids.contains(uid) && runtime.netns.exists());
-    let missing: Vec<&String> = uids
-        .iter()
-        .copied()
-        .filter(|u| !known.contains_key(*u))
-        .collect();
-    if !missing.is_empty() {
-        match discovery::pod_cgroups(root) {
-            Ok(cgroups) => {
-                for uid in missing {
-                    match cgroups.get(uid).map(|c| discovery::runtime_of(c)) {
-                        Some(Ok(Some(runtime))) => {
-                            known.insert(uid.clone(), runtime);
-                        }
-                        Some(Err(e)) => {
-                            tracing::debug!(uid = %uid, "reading the pod's cgroup: {e}")
-                        }
-                        _ => {}
-                    }
-                }
-            }
-            Err(e) => {
-                tracing::debug!(root = %root.display(), "listing the node's pod cgroups: {e}")
-            }
-        }
-    }
+    discover(snapshot, node, root, known);
     let mut unlocated = Vec::new();
-    for pod in snapshot.pods.values_mut().filter(|p| local(p)) {
+    for pod in snapshot
+        .pods
+        .values_mut()
+        .filter(|p| p.node_name == node && p.ip.is_some())
+    {
         let Some(uid) = &pod.uid else { continue };
         match known.get(uid) {
             Some(runtime) => {
@@ -372,7 +411,14 @@ pub struct Translator {
     last_good: HashMap<Key, Object>,
     /// What each stored object came to at its resourceVersion: one that has not
     /// changed since the last build is not parsed again.
-    seen: HashMap<(&'static str, String, String), (String, Outcome)>,
+    seen: HashMap<(&'static str, String, String), Seen>,
+}
+
+/// An object as last translated: its resourceVersion and UID, and the outcome.
+struct Seen {
+    version: String,
+    uid: Option<String>,
+    outcome: Outcome,
 }
 
 /// What became of one object.
@@ -418,16 +464,33 @@ impl Translator {
                 object.metadata.name.clone().unwrap_or_default(),
             );
             let version = object.metadata.resource_version.clone();
+            let uid = object.metadata.uid.clone();
             let outcome = match self.seen.remove(&id) {
-                Some((was, outcome)) if Some(&was) == version.as_ref() => outcome,
-                _ => match to_value(resource, object) {
-                    Some(value) => self.translate_one(value),
-                    None => continue,
-                },
+                Some(seen) if Some(&seen.version) == version.as_ref() => seen.outcome,
+                previous => {
+                    // Deleted and created again under the same name: what was good
+                    // of the old object is not a version of this one.
+                    if let Some(old) = previous.filter(|p| p.uid != uid) {
+                        if let Outcome::Parsed(key) | Outcome::Refused(Some(key), _) = old.outcome {
+                            self.last_good.remove(&key);
+                        }
+                    }
+                    match to_value(resource, object) {
+                        Some(value) => self.translate_one(value),
+                        None => continue,
+                    }
+                }
             };
             file(&outcome, &mut in_force, &mut errors);
             if let Some(version) = version {
-                seen.insert(id, (version, outcome));
+                seen.insert(
+                    id,
+                    Seen {
+                        version,
+                        uid,
+                        outcome,
+                    },
+                );
             }
         }
         self.seen = seen;
@@ -525,6 +588,14 @@ mod tests {
   {"apiVersion": "v1", "kind": "Service",
    "metadata": {"name": "by-hand", "namespace": "shop"},
    "spec": {"clusterIP": "10.96.12.36", "ports": [{"port": 5432}]}},
+  {"apiVersion": "v1", "kind": "Service",
+   "metadata": {"name": "single", "namespace": "shop"},
+   "spec": {"clusterIP": "10.96.12.37", "selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": "web-http"}]}},
+  {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+   "metadata": {"name": "single-q8z4n", "namespace": "shop", "labels": {"kubernetes.io/service-name": "single"}},
+   "addressType": "IPv4",
+   "endpoints": [{"addresses": ["10.244.0.5"], "conditions": {"ready": true}}],
+   "ports": [{"name": "", "port": 8080, "protocol": "TCP"}]},
   {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
    "metadata": {"name": "by-hand-1", "namespace": "shop", "labels": {"kubernetes.io/service-name": "by-hand"}},
    "addressType": "IPv4",
@@ -591,6 +662,14 @@ mod tests {
             .map(|p| (p.port, p.target_port))
             .collect();
         assert_eq!(ports, vec![(80, 8080)]);
+        // The one port of a Service has no name, and its slice says "" for it.
+        let single = state
+            .service_by_vip("10.96.12.37".parse().unwrap())
+            .unwrap();
+        assert_eq!(
+            (single.ports[0].port, single.ports[0].target_port),
+            (80, 8080)
+        );
         // A service without a selector has the endpoints its slices list (ready ones).
         let by_hand = state
             .service_by_vip("10.96.12.36".parse().unwrap())
@@ -728,6 +807,18 @@ mod tests {
                 "{errors:?}"
             );
         }
+
+        // Deleted and created again, broken, between two builds: the old version
+        // does not come back under the new object's name.
+        let policy = values
+            .iter_mut()
+            .find(|v| v["kind"] == "AuthorizationPolicy")
+            .unwrap();
+        policy["metadata"]["uid"] = "recreated".into();
+        policy["metadata"]["resourceVersion"] = "4".into();
+        let (snapshot, errors) = translate(&mut translator, &stored(&values));
+        assert!(snapshot.policies.is_empty(), "{:?}", snapshot.policies);
+        assert_eq!(errors.len(), 2, "{errors:?}");
 
         // A changed pod is seen; a deleted policy is gone.
         let pod = values.iter_mut().find(|v| v["kind"] == "Pod").unwrap();

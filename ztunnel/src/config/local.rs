@@ -460,13 +460,16 @@ pub(super) fn parse(key: &Key, value: serde_yaml::Value) -> Result<Object> {
                     }
                 }
             }
-            let mut ports = Vec::new();
-            for (i, p) in slice.ports.into_iter().enumerate() {
-                match p.port {
-                    Some(port) if port > 0 => ports.push((p.name, port)),
-                    _ => bail!("ports[{i}].port: missing or 0"),
-                }
-            }
+            // A port without a number says "all ports": nothing to resolve a name to.
+            // The API writes "" for a port without a name; a Service port without
+            // one comes without the field.
+            let ports = slice
+                .ports
+                .into_iter()
+                .filter_map(|p| {
+                    Some((p.name.filter(|n| !n.is_empty()), p.port.filter(|n| *n > 0)?))
+                })
+                .collect();
             Object::EndpointSlice(EndpointSlice {
                 name,
                 namespace,
@@ -550,7 +553,7 @@ pub(super) fn parse(key: &Key, value: serde_yaml::Value) -> Result<Object> {
                     Some(other) => bail!("spec.ports[{i}].targetPort: {other:?} is not a port"),
                 };
                 ports.push(ServicePort {
-                    name: p.name,
+                    name: p.name.filter(|n| !n.is_empty()),
                     port: p.port,
                     target_port,
                     target_port_name,

@@ -157,41 +157,50 @@ impl CaClient {
             validity_duration: ttl.as_secs() as i64,
             metadata: Some(metadata),
         };
-        let request = Request::post(format!(
-            "https://{}{}",
-            self.config.server_name,
-            grpc::CREATE_CERTIFICATE_PATH
-        ))
-        .header(http::header::CONTENT_TYPE, grpc::CONTENT_TYPE)
-        .header("te", "trailers")
-        .header(
-            http::header::AUTHORIZATION,
-            format!("Bearer {}", token.trim()),
-        )
-        .body(Full::new(grpc::frame(&message)))
-        .map_err(|e| CaError::Unreachable(e.to_string()))?;
+        let body = grpc::frame(&message);
+        let request = || {
+            Request::post(format!(
+                "https://{}{}",
+                self.config.server_name,
+                grpc::CREATE_CERTIFICATE_PATH
+            ))
+            .header(http::header::CONTENT_TYPE, grpc::CONTENT_TYPE)
+            .header("te", "trailers")
+            .header(
+                http::header::AUTHORIZATION,
+                format!("Bearer {}", token.trim()),
+            )
+            .body(Full::new(body.clone()))
+            .map_err(|e| CaError::Unreachable(e.to_string()))
+        };
         let call = async {
-            let mut sender = self.sender().await?;
-            let response = match sender.send_request(request).await {
-                Ok(response) => response,
-                Err(e) => {
-                    // Never reuse a connection that failed a call.
-                    *self.connection.lock().await = None;
-                    return Err(CaError::Unreachable(format!("sending the request: {e}")));
+            loop {
+                let (mut sender, reused) = self.sender().await?;
+                match sender.send_request(request()?).await {
+                    Ok(response) => return decode(response).await,
+                    Err(e) => {
+                        // Never reuse a connection that failed a call.
+                        *self.connection.lock().await = None;
+                        // One the CA closed (it restarted) may not look closed
+                        // yet: that is no reason to fail, try a new one.
+                        if !reused {
+                            return Err(CaError::Unreachable(format!("sending the request: {e}")));
+                        }
+                    }
                 }
-            };
-            decode(response).await
+            }
         };
         tokio::time::timeout(CALL_TIMEOUT, call)
             .await
             .map_err(|_| CaError::Unreachable("the call timed out".into()))?
     }
 
-    async fn sender(&self) -> Result<SendRequest<Full<Bytes>>, CaError> {
+    /// A connection to send on, and whether it was already open.
+    async fn sender(&self) -> Result<(SendRequest<Full<Bytes>>, bool), CaError> {
         let mut slot = self.connection.lock().await;
         if let Some(sender) = slot.as_ref() {
             if !sender.is_closed() {
-                return Ok(sender.clone());
+                return Ok((sender.clone(), true));
             }
         }
         let unreachable = |e: String| CaError::Unreachable(e);
@@ -218,7 +227,7 @@ impl CaClient {
             }
         });
         *slot = Some(sender.clone());
-        Ok(sender)
+        Ok((sender, false))
     }
 }
 

@@ -5,7 +5,15 @@
 //! the list does not name is a call RBAC does not grant, and a grant the list does
 //! not name is privilege nobody uses.
 
-use kube::core::{ApiResource, GroupVersionKind};
+use futures_util::StreamExt;
+use kube::{
+    api::{Api, DynamicObject},
+    core::{ApiResource, GroupVersionKind},
+    runtime::{
+        reflector::{self, Store},
+        watcher, WatchStreamExt,
+    },
+};
 
 /// A kind of API object.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -196,6 +204,46 @@ pub const PARTS: &[(&str, &[Access])] = &[
     ("ztunnel-ca", CA),
     ("waypoint", CONFIG),
 ];
+
+/// A store of every `resource` object of the cluster, kept by a reflector (list,
+/// then watch, listing again with backoff after errors), each object pruned of
+/// what the mesh never reads. `on_change` runs after each change to the store and
+/// once the first list is in (not for each object of a relist); `on_error` after
+/// each error, which is logged: the store keeps its last state meanwhile.
+pub fn reflect(
+    client: kube::Client,
+    resource: Resource,
+    on_change: impl Fn() + Send + 'static,
+    on_error: impl Fn() + Send + 'static,
+) -> Store<DynamicObject> {
+    let api_resource = resource.api_resource();
+    let api = Api::<DynamicObject>::all_with(client, &api_resource);
+    let writer = reflector::store::Writer::new(api_resource);
+    let store = writer.as_reader();
+    tokio::spawn(async move {
+        let events = watcher(api, watcher::Config::default())
+            .default_backoff()
+            .modify(move |object| crate::config::kube::prune(resource, object))
+            .reflect(writer);
+        let mut events = std::pin::pin!(events);
+        while let Some(event) = events.next().await {
+            match event {
+                Ok(
+                    watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone,
+                ) => on_change(),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(
+                        kind = resource.kind,
+                        "watching the API server: {e}; retrying, the last state stays"
+                    );
+                    on_error();
+                }
+            }
+        }
+    });
+    store
+}
 
 /// A client for the cluster the process runs in (or the kubeconfig's, outside one).
 pub async fn client() -> anyhow::Result<kube::Client> {

@@ -12,7 +12,6 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use futures_util::StreamExt;
 use k8s_openapi::{
     api::{
         authentication::v1::{TokenReview as Review, TokenReviewSpec},
@@ -22,10 +21,7 @@ use k8s_openapi::{
 };
 use kube::{
     api::{Api, DynamicObject, ObjectMeta, PostParams},
-    runtime::{
-        reflector::{self, Store},
-        watcher, WatchStreamExt,
-    },
+    runtime::reflector::Store,
 };
 
 use super::auth::{AuthFuture, Authenticator, Caller, NodeAuthorizer};
@@ -162,22 +158,7 @@ impl KubePods {
     /// Starts the watch; answers are refusals until the first list is in.
     pub fn start(client: kube::Client) -> Self {
         debug_assert!(k8s::granted(k8s::CA, k8s::PODS, "watch", None));
-        let resource = k8s::PODS.api_resource();
-        let api = Api::<DynamicObject>::all_with(client, &resource);
-        let writer = reflector::store::Writer::new(resource);
-        let store = writer.as_reader();
-        tokio::spawn(async move {
-            let events = watcher(api, watcher::Config::default())
-                .default_backoff()
-                .modify(|pod| crate::config::kube::prune(k8s::PODS, pod))
-                .reflect(writer);
-            let mut events = std::pin::pin!(events);
-            while let Some(event) = events.next().await {
-                if let Err(e) = event {
-                    tracing::warn!("watching pods: {e}; retrying, the last state stays");
-                }
-            }
-        });
+        let store = k8s::reflect(client, k8s::PODS, || {}, || {});
         Self { store }
     }
 
@@ -360,24 +341,14 @@ pub async fn publish_root_in_ambient_namespaces(
     root_pem: String,
 ) {
     debug_assert!(k8s::granted(k8s::CA, k8s::NAMESPACES, "watch", None));
-    let resource = k8s::NAMESPACES.api_resource();
-    let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
-    let writer = reflector::store::Writer::new(resource);
-    let store = writer.as_reader();
     let changed = std::sync::Arc::new(tokio::sync::Notify::new());
     let notify = changed.clone();
-    tokio::spawn(async move {
-        let events = watcher(api, watcher::Config::default())
-            .default_backoff()
-            .reflect(writer);
-        let mut events = std::pin::pin!(events);
-        while let Some(event) = events.next().await {
-            match event {
-                Ok(_) => notify.notify_one(),
-                Err(e) => tracing::warn!("watching namespaces: {e}; retrying"),
-            }
-        }
-    });
+    let store = k8s::reflect(
+        client.clone(),
+        k8s::NAMESPACES,
+        move || notify.notify_one(),
+        || {},
+    );
     if let Err(e) = store.wait_until_ready().await {
         tracing::warn!("namespaces never listed ({e}): the root is not published in them");
         return;

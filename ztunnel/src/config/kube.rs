@@ -17,14 +17,7 @@ use std::{
 };
 
 use anyhow::Result;
-use futures_util::StreamExt;
-use kube::{
-    api::{Api, DynamicObject},
-    runtime::{
-        reflector::{self, Store},
-        watcher, WatchStreamExt,
-    },
-};
+use kube::{api::DynamicObject, runtime::reflector::Store};
 use serde_json::Value;
 use tokio::sync::{watch, Notify};
 
@@ -63,37 +56,17 @@ pub async fn watch(
     let changed = Arc::new(Notify::new());
     let mut stores = Vec::new();
     for access in k8s::CONFIG {
-        let resource = access.resource;
-        let api_resource = resource.api_resource();
-        let api = Api::<DynamicObject>::all_with(client.clone(), &api_resource);
-        let writer = reflector::store::Writer::new(api_resource);
-        stores.push((resource, writer.as_reader()));
         let changed = changed.clone();
         let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let events = watcher(api, watcher::Config::default())
-                .default_backoff()
-                .modify(move |object| prune(resource, object))
-                .reflect(writer);
-            let mut events = std::pin::pin!(events);
-            while let Some(event) = events.next().await {
-                match event {
-                    Ok(
-                        watcher::Event::Apply(_)
-                        | watcher::Event::Delete(_)
-                        | watcher::Event::InitDone,
-                    ) => changed.notify_one(),
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::warn!(
-                            kind = resource.kind,
-                            "watching the API server: {e}; retrying, the last state stays"
-                        );
-                        metrics.source_errors.inc();
-                    }
-                }
-            }
-        });
+        let store = k8s::reflect(
+            client.clone(),
+            access.resource,
+            move || changed.notify_one(),
+            move || {
+                metrics.source_errors.inc();
+            },
+        );
+        stores.push((access.resource, store));
     }
     for (resource, store) in &stores {
         loop {

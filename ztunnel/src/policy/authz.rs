@@ -559,22 +559,19 @@ fn list_excludes(patterns: &[StringMatch], values: &[&str]) -> bool {
     !patterns.iter().any(|p| values.iter().any(|v| p.matches(v)))
 }
 
-/// The peer's principal in every accepted trust domain (aliases are one domain).
-fn principals(conn: &Connection, tds: &[String]) -> Vec<String> {
-    match &conn.source_identity {
-        Some(id) if tds.iter().any(|d| d == id.trust_domain()) => tds
-            .iter()
-            .map(|td| format!("{td}/ns/{}/sa/{}", id.namespace(), id.service_account()))
-            .collect(),
-        Some(id) => vec![id.principal()],
-        None => Vec::new(),
+/// Istio judges a peer without mTLS as having an empty principal, namespace and
+/// service account (ISTIO-SECURITY-2021-004): a positive list never matches it
+/// (not even `*`), a negated list does unless one of its patterns matches "".
+fn identity_list(patterns: &[StringMatch], values: Option<&[String]>, negated: bool) -> bool {
+    if patterns.is_empty() {
+        return true;
     }
-}
-
-fn any_principal(patterns: &[StringMatch], conn: &Connection, tds: &[String]) -> Option<bool> {
-    let names = principals(conn, tds);
-    // No identity (plaintext): identity-based fields never match.
-    (!names.is_empty()).then(|| patterns.iter().any(|p| names.iter().any(|n| p.matches(n))))
+    let found = match values {
+        Some(values) => patterns.iter().any(|p| values.iter().any(|v| p.matches(v))),
+        None if negated => patterns.iter().any(|p| p.matches("")),
+        None => return false,
+    };
+    found != negated
 }
 
 impl Source {
@@ -594,17 +591,16 @@ impl Source {
     }
 
     fn matches_l4(&self, conn: &Connection, tds: &[String]) -> bool {
-        let identity = conn.source_identity.as_ref();
-        let namespace = identity.map(|id| id.namespace());
-        let account = identity.map(|id| format!("{}/{}", id.namespace(), id.service_account()));
-        let ns_matches =
-            |list: &[StringMatch]| namespace.is_some_and(|ns| list.iter().any(|p| p.matches(ns)));
-        (self.principals.is_empty() || any_principal(&self.principals, conn, tds) == Some(true))
-            && (self.not_principals.is_empty()
-                || any_principal(&self.not_principals, conn, tds) == Some(false))
-            && (self.namespaces.is_empty() || ns_matches(&self.namespaces))
-            && (self.not_namespaces.is_empty()
-                || (namespace.is_some() && !ns_matches(&self.not_namespaces)))
+        let peer = Peer::of(conn, tds);
+        let accounts = |list: &[String], negated: bool| {
+            let patterns: Vec<StringMatch> =
+                list.iter().map(|a| StringMatch::Exact(a.clone())).collect();
+            identity_list(&patterns, peer.account.as_deref(), negated)
+        };
+        identity_list(&self.principals, peer.principals.as_deref(), false)
+            && identity_list(&self.not_principals, peer.principals.as_deref(), true)
+            && identity_list(&self.namespaces, peer.namespace.as_deref(), false)
+            && identity_list(&self.not_namespaces, peer.namespace.as_deref(), true)
             && (self.ip_blocks.is_empty()
                 || self.ip_blocks.iter().any(|c| c.contains(conn.source_ip)))
             && (self.not_ip_blocks.is_empty()
@@ -612,21 +608,49 @@ impl Source {
                     .not_ip_blocks
                     .iter()
                     .any(|c| c.contains(conn.source_ip)))
-            && (self.service_accounts.is_empty()
-                || account
-                    .as_ref()
-                    .is_some_and(|a| self.service_accounts.contains(a) && trusted(conn, tds)))
-            && (self.not_service_accounts.is_empty()
-                || account
-                    .as_ref()
-                    .is_some_and(|a| !self.not_service_accounts.contains(a)))
+            && accounts(&self.service_accounts, false)
+            && accounts(&self.not_service_accounts, true)
     }
 }
 
-fn trusted(conn: &Connection, tds: &[String]) -> bool {
-    conn.source_identity
-        .as_ref()
-        .is_some_and(|id| tds.iter().any(|d| d == id.trust_domain()))
+/// The peer's proven identity attributes; None for each when it has no identity
+/// (plaintext).
+struct Peer {
+    /// Its principal in every accepted trust domain (aliases are one domain).
+    principals: Option<Vec<String>>,
+    namespace: Option<Vec<String>>,
+    /// `namespace/name`, only for a trusted domain.
+    account: Option<Vec<String>>,
+}
+
+impl Peer {
+    fn of(conn: &Connection, tds: &[String]) -> Self {
+        let Some(id) = &conn.source_identity else {
+            return Self {
+                principals: None,
+                namespace: None,
+                account: None,
+            };
+        };
+        let trusted = tds.iter().any(|d| d == id.trust_domain());
+        let principals = if trusted {
+            tds.iter()
+                .map(|td| format!("{td}/ns/{}/sa/{}", id.namespace(), id.service_account()))
+                .collect()
+        } else {
+            vec![id.principal()]
+        };
+        Self {
+            principals: Some(principals),
+            namespace: Some(vec![id.namespace().to_owned()]),
+            // An account of a foreign trust domain is none of ours.
+            account: Some(vec![if trusted {
+                format!("{}/{}", id.namespace(), id.service_account())
+            } else {
+                String::new()
+            }]),
+        }
+    }
 }
 
 impl Operation {
@@ -679,34 +703,36 @@ impl Condition {
             // In the tunnel: unseen, judged on the rest of the rule.
             return !matches!(self.key, ConditionKey::Unsupported) || req.is_none();
         }
-        let test = |value: &str| -> Option<bool> {
+        let identity = |values: &[String], negated: bool| -> bool {
+            let patterns: Vec<StringMatch> = values.iter().map(|v| StringMatch::parse(v)).collect();
+            let peer = Peer::of(conn, tds);
             match self.key {
-                ConditionKey::SourceIp => {
-                    Some(Cidr::parse(value).is_ok_and(|c| c.contains(conn.source_ip)))
-                }
-                ConditionKey::DestinationIp => {
-                    Some(Cidr::parse(value).is_ok_and(|c| c.contains(conn.destination_ip)))
-                }
-                ConditionKey::DestinationPort => Some(value == conn.destination_port.to_string()),
-                ConditionKey::SourceNamespace => conn
-                    .source_identity
-                    .as_ref()
-                    .map(|id| StringMatch::parse(value).matches(id.namespace())),
                 ConditionKey::SourcePrincipal => {
-                    any_principal(&[StringMatch::parse(value)], conn, tds)
+                    identity_list(&patterns, peer.principals.as_deref(), negated)
                 }
-                _ => None,
+                _ => identity_list(&patterns, peer.namespace.as_deref(), negated),
             }
         };
-        let identity_key = matches!(
+        if matches!(
             self.key,
             ConditionKey::SourceNamespace | ConditionKey::SourcePrincipal
-        );
-        if identity_key && conn.source_identity.is_none() {
-            return false;
+        ) {
+            return identity(&self.values, false) && identity(&self.not_values, true);
         }
-        (self.values.is_empty() || self.values.iter().any(|v| test(v) == Some(true)))
-            && !self.not_values.iter().any(|v| test(v) == Some(true))
+        let test = |value: &String| -> bool {
+            match self.key {
+                ConditionKey::SourceIp => {
+                    Cidr::parse(value).is_ok_and(|c| c.contains(conn.source_ip))
+                }
+                ConditionKey::DestinationIp => {
+                    Cidr::parse(value).is_ok_and(|c| c.contains(conn.destination_ip))
+                }
+                ConditionKey::DestinationPort => *value == conn.destination_port.to_string(),
+                _ => false,
+            }
+        };
+        (self.values.is_empty() || self.values.iter().any(test))
+            && !self.not_values.iter().any(test)
     }
 }
 

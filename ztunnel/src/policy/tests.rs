@@ -216,36 +216,74 @@ fn principals_with_exact_prefix_suffix_and_presence() {
     }
 }
 
+/// Istio's semantics (ISTIO-SECURITY-2021-004): a peer without mTLS has an empty
+/// principal, namespace and service account. Positive fields never match it, not
+/// even `*`; negated ones do.
 #[test]
-fn identity_fields_never_match_plaintext() {
+fn a_plaintext_peer_has_an_empty_identity_that_only_negated_fields_match() {
+    let rule_matches = |rule: &str| {
+        let i = index(&[ap("shop", "p", &format!("rules: [{rule}]"))]);
+        allows(&i, &plaintext(80))
+    };
     for source in [
         "principals: ['*']",
-        "notPrincipals: [cluster.local/ns/a/sa/b]",
+        "principals: ['*/sa/b']",
         "namespaces: ['*']",
-        "notNamespaces: [a]",
         "serviceAccounts: [a/b]",
-        "notServiceAccounts: [a/b]",
     ] {
-        let i = index(&[ap(
-            "shop",
-            "p",
-            &format!("rules: [{{from: [{{source: {{{source}}}}}]}}]"),
-        )]);
         assert!(
-            !allows(&i, &plaintext(80)),
+            !rule_matches(&format!("{{from: [{{source: {{{source}}}}}]}}")),
             "{source} matched a plaintext peer"
         );
     }
-    for when in [
-        "{key: source.principal, values: ['*']}",
-        "{key: source.namespace, notValues: [a]}",
+    for source in [
+        "notPrincipals: ['*']",
+        "notPrincipals: [cluster.local/ns/a/sa/b]",
+        "notNamespaces: ['*']",
+        "notNamespaces: [a]",
+        "notServiceAccounts: [a/b]",
     ] {
-        let i = index(&[ap("shop", "p", &format!("rules: [{{when: [{when}]}}]"))]);
         assert!(
-            !allows(&i, &plaintext(80)),
-            "{when} matched a plaintext peer"
+            rule_matches(&format!("{{from: [{{source: {{{source}}}}}]}}")),
+            "{source} did not match a plaintext peer"
         );
     }
+    for (when, expected) in [
+        ("{key: source.principal, values: ['*']}", false),
+        ("{key: source.namespace, values: ['*']}", false),
+        ("{key: source.principal, notValues: ['*']}", true),
+        ("{key: source.namespace, notValues: [a]}", true),
+        ("{key: source.namespace, notValues: ['*']}", true),
+    ] {
+        assert_eq!(
+            rule_matches(&format!("{{when: [{when}]}}")),
+            expected,
+            "{when} for a plaintext peer"
+        );
+    }
+}
+
+/// Istio's documented "require mutual TLS" policy refuses plaintext and lets
+/// mesh traffic through.
+#[test]
+fn a_deny_on_not_principals_star_refuses_plaintext() {
+    let i = index(&[ap(
+        "shop",
+        "require-mtls",
+        "action: DENY\nrules: [{from: [{source: {notPrincipals: ['*']}}]}]",
+    )]);
+    let d = i.authorize(&web(), &plaintext(80));
+    assert!(!d.allow);
+    assert_eq!(d.policy.as_deref(), Some("shop/require-mtls"));
+    assert!(allows(&i, &mtls("a", "b", 80)));
+    // ... and an ALLOW with notNamespaces admits plaintext, as Istio does.
+    let i = index(&[ap(
+        "shop",
+        "not-bad",
+        "rules: [{from: [{source: {notNamespaces: [bad]}}]}]",
+    )]);
+    assert!(allows(&i, &plaintext(80)));
+    assert!(!allows(&i, &mtls("bad", "b", 80)));
 }
 
 #[test]

@@ -339,3 +339,96 @@ fn policy_check_validates_a_jwt_like_the_waypoint() {
         "{out}"
     );
 }
+
+/// `api` in shop accepts plaintext (its own PeerAuthentication) so that
+/// AuthorizationPolicy, not STRICT, decides for plaintext peers.
+const API: &str = r#"
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: api, namespace: shop, labels: {app: api}}
+spec: {serviceAccountName: api, nodeName: node-b}
+status: {podIP: 10.244.1.4}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: api, namespace: shop}
+spec:
+  selector: {matchLabels: {app: api}}
+  mtls: {mode: PERMISSIVE}
+"#;
+
+#[test]
+fn a_plaintext_peer_matches_not_principals_in_a_deny() {
+    let dir = config(&format!(
+        "{API}---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: require-mtls, namespace: shop}}\nspec:\n  selector: {{matchLabels: {{app: api}}}}\n  action: DENY\n  rules: [{{from: [{{source: {{notPrincipals: ['*']}}}}]}}]\n"
+    ));
+    let (code, out) = check(&dir, &["--from", "legacy/old", "--to", "shop/api:8080"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.starts_with("DENY (layer: ztunnel, policy: shop/require-mtls)"),
+        "{out}"
+    );
+    let (code, out) = check(&dir, &["--from", "shop/client", "--to", "shop/api:8080"]);
+    assert_eq!(code, 0, "mTLS passes: {out}");
+}
+
+#[test]
+fn integer_port_level_mtls_keys_keep_a_port_strict() {
+    let dir = config(
+        r#"
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: api, namespace: shop, labels: {app: api}}
+spec: {serviceAccountName: api, nodeName: node-b}
+status: {podIP: 10.244.1.4}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: api, namespace: shop}
+spec:
+  selector: {matchLabels: {app: api}}
+  mtls: {mode: PERMISSIVE}
+  portLevelMtls:
+    8443: {mode: STRICT}
+"#,
+    );
+    let (code, out) = check(&dir, &["--from", "legacy/old", "--to", "shop/api:8443"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("policy: shop/api") && out.contains("STRICT"),
+        "{out}"
+    );
+    assert!(!out.contains("config refused"), "{out}");
+    let (code, out) = check(&dir, &["--from", "legacy/old", "--to", "shop/api:8080"]);
+    assert_eq!(code, 0, "the other ports stay PERMISSIVE: {out}");
+}
+
+#[test]
+fn policy_check_matches_hosts_on_the_host_header_as_the_waypoint_does() {
+    let dir = config(&format!(
+        "{WAYPOINT}---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: only-web-host, namespace: shop}}\nspec:\n  targetRefs: [{{kind: Gateway, group: gateway.networking.k8s.io, name: wp}}]\n  action: DENY\n  rules: [{{to: [{{operation: {{notHosts: [web.shop.example]}}}}]}}]\n"
+    ));
+    let base = [
+        "--from",
+        "shop/client",
+        "--to",
+        "shop/websvc:80",
+        "--method",
+        "GET",
+    ];
+    for header in ["Host=web.shop.example", ":authority=web.shop.example:80"] {
+        let (code, out) = check(&dir, &[&base[..], &["--header", header]].concat());
+        assert_eq!(code, 0, "{header}: {out}");
+    }
+    let (code, out) = check(
+        &dir,
+        &[&base[..], &["--header", "Host=admin.shop.example"]].concat(),
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("policy: shop/only-web-host"), "{out}");
+    // Without a Host the request names the destination by address.
+    let (code, out) = check(&dir, &base);
+    assert_eq!(code, 1, "{out}");
+}

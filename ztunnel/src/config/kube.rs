@@ -651,6 +651,19 @@ mod tests {
         assert_eq!(endpoints, vec!["web-7d9f-abc"]);
     }
 
+    /// The API server hands `portLevelMtls` keys over as JSON strings.
+    #[test]
+    fn port_level_mtls_keys_from_the_api_server_are_ports() {
+        let pa: Value = serde_json::json!({
+            "apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"selector": {"matchLabels": {"app": "web"}}, "mtls": {"mode": "STRICT"},
+                     "portLevelMtls": {"8080": {"mode": "DISABLE"}}}});
+        let (snapshot, errors) = Translator::default().translate([pa]);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(snapshot.policies.len(), 1);
+    }
+
     fn dynamic(value: &Value) -> DynamicObject {
         serde_json::from_value(value.clone()).unwrap()
     }

@@ -659,6 +659,21 @@ mod tests {
     }
 
     #[test]
+    fn port_level_mtls_keys_load_as_integers_and_strings() {
+        let pa = |name: &str, port: &str| {
+            format!("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: {name}, namespace: demo}}\nspec:\n  selector: {{matchLabels: {{app: {name}}}}}\n  mtls: {{mode: STRICT}}\n  portLevelMtls:\n    {port}:\n      mode: DISABLE\n")
+        };
+        let dir = dir_with(&[
+            ("int.yaml", &pa("a", "8080")),
+            ("text.yaml", &pa("b", "'8080'")),
+        ]);
+        let (snapshot, errors) = LocalSource::new(&dir).load().unwrap();
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(snapshot.policies.len(), 2);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
     fn a_bad_object_is_refused_with_its_file_object_and_field_and_its_last_good_version_stays() {
         let dir = dir_with(&[("pod.yaml", POD)]);
         let mut source = LocalSource::new(&dir);

@@ -165,17 +165,28 @@ pub fn check(snapshot: Snapshot, settings: &MeshSettings, query: &Query) -> Resu
             destination_ip: dst.address.0,
             destination_port: dst.address.1,
         };
-        let request = query.http.as_ref().map(|h| Request {
-            method: h.method.clone(),
-            path: h.path.split('?').next().unwrap_or("/").to_owned(),
-            host: format!("{}:{}", dst.address.0, dst.address.1),
-            headers: h
+        let request = query.http.as_ref().map(|h| {
+            let (authority, headers): (Vec<_>, Vec<_>) = h
                 .headers
                 .iter()
                 .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
-                .collect(),
-            remote_ip: None,
-            auth: None,
+                .partition(|(k, _)| k == ":authority");
+            // As the waypoint: `hosts` match :authority (HTTP/2), else Host; without
+            // either the client addressed the destination by IP.
+            let host = authority
+                .iter()
+                .chain(headers.iter().filter(|(k, _)| k == "host"))
+                .map(|(_, v)| v.clone())
+                .next()
+                .unwrap_or_else(|| format!("{}:{}", dst.address.0, dst.address.1));
+            Request {
+                method: h.method.clone(),
+                path: h.path.split('?').next().unwrap_or("/").to_owned(),
+                host,
+                headers,
+                remote_ip: None,
+                auth: None,
+            }
         });
         let mut request = request;
         if let (Some(token), Some(req)) = (

@@ -44,8 +44,37 @@ struct Spec {
     selector: Option<super::authz::Selector>,
     #[serde(default)]
     mtls: Option<MtlsSpec>,
+    /// Keys are port numbers: YAML integers in Istio's own examples, strings
+    /// in JSON from the API server.
     #[serde(default)]
-    port_level_mtls: BTreeMap<String, MtlsSpec>,
+    port_level_mtls: BTreeMap<PortKey, MtlsSpec>,
+}
+
+/// A `portLevelMtls` key as written: an integer or a string.
+#[derive(Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(untagged)]
+enum PortKey {
+    Number(i64),
+    Text(String),
+}
+
+impl PortKey {
+    fn port(&self) -> Option<u16> {
+        match self {
+            PortKey::Number(n) => u16::try_from(*n).ok(),
+            PortKey::Text(t) => t.parse().ok(),
+        }
+        .filter(|p| *p > 0)
+    }
+}
+
+impl std::fmt::Display for PortKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PortKey::Number(n) => write!(f, "{n}"),
+            PortKey::Text(t) => write!(f, "{t:?}"),
+        }
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -78,13 +107,14 @@ impl PeerAuthentication {
         let mut ports = BTreeMap::new();
         for (port, mtls) in &spec.port_level_mtls {
             let number = port
-                .parse::<u16>()
-                .ok()
-                .filter(|p| *p > 0)
-                .ok_or_else(|| format!("portLevelMtls: {port:?} is not a port"))?;
+                .port()
+                .ok_or_else(|| format!("portLevelMtls: {port} is not a port"))?;
             ports.insert(
                 number,
-                Mode::parse(mtls.mode.as_deref(), &format!("portLevelMtls[{port}].mode"))?,
+                Mode::parse(
+                    mtls.mode.as_deref(),
+                    &format!("portLevelMtls[{number}].mode"),
+                )?,
             );
         }
         let selector = spec

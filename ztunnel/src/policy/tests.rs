@@ -535,6 +535,37 @@ fn peer_authentication_narrowest_wins() {
     assert!(validate(&pa("shop", "bad", "mtls: {mode: STRICTER}")).is_err());
 }
 
+/// Istio's own examples write `portLevelMtls` keys as YAML integers.
+#[test]
+fn port_level_mtls_keys_may_be_integers_or_strings() {
+    let w = web();
+    for ports in [
+        "{8080: {mode: DISABLE}, 9090: {mode: STRICT}}",
+        "{'8080': {mode: DISABLE}, '9090': {mode: STRICT}}",
+    ] {
+        let i = index(&[pa(
+            "shop",
+            "web",
+            &format!(
+                "selector: {{matchLabels: {{app: web}}}}\nmtls: {{mode: PERMISSIVE}}\nportLevelMtls: {ports}"
+            ),
+        )]);
+        assert_eq!(i.peer_authentication(&w, 8080).0, Mode::Disable, "{ports}");
+        assert_eq!(i.peer_authentication(&w, 9090).0, Mode::Strict, "{ports}");
+        assert_eq!(i.peer_authentication(&w, 80).0, Mode::Permissive, "{ports}");
+    }
+    for bad in [
+        "{0: {mode: STRICT}}",
+        "{70000: {mode: STRICT}}",
+        "{-1: {mode: STRICT}}",
+        "{http: {mode: STRICT}}",
+    ] {
+        let spec = format!("selector: {{matchLabels: {{app: web}}}}\nportLevelMtls: {bad}");
+        let err = validate(&pa("shop", "bad", &spec)).unwrap_err();
+        assert!(err.contains("is not a port"), "{bad}: {err}");
+    }
+}
+
 #[test]
 fn evaluation_only_sees_the_policies_that_target_the_destination() {
     // 10,000 policies elsewhere; the destination's namespace has one.

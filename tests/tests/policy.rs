@@ -189,16 +189,55 @@ fn bad_input_is_an_error_not_a_decision() {
     let (code, out) = check(&dir, &["--from", "shop/nobody", "--to", "shop/web:8080"]);
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("no pod shop/nobody"), "{out}");
+    // A policy whose action cannot be read: refused, said so, and in force as a
+    // DENY of everything it applies to (here: its whole namespace).
     let dir = config("---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: broken, namespace: shop}\nspec: {action: MAYBE}\n");
     let (code, out) = check(&dir, &["--from", "shop/client", "--to", "shop/web:8080"]);
-    assert_eq!(
-        code, 0,
-        "the broken policy is refused, the rest applies: {out}"
-    );
+    assert_eq!(code, 1, "the broken policy fails closed: {out}");
     assert!(
         out.contains("AuthorizationPolicy shop/broken: spec.action"),
         "{out}"
     );
+    assert!(
+        out.contains("DENY (layer: ztunnel, policy: shop/broken)"),
+        "{out}"
+    );
+}
+
+#[test]
+fn an_allow_policy_with_an_invalid_rule_keeps_the_workload_closed() {
+    let dir = config(&format!(
+        "{API}---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: api-allow, namespace: shop}}\nspec:\n  selector: {{matchLabels: {{app: api}}}}\n  rules:\n  - from: [{{source: {{ipBlocks: [10.244.0.0/33]}}}}]\n  - from: [{{source: {{principals: [cluster.local/ns/shop/sa/client]}}}}]\n"
+    ));
+    let (code, out) = check(&dir, &["--from", "legacy/old", "--to", "shop/api:8080"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("reason: no ALLOW policy matched"), "{out}");
+    assert!(
+        out.contains("note: shop/api-allow was refused (rules[0].from[0].source.ipBlocks"),
+        "{out}"
+    );
+    assert!(out.contains("config refused"), "{out}");
+    let (code, out) = check(&dir, &["--from", "shop/client", "--to", "shop/api:8080"]);
+    assert_eq!(code, 0, "the valid rule still allows: {out}");
+}
+
+#[test]
+fn a_deny_policy_that_cannot_compile_denies_everything() {
+    let dir = config(&format!(
+        "{API}---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: api-deny, namespace: shop}}\nspec:\n  selector: {{matchLabels: {{app: api}}}}\n  action: DENY\n  rules:\n  - from: [{{source: {{ipBlocks: [10.99.0.0/99]}}}}]\n"
+    ));
+    for from in ["shop/client", "legacy/old"] {
+        let (code, out) = check(&dir, &["--from", from, "--to", "shop/api:8080"]);
+        assert_eq!(code, 1, "{from}: {out}");
+        assert!(
+            out.starts_with("DENY (layer: ztunnel, policy: shop/api-deny)")
+                && out.contains("refused as invalid"),
+            "{out}"
+        );
+    }
+    // Its selector still scopes it.
+    let (code, out) = check(&dir, &["--from", "shop/client", "--to", "shop/web:8080"]);
+    assert_eq!(code, 0, "{out}");
 }
 
 const WAYPOINT: &str = r#"

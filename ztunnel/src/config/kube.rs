@@ -482,8 +482,16 @@ impl Translator {
         };
         match local::parse(&key, value) {
             Ok(object) => {
+                let refused = local::refused_policy(&object);
                 self.last_good.insert(key.clone(), object);
-                Outcome::Parsed(key)
+                match refused {
+                    // In force fail closed, and reported.
+                    Some(e) => Outcome::Refused(
+                        Some(key.clone()),
+                        format!("{} {}/{}: {e}", key.0, key.1, key.2),
+                    ),
+                    None => Outcome::Parsed(key),
+                }
             }
             Err(e) => {
                 let message = format!("{} {}/{}: {e:#}", key.0, key.1, key.2);
@@ -609,8 +617,8 @@ mod tests {
         );
         assert_eq!(
             snapshot.policies.len(),
-            1,
-            "the broken PeerAuthentication is refused"
+            2,
+            "the broken PeerAuthentication is refused, and in force fail closed"
         );
         assert_eq!(errors.len(), 1);
         assert!(
@@ -775,8 +783,8 @@ mod tests {
         let first = translate(&mut translator, &stored(&values));
         assert_eq!(first, Translator::default().translate(recorded()));
 
-        // The policy breaks: refused, its last good version stays, also on the
-        // rebuilds that do not parse it again.
+        // The policy breaks: refused, and its new version in force (fail closed),
+        // also on the rebuilds that do not parse it again.
         let policy = values
             .iter_mut()
             .find(|v| v["kind"] == "AuthorizationPolicy")
@@ -786,7 +794,12 @@ mod tests {
         let objects = stored(&values);
         for _ in 0..2 {
             let (snapshot, errors) = translate(&mut translator, &objects);
-            assert_eq!(snapshot.policies, first.0.policies);
+            let key = (
+                "AuthorizationPolicy".into(),
+                "shop".into(),
+                "allow-front".into(),
+            );
+            assert_eq!(snapshot.policies[&key].spec["action"], "PERHAPS");
             assert_eq!(errors.len(), 2, "{errors:?}");
             assert!(
                 errors[0].starts_with("AuthorizationPolicy shop/allow-front"),
@@ -794,8 +807,8 @@ mod tests {
             );
         }
 
-        // Deleted and created again, broken, between two builds: the old version
-        // does not come back under the new object's name.
+        // Deleted and created again, broken, between two builds: the new object
+        // is in force (fail closed), reported.
         let policy = values
             .iter_mut()
             .find(|v| v["kind"] == "AuthorizationPolicy")
@@ -803,7 +816,7 @@ mod tests {
         policy["metadata"]["uid"] = "recreated".into();
         policy["metadata"]["resourceVersion"] = "4".into();
         let (snapshot, errors) = translate(&mut translator, &stored(&values));
-        assert!(snapshot.policies.is_empty(), "{:?}", snapshot.policies);
+        assert_eq!(snapshot.policies.len(), 2, "{:?}", snapshot.policies);
         assert_eq!(errors.len(), 2, "{errors:?}");
 
         // A changed pod is seen; a deleted policy is gone.
@@ -814,7 +827,7 @@ mod tests {
         let (snapshot, errors) = translate(&mut translator, &stored(&values));
         let pod = &snapshot.pods[&("shop".into(), "web-7d9f-abc".into())];
         assert_eq!(pod.labels["app"], "shop");
-        assert!(snapshot.policies.is_empty());
+        assert_eq!(snapshot.policies.len(), 1, "only the PeerAuthentication");
         assert_eq!(
             errors.len(),
             1,

@@ -3,6 +3,8 @@
 //! A bad object is refused with an error naming the file, the object and the field,
 //! and its last good version (if any) stays in force; a file that cannot be read or
 //! parsed at all keeps all of its last good objects. Everything else updates.
+//! Security policies are the exception: a refused one is reported the same way but
+//! stays in force in its newest version, fail closed (see [`refused_policy`]).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -138,6 +140,9 @@ impl LocalSource {
                 }
                 match parse(&key, value) {
                     Ok(object) => {
+                        if let Some(problem) = refused_policy(&object) {
+                            errors.push(error(&path, Some(label), problem));
+                        }
                         objects.insert(key, (path.clone(), object));
                     }
                     Err(e) => {
@@ -602,10 +607,22 @@ pub(super) fn parse(key: &Key, value: serde_yaml::Value) -> Result<Object> {
                 annotations: meta.metadata.annotations,
                 spec,
             };
-            crate::policy::validate(&policy).map_err(|e| anyhow::anyhow!("spec.{e}"))?;
             Object::Policy(policy)
         }
     })
+}
+
+/// Why a policy is refused, if it is. A refused policy is still in force, in
+/// its newest version, compiled fail closed (see [`crate::policy::validate`]):
+/// keeping an older version would drop what the new one denies, dropping it
+/// would open what it protects.
+pub(super) fn refused_policy(object: &Object) -> Option<String> {
+    match object {
+        Object::Policy(policy) => crate::policy::validate(policy)
+            .err()
+            .map(|e| format!("spec.{e}")),
+        _ => None,
+    }
 }
 
 /// Every valid Pod in the directory (for the CA's node checks).

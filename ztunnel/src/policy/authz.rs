@@ -23,23 +23,6 @@ pub enum Action {
 
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub(crate) struct Spec {
-    #[serde(default)]
-    selector: Option<Selector>,
-    #[serde(default)]
-    target_ref: Option<serde_yaml::Value>,
-    #[serde(default)]
-    target_refs: Option<Vec<serde_yaml::Value>>,
-    #[serde(default)]
-    rules: Option<Vec<RuleSpec>>,
-    #[serde(default)]
-    action: Option<String>,
-    #[serde(default)]
-    provider: Option<Provider>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(crate) struct Selector {
     #[serde(default)]
     pub match_labels: BTreeMap<String, String>,
@@ -127,13 +110,21 @@ pub struct Compiled {
     /// targetRef(s): (kind, name) in the policy's namespace (Gateway or Service).
     pub targets: Vec<(String, String)>,
     pub dry_run: bool,
+    /// Its targetRefs could not be read: it applies at every waypoint target of
+    /// its namespace.
+    pub any_target: bool,
     /// The policy uses L7 attributes the tunnel cannot see.
     pub has_l7: bool,
+    /// Why the config source refused it; empty for a valid policy. A refused
+    /// policy stays in force, fail closed (see [`Compiled::compile_fail_closed`]).
+    pub refused: Vec<String>,
     rules: Vec<Rule>,
 }
 
 #[derive(Clone, Debug, Default)]
 struct Rule {
+    /// An invalid rule: always (DENY, CUSTOM) or never (ALLOW) matches.
+    fixed: Option<bool>,
     /// An ALLOW rule needing L7: never matches at L4 (in the tunnel).
     never: bool,
     from: Vec<Source>,
@@ -250,96 +241,199 @@ fn is_l7_key(key: &str) -> bool {
         )
 }
 
+/// The top-level fields of an AuthorizationPolicy's spec.
+const SPEC_FIELDS: [&str; 6] = [
+    "selector",
+    "targetRef",
+    "targetRefs",
+    "rules",
+    "action",
+    "provider",
+];
+
 impl Compiled {
-    /// Validates and compiles a policy; the error names the field.
+    /// Validates and compiles a policy; the error names the field (every problem
+    /// found, `; `-separated).
     pub fn compile(
         namespace: &str,
         name: &str,
         annotations: &BTreeMap<String, String>,
         spec: &serde_yaml::Value,
     ) -> Result<Self, String> {
-        let spec: Spec = if spec.is_null() {
-            Spec::default()
-        } else {
-            serde_yaml::from_value(spec.clone()).map_err(|e| e.to_string())?
-        };
-        let action = match spec.action.as_deref().unwrap_or("ALLOW") {
-            "ALLOW" => Action::Allow,
-            "DENY" => Action::Deny,
-            "AUDIT" => Action::Audit,
-            "CUSTOM" => Action::Custom,
-            other => {
-                return Err(format!(
-                    "action: {other:?} is not ALLOW, DENY, AUDIT or CUSTOM"
-                ))
+        let compiled = Self::compile_fail_closed(namespace, name, annotations, spec);
+        match compiled.refused.is_empty() {
+            true => Ok(compiled),
+            false => Err(compiled.refused.join("; ")),
+        }
+    }
+
+    /// Compiles a policy even when parts of it are invalid, so that a refused
+    /// policy never opens a workload (the problems are in `refused`):
+    /// - an invalid rule never matches in an ALLOW policy, and matches everything
+    ///   in a DENY or CUSTOM one (which then denies all traffic it applies to);
+    /// - an invalid policy-level field (action, provider, the dry-run annotation,
+    ///   an unknown field, a spec that is not an object) makes every rule invalid;
+    ///   an unknown action counts as DENY, a bad dry-run annotation as enforced;
+    /// - a scope that cannot be read (selector, targetRefs, or the whole spec)
+    ///   widens to what the policy could have meant: every workload of its
+    ///   namespace (the mesh for the root namespace) and every waypoint target
+    ///   there. With the rules above that denies everything there for a DENY (a
+    ///   wide outage, but never a hole) and lets an ALLOW allow nothing.
+    pub fn compile_fail_closed(
+        namespace: &str,
+        name: &str,
+        annotations: &BTreeMap<String, String>,
+        spec: &serde_yaml::Value,
+    ) -> Self {
+        let mut refused = Vec::new();
+        let empty = serde_yaml::Mapping::new();
+        let map = match spec {
+            serde_yaml::Value::Null => &empty,
+            serde_yaml::Value::Mapping(m) => m,
+            _ => {
+                refused.push("spec: not an object".to_owned());
+                &empty
             }
         };
-        let provider = spec.provider.map(|p| p.name);
+        let readable = refused.is_empty();
+        for key in map.keys() {
+            match key.as_str() {
+                Some(k) if SPEC_FIELDS.contains(&k) => {}
+                _ => refused.push(format!(
+                    "unknown field {key:?}, expected one of {}",
+                    SPEC_FIELDS.join(", ")
+                )),
+            }
+        }
+        let field = |name: &str| map.get(name).filter(|v| !v.is_null());
+        let action = match field("action").map(|a| a.as_str()) {
+            None => Action::Allow,
+            Some(Some("ALLOW")) => Action::Allow,
+            Some(Some("DENY")) => Action::Deny,
+            Some(Some("AUDIT")) => Action::Audit,
+            Some(Some("CUSTOM")) => Action::Custom,
+            Some(other) => {
+                refused.push(format!(
+                    "action: {} is not ALLOW, DENY, AUDIT or CUSTOM",
+                    other.map_or("a non-string".to_owned(), |a| format!("{a:?}"))
+                ));
+                Action::Deny
+            }
+        };
+        let provider =
+            match field("provider").map(|p| serde_yaml::from_value::<Provider>(p.clone())) {
+                None => None,
+                Some(Ok(p)) => Some(p.name),
+                Some(Err(e)) => {
+                    refused.push(format!("provider: {e}"));
+                    None
+                }
+            };
         match (action, &provider) {
             (Action::Custom, None) => {
-                return Err("provider: a CUSTOM policy needs provider.name".into())
+                refused.push("provider: a CUSTOM policy needs provider.name".into())
             }
             (Action::Custom, _) | (_, None) => {}
-            (_, Some(_)) => return Err("provider: only a CUSTOM policy names a provider".into()),
-        }
-        if spec.selector.is_some() && (spec.target_ref.is_some() || spec.target_refs.is_some()) {
-            return Err("selector and targetRef(s) cannot both be set".into());
+            (_, Some(_)) => refused.push("provider: only a CUSTOM policy names a provider".into()),
         }
         let dry_run = match annotations.get("istio.io/dry-run").map(String::as_str) {
             None | Some("false") => false,
+            Some("true") if action == Action::Custom => {
+                refused.push("istio.io/dry-run is not supported for CUSTOM policies".into());
+                false
+            }
             Some("true") => true,
             Some(other) => {
-                return Err(format!(
+                refused.push(format!(
                     "metadata.annotations[istio.io/dry-run]: {other:?} is not true or false"
-                ))
+                ));
+                false
             }
         };
-        if dry_run && action == Action::Custom {
-            return Err("istio.io/dry-run is not supported for CUSTOM policies".into());
-        }
-        let mut has_l7 = false;
-        let mut targets = Vec::new();
-        for (i, target) in spec
-            .target_ref
-            .iter()
-            .chain(spec.target_refs.iter().flatten())
-            .enumerate()
-        {
-            let field = |f: &str| target.get(f).and_then(|v| v.as_str()).map(str::to_owned);
-            let (Some(kind), Some(target_name)) = (field("kind"), field("name")) else {
-                return Err(format!("targetRefs[{i}]: kind and name are required"));
+        let mut selector_unknown = !readable;
+        let selector =
+            match field("selector").map(|s| serde_yaml::from_value::<Selector>(s.clone())) {
+                None => None,
+                Some(Ok(s)) => Some(s.match_labels),
+                Some(Err(e)) => {
+                    refused.push(format!("selector: {e}"));
+                    selector_unknown = true;
+                    None
+                }
             };
-            if !matches!(
-                kind.as_str(),
-                "Gateway" | "Service" | "ServiceEntry" | "GatewayClass"
-            ) {
-                return Err(format!("targetRefs[{i}].kind: {kind:?} is not Gateway, GatewayClass, Service or ServiceEntry"));
-            }
-            if field("namespace").is_some_and(|ns| ns != namespace) {
-                return Err(format!(
-                    "targetRefs[{i}].namespace: must be the policy's namespace"
-                ));
-            }
-            targets.push((kind, target_name));
+        let (targets, mut any_target) = compile_targets(
+            namespace,
+            field("targetRef"),
+            field("targetRefs"),
+            &mut refused,
+        );
+        any_target |= !readable;
+        let has_targets = field("targetRef").is_some() || field("targetRefs").is_some();
+        if field("selector").is_some() && has_targets {
+            // Both scopes: the tunnel's (selector) and the waypoint's (targets).
+            refused.push("selector and targetRef(s) cannot both be set".into());
         }
+        let mut broken = !refused.is_empty();
+        let mut has_l7 = false;
         let mut rules = Vec::new();
-        for (i, rule) in spec.rules.unwrap_or_default().into_iter().enumerate() {
-            let (rule, l7) = compile_rule(rule, action).map_err(|e| format!("rules[{i}].{e}"))?;
-            has_l7 |= l7;
-            rules.push(rule);
+        match field("rules") {
+            None => {}
+            Some(serde_yaml::Value::Sequence(list)) => {
+                for (i, rule) in list.iter().enumerate() {
+                    let compiled = serde_yaml::from_value::<RuleSpec>(rule.clone())
+                        .map_err(|e| e.to_string())
+                        .and_then(|r| compile_rule(r, action));
+                    match compiled {
+                        Ok((rule, l7)) => {
+                            has_l7 |= l7;
+                            rules.push(rule);
+                        }
+                        Err(e) => {
+                            refused.push(format!("rules[{i}].{e}"));
+                            rules.push(Rule::fixed(action != Action::Allow));
+                        }
+                    }
+                }
+            }
+            Some(_) => {
+                refused.push("rules: not a list".into());
+                broken = true;
+            }
         }
-        Ok(Self {
+        if broken {
+            rules = match action {
+                Action::Allow => Vec::new(),
+                _ => vec![Rule::fixed(true)],
+            };
+        }
+        Self {
             name: format!("{namespace}/{name}"),
             namespace: namespace.to_owned(),
             action,
             provider,
-            selector: spec.selector.map(|s| s.match_labels),
-            waypoint_only: !targets.is_empty(),
+            selector,
+            waypoint_only: has_targets && field("selector").is_none() && !selector_unknown,
             targets,
+            any_target,
             dry_run,
             has_l7,
+            refused,
             rules,
-        })
+        }
+    }
+
+    /// What a refused policy does while it stays in force.
+    pub fn fail_closed_effect(&self) -> String {
+        let scope = if self.selector.is_none() && !self.waypoint_only {
+            format!("every workload of namespace {}", self.namespace)
+        } else {
+            "the workloads it applies to".to_owned()
+        };
+        match self.action {
+            Action::Allow => format!("its invalid parts never allow anything ({scope} stay closed to what they would have allowed)"),
+            Action::Deny | Action::Custom => format!("it denies all traffic to {scope}"),
+            Action::Audit => "it audits everything it applies to".to_owned(),
+        }
     }
 
     /// Whether any rule matches the connection, as the tunnel sees it (no L7).
@@ -361,6 +455,53 @@ impl Compiled {
             .iter()
             .any(|rule| rule.matches(conn, Some(req), trust_domains))
     }
+}
+
+/// targetRef and targetRefs: (kind, name) in the policy's namespace, and whether
+/// one could not be read (the policy then applies to every target there).
+fn compile_targets(
+    namespace: &str,
+    target_ref: Option<&serde_yaml::Value>,
+    target_refs: Option<&serde_yaml::Value>,
+    refused: &mut Vec<String>,
+) -> (Vec<(String, String)>, bool) {
+    let mut unknown = false;
+    let list: Vec<&serde_yaml::Value> = match target_refs {
+        None => Vec::new(),
+        Some(serde_yaml::Value::Sequence(l)) => l.iter().collect(),
+        Some(_) => {
+            refused.push("targetRefs: not a list".into());
+            unknown = true;
+            Vec::new()
+        }
+    };
+    let mut targets = Vec::new();
+    for (i, target) in target_ref.into_iter().chain(list).enumerate() {
+        let field = |f: &str| target.get(f).and_then(|v| v.as_str()).map(str::to_owned);
+        let problem = match (field("kind"), field("name")) {
+            (Some(kind), Some(_))
+                if !matches!(
+                    kind.as_str(),
+                    "Gateway" | "Service" | "ServiceEntry" | "GatewayClass"
+                ) =>
+            {
+                Some(format!("targetRefs[{i}].kind: {kind:?} is not Gateway, GatewayClass, Service or ServiceEntry"))
+            }
+            (Some(_), Some(_)) if field("namespace").is_some_and(|ns| ns != namespace) => Some(
+                format!("targetRefs[{i}].namespace: must be the policy's namespace"),
+            ),
+            (Some(kind), Some(name)) => {
+                targets.push((kind, name));
+                None
+            }
+            _ => Some(format!("targetRefs[{i}]: kind and name are required")),
+        };
+        if let Some(problem) = problem {
+            refused.push(problem);
+            unknown = true;
+        }
+    }
+    (targets, unknown)
 }
 
 fn present(list: &Option<Vec<String>>) -> bool {
@@ -529,6 +670,7 @@ fn compile_rule(rule: RuleSpec, action: Action) -> Result<(Rule, bool), String> 
     }
     Ok((
         Rule {
+            fixed: None,
             never: l7 && action == Action::Allow,
             from,
             to,
@@ -539,9 +681,19 @@ fn compile_rule(rule: RuleSpec, action: Action) -> Result<(Rule, bool), String> 
 }
 
 impl Rule {
+    fn fixed(matches: bool) -> Self {
+        Self {
+            fixed: Some(matches),
+            ..Self::default()
+        }
+    }
+
     /// `req` is None in the tunnel: L7 attributes are unseen (an ALLOW rule needing
     /// them never matches; other rules are judged on the rest), Some at a waypoint.
     fn matches(&self, conn: &Connection, req: Option<&Request>, tds: &[String]) -> bool {
+        if let Some(fixed) = self.fixed {
+            return fixed;
+        }
         (req.is_some() || !self.never)
             && (self.from.is_empty() || self.from.iter().any(|s| s.matches(conn, req, tds)))
             && (self.to.is_empty() || self.to.iter().any(|o| o.matches(conn, req)))

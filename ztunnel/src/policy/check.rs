@@ -234,6 +234,7 @@ pub fn check(snapshot: Snapshot, settings: &MeshSettings, query: &Query) -> Resu
             request.as_ref(),
             false,
         );
+        notes.extend(decision.notes.iter().cloned());
         notes.extend(decision.dry_run.iter().map(|d| format!("dry-run {d}")));
         notes.extend(
             decision
@@ -265,6 +266,7 @@ pub fn check(snapshot: Snapshot, settings: &MeshSettings, query: &Query) -> Resu
             if dst.workload.captured {
                 let tunnel = state.policies.authorize(&dst.workload, &conn);
                 if !tunnel.allow {
+                    notes.extend(tunnel.notes);
                     notes.push("the destination's tunnel judges the waypoint's connection".into());
                     return Ok(Outcome::new(
                         "DENY",
@@ -315,7 +317,7 @@ pub fn check(snapshot: Snapshot, settings: &MeshSettings, query: &Query) -> Resu
         }
     }
     let decision = state.policies.authorize(&dst.workload, &conn);
-    notes.extend(decision.l7_notes.iter().cloned());
+    notes.extend(decision.notes.iter().cloned());
     notes.extend(decision.dry_run.iter().map(|d| format!("dry-run {d}")));
     notes.extend(
         decision

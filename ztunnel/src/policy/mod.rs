@@ -69,32 +69,46 @@ pub struct Decision {
     pub policy: Option<String>,
     /// Why, in words: "denied by DENY policy ns/name", "no ALLOW policy matched", ...
     pub reason: String,
-    /// Policies with L7 attributes that target the destination (they belong on a
-    /// waypoint; see [`authz`]).
-    pub l7_notes: Vec<String>,
+    /// What applies with a caveat: policies with L7 attributes that target the
+    /// destination (they belong on a waypoint; see [`authz`]), refused policies in
+    /// force fail closed.
+    pub notes: Vec<String>,
     /// Dry-run policies that matched, with what they would have decided.
     pub dry_run: Vec<String>,
     /// AUDIT policies that matched.
     pub audit: Vec<String>,
 }
 
-/// Validates a `security.istio.io` resource (for the config source: a bad one is
-/// refused with this message and its last good version kept).
+/// Validates a `security.istio.io` resource, for the config source: a bad one is
+/// refused with this message and stays in force fail closed (see
+/// [`Compiled::compile_fail_closed`], [`PeerAuthentication::compile_fail_closed`]).
 pub fn validate(policy: &Policy) -> Result<(), String> {
     match policy.kind.as_str() {
-        "AuthorizationPolicy" => Compiled::compile(
-            &policy.namespace,
-            &policy.name,
-            &policy.annotations,
-            &policy.spec,
-        )
-        .map(|_| ()),
+        "AuthorizationPolicy" => {
+            let c = Compiled::compile_fail_closed(
+                &policy.namespace,
+                &policy.name,
+                &policy.annotations,
+                &policy.spec,
+            );
+            match c.refused.is_empty() {
+                true => Ok(()),
+                false => Err(format!(
+                    "{} (in force, fail closed: {})",
+                    c.refused.join("; "),
+                    c.fail_closed_effect()
+                )),
+            }
+        }
         "RequestAuthentication" => {
             authn::RequestAuthentication::compile(&policy.namespace, &policy.name, &policy.spec)
                 .map(|_| ())
         }
         "PeerAuthentication" => {
-            PeerAuthentication::compile(&policy.namespace, &policy.name, &policy.spec).map(|_| ())
+            PeerAuthentication::compile(&policy.namespace, &policy.name, &policy.spec).map_err(|e| {
+                format!("{e} (in force, fail closed: STRICT on every port of the workloads it applies to)")
+            })?;
+            Ok(())
         }
         _ => Ok(()),
     }
@@ -108,7 +122,7 @@ struct Applicable {
     allow: Vec<Arc<Compiled>>,
     audit: Vec<Arc<Compiled>>,
     dry_run: Vec<Arc<Compiled>>,
-    l7_notes: Vec<String>,
+    notes: Vec<String>,
 }
 
 /// All policies of the mesh, compiled.
@@ -121,6 +135,9 @@ pub struct Index {
     peer_auth: HashMap<String, Vec<Arc<PeerAuthentication>>>,
     /// Policies attached with targetRefs: (namespace, kind, name) → policies.
     attached: HashMap<(String, String, String), Vec<Arc<Compiled>>>,
+    /// Refused policies whose targetRefs cannot be read: namespace → policies
+    /// applying to every waypoint target there.
+    attached_anywhere: HashMap<String, Vec<Arc<Compiled>>>,
     /// RequestAuthentications attached with targetRefs: (namespace, kind, name).
     authn: HashMap<(String, String, String), Vec<Arc<authn::RequestAuthentication>>>,
     cache: Mutex<HashMap<(String, String), Arc<Applicable>>>,
@@ -141,38 +158,37 @@ impl Index {
         };
         for policy in policies {
             match policy.kind.as_str() {
-                "AuthorizationPolicy" => match Compiled::compile(
-                    &policy.namespace,
-                    &policy.name,
-                    &policy.annotations,
-                    &policy.spec,
-                ) {
-                    Ok(c) => {
-                        if c.waypoint_only {
-                            // The waypoint's, not enforced by the tunnel.
-                            let c = Arc::new(c);
-                            for (kind, name) in &c.targets {
-                                index
-                                    .attached
-                                    .entry((c.namespace.clone(), kind.clone(), name.clone()))
-                                    .or_default()
-                                    .push(c.clone());
-                            }
-                            continue;
-                        }
-                        if c.has_l7 {
-                            tracing::warn!(policy = %c.name, "{}", l7_note(&c));
-                        }
+                "AuthorizationPolicy" => {
+                    let c = Arc::new(Compiled::compile_fail_closed(
+                        &policy.namespace,
+                        &policy.name,
+                        &policy.annotations,
+                        &policy.spec,
+                    ));
+                    // The waypoint's: attached to its targets (or, when they cannot
+                    // be read, to every target of the namespace).
+                    for (kind, name) in &c.targets {
                         index
-                            .authz
+                            .attached
+                            .entry((c.namespace.clone(), kind.clone(), name.clone()))
+                            .or_default()
+                            .push(c.clone());
+                    }
+                    if c.any_target {
+                        index
+                            .attached_anywhere
                             .entry(c.namespace.clone())
                             .or_default()
-                            .push(Arc::new(c));
+                            .push(c.clone());
                     }
-                    Err(e) => {
-                        tracing::warn!(policy = %format!("{}/{}", policy.namespace, policy.name), "skipped: {e}")
+                    if c.waypoint_only {
+                        continue;
                     }
-                },
+                    if c.has_l7 {
+                        tracing::warn!(policy = %c.name, "{}", l7_note(&c));
+                    }
+                    index.authz.entry(c.namespace.clone()).or_default().push(c);
+                }
                 "RequestAuthentication" => match authn::RequestAuthentication::compile(
                     &policy.namespace,
                     &policy.name,
@@ -196,17 +212,16 @@ impl Index {
                     }
                 },
                 "PeerAuthentication" => {
-                    match PeerAuthentication::compile(&policy.namespace, &policy.name, &policy.spec)
-                    {
-                        Ok(p) => index
-                            .peer_auth
-                            .entry(p.namespace.clone())
-                            .or_default()
-                            .push(Arc::new(p)),
-                        Err(e) => {
-                            tracing::warn!(policy = %format!("{}/{}", policy.namespace, policy.name), "skipped: {e}")
-                        }
-                    }
+                    let p = PeerAuthentication::compile_fail_closed(
+                        &policy.namespace,
+                        &policy.name,
+                        &policy.spec,
+                    );
+                    index
+                        .peer_auth
+                        .entry(p.namespace.clone())
+                        .or_default()
+                        .push(Arc::new(p));
                 }
                 _ => {}
             }
@@ -248,8 +263,11 @@ impl Index {
             }
             if policy.has_l7 {
                 applicable
-                    .l7_notes
+                    .notes
                     .push(format!("{}: {}", policy.name, l7_note(policy)));
+            }
+            if let Some(note) = refused_note(policy) {
+                applicable.notes.push(note);
             }
             if policy.dry_run {
                 applicable.dry_run.push(policy.clone());
@@ -281,7 +299,7 @@ impl Index {
             conn,
             &self.trust_domains,
         );
-        decision.l7_notes = applicable.l7_notes.clone();
+        decision.notes = applicable.notes.clone();
         decision.audit = applicable
             .audit
             .iter()
@@ -324,6 +342,32 @@ impl Index {
 }
 
 impl Index {
+    /// The AuthorizationPolicies a waypoint applies for a destination: attached to
+    /// its Gateway and to the destination Service, and refused ones whose targets
+    /// cannot be read in either's namespace.
+    fn attached_to(
+        &self,
+        waypoint: (&str, &str),
+        service: Option<(&str, &str)>,
+    ) -> Vec<&Arc<Compiled>> {
+        let key =
+            |ns: &str, kind: &str, name: &str| (ns.to_owned(), kind.to_owned(), name.to_owned());
+        let gateway = self.attached.get(&key(waypoint.0, "Gateway", waypoint.1));
+        let service_policies =
+            service.and_then(|(ns, name)| self.attached.get(&key(ns, "Service", name)));
+        let mut namespaces = vec![waypoint.0];
+        namespaces.extend(service.map(|(ns, _)| ns).filter(|ns| *ns != waypoint.0));
+        let anywhere = namespaces
+            .into_iter()
+            .filter_map(|ns| self.attached_anywhere.get(ns));
+        gateway
+            .into_iter()
+            .chain(service_policies)
+            .chain(anywhere)
+            .flatten()
+            .collect()
+    }
+
     /// AuthorizationPolicy at a waypoint, for one request: the policies attached to
     /// the waypoint's Gateway and to the destination Service, with every field.
     pub fn authorize_request(
@@ -334,16 +378,7 @@ impl Index {
         req: Option<&Request>,
         ext_authz: bool,
     ) -> Decision {
-        let gateway = self.attached.get(&(
-            waypoint.0.to_owned(),
-            "Gateway".to_owned(),
-            waypoint.1.to_owned(),
-        ));
-        let service = service.and_then(|(ns, name)| {
-            self.attached
-                .get(&(ns.to_owned(), "Service".to_owned(), name.to_owned()))
-        });
-        let policies: Vec<&Arc<Compiled>> = gateway.into_iter().chain(service).flatten().collect();
+        let policies = self.attached_to(waypoint, service);
         let tds = &self.trust_domains;
         let pick = |action: Action| -> Vec<Arc<Compiled>> {
             policies
@@ -376,6 +411,7 @@ impl Index {
             .filter(|p| matcher(p))
             .map(|p| p.name.clone())
             .collect();
+        decision.notes = policies.iter().filter_map(|p| refused_note(p)).collect();
         for shadow in policies.iter().filter(|p| p.dry_run && matcher(p)) {
             decision.dry_run.push(format!(
                 "{}: would {}",
@@ -423,19 +459,8 @@ impl Index {
         conn: &Connection,
         req: &Request,
     ) -> Vec<(String, String)> {
-        let gateway = self.attached.get(&(
-            waypoint.0.to_owned(),
-            "Gateway".to_owned(),
-            waypoint.1.to_owned(),
-        ));
-        let service = service.and_then(|(ns, name)| {
-            self.attached
-                .get(&(ns.to_owned(), "Service".to_owned(), name.to_owned()))
-        });
-        gateway
+        self.attached_to(waypoint, service)
             .into_iter()
-            .chain(service)
-            .flatten()
             .filter(|p| {
                 p.action == Action::Custom
                     && !p.dry_run
@@ -473,7 +498,7 @@ fn decide_with(
         allow,
         policy,
         reason,
-        l7_notes: Vec::new(),
+        notes: Vec::new(),
         dry_run: Vec::new(),
         audit: Vec::new(),
     };
@@ -482,14 +507,14 @@ fn decide_with(
         return base(
             false,
             Some(p.name.clone()),
-            format!("denied by CUSTOM policy {}: provider {provider:?} is not available in {layer} (fail closed)", p.name),
+            format!("denied by CUSTOM policy {}{}: provider {provider:?} is not available in {layer} (fail closed)", p.name, refused_suffix(p)),
         );
     }
     if let Some(p) = deny.iter().find(|p| matches(p)) {
         return base(
             false,
             Some(p.name.clone()),
-            format!("denied by DENY policy {}", p.name),
+            format!("denied by DENY policy {}{}", p.name, refused_suffix(p)),
         );
     }
     if allow.is_empty() {
@@ -502,6 +527,25 @@ fn decide_with(
             format!("allowed by ALLOW policy {}", p.name),
         ),
         None => base(false, None, "no ALLOW policy matched".into()),
+    }
+}
+
+/// For a refused policy in force: what it does now.
+fn refused_note(policy: &Compiled) -> Option<String> {
+    (!policy.refused.is_empty()).then(|| {
+        format!(
+            "{} was refused ({}); in force fail closed: {}",
+            policy.name,
+            policy.refused.join("; "),
+            policy.fail_closed_effect()
+        )
+    })
+}
+
+fn refused_suffix(policy: &Compiled) -> &'static str {
+    match policy.refused.is_empty() {
+        true => "",
+        false => " (refused as invalid: it denies everything it applies to until fixed)",
     }
 }
 

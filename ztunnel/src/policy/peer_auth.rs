@@ -91,6 +91,8 @@ pub struct PeerAuthentication {
     pub selector: Option<BTreeMap<String, String>>,
     pub mode: Mode,
     pub ports: BTreeMap<u16, Mode>,
+    /// Why the config source refused it; None for a valid policy.
+    pub refused: Option<String>,
 }
 
 impl PeerAuthentication {
@@ -130,6 +132,32 @@ impl PeerAuthentication {
             selector,
             mode,
             ports,
+            refused: None,
+        })
+    }
+
+    /// Compiles a policy even when it is invalid, so that a refused policy never
+    /// opens a workload to plaintext: an invalid one is STRICT on every port of
+    /// the workloads it selects (of its whole namespace when its selector cannot
+    /// be read, taking precedence as a workload policy).
+    pub fn compile_fail_closed(namespace: &str, name: &str, spec: &serde_yaml::Value) -> Self {
+        Self::compile(namespace, name, spec).unwrap_or_else(|refused| {
+            let selector = match spec.get("selector").filter(|s| !s.is_null()) {
+                None if spec.is_mapping() || spec.is_null() => None,
+                None => Some(BTreeMap::new()),
+                Some(s) => serde_yaml::from_value::<super::authz::Selector>(s.clone())
+                    .map_or(Some(BTreeMap::new()), |s| {
+                        Some(s.match_labels).filter(|l| !l.is_empty())
+                    }),
+            };
+            Self {
+                name: format!("{namespace}/{name}"),
+                namespace: namespace.to_owned(),
+                selector,
+                mode: Mode::Strict,
+                ports: BTreeMap::new(),
+                refused: Some(refused),
+            }
         })
     }
 }

@@ -387,11 +387,11 @@ fn l7_attributes_fail_closed_for_allow_and_deny_more_for_deny() {
     let d = i.authorize(&web(), &mtls("a", "b", 80));
     assert!(!d.allow);
     assert!(
-        d.l7_notes
+        d.notes
             .iter()
             .any(|n| n.contains("shop/get-only") && n.contains("waypoint")),
         "{:?}",
-        d.l7_notes
+        d.notes
     );
     // ... while its L4-only rules still work.
     let i = index(&[ap(
@@ -662,4 +662,140 @@ fn at_the_waypoint_non_http_traffic_gets_l4_policy_only() {
         i.authorize_request(("shop", "wp"), None, &mtls("a", "b", 80), None, false)
             .allow
     );
+}
+
+/// The index the data path builds: refused policies included, fail closed.
+fn index_unchecked(policies: &[Policy]) -> Index {
+    Index::build(policies, ROOT_NAMESPACE, vec!["cluster.local".into()])
+}
+
+#[test]
+fn an_allow_policy_with_an_invalid_rule_keeps_the_workload_closed() {
+    let spec = "selector: {matchLabels: {app: web}}\nrules:\n- from: [{source: {ipBlocks: [10.244.0.0/33]}}]\n- from: [{source: {namespaces: [front]}}]";
+    let err = validate(&ap("shop", "half-bad", spec)).unwrap_err();
+    assert!(
+        err.contains("rules[0].from[0].source.ipBlocks") && err.contains("fail closed"),
+        "{err}"
+    );
+    let i = index_unchecked(&[ap("shop", "half-bad", spec)]);
+    let d = i.authorize(&web(), &mtls("other", "x", 80));
+    assert!(!d.allow, "the bad rule opened the workload: {d:?}");
+    assert!(
+        d.notes
+            .iter()
+            .any(|n| n.contains("shop/half-bad was refused")),
+        "{d:?}"
+    );
+    assert!(
+        allows(&i, &mtls("front", "x", 80)),
+        "the valid rule applies"
+    );
+    assert!(!allows(&i, &plaintext(80)));
+}
+
+#[test]
+fn a_deny_policy_that_cannot_compile_denies_everything() {
+    for spec in [
+        "action: DENY\nselector: {matchLabels: {app: web}}\nrules: [{from: [{source: {ipBlocks: [10.0.0.0/99]}}]}]",
+        "action: DENY\nselector: {matchLabels: {app: web}}\nrules: [{from: [{source: {principals: [x]}}]}, {to: [{operation: {ports: [http]}}]}]",
+        "action: DENY\nselector: {matchLabels: {app: web}}\nrulez: []",
+        "action: DENY\nselector: {matchLabels: {app: web}}\nrules: nope",
+        "action: DENY\nselector: {matchLabels: {app: web}}\nprovider: {name: x}",
+        "action: CUSTOM\nselector: {matchLabels: {app: web}}\nrules: [{from: [{source: {principals: [x]}}]}]",
+    ] {
+        let i = index_unchecked(&[ap("shop", "broken", spec)]);
+        for conn in [mtls("a", "b", 80), plaintext(8080)] {
+            let d = i.authorize(&web(), &conn);
+            assert!(!d.allow, "{spec}: {d:?}");
+            assert_eq!(d.policy.as_deref(), Some("shop/broken"), "{spec}");
+            assert!(d.reason.contains("refused as invalid"), "{}", d.reason);
+        }
+        // Only its selected workloads.
+        let db = workload("shop", "db", &[("app", "db")]);
+        assert!(i.authorize(&db, &mtls("a", "b", 80)).allow, "{spec}");
+    }
+}
+
+/// When the policy's scope or action cannot be read, it could have meant any
+/// workload of its namespace: a DENY (or an unknown action) denies them all, an
+/// ALLOW allows nothing there; other namespaces are untouched.
+#[test]
+fn a_policy_whose_scope_or_action_cannot_be_read_fails_closed_for_its_namespace() {
+    let db = workload("shop", "db", &[("app", "db")]);
+    let elsewhere = workload("other", "web", &[("app", "web")]);
+    for spec in [
+        "action: DENY\nselector: {matchLabels: [app, web]}\nrules: [{from: [{source: {principals: [x]}}]}]",
+        "action: MAYBE\nselector: {matchLabels: {app: web}}",
+        "[not, an, object]",
+        "action: DENY\ntargetRefs: [{kind: Pod, name: web}]\nrules: [{}]",
+    ] {
+        assert!(validate(&ap("shop", "unreadable", spec)).is_err(), "{spec}");
+        let i = index_unchecked(&[ap("shop", "unreadable", spec)]);
+        if !spec.contains("targetRefs") {
+            assert!(!i.authorize(&web(), &mtls("a", "b", 80)).allow, "{spec}");
+            // An unknown action with a readable selector: only what it selects.
+            let whole_namespace = !spec.contains("MAYBE");
+            assert_eq!(
+                !i.authorize(&db, &mtls("a", "b", 80)).allow,
+                whole_namespace,
+                "{spec}"
+            );
+        }
+        assert!(i.authorize(&elsewhere, &mtls("a", "b", 80)).allow, "{spec}");
+        if !spec.contains("selector") {
+            // Targets unknown: every waypoint target of the namespace.
+            let req = request("GET", "/", "web", &[]);
+            for (waypoint, service) in [(("shop", "wp"), None), (("mesh", "wp"), Some(("shop", "web")))] {
+                let d = i.authorize_request(waypoint, service, &mtls("a", "b", 80), Some(&req), false);
+                assert!(!d.allow, "{spec}: {d:?}");
+            }
+            let d = i.authorize_request(("mesh", "wp"), Some(("other", "web")), &mtls("a", "b", 80), Some(&req), false);
+            assert!(d.allow, "{spec}: {d:?}");
+        }
+    }
+    let i = index_unchecked(&[ap(
+        "shop",
+        "allow-unreadable",
+        "selector: {matchLabels: 7}\nrules: [{}]",
+    )]);
+    assert!(
+        !i.authorize(&db, &mtls("a", "b", 80)).allow,
+        "an ALLOW allows nothing"
+    );
+}
+
+#[test]
+fn an_invalid_peer_authentication_is_strict() {
+    let w = web();
+    for (spec, applies_to_db) in [
+        (
+            "selector: {matchLabels: {app: web}}\nmtls: {mode: STRICTEST}",
+            false,
+        ),
+        (
+            "selector: {matchLabels: {app: web}}\nportLevelMtls: {http: {mode: DISABLE}}",
+            false,
+        ),
+        ("selector: {matchLabels: 5}\nmtls: {mode: PERMISSIVE}", true),
+        (
+            "mtls: {mode: PERMISSIVE}\nportLevelMtls: {8080: {mode: DISABLE}}",
+            true,
+        ),
+    ] {
+        let i = index_unchecked(&[
+            pa("shop", "default", "mtls: {mode: PERMISSIVE}"),
+            pa("shop", "bad", spec),
+        ]);
+        assert_eq!(
+            i.peer_authentication(&w, 8080),
+            (Mode::Strict, Some("shop/bad".into())),
+            "{spec}"
+        );
+        let db = workload("shop", "db", &[("app", "db")]);
+        assert_eq!(
+            i.peer_authentication(&db, 8080).0 == Mode::Strict,
+            applies_to_db,
+            "{spec}"
+        );
+    }
 }

@@ -60,10 +60,12 @@ spec:
   rules: [{from: [{source: {principals: [cluster.local/ns/demo/sa/client]}}]}]
 ";
 
+/// Refused, and in force fail closed for the workloads it selects (none here).
 const MALFORMED_POLICY: &str = "apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {name: maybe, namespace: demo}
 spec:
+  selector: {matchLabels: {app: nobody}}
   action: PERHAPS
 ";
 
@@ -116,7 +118,7 @@ async fn tunnels_watching_the_api_server_enroll_their_ambient_pods_and_follow_ch
         || async {
             mesh.config_dump("node-b").await["policies"]
                 .as_array()
-                .is_some_and(|p| p.len() == 1)
+                .is_some_and(|p| p.iter().any(|p| p["name"] == "deny-client"))
         },
     )
     .await;
@@ -163,7 +165,7 @@ async fn tunnels_watching_the_api_server_enroll_their_ambient_pods_and_follow_ch
         || async {
             mesh.config_dump("node-b").await["policies"]
                 .as_array()
-                .is_some_and(|p| p.is_empty())
+                .is_some_and(|p| p.iter().all(|p| p["name"] != "deny-client"))
         },
     )
     .await;

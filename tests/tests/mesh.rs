@@ -745,3 +745,159 @@ async fn a_pod_that_left_the_mesh_while_the_tunnel_was_down_is_released() {
         mesh.log("node-a")
     );
 }
+
+/// Writes a policy and waits until node-b's tunnel has it in force.
+async fn apply_policy(mesh: &Mesh, file: &str, name: &str, yaml: &str) {
+    mesh.write_config(file, yaml).unwrap();
+    eventually(
+        Duration::from_secs(15),
+        &format!("{name} in force on node-b"),
+        || async {
+            mesh.config_dump("node-b").await["policies"]
+                .as_array()
+                .is_some_and(|p| p.iter().any(|p| p["name"] == name))
+        },
+    )
+    .await;
+}
+
+/// Istio's "require mutual TLS" DENY: a plaintext peer's principal is empty, which
+/// `notPrincipals: ['*']` matches (ISTIO-SECURITY-2021-004).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plaintext_peer_matches_not_principals_in_a_deny() {
+    let mesh = mesh().await;
+    let echo = EchoServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    apply_policy(&mesh, "require-mtls.yaml", "require-mtls", "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: require-mtls, namespace: demo}\nspec:\n  action: DENY\n  rules: [{from: [{source: {notPrincipals: ['*']}}]}]\n").await;
+    // The attack: plaintext from outside the mesh (namespace "plain").
+    let out = probe(
+        &mesh,
+        "plain",
+        &["connect", &addr(&mesh, "server", 8080), "clear"],
+    );
+    assert!(
+        !out.contains("server:clear"),
+        "plaintext got through: {out}"
+    );
+    let out = probe(
+        &mesh,
+        "client",
+        &["connect", &addr(&mesh, "server", 8080), "tls"],
+    );
+    assert!(out.contains("reply=server:tls"), "mTLS refused: {out}");
+    assert_eq!(
+        echo.stop().unwrap().len(),
+        1,
+        "only the mTLS connection arrived"
+    );
+    eventually(Duration::from_secs(15), "the denial named", || async {
+        mesh.log("node-b")
+            .contains("denied by DENY policy demo/require-mtls")
+    })
+    .await;
+}
+
+/// An ALLOW policy with one invalid rule stays in force: the workload stays closed
+/// to everyone its valid rules do not allow.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_allow_policy_with_an_invalid_rule_keeps_the_workload_closed() {
+    let mesh = mesh().await;
+    let echo = EchoServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    apply_policy(&mesh, "half-bad.yaml", "half-bad", "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: half-bad, namespace: demo}\nspec:\n  rules:\n  - from: [{source: {ipBlocks: [10.244.0.0/33]}}]\n  - from: [{source: {principals: [cluster.local/ns/demo/sa/client]}}]\n").await;
+    // local-server runs as demo/server, plain has no identity: neither is allowed.
+    for pod in ["local-server", "plain"] {
+        let out = probe(&mesh, pod, &["connect", &addr(&mesh, "server", 8080), "in"]);
+        assert!(!out.contains("server:in"), "{pod} got through: {out}");
+    }
+    let out = probe(
+        &mesh,
+        "client",
+        &["connect", &addr(&mesh, "server", 8080), "ok"],
+    );
+    assert!(out.contains("reply=server:ok"), "the valid rule: {out}");
+    assert_eq!(echo.stop().unwrap().len(), 1);
+    // The refusal stays visible.
+    assert!(mesh
+        .metrics("node-b")
+        .await
+        .lines()
+        .any(|l| l == "ztunnel_config_refused_objects 1"));
+    assert!(mesh
+        .log("node-b")
+        .contains("rules[0].from[0].source.ipBlocks"));
+}
+
+/// A DENY policy that cannot be compiled denies all traffic to what it selects.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deny_policy_that_cannot_compile_denies_everything() {
+    let mesh = mesh().await;
+    let echo = EchoServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    let out = probe(
+        &mesh,
+        "client",
+        &["connect", &addr(&mesh, "server", 8080), "before"],
+    );
+    assert!(out.contains("reply=server:before"), "{out}");
+    apply_policy(&mesh, "broken-deny.yaml", "broken-deny", "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: broken-deny, namespace: demo}\nspec:\n  action: DENY\n  rules: [{from: [{source: {ipBlocks: [10.244.1.0/99]}}]}]\n").await;
+    for pod in ["client", "local-server", "plain"] {
+        let out = probe(
+            &mesh,
+            pod,
+            &["connect", &addr(&mesh, "server", 8080), "after"],
+        );
+        assert!(!out.contains("server:after"), "{pod} got through: {out}");
+    }
+    assert_eq!(
+        echo.stop().unwrap().len(),
+        1,
+        "only the connection before the policy"
+    );
+    eventually(Duration::from_secs(15), "the denial explained", || async {
+        mesh.log("node-b")
+            .contains("denied by DENY policy demo/broken-deny (refused as invalid")
+    })
+    .await;
+    assert!(mesh
+        .metrics("node-b")
+        .await
+        .lines()
+        .any(|l| l == "ztunnel_config_refused_objects 1"));
+}
+
+/// `portLevelMtls` keys are YAML integers in Istio's examples: such a policy is
+/// accepted and its STRICT workload stays STRICT where it says so.
+#[tokio::test(flavor = "multi_thread")]
+async fn integer_port_level_mtls_keys_keep_a_port_strict() {
+    let mesh = mesh().await;
+    let server = mesh.cluster.pod("server-2");
+    let _strict = EchoServer::start(server, 8080).unwrap();
+    let _open = EchoServer::start(server, 8081).unwrap();
+    apply_policy(&mesh, "pa.yaml", "server-strict", "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: server-strict, namespace: demo}\nspec:\n  selector: {matchLabels: {app: server}}\n  mtls: {mode: STRICT}\n  portLevelMtls:\n    8081:\n      mode: PERMISSIVE\n").await;
+    let out = probe(
+        &mesh,
+        "plain",
+        &["connect", &addr(&mesh, "server-2", 8080), "clear"],
+    );
+    assert!(
+        !out.contains("server-2:clear"),
+        "plaintext to the STRICT port: {out}"
+    );
+    let out = probe(
+        &mesh,
+        "plain",
+        &["connect", &addr(&mesh, "server-2", 8081), "open"],
+    );
+    assert!(
+        out.contains("reply=server-2:open"),
+        "the PERMISSIVE port: {out}"
+    );
+    eventually(Duration::from_secs(15), "the refusal named", || async {
+        mesh.log("node-b")
+            .contains("plaintext refused: PeerAuthentication demo/server-strict is STRICT")
+    })
+    .await;
+    assert!(mesh
+        .metrics("node-b")
+        .await
+        .lines()
+        .any(|l| l == "ztunnel_config_refused_objects 0"));
+}

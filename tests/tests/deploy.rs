@@ -368,3 +368,160 @@ fn the_dashboard_only_charts_metrics_the_code_exports() {
     }
     assert!(charted >= 10, "only {charted} metrics charted");
 }
+
+/// The subset of OpenAPI v3 the security CRDs use, checked the way the API server
+/// does: types, properties, additionalProperties, items, enums, required fields.
+fn schema_errors(value: &Value, schema: &Value, at: &str) -> Vec<String> {
+    let type_ok = match schema["type"].as_str() {
+        Some("object") => value.is_object(),
+        Some("array") => value.is_array(),
+        Some("string") => value.is_string(),
+        Some("boolean") => value.is_boolean(),
+        Some("integer") => value.is_i64() || value.is_u64(),
+        Some(other) => panic!("{at}: a schema type this check does not know: {other}"),
+        None => panic!("{at}: not structural: no type"),
+    };
+    if !type_ok {
+        return vec![format!("{at}: not {}", schema["type"])];
+    }
+    if let Some(allowed) = schema["enum"].as_array() {
+        if !allowed.contains(value) {
+            return vec![format!("{at}: {value} is not one of {allowed:?}")];
+        }
+    }
+    let mut errors = Vec::new();
+    if let Some(items) = value.as_array() {
+        for (i, item) in items.iter().enumerate() {
+            errors.extend(schema_errors(item, &schema["items"], &format!("{at}[{i}]")));
+        }
+    }
+    if let Some(object) = value.as_object() {
+        for field in schema["required"].as_array().into_iter().flatten() {
+            if !object.contains_key(field.as_str().unwrap()) {
+                errors.push(format!("{at}.{field}: required"));
+            }
+        }
+        for (key, field) in object {
+            let at = format!("{at}.{key}");
+            match (&schema["properties"][key], &schema["additionalProperties"]) {
+                (Value::Null, Value::Null) => {}
+                (Value::Null, extra) => errors.extend(schema_errors(field, extra, &at)),
+                (known, _) => errors.extend(schema_errors(field, known, &at)),
+            }
+        }
+    }
+    errors
+}
+
+/// The CRDs' schemas refuse malformed policies at `kubectl apply` (as Istio's
+/// validation does) and accept every policy deploy/ and the README write.
+#[test]
+fn the_security_crds_refuse_malformed_policies() {
+    let crds: Vec<Value> = manifests()
+        .into_iter()
+        .flat_map(|(_, docs)| docs)
+        .filter(|d| d["kind"] == "CustomResourceDefinition")
+        .collect();
+    let schema = |kind: &str| -> Value {
+        let crd = crds
+            .iter()
+            .find(|c| c["spec"]["names"]["kind"] == kind)
+            .unwrap();
+        let versions = crd["spec"]["versions"].as_array().unwrap();
+        assert!(
+            versions
+                .iter()
+                .all(|v| v["schema"] == versions[0]["schema"]),
+            "{kind}: v1 and v1beta1 share one schema"
+        );
+        versions[0]["schema"]["openAPIV3Schema"].clone()
+    };
+    let check = |kind: &str, spec: &str| -> Vec<String> {
+        let spec: Value = serde_yaml::from_str(spec).unwrap();
+        let object = serde_json::json!({"spec": spec});
+        schema_errors(&object, &schema(kind), kind)
+    };
+    for (kind, spec) in [
+        ("AuthorizationPolicy", "{}"),
+        ("AuthorizationPolicy", "action: DENY\nselector: {matchLabels: {app: web}}\nrules: [{from: [{source: {notPrincipals: ['*'], ipBlocks: [10.0.0.0/8]}}], to: [{operation: {ports: ['8080'], methods: [GET]}}], when: [{key: source.ip, values: [10.0.0.1]}]}]"),
+        ("AuthorizationPolicy", "action: CUSTOM\nprovider: {name: ext}\ntargetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: wp}]\nrules: [{}]"),
+        ("PeerAuthentication", "selector: {matchLabels: {app: web}}\nmtls: {mode: STRICT}\nportLevelMtls: {'8080': {mode: DISABLE}}"),
+        ("RequestAuthentication", "targetRef: {kind: Gateway, name: wp}\njwtRules: [{issuer: https://issuer.test, jwksUri: http://keys/jwks, fromHeaders: [{name: x-token, prefix: 'Bearer '}], forwardOriginalToken: true}]"),
+    ] {
+        let errors = check(kind, spec);
+        assert!(errors.is_empty(), "{kind} {spec}: {errors:?}");
+    }
+    let mut samples = 0;
+    for doc in manifests().into_iter().flat_map(|(_, docs)| docs) {
+        let kind = doc["kind"].as_str().unwrap_or_default();
+        if doc["apiVersion"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("security.istio.io/")
+        {
+            let errors = schema_errors(
+                &serde_json::json!({"spec": doc["spec"]}),
+                &schema(kind),
+                kind,
+            );
+            assert!(errors.is_empty(), "{doc}: {errors:?}");
+            samples += 1;
+        }
+    }
+    assert!(samples > 0, "deploy/ writes no policy to check");
+    for (kind, spec, error) in [
+        ("AuthorizationPolicy", "action: MAYBE", "spec.action"),
+        (
+            "AuthorizationPolicy",
+            "rules: [{from: [{source: {ipBlocks: 10.0.0.0/8}}]}]",
+            "source.ipBlocks: not",
+        ),
+        (
+            "AuthorizationPolicy",
+            "rules: [{to: [{operation: {ports: [8080]}}]}]",
+            "operation.ports[0]: not",
+        ),
+        (
+            "AuthorizationPolicy",
+            "rules: [{when: [{values: [x]}]}]",
+            "when[0].\"key\": required",
+        ),
+        (
+            "AuthorizationPolicy",
+            "rules: {from: []}",
+            "spec.rules: not",
+        ),
+        (
+            "AuthorizationPolicy",
+            "selector: {matchLabels: [app, web]}",
+            "selector.matchLabels: not",
+        ),
+        (
+            "AuthorizationPolicy",
+            "targetRefs: [{kind: Gateway}]",
+            "\"name\": required",
+        ),
+        ("PeerAuthentication", "mtls: {mode: STRICTEST}", "mtls.mode"),
+        (
+            "PeerAuthentication",
+            "portLevelMtls: {'8080': {mode: NOPE}}",
+            "portLevelMtls.8080.mode",
+        ),
+        (
+            "RequestAuthentication",
+            "jwtRules: [{audiences: [a]}]",
+            "\"issuer\": required",
+        ),
+        (
+            "RequestAuthentication",
+            "jwtRules: [{issuer: x, forwardOriginalToken: 'yes'}]",
+            "forwardOriginalToken: not",
+        ),
+    ] {
+        let errors = check(kind, spec);
+        assert!(
+            errors.iter().any(|e| e.contains(error)),
+            "{kind} {spec}: expected {error:?} in {errors:?}"
+        );
+    }
+}

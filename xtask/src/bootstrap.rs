@@ -1,4 +1,5 @@
-//! Installs what the build and the tests need, once; later runs only check.
+//! Installs what the build, the tests and the fuzz targets need, once; later runs
+//! only check.
 //!
 //! Pinned together (see README.md, "Toolchain"): aya 0.14.0, aya-ebpf 0.2.1,
 //! aya-build 0.2.0 (Cargo.toml) and bpf-linker 0.13.0 built against the nightly
@@ -16,6 +17,8 @@ use anyhow::{bail, Context, Result};
 use crate::status;
 
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
+/// The fuzz targets' runner (`cargo xtask fuzz`, and briefly `cargo xtask test`).
+pub const CARGO_FUZZ_VERSION: &str = "0.13.2";
 const NIGHTLY: &str = "nightly";
 /// Debian packages the tests need, with a binary that proves each is there.
 const DEBIAN_PACKAGES: [(&str, &str); 1] = [("iproute2", "ip")];
@@ -26,6 +29,7 @@ pub fn run(verbose: bool) -> Result<()> {
     debian_packages(verbose)?;
     nightly_rust_src(verbose)?;
     bpf_linker(verbose)?;
+    cargo_fuzz(verbose)?;
     if verbose {
         match have_nextest() {
             true => println!("ok: cargo-nextest"),
@@ -183,6 +187,24 @@ fn bpf_linker(verbose: bool) -> Result<()> {
     )
     .context("building bpf-linker (needs network access to crates.io and a C/C++ compiler)")?;
     Ok(())
+}
+
+fn cargo_fuzz(verbose: bool) -> Result<()> {
+    if runs("cargo", &["fuzz", "--version"]) {
+        if verbose {
+            println!("ok: cargo-fuzz");
+        }
+        return Ok(());
+    }
+    println!("installing cargo-fuzz {CARGO_FUZZ_VERSION} (runs the fuzz targets)");
+    status(Command::new("cargo").args([
+        "install",
+        "cargo-fuzz",
+        "--version",
+        CARGO_FUZZ_VERSION,
+        "--locked",
+    ]))
+    .context("installing cargo-fuzz (needs network access to crates.io)")
 }
 
 /// Kept for as long as bpf-linker is installed: its RUNPATH points here.

@@ -1,7 +1,8 @@
-//! Project tasks: `cargo xtask <bootstrap|test|bench|demo|run>`.
+//! Project tasks: `cargo xtask <bootstrap|test|bench|demo|run|fuzz>`.
 
 mod bootstrap;
 mod demo;
+mod fuzz;
 mod kind;
 
 use std::{path::PathBuf, process::Command};
@@ -19,13 +20,22 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install what building and testing need (idempotent): iproute2, the nightly
-    /// toolchain's rust-src, a pinned bpf-linker.
+    /// toolchain's rust-src, a pinned bpf-linker, cargo-fuzz.
     Bootstrap,
     /// Run every test of the workspace (as root: the tests build real namespaces,
-    /// cgroups and BPF programs). Extra arguments go to the test runner.
+    /// cgroups and BPF programs), then each fuzz target briefly. Extra arguments go
+    /// to the test runner (and skip the fuzz targets).
     Test {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Run the fuzz targets of ztunnel/fuzz (all, or the one named), each for a
+    /// bounded time: policy_compile, jwt.
+    Fuzz {
+        target: Option<String>,
+        /// Seconds per target.
+        #[arg(long, default_value_t = fuzz::DEFAULT_SECONDS)]
+        seconds: u64,
     },
     /// Run benchmarks (as root), all of them or those named: redirect, ca, mesh, policy, waypoint, config.
     Bench { names: Vec<String> },
@@ -61,7 +71,16 @@ fn run(cli: Cli) -> Result<()> {
         Task::Test { args } => {
             require_root("the tests")?;
             bootstrap::run(false)?;
-            test(&args)
+            test(&args)?;
+            // The whole suite (what CI runs) includes a smoke run of every fuzz target.
+            match args.is_empty() {
+                true => fuzz::run(&[], fuzz::TEST_SECONDS, FUZZ_SMOKE_DEV),
+                false => Ok(()),
+            }
+        }
+        Task::Fuzz { target, seconds } => {
+            bootstrap::run(false)?;
+            fuzz::run(&Vec::from_iter(target), seconds, false)
         }
         Task::Bench { names } => {
             require_root("the benchmarks")?;
@@ -93,6 +112,9 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
 }
+
+/// The smoke run's build: unoptimized, which builds quicker than it fuzzes.
+const FUZZ_SMOKE_DEV: bool = true;
 
 fn test(args: &[String]) -> Result<()> {
     // End-to-end tests run the real `ztunnel` binary; cargo only builds a package's

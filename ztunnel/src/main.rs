@@ -70,7 +70,8 @@ struct CheckArgs {
     /// HTTP path (decided by a waypoint).
     #[arg(long)]
     path: Option<String>,
-    /// HTTP header K=V (decided by a waypoint).
+    /// HTTP header K=V (decided by a waypoint); `Host=` or `:authority=` sets the
+    /// host that `hosts` rules match (default: the destination's ip:port).
     #[arg(long)]
     header: Vec<String>,
     /// A JWT (decided by a waypoint).

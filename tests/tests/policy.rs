@@ -207,7 +207,7 @@ fn bad_input_is_an_error_not_a_decision() {
 #[test]
 fn an_allow_policy_with_an_invalid_rule_keeps_the_workload_closed() {
     let dir = config(&format!(
-        "{API}---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: api-allow, namespace: shop}}\nspec:\n  selector: {{matchLabels: {{app: api}}}}\n  rules:\n  - from: [{{source: {{ipBlocks: [10.244.0.0/33]}}}}]\n  - from: [{{source: {{principals: [cluster.local/ns/shop/sa/client]}}}}]\n"
+        "{API_POD}{API_PERMISSIVE}---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: api-allow, namespace: shop}}\nspec:\n  selector: {{matchLabels: {{app: api}}}}\n  rules:\n  - from: [{{source: {{ipBlocks: [10.244.0.0/33]}}}}]\n  - from: [{{source: {{principals: [cluster.local/ns/shop/sa/client]}}}}]\n"
     ));
     let (code, out) = check(&dir, &["--from", "legacy/old", "--to", "shop/api:8080"]);
     assert_eq!(code, 1, "{out}");
@@ -224,7 +224,7 @@ fn an_allow_policy_with_an_invalid_rule_keeps_the_workload_closed() {
 #[test]
 fn a_deny_policy_that_cannot_compile_denies_everything() {
     let dir = config(&format!(
-        "{API}---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: api-deny, namespace: shop}}\nspec:\n  selector: {{matchLabels: {{app: api}}}}\n  action: DENY\n  rules:\n  - from: [{{source: {{ipBlocks: [10.99.0.0/99]}}}}]\n"
+        "{API_POD}{API_PERMISSIVE}---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: api-deny, namespace: shop}}\nspec:\n  selector: {{matchLabels: {{app: api}}}}\n  action: DENY\n  rules:\n  - from: [{{source: {{ipBlocks: [10.99.0.0/99]}}}}]\n"
     ));
     for from in ["shop/client", "legacy/old"] {
         let (code, out) = check(&dir, &["--from", from, "--to", "shop/api:8080"]);
@@ -379,15 +379,18 @@ fn policy_check_validates_a_jwt_like_the_waypoint() {
     );
 }
 
-/// `api` in shop accepts plaintext (its own PeerAuthentication) so that
-/// AuthorizationPolicy, not STRICT, decides for plaintext peers.
-const API: &str = r#"
+const API_POD: &str = r#"
 ---
 apiVersion: v1
 kind: Pod
 metadata: {name: api, namespace: shop, labels: {app: api}}
 spec: {serviceAccountName: api, nodeName: node-b}
 status: {podIP: 10.244.1.4}
+"#;
+
+/// `api` in shop accepts plaintext (its own PeerAuthentication) so that
+/// AuthorizationPolicy, not STRICT, decides for plaintext peers.
+const API_PERMISSIVE: &str = r#"
 ---
 apiVersion: security.istio.io/v1
 kind: PeerAuthentication
@@ -400,7 +403,7 @@ spec:
 #[test]
 fn a_plaintext_peer_matches_not_principals_in_a_deny() {
     let dir = config(&format!(
-        "{API}---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: require-mtls, namespace: shop}}\nspec:\n  selector: {{matchLabels: {{app: api}}}}\n  action: DENY\n  rules: [{{from: [{{source: {{notPrincipals: ['*']}}}}]}}]\n"
+        "{API_POD}{API_PERMISSIVE}---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: require-mtls, namespace: shop}}\nspec:\n  selector: {{matchLabels: {{app: api}}}}\n  action: DENY\n  rules: [{{from: [{{source: {{notPrincipals: ['*']}}}}]}}]\n"
     ));
     let (code, out) = check(&dir, &["--from", "legacy/old", "--to", "shop/api:8080"]);
     assert_eq!(code, 1, "{out}");
@@ -414,25 +417,10 @@ fn a_plaintext_peer_matches_not_principals_in_a_deny() {
 
 #[test]
 fn integer_port_level_mtls_keys_keep_a_port_strict() {
-    let dir = config(
-        r#"
----
-apiVersion: v1
-kind: Pod
-metadata: {name: api, namespace: shop, labels: {app: api}}
-spec: {serviceAccountName: api, nodeName: node-b}
-status: {podIP: 10.244.1.4}
----
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: api, namespace: shop}
-spec:
-  selector: {matchLabels: {app: api}}
-  mtls: {mode: PERMISSIVE}
-  portLevelMtls:
-    8443: {mode: STRICT}
-"#,
-    );
+    // The key unquoted, as in Istio's examples.
+    let dir = config(&format!(
+        "{API_POD}{API_PERMISSIVE}  portLevelMtls:\n    8443: {{mode: STRICT}}\n"
+    ));
     let (code, out) = check(&dir, &["--from", "legacy/old", "--to", "shop/api:8443"]);
     assert_eq!(code, 1, "{out}");
     assert!(

@@ -664,6 +664,25 @@ fn at_the_waypoint_non_http_traffic_gets_l4_policy_only() {
     );
 }
 
+/// The waypoint shares the engine: a plaintext peer's empty identity matches the
+/// negated fields there too.
+#[test]
+fn at_the_waypoint_a_plaintext_peer_matches_not_principals() {
+    let i = attached("action: DENY\nrules: [{from: [{source: {notPrincipals: ['*']}}]}]");
+    let req = request("GET", "/", "web", &[]);
+    let decide = |conn: &Connection| {
+        i.authorize_request(("shop", "wp"), None, conn, Some(&req), false)
+            .allow
+    };
+    assert!(!decide(&plaintext(80)));
+    assert!(decide(&mtls("a", "b", 80)));
+    let i = attached("rules: [{from: [{source: {principals: ['*']}}]}]");
+    assert!(
+        !i.authorize_request(("shop", "wp"), None, &plaintext(80), Some(&req), false)
+            .allow
+    );
+}
+
 /// The index the data path builds: refused policies included, fail closed.
 fn index_unchecked(policies: &[Policy]) -> Index {
     Index::build(policies, ROOT_NAMESPACE, vec!["cluster.local".into()])

@@ -360,12 +360,19 @@ impl Index {
         let anywhere = namespaces
             .into_iter()
             .filter_map(|ns| self.attached_anywhere.get(ns));
-        gateway
+        let mut policies: Vec<&Arc<Compiled>> = Vec::new();
+        // A policy with some targets unreadable is both attached and "anywhere".
+        for p in gateway
             .into_iter()
             .chain(service_policies)
             .chain(anywhere)
             .flatten()
-            .collect()
+        {
+            if !policies.iter().any(|q| Arc::ptr_eq(q, p)) {
+                policies.push(p);
+            }
+        }
+        policies
     }
 
     /// AuthorizationPolicy at a waypoint, for one request: the policies attached to

@@ -18,8 +18,9 @@ use serde::Deserialize;
 use tokio::sync::watch;
 
 use super::{
-    ConfigError, ConfigMetrics, EndpointSlice, Gateway, Namespace, Pod, Policy, Service,
-    ServiceAccount, ServicePort, Snapshot, CGROUP_ANNOTATION, NETNS_ANNOTATION, SERVICE_NAME_LABEL,
+    AllowedNamespaces, ConfigError, ConfigMetrics, EndpointSlice, Gateway, LabelExpression,
+    LabelSelector, Namespace, Pod, Policy, Service, ServiceAccount, ServicePort, Snapshot,
+    CGROUP_ANNOTATION, NETNS_ANNOTATION, SERVICE_NAME_LABEL,
 };
 
 /// What the directory looked like: files with their size and modification time.
@@ -431,6 +432,102 @@ struct EndpointPortSpec {
     port: Option<u16>,
 }
 
+#[derive(Deserialize, Default)]
+struct GatewaySpec {
+    #[serde(default)]
+    listeners: Vec<ListenerSpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ListenerSpec {
+    #[serde(default)]
+    protocol: String,
+    #[serde(default)]
+    port: u16,
+    #[serde(default)]
+    allowed_routes: Option<AllowedRoutesSpec>,
+}
+
+#[derive(Deserialize)]
+struct AllowedRoutesSpec {
+    #[serde(default)]
+    namespaces: Option<RouteNamespacesSpec>,
+}
+
+#[derive(Deserialize)]
+struct RouteNamespacesSpec {
+    #[serde(default)]
+    from: Option<String>,
+    #[serde(default)]
+    selector: Option<SelectorSpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SelectorSpec {
+    #[serde(default)]
+    match_labels: BTreeMap<String, String>,
+    #[serde(default)]
+    match_expressions: Vec<ExpressionSpec>,
+}
+
+#[derive(Deserialize)]
+struct ExpressionSpec {
+    key: String,
+    operator: String,
+    #[serde(default)]
+    values: Vec<String>,
+}
+
+/// Who may bind to a waypoint: its HBONE listener's (port 15008)
+/// `allowedRoutes.namespaces`, as Istio reads it; none says Same.
+fn allowed_namespaces(listeners: &[ListenerSpec]) -> Result<AllowedNamespaces> {
+    let Some((i, listener)) = listeners
+        .iter()
+        .enumerate()
+        .find(|(_, l)| l.protocol == "HBONE" && l.port == crate::redirect::HBONE_PORT)
+    else {
+        return Ok(AllowedNamespaces::Same);
+    };
+    let field = format!("spec.listeners[{i}].allowedRoutes.namespaces");
+    let Some(namespaces) = listener
+        .allowed_routes
+        .as_ref()
+        .and_then(|r| r.namespaces.as_ref())
+    else {
+        return Ok(AllowedNamespaces::Same);
+    };
+    Ok(match namespaces.from.as_deref().unwrap_or("Same") {
+        "Same" => AllowedNamespaces::Same,
+        "All" => AllowedNamespaces::All,
+        "Selector" => {
+            let selector = namespaces
+                .selector
+                .as_ref()
+                .with_context(|| format!("{field}.selector: required with from: Selector"))?;
+            let mut expressions = Vec::new();
+            for (j, e) in selector.match_expressions.iter().enumerate() {
+                let (key, values) = (e.key.clone(), e.values.clone());
+                expressions.push(match e.operator.as_str() {
+                    "In" => LabelExpression::In(key, values),
+                    "NotIn" => LabelExpression::NotIn(key, values),
+                    "Exists" => LabelExpression::Exists(key),
+                    "DoesNotExist" => LabelExpression::DoesNotExist(key),
+                    other => bail!(
+                        "{field}.selector.matchExpressions[{j}].operator: {other:?} is not In, NotIn, Exists or DoesNotExist"
+                    ),
+                });
+            }
+            AllowedNamespaces::Selector(LabelSelector {
+                match_labels: selector.match_labels.clone(),
+                match_expressions: expressions,
+            })
+        }
+        other => bail!("{field}.from: {other:?} is not Same, All or Selector"),
+    })
+}
+
 pub(super) fn parse(key: &Key, value: serde_yaml::Value) -> Result<Object> {
     let (kind, namespace, name) = key.clone();
     Ok(match kind.as_str() {
@@ -575,12 +672,14 @@ pub(super) fn parse(key: &Key, value: serde_yaml::Value) -> Result<Object> {
                 .and_then(|c| c.as_str())
                 .ok_or_else(|| anyhow::anyhow!("spec.gatewayClassName is required"))?
                 .to_owned();
-            let r: Resource<serde_yaml::Value> = serde_yaml::from_value(value)?;
+            let r: Resource<GatewaySpec> = serde_yaml::from_value(value)?;
+            let allowed_namespaces = allowed_namespaces(&r.spec.unwrap_or_default().listeners)?;
             Object::Gateway(Gateway {
                 name,
                 namespace,
                 class,
                 labels: r.metadata.labels,
+                allowed_namespaces,
             })
         }
         _ => {

@@ -329,21 +329,12 @@ impl Index {
     pub fn authorize_request(
         &self,
         waypoint: (&str, &str),
-        service: Option<(&str, &str)>,
+        services: &[(String, String)],
         conn: &Connection,
         req: Option<&Request>,
         ext_authz: bool,
     ) -> Decision {
-        let gateway = self.attached.get(&(
-            waypoint.0.to_owned(),
-            "Gateway".to_owned(),
-            waypoint.1.to_owned(),
-        ));
-        let service = service.and_then(|(ns, name)| {
-            self.attached
-                .get(&(ns.to_owned(), "Service".to_owned(), name.to_owned()))
-        });
-        let policies: Vec<&Arc<Compiled>> = gateway.into_iter().chain(service).flatten().collect();
+        let policies = attached_to(&self.attached, waypoint, services);
         let tds = &self.trust_domains;
         let pick = |action: Action| -> Vec<Arc<Compiled>> {
             policies
@@ -391,25 +382,14 @@ impl Index {
     }
 
     /// The RequestAuthentications a waypoint applies for a destination: those
-    /// attached to its Gateway and to the destination Service.
+    /// attached to its Gateway and to the destination's Services.
     pub fn request_authentications(
         &self,
         waypoint: (&str, &str),
-        service: Option<(&str, &str)>,
+        services: &[(String, String)],
     ) -> Vec<Arc<authn::RequestAuthentication>> {
-        let gateway = self.authn.get(&(
-            waypoint.0.to_owned(),
-            "Gateway".to_owned(),
-            waypoint.1.to_owned(),
-        ));
-        let service = service.and_then(|(ns, name)| {
-            self.authn
-                .get(&(ns.to_owned(), "Service".to_owned(), name.to_owned()))
-        });
-        gateway
+        attached_to(&self.authn, waypoint, services)
             .into_iter()
-            .chain(service)
-            .flatten()
             .cloned()
             .collect()
     }
@@ -419,23 +399,12 @@ impl Index {
     pub fn custom_request(
         &self,
         waypoint: (&str, &str),
-        service: Option<(&str, &str)>,
+        services: &[(String, String)],
         conn: &Connection,
         req: &Request,
     ) -> Vec<(String, String)> {
-        let gateway = self.attached.get(&(
-            waypoint.0.to_owned(),
-            "Gateway".to_owned(),
-            waypoint.1.to_owned(),
-        ));
-        let service = service.and_then(|(ns, name)| {
-            self.attached
-                .get(&(ns.to_owned(), "Service".to_owned(), name.to_owned()))
-        });
-        gateway
+        attached_to(&self.attached, waypoint, services)
             .into_iter()
-            .chain(service)
-            .flatten()
             .filter(|p| {
                 p.action == Action::Custom
                     && !p.dry_run
@@ -444,6 +413,33 @@ impl Index {
             .map(|p| (p.name.clone(), p.provider.clone().unwrap_or_default()))
             .collect()
     }
+}
+
+/// What is attached with targetRefs to the waypoint's Gateway and to `services`
+/// (namespace, name), each once.
+fn attached_to<'a, T>(
+    attached: &'a HashMap<(String, String, String), Vec<Arc<T>>>,
+    waypoint: (&str, &str),
+    services: &[(String, String)],
+) -> Vec<&'a Arc<T>> {
+    let gateway = (
+        waypoint.0.to_owned(),
+        "Gateway".to_owned(),
+        waypoint.1.to_owned(),
+    );
+    let mut found: Vec<&Arc<T>> = Vec::new();
+    let keys = std::iter::once(gateway).chain(
+        services
+            .iter()
+            .map(|(ns, name)| (ns.clone(), "Service".to_owned(), name.clone())),
+    );
+    for item in keys.filter_map(|k| attached.get(&k)).flatten() {
+        // A policy targeting two of them applies once.
+        if !found.iter().any(|f| Arc::ptr_eq(f, item)) {
+            found.push(item);
+        }
+    }
+    found
 }
 
 fn decide(

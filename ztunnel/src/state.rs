@@ -502,4 +502,90 @@ mod tests {
             "web"
         );
     }
+
+    #[test]
+    fn a_cross_namespace_binding_needs_the_gateways_consent() {
+        use config::{AllowedNamespaces, Gateway, LabelExpression, LabelSelector};
+        let build = |allowed: AllowedNamespaces| {
+            let mut snapshot = Snapshot::default();
+            for (ns, labels) in [("infra", vec![]), ("demo", vec![("team", "a")])] {
+                snapshot.namespaces.insert(
+                    ns.into(),
+                    Namespace {
+                        name: ns.into(),
+                        labels: labels
+                            .iter()
+                            .map(|(k, v)| (k.to_string(), v.to_string()))
+                            .collect(),
+                    },
+                );
+            }
+            snapshot.gateways.insert(
+                ("infra".into(), "wp".into()),
+                Gateway {
+                    name: "wp".into(),
+                    namespace: "infra".into(),
+                    class: config::WAYPOINT_CLASS.into(),
+                    labels: BTreeMap::new(),
+                    allowed_namespaces: allowed,
+                },
+            );
+            let bound = [
+                (config::USE_WAYPOINT, "wp"),
+                (config::USE_WAYPOINT_NAMESPACE, "infra"),
+            ];
+            for p in [
+                pod("demo", "a", "n1", [10, 0, 0, 1], &bound),
+                pod("infra", "b", "n1", [10, 0, 0, 2], &bound[..1]),
+            ] {
+                snapshot
+                    .pods
+                    .insert((p.namespace.clone(), p.name.clone()), p);
+            }
+            State::build(
+                Arc::new(snapshot),
+                &MeshSettings::new("n1", "cluster.local"),
+            )
+        };
+        let key = Some(("infra".to_string(), "wp".to_string()));
+        let selector = |expressions| {
+            AllowedNamespaces::Selector(LabelSelector {
+                match_labels: BTreeMap::new(),
+                match_expressions: expressions,
+            })
+        };
+        for (allowed, admitted) in [
+            (AllowedNamespaces::Same, false),
+            (AllowedNamespaces::All, true),
+            (
+                selector(vec![LabelExpression::In("team".into(), vec!["a".into()])]),
+                true,
+            ),
+            (
+                selector(vec![LabelExpression::NotIn(
+                    "team".into(),
+                    vec!["a".into()],
+                )]),
+                false,
+            ),
+            (
+                selector(vec![LabelExpression::DoesNotExist("team".into())]),
+                false,
+            ),
+        ] {
+            let state = build(allowed.clone());
+            let a = state.workload_by_name("demo", "a").unwrap();
+            assert_eq!(a.waypoint.is_some(), admitted, "{allowed:?}");
+            assert_eq!(
+                state.refused_bindings.contains_key("Pod demo/a"),
+                !admitted,
+                "{allowed:?}"
+            );
+            // The Gateway's own namespace under Same; a selector decides for it too.
+            let b = state.workload_by_name("infra", "b").unwrap();
+            let own = !matches!(allowed, AllowedNamespaces::Selector(_))
+                || matches!(&allowed, AllowedNamespaces::Selector(s) if s.matches(&BTreeMap::new()));
+            assert_eq!(b.waypoint == key, own, "{allowed:?}");
+        }
+    }
 }

@@ -1274,3 +1274,58 @@ async fn an_oversized_jwks_is_refused_not_read_whole() {
     let log = mesh.log("waypoint-waypoint");
     assert!(log.contains("at most 1048576 bytes"), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mesh_config_chooses_path_normalization_and_trusted_proxies() {
+    let cluster = Cluster::new(
+        &ClusterSpec::new()
+            .node("node-a", ["client"])
+            .node("node-b", ["server", "waypoint"]),
+    )
+    .unwrap();
+    let mut mesh = Mesh::start(cluster, &workloads(), &["demo"]).await.unwrap();
+    let server_ip = mesh.cluster.pod("server").ip;
+    let policies = format!(
+        "{CONFIG}---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: no-admin, namespace: demo}}\nspec:\n  targetRefs: [{{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}}]\n  action: DENY\n  rules: [{{to: [{{operation: {{paths: ['/public/admin*']}}}}]}}]\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: server-ip, namespace: demo}}\nspec:\n  targetRefs: [{{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}}]\n  rules: [{{to: [{{operation: {{paths: ['/ip/*']}}}}], when: [{{key: remote.ip, values: ['{server_ip}']}}]}}]\n"
+    );
+    mesh.write_config("waypoint.yaml", &policies).unwrap();
+    let dir = testbed::mesh::TempDir::new("meshconfig").unwrap();
+    let path = dir.path().join("mesh.yaml");
+    std::fs::write(
+        &path,
+        "pathNormalization: {normalization: DECODE_AND_MERGE_SLASHES}\ndefaultConfig: {gatewayTopology: {numTrustedProxies: 1}}\n",
+    )
+    .unwrap();
+    eventually(Duration::from_secs(15), "the config loaded", || async {
+        mesh.config_dump("node-a").await["services"]
+            .as_array()
+            .is_some_and(|s| !s.is_empty())
+    })
+    .await;
+    mesh.start_waypoint_with("waypoint", "demo", "waypoint", Some(&path))
+        .await
+        .unwrap();
+    let server = HttpServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    // An encoded slash is decoded (not refused), then judged: still denied.
+    assert_eq!(http(&mesh, VIP, "GET", "/public%2Fadmin", &[]).0, "403");
+    assert_eq!(
+        http(&mesh, VIP, "GET", "/public%2Fok", &[]),
+        ("200".into(), "server GET /public/ok".into())
+    );
+    // One trusted proxy: the last X-Forwarded-For hop is the client's address.
+    let xff = format!("x-forwarded-for: 6.6.6.6, {server_ip}");
+    assert_eq!(http(&mesh, VIP, "GET", "/ip/a", &[&xff]).0, "200");
+    assert_eq!(
+        http(
+            &mesh,
+            VIP,
+            "GET",
+            "/ip/a",
+            &[&format!("x-forwarded-for: {server_ip}, 6.6.6.6")]
+        )
+        .0,
+        "403",
+        "what the client put further left is not believed"
+    );
+    assert!(!server.requests().iter().any(|r| r.contains("admin")));
+}

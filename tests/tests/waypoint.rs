@@ -837,7 +837,7 @@ async fn a_pod_address_sent_to_the_waypoint_is_refused() {
     );
     // policy check agrees: the pod's own address is the tunnel's to judge, and it
     // admits only the waypoint.
-    let (code, out) = policy_check(&mesh, &format!("demo/server:8080"), &[]);
+    let (code, out) = policy_check(&mesh, "demo/server:8080", &[]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("layer: ztunnel, policy: -"), "{out}");
 }

@@ -549,15 +549,11 @@ async fn http2_with_prior_knowledge_is_served_too() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("status=403"));
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn jwks_are_fetched_from_jwks_uri() {
-    let mesh = mesh().await;
-    let _server = HttpServer::start(mesh.cluster.pod("server"), 8080).unwrap();
-    let issuer = ztunnel::jwt::testing::Es256Issuer::default();
-    let jwks = issuer.jwks();
-    // The keys, served where the waypoint can fetch them (its own pod).
+/// Serves `jwks` at http://127.0.0.1:9393/jwks in the waypoint's pod, and attaches
+/// to the waypoint a RequestAuthentication that fetches its keys from there.
+fn serve_jwks_uri(mesh: &Mesh, jwks: String) -> std::thread::JoinHandle<()> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let _keys = mesh
+    let keys = mesh
         .cluster
         .pod("waypoint")
         .spawn_task(move || async move {
@@ -572,11 +568,12 @@ async fn jwks_are_fetched_from_jwks_uri() {
                 };
                 let mut buf = [0u8; 1024];
                 let _ = stream.read(&mut buf).await;
-                let response = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{jwks}",
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
                     jwks.len()
                 );
-                let _ = stream.write_all(response.as_bytes()).await;
+                let _ = stream.write_all(head.as_bytes()).await;
+                let _ = stream.write_all(jwks.as_bytes()).await;
             }
         })
         .unwrap();
@@ -586,6 +583,16 @@ async fn jwks_are_fetched_from_jwks_uri() {
         "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: jwt, namespace: demo}\nspec:\n  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]\n  jwtRules: [{issuer: https://issuer.test, jwksUri: 'http://127.0.0.1:9393/jwks'}]\n",
     )
     .unwrap();
+    keys
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jwks_are_fetched_from_jwks_uri() {
+    let mesh = mesh().await;
+    let _server = HttpServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    let issuer = ztunnel::jwt::testing::Es256Issuer::default();
+    let jwks = issuer.jwks();
+    let _keys = serve_jwks_uri(&mesh, jwks);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -1228,37 +1235,7 @@ async fn an_oversized_jwks_is_refused_not_read_whole() {
         issuer.jwks(),
         " ".repeat(ztunnel::jwt::MAX_JWKS_BYTES)
     );
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let _keys = mesh
-        .cluster
-        .pod("waypoint")
-        .spawn_task(move || async move {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:9393")
-                .await
-                .unwrap();
-            ready_tx.send(()).unwrap();
-            loop {
-                let Ok((mut stream, _)) = listener.accept().await else {
-                    return;
-                };
-                let mut buf = [0u8; 1024];
-                let _ = stream.read(&mut buf).await;
-                let head = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-                    jwks.len()
-                );
-                let _ = stream.write_all(head.as_bytes()).await;
-                let _ = stream.write_all(jwks.as_bytes()).await;
-            }
-        })
-        .unwrap();
-    ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
-    mesh.write_config(
-        "authn.yaml",
-        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: jwt, namespace: demo}\nspec:\n  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]\n  jwtRules: [{issuer: https://issuer.test, jwksUri: 'http://127.0.0.1:9393/jwks'}]\n",
-    )
-    .unwrap();
+    let _keys = serve_jwks_uri(&mesh, jwks);
     let token = issuer.token(&claims(600));
     eventually(Duration::from_secs(15), "the token refused", || async {
         http(

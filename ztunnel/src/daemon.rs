@@ -71,7 +71,7 @@ pub async fn run(options: RunOptions, set_log_level: SetLogLevel) -> Result<()> 
         trust_domain_aliases: options.trust_domain_aliases.clone(),
         root_namespace: options.root_namespace.clone(),
     };
-    let states = spawn_state(snapshots, settings, config_metrics.bindings_refused);
+    let states = crate::state::spawn_updates(snapshots, settings, config_metrics.bindings_refused);
 
     let ca = CaClient::new(CaClientConfig::from_files(
         &options.ca_address,
@@ -158,32 +158,6 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
-}
-
-/// Rebuilds the state on every config snapshot.
-pub(crate) fn spawn_state(
-    mut snapshots: watch::Receiver<Arc<config::Snapshot>>,
-    settings: MeshSettings,
-    bindings_refused: prometheus_client::metrics::gauge::Gauge,
-) -> watch::Receiver<Arc<State>> {
-    let first = Arc::new(State::build(
-        snapshots.borrow_and_update().clone(),
-        &settings,
-    ));
-    crate::state::report_refused_bindings(&first, None, &bindings_refused);
-    let (tx, rx) = watch::channel(first);
-    tokio::spawn(async move {
-        while snapshots.changed().await.is_ok() {
-            let snapshot = snapshots.borrow_and_update().clone();
-            let state = Arc::new(State::build(snapshot, &settings));
-            let previous = tx.borrow().clone();
-            crate::state::report_refused_bindings(&state, Some(&previous), &bindings_refused);
-            if tx.send(state).is_err() {
-                return;
-            }
-        }
-    });
-    rx
 }
 
 /// Keeps enrollment, certificates and pooled connections in line with the state.

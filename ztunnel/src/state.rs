@@ -185,6 +185,32 @@ fn binding(
     })
 }
 
+/// The state, rebuilt on every config snapshot (refused bindings reported).
+pub fn spawn_updates(
+    mut snapshots: tokio::sync::watch::Receiver<Arc<Snapshot>>,
+    settings: MeshSettings,
+    bindings_refused: prometheus_client::metrics::gauge::Gauge,
+) -> tokio::sync::watch::Receiver<Arc<State>> {
+    let first = Arc::new(State::build(
+        snapshots.borrow_and_update().clone(),
+        &settings,
+    ));
+    report_refused_bindings(&first, None, &bindings_refused);
+    let (tx, rx) = tokio::sync::watch::channel(first);
+    tokio::spawn(async move {
+        while snapshots.changed().await.is_ok() {
+            let snapshot = snapshots.borrow_and_update().clone();
+            let state = Arc::new(State::build(snapshot, &settings));
+            let previous = tx.borrow().clone();
+            report_refused_bindings(&state, Some(&previous), &bindings_refused);
+            if tx.send(state).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
 /// Logs the waypoint bindings `state` refuses that `previous` did not, and sets
 /// `gauge` (`ztunnel_waypoint_bindings_refused`) to how many there are.
 pub fn report_refused_bindings(

@@ -173,7 +173,7 @@ pub async fn run(options: WaypointOptions) -> Result<()> {
             ),
         }
     };
-    let states = crate::daemon::spawn_state(snapshots, settings, config_metrics.bindings_refused);
+    let states = crate::state::spawn_updates(snapshots, settings, config_metrics.bindings_refused);
 
     let requests = Family::<RequestLabels, Counter>::default();
     registry.register(

@@ -758,6 +758,57 @@ mod tests {
     }
 
     #[test]
+    fn a_gateways_hbone_listener_says_which_namespaces_may_bind() {
+        let gateway = |listeners: &str| {
+            format!("apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: wp, namespace: infra}}\nspec:\n  gatewayClassName: istio-waypoint\n  listeners: {listeners}\n")
+        };
+        let parse = |listeners: &str| {
+            let dir = dir_with(&[("gw.yaml", &gateway(listeners))]);
+            let loaded = LocalSource::new(&dir).load().unwrap();
+            fs::remove_dir_all(dir).unwrap();
+            match loaded {
+                (snapshot, errors) if errors.is_empty() => Ok(snapshot.gateways
+                    [&("infra".into(), "wp".into())]
+                    .allowed_namespaces
+                    .clone()),
+                (_, errors) => Err(errors[0].to_string()),
+            }
+        };
+        assert_eq!(parse("[]"), Ok(AllowedNamespaces::Same));
+        assert_eq!(
+            parse("[{name: m, port: 15008, protocol: HBONE}]"),
+            Ok(AllowedNamespaces::Same)
+        );
+        assert_eq!(
+            parse("[{name: m, port: 15008, protocol: HBONE, allowedRoutes: {namespaces: {from: All}}}]"),
+            Ok(AllowedNamespaces::All)
+        );
+        assert_eq!(
+            parse(
+                "[{name: h, port: 80, protocol: HTTP, allowedRoutes: {namespaces: {from: All}}}]"
+            ),
+            Ok(AllowedNamespaces::Same),
+            "only the HBONE listener counts"
+        );
+        assert_eq!(
+            parse("[{name: m, port: 15008, protocol: HBONE, allowedRoutes: {namespaces: {from: Selector, selector: {matchLabels: {team: a}, matchExpressions: [{key: env, operator: Exists}]}}}}]"),
+            Ok(AllowedNamespaces::Selector(LabelSelector {
+                match_labels: [("team".to_string(), "a".to_string())].into(),
+                match_expressions: vec![LabelExpression::Exists("env".into())],
+            }))
+        );
+        let refused = parse("[{name: m, port: 15008, protocol: HBONE, allowedRoutes: {namespaces: {from: Anyone}}}]");
+        assert!(
+            refused
+                .as_ref()
+                .is_err_and(|e| e.contains("spec.listeners[0].allowedRoutes.namespaces.from")),
+            "{refused:?}"
+        );
+        let refused = parse("[{name: m, port: 15008, protocol: HBONE, allowedRoutes: {namespaces: {from: Selector}}}]");
+        assert!(refused.is_err(), "a Selector without a selector");
+    }
+
+    #[test]
     fn a_bad_object_is_refused_with_its_file_object_and_field_and_its_last_good_version_stays() {
         let dir = dir_with(&[("pod.yaml", POD)]);
         let mut source = LocalSource::new(&dir);

@@ -1267,9 +1267,9 @@ async fn mesh_config_chooses_path_normalization_and_trusted_proxies() {
     );
     mesh.write_config("waypoint.yaml", &policies).unwrap();
     let dir = testbed::mesh::TempDir::new("meshconfig").unwrap();
-    let path = dir.path().join("mesh.yaml");
+    let mesh_yaml = dir.path().join("mesh.yaml");
     std::fs::write(
-        &path,
+        &mesh_yaml,
         "pathNormalization: {normalization: DECODE_AND_MERGE_SLASHES}\ndefaultConfig: {gatewayTopology: {numTrustedProxies: 1}}\n",
     )
     .unwrap();
@@ -1279,7 +1279,7 @@ async fn mesh_config_chooses_path_normalization_and_trusted_proxies() {
             .is_some_and(|s| !s.is_empty())
     })
     .await;
-    mesh.start_waypoint_with("waypoint", "demo", "waypoint", Some(&path))
+    mesh.start_waypoint_with("waypoint", "demo", "waypoint", Some(&mesh_yaml))
         .await
         .unwrap();
     let server = HttpServer::start(mesh.cluster.pod("server"), 8080).unwrap();
@@ -1305,4 +1305,30 @@ async fn mesh_config_chooses_path_normalization_and_trusted_proxies() {
         "what the client put further left is not believed"
     );
     assert!(!server.requests().iter().any(|r| r.contains("admin")));
+    // policy check, given the same MeshConfig, agrees (demo/web: the same pods
+    // through the same waypoint).
+    mesh.write_config("web.yaml", WEB).unwrap();
+    let forwarded_for = |hops: &str| format!("x-forwarded-for={hops}");
+    for (path, header, code) in [
+        ("/public%2Fadmin", None, 1),
+        ("/public%2Fok", None, 0),
+        (
+            "/ip/a",
+            Some(forwarded_for(&format!("6.6.6.6, {server_ip}"))),
+            0,
+        ),
+        (
+            "/ip/a",
+            Some(forwarded_for(&format!("{server_ip}, 6.6.6.6"))),
+            1,
+        ),
+    ] {
+        let mut args = vec!["--mesh-config", mesh_yaml.to_str().unwrap(), "--path", path];
+        if let Some(h) = &header {
+            args.extend(["--header", h.as_str()]);
+        }
+        let (got, out) = policy_check(&mesh, "demo/web:80", &args);
+        assert_eq!(got, code, "{path} {header:?}: {out}");
+        assert!(out.contains("layer: waypoint"), "{out}");
+    }
 }

@@ -21,6 +21,10 @@ pub struct HttpQuery {
     /// `name=value` pairs.
     pub headers: Vec<(String, String)>,
     pub jwt: Option<String>,
+    /// The waypoint's MeshConfig settings: how it normalizes paths, how many
+    /// X-Forwarded-For hops it believes.
+    pub path_normalization: crate::path_normalization::Level,
+    pub trusted_proxies: usize,
 }
 
 /// A connection to check.
@@ -179,11 +183,11 @@ pub fn check(snapshot: Snapshot, settings: &MeshSettings, query: &Query) -> Resu
             destination_ip: dst.address.0,
             destination_port: dst.address.1,
         };
-        // The path as the waypoint judges it: normalized (the default level).
+        // The path as the waypoint judges it: normalized.
         let path = query.http.as_ref().map(|h| {
             crate::path_normalization::normalize(
                 h.path.split('?').next().unwrap_or("/"),
-                Default::default(),
+                h.path_normalization,
             )
         });
         if let Some(Err(e)) = &path {
@@ -199,7 +203,15 @@ pub fn check(snapshot: Snapshot, settings: &MeshSettings, query: &Query) -> Resu
                 .iter()
                 .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
                 .collect(),
-            remote_ip: None,
+            remote_ip: Some(crate::forwarded::remote_ip(
+                &h.headers
+                    .iter()
+                    .filter(|(k, _)| k.eq_ignore_ascii_case("x-forwarded-for"))
+                    .map(|(_, v)| v.as_str())
+                    .collect::<Vec<_>>(),
+                h.trusted_proxies,
+                conn.source_ip,
+            )),
             auth: None,
         });
         let mut request = request;

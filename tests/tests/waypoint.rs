@@ -798,18 +798,26 @@ fn status_of(response: &str) -> &str {
 async fn a_pod_address_sent_to_the_waypoint_is_refused() {
     // The attack: any pod holds a mesh certificate for its own service account. It
     // asks the waypoint for the backend pod (or a Service not bound to this
-    // waypoint) instead of the Service, hoping to skip the Service's L7 policy and
-    // reach the pod as the waypoint, which the pod's L4 policy trusts.
-    let mesh = mesh().await;
+    // waypoint) instead of the Service, hoping to skip the Service's L7 policy
+    // (here the only one: GET /public/* and /health) and reach the pod as the
+    // waypoint, which the pod's L4 policy trusts.
+    let config = CONFIG.replace(
+        "metadata: {name: public-gets, namespace: demo}\nspec:\n  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]",
+        "metadata: {name: public-gets, namespace: demo}\nspec:\n  targetRefs: [{kind: Service, group: \"\", name: server}]",
+    );
+    assert_ne!(config, CONFIG);
+    let mesh = mesh_from(workloads(), &config).await;
     let server = HttpServer::start(mesh.cluster.pod("server"), 8080).unwrap();
     mesh.write_config("web.yaml", WEB).unwrap();
     mesh.write_config("l4.yaml", ONLY_WAYPOINT).unwrap();
     eventually(
         Duration::from_secs(15),
-        "web served through the waypoint",
+        "the server served through the waypoint, web.yaml loaded",
         || async {
-            hbone_to_waypoint(&mesh, "client", WEB_VIP, None, &get("/public/a"))
-                .is_ok_and(|r| status_of(&r) == "200")
+            [VIP, WEB_VIP].iter().all(|vip| {
+                hbone_to_waypoint(&mesh, "client", vip, None, &get("/public/a"))
+                    .is_ok_and(|r| status_of(&r) == "200")
+            })
         },
     )
     .await;
@@ -822,7 +830,7 @@ async fn a_pod_address_sent_to_the_waypoint_is_refused() {
         );
     }
     // Through the bound Service the Service's policy decides.
-    let response = hbone_to_waypoint(&mesh, "client", WEB_VIP, None, &get("/admin")).unwrap();
+    let response = hbone_to_waypoint(&mesh, "client", VIP, None, &get("/admin")).unwrap();
     assert_eq!(status_of(&response), "403", "{response}");
     assert!(
         !server.requests().iter().any(|r| r.contains("/admin")),

@@ -2,7 +2,7 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
-    sync::mpsc,
+    sync::{mpsc, Arc, Mutex},
     thread::JoinHandle,
     time::Duration,
 };
@@ -216,16 +216,27 @@ impl Drop for BenchServer {
 }
 
 /// A minimal HTTP/1.1 server in a pod: answers every request with 200 and the body
-/// `<pod> <METHOD> <path>`, keeping connections alive.
+/// `<pod> <METHOD> <path>`, keeping connections alive; remembers every request line.
 pub struct HttpServer {
     _inner: EchoServer,
+    seen: Arc<Mutex<Vec<String>>>,
 }
 
 impl HttpServer {
     pub fn start(pod: &Pod, port: u16) -> Result<Self> {
+        let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+        let record = seen.clone();
         Ok(Self {
-            _inner: EchoServer::serve(pod, port, serve_http)?,
+            _inner: EchoServer::serve(pod, port, move |stream, name| {
+                serve_http(stream, name, record.clone())
+            })?,
+            seen,
         })
+    }
+
+    /// `<METHOD> <path>` of every request the application received, in order.
+    pub fn requests(&self) -> Vec<String> {
+        self.seen.lock().expect("not poisoned").clone()
     }
 }
 
@@ -239,7 +250,7 @@ async fn echo(mut stream: tokio::net::TcpStream, name: String) {
     }
 }
 
-async fn serve_http(stream: tokio::net::TcpStream, name: String) {
+async fn serve_http(stream: tokio::net::TcpStream, name: String, seen: Arc<Mutex<Vec<String>>>) {
     use tokio::io::AsyncBufReadExt;
     let mut stream = tokio::io::BufReader::new(stream);
     loop {
@@ -278,6 +289,9 @@ async fn serve_http(stream: tokio::net::TcpStream, name: String) {
         }
         let mut parts = request_line.split_whitespace();
         let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        seen.lock()
+            .expect("not poisoned")
+            .push(format!("{method} {path}"));
         let reply = format!("{name} {method} {path}{}", echoed.join(""));
         let response = format!(
             "HTTP/1.1 200 OK\r\ncontent-length: {}\r\ncontent-type: text/plain\r\n\r\n{reply}",

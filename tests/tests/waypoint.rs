@@ -47,28 +47,47 @@ spec:
   - when: [{key: "request.headers[x-block]", values: ["yes"]}]
 "#;
 
-async fn mesh() -> Mesh {
-    let cluster = Cluster::new(
-        &ClusterSpec::new()
-            .node("node-a", ["client"])
-            .node("node-b", ["server", "waypoint"]),
-    )
-    .unwrap();
-    let workloads = [
+fn workloads() -> Vec<WorkloadSpec> {
+    vec![
         WorkloadSpec::new("client", "demo", "client"),
         WorkloadSpec::new("server", "demo", "server"),
         WorkloadSpec::new("waypoint", "demo", "waypoint")
             .label("gateway.networking.k8s.io/gateway-name", "waypoint"),
-    ];
+    ]
+}
+
+async fn mesh() -> Mesh {
+    mesh_from(workloads(), CONFIG).await
+}
+
+/// The client on node-a, every other pod on node-b; `config` written, and the
+/// waypoint (the pod named "waypoint", of Gateway `<its namespace>/waypoint`) started.
+async fn mesh_from(workloads: Vec<WorkloadSpec>, config: &str) -> Mesh {
+    let others: Vec<&str> = workloads
+        .iter()
+        .map(|w| w.pod.as_str())
+        .filter(|p| *p != "client")
+        .collect();
+    let cluster = Cluster::new(
+        &ClusterSpec::new()
+            .node("node-a", ["client"])
+            .node("node-b", others),
+    )
+    .unwrap();
     let mut mesh = Mesh::start(cluster, &workloads, &["demo"]).await.unwrap();
-    mesh.write_config("waypoint.yaml", CONFIG).unwrap();
+    mesh.write_config("waypoint.yaml", config).unwrap();
     eventually(Duration::from_secs(15), "the config loaded", || async {
         mesh.config_dump("node-a").await["services"]
             .as_array()
             .is_some_and(|s| !s.is_empty())
     })
     .await;
-    mesh.start_waypoint("waypoint", "demo", "waypoint")
+    let namespace = workloads
+        .iter()
+        .find(|w| w.pod == "waypoint")
+        .map(|w| w.namespace.clone())
+        .unwrap();
+    mesh.start_waypoint("waypoint", &namespace, "waypoint")
         .await
         .unwrap();
     mesh
@@ -277,7 +296,11 @@ fn start_ext_authz(mesh: &Mesh) -> std::thread::JoinHandle<()> {
                         }
                     }
                     let path = line.split_whitespace().nth(1).unwrap_or("").to_owned();
-                    let response = if path.contains("slow") {
+                    let response = if path.contains("huge") {
+                        // Past the waypoint's cap on a provider's answer.
+                        let body = "x".repeat(ztunnel::extauthz::MAX_RESPONSE_BYTES + 1);
+                        format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len())
+                    } else if path.contains("slow") {
                         tokio::time::sleep(Duration::from_secs(5)).await;
                         "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n".to_owned()
                     } else if path.contains("deny") {
@@ -397,6 +420,19 @@ async fn custom_external_authorization_allows_denies_and_honours_fail_open() {
         http(&mesh, VIP, "GET", "/public/grpc/deny", &[]),
         ("403".into(), "grpc says no".into())
     );
+    assert_eq!(
+        http(&mesh, VIP, "GET", "/public/ext/huge", &[]).0,
+        "403",
+        "an oversized answer is a failed check, failOpen false"
+    );
+    assert!(
+        mesh.log("waypoint-waypoint").contains(&format!(
+            "at most {} bytes",
+            ztunnel::extauthz::MAX_RESPONSE_BYTES
+        )),
+        "{}",
+        mesh.log("waypoint-waypoint")
+    );
     // CUSTOM comes before ALLOW: an allowed provider does not bypass ALLOW rules.
     assert_eq!(http(&mesh, VIP, "POST", "/public/ext/ok", &[]).0, "403");
 }
@@ -513,15 +549,11 @@ async fn http2_with_prior_knowledge_is_served_too() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("status=403"));
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn jwks_are_fetched_from_jwks_uri() {
-    let mesh = mesh().await;
-    let _server = HttpServer::start(mesh.cluster.pod("server"), 8080).unwrap();
-    let issuer = ztunnel::jwt::testing::Es256Issuer::default();
-    let jwks = issuer.jwks();
-    // The keys, served where the waypoint can fetch them (its own pod).
+/// Serves `jwks` at http://127.0.0.1:9393/jwks in the waypoint's pod, and attaches
+/// to the waypoint a RequestAuthentication that fetches its keys from there.
+fn serve_jwks_uri(mesh: &Mesh, jwks: String) -> std::thread::JoinHandle<()> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let _keys = mesh
+    let keys = mesh
         .cluster
         .pod("waypoint")
         .spawn_task(move || async move {
@@ -536,11 +568,12 @@ async fn jwks_are_fetched_from_jwks_uri() {
                 };
                 let mut buf = [0u8; 1024];
                 let _ = stream.read(&mut buf).await;
-                let response = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{jwks}",
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
                     jwks.len()
                 );
-                let _ = stream.write_all(response.as_bytes()).await;
+                let _ = stream.write_all(head.as_bytes()).await;
+                let _ = stream.write_all(jwks.as_bytes()).await;
             }
         })
         .unwrap();
@@ -550,6 +583,16 @@ async fn jwks_are_fetched_from_jwks_uri() {
         "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: jwt, namespace: demo}\nspec:\n  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]\n  jwtRules: [{issuer: https://issuer.test, jwksUri: 'http://127.0.0.1:9393/jwks'}]\n",
     )
     .unwrap();
+    keys
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jwks_are_fetched_from_jwks_uri() {
+    let mesh = mesh().await;
+    let _server = HttpServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    let issuer = ztunnel::jwt::testing::Es256Issuer::default();
+    let jwks = issuer.jwks();
+    let _keys = serve_jwks_uri(&mesh, jwks);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -631,4 +674,669 @@ async fn a_waypoint_whose_pod_is_not_in_the_config_yet_waits_for_it() {
         ("403".into(), "RBAC: access denied".into()),
         "the waypoint serves, with its policy"
     );
+}
+
+/// Service demo/web (10.96.0.81:80 → the server's 8080) bound to the waypoint, and
+/// demo/direct (10.96.0.82:80), the same pods without a waypoint.
+const WEB: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: demo, labels: {istio.io/use-waypoint: waypoint}}
+spec:
+  clusterIP: 10.96.0.81
+  selector: {app: server}
+  ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: direct, namespace: demo}
+spec:
+  clusterIP: 10.96.0.82
+  selector: {app: server}
+  ports: [{port: 80, targetPort: 8080}]
+"#;
+const WEB_VIP: &str = "10.96.0.81:80";
+
+/// The server's L4 policy: only its waypoint may connect.
+const ONLY_WAYPOINT: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: only-waypoint, namespace: demo}\nspec:\n  selector: {matchLabels: {app: server}}\n  rules: [{from: [{source: {principals: [cluster.local/ns/demo/sa/waypoint]}}]}]\n";
+
+fn get(path: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+}
+
+/// What a workload of the mesh gets by speaking HBONE to the waypoint itself, from
+/// the client pod's address, with a certificate for `spiffe://cluster.local/ns/demo/sa/<sa>`
+/// (any pod can get one for its own service account): CONNECT to `authority`
+/// (with `forwarded`, if given), then `request`. Ok: the raw HTTP response; Err:
+/// the CONNECT was refused.
+fn hbone_to_waypoint(
+    mesh: &Mesh,
+    sa: &str,
+    authority: &str,
+    forwarded: Option<&str>,
+    request: &str,
+) -> Result<String, String> {
+    let waypoint = "spiffe://cluster.local/ns/demo/sa/waypoint";
+    hbone_to(mesh, waypoint, sa, authority, forwarded, request)
+}
+
+/// [`hbone_to_waypoint`], to a waypoint with this identity.
+fn hbone_to(
+    mesh: &Mesh,
+    waypoint_identity: &str,
+    sa: &str,
+    authority: &str,
+    forwarded: Option<&str>,
+    request: &str,
+) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let id: ztunnel::identity::Identity = waypoint_identity.parse().unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let waypoint_pod = mesh.cluster.pod("waypoint");
+    let cert = std::sync::Arc::new(
+        mesh.ca
+            .forge(
+                &format!("spiffe://cluster.local/ns/demo/sa/{sa}"),
+                now - time::Duration::minutes(1),
+                now + time::Duration::hours(1),
+            )
+            .unwrap(),
+    );
+    let waypoint = std::net::SocketAddr::new(waypoint_pod.ip.into(), 15008);
+    let authority: std::net::SocketAddr = authority.parse().unwrap();
+    let (forwarded, request) = (forwarded.map(str::to_owned), request.to_owned());
+    mesh.cluster
+        .pod("client")
+        .spawn_task(move || async move {
+            let pool = ztunnel::proxy::pool::Pool::new(Default::default());
+            let mut headers = http::HeaderMap::new();
+            if let Some(f) = forwarded {
+                headers.insert("forwarded", f.parse().unwrap());
+            }
+            let (upgraded, _guard) = pool
+                .connect(&cert, &id, waypoint, authority, headers)
+                .await
+                .map_err(|e| format!("{e:#}"))?;
+            let mut io = hyper_util::rt::TokioIo::new(upgraded);
+            io.write_all(request.as_bytes())
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut response = Vec::new();
+            tokio::time::timeout(Duration::from_secs(10), io.read_to_end(&mut response))
+                .await
+                .map_err(|_| "no response".to_owned())?
+                .map_err(|e| e.to_string())?;
+            Ok(String::from_utf8_lossy(&response).into_owned())
+        })
+        .unwrap()
+        .join()
+        .unwrap()
+}
+
+/// `ztunnel policy check` on the mesh's own config directory, from demo/client.
+fn policy_check(mesh: &Mesh, to: &str, args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(testbed::mesh::ztunnel_binary())
+        .args(["policy", "check", "--config"])
+        .arg(mesh.config.path())
+        .args(["--from", "demo/client", "--to", to])
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+fn status_of(response: &str) -> &str {
+    response.split_whitespace().nth(1).unwrap_or("none")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_address_sent_to_the_waypoint_is_refused() {
+    // The attack: any pod holds a mesh certificate for its own service account. It
+    // asks the waypoint for the backend pod (or a Service not bound to this
+    // waypoint) instead of the Service, hoping to skip the Service's L7 policy
+    // (here the only one: GET /public/* and /health) and reach the pod as the
+    // waypoint, which the pod's L4 policy trusts.
+    let config = CONFIG.replace(
+        "metadata: {name: public-gets, namespace: demo}\nspec:\n  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]",
+        "metadata: {name: public-gets, namespace: demo}\nspec:\n  targetRefs: [{kind: Service, group: \"\", name: server}]",
+    );
+    assert_ne!(config, CONFIG);
+    let mesh = mesh_from(workloads(), &config).await;
+    let server = HttpServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    mesh.write_config("web.yaml", WEB).unwrap();
+    mesh.write_config("l4.yaml", ONLY_WAYPOINT).unwrap();
+    eventually(
+        Duration::from_secs(15),
+        "the server served through the waypoint, web.yaml loaded",
+        || async {
+            [VIP, WEB_VIP].iter().all(|vip| {
+                hbone_to_waypoint(&mesh, "client", vip, None, &get("/public/a"))
+                    .is_ok_and(|r| status_of(&r) == "200")
+            })
+        },
+    )
+    .await;
+    let pod = format!("{}:8080", mesh.cluster.pod("server").ip);
+    for target in [pod.as_str(), "10.96.0.82:80"] {
+        let refused = hbone_to_waypoint(&mesh, "client", target, None, &get("/admin"));
+        assert!(
+            refused.as_ref().is_err_and(|e| e.contains("403")),
+            "{target}: {refused:?}"
+        );
+    }
+    // Through the bound Service the Service's policy decides.
+    let response = hbone_to_waypoint(&mesh, "client", VIP, None, &get("/admin")).unwrap();
+    assert_eq!(status_of(&response), "403", "{response}");
+    assert!(
+        !server.requests().iter().any(|r| r.contains("/admin")),
+        "{:?}",
+        server.requests()
+    );
+    let metrics = mesh.waypoint_metrics("waypoint").await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "ztunnel_waypoint_connects_refused_total{reason=\"not_bound\"} 2"),
+        "{metrics}"
+    );
+    let log = mesh.log("waypoint-waypoint");
+    assert!(
+        log.contains("workload demo/server is not bound to this waypoint")
+            && log.contains("service demo/direct is not bound to this waypoint"),
+        "{log}"
+    );
+    // policy check agrees: the pod's own address is the tunnel's to judge, and it
+    // admits only the waypoint.
+    let (code, out) = policy_check(&mesh, "demo/server:8080", &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("layer: ztunnel, policy: -"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_bound_to_the_waypoint_gets_its_services_policies_too() {
+    // waypoint-for: all, and the server pod itself bound: its pod-addressed traffic
+    // goes through the waypoint, where the Service's DENY (x-block) still applies.
+    let mut workloads = workloads();
+    workloads[1] = workloads[1]
+        .clone()
+        .label("istio.io/use-waypoint", "waypoint");
+    let config = CONFIG.replace(
+        "metadata: {name: waypoint, namespace: demo}",
+        "metadata: {name: waypoint, namespace: demo, labels: {istio.io/waypoint-for: all}}",
+    );
+    let mesh = mesh_from(workloads, &config).await;
+    let server = HttpServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    let pod = format!("{}:8080", mesh.cluster.pod("server").ip);
+    assert_eq!(http(&mesh, &pod, "GET", "/public/a", &[]).0, "200");
+    assert_eq!(
+        http(&mesh, &pod, "GET", "/public/b", &["x-block: yes"]).0,
+        "403",
+        "the Service's DENY applies to its pod's address"
+    );
+    assert!(
+        !server.requests().iter().any(|r| r.contains("/public/b")),
+        "{:?}",
+        server.requests()
+    );
+    let (code, out) = policy_check(
+        &mesh,
+        "demo/server:8080",
+        &[
+            "--method",
+            "GET",
+            "--path",
+            "/public/b",
+            "--header",
+            "x-block=yes",
+        ],
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("DENY (layer: waypoint, policy: demo/no-blocked)"),
+        "{out}"
+    );
+    let (code, out) = policy_check(
+        &mesh,
+        "demo/server:8080",
+        &["--method", "GET", "--path", "/public/a"],
+    );
+    assert_eq!(code, 0, "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn remote_ip_is_the_clients_address_and_cannot_be_forged() {
+    let mesh = mesh().await;
+    let server = HttpServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    let (client_ip, server_ip) = (mesh.cluster.pod("client").ip, mesh.cluster.pod("server").ip);
+    let policy = |name: &str, path: &str, when: &str| {
+        format!("---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: demo}}\nspec:\n  targetRefs: [{{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}}]\n  rules: [{{to: [{{operation: {{paths: ['{path}']}}}}], when: [{when}]}}]\n")
+    };
+    mesh.write_config("web.yaml", WEB).unwrap();
+    mesh.write_config(
+        "remote-ip.yaml",
+        &[
+            policy(
+                "server-ip",
+                "/ip/*",
+                &format!("{{key: remote.ip, values: ['{server_ip}/32']}}"),
+            ),
+            policy(
+                "nobody",
+                "/nobody/*",
+                "{key: remote.ip, notValues: [0.0.0.0/0]}",
+            ),
+            policy(
+                "client-ip",
+                "/mine/*",
+                &format!("{{key: remote.ip, values: ['{client_ip}']}}"),
+            ),
+        ]
+        .concat(),
+    )
+    .unwrap();
+    eventually(
+        Duration::from_secs(15),
+        "the client's own address allowed",
+        || async { http(&mesh, VIP, "GET", "/mine/a", &[]).0 == "200" },
+    )
+    .await;
+    assert_eq!(http(&mesh, VIP, "GET", "/ip/a", &[]).0, "403");
+    assert_eq!(
+        http(
+            &mesh,
+            VIP,
+            "GET",
+            "/ip/a",
+            &[&format!("x-forwarded-for: {server_ip}")]
+        )
+        .0,
+        "403",
+        "X-Forwarded-For is not believed without numTrustedProxies"
+    );
+    assert_eq!(http(&mesh, VIP, "GET", "/nobody/a", &[]).0, "403");
+    // A forwarded header naming the server's address, from a peer whose identity
+    // is not the server's: not believed either.
+    let response = hbone_to_waypoint(
+        &mesh,
+        "client",
+        VIP,
+        Some(&format!("for=\"{server_ip}:4000\"")),
+        &get("/ip/a"),
+    )
+    .unwrap();
+    assert_eq!(status_of(&response), "403", "{response}");
+    assert!(
+        server
+            .requests()
+            .iter()
+            .all(|r| !r.contains("/ip/") && !r.contains("/nobody/")),
+        "{:?}",
+        server.requests()
+    );
+    for (path, code, extra) in [
+        ("/mine/a", 0, None),
+        ("/ip/a", 1, None),
+        ("/ip/a", 1, Some(format!("x-forwarded-for={server_ip}"))),
+        ("/nobody/a", 1, None),
+    ] {
+        let mut args = vec!["--method", "GET", "--path", path];
+        if let Some(h) = &extra {
+            args.extend(["--header", h.as_str()]);
+        }
+        let (got, out) = policy_check(&mesh, "demo/web:80", &args);
+        assert_eq!(got, code, "{path} {extra:?}: {out}");
+        assert!(out.contains("layer: waypoint"), "{out}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn encoded_and_dotted_paths_cannot_bypass_a_deny() {
+    let mesh = mesh().await;
+    let server = HttpServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    mesh.write_config("web.yaml", WEB).unwrap();
+    mesh.write_config(
+        "no-admin.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-admin, namespace: demo}\nspec:\n  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]\n  action: DENY\n  rules: [{to: [{operation: {paths: ['/public/admin*']}}]}]\n",
+    )
+    .unwrap();
+    eventually(Duration::from_secs(15), "the DENY loaded", || async {
+        http(&mesh, VIP, "GET", "/public/admin", &[]).0 == "403"
+    })
+    .await;
+    // (Before the DENY loaded, /public/admin was allowed.)
+    let before = server.requests().len();
+    for path in [
+        "/public/./admin",
+        "/public//admin",
+        "//public/admin",
+        "/public/%61dmin",
+        "/public/x/../admin",
+        "/public/%2e%2e/public/admin",
+        "/public/x/%2E%2E/admin/users",
+    ] {
+        assert_eq!(
+            http(&mesh, VIP, "GET", path, &[]),
+            ("403".into(), "RBAC: access denied".into()),
+            "{path}"
+        );
+    }
+    for path in [
+        "/public%2Fadmin",
+        "/public/%2fadmin",
+        "/public/a%5Cadmin",
+        "/public/%00",
+    ] {
+        assert_eq!(http(&mesh, VIP, "GET", path, &[]).0, "400", "{path}");
+    }
+    // What is allowed reaches the application normalized: it sees what policy saw.
+    assert_eq!(
+        http(&mesh, VIP, "GET", "/public/./ok//x/../y?q=%2F", &[]),
+        ("200".into(), "server GET /public/ok/y?q=%2F".into())
+    );
+    let seen = server.requests().split_off(before);
+    assert!(!seen.iter().any(|r| r.contains("admin")), "{seen:?}");
+    for (path, code, decision) in [
+        ("/public/./admin", 1, "DENY"),
+        ("/public/%61dmin", 1, "DENY"),
+        ("/public%2Fadmin", 1, "400"),
+        ("/public/./ok", 0, "ALLOW"),
+    ] {
+        let (got, out) = policy_check(&mesh, "demo/web:80", &["--method", "GET", "--path", path]);
+        assert_eq!(got, code, "{path}: {out}");
+        assert!(out.starts_with(decision), "{path}: {out}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_waypoint_forwards_the_clients_address_in_forwarded() {
+    // demo/fake is a workload no tunnel serves (declared on another node): this test
+    // answers its HBONE port with a certificate of its identity and echoes the
+    // `forwarded` header the waypoint sends.
+    let mut workloads = workloads();
+    workloads.push(WorkloadSpec::new("fake", "demo", "fake").declared_on("node-z"));
+    let config = format!(
+        "{CONFIG}---\napiVersion: v1\nkind: Service\nmetadata: {{name: fake, namespace: demo, labels: {{istio.io/use-waypoint: waypoint}}}}\nspec:\n  clusterIP: 10.96.0.83\n  selector: {{app: fake}}\n  ports: [{{port: 80, targetPort: 8080}}]\n"
+    );
+    let mesh = mesh_from(workloads, &config).await;
+    let now = time::OffsetDateTime::now_utc();
+    let cert = mesh
+        .ca
+        .forge(
+            "spiffe://cluster.local/ns/demo/sa/fake",
+            now - time::Duration::minutes(1),
+            now + time::Duration::hours(1),
+        )
+        .unwrap();
+    let tls = cert.server_config().unwrap();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let _fake = mesh
+        .cluster
+        .pod("fake")
+        .spawn_task(move || async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let listener = tokio::net::TcpListener::bind("0.0.0.0:15008")
+                .await
+                .unwrap();
+            ready_tx.send(()).unwrap();
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let Ok(stream) = acceptor.accept(tcp).await else {
+                    continue;
+                };
+                let service = hyper::service::service_fn(
+                    |mut req: http::Request<hyper::body::Incoming>| async move {
+                        let forwarded = req
+                            .headers()
+                            .get("forwarded")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("none")
+                            .to_owned();
+                        let upgrade = hyper::upgrade::on(&mut req);
+                        tokio::spawn(async move {
+                            let mut io = hyper_util::rt::TokioIo::new(upgrade.await.unwrap());
+                            let mut buf = [0u8; 4096];
+                            let _ = io.read(&mut buf).await;
+                            let response = format!(
+                                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{forwarded}",
+                                forwarded.len()
+                            );
+                            let _ = io.write_all(response.as_bytes()).await;
+                        });
+                        Ok::<_, std::convert::Infallible>(http::Response::new(
+                            http_body_util::Empty::<bytes::Bytes>::new(),
+                        ))
+                    },
+                );
+                tokio::spawn(
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+                );
+            }
+        })
+        .unwrap();
+    ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    let (status, body) = http(&mesh, "10.96.0.83:80", "GET", "/public/fwd", &[]);
+    assert_eq!(status, "200", "{body}");
+    let client_ip = mesh.cluster.pod("client").ip.to_string();
+    let (ip, port) = ztunnel::forwarded::parse_for(&body)
+        .map(|(ip, port)| (ip.to_string(), port))
+        .unwrap_or_default();
+    assert!(
+        body.starts_with(&format!("for=\"{client_ip}:")) && ip == client_ip && port.is_some(),
+        "the client's address, quoted with its port: {body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cross_namespace_waypoint_binding_needs_the_gateways_consent() {
+    // The waypoint is infra's; demo binds its Service to it. Until the Gateway's
+    // HBONE listener admits demo, the binding is refused: reported, and the
+    // waypoint does not serve demo's Service.
+    let workloads = vec![
+        WorkloadSpec::new("client", "demo", "client"),
+        WorkloadSpec::new("server", "demo", "server"),
+        WorkloadSpec::new("waypoint", "infra", "waypoint")
+            .label("gateway.networking.k8s.io/gateway-name", "waypoint"),
+    ];
+    let gateway = |allowed: &str| {
+        format!("apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: waypoint, namespace: infra}}\nspec:\n  gatewayClassName: istio-waypoint\n  listeners: [{{name: mesh, port: 15008, protocol: HBONE{allowed}}}]\n")
+    };
+    let config = format!(
+        "{}---\napiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: demo, labels: {{istio.io/use-waypoint: waypoint, istio.io/use-waypoint-namespace: infra}}}}\nspec:\n  clusterIP: 10.96.0.80\n  selector: {{app: server}}\n  ports: [{{port: 80, targetPort: 8080}}]\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: no-blocked, namespace: infra}}\nspec:\n  targetRefs: [{{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}}]\n  action: DENY\n  rules: [{{to: [{{operation: {{paths: [/blocked]}}}}]}}]\n",
+        gateway("")
+    );
+    let cluster = Cluster::new(
+        &ClusterSpec::new()
+            .node("node-a", ["client"])
+            .node("node-b", ["server", "waypoint"]),
+    )
+    .unwrap();
+    let mut mesh = Mesh::start(cluster, &workloads, &["demo"]).await.unwrap();
+    mesh.write_config("waypoint.yaml", &config).unwrap();
+    eventually(Duration::from_secs(15), "the refusal counted", || async {
+        mesh.metrics("node-a")
+            .await
+            .lines()
+            .any(|l| l == "ztunnel_waypoint_bindings_refused 1")
+    })
+    .await;
+    mesh.start_waypoint("waypoint", "infra", "waypoint")
+        .await
+        .unwrap();
+    let _server = HttpServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    assert!(
+        mesh.log("node-a")
+            .contains("waypoint infra/waypoint does not admit namespace demo"),
+        "{}",
+        mesh.log("node-a")
+    );
+    let refused = hbone_to(
+        &mesh,
+        "spiffe://cluster.local/ns/infra/sa/waypoint",
+        "client",
+        VIP,
+        None,
+        &get("/x"),
+    );
+    assert!(
+        refused.as_ref().is_err_and(|e| e.contains("403")),
+        "{refused:?}"
+    );
+    // Not bound: its traffic does not go through that waypoint.
+    assert_eq!(http(&mesh, VIP, "GET", "/blocked", &[]).0, "200");
+    let (code, out) = policy_check(&mesh, "demo/web:80", &["--path", "/blocked"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(
+            "note: Service demo/web: waypoint infra/waypoint does not admit namespace demo"
+        ),
+        "{out}"
+    );
+
+    // The Gateway admits namespaces labelled team=demo, and demo is.
+    mesh.write_config(
+        "ns-demo.yaml",
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: demo\n  labels: {istio.io/dataplane-mode: ambient, team: demo}\n",
+    )
+    .unwrap();
+    mesh.write_config(
+        "waypoint.yaml",
+        &config.replace(
+            &gateway(""),
+            &gateway(", allowedRoutes: {namespaces: {from: Selector, selector: {matchLabels: {team: demo}}}}"),
+        ),
+    )
+    .unwrap();
+    eventually(Duration::from_secs(15), "the waypoint enforces", || async {
+        http(&mesh, VIP, "GET", "/blocked", &[]).0 == "403"
+    })
+    .await;
+    assert!(mesh
+        .metrics("node-a")
+        .await
+        .lines()
+        .any(|l| l == "ztunnel_waypoint_bindings_refused 0"));
+    let (code, out) = policy_check(&mesh, "demo/web:80", &["--path", "/blocked"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("DENY (layer: waypoint, policy: infra/no-blocked)"),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_oversized_jwks_is_refused_not_read_whole() {
+    let mesh = mesh().await;
+    let _server = HttpServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    let issuer = ztunnel::jwt::testing::Es256Issuer::default();
+    // Valid keys, padded past 1 MiB with whitespace.
+    let jwks = format!(
+        "{}{}",
+        issuer.jwks(),
+        " ".repeat(ztunnel::jwt::MAX_JWKS_BYTES)
+    );
+    let _keys = serve_jwks_uri(&mesh, jwks);
+    let token = issuer.token(&claims(600));
+    eventually(Duration::from_secs(15), "the token refused", || async {
+        http(
+            &mesh,
+            VIP,
+            "GET",
+            "/public/x",
+            &[&format!("authorization: Bearer {token}")],
+        )
+        .0 == "401"
+    })
+    .await;
+    let log = mesh.log("waypoint-waypoint");
+    assert!(log.contains("at most 1048576 bytes"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mesh_config_chooses_path_normalization_and_trusted_proxies() {
+    let cluster = Cluster::new(
+        &ClusterSpec::new()
+            .node("node-a", ["client"])
+            .node("node-b", ["server", "waypoint"]),
+    )
+    .unwrap();
+    let mut mesh = Mesh::start(cluster, &workloads(), &["demo"]).await.unwrap();
+    let server_ip = mesh.cluster.pod("server").ip;
+    let policies = format!(
+        "{CONFIG}---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: no-admin, namespace: demo}}\nspec:\n  targetRefs: [{{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}}]\n  action: DENY\n  rules: [{{to: [{{operation: {{paths: ['/public/admin*']}}}}]}}]\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: server-ip, namespace: demo}}\nspec:\n  targetRefs: [{{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}}]\n  rules: [{{to: [{{operation: {{paths: ['/ip/*']}}}}], when: [{{key: remote.ip, values: ['{server_ip}']}}]}}]\n"
+    );
+    mesh.write_config("waypoint.yaml", &policies).unwrap();
+    let dir = testbed::mesh::TempDir::new("meshconfig").unwrap();
+    let mesh_yaml = dir.path().join("mesh.yaml");
+    std::fs::write(
+        &mesh_yaml,
+        "pathNormalization: {normalization: DECODE_AND_MERGE_SLASHES}\ndefaultConfig: {gatewayTopology: {numTrustedProxies: 1}}\n",
+    )
+    .unwrap();
+    eventually(Duration::from_secs(15), "the config loaded", || async {
+        mesh.config_dump("node-a").await["services"]
+            .as_array()
+            .is_some_and(|s| !s.is_empty())
+    })
+    .await;
+    mesh.start_waypoint_with("waypoint", "demo", "waypoint", Some(&mesh_yaml))
+        .await
+        .unwrap();
+    let server = HttpServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    // An encoded slash is decoded (not refused), then judged: still denied.
+    assert_eq!(http(&mesh, VIP, "GET", "/public%2Fadmin", &[]).0, "403");
+    assert_eq!(
+        http(&mesh, VIP, "GET", "/public%2Fok", &[]),
+        ("200".into(), "server GET /public/ok".into())
+    );
+    // One trusted proxy: the last X-Forwarded-For hop is the client's address.
+    let xff = format!("x-forwarded-for: 6.6.6.6, {server_ip}");
+    assert_eq!(http(&mesh, VIP, "GET", "/ip/a", &[&xff]).0, "200");
+    assert_eq!(
+        http(
+            &mesh,
+            VIP,
+            "GET",
+            "/ip/a",
+            &[&format!("x-forwarded-for: {server_ip}, 6.6.6.6")]
+        )
+        .0,
+        "403",
+        "what the client put further left is not believed"
+    );
+    assert!(!server.requests().iter().any(|r| r.contains("admin")));
+    // policy check, given the same MeshConfig, agrees (demo/web: the same pods
+    // through the same waypoint).
+    mesh.write_config("web.yaml", WEB).unwrap();
+    let forwarded_for = |hops: &str| format!("x-forwarded-for={hops}");
+    for (path, header, code) in [
+        ("/public%2Fadmin", None, 1),
+        ("/public%2Fok", None, 0),
+        (
+            "/ip/a",
+            Some(forwarded_for(&format!("6.6.6.6, {server_ip}"))),
+            0,
+        ),
+        (
+            "/ip/a",
+            Some(forwarded_for(&format!("{server_ip}, 6.6.6.6"))),
+            1,
+        ),
+    ] {
+        let mut args = vec!["--mesh-config", mesh_yaml.to_str().unwrap(), "--path", path];
+        if let Some(h) = &header {
+            args.extend(["--header", h.as_str()]);
+        }
+        let (got, out) = policy_check(&mesh, "demo/web:80", &args);
+        assert_eq!(got, code, "{path} {header:?}: {out}");
+        assert!(out.contains("layer: waypoint"), "{out}");
+    }
 }

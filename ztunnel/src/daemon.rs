@@ -63,17 +63,15 @@ pub async fn run(options: RunOptions, set_log_level: SetLogLevel) -> Result<()> 
     let mut registry = prometheus_client::registry::Registry::default();
     let tcp_metrics = TcpMetrics::register(&mut registry);
 
-    let snapshots = options
-        .source
-        .watch(config::ConfigMetrics::register(&mut registry))
-        .await?;
+    let config_metrics = config::ConfigMetrics::register(&mut registry);
+    let snapshots = options.source.watch(config_metrics.clone()).await?;
     let settings = MeshSettings {
         node: options.node.clone(),
         trust_domain: options.trust_domain.clone(),
         trust_domain_aliases: options.trust_domain_aliases.clone(),
         root_namespace: options.root_namespace.clone(),
     };
-    let states = spawn_state(snapshots, settings);
+    let states = crate::state::spawn_updates(snapshots, settings, config_metrics.bindings_refused);
 
     let ca = CaClient::new(CaClientConfig::from_files(
         &options.ca_address,
@@ -160,27 +158,6 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
-}
-
-/// Rebuilds the state on every config snapshot.
-fn spawn_state(
-    mut snapshots: watch::Receiver<Arc<config::Snapshot>>,
-    settings: MeshSettings,
-) -> watch::Receiver<Arc<State>> {
-    let first = State::build(snapshots.borrow_and_update().clone(), &settings);
-    let (tx, rx) = watch::channel(Arc::new(first));
-    tokio::spawn(async move {
-        while snapshots.changed().await.is_ok() {
-            let snapshot = snapshots.borrow_and_update().clone();
-            if tx
-                .send(Arc::new(State::build(snapshot, &settings)))
-                .is_err()
-            {
-                return;
-            }
-        }
-    });
-    rx
 }
 
 /// Keeps enrollment, certificates and pooled connections in line with the state.

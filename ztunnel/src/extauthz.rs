@@ -19,7 +19,38 @@ use tokio::net::TcpStream;
 pub struct MeshConfig {
     #[serde(default)]
     pub extension_providers: Vec<ProviderSpec>,
+    /// `pathNormalization.normalization`: how the waypoint normalizes paths.
+    #[serde(default)]
+    pub path_normalization: Option<PathNormalizationSpec>,
+    /// `defaultConfig.gatewayTopology.numTrustedProxies`: X-Forwarded-For hops
+    /// the waypoint believes.
+    #[serde(default)]
+    pub default_config: Option<ProxyConfigSpec>,
 }
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct PathNormalizationSpec {
+    #[serde(default)]
+    pub normalization: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyConfigSpec {
+    #[serde(default)]
+    pub gateway_topology: Option<GatewayTopologySpec>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayTopologySpec {
+    #[serde(default)]
+    pub num_trusted_proxies: u32,
+}
+
+/// The most of a provider's response body the waypoint reads: a larger one is a
+/// failed check (denied unless `failOpen`).
+pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -66,7 +97,31 @@ impl MeshConfig {
                     .with_context(|| format!("provider {}: timeout", provider.name))?;
             }
         }
+        config.path_normalization().map_err(|e| {
+            anyhow::anyhow!("{}: pathNormalization.normalization: {e}", path.display())
+        })?;
         Ok(config)
+    }
+
+    /// The waypoint's path normalization (MERGE_SLASHES unless set).
+    pub fn path_normalization(&self) -> Result<crate::path_normalization::Level, String> {
+        match self
+            .path_normalization
+            .as_ref()
+            .and_then(|p| p.normalization.as_deref())
+        {
+            Some(name) => crate::path_normalization::Level::parse(name),
+            None => Ok(Default::default()),
+        }
+    }
+
+    /// How many proxies in front of the waypoint add to X-Forwarded-For (0: none
+    /// is believed).
+    pub fn trusted_proxies(&self) -> usize {
+        self.default_config
+            .as_ref()
+            .and_then(|c| c.gateway_topology.as_ref())
+            .map_or(0, |t| t.num_trusted_proxies as usize)
     }
 
     pub fn providers(&self) -> HashMap<String, ProviderSpec> {
@@ -202,8 +257,16 @@ async fn ask(
     Ok((
         parts.status,
         parts.headers,
-        body.collect().await?.to_bytes(),
+        read_capped(body).await?.to_bytes(),
     ))
+}
+
+/// A provider's response body, at most MAX_RESPONSE_BYTES of it.
+async fn read_capped(body: hyper::body::Incoming) -> Result<http_body_util::Collected<Bytes>> {
+    http_body_util::Limited::new(body, MAX_RESPONSE_BYTES)
+        .collect()
+        .await
+        .map_err(|e| anyhow::anyhow!("the response body: {e} (at most {MAX_RESPONSE_BYTES} bytes)"))
 }
 
 /// Envoy's gRPC authorization API (`envoy.service.auth.v3.Authorization/Check`),
@@ -455,7 +518,7 @@ async fn ask_grpc(address: SocketAddr, context: &CheckContext<'_>) -> Result<pro
         .body(http_body_util::Full::new(grpc::frame(&request)))?;
     let response = sender.send_request(call).await?;
     let (parts, body) = response.into_parts();
-    let collected = body.collect().await?;
+    let collected = read_capped(body).await?;
     let trailers = collected.trailers().cloned().unwrap_or_default();
     let status = trailers
         .get("grpc-status")

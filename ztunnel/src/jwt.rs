@@ -36,8 +36,15 @@ pub struct Jwk {
     pub y: Option<String>,
 }
 
+/// The largest JWKS accepted (fetched from a jwksUri or inline): a larger body
+/// is refused, never read whole.
+pub const MAX_JWKS_BYTES: usize = 1024 * 1024;
+
 impl Jwks {
     pub fn parse(text: &str) -> Result<Self, String> {
+        if text.len() > MAX_JWKS_BYTES {
+            return Err(format!("the JWKS is larger than {MAX_JWKS_BYTES} bytes"));
+        }
         let jwks: Jwks = serde_json::from_str(text).map_err(|e| format!("not a JWKS: {e}"))?;
         if jwks.keys.is_empty() {
             return Err("the JWKS has no keys".into());

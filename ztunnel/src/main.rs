@@ -77,6 +77,10 @@ struct CheckArgs {
     /// A JWT (decided by a waypoint).
     #[arg(long)]
     jwt: Option<String>,
+    /// The waypoint's MeshConfig (`--mesh-config` of `waypoint`): its path
+    /// normalization and numTrustedProxies.
+    #[arg(long)]
+    mesh_config: Option<PathBuf>,
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
     #[arg(long = "trust-domain-alias")]
@@ -332,6 +336,13 @@ fn policy_check(args: CheckArgs) -> Result<bool> {
     let mut settings = ztunnel::state::MeshSettings::new("", &args.trust_domain);
     settings.trust_domain_aliases = args.trust_domain_aliases;
     settings.root_namespace = args.root_namespace;
+    let mesh_config = match &args.mesh_config {
+        Some(path) => ztunnel::extauthz::MeshConfig::load(path)?,
+        None => Default::default(),
+    };
+    let path_normalization = mesh_config
+        .path_normalization()
+        .map_err(|e| anyhow::anyhow!("pathNormalization: {e}"))?;
     let http = (args.method.is_some()
         || args.path.is_some()
         || !args.header.is_empty()
@@ -349,6 +360,8 @@ fn policy_check(args: CheckArgs) -> Result<bool> {
             })
             .collect(),
         jwt: args.jwt.clone(),
+        path_normalization,
+        trusted_proxies: mesh_config.trusted_proxies(),
     });
     let query = ztunnel::policy::check::Query {
         from: args.from,

@@ -119,28 +119,111 @@ pub struct State {
     by_ip: HashMap<Ipv4Addr, Arc<Workload>>,
     by_name: HashMap<(String, String), Arc<Workload>>,
     services: HashMap<Ipv4Addr, Arc<Service>>,
+    /// The services each workload (by IP) is an endpoint of.
+    services_of: HashMap<Ipv4Addr, Vec<Arc<Service>>>,
     waypoints: HashMap<(String, String), Arc<Waypoint>>,
+    /// Waypoint bindings refused, by object (`Pod ns/name`, `Service ns/name`): why.
+    pub refused_bindings: BTreeMap<String, String>,
 }
 
 /// `istio.io/use-waypoint` on an object, else on its namespace; "none" opts out.
+/// The waypoint's namespace is `istio.io/use-waypoint-namespace` (next to the
+/// label used) or the object's own. Err: that waypoint's Gateway does not admit the
+/// object's namespace (its HBONE listener's `allowedRoutes.namespaces`, Istio's
+/// rule), so the binding is refused.
 fn use_waypoint(
     labels: &BTreeMap<String, String>,
     namespace: &str,
     snapshot: &Snapshot,
-) -> Option<(String, String)> {
+) -> Result<Option<(String, String)>, String> {
     let ns_labels = snapshot.namespaces.get(namespace).map(|n| &n.labels);
     let (name, source) = match labels.get(config::USE_WAYPOINT) {
         Some(name) => (name, labels),
-        None => (ns_labels?.get(config::USE_WAYPOINT)?, ns_labels?),
+        None => match ns_labels.and_then(|l| Some((l.get(config::USE_WAYPOINT)?, l))) {
+            Some(found) => found,
+            None => return Ok(None),
+        },
     };
     if name == "none" {
-        return None;
+        return Ok(None);
     }
     let waypoint_ns = source
         .get(config::USE_WAYPOINT_NAMESPACE)
         .cloned()
         .unwrap_or_else(|| namespace.to_owned());
-    Some((waypoint_ns, name.clone()))
+    let key = (waypoint_ns, name.clone());
+    // A Gateway not declared (yet) is not refused here: traffic for it fails
+    // closed where it is routed.
+    if let Some(gateway) = snapshot.gateways.get(&key) {
+        let empty = BTreeMap::new();
+        if !gateway.allowed_namespaces.admits(
+            &gateway.namespace,
+            namespace,
+            ns_labels.unwrap_or(&empty),
+        ) {
+            return Err(format!(
+                "waypoint {}/{} does not admit namespace {namespace} ({:?} in its HBONE listener's allowedRoutes.namespaces): binding refused",
+                key.0, key.1, gateway.allowed_namespaces
+            ));
+        }
+    }
+    Ok(Some(key))
+}
+
+/// An object's waypoint binding; a refused one is recorded in `refused` and gives
+/// None (the object's traffic does not go through that waypoint).
+fn binding(
+    refused: &mut BTreeMap<String, String>,
+    kind: &str,
+    (namespace, name): (&str, &str),
+    labels: &BTreeMap<String, String>,
+    snapshot: &Snapshot,
+) -> Option<(String, String)> {
+    use_waypoint(labels, namespace, snapshot).unwrap_or_else(|reason| {
+        refused.insert(format!("{kind} {namespace}/{name}"), reason);
+        None
+    })
+}
+
+/// The state, rebuilt on every config snapshot (refused bindings reported).
+pub fn spawn_updates(
+    mut snapshots: tokio::sync::watch::Receiver<Arc<Snapshot>>,
+    settings: MeshSettings,
+    bindings_refused: prometheus_client::metrics::gauge::Gauge,
+) -> tokio::sync::watch::Receiver<Arc<State>> {
+    let first = Arc::new(State::build(
+        snapshots.borrow_and_update().clone(),
+        &settings,
+    ));
+    report_refused_bindings(&first, None, &bindings_refused);
+    let (tx, rx) = tokio::sync::watch::channel(first);
+    tokio::spawn(async move {
+        while snapshots.changed().await.is_ok() {
+            let snapshot = snapshots.borrow_and_update().clone();
+            let state = Arc::new(State::build(snapshot, &settings));
+            let previous = tx.borrow().clone();
+            report_refused_bindings(&state, Some(&previous), &bindings_refused);
+            if tx.send(state).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Logs the waypoint bindings `state` refuses that `previous` did not, and sets
+/// `gauge` (`ztunnel_waypoint_bindings_refused`) to how many there are.
+pub fn report_refused_bindings(
+    state: &State,
+    previous: Option<&State>,
+    gauge: &prometheus_client::metrics::gauge::Gauge,
+) {
+    for (object, reason) in &state.refused_bindings {
+        if previous.is_none_or(|p| p.refused_bindings.get(object) != Some(reason)) {
+            tracing::warn!(%object, "{reason}");
+        }
+    }
+    gauge.set(state.refused_bindings.len() as i64);
 }
 
 impl State {
@@ -186,7 +269,13 @@ impl State {
                 captured: ambient_ns && !opted_out && !is_waypoint,
                 netns: pod.netns.clone(),
                 cgroup: pod.cgroup.clone(),
-                waypoint: use_waypoint(&pod.labels, &pod.namespace, &snapshot),
+                waypoint: binding(
+                    &mut state.refused_bindings,
+                    "Pod",
+                    (&pod.namespace, &pod.name),
+                    &pod.labels,
+                    &snapshot,
+                ),
             });
             state.by_ip.insert(ip, workload.clone());
             state
@@ -251,17 +340,29 @@ impl State {
             };
             endpoints.sort_by_key(|w| w.ip);
             endpoints.dedup_by_key(|w| w.ip);
-            state.services.insert(
-                vip,
-                Arc::new(Service {
-                    name: svc.name.clone(),
-                    namespace: svc.namespace.clone(),
-                    vip,
-                    ports,
-                    endpoints,
-                    waypoint: use_waypoint(&svc.labels, &svc.namespace, &snapshot),
-                }),
+            let waypoint = binding(
+                &mut state.refused_bindings,
+                "Service",
+                (&svc.namespace, &svc.name),
+                &svc.labels,
+                &snapshot,
             );
+            let service = Arc::new(Service {
+                name: svc.name.clone(),
+                namespace: svc.namespace.clone(),
+                vip,
+                ports,
+                endpoints,
+                waypoint,
+            });
+            for endpoint in &service.endpoints {
+                state
+                    .services_of
+                    .entry(endpoint.ip)
+                    .or_default()
+                    .push(service.clone());
+            }
+            state.services.insert(vip, service);
         }
         for gateway in snapshot
             .gateways
@@ -291,6 +392,27 @@ impl State {
         }
         state.snapshot = snapshot;
         state
+    }
+
+    /// The Services bound to waypoint `key` that `workload` is an endpoint of. A
+    /// waypoint applies their policies to traffic addressed to the pod as well:
+    /// naming a pod never skips its Service's policy.
+    pub fn bound_services(
+        &self,
+        workload: &Workload,
+        key: &(String, String),
+    ) -> Vec<(String, String)> {
+        let mut services: Vec<(String, String)> = self
+            .services_of
+            .get(&workload.ip)
+            .into_iter()
+            .flatten()
+            .filter(|s| s.waypoint.as_ref() == Some(key))
+            .map(|s| (s.namespace.clone(), s.name.clone()))
+            .collect();
+        services.sort();
+        services.dedup();
+        services
     }
 
     pub fn waypoint(&self, key: &(String, String)) -> Option<&Arc<Waypoint>> {
@@ -405,5 +527,91 @@ mod tests {
             state.workload_by_name("mesh", "a").unwrap().workload_name(),
             "web"
         );
+    }
+
+    #[test]
+    fn a_cross_namespace_binding_needs_the_gateways_consent() {
+        use config::{AllowedNamespaces, Gateway, LabelExpression, LabelSelector};
+        let build = |allowed: AllowedNamespaces| {
+            let mut snapshot = Snapshot::default();
+            for (ns, labels) in [("infra", vec![]), ("demo", vec![("team", "a")])] {
+                snapshot.namespaces.insert(
+                    ns.into(),
+                    Namespace {
+                        name: ns.into(),
+                        labels: labels
+                            .iter()
+                            .map(|(k, v)| (k.to_string(), v.to_string()))
+                            .collect(),
+                    },
+                );
+            }
+            snapshot.gateways.insert(
+                ("infra".into(), "wp".into()),
+                Gateway {
+                    name: "wp".into(),
+                    namespace: "infra".into(),
+                    class: config::WAYPOINT_CLASS.into(),
+                    labels: BTreeMap::new(),
+                    allowed_namespaces: allowed,
+                },
+            );
+            let bound = [
+                (config::USE_WAYPOINT, "wp"),
+                (config::USE_WAYPOINT_NAMESPACE, "infra"),
+            ];
+            for p in [
+                pod("demo", "a", "n1", [10, 0, 0, 1], &bound),
+                pod("infra", "b", "n1", [10, 0, 0, 2], &bound[..1]),
+            ] {
+                snapshot
+                    .pods
+                    .insert((p.namespace.clone(), p.name.clone()), p);
+            }
+            State::build(
+                Arc::new(snapshot),
+                &MeshSettings::new("n1", "cluster.local"),
+            )
+        };
+        let key = Some(("infra".to_string(), "wp".to_string()));
+        let selector = |expressions| {
+            AllowedNamespaces::Selector(LabelSelector {
+                match_labels: BTreeMap::new(),
+                match_expressions: expressions,
+            })
+        };
+        for (allowed, admitted) in [
+            (AllowedNamespaces::Same, false),
+            (AllowedNamespaces::All, true),
+            (
+                selector(vec![LabelExpression::In("team".into(), vec!["a".into()])]),
+                true,
+            ),
+            (
+                selector(vec![LabelExpression::NotIn(
+                    "team".into(),
+                    vec!["a".into()],
+                )]),
+                false,
+            ),
+            (
+                selector(vec![LabelExpression::DoesNotExist("team".into())]),
+                false,
+            ),
+        ] {
+            let state = build(allowed.clone());
+            let a = state.workload_by_name("demo", "a").unwrap();
+            assert_eq!(a.waypoint.is_some(), admitted, "{allowed:?}");
+            assert_eq!(
+                state.refused_bindings.contains_key("Pod demo/a"),
+                !admitted,
+                "{allowed:?}"
+            );
+            // The Gateway's own namespace under Same; a selector decides for it too.
+            let b = state.workload_by_name("infra", "b").unwrap();
+            let own = !matches!(allowed, AllowedNamespaces::Selector(_))
+                || matches!(&allowed, AllowedNamespaces::Selector(s) if s.matches(&BTreeMap::new()));
+            assert_eq!(b.waypoint == key, own, "{allowed:?}");
+        }
     }
 }

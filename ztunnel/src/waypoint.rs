@@ -34,14 +34,15 @@ use tokio_rustls::TlsAcceptor;
 use crate::{
     ca::client::{CaClient, CaClientConfig},
     certs::{CertManager, CertManagerConfig, WorkloadCert},
-    config, extauthz,
+    config, extauthz, forwarded,
     identity::Identity,
     jwt::{self, Jwks},
+    path_normalization,
     policy::{
         authn::{find_token, JwksSource, JwtRule, Location, RequestAuthentication},
         Connection, Request as PolicyRequest, RequestAuth,
     },
-    proxy::{inbound::forwarded_for, pool::Pool, relay},
+    proxy::{pool::Pool, relay},
     state::{MeshSettings, State, Workload},
     tls,
 };
@@ -81,6 +82,12 @@ struct RequestLabels {
     connection_security_policy: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusedLabels {
+    /// `not_bound`, `unknown_destination` or `bad_request`.
+    reason: String,
+}
+
 struct Waypoint {
     key: (String, String),
     identity: Identity,
@@ -88,6 +95,11 @@ struct Waypoint {
     certs: Arc<CertManager>,
     pool: Arc<Pool>,
     requests: Family<RequestLabels, Counter>,
+    /// CONNECTs refused before any policy: destinations not bound here and the like.
+    refused: Family<RefusedLabels, Counter>,
+    path_normalization: path_normalization::Level,
+    /// X-Forwarded-For hops believed (MeshConfig numTrustedProxies).
+    trusted_proxies: usize,
     /// Extension providers of the mesh config, by name.
     providers: HashMap<String, extauthz::ProviderSpec>,
     /// JWKS fetched from jwksUri: (keys, when fetched).
@@ -99,7 +111,7 @@ struct Waypoint {
 const JWKS_REFRESH: Duration = Duration::from_secs(20 * 60);
 const JWKS_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Where a CONNECT through the waypoint is going.
+/// Where a CONNECT through the waypoint is going, and for whom.
 #[derive(Clone)]
 struct Target {
     /// The endpoint chosen, and the port on it.
@@ -107,8 +119,21 @@ struct Target {
     port: u16,
     /// The service addressed, if any: (namespace, name).
     service: Option<(String, String)>,
+    /// The Services bound here whose policies apply: the one addressed, or every
+    /// one the addressed pod is an endpoint of.
+    services: Vec<(String, String)>,
     /// The address the client asked for.
     asked: SocketAddr,
+    /// The client's address (the one its source tunnel forwarded, when the
+    /// client's identity proves it; else the peer's): sent on in `forwarded`.
+    client: SocketAddr,
+}
+
+/// Why a CONNECT is refused before any policy.
+enum Refusal {
+    /// Not a Service VIP or workload whose binding is this waypoint.
+    NotBound(String),
+    UnknownDestination(String),
 }
 
 /// How long a starting waypoint waits to find its own pod in the config.
@@ -122,20 +147,18 @@ pub async fn run(options: WaypointOptions) -> Result<()> {
         root_namespace: options.root_namespace.clone(),
     };
     let mut registry = Registry::default();
-    let mut snapshots = options
-        .source
-        .watch(config::ConfigMetrics::register(&mut registry))
-        .await?;
+    let config_metrics = config::ConfigMetrics::register(&mut registry);
+    let mut snapshots = options.source.watch(config_metrics.clone()).await?;
     // The waypoint's own pod gives its identity. Just started, the API may not have
     // its address yet: wait for it a while, then give up.
     let deadline = tokio::time::Instant::now() + OWN_POD_WAIT;
-    let (first, me) = loop {
+    let me = loop {
         let state = State::build(snapshots.borrow_and_update().clone(), &settings);
         if let Some(me) = state
             .workload_by_name(&options.namespace, &options.pod)
             .cloned()
         {
-            break (state, me);
+            break me;
         }
         tracing::info!(
             pod = %format!("{}/{}", options.namespace, options.pod),
@@ -150,18 +173,7 @@ pub async fn run(options: WaypointOptions) -> Result<()> {
             ),
         }
     };
-    let (tx, states) = tokio::sync::watch::channel(Arc::new(first));
-    tokio::spawn(async move {
-        while snapshots.changed().await.is_ok() {
-            let snapshot = snapshots.borrow_and_update().clone();
-            if tx
-                .send(Arc::new(State::build(snapshot, &settings)))
-                .is_err()
-            {
-                return;
-            }
-        }
-    });
+    let states = crate::state::spawn_updates(snapshots, settings, config_metrics.bindings_refused);
 
     let requests = Family::<RequestLabels, Counter>::default();
     registry.register(
@@ -169,6 +181,16 @@ pub async fn run(options: WaypointOptions) -> Result<()> {
         "HTTP requests through the waypoint",
         requests.clone(),
     );
+    let refused = Family::<RefusedLabels, Counter>::default();
+    registry.register(
+        "ztunnel_waypoint_connects_refused",
+        "CONNECTs the waypoint refused before any policy, by reason (not_bound: a destination not bound to this waypoint)",
+        refused.clone(),
+    );
+    let mesh_config = match &options.mesh_config {
+        Some(path) => extauthz::MeshConfig::load(path)?,
+        None => Default::default(),
+    };
     let ca = CaClient::new(CaClientConfig::from_files(
         &options.ca_address,
         &options.ca_server_name,
@@ -191,11 +213,13 @@ pub async fn run(options: WaypointOptions) -> Result<()> {
         certs,
         pool: Pool::new(Default::default()),
         requests,
+        refused,
+        path_normalization: mesh_config
+            .path_normalization()
+            .map_err(|e| anyhow::anyhow!("pathNormalization: {e}"))?,
+        trusted_proxies: mesh_config.trusted_proxies(),
         jwks: Mutex::new(HashMap::new()),
-        providers: match &options.mesh_config {
-            Some(path) => extauthz::MeshConfig::load(path)?.providers(),
-            None => HashMap::new(),
-        },
+        providers: mesh_config.providers(),
     });
     let metrics = TcpListener::bind(options.metrics_addr)
         .await
@@ -241,33 +265,70 @@ impl Waypoint {
         Ok(())
     }
 
-    fn resolve(&self, state: &State, asked: SocketAddr) -> Option<Target> {
+    /// The destination of a CONNECT, if it is bound to this waypoint: a Service
+    /// VIP whose `use-waypoint` is this waypoint (and it serves services), or a
+    /// workload whose own binding is this waypoint (and it serves workloads).
+    /// Anything else is refused: naming a pod behind a bound Service must not skip
+    /// that Service's policies, nor reach the pod as the waypoint.
+    fn resolve(
+        &self,
+        state: &State,
+        asked: SocketAddr,
+        client: SocketAddr,
+    ) -> Result<Target, Refusal> {
         let IpAddr::V4(ip) = asked.ip() else {
-            return None;
+            return Err(Refusal::UnknownDestination(format!("{asked}: not IPv4")));
         };
+        let me = state.waypoint(&self.key);
+        let bound = |binding: &Option<(String, String)>| binding.as_ref() == Some(&self.key);
         if let Some(service) = state.service_by_vip(ip) {
+            let name = (service.namespace.clone(), service.name.clone());
+            if !bound(&service.waypoint) || !me.is_some_and(|w| w.serves_services()) {
+                return Err(Refusal::NotBound(format!(
+                    "service {}/{} is not bound to this waypoint",
+                    name.0, name.1
+                )));
+            }
+            let unknown = |why: &str| {
+                Refusal::UnknownDestination(format!("service {}/{}: {why}", name.0, name.1))
+            };
             let port = service
                 .ports
                 .iter()
-                .find(|p| p.port == asked.port())?
+                .find(|p| p.port == asked.port())
+                .ok_or_else(|| unknown("no such port"))?
                 .target_port;
             if service.endpoints.is_empty() {
-                return None;
+                return Err(unknown("no endpoints"));
             }
             let workload = service.endpoints[fastrand::usize(..service.endpoints.len())].clone();
-            return Some(Target {
+            return Ok(Target {
                 workload,
                 port,
-                service: Some((service.namespace.clone(), service.name.clone())),
+                service: Some(name.clone()),
+                services: vec![name],
                 asked,
+                client,
             });
         }
-        let workload = state.workload_by_ip(ip)?.clone();
-        Some(Target {
+        let Some(workload) = state.workload_by_ip(ip).cloned() else {
+            return Err(Refusal::UnknownDestination(format!(
+                "{asked}: no such service or workload"
+            )));
+        };
+        if !bound(&workload.waypoint) || !me.is_some_and(|w| w.serves_workloads()) {
+            return Err(Refusal::NotBound(format!(
+                "workload {}/{} is not bound to this waypoint (its own istio.io/use-waypoint, with waypoint-for workload or all)",
+                workload.namespace, workload.name
+            )));
+        }
+        Ok(Target {
+            services: state.bound_services(&workload, &self.key),
             workload,
             port: asked.port(),
             service: None,
             asked,
+            client,
         })
     }
 
@@ -283,37 +344,66 @@ impl Waypoint {
                 .body(Empty::new())
                 .expect("valid")
         };
+        let refuse = |reason: &str, code: StatusCode, why: &str| {
+            tracing::warn!(src = %client, %peer, "waypoint: CONNECT refused: {why}");
+            self.refused
+                .get_or_create(&RefusedLabels {
+                    reason: reason.into(),
+                })
+                .inc();
+            status(code)
+        };
         if req.method() != Method::CONNECT {
-            return status(StatusCode::BAD_REQUEST);
+            return refuse("bad_request", StatusCode::BAD_REQUEST, "not CONNECT");
         }
         let Some(asked) = req
             .uri()
             .authority()
             .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
         else {
-            return status(StatusCode::BAD_REQUEST);
+            return refuse(
+                "bad_request",
+                StatusCode::BAD_REQUEST,
+                ":authority is not ip:port",
+            );
         };
         let state = self.state.borrow().clone();
-        let Some(target) = self.resolve(&state, asked) else {
-            tracing::warn!(%asked, "waypoint: no such destination");
-            return status(StatusCode::SERVICE_UNAVAILABLE);
-        };
-        // The client's own address when its identity proves it (as the tunnel does).
-        let source_ip = forwarded_for(&req)
-            .and_then(|ip| {
-                state
-                    .workload_by_ip(ip)
+        // The client's own address when its identity proves it (as the tunnel
+        // does); otherwise the address the connection came from.
+        let claimed = req
+            .headers()
+            .get("forwarded")
+            .and_then(|v| v.to_str().ok())
+            .and_then(forwarded::parse_for);
+        let client_addr = claimed
+            .and_then(|(ip, port)| match ip {
+                IpAddr::V4(v4) => state
+                    .workload_by_ip(v4)
                     .filter(|w| w.identity == client)
-                    .map(|w| IpAddr::V4(w.ip))
+                    .map(|_| SocketAddr::new(ip, port.unwrap_or(peer.port()))),
+                IpAddr::V6(_) => None,
             })
-            .unwrap_or(peer.ip());
+            .unwrap_or(peer);
+        let target = match self.resolve(&state, asked, client_addr) {
+            Ok(target) => target,
+            Err(Refusal::NotBound(why)) => {
+                return refuse(
+                    "not_bound",
+                    StatusCode::FORBIDDEN,
+                    &format!("{asked}: {why}"),
+                )
+            }
+            Err(Refusal::UnknownDestination(why)) => {
+                return refuse("unknown_destination", StatusCode::SERVICE_UNAVAILABLE, &why)
+            }
+        };
         let upgrade = hyper::upgrade::on(&mut req);
         tokio::spawn(async move {
             let stream = match upgrade.await {
                 Ok(upgraded) => TokioIo::new(upgraded),
                 Err(e) => return tracing::debug!("waypoint upgrade: {e}"),
             };
-            if let Err(e) = self.stream(stream, client, source_ip, target).await {
+            if let Err(e) = self.stream(stream, client, target).await {
                 tracing::debug!("waypoint stream: {e:#}");
             }
         });
@@ -325,7 +415,6 @@ impl Waypoint {
         self: Arc<Self>,
         mut stream: TokioIo<hyper::upgrade::Upgraded>,
         client: Identity,
-        source_ip: IpAddr,
         target: Target,
     ) -> Result<()> {
         let mut first = vec![0u8; 24];
@@ -337,7 +426,7 @@ impl Waypoint {
         first.truncate(n);
         let conn = Connection {
             source_identity: Some(client.clone()),
-            source_ip,
+            source_ip: target.client.ip(),
             destination_ip: target.asked.ip(),
             destination_port: target.asked.port(),
         };
@@ -367,13 +456,9 @@ impl Waypoint {
             return Ok(());
         }
         let state = self.state.borrow().clone();
-        let service = target
-            .service
-            .as_ref()
-            .map(|(ns, n)| (ns.as_str(), n.as_str()));
         let decision = state.policies.authorize_request(
             (&self.key.0, &self.key.1),
-            service,
+            &target.services,
             &conn,
             None,
             false,
@@ -401,10 +486,10 @@ impl Waypoint {
         let cert: Arc<WorkloadCert> = self.certs.fetch(&self.identity).await?;
         let hbone = SocketAddr::new(IpAddr::V4(target.workload.ip), crate::redirect::HBONE_PORT);
         let mut headers = http::HeaderMap::new();
+        // Who the waypoint acts for: the client, as Istio's waypoint says it.
         headers.insert(
             "forwarded",
-            http::HeaderValue::from_str(&format!("for={}", target.workload.ip))
-                .expect("an address"),
+            http::HeaderValue::from_str(&forwarded::for_client(target.client)).expect("an address"),
         );
         let (upgraded, guard) = self
             .pool
@@ -436,10 +521,15 @@ impl Waypoint {
             })
             .unwrap_or_default();
         let state = self.state.borrow().clone();
-        let service = target
-            .service
-            .as_ref()
-            .map(|(ns, n)| (ns.as_str(), n.as_str()));
+        // The path policy judges is the path the application gets: normalized
+        // first, refused when that cannot be done safely.
+        if let Err(why) = self.normalize_path(&mut req) {
+            tracing::warn!(src = %client, dst = %target.asked, path = %req.uri().path(), "request refused (400): {why}");
+            let response = text(StatusCode::BAD_REQUEST, "Bad Request: path\n");
+            self.count(&state, conn, client, target, response.status());
+            return response;
+        }
+        let service = &target.services;
         // RequestAuthentication first: an invalid token is 401, none passes.
         let authentications = state
             .policies
@@ -466,7 +556,15 @@ impl Waypoint {
                         .map(|v| (k.as_str().to_owned(), v.to_owned()))
                 })
                 .collect(),
-            remote_ip: None,
+            remote_ip: Some(forwarded::remote_ip(
+                &req.headers()
+                    .get_all("x-forwarded-for")
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .collect::<Vec<_>>(),
+                self.trusted_proxies,
+                conn.source_ip,
+            )),
             auth,
         };
         // CUSTOM first: the external authorizer of each matching policy.
@@ -589,6 +687,30 @@ impl Waypoint {
                 Err(response)
             }
         }
+    }
+
+    /// Replaces the request's path with its normalized form (the query stays).
+    fn normalize_path(&self, req: &mut Request<Incoming>) -> Result<(), String> {
+        let path = req.uri().path();
+        let normalized = path_normalization::normalize(path, self.path_normalization)
+            .map_err(|e| e.to_string())?;
+        if normalized == path {
+            return Ok(());
+        }
+        let mut parts = req.uri().clone().into_parts();
+        let query = req
+            .uri()
+            .query()
+            .map(|q| format!("?{q}"))
+            .unwrap_or_default();
+        parts.path_and_query = Some(
+            format!("{normalized}{query}")
+                .parse()
+                .map_err(|e| format!("the normalized path: {e}"))?,
+        );
+        *req.uri_mut() =
+            http::Uri::from_parts(parts).map_err(|e| format!("the normalized path: {e}"))?;
+        Ok(())
     }
 
     /// `istio_requests_total` for one response.
@@ -803,11 +925,11 @@ async fn fetch(uri: &str) -> Result<Jwks, String> {
     if !response.status().is_success() {
         return Err(format!("HTTP {}", response.status()));
     }
-    let body = response
-        .into_body()
+    // Never more than MAX_JWKS_BYTES in memory, whatever the server sends.
+    let body = http_body_util::Limited::new(response.into_body(), jwt::MAX_JWKS_BYTES)
         .collect()
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("the body: {e} (at most {} bytes)", jwt::MAX_JWKS_BYTES))?
         .to_bytes();
     Jwks::parse(&String::from_utf8_lossy(&body))
 }

@@ -20,8 +20,9 @@ use serde::Deserialize;
 use tokio::sync::watch;
 
 use super::{
-    ConfigError, ConfigMetrics, EndpointSlice, Gateway, Namespace, Pod, Policy, Service,
-    ServiceAccount, ServicePort, Snapshot, CGROUP_ANNOTATION, NETNS_ANNOTATION, SERVICE_NAME_LABEL,
+    AllowedNamespaces, ConfigError, ConfigMetrics, EndpointSlice, Gateway, LabelExpression,
+    LabelSelector, Namespace, Pod, Policy, Service, ServiceAccount, ServicePort, Snapshot,
+    CGROUP_ANNOTATION, NETNS_ANNOTATION, SERVICE_NAME_LABEL,
 };
 
 /// What the directory looked like: files with their size and modification time.
@@ -436,6 +437,102 @@ struct EndpointPortSpec {
     port: Option<u16>,
 }
 
+#[derive(Deserialize, Default)]
+struct GatewaySpec {
+    #[serde(default)]
+    listeners: Vec<ListenerSpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ListenerSpec {
+    #[serde(default)]
+    protocol: String,
+    #[serde(default)]
+    port: u16,
+    #[serde(default)]
+    allowed_routes: Option<AllowedRoutesSpec>,
+}
+
+#[derive(Deserialize)]
+struct AllowedRoutesSpec {
+    #[serde(default)]
+    namespaces: Option<RouteNamespacesSpec>,
+}
+
+#[derive(Deserialize)]
+struct RouteNamespacesSpec {
+    #[serde(default)]
+    from: Option<String>,
+    #[serde(default)]
+    selector: Option<SelectorSpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SelectorSpec {
+    #[serde(default)]
+    match_labels: BTreeMap<String, String>,
+    #[serde(default)]
+    match_expressions: Vec<ExpressionSpec>,
+}
+
+#[derive(Deserialize)]
+struct ExpressionSpec {
+    key: String,
+    operator: String,
+    #[serde(default)]
+    values: Vec<String>,
+}
+
+/// Who may bind to a waypoint: its HBONE listener's (port 15008)
+/// `allowedRoutes.namespaces`, as Istio reads it; none says Same.
+fn allowed_namespaces(listeners: &[ListenerSpec]) -> Result<AllowedNamespaces> {
+    let Some((i, listener)) = listeners
+        .iter()
+        .enumerate()
+        .find(|(_, l)| l.protocol == "HBONE" && l.port == crate::redirect::HBONE_PORT)
+    else {
+        return Ok(AllowedNamespaces::Same);
+    };
+    let field = format!("spec.listeners[{i}].allowedRoutes.namespaces");
+    let Some(namespaces) = listener
+        .allowed_routes
+        .as_ref()
+        .and_then(|r| r.namespaces.as_ref())
+    else {
+        return Ok(AllowedNamespaces::Same);
+    };
+    Ok(match namespaces.from.as_deref().unwrap_or("Same") {
+        "Same" => AllowedNamespaces::Same,
+        "All" => AllowedNamespaces::All,
+        "Selector" => {
+            let selector = namespaces
+                .selector
+                .as_ref()
+                .with_context(|| format!("{field}.selector: required with from: Selector"))?;
+            let mut expressions = Vec::new();
+            for (j, e) in selector.match_expressions.iter().enumerate() {
+                let (key, values) = (e.key.clone(), e.values.clone());
+                expressions.push(match e.operator.as_str() {
+                    "In" => LabelExpression::In(key, values),
+                    "NotIn" => LabelExpression::NotIn(key, values),
+                    "Exists" => LabelExpression::Exists(key),
+                    "DoesNotExist" => LabelExpression::DoesNotExist(key),
+                    other => bail!(
+                        "{field}.selector.matchExpressions[{j}].operator: {other:?} is not In, NotIn, Exists or DoesNotExist"
+                    ),
+                });
+            }
+            AllowedNamespaces::Selector(LabelSelector {
+                match_labels: selector.match_labels.clone(),
+                match_expressions: expressions,
+            })
+        }
+        other => bail!("{field}.from: {other:?} is not Same, All or Selector"),
+    })
+}
+
 pub(super) fn parse(key: &Key, value: serde_yaml::Value) -> Result<Object> {
     let (kind, namespace, name) = key.clone();
     Ok(match kind.as_str() {
@@ -580,12 +677,14 @@ pub(super) fn parse(key: &Key, value: serde_yaml::Value) -> Result<Object> {
                 .and_then(|c| c.as_str())
                 .ok_or_else(|| anyhow::anyhow!("spec.gatewayClassName is required"))?
                 .to_owned();
-            let r: Resource<serde_yaml::Value> = serde_yaml::from_value(value)?;
+            let r: Resource<GatewaySpec> = serde_yaml::from_value(value)?;
+            let allowed_namespaces = allowed_namespaces(&r.spec.unwrap_or_default().listeners)?;
             Object::Gateway(Gateway {
                 name,
                 namespace,
                 class,
                 labels: r.metadata.labels,
+                allowed_namespaces,
             })
         }
         _ => {
@@ -688,6 +787,57 @@ mod tests {
         assert!(errors.is_empty(), "{errors:?}");
         assert_eq!(snapshot.policies.len(), 2);
         fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_gateways_hbone_listener_says_which_namespaces_may_bind() {
+        let gateway = |listeners: &str| {
+            format!("apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: wp, namespace: infra}}\nspec:\n  gatewayClassName: istio-waypoint\n  listeners: {listeners}\n")
+        };
+        let parse = |listeners: &str| {
+            let dir = dir_with(&[("gw.yaml", &gateway(listeners))]);
+            let loaded = LocalSource::new(&dir).load().unwrap();
+            fs::remove_dir_all(dir).unwrap();
+            match loaded {
+                (snapshot, errors) if errors.is_empty() => Ok(snapshot.gateways
+                    [&("infra".into(), "wp".into())]
+                    .allowed_namespaces
+                    .clone()),
+                (_, errors) => Err(errors[0].to_string()),
+            }
+        };
+        assert_eq!(parse("[]"), Ok(AllowedNamespaces::Same));
+        assert_eq!(
+            parse("[{name: m, port: 15008, protocol: HBONE}]"),
+            Ok(AllowedNamespaces::Same)
+        );
+        assert_eq!(
+            parse("[{name: m, port: 15008, protocol: HBONE, allowedRoutes: {namespaces: {from: All}}}]"),
+            Ok(AllowedNamespaces::All)
+        );
+        assert_eq!(
+            parse(
+                "[{name: h, port: 80, protocol: HTTP, allowedRoutes: {namespaces: {from: All}}}]"
+            ),
+            Ok(AllowedNamespaces::Same),
+            "only the HBONE listener counts"
+        );
+        assert_eq!(
+            parse("[{name: m, port: 15008, protocol: HBONE, allowedRoutes: {namespaces: {from: Selector, selector: {matchLabels: {team: a}, matchExpressions: [{key: env, operator: Exists}]}}}}]"),
+            Ok(AllowedNamespaces::Selector(LabelSelector {
+                match_labels: [("team".to_string(), "a".to_string())].into(),
+                match_expressions: vec![LabelExpression::Exists("env".into())],
+            }))
+        );
+        let refused = parse("[{name: m, port: 15008, protocol: HBONE, allowedRoutes: {namespaces: {from: Anyone}}}]");
+        assert!(
+            refused
+                .as_ref()
+                .is_err_and(|e| e.contains("spec.listeners[0].allowedRoutes.namespaces.from")),
+            "{refused:?}"
+        );
+        let refused = parse("[{name: m, port: 15008, protocol: HBONE, allowedRoutes: {namespaces: {from: Selector}}}]");
+        assert!(refused.is_err(), "a Selector without a selector");
     }
 
     #[test]

@@ -66,6 +66,9 @@ pub struct ConfigMetrics {
     /// Pods of this node not found on it yet (Kubernetes source): outside the mesh
     /// until they are.
     pub pods_unlocated: Gauge,
+    /// `istio.io/use-waypoint` bindings refused by the waypoint's Gateway (set by
+    /// whoever builds the state from the configuration).
+    pub bindings_refused: Gauge,
 }
 
 impl ConfigMetrics {
@@ -90,6 +93,11 @@ impl ConfigMetrics {
             "ztunnel_pods_unlocated",
             "Pods of this node whose cgroup and network namespace are not found yet",
             m.pods_unlocated.clone(),
+        );
+        registry.register(
+            "ztunnel_waypoint_bindings_refused",
+            "Waypoint bindings (istio.io/use-waypoint) refused: the waypoint's Gateway does not admit the namespace",
+            m.bindings_refused.clone(),
         );
         m
     }
@@ -201,6 +209,67 @@ pub struct Gateway {
     pub namespace: String,
     pub class: String,
     pub labels: BTreeMap<String, String>,
+    /// Which namespaces may bind to it (its HBONE listener's
+    /// `allowedRoutes.namespaces`; a waypoint's only listener that matters).
+    pub allowed_namespaces: AllowedNamespaces,
+}
+
+/// `allowedRoutes.namespaces.from` of a Gateway listener, as Istio reads it for
+/// `istio.io/use-waypoint-namespace`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum AllowedNamespaces {
+    /// Only the Gateway's own namespace (the default).
+    #[default]
+    Same,
+    All,
+    /// Namespaces whose labels the selector matches.
+    Selector(LabelSelector),
+}
+
+impl AllowedNamespaces {
+    pub fn admits(
+        &self,
+        gateway_namespace: &str,
+        namespace: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> bool {
+        match self {
+            Self::Same => gateway_namespace == namespace,
+            Self::All => true,
+            Self::Selector(selector) => selector.matches(labels),
+        }
+    }
+}
+
+/// A Kubernetes label selector: every `matchLabels` pair and every expression.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LabelSelector {
+    pub match_labels: BTreeMap<String, String>,
+    pub match_expressions: Vec<LabelExpression>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LabelExpression {
+    In(String, Vec<String>),
+    NotIn(String, Vec<String>),
+    Exists(String),
+    DoesNotExist(String),
+}
+
+impl LabelSelector {
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.match_labels
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v))
+            && self.match_expressions.iter().all(|e| match e {
+                LabelExpression::In(k, values) => labels.get(k).is_some_and(|v| values.contains(v)),
+                LabelExpression::NotIn(k, values) => {
+                    labels.get(k).is_none_or(|v| !values.contains(v))
+                }
+                LabelExpression::Exists(k) => labels.contains_key(k),
+                LabelExpression::DoesNotExist(k) => !labels.contains_key(k),
+            })
+    }
 }
 
 /// The class of waypoint Gateways.

@@ -177,8 +177,10 @@ enum ConditionKey {
     AuthPresenter,
     /// `request.auth.claims[a][b]`: a path into nested claims.
     AuthClaim(Vec<String>),
-    /// Valid in Istio, not evaluated here (connection.sni, experimental.*): never
-    /// matches.
+    /// The inner HTTP of a tunnel carries no TLS: always absent at the waypoint.
+    ConnectionSni,
+    /// Valid in Istio, not evaluated here (experimental.*): see
+    /// [`Condition::unseen_matches`].
     Unsupported,
 }
 
@@ -187,6 +189,9 @@ struct Condition {
     key: ConditionKey,
     values: Vec<String>,
     not_values: Vec<String>,
+    /// Whether a condition on something not evaluated matches: never in an ALLOW
+    /// rule, always in the others (they deny more, never less).
+    unseen_matches: bool,
 }
 
 /// Parses an L7 `when` key.
@@ -212,6 +217,7 @@ fn l7_key(key: &str) -> Result<ConditionKey, String> {
         "request.auth.principal" => ConditionKey::AuthPrincipal,
         "request.auth.audiences" => ConditionKey::AuthAudiences,
         "request.auth.presenter" => ConditionKey::AuthPresenter,
+        "connection.sni" => ConditionKey::ConnectionSni,
         k if k.starts_with("request.headers[") => {
             let parts = bracketed(&k["request.headers".len()..])?;
             if parts.len() != 1 {
@@ -666,6 +672,7 @@ fn compile_rule(rule: RuleSpec, action: Action) -> Result<(Rule, bool), String> 
             key,
             values,
             not_values,
+            unseen_matches: action != Action::Allow,
         });
     }
     Ok((
@@ -834,7 +841,9 @@ impl Operation {
 
 impl Condition {
     fn matches(&self, conn: &Connection, req: Option<&Request>, tds: &[String]) -> bool {
-        if let Some(values) = self.request_values(req) {
+        // At the waypoint an absent attribute is an empty list of values: a
+        // positive list never matches it, a notValues list never excludes it.
+        if let Some(values) = self.request_values(conn, req) {
             let values: Vec<&str> = values.iter().map(String::as_str).collect();
             let test = |pattern: &String| -> bool {
                 match self.key {
@@ -852,8 +861,10 @@ impl Condition {
                 && !self.not_values.iter().any(test);
         }
         if self.is_l7() {
-            // In the tunnel: unseen, judged on the rest of the rule.
-            return !matches!(self.key, ConditionKey::Unsupported) || req.is_none();
+            // In the tunnel: unseen, judged on the rest of the rule (an ALLOW rule
+            // needing L7 never matches there anyway). At the waypoint: only keys
+            // not evaluated at all get here.
+            return req.is_none() || self.unseen_matches;
         }
         let identity = |values: &[String], negated: bool| -> bool {
             let patterns: Vec<StringMatch> = values.iter().map(|v| StringMatch::parse(v)).collect();
@@ -908,8 +919,9 @@ impl Condition {
         )
     }
 
-    /// The request's values for an L7 key (None in the tunnel, or for L4 keys).
-    fn request_values(&self, req: Option<&Request>) -> Option<Vec<String>> {
+    /// The request's values for an L7 key (None in the tunnel, for L4 keys, or for
+    /// keys not evaluated). Empty: the attribute is absent.
+    fn request_values(&self, conn: &Connection, req: Option<&Request>) -> Option<Vec<String>> {
         let req = req?;
         let auth = req.auth.as_ref();
         Some(match &self.key {
@@ -919,7 +931,9 @@ impl Condition {
                 .filter(|(k, _)| k == name)
                 .map(|(_, v)| v.clone())
                 .collect(),
-            ConditionKey::RemoteIp => vec![req.remote_ip?.to_string()],
+            // Istio's remote.ip: the original client's address, else the peer's.
+            ConditionKey::RemoteIp => vec![req.remote_ip.unwrap_or(conn.source_ip).to_string()],
+            ConditionKey::ConnectionSni => Vec::new(),
             ConditionKey::AuthPrincipal => {
                 auth.map(|a| vec![a.principal.clone()]).unwrap_or_default()
             }

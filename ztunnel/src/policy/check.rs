@@ -21,6 +21,10 @@ pub struct HttpQuery {
     /// `name=value` pairs.
     pub headers: Vec<(String, String)>,
     pub jwt: Option<String>,
+    /// The waypoint's MeshConfig settings: how it normalizes paths, how many
+    /// X-Forwarded-For hops it believes.
+    pub path_normalization: crate::path_normalization::Level,
+    pub trusted_proxies: usize,
 }
 
 /// A connection to check.
@@ -36,7 +40,7 @@ pub struct Query {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Outcome {
-    /// "ALLOW", "DENY", or "401" (an invalid JWT).
+    /// "ALLOW", "DENY", "401" (an invalid JWT) or "400" (a path the waypoint refuses).
     pub decision: String,
     /// "ztunnel", "waypoint", or "none" when nothing enforces policy there.
     pub layer: String,
@@ -78,7 +82,9 @@ struct Destination {
     workload: Arc<Workload>,
     port: u16,
     address: (IpAddr, u16),
-    service: Option<(String, String)>,
+    /// The Services whose waypoint policies apply: the one addressed, or those a
+    /// pod going through its waypoint is an endpoint of.
+    services: Vec<(String, String)>,
     waypoint: Option<Arc<Waypoint>>,
 }
 
@@ -91,17 +97,21 @@ fn destination(state: &State, to: &str, notes: &mut Vec<String>) -> Result<Desti
         .with_context(|| format!("{port:?} is not a port"))?;
     let (ns, name) = split_name(name)?;
     if let Some(workload) = state.workload_by_name(ns, name) {
+        binding_note(state, "Pod", ns, name, notes);
         let waypoint = workload
             .waypoint
             .as_ref()
             .and_then(|k| state.waypoint(k))
             .filter(|w| w.serves_workloads())
             .cloned();
+        let services = waypoint.as_ref().map_or_else(Vec::new, |w| {
+            state.bound_services(workload, &(w.namespace.clone(), w.name.clone()))
+        });
         return Ok(Destination {
             workload: workload.clone(),
             port,
             address: (workload.ip.into(), port),
-            service: None,
+            services,
             waypoint,
         });
     }
@@ -127,6 +137,7 @@ fn destination(state: &State, to: &str, notes: &mut Vec<String>) -> Result<Desti
             workload.name
         ));
     }
+    binding_note(state, "Service", ns, name, notes);
     let waypoint = service
         .waypoint
         .as_ref()
@@ -137,9 +148,16 @@ fn destination(state: &State, to: &str, notes: &mut Vec<String>) -> Result<Desti
         workload,
         port: target,
         address: (service.vip.into(), port),
-        service: Some((service.namespace.clone(), service.name.clone())),
+        services: vec![(service.namespace.clone(), service.name.clone())],
         waypoint,
     })
+}
+
+/// A note when the object's waypoint binding was refused.
+fn binding_note(state: &State, kind: &str, ns: &str, name: &str, notes: &mut Vec<String>) {
+    if let Some(reason) = state.refused_bindings.get(&format!("{kind} {ns}/{name}")) {
+        notes.push(format!("{kind} {ns}/{name}: {reason}"));
+    }
 }
 
 pub fn check(snapshot: Snapshot, settings: &MeshSettings, query: &Query) -> Result<Outcome> {
@@ -165,6 +183,17 @@ pub fn check(snapshot: Snapshot, settings: &MeshSettings, query: &Query) -> Resu
             destination_ip: dst.address.0,
             destination_port: dst.address.1,
         };
+        // The path as the waypoint judges it: normalized.
+        let path = query.http.as_ref().map(|h| {
+            crate::path_normalization::normalize(
+                h.path.split('?').next().unwrap_or("/"),
+                h.path_normalization,
+            )
+        });
+        if let Some(Err(e)) = &path {
+            let reason = format!("the waypoint refuses the path (400): {e}");
+            return Ok(Outcome::new("400", "waypoint", None, reason, notes));
+        }
         let request = query.http.as_ref().map(|h| {
             let (authority, headers): (Vec<_>, Vec<_>) = h
                 .headers
@@ -179,12 +208,19 @@ pub fn check(snapshot: Snapshot, settings: &MeshSettings, query: &Query) -> Resu
                 .map(|(_, v)| v.clone())
                 .next()
                 .unwrap_or_else(|| format!("{}:{}", dst.address.0, dst.address.1));
+            let forwarded_for: Vec<&str> = headers
+                .iter()
+                .filter(|(k, _)| k == "x-forwarded-for")
+                .map(|(_, v)| v.as_str())
+                .collect();
+            let remote_ip =
+                crate::forwarded::remote_ip(&forwarded_for, h.trusted_proxies, conn.source_ip);
             Request {
                 method: h.method.clone(),
-                path: h.path.split('?').next().unwrap_or("/").to_owned(),
+                path: path.clone().and_then(Result::ok).unwrap_or_default(),
                 host,
                 headers,
-                remote_ip: None,
+                remote_ip: Some(remote_ip),
                 auth: None,
             }
         });
@@ -193,13 +229,9 @@ pub fn check(snapshot: Snapshot, settings: &MeshSettings, query: &Query) -> Resu
             query.http.as_ref().and_then(|h| h.jwt.as_deref()),
             request.as_mut(),
         ) {
-            let service = dst
-                .service
-                .as_ref()
-                .map(|(ns, n)| (ns.as_str(), n.as_str()));
             let authentications = state
                 .policies
-                .request_authentications((&waypoint.namespace, &waypoint.name), service);
+                .request_authentications((&waypoint.namespace, &waypoint.name), &dst.services);
             let rules: Vec<&super::authn::JwtRule> =
                 authentications.iter().flat_map(|a| &a.rules).collect();
             if rules.is_empty() {
@@ -223,13 +255,9 @@ pub fn check(snapshot: Snapshot, settings: &MeshSettings, query: &Query) -> Resu
         if request.is_none() {
             notes.push("no HTTP details given: the waypoint judges the connection at L4".into());
         }
-        let service = dst
-            .service
-            .as_ref()
-            .map(|(ns, n)| (ns.as_str(), n.as_str()));
         let decision = state.policies.authorize_request(
             (&waypoint.namespace, &waypoint.name),
-            service,
+            &dst.services,
             &conn,
             request.as_ref(),
             false,

@@ -348,26 +348,21 @@ impl Index {
     fn attached_to(
         &self,
         waypoint: (&str, &str),
-        service: Option<(&str, &str)>,
+        services: &[(String, String)],
     ) -> Vec<&Arc<Compiled>> {
-        let key =
-            |ns: &str, kind: &str, name: &str| (ns.to_owned(), kind.to_owned(), name.to_owned());
-        let gateway = self.attached.get(&key(waypoint.0, "Gateway", waypoint.1));
-        let service_policies =
-            service.and_then(|(ns, name)| self.attached.get(&key(ns, "Service", name)));
+        let mut policies = attached_to(&self.attached, waypoint, services);
         let mut namespaces = vec![waypoint.0];
-        namespaces.extend(service.map(|(ns, _)| ns).filter(|ns| *ns != waypoint.0));
+        for (ns, _) in services {
+            if !namespaces.contains(&ns.as_str()) {
+                namespaces.push(ns);
+            }
+        }
+        // A policy with some targets unreadable is both attached and "anywhere".
         let anywhere = namespaces
             .into_iter()
-            .filter_map(|ns| self.attached_anywhere.get(ns));
-        let mut policies: Vec<&Arc<Compiled>> = Vec::new();
-        // A policy with some targets unreadable is both attached and "anywhere".
-        for p in gateway
-            .into_iter()
-            .chain(service_policies)
-            .chain(anywhere)
-            .flatten()
-        {
+            .filter_map(|ns| self.attached_anywhere.get(ns))
+            .flatten();
+        for p in anywhere {
             if !policies.iter().any(|q| Arc::ptr_eq(q, p)) {
                 policies.push(p);
             }
@@ -380,12 +375,12 @@ impl Index {
     pub fn authorize_request(
         &self,
         waypoint: (&str, &str),
-        service: Option<(&str, &str)>,
+        services: &[(String, String)],
         conn: &Connection,
         req: Option<&Request>,
         ext_authz: bool,
     ) -> Decision {
-        let policies = self.attached_to(waypoint, service);
+        let policies = self.attached_to(waypoint, services);
         let tds = &self.trust_domains;
         let pick = |action: Action| -> Vec<Arc<Compiled>> {
             policies
@@ -434,25 +429,14 @@ impl Index {
     }
 
     /// The RequestAuthentications a waypoint applies for a destination: those
-    /// attached to its Gateway and to the destination Service.
+    /// attached to its Gateway and to the destination's Services.
     pub fn request_authentications(
         &self,
         waypoint: (&str, &str),
-        service: Option<(&str, &str)>,
+        services: &[(String, String)],
     ) -> Vec<Arc<authn::RequestAuthentication>> {
-        let gateway = self.authn.get(&(
-            waypoint.0.to_owned(),
-            "Gateway".to_owned(),
-            waypoint.1.to_owned(),
-        ));
-        let service = service.and_then(|(ns, name)| {
-            self.authn
-                .get(&(ns.to_owned(), "Service".to_owned(), name.to_owned()))
-        });
-        gateway
+        attached_to(&self.authn, waypoint, services)
             .into_iter()
-            .chain(service)
-            .flatten()
             .cloned()
             .collect()
     }
@@ -462,11 +446,11 @@ impl Index {
     pub fn custom_request(
         &self,
         waypoint: (&str, &str),
-        service: Option<(&str, &str)>,
+        services: &[(String, String)],
         conn: &Connection,
         req: &Request,
     ) -> Vec<(String, String)> {
-        self.attached_to(waypoint, service)
+        self.attached_to(waypoint, services)
             .into_iter()
             .filter(|p| {
                 p.action == Action::Custom
@@ -476,6 +460,33 @@ impl Index {
             .map(|p| (p.name.clone(), p.provider.clone().unwrap_or_default()))
             .collect()
     }
+}
+
+/// What is attached with targetRefs to the waypoint's Gateway and to `services`
+/// (namespace, name), each once.
+fn attached_to<'a, T>(
+    attached: &'a HashMap<(String, String, String), Vec<Arc<T>>>,
+    waypoint: (&str, &str),
+    services: &[(String, String)],
+) -> Vec<&'a Arc<T>> {
+    let gateway = (
+        waypoint.0.to_owned(),
+        "Gateway".to_owned(),
+        waypoint.1.to_owned(),
+    );
+    let mut found: Vec<&Arc<T>> = Vec::new();
+    let keys = std::iter::once(gateway).chain(
+        services
+            .iter()
+            .map(|(ns, name)| (ns.clone(), "Service".to_owned(), name.clone())),
+    );
+    for item in keys.filter_map(|k| attached.get(&k)).flatten() {
+        // A policy targeting two of them applies once.
+        if !found.iter().any(|f| Arc::ptr_eq(f, item)) {
+            found.push(item);
+        }
+    }
+    found
 }
 
 fn decide(

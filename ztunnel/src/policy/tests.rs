@@ -600,7 +600,7 @@ fn attached(spec: &str) -> Index {
 }
 
 fn waypoint_allows(i: &Index, req: &Request) -> bool {
-    i.authorize_request(("shop", "wp"), None, &mtls("a", "b", 80), Some(req), false)
+    i.authorize_request(("shop", "wp"), &[], &mtls("a", "b", 80), Some(req), false)
         .allow
 }
 
@@ -654,12 +654,12 @@ fn at_the_waypoint_non_http_traffic_gets_l4_policy_only() {
     // An ALLOW that needs a method cannot match a TCP stream: denied (fail closed).
     let i = attached("rules: [{to: [{operation: {methods: [GET]}}]}]");
     assert!(
-        !i.authorize_request(("shop", "wp"), None, &mtls("a", "b", 80), None, false)
+        !i.authorize_request(("shop", "wp"), &[], &mtls("a", "b", 80), None, false)
             .allow
     );
     let i = attached("rules: [{from: [{source: {namespaces: [a]}}]}]");
     assert!(
-        i.authorize_request(("shop", "wp"), None, &mtls("a", "b", 80), None, false)
+        i.authorize_request(("shop", "wp"), &[], &mtls("a", "b", 80), None, false)
             .allow
     );
 }
@@ -671,14 +671,14 @@ fn at_the_waypoint_a_plaintext_peer_matches_not_principals() {
     let i = attached("action: DENY\nrules: [{from: [{source: {notPrincipals: ['*']}}]}]");
     let req = request("GET", "/", "web", &[]);
     let decide = |conn: &Connection| {
-        i.authorize_request(("shop", "wp"), None, conn, Some(&req), false)
+        i.authorize_request(("shop", "wp"), &[], conn, Some(&req), false)
             .allow
     };
     assert!(!decide(&plaintext(80)));
     assert!(decide(&mtls("a", "b", 80)));
     let i = attached("rules: [{from: [{source: {principals: ['*']}}]}]");
     assert!(
-        !i.authorize_request(("shop", "wp"), None, &plaintext(80), Some(&req), false)
+        !i.authorize_request(("shop", "wp"), &[], &plaintext(80), Some(&req), false)
             .allow
     );
 }
@@ -764,11 +764,12 @@ fn a_policy_whose_scope_or_action_cannot_be_read_fails_closed_for_its_namespace(
         if !spec.contains("selector") {
             // Targets unknown: every waypoint target of the namespace.
             let req = request("GET", "/", "web", &[]);
-            for (waypoint, service) in [(("shop", "wp"), None), (("mesh", "wp"), Some(("shop", "web")))] {
-                let d = i.authorize_request(waypoint, service, &mtls("a", "b", 80), Some(&req), false);
+            let shop_web = [("shop".to_string(), "web".to_string())];
+            for (waypoint, services) in [(("shop", "wp"), &[][..]), (("mesh", "wp"), &shop_web[..])] {
+                let d = i.authorize_request(waypoint, services, &mtls("a", "b", 80), Some(&req), false);
                 assert!(!d.allow, "{spec}: {d:?}");
             }
-            let d = i.authorize_request(("mesh", "wp"), Some(("other", "web")), &mtls("a", "b", 80), Some(&req), false);
+            let d = i.authorize_request(("mesh", "wp"), &[("other".to_string(), "web".to_string())], &mtls("a", "b", 80), Some(&req), false);
             assert!(d.allow, "{spec}: {d:?}");
         }
     }
@@ -817,4 +818,56 @@ fn an_invalid_peer_authentication_is_strict() {
             "{spec}"
         );
     }
+}
+
+#[test]
+fn at_the_waypoint_an_absent_attribute_never_matches_a_positive_list() {
+    // remote.ip is the client's address (the connection's when none is carried):
+    // never "matched" for want of a value.
+    let req = request("GET", "/", "h", &[]);
+    let i = attached("rules: [{when: [{key: remote.ip, values: [192.168.0.0/16]}]}]");
+    assert!(
+        !waypoint_allows(&i, &req),
+        "10.244.1.7 is not in 192.168/16"
+    );
+    let mut from_there = req.clone();
+    from_there.remote_ip = Some("192.168.1.1".parse().unwrap());
+    assert!(waypoint_allows(&i, &from_there));
+    let i = attached("rules: [{when: [{key: remote.ip, notValues: [0.0.0.0/0]}]}]");
+    assert!(!waypoint_allows(&i, &req), "notValues covering everyone");
+    let i = attached("rules: [{when: [{key: remote.ip, values: [10.244.1.7]}]}]");
+    assert!(waypoint_allows(&i, &req));
+
+    // An absent header: a positive list never matches, notValues never excludes.
+    let i = attached("rules: [{when: [{key: 'request.headers[x-user]', values: ['*']}]}]");
+    assert!(!waypoint_allows(&i, &req));
+    let i = attached("rules: [{when: [{key: 'request.headers[x-user]', notValues: [admin]}]}]");
+    assert!(waypoint_allows(&i, &req));
+    // No token: no principal, audiences or claims.
+    for key in [
+        "request.auth.principal",
+        "request.auth.audiences",
+        "request.auth.presenter",
+        "request.auth.claims[sub]",
+    ] {
+        let i = attached(&format!(
+            "rules: [{{when: [{{key: '{key}', values: ['*']}}]}}]"
+        ));
+        assert!(!waypoint_allows(&i, &req), "{key}");
+    }
+    // The tunnel's inner HTTP has no TLS: connection.sni is absent.
+    let i = attached("rules: [{when: [{key: connection.sni, values: ['*']}]}]");
+    assert!(!waypoint_allows(&i, &req));
+}
+
+#[test]
+fn at_the_waypoint_keys_not_evaluated_fail_closed() {
+    let key = "'experimental.envoy.filters.network.mysql_proxy[db.table]'";
+    let req = request("GET", "/", "h", &[]);
+    let i = attached(&format!("rules: [{{when: [{{key: {key}, values: [x]}}]}}]"));
+    assert!(!waypoint_allows(&i, &req), "an ALLOW never matches on them");
+    let i = attached(&format!(
+        "action: DENY\nrules: [{{when: [{{key: {key}, values: [x]}}]}}]"
+    ));
+    assert!(!waypoint_allows(&i, &req), "a DENY always does");
 }

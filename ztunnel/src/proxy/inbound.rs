@@ -208,10 +208,10 @@ async fn connect(
 /// they act for; trust it only when the proven identity matches).
 pub(crate) fn forwarded_for(req: &Request<Incoming>) -> Option<std::net::Ipv4Addr> {
     let value = req.headers().get("forwarded")?.to_str().ok()?;
-    value
-        .split([';', ','])
-        .find_map(|part| part.trim().strip_prefix("for="))
-        .and_then(|ip| ip.trim_matches('"').parse().ok())
+    match crate::forwarded::parse_for(value)? {
+        (IpAddr::V4(ip), _) => Some(ip),
+        (IpAddr::V6(_), _) => None,
+    }
 }
 
 /// Connects to the application from inside the pod, as the tunnel (marked, so the

@@ -286,6 +286,11 @@ async fn hbone_to(
     let cert = ctx.certs.fetch(&source.identity).await?;
     let address = SocketAddr::new(IpAddr::V4(peer.ip), crate::redirect::HBONE_PORT);
     let destination = peer;
+    // The client as Istio names it: the pod's address and the client's port.
+    let client = SocketAddr::new(
+        IpAddr::V4(source.ip),
+        stream.peer_addr().map_or(0, |a| a.port()),
+    );
     let (upgraded, _guard) = ctx
         .pool
         .connect(
@@ -293,7 +298,7 @@ async fn hbone_to(
             &destination.identity,
             address,
             authority,
-            headers(source),
+            headers(source, client),
         )
         .await?;
     let mut tunnel = TokioIo::new(upgraded);
@@ -309,7 +314,7 @@ async fn passthrough(address: SocketAddrV4, stream: &mut TcpStream) -> Result<(u
 }
 
 /// The headers Istio's ztunnel puts on a CONNECT, so the two interoperate.
-fn headers(source: &Workload) -> HeaderMap {
+fn headers(source: &Workload, client: SocketAddr) -> HeaderMap {
     let mut headers = HeaderMap::new();
     let baggage = format!(
         "k8s.cluster.name=Kubernetes,k8s.namespace.name={},k8s.pod.name={},service.name={},service.version={}",
@@ -321,7 +326,7 @@ fn headers(source: &Workload) -> HeaderMap {
     if let Ok(v) = HeaderValue::from_str(&baggage) {
         headers.insert("baggage", v);
     }
-    if let Ok(v) = HeaderValue::from_str(&format!("for={}", source.ip)) {
+    if let Ok(v) = HeaderValue::from_str(&crate::forwarded::for_client(client)) {
         headers.insert("forwarded", v);
     }
     let traceparent = format!(

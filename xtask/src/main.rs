@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask <bootstrap|test|bench|demo|run>`.
+//! Project tasks: `cargo xtask <bootstrap|test|interop|bench|demo|run>`.
 
 mod bootstrap;
 mod demo;
@@ -24,6 +24,12 @@ enum Task {
     /// Run every test of the workspace (as root: the tests build real namespaces,
     /// cgroups and BPF programs). Extra arguments go to the test runner.
     Test {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run the interoperability tests alone: Istio's own ztunnel against ours
+    /// ($ISTIO_ZTUNNEL, or shared/peers/istio-ztunnel beside the checkout).
+    Interop {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -62,6 +68,18 @@ fn run(cli: Cli) -> Result<()> {
             require_root("the tests")?;
             bootstrap::run(false)?;
             test(&args)
+        }
+        Task::Interop { args } => {
+            require_root("the tests")?;
+            bootstrap::run(false)?;
+            let mut only = vec![
+                "-p".into(),
+                "ztunnel-tests".into(),
+                "--test".into(),
+                "interop".into(),
+            ];
+            only.extend(args);
+            test(&only)
         }
         Task::Bench { names } => {
             require_root("the benchmarks")?;

@@ -1358,6 +1358,32 @@ async fn a_chain_in_the_wrong_field_is_a_protocol_error_naming_field_1() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn our_client_reads_the_chain_from_field_1_as_istio_sends_it() {
+    use prost::encoding::{encode_key, encode_varint, WireType};
+    let mut ca = ca().await;
+    // Encoded by hand, as istiod would: cert_chain is field 1.
+    let mut message = Vec::new();
+    for pem in ["leaf", "root"] {
+        encode_key(1, WireType::LengthDelimited, &mut message);
+        encode_varint(pem.len() as u64, &mut message);
+        message.extend(pem.as_bytes());
+    }
+    ca.addr = answering_ca(&ca, message).await;
+    let sleep = id("demo", "sleep");
+    let chain = ca
+        .client("node-a")
+        .unwrap()
+        .create_certificate(
+            &csr(vec![uri(&sleep.to_string())]),
+            &sleep,
+            Duration::from_secs(3600),
+        )
+        .await
+        .unwrap();
+    assert_eq!(chain, ["leaf", "root"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn token_review_authenticates_tunnels_for_their_node_and_workloads_for_themselves() {
     use ztunnel::ca::{
         auth::{Authenticator, Caller},

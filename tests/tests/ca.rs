@@ -704,48 +704,129 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// `ztunnel ca` as a process, serving the files of a stopped [`LocalCa`] on
+/// 127.0.0.1, its log in the CA's directory.
+struct CaProcess {
+    files: LocalCa,
+    child: tokio::process::Child,
+    api: u16,
+    metrics: u16,
+    log: std::path::PathBuf,
+}
+
+impl CaProcess {
+    async fn start(extra: &[&str]) -> Self {
+        let mut files = ca().await;
+        files.stop().await;
+        let (api, metrics) = (free_port(), free_port());
+        files.addr = format!("127.0.0.1:{api}").parse().unwrap();
+        let log = files.dir.path().join("ca.log");
+        let mut process = Self {
+            child: Self::spawn(&files, api, metrics, &log, extra),
+            files,
+            api,
+            metrics,
+            log,
+        };
+        process.wait_serving().await;
+        process
+    }
+
+    fn spawn(
+        files: &LocalCa,
+        api: u16,
+        metrics: u16,
+        log: &std::path::Path,
+        extra: &[&str],
+    ) -> tokio::process::Child {
+        let dir = files.dir.path();
+        tokio::process::Command::new(testbed::mesh::ztunnel_binary())
+            .args([
+                "ca",
+                "--trust-domain",
+                TD,
+                "--server-name",
+                testbed::mesh::CA_SERVER_NAME,
+            ])
+            .arg("--dir")
+            .arg(dir.join("cacerts"))
+            .arg("--node-tokens")
+            .arg(dir.join("node-tokens.yaml"))
+            .arg("--config")
+            .arg(dir.join("config"))
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{api}"),
+                "--metrics-addr",
+                &format!("127.0.0.1:{metrics}"),
+            ])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(log)
+                    .unwrap(),
+            )
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    }
+
+    async fn wait_serving(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", self.metrics))
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "ztunnel ca did not start");
+            assert!(
+                self.child.try_wait().unwrap().is_none(),
+                "ztunnel ca exited: {}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Killed (no clean-up at all) and started again over the same directory.
+    async fn kill_and_restart(&mut self) {
+        self.child.kill().await.unwrap();
+        self.child = Self::spawn(&self.files, self.api, self.metrics, &self.log, &[]);
+        self.wait_serving().await;
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    async fn metrics(&self) -> String {
+        let mut tcp = TcpStream::connect(("127.0.0.1", self.metrics))
+            .await
+            .unwrap();
+        tcp.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+            .await
+            .unwrap();
+        let mut page = String::new();
+        tcp.read_to_string(&mut page).await.unwrap();
+        page
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_ztunnel_ca_command_serves_the_ca_api_and_metrics() {
-    // Files from a LocalCa (tokens, pods); the CA itself is the `ztunnel ca` process.
-    let mut files = ca().await;
-    files.stop().await;
-    let (api, metrics) = (free_port(), free_port());
-    let dir = files.dir.path();
-    let mut child = tokio::process::Command::new(testbed::mesh::ztunnel_binary())
-        .args([
-            "ca",
-            "--trust-domain",
-            TD,
-            "--server-name",
-            testbed::mesh::CA_SERVER_NAME,
-        ])
-        .arg("--dir")
-        .arg(dir.join("cacerts"))
-        .arg("--node-tokens")
-        .arg(dir.join("node-tokens.yaml"))
-        .arg("--config")
-        .arg(dir.join("config"))
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{api}"),
-            "--metrics-addr",
-            &format!("127.0.0.1:{metrics}"),
-        ])
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(("127.0.0.1", metrics)).await.is_err() {
-        assert!(Instant::now() < deadline, "ztunnel ca did not start");
-        assert!(child.try_wait().unwrap().is_none(), "ztunnel ca exited");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    files.addr = format!("127.0.0.1:{api}").parse().unwrap();
-    let certs = manager(&files, "node-a", Duration::from_secs(3600));
+    let ca = CaProcess::start(&[]).await;
+    let certs = manager(&ca.files, "node-a", Duration::from_secs(3600));
     let cert = certs.fetch(&id("demo", "sleep")).await.unwrap();
     assert_eq!(cert.identity, id("demo", "sleep"));
     let other = id("demo", "other");
-    let refused = files
+    let refused = ca
+        .files
         .client("node-a")
         .unwrap()
         .create_certificate(
@@ -756,12 +837,7 @@ async fn the_ztunnel_ca_command_serves_the_ca_api_and_metrics() {
         .await;
     assert_eq!(refused_code(refused).0, 7);
 
-    let mut tcp = TcpStream::connect(("127.0.0.1", metrics)).await.unwrap();
-    tcp.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
-        .await
-        .unwrap();
-    let mut page = String::new();
-    tcp.read_to_string(&mut page).await.unwrap();
+    let page = ca.metrics().await;
     assert!(
         page.contains("citadel_server_success_cert_issuance_count_total 1"),
         "{page}"
@@ -774,7 +850,537 @@ async fn the_ztunnel_ca_command_serves_the_ca_api_and_metrics() {
         page.contains("citadel_server_root_cert_expiry_timestamp"),
         "{page}"
     );
-    child.kill().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_ca_restarts_over_the_files_it_left() {
+    let mut ca = CaProcess::start(&[]).await;
+    let root = ca.files.root_pem();
+    let sleep = id("demo", "sleep");
+    let ask = |ca: &CaProcess| {
+        let client = ca.files.client("node-a").unwrap();
+        let (request, sleep) = (csr(vec![uri(&sleep.to_string())]), sleep.clone());
+        async move {
+            client
+                .create_certificate(&request, &sleep, Duration::from_secs(3600))
+                .await
+        }
+    };
+    ask(&ca).await.unwrap();
+    // A container restart over the same emptyDir: every file is already there.
+    ca.kill_and_restart().await;
+    let chain = ask(&ca).await.unwrap();
+    assert_eq!(ca.files.root_pem(), root, "the root adopted, not replaced");
+    assert_eq!(chain.last().unwrap().trim(), root.trim());
+    assert!(!ca.log().contains("File exists"), "{}", ca.log());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_ca_adopts_the_root_secret_over_files_already_in_its_directory() {
+    use ztunnel::ca::{kube::sync_root_secret, Authority, AuthorityOptions};
+    let api = testbed::kube_api::FakeApiServer::start().await.unwrap();
+    let dir = testbed::mesh::TempDir::new("ca-secret-restart").unwrap();
+    let client = api.client(dir.path()).await.unwrap();
+    let options = |sub: &str| AuthorityOptions {
+        dir: dir.path().join(sub),
+        trust_domain: TD.into(),
+        default_ttl: Duration::from_secs(3600),
+        max_ttl: Duration::from_secs(7200),
+    };
+    let sync = |options: AuthorityOptions| {
+        let client = client.clone();
+        async move {
+            let dir = options.dir.clone();
+            sync_root_secret(client, "istio-system", "ztunnel-ca", &dir, |_| {
+                Authority::load_or_create(options).map(drop)
+            })
+            .await
+        }
+    };
+    sync(options("first")).await.unwrap();
+    let root = Authority::load_or_create(options("first"))
+        .unwrap()
+        .root_pem()
+        .to_owned();
+    // Restarted over the same directory: the Secret's files are already there.
+    sync(options("first")).await.unwrap();
+    // A replica that lost the race made its own root first: the Secret's wins.
+    Authority::load_or_create(options("loser")).unwrap();
+    sync(options("loser")).await.unwrap();
+    for sub in ["first", "loser"] {
+        let authority = Authority::load_or_create(options(sub)).unwrap();
+        assert_eq!(authority.root_pem(), root, "{sub}");
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path().join(sub))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name.ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+}
+
+/// The descriptors `pid` has open.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_ca_keeps_serving_when_it_runs_out_of_file_descriptors() {
+    let ca = CaProcess::start(&["--handshake-timeout", "500ms"]).await;
+    let sleep = id("demo", "sleep");
+    let client = ca.files.client("node-a").unwrap();
+    let request = csr(vec![uri(&sleep.to_string())]);
+    let ask = || client.create_certificate(&request, &sleep, Duration::from_secs(3600));
+    ask().await.unwrap();
+    // A few descriptors to spare, then sockets that never say a word.
+    let limit = open_fds(ca.pid()) + 6;
+    let out = std::process::Command::new("prlimit")
+        .arg(format!("--pid={}", ca.pid()))
+        .arg(format!("--nofile={limit}:{limit}"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "prlimit: {out:?}");
+    let mut silent = Vec::new();
+    for _ in 0..60 {
+        silent.push(TcpStream::connect(("127.0.0.1", ca.api)).await.unwrap());
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ca.log().contains("accepting a connection failed") {
+        assert!(Instant::now() < deadline, "no EMFILE: {}", ca.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(ca.log().contains("Too many open files"), "{}", ca.log());
+
+    // Silent sockets are dropped after the handshake timeout, which frees what
+    // accept lacked: a real client is served while the others still hold theirs.
+    let started = Instant::now();
+    let result = loop {
+        match ask().await {
+            Ok(chain) => break chain,
+            Err(e) => assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "never served again: {e}\n{}",
+                ca.log()
+            ),
+        }
+    };
+    assert!(result.len() >= 2);
+    let mut first = silent.remove(0);
+    let mut byte = [0u8; 1];
+    let closed = tokio::time::timeout(Duration::from_secs(5), first.read(&mut byte)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "a silent socket must be closed by the CA: {closed:?}"
+    );
+    // Warned about, not flooded with: one line per 5 s at most (plus the first).
+    let warnings = ca.log().matches("accepting a connection failed").count();
+    let bound = 2 + started.elapsed().as_secs() as usize / 5;
+    assert!(warnings <= bound, "{warnings} warnings:\n{}", ca.log());
+    assert!(
+        ca.metrics()
+            .await
+            .contains("ztunnel_ca_accept_errors_total"),
+        "counted"
+    );
+}
+
+/// A TLS connection to the CA from `source`, or the error that ended it.
+async fn tls_from(
+    source: std::net::IpAddr,
+    ca: &CaProcess,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind((source, 0).into())?;
+    let tcp = socket.connect(([127, 0, 0, 1], ca.api).into()).await?;
+    let mut roots = rustls::RootCertStore::empty();
+    for root in tls::parse_certs(&ca.files.root_pem()).unwrap() {
+        roots.add(root).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(tls::crypto_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![tls::ALPN_H2.to_vec()];
+    let name = ServerName::try_from(testbed::mesh::CA_SERVER_NAME).unwrap();
+    let mut stream = TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await?;
+    // TLS 1.3: the server may close right after its handshake; a read tells.
+    let mut byte = [0u8; 1];
+    match tokio::time::timeout(Duration::from_millis(300), stream.read(&mut byte)).await {
+        Ok(Ok(0)) => Err(std::io::ErrorKind::UnexpectedEof.into()),
+        Ok(Err(e)) => Err(e),
+        _ => Ok(stream),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_client_holding_idle_connections_cannot_take_the_ca() {
+    let ca = CaProcess::start(&["--max-connections-per-source", "4", "--idle-timeout", "5s"]).await;
+    // The attacker, from 127.0.0.2, opens many connections and says nothing.
+    let attacker: std::net::IpAddr = [127, 0, 0, 2].into();
+    let attempts = futures_util::future::join_all((0..10).map(|_| tls_from(attacker, &ca))).await;
+    let started = Instant::now();
+    let mut held: Vec<_> = attempts.into_iter().filter_map(Result::ok).collect();
+    assert_eq!(held.len(), 4, "only the per-source cap is served");
+    // Everyone else is served meanwhile.
+    let sleep = id("demo", "sleep");
+    ca.files
+        .client("node-a")
+        .unwrap()
+        .create_certificate(
+            &csr(vec![uri(&sleep.to_string())]),
+            &sleep,
+            Duration::from_secs(3600),
+        )
+        .await
+        .unwrap();
+    // The idle ones are closed once idle for the timeout.
+    for stream in &mut held {
+        let mut buf = [0u8; 256];
+        let end = tokio::time::timeout(Duration::from_secs(15), async {
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => continue, // HTTP/2 settings, then GOAWAY
+                }
+            }
+        })
+        .await;
+        assert!(end.is_ok(), "an idle connection stayed open");
+    }
+    assert!(
+        started.elapsed() >= Duration::from_secs(4),
+        "closed before the idle timeout"
+    );
+    let page = ca.metrics().await;
+    assert!(
+        page.contains("ztunnel_ca_connections_refused_total{reason=\"source_cap\"} 6"),
+        "{page}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refused_tokens_cannot_amplify_load_on_the_api_server() {
+    use ztunnel::ca::{
+        auth::LocalPods,
+        kube::{TokenReview, FAILURE_BURST},
+        server::{CaMetrics, CaServer},
+        Authority, AuthorityOptions,
+    };
+    let api = testbed::kube_api::FakeApiServer::start().await.unwrap();
+    api.on_token_review(|token| match token {
+        "tunnel-a" => serde_json::json!({"authenticated": true, "audiences": ["istio-ca"],
+            "user": {"username": "system:serviceaccount:istio-system:ztunnel",
+            "extra": {"authentication.kubernetes.io/node-name": ["node-a"]}}}),
+        _ => serde_json::json!({"authenticated": false, "error": "invalid bearer token"}),
+    });
+    let reviews = || {
+        api.calls()
+            .iter()
+            .filter(|c| c.resource.ends_with("/tokenreviews"))
+            .count()
+    };
+    // The local CA's files, served with TokenReview as the authenticator.
+    let mut files = ca().await;
+    files.stop().await;
+    let authority = Arc::new(
+        Authority::load_or_create(AuthorityOptions {
+            dir: files.dir.path().join("cacerts"),
+            trust_domain: TD.into(),
+            default_ttl: Duration::from_secs(3600),
+            max_ttl: Duration::from_secs(7200),
+        })
+        .unwrap(),
+    );
+    let review = TokenReview::new(
+        api.client(files.dir.path()).await.unwrap(),
+        vec!["istio-system/ztunnel".into()],
+        vec!["istio-ca".into()],
+    );
+    let mut registry = Registry::default();
+    let server = CaServer::new(
+        authority,
+        Arc::new(review),
+        Arc::new(LocalPods::new(files.config_dir.clone())),
+        CaMetrics::register(&mut registry),
+    );
+    let tls_config = server
+        .tls_config(&[testbed::mesh::CA_SERVER_NAME.into()])
+        .unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    files.addr = listener.local_addr().unwrap();
+    tokio::spawn(server.serve(listener, tls_config));
+
+    let sleep = id("demo", "sleep");
+    let request = csr(vec![uri(&sleep.to_string())]);
+    let tunnel_token = files.dir.path().join("tunnel-a.token");
+    std::fs::write(&tunnel_token, "tunnel-a").unwrap();
+    let tunnel = ztunnel::ca::client::CaClient::new(ztunnel::ca::client::CaClientConfig {
+        address: files.addr.to_string(),
+        server_name: testbed::mesh::CA_SERVER_NAME.into(),
+        roots_pem: files.root_pem(),
+        roots_file: None,
+        token_file: tunnel_token,
+    })
+    .unwrap();
+    tunnel
+        .create_certificate(&request, &sleep, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    let forged = Arc::new(files.client_with_token("forged-token").unwrap());
+    let before = reviews();
+    let attack: Vec<_> = (0..40)
+        .map(|_| {
+            let (forged, request, sleep) = (forged.clone(), request.clone(), sleep.clone());
+            tokio::spawn(async move {
+                forged
+                    .create_certificate(&request, &sleep, Duration::from_secs(3600))
+                    .await
+            })
+        })
+        .collect();
+    let mut codes = Vec::new();
+    for call in attack {
+        codes.push(refused_code(call.await.unwrap()).0);
+    }
+    let reviewed = reviews() - before;
+    assert!(
+        reviewed <= FAILURE_BURST as usize,
+        "{reviewed} reviews for 40 refused calls"
+    );
+    assert_eq!(codes.iter().filter(|&&c| c == 16).count(), reviewed);
+    assert_eq!(
+        codes.iter().filter(|&&c| c == 8).count(),
+        40 - reviewed,
+        "the rest: ResourceExhausted"
+    );
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    assert!(
+        text.contains(&format!(
+            "ztunnel_ca_csr_refused_total{{reason=\"rate_limited\"}} {}",
+            40 - reviewed
+        )),
+        "{text}"
+    );
+    // The tunnel, already authenticated, is served without another review.
+    let before = reviews();
+    tunnel
+        .create_certificate(&request, &sleep, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    assert_eq!(reviews(), before);
+}
+
+/// A unary call in Istio's wire format, framed and decoded by hand (independent of
+/// our generated code): returns the response message's bytes, or the gRPC status.
+async fn raw_call(ca: &LocalCa, token: &str, message: &[u8]) -> Result<bytes::Bytes, String> {
+    use http_body_util::BodyExt;
+    let mut roots = rustls::RootCertStore::empty();
+    for root in tls::parse_certs(&ca.root_pem()).unwrap() {
+        roots.add(root).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(tls::crypto_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![tls::ALPN_H2.to_vec()];
+    let tcp = TcpStream::connect(ca.addr).await.unwrap();
+    let name = ServerName::try_from(testbed::mesh::CA_SERVER_NAME).unwrap();
+    let stream = TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let mut framed = vec![0u8];
+    framed.extend((message.len() as u32).to_be_bytes());
+    framed.extend(message);
+    let request = http::Request::post(format!(
+        "https://{}/istio.v1.auth.IstioCertificateService/CreateCertificate",
+        testbed::mesh::CA_SERVER_NAME
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .header("authorization", format!("Bearer {token}"))
+    .body(http_body_util::Full::new(bytes::Bytes::from(framed)))
+    .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let (parts, body) = response.into_parts();
+    let collected = body.collect().await.unwrap();
+    let trailers = collected.trailers().cloned().unwrap_or_default();
+    let status = trailers
+        .get("grpc-status")
+        .or(parts.headers.get("grpc-status"))
+        .map(|v| v.to_str().unwrap().to_owned());
+    if status.as_deref() != Some("0") {
+        return Err(format!("grpc-status {status:?}"));
+    }
+    let data = collected.to_bytes();
+    let len = u32::from_be_bytes(data[1..5].try_into().unwrap()) as usize;
+    assert_eq!(data.len(), 5 + len);
+    Ok(data.slice(5..))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn our_ca_speaks_istios_field_numbers() {
+    use prost::encoding::{decode_key, decode_varint, encode_key, encode_varint, WireType};
+    let ca = ca().await;
+    let token = std::fs::read_to_string(ca.token_file("node-a")).unwrap();
+    let sleep = id("demo", "sleep");
+    // IstioCertificateRequest: csr = 1, validity_duration = 3 (Istio's citadel.proto).
+    let request_csr = csr(vec![uri(&sleep.to_string())]);
+    let mut message = Vec::new();
+    encode_key(1, WireType::LengthDelimited, &mut message);
+    encode_varint(request_csr.len() as u64, &mut message);
+    message.extend(request_csr.as_bytes());
+    encode_key(3, WireType::Varint, &mut message);
+    encode_varint(3600, &mut message);
+    let mut response = raw_call(&ca, &token, &message).await.unwrap();
+    // IstioCertificateResponse: every entry is cert_chain, field 1, a string.
+    let mut chain = Vec::new();
+    while !response.is_empty() {
+        let (field, wire_type) = decode_key(&mut response).unwrap();
+        assert_eq!(
+            (field, wire_type),
+            (1, WireType::LengthDelimited),
+            "cert_chain is field 1"
+        );
+        let len = decode_varint(&mut response).unwrap() as usize;
+        chain.push(String::from_utf8(response.split_to(len).to_vec()).unwrap());
+    }
+    assert_eq!(chain.len(), 2, "leaf and root");
+    assert_eq!(
+        tls::identity_of(&tls::parse_certs(&chain[0]).unwrap()[0]).unwrap(),
+        sleep
+    );
+    assert_eq!(chain[1].trim(), ca.root_pem().trim(), "the root last");
+}
+
+/// A CA that answers every call with `message` (a gRPC OK).
+async fn answering_ca(ca: &LocalCa, message: Vec<u8>) -> std::net::SocketAddr {
+    use ztunnel::ca::{
+        grpc::{status_trailers, Code, UnaryBody},
+        Authority, AuthorityOptions,
+    };
+    let authority = Authority::load_or_create(AuthorityOptions {
+        dir: ca.dir.path().join("cacerts"),
+        trust_domain: TD.into(),
+        default_ttl: Duration::from_secs(3600),
+        max_ttl: Duration::from_secs(7200),
+    })
+    .unwrap();
+    let (chain, key) = authority
+        .serving_certificate(&[testbed::mesh::CA_SERVER_NAME.into()])
+        .unwrap();
+    let mut config = rustls::ServerConfig::builder_with_provider(tls::crypto_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            tls::parse_certs(&chain).unwrap(),
+            tls::parse_key(&key).unwrap(),
+        )
+        .unwrap();
+    config.alpn_protocols = vec![tls::ALPN_H2.to_vec()];
+    let acceptor = TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut framed = vec![0u8];
+    framed.extend((message.len() as u32).to_be_bytes());
+    framed.extend(message);
+    let framed = bytes::Bytes::from(framed);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let (acceptor, framed) = (acceptor.clone(), framed.clone());
+            tokio::spawn(async move {
+                let tls = acceptor.accept(tcp).await.unwrap();
+                let service = hyper::service::service_fn(move |_req| {
+                    let framed = framed.clone();
+                    async move {
+                        Ok::<_, std::convert::Infallible>(
+                            http::Response::builder()
+                                .header("content-type", "application/grpc")
+                                .body(UnaryBody::new(Some(framed), status_trailers(Code::Ok, "")))
+                                .unwrap(),
+                        )
+                    }
+                });
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                        .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_chain_in_the_wrong_field_is_a_protocol_error_naming_field_1() {
+    use prost::encoding::{encode_key, encode_varint, WireType};
+    let mut ca = ca().await;
+    // The chain as field 200 (what this project once sent): it decodes to nothing.
+    let mut message = Vec::new();
+    for pem in ["leaf", "root"] {
+        encode_key(200, WireType::LengthDelimited, &mut message);
+        encode_varint(pem.len() as u64, &mut message);
+        message.extend(pem.as_bytes());
+    }
+    ca.addr = answering_ca(&ca, message).await;
+    let sleep = id("demo", "sleep");
+    let err = ca
+        .client("node-a")
+        .unwrap()
+        .create_certificate(
+            &csr(vec![uri(&sleep.to_string())]),
+            &sleep,
+            Duration::from_secs(3600),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err,
+        CaError::Protocol("IstioCertificateResponse.cert_chain (field 1) is empty".into())
+    );
+    assert!(!err.to_string().contains("unreachable"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn our_client_reads_the_chain_from_field_1_as_istio_sends_it() {
+    use prost::encoding::{encode_key, encode_varint, WireType};
+    let mut ca = ca().await;
+    // Encoded by hand, as istiod would: cert_chain is field 1.
+    let mut message = Vec::new();
+    for pem in ["leaf", "root"] {
+        encode_key(1, WireType::LengthDelimited, &mut message);
+        encode_varint(pem.len() as u64, &mut message);
+        message.extend(pem.as_bytes());
+    }
+    ca.addr = answering_ca(&ca, message).await;
+    let sleep = id("demo", "sleep");
+    let chain = ca
+        .client("node-a")
+        .unwrap()
+        .create_certificate(
+            &csr(vec![uri(&sleep.to_string())]),
+            &sleep,
+            Duration::from_secs(3600),
+        )
+        .await
+        .unwrap();
+    assert_eq!(chain, ["leaf", "root"]);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -810,32 +1416,40 @@ async fn token_review_authenticates_tunnels_for_their_node_and_workloads_for_the
             .filter(|c| c.resource.ends_with("/tokenreviews"))
             .count()
     };
+    // Each part from its own address: refusals are budgeted per source.
+    let (first, second) = ([10, 0, 0, 1].into(), [10, 0, 0, 2].into());
     assert_eq!(
-        review.authenticate("tunnel-a").await.unwrap(),
+        review.authenticate("tunnel-a", first).await.unwrap(),
         Caller::Node("node-a".into())
     );
     assert_eq!(
-        review.authenticate("app").await.unwrap(),
+        review.authenticate("app", first).await.unwrap(),
         Caller::Workload {
             namespace: "demo".into(),
             service_account: "sleep".into()
         }
     );
-    let err = review.authenticate("unbound").await.unwrap_err();
-    assert!(err.contains("not bound to a pod"), "{err}");
-    let err = review.authenticate("forged").await.unwrap_err();
-    assert!(err.contains("invalid bearer token"), "{err}");
-    let err = review.authenticate("other-audience").await.unwrap_err();
-    assert!(err.contains("not confirmed for the audience"), "{err}");
+    let err = review.authenticate("unbound", first).await.unwrap_err();
+    assert!(err.to_string().contains("not bound to a pod"), "{err}");
+    let err = review.authenticate("forged", first).await.unwrap_err();
+    assert!(err.to_string().contains("invalid bearer token"), "{err}");
+    let err = review
+        .authenticate("other-audience", first)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("not confirmed for the audience"),
+        "{err}"
+    );
 
     // A caller authenticated a moment ago is not reviewed again; a refused one is.
     let before = reviews();
     for _ in 0..3 {
         assert_eq!(
-            review.authenticate("tunnel-a").await.unwrap(),
+            review.authenticate("tunnel-a", second).await.unwrap(),
             Caller::Node("node-a".into())
         );
-        assert!(review.authenticate("forged").await.is_err());
+        assert!(review.authenticate("forged", second).await.is_err());
     }
     assert_eq!(
         reviews() - before,

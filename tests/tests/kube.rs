@@ -373,10 +373,13 @@ async fn the_ca_keeps_its_root_in_a_secret_publishes_it_and_knows_which_node_run
         vec!["istio-ca".into()],
     );
     assert_eq!(
-        review.authenticate("tunnel").await,
+        review.authenticate("tunnel", [10, 0, 0, 1].into()).await,
         Ok(Caller::Node("node-a".into()))
     );
-    assert!(review.authenticate("forged").await.is_err());
+    assert!(review
+        .authenticate("forged", [10, 0, 0, 1].into())
+        .await
+        .is_err());
 
     assert_granted(&api.calls(), k8s::CA, "istio-system");
 }

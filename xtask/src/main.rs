@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask <bootstrap|test|bench|demo|run|fuzz>`.
+//! Project tasks: `cargo xtask <bootstrap|test|interop|fuzz|bench|demo|run>`.
 
 mod bootstrap;
 mod demo;
@@ -36,6 +36,12 @@ enum Task {
         /// Seconds per target.
         #[arg(long, default_value_t = fuzz::DEFAULT_SECONDS)]
         seconds: u64,
+    },
+    /// Run the interoperability tests alone: Istio's own ztunnel against ours
+    /// ($ISTIO_ZTUNNEL, or shared/peers/istio-ztunnel beside the checkout).
+    Interop {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
     /// Run benchmarks (as root), all of them or those named: redirect, ca, mesh, policy, waypoint, config.
     Bench { names: Vec<String> },
@@ -81,6 +87,18 @@ fn run(cli: Cli) -> Result<()> {
         Task::Fuzz { target, seconds } => {
             bootstrap::run(false)?;
             fuzz::run(&Vec::from_iter(target), seconds, false)
+        }
+        Task::Interop { args } => {
+            require_root("the tests")?;
+            bootstrap::run(false)?;
+            let mut only = vec![
+                "-p".into(),
+                "ztunnel-tests".into(),
+                "--test".into(),
+                "interop".into(),
+            ];
+            only.extend(args);
+            test(&only)
         }
         Task::Bench { names } => {
             require_root("the benchmarks")?;

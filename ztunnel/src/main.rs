@@ -149,6 +149,18 @@ struct CaArgs {
     /// Where to serve Prometheus metrics.
     #[arg(long, default_value = "127.0.0.1:15014")]
     metrics_addr: SocketAddr,
+    /// A client's TLS handshake must finish within this.
+    #[arg(long, default_value = "10s", value_parser = parse_duration_ms)]
+    handshake_timeout: Duration,
+    /// A connection with no call in flight this long is closed.
+    #[arg(long, default_value = "5m", value_parser = parse_duration_ms)]
+    idle_timeout: Duration,
+    /// Connections open at once; more are closed at once.
+    #[arg(long, default_value_t = 4096)]
+    max_connections: usize,
+    /// Connections open at once from one address.
+    #[arg(long, default_value_t = 64)]
+    max_connections_per_source: usize,
 }
 
 #[derive(Args)]
@@ -447,7 +459,13 @@ async fn ca(args: CaArgs) -> Result<()> {
     }
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = CaMetrics::register(&mut registry);
-    let server = CaServer::new(authority, authenticator, authorizer, metrics);
+    let limits = ztunnel::ca::server::ServeLimits {
+        handshake_timeout: args.handshake_timeout,
+        idle_timeout: args.idle_timeout,
+        max_connections: args.max_connections,
+        max_connections_per_source: args.max_connections_per_source,
+    };
+    let server = CaServer::with_limits(authority, authenticator, authorizer, metrics, limits);
     let tls = server.tls_config(&args.server_names)?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

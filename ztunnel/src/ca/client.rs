@@ -1,18 +1,18 @@
 //! The tunnel's side of Istio's CA API: one HTTP/2 connection over TLS, reopened
 //! when it breaks.
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{error::Error as _, path::PathBuf, sync::Arc, time::Duration};
 
-use bytes::Bytes;
-use http::{Request, StatusCode};
-use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::ServerName;
 use tokio::{net::TcpStream, sync::Mutex};
 use tokio_rustls::TlsConnector;
 
-use super::grpc::{self, Code, IstioCertificateRequest, IstioCertificateResponse};
+use super::api::{
+    istio_certificate_service_client::IstioCertificateServiceClient, IstioCertificateRequest,
+    IMPERSONATED_IDENTITY, MAX_MESSAGE,
+};
 use crate::identity::Identity;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -55,11 +55,13 @@ impl CaClientConfig {
     }
 }
 
-/// Why a call failed: the CA said no, or it could not be reached.
+/// Why a call failed: the CA said no, it could not be reached, or it answered
+/// something that is not a usable certificate chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CaError {
     Refused { code: i32, message: String },
     Unreachable(String),
+    Protocol(String),
 }
 
 impl std::fmt::Display for CaError {
@@ -69,6 +71,7 @@ impl std::fmt::Display for CaError {
                 write!(f, "CA refused (gRPC status {code}): {message}")
             }
             Self::Unreachable(e) => write!(f, "CA unreachable: {e}"),
+            Self::Protocol(e) => write!(f, "CA protocol error: {e}"),
         }
     }
 }
@@ -79,7 +82,7 @@ pub struct CaClient {
     config: CaClientConfig,
     /// The roots in force (as read) and the connector trusting them.
     tls: std::sync::Mutex<(String, TlsConnector)>,
-    connection: Mutex<Option<SendRequest<Full<Bytes>>>>,
+    connection: Mutex<Option<SendRequest<tonic::body::Body>>>,
 }
 
 /// A TLS connector trusting exactly these roots.
@@ -147,7 +150,7 @@ impl CaClient {
         })?;
         let mut metadata = prost_types::Struct::default();
         metadata.fields.insert(
-            grpc::IMPERSONATED_IDENTITY.to_owned(),
+            IMPERSONATED_IDENTITY.to_owned(),
             prost_types::Value {
                 kind: Some(prost_types::value::Kind::StringValue(identity.to_string())),
             },
@@ -157,35 +160,45 @@ impl CaClient {
             validity_duration: ttl.as_secs() as i64,
             metadata: Some(metadata),
         };
-        let body = grpc::frame(&message);
-        let request = || {
-            Request::post(format!(
-                "https://{}{}",
-                self.config.server_name,
-                grpc::CREATE_CERTIFICATE_PATH
-            ))
-            .header(http::header::CONTENT_TYPE, grpc::CONTENT_TYPE)
-            .header("te", "trailers")
-            .header(
-                http::header::AUTHORIZATION,
-                format!("Bearer {}", token.trim()),
-            )
-            .body(Full::new(body.clone()))
-            .map_err(|e| CaError::Unreachable(e.to_string()))
-        };
+        let authorization: tonic::metadata::MetadataValue<_> = format!("Bearer {}", token.trim())
+            .parse()
+            .map_err(|_| CaError::Unreachable("the token is not a valid header value".into()))?;
+        let origin: http::Uri = format!("https://{}", self.config.server_name)
+            .parse()
+            .map_err(|e| CaError::Unreachable(format!("server name: {e}")))?;
         let call = async {
             loop {
-                let (mut sender, reused) = self.sender().await?;
-                match sender.send_request(request()?).await {
-                    Ok(response) => return decode(response).await,
-                    Err(e) => {
+                let (sender, reused) = self.sender().await?;
+                let mut client =
+                    IstioCertificateServiceClient::with_origin(Http2(sender), origin.clone())
+                        .max_decoding_message_size(MAX_MESSAGE);
+                let mut request = tonic::Request::new(message.clone());
+                request
+                    .metadata_mut()
+                    .insert("authorization", authorization.clone());
+                match client.create_certificate(request).await {
+                    Ok(response) => return check_chain(response.into_inner().cert_chain),
+                    Err(status) if status.source().is_some() => {
                         // Never reuse a connection that failed a call.
                         *self.connection.lock().await = None;
+                        let unsent = status
+                            .source()
+                            .is_some_and(|e| e.downcast_ref::<SendFailed>().is_some());
                         // One the CA closed (it restarted) may not look closed
                         // yet: that is no reason to fail, try a new one.
-                        if !reused {
-                            return Err(CaError::Unreachable(format!("sending the request: {e}")));
+                        if !(reused && unsent) {
+                            return Err(CaError::Unreachable(format!(
+                                "the call failed: {}",
+                                status.message()
+                            )));
                         }
+                    }
+                    // No source: a status the CA sent.
+                    Err(status) => {
+                        return Err(CaError::Refused {
+                            code: status.code() as i32,
+                            message: status.message().to_owned(),
+                        })
                     }
                 }
             }
@@ -196,7 +209,7 @@ impl CaClient {
     }
 
     /// A connection to send on, and whether it was already open.
-    async fn sender(&self) -> Result<(SendRequest<Full<Bytes>>, bool), CaError> {
+    async fn sender(&self) -> Result<(SendRequest<tonic::body::Body>, bool), CaError> {
         let mut slot = self.connection.lock().await;
         if let Some(sender) = slot.as_ref() {
             if !sender.is_closed() {
@@ -231,44 +244,70 @@ impl CaClient {
     }
 }
 
-async fn decode(response: http::Response<hyper::body::Incoming>) -> Result<Vec<String>, CaError> {
-    if response.status() != StatusCode::OK {
-        return Err(CaError::Unreachable(format!(
-            "HTTP status {}",
-            response.status()
-        )));
+/// Istio's response: the leaf first, the root last. An empty chain is how a
+/// response with the wrong field numbers decodes, so it is named precisely.
+fn check_chain(chain: Vec<String>) -> Result<Vec<String>, CaError> {
+    match chain.len() {
+        0 => Err(CaError::Protocol(
+            "IstioCertificateResponse.cert_chain (field 1) is empty".into(),
+        )),
+        1 => Err(CaError::Protocol(
+            "IstioCertificateResponse.cert_chain (field 1) holds a certificate but no root".into(),
+        )),
+        _ => Ok(chain),
     }
-    let (parts, body) = response.into_parts();
-    let collected = body
-        .collect()
-        .await
-        .map_err(|e| CaError::Unreachable(format!("reading the response: {e}")))?;
-    let trailers = collected.trailers().cloned().unwrap_or_default();
-    // Trailers-only responses carry the status in the headers.
-    let status_source = if trailers.contains_key("grpc-status") {
-        &trailers
-    } else {
-        &parts.headers
-    };
-    let code: i32 = status_source
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| CaError::Unreachable("the response has no grpc-status".into()))?;
-    if code != Code::Ok as i32 {
-        let message = status_source
-            .get("grpc-message")
-            .and_then(|v| v.to_str().ok())
-            .map(grpc::decode_message)
-            .unwrap_or_default();
-        return Err(CaError::Refused { code, message });
+}
+
+/// A request that never reached the CA (the connection was closed): safe to retry.
+#[derive(Debug)]
+struct SendFailed(hyper::Error);
+
+impl std::fmt::Display for SendFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "sending the request: {}", self.0)
     }
-    let response: IstioCertificateResponse =
-        grpc::unframe(collected.to_bytes()).map_err(CaError::Unreachable)?;
-    if response.cert_chain.len() < 2 {
-        return Err(CaError::Unreachable(
-            "the response holds no chain and root".into(),
+}
+
+impl std::error::Error for SendFailed {}
+
+/// Our HTTP/2 connection as the service tonic's client calls.
+struct Http2(SendRequest<tonic::body::Body>);
+
+impl tonic::codegen::Service<http::Request<tonic::body::Body>> for Http2 {
+    type Response = http::Response<hyper::body::Incoming>;
+    type Error = SendFailed;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, SendFailed>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), SendFailed>> {
+        self.0.poll_ready(cx).map_err(SendFailed)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let response = self.0.send_request(request);
+        Box::pin(async move { response.await.map_err(SendFailed) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_chain_is_a_protocol_error_naming_the_field() {
+        let err = check_chain(vec![]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "CA protocol error: IstioCertificateResponse.cert_chain (field 1) is empty"
+        );
+        assert!(matches!(
+            check_chain(vec!["leaf".into()]),
+            Err(CaError::Protocol(_))
         ));
+        assert_eq!(check_chain(vec!["a".into(), "b".into()]).unwrap().len(), 2);
     }
-    Ok(response.cert_chain)
 }

@@ -7,6 +7,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     fs,
+    net::IpAddr,
     path::Path,
     time::{Duration, Instant},
 };
@@ -24,7 +25,10 @@ use kube::{
     runtime::reflector::Store,
 };
 
-use super::auth::{AuthFuture, Authenticator, Caller, NodeAuthorizer};
+use super::{
+    auth::{AuthFuture, Authenticator, Caller, FailureBudget, NodeAuthorizer},
+    Refusal,
+};
 use crate::{identity::Identity, k8s};
 
 /// Authenticates callers by their projected ServiceAccount token. A tunnel's
@@ -39,7 +43,14 @@ pub struct TokenReview {
     /// Callers recently authenticated, by the SHA-256 of their token: a tunnel
     /// asking for a node's worth of certificates costs one review, not one each.
     recent: std::sync::Mutex<HashMap<Vec<u8>, (Caller, Instant)>>,
+    /// Reviews that may fail, per caller address: a client with bad tokens
+    /// cannot turn its requests into as many calls to the API server.
+    failures: FailureBudget,
 }
+
+/// Failed reviews a source may cause at once, then one per [`FAILURE_REFILL`].
+pub const FAILURE_BURST: u32 = 5;
+pub const FAILURE_REFILL: Duration = Duration::from_secs(2);
 
 /// How long an authentication is reused. Short: a deleted pod's token stops
 /// working soon after (and which pods a node runs is checked on every request).
@@ -54,6 +65,7 @@ impl TokenReview {
             tunnels,
             audiences,
             recent: Default::default(),
+            failures: FailureBudget::new(FAILURE_BURST, FAILURE_REFILL),
         }
     }
 
@@ -132,7 +144,7 @@ impl TokenReview {
 const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
 
 impl Authenticator for TokenReview {
-    fn authenticate<'a>(&'a self, token: &'a str) -> AuthFuture<'a> {
+    fn authenticate<'a>(&'a self, token: &'a str, source: IpAddr) -> AuthFuture<'a> {
         Box::pin(async move {
             let key = ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
                 .as_ref()
@@ -140,9 +152,16 @@ impl Authenticator for TokenReview {
             if let Some(caller) = self.remembered(&key) {
                 return Ok(caller);
             }
-            // Refusals are not remembered: a caller whose token was just
-            // minted may be retried at once.
-            let caller = self.review(token).await?;
+            // Refusals are not remembered (a caller whose token was just minted
+            // may be retried at once), but they are budgeted per source.
+            if let Err(wait) = self.failures.take(source, Instant::now()) {
+                return Err(Refusal::RateLimited(format!(
+                    "too many failed authentications from {source}, retry in {}s",
+                    wait.as_secs().max(1)
+                )));
+            }
+            let caller = self.review(token).await.map_err(Refusal::Unauthenticated)?;
+            self.failures.give_back(source);
             self.remember(key, &caller);
             Ok(caller)
         })
@@ -279,7 +298,8 @@ fn write_secret_files(secret: &Secret, dir: &Path) -> Result<()> {
             .contains(&file.as_str()),
             "the root Secret holds an unexpected key {file:?}"
         );
-        super::write_private(&dir.join(file), &String::from_utf8_lossy(&bytes.0))?;
+        // Over what a previous run (or a CA that lost the race) left there.
+        super::write_atomically(&dir.join(file), &bytes.0, super::PRIVATE)?;
     }
     Ok(())
 }

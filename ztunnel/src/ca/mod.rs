@@ -6,6 +6,7 @@
 //!   over TLS, with caller authentication and node authorization.
 //! - [`client`]: the same API from the tunnel's side (also talks to istiod).
 
+pub mod api;
 pub mod auth;
 pub mod client;
 pub mod grpc;
@@ -52,12 +53,17 @@ pub struct AuthorityOptions {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Refusal {
     Unauthenticated(String),
+    /// Too many failed authentications from one address lately.
+    RateLimited(String),
     NotOnNode(String),
     NotOwnIdentity(String),
     BadCsr(String),
     SanCount(usize),
     ForeignTrustDomain(String),
-    TtlTooLong { asked: Duration, max: Duration },
+    TtlTooLong {
+        asked: Duration,
+        max: Duration,
+    },
     Internal(String),
 }
 
@@ -65,6 +71,7 @@ impl Refusal {
     pub fn reason(&self) -> &'static str {
         match self {
             Self::Unauthenticated(_) => "unauthenticated",
+            Self::RateLimited(_) => "rate_limited",
             Self::NotOnNode(_) => "not_on_caller_node",
             Self::NotOwnIdentity(_) => "not_caller_identity",
             Self::BadCsr(_) => "bad_csr",
@@ -80,6 +87,7 @@ impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Unauthenticated(why) => write!(f, "caller not authenticated: {why}"),
+            Self::RateLimited(why) => write!(f, "caller not authenticated, rate limited: {why}"),
             Self::NotOnNode(why) | Self::NotOwnIdentity(why) => {
                 write!(f, "not authorized: {why}")
             }
@@ -128,6 +136,7 @@ impl Authority {
         };
         let ca_cert = read(CA_CERT)?;
         let key = KeyPair::from_pem(&read(CA_KEY)?).context("parsing ca-key.pem")?;
+        check_key_matches(&ca_cert, &key).with_context(|| format!("in {}", dir.display()))?;
         let issuer = Issuer::from_ca_cert_pem(&ca_cert, key).context("parsing ca-cert.pem")?;
         let root_pem = read(ROOT_CERT)?;
         let chain_pem = match dir.join(CERT_CHAIN).exists() {
@@ -308,25 +317,117 @@ fn generate_root(dir: &Path, trust_domain: &str) -> Result<()> {
     let cert = params.self_signed(&key)?;
     if dir.join(CA_KEY).exists() {
         bail!(
-            "{} exists without {CA_CERT}: refusing to overwrite a key",
+            "{} exists without {CA_CERT}: refusing to overwrite a key (remove it to \
+             have a new root generated)",
             dir.join(CA_KEY).display()
         );
     }
-    write_private(&dir.join(CA_KEY), &key.serialize_pem())?;
-    fs::write(dir.join(ROOT_CERT), cert.pem())?;
+    write_atomically(&dir.join(CA_KEY), key.serialize_pem().as_bytes(), PRIVATE)?;
+    write_atomically(&dir.join(ROOT_CERT), cert.pem().as_bytes(), PUBLIC)?;
     // ca-cert.pem last: its presence means the directory is complete.
-    fs::write(dir.join(CA_CERT), cert.pem())?;
+    write_atomically(&dir.join(CA_CERT), cert.pem().as_bytes(), PUBLIC)?;
     Ok(())
 }
 
-pub(crate) fn write_private(path: &Path, contents: &str) -> Result<()> {
+pub(crate) const PRIVATE: u32 = 0o600;
+pub(crate) const PUBLIC: u32 = 0o644;
+
+/// Writes `path` through a temporary file renamed over it, so that a reader or a
+/// restarted CA finds the old contents or the new, never a part. A file that
+/// already holds exactly `contents` is left as it is (a restart over the same
+/// directory adopts it).
+pub(crate) fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
     use std::{io::Write, os::unix::fs::OpenOptionsExt};
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    file.write_all(contents.as_bytes())?;
+    if fs::read(path).is_ok_and(|existing| existing == contents) {
+        return Ok(());
+    }
+    let name = path.file_name().context("a file name")?.to_string_lossy();
+    let temporary = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let write = || -> std::io::Result<()> {
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&temporary)?;
+        file.write_all(contents)?;
+        file.sync_all()?;
+        fs::rename(&temporary, path)
+    };
+    write().map_err(|e| {
+        let _ = fs::remove_file(&temporary);
+        anyhow::anyhow!("writing {}: {e}", path.display())
+    })
+}
+
+/// That `key` is the key of the certificate `cert_pem`: a directory whose key
+/// and certificate disagree would sign certificates nobody can verify.
+fn check_key_matches(cert_pem: &str, key: &KeyPair) -> Result<()> {
+    use rcgen::PublicKeyData;
+    let der = crate::tls::parse_certs(cert_pem)?
+        .into_iter()
+        .next()
+        .context("no certificate")?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).context("parsing it")?;
+    anyhow::ensure!(
+        cert.public_key().raw == key.subject_public_key_info().as_slice(),
+        "{CA_KEY} is not the key of {CA_CERT}"
+    );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(dir: &Path) -> AuthorityOptions {
+        AuthorityOptions {
+            dir: dir.to_owned(),
+            trust_domain: "cluster.local".into(),
+            default_ttl: Duration::from_secs(3600),
+            max_ttl: Duration::from_secs(7200),
+        }
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("ztunnel-ca-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn a_restart_over_the_same_directory_adopts_its_root() {
+        let dir = temp_dir("restart");
+        let first = Authority::load_or_create(options(&dir)).unwrap();
+        let again = Authority::load_or_create(options(&dir)).unwrap();
+        assert_eq!(first.root_pem(), again.root_pem());
+        // Writing the same files again (a Secret's copy) is a no-op, not "File exists".
+        let key = fs::read(dir.join(CA_KEY)).unwrap();
+        write_atomically(&dir.join(CA_KEY), &key, PRIVATE).unwrap();
+        let leftovers: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty());
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(dir.join(CA_KEY)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "the key stays private");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_key_that_is_not_the_certificates_is_refused() {
+        let (a, b) = (temp_dir("key-a"), temp_dir("key-b"));
+        Authority::load_or_create(options(&a)).unwrap();
+        Authority::load_or_create(options(&b)).unwrap();
+        fs::copy(b.join(CA_KEY), a.join(CA_KEY)).unwrap();
+        let err = Authority::load_or_create(options(&a)).err().unwrap();
+        assert!(
+            format!("{err:#}").contains("is not the key of ca-cert.pem"),
+            "{err:#}"
+        );
+        fs::remove_dir_all(&a).unwrap();
+        fs::remove_dir_all(&b).unwrap();
+    }
 }

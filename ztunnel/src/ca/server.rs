@@ -2,12 +2,17 @@
 //! workload runs on the caller's node, sign. Every refusal carries a gRPC status
 //! saying why, is logged and counted by reason.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result};
-use bytes::Bytes;
-use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use prometheus_client::{
@@ -19,13 +24,50 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use super::{
+    api::{
+        istio_certificate_service_server::{
+            IstioCertificateService, IstioCertificateServiceServer,
+        },
+        IstioCertificateRequest, IstioCertificateResponse, IMPERSONATED_IDENTITY, MAX_MESSAGE,
+    },
     auth::{Authenticator, Caller, NodeAuthorizer},
-    grpc::{self, Code, IstioCertificateRequest, IstioCertificateResponse, UnaryBody},
     Authority, Refusal,
 };
 use crate::identity::Identity;
 
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// What clients may hold of the CA's listener.
+#[derive(Clone, Debug)]
+pub struct ServeLimits {
+    /// A TLS handshake not finished by then is dropped.
+    pub handshake_timeout: Duration,
+    /// A connection with no call in flight for this long is closed.
+    pub idle_timeout: Duration,
+    /// Connections open at once; more are closed as soon as accepted.
+    pub max_connections: usize,
+    /// Connections open at once from one address (a node's tunnel needs one).
+    pub max_connections_per_source: usize,
+}
+
+impl Default for ServeLimits {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            max_connections: 4096,
+            max_connections_per_source: 64,
+        }
+    }
+}
+
+/// Calls in flight on one connection.
+const MAX_STREAMS: u32 = 128;
+/// After an idle connection is told to go away, how long it may take to close.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// Accept failures that lack a resource (EMFILE, ENFILE, ENOMEM) are retried
+/// after a pause doubling up to this.
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+/// One warning per kind of trouble per this interval; the rest are counted.
+const WARN_EVERY: Duration = Duration::from_secs(5);
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
@@ -39,6 +81,9 @@ pub struct CaMetrics {
     pub issued: Counter,
     pub refused: Family<ReasonLabels, Counter>,
     pub root_expiry: Gauge,
+    pub connections: Gauge,
+    pub connections_refused: Family<ReasonLabels, Counter>,
+    pub accept_errors: Counter,
 }
 
 impl CaMetrics {
@@ -64,6 +109,21 @@ impl CaMetrics {
             "Unix time the earliest root certificate expires",
             metrics.root_expiry.clone(),
         );
+        registry.register(
+            "ztunnel_ca_connections",
+            "Connections open to the CA",
+            metrics.connections.clone(),
+        );
+        registry.register(
+            "ztunnel_ca_connections_refused",
+            "Connections closed unserved, by reason",
+            metrics.connections_refused.clone(),
+        );
+        registry.register(
+            "ztunnel_ca_accept_errors",
+            "Failures to accept a connection (the CA keeps serving)",
+            metrics.accept_errors.clone(),
+        );
         metrics
     }
 }
@@ -73,6 +133,7 @@ pub struct CaServer {
     authenticator: Arc<dyn Authenticator>,
     authorizer: Arc<dyn NodeAuthorizer>,
     metrics: CaMetrics,
+    limits: ServeLimits,
 }
 
 impl CaServer {
@@ -81,6 +142,22 @@ impl CaServer {
         authenticator: Arc<dyn Authenticator>,
         authorizer: Arc<dyn NodeAuthorizer>,
         metrics: CaMetrics,
+    ) -> Arc<Self> {
+        Self::with_limits(
+            authority,
+            authenticator,
+            authorizer,
+            metrics,
+            ServeLimits::default(),
+        )
+    }
+
+    pub fn with_limits(
+        authority: Arc<Authority>,
+        authenticator: Arc<dyn Authenticator>,
+        authorizer: Arc<dyn NodeAuthorizer>,
+        metrics: CaMetrics,
+        limits: ServeLimits,
     ) -> Arc<Self> {
         let expiry = authority
             .root_not_after()
@@ -93,6 +170,7 @@ impl CaServer {
             authenticator,
             authorizer,
             metrics,
+            limits,
         })
     }
 
@@ -111,7 +189,7 @@ impl CaServer {
         Ok(Arc::new(config))
     }
 
-    /// Serves until the listener fails.
+    /// Serves until the process ends.
     pub async fn serve(
         self: Arc<Self>,
         listener: TcpListener,
@@ -121,7 +199,8 @@ impl CaServer {
             .await
     }
 
-    /// Serves until `shutdown` completes, then closes every connection.
+    /// Serves until `shutdown` completes, then closes every connection. A failing
+    /// accept (out of file descriptors, an aborted connection) never ends it.
     pub async fn serve_until(
         self: Arc<Self>,
         listener: TcpListener,
@@ -129,111 +208,138 @@ impl CaServer {
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<()> {
         let acceptor = TlsAcceptor::from(tls);
+        let api = IstioCertificateServiceServer::from_arc(self.clone())
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE);
+        let open = Arc::new(OpenConnections::default());
         let mut connections = tokio::task::JoinSet::new();
+        let (mut accept_warning, mut cap_warning) = (Throttled::default(), Throttled::default());
+        let mut backoff = Duration::ZERO;
         tokio::pin!(shutdown);
         loop {
-            let (tcp, peer) = tokio::select! {
-                accepted = listener.accept() => accepted.context("accepting")?,
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
                 _ = &mut shutdown => return Ok(()), // dropping the JoinSet aborts them all
                 Some(_) = connections.join_next() => continue,
             };
-            let (server, acceptor) = (self.clone(), acceptor.clone());
+            let (tcp, peer) = match accepted {
+                Ok(accepted) => {
+                    backoff = Duration::ZERO;
+                    accepted
+                }
+                Err(e) => {
+                    self.metrics.accept_errors.inc();
+                    if is_connection_error(&e) {
+                        continue; // that client's trouble, not the listener's
+                    }
+                    backoff = (backoff * 2).clamp(Duration::from_millis(10), MAX_ACCEPT_BACKOFF);
+                    accept_warning.warn(|suppressed| {
+                        tracing::warn!(
+                            suppressed,
+                            "CA: accepting a connection failed, retrying in {backoff:?}: {e}"
+                        )
+                    });
+                    // Connections ending meanwhile free what accept lacks.
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = &mut shutdown => return Ok(()),
+                    }
+                    continue;
+                }
+            };
+            let slot = match open.take(peer.ip(), &self.limits) {
+                Ok(slot) => slot,
+                Err(reason) => {
+                    self.metrics
+                        .connections_refused
+                        .get_or_create(&ReasonLabels {
+                            reason: reason.into(),
+                        })
+                        .inc();
+                    cap_warning.warn(|suppressed| {
+                        tracing::warn!(
+                            %peer,
+                            reason,
+                            suppressed,
+                            "CA: too many connections, closing a new one"
+                        )
+                    });
+                    continue; // dropping it closes it
+                }
+            };
+            let (server, acceptor, api) = (self.clone(), acceptor.clone(), api.clone());
             let _ = tcp.set_nodelay(true);
             connections.spawn(async move {
-                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
-                {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(e)) => return tracing::debug!(%peer, "CA: TLS handshake failed: {e}"),
-                    Err(_) => return tracing::debug!(%peer, "CA: TLS handshake timed out"),
-                };
-                let service = hyper::service::service_fn(move |req| {
-                    let server = server.clone();
-                    async move { Ok::<_, std::convert::Infallible>(server.handle(req).await) }
-                });
-                if let Err(e) = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tls), service)
-                    .await
-                {
-                    tracing::debug!(%peer, "CA: connection ended: {e}");
-                }
+                server.metrics.connections.inc();
+                server.serve_connection(acceptor, api, tcp, peer).await;
+                server.metrics.connections.dec();
+                drop(slot);
             });
         }
     }
 
-    async fn handle(&self, req: Request<Incoming>) -> Response<UnaryBody> {
-        if req.uri().path() != grpc::CREATE_CERTIFICATE_PATH {
-            return status_response(
-                Code::Unimplemented,
-                &format!("no method {}", req.uri().path()),
-            );
-        }
-        let token = req
-            .headers()
-            .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::to_owned);
-        let body = match Limited::new(req.into_body(), grpc::MAX_MESSAGE + 5)
-            .collect()
-            .await
-        {
-            Ok(body) => body.to_bytes(),
-            Err(e) => {
-                return status_response(
-                    Code::ResourceExhausted,
-                    &format!("reading the request: {e}"),
-                )
+    async fn serve_connection(
+        &self,
+        acceptor: TlsAcceptor,
+        api: IstioCertificateServiceServer<CaServer>,
+        tcp: tokio::net::TcpStream,
+        peer: SocketAddr,
+    ) {
+        let handshake = acceptor.accept(tcp);
+        let tls = match tokio::time::timeout(self.limits.handshake_timeout, handshake).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => return tracing::debug!(%peer, "CA: TLS handshake failed: {e}"),
+            Err(_) => return tracing::debug!(%peer, "CA: TLS handshake timed out"),
+        };
+        let activity = Arc::new(Activity::new());
+        let service = {
+            let activity = activity.clone();
+            hyper::service::service_fn(move |mut request: http::Request<Incoming>| {
+                use tonic::codegen::Service;
+                request.extensions_mut().insert(Peer(peer));
+                let busy = activity.begin();
+                let call = api.clone().call(request);
+                async move {
+                    let response = call.await;
+                    drop(busy);
+                    response
+                }
+            })
+        };
+        let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .max_concurrent_streams(MAX_STREAMS)
+            .serve_connection(TokioIo::new(tls), service);
+        tokio::pin!(connection);
+        let ended = tokio::select! {
+            ended = connection.as_mut() => ended,
+            _ = activity.idle_for(self.limits.idle_timeout) => {
+                tracing::debug!(%peer, "CA: closing an idle connection");
+                connection.as_mut().graceful_shutdown();
+                tokio::time::timeout(CLOSE_GRACE, connection.as_mut())
+                    .await
+                    .unwrap_or(Ok(()))
             }
         };
-        let request: IstioCertificateRequest = match grpc::unframe(body) {
-            Ok(r) => r,
-            Err(e) => return status_response(Code::InvalidArgument, &e),
-        };
-        self.metrics.csr_requests.inc();
-        match self.create_certificate(token.as_deref(), &request).await {
-            Ok((identity, cert_chain)) => {
-                self.metrics.issued.inc();
-                tracing::info!(%identity, "CA: certificate issued");
-                let response = IstioCertificateResponse { cert_chain };
-                grpc_response(Some(grpc::frame(&response)), Code::Ok, "")
-            }
-            Err(refusal) => {
-                self.metrics
-                    .refused
-                    .get_or_create(&ReasonLabels {
-                        reason: refusal.reason().to_owned(),
-                    })
-                    .inc();
-                tracing::warn!(reason = refusal.reason(), "CA: CSR refused: {refusal}");
-                let code = match refusal {
-                    Refusal::Unauthenticated(_) => Code::Unauthenticated,
-                    Refusal::NotOnNode(_) | Refusal::NotOwnIdentity(_) => Code::PermissionDenied,
-                    Refusal::Internal(_) => Code::Internal,
-                    _ => Code::InvalidArgument,
-                };
-                status_response(code, &refusal.to_string())
-            }
+        if let Err(e) = ended {
+            tracing::debug!(%peer, "CA: connection ended: {e}");
         }
     }
 
-    /// The whole decision, apart from transport.
-    pub async fn create_certificate(
+    /// The whole decision, apart from transport: `source` is the caller's address.
+    pub async fn decide(
         &self,
         token: Option<&str>,
+        source: IpAddr,
         request: &IstioCertificateRequest,
     ) -> Result<(Identity, Vec<String>), Refusal> {
         let token = token.ok_or_else(|| Refusal::Unauthenticated("no bearer token".into()))?;
-        let caller = self
-            .authenticator
-            .authenticate(token)
-            .await
-            .map_err(Refusal::Unauthenticated)?;
+        let caller = self.authenticator.authenticate(token, source).await?;
         let (identity, csr) = self.authority.check_csr(&request.csr)?;
         if let Some(asked) = impersonated(request) {
             if asked != identity.to_string() {
                 return Err(Refusal::BadCsr(format!(
                     "{} asks for {asked} but the CSR is for {identity}",
-                    grpc::IMPERSONATED_IDENTITY
+                    IMPERSONATED_IDENTITY
                 )));
             }
         }
@@ -276,35 +382,249 @@ impl CaServer {
     }
 }
 
+/// The client's address, put in each request for the handler.
+#[derive(Clone, Copy, Debug)]
+struct Peer(SocketAddr);
+
+#[tonic::async_trait]
+impl IstioCertificateService for CaServer {
+    async fn create_certificate(
+        &self,
+        request: tonic::Request<IstioCertificateRequest>,
+    ) -> Result<tonic::Response<IstioCertificateResponse>, tonic::Status> {
+        let token = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::to_owned);
+        let source = request
+            .extensions()
+            .get::<Peer>()
+            .map_or(IpAddr::from([0, 0, 0, 0]), |p| p.0.ip());
+        self.metrics.csr_requests.inc();
+        match self
+            .decide(token.as_deref(), source, request.get_ref())
+            .await
+        {
+            Ok((identity, cert_chain)) => {
+                self.metrics.issued.inc();
+                // Whether a node proxy asked on the workload's behalf.
+                let impersonated = impersonated(request.get_ref()).is_some();
+                tracing::info!(%identity, impersonated, "CA: certificate issued");
+                Ok(tonic::Response::new(IstioCertificateResponse {
+                    cert_chain,
+                }))
+            }
+            Err(refusal) => {
+                self.metrics
+                    .refused
+                    .get_or_create(&ReasonLabels {
+                        reason: refusal.reason().to_owned(),
+                    })
+                    .inc();
+                tracing::warn!(%source, reason = refusal.reason(), "CA: CSR refused: {refusal}");
+                let code = match refusal {
+                    Refusal::Unauthenticated(_) => tonic::Code::Unauthenticated,
+                    Refusal::RateLimited(_) => tonic::Code::ResourceExhausted,
+                    Refusal::NotOnNode(_) | Refusal::NotOwnIdentity(_) => {
+                        tonic::Code::PermissionDenied
+                    }
+                    Refusal::Internal(_) => tonic::Code::Internal,
+                    _ => tonic::Code::InvalidArgument,
+                };
+                Err(tonic::Status::new(code, refusal.to_string()))
+            }
+        }
+    }
+}
+
 fn impersonated(request: &IstioCertificateRequest) -> Option<String> {
     let field = request
         .metadata
         .as_ref()?
         .fields
-        .get(grpc::IMPERSONATED_IDENTITY)?;
+        .get(IMPERSONATED_IDENTITY)?;
     match &field.kind {
         Some(prost_types::value::Kind::StringValue(s)) => Some(s.clone()),
         _ => None,
     }
 }
 
-fn grpc_response(data: Option<Bytes>, code: Code, message: &str) -> Response<UnaryBody> {
-    Response::builder()
-        .status(StatusCode::OK)
-        .header(http::header::CONTENT_TYPE, grpc::CONTENT_TYPE)
-        .body(UnaryBody::new(data, grpc::status_trailers(code, message)))
-        .expect("a valid response")
+/// An accept error that concerns one pending connection only (Linux's accept(2)
+/// passes on its network errors): accept again at once.
+fn is_connection_error(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionReset | Interrupted | TimedOut
+    ) || matches!(
+        e.raw_os_error(),
+        Some(
+            libc::EPROTO
+                | libc::EPERM
+                | libc::ENETDOWN
+                | libc::ENOPROTOOPT
+                | libc::EHOSTDOWN
+                | libc::ENONET
+                | libc::EHOSTUNREACH
+                | libc::EOPNOTSUPP
+                | libc::ENETUNREACH
+        )
+    )
 }
 
-/// A "trailers-only" response: the status travels in the headers.
-fn status_response(code: Code, message: &str) -> Response<UnaryBody> {
-    let mut response = Response::builder()
-        .status(StatusCode::OK)
-        .header(http::header::CONTENT_TYPE, grpc::CONTENT_TYPE)
-        .body(UnaryBody::empty())
-        .expect("a valid response");
-    response
-        .headers_mut()
-        .extend(grpc::status_trailers(code, message));
-    response
+/// A warning at most once per [`WARN_EVERY`], saying how many were held back.
+#[derive(Default)]
+struct Throttled {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl Throttled {
+    fn warn(&mut self, log: impl FnOnce(u64)) {
+        if self.last.is_some_and(|at| at.elapsed() < WARN_EVERY) {
+            self.suppressed += 1;
+            return;
+        }
+        log(self.suppressed);
+        self.last = Some(Instant::now());
+        self.suppressed = 0;
+    }
+}
+
+/// Connections open: in total, and by source address.
+#[derive(Default)]
+struct OpenConnections {
+    counts: Mutex<(usize, HashMap<IpAddr, usize>)>,
+}
+
+/// One open connection, counted until dropped.
+struct Slot {
+    open: Arc<OpenConnections>,
+    source: IpAddr,
+}
+
+impl OpenConnections {
+    /// A slot for a new connection from `source`, or the cap that forbids one.
+    fn take(self: &Arc<Self>, source: IpAddr, limits: &ServeLimits) -> Result<Slot, &'static str> {
+        let mut counts = self.counts.lock().unwrap();
+        let (total, by_source) = &mut *counts;
+        if *total >= limits.max_connections {
+            return Err("connection_cap");
+        }
+        let from_source = by_source.entry(source).or_default();
+        if *from_source >= limits.max_connections_per_source {
+            return Err("source_cap");
+        }
+        *total += 1;
+        *from_source += 1;
+        Ok(Slot {
+            open: self.clone(),
+            source,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut counts = self.open.counts.lock().unwrap();
+        let (total, by_source) = &mut *counts;
+        *total -= 1;
+        if let Some(n) = by_source.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                by_source.remove(&self.source);
+            }
+        }
+    }
+}
+
+/// Calls in flight on a connection, and when the last one ended.
+struct Activity {
+    in_flight: AtomicUsize,
+    last: Mutex<Instant>,
+}
+
+/// A call in flight, until dropped.
+struct Busy(Arc<Activity>);
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            in_flight: AtomicUsize::new(0),
+            last: Mutex::new(Instant::now()),
+        }
+    }
+
+    fn begin(self: &Arc<Self>) -> Busy {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        Busy(self.clone())
+    }
+
+    /// Completes once no call has been in flight for `timeout`.
+    async fn idle_for(&self, timeout: Duration) {
+        loop {
+            let quiet = self.last.lock().unwrap().elapsed();
+            if self.in_flight.load(Ordering::SeqCst) == 0 && quiet >= timeout {
+                return;
+            }
+            let wait = timeout.saturating_sub(quiet).max(Duration::from_millis(50));
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        *self.0.last.lock().unwrap() = Instant::now();
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_are_capped_in_total_and_per_source() {
+        let open = Arc::new(OpenConnections::default());
+        let limits = ServeLimits {
+            max_connections: 3,
+            max_connections_per_source: 2,
+            ..Default::default()
+        };
+        let (a, b, c) = (
+            IpAddr::from([10, 0, 0, 1]),
+            IpAddr::from([10, 0, 0, 2]),
+            IpAddr::from([10, 0, 0, 3]),
+        );
+        let a1 = open.take(a, &limits).unwrap();
+        let _a2 = open.take(a, &limits).unwrap();
+        assert_eq!(open.take(a, &limits).err(), Some("source_cap"));
+        let _b1 = open.take(b, &limits).unwrap();
+        assert_eq!(open.take(c, &limits).err(), Some("connection_cap"));
+        drop(a1);
+        let _c1 = open.take(c, &limits).unwrap();
+        assert_eq!(open.counts.lock().unwrap().0, 3);
+    }
+
+    #[test]
+    fn a_lack_of_file_descriptors_is_not_one_connections_error() {
+        let emfile = std::io::Error::from_raw_os_error(libc::EMFILE);
+        assert!(!is_connection_error(&emfile));
+        let aborted = std::io::Error::from_raw_os_error(libc::ECONNABORTED);
+        assert!(is_connection_error(&aborted));
+    }
+
+    #[test]
+    fn throttled_warnings_count_what_they_hold_back() {
+        let mut throttled = Throttled::default();
+        let mut logged = Vec::new();
+        for _ in 0..5 {
+            throttled.warn(|suppressed| logged.push(suppressed));
+        }
+        assert_eq!(logged, vec![0]);
+        assert_eq!(throttled.suppressed, 4);
+    }
 }

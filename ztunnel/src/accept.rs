@@ -459,9 +459,11 @@ pub struct Handshake {
 impl Handshake {
     pub async fn run<T>(self, handshake: impl Future<Output = io::Result<T>>) -> io::Result<T> {
         let timeout = self.limiter.limits.handshake_timeout;
-        match tokio::time::timeout(timeout, handshake).await {
-            Ok(result) => result,
-            Err(_) => {
+        // Counted before the connection is dropped (closed), as every refusal is.
+        let mut handshake = std::pin::pin!(handshake);
+        tokio::select! {
+            result = &mut handshake => result,
+            () = tokio::time::sleep(timeout) => {
                 self.limiter
                     .metrics
                     .refuse(self.listener, "handshake_timeout");

@@ -318,3 +318,50 @@ impl Pool {
             .sum()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> Key {
+        let id: Identity = "spiffe://cluster.local/ns/a/sa/b".parse().unwrap();
+        Key {
+            source: id.clone(),
+            destination: id,
+            address: "10.0.0.1:15008".parse().unwrap(),
+        }
+    }
+
+    fn finished(result: Result<(), String>, ago: Duration) -> Arc<Dial> {
+        let dial = Dial::default();
+        dial.0.set((result, Instant::now() - ago)).unwrap();
+        Arc::new(dial)
+    }
+
+    #[test]
+    fn a_dial_in_flight_or_a_fresh_failure_is_joined_anything_else_replaced() {
+        let pool = Pool::default();
+        let key = key();
+        let in_flight = pool.dial_for(&key);
+        assert!(Arc::ptr_eq(&in_flight, &pool.dial_for(&key)), "joined");
+        drop(in_flight);
+        let cases = [
+            (Err("refused".to_owned()), Duration::ZERO, true),
+            (Err("refused".to_owned()), NEGATIVE_CACHE * 2, false),
+            // A success brought a connection; needing another means it is full.
+            (Ok(()), Duration::ZERO, false),
+        ];
+        for (result, ago, joined) in cases {
+            let dial = finished(result.clone(), ago);
+            pool.dialing
+                .lock()
+                .unwrap()
+                .insert(key.clone(), dial.clone());
+            assert_eq!(
+                Arc::ptr_eq(&dial, &pool.dial_for(&key)),
+                joined,
+                "{result:?} {ago:?} ago"
+            );
+        }
+    }
+}

@@ -16,7 +16,8 @@ use testbed::{
 
 const PROBE: &str = env!("CARGO_BIN_EXE_tb-probe");
 
-/// node-a: client, client-2; node-b: server, rogue (not in the mesh).
+/// node-a: client, client-2 (service account `other`); node-b: server, rogue (not
+/// in the mesh).
 async fn mesh() -> Mesh {
     let cluster = Cluster::new(
         &ClusterSpec::new()
@@ -26,7 +27,7 @@ async fn mesh() -> Mesh {
     .unwrap();
     let workloads = [
         WorkloadSpec::new("client", "demo", "client"),
-        WorkloadSpec::new("client-2", "demo", "client"),
+        WorkloadSpec::new("client-2", "demo", "other"),
         WorkloadSpec::new("server", "demo", "server"),
     ];
     Mesh::start(cluster, &workloads, &["demo"]).await.unwrap()
@@ -346,4 +347,188 @@ fn policy_check_into_a_closed_pipe_exits_quietly() {
         "the decision's status: {stderr}"
     );
     assert!(stderr.is_empty(), "quiet: {stderr}");
+}
+
+// The fault matrix: each fault asserts that nothing plaintext crossed between the
+// nodes, that nothing crashed, and that service comes back.
+
+/// Denies `other` (client-2) the server: a decision that must hold through faults.
+const DENY_OTHER: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-other, namespace: demo}\nspec:\n  action: DENY\n  rules:\n  - from: [{source: {principals: [cluster.local/ns/demo/sa/other]}}]\n";
+
+/// client-2 (denied by [`DENY_OTHER`]) tries the server.
+fn denied_probe(mesh: &Mesh) -> String {
+    probe(
+        mesh,
+        "client-2",
+        &["connect", &addr(mesh, "server", 8080), "no"],
+    )
+}
+
+/// Starts `tb-probe load` in the client pod for `millis`: exchanges with a marker.
+fn start_load(mesh: &Mesh, millis: u64, marker: &str) -> std::process::Child {
+    mesh.cluster
+        .pod("client")
+        .command(PROBE)
+        .unwrap()
+        .args([
+            "load",
+            &addr(mesh, "server", 8080),
+            &millis.to_string(),
+            marker,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// The load's (ok, failed) counts, once it ends.
+fn load_result(load: std::process::Child) -> (u64, u64) {
+    let out = load.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let count = |key: &str| {
+        text.split_whitespace()
+            .find_map(|w| w.strip_prefix(key)?.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in {text:?}"))
+    };
+    (count("ok="), count("failed="))
+}
+
+fn assert_nothing_plaintext(packets: &[testbed::capture::Packet], marker: &str) {
+    assert!(!packets.is_empty());
+    if let Some(violation) = testbed::capture::plaintext_crossed(packets, marker.as_bytes()) {
+        panic!("{violation} ({} packets)", packets.len());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tunnels_killed_and_restarted_under_load_let_no_plaintext_cross() {
+    let mut mesh = mesh().await;
+    mesh.write_config("deny.yaml", DENY_OTHER).unwrap();
+    let _echo = EchoServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the deny policy applied",
+        || async { !denied_probe(&mesh).contains("reply=") },
+    )
+    .await;
+    let capture = testbed::capture::Capture::start(&mesh.cluster.fabric_netns()).unwrap();
+    let marker = "FAULT-MARKER-1b7e";
+    let load = start_load(&mesh, 6000, marker);
+    for node in ["node-a", "node-b"] {
+        // Under load: SIGKILL (no draining, pins left behind), then a new process.
+        eventually(Duration::from_secs(10), "load flowing", || async {
+            metric(
+                &mesh.metrics("node-a").await,
+                "istio_tcp_connections_closed_total",
+                &["reporter=\"source\""],
+            ) > 0.0
+        })
+        .await;
+        mesh.kill_tunnel(node);
+        mesh.start_tunnel(node).await.unwrap();
+        // The restarted tunnel adopted its pinned state and serves its pods.
+        let pod = if node == "node-a" { "client" } else { "server" };
+        mesh.wait_enrolled(node, pod, true).await.unwrap();
+    }
+    let (ok, failed) = load_result(load);
+    assert!(ok > 0, "ok={ok} failed={failed}");
+    served(&mesh, "after-restarts");
+    assert!(
+        !denied_probe(&mesh).contains("reply="),
+        "still denied after the restarts"
+    );
+    assert_nothing_plaintext(&capture.stop(), marker);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_peer_tunnel_reset_mid_stream_ends_the_stream_and_the_next_is_served() {
+    let mut mesh = mesh().await;
+    let _echo = EchoServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    let capture = testbed::capture::Capture::start(&mesh.cluster.fabric_netns()).unwrap();
+    let marker = "RESET-MARKER-5d21";
+    // A stream open across the fault: sends, waits, then half-closes and reads.
+    let slow = mesh
+        .cluster
+        .pod("client")
+        .command(PROBE)
+        .unwrap()
+        .args(["slow", &addr(&mesh, "server", 8080), "3000", marker])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    eventually(Duration::from_secs(10), "the stream open", || async {
+        metric(
+            &mesh.metrics("node-b").await,
+            "istio_tcp_connections_opened_total",
+            &["reporter=\"destination\""],
+        ) > 0.0
+    })
+    .await;
+    let node_a = mesh.tunnel_pid("node-a").unwrap();
+    mesh.kill_tunnel("node-b");
+    let started = Instant::now();
+    let out = slow.wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        !out.contains(&format!("reply=server:{marker}")),
+        "the stream cannot have completed: {out}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(20));
+    mesh.start_tunnel("node-b").await.unwrap();
+    // The source tunnel did not crash, dropped the broken pooled connection and
+    // serves the next stream.
+    assert_eq!(mesh.tunnel_pid("node-a"), Some(node_a));
+    served(&mesh, "after-reset");
+    assert_nothing_plaintext(&capture.stop(), marker);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn at_the_fd_limit_the_tunnel_backs_off_and_serves_again() {
+    let mesh = mesh().await;
+    let _echo = EchoServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    let capture = testbed::capture::Capture::start(&mesh.cluster.fabric_netns()).unwrap();
+    let marker = "FDLIMIT-MARKER-99c0";
+    served(&mesh, "before");
+    // node-a's tunnel can open no descriptor at all (0-2 are taken): its outbound
+    // accept fails (EMFILE) and is retried; the connections wait in the backlog.
+    let pid = mesh.tunnel_pid("node-a").unwrap();
+    let old = set_fd_limit(pid, 3).unwrap();
+    let parallel = mesh
+        .cluster
+        .pod("client")
+        .command(PROBE)
+        .unwrap()
+        .args(["parallel", &addr(&mesh, "server", 8080), "20", marker])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "outbound accept failing",
+        || async {
+            mesh.log("node-a")
+                .lines()
+                .any(|l| l.contains("accept failed") && l.contains("outbound"))
+        },
+    )
+    .await;
+    let exhausted = Instant::now();
+    eventually(Duration::from_secs(10), "a while at the limit", || async {
+        exhausted.elapsed() > Duration::from_secs(2)
+    })
+    .await;
+    set_fd_limit(pid, old).unwrap();
+    // The queued connections are taken once descriptors are back.
+    let out = parallel.wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.contains("ok=20"), "{out}");
+    assert_eq!(mesh.tunnel_pid("node-a"), Some(pid));
+    let errors = metric(
+        &mesh.metrics("node-a").await,
+        "ztunnel_accept_errors_total",
+        &["listener=\"outbound\""],
+    );
+    assert!((1.0..100.0).contains(&errors), "backed off: {errors}");
+    served(&mesh, "after-fd-limit");
+    assert_nothing_plaintext(&capture.stop(), marker);
 }

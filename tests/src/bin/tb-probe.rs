@@ -8,6 +8,8 @@
 //!   tb-probe parallel <ip:port> <n> <msg>  n connections at once, each one exchange
 //!                                          (also prints each one's time to its end)
 //!   tb-probe dnsflood <ip:port> <n> <q>    n datagrams from one socket, no waiting
+//!   tb-probe load <ip:port> <ms> <msg>     exchanges with an echo for a while, going
+//!                                          on through failures: ok=, failed=
 //!   tb-probe connect-from <ip> <ip:port> <msg>  like connect, from a chosen source
 //!   tb-probe slow <ip:port> <ms> <msg>     connect, send, wait, then half-close and read
 //! Measurements (against testbed::app::BenchServer):
@@ -39,6 +41,7 @@ fn main() -> ExitCode {
         ["bulk", addr, bytes] => bulk(addr, bytes),
         ["parallel", addr, n, message] => parallel(addr, n, message),
         ["dnsflood", addr, n, query] => dns_flood(addr, n, query),
+        ["load", addr, millis, message] => load(addr, millis, message),
         ["connect-from", source, addr, message] => connect_from(source, addr, message),
         ["slow", addr, millis, message] => slow(addr, millis, message),
         ["throughput", addr, bytes] => throughput(addr, bytes),
@@ -170,6 +173,32 @@ impl Drop for Elapsed {
     fn drop(&mut self) {
         println!("elapsed_ms={}", self.0.elapsed().as_millis());
     }
+}
+
+fn load(addr: &str, millis: &str, message: &str) -> anyhow::Result<()> {
+    let addr: SocketAddr = addr.parse()?;
+    let until = std::time::Instant::now() + Duration::from_millis(millis.parse()?);
+    let exchange = || -> anyhow::Result<bool> {
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+        stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+        stream.write_all(message.as_bytes())?;
+        stream.shutdown(Shutdown::Write)?;
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply)?;
+        Ok(reply.ends_with(&format!(":{message}")))
+    };
+    let (mut ok, mut failed) = (0, 0);
+    while std::time::Instant::now() < until {
+        match exchange() {
+            Ok(true) => ok += 1,
+            _ => {
+                failed += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+    println!("ok={ok} failed={failed}");
+    Ok(())
 }
 
 fn dns_flood(addr: &str, n: &str, query: &str) -> anyhow::Result<()> {

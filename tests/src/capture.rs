@@ -35,6 +35,23 @@ impl Packet {
     }
 }
 
+/// What crossed between nodes that should not have: TCP other than HBONE (15008)
+/// and the CA (15012), or `marker` in the clear. None when nothing did.
+pub fn plaintext_crossed(packets: &[Packet], marker: &[u8]) -> Option<String> {
+    const MESH_PORTS: [u16; 2] = [15008, 15012];
+    if let Some((s, d)) = packets
+        .iter()
+        .filter_map(Packet::tcp_ports)
+        .find(|(s, d)| !MESH_PORTS.contains(s) && !MESH_PORTS.contains(d))
+    {
+        return Some(format!("TCP from port {s} to port {d} crossed the fabric"));
+    }
+    packets
+        .iter()
+        .any(|p| p.data.windows(marker.len()).any(|w| w == marker))
+        .then(|| "the payload crossed the fabric in the clear".to_owned())
+}
+
 /// Captures every frame on every interface of a namespace until stopped.
 pub struct Capture {
     stop: Arc<AtomicBool>,

@@ -364,6 +364,8 @@ pub struct Mesh {
     pub api: Option<crate::kube_api::FakeApiServer>,
     kubeconfig: Option<PathBuf>,
     sandboxes: Vec<std::process::Child>,
+    /// Extra arguments for `ztunnel run` by node (used at the next start).
+    pub tunnel_args: BTreeMap<String, Vec<String>>,
 }
 
 /// Where the stand-in API server listens: in the first node's namespace.
@@ -443,6 +445,7 @@ impl Mesh {
             api: None,
             kubeconfig: None,
             sandboxes: Vec::new(),
+            tunnel_args: BTreeMap::new(),
         };
         if kube {
             mesh.start_api(workloads, ambient)?;
@@ -554,6 +557,7 @@ impl Mesh {
         .arg(node.bpffs.join("ztunnel"))
         .arg("--pod-cgroup-root")
         .arg(&node.pod_cgroup_root)
+        .args(self.tunnel_args.get(node_name).into_iter().flatten())
         .env(
             "ZTUNNEL_WORKER_THREADS",
             std::env::var("ZTB_WORKERS").unwrap_or_else(|_| "2".into()),
@@ -861,6 +865,42 @@ fn workloads_yaml(cluster: &crate::Cluster, workloads: &[WorkloadSpec]) -> Resul
         ));
     }
     Ok(yaml)
+}
+
+/// Sets a process's soft RLIMIT_NOFILE (as `prlimit --nofile`); returns the old one.
+pub fn set_fd_limit(pid: u32, soft: u64) -> Result<u64> {
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: reads the current limit into `old`.
+    if unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("reading the fd limit");
+    }
+    let new = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: old.rlim_max,
+    };
+    // SAFETY: sets the limit from a valid struct.
+    if unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("setting the fd limit");
+    }
+    Ok(old.rlim_cur)
+}
+
+/// How many file descriptors a process has open.
+pub fn open_fds(pid: u32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// The value of a counter (or gauge) line of a metrics page, summed over the
+/// lines whose labels contain every one of `labels`.
+pub fn metric(page: &str, name: &str, labels: &[&str]) -> f64 {
+    page.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter(|l| labels.iter().all(|label| l.contains(label)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// Polls `check` until it returns true; fails after `within`.

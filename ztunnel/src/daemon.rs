@@ -19,6 +19,7 @@ use tokio::{net::TcpListener, sync::watch, task::JoinSet};
 use tokio_util::task::TaskTracker;
 
 use crate::{
+    accept::{AcceptMetrics, Acceptor, Limiter, Limits},
     ca::client::{CaClient, CaClientConfig},
     certs::{CertManager, CertManagerConfig},
     config,
@@ -47,6 +48,10 @@ pub struct RunOptions {
     pub metrics_addr: SocketAddr,
     pub readiness_addr: SocketAddr,
     pub drain_timeout: Duration,
+    /// Caps and timeouts of the proxy's listeners.
+    pub limits: Limits,
+    /// Where pods' DNS queries go (default: the node's resolv.conf).
+    pub dns_upstream: Option<SocketAddr>,
 }
 
 /// Changes the log filter at run time (`/logging?level=`).
@@ -89,6 +94,8 @@ pub async fn run(options: RunOptions, set_log_level: SetLogLevel) -> Result<()> 
         pod_cgroup_root: options.pod_cgroup_root.clone(),
     })?;
     let settings = proxy::pool::PoolSettings::default();
+    let accept_metrics = AcceptMetrics::register(&mut registry);
+    tracing::info!(limits = ?options.limits, "connection limits");
     let ctx = Arc::new(Context {
         state: states.clone(),
         certs: certs.clone(),
@@ -99,6 +106,12 @@ pub async fn run(options: RunOptions, set_log_level: SetLogLevel) -> Result<()> 
         hbone: settings,
         policy_metrics: PolicyMetrics::register(&mut registry),
         active: Arc::default(),
+        limiter: Limiter::new(options.limits.clone(), accept_metrics.clone()),
+        dns: Arc::new(proxy::dns::Forwarder::new(
+            options.dns_upstream,
+            Default::default(),
+            &mut registry,
+        )),
         sockets: Default::default(),
     });
 
@@ -106,9 +119,18 @@ pub async fn run(options: RunOptions, set_log_level: SetLogLevel) -> Result<()> 
     let enrolled: Arc<Mutex<HashMap<(String, String), Enrolled>>> = Arc::default();
     let registry = Arc::new(Mutex::new(registry));
     let admin = admin_handler(ctx.clone(), enrolled.clone(), set_log_level);
-    serve_http(options.metrics_addr, metrics::handler(registry)).await?;
-    serve_http(options.readiness_addr, readiness_handler(ready.clone())).await?;
-    serve_http(options.admin_addr, admin).await?;
+    let endpoints = [
+        ("metrics", options.metrics_addr, metrics::handler(registry)),
+        (
+            "readiness",
+            options.readiness_addr,
+            readiness_handler(ready.clone()),
+        ),
+        ("admin", options.admin_addr, admin),
+    ];
+    for (name, addr, handler) in endpoints {
+        serve_http(name, addr, handler, &accept_metrics).await?;
+    }
 
     let reconciler = tokio::spawn(reconcile_loop(ctx.clone(), states, enrolled.clone(), ready));
     tracing::info!(node = %options.node, config = %options.source, "ztunnel running");
@@ -143,11 +165,22 @@ pub async fn run(options: RunOptions, set_log_level: SetLogLevel) -> Result<()> 
     Ok(())
 }
 
-async fn serve_http(addr: SocketAddr, handler: Handler) -> Result<()> {
+/// Serves an HTTP endpoint with its own caps (one endpoint's clients cannot take
+/// another's slots).
+async fn serve_http(
+    name: &'static str,
+    addr: SocketAddr,
+    handler: Handler,
+    metrics: &AcceptMetrics,
+) -> Result<()> {
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding {addr}"))?;
-    tokio::spawn(http_server::serve(listener, handler));
+    let limiter = Limiter::new(Limits::http_endpoint(), metrics.clone());
+    tokio::spawn(http_server::serve_with(
+        Acceptor::new(listener, limiter, name),
+        handler,
+    ));
     Ok(())
 }
 

@@ -6,26 +6,40 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+
+use crate::accept::{Acceptor, Limiter, Limits};
 
 pub type Handler = Arc<dyn Fn(&Request<Incoming>) -> Response<Full<Bytes>> + Send + Sync>;
 
-/// Serves `handler` on `listener` until the listener fails.
-pub async fn serve(listener: TcpListener, handler: Handler) -> std::io::Result<()> {
-    loop {
-        let (tcp, _) = listener.accept().await?;
-        let handler = handler.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let response = handler(&req);
-                async move { Ok::<_, Infallible>(response) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), service)
-                .await;
-        });
-    }
+/// Serves `handler` on `listener` with the limits of an HTTP endpoint (metrics
+/// not exported: see [`serve_with`]).
+pub async fn serve(listener: TcpListener, handler: Handler) {
+    let limiter = Limiter::new(Limits::http_endpoint(), Default::default());
+    serve_with(Acceptor::new(listener, limiter, "http"), handler).await
+}
+
+/// Serves `handler` on every connection `acceptor` admits, for ever: a client must
+/// send its request's headers within the handshake timeout.
+pub async fn serve_with(acceptor: Acceptor, handler: Handler) {
+    let header_timeout = acceptor.limiter().limits().handshake_timeout;
+    acceptor
+        .serve(move |conn, _| {
+            let handler = handler.clone();
+            async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let response = handler(&req);
+                    async move { Ok::<_, Infallible>(response) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(header_timeout)
+                    .serve_connection(TokioIo::new(conn), service)
+                    .await;
+            }
+        })
+        .await
 }
 
 pub fn text(

@@ -3,6 +3,7 @@
 //! Data flows one way: `config` → state → proxy. Around it: `identity` and `certs`
 //! (workload certificates from the `ca`), `tls` (mTLS with SPIFFE identities),
 //! `redirect` (the eBPF capture), `metrics` and `admin`.
+pub mod accept;
 pub mod admin;
 pub mod ca;
 pub mod certs;

@@ -224,6 +224,25 @@ struct RunArgs {
     /// How long open connections may finish after SIGTERM.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     drain_timeout: Duration,
+    /// Most connections the proxy holds at once, across all pods (default: 16384,
+    /// lowered to fit the file-descriptor limit).
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Most connections from one source: an enrolled pod's outbound, or one client
+    /// address inbound (default: a quarter of --max-connections).
+    #[arg(long)]
+    max_connections_per_source: Option<usize>,
+    /// How long an inbound client has to complete the TLS handshake.
+    #[arg(long, default_value = "10s", value_parser = parse_duration_ms)]
+    handshake_timeout: Duration,
+    /// An HBONE connection that moves no byte (not even a keep-alive) for this long
+    /// is closed.
+    #[arg(long, default_value = "1h", value_parser = parse_duration_ms)]
+    idle_timeout: Duration,
+    /// Where enrolled pods' DNS queries are forwarded (default: the first
+    /// nameserver of /etc/resolv.conf).
+    #[arg(long)]
+    dns_upstream: Option<SocketAddr>,
 }
 
 #[derive(Args)]
@@ -268,9 +287,11 @@ fn main() {
             Command::Ca(args) => ca(args).await,
             Command::Certs(args) => certs(args).await,
             Command::MountBpffs { path } => {
-                ztunnel::redirect::mount_bpffs(&path).map(|mounted| match mounted {
-                    true => println!("mounted bpffs at {}", path.display()),
-                    false => println!("{} is already a bpffs mount", path.display()),
+                ztunnel::redirect::mount_bpffs(&path).and_then(|mounted| {
+                    write_stdout(&match mounted {
+                        true => format!("mounted bpffs at {}\n", path.display()),
+                        false => format!("{} is already a bpffs mount\n", path.display()),
+                    })
                 })
             }
             Command::Policy(PolicyCommand::Check(args)) => match policy_check(args) {
@@ -333,6 +354,20 @@ async fn run(args: RunArgs, set_log_level: ztunnel::daemon::SetLogLevel) -> Resu
             metrics_addr: args.metrics_addr,
             readiness_addr: args.readiness_addr,
             drain_timeout: args.drain_timeout,
+            limits: {
+                let mut limits = ztunnel::accept::Limits::proxy();
+                if let Some(max) = args.max_connections {
+                    limits.max_connections = max;
+                    limits.max_per_source = (max / 4).max(1);
+                }
+                if let Some(max) = args.max_connections_per_source {
+                    limits.max_per_source = max;
+                }
+                limits.handshake_timeout = args.handshake_timeout;
+                limits.idle_timeout = Some(args.idle_timeout);
+                limits
+            },
+            dns_upstream: args.dns_upstream,
         },
         set_log_level,
     )
@@ -382,20 +417,22 @@ fn policy_check(args: CheckArgs) -> Result<bool> {
         http,
     };
     let outcome = ztunnel::policy::check::check(snapshot, &settings, &query)?;
-    if args.output == "json" {
-        println!("{}", serde_json::to_string_pretty(&outcome)?);
+    let text = if args.output == "json" {
+        format!("{}\n", serde_json::to_string_pretty(&outcome)?)
     } else {
-        println!(
-            "{} (layer: {}, policy: {})",
+        let mut text = format!(
+            "{} (layer: {}, policy: {})\n  reason: {}\n",
             outcome.decision,
             outcome.layer,
-            outcome.policy.as_deref().unwrap_or("-")
+            outcome.policy.as_deref().unwrap_or("-"),
+            outcome.reason
         );
-        println!("  reason: {}", outcome.reason);
         for note in &outcome.notes {
-            println!("  note: {note}");
+            text.push_str(&format!("  note: {note}\n"));
         }
-    }
+        text
+    };
+    write_stdout(&text)?;
     Ok(outcome.allowed())
 }
 
@@ -490,24 +527,36 @@ async fn ca(args: CaArgs) -> Result<()> {
 async fn certs(args: CertsArgs) -> Result<()> {
     let body = http_get(args.admin, "/certs").await?;
     if args.output == "json" {
-        println!("{body}");
-        return Ok(());
+        return write_stdout(&format!("{body}\n"));
     }
     let certs: Vec<CertInfo> = serde_json::from_str(&body).context("parsing /certs")?;
-    println!(
-        "{:<60} {:<34} {:<22} {:<22}",
+    let mut text = format!(
+        "{:<60} {:<34} {:<22} {:<22}\n",
         "IDENTITY", "SERIAL", "NOT BEFORE", "NOT AFTER"
     );
     for cert in certs {
-        println!(
-            "{:<60} {:<34} {:<22} {:<22}",
+        text.push_str(&format!(
+            "{:<60} {:<34} {:<22} {:<22}\n",
             cert.identity,
             cert.serial,
             timestamp(cert.not_before),
             timestamp(cert.not_after)
-        );
+        ));
     }
-    Ok(())
+    write_stdout(&text)
+}
+
+/// Writes a command's output. A reader that closed the pipe early (`| head`) has
+/// all it wanted: that is not an error (println! would panic on it).
+fn write_stdout(text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(e).context("writing to standard output")
+        }
+        _ => Ok(()),
+    }
 }
 
 fn timestamp(unix: u64) -> String {

@@ -32,6 +32,7 @@ use tokio::{
 use tokio_rustls::TlsAcceptor;
 
 use crate::{
+    accept::{AcceptMetrics, Acceptor, Conn, Limiter, Limits},
     ca::client::{CaClient, CaClientConfig},
     certs::{CertManager, CertManagerConfig, WorkloadCert},
     config, extauthz, forwarded,
@@ -221,34 +222,39 @@ pub async fn run(options: WaypointOptions) -> Result<()> {
         jwks: Mutex::new(HashMap::new()),
         providers: mesh_config.providers(),
     });
+    let accept_metrics = AcceptMetrics::register(&mut registry);
     let metrics = TcpListener::bind(options.metrics_addr)
         .await
         .with_context(|| format!("binding {}", options.metrics_addr))?;
-    tokio::spawn(crate::http_server::serve(
-        metrics,
+    let metrics_limiter = Limiter::new(Limits::http_endpoint(), accept_metrics.clone());
+    tokio::spawn(crate::http_server::serve_with(
+        Acceptor::new(metrics, metrics_limiter, "metrics"),
         crate::metrics::handler(Arc::new(Mutex::new(registry))),
     ));
     let listener = TcpListener::bind(options.listen)
         .await
         .with_context(|| format!("binding {}", options.listen))?;
     tracing::info!(waypoint = %format!("{}/{}", options.namespace, options.name), identity = %me.identity, listen = %options.listen, "waypoint running");
-    loop {
-        let (tcp, peer) = listener.accept().await?;
-        let waypoint = waypoint.clone();
-        tokio::spawn(async move {
-            if let Err(e) = waypoint.connection(tcp, peer).await {
-                tracing::debug!(%peer, "waypoint connection: {e:#}");
+    let limiter = Limiter::new(Limits::proxy(), accept_metrics);
+    Acceptor::new(listener, limiter, "waypoint")
+        .serve(move |tcp, peer| {
+            let waypoint = waypoint.clone();
+            async move {
+                if let Err(e) = waypoint.connection(tcp, peer).await {
+                    tracing::debug!(%peer, "waypoint connection: {e:#}");
+                }
             }
-        });
-    }
+        })
+        .await;
+    Ok(())
 }
 
 impl Waypoint {
-    async fn connection(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) -> Result<()> {
-        let _ = tcp.set_nodelay(true);
+    async fn connection(self: Arc<Self>, tcp: Conn, peer: SocketAddr) -> Result<()> {
         let cert = self.certs.fetch(&self.identity).await?;
-        let tls = TlsAcceptor::from(cert.server_config()?)
-            .accept(tcp)
+        let tls = tcp
+            .handshake()
+            .run(TlsAcceptor::from(cert.server_config()?).accept(tcp))
             .await
             .context("mTLS handshake")?;
         let client = tls::peer_identity(tls.get_ref().1.peer_certificates())?;

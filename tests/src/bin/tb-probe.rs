@@ -6,6 +6,10 @@
 //!   tb-probe bulk <ip:port> <bytes>         send that many bytes, half-close, check
 //!                                          the echo (`<name>:<payload>`) comes back whole
 //!   tb-probe parallel <ip:port> <n> <msg>  n connections at once, each one exchange
+//!                                          (also prints each one's time to its end)
+//!   tb-probe dnsflood <ip:port> <n> <q>    n datagrams from one socket, no waiting
+//!   tb-probe load <ip:port> <ms> <msg>     exchanges with an echo for a while, going
+//!                                          on through failures: ok=, failed=
 //!   tb-probe connect-from <ip> <ip:port> <msg>  like connect, from a chosen source
 //!   tb-probe slow <ip:port> <ms> <msg>     connect, send, wait, then half-close and read
 //! Measurements (against testbed::app::BenchServer):
@@ -36,6 +40,8 @@ fn main() -> ExitCode {
         ["dns", addr, query] => dns(addr, query),
         ["bulk", addr, bytes] => bulk(addr, bytes),
         ["parallel", addr, n, message] => parallel(addr, n, message),
+        ["dnsflood", addr, n, query] => dns_flood(addr, n, query),
+        ["load", addr, millis, message] => load(addr, millis, message),
         ["connect-from", source, addr, message] => connect_from(source, addr, message),
         ["slow", addr, millis, message] => slow(addr, millis, message),
         ["throughput", addr, bytes] => throughput(addr, bytes),
@@ -131,10 +137,12 @@ fn bulk(addr: &str, bytes: &str) -> anyhow::Result<()> {
 fn parallel(addr: &str, n: &str, message: &str) -> anyhow::Result<()> {
     let addr: SocketAddr = addr.parse()?;
     let n: usize = n.parse()?;
+    let started = std::time::Instant::now();
     let threads: Vec<_> = (0..n)
         .map(|i| {
             let message = format!("{message}-{i}");
             std::thread::spawn(move || -> anyhow::Result<bool> {
+                let _print_elapsed = Elapsed(started);
                 let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
                 stream.set_read_timeout(Some(Duration::from_secs(20)))?;
                 stream.write_all(message.as_bytes())?;
@@ -155,6 +163,54 @@ fn parallel(addr: &str, n: &str, message: &str) -> anyhow::Result<()> {
         }
     }
     println!("ok={good}");
+    Ok(())
+}
+
+/// Prints the time since the start when dropped (however the connection ended).
+struct Elapsed(std::time::Instant);
+
+impl Drop for Elapsed {
+    fn drop(&mut self) {
+        println!("elapsed_ms={}", self.0.elapsed().as_millis());
+    }
+}
+
+fn load(addr: &str, millis: &str, message: &str) -> anyhow::Result<()> {
+    let addr: SocketAddr = addr.parse()?;
+    let until = std::time::Instant::now() + Duration::from_millis(millis.parse()?);
+    let exchange = || -> anyhow::Result<bool> {
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+        stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+        stream.write_all(message.as_bytes())?;
+        stream.shutdown(Shutdown::Write)?;
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply)?;
+        Ok(reply.ends_with(&format!(":{message}")))
+    };
+    let (mut ok, mut failed) = (0, 0);
+    while std::time::Instant::now() < until {
+        match exchange() {
+            Ok(true) => ok += 1,
+            _ => {
+                failed += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+    println!("ok={ok} failed={failed}");
+    Ok(())
+}
+
+fn dns_flood(addr: &str, n: &str, query: &str) -> anyhow::Result<()> {
+    let addr: SocketAddr = addr.parse()?;
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    let mut sent = 0;
+    for _ in 0..n.parse::<usize>()? {
+        if socket.send_to(query.as_bytes(), addr).is_ok() {
+            sent += 1;
+        }
+    }
+    println!("sent={sent}");
     Ok(())
 }
 

@@ -14,26 +14,25 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::Empty;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
 use super::{relay, Context, Record};
-use crate::{identity::Identity, policy::Connection, state::Workload, tls};
+use crate::{
+    accept::{Acceptor, Conn},
+    identity::Identity,
+    policy::Connection,
+    state::Workload,
+    tls,
+};
 
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub async fn serve_hbone(ctx: Arc<Context>, pod: Arc<Workload>, listener: TcpListener) {
+pub async fn serve_hbone(ctx: Arc<Context>, pod: Arc<Workload>, acceptor: Acceptor) {
     // The TLS config for the pod's current certificate, rebuilt when it rotates.
     let mut current: Option<(String, TlsAcceptor)> = None;
     loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                tracing::warn!(pod = %pod.name, "HBONE accept failed: {e}");
-                continue;
-            }
-        };
+        let (tcp, peer) = acceptor.accept().await;
         let _ = tcp.set_nodelay(true);
         let acceptor = match ctx.certs.fetch(&pod.identity).await {
             Ok(cert) => match &current {
@@ -69,12 +68,13 @@ async fn hbone_connection(
     ctx: Arc<Context>,
     pod: Arc<Workload>,
     acceptor: TlsAcceptor,
-    tcp: TcpStream,
+    tcp: Conn,
     peer: SocketAddr,
 ) -> Result<()> {
-    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+    let tls = tcp
+        .handshake()
+        .run(acceptor.accept(tcp))
         .await
-        .context("TLS handshake timed out")?
         .context("mTLS handshake")?;
     let peer_identity = tls::peer_identity(tls.get_ref().1.peer_certificates())?;
     let settings = ctx.hbone.clone();
@@ -235,15 +235,9 @@ async fn deliver(ctx: &Context, pod: &Workload, target: SocketAddr) -> Result<Tc
     Ok(stream)
 }
 
-pub async fn serve_plaintext(ctx: Arc<Context>, pod: Arc<Workload>, listener: TcpListener) {
+pub async fn serve_plaintext(ctx: Arc<Context>, pod: Arc<Workload>, acceptor: Acceptor) {
     loop {
-        let (mut stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                tracing::warn!(pod = %pod.name, "plaintext accept failed: {e}");
-                continue;
-            }
-        };
+        let (mut stream, peer) = acceptor.accept().await;
         let (ctx2, pod) = (ctx.clone(), pod.clone());
         ctx.connections.spawn(async move {
             let ctx = ctx2;

@@ -21,6 +21,7 @@ use tokio::{
 use tokio_util::task::TaskTracker;
 
 use crate::{
+    accept::{Acceptor, Source},
     certs::CertManager,
     metrics::{DeniedLabels, PolicyMetrics, ShadowLabels, TcpLabels, TcpMetrics, UNKNOWN},
     policy::{authz::describe_source, Connection, Mode},
@@ -45,6 +46,10 @@ pub struct Context {
     pub policy_metrics: PolicyMetrics,
     /// Inbound connections, re-decided when policy changes.
     pub active: Arc<active::Active>,
+    /// DNS forwarding, its in-flight caps shared by every pod.
+    pub dns: Arc<dns::Forwarder>,
+    /// The connection caps every pod's listeners share (one file-descriptor budget).
+    pub limiter: Arc<crate::accept::Limiter>,
     /// Per enrolled pod (by netns path): the thread that makes sockets inside it.
     pub sockets: Mutex<std::collections::HashMap<std::path::PathBuf, crate::netns::SocketFactory>>,
 }
@@ -170,9 +175,15 @@ pub fn serve_pod(
 ) -> std::io::Result<JoinSet<()>> {
     let mut tasks = JoinSet::new();
     let cookie = listeners.netns_cookie;
-    let outbound = tokio::net::TcpListener::from_std(listeners.outbound)?;
-    let hbone = tokio::net::TcpListener::from_std(listeners.hbone)?;
-    let plaintext = tokio::net::TcpListener::from_std(listeners.inbound_plaintext)?;
+    let accept = |listener: std::net::TcpListener, name| {
+        tokio::net::TcpListener::from_std(listener)
+            .map(|l| Acceptor::new(l, ctx.limiter.clone(), name))
+    };
+    // A pod's outbound connections are one source, from its address or loopback.
+    let outbound = accept(listeners.outbound, "outbound")?
+        .source(Source::Listener(std::net::IpAddr::V4(workload.ip)));
+    let hbone = accept(listeners.hbone, "hbone")?;
+    let plaintext = accept(listeners.inbound_plaintext, "plaintext")?;
     let dns = tokio::net::UdpSocket::from_std(listeners.dns)?;
     tasks.spawn(outbound::serve(
         ctx.clone(),
@@ -186,7 +197,7 @@ pub fn serve_pod(
         workload.clone(),
         plaintext,
     ));
-    tasks.spawn(dns::serve(workload, dns));
+    tasks.spawn(dns::serve(ctx.dns.clone(), workload, dns));
     Ok(tasks)
 }
 

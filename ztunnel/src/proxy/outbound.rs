@@ -10,10 +10,13 @@ use std::{
 use anyhow::{Context as _, Result};
 use http::{HeaderMap, HeaderValue};
 use hyper_util::rt::TokioIo;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 use super::{relay, Context, Record};
-use crate::state::Workload;
+use crate::{
+    accept::{Acceptor, Conn},
+    state::Workload,
+};
 
 /// Where a captured connection goes.
 enum Route {
@@ -43,16 +46,10 @@ pub async fn serve(
     ctx: Arc<Context>,
     source: Arc<Workload>,
     netns_cookie: u64,
-    listener: TcpListener,
+    acceptor: Acceptor,
 ) {
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                tracing::warn!(pod = %source.name, "outbound accept failed: {e}");
-                continue;
-            }
-        };
+        let (stream, peer) = acceptor.accept().await;
         let (ctx2, source) = (ctx.clone(), source.clone());
         ctx.connections.spawn(async move {
             handle(ctx2, source, netns_cookie, stream, peer).await;
@@ -64,7 +61,7 @@ async fn handle(
     ctx: Arc<Context>,
     source: Arc<Workload>,
     netns_cookie: u64,
-    mut stream: TcpStream,
+    mut stream: Conn,
     peer: SocketAddr,
 ) {
     let _ = stream.set_nodelay(true);
@@ -269,7 +266,7 @@ async fn hbone(
     source: &Arc<Workload>,
     destination: &Arc<Workload>,
     port: u16,
-    stream: &mut TcpStream,
+    stream: &mut Conn,
 ) -> Result<(u64, u64)> {
     let authority = SocketAddr::new(IpAddr::V4(destination.ip), port);
     hbone_to(ctx, source, destination, authority, stream).await
@@ -281,7 +278,7 @@ async fn hbone_to(
     source: &Arc<Workload>,
     peer: &Arc<Workload>,
     authority: SocketAddr,
-    stream: &mut TcpStream,
+    stream: &mut Conn,
 ) -> Result<(u64, u64)> {
     let cert = ctx.certs.fetch(&source.identity).await?;
     let address = SocketAddr::new(IpAddr::V4(peer.ip), crate::redirect::HBONE_PORT);
@@ -305,7 +302,7 @@ async fn hbone_to(
     Ok(relay(stream, &mut tunnel).await?)
 }
 
-async fn passthrough(address: SocketAddrV4, stream: &mut TcpStream) -> Result<(u64, u64)> {
+async fn passthrough(address: SocketAddrV4, stream: &mut Conn) -> Result<(u64, u64)> {
     let mut upstream = TcpStream::connect(address)
         .await
         .with_context(|| format!("connecting to {address}"))?;

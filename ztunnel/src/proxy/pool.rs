@@ -73,11 +73,26 @@ impl Drop for StreamGuard {
     }
 }
 
+/// How long a failed dial's error is given to new connections to the same place
+/// without dialing again: long enough that a burst fails together, short enough
+/// that a destination back up is used at once.
+const NEGATIVE_CACHE: Duration = Duration::from_secs(1);
+
+/// Dials a connection may start or join before giving up (each brought a
+/// connection whose slots others took first, or that closed at once).
+const DIAL_ROUNDS: usize = 4;
+
+/// One dial to a key, shared by every connection waiting for it: the first to ask
+/// dials; the others wait for that dial's result (a waiter takes over when the
+/// dialing one is cancelled). Its outcome, and when it was known.
+#[derive(Default)]
+struct Dial(tokio::sync::OnceCell<(Result<(), String>, Instant)>);
+
 #[derive(Default)]
 pub struct Pool {
     settings: PoolSettings,
     connections: Mutex<HashMap<Key, Vec<Arc<Connection>>>>,
-    dialing: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>,
+    dialing: Mutex<HashMap<Key, Arc<Dial>>>,
 }
 
 impl Pool {
@@ -115,33 +130,7 @@ impl Pool {
             destination: destination.clone(),
             address,
         };
-        let (mut sender, guard) = match self.take_slot(&key) {
-            Some(slot) => slot,
-            None => {
-                // One dial per key at a time, the lock held until the new connection
-                // is in the pool: streams that start together share it.
-                let dialing = self.dial_lock(&key);
-                let _dialing = dialing.lock().await;
-                match self.take_slot(&key) {
-                    Some(slot) => slot,
-                    None => {
-                        let connection = Arc::new(self.open(source, destination, address).await?);
-                        connection.streams.fetch_add(1, Ordering::AcqRel);
-                        let slot = (
-                            connection.sender.clone(),
-                            StreamGuard(connection.streams.clone()),
-                        );
-                        self.connections
-                            .lock()
-                            .expect("not poisoned")
-                            .entry(key)
-                            .or_default()
-                            .push(connection);
-                        slot
-                    }
-                }
-            }
-        };
+        let (mut sender, guard) = self.slot(&key, source).await?;
         let mut request = Request::builder()
             .method(Method::CONNECT)
             .uri(authority.to_string())
@@ -164,13 +153,64 @@ impl Pool {
         Ok((upgraded, guard))
     }
 
-    fn dial_lock(&self, key: &Key) -> Arc<tokio::sync::Mutex<()>> {
-        self.dialing
-            .lock()
-            .expect("not poisoned")
-            .entry(key.clone())
-            .or_default()
-            .clone()
+    /// A stream slot on a pooled connection, dialing one when none is free. Streams
+    /// that start together share one dial, and its failure.
+    async fn slot(
+        &self,
+        key: &Key,
+        source: &Arc<WorkloadCert>,
+    ) -> Result<(SendRequest<Empty<Bytes>>, StreamGuard)> {
+        for _ in 0..DIAL_ROUNDS {
+            if let Some(slot) = self.take_slot(key) {
+                return Ok(slot);
+            }
+            let dial = self.dial_for(key);
+            let (result, _) = dial
+                .0
+                .get_or_init(|| async {
+                    let result = match self.open(source, &key.destination, key.address).await {
+                        Ok(connection) => {
+                            self.connections
+                                .lock()
+                                .expect("not poisoned")
+                                .entry(key.clone())
+                                .or_default()
+                                .push(Arc::new(connection));
+                            Ok(())
+                        }
+                        Err(e) => Err(format!("{e:#}")),
+                    };
+                    (result, Instant::now())
+                })
+                .await;
+            if let Err(e) = result {
+                bail!("{e}");
+            }
+        }
+        bail!(
+            "no HBONE stream to {} after {DIAL_ROUNDS} dials: every new connection was taken or closed",
+            key.address
+        )
+    }
+
+    /// The dial to join for `key`: the one in flight, or a failure still fresh;
+    /// otherwise a new one.
+    fn dial_for(&self, key: &Key) -> Arc<Dial> {
+        let mut dialing = self.dialing.lock().expect("not poisoned");
+        let current = dialing.get(key).filter(|dial| match dial.0.get() {
+            None => true,
+            Some((Err(_), at)) => at.elapsed() < NEGATIVE_CACHE,
+            // It brought a connection, whose slots are taken by now.
+            Some((Ok(()), _)) => false,
+        });
+        match current {
+            Some(dial) => dial.clone(),
+            None => {
+                let dial = Arc::new(Dial::default());
+                dialing.insert(key.clone(), dial.clone());
+                dial
+            }
+        }
     }
 
     /// A free stream slot on a live pooled connection.
@@ -255,11 +295,17 @@ impl Pool {
         }
         connections.retain(|_, list| !list.is_empty());
         drop(connections);
-        // Dial locks nobody holds or waits on.
+        // Dials nobody waits on, once done and no longer a fresh failure.
         self.dialing
             .lock()
             .expect("not poisoned")
-            .retain(|_, lock| Arc::strong_count(lock) > 1);
+            .retain(|_, dial| {
+                Arc::strong_count(dial) > 1
+                    || dial
+                        .0
+                        .get()
+                        .is_none_or(|(result, at)| result.is_err() && at.elapsed() < NEGATIVE_CACHE)
+            });
     }
 
     /// Live pooled connections (for tests and /config_dump).
@@ -270,5 +316,52 @@ impl Pool {
             .values()
             .map(Vec::len)
             .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> Key {
+        let id: Identity = "spiffe://cluster.local/ns/a/sa/b".parse().unwrap();
+        Key {
+            source: id.clone(),
+            destination: id,
+            address: "10.0.0.1:15008".parse().unwrap(),
+        }
+    }
+
+    fn finished(result: Result<(), String>, ago: Duration) -> Arc<Dial> {
+        let dial = Dial::default();
+        dial.0.set((result, Instant::now() - ago)).unwrap();
+        Arc::new(dial)
+    }
+
+    #[test]
+    fn a_dial_in_flight_or_a_fresh_failure_is_joined_anything_else_replaced() {
+        let pool = Pool::default();
+        let key = key();
+        let in_flight = pool.dial_for(&key);
+        assert!(Arc::ptr_eq(&in_flight, &pool.dial_for(&key)), "joined");
+        drop(in_flight);
+        let cases = [
+            (Err("refused".to_owned()), Duration::ZERO, true),
+            (Err("refused".to_owned()), NEGATIVE_CACHE * 2, false),
+            // A success brought a connection; needing another means it is full.
+            (Ok(()), Duration::ZERO, false),
+        ];
+        for (result, ago, joined) in cases {
+            let dial = finished(result.clone(), ago);
+            pool.dialing
+                .lock()
+                .unwrap()
+                .insert(key.clone(), dial.clone());
+            assert_eq!(
+                Arc::ptr_eq(&dial, &pool.dial_for(&key)),
+                joined,
+                "{result:?} {ago:?} ago"
+            );
+        }
     }
 }

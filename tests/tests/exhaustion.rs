@@ -1,0 +1,534 @@
+//! Resource exhaustion, performed: out of file descriptors, idle clients holding
+//! sockets, DNS floods, dials to a dead destination, a closed output pipe. Each
+//! asserts the secure outcome and that everyone else keeps being served.
+
+use std::{
+    io::Read,
+    net::{SocketAddr, TcpStream},
+    time::{Duration, Instant},
+};
+
+use testbed::{
+    app::EchoServer,
+    mesh::{eventually, metric, open_fds, set_fd_limit, Mesh, WorkloadSpec},
+    Cluster, ClusterSpec,
+};
+
+const PROBE: &str = env!("CARGO_BIN_EXE_tb-probe");
+
+/// node-a: client, client-2 (service account `other`); node-b: server, rogue (not
+/// in the mesh).
+async fn mesh() -> Mesh {
+    let cluster = Cluster::new(
+        &ClusterSpec::new()
+            .node("node-a", ["client", "client-2"])
+            .node("node-b", ["server", "rogue"]),
+    )
+    .unwrap();
+    let workloads = [
+        WorkloadSpec::new("client", "demo", "client"),
+        WorkloadSpec::new("client-2", "demo", "other"),
+        WorkloadSpec::new("server", "demo", "server"),
+    ];
+    Mesh::start(cluster, &workloads, &["demo"]).await.unwrap()
+}
+
+fn probe(mesh: &Mesh, pod: &str, args: &[&str]) -> String {
+    let out = mesh.cluster.pod(pod).run(PROBE, args).unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn addr(mesh: &Mesh, pod: &str, port: u16) -> String {
+    SocketAddr::new(mesh.cluster.pod(pod).ip.into(), port).to_string()
+}
+
+/// The client reaches the server through the mesh.
+fn served(mesh: &Mesh, message: &str) {
+    let out = probe(
+        mesh,
+        "client",
+        &["connect", &addr(mesh, "server", 8080), message],
+    );
+    assert!(out.contains(&format!("reply=server:{message}")), "{out}");
+}
+
+/// Restarts the node's tunnel with extra arguments.
+async fn restart_with(mesh: &mut Mesh, node: &str, args: &[&str]) {
+    mesh.kill_tunnel(node);
+    mesh.tunnel_args
+        .insert(node.into(), args.iter().map(|a| a.to_string()).collect());
+    mesh.start_tunnel(node).await.unwrap();
+}
+
+/// Whether a held connection has been closed by the server (EOF or reset), waiting
+/// up to `within` for it.
+fn closed_within(mut stream: &TcpStream, within: Duration) -> bool {
+    stream.set_read_timeout(Some(within)).unwrap();
+    let mut byte = [0u8; 1];
+    match stream.read(&mut byte) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_readiness_server_survives_fd_exhaustion() {
+    let mesh = mesh().await;
+    let _echo = EchoServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    let pid = mesh.tunnel_pid("node-b").unwrap();
+    // A few descriptors to spare, then none: every listener's accept fails (EMFILE).
+    let old = set_fd_limit(pid, open_fds(pid) as u64 + 3).unwrap();
+    let node = mesh.cluster.node("node-b");
+    let held = node
+        .in_netns(|| {
+            (0..40)
+                .filter_map(|_| TcpStream::connect(("127.0.0.1", 15021)).ok())
+                .collect::<Vec<_>>()
+        })
+        .unwrap();
+    assert!(held.len() > 10, "the kernel queues the connections");
+    eventually(
+        Duration::from_secs(10),
+        "the readiness listener out of descriptors",
+        || async {
+            mesh.log("node-b")
+                .lines()
+                .any(|l| l.contains("accept failed") && l.contains("readiness"))
+        },
+    )
+    .await;
+    // It keeps retrying, backed off, not spinning; then serves once descriptors are back.
+    let exhausted = Instant::now();
+    eventually(
+        Duration::from_secs(10),
+        "more retries over time",
+        || async { exhausted.elapsed() > Duration::from_secs(2) },
+    )
+    .await;
+    drop(held);
+    set_fd_limit(pid, old).unwrap();
+    eventually(Duration::from_secs(10), "ready again", || async {
+        mesh.http_get("node-b", 15021, "/healthz/ready")
+            .await
+            .is_ok_and(|(code, _)| code == 200)
+    })
+    .await;
+    served(&mesh, "after-exhaustion");
+    let page = mesh.metrics("node-b").await;
+    let errors = metric(
+        &page,
+        "ztunnel_accept_errors_total",
+        &["listener=\"readiness\""],
+    );
+    assert!(
+        errors >= 1.0 && errors < 100.0,
+        "accept errors counted and backed off, not spun: {errors}"
+    );
+    let warnings = mesh
+        .log("node-b")
+        .lines()
+        .filter(|l| l.contains("accept failed"))
+        .count();
+    assert!(warnings < 30, "warnings rate-limited: {warnings}");
+}
+
+/// node-b's HBONE connections refused for `reason`.
+async fn refused(mesh: &Mesh, reason: &str) -> f64 {
+    metric(
+        &mesh.metrics("node-b").await,
+        "ztunnel_connections_refused_total",
+        &["listener=\"hbone\"", &format!("reason=\"{reason}\"")],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_unauthenticated_client_cannot_hold_the_hbone_port() {
+    let mut mesh = mesh().await;
+    restart_with(
+        &mut mesh,
+        "node-b",
+        &[
+            "--handshake-timeout",
+            "1500ms",
+            "--max-connections-per-source",
+            "8",
+        ],
+    )
+    .await;
+    let _echo = EchoServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    // From a pod outside the mesh: 20 TCP connections to the server's HBONE port,
+    // never a TLS byte.
+    let hbone = SocketAddr::new(mesh.cluster.pod("server").ip.into(), 15008);
+    let opened = Instant::now();
+    let idle = mesh
+        .cluster
+        .pod("rogue")
+        .in_netns(move || {
+            (0..20)
+                .map(|_| TcpStream::connect_timeout(&hbone, Duration::from_secs(5)).unwrap())
+                .collect::<Vec<_>>()
+        })
+        .unwrap();
+    // Over the per-source cap: closed at once, counted. The rest hold their slots
+    // for now, and the client, another source, is served meanwhile.
+    eventually(Duration::from_secs(5), "12 refused", || async {
+        refused(&mesh, "per_source_limit").await == 12.0
+    })
+    .await;
+    let closed = idle
+        .iter()
+        .filter(|s| closed_within(s, Duration::from_millis(10)))
+        .count();
+    assert_eq!(closed, 12, "all but the per-source cap closed at once");
+    served(&mesh, "while-idle-clients-hold");
+    // Then the handshake timeout frees the others.
+    for stream in &idle {
+        assert!(closed_within(stream, Duration::from_secs(10)));
+    }
+    let held = opened.elapsed();
+    assert!(held < Duration::from_secs(6), "held for {held:?}");
+    assert_eq!(refused(&mesh, "handshake_timeout").await, 8.0);
+    assert_eq!(refused(&mesh, "per_source_limit").await, 12.0);
+    served(&mesh, "after");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_dials_to_an_unreachable_destination_fail_together() {
+    let mesh = mesh().await;
+    // A mesh workload whose address answers nothing: node-a routes it to a
+    // neighbour that does not exist, so a dial fails when ARP gives up (~3 s).
+    let ghost = "10.244.1.250";
+    mesh.write_config(
+        "ghost.yaml",
+        &format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: ghost, namespace: demo}}\nspec: {{serviceAccountName: server, nodeName: node-b}}\nstatus: {{podIP: {ghost}}}\n"),
+    )
+    .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the ghost in node-a's state",
+        || async {
+            mesh.config_dump("node-a").await["workloads"]
+                .as_array()
+                .is_some_and(|w| w.iter().any(|w| w["ip"] == ghost))
+        },
+    )
+    .await;
+    let out = mesh
+        .cluster
+        .node("node-a")
+        .command("ip")
+        .unwrap()
+        .args(["route", "add", &format!("{ghost}/32"), "via", "172.30.0.99"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let out = probe(
+        &mesh,
+        "client",
+        &["parallel", &format!("{ghost}:8080"), "4", "x"],
+    );
+    assert!(out.contains("ok=0"), "{out}");
+    let elapsed: Vec<u64> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("elapsed_ms=")?.parse().ok())
+        .collect();
+    assert_eq!(elapsed.len(), 4, "{out}");
+    let (first, last) = (elapsed.iter().min().unwrap(), elapsed.iter().max().unwrap());
+    // One dial's time, not four in a row (serialized: 3, 6, 9, 12 s).
+    assert!(
+        last - first < 1500 && *last < 8000,
+        "the failures came at {elapsed:?} ms"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dns_flood_is_bounded_and_counted() {
+    let mut mesh = mesh().await;
+    // The upstream, in node-a's namespace: answers queries starting with "ok",
+    // never the others (a silent upstream holds every forwarded query till timeout).
+    let upstream = mesh
+        .cluster
+        .node("node-a")
+        .in_netns(|| std::net::UdpSocket::bind("127.0.0.1:0"))
+        .unwrap()
+        .unwrap();
+    let upstream_addr = upstream.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        while let Ok((n, from)) = upstream.recv_from(&mut buf) {
+            if buf[..n].starts_with(b"ok") {
+                let mut answer = buf[..n].to_vec();
+                answer.extend_from_slice(b" answered");
+                let _ = upstream.send_to(&answer, from);
+            }
+        }
+    });
+    restart_with(
+        &mut mesh,
+        "node-a",
+        &["--dns-upstream", &upstream_addr.to_string()],
+    )
+    .await;
+    let pid = mesh.tunnel_pid("node-a").unwrap();
+    let before = open_fds(pid);
+    let out = probe(
+        &mesh,
+        "client",
+        &["dnsflood", "10.96.0.10:53", "3000", "xx-flood"],
+    );
+    assert!(out.contains("sent=3000"), "{out}");
+    eventually(Duration::from_secs(10), "drops counted", || async {
+        metric(
+            &mesh.metrics("node-a").await,
+            "ztunnel_dns_queries_dropped_total",
+            &["reason=\"pod_limit\""],
+        ) > 0.0
+    })
+    .await;
+    // While the flood's queries are in flight: the descriptors stay within the
+    // pod's share, and another pod is answered.
+    let during = open_fds(pid);
+    assert!(
+        during < before + 256 + 64,
+        "{before} descriptors before, {during} during the flood"
+    );
+    let out = probe(&mesh, "client-2", &["dns", "10.96.0.10:53", "ok-other-pod"]);
+    assert!(out.contains("reply=ok-other-pod answered"), "{out}");
+    let page = mesh.metrics("node-a").await;
+    let forwarded = metric(&page, "ztunnel_dns_queries_forwarded_total", &[]);
+    assert!(
+        forwarded <= 256.0 + 1.0 + 64.0,
+        "at most the pod's share (and the other pod's query) forwarded: {forwarded}"
+    );
+    // The flooding pod itself is served again once its queries time out.
+    eventually(
+        Duration::from_secs(15),
+        "the flooder answered again",
+        || async {
+            probe(&mesh, "client", &["dns", "10.96.0.10:53", "ok-again"])
+                .contains("reply=ok-again answered")
+        },
+    )
+    .await;
+}
+
+#[test]
+fn policy_check_into_a_closed_pipe_exits_quietly() {
+    let config = testbed::mesh::TempDir::new("closed-pipe").unwrap();
+    std::fs::write(
+        config.path().join("config.yaml"),
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: demo, labels: {istio.io/dataplane-mode: ambient}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: demo}\nspec: {serviceAccountName: a, nodeName: n}\nstatus: {podIP: 10.0.0.1}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: b, namespace: demo}\nspec: {serviceAccountName: b, nodeName: n}\nstatus: {podIP: 10.0.0.2}\n",
+    )
+    .unwrap();
+    // A pipe whose reader is gone before the command writes a byte (`| head -0`).
+    let (reader, writer) = nix::unistd::pipe().unwrap();
+    drop(reader);
+    let out = std::process::Command::new(testbed::mesh::ztunnel_binary())
+        .args(["policy", "check", "--config"])
+        .arg(config.path())
+        .args(["--from", "demo/a", "--to", "demo/b:80", "-o", "json"])
+        .stdout(std::process::Stdio::from(writer))
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "the decision's status: {stderr}"
+    );
+    assert!(stderr.is_empty(), "quiet: {stderr}");
+}
+
+// The fault matrix: each fault asserts that nothing plaintext crossed between the
+// nodes, that nothing crashed, and that service comes back.
+
+/// Denies `other` (client-2) the server: a decision that must hold through faults.
+const DENY_OTHER: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-other, namespace: demo}\nspec:\n  action: DENY\n  rules:\n  - from: [{source: {principals: [cluster.local/ns/demo/sa/other]}}]\n";
+
+/// client-2 (denied by [`DENY_OTHER`]) tries the server.
+fn denied_probe(mesh: &Mesh) -> String {
+    probe(
+        mesh,
+        "client-2",
+        &["connect", &addr(mesh, "server", 8080), "no"],
+    )
+}
+
+/// Starts `tb-probe load` in the client pod for `millis`: exchanges with a marker.
+fn start_load(mesh: &Mesh, millis: u64, marker: &str) -> std::process::Child {
+    mesh.cluster
+        .pod("client")
+        .command(PROBE)
+        .unwrap()
+        .args([
+            "load",
+            &addr(mesh, "server", 8080),
+            &millis.to_string(),
+            marker,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// The load's (ok, failed) counts, once it ends.
+fn load_result(load: std::process::Child) -> (u64, u64) {
+    let out = load.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let count = |key: &str| {
+        text.split_whitespace()
+            .find_map(|w| w.strip_prefix(key)?.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in {text:?}"))
+    };
+    (count("ok="), count("failed="))
+}
+
+fn assert_nothing_plaintext(packets: &[testbed::capture::Packet], marker: &str) {
+    assert!(!packets.is_empty());
+    if let Some(violation) = testbed::capture::plaintext_crossed(packets, marker.as_bytes()) {
+        panic!("{violation} ({} packets)", packets.len());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tunnels_killed_and_restarted_under_load_let_no_plaintext_cross() {
+    let mut mesh = mesh().await;
+    mesh.write_config("deny.yaml", DENY_OTHER).unwrap();
+    let _echo = EchoServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the deny policy applied",
+        || async { !denied_probe(&mesh).contains("reply=") },
+    )
+    .await;
+    let capture = testbed::capture::Capture::start(&mesh.cluster.fabric_netns()).unwrap();
+    let marker = "FAULT-MARKER-1b7e";
+    let load = start_load(&mesh, 6000, marker);
+    for node in ["node-a", "node-b"] {
+        // Under load: SIGKILL (no draining, pins left behind), then a new process.
+        eventually(Duration::from_secs(10), "load flowing", || async {
+            metric(
+                &mesh.metrics("node-a").await,
+                "istio_tcp_connections_closed_total",
+                &["reporter=\"source\""],
+            ) > 0.0
+        })
+        .await;
+        mesh.kill_tunnel(node);
+        mesh.start_tunnel(node).await.unwrap();
+        // The restarted tunnel adopted its pinned state and serves its pods.
+        let pod = if node == "node-a" { "client" } else { "server" };
+        mesh.wait_enrolled(node, pod, true).await.unwrap();
+    }
+    let (ok, failed) = load_result(load);
+    assert!(ok > 0, "ok={ok} failed={failed}");
+    served(&mesh, "after-restarts");
+    assert!(
+        !denied_probe(&mesh).contains("reply="),
+        "still denied after the restarts"
+    );
+    assert_nothing_plaintext(&capture.stop(), marker);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_peer_tunnel_reset_mid_stream_ends_the_stream_and_the_next_is_served() {
+    let mut mesh = mesh().await;
+    let _echo = EchoServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    let capture = testbed::capture::Capture::start(&mesh.cluster.fabric_netns()).unwrap();
+    let marker = "RESET-MARKER-5d21";
+    // A stream open across the fault: sends, waits, then half-closes and reads.
+    let slow = mesh
+        .cluster
+        .pod("client")
+        .command(PROBE)
+        .unwrap()
+        .args(["slow", &addr(&mesh, "server", 8080), "3000", marker])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    eventually(Duration::from_secs(10), "the stream open", || async {
+        metric(
+            &mesh.metrics("node-b").await,
+            "istio_tcp_connections_opened_total",
+            &["reporter=\"destination\""],
+        ) > 0.0
+    })
+    .await;
+    let node_a = mesh.tunnel_pid("node-a").unwrap();
+    mesh.kill_tunnel("node-b");
+    let started = Instant::now();
+    let out = slow.wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        !out.contains(&format!("reply=server:{marker}")),
+        "the stream cannot have completed: {out}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(20));
+    mesh.start_tunnel("node-b").await.unwrap();
+    // The source tunnel did not crash, dropped the broken pooled connection and
+    // serves the next stream.
+    assert_eq!(mesh.tunnel_pid("node-a"), Some(node_a));
+    served(&mesh, "after-reset");
+    assert_nothing_plaintext(&capture.stop(), marker);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn at_the_fd_limit_the_tunnel_backs_off_and_serves_again() {
+    let mesh = mesh().await;
+    let _echo = EchoServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    let capture = testbed::capture::Capture::start(&mesh.cluster.fabric_netns()).unwrap();
+    let marker = "FDLIMIT-MARKER-99c0";
+    served(&mesh, "before");
+    // node-a's tunnel can open no descriptor at all (0-2 are taken): its outbound
+    // accept fails (EMFILE) and is retried; the connections wait in the backlog.
+    let pid = mesh.tunnel_pid("node-a").unwrap();
+    let old = set_fd_limit(pid, 3).unwrap();
+    let parallel = mesh
+        .cluster
+        .pod("client")
+        .command(PROBE)
+        .unwrap()
+        .args(["parallel", &addr(&mesh, "server", 8080), "20", marker])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "outbound accept failing",
+        || async {
+            mesh.log("node-a")
+                .lines()
+                .any(|l| l.contains("accept failed") && l.contains("outbound"))
+        },
+    )
+    .await;
+    let exhausted = Instant::now();
+    eventually(Duration::from_secs(10), "a while at the limit", || async {
+        exhausted.elapsed() > Duration::from_secs(2)
+    })
+    .await;
+    set_fd_limit(pid, old).unwrap();
+    // The queued connections are taken once descriptors are back.
+    let out = parallel.wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.contains("ok=20"), "{out}");
+    assert_eq!(mesh.tunnel_pid("node-a"), Some(pid));
+    let errors = metric(
+        &mesh.metrics("node-a").await,
+        "ztunnel_accept_errors_total",
+        &["listener=\"outbound\""],
+    );
+    assert!((1.0..100.0).contains(&errors), "backed off: {errors}");
+    served(&mesh, "after-fd-limit");
+    assert_nothing_plaintext(&capture.stop(), marker);
+}

@@ -92,6 +92,23 @@ fn collect_pod_cgroups(
     Ok(())
 }
 
+/// Whether process `pid` is in the cgroup or below it (read after the fact: a
+/// process cannot be moved into a pod's cgroup by a PID's reuse).
+pub fn cgroup_holds(cgroup: &Path, pid: u32) -> bool {
+    fn walk(dir: &Path, pid: u32, depth: usize) -> bool {
+        let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        if procs.lines().any(|l| l.trim().parse() == Ok(pid)) {
+            return true;
+        }
+        depth < MAX_DEPTH
+            && subdirectories(dir)
+                .unwrap_or_default()
+                .iter()
+                .any(|sub| walk(sub, pid, depth + 1))
+    }
+    walk(cgroup, pid, 0)
+}
+
 /// A process in the cgroup or below it.
 fn first_pid(dir: &Path, depth: usize) -> io::Result<Option<u32>> {
     let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();

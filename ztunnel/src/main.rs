@@ -41,6 +41,15 @@ enum Command {
     /// Mount bpffs at the path unless one is there (a node init step: pins must
     /// live on the host's bpffs to outlive the tunnel).
     MountBpffs { path: PathBuf },
+    /// Remove this node's redirection when the mesh is deleted: unpins the links
+    /// (detaching the programs from the pod cgroup root and every pod's network
+    /// namespace) and the maps, so that pods are no longer captured into a tunnel
+    /// that is gone. Run it after the tunnel has stopped (deploy/uninstall.yaml).
+    Uninstall {
+        /// The tunnel's --pin-dir.
+        #[arg(long, default_value = "/sys/fs/bpf/ztunnel")]
+        pin_dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -254,6 +263,15 @@ fn main() {
                 ztunnel::redirect::mount_bpffs(&path).map(|mounted| match mounted {
                     true => println!("mounted bpffs at {}", path.display()),
                     false => println!("{} is already a bpffs mount", path.display()),
+                })
+            }
+            Command::Uninstall { pin_dir } => {
+                ztunnel::redirect::uninstall(&pin_dir).map(|pins| match pins {
+                    0 => println!("nothing pinned at {}: nothing to remove", pin_dir.display()),
+                    n => println!(
+                        "removed {n} pins at {}: pods are no longer captured",
+                        pin_dir.display()
+                    ),
                 })
             }
             Command::Policy(PolicyCommand::Check(args)) => match policy_check(args) {

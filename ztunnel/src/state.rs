@@ -356,6 +356,7 @@ mod tests {
             Namespace {
                 name: "mesh".into(),
                 labels: [(config::DATAPLANE_MODE.to_string(), "ambient".to_string())].into(),
+                annotations: Default::default(),
             },
         );
         for p in [

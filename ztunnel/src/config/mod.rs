@@ -126,6 +126,7 @@ pub const CGROUP_ANNOTATION: &str = "ztunnel.local/cgroup";
 pub struct Namespace {
     pub name: String,
     pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -23,6 +23,7 @@ use tokio_util::task::TaskTracker;
 use crate::{
     certs::CertManager,
     metrics::{DeniedLabels, PolicyMetrics, ShadowLabels, TcpLabels, TcpMetrics, UNKNOWN},
+    netns::SocketFactory,
     policy::{authz::describe_source, Connection, Mode},
     redirect::{PodListeners, Redirector},
     state::{State, Workload},
@@ -45,25 +46,9 @@ pub struct Context {
     pub policy_metrics: PolicyMetrics,
     /// Inbound connections, re-decided when policy changes.
     pub active: Arc<active::Active>,
-    /// Per enrolled pod (by netns path): the thread that makes sockets inside it.
-    pub sockets: Mutex<std::collections::HashMap<std::path::PathBuf, crate::netns::SocketFactory>>,
 }
 
 impl Context {
-    /// The socket factory of a pod's network namespace, started on first use.
-    pub fn socket_factory(
-        &self,
-        netns: &std::path::Path,
-    ) -> std::io::Result<crate::netns::SocketFactory> {
-        let mut sockets = self.sockets.lock().expect("not poisoned");
-        if let Some(factory) = sockets.get(netns) {
-            return Ok(factory.clone());
-        }
-        let factory = crate::netns::SocketFactory::new(netns)?;
-        sockets.insert(netns.to_owned(), factory.clone());
-        Ok(factory)
-    }
-
     /// The current state: one consistent snapshot, taken once per connection.
     pub fn snapshot(&self) -> Arc<State> {
         self.state.borrow().clone()
@@ -162,7 +147,8 @@ impl Context {
     }
 }
 
-/// Serves one enrolled pod's listeners until the returned set is dropped.
+/// Serves one enrolled pod's listeners until the returned set is dropped. Every
+/// connection made on the pod's behalf is dialed from inside its namespace.
 pub fn serve_pod(
     ctx: Arc<Context>,
     workload: Arc<Workload>,
@@ -170,6 +156,7 @@ pub fn serve_pod(
 ) -> std::io::Result<JoinSet<()>> {
     let mut tasks = JoinSet::new();
     let cookie = listeners.netns_cookie;
+    let sockets = SocketFactory::new(&listeners.netns)?;
     let outbound = tokio::net::TcpListener::from_std(listeners.outbound)?;
     let hbone = tokio::net::TcpListener::from_std(listeners.hbone)?;
     let plaintext = tokio::net::TcpListener::from_std(listeners.inbound_plaintext)?;
@@ -179,12 +166,19 @@ pub fn serve_pod(
         workload.clone(),
         cookie,
         outbound,
+        sockets.clone(),
     ));
-    tasks.spawn(inbound::serve_hbone(ctx.clone(), workload.clone(), hbone));
+    tasks.spawn(inbound::serve_hbone(
+        ctx.clone(),
+        workload.clone(),
+        hbone,
+        sockets.clone(),
+    ));
     tasks.spawn(inbound::serve_plaintext(
         ctx.clone(),
         workload.clone(),
         plaintext,
+        sockets,
     ));
     tasks.spawn(dns::serve(workload, dns));
     Ok(tasks)

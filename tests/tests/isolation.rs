@@ -6,7 +6,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use testbed::{
     app::{EchoServer, UdpEcho},
-    mesh::{eventually, ztunnel_binary, Mesh, WorkloadSpec},
+    mesh::{eventually, ztunnel_binary, Mesh, TempDir, WorkloadSpec},
     Cluster, ClusterSpec,
 };
 
@@ -92,6 +92,24 @@ fn point_client_netns(mesh: &Mesh, path: &str) {
         .collect();
     mesh.write_config("workloads.yaml", &yaml.join("---\n"))
         .unwrap();
+}
+
+/// What `ztunnel policy check` says about the client's traffic to the server.
+fn policy_check_notes(mesh: &Mesh) -> String {
+    let out = std::process::Command::new(ztunnel_binary())
+        .args([
+            "policy",
+            "check",
+            "--from",
+            "demo/client",
+            "--to",
+            "demo/server:8080",
+        ])
+        .arg("--config")
+        .arg(mesh.config.path())
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -224,6 +242,11 @@ async fn udp_from_an_ambient_pod_is_dropped_unless_its_namespace_opts_out() {
         let out = probe(&mesh, "client", &[mode, &target, "leak?"]);
         assert!(out.contains("error=Operation not permitted"), "{out}");
     }
+    let note = policy_check_notes(&mesh);
+    assert!(
+        note.contains("UDP other than DNS from demo/client is refused"),
+        "{note}"
+    );
     // The namespace opts out: the same datagrams go through, in plaintext.
     mesh.write_config(
         "ns-demo.yaml",
@@ -234,6 +257,8 @@ async fn udp_from_an_ambient_pod_is_dropped_unless_its_namespace_opts_out() {
         probe(&mesh, "client", &["udp", &target, "allowed"]).contains("reply=plain:allowed")
     })
     .await;
+    let note = policy_check_notes(&mesh);
+    assert!(note.contains("leaves in plaintext, unjudged"), "{note}");
     let peers = echo.stop().unwrap();
     assert!(!peers.is_empty());
     assert!(peers
@@ -335,6 +360,56 @@ async fn a_netns_path_whose_pid_lives_in_another_pod_is_refused() {
     let _ = own.kill();
     let _ = other.wait();
     let _ = own.wait();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_netns_path_that_comes_to_name_another_namespace_is_detected() {
+    let mesh = mesh().await;
+    let dir = TempDir::new("netns-link").unwrap();
+    let link = dir.path().join("client");
+    let point_link = |pod: &str| {
+        let tmp = dir.path().join("tmp");
+        std::os::unix::fs::symlink(mesh.cluster.pod(pod).netns_path(), &tmp).unwrap();
+        std::fs::rename(&tmp, &link).unwrap();
+    };
+    point_link("client");
+    point_client_netns(&mesh, link.to_str().unwrap());
+    let enrollments = || mesh.log("node-a").matches("enrolled pod=client").count();
+    eventually(
+        Duration::from_secs(15),
+        "enrolled through the link",
+        || async { enrollments() >= 2 },
+    )
+    .await;
+    // The path now names local-server's namespace (as a reused PID would): noticed
+    // without any change in the state, and never trusted.
+    point_link("local-server");
+    eventually(Duration::from_secs(15), "the change noticed", || async {
+        metric(
+            &mesh.metrics("node-a").await,
+            "ztunnel_pod_netns_changed_total",
+        ) >= 1.0
+    })
+    .await;
+    assert!(mesh.log("node-a").contains("now names another namespace"));
+    let echo = EchoServer::start(mesh.cluster.pod("plain"), 8080).unwrap();
+    let out = probe(
+        &mesh,
+        "client",
+        &["connect", &addr(&mesh, "plain", 8080), "leak?"],
+    );
+    assert!(out.contains("error=Connection refused"), "{out}");
+    others_are_served(&mesh);
+    // Back to the client's own namespace: enrolled again.
+    point_link("client");
+    mesh.wait_enrolled("node-a", "client", true).await.unwrap();
+    let out = probe(
+        &mesh,
+        "client",
+        &["connect", &addr(&mesh, "plain", 8080), "mine"],
+    );
+    assert!(out.contains("reply=plain:mine"), "{out}");
+    assert_eq!(echo.stop().unwrap().len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread")]

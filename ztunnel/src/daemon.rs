@@ -27,7 +27,7 @@ use crate::{
     metrics::{self, PolicyMetrics, TcpMetrics},
     netns::Netns,
     proxy::{self, pool::Pool, Context},
-    redirect::{PodNetwork, RedirectConfig, Redirector, ALLOW_PLAINTEXT_UDP_ANNOTATION},
+    redirect::{PodNetwork, RedirectConfig, Redirector},
     state::{MeshSettings, State, Workload},
 };
 
@@ -107,16 +107,6 @@ impl EnrollMetrics {
         );
         metrics
     }
-}
-
-/// Whether a namespace lets its pods send UDP other than DNS outside the mesh.
-fn allows_plaintext_udp(state: &State, namespace: &str) -> bool {
-    state
-        .snapshot
-        .namespaces
-        .get(namespace)
-        .and_then(|n| n.annotations.get(ALLOW_PLAINTEXT_UDP_ANNOTATION))
-        .is_some_and(|v| v == "true")
 }
 
 pub async fn run(options: RunOptions, set_log_level: SetLogLevel) -> Result<()> {
@@ -219,7 +209,8 @@ async fn serve_http(addr: SocketAddr, handler: Handler) -> Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
     tokio::select! {
@@ -275,11 +266,28 @@ async fn reconcile_loop(
         ready.store(true, Ordering::Release);
         previous = Some(state);
         let retry = pending.values().map(|p| p.next).min();
-        tokio::select! {
-            changed = states.changed() => if changed.is_err() { return },
-            _ = sleep_until(retry) => {}
+        loop {
+            tokio::select! {
+                changed = states.changed() => if changed.is_err() { return } else { break },
+                _ = sleep_until(retry) => break,
+                // A path can come to name another namespace with no change in the
+                // state (a reused PID): looked at now and then.
+                _ = tokio::time::sleep(NETNS_CHECK) => if netns_moved(&enrolled) { break },
+            }
         }
     }
+}
+
+/// How often enrolled pods' namespace paths are compared with what is held.
+const NETNS_CHECK: Duration = Duration::from_secs(2);
+
+fn netns_moved(enrolled: &EnrolledPods) -> bool {
+    enrolled.lock().expect("not poisoned").values().any(|e| {
+        e.workload
+            .netns
+            .as_deref()
+            .is_some_and(|path| !e.netns.is_at(path))
+    })
 }
 
 async fn sleep_until(at: Option<Instant>) {
@@ -405,7 +413,7 @@ async fn reconcile(
     }
     // What a namespace lets its pods send outside the mesh: a map update.
     for (key, e) in enrolled.lock().expect("not poisoned").iter_mut() {
-        let allow = allows_plaintext_udp(state, &key.0);
+        let allow = state.snapshot.allows_plaintext_udp(&key.0);
         if allow != e.allow_plaintext_udp {
             let result = ctx
                 .redirect
@@ -481,7 +489,7 @@ fn enroll(ctx: &Arc<Context>, state: &State, workload: &Arc<Workload>) -> Result
     let (Some(netns), Some(cgroup)) = (&workload.netns, &workload.cgroup) else {
         anyhow::bail!("its network namespace and cgroup are unknown");
     };
-    let allow_plaintext_udp = allows_plaintext_udp(state, &workload.namespace);
+    let allow_plaintext_udp = state.snapshot.allows_plaintext_udp(&workload.namespace);
     let network = PodNetwork {
         netns: netns.clone(),
         cgroup: cgroup.clone(),

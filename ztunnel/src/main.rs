@@ -49,6 +49,9 @@ enum Command {
         /// The tunnel's --pin-dir.
         #[arg(long, default_value = "/sys/fs/bpf/ztunnel")]
         pin_dir: PathBuf,
+        /// Then wait for SIGTERM (as the container of a cleanup DaemonSet).
+        #[arg(long)]
+        wait: bool,
     },
 }
 
@@ -265,14 +268,19 @@ fn main() {
                     false => println!("{} is already a bpffs mount", path.display()),
                 })
             }
-            Command::Uninstall { pin_dir } => {
-                ztunnel::redirect::uninstall(&pin_dir).map(|pins| match pins {
-                    0 => println!("nothing pinned at {}: nothing to remove", pin_dir.display()),
-                    n => println!(
+            Command::Uninstall { pin_dir, wait } => {
+                match ztunnel::redirect::uninstall(&pin_dir) {
+                    Ok(0) => println!("nothing pinned at {}: nothing to remove", pin_dir.display()),
+                    Ok(n) => println!(
                         "removed {n} pins at {}: pods are no longer captured",
                         pin_dir.display()
                     ),
-                })
+                    Err(e) => return Err(e),
+                }
+                if wait {
+                    ztunnel::daemon::shutdown_signal().await;
+                }
+                Ok(())
             }
             Command::Policy(PolicyCommand::Check(args)) => match policy_check(args) {
                 Ok(true) => Ok(()),

@@ -79,13 +79,9 @@ pub struct PodNetwork {
     pub cgroup: PathBuf,
     pub ip: Ipv4Addr,
     /// The pod may send UDP other than DNS in plaintext (its namespace opted out
-    /// with [`ALLOW_PLAINTEXT_UDP_ANNOTATION`]); otherwise that UDP is refused.
+    /// with [`crate::config::ALLOW_PLAINTEXT_UDP_ANNOTATION`]); otherwise that UDP is refused.
     pub allow_plaintext_udp: bool,
 }
-
-/// The Namespace annotation (value `"true"`) that lets its enrolled pods send UDP
-/// other than DNS in plaintext, outside the mesh.
-pub const ALLOW_PLAINTEXT_UDP_ANNOTATION: &str = "ztunnel.io/allow-plaintext-udp";
 
 fn pod_config(ip: Ipv4Addr, allow_plaintext_udp: bool) -> PodConfig {
     PodConfig {

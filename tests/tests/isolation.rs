@@ -229,6 +229,10 @@ async fn a_self_call_to_the_tunnel_port_is_refused_and_others_are_served() {
         open_fds(pid) <= before + 16
     })
     .await;
+    eprintln!(
+        "tunnel fds: {before} before, {} after 140 self-calls",
+        open_fds(pid)
+    );
     assert!(!mesh.log("node-a").contains("Too many open files"));
     others_are_served(&mesh);
 }

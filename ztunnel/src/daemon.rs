@@ -621,3 +621,17 @@ fn admin_handler(
         _ => certs(req),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enrollment_retries_back_off_to_thirty_seconds() {
+        assert_eq!(retry_after(1), Duration::from_millis(500));
+        assert_eq!(retry_after(2), Duration::from_secs(1));
+        assert!(retry_after(5) < retry_after(6));
+        assert_eq!(retry_after(8), Duration::from_secs(30));
+        assert_eq!(retry_after(u32::MAX), Duration::from_secs(30));
+    }
+}

@@ -203,7 +203,10 @@ impl SocketFactory {
         thread::Builder::new()
             .name("netns-sockets".into())
             .spawn(move || {
-                if let Err(e) = setns(&ns, CloneFlags::CLONE_NEWNET) {
+                let entered = setns(&ns, CloneFlags::CLONE_NEWNET);
+                // The thread stays in the namespace; the fd is no longer needed.
+                drop(ns);
+                if let Err(e) = entered {
                     let _ = ready_tx.send(Err(io::Error::from(e)));
                     return;
                 }
@@ -246,10 +249,19 @@ impl SocketFactory {
 }
 
 fn marked_tcp_socket() -> io::Result<socket2::Socket> {
+    marked_socket(socket2::Type::STREAM, socket2::Protocol::TCP)
+}
+
+/// A non-blocking IPv4 socket in the calling thread's namespace, marked as the
+/// tunnel's own: the redirection programs never capture or judge it.
+pub fn marked_socket(
+    kind: socket2::Type,
+    protocol: socket2::Protocol,
+) -> io::Result<socket2::Socket> {
     let socket = socket2::Socket::new(
         socket2::Domain::IPV4,
-        socket2::Type::STREAM.nonblocking().cloexec(),
-        Some(socket2::Protocol::TCP),
+        kind.nonblocking().cloexec(),
+        Some(protocol),
     )?;
     socket.set_mark(ztunnel_ebpf_common::TUNNEL_MARK)?;
     Ok(socket)

@@ -388,8 +388,11 @@ fn open_listeners() -> io::Result<Listeners> {
         Ok(listener)
     };
     let outbound = tcp(OUTBOUND_PORT)?;
-    let dns = UdpSocket::bind(SocketAddrV4::new(localhost, DNS_PORT))?;
-    dns.set_nonblocking(true)?;
+    // Marked like every socket the tunnel makes in a pod: its answers are never
+    // judged as the pod's own UDP, even where the tunnel runs under the pod root.
+    let dns = netns::marked_socket(socket2::Type::DGRAM, socket2::Protocol::UDP)?;
+    dns.bind(&SocketAddrV4::new(localhost, DNS_PORT).into())?;
+    let dns = UdpSocket::from(dns);
     Ok((
         netns::cookie(&outbound)?,
         outbound,

@@ -366,3 +366,30 @@ fn headers(source: &Workload) -> HeaderMap {
     );
     headers
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_0_0_0_0_and_the_tunnel_on_the_node_are_self_calls() {
+        for refused in [
+            "127.0.0.1:80",
+            "127.9.9.9:15000",
+            "0.0.0.0:15000",
+            "0.1.2.3:22",
+        ] {
+            assert!(self_call(refused.parse().unwrap()).is_some(), "{refused}");
+        }
+        // Whatever addresses this test's namespace has: its tunnel ports are the
+        // tunnel's own; other ports of the node are not.
+        for ip in crate::redirect::node_addresses().unwrap() {
+            if ip.is_loopback() {
+                continue;
+            }
+            assert!(self_call(SocketAddrV4::new(ip, 15020)).is_some(), "{ip}");
+            assert!(self_call(SocketAddrV4::new(ip, 8080)).is_none(), "{ip}");
+        }
+        assert!(self_call("10.1.2.3:15008".parse().unwrap()).is_none());
+    }
+}

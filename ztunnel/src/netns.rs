@@ -120,7 +120,7 @@ impl Netns {
 }
 
 /// The PID of a `/proc/<pid>/ns/net` path.
-fn proc_pid(path: &Path) -> Option<u32> {
+pub(crate) fn proc_pid(path: &Path) -> Option<u32> {
     let rest = path.strip_prefix("/proc").ok()?;
     let mut parts = rest.components();
     let pid = parts.next()?.as_os_str().to_str()?.parse().ok()?;

@@ -61,6 +61,7 @@ fn enrollment(redirector: &mut Redirector, cgroup_root: &Path) -> Result<()> {
             netns: PathBuf::from(format!("/proc/self/fd/{}", netns.as_raw_fd())),
             cgroup: cgroup.clone(),
             ip: Ipv4Addr::new(10, 200, (i / 250) as u8, (i % 250 + 1) as u8),
+            allow_plaintext_udp: false,
         };
         let t = Instant::now();
         let listeners = redirector.enroll(&pod)?;
@@ -97,6 +98,7 @@ fn connect_latency(cluster: &Cluster, redirector: &mut Redirector) -> Result<()>
         netns: enrolled.netns_path(),
         cgroup: enrolled.cgroup.clone(),
         ip: enrolled.ip,
+        allow_plaintext_udp: false,
     })?;
     let tunnel = listeners.outbound.try_clone()?;
     tunnel.set_nonblocking(false)?;

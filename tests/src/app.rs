@@ -91,6 +91,63 @@ impl Drop for EchoServer {
     }
 }
 
+/// A UDP server in a pod that answers each datagram with `<pod>:<payload>` and
+/// remembers who sent it.
+pub struct UdpEcho {
+    socket: std::net::UdpSocket,
+    task: Option<JoinHandle<Vec<SocketAddr>>>,
+}
+
+impl UdpEcho {
+    /// Serves 0.0.0.0:`port` in `pod`.
+    pub fn start(pod: &Pod, port: u16) -> Result<Self> {
+        let socket =
+            pod.in_netns(move || std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)))??;
+        let serving = socket.try_clone()?;
+        let name = pod.name.clone();
+        let task = std::thread::spawn(move || {
+            let mut peers = Vec::new();
+            let mut buf = [0u8; 1500];
+            // Ends when stop() shuts the socket down (an empty datagram to itself).
+            while let Ok((n, from)) = serving.recv_from(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                peers.push(from);
+                let reply = format!("{name}:{}", String::from_utf8_lossy(&buf[..n]));
+                let _ = serving.send_to(reply.as_bytes(), from);
+            }
+            peers
+        });
+        Ok(Self {
+            socket,
+            task: Some(task),
+        })
+    }
+
+    /// Stops the server and returns the source of every datagram it got.
+    pub fn stop(mut self) -> Result<Vec<SocketAddr>> {
+        self.stop_inner()
+    }
+
+    fn stop_inner(&mut self) -> Result<Vec<SocketAddr>> {
+        let Some(task) = self.task.take() else {
+            return Ok(Vec::new());
+        };
+        // An empty datagram from the socket to itself (on the pod's loopback).
+        let own = self.socket.local_addr()?;
+        self.socket
+            .send_to(&[], (Ipv4Addr::LOCALHOST, own.port()))?;
+        task.join().map_err(|_| anyhow!("UDP echo panicked"))
+    }
+}
+
+impl Drop for UdpEcho {
+    fn drop(&mut self) {
+        let _ = self.stop_inner();
+    }
+}
+
 /// Connects from the current network namespace, sends `message`, returns the reply.
 pub async fn exchange(addr: SocketAddr, message: &str) -> Result<String> {
     let mut stream =

@@ -728,13 +728,28 @@ impl Mesh {
 
     /// GET `path` from the node's tunnel on `port` (inside the node's namespace).
     pub async fn http_get(&self, node: &str, port: u16, path: &str) -> Result<(u16, String)> {
+        self.http_request(node, port, "GET", path).await
+    }
+
+    /// One HTTP/1.0 request to the node's tunnel on `port` (inside the node's
+    /// namespace): the status and the body.
+    pub async fn http_request(
+        &self,
+        node: &str,
+        port: u16,
+        method: &str,
+        path: &str,
+    ) -> Result<(u16, String)> {
         let node = self.cluster.node(node);
-        let path = path.to_owned();
+        let (method, path) = (method.to_owned(), path.to_owned());
         node.in_netns(move || -> Result<(u16, String)> {
             use std::io::{Read, Write};
             let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port))?;
             tcp.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
-            write!(tcp, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+            write!(
+                tcp,
+                "{method} {path} HTTP/1.0\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n"
+            )?;
             let mut response = String::new();
             tcp.read_to_string(&mut response)?;
             let code = response

@@ -306,8 +306,8 @@ async fn a_config_edit_is_picked_up_without_restart_and_broken_yaml_is_ignored()
     let peers = echo.stop().unwrap();
     assert_eq!(
         peers[0].ip(),
-        mesh.cluster.node("node-a").ip,
-        "passthrough comes from the node"
+        mesh.cluster.pod("client").ip,
+        "passthrough comes from the client pod, never the node"
     );
     assert_eq!(
         peers[1].ip(),

@@ -10,7 +10,10 @@ use std::{
     process::{Child, ChildStdin, ChildStdout, Command, Stdio},
 };
 
-use testbed::{app::EchoServer, Cluster, ClusterSpec, Pod};
+use testbed::{
+    app::{EchoServer, UdpEcho},
+    Cluster, ClusterSpec, Pod,
+};
 
 const PROBE: &str = env!("CARGO_BIN_EXE_tb-probe");
 const TUNNEL: &str = env!("CARGO_BIN_EXE_tb-tunnel");
@@ -155,6 +158,93 @@ fn loopback_inside_an_enrolled_pod_is_untouched() {
     let peers = echo.stop().unwrap();
     assert_eq!(peers[0].ip().to_string(), "127.0.0.1");
     assert_eq!(peers[1].ip(), client.ip);
+}
+
+#[test]
+fn a_connect_to_0_0_0_0_stays_in_the_pod_and_never_reaches_the_node() {
+    let cluster = cluster();
+    let _tunnel = Tunnel::start(&cluster, &["client"]);
+    // A service on the node's loopback (as the tunnel's admin is).
+    let node_service = cluster
+        .node("node-a")
+        .in_netns(|| std::net::TcpListener::bind("127.0.0.1:7001"))
+        .unwrap()
+        .unwrap();
+    node_service.set_nonblocking(true).unwrap();
+    for target in ["0.0.0.0:7001", "0.1.2.3:7001"] {
+        let out = connect(&cluster, "client", target.parse().unwrap(), "x");
+        assert!(!out.contains("outbound orig="), "captured: {out}");
+        assert!(out.contains("error="), "{out}");
+    }
+    assert!(
+        node_service.accept().is_err(),
+        "a pod reached the node's loopback"
+    );
+    // 0.0.0.0 is the pod itself.
+    let echo = EchoServer::start(cluster.pod("client"), 7000).unwrap();
+    let out = connect(&cluster, "client", "0.0.0.0:7000".parse().unwrap(), "me");
+    assert!(out.ends_with("reply=client:me\n"), "{out}");
+    assert_eq!(echo.stop().unwrap().len(), 1);
+}
+
+#[test]
+fn udp_other_than_dns_from_an_enrolled_pod_is_refused_and_dns_still_answered() {
+    let cluster = cluster();
+    let _tunnel = Tunnel::start(&cluster, &["client"]);
+    let (client, remote) = (cluster.pod("client"), cluster.pod("remote"));
+    let echo = UdpEcho::start(remote, 9000).unwrap();
+    let target = addr(remote, 9000).to_string();
+    // sendto() (the sendmsg4 hook) and a connected socket (connect4).
+    for mode in ["dns", "udp"] {
+        let out = client.run(PROBE, [mode, &target, "leak?"]).unwrap();
+        let out = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.contains("error=Operation not permitted"),
+            "{mode}: {out}"
+        );
+    }
+    // DNS is still captured and answered.
+    let out = client.run(PROBE, ["dns", "10.96.0.10:53", "q"]).unwrap();
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(out.contains("reply=dns pod="), "{out}");
+    // UDP inside the pod is its own business.
+    let own = UdpEcho::start(client, 9001).unwrap();
+    let out = client.run(PROBE, ["udp", "127.0.0.1:9001", "lo"]).unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("reply=client:lo"));
+    assert_eq!(own.stop().unwrap().len(), 1);
+    // A pod outside the mesh is untouched.
+    let out = cluster
+        .pod("plain")
+        .run(PROBE, ["udp", &target, "free"])
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("reply=remote:free"));
+    let peers = echo.stop().unwrap();
+    assert_eq!(peers.len(), 1, "{peers:?}");
+    assert_eq!(peers[0].ip(), cluster.pod("plain").ip);
+}
+
+#[test]
+fn the_plaintext_udp_opt_out_lets_an_enrolled_pods_udp_through() {
+    let cluster = cluster();
+    let mut tunnel = Tunnel::start(&cluster, &[]);
+    let (client, remote) = (cluster.pod("client"), cluster.pod("remote"));
+    assert_eq!(
+        tunnel.command(&format!("enroll {},udp", pod_arg(client))),
+        "ok"
+    );
+    let echo = UdpEcho::start(remote, 9000).unwrap();
+    let target = addr(remote, 9000).to_string();
+    for mode in ["dns", "udp"] {
+        let out = client.run(PROBE, [mode, &target, mode]).unwrap();
+        let out = String::from_utf8_lossy(&out.stdout);
+        assert!(out.contains(&format!("reply=remote:{mode}")), "{out}");
+    }
+    // TCP is still captured, DNS still answered by the tunnel.
+    let out = connect(&cluster, "client", "10.1.2.3:4567".parse().unwrap(), "x");
+    assert!(out.contains("reply=outbound orig=10.1.2.3:4567\n"), "{out}");
+    let out = client.run(PROBE, ["dns", "10.96.0.10:53", "q"]).unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("reply=dns pod="));
+    assert_eq!(echo.stop().unwrap().len(), 2);
 }
 
 #[test]

@@ -172,6 +172,7 @@ fn cleanup_leaves_nothing_behind() {
             netns: pod.netns_path(),
             cgroup: pod.cgroup.clone(),
             ip: pod.ip,
+            allow_plaintext_udp: false,
         })
         .unwrap();
     assert!(node.bpffs.join("ztunnel/links/connect4").exists());

@@ -14,8 +14,8 @@ use aya_ebpf::{
     EbpfContext,
 };
 use ztunnel_ebpf_common::{
-    ConnKey, ListenerKey, OrigDst, PodConfig, DNS_PORT, HBONE_PORT, LISTENER_HBONE,
-    LISTENER_PLAINTEXT, LOCALHOST, OUTBOUND_PORT, TUNNEL_MARK,
+    ConnKey, ListenerKey, OrigDst, PodConfig, DNS_PORT, FLAG_ALLOW_PLAINTEXT_UDP, HBONE_PORT,
+    LISTENER_HBONE, LISTENER_PLAINTEXT, LOCALHOST, OUTBOUND_PORT, TUNNEL_MARK,
 };
 
 const AF_INET: u32 = 2;
@@ -137,6 +137,25 @@ fn is_loopback(ip: u32) -> bool {
     ip.to_ne_bytes()[0] == 127
 }
 
+/// Destinations that never leave the pod: 127.0.0.0/8, and 0.0.0.0/8 (connecting to
+/// 0.0.0.0 means this host, which inside the pod is the pod itself). Never captured:
+/// captured, they would be dialed by the tunnel, i.e. reach the node.
+fn is_local(ip: u32) -> bool {
+    let first = ip.to_ne_bytes()[0];
+    first == 127 || first == 0
+}
+
+/// UDP other than DNS from an enrolled pod: it would leave uncaptured, in
+/// plaintext, past every policy, so it is refused unless the pod's namespace opted
+/// out.
+fn udp_verdict(pod: &PodConfig) -> i32 {
+    if pod.flags & FLAG_ALLOW_PLAINTEXT_UDP != 0 {
+        PROCEED
+    } else {
+        REFUSE
+    }
+}
+
 /// Sends the call to 127.0.0.1:`port` in the pod, remembering the original
 /// destination under the socket's cookie.
 fn steer<const V6: bool>(
@@ -156,8 +175,9 @@ fn steer<const V6: bool>(
     write_address::<V6>(call, LOCALHOST, port);
 }
 
-/// connect() from a pod: TCP to the outbound listener, UDP/53 to the DNS listener.
-/// The pod's own address and loopback are left alone.
+/// connect() from a pod: TCP to the outbound listener, UDP/53 to the DNS listener,
+/// other UDP refused (unless opted out). The pod's own address, loopback and
+/// 0.0.0.0/8 are left alone.
 fn connect<const V6: bool>(ctx: &SockAddrContext) -> i32 {
     let Some(pod) = enrolled_pod(ctx) else {
         return PROCEED;
@@ -166,7 +186,7 @@ fn connect<const V6: bool>(ctx: &SockAddrContext) -> i32 {
         Address::V6Local => PROCEED,
         Address::V6 => REFUSE,
         Address::Ip(call) => {
-            if is_loopback(call.ip) || call.ip == pod.pod_ip {
+            if is_local(call.ip) || call.ip == pod.pod_ip {
                 return PROCEED;
             }
             match call.kind {
@@ -174,6 +194,7 @@ fn connect<const V6: bool>(ctx: &SockAddrContext) -> i32 {
                 SOCK_DGRAM if call.port == DNS_SERVER_PORT => {
                     steer::<V6>(ctx, &call, DNS_PORT, &DNS_ORIG)
                 }
+                SOCK_DGRAM => return udp_verdict(&pod),
                 _ => {}
             }
             PROCEED
@@ -191,27 +212,27 @@ pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
     connect::<true>(&ctx)
 }
 
-/// sendto()/sendmsg() on an unconnected UDP socket: DNS to the DNS listener.
+/// sendto()/sendmsg() on an unconnected UDP socket: DNS to the DNS listener, other
+/// UDP leaving the pod refused (unless opted out).
 fn sendmsg<const V6: bool>(ctx: &SockAddrContext) -> i32 {
-    if enrolled_pod(ctx).is_none() {
+    let Some(pod) = enrolled_pod(ctx) else {
         return PROCEED;
-    }
+    };
     match read_call::<V6>(ctx) {
         Address::Ip(call) => {
-            if call.kind == SOCK_DGRAM && call.port == DNS_SERVER_PORT && !is_loopback(call.ip) {
-                steer::<V6>(ctx, &call, DNS_PORT, &DNS_ORIG);
+            if call.kind != SOCK_DGRAM || is_local(call.ip) || call.ip == pod.pod_ip {
+                return PROCEED;
             }
-            PROCEED
+            if call.port == DNS_SERVER_PORT {
+                steer::<V6>(ctx, &call, DNS_PORT, &DNS_ORIG);
+                return PROCEED;
+            }
+            udp_verdict(&pod)
         }
-        // DNS to an IPv6 server would leave the pod unseen: refused.
-        Address::V6 if is_dns(ctx) => REFUSE,
-        _ => PROCEED,
+        // Real IPv6 is not carried by the mesh (as connect6 refuses it).
+        Address::V6 => REFUSE,
+        Address::V6Local => PROCEED,
     }
-}
-
-fn is_dns(ctx: &SockAddrContext) -> bool {
-    // SAFETY: valid context, 4-byte load.
-    u16::from_be(unsafe { read_volatile(&(*ctx.sock_addr).user_port) } as u16) == DNS_SERVER_PORT
 }
 
 #[cgroup_sock_addr(sendmsg4)]

@@ -3,17 +3,18 @@
 
 use std::{
     collections::HashMap,
-    net::SocketAddr,
+    net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex,
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result};
-use http::StatusCode;
+use http::{Method, StatusCode};
+use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use serde_json::json;
 use tokio::{net::TcpListener, sync::watch, task::JoinSet};
 use tokio_util::task::TaskTracker;
@@ -25,6 +26,7 @@ use crate::{
     config,
     http_server::{self, Handler},
     metrics::{self, PolicyMetrics, TcpMetrics},
+    netns::Netns,
     proxy::{self, pool::Pool, Context},
     redirect::{PodNetwork, RedirectConfig, Redirector},
     state::{MeshSettings, State, Workload},
@@ -61,7 +63,55 @@ pub type SetLogLevel = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 struct Enrolled {
     workload: Arc<Workload>,
     netns_cookie: u64,
+    /// The namespace it was enrolled in, held open: compared with what its path
+    /// names now.
+    netns: Netns,
+    allow_plaintext_udp: bool,
     tasks: JoinSet<()>,
+}
+
+type EnrolledPods = Mutex<HashMap<(String, String), Enrolled>>;
+
+/// A pod of this node in the mesh that is not enrolled (yet): retried with backoff.
+/// Meanwhile whatever a previous run pinned for it stays: it fails closed.
+struct Pending {
+    attempts: u32,
+    next: Instant,
+}
+
+/// Backoff between enrollment attempts of one pod: 250 ms doubling to 30 s.
+fn retry_after(attempts: u32) -> Duration {
+    Duration::from_millis(250u64.saturating_mul(1 << attempts.min(7))).min(Duration::from_secs(30))
+}
+
+/// How enrollment fares, on `/metrics`.
+#[derive(Clone, Default)]
+struct EnrollMetrics {
+    failures: Counter,
+    pending: Gauge,
+    netns_changed: Counter,
+}
+
+impl EnrollMetrics {
+    fn register(registry: &mut prometheus_client::registry::Registry) -> Self {
+        let metrics = Self::default();
+        registry.register(
+            "ztunnel_enrollment_failures",
+            "Failed attempts to enroll a pod of this node (retried; a pod the previous run captured stays captured meanwhile)",
+            metrics.failures.clone(),
+        );
+        registry.register(
+            "ztunnel_pods_enrollment_pending",
+            "Pods of this node in the mesh that are not enrolled yet",
+            metrics.pending.clone(),
+        );
+        registry.register(
+            "ztunnel_pod_netns_changed",
+            "Enrolled pods whose network namespace path came to name another namespace (a reused PID, a recreated sandbox)",
+            metrics.netns_changed.clone(),
+        );
+        metrics
+    }
 }
 
 pub async fn run(options: RunOptions, set_log_level: SetLogLevel) -> Result<()> {
@@ -112,11 +162,11 @@ pub async fn run(options: RunOptions, set_log_level: SetLogLevel) -> Result<()> 
             Default::default(),
             &mut registry,
         )),
-        sockets: Default::default(),
     });
+    let enroll_metrics = EnrollMetrics::register(&mut registry);
 
     let ready = Arc::new(AtomicBool::new(false));
-    let enrolled: Arc<Mutex<HashMap<(String, String), Enrolled>>> = Arc::default();
+    let enrolled: Arc<EnrolledPods> = Arc::default();
     let registry = Arc::new(Mutex::new(registry));
     let admin = admin_handler(ctx.clone(), enrolled.clone(), set_log_level);
     let endpoints = [
@@ -132,7 +182,13 @@ pub async fn run(options: RunOptions, set_log_level: SetLogLevel) -> Result<()> 
         serve_http(name, addr, handler, &accept_metrics).await?;
     }
 
-    let reconciler = tokio::spawn(reconcile_loop(ctx.clone(), states, enrolled.clone(), ready));
+    let reconciler = tokio::spawn(reconcile_loop(
+        ctx.clone(),
+        states,
+        enrolled.clone(),
+        ready,
+        enroll_metrics,
+    ));
     tracing::info!(node = %options.node, config = %options.source, "ztunnel running");
 
     shutdown_signal().await;
@@ -184,7 +240,8 @@ async fn serve_http(
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
     tokio::select! {
@@ -193,48 +250,99 @@ async fn shutdown_signal() {
     }
 }
 
-/// Keeps enrollment, certificates and pooled connections in line with the state.
+/// Keeps enrollment, certificates and pooled connections in line with the state;
+/// retries the pods whose enrollment failed.
 async fn reconcile_loop(
     ctx: Arc<Context>,
     mut states: watch::Receiver<Arc<State>>,
-    enrolled: Arc<Mutex<HashMap<(String, String), Enrolled>>>,
+    enrolled: Arc<EnrolledPods>,
     ready: Arc<AtomicBool>,
+    metrics: EnrollMetrics,
 ) {
     let mut previous: Option<Arc<State>> = None;
+    let mut pending: HashMap<(String, String), Pending> = HashMap::new();
     loop {
         let state = states.borrow_and_update().clone();
-        reconcile(&ctx, &state, previous.as_deref(), &enrolled).await;
-        if previous.is_none() {
-            release_leftovers(&ctx, &enrolled);
-        }
+        reconcile(
+            &ctx,
+            &state,
+            previous.as_deref(),
+            &enrolled,
+            &mut pending,
+            &metrics,
+        )
+        .await;
+        release_leftovers(&ctx, &state, &enrolled);
         ready.store(true, Ordering::Release);
         previous = Some(state);
-        if states.changed().await.is_err() {
-            return;
+        let retry = pending.values().map(|p| p.next).min();
+        loop {
+            tokio::select! {
+                changed = states.changed() => if changed.is_err() { return } else { break },
+                _ = sleep_until(retry) => break,
+                // A path can come to name another namespace with no change in the
+                // state (a reused PID): looked at now and then.
+                _ = tokio::time::sleep(NETNS_CHECK) => if netns_moved(&enrolled) { break },
+            }
         }
     }
 }
 
-/// Pods a previous run enrolled (their pins survived it) that this run does not
-/// serve: they left the mesh while the tunnel was away. Release them, so their
-/// traffic is neither captured into nothing nor dropped.
-fn release_leftovers(ctx: &Context, enrolled: &Mutex<HashMap<(String, String), Enrolled>>) {
-    let ours: Vec<u64> = enrolled
+/// How often enrolled pods' namespace paths are compared with what is held.
+const NETNS_CHECK: Duration = Duration::from_secs(2);
+
+fn netns_moved(enrolled: &EnrolledPods) -> bool {
+    enrolled.lock().expect("not poisoned").values().any(|e| {
+        e.workload
+            .netns
+            .as_deref()
+            .is_some_and(|path| !e.netns.is_at(path))
+    })
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Pods pinned as enrolled (by a previous run, or superseded by a re-enrollment)
+/// that this run does not serve. Released only when no pod of the mesh on this node
+/// has that address: they left the mesh while the tunnel was away, so their traffic
+/// must be neither captured into nothing nor dropped. A pod still in the mesh whose
+/// enrollment has not succeeded keeps its pins: it stays captured (fails closed).
+fn release_leftovers(ctx: &Context, state: &State, enrolled: &EnrolledPods) {
+    let (ours, served): (Vec<u64>, Vec<Ipv4Addr>) = enrolled
         .lock()
         .expect("not poisoned")
         .values()
-        .map(|e| e.netns_cookie)
+        .map(|e| (e.netns_cookie, e.workload.ip))
+        .unzip();
+    let waiting: Vec<Ipv4Addr> = state
+        .local_workloads()
+        .map(|w| w.ip)
+        .filter(|ip| !served.contains(ip))
         .collect();
     let mut redirect = ctx.redirect.lock().expect("not poisoned");
     let pinned = match redirect.enrolled_pods() {
         Ok(pinned) => pinned,
         Err(e) => return tracing::warn!("listing enrolled pods: {e:#}"),
     };
-    for (cookie, ip) in pinned
-        .into_iter()
-        .filter(|(cookie, _)| !ours.contains(cookie))
-    {
-        match redirect.unenroll(cookie, ip) {
+    for (cookie, ip) in pinned {
+        if ours.contains(&cookie) || waiting.contains(&ip) {
+            continue;
+        }
+        let result = redirect
+            .release_netns(cookie)
+            .and_then(|()| match served.contains(&ip) {
+                true => Ok(()),
+                false => redirect.remove_listeners(ip),
+            });
+        match result {
+            Ok(()) if served.contains(&ip) => {
+                tracing::info!(%ip, "released a superseded enrollment of a pod enrolled again")
+            }
             Ok(()) => {
                 tracing::info!(%ip, "released a pod a previous run enrolled: it is no longer in the mesh")
             }
@@ -247,39 +355,65 @@ async fn reconcile(
     ctx: &Arc<Context>,
     state: &State,
     previous: Option<&State>,
-    enrolled: &Mutex<HashMap<(String, String), Enrolled>>,
+    enrolled: &EnrolledPods,
+    pending: &mut HashMap<(String, String), Pending>,
+    metrics: &EnrollMetrics,
 ) {
     let desired: HashMap<(String, String), Arc<Workload>> = state
         .local_workloads()
         .map(|w| ((w.namespace.clone(), w.name.clone()), w.clone()))
         .collect();
-    // Leave: pods gone, out of the mesh, or changed in what enrollment depends on.
-    let leaving: Vec<Enrolled> = {
+    pending.retain(|key, _| desired.contains_key(key));
+    // Gone or out of the mesh: released. Changed in what enrollment depends on
+    // (including a namespace path that now names another namespace): enrolled
+    // again, its old pins kept until then so that it fails closed meanwhile.
+    let (gone, changed): (Vec<Enrolled>, Vec<Enrolled>) = {
         let mut enrolled = enrolled.lock().expect("not poisoned");
-        let keys: Vec<_> = enrolled
-            .iter()
-            .filter(|(key, e)| match desired.get(*key) {
-                None => true,
+        let mut gone = Vec::new();
+        let mut changed = Vec::new();
+        let keys: Vec<_> = enrolled.keys().cloned().collect();
+        for key in keys {
+            let e = &enrolled[&key];
+            match desired.get(&key) {
+                None => gone.extend(enrolled.remove(&key)),
                 Some(w) => {
-                    w.ip != e.workload.ip
+                    let moved = w.netns.as_deref().is_some_and(|path| !e.netns.is_at(path));
+                    if moved && w.netns == e.workload.netns {
+                        metrics.netns_changed.inc();
+                        tracing::warn!(pod = %w.name, namespace = %w.namespace, path = ?w.netns, "the pod's network namespace path now names another namespace: enrolling it again, verified");
+                    }
+                    if moved
+                        || w.ip != e.workload.ip
                         || w.identity != e.workload.identity
                         || w.netns != e.workload.netns
+                        || w.cgroup != e.workload.cgroup
+                    {
+                        changed.extend(enrolled.remove(&key));
+                    }
                 }
-            })
-            .map(|(key, _)| key.clone())
-            .collect();
-        keys.iter().filter_map(|k| enrolled.remove(k)).collect()
-    };
-    for mut pod in leaving {
-        pod.tasks.shutdown().await;
-        if let Some(netns) = &pod.workload.netns {
-            ctx.sockets.lock().expect("not poisoned").remove(netns);
+            }
         }
-        let result = ctx
-            .redirect
+        (gone, changed)
+    };
+    for mut pod in changed {
+        pod.tasks.shutdown().await;
+    }
+    for mut pod in gone {
+        pod.tasks.shutdown().await;
+        let still_served = enrolled
             .lock()
             .expect("not poisoned")
-            .unenroll(pod.netns_cookie, pod.workload.ip);
+            .values()
+            .any(|e| e.workload.ip == pod.workload.ip);
+        let result = {
+            let mut redirect = ctx.redirect.lock().expect("not poisoned");
+            redirect
+                .release_netns(pod.netns_cookie)
+                .and_then(|()| match still_served {
+                    true => Ok(()),
+                    false => redirect.remove_listeners(pod.workload.ip),
+                })
+        };
         match result {
             Ok(()) => {
                 tracing::info!(pod = %pod.workload.name, namespace = %pod.workload.namespace, "unenrolled")
@@ -287,44 +421,51 @@ async fn reconcile(
             Err(e) => tracing::warn!(pod = %pod.workload.name, "unenrolling failed: {e:#}"),
         }
     }
-    // Join.
+    // What a namespace lets its pods send outside the mesh: a map update.
+    for (key, e) in enrolled.lock().expect("not poisoned").iter_mut() {
+        let allow = state.snapshot.allows_plaintext_udp(&key.0);
+        if allow != e.allow_plaintext_udp {
+            let result = ctx
+                .redirect
+                .lock()
+                .expect("not poisoned")
+                .set_allow_plaintext_udp(e.netns_cookie, e.workload.ip, allow);
+            match result {
+                Ok(()) => e.allow_plaintext_udp = allow,
+                Err(e) => tracing::warn!(pod = %key.1, "updating the pod's UDP setting: {e:#}"),
+            }
+        }
+    }
+    // Join, or retry those that failed when due.
+    let now = Instant::now();
     for (key, workload) in desired {
-        if enrolled.lock().expect("not poisoned").contains_key(&key) {
+        if enrolled.lock().expect("not poisoned").contains_key(&key)
+            || pending.get(&key).is_some_and(|p| p.next > now)
+        {
             continue;
         }
-        let (Some(netns), Some(cgroup)) = (&workload.netns, &workload.cgroup) else {
-            tracing::warn!(pod = %workload.name, namespace = %workload.namespace, "cannot enroll: its network namespace and cgroup are unknown");
-            continue;
-        };
-        let network = PodNetwork {
-            netns: netns.clone(),
-            cgroup: cgroup.clone(),
-            ip: workload.ip,
-        };
-        let listeners = ctx.redirect.lock().expect("not poisoned").enroll(&network);
-        let listeners = match listeners {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!(pod = %workload.name, namespace = %workload.namespace, "enrolling failed: {e:#}");
-                continue;
-            }
-        };
-        let netns_cookie = listeners.netns_cookie;
-        match proxy::serve_pod(ctx.clone(), workload.clone(), listeners) {
-            Ok(tasks) => {
+        match enroll(ctx, state, &workload) {
+            Ok(pod) => {
                 tracing::info!(pod = %workload.name, namespace = %workload.namespace, ip = %workload.ip, identity = %workload.identity, "enrolled");
-                enrolled.lock().expect("not poisoned").insert(
+                pending.remove(&key);
+                enrolled.lock().expect("not poisoned").insert(key, pod);
+            }
+            Err(e) => {
+                let attempts = pending.get(&key).map_or(0, |p| p.attempts) + 1;
+                let delay = retry_after(attempts);
+                metrics.failures.inc();
+                tracing::warn!(pod = %workload.name, namespace = %workload.namespace, ip = %workload.ip, attempts, "enrolling failed (kept captured if it was; retried in {delay:?}): {e:#}");
+                pending.insert(
                     key,
-                    Enrolled {
-                        workload,
-                        netns_cookie,
-                        tasks,
+                    Pending {
+                        attempts,
+                        next: now + delay,
                     },
                 );
             }
-            Err(e) => tracing::warn!(pod = %workload.name, "serving the pod failed: {e}"),
         }
     }
+    metrics.pending.set(pending.len() as i64);
     // Policy applies to new connections at once, and to the open ones here.
     let closed = ctx.active.reevaluate(state);
     if closed > 0 {
@@ -351,6 +492,36 @@ async fn reconcile(
             }
         }
     }
+}
+
+/// Captures one pod and serves its listeners.
+fn enroll(ctx: &Arc<Context>, state: &State, workload: &Arc<Workload>) -> Result<Enrolled> {
+    let (Some(netns), Some(cgroup)) = (&workload.netns, &workload.cgroup) else {
+        anyhow::bail!("its network namespace and cgroup are unknown");
+    };
+    let allow_plaintext_udp = state.snapshot.allows_plaintext_udp(&workload.namespace);
+    let network = PodNetwork {
+        netns: netns.clone(),
+        cgroup: cgroup.clone(),
+        ip: workload.ip,
+        allow_plaintext_udp,
+    };
+    let listeners = ctx
+        .redirect
+        .lock()
+        .expect("not poisoned")
+        .enroll(&network)?;
+    let netns = listeners.netns.try_clone()?;
+    let netns_cookie = listeners.netns_cookie;
+    let tasks =
+        proxy::serve_pod(ctx.clone(), workload.clone(), listeners).context("serving the pod")?;
+    Ok(Enrolled {
+        workload: workload.clone(),
+        netns_cookie,
+        netns,
+        allow_plaintext_udp,
+        tasks,
+    })
 }
 
 fn readiness_handler(ready: Arc<AtomicBool>) -> Handler {
@@ -421,6 +592,19 @@ fn admin_handler(
                 serde_json::to_string_pretty(&dump).unwrap_or_default(),
             )
         }
+        // State-changing: POST only, so that nothing reaching it by a plain GET
+        // (a link, a redirect, a proxy that only forwards GETs) changes it.
+        "/logging" if req.method() != Method::POST => {
+            let mut response = http_server::text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain",
+                "POST /logging?level=<filter>\n",
+            );
+            response
+                .headers_mut()
+                .insert(http::header::ALLOW, http::HeaderValue::from_static("POST"));
+            response
+        }
         "/logging" => {
             let level = req
                 .uri()
@@ -446,4 +630,18 @@ fn admin_handler(
         }
         _ => certs(req),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enrollment_retries_back_off_to_thirty_seconds() {
+        assert_eq!(retry_after(1), Duration::from_millis(500));
+        assert_eq!(retry_after(2), Duration::from_secs(1));
+        assert!(retry_after(5) < retry_after(6));
+        assert_eq!(retry_after(8), Duration::from_secs(30));
+        assert_eq!(retry_after(u32::MAX), Duration::from_secs(30));
+    }
 }

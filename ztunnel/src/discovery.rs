@@ -20,6 +20,19 @@ pub struct PodRuntime {
     pub netns: PathBuf,
 }
 
+impl PodRuntime {
+    /// Whether it still describes the pod: its cgroup is there and the process its
+    /// namespace was found through is still in it (the PID, reused by a process
+    /// elsewhere, would name another namespace).
+    pub fn is_current(&self) -> bool {
+        self.cgroup.exists()
+            && match crate::netns::proc_pid(&self.netns) {
+                Some(pid) => cgroup_holds(&self.cgroup, pid),
+                None => self.netns.exists(),
+            }
+    }
+}
+
 /// How deep below the root pod cgroups are looked for (kubepods/<qos>/pod<uid>).
 const MAX_DEPTH: usize = 4;
 
@@ -92,6 +105,23 @@ fn collect_pod_cgroups(
     Ok(())
 }
 
+/// Whether process `pid` is in the cgroup or below it (read after the fact: a
+/// process cannot be moved into a pod's cgroup by a PID's reuse).
+pub fn cgroup_holds(cgroup: &Path, pid: u32) -> bool {
+    fn walk(dir: &Path, pid: u32, depth: usize) -> bool {
+        let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        if procs.lines().any(|l| l.trim().parse() == Ok(pid)) {
+            return true;
+        }
+        depth < MAX_DEPTH
+            && subdirectories(dir)
+                .unwrap_or_default()
+                .iter()
+                .any(|sub| walk(sub, pid, depth + 1))
+    }
+    walk(cgroup, pid, 0)
+}
+
 /// A process in the cgroup or below it.
 fn first_pid(dir: &Path, depth: usize) -> io::Result<Option<u32>> {
     let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
@@ -134,4 +164,30 @@ pub fn kubepods_root(cgroup_mount: &Path) -> io::Result<Option<PathBuf>> {
         level = next;
     }
     Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_runtime_whose_process_left_the_pod_cgroup_is_stale() {
+        let dir = std::env::temp_dir().join(format!("ztunnel-discovery-{}", std::process::id()));
+        let sandbox = dir.join("pod0c0ffee/sandbox");
+        fs::create_dir_all(&sandbox).unwrap();
+        fs::write(sandbox.join("cgroup.procs"), "4242\n").unwrap();
+        let runtime = |pid: u32| PodRuntime {
+            cgroup: dir.join("pod0c0ffee"),
+            netns: PathBuf::from(format!("/proc/{pid}/ns/net")),
+        };
+        assert!(runtime(4242).is_current());
+        assert!(
+            !runtime(4243).is_current(),
+            "a PID outside the pod's cgroup"
+        );
+        fs::write(sandbox.join("cgroup.procs"), "").unwrap();
+        assert!(!runtime(4242).is_current(), "the process left");
+        fs::remove_dir_all(&dir).unwrap();
+        assert!(!runtime(4242).is_current(), "the cgroup is gone");
+    }
 }

@@ -41,6 +41,18 @@ enum Command {
     /// Mount bpffs at the path unless one is there (a node init step: pins must
     /// live on the host's bpffs to outlive the tunnel).
     MountBpffs { path: PathBuf },
+    /// Remove this node's redirection when the mesh is deleted: unpins the links
+    /// (detaching the programs from the pod cgroup root and every pod's network
+    /// namespace) and the maps, so that pods are no longer captured into a tunnel
+    /// that is gone. Run it after the tunnel has stopped (deploy/uninstall.yaml).
+    Uninstall {
+        /// The tunnel's --pin-dir.
+        #[arg(long, default_value = "/sys/fs/bpf/ztunnel")]
+        pin_dir: PathBuf,
+        /// Then wait for SIGTERM (as the container of a cleanup DaemonSet).
+        #[arg(long)]
+        wait: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -293,6 +305,20 @@ fn main() {
                         false => format!("{} is already a bpffs mount\n", path.display()),
                     })
                 })
+            }
+            Command::Uninstall { pin_dir, wait } => {
+                match ztunnel::redirect::uninstall(&pin_dir) {
+                    Ok(0) => println!("nothing pinned at {}: nothing to remove", pin_dir.display()),
+                    Ok(n) => println!(
+                        "removed {n} pins at {}: pods are no longer captured",
+                        pin_dir.display()
+                    ),
+                    Err(e) => return Err(e),
+                }
+                if wait {
+                    ztunnel::daemon::shutdown_signal().await;
+                }
+                Ok(())
             }
             Command::Policy(PolicyCommand::Check(args)) => match policy_check(args) {
                 Ok(true) => Ok(()),

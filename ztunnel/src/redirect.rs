@@ -33,11 +33,12 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use ztunnel_ebpf_common::{
-    maps, ConnKey, ListenerKey, OrigDst, PodConfig, LISTENER_HBONE, LISTENER_PLAINTEXT,
+    maps, ConnKey, ListenerKey, OrigDst, PodConfig, FLAG_ALLOW_PLAINTEXT_UDP, LISTENER_HBONE,
+    LISTENER_PLAINTEXT,
 };
 pub use ztunnel_ebpf_common::{DNS_PORT, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 
-use crate::netns;
+use crate::netns::{self, Netns};
 
 /// The compiled redirection programs, embedded at build time.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ztunnel-redirect"));
@@ -77,6 +78,20 @@ pub struct PodNetwork {
     /// The pod's cgroup v2 directory; must lie under [`RedirectConfig::pod_cgroup_root`].
     pub cgroup: PathBuf,
     pub ip: Ipv4Addr,
+    /// The pod may send UDP other than DNS in plaintext (its namespace opted out
+    /// with [`crate::config::ALLOW_PLAINTEXT_UDP_ANNOTATION`]); otherwise that UDP is refused.
+    pub allow_plaintext_udp: bool,
+}
+
+fn pod_config(ip: Ipv4Addr, allow_plaintext_udp: bool) -> PodConfig {
+    PodConfig {
+        pod_ip: u32::from_ne_bytes(ip.octets()),
+        flags: if allow_plaintext_udp {
+            FLAG_ALLOW_PLAINTEXT_UDP
+        } else {
+            0
+        },
+    }
 }
 
 /// The tunnel's sockets inside one enrolled pod. Closing them (or the process
@@ -84,6 +99,9 @@ pub struct PodNetwork {
 #[derive(Debug)]
 pub struct PodListeners {
     pub netns_cookie: u64,
+    /// The pod's namespace, held open: every later socket in the pod is made in
+    /// it, whatever its path names by then.
+    pub netns: Netns,
     /// Captured outbound TCP, 127.0.0.1:15001.
     pub outbound: TcpListener,
     /// Captured inbound plaintext, assigned by sk_lookup.
@@ -179,12 +197,21 @@ impl Redirector {
                 self.config.pod_cgroup_root.display()
             );
         }
-        let netns_file = File::open(&pod.netns)
-            .with_context(|| format!("opening network namespace {}", pod.netns.display()))?;
-        let listeners = netns::run_in(&pod.netns, open_listeners)
-            .with_context(|| format!("opening listeners in {}", pod.netns.display()))?;
+        let ns = Netns::open_for_pod(&pod.netns, &pod.cgroup)?;
+        let (netns_cookie, outbound, inbound_plaintext, hbone, dns) =
+            netns::run_in_ns(&ns, open_listeners)
+                .with_context(|| format!("opening listeners in {}", pod.netns.display()))?;
+        let listeners = PodListeners {
+            netns_cookie,
+            netns: ns,
+            outbound,
+            inbound_plaintext,
+            hbone,
+            dns,
+        };
         let cookie = listeners.netns_cookie;
-        let pod_ip = u32::from_ne_bytes(pod.ip.octets());
+        let config = pod_config(pod.ip, pod.allow_plaintext_udp);
+        let pod_ip = config.pod_ip;
 
         for (kind, socket) in [
             (LISTENER_PLAINTEXT, &listeners.inbound_plaintext),
@@ -199,21 +226,39 @@ impl Redirector {
             fs::create_dir_all(self.pod_pin_dir(cookie))?;
             let program: &mut SkLookup = program_mut(&mut self.ebpf, INBOUND_PROGRAM)?;
             let id = program
-                .attach(netns_file.as_fd())
+                .attach(listeners.netns.as_fd())
                 .context("attaching the inbound sk_lookup program to the pod's netns")?;
             let link: FdLink = program.take_link(id)?.into();
             link.pin(&pin)
                 .with_context(|| format!("pinning {}", pin.display()))?;
         }
         self.enrolled
-            .insert(cookie, PodConfig { pod_ip, flags: 0 }, 0)
+            .insert(cookie, config, 0)
             .context("adding the pod to the enrolled map")?;
         Ok(listeners)
     }
 
+    /// Changes what an enrolled pod may send outside the mesh: one map update.
+    pub fn set_allow_plaintext_udp(
+        &mut self,
+        netns_cookie: u64,
+        ip: Ipv4Addr,
+        allow: bool,
+    ) -> Result<()> {
+        self.enrolled
+            .insert(netns_cookie, pod_config(ip, allow), 0)
+            .context("updating the pod in the enrolled map")
+    }
+
     /// Stops capturing the pod: its traffic flows directly again.
     pub fn unenroll(&mut self, netns_cookie: u64, ip: Ipv4Addr) -> Result<()> {
-        let pod_ip = u32::from_ne_bytes(ip.octets());
+        self.release_netns(netns_cookie)?;
+        self.remove_listeners(ip)
+    }
+
+    /// Stops capturing the namespace (its map entry and its sk_lookup link), but
+    /// leaves the listeners registered for its IP (another namespace may serve it).
+    pub fn release_netns(&mut self, netns_cookie: u64) -> Result<()> {
         remove_if_present(self.enrolled.remove(&netns_cookie))?;
         let dir = self.pod_pin_dir(netns_cookie);
         let pin = dir.join("inbound");
@@ -222,7 +267,13 @@ impl Redirector {
             let link = PinnedLink::from_pin(&pin)?;
             drop(link.unpin()?);
         }
-        remove_dir_if_present(&dir)?;
+        remove_dir_if_present(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        Ok(())
+    }
+
+    /// Unregisters the inbound listeners for a pod IP.
+    pub fn remove_listeners(&mut self, ip: Ipv4Addr) -> Result<()> {
+        let pod_ip = u32::from_ne_bytes(ip.octets());
         for kind in [LISTENER_PLAINTEXT, LISTENER_HBONE] {
             remove_if_present(self.listeners.remove(&ListenerKey { pod_ip, kind }))?;
         }
@@ -230,8 +281,10 @@ impl Redirector {
     }
 
     /// The destination a pod asked for, given the peer address of a connection
-    /// accepted on that pod's outbound listener.
-    pub fn original_dst(&self, netns_cookie: u64, peer: SocketAddrV4) -> Option<SocketAddrV4> {
+    /// accepted on that pod's outbound listener. Taken, not read: a later
+    /// connection from the same address and port (one made straight to the
+    /// listener) must not inherit it.
+    pub fn original_dst(&mut self, netns_cookie: u64, peer: SocketAddrV4) -> Option<SocketAddrV4> {
         let key = ConnKey {
             netns_cookie,
             ip: u32::from_ne_bytes(peer.ip().octets()),
@@ -239,6 +292,7 @@ impl Redirector {
             _pad: 0,
         };
         let orig = self.orig_dst.get(&key, 0).ok()?;
+        let _ = self.orig_dst.remove(&key);
         Some(SocketAddrV4::new(
             Ipv4Addr::from(orig.ip.to_ne_bytes()),
             orig.port,
@@ -264,13 +318,27 @@ impl Redirector {
     }
 }
 
-/// Removes every pin of a tunnel: links (which detaches the programs) and maps.
-/// For uninstalling, and for tests cleaning up after themselves.
-pub fn uninstall(pin_dir: &Path) -> io::Result<()> {
-    match fs::remove_dir_all(pin_dir) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        other => other,
+/// Removes every pin of a tunnel (`ztunnel uninstall`): the links, which detaches
+/// the programs from the pod cgroup root and from every pod's namespace, and the
+/// maps. The pods' traffic flows directly again. Returns how many pins it removed.
+pub fn uninstall(pin_dir: &Path) -> Result<usize> {
+    fn count(dir: &Path) -> io::Result<usize> {
+        let mut n = 0;
+        for entry in fs::read_dir(dir)? {
+            let entry = entry?;
+            n += match entry.file_type()?.is_dir() {
+                true => count(&entry.path())?,
+                false => 1,
+            };
+        }
+        Ok(n)
     }
+    let pins = match count(pin_dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        other => other.with_context(|| format!("reading {}", pin_dir.display()))?,
+    };
+    fs::remove_dir_all(pin_dir).with_context(|| format!("removing {}", pin_dir.display()))?;
+    Ok(pins)
 }
 
 fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>
@@ -309,8 +377,10 @@ fn remove_dir_if_present(dir: &Path) -> io::Result<()> {
     }
 }
 
+type Listeners = (u64, TcpListener, TcpListener, TcpListener, UdpSocket);
+
 /// Runs inside the pod's network namespace.
-fn open_listeners() -> io::Result<PodListeners> {
+fn open_listeners() -> io::Result<Listeners> {
     let localhost = Ipv4Addr::LOCALHOST;
     let tcp = |port| -> io::Result<TcpListener> {
         let listener = TcpListener::bind(SocketAddrV4::new(localhost, port))?;
@@ -318,15 +388,43 @@ fn open_listeners() -> io::Result<PodListeners> {
         Ok(listener)
     };
     let outbound = tcp(OUTBOUND_PORT)?;
-    let dns = UdpSocket::bind(SocketAddrV4::new(localhost, DNS_PORT))?;
-    dns.set_nonblocking(true)?;
-    Ok(PodListeners {
-        netns_cookie: netns::cookie(&outbound)?,
+    // Marked like every socket the tunnel makes in a pod: its answers are never
+    // judged as the pod's own UDP, even where the tunnel runs under the pod root.
+    let dns = netns::marked_socket(socket2::Type::DGRAM, socket2::Protocol::UDP)?;
+    dns.bind(&SocketAddrV4::new(localhost, DNS_PORT).into())?;
+    let dns = UdpSocket::from(dns);
+    Ok((
+        netns::cookie(&outbound)?,
         outbound,
-        inbound_plaintext: tcp(INBOUND_PLAINTEXT_PORT)?,
-        hbone: tcp(HBONE_PORT)?,
+        tcp(INBOUND_PLAINTEXT_PORT)?,
+        tcp(HBONE_PORT)?,
         dns,
-    })
+    ))
+}
+
+/// The tunnel's own ports (Istio's): captured, inbound, HBONE, DNS, admin, metrics,
+/// readiness. A connection to one of them on the node, or delivered to one of them
+/// in a pod, would be the tunnel calling itself.
+pub const TUNNEL_PORTS: [u16; 7] = [
+    15000,
+    OUTBOUND_PORT,
+    INBOUND_PLAINTEXT_PORT,
+    HBONE_PORT,
+    15020,
+    15021,
+    DNS_PORT,
+];
+
+pub fn is_tunnel_port(port: u16) -> bool {
+    TUNNEL_PORTS.contains(&port)
+}
+
+/// The IPv4 addresses of the tunnel's own (the node's) network namespace, read
+/// when asked: addresses come and go.
+pub fn node_addresses() -> io::Result<Vec<Ipv4Addr>> {
+    Ok(nix::ifaddrs::getifaddrs()?
+        .filter_map(|a| a.address?.as_sockaddr_in().map(|s| s.ip()))
+        .collect())
 }
 
 /// `statfs` f_type of a bpffs mount.

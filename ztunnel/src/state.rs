@@ -478,6 +478,7 @@ mod tests {
             Namespace {
                 name: "mesh".into(),
                 labels: [(config::DATAPLANE_MODE.to_string(), "ambient".to_string())].into(),
+                annotations: Default::default(),
             },
         );
         for p in [
@@ -543,6 +544,7 @@ mod tests {
                             .iter()
                             .map(|(k, v)| (k.to_string(), v.to_string()))
                             .collect(),
+                        annotations: BTreeMap::new(),
                     },
                 );
             }

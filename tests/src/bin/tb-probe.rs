@@ -3,6 +3,7 @@
 //!
 //!   tb-probe connect <ip:port> <message>   send, read the reply to EOF
 //!   tb-probe dns <ip:port> <query>         one datagram with sendto, print the reply
+//!   tb-probe udp <ip:port> <message>       the same on a connected UDP socket
 //!   tb-probe bulk <ip:port> <bytes>         send that many bytes, half-close, check
 //!                                          the echo (`<name>:<payload>`) comes back whole
 //!   tb-probe parallel <ip:port> <n> <msg>  n connections at once, each one exchange
@@ -38,6 +39,7 @@ fn main() -> ExitCode {
     {
         ["connect", addr, message] => connect(addr, message),
         ["dns", addr, query] => dns(addr, query),
+        ["udp", addr, message] => udp(addr, message),
         ["bulk", addr, bytes] => bulk(addr, bytes),
         ["parallel", addr, n, message] => parallel(addr, n, message),
         ["dnsflood", addr, n, query] => dns_flood(addr, n, query),
@@ -77,6 +79,18 @@ fn connect(addr: &str, message: &str) -> anyhow::Result<()> {
     let mut reply = String::new();
     stream.read_to_string(&mut reply)?;
     println!("reply={reply}");
+    Ok(())
+}
+
+fn udp(addr: &str, message: &str) -> anyhow::Result<()> {
+    let addr: SocketAddr = addr.parse()?;
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    socket.set_read_timeout(Some(Duration::from_secs(5)))?;
+    socket.connect(addr)?;
+    socket.send(message.as_bytes())?;
+    let mut buf = [0u8; 1500];
+    let n = socket.recv(&mut buf)?;
+    println!("reply={}", String::from_utf8_lossy(&buf[..n]));
     Ok(())
 }
 

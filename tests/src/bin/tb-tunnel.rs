@@ -2,7 +2,9 @@
 //! `redirect` module and answers on the captured sockets, saying what it saw, so a
 //! test can check from a client's reply where a connection went.
 //!
-//!   tb-tunnel --pin-dir DIR --pod-cgroup-root DIR [--pod NETNS,CGROUP,IP]...
+//!   tb-tunnel --pin-dir DIR --pod-cgroup-root DIR [--pod NETNS,CGROUP,IP[,udp]]...
+//!
+//! (`udp`: the pod may send UDP other than DNS in plaintext.)
 //!
 //! - outbound (15001): replies `outbound orig=<original destination>\n`, then relays
 //!   to that destination from the node, as the tunnel's own (uncaptured) connection;
@@ -86,15 +88,24 @@ async fn main() -> Result<()> {
 
 fn parse_pod(text: &str) -> Result<PodNetwork> {
     let mut parts = text.split(',');
-    let (Some(netns), Some(cgroup), Some(ip), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        bail!("a pod is NETNS,CGROUP,IP; got {text:?}");
+    let (Some(netns), Some(cgroup), Some(ip), udp, None) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) else {
+        bail!("a pod is NETNS,CGROUP,IP[,udp]; got {text:?}");
     };
     Ok(PodNetwork {
         netns: netns.into(),
         cgroup: cgroup.into(),
         ip: ip.parse().context("pod IP")?,
+        allow_plaintext_udp: match udp {
+            None => false,
+            Some("udp") => true,
+            Some(other) => bail!("unknown pod option {other:?}"),
+        },
     })
 }
 

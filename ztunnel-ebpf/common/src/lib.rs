@@ -41,9 +41,13 @@ pub mod maps {
 pub struct PodConfig {
     /// The pod's IP (network order, see the crate docs).
     pub pod_ip: u32,
-    /// Reserved; zero.
+    /// `FLAG_*` bits.
     pub flags: u32,
 }
+
+/// [`PodConfig::flags`]: the pod may send UDP other than DNS in plaintext (its
+/// namespace opted out). Without it such UDP is refused: it would bypass the mesh.
+pub const FLAG_ALLOW_PLAINTEXT_UDP: u32 = 1;
 
 /// An original destination.
 #[repr(C)]

@@ -321,10 +321,9 @@ fn discover(
 ) -> bool {
     let uids: HashSet<&String> = local_uids(snapshot, node).collect();
     let before = known.len();
-    // A runtime is stale once its process or cgroup is gone.
-    known.retain(|uid, runtime| {
-        uids.contains(uid) && runtime.netns.exists() && runtime.cgroup.exists()
-    });
+    // A runtime is stale once its process left the pod's cgroup or the cgroup is
+    // gone.
+    known.retain(|uid, runtime| uids.contains(uid) && runtime.is_current());
     let lost = known.len() != before;
     let missing: Vec<&String> = uids
         .into_iter()

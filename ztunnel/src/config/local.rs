@@ -541,6 +541,7 @@ pub(super) fn parse(key: &Key, value: serde_yaml::Value) -> Result<Object> {
             Object::Namespace(Namespace {
                 name,
                 labels: r.metadata.labels,
+                annotations: r.metadata.annotations,
             })
         }
         "ServiceAccount" => Object::ServiceAccount(ServiceAccount { name, namespace }),

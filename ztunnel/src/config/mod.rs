@@ -130,10 +130,15 @@ pub const OPT_OUT: &str = "none";
 pub const NETNS_ANNOTATION: &str = "ztunnel.local/netns";
 pub const CGROUP_ANNOTATION: &str = "ztunnel.local/cgroup";
 
+/// On a Namespace, `"true"` lets its enrolled pods send UDP other than DNS in
+/// plaintext, outside the mesh; without it that UDP is refused (fail closed).
+pub const ALLOW_PLAINTEXT_UDP_ANNOTATION: &str = "ztunnel.io/allow-plaintext-udp";
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Namespace {
     pub name: String,
     pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -304,6 +309,16 @@ pub struct Snapshot {
     pub policies: BTreeMap<(String, String, String), Policy>,
     pub gateways: BTreeMap<(String, String), Gateway>,
     pub endpoint_slices: BTreeMap<(String, String), EndpointSlice>,
+}
+
+impl Snapshot {
+    /// Whether the namespace lets its enrolled pods send UDP other than DNS.
+    pub fn allows_plaintext_udp(&self, namespace: &str) -> bool {
+        self.namespaces
+            .get(namespace)
+            .and_then(|n| n.annotations.get(ALLOW_PLAINTEXT_UDP_ANNOTATION))
+            .is_some_and(|v| v == "true")
+    }
 }
 
 /// A refused object or file: where, which object, what is wrong.

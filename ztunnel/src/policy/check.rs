@@ -174,6 +174,12 @@ pub fn check(snapshot: Snapshot, settings: &MeshSettings, query: &Query) -> Resu
             "{from_ns}/{from_pod} is not in the mesh: its traffic arrives in plaintext"
         ));
     }
+    if source.captured {
+        notes.push(match state.snapshot.allows_plaintext_udp(from_ns) {
+            true => format!("policies judge TCP: UDP other than DNS from {from_ns}/{from_pod} leaves in plaintext, unjudged (namespace annotation {})", crate::config::ALLOW_PLAINTEXT_UDP_ANNOTATION),
+            false => format!("policies judge TCP: UDP other than DNS from {from_ns}/{from_pod} is refused at the pod"),
+        });
+    }
     let identity = (!plaintext).then(|| source.identity.clone());
 
     if let Some(waypoint) = &dst.waypoint {

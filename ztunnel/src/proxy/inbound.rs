@@ -14,25 +14,36 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::Empty;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
 use super::{relay, Context, Record};
 use crate::{
     accept::{Acceptor, Conn},
     identity::Identity,
+    netns::SocketFactory,
     policy::Connection,
+    redirect::is_tunnel_port,
     state::Workload,
     tls,
 };
 
 const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub async fn serve_hbone(ctx: Arc<Context>, pod: Arc<Workload>, acceptor: Acceptor) {
+pub async fn serve_hbone(
+    ctx: Arc<Context>,
+    pod: Arc<Workload>,
+    acceptor: Acceptor,
+    sockets: SocketFactory,
+) {
     // The TLS config for the pod's current certificate, rebuilt when it rotates.
     let mut current: Option<(String, TlsAcceptor)> = None;
     loop {
         let (tcp, peer) = acceptor.accept().await;
+        if let Err(why) = arrived_for_the_pod(&tcp, &pod) {
+            tracing::warn!(pod = %pod.name, %peer, "HBONE refused: {why}");
+            continue;
+        }
         let _ = tcp.set_nodelay(true);
         let acceptor = match ctx.certs.fetch(&pod.identity).await {
             Ok(cert) => match &current {
@@ -55,9 +66,10 @@ pub async fn serve_hbone(ctx: Arc<Context>, pod: Arc<Workload>, acceptor: Accept
                 continue;
             }
         };
-        let (ctx2, pod) = (ctx.clone(), pod.clone());
+        let (ctx2, pod, sockets) = (ctx.clone(), pod.clone(), sockets.clone());
         ctx.connections.spawn(async move {
-            if let Err(e) = hbone_connection(ctx2, pod.clone(), acceptor, tcp, peer).await {
+            if let Err(e) = hbone_connection(ctx2, pod.clone(), acceptor, tcp, peer, sockets).await
+            {
                 tracing::debug!(pod = %pod.name, %peer, "HBONE connection: {e:#}");
             }
         });
@@ -70,6 +82,7 @@ async fn hbone_connection(
     acceptor: TlsAcceptor,
     tcp: Conn,
     peer: SocketAddr,
+    sockets: SocketFactory,
 ) -> Result<()> {
     let tls = tcp
         .handshake()
@@ -80,7 +93,8 @@ async fn hbone_connection(
     let settings = ctx.hbone.clone();
     let service = hyper::service::service_fn(move |req| {
         let (ctx, pod, peer_identity) = (ctx.clone(), pod.clone(), peer_identity.clone());
-        async move { Ok::<_, Infallible>(connect(ctx, pod, peer_identity, peer, req).await) }
+        let sockets = sockets.clone();
+        async move { Ok::<_, Infallible>(connect(ctx, pod, peer_identity, peer, req, &sockets).await) }
     });
     hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
@@ -110,6 +124,7 @@ async fn connect(
     peer_identity: Identity,
     peer: SocketAddr,
     mut req: Request<Incoming>,
+    sockets: &SocketFactory,
 ) -> Response<Empty<Bytes>> {
     let state = ctx.snapshot();
     // The client's workload, when its claimed address belongs to the identity it proved.
@@ -152,6 +167,14 @@ async fn connect(
         );
         return status(StatusCode::BAD_REQUEST);
     }
+    if is_tunnel_port(target.port()) {
+        record.refused(
+            &ctx.metrics,
+            "DENY",
+            &format!("HBONE: {target} is the tunnel itself"),
+        );
+        return status(StatusCode::BAD_REQUEST);
+    }
     // The source address policy sees: the client workload's, when its identity
     // proved it; otherwise the address the connection came from.
     let conn = Connection {
@@ -167,7 +190,7 @@ async fn connect(
         record.refused(&ctx.metrics, "DENY", &reason);
         return status(StatusCode::UNAUTHORIZED);
     }
-    let app = match deliver(&ctx, &pod, target).await {
+    let app = match deliver(sockets, target).await {
         Ok(app) => app,
         Err(e) => {
             record.refused(
@@ -216,34 +239,44 @@ pub(crate) fn forwarded_for(req: &Request<Incoming>) -> Option<std::net::Ipv4Add
 
 /// Connects to the application from inside the pod, as the tunnel (marked, so the
 /// redirection leaves it alone), from the pod's own address.
-async fn deliver(ctx: &Context, pod: &Workload, target: SocketAddr) -> Result<TcpStream> {
-    let netns = pod
-        .netns
-        .as_ref()
-        .context("the pod's network namespace is unknown")?;
-    let factory = ctx.socket_factory(netns).context("entering the pod")?;
-    let socket = factory
-        .tcp_socket()
+async fn deliver(sockets: &SocketFactory, target: SocketAddr) -> Result<TcpStream> {
+    sockets
+        .connect(target, APP_CONNECT_TIMEOUT)
         .await
-        .context("opening a socket in the pod")?;
-    let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(socket));
-    let stream = tokio::time::timeout(APP_CONNECT_TIMEOUT, socket.connect(target))
-        .await
-        .context("timed out")?
-        .with_context(|| format!("connecting to {target}"))?;
-    let _ = stream.set_nodelay(true);
-    Ok(stream)
+        .with_context(|| format!("connecting to {target}"))
 }
 
-pub async fn serve_plaintext(ctx: Arc<Context>, pod: Arc<Workload>, acceptor: Acceptor) {
+/// Inbound connections reach the tunnel's listeners only through `sk_lookup`, for
+/// the pod's IP. One that arrived any other way (the pod connecting to its own
+/// 127.0.0.1:15006 or :15008) would make the tunnel deliver to itself, in a loop.
+fn arrived_for_the_pod(tcp: &Conn, pod: &Workload) -> Result<(), String> {
+    let local = tcp
+        .local_addr()
+        .map_err(|e| format!("no local address: {e}"))?;
+    if local.ip() != IpAddr::V4(pod.ip) {
+        return Err(format!(
+            "{local} is not the pod's address: a call to the tunnel itself"
+        ));
+    }
+    if is_tunnel_port(local.port()) && local.port() != crate::redirect::HBONE_PORT {
+        return Err(format!("{local} is the tunnel itself"));
+    }
+    Ok(())
+}
+
+pub async fn serve_plaintext(
+    ctx: Arc<Context>,
+    pod: Arc<Workload>,
+    acceptor: Acceptor,
+    sockets: SocketFactory,
+) {
     loop {
         let (mut stream, peer) = acceptor.accept().await;
-        let (ctx2, pod) = (ctx.clone(), pod.clone());
+        let (ctx2, pod, sockets) = (ctx.clone(), pod.clone(), sockets.clone());
         ctx.connections.spawn(async move {
             let ctx = ctx2;
-            let target = match stream.local_addr() {
-                Ok(addr) => addr,
-                Err(_) => return,
+            let Ok(target) = stream.local_addr() else {
+                return;
             };
             let state = ctx.snapshot();
             let source = match peer.ip() {
@@ -261,6 +294,10 @@ pub async fn serve_plaintext(ctx: Arc<Context>, pod: Arc<Workload>, acceptor: Ac
                 destination_service: None,
                 mtls: false,
             };
+            if let Err(why) = arrived_for_the_pod(&stream, &pod) {
+                tracing::warn!(pod = %pod.name, %peer, "plaintext refused: {why}");
+                return record.refused(&ctx.metrics, "DENY", &why);
+            }
             let conn = Connection {
                 source_identity: None,
                 source_ip: peer.ip(),
@@ -270,7 +307,7 @@ pub async fn serve_plaintext(ctx: Arc<Context>, pod: Arc<Workload>, acceptor: Ac
             if let Err(reason) = ctx.authorize(&state, &pod, &conn, true) {
                 return record.refused(&ctx.metrics, "DENY", &reason);
             }
-            let mut app = match deliver(&ctx, &pod, target).await {
+            let mut app = match deliver(&sockets, target).await {
                 Ok(app) => app,
                 Err(e) => {
                     return record.refused(

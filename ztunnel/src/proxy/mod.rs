@@ -24,6 +24,7 @@ use crate::{
     accept::{Acceptor, Source},
     certs::CertManager,
     metrics::{DeniedLabels, PolicyMetrics, ShadowLabels, TcpLabels, TcpMetrics, UNKNOWN},
+    netns::SocketFactory,
     policy::{authz::describe_source, Connection, Mode},
     redirect::{PodListeners, Redirector},
     state::{State, Workload},
@@ -50,25 +51,9 @@ pub struct Context {
     pub dns: Arc<dns::Forwarder>,
     /// The connection caps every pod's listeners share (one file-descriptor budget).
     pub limiter: Arc<crate::accept::Limiter>,
-    /// Per enrolled pod (by netns path): the thread that makes sockets inside it.
-    pub sockets: Mutex<std::collections::HashMap<std::path::PathBuf, crate::netns::SocketFactory>>,
 }
 
 impl Context {
-    /// The socket factory of a pod's network namespace, started on first use.
-    pub fn socket_factory(
-        &self,
-        netns: &std::path::Path,
-    ) -> std::io::Result<crate::netns::SocketFactory> {
-        let mut sockets = self.sockets.lock().expect("not poisoned");
-        if let Some(factory) = sockets.get(netns) {
-            return Ok(factory.clone());
-        }
-        let factory = crate::netns::SocketFactory::new(netns)?;
-        sockets.insert(netns.to_owned(), factory.clone());
-        Ok(factory)
-    }
-
     /// The current state: one consistent snapshot, taken once per connection.
     pub fn snapshot(&self) -> Arc<State> {
         self.state.borrow().clone()
@@ -167,7 +152,8 @@ impl Context {
     }
 }
 
-/// Serves one enrolled pod's listeners until the returned set is dropped.
+/// Serves one enrolled pod's listeners until the returned set is dropped. Every
+/// connection made on the pod's behalf is dialed from inside its namespace.
 pub fn serve_pod(
     ctx: Arc<Context>,
     workload: Arc<Workload>,
@@ -175,6 +161,7 @@ pub fn serve_pod(
 ) -> std::io::Result<JoinSet<()>> {
     let mut tasks = JoinSet::new();
     let cookie = listeners.netns_cookie;
+    let sockets = SocketFactory::new(&listeners.netns)?;
     let accept = |listener: std::net::TcpListener, name| {
         tokio::net::TcpListener::from_std(listener)
             .map(|l| Acceptor::new(l, ctx.limiter.clone(), name))
@@ -190,12 +177,19 @@ pub fn serve_pod(
         workload.clone(),
         cookie,
         outbound,
+        sockets.clone(),
     ));
-    tasks.spawn(inbound::serve_hbone(ctx.clone(), workload.clone(), hbone));
+    tasks.spawn(inbound::serve_hbone(
+        ctx.clone(),
+        workload.clone(),
+        hbone,
+        sockets.clone(),
+    ));
     tasks.spawn(inbound::serve_plaintext(
         ctx.clone(),
         workload.clone(),
         plaintext,
+        sockets,
     ));
     tasks.spawn(dns::serve(ctx.dns.clone(), workload, dns));
     Ok(tasks)

@@ -10,11 +10,11 @@ use std::{
 use anyhow::{Context as _, Result};
 use http::{HeaderMap, HeaderValue};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 
 use super::{relay, Context, Record};
 use crate::{
     accept::{Acceptor, Conn},
+    netns::SocketFactory,
     state::Workload,
 };
 
@@ -34,7 +34,8 @@ enum Route {
         destination: Option<Arc<Workload>>,
         service: Option<String>,
     },
-    /// Anything else: a direct connection from the node.
+    /// Anything else: a direct connection, dialed from inside the pod (from its
+    /// own address, never the node's).
     Passthrough {
         address: SocketAddrV4,
         workload: Option<Arc<Workload>>,
@@ -47,12 +48,13 @@ pub async fn serve(
     source: Arc<Workload>,
     netns_cookie: u64,
     acceptor: Acceptor,
+    sockets: SocketFactory,
 ) {
     loop {
         let (stream, peer) = acceptor.accept().await;
-        let (ctx2, source) = (ctx.clone(), source.clone());
+        let (ctx2, source, sockets) = (ctx.clone(), source.clone(), sockets.clone());
         ctx.connections.spawn(async move {
-            handle(ctx2, source, netns_cookie, stream, peer).await;
+            handle(ctx2, source, netns_cookie, stream, peer, sockets).await;
         });
     }
 }
@@ -63,6 +65,7 @@ async fn handle(
     netns_cookie: u64,
     mut stream: Conn,
     peer: SocketAddr,
+    sockets: SocketFactory,
 ) {
     let _ = stream.set_nodelay(true);
     let mut record = Record {
@@ -98,6 +101,10 @@ async fn handle(
         );
     };
     record.destination_addr = original.into();
+    if let Some(why) = self_call(original) {
+        tracing::warn!(pod = %source.name, %original, "refused: {why}");
+        return record.refused(&ctx.metrics, "DENY", why);
+    }
     let state = ctx.snapshot();
     // The source must still be this pod, at this address.
     if state
@@ -154,7 +161,7 @@ async fn handle(
             record.destination = workload;
             record.destination_service = service;
             record.opened(&ctx.metrics);
-            passthrough(address, &mut stream).await
+            passthrough(&sockets, address, ctx.hbone.connect_timeout, &mut stream).await
         }
     };
     match result {
@@ -302,12 +309,36 @@ async fn hbone_to(
     Ok(relay(stream, &mut tunnel).await?)
 }
 
-async fn passthrough(address: SocketAddrV4, stream: &mut Conn) -> Result<(u64, u64)> {
-    let mut upstream = TcpStream::connect(address)
+/// A destination outside the mesh, dialed from inside the pod: it sees the pod's
+/// address, and the pod reaches nothing it could not reach without the mesh.
+async fn passthrough(
+    sockets: &SocketFactory,
+    address: SocketAddrV4,
+    timeout: std::time::Duration,
+    stream: &mut Conn,
+) -> Result<(u64, u64)> {
+    let mut upstream = sockets
+        .connect(address.into(), timeout)
         .await
-        .with_context(|| format!("connecting to {address}"))?;
-    let _ = upstream.set_nodelay(true);
+        .with_context(|| format!("connecting to {address} from the pod"))?;
     Ok(relay(stream, &mut upstream).await?)
+}
+
+/// Why a captured destination is the tunnel itself (or the node's loopback), if it
+/// is: such destinations are never proxied. The eBPF programs already leave
+/// loopback and 0.0.0.0/8 inside the pod; this holds even if they did not.
+fn self_call(original: SocketAddrV4) -> Option<&'static str> {
+    let ip = original.ip();
+    if ip.is_loopback() || ip.octets()[0] == 0 {
+        return Some("a loopback or 0.0.0.0/8 destination is never proxied");
+    }
+    // Not knowing the node's addresses, assume the worst.
+    if crate::redirect::is_tunnel_port(original.port())
+        && crate::redirect::node_addresses().map_or(true, |node| node.contains(ip))
+    {
+        return Some("the destination is the tunnel itself (a tunnel port on the node)");
+    }
+    None
 }
 
 /// The headers Istio's ztunnel puts on a CONNECT, so the two interoperate.
@@ -336,4 +367,31 @@ fn headers(source: &Workload, client: SocketAddr) -> HeaderMap {
         HeaderValue::from_str(&traceparent).expect("hex is a valid header"),
     );
     headers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_0_0_0_0_and_the_tunnel_on_the_node_are_self_calls() {
+        for refused in [
+            "127.0.0.1:80",
+            "127.9.9.9:15000",
+            "0.0.0.0:15000",
+            "0.1.2.3:22",
+        ] {
+            assert!(self_call(refused.parse().unwrap()).is_some(), "{refused}");
+        }
+        // Whatever addresses this test's namespace has: its tunnel ports are the
+        // tunnel's own; other ports of the node are not.
+        for ip in crate::redirect::node_addresses().unwrap() {
+            if ip.is_loopback() {
+                continue;
+            }
+            assert!(self_call(SocketAddrV4::new(ip, 15020)).is_some(), "{ip}");
+            assert!(self_call(SocketAddrV4::new(ip, 8080)).is_none(), "{ip}");
+        }
+        assert!(self_call("10.1.2.3:15008".parse().unwrap()).is_none());
+    }
 }

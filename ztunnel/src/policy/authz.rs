@@ -373,8 +373,9 @@ impl Compiled {
             field("targetRefs"),
             &mut refused,
         );
+        // An empty targetRefs is no targetRefs (a repeated field left unset).
+        let has_targets = !targets.is_empty() || any_target;
         any_target |= !readable;
-        let has_targets = field("targetRef").is_some() || field("targetRefs").is_some();
         if field("selector").is_some() && has_targets {
             // Both scopes: the tunnel's (selector) and the waypoint's (targets).
             refused.push("selector and targetRef(s) cannot both be set".into());

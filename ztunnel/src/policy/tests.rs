@@ -664,6 +664,17 @@ fn at_the_waypoint_non_http_traffic_gets_l4_policy_only() {
     );
 }
 
+/// An empty targetRefs list is no targetRefs: the tunnel enforces the policy.
+#[test]
+fn an_empty_target_refs_list_leaves_the_policy_to_the_tunnel() {
+    let i = index(&[ap(
+        "shop",
+        "deny-all",
+        "action: DENY\ntargetRefs: []\nrules: [{}]",
+    )]);
+    assert!(!allows(&i, &mtls("a", "b", 80)));
+}
+
 /// The waypoint shares the engine: a plaintext peer's empty identity matches the
 /// negated fields there too.
 #[test]

@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 
 /// Every target. The waypoint's path normalizer adds "path_normalize" here (and a
 /// [[bin]] in ztunnel/fuzz/Cargo.toml).
-pub const TARGETS: [&str; 2] = ["policy_compile", "jwt"];
+pub const TARGETS: [&str; 3] = ["policy_compile", "jwt", "path_normalize"];
 /// What `cargo xtask fuzz` gives each target by default.
 pub const DEFAULT_SECONDS: u64 = 60;
 /// What `cargo xtask test` gives each: a smoke run, the whole kept short for CI.

@@ -30,7 +30,7 @@ enum Task {
         args: Vec<String>,
     },
     /// Run the fuzz targets of ztunnel/fuzz (all, or the one named), each for a
-    /// bounded time: policy_compile, jwt.
+    /// bounded time: policy_compile, jwt, path_normalize.
     Fuzz {
         target: Option<String>,
         /// Seconds per target.

@@ -190,6 +190,25 @@ fn remove_dot_segments(path: &str) -> String {
     format!("/{}", segments.join("/"))
 }
 
+/// What every normalized path satisfies: the oracle of the unit tests and of the
+/// `path_normalize` fuzz target. Panics, naming the input, when one does not hold.
+pub fn check_properties(raw: &str, once: &str, level: Level) {
+    assert_eq!(
+        normalize(once, level).as_deref(),
+        Ok(once),
+        "{raw:?} at {level:?}: not idempotent"
+    );
+    assert!(once.starts_with('/'), "{raw:?} → {once:?}");
+    assert!(
+        !once[1..].split('/').any(|s| s == "." || s == ".."),
+        "{raw:?} → {once:?} has a dot segment"
+    );
+    assert!(!once.contains('\\'), "{raw:?} → {once:?}");
+    if level.merges() {
+        assert!(!once.contains("//"), "{raw:?} → {once:?} at {level:?}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -289,24 +308,6 @@ mod tests {
                 };
                 check_properties(&raw, &once, level);
             }
-        }
-    }
-
-    /// What every normalized path satisfies (the fuzz target's oracle too).
-    fn check_properties(raw: &str, once: &str, level: Level) {
-        assert_eq!(
-            normalize(once, level).as_deref(),
-            Ok(once),
-            "{raw:?} at {level:?}: not idempotent"
-        );
-        assert!(once.starts_with('/'), "{raw:?} → {once:?}");
-        assert!(
-            !once[1..].split('/').any(|s| s == "." || s == ".."),
-            "{raw:?} → {once:?} has a dot segment"
-        );
-        assert!(!once.contains('\\'), "{raw:?} → {once:?}");
-        if level.merges() {
-            assert!(!once.contains("//"), "{raw:?} → {once:?} at {level:?}");
         }
     }
 }

@@ -152,7 +152,9 @@ fn test(args: &[String]) -> Result<()> {
 
 /// Benchmarks of the tests package (tests/benches), each reporting ratios measured
 /// within one run.
-const BENCHES: [&str; 6] = ["redirect", "ca", "mesh", "policy", "waypoint", "config"];
+const BENCHES: [&str; 7] = [
+    "redirect", "ca", "mesh", "policy", "waypoint", "config", "soak",
+];
 
 fn bench(names: &[String]) -> Result<()> {
     for name in names {

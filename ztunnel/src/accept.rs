@@ -67,7 +67,7 @@ impl Limits {
     /// file-descriptor limit (a relayed connection holds about two descriptors).
     pub fn proxy() -> Self {
         let fd_budget = fd_limit().saturating_sub(FD_RESERVE) / 2;
-        let max_connections = 16_384.min(fd_budget).max(16);
+        let max_connections = 65_536.min(fd_budget).max(16);
         Self {
             max_connections,
             max_per_source: (max_connections / 4).max(1),
@@ -176,8 +176,12 @@ impl Limiter {
         &self.metrics
     }
 
-    /// A slot for a connection from `source`, or which cap is full.
-    fn admit(self: &Arc<Self>, source: IpAddr) -> Result<Slot, &'static str> {
+    /// A slot for a connection from `source` to `listener`, or which cap is full.
+    fn admit(
+        self: &Arc<Self>,
+        listener: &'static str,
+        source: IpAddr,
+    ) -> Result<Slot, &'static str> {
         let mut counts = self.counts.lock().expect("not poisoned");
         if counts.total >= self.limits.max_connections {
             return Err("limit");
@@ -188,8 +192,13 @@ impl Limiter {
         }
         *from_source += 1;
         counts.total += 1;
+        self.metrics
+            .open
+            .get_or_create(&ListenerLabels { listener })
+            .inc();
         Ok(Slot {
             limiter: self.clone(),
+            listener,
             source,
         })
     }
@@ -203,11 +212,19 @@ impl Limiter {
 /// A connection's place under the caps, given back on drop.
 struct Slot {
     limiter: Arc<Limiter>,
+    listener: &'static str,
     source: IpAddr,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
+        self.limiter
+            .metrics
+            .open
+            .get_or_create(&ListenerLabels {
+                listener: self.listener,
+            })
+            .dec();
         let mut counts = self.limiter.counts.lock().expect("not poisoned");
         counts.total -= 1;
         if let Some(n) = counts.per_source.get_mut(&self.source) {
@@ -299,7 +316,7 @@ impl Acceptor {
                 Source::PeerIp => peer.ip(),
                 Source::Listener(ip) => ip,
             };
-            match self.limiter.admit(source) {
+            match self.limiter.admit(self.name, source) {
                 Ok(slot) => {
                     let _ = tcp.set_nodelay(true);
                     return (Conn::new(tcp, slot, self.name), peer);
@@ -574,14 +591,14 @@ mod tests {
         let limiter = Limiter::new(limits(3, 2, None), AcceptMetrics::default());
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
-        let a1 = limiter.admit(a).unwrap();
-        let _a2 = limiter.admit(a).unwrap();
-        assert_eq!(limiter.admit(a).err(), Some("per_source_limit"));
-        let _b1 = limiter.admit(b).unwrap();
-        assert_eq!(limiter.admit(b).err(), Some("limit"));
+        let a1 = limiter.admit("test", a).unwrap();
+        let _a2 = limiter.admit("test", a).unwrap();
+        assert_eq!(limiter.admit("test", a).err(), Some("per_source_limit"));
+        let _b1 = limiter.admit("test", b).unwrap();
+        assert_eq!(limiter.admit("test", b).err(), Some("limit"));
         drop(a1);
         assert_eq!(limiter.open(), 2);
-        assert!(limiter.admit(b).is_ok());
+        assert!(limiter.admit("test", b).is_ok());
     }
 
     #[test]

@@ -236,7 +236,7 @@ struct RunArgs {
     /// How long open connections may finish after SIGTERM.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     drain_timeout: Duration,
-    /// Most connections the proxy holds at once, across all pods (default: 16384,
+    /// Most connections the proxy holds at once, across all pods (default: 65536,
     /// lowered to fit the file-descriptor limit).
     #[arg(long)]
     max_connections: Option<usize>,

@@ -581,19 +581,27 @@ async fn a_real_policy_allows_and_refuses_real_connections() {
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-client, namespace: demo}\nspec:\n  action: DENY\n  rules: [{from: [{source: {principals: ['*/sa/client']}}]}]\n",
     )
     .unwrap();
+    // Loaded first, then one connection: a connection failing for any other reason
+    // must not pass for the policy's work (and leave nothing to count).
     eventually(
         Duration::from_secs(15),
-        "the DENY policy enforced",
+        "the DENY policy loaded on node-b",
         || async {
-            let out = probe(
-                &mesh,
-                "client",
-                &["connect", &addr(&mesh, "server", 8080), "x"],
-            );
-            !out.contains("server:x")
+            mesh.config_dump("node-b").await["policies"]
+                .to_string()
+                .contains("no-client")
         },
     )
     .await;
+    let out = probe(
+        &mesh,
+        "client",
+        &["connect", &addr(&mesh, "server", 8080), "x"],
+    );
+    assert!(
+        !out.contains("server:x"),
+        "the DENY policy let the client through: {out}"
+    );
     eventually(Duration::from_secs(15), "the DENY counted by name", || async {
         mesh.metrics("node-b").await.contains("ztunnel_connections_denied_total{policy=\"demo/no-client\",kind=\"authorization\"}")
     })

@@ -377,6 +377,21 @@ pub fn pod_uid(n: usize) -> String {
 }
 
 impl Mesh {
+    /// Runs `program` in `pod` and returns its stdout and stderr together.
+    pub fn output(&self, pod: &str, program: &str, args: &[&str]) -> String {
+        let out = self.cluster.pod(pod).run(program, args).unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }
+
+    /// `pod`'s address and `port`, as a probe takes it.
+    pub fn addr(&self, pod: &str, port: u16) -> String {
+        std::net::SocketAddr::new(self.cluster.pod(pod).ip.into(), port).to_string()
+    }
+
     /// Writes the config (`ambient` namespaces labelled for the mesh, the others
     /// plain) and starts a tunnel on every node.
     pub async fn start(

@@ -34,16 +34,11 @@ async fn mesh() -> Mesh {
 }
 
 fn probe(mesh: &Mesh, pod: &str, args: &[&str]) -> String {
-    let out = mesh.cluster.pod(pod).run(PROBE, args).unwrap();
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+    mesh.output(pod, PROBE, args)
 }
 
 fn addr(mesh: &Mesh, pod: &str, port: u16) -> String {
-    SocketAddr::new(mesh.cluster.pod(pod).ip.into(), port).to_string()
+    mesh.addr(pod, port)
 }
 
 /// The client reaches the server through the mesh.

@@ -2,7 +2,7 @@
 //! the tunnel itself and UDP are out of reach; enrollment fails closed; a PID that
 //! names another namespace is caught; uninstalling the mesh frees the pods.
 
-use std::{net::SocketAddr, time::Duration};
+use std::time::Duration;
 
 use testbed::{
     app::{EchoServer, UdpEcho},
@@ -31,16 +31,11 @@ async fn mesh() -> Mesh {
 }
 
 fn probe(mesh: &Mesh, pod: &str, args: &[&str]) -> String {
-    let out = mesh.cluster.pod(pod).run(PROBE, args).unwrap();
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+    mesh.output(pod, PROBE, args)
 }
 
 fn addr(mesh: &Mesh, pod: &str, port: u16) -> String {
-    SocketAddr::new(mesh.cluster.pod(pod).ip.into(), port).to_string()
+    mesh.addr(pod, port)
 }
 
 /// Every other pod is still served: local-server → server through the mesh (out of

@@ -1,6 +1,6 @@
 //! The mesh end to end: `ztunnel run` on every testbed node, the CA, real pods.
 
-use std::{net::SocketAddr, time::Duration};
+use std::time::Duration;
 
 use testbed::{
     app::EchoServer,
@@ -35,16 +35,11 @@ async fn mesh_with(extra: Vec<WorkloadSpec>) -> Mesh {
 }
 
 fn probe(mesh: &Mesh, pod: &str, args: &[&str]) -> String {
-    let out = mesh.cluster.pod(pod).run(PROBE, args).unwrap();
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+    mesh.output(pod, PROBE, args)
 }
 
 fn addr(mesh: &Mesh, pod: &str, port: u16) -> String {
-    SocketAddr::new(mesh.cluster.pod(pod).ip.into(), port).to_string()
+    mesh.addr(pod, port)
 }
 
 #[tokio::test(flavor = "multi_thread")]

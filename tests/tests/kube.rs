@@ -7,6 +7,8 @@ use std::{net::SocketAddr, time::Duration};
 use serde_json::json;
 use testbed::{
     app::EchoServer,
+    capture::Capture,
+    faults::{assert_no_crash, assert_nothing_plaintext, refused_by_policy, tunnels, Load},
     kube_api::{Call, FakeApiServer},
     mesh::{eventually, Mesh, TempDir, WorkloadSpec},
     Cluster, ClusterSpec,
@@ -136,27 +138,8 @@ async fn tunnels_watching_the_api_server_enroll_their_ambient_pods_and_follow_ch
     let out = probe(&mesh, "client", &server, "denied");
     assert!(!out.contains("server:denied"), "{out}");
 
-    // An API server outage keeps the last state: still enrolled, still enforced.
-    mesh.api().set_available(false);
-    eventually(
-        Duration::from_secs(15),
-        "the tunnel notices the outage",
-        || async { mesh.log("node-b").contains("watching the API server") },
-    )
-    .await;
-    mesh.wait_enrolled("node-b", "server", true).await.unwrap();
-    assert!(
-        mesh.metrics("node-b")
-            .await
-            .lines()
-            .any(|l| l.starts_with("ztunnel_config_source_errors_total ") && !l.ends_with(" 0")),
-        "the outage is counted"
-    );
-    let out = probe(&mesh, "client", &server, "still-denied");
-    assert!(!out.contains("server:still-denied"), "{out}");
-    mesh.api().set_available(true);
-
-    // Deleting the policy (after the outage: the watch resumes) lets traffic in.
+    // Deleting the policy lets traffic in (an outage in between: see
+    // through_an_api_server_outage_the_tunnels_keep_serving_and_enforcing_then_follow_changes).
     mesh.api()
         .delete(&serde_yaml::from_str(DENY_CLIENT).unwrap());
     eventually(
@@ -382,4 +365,104 @@ async fn the_ca_keeps_its_root_in_a_secret_publishes_it_and_knows_which_node_run
         .is_err());
 
     assert_granted(&api.calls(), k8s::CA, "istio-system");
+}
+
+const DENY_OTHER: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-other, namespace: demo}
+spec:
+  action: DENY
+  rules: [{from: [{source: {principals: [cluster.local/ns/demo/sa/other]}}]}]
+";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn through_an_api_server_outage_the_tunnels_keep_serving_and_enforcing_then_follow_changes() {
+    let cluster = Cluster::new(
+        &ClusterSpec::new()
+            .node("node-a", ["client", "client-2"])
+            .node("node-b", ["server"]),
+    )
+    .unwrap();
+    let workloads = [
+        WorkloadSpec::new("client", "demo", "client"),
+        WorkloadSpec::new("client-2", "demo", "other"),
+        WorkloadSpec::new("server", "demo", "server"),
+    ];
+    let mesh = Mesh::start_kube(cluster, &workloads, &["demo"])
+        .await
+        .unwrap();
+    mesh.wait_enrolled("node-a", "client", true).await.unwrap();
+    mesh.wait_enrolled("node-b", "server", true).await.unwrap();
+    let server = SocketAddr::new(mesh.cluster.pod("server").ip.into(), 8080).to_string();
+    let _echo = EchoServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    let denied = || {
+        refused_by_policy(
+            &mesh,
+            PROBE,
+            "client-2",
+            &server,
+            "node-b",
+            "demo/deny-other",
+        )
+    };
+    let served = |pod: &str, message: &str| {
+        let out = probe(&mesh, pod, &server, message);
+        assert!(out.contains(&format!("reply=server:{message}")), "{out}");
+    };
+    mesh.api().apply_yaml(DENY_OTHER);
+    eventually(Duration::from_secs(15), "the DENY in force", denied).await;
+
+    let before = tunnels(&mesh);
+    let capture = Capture::start(&mesh.cluster.fabric_netns()).unwrap();
+    let marker = "API-OUTAGE-MARKER-0a9d";
+    let load = Load::start(&mesh, PROBE, "client", &server, 6000, marker);
+    // Down: every request refused, the watches cut. Both tunnels notice, count it
+    // and keep the last state: still enrolled, still serving, still denying.
+    mesh.api().set_available(false);
+    eventually(
+        Duration::from_secs(15),
+        "both tunnels count the outage",
+        || async {
+            let mut counted = true;
+            for node in ["node-a", "node-b"] {
+                counted &= testbed::mesh::metric(
+                    &mesh.metrics(node).await,
+                    "ztunnel_config_source_errors_total",
+                    &[],
+                ) > 0.0;
+            }
+            counted
+        },
+    )
+    .await;
+    for node in ["node-a", "node-b"] {
+        assert!(
+            mesh.log(node).contains("watching the API server"),
+            "{node} logs the outage"
+        );
+    }
+    mesh.wait_enrolled("node-a", "client", true).await.unwrap();
+    mesh.wait_enrolled("node-b", "server", true).await.unwrap();
+    served("client", "during-outage");
+    assert!(denied().await, "the DENY still denies during the outage");
+
+    // Back, then a change: the policy deleted. The tunnels reconnect and follow.
+    mesh.api().set_available(true);
+    mesh.api()
+        .delete(&serde_yaml::from_str(DENY_OTHER).unwrap());
+    eventually(
+        Duration::from_secs(30),
+        "the deletion reaches node-b",
+        || async {
+            mesh.config_dump("node-b").await["policies"]
+                .as_array()
+                .is_some_and(|p| p.iter().all(|p| p["name"] != "deny-other"))
+        },
+    )
+    .await;
+    served("client-2", "after-outage");
+    let (ok, failed) = load.finish();
+    assert!(ok > 0 && failed == 0, "ok={ok} failed={failed}");
+    assert_no_crash(&mesh, &before);
+    assert_nothing_plaintext(&mesh, &capture.stop(), marker);
 }

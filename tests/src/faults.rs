@@ -111,3 +111,18 @@ pub async fn refused_by_policy(
     let out = mesh.output(pod, probe, &["connect", target, "refused"]);
     !out.contains("reply=") && count().await > before
 }
+
+/// Whether the metric (summed over its labels) satisfies `wanted` on every node's
+/// tunnel.
+pub async fn on_every_node(mesh: &Mesh, name: &str, wanted: impl Fn(f64) -> bool) -> bool {
+    for node in mesh.cluster.nodes() {
+        if !wanted(crate::mesh::metric(
+            &mesh.metrics(&node.name).await,
+            name,
+            &[],
+        )) {
+            return false;
+        }
+    }
+    true
+}

@@ -13,8 +13,8 @@ use rustls::pki_types::ServerName;
 use testbed::{
     app::EchoServer,
     capture::Capture,
-    faults::{assert_no_crash, assert_nothing_plaintext, tunnels, Load},
-    mesh::{eventually, metric, LocalCa, Mesh, PodOnNode, WorkloadSpec},
+    faults::{assert_no_crash, assert_nothing_plaintext, on_every_node, tunnels, Load},
+    mesh::{eventually, LocalCa, Mesh, PodOnNode, WorkloadSpec},
     Cluster, ClusterSpec,
 };
 use tokio::{
@@ -490,16 +490,10 @@ async fn with_the_ca_down_through_a_rotation_the_mesh_serves_on_and_renews_when_
     eventually(
         Duration::from_secs(20),
         "renewals failing against the stopped CA",
-        || async {
-            let mut failing = true;
-            for (node, _) in holders {
-                failing &= metric(
-                    &mesh.metrics(node).await,
-                    "ztunnel_workload_cert_request_failures_total",
-                    &[],
-                ) > 0.0;
-            }
-            failing
+        || {
+            on_every_node(&mesh, "ztunnel_workload_cert_request_failures_total", |n| {
+                n > 0.0
+            })
         },
     )
     .await;

@@ -11,7 +11,9 @@ use std::{
 use testbed::{
     app::EchoServer,
     capture::Capture,
-    faults::{assert_no_crash, assert_nothing_plaintext, refused_by_policy, tunnels, Load},
+    faults::{
+        assert_no_crash, assert_nothing_plaintext, on_every_node, refused_by_policy, tunnels, Load,
+    },
     mesh::{eventually, metric, open_fds, set_fd_limit, Mesh, WorkloadSpec},
     Cluster, ClusterSpec,
 };
@@ -521,17 +523,6 @@ async fn a_corrupt_config_keeps_the_last_good_state_and_its_decisions_until_fixe
     let marker = "CORRUPT-MARKER-3c8e";
     let target = addr(&mesh, "server", 8080);
     let nodes = ["node-a", "node-b"];
-    let on_every_node = |name: &'static str, wanted: fn(f64) -> bool| {
-        let mesh = &mesh;
-        move || async move {
-            for node in nodes {
-                if !wanted(metric(&mesh.metrics(node).await, name, &[])) {
-                    return false;
-                }
-            }
-            true
-        }
-    };
 
     // The pods' and the policy's files overwritten with garbage: each refused,
     // counted and logged; every object they held stays as it was.
@@ -541,7 +532,7 @@ async fn a_corrupt_config_keeps_the_last_good_state_and_its_decisions_until_fixe
     eventually(
         Duration::from_secs(10),
         "both files refused on both nodes",
-        on_every_node("ztunnel_config_refused_objects", |n| n == 2.0),
+        || on_every_node(&mesh, "ztunnel_config_refused_objects", |n| n == 2.0),
     )
     .await;
     for node in nodes {
@@ -569,7 +560,7 @@ async fn a_corrupt_config_keeps_the_last_good_state_and_its_decisions_until_fixe
     eventually(
         Duration::from_secs(10),
         "the source's failure counted on both nodes",
-        on_every_node("ztunnel_config_source_errors_total", |n| n > 0.0),
+        || on_every_node(&mesh, "ztunnel_config_source_errors_total", |n| n > 0.0),
     )
     .await;
     for node in nodes {
@@ -591,7 +582,7 @@ async fn a_corrupt_config_keeps_the_last_good_state_and_its_decisions_until_fixe
     eventually(
         Duration::from_secs(10),
         "no refusal left on either node",
-        on_every_node("ztunnel_config_refused_objects", |n| n == 0.0),
+        || on_every_node(&mesh, "ztunnel_config_refused_objects", |n| n == 0.0),
     )
     .await;
     eventually(Duration::from_secs(10), "client-2 served", || async {

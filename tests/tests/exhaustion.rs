@@ -506,6 +506,32 @@ async fn at_the_fd_limit_the_tunnel_backs_off_and_serves_again() {
     assert_nothing_plaintext(&mesh, &capture.stop(), marker);
 }
 
+/// A directory replaced by a corrupt file, put back on drop (even when a test
+/// fails, so that the mesh's cleanup finds it).
+struct Replaced {
+    dir: std::path::PathBuf,
+    aside: std::path::PathBuf,
+}
+
+impl Replaced {
+    fn new(dir: &std::path::Path) -> Self {
+        let aside = dir.with_extension("aside");
+        std::fs::rename(dir, &aside).unwrap();
+        std::fs::write(dir, CORRUPT).unwrap();
+        Self {
+            dir: dir.to_owned(),
+            aside,
+        }
+    }
+}
+
+impl Drop for Replaced {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.dir);
+        let _ = std::fs::rename(&self.aside, &self.dir);
+    }
+}
+
 /// Not YAML at all: what a truncated write or a stray binary leaves.
 const CORRUPT: &str = "\u{1}\u{2}kind: [Pod\n  {{{ not yaml: - :\n";
 
@@ -553,10 +579,7 @@ async fn a_corrupt_config_keeps_the_last_good_state_and_its_decisions_until_fixe
 
     // The directory itself replaced by a file: the source fails, counted and
     // logged, and the state stays.
-    let dir = mesh.config.path().to_owned();
-    let aside = dir.with_extension("aside");
-    std::fs::rename(&dir, &aside).unwrap();
-    std::fs::write(&dir, CORRUPT).unwrap();
+    let replaced = Replaced::new(mesh.config.path());
     eventually(
         Duration::from_secs(10),
         "the source's failure counted on both nodes",
@@ -574,8 +597,7 @@ async fn a_corrupt_config_keeps_the_last_good_state_and_its_decisions_until_fixe
     mesh.wait_enrolled("node-b", "server", true).await.unwrap();
 
     // Fixed, with a change: the DENY now names nobody. Applied: client-2 served.
-    std::fs::remove_file(&dir).unwrap();
-    std::fs::rename(&aside, &dir).unwrap();
+    drop(replaced);
     mesh.write_config("workloads.yaml", &workloads).unwrap();
     mesh.write_config("deny.yaml", &DENY_OTHER.replace("sa/other", "sa/nobody"))
         .unwrap();

@@ -341,6 +341,12 @@ impl Interop {
     /// once it is ready; the pod's connections to the applications' ports are
     /// redirected into it, as istio-cni would.
     async fn istio(&self, pod: &str, policies: &str) -> IstioProxy {
+        self.istio_as(pod, pod, policies).await
+    }
+
+    /// Like [`Interop::istio`], with the proxy told that it serves `workload` (one
+    /// of the four; its certificate is then that workload's).
+    async fn istio_as(&self, pod: &str, workload: &str, policies: &str) -> IstioProxy {
         let pod = self.mesh.cluster.pod(pod).clone();
         let dir = TempDir::new("istio-dedicated").unwrap();
         let mut env = ca_env(
@@ -351,10 +357,7 @@ impl Interop {
         env.extend(
             [
                 ("PROXY_MODE", "dedicated".to_owned()),
-                (
-                    "PROXY_WORKLOAD_INFO",
-                    format!("{NS}/{}/{}", pod.name, pod.name),
-                ),
+                ("PROXY_WORKLOAD_INFO", format!("{NS}/{workload}/{workload}")),
                 ("NODE_NAME", pod.node.clone()),
             ]
             .map(|(k, v)| (k.to_owned(), v)),
@@ -455,6 +458,18 @@ impl IstioProxy {
             Duration::from_secs(20),
         )
         .await
+    }
+}
+
+impl Drop for IstioProxy {
+    fn drop(&mut self) {
+        // As the mesh's tunnels' logs: kept where ZTB_KEEP_LOGS says.
+        if let Ok(dir) = std::env::var("ZTB_KEEP_LOGS") {
+            let _ = std::fs::copy(
+                self.dir.path().join("istio.log"),
+                Path::new(&dir).join(format!("istio-{}.log", self.pod.name)),
+            );
+        }
     }
 }
 
@@ -920,4 +935,28 @@ async fn half_close_and_a_refused_port_from_our_client_to_istios_server() {
             "Connection refused",
         ])
         .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn our_client_refuses_an_istio_proxy_presenting_another_identity() {
+    let interop = Interop::start().await;
+    // Istio's proxy in istio-server's pod, told it serves istio-client: it presents
+    // istio-client's certificate (valid, from our CA) where istio-server's is due.
+    let istio = interop.istio_as("istio-server", "istio-client", "").await;
+    let echo = EchoServer::start(&istio.pod, ECHO_PORT).unwrap();
+
+    let server = interop.addr("istio-server", ECHO_PORT);
+    let out = interop.probe("client", &["connect", &server, "secret"]);
+    assert_closed_without_bytes(&out, &istio.log());
+    interop
+        .our_line(&[
+            "reporter=\"source\"",
+            &format!(
+                "peer is {}, expected {}",
+                spiffe("istio-client"),
+                spiffe("istio-server")
+            ),
+        ])
+        .await;
+    assert!(echo.stop().unwrap().is_empty(), "the app was never reached");
 }

@@ -960,3 +960,54 @@ async fn our_client_refuses_an_istio_proxy_presenting_another_identity() {
         .await;
     assert!(echo.stop().unwrap().is_empty(), "the app was never reached");
 }
+
+/// Istio's ALLOW admitting only HBONE from `ip` (a `sourceIps` rule).
+fn istio_allow_from(ip: std::net::Ipv4Addr) -> String {
+    format!(
+        "- {{name: allow-from-ip, namespace: {NS}, scope: Namespace, action: Allow, \
+         dryRun: false, rules: [[[{{sourceIps: [{ip}/32]}}]]]}}\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn istios_allow_on_our_client_pods_ip_admits_it_and_the_same_allow_on_another_ip_refuses() {
+    let interop = Interop::start().await;
+    let client = interop.mesh.cluster.pod("client").ip;
+    let server = interop.addr("istio-server", ECHO_PORT);
+    // Our HBONE leaves from the client pod's own address, as Istio's does.
+    let from_client = format!("src.addr={client}:");
+    {
+        let istio = interop
+            .istio("istio-server", &istio_allow_from(client))
+            .await;
+        let _echo = EchoServer::start(&istio.pod, ECHO_PORT).unwrap();
+        let out = interop.probe("client", &["connect", &server, "admitted"]);
+        assert!(
+            out.contains("reply=istio-server:admitted"),
+            "{out}\nIstio:\n{}",
+            istio.log()
+        );
+        istio
+            .access_line(&["direction=\"inbound\"", &from_client, "bytes_recv=8"])
+            .await;
+    }
+    // The same ALLOW naming another address (our server pod's) refuses it.
+    let other = interop.mesh.cluster.pod("server").ip;
+    let istio = interop
+        .istio("istio-server", &istio_allow_from(other))
+        .await;
+    let echo = EchoServer::start(&istio.pod, ECHO_PORT).unwrap();
+    let out = interop.probe("client", &["connect", &server, "refused"]);
+    assert_closed_without_bytes(&out, &istio.log());
+    istio
+        .access_line(&[
+            "direction=\"inbound\"",
+            &from_client,
+            "allow policies exist, but none allowed",
+        ])
+        .await;
+    interop
+        .our_line(&["reporter=\"source\"", "401 Unauthorized"])
+        .await;
+    assert!(echo.stop().unwrap().is_empty(), "the app was never reached");
+}

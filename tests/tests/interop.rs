@@ -395,6 +395,35 @@ impl Interop {
         self.mesh.addr(pod, port)
     }
 
+    /// An echo server on `pod`'s application port, and that address.
+    fn echo(&self, pod: &str) -> (EchoServer, String) {
+        let echo = EchoServer::start(self.mesh.cluster.pod(pod), ECHO_PORT).unwrap();
+        (echo, self.addr(pod, ECHO_PORT))
+    }
+
+    /// Runs tb-probe in `client`, asserting that its output has `expected`.
+    fn probe_expecting(&self, client: &str, args: &[&str], expected: &str, istio: &IstioProxy) {
+        let out = self.probe(client, args);
+        assert!(
+            out.contains(expected),
+            "{out}\nIstio's ztunnel's log:\n{}",
+            istio.log()
+        );
+    }
+
+    /// Connects from `client` to the application port of `server` (an echo server
+    /// there) and asserts that the connection is refused: closed with no byte,
+    /// the application never reached.
+    fn assert_refused(&self, client: &str, server: &str, istio: &IstioProxy) {
+        let (echo, addr) = self.echo(server);
+        let out = self.probe(client, &["connect", &addr, "refused?"]);
+        assert_closed_without_bytes(&out, &istio.log());
+        assert!(
+            echo.stop().unwrap().is_empty(),
+            "the application at {addr} was reached: {out}"
+        );
+    }
+
     /// Waits for the line of our tunnel's log with every one of `parts`.
     async fn our_line(&self, parts: &[&str]) -> String {
         wait_for_line(
@@ -509,14 +538,18 @@ fn redirect_outbound(pod: &Pod, dir: &Path) {
     );
 }
 
-/// Asserts that a probe's connection was closed with no byte from the server
-/// (not left hanging until its timeout).
+/// Asserts that a probe's connection was accepted (by the capturing proxy), then
+/// closed (EOF, or reset however it surfaced) with no byte from the server, not
+/// left hanging until the probe's read timeout.
 fn assert_closed_without_bytes(out: &str, context: &str) {
-    let closed = out.lines().any(|l| l == "reply=")
-        || out.contains("Connection reset by peer")
-        || out.contains("Broken pipe");
+    let connected = out.lines().any(|l| l.starts_with("peer="));
+    let got_bytes = out
+        .lines()
+        .any(|l| l.starts_with("reply=") && l != "reply=");
+    // A read timeout surfaces as EAGAIN.
+    let hung = out.contains("Resource temporarily unavailable") || out.contains("timed out");
     assert!(
-        closed,
+        connected && !got_bytes && !hung,
         "expected a closed connection, no bytes: {out}\n{context}"
     );
 }
@@ -721,14 +754,12 @@ fn client_hello() -> Vec<u8> {
 async fn istios_client_reaches_our_server_with_both_identities_in_both_logs() {
     let interop = Interop::start().await;
     let istio = interop.istio("istio-client", "").await;
-    let _echo = EchoServer::start(interop.mesh.cluster.pod("server"), ECHO_PORT).unwrap();
-
-    let server = interop.addr("server", ECHO_PORT);
-    let out = interop.probe("istio-client", &["connect", &server, "hello"]);
-    assert!(
-        out.contains("reply=server:hello"),
-        "{out}\nIstio:\n{}",
-        istio.log()
+    let (_echo, server) = interop.echo("server");
+    interop.probe_expecting(
+        "istio-client",
+        &["connect", &server, "hello"],
+        "reply=server:hello",
+        &istio,
     );
     istio
         .access_line(&[
@@ -764,14 +795,12 @@ async fn istios_client_reaches_our_server_with_both_identities_in_both_logs() {
 async fn our_client_reaches_istios_server_with_both_identities_in_both_logs() {
     let interop = Interop::start().await;
     let istio = interop.istio("istio-server", "").await;
-    let _echo = EchoServer::start(&istio.pod, ECHO_PORT).unwrap();
-
-    let server = interop.addr("istio-server", ECHO_PORT);
-    let out = interop.probe("client", &["connect", &server, "hello"]);
-    assert!(
-        out.contains("reply=istio-server:hello"),
-        "{out}\nIstio:\n{}",
-        istio.log()
+    let (_echo, server) = interop.echo("istio-server");
+    interop.probe_expecting(
+        "client",
+        &["connect", &server, "hello"],
+        "reply=istio-server:hello",
+        &istio,
     );
     istio
         .access_line(&[
@@ -813,11 +842,7 @@ async fn our_deny_refuses_istios_client_with_401() {
     })
     .await;
     let istio = interop.istio("istio-client", "").await;
-    let echo = EchoServer::start(interop.mesh.cluster.pod("server"), ECHO_PORT).unwrap();
-
-    let server = interop.addr("server", ECHO_PORT);
-    let out = interop.probe("istio-client", &["connect", &server, "denied"]);
-    assert_closed_without_bytes(&out, &istio.log());
+    interop.assert_refused("istio-client", "server", &istio);
     istio
         .access_line(&[
             "direction=\"outbound\"",
@@ -834,7 +859,6 @@ async fn our_deny_refuses_istios_client_with_401() {
             &["policy=\"mesh/deny-istio-client\""],
         )
         .await;
-    assert!(echo.stop().unwrap().is_empty(), "the app was never reached");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -845,11 +869,7 @@ async fn istios_deny_refuses_our_client_with_401() {
          rules: [[[{{principals: [!Exact \"{TD}/ns/{NS}/sa/client\"]}}]]]}}\n"
     );
     let istio = interop.istio("istio-server", &deny).await;
-    let echo = EchoServer::start(&istio.pod, ECHO_PORT).unwrap();
-
-    let server = interop.addr("istio-server", ECHO_PORT);
-    let out = interop.probe("client", &["connect", &server, "denied"]);
-    assert_closed_without_bytes(&out, &istio.log());
+    interop.assert_refused("client", "istio-server", &istio);
     interop
         .our_line(&[
             "reporter=\"source\"",
@@ -864,23 +884,21 @@ async fn istios_deny_refuses_our_client_with_401() {
             "explicitly denied by: mesh/deny-client",
         ])
         .await;
-    assert!(echo.stop().unwrap().is_empty(), "the app was never reached");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn half_close_and_a_refused_port_from_istios_client_to_our_server() {
     let interop = Interop::start().await;
     let istio = interop.istio("istio-client", "").await;
-    let _echo = EchoServer::start(interop.mesh.cluster.pod("server"), ECHO_PORT).unwrap();
+    let (_echo, server) = interop.echo("server");
 
     // The client shuts down its sending side; only then does the server answer
     // (a megabyte), and close.
-    let server = interop.addr("server", ECHO_PORT);
-    let out = interop.probe("istio-client", &["bulk", &server, "1000000"]);
-    assert!(
-        out.contains("ok sent=1000000 received=1000000"),
-        "{out}\nIstio:\n{}",
-        istio.log()
+    interop.probe_expecting(
+        "istio-client",
+        &["bulk", &server, "1000000"],
+        "ok sent=1000000 received=1000000",
+        &istio,
     );
 
     let closed = interop.addr("server", CLOSED_PORT);
@@ -912,14 +930,12 @@ async fn half_close_and_a_refused_port_from_istios_client_to_our_server() {
 async fn half_close_and_a_refused_port_from_our_client_to_istios_server() {
     let interop = Interop::start().await;
     let istio = interop.istio("istio-server", "").await;
-    let _echo = EchoServer::start(&istio.pod, ECHO_PORT).unwrap();
-
-    let server = interop.addr("istio-server", ECHO_PORT);
-    let out = interop.probe("client", &["bulk", &server, "1000000"]);
-    assert!(
-        out.contains("ok sent=1000000 received=1000000"),
-        "{out}\nIstio:\n{}",
-        istio.log()
+    let (_echo, server) = interop.echo("istio-server");
+    interop.probe_expecting(
+        "client",
+        &["bulk", &server, "1000000"],
+        "ok sent=1000000 received=1000000",
+        &istio,
     );
 
     let closed = interop.addr("istio-server", CLOSED_PORT);
@@ -943,11 +959,7 @@ async fn our_client_refuses_an_istio_proxy_presenting_another_identity() {
     // Istio's proxy in istio-server's pod, told it serves istio-client: it presents
     // istio-client's certificate (valid, from our CA) where istio-server's is due.
     let istio = interop.istio_as("istio-server", "istio-client", "").await;
-    let echo = EchoServer::start(&istio.pod, ECHO_PORT).unwrap();
-
-    let server = interop.addr("istio-server", ECHO_PORT);
-    let out = interop.probe("client", &["connect", &server, "secret"]);
-    assert_closed_without_bytes(&out, &istio.log());
+    interop.assert_refused("client", "istio-server", &istio);
     interop
         .our_line(&[
             "reporter=\"source\"",
@@ -958,7 +970,6 @@ async fn our_client_refuses_an_istio_proxy_presenting_another_identity() {
             ),
         ])
         .await;
-    assert!(echo.stop().unwrap().is_empty(), "the app was never reached");
 }
 
 /// Istio's ALLOW admitting only HBONE from `ip` (a `sourceIps` rule).
@@ -973,19 +984,18 @@ fn istio_allow_from(ip: std::net::Ipv4Addr) -> String {
 async fn istios_allow_on_our_client_pods_ip_admits_it_and_the_same_allow_on_another_ip_refuses() {
     let interop = Interop::start().await;
     let client = interop.mesh.cluster.pod("client").ip;
-    let server = interop.addr("istio-server", ECHO_PORT);
     // Our HBONE leaves from the client pod's own address, as Istio's does.
     let from_client = format!("src.addr={client}:");
     {
         let istio = interop
             .istio("istio-server", &istio_allow_from(client))
             .await;
-        let _echo = EchoServer::start(&istio.pod, ECHO_PORT).unwrap();
-        let out = interop.probe("client", &["connect", &server, "admitted"]);
-        assert!(
-            out.contains("reply=istio-server:admitted"),
-            "{out}\nIstio:\n{}",
-            istio.log()
+        let (_echo, server) = interop.echo("istio-server");
+        interop.probe_expecting(
+            "client",
+            &["connect", &server, "admitted"],
+            "reply=istio-server:admitted",
+            &istio,
         );
         istio
             .access_line(&["direction=\"inbound\"", &from_client, "bytes_recv=8"])
@@ -996,9 +1006,7 @@ async fn istios_allow_on_our_client_pods_ip_admits_it_and_the_same_allow_on_anot
     let istio = interop
         .istio("istio-server", &istio_allow_from(other))
         .await;
-    let echo = EchoServer::start(&istio.pod, ECHO_PORT).unwrap();
-    let out = interop.probe("client", &["connect", &server, "refused"]);
-    assert_closed_without_bytes(&out, &istio.log());
+    interop.assert_refused("client", "istio-server", &istio);
     istio
         .access_line(&[
             "direction=\"inbound\"",
@@ -1009,5 +1017,4 @@ async fn istios_allow_on_our_client_pods_ip_admits_it_and_the_same_allow_on_anot
     interop
         .our_line(&["reporter=\"source\"", "401 Unauthorized"])
         .await;
-    assert!(echo.stop().unwrap().is_empty(), "the app was never reached");
 }

@@ -2,6 +2,7 @@
 //! crosses the wire.
 
 use std::{
+    net::{Ipv4Addr, SocketAddrV4},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::Path,
     sync::{
@@ -31,6 +32,19 @@ impl Packet {
         Some((
             u16::from_be_bytes([ports[0], ports[1]]),
             u16::from_be_bytes([ports[2], ports[3]]),
+        ))
+    }
+
+    /// (source, destination) of an IPv4 TCP frame: addresses and ports.
+    pub fn tcp_endpoints(&self) -> Option<(SocketAddrV4, SocketAddrV4)> {
+        let (sport, dport) = self.tcp_ports()?;
+        let ip = |at: usize| {
+            let octets: [u8; 4] = self.data.get(at..at + 4)?.try_into().ok()?;
+            Some(Ipv4Addr::from(octets))
+        };
+        Some((
+            SocketAddrV4::new(ip(26)?, sport),
+            SocketAddrV4::new(ip(30)?, dport),
         ))
     }
 }

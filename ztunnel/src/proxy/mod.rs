@@ -148,15 +148,20 @@ impl Context {
 }
 
 /// Serves one enrolled pod's listeners until the returned set is dropped. Every
-/// connection made on the pod's behalf is dialed from inside its namespace.
+/// connection made on the pod's behalf is dialed from inside its namespace; its
+/// pooled HBONE connections are closed when `gone` is cancelled (the pod left the
+/// mesh: not when the tunnel drains, which lets open streams finish).
 pub fn serve_pod(
     ctx: Arc<Context>,
     workload: Arc<Workload>,
     listeners: PodListeners,
+    gone: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<JoinSet<()>> {
     let mut tasks = JoinSet::new();
     let cookie = listeners.netns_cookie;
     let sockets = SocketFactory::new(&listeners.netns)?;
+    // The pod's HBONE connections are dialed from inside it.
+    let origin = pool::PodOrigin::new(workload.ip, sockets.clone(), gone);
     let accept = |listener: std::net::TcpListener, name| {
         tokio::net::TcpListener::from_std(listener)
             .map(|l| Acceptor::new(l, ctx.limiter.clone(), name))
@@ -172,7 +177,7 @@ pub fn serve_pod(
         workload.clone(),
         cookie,
         outbound,
-        sockets.clone(),
+        origin,
     ));
     tasks.spawn(inbound::serve_hbone(
         ctx.clone(),

@@ -18,7 +18,7 @@ use anyhow::{bail, Context as _, Result};
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
-use hyper::{body::Incoming, client::conn::http1::SendRequest};
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -47,6 +47,9 @@ use crate::{
     state::{MeshSettings, State, Workload},
     tls,
 };
+
+mod upstream;
+use upstream::{Protocol, Upstreams};
 
 #[derive(Clone, Debug)]
 pub struct WaypointOptions {
@@ -80,6 +83,9 @@ struct RequestLabels {
     destination_service: String,
     request_protocol: String,
     response_code: String,
+    /// Envoy's flags for a response the waypoint made itself: `UH` no endpoint,
+    /// `UF` connect failure, `URX` retries exhausted, `UC` the upstream reset.
+    response_flags: String,
     connection_security_policy: String,
 }
 
@@ -95,6 +101,10 @@ struct Waypoint {
     state: tokio::sync::watch::Receiver<Arc<State>>,
     certs: Arc<CertManager>,
     pool: Arc<Pool>,
+    /// HTTP connections to endpoints, shared by every downstream connection.
+    upstreams: Arc<Upstreams>,
+    /// Round-robin position per Service VIP.
+    next_endpoint: Mutex<HashMap<std::net::Ipv4Addr, usize>>,
     requests: Family<RequestLabels, Counter>,
     /// CONNECTs refused before any policy: destinations not bound here and the like.
     refused: Family<RefusedLabels, Counter>,
@@ -115,9 +125,12 @@ const JWKS_TIMEOUT: Duration = Duration::from_secs(5);
 /// Where a CONNECT through the waypoint is going, and for whom.
 #[derive(Clone)]
 struct Target {
-    /// The endpoint chosen, and the port on it.
-    workload: Arc<Workload>,
+    /// A Service VIP (its ready endpoints are read per request) or one workload.
+    destination: Destination,
+    /// The port on the endpoint.
     port: u16,
+    /// The protocol the Service port declares (None: the downstream one's).
+    protocol: Option<Protocol>,
     /// The service addressed, if any: (namespace, name).
     service: Option<(String, String)>,
     /// The Services bound here whose policies apply: the one addressed, or every
@@ -129,6 +142,16 @@ struct Target {
     /// client's identity proves it; else the peer's): sent on in `forwarded`.
     client: SocketAddr,
 }
+
+#[derive(Clone)]
+enum Destination {
+    Service(std::net::Ipv4Addr),
+    Workload(Arc<Workload>),
+}
+
+/// Attempts per request (Istio's default retry policy: connect failures and
+/// refused streams, on another endpoint).
+const ATTEMPTS: usize = 2;
 
 /// Why a CONNECT is refused before any policy.
 enum Refusal {
@@ -213,6 +236,8 @@ pub async fn run(options: WaypointOptions) -> Result<()> {
         state: states,
         certs,
         pool: Pool::new(Default::default()),
+        upstreams: Upstreams::new(),
+        next_endpoint: Mutex::new(HashMap::new()),
         requests,
         refused,
         path_normalization: mesh_config
@@ -302,15 +327,14 @@ impl Waypoint {
                 .ports
                 .iter()
                 .find(|p| p.port == asked.port())
-                .ok_or_else(|| unknown("no such port"))?
-                .target_port;
+                .ok_or_else(|| unknown("no such port"))?;
             if service.endpoints.is_empty() {
                 return Err(unknown("no endpoints"));
             }
-            let workload = service.endpoints[fastrand::usize(..service.endpoints.len())].clone();
             return Ok(Target {
-                workload,
-                port,
+                destination: Destination::Service(ip),
+                port: port.target_port,
+                protocol: upstream::declared(port.app_protocol.as_deref(), port.name.as_deref()),
                 service: Some(name.clone()),
                 services: vec![name],
                 asked,
@@ -330,8 +354,9 @@ impl Waypoint {
         }
         Ok(Target {
             services: state.bound_services(&workload, &self.key),
-            workload,
+            destination: Destination::Workload(workload),
             port: asked.port(),
+            protocol: None,
             service: None,
             asked,
             client,
@@ -442,21 +467,13 @@ impl Waypoint {
         };
         if looks_like_http(&first) {
             let this = self.clone();
-            let upstream: Arc<tokio::sync::Mutex<Option<SendRequest<Incoming>>>> = Arc::default();
             let service = hyper::service::service_fn(move |req| {
-                let (this, conn, target, upstream, client) = (
-                    this.clone(),
-                    conn.clone(),
-                    target.clone(),
-                    upstream.clone(),
-                    client.clone(),
-                );
-                async move {
-                    Ok::<_, Infallible>(this.request(req, &conn, &client, &target, upstream).await)
-                }
+                let (this, conn, target, client) =
+                    (this.clone(), conn.clone(), target.clone(), client.clone());
+                async move { Ok::<_, Infallible>(this.request(req, &conn, &client, &target).await) }
             });
             hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
                 .await
                 .map_err(|e| anyhow::anyhow!("HTTP: {e}"))?;
             return Ok(());
@@ -473,16 +490,67 @@ impl Waypoint {
             tracing::warn!(src = %client, dst = %target.asked, "waypoint: connection denied: {}", decision.reason);
             return Ok(());
         }
-        let mut upstream = self.upstream_stream(&target).await?;
-        let mut stream = stream;
-        relay(&mut stream, &mut upstream).await?;
-        Ok(())
+        let mut failures = Vec::new();
+        for endpoint in self.endpoints(&state, &target).iter().take(ATTEMPTS) {
+            match self
+                .upstream_stream(endpoint, target.port, target.client)
+                .await
+            {
+                Ok(mut upstream) => {
+                    let mut stream = stream;
+                    relay(&mut stream, &mut upstream).await?;
+                    return Ok(());
+                }
+                Err(e) => failures.push(format!("{}: {e:#}", endpoint.name)),
+            }
+        }
+        bail!(
+            "no endpoint of {} reachable: {}",
+            target.asked,
+            failures.join("; ")
+        )
     }
 
-    /// A byte stream to the chosen endpoint: HBONE when it is in the mesh.
-    async fn upstream_stream(&self, target: &Target) -> Result<Box<dyn Io>> {
-        let address = SocketAddr::new(IpAddr::V4(target.workload.ip), target.port);
-        if !target.workload.captured {
+    /// The endpoints to try for one request or connection, in order: a Service's
+    /// ready endpoints now, round robin per request; or the one workload.
+    fn endpoints(&self, state: &State, target: &Target) -> Vec<Arc<Workload>> {
+        let vip = match &target.destination {
+            Destination::Workload(w) => return vec![w.clone()],
+            Destination::Service(vip) => *vip,
+        };
+        let Some(service) = state.service_by_vip(vip) else {
+            return Vec::new();
+        };
+        let all = &service.endpoints;
+        if all.is_empty() {
+            return Vec::new();
+        }
+        let start = {
+            let mut next = self.next_endpoint.lock().expect("not poisoned");
+            let slot = next
+                .entry(vip)
+                .or_insert_with(|| fastrand::usize(..all.len()));
+            let start = *slot % all.len();
+            *slot = start + 1;
+            start
+        };
+        all.iter()
+            .cycle()
+            .skip(start)
+            .take(all.len())
+            .cloned()
+            .collect()
+    }
+
+    /// A byte stream to an endpoint: HBONE when it is in the mesh.
+    async fn upstream_stream(
+        &self,
+        endpoint: &Workload,
+        port: u16,
+        client: SocketAddr,
+    ) -> Result<Box<dyn Io>> {
+        let address = SocketAddr::new(IpAddr::V4(endpoint.ip), port);
+        if !endpoint.captured {
             return Ok(Box::new(
                 TcpStream::connect(address)
                     .await
@@ -490,16 +558,16 @@ impl Waypoint {
             ));
         }
         let cert: Arc<WorkloadCert> = self.certs.fetch(&self.identity).await?;
-        let hbone = SocketAddr::new(IpAddr::V4(target.workload.ip), crate::redirect::HBONE_PORT);
+        let hbone = SocketAddr::new(IpAddr::V4(endpoint.ip), crate::redirect::HBONE_PORT);
         let mut headers = http::HeaderMap::new();
         // Who the waypoint acts for: the client, as Istio's waypoint says it.
         headers.insert(
             "forwarded",
-            http::HeaderValue::from_str(&forwarded::for_client(target.client)).expect("an address"),
+            http::HeaderValue::from_str(&forwarded::for_client(client)).expect("an address"),
         );
         let (upgraded, guard) = self
             .pool
-            .connect(&cert, &target.workload.identity, hbone, address, headers)
+            .connect(&cert, &endpoint.identity, hbone, address, headers)
             .await?;
         Ok(Box::new(Guarded {
             inner: TokioIo::new(upgraded),
@@ -507,14 +575,32 @@ impl Waypoint {
         }))
     }
 
+    /// One HTTP request: judged, forwarded when allowed, counted. A gRPC request
+    /// the waypoint answers itself gets its answer as gRPC (as Envoy does).
     async fn request(
+        &self,
+        req: Request<Incoming>,
+        conn: &Connection,
+        client: &Identity,
+        target: &Target,
+    ) -> Response<BoxBody<Bytes, hyper::Error>> {
+        let grpc = is_grpc(req.headers());
+        let mut handled = self.handle(req, conn, client, target).await;
+        if handled.endpoint.is_none() && grpc {
+            handled.response = grpc_local_reply(handled.response);
+        }
+        let state = self.state.borrow().clone();
+        self.count(&state, conn, client, target, &handled);
+        handled.response
+    }
+
+    async fn handle(
         &self,
         mut req: Request<Incoming>,
         conn: &Connection,
         client: &Identity,
         target: &Target,
-        upstream: Arc<tokio::sync::Mutex<Option<SendRequest<Incoming>>>>,
-    ) -> Response<BoxBody<Bytes, hyper::Error>> {
+    ) -> Handled {
         let host = req
             .uri()
             .authority()
@@ -531,9 +617,7 @@ impl Waypoint {
         // first, refused when that cannot be done safely.
         if let Err(why) = self.normalize_path(&mut req) {
             tracing::warn!(src = %client, dst = %target.asked, path = %req.uri().path(), "request refused (400): {why}");
-            let response = text(StatusCode::BAD_REQUEST, "Bad Request: path\n");
-            self.count(&state, conn, client, target, response.status());
-            return response;
+            return Handled::local(text(StatusCode::BAD_REQUEST, "Bad Request: path\n"));
         }
         let service = &target.services;
         // RequestAuthentication first: an invalid token is 401, none passes.
@@ -544,9 +628,7 @@ impl Waypoint {
             Ok(auth) => auth,
             Err(reason) => {
                 tracing::warn!(src = %client, dst = %target.asked, path = %req.uri().path(), "request refused: JWT: {reason}");
-                let response = text(StatusCode::UNAUTHORIZED, "Jwt verification fails");
-                self.count(&state, conn, client, target, response.status());
-                return response;
+                return Handled::local(text(StatusCode::UNAUTHORIZED, "Jwt verification fails"));
             }
         };
         let attributes = PolicyRequest {
@@ -586,8 +668,7 @@ impl Waypoint {
                 Ok(upstream_headers) => req.headers_mut().extend(upstream_headers),
                 Err(response) => {
                     tracing::warn!(src = %client, dst = %target.asked, path = %attributes.path, %policy, %provider, "request denied by CUSTOM policy");
-                    self.count(&state, conn, client, target, response.status());
-                    return response;
+                    return Handled::local(response);
                 }
             }
         }
@@ -598,15 +679,7 @@ impl Waypoint {
             Some(&attributes),
             true,
         );
-        let response = if decision.allow {
-            match self.forward(req, &host, target, &upstream).await {
-                Ok(response) => response.map(|b| b.boxed()),
-                Err(e) => {
-                    tracing::warn!(dst = %target.asked, "waypoint: upstream failed: {e:#}");
-                    text(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error\n")
-                }
-            }
-        } else {
+        if !decision.allow {
             tracing::warn!(
                 src = %client,
                 dst = %target.asked,
@@ -616,10 +689,9 @@ impl Waypoint {
                 "request denied: {}",
                 decision.reason
             );
-            text(StatusCode::FORBIDDEN, "RBAC: access denied")
-        };
-        self.count(&state, conn, client, target, response.status());
-        response
+            return Handled::local(text(StatusCode::FORBIDDEN, "RBAC: access denied"));
+        }
+        self.forward(req, &host, &state, target).await
     }
 
     /// Asks `provider` about the request: Ok(headers for upstream), or the response
@@ -726,8 +798,12 @@ impl Waypoint {
         conn: &Connection,
         client: &Identity,
         target: &Target,
-        status: StatusCode,
+        handled: &Handled,
     ) {
+        let destination = handled.endpoint.as_deref().or(match &target.destination {
+            Destination::Workload(w) => Some(w),
+            Destination::Service(_) => None,
+        });
         let source = match conn.source_ip {
             IpAddr::V4(ip) => state.workload_by_ip(ip).filter(|w| &w.identity == client),
             IpAddr::V6(_) => None,
@@ -739,8 +815,11 @@ impl Waypoint {
                     w.workload_name().to_owned()
                 }),
                 source_principal: client.to_string(),
-                destination_workload: target.workload.workload_name().to_owned(),
-                destination_principal: target.workload.identity.to_string(),
+                destination_workload: destination.map_or(crate::metrics::UNKNOWN.into(), |w| {
+                    w.workload_name().to_owned()
+                }),
+                destination_principal: destination
+                    .map_or(crate::metrics::UNKNOWN.into(), |w| w.identity.to_string()),
                 destination_service: target
                     .service
                     .as_ref()
@@ -748,7 +827,8 @@ impl Waypoint {
                         format!("{n}.{ns}.svc")
                     }),
                 request_protocol: "http".into(),
-                response_code: status.as_u16().to_string(),
+                response_code: handled.response.status().as_u16().to_string(),
+                response_flags: handled.flags.into(),
                 connection_security_policy: "mutual_tls".into(),
             })
             .inc();
@@ -849,42 +929,294 @@ impl Waypoint {
         }
     }
 
-    /// Sends the request to the endpoint over this downstream connection's upstream
-    /// (opened on first use, kept alive for the following requests).
+    /// Sends the request to one of the target's endpoints (the next in turn; on a
+    /// connect failure or a refused stream, the one after), on a pooled connection
+    /// in the protocol the Service port declares, else in the request's own.
     async fn forward(
         &self,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         host: &str,
+        state: &State,
         target: &Target,
-        upstream: &tokio::sync::Mutex<Option<SendRequest<Incoming>>>,
-    ) -> Result<Response<Incoming>> {
-        let (mut parts, body) = req.into_parts();
-        // HTTP/1.1 upstream: origin-form URI and a Host header.
-        parts.uri = parts
-            .uri
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .parse()?;
-        parts.version = http::Version::HTTP_11;
-        if !host.is_empty() {
+    ) -> Handled {
+        let protocol = target
+            .protocol
+            .unwrap_or(if req.version() == http::Version::HTTP_2 {
+                Protocol::Http2
+            } else {
+                Protocol::Http1
+            });
+        // HTTP/1.1 Upgrade (WebSocket): after policy, the two connections are
+        // joined once the endpoint agrees (101).
+        let upgrade = match protocol {
+            Protocol::Http1 => upgrade_protocol(req.headers()),
+            Protocol::Http2 => None,
+        };
+        let mut downstream_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+        let mut req = match upstream_request(req, host, target.asked, protocol, upgrade) {
+            Ok(req) => req,
+            Err(e) => {
+                tracing::warn!(dst = %target.asked, "request refused (400): {e:#}");
+                return Handled::local(text(StatusCode::BAD_REQUEST, "Bad Request\n"));
+            }
+        };
+        let endpoints = self.endpoints(state, target);
+        if endpoints.is_empty() {
+            tracing::warn!(dst = %target.asked, "no endpoint to forward to (UH)");
+            let mut handled =
+                Handled::local(text(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream"));
+            handled.flags = "UH";
+            return handled;
+        }
+        let mut flags = "UC";
+        for (attempt, endpoint) in endpoints.iter().take(ATTEMPTS).enumerate() {
+            let key = upstream::Key {
+                endpoint: SocketAddr::new(IpAddr::V4(endpoint.ip), target.port),
+                client: target.client.ip(),
+                protocol,
+            };
+            let dial = || self.upstream_stream(endpoint, target.port, target.client);
+            let sent = if downstream_upgrade.is_some() {
+                self.upstreams.send_upgrade(req, dial).await
+            } else {
+                self.upstreams.send(&key, req, dial).await
+            };
+            match sent {
+                Ok(mut response) => {
+                    if let (StatusCode::SWITCHING_PROTOCOLS, Some(downstream)) =
+                        (response.status(), downstream_upgrade.take())
+                    {
+                        join_upgraded(downstream, hyper::upgrade::on(&mut response));
+                    } else {
+                        strip_hop_by_hop(response.headers_mut());
+                    }
+                    let response = response.map(|b| b.boxed());
+                    return Handled {
+                        response,
+                        endpoint: Some(endpoint.clone()),
+                        flags: "-",
+                    };
+                }
+                Err(e) => {
+                    flags = match (e.connect_failure, attempt > 0) {
+                        (true, false) => "UF",
+                        (true, true) => "UF,URX",
+                        (false, _) => "UC",
+                    };
+                    tracing::warn!(dst = %target.asked, endpoint = %endpoint.name, protocol = protocol.as_str(), "waypoint: upstream failed ({flags}): {:#}", e.error);
+                    match e.unsent {
+                        Some(unsent) => req = unsent,
+                        None => break,
+                    }
+                }
+            }
+        }
+        let reason = if flags.starts_with("UF") {
+            "connection failure"
+        } else {
+            "connection termination"
+        };
+        let mut handled = Handled::local(
+            Response::builder()
+                .status(StatusCode::SERVICE_UNAVAILABLE)
+                .header(http::header::CONTENT_TYPE, "text/plain")
+                .body(
+                    Full::new(Bytes::from(format!(
+                        "upstream connect error or disconnect/reset before headers. reset reason: {reason} ({flags})"
+                    )))
+                    .map_err(|never| match never {})
+                    .boxed(),
+                )
+                .expect("a valid response"),
+        );
+        handled.flags = flags;
+        handled
+    }
+}
+
+/// What became of one request.
+struct Handled {
+    response: Response<BoxBody<Bytes, hyper::Error>>,
+    /// The endpoint that answered; None: the waypoint answered itself.
+    endpoint: Option<Arc<Workload>>,
+    flags: &'static str,
+}
+
+impl Handled {
+    fn local(response: Response<BoxBody<Bytes, hyper::Error>>) -> Self {
+        Self {
+            response,
+            endpoint: None,
+            flags: "-",
+        }
+    }
+}
+
+/// The request as the endpoint gets it: HTTP/1.1 in origin form with a Host
+/// header, or HTTP/2 with an absolute URI (its :authority); hop-by-hop headers
+/// (this connection's, not the endpoint's) removed.
+fn upstream_request(
+    req: Request<Incoming>,
+    host: &str,
+    asked: SocketAddr,
+    protocol: Protocol,
+    upgrade: Option<http::HeaderValue>,
+) -> Result<Request<upstream::Body>> {
+    let (mut parts, body) = req.into_parts();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    strip_hop_by_hop(&mut parts.headers);
+    let authority = if host.is_empty() {
+        asked.to_string()
+    } else {
+        host.to_owned()
+    };
+    match protocol {
+        Protocol::Http1 => {
+            parts.uri = path.parse()?;
+            parts.version = http::Version::HTTP_11;
             parts
                 .headers
-                .insert(http::header::HOST, http::HeaderValue::from_str(host)?);
+                .insert(http::header::HOST, http::HeaderValue::from_str(&authority)?);
+            if let Some(upgrade) = upgrade {
+                parts.headers.insert(http::header::UPGRADE, upgrade);
+                parts.headers.insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("upgrade"),
+                );
+            }
         }
-        let mut slot = upstream.lock().await;
-        if slot.as_ref().is_none_or(|s| s.is_closed()) {
-            let io = self.upstream_stream(target).await?;
-            let (sender, connection) =
-                hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
-            tokio::spawn(connection);
-            *slot = Some(sender);
+        Protocol::Http2 => {
+            parts.uri = format!("http://{authority}{path}").parse()?;
+            parts.version = http::Version::HTTP_2;
+            parts.headers.remove(http::header::HOST);
         }
-        let sender = slot.as_mut().expect("set above");
-        sender.ready().await?;
-        Ok(sender
-            .send_request(Request::from_parts(parts, body))
-            .await?)
     }
+    Ok(Request::from_parts(parts, body.boxed()))
+}
+
+/// Removes the headers that describe one connection (RFC 9110 §7.6.1): those
+/// `connection` names and the fixed set. `te: trailers` stays (gRPC needs it).
+fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
+    let named: Vec<String> = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|n| n.trim().to_ascii_lowercase())
+        .filter(|n| !n.is_empty())
+        .collect();
+    for name in named.iter().map(String::as_str).chain([
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "upgrade",
+    ]) {
+        if name != "te" {
+            headers.remove(name);
+        }
+    }
+    let trailers_only = headers
+        .get_all(http::header::TE)
+        .iter()
+        .all(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    if !trailers_only {
+        headers.remove(http::header::TE);
+    }
+}
+
+/// The protocol an HTTP/1.1 request asks to switch to (`connection: upgrade`
+/// with `upgrade: <protocol>`), but h2c: that is this hop's business only.
+fn upgrade_protocol(headers: &http::HeaderMap) -> Option<http::HeaderValue> {
+    let asks = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    let protocol = headers.get(http::header::UPGRADE)?;
+    (asks && !protocol.as_bytes().eq_ignore_ascii_case(b"h2c")).then(|| protocol.clone())
+}
+
+/// Relays between the client's and the endpoint's connections once both have
+/// switched protocols.
+fn join_upgraded(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    tokio::spawn(async move {
+        match tokio::try_join!(downstream, upstream) {
+            Ok((downstream, upstream)) => {
+                let (mut downstream, mut upstream) =
+                    (TokioIo::new(downstream), TokioIo::new(upstream));
+                if let Err(e) = relay(&mut downstream, &mut upstream).await {
+                    tracing::debug!("waypoint: upgraded connection: {e}");
+                }
+            }
+            Err(e) => tracing::debug!("waypoint: upgrade failed: {e}"),
+        }
+    });
+}
+
+/// A gRPC request (`application/grpc`, `application/grpc+proto`, ...; not grpc-web).
+fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v == "application/grpc"
+                || v.starts_with("application/grpc+")
+                || v.starts_with("application/grpc;")
+        })
+}
+
+/// A reply the waypoint makes itself, as a gRPC client understands it (as Envoy
+/// sends its local replies to gRPC requests): HTTP 200, trailers only, the status
+/// mapped to a gRPC code and the text in `grpc-message`.
+fn grpc_local_reply(
+    response: Response<BoxBody<Bytes, hyper::Error>>,
+) -> Response<BoxBody<Bytes, hyper::Error>> {
+    use tonic::Code;
+    let code = match response.status() {
+        StatusCode::BAD_REQUEST => Code::Internal,
+        StatusCode::UNAUTHORIZED => Code::Unauthenticated,
+        StatusCode::FORBIDDEN => Code::PermissionDenied,
+        StatusCode::NOT_FOUND => Code::Unimplemented,
+        StatusCode::TOO_MANY_REQUESTS
+        | StatusCode::BAD_GATEWAY
+        | StatusCode::SERVICE_UNAVAILABLE
+        | StatusCode::GATEWAY_TIMEOUT => Code::Unavailable,
+        _ => Code::Unknown,
+    };
+    let (parts, body) = response.into_parts();
+    let message = async move {
+        body.collect()
+            .await
+            .map(|b| String::from_utf8_lossy(&b.to_bytes()).trim().to_owned())
+            .unwrap_or_default()
+    };
+    // Local replies are small and already complete.
+    let message = futures_util::FutureExt::now_or_never(message).unwrap_or_default();
+    let mut reply = Response::builder()
+        .status(StatusCode::OK)
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .body(Empty::new().map_err(|never| match never {}).boxed())
+        .expect("a valid response");
+    // Trailers-only: the status travels in the headers, with end of stream.
+    let headers = reply.headers_mut();
+    if tonic::Status::new(code, message)
+        .add_header(headers)
+        .is_err()
+    {
+        headers.insert("grpc-status", http::HeaderValue::from(code as i32));
+    }
+    for (name, value) in parts.headers.iter() {
+        if name != http::header::CONTENT_TYPE && name != http::header::CONTENT_LENGTH {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    reply
 }
 
 /// A provider's address: an IP, or `name.namespace.svc[.cluster.local]` → the
@@ -1047,5 +1379,50 @@ impl AsyncWrite for Guarded {
         cx: &mut TaskContext<'_>,
     ) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_stay_on_their_connection() {
+        let mut headers = http::HeaderMap::new();
+        for (k, v) in [
+            ("connection", "close, x-private"),
+            ("x-private", "1"),
+            ("keep-alive", "timeout=5"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "h2c"),
+            ("te", "trailers"),
+            ("x-kept", "yes"),
+        ] {
+            headers.insert(k, v.parse().unwrap());
+        }
+        strip_hop_by_hop(&mut headers);
+        let left: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["te", "x-kept"], "te: trailers stays for gRPC");
+        headers.insert("te", "gzip".parse().unwrap());
+        strip_hop_by_hop(&mut headers);
+        assert!(headers.get("te").is_none());
+    }
+
+    #[test]
+    fn a_local_reply_to_grpc_is_a_trailers_only_grpc_status() {
+        let reply = grpc_local_reply(text(StatusCode::FORBIDDEN, "RBAC: access denied"));
+        assert_eq!(reply.status(), StatusCode::OK);
+        assert_eq!(reply.headers()["content-type"], "application/grpc");
+        let status = tonic::Status::from_header_map(reply.headers()).unwrap();
+        assert_eq!(status.code(), tonic::Code::PermissionDenied);
+        assert_eq!(status.message(), "RBAC: access denied");
+        assert!(http_body::Body::is_end_stream(reply.body()));
+        let reply = grpc_local_reply(text(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream"));
+        assert_eq!(reply.headers()["grpc-status"], "14");
+        let mut grpc = http::HeaderMap::new();
+        grpc.insert("content-type", "application/grpc+proto".parse().unwrap());
+        assert!(is_grpc(&grpc));
+        grpc.insert("content-type", "application/grpc-web".parse().unwrap());
+        assert!(!is_grpc(&grpc));
     }
 }

@@ -1616,3 +1616,43 @@ async fn a_websocket_upgrade_passes_the_waypoint_after_policy() {
     let out = probe(&mesh, &["upgrade", "10.96.0.82:80", "/secret/ws", "hello"]);
     assert_eq!(field(&out, "status"), "403", "policy first: {out}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_drains_the_waypoint_and_requests_in_flight_finish() {
+    let mesh = l7_mesh().await;
+    let echo1 = L7Server::start(mesh.cluster.pod("echo-1"), 9000).unwrap();
+    let echo2 = L7Server::start(mesh.cluster.pod("echo-2"), 9000).unwrap();
+    let client = mesh.cluster.pod("client").clone();
+    let slow = std::thread::spawn(move || {
+        client.run(PROBE, ["h2", "10.96.0.82:80", "GET", "/slow?delay=1500"])
+    });
+    eventually(
+        Duration::from_secs(15),
+        "the slow request at its endpoint",
+        || async { echo1.started() + echo2.started() > 0 },
+    )
+    .await;
+    let pid = mesh.tunnel_pid("waypoint-waypoint").unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let out = String::from_utf8_lossy(&slow.join().unwrap().unwrap().stdout).into_owned();
+    assert_eq!(
+        field(&out, "status"),
+        "200",
+        "finished while draining: {out}"
+    );
+    assert!(field(&out, "body").ends_with("GET /slow"), "{out}");
+    eventually(Duration::from_secs(15), "the waypoint stopped", || async {
+        mesh.log("waypoint-waypoint").contains("waypoint stopped")
+    })
+    .await;
+    let log = mesh.log("waypoint-waypoint");
+    assert!(log.contains("waypoint draining"), "{log}");
+    assert!(
+        !log.contains("grace period ended"),
+        "nothing was cut: {log}"
+    );
+}

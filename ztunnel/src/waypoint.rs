@@ -30,6 +30,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 use tokio_rustls::TlsAcceptor;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     accept::{AcceptMetrics, Acceptor, Conn, Limiter, Limits},
@@ -71,6 +72,8 @@ pub struct WaypointOptions {
     pub metrics_addr: SocketAddr,
     /// Istio MeshConfig YAML with `extensionProviders` (for CUSTOM policies).
     pub mesh_config: Option<PathBuf>,
+    /// On SIGTERM: how long requests in flight are given to finish.
+    pub drain_grace: Duration,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -115,6 +118,13 @@ struct Waypoint {
     providers: HashMap<String, extauthz::ProviderSpec>,
     /// JWKS fetched from jwksUri: (keys, when fetched).
     jwks: Mutex<HashMap<String, (Arc<Jwks>, Instant)>>,
+    /// The TLS server config of the current certificate, made once per certificate.
+    tls: Mutex<Option<(Arc<WorkloadCert>, Arc<rustls::ServerConfig>)>>,
+    /// Cancelled on SIGTERM: connections close once their requests are done
+    /// (HTTP/2 with GOAWAY).
+    draining: CancellationToken,
+    /// Every downstream connection and tunnelled stream, waited for when draining.
+    tasks: TaskTracker,
 }
 
 /// How long a fetched JWKS is used before it is fetched again (on failure the
@@ -246,6 +256,9 @@ pub async fn run(options: WaypointOptions) -> Result<()> {
         trusted_proxies: mesh_config.trusted_proxies(),
         jwks: Mutex::new(HashMap::new()),
         providers: mesh_config.providers(),
+        tls: Mutex::new(None),
+        draining: CancellationToken::new(),
+        tasks: TaskTracker::new(),
     });
     let accept_metrics = AcceptMetrics::register(&mut registry);
     let metrics = TcpListener::bind(options.metrics_addr)
@@ -261,25 +274,43 @@ pub async fn run(options: WaypointOptions) -> Result<()> {
         .with_context(|| format!("binding {}", options.listen))?;
     tracing::info!(waypoint = %format!("{}/{}", options.namespace, options.name), identity = %me.identity, listen = %options.listen, "waypoint running");
     let limiter = Limiter::new(Limits::proxy(), accept_metrics);
-    Acceptor::new(listener, limiter, "waypoint")
-        .serve(move |tcp, peer| {
-            let waypoint = waypoint.clone();
-            async move {
-                if let Err(e) = waypoint.connection(tcp, peer).await {
-                    tracing::debug!(%peer, "waypoint connection: {e:#}");
-                }
+    let this = waypoint.clone();
+    let serve = Acceptor::new(listener, limiter, "waypoint").serve(move |tcp, peer| {
+        let waypoint = this.clone();
+        this.tasks.track_future(async move {
+            if let Err(e) = waypoint.connection(tcp, peer).await {
+                tracing::debug!(%peer, "waypoint connection: {e:#}");
             }
         })
-        .await;
+    });
+    tokio::select! {
+        _ = serve => {}
+        _ = crate::daemon::shutdown_signal() => {}
+    }
+    // Draining: no new connections (the listener is closed), GOAWAY on the open
+    // ones, requests in flight finish within the grace period.
+    let open = waypoint.tasks.len();
+    tracing::info!(open, grace = ?options.drain_grace, "waypoint draining");
+    waypoint.draining.cancel();
+    waypoint.tasks.close();
+    if tokio::time::timeout(options.drain_grace, waypoint.tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = waypoint.tasks.len(),
+            "waypoint: the drain grace period ended with connections open; closing them"
+        );
+    }
+    tracing::info!("waypoint stopped");
     Ok(())
 }
 
 impl Waypoint {
     async fn connection(self: Arc<Self>, tcp: Conn, peer: SocketAddr) -> Result<()> {
-        let cert = self.certs.fetch(&self.identity).await?;
         let tls = tcp
             .handshake()
-            .run(TlsAcceptor::from(cert.server_config()?).accept(tcp))
+            .run(TlsAcceptor::from(self.server_config().await?).accept(tcp))
             .await
             .context("mTLS handshake")?;
         let client = tls::peer_identity(tls.get_ref().1.peer_certificates())?;
@@ -288,12 +319,34 @@ impl Waypoint {
             let (this, client) = (this.clone(), client.clone());
             async move { Ok::<_, Infallible>(this.connect(client, peer, req)) }
         });
-        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
-            .serve_connection(TokioIo::new(tls), service)
-            .await
-            .context("HTTP/2")?;
+            .serve_connection(TokioIo::new(tls), service);
+        tokio::pin!(connection);
+        tokio::select! {
+            ended = connection.as_mut() => ended,
+            _ = self.draining.cancelled() => {
+                connection.as_mut().graceful_shutdown();
+                connection.as_mut().await
+            }
+        }
+        .context("HTTP/2")?;
         Ok(())
+    }
+
+    /// The TLS server config presenting the current certificate: one for all
+    /// connections, made again when the certificate is renewed.
+    async fn server_config(&self) -> Result<Arc<rustls::ServerConfig>> {
+        let cert = self.certs.fetch(&self.identity).await?;
+        let mut cached = self.tls.lock().expect("not poisoned");
+        if let Some((for_cert, config)) = cached.as_ref() {
+            if Arc::ptr_eq(for_cert, &cert) {
+                return Ok(config.clone());
+            }
+        }
+        let config = cert.server_config()?;
+        *cached = Some((cert, config.clone()));
+        Ok(config)
     }
 
     /// The destination of a CONNECT, if it is bound to this waypoint: a Service
@@ -429,7 +482,7 @@ impl Waypoint {
             }
         };
         let upgrade = hyper::upgrade::on(&mut req);
-        tokio::spawn(async move {
+        self.tasks.clone().spawn(async move {
             let stream = match upgrade.await {
                 Ok(upgraded) => TokioIo::new(upgraded),
                 Err(e) => return tracing::debug!("waypoint upgrade: {e}"),
@@ -472,10 +525,17 @@ impl Waypoint {
                     (this.clone(), conn.clone(), target.clone(), client.clone());
                 async move { Ok::<_, Infallible>(this.request(req, &conn, &client, &target).await) }
             });
-            hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                .await
-                .map_err(|e| anyhow::anyhow!("HTTP: {e}"))?;
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                ended = connection.as_mut() => ended,
+                _ = self.draining.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.as_mut().await
+                }
+            }
+            .map_err(|e| anyhow::anyhow!("HTTP: {e}"))?;
             return Ok(());
         }
         let state = self.state.borrow().clone();

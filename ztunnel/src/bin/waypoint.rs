@@ -51,6 +51,9 @@ struct Args {
     /// Istio MeshConfig YAML with `extensionProviders` (for CUSTOM policies).
     #[arg(long)]
     mesh_config: Option<PathBuf>,
+    /// On SIGTERM, how long requests in flight get to finish (seconds).
+    #[arg(long, default_value = "5")]
+    drain_grace_seconds: u64,
     /// How often the config directory is checked, in milliseconds.
     #[arg(long, default_value = "1000")]
     config_poll_ms: u64,
@@ -98,6 +101,7 @@ fn main() {
         listen: args.listen,
         metrics_addr: args.metrics_addr,
         mesh_config: args.mesh_config,
+        drain_grace: Duration::from_secs(args.drain_grace_seconds),
     };
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
     if let Err(e) = runtime.block_on(ztunnel::waypoint::run(options)) {

@@ -1,7 +1,8 @@
 //! L7 stand-in applications for the waypoint's tests: one server per pod that
 //! speaks HTTP/1.1 and HTTP/2 (h2c) — gRPC requests go to the Echo service
 //! (tonic's generated server, on hyper), others are answered
-//! `<pod> <HTTP version> <method> <path>`, after `?delay=<ms>` when asked — and a
+//! `<pod> <HTTP version> <method> <path>` (and for `/headers` the values of
+//! x-request-id and x-forwarded-proto), after `?delay=<ms>` when asked — and a
 //! gRPC client on one HTTP/2 connection.
 
 use std::{
@@ -81,12 +82,18 @@ async fn serve(stream: tokio::net::TcpStream, pod: String, started: Arc<AtomicUs
                 .and_then(|ms| ms.parse().ok())
                 .unwrap_or(0);
             tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
-            let body = format!(
+            let mut body = format!(
                 "{pod} {:?} {} {}",
                 req.version(),
                 req.method(),
                 req.uri().path()
             );
+            if req.uri().path() == "/headers" {
+                for name in ["x-request-id", "x-forwarded-proto"] {
+                    let value = req.headers().get(name).and_then(|v| v.to_str().ok());
+                    body.push_str(&format!(" {name}={}", value.unwrap_or("none")));
+                }
+            }
             Ok(http::Response::new(tonic::body::Body::new(Full::new(
                 Bytes::from(body),
             ))))

@@ -1656,3 +1656,94 @@ async fn sigterm_drains_the_waypoint_and_requests_in_flight_finish() {
         "nothing was cut: {log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_endpoint_gets_a_request_id_and_forwarded_proto_and_oversized_headers_get_431() {
+    let mesh = l7_mesh().await;
+    let _echo1 = L7Server::start(mesh.cluster.pod("echo-1"), 9000).unwrap();
+    let _echo2 = L7Server::start(mesh.cluster.pod("echo-2"), 9000).unwrap();
+    const WEB: &str = "10.96.0.82:80";
+    let (status, body) = http(&mesh, WEB, "GET", "/headers", &[]);
+    assert_eq!(status, "200", "{body}");
+    let id = body
+        .split(' ')
+        .find_map(|f| f.strip_prefix("x-request-id="))
+        .unwrap();
+    assert_eq!(id.len(), 36, "a generated UUID: {body}");
+    assert!(body.ends_with(" x-forwarded-proto=http"), "{body}");
+    let (_, body) = http(
+        &mesh,
+        WEB,
+        "GET",
+        "/headers",
+        &["x-request-id: from-client"],
+    );
+    assert!(body.contains(" x-request-id=from-client "), "kept: {body}");
+
+    // At most 100 headers, at most 60 KiB of them.
+    let many = |n: usize| (0..n).map(|i| format!("x-h{i}: v")).collect::<Vec<_>>();
+    let headers = many(90);
+    let refs: Vec<&str> = headers.iter().map(String::as_str).collect();
+    assert_eq!(http(&mesh, WEB, "GET", "/few", &refs).0, "200");
+    let headers = many(110);
+    let refs: Vec<&str> = headers.iter().map(String::as_str).collect();
+    assert_eq!(http(&mesh, WEB, "GET", "/many", &refs).0, "431");
+    let big = format!("x-big: {}", "a".repeat(70 * 1024));
+    assert_eq!(http(&mesh, WEB, "GET", "/big", &[&big]).0, "431");
+    let out = probe(&mesh, &["h2", WEB, "GET", "/after"]);
+    assert_eq!(
+        field(&out, "status"),
+        "200",
+        "the waypoint keeps serving: {out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_request_is_measured_and_logged_with_istio_labels() {
+    let mesh = l7_mesh().await;
+    let _echo1 = L7Server::start(mesh.cluster.pod("echo-1"), 9000).unwrap();
+    let _echo2 = L7Server::start(mesh.cluster.pod("echo-2"), 9000).unwrap();
+    let out = grpc(&mesh, "10.96.0.81:9000", "stream", 3, 10);
+    assert_eq!(field(&out, "status"), "10", "{out}");
+    let (status, _) = http(&mesh, "10.96.0.82:80", "GET", "/measured", &[]);
+    assert_eq!(status, "200");
+    eventually(
+        Duration::from_secs(15),
+        "request metrics at the waypoint",
+        || async {
+            let page = mesh.waypoint_metrics("waypoint").await;
+            let grpc = |l: &&str| {
+                l.contains("request_protocol=\"grpc\"")
+                    && l.contains("grpc_response_status=\"10\"")
+                    && l.contains("destination_service=\"grpc.demo.svc\"")
+                    && l.contains("source_principal=\"spiffe://cluster.local/ns/demo/sa/client\"")
+            };
+            page.lines()
+                .filter(grpc)
+                .any(|l| l.starts_with("istio_requests_total{"))
+                && page
+                    .lines()
+                    .filter(grpc)
+                    .any(|l| l.starts_with("istio_response_bytes_sum{") && !l.ends_with(" 0.0"))
+                && page.lines().any(|l| {
+                    l.starts_with("istio_request_duration_milliseconds_count{")
+                        && l.contains("request_protocol=\"http\"")
+                        && l.contains("response_code=\"200\"")
+                })
+        },
+    )
+    .await;
+    let log = mesh.log("waypoint-waypoint");
+    assert!(
+        log.lines().any(|l| l.contains("access")
+            && l.contains("path=/testbed.echo.Echo/Stream")
+            && l.contains("grpc_status=10")),
+        "an access line per request: {log}"
+    );
+    assert!(
+        log.lines().any(|l| l.contains("access")
+            && l.contains("path=/measured")
+            && l.contains("status=200")),
+        "{log}"
+    );
+}

@@ -49,7 +49,9 @@ use crate::{
     tls,
 };
 
+mod telemetry;
 mod upstream;
+use telemetry::{Metered, Record, RequestLabels, RequestMetrics};
 use upstream::{Protocol, Upstreams};
 
 #[derive(Clone, Debug)]
@@ -74,22 +76,25 @@ pub struct WaypointOptions {
     pub mesh_config: Option<PathBuf>,
     /// On SIGTERM: how long requests in flight are given to finish.
     pub drain_grace: Duration,
+    pub limits: RequestLimits,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct RequestLabels {
-    reporter: String,
-    source_workload: String,
-    source_principal: String,
-    destination_workload: String,
-    destination_principal: String,
-    destination_service: String,
-    request_protocol: String,
-    response_code: String,
-    /// Envoy's flags for a response the waypoint made itself: `UH` no endpoint,
-    /// `UF` connect failure, `URX` retries exhausted, `UC` the upstream reset.
-    response_flags: String,
-    connection_security_policy: String,
+/// Limits on each downstream request (Envoy's defaults).
+#[derive(Clone, Copy, Debug)]
+pub struct RequestLimits {
+    /// Header count; over it: 431.
+    pub max_headers: usize,
+    /// Header block size in bytes; over it: 431.
+    pub max_header_bytes: usize,
+}
+
+impl Default for RequestLimits {
+    fn default() -> Self {
+        Self {
+            max_headers: 100,
+            max_header_bytes: 60 * 1024,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -108,9 +113,10 @@ struct Waypoint {
     upstreams: Arc<Upstreams>,
     /// Round-robin position per Service VIP.
     next_endpoint: Mutex<HashMap<std::net::Ipv4Addr, usize>>,
-    requests: Family<RequestLabels, Counter>,
+    metrics: RequestMetrics,
     /// CONNECTs refused before any policy: destinations not bound here and the like.
     refused: Family<RefusedLabels, Counter>,
+    limits: RequestLimits,
     path_normalization: path_normalization::Level,
     /// X-Forwarded-For hops believed (MeshConfig numTrustedProxies).
     trusted_proxies: usize,
@@ -209,12 +215,7 @@ pub async fn run(options: WaypointOptions) -> Result<()> {
     };
     let states = crate::state::spawn_updates(snapshots, settings, config_metrics.bindings_refused);
 
-    let requests = Family::<RequestLabels, Counter>::default();
-    registry.register(
-        "istio_requests",
-        "HTTP requests through the waypoint",
-        requests.clone(),
-    );
+    let metrics = RequestMetrics::register(&mut registry);
     let refused = Family::<RefusedLabels, Counter>::default();
     registry.register(
         "ztunnel_waypoint_connects_refused",
@@ -248,8 +249,9 @@ pub async fn run(options: WaypointOptions) -> Result<()> {
         pool: Pool::new(Default::default()),
         upstreams: Upstreams::new(),
         next_endpoint: Mutex::new(HashMap::new()),
-        requests,
+        metrics,
         refused,
+        limits: options.limits,
         path_normalization: mesh_config
             .path_normalization()
             .map_err(|e| anyhow::anyhow!("pathNormalization: {e}"))?,
@@ -525,7 +527,14 @@ impl Waypoint {
                     (this.clone(), conn.clone(), target.clone(), client.clone());
                 async move { Ok::<_, Infallible>(this.request(req, &conn, &client, &target).await) }
             });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .max_headers(self.limits.max_headers)
+                .max_buf_size(self.limits.max_header_bytes.max(8192));
+            builder
+                .http2()
+                .max_header_list_size(self.limits.max_header_bytes as u32);
             let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
             tokio::pin!(connection);
             tokio::select! {
@@ -644,14 +653,35 @@ impl Waypoint {
         client: &Identity,
         target: &Target,
     ) -> Response<BoxBody<Bytes, hyper::Error>> {
+        let started = Instant::now();
         let grpc = is_grpc(req.headers());
-        let mut handled = self.handle(req, conn, client, target).await;
+        let (method, path) = (req.method().to_string(), req.uri().path().to_owned());
+        let request_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut handled = self.handle(req, conn, client, target, &request_bytes).await;
         if handled.endpoint.is_none() && grpc {
             handled.response = grpc_local_reply(handled.response);
         }
         let state = self.state.borrow().clone();
-        self.count(&state, conn, client, target, &handled);
-        handled.response
+        let labels = self.labels(&state, conn, client, target, &handled, grpc);
+        let record = Record {
+            metrics: self.metrics.clone(),
+            labels,
+            started,
+            request_bytes,
+            method,
+            path,
+            destination: target.asked.to_string(),
+            endpoint: handled.endpoint.as_ref().map(|e| e.name.clone()),
+        };
+        let grpc_status = handled
+            .response
+            .headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        handled
+            .response
+            .map(|body| Metered::response(body, grpc_status, record).boxed())
     }
 
     async fn handle(
@@ -660,7 +690,17 @@ impl Waypoint {
         conn: &Connection,
         client: &Identity,
         target: &Target,
+        request_bytes: &Arc<std::sync::atomic::AtomicU64>,
     ) -> Handled {
+        // HTTP/1.1's limits are hyper's (431 before this); HTTP/2's header block
+        // size too: the count is checked here for both.
+        if req.headers().len() > self.limits.max_headers {
+            tracing::warn!(src = %client, dst = %target.asked, headers = req.headers().len(), "request refused (431): more than {} headers", self.limits.max_headers);
+            return Handled::local(text(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "Request Header Fields Too Large\n",
+            ));
+        }
         let host = req
             .uri()
             .authority()
@@ -751,7 +791,8 @@ impl Waypoint {
             );
             return Handled::local(text(StatusCode::FORBIDDEN, "RBAC: access denied"));
         }
-        self.forward(req, &host, &state, target).await
+        self.forward(req, &host, &state, target, request_bytes)
+            .await
     }
 
     /// Asks `provider` about the request: Ok(headers for upstream), or the response
@@ -851,15 +892,16 @@ impl Waypoint {
         Ok(())
     }
 
-    /// `istio_requests_total` for one response.
-    fn count(
+    /// Istio's labels of one request's metrics.
+    fn labels(
         &self,
         state: &State,
         conn: &Connection,
         client: &Identity,
         target: &Target,
         handled: &Handled,
-    ) {
+        grpc: bool,
+    ) -> RequestLabels {
         let destination = handled.endpoint.as_deref().or(match &target.destination {
             Destination::Workload(w) => Some(w),
             Destination::Service(_) => None,
@@ -868,30 +910,29 @@ impl Waypoint {
             IpAddr::V4(ip) => state.workload_by_ip(ip).filter(|w| &w.identity == client),
             IpAddr::V6(_) => None,
         };
-        self.requests
-            .get_or_create(&RequestLabels {
-                reporter: "waypoint".into(),
-                source_workload: source.map_or(crate::metrics::UNKNOWN.into(), |w| {
-                    w.workload_name().to_owned()
+        RequestLabels {
+            reporter: "waypoint".into(),
+            source_workload: source.map_or(crate::metrics::UNKNOWN.into(), |w| {
+                w.workload_name().to_owned()
+            }),
+            source_principal: client.to_string(),
+            destination_workload: destination.map_or(crate::metrics::UNKNOWN.into(), |w| {
+                w.workload_name().to_owned()
+            }),
+            destination_principal: destination
+                .map_or(crate::metrics::UNKNOWN.into(), |w| w.identity.to_string()),
+            destination_service: target
+                .service
+                .as_ref()
+                .map_or(crate::metrics::UNKNOWN.into(), |(ns, n)| {
+                    format!("{n}.{ns}.svc")
                 }),
-                source_principal: client.to_string(),
-                destination_workload: destination.map_or(crate::metrics::UNKNOWN.into(), |w| {
-                    w.workload_name().to_owned()
-                }),
-                destination_principal: destination
-                    .map_or(crate::metrics::UNKNOWN.into(), |w| w.identity.to_string()),
-                destination_service: target
-                    .service
-                    .as_ref()
-                    .map_or(crate::metrics::UNKNOWN.into(), |(ns, n)| {
-                        format!("{n}.{ns}.svc")
-                    }),
-                request_protocol: "http".into(),
-                response_code: handled.response.status().as_u16().to_string(),
-                response_flags: handled.flags.into(),
-                connection_security_policy: "mutual_tls".into(),
-            })
-            .inc();
+            request_protocol: if grpc { "grpc" } else { "http" }.into(),
+            response_code: handled.response.status().as_u16().to_string(),
+            grpc_response_status: String::new(),
+            response_flags: handled.flags.into(),
+            connection_security_policy: "mutual_tls".into(),
+        }
     }
 
     /// Validates the request's JWT, if it carries one, against the rules of
@@ -998,6 +1039,7 @@ impl Waypoint {
         host: &str,
         state: &State,
         target: &Target,
+        request_bytes: &Arc<std::sync::atomic::AtomicU64>,
     ) -> Handled {
         let protocol = target
             .protocol
@@ -1013,6 +1055,7 @@ impl Waypoint {
             Protocol::Http2 => None,
         };
         let mut downstream_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+        let req = req.map(|body| Metered::request(body.boxed(), request_bytes.clone()).boxed());
         let mut req = match upstream_request(req, host, target.asked, protocol, upgrade) {
             Ok(req) => req,
             Err(e) => {
@@ -1116,7 +1159,7 @@ impl Handled {
 /// header, or HTTP/2 with an absolute URI (its :authority); hop-by-hop headers
 /// (this connection's, not the endpoint's) removed.
 fn upstream_request(
-    req: Request<Incoming>,
+    req: Request<upstream::Body>,
     host: &str,
     asked: SocketAddr,
     protocol: Protocol,
@@ -1155,7 +1198,33 @@ fn upstream_request(
             parts.headers.remove(http::header::HOST);
         }
     }
-    Ok(Request::from_parts(parts, body.boxed()))
+    // The request's id: the client's, or a new one (as Envoy's x-request-id).
+    if !parts.headers.contains_key("x-request-id") {
+        parts
+            .headers
+            .insert("x-request-id", http::HeaderValue::from_str(&request_id())?);
+    }
+    if !parts.headers.contains_key("x-forwarded-proto") {
+        parts
+            .headers
+            .insert("x-forwarded-proto", http::HeaderValue::from_static("http"));
+    }
+    Ok(Request::from_parts(parts, body))
+}
+
+/// A random (version 4) UUID.
+fn request_id() -> String {
+    let (high, low) = (fastrand::u64(..), fastrand::u64(..));
+    let high = (high & !0xf000) | 0x4000;
+    let low = (low & !(0xc << 60)) | (0x8 << 60);
+    format!(
+        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+        high >> 32,
+        (high >> 16) & 0xffff,
+        high & 0xffff,
+        low >> 48,
+        low & 0xffff_ffff_ffff
+    )
 }
 
 /// Removes the headers that describe one connection (RFC 9110 §7.6.1): those
@@ -1445,6 +1514,20 @@ impl AsyncWrite for Guarded {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_ids_are_version_4_uuids() {
+        let id = request_id();
+        let groups: Vec<&str> = id.split('-').collect();
+        assert_eq!(
+            groups.iter().map(|g| g.len()).collect::<Vec<_>>(),
+            [8, 4, 4, 4, 12],
+            "{id}"
+        );
+        assert!(groups[2].starts_with('4'), "{id}");
+        assert!("89ab".contains(&groups[3][..1]), "{id}");
+        assert_ne!(request_id(), id);
+    }
 
     #[test]
     fn hop_by_hop_headers_stay_on_their_connection() {

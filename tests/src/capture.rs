@@ -35,14 +35,16 @@ impl Packet {
     }
 }
 
-/// What crossed between nodes that should not have: TCP other than HBONE (15008)
-/// and the CA (15012), or `marker` in the clear. None when nothing did.
-pub fn plaintext_crossed(packets: &[Packet], marker: &[u8]) -> Option<String> {
-    const MESH_PORTS: [u16; 2] = [15008, 15012];
+/// HBONE's port: the only one pod traffic may use between nodes.
+pub const HBONE_PORT: u16 = 15008;
+
+/// What crossed between nodes that should not have: TCP on a port not in `allowed`
+/// (HBONE and the control plane), or `marker` in the clear. None when nothing did.
+pub fn plaintext_crossed(packets: &[Packet], allowed: &[u16], marker: &[u8]) -> Option<String> {
     if let Some((s, d)) = packets
         .iter()
         .filter_map(Packet::tcp_ports)
-        .find(|(s, d)| !MESH_PORTS.contains(s) && !MESH_PORTS.contains(d))
+        .find(|(s, d)| !allowed.contains(s) && !allowed.contains(d))
     {
         return Some(format!("TCP from port {s} to port {d} crossed the fabric"));
     }

@@ -6,6 +6,7 @@ pub mod dns;
 pub mod inbound;
 pub mod outbound;
 pub mod pool;
+mod relay;
 
 use std::{
     net::SocketAddr,
@@ -13,12 +14,10 @@ use std::{
     time::Instant,
 };
 
-use tokio::{
-    io::{AsyncRead, AsyncWrite},
-    sync::watch,
-    task::JoinSet,
-};
+use tokio::{sync::watch, task::JoinSet};
 use tokio_util::task::TaskTracker;
+
+pub use relay::relay;
 
 use crate::{
     accept::{Acceptor, Source},
@@ -29,10 +28,6 @@ use crate::{
     redirect::{PodListeners, Redirector},
     state::{State, Workload},
 };
-
-/// Bytes moved per read/write when relaying: large enough for throughput, small
-/// enough for many idle connections.
-const RELAY_BUFFER: usize = 64 * 1024;
 
 /// What every connection handler shares.
 pub struct Context {
@@ -308,13 +303,4 @@ impl Record {
             "connection"
         );
     }
-}
-
-/// Relays both ways until both sides are done; returns (client→server, server→client).
-pub async fn relay<A, B>(client: &mut A, server: &mut B) -> std::io::Result<(u64, u64)>
-where
-    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
-{
-    tokio::io::copy_bidirectional_with_sizes(client, server, RELAY_BUFFER, RELAY_BUFFER).await
 }

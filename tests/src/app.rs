@@ -30,7 +30,7 @@ impl EchoServer {
     }
 
     /// Serves each accepted connection with `handle(stream, pod name)`.
-    fn serve<F, Fut>(pod: &Pod, port: u16, handle: F) -> Result<Self>
+    pub(crate) fn serve<F, Fut>(pod: &Pod, port: u16, handle: F) -> Result<Self>
     where
         F: Fn(tokio::net::TcpStream, String) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = ()> + Send + 'static,

@@ -20,6 +20,8 @@ pub mod host;
 #[cfg(feature = "mesh")]
 pub mod kube_api;
 #[cfg(feature = "mesh")]
+pub mod l7;
+#[cfg(feature = "mesh")]
 pub mod mesh;
 
 pub use cluster::{Cluster, ClusterSpec, Node, NodeSpec, Pod};

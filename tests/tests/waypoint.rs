@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use testbed::{
     app::HttpServer,
+    l7::L7Server,
     mesh::{eventually, Mesh, WorkloadSpec},
     Cluster, ClusterSpec,
 };
@@ -26,7 +27,8 @@ metadata: {name: server, namespace: demo, labels: {istio.io/use-waypoint: waypoi
 spec:
   clusterIP: 10.96.0.80
   selector: {app: server}
-  ports: [{port: 80, targetPort: 8080}]
+  # Declared HTTP/1.1: the waypoint speaks HTTP/1.1 to it whatever the client speaks.
+  ports: [{name: http, port: 80, targetPort: 8080}]
 ---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -1386,4 +1388,409 @@ async fn mesh_config_chooses_path_normalization_and_trusted_proxies() {
         assert_eq!(got, code, "{path} {header:?}: {out}");
         assert!(out.contains("layer: waypoint"), "{out}");
     }
+}
+
+/// Two endpoints (echo-1, echo-2) of three Services bound to the waypoint, no
+/// ALLOW policy: `grpc` (port named grpc), `grpc-locked` (the same pods, its Unary
+/// method denied), `web` (port 80 unnamed, 81 named http, 82 named http2-web),
+/// and `idle` (echo-2 only). DENY rules: Unary on `grpc-locked`, `/secret*` on `web`.
+const L7_CONFIG: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: demo}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: grpc, namespace: demo, labels: {istio.io/use-waypoint: waypoint}}
+spec:
+  clusterIP: 10.96.0.81
+  selector: {app: echo}
+  ports: [{name: grpc, port: 9000, targetPort: 9000}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: grpc-locked, namespace: demo, labels: {istio.io/use-waypoint: waypoint}}
+spec:
+  clusterIP: 10.96.0.84
+  selector: {app: echo}
+  ports: [{port: 9000, targetPort: 9000, appProtocol: grpc}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: demo, labels: {istio.io/use-waypoint: waypoint}}
+spec:
+  clusterIP: 10.96.0.82
+  selector: {app: echo}
+  ports:
+  - {port: 80, targetPort: 9000}
+  - {name: http, port: 81, targetPort: 9000}
+  - {name: http2-web, port: 82, targetPort: 9000}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: idle, namespace: demo, labels: {istio.io/use-waypoint: waypoint}}
+spec:
+  clusterIP: 10.96.0.85
+  selector: {role: idle}
+  ports: [{port: 80, targetPort: 9000}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-unary, namespace: demo}
+spec:
+  targetRefs: [{kind: Service, group: "", name: grpc-locked}]
+  action: DENY
+  rules: [{to: [{operation: {paths: [/testbed.echo.Echo/Unary]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-secret, namespace: demo}
+spec:
+  targetRefs: [{kind: Service, group: "", name: web}]
+  action: DENY
+  rules: [{to: [{operation: {paths: ["/secret*"]}}]}]
+"#;
+
+async fn l7_mesh() -> Mesh {
+    let workloads = vec![
+        WorkloadSpec::new("client", "demo", "client"),
+        WorkloadSpec::new("echo-1", "demo", "echo").label("app", "echo"),
+        WorkloadSpec::new("echo-2", "demo", "echo")
+            .label("app", "echo")
+            .label("role", "idle"),
+        WorkloadSpec::new("waypoint", "demo", "waypoint")
+            .label("gateway.networking.k8s.io/gateway-name", "waypoint"),
+    ];
+    mesh_from(workloads, L7_CONFIG).await
+}
+
+fn probe(mesh: &Mesh, args: &[&str]) -> String {
+    let out = mesh.cluster.pod("client").run(PROBE, args).unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn field<'a>(out: &'a str, key: &str) -> &'a str {
+    out.lines()
+        .find_map(|l| l.strip_prefix(key).and_then(|l| l.strip_prefix('=')))
+        .unwrap_or_else(|| panic!("no {key}= in {out}"))
+}
+
+fn grpc(mesh: &Mesh, target: &str, call: &str, count: u32, code: i32) -> String {
+    probe(
+        mesh,
+        &[
+            "grpc",
+            target,
+            call,
+            "hello",
+            &count.to_string(),
+            &code.to_string(),
+        ],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn grpc_calls_pass_the_waypoint_with_their_status_in_trailers() {
+    let mesh = l7_mesh().await;
+    let _echo1 = L7Server::start(mesh.cluster.pod("echo-1"), 9000).unwrap();
+    let _echo2 = L7Server::start(mesh.cluster.pod("echo-2"), 9000).unwrap();
+    const GRPC: &str = "10.96.0.81:9000";
+
+    let out = grpc(&mesh, GRPC, "unary", 0, 0);
+    assert_eq!(field(&out, "status"), "0", "{out}");
+    assert!(field(&out, "reply").ends_with(":hello:0"), "{out}");
+    // A status the server chose (trailers-only) reaches the client.
+    let out = grpc(&mesh, GRPC, "unary", 0, 5);
+    assert_eq!(field(&out, "status"), "5", "NOT_FOUND: {out}");
+    assert_eq!(field(&out, "message"), "the client asked for 5", "{out}");
+    // Server streaming: every message, then the status in the trailers.
+    let out = grpc(&mesh, GRPC, "stream", 3, 0);
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with("reply=")).count(),
+        3,
+        "{out}"
+    );
+    assert_eq!(field(&out, "status"), "0", "{out}");
+    let out = grpc(&mesh, GRPC, "stream", 3, 10);
+    let replies: Vec<&str> = out.lines().filter(|l| l.starts_with("reply=")).collect();
+    assert_eq!(replies.len(), 3, "{out}");
+    assert!(replies[2].ends_with(":hello:2"), "{out}");
+    assert_eq!(
+        field(&out, "status"),
+        "10",
+        "ABORTED after the messages: {out}"
+    );
+    assert_eq!(field(&out, "message"), "the client asked for 10", "{out}");
+
+    // A DENY on a method's path: the gRPC client gets PERMISSION_DENIED (HTTP 200,
+    // grpc-status 7, as Istio's waypoint answers), the other method passes.
+    let out = grpc(&mesh, "10.96.0.84:9000", "unary", 0, 0);
+    assert_eq!(field(&out, "status"), "7", "{out}");
+    assert_eq!(field(&out, "message"), "RBAC: access denied", "{out}");
+    let out = grpc(&mesh, "10.96.0.84:9000", "stream", 2, 0);
+    assert_eq!(field(&out, "status"), "0", "{out}");
+    assert!(
+        mesh.log("waypoint-waypoint").contains("demo/no-unary"),
+        "{}",
+        mesh.log("waypoint-waypoint")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_upstream_protocol_follows_the_service_port_else_the_request() {
+    let mesh = l7_mesh().await;
+    let _echo1 = L7Server::start(mesh.cluster.pod("echo-1"), 9000).unwrap();
+    let _echo2 = L7Server::start(mesh.cluster.pod("echo-2"), 9000).unwrap();
+    let version = |kind: &str, port: u16| {
+        let out = probe(&mesh, &[kind, &format!("10.96.0.82:{port}"), "GET", "/v"]);
+        assert_eq!(field(&out, "status"), "200", "{kind} to port {port}: {out}");
+        field(&out, "body")
+            .split(' ')
+            .nth(1)
+            .unwrap_or("")
+            .to_owned()
+    };
+    assert_eq!(
+        version("http", 80),
+        "HTTP/1.1",
+        "undeclared: the client's protocol"
+    );
+    assert_eq!(
+        version("h2", 80),
+        "HTTP/2.0",
+        "undeclared: the client's protocol"
+    );
+    assert_eq!(version("h2", 81), "HTTP/1.1", "a port named http");
+    assert_eq!(version("http", 82), "HTTP/2.0", "a port named http2-*");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hundred_http2_streams_on_one_connection_are_served_concurrently_and_balanced() {
+    let mesh = l7_mesh().await;
+    let _echo1 = L7Server::start(mesh.cluster.pod("echo-1"), 9000).unwrap();
+    let _echo2 = L7Server::start(mesh.cluster.pod("echo-2"), 9000).unwrap();
+    // Each answer takes 300 ms at the server: one after another, 100 would take
+    // 30 s; together about one request's time.
+    let out = probe(
+        &mesh,
+        &["h2many", "10.96.0.82:80", "100", "/slow?delay=300"],
+    );
+    assert_eq!(field(&out, "ok"), "101", "{out}");
+    let single: u64 = field(&out, "single_ms").parse().unwrap();
+    let total: u64 = field(&out, "total_ms").parse().unwrap();
+    assert!(single >= 300, "{out}");
+    assert!(
+        total < 10 * single,
+        "100 streams took {total} ms, one took {single} ms: not concurrent\n{out}"
+    );
+    // Balanced per request, not per downstream connection: both endpoints served
+    // requests of this one connection.
+    for pod in ["echo-1", "echo-2"] {
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with(&format!("body={pod} HTTP/2.0 GET /slow count="))),
+            "{pod} served none: {out}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_endpoint_is_retried_on_another_and_none_reachable_is_503_uf() {
+    let mesh = l7_mesh().await;
+    // echo-2 runs no server: its tunnel refuses the connection.
+    let _echo1 = L7Server::start(mesh.cluster.pod("echo-1"), 9000).unwrap();
+    let out = probe(&mesh, &["h2many", "10.96.0.82:80", "20", "/retry"]);
+    assert_eq!(
+        field(&out, "ok"),
+        "21",
+        "every request reached echo-1: {out}"
+    );
+    assert_eq!(
+        field(&out, "body"),
+        "echo-1 HTTP/2.0 GET /retry count=21",
+        "{out}"
+    );
+    let out = grpc(&mesh, "10.96.0.81:9000", "unary", 0, 0);
+    assert_eq!(field(&out, "status"), "0", "{out}");
+    assert!(
+        mesh.log("waypoint-waypoint").contains("endpoint=echo-2"),
+        "the failure is logged: {}",
+        mesh.log("waypoint-waypoint")
+    );
+    // No endpoint reachable: 503, flagged UF (connect failure).
+    let (status, body) = http(&mesh, "10.96.0.85:80", "GET", "/none", &[]);
+    assert_eq!(status, "503", "{body}");
+    assert!(
+        body.contains("reset reason: connection failure (UF)"),
+        "{body}"
+    );
+    let out = grpc(&mesh, "10.96.0.85:80", "unary", 0, 0);
+    assert_eq!(field(&out, "status"), "14", "UNAVAILABLE: {out}");
+    eventually(
+        Duration::from_secs(15),
+        "the 503 counted with its flag",
+        || async {
+            mesh.waypoint_metrics("waypoint").await.lines().any(|l| {
+                l.starts_with("istio_requests_total{")
+                    && l.contains("response_code=\"503\"")
+                    && l.contains("response_flags=\"UF\"")
+            })
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_websocket_upgrade_passes_the_waypoint_after_policy() {
+    let mesh = l7_mesh().await;
+    let _echo1 = L7Server::start(mesh.cluster.pod("echo-1"), 9000).unwrap();
+    let _echo2 = L7Server::start(mesh.cluster.pod("echo-2"), 9000).unwrap();
+    for port in [80, 81] {
+        let out = probe(
+            &mesh,
+            &["upgrade", &format!("10.96.0.82:{port}"), "/ws", "hello"],
+        );
+        assert_eq!(field(&out, "status"), "101", "port {port}: {out}");
+        let reply = field(&out, "reply");
+        assert!(
+            reply == "echo-1:hello" || reply == "echo-2:hello",
+            "the endpoint echoes over the upgraded connection: {out}"
+        );
+    }
+    let out = probe(&mesh, &["upgrade", "10.96.0.82:80", "/secret/ws", "hello"]);
+    assert_eq!(field(&out, "status"), "403", "policy first: {out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_drains_the_waypoint_and_requests_in_flight_finish() {
+    let mesh = l7_mesh().await;
+    let echo1 = L7Server::start(mesh.cluster.pod("echo-1"), 9000).unwrap();
+    let echo2 = L7Server::start(mesh.cluster.pod("echo-2"), 9000).unwrap();
+    let client = mesh.cluster.pod("client").clone();
+    let slow = std::thread::spawn(move || {
+        client.run(PROBE, ["h2", "10.96.0.82:80", "GET", "/slow?delay=1500"])
+    });
+    eventually(
+        Duration::from_secs(15),
+        "the slow request at its endpoint",
+        || async { echo1.started() + echo2.started() > 0 },
+    )
+    .await;
+    let pid = mesh.tunnel_pid("waypoint-waypoint").unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let out = String::from_utf8_lossy(&slow.join().unwrap().unwrap().stdout).into_owned();
+    assert_eq!(
+        field(&out, "status"),
+        "200",
+        "finished while draining: {out}"
+    );
+    assert!(field(&out, "body").ends_with("GET /slow"), "{out}");
+    eventually(Duration::from_secs(15), "the waypoint stopped", || async {
+        mesh.log("waypoint-waypoint").contains("waypoint stopped")
+    })
+    .await;
+    let log = mesh.log("waypoint-waypoint");
+    assert!(log.contains("waypoint draining"), "{log}");
+    assert!(
+        !log.contains("grace period ended"),
+        "nothing was cut: {log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_endpoint_gets_a_request_id_and_forwarded_proto_and_oversized_headers_get_431() {
+    let mesh = l7_mesh().await;
+    let _echo1 = L7Server::start(mesh.cluster.pod("echo-1"), 9000).unwrap();
+    let _echo2 = L7Server::start(mesh.cluster.pod("echo-2"), 9000).unwrap();
+    const WEB: &str = "10.96.0.82:80";
+    let (status, body) = http(&mesh, WEB, "GET", "/headers", &[]);
+    assert_eq!(status, "200", "{body}");
+    let id = body
+        .split(' ')
+        .find_map(|f| f.strip_prefix("x-request-id="))
+        .unwrap();
+    assert_eq!(id.len(), 36, "a generated UUID: {body}");
+    assert!(body.ends_with(" x-forwarded-proto=http"), "{body}");
+    let (_, body) = http(
+        &mesh,
+        WEB,
+        "GET",
+        "/headers",
+        &["x-request-id: from-client"],
+    );
+    assert!(body.contains(" x-request-id=from-client "), "kept: {body}");
+
+    // At most 100 headers, at most 60 KiB of them.
+    let many = |n: usize| (0..n).map(|i| format!("x-h{i}: v")).collect::<Vec<_>>();
+    let headers = many(90);
+    let refs: Vec<&str> = headers.iter().map(String::as_str).collect();
+    assert_eq!(http(&mesh, WEB, "GET", "/few", &refs).0, "200");
+    let headers = many(110);
+    let refs: Vec<&str> = headers.iter().map(String::as_str).collect();
+    assert_eq!(http(&mesh, WEB, "GET", "/many", &refs).0, "431");
+    let big = format!("x-big: {}", "a".repeat(70 * 1024));
+    assert_eq!(http(&mesh, WEB, "GET", "/big", &[&big]).0, "431");
+    let out = probe(&mesh, &["h2", WEB, "GET", "/after"]);
+    assert_eq!(
+        field(&out, "status"),
+        "200",
+        "the waypoint keeps serving: {out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_request_is_measured_and_logged_with_istio_labels() {
+    let mesh = l7_mesh().await;
+    let _echo1 = L7Server::start(mesh.cluster.pod("echo-1"), 9000).unwrap();
+    let _echo2 = L7Server::start(mesh.cluster.pod("echo-2"), 9000).unwrap();
+    let out = grpc(&mesh, "10.96.0.81:9000", "stream", 3, 10);
+    assert_eq!(field(&out, "status"), "10", "{out}");
+    let (status, _) = http(&mesh, "10.96.0.82:80", "GET", "/measured", &[]);
+    assert_eq!(status, "200");
+    eventually(
+        Duration::from_secs(15),
+        "request metrics at the waypoint",
+        || async {
+            let page = mesh.waypoint_metrics("waypoint").await;
+            let grpc = |l: &&str| {
+                l.contains("request_protocol=\"grpc\"")
+                    && l.contains("grpc_response_status=\"10\"")
+                    && l.contains("destination_service=\"grpc.demo.svc\"")
+                    && l.contains("source_principal=\"spiffe://cluster.local/ns/demo/sa/client\"")
+            };
+            page.lines()
+                .filter(grpc)
+                .any(|l| l.starts_with("istio_requests_total{"))
+                && page
+                    .lines()
+                    .filter(grpc)
+                    .any(|l| l.starts_with("istio_response_bytes_sum{") && !l.ends_with(" 0.0"))
+                && page.lines().any(|l| {
+                    l.starts_with("istio_request_duration_milliseconds_count{")
+                        && l.contains("request_protocol=\"http\"")
+                        && l.contains("response_code=\"200\"")
+                })
+        },
+    )
+    .await;
+    let log = mesh.log("waypoint-waypoint");
+    assert!(
+        log.lines().any(|l| l.contains("access")
+            && l.contains("path=/testbed.echo.Echo/Stream")
+            && l.contains("grpc_status=10")),
+        "an access line per request: {log}"
+    );
+    assert!(
+        log.lines().any(|l| l.contains("access")
+            && l.contains("path=/measured")
+            && l.contains("status=200")),
+        "{log}"
+    );
 }

@@ -509,6 +509,7 @@ mod tests {
                     port: 80,
                     target_port: 8080,
                     target_port_name: None,
+                    app_protocol: None,
                 }],
                 selector: [("app".to_string(), "web".to_string())].into(),
             },

@@ -18,7 +18,7 @@ use anyhow::{bail, Context as _, Result};
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
-use hyper::{body::Incoming, client::conn::http1::SendRequest};
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -30,6 +30,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 use tokio_rustls::TlsAcceptor;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     accept::{AcceptMetrics, Acceptor, Conn, Limiter, Limits},
@@ -47,6 +48,11 @@ use crate::{
     state::{MeshSettings, State, Workload},
     tls,
 };
+
+mod telemetry;
+mod upstream;
+use telemetry::{Metered, Record, RequestLabels, RequestMetrics};
+use upstream::{Protocol, Upstreams};
 
 #[derive(Clone, Debug)]
 pub struct WaypointOptions {
@@ -68,19 +74,27 @@ pub struct WaypointOptions {
     pub metrics_addr: SocketAddr,
     /// Istio MeshConfig YAML with `extensionProviders` (for CUSTOM policies).
     pub mesh_config: Option<PathBuf>,
+    /// On SIGTERM: how long requests in flight are given to finish.
+    pub drain_grace: Duration,
+    pub limits: RequestLimits,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct RequestLabels {
-    reporter: String,
-    source_workload: String,
-    source_principal: String,
-    destination_workload: String,
-    destination_principal: String,
-    destination_service: String,
-    request_protocol: String,
-    response_code: String,
-    connection_security_policy: String,
+/// Limits on each downstream request (Envoy's defaults).
+#[derive(Clone, Copy, Debug)]
+pub struct RequestLimits {
+    /// Header count; over it: 431.
+    pub max_headers: usize,
+    /// Header block size in bytes; over it: 431.
+    pub max_header_bytes: usize,
+}
+
+impl Default for RequestLimits {
+    fn default() -> Self {
+        Self {
+            max_headers: 100,
+            max_header_bytes: 60 * 1024,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -95,9 +109,14 @@ struct Waypoint {
     state: tokio::sync::watch::Receiver<Arc<State>>,
     certs: Arc<CertManager>,
     pool: Arc<Pool>,
-    requests: Family<RequestLabels, Counter>,
+    /// HTTP connections to endpoints, shared by every downstream connection.
+    upstreams: Arc<Upstreams>,
+    /// Round-robin position per Service VIP.
+    next_endpoint: Mutex<HashMap<std::net::Ipv4Addr, usize>>,
+    metrics: RequestMetrics,
     /// CONNECTs refused before any policy: destinations not bound here and the like.
     refused: Family<RefusedLabels, Counter>,
+    limits: RequestLimits,
     path_normalization: path_normalization::Level,
     /// X-Forwarded-For hops believed (MeshConfig numTrustedProxies).
     trusted_proxies: usize,
@@ -105,6 +124,13 @@ struct Waypoint {
     providers: HashMap<String, extauthz::ProviderSpec>,
     /// JWKS fetched from jwksUri: (keys, when fetched).
     jwks: Mutex<HashMap<String, (Arc<Jwks>, Instant)>>,
+    /// The TLS server config of the current certificate, made once per certificate.
+    tls: Mutex<Option<(Arc<WorkloadCert>, Arc<rustls::ServerConfig>)>>,
+    /// Cancelled on SIGTERM: connections close once their requests are done
+    /// (HTTP/2 with GOAWAY).
+    draining: CancellationToken,
+    /// Every downstream connection and tunnelled stream, waited for when draining.
+    tasks: TaskTracker,
 }
 
 /// How long a fetched JWKS is used before it is fetched again (on failure the
@@ -115,9 +141,12 @@ const JWKS_TIMEOUT: Duration = Duration::from_secs(5);
 /// Where a CONNECT through the waypoint is going, and for whom.
 #[derive(Clone)]
 struct Target {
-    /// The endpoint chosen, and the port on it.
-    workload: Arc<Workload>,
+    /// A Service VIP (its ready endpoints are read per request) or one workload.
+    destination: Destination,
+    /// The port on the endpoint.
     port: u16,
+    /// The protocol the Service port declares (None: the downstream one's).
+    protocol: Option<Protocol>,
     /// The service addressed, if any: (namespace, name).
     service: Option<(String, String)>,
     /// The Services bound here whose policies apply: the one addressed, or every
@@ -129,6 +158,16 @@ struct Target {
     /// client's identity proves it; else the peer's): sent on in `forwarded`.
     client: SocketAddr,
 }
+
+#[derive(Clone)]
+enum Destination {
+    Service(std::net::Ipv4Addr),
+    Workload(Arc<Workload>),
+}
+
+/// Attempts per request (Istio's default retry policy: connect failures and
+/// refused streams, on another endpoint).
+const ATTEMPTS: usize = 2;
 
 /// Why a CONNECT is refused before any policy.
 enum Refusal {
@@ -176,12 +215,7 @@ pub async fn run(options: WaypointOptions) -> Result<()> {
     };
     let states = crate::state::spawn_updates(snapshots, settings, config_metrics.bindings_refused);
 
-    let requests = Family::<RequestLabels, Counter>::default();
-    registry.register(
-        "istio_requests",
-        "HTTP requests through the waypoint",
-        requests.clone(),
-    );
+    let metrics = RequestMetrics::register(&mut registry);
     let refused = Family::<RefusedLabels, Counter>::default();
     registry.register(
         "ztunnel_waypoint_connects_refused",
@@ -213,14 +247,20 @@ pub async fn run(options: WaypointOptions) -> Result<()> {
         state: states,
         certs,
         pool: Pool::new(Default::default()),
-        requests,
+        upstreams: Upstreams::new(),
+        next_endpoint: Mutex::new(HashMap::new()),
+        metrics,
         refused,
+        limits: options.limits,
         path_normalization: mesh_config
             .path_normalization()
             .map_err(|e| anyhow::anyhow!("pathNormalization: {e}"))?,
         trusted_proxies: mesh_config.trusted_proxies(),
         jwks: Mutex::new(HashMap::new()),
         providers: mesh_config.providers(),
+        tls: Mutex::new(None),
+        draining: CancellationToken::new(),
+        tasks: TaskTracker::new(),
     });
     let accept_metrics = AcceptMetrics::register(&mut registry);
     let metrics = TcpListener::bind(options.metrics_addr)
@@ -236,25 +276,43 @@ pub async fn run(options: WaypointOptions) -> Result<()> {
         .with_context(|| format!("binding {}", options.listen))?;
     tracing::info!(waypoint = %format!("{}/{}", options.namespace, options.name), identity = %me.identity, listen = %options.listen, "waypoint running");
     let limiter = Limiter::new(Limits::proxy(), accept_metrics);
-    Acceptor::new(listener, limiter, "waypoint")
-        .serve(move |tcp, peer| {
-            let waypoint = waypoint.clone();
-            async move {
-                if let Err(e) = waypoint.connection(tcp, peer).await {
-                    tracing::debug!(%peer, "waypoint connection: {e:#}");
-                }
+    let this = waypoint.clone();
+    let serve = Acceptor::new(listener, limiter, "waypoint").serve(move |tcp, peer| {
+        let waypoint = this.clone();
+        this.tasks.track_future(async move {
+            if let Err(e) = waypoint.connection(tcp, peer).await {
+                tracing::debug!(%peer, "waypoint connection: {e:#}");
             }
         })
-        .await;
+    });
+    tokio::select! {
+        _ = serve => {}
+        _ = crate::daemon::shutdown_signal() => {}
+    }
+    // Draining: no new connections (the listener is closed), GOAWAY on the open
+    // ones, requests in flight finish within the grace period.
+    let open = waypoint.tasks.len();
+    tracing::info!(open, grace = ?options.drain_grace, "waypoint draining");
+    waypoint.draining.cancel();
+    waypoint.tasks.close();
+    if tokio::time::timeout(options.drain_grace, waypoint.tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = waypoint.tasks.len(),
+            "waypoint: the drain grace period ended with connections open; closing them"
+        );
+    }
+    tracing::info!("waypoint stopped");
     Ok(())
 }
 
 impl Waypoint {
     async fn connection(self: Arc<Self>, tcp: Conn, peer: SocketAddr) -> Result<()> {
-        let cert = self.certs.fetch(&self.identity).await?;
         let tls = tcp
             .handshake()
-            .run(TlsAcceptor::from(cert.server_config()?).accept(tcp))
+            .run(TlsAcceptor::from(self.server_config().await?).accept(tcp))
             .await
             .context("mTLS handshake")?;
         let client = tls::peer_identity(tls.get_ref().1.peer_certificates())?;
@@ -263,12 +321,34 @@ impl Waypoint {
             let (this, client) = (this.clone(), client.clone());
             async move { Ok::<_, Infallible>(this.connect(client, peer, req)) }
         });
-        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
-            .serve_connection(TokioIo::new(tls), service)
-            .await
-            .context("HTTP/2")?;
+            .serve_connection(TokioIo::new(tls), service);
+        tokio::pin!(connection);
+        tokio::select! {
+            ended = connection.as_mut() => ended,
+            _ = self.draining.cancelled() => {
+                connection.as_mut().graceful_shutdown();
+                connection.as_mut().await
+            }
+        }
+        .context("HTTP/2")?;
         Ok(())
+    }
+
+    /// The TLS server config presenting the current certificate: one for all
+    /// connections, made again when the certificate is renewed.
+    async fn server_config(&self) -> Result<Arc<rustls::ServerConfig>> {
+        let cert = self.certs.fetch(&self.identity).await?;
+        let mut cached = self.tls.lock().expect("not poisoned");
+        if let Some((for_cert, config)) = cached.as_ref() {
+            if Arc::ptr_eq(for_cert, &cert) {
+                return Ok(config.clone());
+            }
+        }
+        let config = cert.server_config()?;
+        *cached = Some((cert, config.clone()));
+        Ok(config)
     }
 
     /// The destination of a CONNECT, if it is bound to this waypoint: a Service
@@ -302,15 +382,14 @@ impl Waypoint {
                 .ports
                 .iter()
                 .find(|p| p.port == asked.port())
-                .ok_or_else(|| unknown("no such port"))?
-                .target_port;
+                .ok_or_else(|| unknown("no such port"))?;
             if service.endpoints.is_empty() {
                 return Err(unknown("no endpoints"));
             }
-            let workload = service.endpoints[fastrand::usize(..service.endpoints.len())].clone();
             return Ok(Target {
-                workload,
-                port,
+                destination: Destination::Service(ip),
+                port: port.target_port,
+                protocol: upstream::declared(port.app_protocol.as_deref(), port.name.as_deref()),
                 service: Some(name.clone()),
                 services: vec![name],
                 asked,
@@ -330,8 +409,9 @@ impl Waypoint {
         }
         Ok(Target {
             services: state.bound_services(&workload, &self.key),
-            workload,
+            destination: Destination::Workload(workload),
             port: asked.port(),
+            protocol: None,
             service: None,
             asked,
             client,
@@ -404,7 +484,7 @@ impl Waypoint {
             }
         };
         let upgrade = hyper::upgrade::on(&mut req);
-        tokio::spawn(async move {
+        self.tasks.clone().spawn(async move {
             let stream = match upgrade.await {
                 Ok(upgraded) => TokioIo::new(upgraded),
                 Err(e) => return tracing::debug!("waypoint upgrade: {e}"),
@@ -442,23 +522,29 @@ impl Waypoint {
         };
         if looks_like_http(&first) {
             let this = self.clone();
-            let upstream: Arc<tokio::sync::Mutex<Option<SendRequest<Incoming>>>> = Arc::default();
             let service = hyper::service::service_fn(move |req| {
-                let (this, conn, target, upstream, client) = (
-                    this.clone(),
-                    conn.clone(),
-                    target.clone(),
-                    upstream.clone(),
-                    client.clone(),
-                );
-                async move {
-                    Ok::<_, Infallible>(this.request(req, &conn, &client, &target, upstream).await)
-                }
+                let (this, conn, target, client) =
+                    (this.clone(), conn.clone(), target.clone(), client.clone());
+                async move { Ok::<_, Infallible>(this.request(req, &conn, &client, &target).await) }
             });
-            hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-                .map_err(|e| anyhow::anyhow!("HTTP: {e}"))?;
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .max_headers(self.limits.max_headers)
+                .max_buf_size(self.limits.max_header_bytes.max(8192));
+            builder
+                .http2()
+                .max_header_list_size(self.limits.max_header_bytes as u32);
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                ended = connection.as_mut() => ended,
+                _ = self.draining.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.as_mut().await
+                }
+            }
+            .map_err(|e| anyhow::anyhow!("HTTP: {e}"))?;
             return Ok(());
         }
         let state = self.state.borrow().clone();
@@ -473,16 +559,67 @@ impl Waypoint {
             tracing::warn!(src = %client, dst = %target.asked, "waypoint: connection denied: {}", decision.reason);
             return Ok(());
         }
-        let mut upstream = self.upstream_stream(&target).await?;
-        let mut stream = stream;
-        relay(&mut stream, &mut upstream).await?;
-        Ok(())
+        let mut failures = Vec::new();
+        for endpoint in self.endpoints(&state, &target).iter().take(ATTEMPTS) {
+            match self
+                .upstream_stream(endpoint, target.port, target.client)
+                .await
+            {
+                Ok(mut upstream) => {
+                    let mut stream = stream;
+                    relay(&mut stream, &mut upstream).await?;
+                    return Ok(());
+                }
+                Err(e) => failures.push(format!("{}: {e:#}", endpoint.name)),
+            }
+        }
+        bail!(
+            "no endpoint of {} reachable: {}",
+            target.asked,
+            failures.join("; ")
+        )
     }
 
-    /// A byte stream to the chosen endpoint: HBONE when it is in the mesh.
-    async fn upstream_stream(&self, target: &Target) -> Result<Box<dyn Io>> {
-        let address = SocketAddr::new(IpAddr::V4(target.workload.ip), target.port);
-        if !target.workload.captured {
+    /// The endpoints to try for one request or connection, in order: a Service's
+    /// ready endpoints now, round robin per request; or the one workload.
+    fn endpoints(&self, state: &State, target: &Target) -> Vec<Arc<Workload>> {
+        let vip = match &target.destination {
+            Destination::Workload(w) => return vec![w.clone()],
+            Destination::Service(vip) => *vip,
+        };
+        let Some(service) = state.service_by_vip(vip) else {
+            return Vec::new();
+        };
+        let all = &service.endpoints;
+        if all.is_empty() {
+            return Vec::new();
+        }
+        let start = {
+            let mut next = self.next_endpoint.lock().expect("not poisoned");
+            let slot = next
+                .entry(vip)
+                .or_insert_with(|| fastrand::usize(..all.len()));
+            let start = *slot % all.len();
+            *slot = start + 1;
+            start
+        };
+        all.iter()
+            .cycle()
+            .skip(start)
+            .take(all.len())
+            .cloned()
+            .collect()
+    }
+
+    /// A byte stream to an endpoint: HBONE when it is in the mesh.
+    async fn upstream_stream(
+        &self,
+        endpoint: &Workload,
+        port: u16,
+        client: SocketAddr,
+    ) -> Result<Box<dyn Io>> {
+        let address = SocketAddr::new(IpAddr::V4(endpoint.ip), port);
+        if !endpoint.captured {
             return Ok(Box::new(
                 TcpStream::connect(address)
                     .await
@@ -490,16 +627,16 @@ impl Waypoint {
             ));
         }
         let cert: Arc<WorkloadCert> = self.certs.fetch(&self.identity).await?;
-        let hbone = SocketAddr::new(IpAddr::V4(target.workload.ip), crate::redirect::HBONE_PORT);
+        let hbone = SocketAddr::new(IpAddr::V4(endpoint.ip), crate::redirect::HBONE_PORT);
         let mut headers = http::HeaderMap::new();
         // Who the waypoint acts for: the client, as Istio's waypoint says it.
         headers.insert(
             "forwarded",
-            http::HeaderValue::from_str(&forwarded::for_client(target.client)).expect("an address"),
+            http::HeaderValue::from_str(&forwarded::for_client(client)).expect("an address"),
         );
         let (upgraded, guard) = self
             .pool
-            .connect(&cert, &target.workload.identity, hbone, address, headers)
+            .connect(&cert, &endpoint.identity, hbone, address, headers)
             .await?;
         Ok(Box::new(Guarded {
             inner: TokioIo::new(upgraded),
@@ -507,14 +644,63 @@ impl Waypoint {
         }))
     }
 
+    /// One HTTP request: judged, forwarded when allowed, counted. A gRPC request
+    /// the waypoint answers itself gets its answer as gRPC (as Envoy does).
     async fn request(
+        &self,
+        req: Request<Incoming>,
+        conn: &Connection,
+        client: &Identity,
+        target: &Target,
+    ) -> Response<BoxBody<Bytes, hyper::Error>> {
+        let started = Instant::now();
+        let grpc = is_grpc(req.headers());
+        let (method, path) = (req.method().to_string(), req.uri().path().to_owned());
+        let request_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut handled = self.handle(req, conn, client, target, &request_bytes).await;
+        if handled.endpoint.is_none() && grpc {
+            handled.response = grpc_local_reply(handled.response);
+        }
+        let state = self.state.borrow().clone();
+        let labels = self.labels(&state, conn, client, target, &handled, grpc);
+        let record = Record {
+            metrics: self.metrics.clone(),
+            labels,
+            started,
+            request_bytes,
+            method,
+            path,
+            destination: target.asked.to_string(),
+            endpoint: handled.endpoint.as_ref().map(|e| e.name.clone()),
+        };
+        let grpc_status = handled
+            .response
+            .headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        handled
+            .response
+            .map(|body| Metered::response(body, grpc_status, record).boxed())
+    }
+
+    async fn handle(
         &self,
         mut req: Request<Incoming>,
         conn: &Connection,
         client: &Identity,
         target: &Target,
-        upstream: Arc<tokio::sync::Mutex<Option<SendRequest<Incoming>>>>,
-    ) -> Response<BoxBody<Bytes, hyper::Error>> {
+        request_bytes: &Arc<std::sync::atomic::AtomicU64>,
+    ) -> Handled {
+        // HTTP/1.1's limits are hyper's (431 before this); HTTP/2's header block
+        // size too: the count is checked here for both.
+        if req.headers().len() > self.limits.max_headers {
+            tracing::warn!(src = %client, dst = %target.asked, headers = req.headers().len(), "request refused (431): more than {} headers", self.limits.max_headers);
+            return Handled::local(text(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "Request Header Fields Too Large\n",
+            ));
+        }
         let host = req
             .uri()
             .authority()
@@ -531,9 +717,7 @@ impl Waypoint {
         // first, refused when that cannot be done safely.
         if let Err(why) = self.normalize_path(&mut req) {
             tracing::warn!(src = %client, dst = %target.asked, path = %req.uri().path(), "request refused (400): {why}");
-            let response = text(StatusCode::BAD_REQUEST, "Bad Request: path\n");
-            self.count(&state, conn, client, target, response.status());
-            return response;
+            return Handled::local(text(StatusCode::BAD_REQUEST, "Bad Request: path\n"));
         }
         let service = &target.services;
         // RequestAuthentication first: an invalid token is 401, none passes.
@@ -544,9 +728,7 @@ impl Waypoint {
             Ok(auth) => auth,
             Err(reason) => {
                 tracing::warn!(src = %client, dst = %target.asked, path = %req.uri().path(), "request refused: JWT: {reason}");
-                let response = text(StatusCode::UNAUTHORIZED, "Jwt verification fails");
-                self.count(&state, conn, client, target, response.status());
-                return response;
+                return Handled::local(text(StatusCode::UNAUTHORIZED, "Jwt verification fails"));
             }
         };
         let attributes = PolicyRequest {
@@ -586,8 +768,7 @@ impl Waypoint {
                 Ok(upstream_headers) => req.headers_mut().extend(upstream_headers),
                 Err(response) => {
                     tracing::warn!(src = %client, dst = %target.asked, path = %attributes.path, %policy, %provider, "request denied by CUSTOM policy");
-                    self.count(&state, conn, client, target, response.status());
-                    return response;
+                    return Handled::local(response);
                 }
             }
         }
@@ -598,15 +779,7 @@ impl Waypoint {
             Some(&attributes),
             true,
         );
-        let response = if decision.allow {
-            match self.forward(req, &host, target, &upstream).await {
-                Ok(response) => response.map(|b| b.boxed()),
-                Err(e) => {
-                    tracing::warn!(dst = %target.asked, "waypoint: upstream failed: {e:#}");
-                    text(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error\n")
-                }
-            }
-        } else {
+        if !decision.allow {
             tracing::warn!(
                 src = %client,
                 dst = %target.asked,
@@ -616,10 +789,10 @@ impl Waypoint {
                 "request denied: {}",
                 decision.reason
             );
-            text(StatusCode::FORBIDDEN, "RBAC: access denied")
-        };
-        self.count(&state, conn, client, target, response.status());
-        response
+            return Handled::local(text(StatusCode::FORBIDDEN, "RBAC: access denied"));
+        }
+        self.forward(req, &host, &state, target, request_bytes)
+            .await
     }
 
     /// Asks `provider` about the request: Ok(headers for upstream), or the response
@@ -719,39 +892,47 @@ impl Waypoint {
         Ok(())
     }
 
-    /// `istio_requests_total` for one response.
-    fn count(
+    /// Istio's labels of one request's metrics.
+    fn labels(
         &self,
         state: &State,
         conn: &Connection,
         client: &Identity,
         target: &Target,
-        status: StatusCode,
-    ) {
+        handled: &Handled,
+        grpc: bool,
+    ) -> RequestLabels {
+        let destination = handled.endpoint.as_deref().or(match &target.destination {
+            Destination::Workload(w) => Some(w),
+            Destination::Service(_) => None,
+        });
         let source = match conn.source_ip {
             IpAddr::V4(ip) => state.workload_by_ip(ip).filter(|w| &w.identity == client),
             IpAddr::V6(_) => None,
         };
-        self.requests
-            .get_or_create(&RequestLabels {
-                reporter: "waypoint".into(),
-                source_workload: source.map_or(crate::metrics::UNKNOWN.into(), |w| {
-                    w.workload_name().to_owned()
+        RequestLabels {
+            reporter: "waypoint".into(),
+            source_workload: source.map_or(crate::metrics::UNKNOWN.into(), |w| {
+                w.workload_name().to_owned()
+            }),
+            source_principal: client.to_string(),
+            destination_workload: destination.map_or(crate::metrics::UNKNOWN.into(), |w| {
+                w.workload_name().to_owned()
+            }),
+            destination_principal: destination
+                .map_or(crate::metrics::UNKNOWN.into(), |w| w.identity.to_string()),
+            destination_service: target
+                .service
+                .as_ref()
+                .map_or(crate::metrics::UNKNOWN.into(), |(ns, n)| {
+                    format!("{n}.{ns}.svc")
                 }),
-                source_principal: client.to_string(),
-                destination_workload: target.workload.workload_name().to_owned(),
-                destination_principal: target.workload.identity.to_string(),
-                destination_service: target
-                    .service
-                    .as_ref()
-                    .map_or(crate::metrics::UNKNOWN.into(), |(ns, n)| {
-                        format!("{n}.{ns}.svc")
-                    }),
-                request_protocol: "http".into(),
-                response_code: status.as_u16().to_string(),
-                connection_security_policy: "mutual_tls".into(),
-            })
-            .inc();
+            request_protocol: if grpc { "grpc" } else { "http" }.into(),
+            response_code: handled.response.status().as_u16().to_string(),
+            grpc_response_status: String::new(),
+            response_flags: handled.flags.into(),
+            connection_security_policy: "mutual_tls".into(),
+        }
     }
 
     /// Validates the request's JWT, if it carries one, against the rules of
@@ -852,42 +1033,322 @@ impl Waypoint {
         }
     }
 
-    /// Sends the request to the endpoint over this downstream connection's upstream
-    /// (opened on first use, kept alive for the following requests).
+    /// Sends the request to one of the target's endpoints (the next in turn; on a
+    /// connect failure or a refused stream, the one after), on a pooled connection
+    /// in the protocol the Service port declares, else in the request's own.
     async fn forward(
         &self,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         host: &str,
+        state: &State,
         target: &Target,
-        upstream: &tokio::sync::Mutex<Option<SendRequest<Incoming>>>,
-    ) -> Result<Response<Incoming>> {
-        let (mut parts, body) = req.into_parts();
-        // HTTP/1.1 upstream: origin-form URI and a Host header.
-        parts.uri = parts
-            .uri
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .parse()?;
-        parts.version = http::Version::HTTP_11;
-        if !host.is_empty() {
+        request_bytes: &Arc<std::sync::atomic::AtomicU64>,
+    ) -> Handled {
+        let protocol = target
+            .protocol
+            .unwrap_or(if req.version() == http::Version::HTTP_2 {
+                Protocol::Http2
+            } else {
+                Protocol::Http1
+            });
+        // HTTP/1.1 Upgrade (WebSocket): after policy, the two connections are
+        // joined once the endpoint agrees (101).
+        let upgrade = match protocol {
+            Protocol::Http1 => upgrade_protocol(req.headers()),
+            Protocol::Http2 => None,
+        };
+        let mut downstream_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+        let req = req.map(|body| Metered::request(body.boxed(), request_bytes.clone()).boxed());
+        let mut req = match upstream_request(req, host, target.asked, protocol, upgrade) {
+            Ok(req) => req,
+            Err(e) => {
+                tracing::warn!(dst = %target.asked, "request refused (400): {e:#}");
+                return Handled::local(text(StatusCode::BAD_REQUEST, "Bad Request\n"));
+            }
+        };
+        let endpoints = self.endpoints(state, target);
+        if endpoints.is_empty() {
+            tracing::warn!(dst = %target.asked, "no endpoint to forward to (UH)");
+            let mut handled =
+                Handled::local(text(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream"));
+            handled.flags = "UH";
+            return handled;
+        }
+        let mut flags = "UC";
+        for (attempt, endpoint) in endpoints.iter().take(ATTEMPTS).enumerate() {
+            let key = upstream::Key {
+                endpoint: SocketAddr::new(IpAddr::V4(endpoint.ip), target.port),
+                client: target.client.ip(),
+                protocol,
+            };
+            let dial = || self.upstream_stream(endpoint, target.port, target.client);
+            let sent = if downstream_upgrade.is_some() {
+                self.upstreams.send_upgrade(req, dial).await
+            } else {
+                self.upstreams.send(&key, req, dial).await
+            };
+            match sent {
+                Ok(mut response) => {
+                    if let (StatusCode::SWITCHING_PROTOCOLS, Some(downstream)) =
+                        (response.status(), downstream_upgrade.take())
+                    {
+                        join_upgraded(downstream, hyper::upgrade::on(&mut response));
+                    } else {
+                        strip_hop_by_hop(response.headers_mut());
+                    }
+                    let response = response.map(|b| b.boxed());
+                    return Handled {
+                        response,
+                        endpoint: Some(endpoint.clone()),
+                        flags: "-",
+                    };
+                }
+                Err(e) => {
+                    flags = match (e.connect_failure, attempt > 0) {
+                        (true, false) => "UF",
+                        (true, true) => "UF,URX",
+                        (false, _) => "UC",
+                    };
+                    tracing::warn!(dst = %target.asked, endpoint = %endpoint.name, protocol = protocol.as_str(), "waypoint: upstream failed ({flags}): {:#}", e.error);
+                    match e.unsent {
+                        Some(unsent) => req = unsent,
+                        None => break,
+                    }
+                }
+            }
+        }
+        let reason = if flags.starts_with("UF") {
+            "connection failure"
+        } else {
+            "connection termination"
+        };
+        let mut handled = Handled::local(
+            Response::builder()
+                .status(StatusCode::SERVICE_UNAVAILABLE)
+                .header(http::header::CONTENT_TYPE, "text/plain")
+                .body(
+                    Full::new(Bytes::from(format!(
+                        "upstream connect error or disconnect/reset before headers. reset reason: {reason} ({flags})"
+                    )))
+                    .map_err(|never| match never {})
+                    .boxed(),
+                )
+                .expect("a valid response"),
+        );
+        handled.flags = flags;
+        handled
+    }
+}
+
+/// What became of one request.
+struct Handled {
+    response: Response<BoxBody<Bytes, hyper::Error>>,
+    /// The endpoint that answered; None: the waypoint answered itself.
+    endpoint: Option<Arc<Workload>>,
+    flags: &'static str,
+}
+
+impl Handled {
+    fn local(response: Response<BoxBody<Bytes, hyper::Error>>) -> Self {
+        Self {
+            response,
+            endpoint: None,
+            flags: "-",
+        }
+    }
+}
+
+/// The request as the endpoint gets it: HTTP/1.1 in origin form with a Host
+/// header, or HTTP/2 with an absolute URI (its :authority); hop-by-hop headers
+/// (this connection's, not the endpoint's) removed.
+fn upstream_request(
+    req: Request<upstream::Body>,
+    host: &str,
+    asked: SocketAddr,
+    protocol: Protocol,
+    upgrade: Option<http::HeaderValue>,
+) -> Result<Request<upstream::Body>> {
+    let (mut parts, body) = req.into_parts();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    strip_hop_by_hop(&mut parts.headers);
+    let authority = if host.is_empty() {
+        asked.to_string()
+    } else {
+        host.to_owned()
+    };
+    match protocol {
+        Protocol::Http1 => {
+            parts.uri = path.parse()?;
+            parts.version = http::Version::HTTP_11;
             parts
                 .headers
-                .insert(http::header::HOST, http::HeaderValue::from_str(host)?);
+                .insert(http::header::HOST, http::HeaderValue::from_str(&authority)?);
+            if let Some(upgrade) = upgrade {
+                parts.headers.insert(http::header::UPGRADE, upgrade);
+                parts.headers.insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("upgrade"),
+                );
+            }
         }
-        let mut slot = upstream.lock().await;
-        if slot.as_ref().is_none_or(|s| s.is_closed()) {
-            let io = self.upstream_stream(target).await?;
-            let (sender, connection) =
-                hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
-            tokio::spawn(connection);
-            *slot = Some(sender);
+        Protocol::Http2 => {
+            parts.uri = format!("http://{authority}{path}").parse()?;
+            parts.version = http::Version::HTTP_2;
+            parts.headers.remove(http::header::HOST);
         }
-        let sender = slot.as_mut().expect("set above");
-        sender.ready().await?;
-        Ok(sender
-            .send_request(Request::from_parts(parts, body))
-            .await?)
     }
+    // The request's id: the client's, or a new one (as Envoy's x-request-id).
+    if !parts.headers.contains_key("x-request-id") {
+        parts
+            .headers
+            .insert("x-request-id", http::HeaderValue::from_str(&request_id())?);
+    }
+    if !parts.headers.contains_key("x-forwarded-proto") {
+        parts
+            .headers
+            .insert("x-forwarded-proto", http::HeaderValue::from_static("http"));
+    }
+    Ok(Request::from_parts(parts, body))
+}
+
+/// A random (version 4) UUID.
+fn request_id() -> String {
+    let (high, low) = (fastrand::u64(..), fastrand::u64(..));
+    let high = (high & !0xf000) | 0x4000;
+    let low = (low & !(0xc << 60)) | (0x8 << 60);
+    format!(
+        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+        high >> 32,
+        (high >> 16) & 0xffff,
+        high & 0xffff,
+        low >> 48,
+        low & 0xffff_ffff_ffff
+    )
+}
+
+/// Removes the headers that describe one connection (RFC 9110 §7.6.1): those
+/// `connection` names and the fixed set. `te: trailers` stays (gRPC needs it).
+fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
+    let named: Vec<String> = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|n| n.trim().to_ascii_lowercase())
+        .filter(|n| !n.is_empty())
+        .collect();
+    for name in named.iter().map(String::as_str).chain([
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "upgrade",
+    ]) {
+        if name != "te" {
+            headers.remove(name);
+        }
+    }
+    let trailers_only = headers
+        .get_all(http::header::TE)
+        .iter()
+        .all(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    if !trailers_only {
+        headers.remove(http::header::TE);
+    }
+}
+
+/// The protocol an HTTP/1.1 request asks to switch to (`connection: upgrade`
+/// with `upgrade: <protocol>`), but h2c: that is this hop's business only.
+fn upgrade_protocol(headers: &http::HeaderMap) -> Option<http::HeaderValue> {
+    let asks = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    let protocol = headers.get(http::header::UPGRADE)?;
+    (asks && !protocol.as_bytes().eq_ignore_ascii_case(b"h2c")).then(|| protocol.clone())
+}
+
+/// Relays between the client's and the endpoint's connections once both have
+/// switched protocols.
+fn join_upgraded(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    tokio::spawn(async move {
+        match tokio::try_join!(downstream, upstream) {
+            Ok((downstream, upstream)) => {
+                let (mut downstream, mut upstream) =
+                    (TokioIo::new(downstream), TokioIo::new(upstream));
+                if let Err(e) = relay(&mut downstream, &mut upstream).await {
+                    tracing::debug!("waypoint: upgraded connection: {e}");
+                }
+            }
+            Err(e) => tracing::debug!("waypoint: upgrade failed: {e}"),
+        }
+    });
+}
+
+/// A gRPC request (`application/grpc`, `application/grpc+proto`, ...; not grpc-web).
+fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v == "application/grpc"
+                || v.starts_with("application/grpc+")
+                || v.starts_with("application/grpc;")
+        })
+}
+
+/// A reply the waypoint makes itself, as a gRPC client understands it (as Envoy
+/// sends its local replies to gRPC requests): HTTP 200, trailers only, the status
+/// mapped to a gRPC code and the text in `grpc-message`.
+fn grpc_local_reply(
+    response: Response<BoxBody<Bytes, hyper::Error>>,
+) -> Response<BoxBody<Bytes, hyper::Error>> {
+    use tonic::Code;
+    let code = match response.status() {
+        StatusCode::BAD_REQUEST => Code::Internal,
+        StatusCode::UNAUTHORIZED => Code::Unauthenticated,
+        StatusCode::FORBIDDEN => Code::PermissionDenied,
+        StatusCode::NOT_FOUND => Code::Unimplemented,
+        StatusCode::TOO_MANY_REQUESTS
+        | StatusCode::BAD_GATEWAY
+        | StatusCode::SERVICE_UNAVAILABLE
+        | StatusCode::GATEWAY_TIMEOUT => Code::Unavailable,
+        _ => Code::Unknown,
+    };
+    let (parts, body) = response.into_parts();
+    let message = async move {
+        body.collect()
+            .await
+            .map(|b| String::from_utf8_lossy(&b.to_bytes()).trim().to_owned())
+            .unwrap_or_default()
+    };
+    // Local replies are small and already complete.
+    let message = futures_util::FutureExt::now_or_never(message).unwrap_or_default();
+    let mut reply = Response::builder()
+        .status(StatusCode::OK)
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .body(Empty::new().map_err(|never| match never {}).boxed())
+        .expect("a valid response");
+    // Trailers-only: the status travels in the headers, with end of stream.
+    let headers = reply.headers_mut();
+    if tonic::Status::new(code, message)
+        .add_header(headers)
+        .is_err()
+    {
+        headers.insert("grpc-status", http::HeaderValue::from(code as i32));
+    }
+    for (name, value) in parts.headers.iter() {
+        if name != http::header::CONTENT_TYPE && name != http::header::CONTENT_LENGTH {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    reply
 }
 
 /// A provider's address: an IP, or `name.namespace.svc[.cluster.local]` → the
@@ -1050,5 +1511,64 @@ impl AsyncWrite for Guarded {
         cx: &mut TaskContext<'_>,
     ) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_version_4_uuids() {
+        let id = request_id();
+        let groups: Vec<&str> = id.split('-').collect();
+        assert_eq!(
+            groups.iter().map(|g| g.len()).collect::<Vec<_>>(),
+            [8, 4, 4, 4, 12],
+            "{id}"
+        );
+        assert!(groups[2].starts_with('4'), "{id}");
+        assert!("89ab".contains(&groups[3][..1]), "{id}");
+        assert_ne!(request_id(), id);
+    }
+
+    #[test]
+    fn hop_by_hop_headers_stay_on_their_connection() {
+        let mut headers = http::HeaderMap::new();
+        for (k, v) in [
+            ("connection", "close, x-private"),
+            ("x-private", "1"),
+            ("keep-alive", "timeout=5"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "h2c"),
+            ("te", "trailers"),
+            ("x-kept", "yes"),
+        ] {
+            headers.insert(k, v.parse().unwrap());
+        }
+        strip_hop_by_hop(&mut headers);
+        let left: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["te", "x-kept"], "te: trailers stays for gRPC");
+        headers.insert("te", "gzip".parse().unwrap());
+        strip_hop_by_hop(&mut headers);
+        assert!(headers.get("te").is_none());
+    }
+
+    #[test]
+    fn a_local_reply_to_grpc_is_a_trailers_only_grpc_status() {
+        let reply = grpc_local_reply(text(StatusCode::FORBIDDEN, "RBAC: access denied"));
+        assert_eq!(reply.status(), StatusCode::OK);
+        assert_eq!(reply.headers()["content-type"], "application/grpc");
+        let status = tonic::Status::from_header_map(reply.headers()).unwrap();
+        assert_eq!(status.code(), tonic::Code::PermissionDenied);
+        assert_eq!(status.message(), "RBAC: access denied");
+        assert!(http_body::Body::is_end_stream(reply.body()));
+        let reply = grpc_local_reply(text(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream"));
+        assert_eq!(reply.headers()["grpc-status"], "14");
+        let mut grpc = http::HeaderMap::new();
+        grpc.insert("content-type", "application/grpc+proto".parse().unwrap());
+        assert!(is_grpc(&grpc));
+        grpc.insert("content-type", "application/grpc-web".parse().unwrap());
+        assert!(!is_grpc(&grpc));
     }
 }

@@ -19,6 +19,9 @@
 //!   tb-probe conns <ip:port> <ms>          connect/exchange/close for a while: rate
 //!   tb-probe idle <ip:port> <n>            hold n idle connections until stdin closes
 //!   tb-probe h2 <ip:port> <METHOD> <path>  one HTTP/2 request (prior knowledge)
+//!   tb-probe upgrade <ip:port> <path> <message>  HTTP/1.1 Upgrade: websocket, then message and its echo
+//!   tb-probe h2many <ip:port> <n> <path>   one GET, then n at once, on one HTTP/2 connection
+//!   tb-probe grpc <ip:port> unary|stream <message> <count> <code>  a call of testbed::l7's Echo
 //!   tb-probe httpload <ip:port> <n>        n keep-alive GETs on one connection: rate, p50, p99
 //!   tb-probe http <ip:port> <METHOD> <path> [Name:value]...  one HTTP/1.1 request
 //!   tb-probe hold-cluster <spec.yaml>      build a cluster, print its prefix, wait
@@ -26,7 +29,7 @@ use std::{
     io::{Read, Write},
     net::{Shutdown, SocketAddr, TcpStream, UdpSocket},
     process::ExitCode,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 fn main() -> ExitCode {
@@ -52,6 +55,9 @@ fn main() -> ExitCode {
         ["idle", addr, n] => idle(addr, n),
         ["httpload", addr, n] => http_load(addr, n),
         ["h2", addr, method, path] => h2(addr, method, path),
+        ["h2many", addr, n, path] => h2_many(addr, n, path),
+        ["upgrade", addr, path, message] => upgrade(addr, path, message),
+        ["grpc", addr, call, message, count, code] => grpc(addr, call, message, count, code),
         ["http", addr, method, path, headers @ ..] => http(addr, method, path, headers),
         ["hold-cluster", spec] => hold_cluster(spec),
         _ => Err(anyhow::anyhow!(
@@ -414,6 +420,131 @@ fn h2(addr: &str, method: &str, path: &str) -> anyhow::Result<()> {
         let body = response.into_body().collect().await?.to_bytes();
         println!("status={}", status.as_u16());
         println!("body={}", String::from_utf8_lossy(&body));
+        Ok(())
+    })
+}
+
+/// Asks to switch to WebSocket; prints the status line (`status=`) and, once
+/// switched, what the server answers `message` with (`reply=`).
+fn upgrade(addr: &str, path: &str, message: &str) -> anyhow::Result<()> {
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: Upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte)? == 0 {
+            break;
+        }
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    let status = head.split_whitespace().nth(1).unwrap_or("");
+    println!("status={status}");
+    if status == "101" {
+        stream.write_all(message.as_bytes())?;
+        let mut reply = vec![0u8; 4096];
+        let n = stream.read(&mut reply)?;
+        println!("reply={}", String::from_utf8_lossy(&reply[..n]));
+    }
+    Ok(())
+}
+
+/// One HTTP/2 connection: a GET of `path` alone (its latency), then `n` at once.
+/// Prints single_ms, total_ms, ok (2xx answers) and each distinct body's count.
+fn h2_many(addr: &str, n: &str, path: &str) -> anyhow::Result<()> {
+    use http_body_util::BodyExt;
+    let n: usize = n.parse()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let (sender, connection) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await?;
+        tokio::spawn(connection);
+        let get = |mut sender: hyper::client::conn::http2::SendRequest<_>| async move {
+            let request = http::Request::get(format!("http://{addr}{path}"))
+                .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+            let response = sender.send_request(request).await?;
+            let ok = response.status().is_success();
+            let body = response.into_body().collect().await?.to_bytes();
+            anyhow::Ok((ok, String::from_utf8_lossy(&body).into_owned()))
+        };
+        let start = Instant::now();
+        let first = get(sender.clone()).await;
+        println!("single_ms={}", start.elapsed().as_millis());
+        let start = Instant::now();
+        let all = futures_util::future::join_all((0..n).map(|_| get(sender.clone()))).await;
+        println!("total_ms={}", start.elapsed().as_millis());
+        let mut bodies = std::collections::BTreeMap::<String, usize>::new();
+        let mut ok = 0;
+        for result in std::iter::once(first).chain(all) {
+            match result {
+                Ok((good, body)) => {
+                    ok += usize::from(good);
+                    *bodies.entry(body).or_default() += 1;
+                }
+                Err(e) => println!("error={e:#}"),
+            }
+        }
+        println!("ok={ok}");
+        for (body, count) in bodies {
+            println!("body={body} count={count}");
+        }
+        Ok(())
+    })
+}
+
+/// A call of the test Echo service: `unary` or `stream` (`count` replies), asking
+/// for status `code`. Prints each reply (`reply=<pod>:<message>:<index>`), then
+/// `status=<gRPC code>` and `message=<its message>`.
+fn grpc(addr: &str, call: &str, message: &str, count: &str, code: &str) -> anyhow::Result<()> {
+    use testbed::l7::echo::EchoRequest;
+    let request = EchoRequest {
+        message: message.into(),
+        count: count.parse()?,
+        code: code.parse()?,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let mut client = testbed::l7::client(addr.parse()?).await?;
+        let print = |r: &testbed::l7::echo::EchoReply| {
+            println!("reply={}:{}:{}", r.pod, r.message, r.index)
+        };
+        let status = match call {
+            "unary" => match client.unary(request).await {
+                Ok(reply) => {
+                    print(reply.get_ref());
+                    tonic::Status::ok("")
+                }
+                Err(status) => status,
+            },
+            "stream" => match client.stream(request).await {
+                Ok(replies) => {
+                    let mut replies = replies.into_inner();
+                    loop {
+                        match replies.message().await {
+                            Ok(Some(reply)) => print(&reply),
+                            Ok(None) => break tonic::Status::ok(""),
+                            Err(status) => break status,
+                        }
+                    }
+                }
+                Err(status) => status,
+            },
+            other => anyhow::bail!("unknown call {other:?}: unary or stream"),
+        };
+        println!("status={}", status.code() as i32);
+        println!("message={}", status.message());
         Ok(())
     })
 }

@@ -51,6 +51,15 @@ struct Args {
     /// Istio MeshConfig YAML with `extensionProviders` (for CUSTOM policies).
     #[arg(long)]
     mesh_config: Option<PathBuf>,
+    /// Requests with more headers are answered 431.
+    #[arg(long, default_value = "100")]
+    max_request_headers: usize,
+    /// Requests whose headers take more (KiB) are answered 431.
+    #[arg(long, default_value = "60")]
+    max_request_headers_kb: usize,
+    /// On SIGTERM, how long requests in flight get to finish (seconds).
+    #[arg(long, default_value = "5")]
+    drain_grace_seconds: u64,
     /// How often the config directory is checked, in milliseconds.
     #[arg(long, default_value = "1000")]
     config_poll_ms: u64,
@@ -98,6 +107,11 @@ fn main() {
         listen: args.listen,
         metrics_addr: args.metrics_addr,
         mesh_config: args.mesh_config,
+        drain_grace: Duration::from_secs(args.drain_grace_seconds),
+        limits: ztunnel::waypoint::RequestLimits {
+            max_headers: args.max_request_headers,
+            max_header_bytes: args.max_request_headers_kb * 1024,
+        },
     };
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
     if let Err(e) = runtime.block_on(ztunnel::waypoint::run(options)) {

@@ -390,6 +390,8 @@ struct PortSpec {
     port: u16,
     #[serde(default)]
     target_port: Option<serde_yaml::Value>,
+    #[serde(default)]
+    app_protocol: Option<String>,
 }
 
 /// A container port name (IANA_SVC_NAME): lower-case letters, digits and
@@ -660,6 +662,7 @@ pub(super) fn parse(key: &Key, value: serde_yaml::Value) -> Result<Object> {
                     port: p.port,
                     target_port,
                     target_port_name,
+                    app_protocol: p.app_protocol.filter(|p| !p.is_empty()),
                 });
             }
             Object::Service(Service {

@@ -178,6 +178,8 @@ pub struct ServicePort {
     /// A named target port (a container port's name): its number comes from the
     /// service's EndpointSlices.
     pub target_port_name: Option<String>,
+    /// `appProtocol` (e.g. `http2`, `grpc`): how the waypoint speaks to it.
+    pub app_protocol: Option<String>,
 }
 
 /// A `discovery.k8s.io` EndpointSlice: where a service's endpoints are, and the

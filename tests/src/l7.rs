@@ -1,0 +1,227 @@
+//! L7 stand-in applications for the waypoint's tests: one server per pod that
+//! speaks HTTP/1.1 and HTTP/2 (h2c) — gRPC requests go to the Echo service
+//! (tonic's generated server, on hyper), others are answered
+//! `<pod> <HTTP version> <method> <path>` (and for `/headers` the values of
+//! x-request-id and x-forwarded-proto), after `?delay=<ms>` when asked — and a
+//! gRPC client on one HTTP/2 connection.
+
+use std::{
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+};
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tonic::{Code, Status};
+
+use crate::{app::EchoServer, Pod};
+
+pub mod echo {
+    tonic::include_proto!("testbed.echo");
+}
+
+use echo::{
+    echo_client::EchoClient,
+    echo_server::{Echo, EchoServer as EchoService},
+    EchoReply, EchoRequest,
+};
+
+/// The L7 server of one pod; stops when dropped.
+pub struct L7Server {
+    _inner: EchoServer,
+    started: Arc<AtomicUsize>,
+}
+
+impl L7Server {
+    /// Listens on 0.0.0.0:`port` in `pod`; returns once it listens.
+    pub fn start(pod: &Pod, port: u16) -> Result<Self> {
+        let started = Arc::new(AtomicUsize::new(0));
+        let count = started.clone();
+        Ok(Self {
+            _inner: EchoServer::serve(pod, port, move |stream, pod| {
+                serve(stream, pod, count.clone())
+            })?,
+            started,
+        })
+    }
+
+    /// Requests received so far (answered or not).
+    pub fn started(&self) -> usize {
+        self.started.load(Ordering::Acquire)
+    }
+}
+
+async fn serve(stream: tokio::net::TcpStream, pod: String, started: Arc<AtomicUsize>) {
+    let grpc = EchoService::new(Replies { pod: pod.clone() });
+    let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+        let (grpc, pod) = (grpc.clone(), pod.clone());
+        started.fetch_add(1, Ordering::AcqRel);
+        async move {
+            let is_grpc = req
+                .headers()
+                .get(http::header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+            if is_grpc {
+                use tonic::codegen::Service;
+                return grpc.clone().call(req).await;
+            }
+            if req.headers().contains_key(http::header::UPGRADE) {
+                return Ok(switch_protocols(req, pod));
+            }
+            let delay = req
+                .uri()
+                .query()
+                .and_then(|q| q.strip_prefix("delay="))
+                .and_then(|ms| ms.parse().ok())
+                .unwrap_or(0);
+            tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+            let mut body = format!(
+                "{pod} {:?} {} {}",
+                req.version(),
+                req.method(),
+                req.uri().path()
+            );
+            if req.uri().path() == "/headers" {
+                for name in ["x-request-id", "x-forwarded-proto"] {
+                    let value = req.headers().get(name).and_then(|v| v.to_str().ok());
+                    body.push_str(&format!(" {name}={}", value.unwrap_or("none")));
+                }
+            }
+            Ok(http::Response::new(tonic::body::Body::new(Full::new(
+                Bytes::from(body),
+            ))))
+        }
+    });
+    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+        .await;
+}
+
+/// Agrees to any `upgrade` (as a WebSocket server would), then answers each
+/// chunk read with `<pod>:<chunk>`.
+fn switch_protocols(
+    mut req: http::Request<Incoming>,
+    pod: String,
+) -> http::Response<tonic::body::Body> {
+    let protocol = req.headers()[http::header::UPGRADE].clone();
+    let upgraded = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Ok(upgraded) = upgraded.await else { return };
+        let mut io = TokioIo::new(upgraded);
+        let mut buf = vec![0u8; 4096];
+        while let Ok(n @ 1..) = io.read(&mut buf).await {
+            let mut reply = format!("{pod}:").into_bytes();
+            reply.extend_from_slice(&buf[..n]);
+            if io.write_all(&reply).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut response = http::Response::new(tonic::body::Body::empty());
+    *response.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+    response
+        .headers_mut()
+        .insert(http::header::UPGRADE, protocol);
+    response.headers_mut().insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("upgrade"),
+    );
+    response
+}
+
+struct Replies {
+    pod: String,
+}
+
+impl Replies {
+    fn reply(&self, request: &EchoRequest, index: u32) -> EchoReply {
+        EchoReply {
+            message: request.message.clone(),
+            pod: self.pod.clone(),
+            index,
+        }
+    }
+}
+
+fn asked_status(code: i32) -> Option<Status> {
+    (code != 0).then(|| Status::new(Code::from(code), format!("the client asked for {code}")))
+}
+
+type Replying = Pin<Box<dyn futures_util::Stream<Item = Result<EchoReply, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Echo for Replies {
+    async fn unary(
+        &self,
+        request: tonic::Request<EchoRequest>,
+    ) -> Result<tonic::Response<EchoReply>, Status> {
+        let request = request.into_inner();
+        match asked_status(request.code) {
+            Some(status) => Err(status),
+            None => Ok(tonic::Response::new(self.reply(&request, 0))),
+        }
+    }
+
+    type StreamStream = Replying;
+
+    async fn stream(
+        &self,
+        request: tonic::Request<EchoRequest>,
+    ) -> Result<tonic::Response<Replying>, Status> {
+        let request = request.into_inner();
+        let mut items: Vec<Result<EchoReply, Status>> = (0..request.count)
+            .map(|i| Ok(self.reply(&request, i)))
+            .collect();
+        // After the messages: the status travels in trailers.
+        items.extend(asked_status(request.code).map(Err));
+        Ok(tonic::Response::new(Box::pin(futures_util::stream::iter(
+            items,
+        ))))
+    }
+}
+
+/// One HTTP/2 connection, as the service tonic's client calls.
+#[derive(Clone)]
+pub struct Channel(hyper::client::conn::http2::SendRequest<tonic::body::Body>);
+
+impl tonic::codegen::Service<http::Request<tonic::body::Body>> for Channel {
+    type Response = http::Response<Incoming>;
+    type Error = hyper::Error;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = Result<Self::Response, hyper::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), hyper::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        Box::pin(self.0.send_request(request))
+    }
+}
+
+/// An Echo client over one HTTP/2 (h2c) connection to `addr`.
+pub async fn client(addr: SocketAddr) -> Result<EchoClient<Channel>> {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connecting to {addr}"))?;
+    let (sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .context("HTTP/2 handshake")?;
+    tokio::spawn(connection);
+    Ok(EchoClient::with_origin(
+        Channel(sender),
+        format!("http://{addr}").parse()?,
+    ))
+}

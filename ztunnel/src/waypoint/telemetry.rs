@@ -1,0 +1,311 @@
+//! Per-request telemetry at the waypoint: Istio's standard request metrics
+//! (`istio_requests_total`, `istio_request_duration_milliseconds`,
+//! `istio_request_bytes`, `istio_response_bytes`) and an access-log line, recorded
+//! when the response's body ends (a gRPC status may come in its trailers).
+
+use std::{
+    pin::Pin,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::combinators::BoxBody;
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    registry::Registry,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub reporter: String,
+    pub source_workload: String,
+    pub source_principal: String,
+    pub destination_workload: String,
+    pub destination_principal: String,
+    pub destination_service: String,
+    /// `http` or `grpc`.
+    pub request_protocol: String,
+    pub response_code: String,
+    /// The `grpc-status` of a gRPC response (headers or trailers); else empty.
+    pub grpc_response_status: String,
+    /// Envoy's flags for a response the waypoint made itself: `UH` no endpoint,
+    /// `UF` connect failure, `URX` retries exhausted, `UC` the upstream reset.
+    pub response_flags: String,
+    pub connection_security_policy: String,
+}
+
+type Histograms = Family<RequestLabels, Histogram, fn() -> Histogram>;
+
+fn duration_buckets() -> Histogram {
+    // Istio's buckets, in milliseconds.
+    Histogram::new([
+        0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
+        30000.0, 60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+    ])
+}
+
+fn size_buckets() -> Histogram {
+    Histogram::new((0..8).map(|i| 10f64.powi(i)))
+}
+
+#[derive(Clone)]
+pub struct RequestMetrics {
+    requests: Family<RequestLabels, Counter>,
+    duration: Histograms,
+    request_bytes: Histograms,
+    response_bytes: Histograms,
+}
+
+impl RequestMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Self {
+            requests: Family::default(),
+            duration: Family::new_with_constructor(duration_buckets),
+            request_bytes: Family::new_with_constructor(size_buckets),
+            response_bytes: Family::new_with_constructor(size_buckets),
+        };
+        registry.register(
+            "istio_requests",
+            "HTTP requests through the waypoint",
+            metrics.requests.clone(),
+        );
+        registry.register(
+            "istio_request_duration_milliseconds",
+            "Time from a request's arrival to the end of its response",
+            metrics.duration.clone(),
+        );
+        registry.register(
+            "istio_request_bytes",
+            "Request body sizes",
+            metrics.request_bytes.clone(),
+        );
+        registry.register(
+            "istio_response_bytes",
+            "Response body sizes",
+            metrics.response_bytes.clone(),
+        );
+        metrics
+    }
+}
+
+/// A request whose response has started: recorded when that response ends.
+pub struct Record {
+    pub metrics: RequestMetrics,
+    pub labels: RequestLabels,
+    pub started: Instant,
+    /// Request body bytes read so far.
+    pub request_bytes: Arc<AtomicU64>,
+    pub method: String,
+    pub path: String,
+    pub destination: String,
+    pub endpoint: Option<String>,
+}
+
+impl Record {
+    fn finish(mut self, response_bytes: u64, grpc_status: Option<String>) {
+        if let Some(status) = grpc_status {
+            self.labels.grpc_response_status = status;
+        }
+        let millis = self.started.elapsed().as_secs_f64() * 1000.0;
+        let request_bytes = self.request_bytes.load(Ordering::Acquire);
+        let m = &self.metrics;
+        m.requests.get_or_create(&self.labels).inc();
+        m.duration.get_or_create(&self.labels).observe(millis);
+        m.request_bytes
+            .get_or_create(&self.labels)
+            .observe(request_bytes as f64);
+        m.response_bytes
+            .get_or_create(&self.labels)
+            .observe(response_bytes as f64);
+        let l = &self.labels;
+        tracing::info!(
+            target: "access",
+            src_workload = %l.source_workload,
+            src_identity = %l.source_principal,
+            dst = %self.destination,
+            dst_service = %l.destination_service,
+            dst_workload = %l.destination_workload,
+            endpoint = self.endpoint.as_deref().unwrap_or("-"),
+            method = %self.method,
+            path = %self.path,
+            protocol = %l.request_protocol,
+            status = %l.response_code,
+            grpc_status = %l.grpc_response_status,
+            flags = %l.response_flags,
+            duration_ms = format_args!("{millis:.1}"),
+            bytes_received = request_bytes,
+            bytes_sent = response_bytes,
+            "request"
+        );
+    }
+}
+
+/// A body that counts its bytes into `seen`, notes a `grpc-status` trailer, and
+/// (for a response) finishes its record when it ends or is dropped.
+pub struct Metered {
+    inner: BoxBody<Bytes, hyper::Error>,
+    seen: Arc<AtomicU64>,
+    grpc_status: Option<String>,
+    record: Option<Record>,
+}
+
+impl Metered {
+    pub fn request(inner: BoxBody<Bytes, hyper::Error>, seen: Arc<AtomicU64>) -> Self {
+        Self {
+            inner,
+            seen,
+            grpc_status: None,
+            record: None,
+        }
+    }
+
+    /// `grpc_status`: the status in the response's headers (trailers-only), if any.
+    pub fn response(
+        inner: BoxBody<Bytes, hyper::Error>,
+        grpc_status: Option<String>,
+        record: Record,
+    ) -> Self {
+        Self {
+            inner,
+            seen: Arc::default(),
+            grpc_status,
+            record: Some(record),
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(record) = self.record.take() {
+            record.finish(self.seen.load(Ordering::Acquire), self.grpc_status.take());
+        }
+    }
+}
+
+impl Body for Metered {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.seen.fetch_add(data.len() as u64, Ordering::AcqRel);
+                }
+                if let Some(status) = frame
+                    .trailers_ref()
+                    .and_then(|t| t.get("grpc-status"))
+                    .and_then(|v| v.to_str().ok())
+                {
+                    self.grpc_status = Some(status.to_owned());
+                }
+            }
+            Poll::Ready(None) => self.finish(),
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Metered {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Full, StreamBody};
+
+    fn labels() -> RequestLabels {
+        RequestLabels {
+            reporter: "waypoint".into(),
+            source_workload: "a".into(),
+            source_principal: "p".into(),
+            destination_workload: "b".into(),
+            destination_principal: "q".into(),
+            destination_service: "s".into(),
+            request_protocol: "grpc".into(),
+            response_code: "200".into(),
+            grpc_response_status: String::new(),
+            response_flags: "-".into(),
+            connection_security_policy: "mutual_tls".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_response_is_counted_with_its_bytes_and_trailer_status_when_it_ends() {
+        let mut registry = Registry::default();
+        let metrics = RequestMetrics::register(&mut registry);
+        let request_bytes = Arc::new(AtomicU64::new(0));
+        let request = Metered::request(
+            Full::new(Bytes::from_static(b"hello"))
+                .map_err(|never| match never {})
+                .boxed(),
+            request_bytes.clone(),
+        );
+        assert_eq!(request.collect().await.unwrap().to_bytes().len(), 5);
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", "10".parse().unwrap());
+        let frames: Vec<Result<Frame<Bytes>, hyper::Error>> = vec![
+            Ok(Frame::data(Bytes::from_static(b"0123456789"))),
+            Ok(Frame::trailers(trailers)),
+        ];
+        let record = Record {
+            metrics: metrics.clone(),
+            labels: labels(),
+            started: Instant::now(),
+            request_bytes,
+            method: "POST".into(),
+            path: "/x".into(),
+            destination: "10.0.0.1:80".into(),
+            endpoint: None,
+        };
+        let response = Metered::response(
+            StreamBody::new(futures_util::stream::iter(frames)).boxed(),
+            None,
+            record,
+        );
+        let mut done = labels();
+        done.grpc_response_status = "10".into();
+        assert_eq!(
+            metrics.requests.get_or_create(&done).get(),
+            0,
+            "not before the end"
+        );
+        response.collect().await.unwrap();
+        assert_eq!(metrics.requests.get_or_create(&done).get(), 1);
+        let mut page = String::new();
+        prometheus_client::encoding::text::encode(&mut page, &registry).unwrap();
+        assert!(
+            page.lines()
+                .any(|l| l.starts_with("istio_request_bytes_sum{")
+                    && l.contains("grpc_response_status=\"10\"")
+                    && l.ends_with(" 5.0")),
+            "{page}"
+        );
+        assert!(
+            page.lines()
+                .any(|l| l.starts_with("istio_response_bytes_sum{") && l.ends_with(" 10.0")),
+            "{page}"
+        );
+    }
+}

@@ -27,6 +27,7 @@ use crate::{
     http_server::{self, Handler},
     metrics::{self, PolicyMetrics, TcpMetrics},
     netns::Netns,
+    orig_src::{self, OrigSrc},
     proxy::{self, pool::Pool, Context},
     redirect::{PodNetwork, RedirectConfig, Redirector},
     state::{MeshSettings, State, Workload},
@@ -139,10 +140,11 @@ pub async fn run(options: RunOptions, set_log_level: SetLogLevel) -> Result<()> 
     cert_config.ttl = options.cert_ttl;
     let certs = CertManager::new(Arc::new(ca), cert_config, &mut registry);
 
-    let redirector = Redirector::start(RedirectConfig {
+    let mut redirector = Redirector::start(RedirectConfig {
         pin_dir: options.pin_dir.clone(),
         pod_cgroup_root: options.pod_cgroup_root.clone(),
     })?;
+    let orig_src = Arc::new(OrigSrc::new(redirector.take_deliveries()?, &mut registry));
     let settings = proxy::pool::PoolSettings::default();
     let accept_metrics = AcceptMetrics::register(&mut registry);
     tracing::info!(limits = ?options.limits, "connection limits");
@@ -162,6 +164,7 @@ pub async fn run(options: RunOptions, set_log_level: SetLogLevel) -> Result<()> 
             Default::default(),
             &mut registry,
         )),
+        orig_src,
     });
     let enroll_metrics = EnrollMetrics::register(&mut registry);
 
@@ -400,6 +403,12 @@ async fn reconcile(
     }
     for mut pod in gone {
         pod.tasks.shutdown().await;
+        match orig_src::remove_in(&pod.netns) {
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(pod = %pod.workload.name, "removing the original-source routing: {e}")
+            }
+        }
         let still_served = enrolled
             .lock()
             .expect("not poisoned")

@@ -282,3 +282,76 @@ async fn through_a_waypoint_the_application_sees_the_original_client() {
         "{peers:?}"
     );
 }
+
+/// An HBONE client whose address is not its identity's and that names no address
+/// it acts for: the client's address is unknown, so the application sees the pod's
+/// own (as before), logged once and counted; the connection still works.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unknown_client_address_falls_back_to_the_pods_own_and_is_counted() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mesh = mesh().await;
+    let server = mesh.cluster.pod("server");
+    let echo = EchoServer::start(server, 8080).unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    // The client's identity, presented from the plain pod's address.
+    let cert = std::sync::Arc::new(
+        mesh.ca
+            .forge(
+                "spiffe://cluster.local/ns/demo/sa/client",
+                now - time::Duration::minutes(1),
+                now + time::Duration::hours(1),
+            )
+            .unwrap(),
+    );
+    let server_id: ztunnel::identity::Identity =
+        "spiffe://cluster.local/ns/demo/sa/server".parse().unwrap();
+    let hbone = std::net::SocketAddr::new(server.ip.into(), 15008);
+    let app = std::net::SocketAddr::new(server.ip.into(), 8080);
+    let reply = mesh
+        .cluster
+        .pod("plain")
+        .spawn_task(move || async move {
+            let pool = ztunnel::proxy::pool::Pool::new(Default::default());
+            let mut replies = Vec::new();
+            for _ in 0..2 {
+                let (upgraded, _guard) = pool
+                    .connect(&cert, &server_id, hbone, app, http::HeaderMap::new())
+                    .await
+                    .map_err(|e| format!("{e:#}"))?;
+                let mut io = hyper_util::rt::TokioIo::new(upgraded);
+                io.write_all(b"who").await.map_err(|e| e.to_string())?;
+                io.shutdown().await.map_err(|e| e.to_string())?;
+                let mut reply = Vec::new();
+                tokio::time::timeout(Duration::from_secs(10), io.read_to_end(&mut reply))
+                    .await
+                    .map_err(|_| "no reply".to_owned())?
+                    .map_err(|e| e.to_string())?;
+                replies.push(String::from_utf8_lossy(&reply).into_owned());
+            }
+            Ok::<_, String>(replies)
+        })
+        .unwrap()
+        .join()
+        .unwrap()
+        .unwrap();
+    assert_eq!(reply, ["server:who", "server:who"]);
+    let peers = echo.stop().unwrap();
+    assert_eq!(peers.len(), 2);
+    assert!(peers.iter().all(|p| p.ip() == server.ip), "{peers:?}");
+    eventually(Duration::from_secs(15), "the fallbacks counted", || async {
+        let page = mesh.metrics("node-b").await;
+        metric(
+            &page,
+            "ztunnel_original_source_fallbacks_total",
+            &["reason=\"source_unknown\""],
+        ) == 2.0
+    })
+    .await;
+    let log = mesh.log("node-b");
+    assert_eq!(
+        log.matches("original source: delivering from the pod's own address")
+            .count(),
+        1,
+        "logged once: {log}"
+    );
+}

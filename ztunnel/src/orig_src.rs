@@ -29,7 +29,6 @@ use std::{
     collections::HashSet,
     fmt, fs, io,
     net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
-    os::fd::AsRawFd,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Duration,
@@ -65,6 +64,10 @@ pub enum Fallback {
     Bind,
     /// The delivery could not be filed for `sk_lookup`.
     Map,
+    /// A delivery came back to the tunnel's own listener: the `sk_lookup`
+    /// program attached to the pod does not know deliveries (one pinned by an
+    /// older tunnel).
+    Looped,
 }
 
 impl Fallback {
@@ -74,6 +77,7 @@ impl Fallback {
             Self::SourceUnknown => "source_unknown",
             Self::Bind => "bind",
             Self::Map => "bpf_map",
+            Self::Looped => "looped",
         }
     }
 }
@@ -85,8 +89,15 @@ struct FallbackLabels {
 
 /// What every pod's deliveries share: the map `sk_lookup` reads and the metric.
 pub struct OrigSrc {
-    deliveries: Mutex<BpfHashMap<MapData, DeliveryKey, u8>>,
+    deliveries: Mutex<Deliveries>,
     fallbacks: Family<FallbackLabels, Counter>,
+}
+
+/// The deliveries in flight: in the map for `sk_lookup`, and here to recognise one
+/// that reached the tunnel's own listener anyway.
+struct Deliveries {
+    map: BpfHashMap<MapData, DeliveryKey, u8>,
+    in_flight: HashSet<DeliveryKey>,
 }
 
 impl OrigSrc {
@@ -105,16 +116,18 @@ impl OrigSrc {
             fallbacks.clone(),
         );
         Self {
-            deliveries: Mutex::new(map),
+            deliveries: Mutex::new(Deliveries {
+                map,
+                in_flight: HashSet::new(),
+            }),
             fallbacks,
         }
     }
 
     fn file(self: &Arc<Self>, key: DeliveryKey) -> Result<Filed, aya::maps::MapError> {
-        self.deliveries
-            .lock()
-            .expect("not poisoned")
-            .insert(key, 0, 0)?;
+        let mut deliveries = self.deliveries.lock().expect("not poisoned");
+        deliveries.map.insert(key, 0, 0)?;
+        deliveries.in_flight.insert(key);
         Ok(Filed {
             orig_src: self.clone(),
             key,
@@ -131,12 +144,9 @@ struct Filed {
 
 impl Drop for Filed {
     fn drop(&mut self) {
-        let _ = self
-            .orig_src
-            .deliveries
-            .lock()
-            .expect("not poisoned")
-            .remove(&self.key);
+        let mut deliveries = self.orig_src.deliveries.lock().expect("not poisoned");
+        let _ = deliveries.map.remove(&self.key);
+        deliveries.in_flight.remove(&self.key);
     }
 }
 
@@ -150,6 +160,8 @@ pub struct Delivery {
     routing: Option<Arc<str>>,
     /// Reasons already logged for this pod.
     logged: Arc<Mutex<HashSet<Fallback>>>,
+    /// Set when a delivery looped back to the tunnel (see [`Fallback::Looped`]).
+    looped: Arc<std::sync::atomic::AtomicBool>,
     /// Plaintext connections the tunnel holds in the pod: (client, application
     /// port). A delivery bound to one of those client ports would share that
     /// connection's addresses, mirrored, and never connect.
@@ -195,8 +207,38 @@ impl Delivery {
             pod_ip,
             routing,
             logged: Arc::default(),
+            looped: Arc::default(),
             held: Arc::default(),
         }
+    }
+
+    /// Whether a connection the tunnel's plaintext listener accepted (from
+    /// `peer`, to `local`) is one of the tunnel's own deliveries: `sk_lookup`
+    /// did not let it through to the application. It must be refused (delivering
+    /// it would loop), and later deliveries to this pod come from its own address.
+    pub fn is_own_delivery(&self, peer: SocketAddr, local: SocketAddr) -> bool {
+        let (SocketAddr::V4(peer), SocketAddr::V4(local)) = (peer, local) else {
+            return false;
+        };
+        let key = DeliveryKey {
+            remote_ip: u32::from_ne_bytes(peer.ip().octets()),
+            local_ip: u32::from_ne_bytes(local.ip().octets()),
+            remote_port: peer.port(),
+            local_port: local.port(),
+        };
+        let own = self
+            .shared
+            .deliveries
+            .lock()
+            .expect("not poisoned")
+            .in_flight
+            .contains(&key);
+        if own {
+            self.looped
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(pod.ip = %self.pod_ip, "original source: a delivery from {peer} came back to the tunnel instead of the application (the pod's sk_lookup program predates it; `ztunnel uninstall` and a restart replace it): refused, this pod's deliveries now come from its own address");
+        }
+        own
     }
 
     /// Registers a plaintext connection from `client` to the application's `port`
@@ -233,6 +275,9 @@ impl Delivery {
                     .await
             }
         };
+        if self.looped.load(std::sync::atomic::Ordering::Relaxed) {
+            return self.fallback(Fallback::Looped, None, target, timeout).await;
+        }
         if let Some(why) = &self.routing {
             let why = why.clone();
             return self
@@ -476,7 +521,7 @@ mod netlink {
     const LOOPBACK_IFINDEX: u32 = 1;
 
     /// An rtnetlink message: header, 12-byte family header, u32 attributes.
-    pub struct Message(Vec<u8>);
+    pub struct Message(pub(super) Vec<u8>);
 
     fn message(kind: u16, flags: u16, family_header: [u8; 12], attrs: &[(u16, u32)]) -> Message {
         let len = 16 + 12 + attrs.len() * 8;
@@ -549,65 +594,28 @@ mod netlink {
     }
 
     /// A NETLINK_ROUTE socket in the calling thread's network namespace.
-    pub struct Socket(std::os::fd::OwnedFd);
+    pub struct Socket(socket2::Socket);
 
     impl Socket {
         pub fn open() -> io::Result<Self> {
-            // SAFETY: plain socket(2); the fd is owned at once.
-            let fd = unsafe {
-                libc::socket(
-                    libc::AF_NETLINK,
-                    libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                    libc::NETLINK_ROUTE,
-                )
-            };
-            if fd < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // SAFETY: fd is a fresh descriptor nothing else owns.
-            let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-            let timeout = libc::timeval {
-                tv_sec: 5,
-                tv_usec: 0,
-            };
-            // SAFETY: timeout is a valid timeval for SO_RCVTIMEO.
-            unsafe {
-                libc::setsockopt(
-                    fd.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_RCVTIMEO,
-                    (&timeout as *const libc::timeval).cast(),
-                    std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-                );
-            }
-            Ok(Self(fd))
+            let socket = socket2::Socket::new(
+                socket2::Domain::from(libc::AF_NETLINK),
+                socket2::Type::RAW.cloexec(),
+                Some(socket2::Protocol::from(libc::NETLINK_ROUTE)),
+            )?;
+            socket.set_read_timeout(Some(Duration::from_secs(5)))?;
+            Ok(Self(socket))
         }
 
         /// Sends one request and waits for its acknowledgement: Ok, or the
         /// kernel's error as an errno.
         pub fn request(&self, message: &Message) -> io::Result<()> {
-            // SAFETY: the buffer is valid for its length.
-            let sent = unsafe {
-                libc::send(
-                    self.0.as_raw_fd(),
-                    message.0.as_ptr().cast(),
-                    message.0.len(),
-                    0,
-                )
-            };
-            if sent < 0 {
-                return Err(io::Error::last_os_error());
-            }
+            use std::io::Read;
+            self.0.send(&message.0)?;
             let mut buf = [0u8; 4096];
             loop {
-                // SAFETY: the buffer is valid for its length.
-                let n = unsafe {
-                    libc::recv(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0)
-                };
-                if n < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                if let Some(result) = ack(&buf[..n as usize]) {
+                let n = (&self.0).read(&mut buf)?;
+                if let Some(result) = ack(&buf[..n]) {
                     return result;
                 }
             }

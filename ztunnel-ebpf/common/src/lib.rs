@@ -95,7 +95,7 @@ pub struct ListenerKey {
 /// A connection the tunnel makes inside a pod from a client's address to the
 /// application: it must reach the application, not the tunnel's own listener.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct DeliveryKey {
     /// The client's address the tunnel bound to (network order).
     pub remote_ip: u32,

@@ -342,6 +342,9 @@ pub async fn serve_plaintext(
                 tracing::warn!(pod = %pod.name, %peer, "plaintext refused: {why}");
                 return record.refused(&ctx.metrics, "DENY", &why);
             }
+            if delivery.is_own_delivery(peer, target) {
+                return record.refused(&ctx.metrics, "DENY", "the tunnel's own delivery came back");
+            }
             let conn = Connection {
                 source_identity: None,
                 source_ip: peer.ip(),

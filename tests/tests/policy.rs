@@ -379,6 +379,54 @@ fn policy_check_validates_a_jwt_like_the_waypoint() {
     );
 }
 
+#[test]
+fn a_request_authentication_that_cannot_compile_refuses_tokens_it_cannot_verify() {
+    let issuer = ztunnel::jwt::testing::Es256Issuer::default();
+    let token = issuer.token(&serde_json::json!({"iss": "https://issuer.test", "sub": "alice"}));
+    // The keys were replaced by something that is not a JWKS: no token can be verified.
+    let extra = format!(
+        "{WAYPOINT}---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt, namespace: shop}}\nspec:\n  targetRefs: [{{kind: Gateway, group: gateway.networking.k8s.io, name: wp}}]\n  jwtRules: [{{issuer: https://issuer.test, jwks: 'not a jwks'}}]\n"
+    );
+    let dir = config(&extra);
+    let base = [
+        "--from",
+        "shop/client",
+        "--to",
+        "shop/websvc:80",
+        "--method",
+        "GET",
+        "--path",
+        "/x",
+    ];
+    let (code, out) = check(&dir, &[&base[..], &["--jwt", &token]].concat());
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.starts_with("401 (layer: waypoint, policy: shop/jwt)")
+            && out.contains("jwtRules[0].jwks")
+            && out.contains("fail closed"),
+        "{out}"
+    );
+    // A token in the default query parameter is found too.
+    let (code, out) = check(
+        &dir,
+        &[
+            "--from",
+            "shop/client",
+            "--to",
+            "shop/websvc:80",
+            "--method",
+            "GET",
+            "--path",
+            &format!("/x?access_token={token}"),
+        ],
+    );
+    assert_eq!(code, 1, "{out}");
+    // Without a token, nothing was verified before either: the request passes on.
+    let (code, out) = check(&dir, &base);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.starts_with("ALLOW (layer: waypoint"), "{out}");
+}
+
 const API_POD: &str = r#"
 ---
 apiVersion: v1

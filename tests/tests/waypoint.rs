@@ -188,6 +188,53 @@ fn claims(exp_in: i64) -> serde_json::Value {
     serde_json::json!({"iss": "https://issuer.test", "sub": "alice", "aud": "shop", "exp": now + exp_in})
 }
 
+/// The attack: a RequestAuthentication whose keys were broken by an edit (or whose
+/// spec has a typo) must not let a forged token reach an application that trusts
+/// the header the mesh passes on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_authentication_that_cannot_compile_lets_no_unverified_token_through() {
+    let mesh = mesh().await;
+    let _server = HttpServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    let ra = |rules: &str| {
+        format!("apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt, namespace: demo}}\nspec:\n  targetRefs: [{{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}}]\n{rules}")
+    };
+    mesh.write_config(
+        "authn.yaml",
+        &ra("  jwtRules: [{issuer: https://issuer.test, jwks: 'not a jwks', fromHeaders: [{name: x-token}], forwardOriginalToken: true}]\n"),
+    )
+    .unwrap();
+    eventually(
+        Duration::from_secs(15),
+        "the refused RequestAuthentication in force",
+        || async { http(&mesh, VIP, "GET", "/public/x", &["x-token: forged"]).0 == "401" },
+    )
+    .await;
+    let (status, body) = http(&mesh, VIP, "GET", "/public/x", &[]);
+    assert_eq!(
+        status, "200",
+        "a request without a token passes, as before: {body}"
+    );
+    assert!(!body.contains("x-token"), "{body}");
+    let log = mesh.log("waypoint-waypoint");
+    assert!(
+        log.contains("RequestAuthentication demo/jwt is refused (jwtRules[0].jwks"),
+        "{log}"
+    );
+
+    // A typo in the spec: where tokens are looked for is unknown, so every request is refused.
+    mesh.write_config(
+        "authn.yaml",
+        &ra("  jwtRule: [{issuer: https://issuer.test, fromHeaders: [{name: x-token}]}]\n"),
+    )
+    .unwrap();
+    eventually(
+        Duration::from_secs(15),
+        "every request refused while the spec cannot be read",
+        || async { http(&mesh, VIP, "GET", "/public/x", &[]).0 == "401" },
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn request_authentication_validates_jwts_at_the_waypoint() {
     let mesh = mesh().await;

@@ -40,7 +40,7 @@ use crate::{
     jwt::{self, Jwks},
     path_normalization,
     policy::{
-        authn::{find_token, JwksSource, JwtRule, Location, RequestAuthentication},
+        authn::{self, find_token, JwksSource, JwtRule, Location, RequestAuthentication},
         Connection, Request as PolicyRequest, RequestAuth,
     },
     proxy::{pool::Pool, relay},
@@ -762,10 +762,6 @@ impl Waypoint {
         authentications: &[Arc<RequestAuthentication>],
         req: &mut Request<Incoming>,
     ) -> Result<Option<RequestAuth>, String> {
-        let rules: Vec<&JwtRule> = authentications.iter().flat_map(|a| &a.rules).collect();
-        if rules.is_empty() {
-            return Ok(None);
-        }
         let headers: Vec<(String, String)> = req
             .headers()
             .iter()
@@ -775,6 +771,13 @@ impl Waypoint {
                     .map(|v| (k.as_str().to_owned(), v.to_owned()))
             })
             .collect();
+        if let Some((_, reason)) = authn::refused_by(authentications, &headers, req.uri().query()) {
+            return Err(reason);
+        }
+        let rules: Vec<&JwtRule> = authentications.iter().flat_map(|a| &a.rules).collect();
+        if rules.is_empty() {
+            return Ok(None);
+        }
         let Some((token, location)) = find_token(&rules, &headers, req.uri().query()) else {
             return Ok(None);
         };

@@ -466,7 +466,7 @@ impl Compiled {
 
 /// targetRef and targetRefs: (kind, name) in the policy's namespace, and whether
 /// one could not be read (the policy then applies to every target there).
-fn compile_targets(
+pub(super) fn compile_targets(
     namespace: &str,
     target_ref: Option<&serde_yaml::Value>,
     target_refs: Option<&serde_yaml::Value>,

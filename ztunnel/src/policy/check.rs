@@ -231,13 +231,26 @@ pub fn check(snapshot: Snapshot, settings: &MeshSettings, query: &Query) -> Resu
             }
         });
         let mut request = request;
+        let authentications = state
+            .policies
+            .request_authentications((&waypoint.namespace, &waypoint.name), &dst.services);
+        if let (Some(h), Some(req)) = (query.http.as_ref(), request.as_ref()) {
+            // The token, if given, where a RequestAuthentication looks by default.
+            let mut headers = req.headers.clone();
+            if let Some(token) = &h.jwt {
+                headers.push(("authorization".into(), format!("Bearer {token}")));
+            }
+            let query_string = h.path.split_once('?').map(|(_, q)| q);
+            if let Some((policy, reason)) =
+                super::authn::refused_by(&authentications, &headers, query_string)
+            {
+                return Ok(Outcome::new("401", "waypoint", Some(policy), reason, notes));
+            }
+        }
         if let (Some(token), Some(req)) = (
             query.http.as_ref().and_then(|h| h.jwt.as_deref()),
             request.as_mut(),
         ) {
-            let authentications = state
-                .policies
-                .request_authentications((&waypoint.namespace, &waypoint.name), &dst.services);
             let rules: Vec<&super::authn::JwtRule> =
                 authentications.iter().flat_map(|a| &a.rules).collect();
             if rules.is_empty() {

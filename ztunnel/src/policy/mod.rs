@@ -140,6 +140,9 @@ pub struct Index {
     attached_anywhere: HashMap<String, Vec<Arc<Compiled>>>,
     /// RequestAuthentications attached with targetRefs: (namespace, kind, name).
     authn: HashMap<(String, String, String), Vec<Arc<authn::RequestAuthentication>>>,
+    /// Refused RequestAuthentications whose targetRefs cannot be read: namespace →
+    /// those applying to every waypoint target there.
+    authn_anywhere: HashMap<String, Vec<Arc<authn::RequestAuthentication>>>,
     cache: Mutex<HashMap<(String, String), Arc<Applicable>>>,
 }
 
@@ -189,28 +192,30 @@ impl Index {
                     }
                     index.authz.entry(c.namespace.clone()).or_default().push(c);
                 }
-                "RequestAuthentication" => match authn::RequestAuthentication::compile(
-                    &policy.namespace,
-                    &policy.name,
-                    &policy.spec,
-                ) {
-                    Ok(a) => {
-                        let a = Arc::new(a);
-                        if a.targets.is_empty() {
-                            tracing::debug!(policy = %a.name, "RequestAuthentication without targetRefs: no waypoint applies it");
-                        }
-                        for (kind, name) in &a.targets {
-                            index
-                                .authn
-                                .entry((a.namespace.clone(), kind.clone(), name.clone()))
-                                .or_default()
-                                .push(a.clone());
-                        }
+                "RequestAuthentication" => {
+                    let a = Arc::new(authn::RequestAuthentication::compile_fail_closed(
+                        &policy.namespace,
+                        &policy.name,
+                        &policy.spec,
+                    ));
+                    if a.targets.is_empty() && !a.any_target {
+                        tracing::debug!(policy = %a.name, "RequestAuthentication without targetRefs: no waypoint applies it");
                     }
-                    Err(e) => {
-                        tracing::warn!(policy = %format!("{}/{}", policy.namespace, policy.name), "skipped: {e}")
+                    for (kind, name) in &a.targets {
+                        index
+                            .authn
+                            .entry((a.namespace.clone(), kind.clone(), name.clone()))
+                            .or_default()
+                            .push(a.clone());
                     }
-                },
+                    if a.any_target {
+                        index
+                            .authn_anywhere
+                            .entry(a.namespace.clone())
+                            .or_default()
+                            .push(a);
+                    }
+                }
                 "PeerAuthentication" => {
                     let p = PeerAuthentication::compile_fail_closed(
                         &policy.namespace,
@@ -350,24 +355,12 @@ impl Index {
         waypoint: (&str, &str),
         services: &[(String, String)],
     ) -> Vec<&Arc<Compiled>> {
-        let mut policies = attached_to(&self.attached, waypoint, services);
-        let mut namespaces = vec![waypoint.0];
-        for (ns, _) in services {
-            if !namespaces.contains(&ns.as_str()) {
-                namespaces.push(ns);
-            }
-        }
-        // A policy with some targets unreadable is both attached and "anywhere".
-        let anywhere = namespaces
-            .into_iter()
-            .filter_map(|ns| self.attached_anywhere.get(ns))
-            .flatten();
-        for p in anywhere {
-            if !policies.iter().any(|q| Arc::ptr_eq(q, p)) {
-                policies.push(p);
-            }
-        }
-        policies
+        with_anywhere(
+            attached_to(&self.attached, waypoint, services),
+            &self.attached_anywhere,
+            waypoint,
+            services,
+        )
     }
 
     /// AuthorizationPolicy at a waypoint, for one request: the policies attached to
@@ -435,10 +428,15 @@ impl Index {
         waypoint: (&str, &str),
         services: &[(String, String)],
     ) -> Vec<Arc<authn::RequestAuthentication>> {
-        attached_to(&self.authn, waypoint, services)
-            .into_iter()
-            .cloned()
-            .collect()
+        with_anywhere(
+            attached_to(&self.authn, waypoint, services),
+            &self.authn_anywhere,
+            waypoint,
+            services,
+        )
+        .into_iter()
+        .cloned()
+        .collect()
     }
 
     /// The CUSTOM policies attached to this waypoint or service whose rules match
@@ -464,6 +462,33 @@ impl Index {
 
 /// What is attached with targetRefs to the waypoint's Gateway and to `services`
 /// (namespace, name), each once.
+/// `attached` plus the policies of `anywhere` (those whose targets could not be
+/// read) in the waypoint's and the destination Services' namespaces, each once.
+fn with_anywhere<'a, T>(
+    mut attached: Vec<&'a Arc<T>>,
+    anywhere: &'a HashMap<String, Vec<Arc<T>>>,
+    waypoint: (&str, &str),
+    services: &[(String, String)],
+) -> Vec<&'a Arc<T>> {
+    let mut namespaces = vec![waypoint.0];
+    for (ns, _) in services {
+        if !namespaces.contains(&ns.as_str()) {
+            namespaces.push(ns);
+        }
+    }
+    // A policy with some targets unreadable is both attached and "anywhere".
+    let anywhere = namespaces
+        .into_iter()
+        .filter_map(|ns| anywhere.get(ns))
+        .flatten();
+    for p in anywhere {
+        if !attached.iter().any(|q| Arc::ptr_eq(q, p)) {
+            attached.push(p);
+        }
+    }
+    attached
+}
+
 fn attached_to<'a, T>(
     attached: &'a HashMap<(String, String, String), Vec<Arc<T>>>,
     waypoint: (&str, &str),

@@ -882,3 +882,92 @@ fn at_the_waypoint_keys_not_evaluated_fail_closed() {
     ));
     assert!(!waypoint_allows(&i, &req), "a DENY always does");
 }
+
+fn request_authn(spec: &str) -> authn::RequestAuthentication {
+    authn::RequestAuthentication::compile_fail_closed(
+        "demo",
+        "jwt",
+        &serde_yaml::from_str(spec).unwrap(),
+    )
+}
+
+fn refused_by(
+    a: &authn::RequestAuthentication,
+    headers: &[(&str, &str)],
+    query: Option<&str>,
+) -> Option<String> {
+    let headers: Vec<(String, String)> = headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    authn::refused_by(&[Arc::new(a.clone())], &headers, query).map(|(_, why)| why)
+}
+
+#[test]
+fn a_request_authentication_rule_that_cannot_compile_refuses_tokens_where_it_looks() {
+    // A key rotation gone wrong: the second rule's JWKS is not JSON.
+    let jwks = crate::jwt::testing::Es256Issuer::default().jwks();
+    let a = request_authn(&format!(
+        "targetRefs: [{{kind: Gateway, name: wp}}]\njwtRules:\n- {{issuer: https://good.test, jwks: '{jwks}'}}\n- {{issuer: https://rotated.test, jwks: 'not json', fromHeaders: [{{name: X-Token}}], fromParams: [tok]}}\n",
+    ));
+    assert_eq!(a.rules.len(), 1, "the good rule stays");
+    assert_eq!(a.targets, vec![("Gateway".to_owned(), "wp".to_owned())]);
+    assert!(!a.any_target);
+    let why = refused_by(&a, &[("x-token", "forged")], None).expect("refused");
+    assert!(
+        why.contains("demo/jwt") && why.contains("jwtRules[1].jwks"),
+        "{why}"
+    );
+    assert!(refused_by(&a, &[], Some("a=1&tok=forged")).is_some());
+    // No token where the refused rule looks: as before, authentication decides.
+    assert_eq!(refused_by(&a, &[("authorization", "Bearer x")], None), None);
+    assert_eq!(refused_by(&a, &[], Some("a=1")), None);
+    assert!(authn::RequestAuthentication::compile(
+        "demo",
+        "jwt",
+        &serde_yaml::from_str("jwtRules: [{issuer: ''}]").unwrap()
+    )
+    .unwrap_err()
+    .contains("in force, fail closed"),);
+}
+
+#[test]
+fn a_request_authentication_that_cannot_be_read_refuses_every_request_of_its_namespace() {
+    for spec in [
+        // A typo for jwtRules: which tokens it meant to check is unknown.
+        "targetRefs: [{kind: Gateway, name: wp}]\njwtRule: [{issuer: https://a.test, jwks: '{}'}]\n",
+        // A rule whose token locations cannot be read.
+        "targetRefs: [{kind: Gateway, name: wp}]\njwtRules: [{issuer: https://a.test, fromHeaders: x-token}]\n",
+        "jwtRules: not-a-list\ntargetRefs: [{kind: Gateway, name: wp}]\n",
+        "[not, an, object]",
+    ] {
+        let a = request_authn(spec);
+        assert!(
+            refused_by(&a, &[], None).is_some(),
+            "every request refused for {spec:?}"
+        );
+        assert!(a.fail_closed_effect().starts_with("every request"), "{spec:?}");
+    }
+    // Unreadable targets: every waypoint target of the namespace.
+    let a = request_authn("targetRefs: [{kind: Pod, name: x}]\njwtRules: [{issuer: https://a.test, jwksUri: 'http://keys/jwks'}]\n");
+    assert!(a.any_target);
+    let index = Index::build(
+        &[policy(
+            "RequestAuthentication",
+            "demo",
+            "jwt",
+            "jwtRule: [{issuer: https://a.test}]",
+        )],
+        "istio-system",
+        vec!["cluster.local".into()],
+    );
+    let applying = index.request_authentications(("demo", "wp"), &[("demo".into(), "svc".into())]);
+    assert_eq!(
+        applying.len(),
+        1,
+        "applies to every waypoint target of demo"
+    );
+    assert!(index
+        .request_authentications(("other", "wp"), &[("other".into(), "svc".into())])
+        .is_empty());
+}

@@ -15,13 +15,13 @@ const PROBE: &str = env!("CARGO_BIN_EXE_tb-probe");
 /// `ORIG_SRC_MARK`, its table and its rule priority (ztunnel-ebpf/common).
 const RULE: &str = "1338:\tfrom all fwmark 0x53a lookup 1338";
 
-/// node-a: client, local-server; node-b: server, solo (namespace "solo", ambient),
-/// plain (namespace "plain", not ambient).
+/// node-a: client, local-server; node-b: server, solo and gone (namespaces "solo"
+/// and "away", ambient), plain (namespace "plain", not ambient).
 async fn mesh() -> Mesh {
     let cluster = Cluster::new(
         &ClusterSpec::new()
             .node("node-a", ["client", "local-server"])
-            .node("node-b", ["server", "solo", "plain"]),
+            .node("node-b", ["server", "solo", "gone", "plain"]),
     )
     .unwrap();
     let workloads = [
@@ -29,9 +29,10 @@ async fn mesh() -> Mesh {
         WorkloadSpec::new("local-server", "demo", "local"),
         WorkloadSpec::new("server", "demo", "server").label("app", "server"),
         WorkloadSpec::new("solo", "solo", "default"),
+        WorkloadSpec::new("gone", "away", "default"),
         WorkloadSpec::new("plain", "plain", "default"),
     ];
-    Mesh::start(cluster, &workloads, &["demo", "solo"])
+    Mesh::start(cluster, &workloads, &["demo", "solo", "away"])
         .await
         .unwrap()
 }
@@ -190,6 +191,18 @@ async fn the_routing_is_set_once_across_restarts_and_leaves_with_the_pod() {
     assert!(rules(&mesh, "solo").is_empty());
     assert_eq!(table(&mesh, "solo").trim(), "");
     assert_eq!(rules(&mesh, "server"), [RULE], "other pods keep theirs");
+
+    // One leaves while the tunnel is away: released when it is back, its routing too.
+    assert!(mesh.stop_tunnel("node-b").await.unwrap().success());
+    mesh.write_config("ns-away.yaml", &namespace_yaml("away", false))
+        .unwrap();
+    mesh.start_tunnel("node-b").await.unwrap();
+    eventually(Duration::from_secs(15), "gone's rule removed", || async {
+        rules(&mesh, "gone").is_empty()
+    })
+    .await;
+    assert_eq!(table(&mesh, "gone").trim(), "");
+    assert_eq!(rules(&mesh, "server"), [RULE]);
 
     // `ztunnel uninstall` removes it from every pod the tunnel enrolled.
     assert!(mesh.stop_tunnel("node-b").await.unwrap().success());

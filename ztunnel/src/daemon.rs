@@ -332,6 +332,7 @@ fn release_leftovers(ctx: &Context, state: &State, enrolled: &EnrolledPods) {
         Ok(pinned) => pinned,
         Err(e) => return tracing::warn!("listing enrolled pods: {e:#}"),
     };
+    let mut released = std::collections::HashSet::new();
     for (cookie, ip) in pinned {
         if ours.contains(&cookie) || waiting.contains(&ip) {
             continue;
@@ -342,6 +343,9 @@ fn release_leftovers(ctx: &Context, state: &State, enrolled: &EnrolledPods) {
                 true => Ok(()),
                 false => redirect.remove_listeners(ip),
             });
+        if result.is_ok() {
+            released.insert(cookie);
+        }
         match result {
             Ok(()) if served.contains(&ip) => {
                 tracing::info!(%ip, "released a superseded enrollment of a pod enrolled again")
@@ -352,6 +356,16 @@ fn release_leftovers(ctx: &Context, state: &State, enrolled: &EnrolledPods) {
             Err(e) => tracing::warn!(%ip, "releasing a leftover pod: {e:#}"),
         }
     }
+    if released.is_empty() {
+        return;
+    }
+    // Their namespaces are known only by cookie: found by looking at every one.
+    tokio::task::spawn_blocking(move || {
+        let (_, failed) = orig_src::remove_by_cookie(&released);
+        for failure in failed {
+            tracing::warn!("original-source routing left in a released pod: {failure}");
+        }
+    });
 }
 
 async fn reconcile(
@@ -403,11 +417,8 @@ async fn reconcile(
     }
     for mut pod in gone {
         pod.tasks.shutdown().await;
-        match orig_src::remove_in(&pod.netns) {
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(pod = %pod.workload.name, "removing the original-source routing: {e}")
-            }
+        if let Err(e) = orig_src::remove_in(&pod.netns) {
+            tracing::warn!(pod = %pod.workload.name, "removing the original-source routing: {e}");
         }
         let still_served = enrolled
             .lock()

@@ -27,7 +27,7 @@
 
 use std::{
     collections::HashSet,
-    fmt, fs, io,
+    fs, io,
     net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
@@ -432,6 +432,14 @@ pub fn uninstall(pin_dir: &Path) -> (usize, Vec<String>) {
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse().ok())
         .collect();
+    remove_by_cookie(&cookies)
+}
+
+/// Removes the routing from the network namespaces with these cookies (pods the
+/// tunnel released without holding their namespace), found among `/run/netns`
+/// and every process's namespace. Returns how many had it, and those it could
+/// not clean.
+pub fn remove_by_cookie(cookies: &HashSet<u64>) -> (usize, Vec<String>) {
     let mut seen = HashSet::new();
     let mut cleaned = 0;
     let mut failed = Vec::new();
@@ -445,15 +453,17 @@ pub fn uninstall(pin_dir: &Path) -> (usize, Vec<String>) {
         }
         let cookies = cookies.clone();
         let result = netns::run_in_ns(&ns, move || {
-            let probe = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
-            match cookies.contains(&netns::cookie(&probe)?) {
-                true => remove(),
-                false => Ok(false),
+            let cookie = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)
+                .and_then(|probe| netns::cookie(&probe));
+            match cookie {
+                Ok(cookie) if cookies.contains(&cookie) => remove().map(Some),
+                // Not one of them (or a namespace going away as we look).
+                _ => Ok(None),
             }
         });
         match result {
-            Ok(true) => cleaned += 1,
-            Ok(false) => {}
+            Ok(Some(true)) => cleaned += 1,
+            Ok(_) => {}
             Err(e) => failed.push(format!("{}: {e}", path.display())),
         }
     }
@@ -642,15 +652,6 @@ mod netlink {
             reply = &reply[next..];
         }
         None
-    }
-}
-
-impl fmt::Debug for Delivery {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Delivery")
-            .field("pod_ip", &self.pod_ip)
-            .field("routing", &self.routing)
-            .finish()
     }
 }
 

@@ -2,6 +2,7 @@
 //! crosses the wire.
 
 use std::{
+    net::{Ipv4Addr, SocketAddrV4},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::Path,
     sync::{
@@ -33,16 +34,31 @@ impl Packet {
             u16::from_be_bytes([ports[2], ports[3]]),
         ))
     }
+
+    /// (source, destination) of an IPv4 TCP frame: addresses and ports.
+    pub fn tcp_endpoints(&self) -> Option<(SocketAddrV4, SocketAddrV4)> {
+        let (sport, dport) = self.tcp_ports()?;
+        let ip = |at: usize| {
+            let octets: [u8; 4] = self.data.get(at..at + 4)?.try_into().ok()?;
+            Some(Ipv4Addr::from(octets))
+        };
+        Some((
+            SocketAddrV4::new(ip(26)?, sport),
+            SocketAddrV4::new(ip(30)?, dport),
+        ))
+    }
 }
 
-/// What crossed between nodes that should not have: TCP other than HBONE (15008)
-/// and the CA (15012), or `marker` in the clear. None when nothing did.
-pub fn plaintext_crossed(packets: &[Packet], marker: &[u8]) -> Option<String> {
-    const MESH_PORTS: [u16; 2] = [15008, 15012];
+/// HBONE's port: the only one pod traffic may use between nodes.
+pub const HBONE_PORT: u16 = 15008;
+
+/// What crossed between nodes that should not have: TCP on a port not in `allowed`
+/// (HBONE and the control plane), or `marker` in the clear. None when nothing did.
+pub fn plaintext_crossed(packets: &[Packet], allowed: &[u16], marker: &[u8]) -> Option<String> {
     if let Some((s, d)) = packets
         .iter()
         .filter_map(Packet::tcp_ports)
-        .find(|(s, d)| !MESH_PORTS.contains(s) && !MESH_PORTS.contains(d))
+        .find(|(s, d)| !allowed.contains(s) && !allowed.contains(d))
     {
         return Some(format!("TCP from port {s} to port {d} crossed the fabric"));
     }

@@ -399,7 +399,19 @@ impl Mesh {
         workloads: &[WorkloadSpec],
         ambient: &[&str],
     ) -> Result<Self> {
-        Self::start_from(cluster, workloads, ambient, false).await
+        Self::start_from(cluster, workloads, ambient, false, &[]).await
+    }
+
+    /// Like [`Mesh::start`], with no tunnel of ours on the `foreign` nodes: their
+    /// pods are in the config (in the mesh, with identities the CA vouches for) but
+    /// another data plane serves them (Istio's ztunnel, in the interop tests).
+    pub async fn start_beside(
+        cluster: crate::Cluster,
+        workloads: &[WorkloadSpec],
+        ambient: &[&str],
+        foreign: &[&str],
+    ) -> Result<Self> {
+        Self::start_from(cluster, workloads, ambient, false, foreign).await
     }
 
     /// The same mesh, with tunnels that read a (stand-in) Kubernetes API server
@@ -410,7 +422,7 @@ impl Mesh {
         workloads: &[WorkloadSpec],
         ambient: &[&str],
     ) -> Result<Self> {
-        Self::start_from(cluster, workloads, ambient, true).await
+        Self::start_from(cluster, workloads, ambient, true, &[]).await
     }
 
     async fn start_from(
@@ -418,6 +430,7 @@ impl Mesh {
         workloads: &[WorkloadSpec],
         ambient: &[&str],
         kube: bool,
+        foreign: &[&str],
     ) -> Result<Self> {
         let config = TempDir::new("config")?;
         fs::write(
@@ -465,7 +478,7 @@ impl Mesh {
         if kube {
             mesh.start_api(workloads, ambient)?;
         }
-        for node in &nodes {
+        for node in nodes.iter().filter(|n| !foreign.contains(&n.as_str())) {
             mesh.start_tunnel(node).await?;
         }
         Ok(mesh)
@@ -525,7 +538,8 @@ impl Mesh {
         self.api.as_ref().expect("a mesh started with start_kube")
     }
 
-    fn root_file(&self) -> PathBuf {
+    /// The CA's root certificate, as the tunnels are given it.
+    pub fn root_file(&self) -> PathBuf {
         self.config
             .path()
             .join("..")

@@ -1,5 +1,6 @@
 //! Workload identity end to end: the CA's decisions, the certificate manager's
-//! renewals, and peer verification over real TLS on loopback.
+//! renewals, and peer verification over real TLS on loopback; on the testbed, the
+//! mesh through a CA outage.
 
 use std::{
     sync::Arc,
@@ -9,7 +10,13 @@ use std::{
 use prometheus_client::registry::Registry;
 use rcgen::{CertificateParams, DistinguishedName, Issuer, KeyPair, SanType};
 use rustls::pki_types::ServerName;
-use testbed::mesh::{LocalCa, PodOnNode};
+use testbed::{
+    app::EchoServer,
+    capture::Capture,
+    faults::{assert_no_crash, assert_nothing_plaintext, on_every_node, tunnels, Load},
+    mesh::{eventually, LocalCa, Mesh, PodOnNode, WorkloadSpec},
+    Cluster, ClusterSpec,
+};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -421,6 +428,98 @@ async fn the_tunnel_keeps_serving_while_the_ca_is_down_and_renews_when_it_return
     let renewed =
         wait_for_new_serial(&certs, &sleep, &first.info.serial, Duration::from_secs(5)).await;
     assert!(renewed.info.not_after > first.info.not_after);
+}
+
+/// The serial of the certificate `identity` holds on `node`'s tunnel (`/certs`).
+async fn serial_on(mesh: &Mesh, node: &str, identity: &str) -> Option<String> {
+    let (_, body) = mesh.http_get(node, 15000, "/certs").await.ok()?;
+    let certs: Vec<serde_json::Value> = serde_json::from_str(&body).ok()?;
+    certs
+        .iter()
+        .find(|c| c["identity"] == identity)
+        .and_then(|c| c["serial"].as_str().map(str::to_owned))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_the_ca_down_through_a_rotation_the_mesh_serves_on_and_renews_when_it_returns() {
+    const PROBE: &str = env!("CARGO_BIN_EXE_tb-probe");
+    let cluster = Cluster::new(
+        &ClusterSpec::new()
+            .node("node-a", ["client"])
+            .node("node-b", ["server"]),
+    )
+    .unwrap();
+    let workloads = [
+        WorkloadSpec::new("client", "demo", "client"),
+        WorkloadSpec::new("server", "demo", "server"),
+    ];
+    let mut mesh = Mesh::start(cluster, &workloads, &["demo"]).await.unwrap();
+    // Short certificates: renewal falls due about 10 s after issue, expiry at 20 s.
+    for node in ["node-a", "node-b"] {
+        mesh.kill_tunnel(node);
+        mesh.tunnel_args
+            .insert(node.into(), vec!["--cert-ttl".into(), "20s".into()]);
+        mesh.start_tunnel(node).await.unwrap();
+    }
+    let _echo = EchoServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    let target = mesh.addr("server", 8080);
+    fn exchange(mesh: &Mesh, target: &str, message: &str) {
+        let out = mesh.output("client", PROBE, &["connect", target, message]);
+        assert!(out.contains(&format!("reply=server:{message}")), "{out}");
+    }
+    exchange(&mesh, &target, "issued");
+    let holders = [
+        ("node-a", "spiffe://cluster.local/ns/demo/sa/client"),
+        ("node-b", "spiffe://cluster.local/ns/demo/sa/server"),
+    ];
+    let mut issued = Vec::new();
+    for (node, identity) in holders {
+        issued.push(
+            serial_on(&mesh, node, identity)
+                .await
+                .expect("a certificate"),
+        );
+    }
+    let before = tunnels(&mesh);
+    let capture = Capture::start(&mesh.cluster.fabric_netns()).unwrap();
+    let marker = "CA-DOWN-MARKER-e41f";
+    mesh.ca.stop().await;
+    let load = Load::start(&mesh, PROBE, "client", &target, 12_000, marker);
+
+    // Renewal falls due and fails on both nodes; the current certificates serve.
+    eventually(
+        Duration::from_secs(20),
+        "renewals failing against the stopped CA",
+        || {
+            on_every_node(&mesh, "ztunnel_workload_cert_request_failures_total", |n| {
+                n > 0.0
+            })
+        },
+    )
+    .await;
+    for ((node, identity), serial) in holders.iter().zip(&issued) {
+        assert_eq!(
+            serial_on(&mesh, node, identity).await.as_ref(),
+            Some(serial)
+        );
+    }
+    exchange(&mesh, &target, "ca-down");
+
+    // Back: each tunnel renews (a new serial) before its certificate expires.
+    mesh.ca.run().await.unwrap();
+    for ((node, identity), serial) in holders.iter().zip(&issued) {
+        eventually(Duration::from_secs(8), "a renewed certificate", || async {
+            serial_on(&mesh, node, identity)
+                .await
+                .is_some_and(|s| s != *serial)
+        })
+        .await;
+    }
+    exchange(&mesh, &target, "renewed");
+    let (ok, failed) = load.finish();
+    assert!(ok > 0 && failed == 0, "ok={ok} failed={failed}");
+    assert_no_crash(&mesh, &before);
+    assert_nothing_plaintext(&mesh, &capture.stop(), marker);
 }
 
 #[tokio::test(flavor = "multi_thread")]

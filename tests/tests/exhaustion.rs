@@ -10,6 +10,10 @@ use std::{
 
 use testbed::{
     app::EchoServer,
+    capture::Capture,
+    faults::{
+        assert_no_crash, assert_nothing_plaintext, on_every_node, refused_by_policy, tunnels, Load,
+    },
     mesh::{eventually, metric, open_fds, set_fd_limit, Mesh, WorkloadSpec},
     Cluster, ClusterSpec,
 };
@@ -350,49 +354,18 @@ fn policy_check_into_a_closed_pipe_exits_quietly() {
 /// Denies `other` (client-2) the server: a decision that must hold through faults.
 const DENY_OTHER: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-other, namespace: demo}\nspec:\n  action: DENY\n  rules:\n  - from: [{source: {principals: [cluster.local/ns/demo/sa/other]}}]\n";
 
-/// client-2 (denied by [`DENY_OTHER`]) tries the server.
-fn denied_probe(mesh: &Mesh) -> String {
-    probe(
+/// client-2 is refused the server by [`DENY_OTHER`] itself.
+async fn denied_by_policy(mesh: &Mesh) -> bool {
+    let target = addr(mesh, "server", 8080);
+    refused_by_policy(
         mesh,
+        PROBE,
         "client-2",
-        &["connect", &addr(mesh, "server", 8080), "no"],
+        &target,
+        "node-b",
+        "demo/deny-other",
     )
-}
-
-/// Starts `tb-probe load` in the client pod for `millis`: exchanges with a marker.
-fn start_load(mesh: &Mesh, millis: u64, marker: &str) -> std::process::Child {
-    mesh.cluster
-        .pod("client")
-        .command(PROBE)
-        .unwrap()
-        .args([
-            "load",
-            &addr(mesh, "server", 8080),
-            &millis.to_string(),
-            marker,
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
-/// The load's (ok, failed) counts, once it ends.
-fn load_result(load: std::process::Child) -> (u64, u64) {
-    let out = load.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let count = |key: &str| {
-        text.split_whitespace()
-            .find_map(|w| w.strip_prefix(key)?.parse().ok())
-            .unwrap_or_else(|| panic!("no {key} in {text:?}"))
-    };
-    (count("ok="), count("failed="))
-}
-
-fn assert_nothing_plaintext(packets: &[testbed::capture::Packet], marker: &str) {
-    assert!(!packets.is_empty());
-    if let Some(violation) = testbed::capture::plaintext_crossed(packets, marker.as_bytes()) {
-        panic!("{violation} ({} packets)", packets.len());
-    }
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -400,15 +373,20 @@ async fn tunnels_killed_and_restarted_under_load_let_no_plaintext_cross() {
     let mut mesh = mesh().await;
     mesh.write_config("deny.yaml", DENY_OTHER).unwrap();
     let _echo = EchoServer::start(mesh.cluster.pod("server"), 8080).unwrap();
-    eventually(
-        Duration::from_secs(10),
-        "the deny policy applied",
-        || async { !denied_probe(&mesh).contains("reply=") },
-    )
+    eventually(Duration::from_secs(10), "the deny policy applied", || {
+        denied_by_policy(&mesh)
+    })
     .await;
-    let capture = testbed::capture::Capture::start(&mesh.cluster.fabric_netns()).unwrap();
+    let capture = Capture::start(&mesh.cluster.fabric_netns()).unwrap();
     let marker = "FAULT-MARKER-1b7e";
-    let load = start_load(&mesh, 6000, marker);
+    let load = Load::start(
+        &mesh,
+        PROBE,
+        "client",
+        &addr(&mesh, "server", 8080),
+        6000,
+        marker,
+    );
     for node in ["node-a", "node-b"] {
         // Under load: SIGKILL (no draining, pins left behind), then a new process.
         eventually(Duration::from_secs(10), "load flowing", || async {
@@ -425,21 +403,21 @@ async fn tunnels_killed_and_restarted_under_load_let_no_plaintext_cross() {
         let pod = if node == "node-a" { "client" } else { "server" };
         mesh.wait_enrolled(node, pod, true).await.unwrap();
     }
-    let (ok, failed) = load_result(load);
+    let (ok, failed) = load.finish();
     assert!(ok > 0, "ok={ok} failed={failed}");
     served(&mesh, "after-restarts");
     assert!(
-        !denied_probe(&mesh).contains("reply="),
+        denied_by_policy(&mesh).await,
         "still denied after the restarts"
     );
-    assert_nothing_plaintext(&capture.stop(), marker);
+    assert_nothing_plaintext(&mesh, &capture.stop(), marker);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_peer_tunnel_reset_mid_stream_ends_the_stream_and_the_next_is_served() {
     let mut mesh = mesh().await;
     let _echo = EchoServer::start(mesh.cluster.pod("server"), 8080).unwrap();
-    let capture = testbed::capture::Capture::start(&mesh.cluster.fabric_netns()).unwrap();
+    let capture = Capture::start(&mesh.cluster.fabric_netns()).unwrap();
     let marker = "RESET-MARKER-5d21";
     // A stream open across the fault: sends, waits, then half-closes and reads.
     let slow = mesh
@@ -474,14 +452,14 @@ async fn a_peer_tunnel_reset_mid_stream_ends_the_stream_and_the_next_is_served()
     // serves the next stream.
     assert_eq!(mesh.tunnel_pid("node-a"), Some(node_a));
     served(&mesh, "after-reset");
-    assert_nothing_plaintext(&capture.stop(), marker);
+    assert_nothing_plaintext(&mesh, &capture.stop(), marker);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn at_the_fd_limit_the_tunnel_backs_off_and_serves_again() {
     let mesh = mesh().await;
     let _echo = EchoServer::start(mesh.cluster.pod("server"), 8080).unwrap();
-    let capture = testbed::capture::Capture::start(&mesh.cluster.fabric_netns()).unwrap();
+    let capture = Capture::start(&mesh.cluster.fabric_netns()).unwrap();
     let marker = "FDLIMIT-MARKER-99c0";
     served(&mesh, "before");
     // node-a's tunnel can open no descriptor at all (0-2 are taken): its outbound
@@ -525,5 +503,118 @@ async fn at_the_fd_limit_the_tunnel_backs_off_and_serves_again() {
     );
     assert!((1.0..100.0).contains(&errors), "backed off: {errors}");
     served(&mesh, "after-fd-limit");
-    assert_nothing_plaintext(&capture.stop(), marker);
+    assert_nothing_plaintext(&mesh, &capture.stop(), marker);
+}
+
+/// A directory replaced by a corrupt file, put back on drop (even when a test
+/// fails, so that the mesh's cleanup finds it).
+struct Replaced {
+    dir: std::path::PathBuf,
+    aside: std::path::PathBuf,
+}
+
+impl Replaced {
+    fn new(dir: &std::path::Path) -> Self {
+        let aside = dir.with_extension("aside");
+        std::fs::rename(dir, &aside).unwrap();
+        std::fs::write(dir, CORRUPT).unwrap();
+        Self {
+            dir: dir.to_owned(),
+            aside,
+        }
+    }
+}
+
+impl Drop for Replaced {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.dir);
+        let _ = std::fs::rename(&self.aside, &self.dir);
+    }
+}
+
+/// Not YAML at all: what a truncated write or a stray binary leaves.
+const CORRUPT: &str = "\u{1}\u{2}kind: [Pod\n  {{{ not yaml: - :\n";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_corrupt_config_keeps_the_last_good_state_and_its_decisions_until_fixed() {
+    let mesh = mesh().await;
+    mesh.write_config("deny.yaml", DENY_OTHER).unwrap();
+    let _echo = EchoServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    eventually(Duration::from_secs(10), "the deny policy applied", || {
+        denied_by_policy(&mesh)
+    })
+    .await;
+    let before = tunnels(&mesh);
+    let capture = Capture::start(&mesh.cluster.fabric_netns()).unwrap();
+    let marker = "CORRUPT-MARKER-3c8e";
+    let target = addr(&mesh, "server", 8080);
+    let nodes = ["node-a", "node-b"];
+
+    // The pods' and the policy's files overwritten with garbage: each refused,
+    // counted and logged; every object they held stays as it was.
+    let workloads = std::fs::read_to_string(mesh.config.path().join("workloads.yaml")).unwrap();
+    mesh.write_config("workloads.yaml", CORRUPT).unwrap();
+    mesh.write_config("deny.yaml", CORRUPT).unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "both files refused on both nodes",
+        || on_every_node(&mesh, "ztunnel_config_refused_objects", |n| n == 2.0),
+    )
+    .await;
+    for node in nodes {
+        let log = mesh.log(node);
+        for file in ["workloads.yaml", "deny.yaml"] {
+            assert!(
+                log.lines()
+                    .any(|l| l.contains("config refused") && l.contains(file)),
+                "{node} names {file} in its log"
+            );
+        }
+    }
+    // The client's first connections: its certificate is issued now, by a CA
+    // reading the same directory, from the pods it last read.
+    let load = Load::start(&mesh, PROBE, "client", &target, 6000, marker);
+    served(&mesh, "files-corrupt");
+    assert!(denied_by_policy(&mesh).await, "the DENY still denies");
+
+    // The directory itself replaced by a file: the source fails, counted and
+    // logged, and the state stays.
+    let replaced = Replaced::new(mesh.config.path());
+    eventually(
+        Duration::from_secs(10),
+        "the source's failure counted on both nodes",
+        || on_every_node(&mesh, "ztunnel_config_source_errors_total", |n| n > 0.0),
+    )
+    .await;
+    for node in nodes {
+        assert!(
+            mesh.log(node).contains("keeping the last good state"),
+            "{node} logs the failure"
+        );
+    }
+    served(&mesh, "directory-corrupt");
+    assert!(denied_by_policy(&mesh).await, "the DENY still denies");
+    mesh.wait_enrolled("node-b", "server", true).await.unwrap();
+
+    // Fixed, with a change: the DENY now names nobody. Applied: client-2 served.
+    drop(replaced);
+    mesh.write_config("workloads.yaml", &workloads).unwrap();
+    mesh.write_config("deny.yaml", &DENY_OTHER.replace("sa/other", "sa/nobody"))
+        .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "no refusal left on either node",
+        || on_every_node(&mesh, "ztunnel_config_refused_objects", |n| n == 0.0),
+    )
+    .await;
+    eventually(Duration::from_secs(10), "client-2 served", || async {
+        probe(&mesh, "client-2", &["connect", &target, "allowed"]).contains("reply=server:allowed")
+    })
+    .await;
+
+    let (ok, failed) = load.finish();
+    assert!(ok > 0 && failed == 0, "ok={ok} failed={failed}");
+    served(&mesh, "fixed");
+    assert_no_crash(&mesh, &before);
+    assert_nothing_plaintext(&mesh, &capture.stop(), marker);
 }

@@ -3,7 +3,8 @@
 //! Run alone with `cargo xtask interop`.
 //!
 //! Here Istio's ztunnel gets its certificates from our CA (`ztunnel ca`, in a
-//! testbed node), over Istio's CA API, in both of its modes.
+//! testbed node), over Istio's CA API, in both of its modes; and, in dedicated mode
+//! in testbed pods, carries real traffic to and from pods our tunnel serves.
 
 use std::{
     net::SocketAddr,
@@ -14,8 +15,9 @@ use std::{
 
 use base64::Engine as _;
 use testbed::{
-    mesh::{LocalCa, PodOnNode, TempDir, CA_SERVER_NAME},
-    Cluster, ClusterSpec,
+    app::EchoServer,
+    mesh::{eventually, metric, LocalCa, Mesh, PodOnNode, TempDir, WorkloadSpec, CA_SERVER_NAME},
+    Cluster, ClusterSpec, Pod,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -107,39 +109,51 @@ impl OurCa {
     }
 
     async fn wait_for_log(&self, text: &str, within: Duration) {
-        let deadline = Instant::now() + within;
-        while !self.log().contains(text) {
-            assert!(
-                Instant::now() < deadline,
-                "the CA's log never said {text:?}:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_for_line("the CA's log", || self.log(), &[text], within).await;
     }
 
     /// The environment that points Istio's ztunnel at this CA as `node`'s proxy.
     fn env_for(&self, node: &str) -> Vec<(String, String)> {
-        [
-            ("CA_ADDRESS", format!("https://{}", self.addr)),
-            ("ALT_CA_HOSTNAME", CA_SERVER_NAME.to_owned()),
-            (
-                "CA_ROOT_CA",
-                self.files
-                    .dir
-                    .path()
-                    .join("cacerts/root-cert.pem")
-                    .display()
-                    .to_string(),
-            ),
-            (
-                "AUTH_TOKEN",
-                self.files.token_file(node).display().to_string(),
-            ),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect()
+        ca_env(
+            self.addr,
+            &self.files.dir.path().join("cacerts/root-cert.pem"),
+            &self.files.token_file(node),
+        )
+    }
+}
+
+/// The environment that points Istio's ztunnel at the CA at `addr`, trusting
+/// `root`, authenticated with the node token in `token`.
+fn ca_env(addr: SocketAddr, root: &Path, token: &Path) -> Vec<(String, String)> {
+    [
+        ("CA_ADDRESS", format!("https://{addr}")),
+        ("ALT_CA_HOSTNAME", CA_SERVER_NAME.to_owned()),
+        ("CA_ROOT_CA", root.display().to_string()),
+        ("AUTH_TOKEN", token.display().to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
+/// Waits until one line of `log()` contains every one of `parts`; returns it.
+async fn wait_for_line(
+    what: &str,
+    log: impl Fn() -> String,
+    parts: &[&str],
+    within: Duration,
+) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        let text = log();
+        if let Some(line) = text.lines().find(|l| parts.iter().all(|p| l.contains(p))) {
+            return line.to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} has no line with all of {parts:?} within {within:?}:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -153,17 +167,23 @@ fn workload_yaml(name: &str, service_account: &str, ip: &str, node: &str) -> Str
 }
 
 /// Starts Istio's ztunnel through `command` (which enters a pod's or a node's
-/// network namespace) with its local config `workloads` and `env`.
+/// network namespace) with its local config (`workloads`, `policies`: YAML list
+/// items, or empty) and `env`. It logs to `dir/istio.log`.
 fn start_istio(
     mut command: std::process::Command,
     dir: &Path,
     workloads: &str,
+    policies: &str,
     env: &[(String, String)],
 ) -> Running {
     let config = dir.join("istio-local.yaml");
+    let policies = match policies {
+        "" => " []\n".to_owned(),
+        items => format!("\n{items}"),
+    };
     std::fs::write(
         &config,
-        format!("workloads:\n{workloads}policies: []\nservices: []\n"),
+        format!("workloads:\n{workloads}policies:{policies}services: []\n"),
     )
     .unwrap();
     command
@@ -178,27 +198,29 @@ fn start_istio(
     Running(command.spawn().unwrap())
 }
 
-/// Istio's ztunnel's `/config_dump`, read from inside `netns`.
-fn config_dump(netns: PathBuf) -> Option<serde_json::Value> {
-    let body = ztunnel::netns::run_in(&netns, || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        runtime.block_on(async {
-            let mut tcp = tokio::net::TcpStream::connect("127.0.0.1:15000").await?;
-            tcp.write_all(
-                b"GET /config_dump HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
-            )
-            .await?;
-            let mut response = Vec::new();
-            tcp.read_to_end(&mut response).await?;
-            Ok::<_, std::io::Error>(response)
-        })
+/// GET `path` from 127.0.0.1:`port` inside `netns` (Istio's ztunnel's admin and
+/// readiness ports): the status line and the body.
+fn http_get(netns: &Path, port: u16, path: &str) -> Option<(String, String)> {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    let body = ztunnel::netns::run_in(netns, move || {
+        use std::io::{Read, Write};
+        let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
+        tcp.write_all(request.as_bytes())?;
+        let mut response = Vec::new();
+        tcp.read_to_end(&mut response)?;
+        Ok::<_, std::io::Error>(response)
     })
     .ok()?;
     let text = String::from_utf8_lossy(&body);
-    let (_, json) = text.split_once("\r\n\r\n")?;
-    serde_json::from_str(json).ok()
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    Some((head.lines().next()?.to_owned(), body.to_owned()))
+}
+
+/// Istio's ztunnel's `/config_dump`, read from inside `netns`.
+fn config_dump(netns: PathBuf) -> Option<serde_json::Value> {
+    let (_, json) = http_get(&netns, 15000, "/config_dump")?;
+    serde_json::from_str(&json).ok()
 }
 
 /// The state Istio's ztunnel reports for the certificate of `identity`, once it has one.
@@ -271,6 +293,267 @@ fn assert_issued_by(cert: &serde_json::Value, ca: &OurCa) {
     );
 }
 
+// Traffic between Istio's ztunnel and ours.
+
+const PROBE: &str = env!("CARGO_BIN_EXE_tb-probe");
+/// The namespace of every workload in the traffic tests (ambient).
+const NS: &str = "mesh";
+/// The applications' port.
+const ECHO_PORT: u16 = 8080;
+/// A port where nothing listens.
+const CLOSED_PORT: u16 = 8081;
+
+/// The SPIFFE identity of service account `sa` in `mesh`.
+fn spiffe(sa: &str) -> String {
+    format!("spiffe://{TD}/ns/{NS}/sa/{sa}")
+}
+
+/// node-a runs our tunnel, serving `client` and `server`. node-b runs none of
+/// ours: `istio-client` and `istio-server` there are each fronted by Istio's
+/// ztunnel in dedicated mode once a test starts it. All four are in the ambient
+/// namespace `mesh`, each with a service account named after it, and get their
+/// certificates from the mesh's CA (ours).
+struct Interop {
+    mesh: Mesh,
+    istio: PathBuf,
+}
+
+impl Interop {
+    async fn start() -> Self {
+        let istio = istio_ztunnel();
+        let cluster = Cluster::new(
+            &ClusterSpec::new()
+                .node("node-a", ["client", "server"])
+                .node("node-b", ["istio-client", "istio-server"]),
+        )
+        .unwrap();
+        let workloads: Vec<WorkloadSpec> = ["client", "server", "istio-client", "istio-server"]
+            .map(|pod| WorkloadSpec::new(pod, NS, pod))
+            .into();
+        let mesh = Mesh::start_beside(cluster, &workloads, &[NS], &["node-b"])
+            .await
+            .unwrap();
+        Self { mesh, istio }
+    }
+
+    /// Istio's ztunnel in dedicated mode for `pod` (on node-b), with `policies`
+    /// (YAML list items in Istio's XDS Authorization shape) in its local config,
+    /// once it is ready; the pod's connections to the applications' ports are
+    /// redirected into it, as istio-cni would.
+    async fn istio(&self, pod: &str, policies: &str) -> IstioProxy {
+        self.istio_as(pod, pod, policies).await
+    }
+
+    /// Like [`Interop::istio`], with the proxy told that it serves `workload` (one
+    /// of the four; its certificate is then that workload's).
+    async fn istio_as(&self, pod: &str, workload: &str, policies: &str) -> IstioProxy {
+        let pod = self.mesh.cluster.pod(pod).clone();
+        let dir = TempDir::new("istio-dedicated").unwrap();
+        let mut env = ca_env(
+            self.mesh.ca.addr,
+            &self.mesh.root_file(),
+            &self.mesh.ca.token_file(&pod.node),
+        );
+        env.extend(
+            [
+                ("PROXY_MODE", "dedicated".to_owned()),
+                ("PROXY_WORKLOAD_INFO", format!("{NS}/{workload}/{workload}")),
+                ("NODE_NAME", pod.node.clone()),
+            ]
+            .map(|(k, v)| (k.to_owned(), v)),
+        );
+        let workloads: String = self
+            .mesh
+            .cluster
+            .pods()
+            .iter()
+            .map(|p| workload_yaml(&p.name, &p.name, &p.ip.to_string(), &p.node))
+            .collect();
+        redirect_outbound(&pod, dir.path());
+        let process = start_istio(
+            pod.command(&self.istio).unwrap(),
+            dir.path(),
+            &workloads,
+            policies,
+            &env,
+        );
+        let proxy = IstioProxy {
+            _process: process,
+            pod,
+            dir,
+        };
+        proxy.wait_ready().await;
+        proxy
+    }
+
+    /// Runs tb-probe in `pod`; its output.
+    fn probe(&self, pod: &str, args: &[&str]) -> String {
+        self.mesh.output(pod, PROBE, args)
+    }
+
+    fn addr(&self, pod: &str, port: u16) -> String {
+        self.mesh.addr(pod, port)
+    }
+
+    /// An echo server on `pod`'s application port, and that address.
+    fn echo(&self, pod: &str) -> (EchoServer, String) {
+        let echo = EchoServer::start(self.mesh.cluster.pod(pod), ECHO_PORT).unwrap();
+        (echo, self.addr(pod, ECHO_PORT))
+    }
+
+    /// Runs tb-probe in `client`, asserting that its output has `expected`.
+    fn probe_expecting(&self, client: &str, args: &[&str], expected: &str, istio: &IstioProxy) {
+        let out = self.probe(client, args);
+        assert!(
+            out.contains(expected),
+            "{out}\nIstio's ztunnel's log:\n{}",
+            istio.log()
+        );
+    }
+
+    /// Connects from `client` to the application port of `server` (an echo server
+    /// there) and asserts that the connection is refused: closed with no byte,
+    /// the application never reached.
+    fn assert_refused(&self, client: &str, server: &str, istio: &IstioProxy) {
+        let (echo, addr) = self.echo(server);
+        let out = self.probe(client, &["connect", &addr, "refused?"]);
+        assert_closed_without_bytes(&out, &istio.log());
+        assert!(
+            echo.stop().unwrap().is_empty(),
+            "the application at {addr} was reached: {out}"
+        );
+    }
+
+    /// Waits for the line of our tunnel's log with every one of `parts`.
+    async fn our_line(&self, parts: &[&str]) -> String {
+        wait_for_line(
+            "our tunnel's log",
+            || self.mesh.log("node-a"),
+            parts,
+            Duration::from_secs(20),
+        )
+        .await
+    }
+
+    /// Waits until our tunnel's metrics count at least one `name` with `labels`.
+    async fn our_metric(&self, name: &str, labels: &[&str]) {
+        eventually(
+            Duration::from_secs(20),
+            &format!("our tunnel counts {name} with {labels:?}"),
+            || async { metric(&self.mesh.metrics("node-a").await, name, labels) >= 1.0 },
+        )
+        .await;
+    }
+}
+
+/// One Istio ztunnel process in dedicated mode (killed on drop).
+struct IstioProxy {
+    _process: Running,
+    pod: Pod,
+    dir: TempDir,
+}
+
+impl IstioProxy {
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("istio.log")).unwrap_or_default()
+    }
+
+    async fn wait_ready(&self) {
+        let netns = self.pod.netns_path();
+        eventually(
+            Duration::from_secs(20),
+            "Istio's ztunnel answers 200 on /healthz/ready",
+            || {
+                let netns = netns.clone();
+                async move {
+                    tokio::task::spawn_blocking(move || http_get(&netns, 15021, "/healthz/ready"))
+                        .await
+                        .unwrap()
+                        .is_some_and(|(status, _)| status.contains(" 200"))
+                }
+            },
+        )
+        .await;
+    }
+
+    /// Waits for Istio's access line ("connection complete") with every one of `parts`.
+    async fn access_line(&self, parts: &[&str]) -> String {
+        let mut all = vec!["connection complete"];
+        all.extend_from_slice(parts);
+        wait_for_line(
+            "Istio's ztunnel's log",
+            || self.log(),
+            &all,
+            Duration::from_secs(20),
+        )
+        .await
+    }
+}
+
+impl Drop for IstioProxy {
+    fn drop(&mut self) {
+        // As the mesh's tunnels' logs: kept where ZTB_KEEP_LOGS says.
+        if let Ok(dir) = std::env::var("ZTB_KEEP_LOGS") {
+            let _ = std::fs::copy(
+                self.dir.path().join("istio.log"),
+                Path::new(&dir).join(format!("istio-{}.log", self.pod.name)),
+            );
+        }
+    }
+}
+
+/// What istio-cni does for a pod in dedicated mode: its connections to the
+/// applications' ports, but not to itself, redirected to Istio's outbound
+/// listener (15001) with nftables.
+fn redirect_outbound(pod: &Pod, dir: &Path) {
+    let rules = dir.join("redirect.nft");
+    // Declared then deleted first: applying it again replaces the table.
+    std::fs::write(
+        &rules,
+        format!(
+            "table ip interop\ndelete table ip interop\ntable ip interop {{\n  \
+             chain out {{\n    type nat hook output priority -100; policy accept;\n    \
+             ip daddr != {{ 127.0.0.0/8, {ip} }} tcp dport {{ {ECHO_PORT}, {CLOSED_PORT} }} \
+             redirect to :15001\n  }}\n}}\n",
+            ip = pod.ip
+        ),
+    )
+    .unwrap();
+    let out = pod
+        .command("nft")
+        .unwrap()
+        .arg("-f")
+        .arg(&rules)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "nft (Debian package nftables) is needed to redirect an Istio pod's \
+                 traffic; `cargo xtask bootstrap` installs it: {e}"
+            )
+        });
+    assert!(
+        out.status.success(),
+        "nft: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Asserts that a probe's connection was accepted (by the capturing proxy), then
+/// closed (EOF, or reset however it surfaced) with no byte from the server, not
+/// left hanging until the probe's read timeout.
+fn assert_closed_without_bytes(out: &str, context: &str) {
+    let connected = out.lines().any(|l| l.starts_with("peer="));
+    let got_bytes = out
+        .lines()
+        .any(|l| l.starts_with("reply=") && l != "reply=");
+    // A read timeout surfaces as EAGAIN.
+    let hung = out.contains("Resource temporarily unavailable") || out.contains("timed out");
+    assert!(
+        connected && !got_bytes && !hung,
+        "expected a closed connection, no bytes: {out}\n{context}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn istios_ztunnel_in_dedicated_mode_gets_its_certificate_from_our_ca() {
     let istio = istio_ztunnel();
@@ -299,6 +582,7 @@ async fn istios_ztunnel_in_dedicated_mode_gets_its_certificate_from_our_ca() {
         pod.command(&istio).unwrap(),
         dir.path(),
         &workload_yaml("istio-a", "a1", &pod.ip.to_string(), "node-a"),
+        "",
         &env,
     );
 
@@ -400,7 +684,13 @@ async fn istios_ztunnel_in_node_mode_gets_its_workloads_and_no_impostor() {
         workload_yaml("s1", "s1", "10.99.0.1", "node-b"),
         workload_yaml("b1", "b1", "10.99.0.2", "node-b"),
     );
-    let _istio = start_istio(node.command(&istio).unwrap(), dir.path(), &workloads, &env);
+    let _istio = start_istio(
+        node.command(&istio).unwrap(),
+        dir.path(),
+        &workloads,
+        "",
+        &env,
+    );
 
     let netns = testbed::cluster::netns_path(&node.netns);
     let s1 = certificate_state(
@@ -458,4 +748,273 @@ fn client_hello() -> Vec<u8> {
     let mut hello = Vec::new();
     connection.write_tls(&mut hello).unwrap();
     hello
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn istios_client_reaches_our_server_with_both_identities_in_both_logs() {
+    let interop = Interop::start().await;
+    let istio = interop.istio("istio-client", "").await;
+    let (_echo, server) = interop.echo("server");
+    interop.probe_expecting(
+        "istio-client",
+        &["connect", &server, "hello"],
+        "reply=server:hello",
+        &istio,
+    );
+    istio
+        .access_line(&[
+            "direction=\"outbound\"",
+            &format!("src.identity=\"{}\"", spiffe("istio-client")),
+            &format!("dst.identity=\"{}\"", spiffe("server")),
+        ])
+        .await;
+    // Istio's `forwarded: for="ip:port"` names its client, whose identity it
+    // proved: we attribute the connection to that workload, in log and metrics.
+    interop
+        .our_line(&[
+            "reporter=\"destination\"",
+            "src.workload=mesh/istio-client",
+            &format!("src.identity={}", spiffe("istio-client")),
+            &format!("dst.identity={}", spiffe("server")),
+        ])
+        .await;
+    interop
+        .our_metric(
+            "istio_tcp_connections_closed_total",
+            &[
+                "reporter=\"destination\"",
+                "source_workload=\"istio-client\"",
+                "destination_workload=\"server\"",
+                "connection_security_policy=\"mutual_tls\"",
+            ],
+        )
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn our_client_reaches_istios_server_with_both_identities_in_both_logs() {
+    let interop = Interop::start().await;
+    let istio = interop.istio("istio-server", "").await;
+    let (_echo, server) = interop.echo("istio-server");
+    interop.probe_expecting(
+        "client",
+        &["connect", &server, "hello"],
+        "reply=istio-server:hello",
+        &istio,
+    );
+    istio
+        .access_line(&[
+            "direction=\"inbound\"",
+            &format!("src.identity=\"{}\"", spiffe("client")),
+            &format!("dst.identity=\"{}\"", spiffe("istio-server")),
+        ])
+        .await;
+    interop
+        .our_line(&[
+            "reporter=\"source\"",
+            "src.workload=mesh/client",
+            &format!("src.identity={}", spiffe("client")),
+            &format!("dst.identity={}", spiffe("istio-server")),
+            "error=\"\"",
+        ])
+        .await;
+}
+
+/// Our AuthorizationPolicy: `server` refuses Istio's client.
+const OUR_DENY: &str = r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-istio-client, namespace: mesh}
+spec:
+  selector: {matchLabels: {app: server}}
+  action: DENY
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/mesh/sa/istio-client]}}]
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn our_deny_refuses_istios_client_with_401() {
+    let interop = Interop::start().await;
+    interop.mesh.write_config("deny.yaml", OUR_DENY).unwrap();
+    eventually(Duration::from_secs(15), "our DENY loaded", || async {
+        interop.mesh.config_dump("node-a").await["policies"]
+            .as_array()
+            .is_some_and(|p| !p.is_empty())
+    })
+    .await;
+    let istio = interop.istio("istio-client", "").await;
+    interop.assert_refused("istio-client", "server", &istio);
+    istio
+        .access_line(&[
+            "direction=\"outbound\"",
+            &spiffe("server"),
+            "error=\"http status: 401 Unauthorized\"",
+        ])
+        .await;
+    interop
+        .our_line(&["connection denied", "mesh/deny-istio-client"])
+        .await;
+    interop
+        .our_metric(
+            "ztunnel_connections_denied_total",
+            &["policy=\"mesh/deny-istio-client\""],
+        )
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn istios_deny_refuses_our_client_with_401() {
+    let interop = Interop::start().await;
+    let deny = format!(
+        "- {{name: deny-client, namespace: {NS}, scope: Namespace, action: Deny, dryRun: false, \
+         rules: [[[{{principals: [!Exact \"{TD}/ns/{NS}/sa/client\"]}}]]]}}\n"
+    );
+    let istio = interop.istio("istio-server", &deny).await;
+    interop.assert_refused("client", "istio-server", &istio);
+    interop
+        .our_line(&[
+            "reporter=\"source\"",
+            &format!("dst.identity={}", spiffe("istio-server")),
+            "401 Unauthorized",
+        ])
+        .await;
+    istio
+        .access_line(&[
+            "direction=\"inbound\"",
+            &format!("src.identity=\"{}\"", spiffe("client")),
+            "explicitly denied by: mesh/deny-client",
+        ])
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn half_close_and_a_refused_port_from_istios_client_to_our_server() {
+    let interop = Interop::start().await;
+    let istio = interop.istio("istio-client", "").await;
+    let (_echo, server) = interop.echo("server");
+
+    // The client shuts down its sending side; only then does the server answer
+    // (a megabyte), and close.
+    interop.probe_expecting(
+        "istio-client",
+        &["bulk", &server, "1000000"],
+        "ok sent=1000000 received=1000000",
+        &istio,
+    );
+
+    let closed = interop.addr("server", CLOSED_PORT);
+    let out = interop.probe("istio-client", &["connect", &closed, "anyone?"]);
+    assert_closed_without_bytes(&out, &istio.log());
+    istio
+        .access_line(&[
+            "direction=\"outbound\"",
+            &format!("dst.hbone_addr={closed}"),
+            "error=\"http status: 503 Service Unavailable\"",
+        ])
+        .await;
+    interop
+        .our_line(&["application unreachable", &closed])
+        .await;
+    interop
+        .our_metric(
+            "istio_tcp_connections_closed_total",
+            &[
+                "reporter=\"destination\"",
+                "source_workload=\"istio-client\"",
+                "response_flags=\"UF\"",
+            ],
+        )
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn half_close_and_a_refused_port_from_our_client_to_istios_server() {
+    let interop = Interop::start().await;
+    let istio = interop.istio("istio-server", "").await;
+    let (_echo, server) = interop.echo("istio-server");
+    interop.probe_expecting(
+        "client",
+        &["bulk", &server, "1000000"],
+        "ok sent=1000000 received=1000000",
+        &istio,
+    );
+
+    let closed = interop.addr("istio-server", CLOSED_PORT);
+    let out = interop.probe("client", &["connect", &closed, "anyone?"]);
+    assert_closed_without_bytes(&out, &istio.log());
+    interop
+        .our_line(&["reporter=\"source\"", &closed, "503 Service Unavailable"])
+        .await;
+    istio
+        .access_line(&[
+            "direction=\"inbound\"",
+            &format!("dst.hbone_addr={closed}"),
+            "Connection refused",
+        ])
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn our_client_refuses_an_istio_proxy_presenting_another_identity() {
+    let interop = Interop::start().await;
+    // Istio's proxy in istio-server's pod, told it serves istio-client: it presents
+    // istio-client's certificate (valid, from our CA) where istio-server's is due.
+    let istio = interop.istio_as("istio-server", "istio-client", "").await;
+    interop.assert_refused("client", "istio-server", &istio);
+    interop
+        .our_line(&[
+            "reporter=\"source\"",
+            &format!(
+                "peer is {}, expected {}",
+                spiffe("istio-client"),
+                spiffe("istio-server")
+            ),
+        ])
+        .await;
+}
+
+/// Istio's ALLOW admitting only HBONE from `ip` (a `sourceIps` rule).
+fn istio_allow_from(ip: std::net::Ipv4Addr) -> String {
+    format!(
+        "- {{name: allow-from-ip, namespace: {NS}, scope: Namespace, action: Allow, \
+         dryRun: false, rules: [[[{{sourceIps: [{ip}/32]}}]]]}}\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn istios_allow_on_our_client_pods_ip_admits_it_and_the_same_allow_on_another_ip_refuses() {
+    let interop = Interop::start().await;
+    let client = interop.mesh.cluster.pod("client").ip;
+    // Our HBONE leaves from the client pod's own address, as Istio's does.
+    let from_client = format!("src.addr={client}:");
+    {
+        let istio = interop
+            .istio("istio-server", &istio_allow_from(client))
+            .await;
+        let (_echo, server) = interop.echo("istio-server");
+        interop.probe_expecting(
+            "client",
+            &["connect", &server, "admitted"],
+            "reply=istio-server:admitted",
+            &istio,
+        );
+        istio
+            .access_line(&["direction=\"inbound\"", &from_client, "bytes_recv=8"])
+            .await;
+    }
+    // The same ALLOW naming another address (our server pod's) refuses it.
+    let other = interop.mesh.cluster.pod("server").ip;
+    let istio = interop
+        .istio("istio-server", &istio_allow_from(other))
+        .await;
+    interop.assert_refused("client", "istio-server", &istio);
+    istio
+        .access_line(&[
+            "direction=\"inbound\"",
+            &from_client,
+            "allow policies exist, but none allowed",
+        ])
+        .await;
+    interop
+        .our_line(&["reporter=\"source\"", "401 Unauthorized"])
+        .await;
 }

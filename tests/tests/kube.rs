@@ -7,6 +7,10 @@ use std::{net::SocketAddr, time::Duration};
 use serde_json::json;
 use testbed::{
     app::EchoServer,
+    capture::Capture,
+    faults::{
+        assert_no_crash, assert_nothing_plaintext, on_every_node, refused_by_policy, tunnels, Load,
+    },
     kube_api::{Call, FakeApiServer},
     mesh::{eventually, Mesh, TempDir, WorkloadSpec},
     Cluster, ClusterSpec,
@@ -50,6 +54,18 @@ fn assert_granted(calls: &[Call], list: &[Access], own_namespace: &str) {
 async fn unlocated(mesh: &Mesh, n: u32) -> bool {
     let line = format!("ztunnel_pods_unlocated {n}");
     mesh.metrics("node-b").await.lines().any(|l| l == line)
+}
+
+/// Waits until `node`'s state has the policy `name` (or, `present` false, no
+/// longer has it).
+async fn policy_on(mesh: &Mesh, node: &str, name: &str, present: bool) {
+    let what = format!("{name} in force on {node}: {present}");
+    eventually(Duration::from_secs(30), &what, || async {
+        mesh.config_dump(node).await["policies"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|p| p["name"] == name) == present)
+    })
+    .await;
 }
 
 const DENY_CLIENT: &str = "apiVersion: security.istio.io/v1
@@ -112,16 +128,7 @@ async fn tunnels_watching_the_api_server_enroll_their_ambient_pods_and_follow_ch
     // logged and counted, and does not hold the good one back.
     mesh.api().apply_yaml(MALFORMED_POLICY);
     mesh.api().apply_yaml(DENY_CLIENT);
-    eventually(
-        Duration::from_secs(15),
-        "the policy reaches node-b",
-        || async {
-            mesh.config_dump("node-b").await["policies"]
-                .as_array()
-                .is_some_and(|p| p.iter().any(|p| p["name"] == "deny-client"))
-        },
-    )
-    .await;
+    policy_on(&mesh, "node-b", "deny-client", true).await;
     assert!(
         mesh.metrics("node-b")
             .await
@@ -136,39 +143,11 @@ async fn tunnels_watching_the_api_server_enroll_their_ambient_pods_and_follow_ch
     let out = probe(&mesh, "client", &server, "denied");
     assert!(!out.contains("server:denied"), "{out}");
 
-    // An API server outage keeps the last state: still enrolled, still enforced.
-    mesh.api().set_available(false);
-    eventually(
-        Duration::from_secs(15),
-        "the tunnel notices the outage",
-        || async { mesh.log("node-b").contains("watching the API server") },
-    )
-    .await;
-    mesh.wait_enrolled("node-b", "server", true).await.unwrap();
-    assert!(
-        mesh.metrics("node-b")
-            .await
-            .lines()
-            .any(|l| l.starts_with("ztunnel_config_source_errors_total ") && !l.ends_with(" 0")),
-        "the outage is counted"
-    );
-    let out = probe(&mesh, "client", &server, "still-denied");
-    assert!(!out.contains("server:still-denied"), "{out}");
-    mesh.api().set_available(true);
-
-    // Deleting the policy (after the outage: the watch resumes) lets traffic in.
+    // Deleting the policy lets traffic in (an outage in between: see
+    // through_an_api_server_outage_the_tunnels_keep_serving_and_enforcing_then_follow_changes).
     mesh.api()
         .delete(&serde_yaml::from_str(DENY_CLIENT).unwrap());
-    eventually(
-        Duration::from_secs(30),
-        "the deletion reaches node-b",
-        || async {
-            mesh.config_dump("node-b").await["policies"]
-                .as_array()
-                .is_some_and(|p| p.iter().all(|p| p["name"] != "deny-client"))
-        },
-    )
-    .await;
+    policy_on(&mesh, "node-b", "deny-client", false).await;
     let out = probe(&mesh, "client", &server, "again");
     assert!(out.contains("reply=server:again"), "{out}");
 
@@ -382,4 +361,87 @@ async fn the_ca_keeps_its_root_in_a_secret_publishes_it_and_knows_which_node_run
         .is_err());
 
     assert_granted(&api.calls(), k8s::CA, "istio-system");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn through_an_api_server_outage_the_tunnels_keep_serving_and_enforcing_then_follow_changes() {
+    let cluster = Cluster::new(
+        &ClusterSpec::new()
+            .node("node-a", ["client", "client-2"])
+            .node("node-b", ["server"]),
+    )
+    .unwrap();
+    let workloads = [
+        WorkloadSpec::new("client", "demo", "client"),
+        WorkloadSpec::new("client-2", "demo", "other"),
+        WorkloadSpec::new("server", "demo", "server"),
+    ];
+    let mesh = Mesh::start_kube(cluster, &workloads, &["demo"])
+        .await
+        .unwrap();
+    for (node, pod) in [
+        ("node-a", "client"),
+        ("node-a", "client-2"),
+        ("node-b", "server"),
+    ] {
+        mesh.wait_enrolled(node, pod, true).await.unwrap();
+    }
+    let server = SocketAddr::new(mesh.cluster.pod("server").ip.into(), 8080).to_string();
+    let _echo = EchoServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    let denied = || {
+        refused_by_policy(
+            &mesh,
+            PROBE,
+            "client",
+            &server,
+            "node-b",
+            "demo/deny-client",
+        )
+    };
+    let served = |pod: &str, message: &str| {
+        let out = probe(&mesh, pod, &server, message);
+        assert!(out.contains(&format!("reply=server:{message}")), "{out}");
+    };
+    mesh.api().apply_yaml(DENY_CLIENT);
+    eventually(Duration::from_secs(15), "the DENY in force", denied).await;
+
+    let before = tunnels(&mesh);
+    let capture = Capture::start(&mesh.cluster.fabric_netns()).unwrap();
+    let marker = "API-OUTAGE-MARKER-0a9d";
+    let load = Load::start(&mesh, PROBE, "client-2", &server, 6000, marker);
+    // Down: every request refused, the watches cut. Both tunnels notice, count it
+    // and keep the last state: still enrolled, still serving, still denying.
+    mesh.api().set_available(false);
+    eventually(
+        Duration::from_secs(15),
+        "both tunnels count the outage",
+        || on_every_node(&mesh, "ztunnel_config_source_errors_total", |n| n > 0.0),
+    )
+    .await;
+    for node in ["node-a", "node-b"] {
+        assert!(
+            mesh.log(node).contains("watching the API server"),
+            "{node} logs the outage"
+        );
+    }
+    for (node, pod) in [
+        ("node-a", "client"),
+        ("node-a", "client-2"),
+        ("node-b", "server"),
+    ] {
+        mesh.wait_enrolled(node, pod, true).await.unwrap();
+    }
+    served("client-2", "during-outage");
+    assert!(denied().await, "the DENY still denies during the outage");
+
+    // Back, then a change: the policy deleted. The tunnels reconnect and follow.
+    mesh.api().set_available(true);
+    mesh.api()
+        .delete(&serde_yaml::from_str(DENY_CLIENT).unwrap());
+    policy_on(&mesh, "node-b", "deny-client", false).await;
+    served("client", "after-outage");
+    let (ok, failed) = load.finish();
+    assert!(ok > 0 && failed == 0, "ok={ok} failed={failed}");
+    assert_no_crash(&mesh, &before);
+    assert_nothing_plaintext(&mesh, &capture.stop(), marker);
 }

@@ -20,8 +20,9 @@ pub const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The fuzz targets' runner (`cargo xtask fuzz`, and briefly `cargo xtask test`).
 pub const CARGO_FUZZ_VERSION: &str = "0.13.2";
 const NIGHTLY: &str = "nightly";
-/// Debian packages the tests need, with a binary that proves each is there.
-const DEBIAN_PACKAGES: [(&str, &str); 1] = [("iproute2", "ip")];
+/// Debian packages the tests need, with a binary that proves each is there
+/// (nftables: the interop tests redirect an Istio pod's traffic as istio-cni would).
+const DEBIAN_PACKAGES: [(&str, &str); 2] = [("iproute2", "ip"), ("nftables", "nft")];
 
 /// Checks every piece and installs what is missing. `verbose` also reports the
 /// pieces already in place.

@@ -19,7 +19,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what building and testing need (idempotent): iproute2, the nightly
+    /// Install what building and testing need (idempotent): iproute2, nftables, the nightly
     /// toolchain's rust-src, a pinned bpf-linker, cargo-fuzz.
     Bootstrap,
     /// Run every test of the workspace (as root: the tests build real namespaces,

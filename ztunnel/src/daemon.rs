@@ -17,7 +17,7 @@ use http::{Method, StatusCode};
 use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use serde_json::json;
 use tokio::{net::TcpListener, sync::watch, task::JoinSet};
-use tokio_util::task::TaskTracker;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     accept::{AcceptMetrics, Acceptor, Limiter, Limits},
@@ -69,6 +69,9 @@ struct Enrolled {
     netns: Netns,
     allow_plaintext_udp: bool,
     tasks: JoinSet<()>,
+    /// Cancelled when the pod leaves (or is enrolled again): closes the HBONE
+    /// connections dialed from it.
+    gone: CancellationToken,
 }
 
 type EnrolledPods = Mutex<HashMap<(String, String), Enrolled>>;
@@ -414,9 +417,11 @@ async fn reconcile(
     };
     for mut pod in changed {
         pod.tasks.shutdown().await;
+        pod.gone.cancel();
     }
     for mut pod in gone {
         pod.tasks.shutdown().await;
+        pod.gone.cancel();
         if let Err(e) = orig_src::remove_in(&pod.netns) {
             tracing::warn!(pod = %pod.workload.name, "removing the original-source routing: {e}");
         }
@@ -533,14 +538,16 @@ fn enroll(ctx: &Arc<Context>, state: &State, workload: &Arc<Workload>) -> Result
         .enroll(&network)?;
     let netns = listeners.netns.try_clone()?;
     let netns_cookie = listeners.netns_cookie;
-    let tasks =
-        proxy::serve_pod(ctx.clone(), workload.clone(), listeners).context("serving the pod")?;
+    let gone = CancellationToken::new();
+    let tasks = proxy::serve_pod(ctx.clone(), workload.clone(), listeners, gone.clone())
+        .context("serving the pod")?;
     Ok(Enrolled {
         workload: workload.clone(),
         netns_cookie,
         netns,
         allow_plaintext_udp,
         tasks,
+        gone,
     })
 }
 

@@ -12,10 +12,7 @@ use std::{
 use anyhow::{Context, Result};
 
 use super::Refusal;
-use crate::{
-    config::{self, Pod},
-    identity::Identity,
-};
+use crate::{config, identity::Identity};
 
 /// An authenticated caller.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -98,29 +95,18 @@ pub trait NodeAuthorizer: Send + Sync {
 }
 
 /// Local mode: the pods of the config directory, re-read when it changes.
-pub struct LocalPods {
-    dir: PathBuf,
-    cache: Mutex<(config::local::Fingerprint, Vec<Pod>)>,
-}
+pub struct LocalPods(Mutex<config::local::Pods>);
 
 impl LocalPods {
     pub fn new(dir: PathBuf) -> Self {
-        Self {
-            dir,
-            cache: Mutex::new((config::local::Fingerprint::default(), Vec::new())),
-        }
+        Self(Mutex::new(config::local::Pods::new(dir)))
     }
 }
 
 impl NodeAuthorizer for LocalPods {
     fn runs_on(&self, identity: &Identity, node: &str) -> Result<bool, String> {
-        let mut cache = self.cache.lock().expect("not poisoned");
-        let fingerprint = config::local::fingerprint(&self.dir).map_err(|e| format!("{e:#}"))?;
-        if fingerprint != cache.0 {
-            let pods = config::local::load_pods(&self.dir).map_err(|e| format!("{e:#}"))?;
-            *cache = (fingerprint, pods);
-        }
-        Ok(cache.1.iter().any(|pod| {
+        let mut pods = self.0.lock().expect("not poisoned");
+        Ok(pods.current().iter().any(|pod| {
             pod.node_name == node
                 && pod.namespace == identity.namespace()
                 && pod.service_account == identity.service_account()

@@ -726,10 +726,42 @@ pub(super) fn refused_policy(object: &Object) -> Option<String> {
 }
 
 /// Every valid Pod in the directory (for the CA's node checks).
-pub fn load_pods(dir: &Path) -> Result<Vec<Pod>> {
-    let (snapshot, errors) = LocalSource::new(dir).load()?;
-    report(&errors);
-    Ok(snapshot.pods.into_values().collect())
+/// The pods of a directory (for the CA's node checks), read again when it changes.
+/// Like the tunnel's watch, it keeps its last good state: a file that cannot be
+/// read keeps the pods it held, a directory that cannot be read keeps them all.
+pub struct Pods {
+    dir: PathBuf,
+    source: LocalSource,
+    seen: Option<Fingerprint>,
+    pods: Vec<Pod>,
+}
+
+impl Pods {
+    pub fn new(dir: PathBuf) -> Self {
+        Self {
+            source: LocalSource::new(&dir),
+            dir,
+            seen: None,
+            pods: Vec::new(),
+        }
+    }
+
+    /// The pods now, or as last read when the directory cannot be read (logged).
+    pub fn current(&mut self) -> &[Pod] {
+        let reloaded = fingerprint(&self.dir).and_then(|now| {
+            if self.seen.as_ref() != Some(&now) {
+                let (snapshot, errors) = self.source.load()?;
+                report(&errors);
+                self.pods = snapshot.pods.into_values().collect();
+                self.seen = Some(now);
+            }
+            Ok(())
+        });
+        if let Err(e) = reloaded {
+            tracing::warn!("config: {e:#}; keeping the pods last read");
+        }
+        &self.pods
+    }
 }
 
 #[cfg(test)]
@@ -871,6 +903,29 @@ mod tests {
                 .contains("Service demo/web: spec.ports[0].targetPort")),
             "{errors:?}"
         );
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn the_cas_pods_survive_a_corrupt_file_and_a_directory_replaced_by_a_file() {
+        let dir = dir_with(&[("pod.yaml", POD)]);
+        let mut pods = Pods::new(dir.clone());
+        assert_eq!(pods.current().len(), 1);
+        fs::write(dir.join("pod.yaml"), "\u{1}: [not yaml").unwrap();
+        assert_eq!(pods.current().len(), 1, "a corrupt file keeps its pods");
+        let aside = dir.with_extension("aside");
+        fs::rename(&dir, &aside).unwrap();
+        fs::write(&dir, "not a directory").unwrap();
+        assert_eq!(
+            pods.current().len(),
+            1,
+            "an unreadable directory keeps them all"
+        );
+        fs::remove_file(&dir).unwrap();
+        fs::rename(&aside, &dir).unwrap();
+        fs::write(dir.join("pod.yaml"), POD.replace("sleep", "other")).unwrap();
+        let names: Vec<_> = pods.current().iter().map(|p| p.name.clone()).collect();
+        assert_eq!(names, ["other"], "fixed: read again");
         fs::remove_dir_all(dir).unwrap();
     }
 }

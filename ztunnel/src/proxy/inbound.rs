@@ -90,6 +90,9 @@ async fn hbone_connection(
         .await
         .context("mTLS handshake")?;
     let peer_identity = tls::peer_identity(tls.get_ref().1.peer_certificates())?;
+    // Once per pooled connection: where HBONE comes from (a source pod's own
+    // address, from tunnels that dial inside the pod as Istio's does).
+    tracing::info!(target: "hbone", pod = %pod.name, %peer, identity = %peer_identity, "HBONE connection accepted");
     let settings = ctx.hbone.clone();
     let service = hyper::service::service_fn(move |req| {
         let (ctx, pod, peer_identity) = (ctx.clone(), pod.clone(), peer_identity.clone());

@@ -6,6 +6,7 @@ pub mod dns;
 pub mod inbound;
 pub mod outbound;
 pub mod pool;
+mod relay;
 
 use std::{
     net::SocketAddr,
@@ -13,12 +14,10 @@ use std::{
     time::Instant,
 };
 
-use tokio::{
-    io::{AsyncRead, AsyncWrite},
-    sync::watch,
-    task::JoinSet,
-};
+use tokio::{sync::watch, task::JoinSet};
 use tokio_util::task::TaskTracker;
+
+pub use relay::relay;
 
 use crate::{
     accept::{Acceptor, Source},
@@ -30,10 +29,6 @@ use crate::{
     redirect::{PodListeners, Redirector},
     state::{State, Workload},
 };
-
-/// Bytes moved per read/write when relaying: large enough for throughput, small
-/// enough for many idle connections.
-const RELAY_BUFFER: usize = 64 * 1024;
 
 /// What every connection handler shares.
 pub struct Context {
@@ -156,15 +151,20 @@ impl Context {
 }
 
 /// Serves one enrolled pod's listeners until the returned set is dropped. Every
-/// connection made on the pod's behalf is dialed from inside its namespace.
+/// connection made on the pod's behalf is dialed from inside its namespace; its
+/// pooled HBONE connections are closed when `gone` is cancelled (the pod left the
+/// mesh: not when the tunnel drains, which lets open streams finish).
 pub fn serve_pod(
     ctx: Arc<Context>,
     workload: Arc<Workload>,
     listeners: PodListeners,
+    gone: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<JoinSet<()>> {
     let mut tasks = JoinSet::new();
     let cookie = listeners.netns_cookie;
     let sockets = SocketFactory::new(&listeners.netns)?;
+    // The pod's HBONE connections are dialed from inside it.
+    let origin = pool::PodOrigin::new(workload.ip, sockets.clone(), gone);
     let delivery = Delivery::new(
         ctx.orig_src.clone(),
         sockets.clone(),
@@ -186,7 +186,7 @@ pub fn serve_pod(
         workload.clone(),
         cookie,
         outbound,
-        sockets.clone(),
+        origin,
     ));
     tasks.spawn(inbound::serve_hbone(
         ctx.clone(),
@@ -317,13 +317,4 @@ impl Record {
             "connection"
         );
     }
-}
-
-/// Relays both ways until both sides are done; returns (client→server, server→client).
-pub async fn relay<A, B>(client: &mut A, server: &mut B) -> std::io::Result<(u64, u64)>
-where
-    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
-{
-    tokio::io::copy_bidirectional_with_sizes(client, server, RELAY_BUFFER, RELAY_BUFFER).await
 }

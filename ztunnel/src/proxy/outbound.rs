@@ -11,7 +11,10 @@ use anyhow::{Context as _, Result};
 use http::{HeaderMap, HeaderValue};
 use hyper_util::rt::TokioIo;
 
-use super::{relay, Context, Record};
+use super::{
+    pool::{Origin, PodOrigin},
+    relay, Context, Record,
+};
 use crate::{
     accept::{Acceptor, Conn},
     netns::SocketFactory,
@@ -48,13 +51,13 @@ pub async fn serve(
     source: Arc<Workload>,
     netns_cookie: u64,
     acceptor: Acceptor,
-    sockets: SocketFactory,
+    origin: PodOrigin,
 ) {
     loop {
         let (stream, peer) = acceptor.accept().await;
-        let (ctx2, source, sockets) = (ctx.clone(), source.clone(), sockets.clone());
+        let (ctx2, source, origin) = (ctx.clone(), source.clone(), origin.clone());
         ctx.connections.spawn(async move {
-            handle(ctx2, source, netns_cookie, stream, peer, sockets).await;
+            handle(ctx2, source, netns_cookie, stream, peer, origin).await;
         });
     }
 }
@@ -65,7 +68,7 @@ async fn handle(
     netns_cookie: u64,
     mut stream: Conn,
     peer: SocketAddr,
-    sockets: SocketFactory,
+    origin: PodOrigin,
 ) {
     let _ = stream.set_nodelay(true);
     let mut record = Record {
@@ -132,7 +135,7 @@ async fn handle(
             record.destination_service = service;
             record.mtls = true;
             record.opened(&ctx.metrics);
-            hbone(&ctx, &source, &workload, port, &mut stream).await
+            hbone(&ctx, &origin, &source, &workload, port, &mut stream).await
         }
         Route::Waypoint {
             waypoint,
@@ -146,6 +149,7 @@ async fn handle(
             record.opened(&ctx.metrics);
             hbone_to(
                 &ctx,
+                &origin,
                 &source,
                 &waypoint,
                 SocketAddr::V4(authority),
@@ -161,7 +165,13 @@ async fn handle(
             record.destination = workload;
             record.destination_service = service;
             record.opened(&ctx.metrics);
-            passthrough(&sockets, address, ctx.hbone.connect_timeout, &mut stream).await
+            passthrough(
+                origin.sockets(),
+                address,
+                ctx.hbone.connect_timeout,
+                &mut stream,
+            )
+            .await
         }
     };
     match result {
@@ -270,18 +280,31 @@ fn waypoint_pod(
 
 async fn hbone(
     ctx: &Context,
+    origin: &PodOrigin,
     source: &Arc<Workload>,
     destination: &Arc<Workload>,
     port: u16,
     stream: &mut Conn,
 ) -> Result<(u64, u64)> {
     let authority = SocketAddr::new(IpAddr::V4(destination.ip), port);
-    hbone_to(ctx, source, destination, authority, stream).await
+    hbone_to(ctx, origin, source, destination, authority, stream).await
+}
+
+/// Where HBONE from `source` to `peer` is dialed: from inside the source pod, so it
+/// leaves from the pod's own address (peers, `ipBlocks` and NetworkPolicies see the
+/// pod, not the node); but to the pod itself from the node, since inside the pod
+/// its own address is local and the inbound capture does not take it there.
+fn hbone_origin(origin: &PodOrigin, source: &Workload, peer: &Workload) -> Origin {
+    match peer.ip == source.ip {
+        true => Origin::Local,
+        false => Origin::Pod(origin.clone()),
+    }
 }
 
 /// HBONE to `peer`'s port 15008 (a workload's tunnel, or a waypoint), for `authority`.
 async fn hbone_to(
     ctx: &Context,
+    origin: &PodOrigin,
     source: &Arc<Workload>,
     peer: &Arc<Workload>,
     authority: SocketAddr,
@@ -297,7 +320,8 @@ async fn hbone_to(
     );
     let (upgraded, _guard) = ctx
         .pool
-        .connect(
+        .connect_from(
+            &hbone_origin(origin, source, peer),
             &cert,
             &destination.identity,
             address,

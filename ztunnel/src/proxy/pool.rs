@@ -1,11 +1,14 @@
 //! HBONE client connections, pooled: many CONNECT streams share one mTLS HTTP/2
-//! connection per (source identity, destination identity, destination address).
+//! connection per (origin, source identity, destination identity, destination
+//! address). The node tunnel's origin is the source pod: its connections are dialed
+//! from inside the pod's network namespace, so they leave from the pod's own
+//! address, and two pods never share one.
 
 use std::{
     collections::HashMap,
     net::{Ipv4Addr, SocketAddr},
     sync::{
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex,
     },
     time::{Duration, Instant},
@@ -20,8 +23,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
+use tokio_util::sync::CancellationToken;
 
-use crate::{certs::WorkloadCert, identity::Identity};
+use crate::{certs::WorkloadCert, identity::Identity, netns::SocketFactory};
 
 /// HTTP/2 and pool settings.
 #[derive(Clone, Debug)]
@@ -51,8 +55,71 @@ impl Default for PoolSettings {
     }
 }
 
+/// Where a pooled connection's TCP connection is dialed from.
+#[derive(Clone, Default)]
+pub enum Origin {
+    /// The calling process's own network namespace (the waypoint, in its pod).
+    #[default]
+    Local,
+    /// Inside a source pod, from its address.
+    Pod(PodOrigin),
+}
+
+/// One enrollment of a source pod: its socket factory, and a token cancelled when
+/// the pod is no longer served (every connection dialed from it is then closed).
+#[derive(Clone)]
+pub struct PodOrigin {
+    id: u64,
+    ip: Ipv4Addr,
+    sockets: SocketFactory,
+    gone: CancellationToken,
+}
+
+impl PodOrigin {
+    /// `gone` is cancelled when the pod leaves (or is enrolled again).
+    pub fn new(ip: Ipv4Addr, sockets: SocketFactory, gone: CancellationToken) -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        Self {
+            id: NEXT.fetch_add(1, Ordering::Relaxed),
+            ip,
+            sockets,
+            gone,
+        }
+    }
+
+    /// The pod's socket factory (its other connections are dialed there too).
+    pub fn sockets(&self) -> &SocketFactory {
+        &self.sockets
+    }
+}
+
+/// What a pool key knows of an origin: the pod (and which enrollment of it).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+enum OriginKey {
+    Local,
+    Pod { ip: Ipv4Addr, id: u64 },
+}
+
+impl Origin {
+    fn key(&self) -> OriginKey {
+        match self {
+            Self::Local => OriginKey::Local,
+            Self::Pod(p) => OriginKey::Pod { ip: p.ip, id: p.id },
+        }
+    }
+
+    /// Cancelled when the origin is gone (never, for the local namespace).
+    fn gone(&self) -> Option<&CancellationToken> {
+        match self {
+            Self::Local => None,
+            Self::Pod(p) => Some(&p.gone),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 struct Key {
+    origin: OriginKey,
     source: Identity,
     destination: Identity,
     address: SocketAddr,
@@ -75,7 +142,9 @@ impl Drop for StreamGuard {
 
 /// How long a failed dial's error is given to new connections to the same place
 /// without dialing again: long enough that a burst fails together, short enough
-/// that a destination back up is used at once.
+/// that a destination back up is used at once. Per source pod, like the key: a
+/// dial from one pod says nothing of another's (its namespace's routes, what the
+/// destination's network policy admits from its address).
 const NEGATIVE_CACHE: Duration = Duration::from_secs(1);
 
 /// Dials a connection may start or join before giving up (each brought a
@@ -116,7 +185,8 @@ impl Pool {
     }
 
     /// Opens a CONNECT stream to `authority` through `address` (the destination's
-    /// HBONE port), as `source`, requiring the server to be `destination`.
+    /// HBONE port), as `source`, requiring the server to be `destination`, dialed
+    /// from this process's own network namespace.
     pub async fn connect(
         &self,
         source: &Arc<WorkloadCert>,
@@ -125,12 +195,35 @@ impl Pool {
         authority: SocketAddr,
         headers: http::HeaderMap,
     ) -> Result<(hyper::upgrade::Upgraded, StreamGuard)> {
+        self.connect_from(
+            &Origin::Local,
+            source,
+            destination,
+            address,
+            authority,
+            headers,
+        )
+        .await
+    }
+
+    /// Like [`Pool::connect`], on a connection dialed from `origin` (one pooled
+    /// connection per origin: a source pod's streams share only its own).
+    pub async fn connect_from(
+        &self,
+        origin: &Origin,
+        source: &Arc<WorkloadCert>,
+        destination: &Identity,
+        address: SocketAddr,
+        authority: SocketAddr,
+        headers: http::HeaderMap,
+    ) -> Result<(hyper::upgrade::Upgraded, StreamGuard)> {
         let key = Key {
+            origin: origin.key(),
             source: source.identity.clone(),
             destination: destination.clone(),
             address,
         };
-        let (mut sender, guard) = self.slot(&key, source).await?;
+        let (mut sender, guard) = self.slot(&key, origin, source).await?;
         let mut request = Request::builder()
             .method(Method::CONNECT)
             .uri(authority.to_string())
@@ -158,6 +251,7 @@ impl Pool {
     async fn slot(
         &self,
         key: &Key,
+        origin: &Origin,
         source: &Arc<WorkloadCert>,
     ) -> Result<(SendRequest<Empty<Bytes>>, StreamGuard)> {
         for _ in 0..DIAL_ROUNDS {
@@ -168,7 +262,10 @@ impl Pool {
             let (result, _) = dial
                 .0
                 .get_or_init(|| async {
-                    let result = match self.open(source, &key.destination, key.address).await {
+                    let opened = self
+                        .open(origin, source, &key.destination, key.address)
+                        .await;
+                    let result = match opened {
                         Ok(connection) => {
                             self.connections
                                 .lock()
@@ -235,22 +332,54 @@ impl Pool {
 
     async fn open(
         &self,
+        origin: &Origin,
         source: &Arc<WorkloadCert>,
         destination: &Identity,
         address: SocketAddr,
     ) -> Result<Connection> {
         let s = &self.settings;
-        let tcp = tokio::time::timeout(s.connect_timeout, TcpStream::connect(address))
-            .await
-            .with_context(|| format!("connecting to {address} timed out"))?
-            .with_context(|| format!("connecting to {address}"))?;
-        tcp.set_nodelay(true)?;
+        let tcp = match origin {
+            Origin::Local => {
+                let tcp = tokio::time::timeout(s.connect_timeout, TcpStream::connect(address))
+                    .await
+                    .with_context(|| format!("connecting to {address} timed out"))?
+                    .with_context(|| format!("connecting to {address}"))?;
+                tcp.set_nodelay(true)?;
+                tcp
+            }
+            Origin::Pod(pod) => {
+                if pod.gone.is_cancelled() {
+                    bail!("the source pod {} is no longer served", pod.ip);
+                }
+                pod.sockets
+                    .connect(address, s.connect_timeout)
+                    .await
+                    .with_context(|| format!("connecting to {address} from the pod {}", pod.ip))?
+            }
+        };
         let connector = TlsConnector::from(source.client_config(destination.clone())?);
         let name = ServerName::IpAddress(address.ip().into());
         let tls = tokio::time::timeout(s.connect_timeout, connector.connect(name, tcp))
             .await
             .with_context(|| format!("TLS handshake with {address} timed out"))?
             .with_context(|| format!("mTLS handshake with {address} (expecting {destination})"))?;
+        // A pod's connections end with it (left the mesh, or enrolled again).
+        let gone = origin.gone().cloned().unwrap_or_default();
+        self.http2(tls, address, gone).await
+    }
+
+    /// The HTTP/2 client over an established stream, driven until it ends or
+    /// `gone` is cancelled.
+    async fn http2<T>(
+        &self,
+        io: T,
+        address: SocketAddr,
+        gone: CancellationToken,
+    ) -> Result<Connection>
+    where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let s = &self.settings;
         let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .initial_stream_window_size(s.stream_window)
@@ -259,12 +388,17 @@ impl Pool {
             .keep_alive_interval(s.keepalive_interval)
             .keep_alive_timeout(s.keepalive_timeout)
             .keep_alive_while_idle(true)
-            .handshake(TokioIo::new(tls))
+            .handshake(TokioIo::new(io))
             .await
             .context("HTTP/2 handshake")?;
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(%address, "HBONE connection ended: {e}");
+            tokio::select! {
+                result = connection => if let Err(e) = result {
+                    tracing::debug!(%address, "HBONE connection ended: {e}");
+                },
+                _ = gone.cancelled() => {
+                    tracing::debug!(%address, "HBONE connection closed: its source pod is no longer served");
+                }
             }
         });
         Ok(Connection {
@@ -314,8 +448,9 @@ impl Pool {
             .lock()
             .expect("not poisoned")
             .values()
-            .map(Vec::len)
-            .sum()
+            .flatten()
+            .filter(|c| !c.sender.is_closed())
+            .count()
     }
 }
 
@@ -326,10 +461,77 @@ mod tests {
     fn key() -> Key {
         let id: Identity = "spiffe://cluster.local/ns/a/sa/b".parse().unwrap();
         Key {
+            origin: OriginKey::Local,
             source: id.clone(),
             destination: id,
             address: "10.0.0.1:15008".parse().unwrap(),
         }
+    }
+
+    /// A pooled connection to an HTTP/2 server in this process, closed when `gone`
+    /// is cancelled.
+    async fn served(pool: &Pool, gone: CancellationToken) -> Arc<Connection> {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new()).serve_connection(
+                TokioIo::new(server),
+                hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(Empty::<Bytes>::new()))
+                }),
+            ),
+        );
+        let address = "10.0.0.1:15008".parse().unwrap();
+        Arc::new(pool.http2(client, address, gone).await.unwrap())
+    }
+
+    fn pooled(pool: &Pool, key: &Key, connection: Arc<Connection>) {
+        pool.connections
+            .lock()
+            .unwrap()
+            .entry(key.clone())
+            .or_default()
+            .push(connection);
+    }
+
+    #[tokio::test]
+    async fn two_source_pods_never_share_a_connection_and_a_pods_close_when_it_goes() {
+        let pool = Pool::default();
+        let pod = |ip: [u8; 4], id| Key {
+            origin: OriginKey::Pod { ip: ip.into(), id },
+            ..key()
+        };
+        // Same identities and destination; other pods, or the same pod enrolled
+        // again (a new namespace behind its address).
+        let (a, b, a_again) = (
+            pod([10, 0, 0, 2], 1),
+            pod([10, 0, 0, 3], 2),
+            pod([10, 0, 0, 2], 3),
+        );
+        let (a_gone, b_gone) = (CancellationToken::new(), CancellationToken::new());
+        pooled(&pool, &a, served(&pool, a_gone.clone()).await);
+        for other in [&b, &a_again, &key()] {
+            assert!(
+                pool.take_slot(other).is_none(),
+                "{other:?} was given {a:?}'s connection"
+            );
+        }
+        let (_, stream) = pool.take_slot(&a).expect("a's own connection");
+        pooled(&pool, &b, served(&pool, b_gone.clone()).await);
+        assert_eq!(pool.connection_count(), 2);
+
+        // a leaves: its connection closes, even with a stream open; b's stays.
+        a_gone.cancel();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pool.connection_count() != 1 {
+            assert!(Instant::now() < deadline, "a's connection is still open");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drop(stream);
+        assert!(
+            pool.take_slot(&a).is_none(),
+            "a closed connection handed out"
+        );
+        assert!(pool.take_slot(&b).is_some(), "b's connection survived");
     }
 
     fn finished(result: Result<(), String>, ago: Duration) -> Arc<Dial> {

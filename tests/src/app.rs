@@ -295,6 +295,11 @@ impl HttpServer {
     pub fn requests(&self) -> Vec<String> {
         self.seen.lock().expect("not poisoned").clone()
     }
+
+    /// Stops the server and returns the peer address of every connection it took.
+    pub fn stop(self) -> Result<Vec<SocketAddr>> {
+        self._inner.stop()
+    }
 }
 
 /// Answers with `<pod>:<what it read>` once the client has shut down its side.

@@ -54,10 +54,10 @@ async fn pods_talk_across_nodes_through_the_mesh_with_their_identities() {
         &["connect", &addr(&mesh, "server", 8080), "hello"],
     );
     assert!(out.contains("reply=server:hello"), "{out}");
-    // The application was reached by its node's tunnel, from inside the pod.
+    // The application was reached by its node's tunnel, from the client's address.
     let peers = echo.stop().unwrap();
     assert_eq!(peers.len(), 1);
-    assert_eq!(peers[0].ip(), server.ip);
+    assert_eq!(peers[0].ip(), mesh.cluster.pod("client").ip);
 
     // Counted on both sides with Istio's names and labels (at close: wait for it).
     eventually(Duration::from_secs(15), "source metrics", || async {
@@ -99,8 +99,8 @@ async fn pods_on_the_same_node_talk_through_the_mesh() {
     assert!(out.contains("reply=local-server:near"), "{out}");
     assert_eq!(
         echo.stop().unwrap()[0].ip(),
-        local.ip,
-        "delivered by the tunnel"
+        mesh.cluster.pod("client").ip,
+        "delivered by the tunnel from the client's address"
     );
     eventually(
         Duration::from_secs(15),
@@ -306,8 +306,8 @@ async fn a_config_edit_is_picked_up_without_restart_and_broken_yaml_is_ignored()
     );
     assert_eq!(
         peers[1].ip(),
-        plain.ip,
-        "through the mesh it is delivered inside the pod"
+        mesh.cluster.pod("client").ip,
+        "through the mesh it is delivered from the client's address"
     );
     for node in ["node-a", "node-b"] {
         eventually(Duration::from_secs(15), "broken.yaml reported", || async {
@@ -486,8 +486,8 @@ async fn plaintext_from_outside_the_mesh_is_delivered_with_no_identity() {
     assert!(out.contains("reply=server:clear"), "{out}");
     assert_eq!(
         echo.stop().unwrap()[0].ip(),
-        server.ip,
-        "delivered by the tunnel"
+        mesh.cluster.pod("plain").ip,
+        "delivered by the tunnel from the client's address"
     );
     // Its address names a workload, but nothing proves it: no principal.
     eventually(

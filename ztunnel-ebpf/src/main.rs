@@ -14,8 +14,8 @@ use aya_ebpf::{
     EbpfContext,
 };
 use ztunnel_ebpf_common::{
-    ConnKey, ListenerKey, OrigDst, PodConfig, DNS_PORT, FLAG_ALLOW_PLAINTEXT_UDP, HBONE_PORT,
-    LISTENER_HBONE, LISTENER_PLAINTEXT, LOCALHOST, OUTBOUND_PORT, TUNNEL_MARK,
+    ConnKey, DeliveryKey, ListenerKey, OrigDst, PodConfig, DNS_PORT, FLAG_ALLOW_PLAINTEXT_UDP,
+    HBONE_PORT, LISTENER_HBONE, LISTENER_PLAINTEXT, LOCALHOST, OUTBOUND_PORT, TUNNEL_MARK,
 };
 
 const AF_INET: u32 = 2;
@@ -49,6 +49,9 @@ static DNS_ORIG: LruHashMap<u64, OrigDst> = LruHashMap::pinned(16_384, 0);
 
 #[map(name = "ZT_LISTENERS")]
 static LISTENERS: SockHash<ListenerKey> = SockHash::pinned(32_768, 0);
+
+#[map(name = "ZT_DELIVERIES")]
+static DELIVERIES: LruHashMap<DeliveryKey, u8> = LruHashMap::pinned(65_536, 0);
 
 /// What a sock_addr call is about, read once from the context.
 struct Call {
@@ -358,16 +361,29 @@ pub fn redirect_inbound(ctx: SkLookupContext) -> u32 {
         return SK_PASS;
     }
     // SAFETY: as above.
-    let (local, remote, local_port) = unsafe {
+    let (local, remote, local_port, remote_port) = unsafe {
         (
             read_volatile(&(*l).local_ip4),
             read_volatile(&(*l).remote_ip4),
             read_volatile(&(*l).local_port),
+            u16::from_be(read_volatile(&(*l).remote_port)),
         )
     };
     // The pod talking to itself (and the tunnel delivering to the application from
     // the pod's own address) is loopback traffic: untouched.
     if remote == local || is_loopback(local) {
+        return SK_PASS;
+    }
+    // The tunnel delivering to the application from the client's address: the
+    // daemon filed this exact connection just before connecting.
+    let delivery = DeliveryKey {
+        remote_ip: remote,
+        local_ip: local,
+        remote_port,
+        local_port: local_port as u16,
+    };
+    // SAFETY: read-only lookup; only presence matters.
+    if unsafe { DELIVERIES.get(&delivery) }.is_some() {
         return SK_PASS;
     }
     let kind = if local_port == u32::from(HBONE_PORT) {

@@ -27,6 +27,7 @@ use crate::{
     http_server::{self, Handler},
     metrics::{self, PolicyMetrics, TcpMetrics},
     netns::Netns,
+    orig_src::{self, OrigSrc},
     proxy::{self, pool::Pool, Context},
     redirect::{PodNetwork, RedirectConfig, Redirector},
     state::{MeshSettings, State, Workload},
@@ -142,10 +143,11 @@ pub async fn run(options: RunOptions, set_log_level: SetLogLevel) -> Result<()> 
     cert_config.ttl = options.cert_ttl;
     let certs = CertManager::new(Arc::new(ca), cert_config, &mut registry);
 
-    let redirector = Redirector::start(RedirectConfig {
+    let mut redirector = Redirector::start(RedirectConfig {
         pin_dir: options.pin_dir.clone(),
         pod_cgroup_root: options.pod_cgroup_root.clone(),
     })?;
+    let orig_src = Arc::new(OrigSrc::new(redirector.take_deliveries()?, &mut registry));
     let settings = proxy::pool::PoolSettings::default();
     let accept_metrics = AcceptMetrics::register(&mut registry);
     tracing::info!(limits = ?options.limits, "connection limits");
@@ -165,6 +167,7 @@ pub async fn run(options: RunOptions, set_log_level: SetLogLevel) -> Result<()> 
             Default::default(),
             &mut registry,
         )),
+        orig_src,
     });
     let enroll_metrics = EnrollMetrics::register(&mut registry);
 
@@ -332,6 +335,7 @@ fn release_leftovers(ctx: &Context, state: &State, enrolled: &EnrolledPods) {
         Ok(pinned) => pinned,
         Err(e) => return tracing::warn!("listing enrolled pods: {e:#}"),
     };
+    let mut released = std::collections::HashSet::new();
     for (cookie, ip) in pinned {
         if ours.contains(&cookie) || waiting.contains(&ip) {
             continue;
@@ -342,6 +346,9 @@ fn release_leftovers(ctx: &Context, state: &State, enrolled: &EnrolledPods) {
                 true => Ok(()),
                 false => redirect.remove_listeners(ip),
             });
+        if result.is_ok() {
+            released.insert(cookie);
+        }
         match result {
             Ok(()) if served.contains(&ip) => {
                 tracing::info!(%ip, "released a superseded enrollment of a pod enrolled again")
@@ -352,6 +359,16 @@ fn release_leftovers(ctx: &Context, state: &State, enrolled: &EnrolledPods) {
             Err(e) => tracing::warn!(%ip, "releasing a leftover pod: {e:#}"),
         }
     }
+    if released.is_empty() {
+        return;
+    }
+    // Their namespaces are known only by cookie: found by looking at every one.
+    tokio::task::spawn_blocking(move || {
+        let (_, failed) = orig_src::remove_by_cookie(&released);
+        for failure in failed {
+            tracing::warn!("original-source routing left in a released pod: {failure}");
+        }
+    });
 }
 
 async fn reconcile(
@@ -405,6 +422,9 @@ async fn reconcile(
     for mut pod in gone {
         pod.tasks.shutdown().await;
         pod.gone.cancel();
+        if let Err(e) = orig_src::remove_in(&pod.netns) {
+            tracing::warn!(pod = %pod.workload.name, "removing the original-source routing: {e}");
+        }
         let still_served = enrolled
             .lock()
             .expect("not poisoned")

@@ -2,7 +2,8 @@
 //!
 //! Data flows one way: `config` → state → proxy. Around it: `identity` and `certs`
 //! (workload certificates from the `ca`), `tls` (mTLS with SPIFFE identities),
-//! `redirect` (the eBPF capture), `metrics` and `admin`.
+//! `redirect` (the eBPF capture), `orig_src` (delivery from the client's address),
+//! `metrics` and `admin`.
 pub mod accept;
 pub mod admin;
 pub mod ca;
@@ -18,6 +19,7 @@ pub mod jwt;
 pub mod k8s;
 pub mod metrics;
 pub mod netns;
+pub mod orig_src;
 pub mod path_normalization;
 pub mod policy;
 pub mod proxy;

@@ -44,7 +44,9 @@ enum Command {
     /// Remove this node's redirection when the mesh is deleted: unpins the links
     /// (detaching the programs from the pod cgroup root and every pod's network
     /// namespace) and the maps, so that pods are no longer captured into a tunnel
-    /// that is gone. Run it after the tunnel has stopped (deploy/uninstall.yaml).
+    /// that is gone, and removes the original-source routing rule and table from
+    /// the pods it enrolled. Run it after the tunnel has stopped
+    /// (deploy/uninstall.yaml).
     Uninstall {
         /// The tunnel's --pin-dir.
         #[arg(long, default_value = "/sys/fs/bpf/ztunnel")]
@@ -307,6 +309,14 @@ fn main() {
                 })
             }
             Command::Uninstall { pin_dir, wait } => {
+                // First, while the pins still say which pods were enrolled.
+                let (cleaned, failed) = ztunnel::orig_src::uninstall(&pin_dir);
+                if cleaned > 0 {
+                    println!("removed the original-source routing from {cleaned} pods");
+                }
+                for failure in &failed {
+                    eprintln!("ztunnel: warning: original-source routing left in place: {failure}");
+                }
                 match ztunnel::redirect::uninstall(&pin_dir) {
                     Ok(0) => println!("nothing pinned at {}: nothing to remove", pin_dir.display()),
                     Ok(n) => println!(

@@ -33,8 +33,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use ztunnel_ebpf_common::{
-    maps, ConnKey, ListenerKey, OrigDst, PodConfig, FLAG_ALLOW_PLAINTEXT_UDP, LISTENER_HBONE,
-    LISTENER_PLAINTEXT,
+    maps, ConnKey, DeliveryKey, ListenerKey, OrigDst, PodConfig, FLAG_ALLOW_PLAINTEXT_UDP,
+    LISTENER_HBONE, LISTENER_PLAINTEXT,
 };
 pub use ztunnel_ebpf_common::{DNS_PORT, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 
@@ -297,6 +297,15 @@ impl Redirector {
             Ipv4Addr::from(orig.ip.to_ne_bytes()),
             orig.port,
         ))
+    }
+
+    /// The map of deliveries from a client's address that `sk_lookup` lets
+    /// through (see [`crate::orig_src`]); there is one, taken once.
+    pub fn take_deliveries(&mut self) -> Result<HashMap<MapData, DeliveryKey, u8>> {
+        Ok(HashMap::try_from(take_map(
+            &mut self.ebpf,
+            maps::DELIVERIES,
+        )?)?)
     }
 
     /// Netns cookies of every pod enrolled, including by a previous run.

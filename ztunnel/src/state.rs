@@ -419,6 +419,13 @@ impl State {
         self.waypoints.get(key)
     }
 
+    /// Whether `identity` is that of a pod serving some waypoint.
+    pub fn is_waypoint_identity(&self, identity: &crate::identity::Identity) -> bool {
+        self.waypoints
+            .values()
+            .any(|w| w.pods.iter().any(|p| p.identity == *identity))
+    }
+
     pub fn workload_by_ip(&self, ip: Ipv4Addr) -> Option<&Arc<Workload>> {
         self.by_ip.get(&ip)
     }

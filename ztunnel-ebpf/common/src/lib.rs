@@ -17,6 +17,13 @@ pub const DNS_PORT: u16 = 15053;
 /// `SO_MARK` the tunnel puts on sockets it opens inside a pod; the programs never
 /// capture a socket carrying it. Same value as Istio's ztunnel.
 pub const TUNNEL_MARK: u32 = 0x539;
+/// `SO_MARK` of the tunnel's delivery sockets that carry the client's address into
+/// a pod (see `ztunnel/src/orig_src.rs`): the pod's policy routing sends what is
+/// marked with it back to the tunnel over loopback. Deliberately not
+/// [`TUNNEL_MARK`]: the tunnel's other sockets in the pod must route normally. The
+/// programs need not skip it: a delivery connects to the pod's own address, which
+/// is never captured.
+pub const ORIG_SRC_MARK: u32 = 0x53a;
 
 /// 127.0.0.1 as the programs see it.
 pub const LOCALHOST: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
@@ -33,6 +40,9 @@ pub mod maps {
     pub const DNS_ORIG: &str = "ZT_DNS_ORIG";
     /// [`crate::ListenerKey`] → the tunnel's listening socket for that pod.
     pub const LISTENERS: &str = "ZT_LISTENERS";
+    /// [`crate::DeliveryKey`] → 0: connections the tunnel is opening to an
+    /// application from the client's address, which `sk_lookup` lets through.
+    pub const DELIVERIES: &str = "ZT_DELIVERIES";
 }
 
 /// An enrolled pod, keyed by its network namespace cookie.
@@ -82,14 +92,30 @@ pub struct ListenerKey {
     pub kind: u32,
 }
 
+/// A connection the tunnel makes inside a pod from a client's address to the
+/// application: it must reach the application, not the tunnel's own listener.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DeliveryKey {
+    /// The client's address the tunnel bound to (network order).
+    pub remote_ip: u32,
+    /// The application's address: the pod's IP (network order).
+    pub local_ip: u32,
+    /// Host order.
+    pub remote_port: u16,
+    /// Host order.
+    pub local_port: u16,
+}
+
 pub const LISTENER_PLAINTEXT: u32 = 0;
 pub const LISTENER_HBONE: u32 = 1;
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all four are repr(C), Copy, and padding-free with explicit pad fields.
+    // SAFETY: all five are repr(C), Copy, and padding-free with explicit pad fields.
     unsafe impl aya::Pod for super::PodConfig {}
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::ConnKey {}
     unsafe impl aya::Pod for super::ListenerKey {}
+    unsafe impl aya::Pod for super::DeliveryKey {}
 }

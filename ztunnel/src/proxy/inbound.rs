@@ -21,7 +21,7 @@ use super::{relay, Context, Record};
 use crate::{
     accept::{Acceptor, Conn},
     identity::Identity,
-    netns::SocketFactory,
+    orig_src::Delivery,
     policy::Connection,
     redirect::is_tunnel_port,
     state::Workload,
@@ -34,7 +34,7 @@ pub async fn serve_hbone(
     ctx: Arc<Context>,
     pod: Arc<Workload>,
     acceptor: Acceptor,
-    sockets: SocketFactory,
+    delivery: Delivery,
 ) {
     // The TLS config for the pod's current certificate, rebuilt when it rotates.
     let mut current: Option<(String, TlsAcceptor)> = None;
@@ -66,9 +66,9 @@ pub async fn serve_hbone(
                 continue;
             }
         };
-        let (ctx2, pod, sockets) = (ctx.clone(), pod.clone(), sockets.clone());
+        let (ctx2, pod, delivery) = (ctx.clone(), pod.clone(), delivery.clone());
         ctx.connections.spawn(async move {
-            if let Err(e) = hbone_connection(ctx2, pod.clone(), acceptor, tcp, peer, sockets).await
+            if let Err(e) = hbone_connection(ctx2, pod.clone(), acceptor, tcp, peer, delivery).await
             {
                 tracing::debug!(pod = %pod.name, %peer, "HBONE connection: {e:#}");
             }
@@ -82,7 +82,7 @@ async fn hbone_connection(
     acceptor: TlsAcceptor,
     tcp: Conn,
     peer: SocketAddr,
-    sockets: SocketFactory,
+    delivery: Delivery,
 ) -> Result<()> {
     let tls = tcp
         .handshake()
@@ -96,8 +96,8 @@ async fn hbone_connection(
     let settings = ctx.hbone.clone();
     let service = hyper::service::service_fn(move |req| {
         let (ctx, pod, peer_identity) = (ctx.clone(), pod.clone(), peer_identity.clone());
-        let sockets = sockets.clone();
-        async move { Ok::<_, Infallible>(connect(ctx, pod, peer_identity, peer, req, &sockets).await) }
+        let delivery = delivery.clone();
+        async move { Ok::<_, Infallible>(connect(ctx, pod, peer_identity, peer, req, &delivery).await) }
     });
     hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
@@ -127,11 +127,12 @@ async fn connect(
     peer_identity: Identity,
     peer: SocketAddr,
     mut req: Request<Incoming>,
-    sockets: &SocketFactory,
+    delivery: &Delivery,
 ) -> Response<Empty<Bytes>> {
     let state = ctx.snapshot();
+    let forwarded = forwarded_for(&req);
     // The client's workload, when its claimed address belongs to the identity it proved.
-    let source = forwarded_for(&req)
+    let source = forwarded
         .and_then(|ip| state.workload_by_ip(ip))
         .filter(|w| w.identity == peer_identity)
         .cloned();
@@ -193,7 +194,14 @@ async fn connect(
         record.refused(&ctx.metrics, "DENY", &reason);
         return status(StatusCode::UNAUTHORIZED);
     }
-    let app = match deliver(sockets, target).await {
+    let client = original_source(
+        &state,
+        &peer_identity,
+        peer,
+        record.source.as_deref(),
+        forwarded,
+    );
+    let app = match deliver(delivery, client, target).await {
         Ok(app) => app,
         Err(e) => {
             record.refused(
@@ -240,11 +248,45 @@ pub(crate) fn forwarded_for(req: &Request<Incoming>) -> Option<std::net::Ipv4Add
     }
 }
 
-/// Connects to the application from inside the pod, as the tunnel (marked, so the
-/// redirection leaves it alone), from the pod's own address.
-async fn deliver(sockets: &SocketFactory, target: SocketAddr) -> Result<TcpStream> {
-    sockets
-        .connect(target, APP_CONNECT_TIMEOUT)
+/// The address an HBONE client's connection is delivered from, as Istio's ztunnel
+/// does: the client workload's own, when its identity proves it (the `forwarded`
+/// address already checked), the one a waypoint forwards for (the waypoint
+/// believed it by the same rule; one that could not sends its peer's address,
+/// which is no workload's), or the address the connection came from when it is
+/// the peer identity's own workload. Otherwise unknown.
+fn original_source(
+    state: &crate::state::State,
+    peer_identity: &Identity,
+    peer: SocketAddr,
+    verified: Option<&Workload>,
+    forwarded: Option<std::net::Ipv4Addr>,
+) -> Option<IpAddr> {
+    if let Some(workload) = verified {
+        return Some(IpAddr::V4(workload.ip));
+    }
+    if let Some(ip) = forwarded {
+        if state.workload_by_ip(ip).is_some() && state.is_waypoint_identity(peer_identity) {
+            return Some(IpAddr::V4(ip));
+        }
+    }
+    match peer.ip() {
+        IpAddr::V4(ip) => state
+            .workload_by_ip(ip)
+            .filter(|w| w.identity == *peer_identity)
+            .map(|_| peer.ip()),
+        IpAddr::V6(_) => None,
+    }
+}
+
+/// Connects to the application from inside the pod, as the tunnel, from the
+/// client's address where it is known (see [`crate::orig_src`]).
+async fn deliver(
+    delivery: &Delivery,
+    client: Option<IpAddr>,
+    target: SocketAddr,
+) -> Result<TcpStream> {
+    delivery
+        .connect(client, target, APP_CONNECT_TIMEOUT)
         .await
         .with_context(|| format!("connecting to {target}"))
 }
@@ -271,16 +313,18 @@ pub async fn serve_plaintext(
     ctx: Arc<Context>,
     pod: Arc<Workload>,
     acceptor: Acceptor,
-    sockets: SocketFactory,
+    delivery: Delivery,
 ) {
     loop {
         let (mut stream, peer) = acceptor.accept().await;
-        let (ctx2, pod, sockets) = (ctx.clone(), pod.clone(), sockets.clone());
+        let (ctx2, pod, delivery) = (ctx.clone(), pod.clone(), delivery.clone());
         ctx.connections.spawn(async move {
             let ctx = ctx2;
             let Ok(target) = stream.local_addr() else {
                 return;
             };
+            // Registered at once: no delivery may take this client's port.
+            let _held = delivery.hold(peer, target.port());
             let state = ctx.snapshot();
             let source = match peer.ip() {
                 IpAddr::V4(ip) => state.workload_by_ip(ip).cloned(),
@@ -301,6 +345,9 @@ pub async fn serve_plaintext(
                 tracing::warn!(pod = %pod.name, %peer, "plaintext refused: {why}");
                 return record.refused(&ctx.metrics, "DENY", &why);
             }
+            if delivery.is_own_delivery(peer, target) {
+                return record.refused(&ctx.metrics, "DENY", "the tunnel's own delivery came back");
+            }
             let conn = Connection {
                 source_identity: None,
                 source_ip: peer.ip(),
@@ -310,7 +357,7 @@ pub async fn serve_plaintext(
             if let Err(reason) = ctx.authorize(&state, &pod, &conn, true) {
                 return record.refused(&ctx.metrics, "DENY", &reason);
             }
-            let mut app = match deliver(&sockets, target).await {
+            let mut app = match deliver(&delivery, Some(peer.ip()), target).await {
                 Ok(app) => app,
                 Err(e) => {
                     return record.refused(

@@ -24,6 +24,7 @@ use crate::{
     certs::CertManager,
     metrics::{DeniedLabels, PolicyMetrics, ShadowLabels, TcpLabels, TcpMetrics, UNKNOWN},
     netns::SocketFactory,
+    orig_src::Delivery,
     policy::{authz::describe_source, Connection, Mode},
     redirect::{PodListeners, Redirector},
     state::{State, Workload},
@@ -46,6 +47,8 @@ pub struct Context {
     pub dns: Arc<dns::Forwarder>,
     /// The connection caps every pod's listeners share (one file-descriptor budget).
     pub limiter: Arc<crate::accept::Limiter>,
+    /// Delivery to applications from their clients' addresses.
+    pub orig_src: Arc<crate::orig_src::OrigSrc>,
 }
 
 impl Context {
@@ -162,6 +165,12 @@ pub fn serve_pod(
     let sockets = SocketFactory::new(&listeners.netns)?;
     // The pod's HBONE connections are dialed from inside it.
     let origin = pool::PodOrigin::new(workload.ip, sockets.clone(), gone);
+    let delivery = Delivery::new(
+        ctx.orig_src.clone(),
+        sockets.clone(),
+        &listeners.netns,
+        workload.ip,
+    );
     let accept = |listener: std::net::TcpListener, name| {
         tokio::net::TcpListener::from_std(listener)
             .map(|l| Acceptor::new(l, ctx.limiter.clone(), name))
@@ -183,13 +192,13 @@ pub fn serve_pod(
         ctx.clone(),
         workload.clone(),
         hbone,
-        sockets.clone(),
+        delivery.clone(),
     ));
     tasks.spawn(inbound::serve_plaintext(
         ctx.clone(),
         workload.clone(),
         plaintext,
-        sockets,
+        delivery,
     ));
     tasks.spawn(dns::serve(ctx.dns.clone(), workload, dns));
     Ok(tasks)

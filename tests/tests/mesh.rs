@@ -404,6 +404,14 @@ async fn an_unreachable_application_and_garbage_hbone_are_refused_and_the_tunnel
     )
     .await;
     assert!(mesh.log("node-a").contains("503"), "{}", mesh.log("node-a"));
+    // The refusal itself reached the tunnel's delivery socket (bound to the
+    // client's address), not a connect timeout.
+    let log = mesh.log("node-b");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("application unreachable") && l.contains("Connection refused")),
+        "{log}"
+    );
 
     // Garbage to port 15008.
     let server_ip = mesh.cluster.pod("server").ip;

@@ -11,6 +11,9 @@
 //!
 //! - `net.ipv4.tcp_fwmark_accept=1`: the application's accepted socket takes the
 //!   mark of the SYN, i.e. of the delivery socket;
+//! - `net.ipv4.fwmark_reflect=1`: so do the kernel's own answers (the RST of a
+//!   port nothing listens on, ICMP errors), which no socket marks; without it the
+//!   refusal leaves through eth0 and the delivery waits for its connect timeout;
 //! - `ip rule fwmark ORIG_SRC_MARK lookup ROUTE_TABLE` and
 //!   `ip route add local 0.0.0.0/0 dev lo table ROUTE_TABLE`: whatever carries the
 //!   mark is local, so the replies loop back to the delivery socket.
@@ -52,6 +55,7 @@ pub const ROUTE_TABLE: u32 = ORIG_SRC_MARK;
 pub const RULE_PRIORITY: u32 = ORIG_SRC_MARK;
 
 const FWMARK_ACCEPT: &str = "/proc/sys/net/ipv4/tcp_fwmark_accept";
+const FWMARK_REFLECT: &str = "/proc/sys/net/ipv4/fwmark_reflect";
 
 /// Why a connection was delivered from the pod's own address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -385,7 +389,9 @@ impl Delivery {
 /// Sets up original-source routing in the calling thread's network namespace (a
 /// pod's). Idempotent: a restarted tunnel finds it in place and adds nothing.
 pub fn install() -> io::Result<()> {
-    fs::write(FWMARK_ACCEPT, "1").map_err(|e| context(e, FWMARK_ACCEPT))?;
+    for sysctl in [FWMARK_ACCEPT, FWMARK_REFLECT] {
+        fs::write(sysctl, "1").map_err(|e| context(e, sysctl))?;
+    }
     let nl = netlink::Socket::open()?;
     nl.request(&netlink::route(true))
         .map_err(|e| context(e, "adding the local route"))?;
@@ -396,8 +402,8 @@ pub fn install() -> io::Result<()> {
 }
 
 /// Removes the routing [`install`] set up, in the calling thread's namespace.
-/// Returns whether there was a rule. (`tcp_fwmark_accept` stays: without the rule
-/// the marks it copies route nothing.)
+/// Returns whether there was a rule. (`tcp_fwmark_accept` and `fwmark_reflect`
+/// stay: without the rule the marks they copy route nothing.)
 pub fn remove() -> io::Result<bool> {
     let nl = netlink::Socket::open()?;
     let mut had_rule = false;

@@ -1569,9 +1569,20 @@ async fn the_upstream_protocol_follows_the_service_port_else_the_request() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_hundred_http2_streams_on_one_connection_are_served_concurrently_and_balanced() {
-    let mesh = l7_mesh().await;
-    let _echo1 = L7Server::start(mesh.cluster.pod("echo-1"), 9000).unwrap();
-    let _echo2 = L7Server::start(mesh.cluster.pod("echo-2"), 9000).unwrap();
+    // The L7 mesh with a third endpoint of the Services selecting app=echo.
+    let workloads = vec![
+        WorkloadSpec::new("client", "demo", "client"),
+        WorkloadSpec::new("echo-1", "demo", "echo").label("app", "echo"),
+        WorkloadSpec::new("echo-2", "demo", "echo").label("app", "echo"),
+        WorkloadSpec::new("echo-3", "demo", "echo").label("app", "echo"),
+        WorkloadSpec::new("waypoint", "demo", "waypoint")
+            .label("gateway.networking.k8s.io/gateway-name", "waypoint"),
+    ];
+    let mesh = mesh_from(workloads, L7_CONFIG).await;
+    let _servers: Vec<L7Server> = ["echo-1", "echo-2", "echo-3"]
+        .iter()
+        .map(|pod| L7Server::start(mesh.cluster.pod(pod), 9000).unwrap())
+        .collect();
     // Each answer takes 300 ms at the server: one after another, 100 would take
     // 30 s; together about one request's time.
     let out = probe(
@@ -1586,9 +1597,9 @@ async fn a_hundred_http2_streams_on_one_connection_are_served_concurrently_and_b
         total < 10 * single,
         "100 streams took {total} ms, one took {single} ms: not concurrent\n{out}"
     );
-    // Balanced per request, not per downstream connection: both endpoints served
+    // Balanced per request, not per downstream connection: every endpoint served
     // requests of this one connection.
-    for pod in ["echo-1", "echo-2"] {
+    for pod in ["echo-1", "echo-2", "echo-3"] {
         assert!(
             out.lines()
                 .any(|l| l.starts_with(&format!("body={pod} HTTP/2.0 GET /slow count="))),

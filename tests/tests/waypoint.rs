@@ -65,6 +65,11 @@ async fn mesh() -> Mesh {
 /// The client on node-a, every other pod on node-b; `config` written, and the
 /// waypoint (the pod named "waypoint", of Gateway `<its namespace>/waypoint`) started.
 async fn mesh_from(workloads: Vec<WorkloadSpec>, config: &str) -> Mesh {
+    mesh_from_args(workloads, config, &[]).await
+}
+
+/// Like `mesh_from`, with more arguments to the waypoint.
+async fn mesh_from_args(workloads: Vec<WorkloadSpec>, config: &str, args: &[&str]) -> Mesh {
     let others: Vec<&str> = workloads
         .iter()
         .map(|w| w.pod.as_str())
@@ -89,7 +94,8 @@ async fn mesh_from(workloads: Vec<WorkloadSpec>, config: &str) -> Mesh {
         .find(|w| w.pod == "waypoint")
         .map(|w| w.namespace.clone())
         .unwrap();
-    mesh.start_waypoint("waypoint", &namespace, "waypoint")
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
+    mesh.start_waypoint_args("waypoint", &namespace, "waypoint", &args)
         .await
         .unwrap();
     mesh
@@ -1804,4 +1810,55 @@ async fn each_request_is_measured_and_logged_with_istio_labels() {
             && l.contains("status=200")),
         "{log}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_stalling_in_its_headers_is_closed_and_a_silent_upstream_gets_408() {
+    let workloads = vec![
+        WorkloadSpec::new("client", "demo", "client"),
+        WorkloadSpec::new("echo-1", "demo", "echo").label("app", "echo"),
+        WorkloadSpec::new("waypoint", "demo", "waypoint")
+            .label("gateway.networking.k8s.io/gateway-name", "waypoint"),
+    ];
+    let mesh = mesh_from_args(
+        workloads,
+        L7_CONFIG,
+        &[
+            "--request-headers-timeout-seconds",
+            "1",
+            "--stream-idle-timeout-seconds",
+            "2",
+        ],
+    )
+    .await;
+    let _echo1 = L7Server::start(mesh.cluster.pod("echo-1"), 9000).unwrap();
+    const WEB: &str = "10.96.0.82:80";
+    // Part of a request's headers, then nothing: closed after about a second
+    // (the probe gives up at 30 s), and the request never reached the endpoint.
+    let out = probe(
+        &mesh,
+        &[
+            "stall",
+            WEB,
+            "GET /stalled HTTP/1.1\\r\\nhost: web\\r\\nx-half",
+        ],
+    );
+    let closed: u64 = field(&out, "closed_ms").parse().unwrap();
+    assert!((900..15_000).contains(&closed), "{out}");
+    assert_eq!(_echo1.started(), 0, "{out}");
+    // A request whose answer takes longer than the stream idle timeout: 408.
+    let (status, body) = http(&mesh, WEB, "GET", "/slow?delay=6000", &[]);
+    assert_eq!(status, "408", "{body}");
+    assert!(body.contains("stream timeout"), "{body}");
+    // Within it, answered.
+    let (status, body) = http(&mesh, WEB, "GET", "/quick?delay=100", &[]);
+    assert_eq!(status, "200", "{body}");
+    eventually(Duration::from_secs(15), "the 408 counted as SI", || async {
+        mesh.waypoint_metrics("waypoint").await.lines().any(|l| {
+            l.starts_with("istio_requests_total{")
+                && l.contains("response_code=\"408\"")
+                && l.contains("response_flags=\"SI\"")
+        })
+    })
+    .await;
 }

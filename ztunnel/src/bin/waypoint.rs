@@ -57,6 +57,14 @@ struct Args {
     /// Requests whose headers take more (KiB) are answered 431.
     #[arg(long, default_value = "60")]
     max_request_headers_kb: usize,
+    /// HTTP/1.1: seconds a request's headers may take, counted from the previous
+    /// request's end (an idle keep-alive connection closes after it too).
+    #[arg(long, default_value = "300")]
+    request_headers_timeout_seconds: u64,
+    /// Seconds a request may see nothing either way: 408 before its response
+    /// headers, a reset after them.
+    #[arg(long, default_value = "300")]
+    stream_idle_timeout_seconds: u64,
     /// On SIGTERM, how long requests in flight get to finish (seconds).
     #[arg(long, default_value = "5")]
     drain_grace_seconds: u64,
@@ -111,6 +119,8 @@ fn main() {
         limits: ztunnel::waypoint::RequestLimits {
             max_headers: args.max_request_headers,
             max_header_bytes: args.max_request_headers_kb * 1024,
+            request_headers_timeout: Duration::from_secs(args.request_headers_timeout_seconds),
+            stream_idle_timeout: Duration::from_secs(args.stream_idle_timeout_seconds),
         },
     };
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");

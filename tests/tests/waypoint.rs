@@ -1461,6 +1461,10 @@ spec:
 "#;
 
 async fn l7_mesh() -> Mesh {
+    l7_mesh_args(&[]).await
+}
+
+async fn l7_mesh_args(args: &[&str]) -> Mesh {
     let workloads = vec![
         WorkloadSpec::new("client", "demo", "client"),
         WorkloadSpec::new("echo-1", "demo", "echo").label("app", "echo"),
@@ -1470,7 +1474,7 @@ async fn l7_mesh() -> Mesh {
         WorkloadSpec::new("waypoint", "demo", "waypoint")
             .label("gateway.networking.k8s.io/gateway-name", "waypoint"),
     ];
-    mesh_from(workloads, L7_CONFIG).await
+    mesh_from_args(workloads, L7_CONFIG, args).await
 }
 
 fn probe(mesh: &Mesh, args: &[&str]) -> String {
@@ -1764,7 +1768,7 @@ async fn the_endpoint_gets_a_request_id_and_forwarded_proto_and_oversized_header
 
 #[tokio::test(flavor = "multi_thread")]
 async fn each_request_is_measured_and_logged_with_istio_labels() {
-    let mesh = l7_mesh().await;
+    let mesh = l7_mesh_args(&["--access-log"]).await;
     let _echo1 = L7Server::start(mesh.cluster.pod("echo-1"), 9000).unwrap();
     let _echo2 = L7Server::start(mesh.cluster.pod("echo-2"), 9000).unwrap();
     let out = grpc(&mesh, "10.96.0.81:9000", "stream", 3, 10);

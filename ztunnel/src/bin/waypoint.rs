@@ -65,6 +65,10 @@ struct Args {
     /// headers, a reset after them.
     #[arg(long, default_value = "300")]
     stream_idle_timeout_seconds: u64,
+    /// Log one `access` line per request (off by default, as Istio's
+    /// `meshConfig.accessLogFile` is).
+    #[arg(long)]
+    access_log: bool,
     /// On SIGTERM, how long requests in flight get to finish (seconds).
     #[arg(long, default_value = "5")]
     drain_grace_seconds: u64,
@@ -74,15 +78,17 @@ struct Args {
 }
 
 fn main() {
+    let args = Args::parse();
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if !args.access_log {
+        filter = filter.add_directive("access=off".parse().expect("a valid directive"));
+    }
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let args = Args::parse();
     let source = match ztunnel::config::Source::choose(
         args.config.clone(),
         args.kube,

@@ -59,11 +59,11 @@ struct Args {
     max_request_headers_kb: usize,
     /// HTTP/1.1: seconds a request's headers may take, counted from the previous
     /// request's end (an idle keep-alive connection closes after it too).
-    #[arg(long, default_value = "300")]
+    #[arg(long, default_value = "300", value_parser = clap::value_parser!(u64).range(1..))]
     request_headers_timeout_seconds: u64,
     /// Seconds a request may see nothing either way: 408 before its response
     /// headers, a reset after them.
-    #[arg(long, default_value = "300")]
+    #[arg(long, default_value = "300", value_parser = clap::value_parser!(u64).range(1..))]
     stream_idle_timeout_seconds: u64,
     /// Log one `access` line per request (off by default, as Istio's
     /// `meshConfig.accessLogFile` is).

@@ -1,11 +1,13 @@
 //! `cargo xtask bench waypoint`: HTTP requests through a waypoint versus the same
 //! pods through the mesh without it (pod-addressed traffic skips a service
-//! waypoint), in one run: requests per second and p99 latency, one keep-alive
-//! connection, sequential requests.
+//! waypoint), in one run: over HTTP/1.1 (one keep-alive connection per client)
+//! and HTTP/2 (one connection, a stream per client), with 1 and 64 clients at
+//! once: requests per second, p50 and p99 latency, and the goal beside
+//! the measured figure (reported, not asserted: the machine is shared).
 
 use anyhow::{Context, Result};
 use testbed::{
-    app::HttpServer,
+    l7::L7Server,
     mesh::{Mesh, WorkloadSpec},
     Cluster, ClusterSpec,
 };
@@ -26,7 +28,7 @@ metadata: {name: server, namespace: bench, labels: {istio.io/use-waypoint: waypo
 spec:
   clusterIP: 10.96.0.80
   selector: {app: server}
-  ports: [{port: 80, targetPort: 8080}]
+  ports: [{port: 80, targetPort: 9000}]
 ---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -48,6 +50,27 @@ fn value(out: &str, key: &str) -> Result<f64> {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
+}
+
+/// Medians over the rounds of one path's runs.
+#[derive(Default)]
+struct Figures {
+    rps: Vec<f64>,
+    p50: Vec<f64>,
+    p99: Vec<f64>,
+}
+
+impl Figures {
+    fn add(&mut self, out: &str) -> Result<()> {
+        self.rps.push(value(out, "per_second")?);
+        self.p50.push(value(out, "p50_us")?);
+        self.p99.push(value(out, "p99_us")?);
+        Ok(())
+    }
+
+    fn medians(self) -> (f64, f64, f64) {
+        (median(self.rps), median(self.p50), median(self.p99))
+    }
 }
 
 #[tokio::main]
@@ -76,29 +99,43 @@ async fn main() -> Result<()> {
     )
     .await;
     mesh.start_waypoint("waypoint", "bench", "waypoint").await?;
-    let _server = HttpServer::start(mesh.cluster.pod("server"), 8080)?;
-    let direct = format!("{}:8080", mesh.cluster.pod("server").ip);
-    let (mut w_rps, mut w_p99, mut m_rps, mut m_p99) = (vec![], vec![], vec![], vec![]);
-    for _ in 0..ROUNDS {
-        for (via, target) in [("waypoint", "10.96.0.80:80"), ("mesh", direct.as_str())] {
-            let out = mesh
-                .cluster
-                .pod("client")
-                .run(PROBE, ["httpload", target, REQUESTS])?;
-            let out = String::from_utf8_lossy(&out.stdout).into_owned();
-            let (rps, p99) = (value(&out, "per_second")?, value(&out, "p99_us")?);
-            if via == "waypoint" {
-                w_rps.push(rps);
-                w_p99.push(p99);
-            } else {
-                m_rps.push(rps);
-                m_p99.push(p99);
+    let _server = L7Server::start(mesh.cluster.pod("server"), 9000)?;
+    let direct = format!("{}:9000", mesh.cluster.pod("server").ip);
+    println!("waypoint/setup    {REQUESTS} GETs per run, median of {ROUNDS} runs alternating the paths; goal: through the waypoint >= 0.7x the mesh's requests/s at 64 clients, <= 1 ms added p99");
+    for version in ["h1", "h2"] {
+        for clients in ["1", "64"] {
+            let (mut waypoint, mut meshed) = (Figures::default(), Figures::default());
+            for _ in 0..ROUNDS {
+                for (figures, target) in [
+                    (&mut waypoint, "10.96.0.80:80"),
+                    (&mut meshed, direct.as_str()),
+                ] {
+                    let out = mesh
+                        .cluster
+                        .pod("client")
+                        .run(PROBE, ["httpbench", target, version, clients, REQUESTS])?;
+                    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+                    figures
+                        .add(&out)
+                        .with_context(|| format!("{version} c={clients} to {target}"))?;
+                }
             }
+            let ((w, w50, w99), (m, m50, m99)) = (waypoint.medians(), meshed.medians());
+            let name = match version {
+                "h1" => "HTTP/1.1",
+                _ => "HTTP/2",
+            };
+            let goal = match clients {
+                "64" => format!(
+                    " (goal >= 0.70: {})",
+                    if w / m >= 0.7 { "met" } else { "missed" }
+                ),
+                _ => String::new(),
+            };
+            println!("waypoint/{version}/c{clients:<2}  {name}, {clients} at once: waypoint {w:.0}/s, mesh {m:.0}/s: ratio {:.2}{goal}", w / m);
+            let added = (w99 - m99) / 1000.0;
+            println!("waypoint/{version}/c{clients:<2}  p50 waypoint {w50:.0} µs, mesh {m50:.0} µs: ratio {:.2}; p99 waypoint {w99:.0} µs, mesh {m99:.0} µs: ratio {:.2}, added {added:.2} ms (goal <= 1 ms: {})", w50 / m50, w99 / m99, if added <= 1.0 { "met" } else { "missed" });
         }
     }
-    let (w, m) = (median(w_rps), median(m_rps));
-    let (wp, mp) = (median(w_p99), median(m_p99));
-    println!("waypoint/rps      through the waypoint {w:.0}/s, mesh without it {m:.0}/s: ratio {:.2} (one keep-alive connection, {REQUESTS} GETs, median of {ROUNDS})", w / m);
-    println!("waypoint/p99      through the waypoint {wp:.0} µs, mesh without it {mp:.0} µs: ratio {:.2}", wp / mp);
     Ok(())
 }

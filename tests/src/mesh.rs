@@ -645,6 +645,22 @@ impl Mesh {
         name: &str,
         mesh_config: Option<&Path>,
     ) -> Result<()> {
+        let args: Vec<&std::ffi::OsStr> = match mesh_config {
+            Some(path) => vec!["--mesh-config".as_ref(), path.as_os_str()],
+            None => vec![],
+        };
+        self.start_waypoint_args(pod_name, namespace, name, &args)
+            .await
+    }
+
+    /// Like [`Mesh::start_waypoint`], with more arguments to the waypoint.
+    pub async fn start_waypoint_args(
+        &mut self,
+        pod_name: &str,
+        namespace: &str,
+        name: &str,
+        args: &[&std::ffi::OsStr],
+    ) -> Result<()> {
         let pod = self.cluster.pod(pod_name).clone();
         let log_name = format!("waypoint-{pod_name}");
         let log = fs::OpenOptions::new()
@@ -677,9 +693,7 @@ impl Mesh {
             )
             .stdout(std::process::Stdio::null())
             .stderr(log);
-        if let Some(path) = mesh_config {
-            cmd.arg("--mesh-config").arg(path);
-        }
+        cmd.args(args);
         let mut child = cmd.spawn().context("starting the waypoint")?;
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         let ip = pod.ip;

@@ -65,6 +65,11 @@ async fn mesh() -> Mesh {
 /// The client on node-a, every other pod on node-b; `config` written, and the
 /// waypoint (the pod named "waypoint", of Gateway `<its namespace>/waypoint`) started.
 async fn mesh_from(workloads: Vec<WorkloadSpec>, config: &str) -> Mesh {
+    mesh_from_args(workloads, config, &[]).await
+}
+
+/// Like `mesh_from`, with more arguments to the waypoint.
+async fn mesh_from_args(workloads: Vec<WorkloadSpec>, config: &str, args: &[&str]) -> Mesh {
     let others: Vec<&str> = workloads
         .iter()
         .map(|w| w.pod.as_str())
@@ -89,7 +94,8 @@ async fn mesh_from(workloads: Vec<WorkloadSpec>, config: &str) -> Mesh {
         .find(|w| w.pod == "waypoint")
         .map(|w| w.namespace.clone())
         .unwrap();
-    mesh.start_waypoint("waypoint", &namespace, "waypoint")
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
+    mesh.start_waypoint_args("waypoint", &namespace, "waypoint", &args)
         .await
         .unwrap();
     mesh
@@ -1455,6 +1461,10 @@ spec:
 "#;
 
 async fn l7_mesh() -> Mesh {
+    l7_mesh_args(&[]).await
+}
+
+async fn l7_mesh_args(args: &[&str]) -> Mesh {
     let workloads = vec![
         WorkloadSpec::new("client", "demo", "client"),
         WorkloadSpec::new("echo-1", "demo", "echo").label("app", "echo"),
@@ -1464,7 +1474,7 @@ async fn l7_mesh() -> Mesh {
         WorkloadSpec::new("waypoint", "demo", "waypoint")
             .label("gateway.networking.k8s.io/gateway-name", "waypoint"),
     ];
-    mesh_from(workloads, L7_CONFIG).await
+    mesh_from_args(workloads, L7_CONFIG, args).await
 }
 
 fn probe(mesh: &Mesh, args: &[&str]) -> String {
@@ -1569,9 +1579,20 @@ async fn the_upstream_protocol_follows_the_service_port_else_the_request() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_hundred_http2_streams_on_one_connection_are_served_concurrently_and_balanced() {
-    let mesh = l7_mesh().await;
-    let _echo1 = L7Server::start(mesh.cluster.pod("echo-1"), 9000).unwrap();
-    let _echo2 = L7Server::start(mesh.cluster.pod("echo-2"), 9000).unwrap();
+    // The L7 mesh with a third endpoint of the Services selecting app=echo.
+    let workloads = vec![
+        WorkloadSpec::new("client", "demo", "client"),
+        WorkloadSpec::new("echo-1", "demo", "echo").label("app", "echo"),
+        WorkloadSpec::new("echo-2", "demo", "echo").label("app", "echo"),
+        WorkloadSpec::new("echo-3", "demo", "echo").label("app", "echo"),
+        WorkloadSpec::new("waypoint", "demo", "waypoint")
+            .label("gateway.networking.k8s.io/gateway-name", "waypoint"),
+    ];
+    let mesh = mesh_from(workloads, L7_CONFIG).await;
+    let _servers: Vec<L7Server> = ["echo-1", "echo-2", "echo-3"]
+        .iter()
+        .map(|pod| L7Server::start(mesh.cluster.pod(pod), 9000).unwrap())
+        .collect();
     // Each answer takes 300 ms at the server: one after another, 100 would take
     // 30 s; together about one request's time.
     let out = probe(
@@ -1586,9 +1607,9 @@ async fn a_hundred_http2_streams_on_one_connection_are_served_concurrently_and_b
         total < 10 * single,
         "100 streams took {total} ms, one took {single} ms: not concurrent\n{out}"
     );
-    // Balanced per request, not per downstream connection: both endpoints served
+    // Balanced per request, not per downstream connection: every endpoint served
     // requests of this one connection.
-    for pod in ["echo-1", "echo-2"] {
+    for pod in ["echo-1", "echo-2", "echo-3"] {
         assert!(
             out.lines()
                 .any(|l| l.starts_with(&format!("body={pod} HTTP/2.0 GET /slow count="))),
@@ -1747,7 +1768,7 @@ async fn the_endpoint_gets_a_request_id_and_forwarded_proto_and_oversized_header
 
 #[tokio::test(flavor = "multi_thread")]
 async fn each_request_is_measured_and_logged_with_istio_labels() {
-    let mesh = l7_mesh().await;
+    let mesh = l7_mesh_args(&["--access-log"]).await;
     let _echo1 = L7Server::start(mesh.cluster.pod("echo-1"), 9000).unwrap();
     let _echo2 = L7Server::start(mesh.cluster.pod("echo-2"), 9000).unwrap();
     let out = grpc(&mesh, "10.96.0.81:9000", "stream", 3, 10);
@@ -1793,4 +1814,55 @@ async fn each_request_is_measured_and_logged_with_istio_labels() {
             && l.contains("status=200")),
         "{log}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_stalling_in_its_headers_is_closed_and_a_silent_upstream_gets_408() {
+    let workloads = vec![
+        WorkloadSpec::new("client", "demo", "client"),
+        WorkloadSpec::new("echo-1", "demo", "echo").label("app", "echo"),
+        WorkloadSpec::new("waypoint", "demo", "waypoint")
+            .label("gateway.networking.k8s.io/gateway-name", "waypoint"),
+    ];
+    let mesh = mesh_from_args(
+        workloads,
+        L7_CONFIG,
+        &[
+            "--request-headers-timeout-seconds",
+            "1",
+            "--stream-idle-timeout-seconds",
+            "2",
+        ],
+    )
+    .await;
+    let _echo1 = L7Server::start(mesh.cluster.pod("echo-1"), 9000).unwrap();
+    const WEB: &str = "10.96.0.82:80";
+    // Part of a request's headers, then nothing: closed after about a second
+    // (the probe gives up at 30 s), and the request never reached the endpoint.
+    let out = probe(
+        &mesh,
+        &[
+            "stall",
+            WEB,
+            "GET /stalled HTTP/1.1\\r\\nhost: web\\r\\nx-half",
+        ],
+    );
+    let closed: u64 = field(&out, "closed_ms").parse().unwrap();
+    assert!((900..15_000).contains(&closed), "{out}");
+    assert_eq!(_echo1.started(), 0, "{out}");
+    // A request whose answer takes longer than the stream idle timeout: 408.
+    let (status, body) = http(&mesh, WEB, "GET", "/slow?delay=6000", &[]);
+    assert_eq!(status, "408", "{body}");
+    assert!(body.contains("stream timeout"), "{body}");
+    // Within it, answered.
+    let (status, body) = http(&mesh, WEB, "GET", "/quick?delay=100", &[]);
+    assert_eq!(status, "200", "{body}");
+    eventually(Duration::from_secs(15), "the 408 counted as SI", || async {
+        mesh.waypoint_metrics("waypoint").await.lines().any(|l| {
+            l.starts_with("istio_requests_total{")
+                && l.contains("response_code=\"408\"")
+                && l.contains("response_flags=\"SI\"")
+        })
+    })
+    .await;
 }

@@ -17,7 +17,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus_client::{
@@ -49,8 +49,10 @@ use crate::{
     tls,
 };
 
+mod idle;
 mod telemetry;
 mod upstream;
+use idle::IdleBody;
 use telemetry::{Metered, Record, RequestLabels, RequestMetrics};
 use upstream::{Protocol, Upstreams};
 
@@ -86,6 +88,13 @@ pub struct RequestLimits {
     pub max_headers: usize,
     /// Header block size in bytes; over it: 431.
     pub max_header_bytes: usize,
+    /// HTTP/1.1: how long a request's headers may take to arrive, counted from
+    /// the end of the previous request (so it also closes an idle keep-alive
+    /// connection); past it the connection is closed.
+    pub request_headers_timeout: Duration,
+    /// How long a request's stream may see nothing either way: before the
+    /// response headers it is answered 408 (flag SI), after them reset.
+    pub stream_idle_timeout: Duration,
 }
 
 impl Default for RequestLimits {
@@ -93,6 +102,10 @@ impl Default for RequestLimits {
         Self {
             max_headers: 100,
             max_header_bytes: 60 * 1024,
+            // Envoy's stream idle timeout, which also bounds a request waiting
+            // for its headers.
+            request_headers_timeout: Duration::from_secs(300),
+            stream_idle_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -531,7 +544,9 @@ impl Waypoint {
             builder
                 .http1()
                 .max_headers(self.limits.max_headers)
-                .max_buf_size(self.limits.max_header_bytes.max(8192));
+                .max_buf_size(self.limits.max_header_bytes.max(8192))
+                .timer(TokioTimer::new())
+                .header_read_timeout(self.limits.request_headers_timeout);
             builder
                 .http2()
                 .max_header_list_size(self.limits.max_header_bytes as u32);
@@ -652,7 +667,7 @@ impl Waypoint {
         conn: &Connection,
         client: &Identity,
         target: &Target,
-    ) -> Response<BoxBody<Bytes, hyper::Error>> {
+    ) -> Response<upstream::Body> {
         let started = Instant::now();
         let grpc = is_grpc(req.headers());
         let (method, path) = (req.method().to_string(), req.uri().path().to_owned());
@@ -806,7 +821,7 @@ impl Waypoint {
         client: &Identity,
         conn: &Connection,
         host: &str,
-    ) -> Result<http::HeaderMap, Response<BoxBody<Bytes, hyper::Error>>> {
+    ) -> Result<http::HeaderMap, Response<upstream::Body>> {
         let deny = |why: String| {
             tracing::warn!(%provider, "ext authz: {why}");
             text(StatusCode::FORBIDDEN, "RBAC: access denied")
@@ -1058,7 +1073,11 @@ impl Waypoint {
             Protocol::Http2 => None,
         };
         let mut downstream_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
-        let req = req.map(|body| Metered::request(body.boxed(), request_bytes.clone()).boxed());
+        let activity = idle::Activity::new(self.limits.stream_idle_timeout);
+        let req = req.map(|body| {
+            let body = Metered::request(body.map_err(Into::into).boxed(), request_bytes.clone());
+            IdleBody::new(body.boxed(), activity.clone()).boxed()
+        });
         let mut req = match upstream_request(req, host, target.asked, protocol, upgrade) {
             Ok(req) => req,
             Err(e) => {
@@ -1082,10 +1101,20 @@ impl Waypoint {
                 protocol,
             };
             let dial = || self.upstream_stream(endpoint, target.port, target.client);
-            let sent = if downstream_upgrade.is_some() {
-                self.upstreams.send_upgrade(req, dial).await
-            } else {
-                self.upstreams.send(&key, req, dial).await
+            let sent = async {
+                match downstream_upgrade.is_some() {
+                    true => self.upstreams.send_upgrade(req, dial).await,
+                    false => self.upstreams.send(&key, req, dial).await,
+                }
+            };
+            let sent = tokio::select! {
+                sent = sent => sent,
+                _ = activity.idle() => {
+                    tracing::warn!(dst = %target.asked, endpoint = %endpoint.name, "request ended (408): no response within the stream idle timeout ({:?})", self.limits.stream_idle_timeout);
+                    let mut handled = Handled::local(text(StatusCode::REQUEST_TIMEOUT, "stream timeout"));
+                    handled.flags = "SI";
+                    return handled;
+                }
             };
             match sent {
                 Ok(mut response) => {
@@ -1096,7 +1125,8 @@ impl Waypoint {
                     } else {
                         strip_hop_by_hop(response.headers_mut());
                     }
-                    let response = response.map(|b| b.boxed());
+                    let response = response
+                        .map(|b| IdleBody::new(b.map_err(Into::into).boxed(), activity).boxed());
                     return Handled {
                         response,
                         endpoint: Some(endpoint.clone()),
@@ -1142,14 +1172,14 @@ impl Waypoint {
 
 /// What became of one request.
 struct Handled {
-    response: Response<BoxBody<Bytes, hyper::Error>>,
+    response: Response<upstream::Body>,
     /// The endpoint that answered; None: the waypoint answered itself.
     endpoint: Option<Arc<Workload>>,
     flags: &'static str,
 }
 
 impl Handled {
-    fn local(response: Response<BoxBody<Bytes, hyper::Error>>) -> Self {
+    fn local(response: Response<upstream::Body>) -> Self {
         Self {
             response,
             endpoint: None,
@@ -1306,9 +1336,7 @@ fn is_grpc(headers: &http::HeaderMap) -> bool {
 /// A reply the waypoint makes itself, as a gRPC client understands it (as Envoy
 /// sends its local replies to gRPC requests): HTTP 200, trailers only, the status
 /// mapped to a gRPC code and the text in `grpc-message`.
-fn grpc_local_reply(
-    response: Response<BoxBody<Bytes, hyper::Error>>,
-) -> Response<BoxBody<Bytes, hyper::Error>> {
+fn grpc_local_reply(response: Response<upstream::Body>) -> Response<upstream::Body> {
     use tonic::Code;
     let code = match response.status() {
         StatusCode::BAD_REQUEST => Code::Internal,
@@ -1404,7 +1432,7 @@ async fn fetch(uri: &str) -> Result<Jwks, String> {
     Jwks::parse(&String::from_utf8_lossy(&body))
 }
 
-fn text(code: StatusCode, body: &'static str) -> Response<BoxBody<Bytes, hyper::Error>> {
+fn text(code: StatusCode, body: &'static str) -> Response<upstream::Body> {
     Response::builder()
         .status(code)
         .header(http::header::CONTENT_TYPE, "text/plain")

@@ -13,6 +13,8 @@
 //!                                          on through failures: ok=, failed=
 //!   tb-probe connect-from <ip> <ip:port> <msg>  like connect, from a chosen source
 //!   tb-probe slow <ip:port> <ms> <msg>     connect, send, wait, then half-close and read
+//!   tb-probe stall <ip:port> <msg>         send (e.g. part of a request), then nothing:
+//!                                          what came back and when the peer closed
 //! Measurements (against testbed::app::BenchServer):
 //!   tb-probe throughput <ip:port> <bytes>  send to a sink; print bits per second
 //!   tb-probe rr <ip:port> <count> <cpu>    1-byte round trips to an echo, pinned to a CPU
@@ -23,6 +25,8 @@
 //!   tb-probe h2many <ip:port> <n> <path>   one GET, then n at once, on one HTTP/2 connection
 //!   tb-probe grpc <ip:port> unary|stream <message> <count> <code>  a call of testbed::l7's Echo
 //!   tb-probe httpload <ip:port> <n>        n keep-alive GETs on one connection: rate, p50, p99
+//!   tb-probe httpbench <ip:port> h1|h2 <c> <n>  n GETs, c at a time (HTTP/1.1: c keep-alive
+//!                                          connections; HTTP/2: c streams on one): rate, p50, p99
 //!   tb-probe http <ip:port> <METHOD> <path> [Name:value]...  one HTTP/1.1 request
 //!   tb-probe hold-cluster <spec.yaml>      build a cluster, print its prefix, wait
 use std::{
@@ -49,11 +53,13 @@ fn main() -> ExitCode {
         ["load", addr, millis, message] => load(addr, millis, message),
         ["connect-from", source, addr, message] => connect_from(source, addr, message),
         ["slow", addr, millis, message] => slow(addr, millis, message),
+        ["stall", addr, message] => stall(addr, message),
         ["throughput", addr, bytes] => throughput(addr, bytes),
         ["rr", addr, count, cpu] => round_trips(addr, count, cpu),
         ["conns", addr, millis] => connections(addr, millis),
         ["idle", addr, n] => idle(addr, n),
         ["httpload", addr, n] => http_load(addr, n),
+        ["httpbench", addr, version, concurrency, n] => http_bench(addr, version, concurrency, n),
         ["h2", addr, method, path] => h2(addr, method, path),
         ["h2many", addr, n, path] => h2_many(addr, n, path),
         ["upgrade", addr, path, message] => upgrade(addr, path, message),
@@ -248,6 +254,33 @@ fn slow(addr: &str, millis: &str, message: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Sends `message` (`\r\n` escapes allowed), keeps the connection open without
+/// sending more, and reads until the peer closes (or 30 s pass): prints `reply=`
+/// and `closed_ms=`.
+fn stall(addr: &str, message: &str) -> anyhow::Result<()> {
+    let addr: SocketAddr = addr.parse()?;
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let started = Instant::now();
+    stream.write_all(message.replace("\\r\\n", "\r\n").as_bytes())?;
+    let mut reply = Vec::new();
+    // A reset counts as the close; our read timeout does not.
+    if let Err(e) = stream.read_to_end(&mut reply) {
+        if matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ) {
+            anyhow::bail!("still open after 30 s");
+        }
+    }
+    println!(
+        "reply={}",
+        String::from_utf8_lossy(&reply).replace("\r\n", " ")
+    );
+    println!("closed_ms={}", started.elapsed().as_millis());
+    Ok(())
+}
+
 fn throughput(addr: &str, bytes: &str) -> anyhow::Result<()> {
     let addr: SocketAddr = addr.parse()?;
     let total: u64 = bytes.parse()?;
@@ -396,6 +429,113 @@ fn http_load(addr: &str, n: &str) -> anyhow::Result<()> {
     println!("p50_us={}", times[n / 2].as_micros());
     println!("p99_us={}", times[n * 99 / 100].as_micros());
     Ok(())
+}
+
+type Empty = http_body_util::Empty<bytes::Bytes>;
+
+/// One client's connection for `httpbench`.
+enum Sender {
+    H1(hyper::client::conn::http1::SendRequest<Empty>),
+    H2(hyper::client::conn::http2::SendRequest<Empty>),
+}
+
+impl Sender {
+    async fn connect(addr: &str, version: &str) -> anyhow::Result<Self> {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        let io = hyper_util::rt::TokioIo::new(tcp);
+        Ok(match version {
+            "h1" => {
+                let (sender, connection) = hyper::client::conn::http1::handshake(io).await?;
+                tokio::spawn(connection);
+                Self::H1(sender)
+            }
+            "h2" => {
+                let (sender, connection) =
+                    hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                        .await?;
+                tokio::spawn(connection);
+                Self::H2(sender)
+            }
+            other => anyhow::bail!("unknown version {other:?}: h1 or h2"),
+        })
+    }
+
+    /// A GET of /public/load, its body read whole.
+    async fn get(&mut self, addr: &str) -> anyhow::Result<()> {
+        use http_body_util::BodyExt;
+        let response = match self {
+            Self::H1(sender) => {
+                let request = http::Request::get("/public/load")
+                    .header(http::header::HOST, addr)
+                    .body(Empty::new())?;
+                sender.ready().await?;
+                sender.send_request(request).await?
+            }
+            Self::H2(sender) => {
+                let request =
+                    http::Request::get(format!("http://{addr}/public/load")).body(Empty::new())?;
+                sender.send_request(request).await?
+            }
+        };
+        anyhow::ensure!(
+            response.status().is_success(),
+            "status {}",
+            response.status()
+        );
+        response.into_body().collect().await?;
+        Ok(())
+    }
+}
+
+fn http_bench(addr: &str, version: &str, concurrency: &str, n: &str) -> anyhow::Result<()> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let (concurrency, n): (usize, usize) = (concurrency.parse()?, n.parse()?);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        // Warm-up: each connection's first requests (pools, caches) are not
+        // counted. Each is used as soon as it is open: the waypoint takes a
+        // connection silent for 500 ms for a server-first protocol.
+        let mut senders = Vec::new();
+        let connections = if version == "h2" { 1 } else { concurrency };
+        for _ in 0..connections {
+            let mut sender = Sender::connect(addr, version).await?;
+            for _ in 0..10 {
+                sender.get(addr).await?;
+            }
+            senders.push(sender);
+        }
+        if let Some(Sender::H2(sender)) = senders.first() {
+            let sender = sender.clone();
+            senders.extend((1..concurrency).map(|_| Sender::H2(sender.clone())));
+        }
+        let claimed = AtomicUsize::new(0);
+        let started = Instant::now();
+        let workers = senders.into_iter().map(|mut sender| {
+            let claimed = &claimed;
+            async move {
+                let mut times = Vec::new();
+                while claimed.fetch_add(1, Ordering::Relaxed) < n {
+                    let t = Instant::now();
+                    sender.get(addr).await?;
+                    times.push(t.elapsed());
+                }
+                anyhow::Ok(times)
+            }
+        });
+        let mut times = Vec::with_capacity(n);
+        for worker in futures_util::future::join_all(workers).await {
+            times.extend(worker?);
+        }
+        let elapsed = started.elapsed();
+        times.sort_unstable();
+        println!("per_second={:.0}", n as f64 / elapsed.as_secs_f64());
+        println!("p50_us={}", times[n / 2].as_micros());
+        println!("p99_us={}", times[n * 99 / 100].as_micros());
+        Ok(())
+    })
 }
 
 fn h2(addr: &str, method: &str, path: &str) -> anyhow::Result<()> {

@@ -57,6 +57,18 @@ struct Args {
     /// Requests whose headers take more (KiB) are answered 431.
     #[arg(long, default_value = "60")]
     max_request_headers_kb: usize,
+    /// HTTP/1.1: seconds a request's headers may take, counted from the previous
+    /// request's end (an idle keep-alive connection closes after it too).
+    #[arg(long, default_value = "300", value_parser = clap::value_parser!(u64).range(1..))]
+    request_headers_timeout_seconds: u64,
+    /// Seconds a request may see nothing either way: 408 before its response
+    /// headers, a reset after them.
+    #[arg(long, default_value = "300", value_parser = clap::value_parser!(u64).range(1..))]
+    stream_idle_timeout_seconds: u64,
+    /// Log one `access` line per request (off by default, as Istio's
+    /// `meshConfig.accessLogFile` is).
+    #[arg(long)]
+    access_log: bool,
     /// On SIGTERM, how long requests in flight get to finish (seconds).
     #[arg(long, default_value = "5")]
     drain_grace_seconds: u64,
@@ -66,15 +78,17 @@ struct Args {
 }
 
 fn main() {
+    let args = Args::parse();
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if !args.access_log {
+        filter = filter.add_directive("access=off".parse().expect("a valid directive"));
+    }
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let args = Args::parse();
     let source = match ztunnel::config::Source::choose(
         args.config.clone(),
         args.kube,
@@ -111,6 +125,8 @@ fn main() {
         limits: ztunnel::waypoint::RequestLimits {
             max_headers: args.max_request_headers,
             max_header_bytes: args.max_request_headers_kb * 1024,
+            request_headers_timeout: Duration::from_secs(args.request_headers_timeout_seconds),
+            stream_idle_timeout: Duration::from_secs(args.stream_idle_timeout_seconds),
         },
     };
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");

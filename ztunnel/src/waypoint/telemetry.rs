@@ -15,7 +15,6 @@ use std::{
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::combinators::BoxBody;
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, histogram::Histogram},
@@ -150,14 +149,14 @@ impl Record {
 /// A body that counts its bytes into `seen`, notes a `grpc-status` trailer, and
 /// (for a response) finishes its record when it ends or is dropped.
 pub struct Metered {
-    inner: BoxBody<Bytes, hyper::Error>,
+    inner: crate::waypoint::upstream::Body,
     seen: Arc<AtomicU64>,
     grpc_status: Option<String>,
     record: Option<Record>,
 }
 
 impl Metered {
-    pub fn request(inner: BoxBody<Bytes, hyper::Error>, seen: Arc<AtomicU64>) -> Self {
+    pub fn request(inner: crate::waypoint::upstream::Body, seen: Arc<AtomicU64>) -> Self {
         Self {
             inner,
             seen,
@@ -168,7 +167,7 @@ impl Metered {
 
     /// `grpc_status`: the status in the response's headers (trailers-only), if any.
     pub fn response(
-        inner: BoxBody<Bytes, hyper::Error>,
+        inner: crate::waypoint::upstream::Body,
         grpc_status: Option<String>,
         record: Record,
     ) -> Self {
@@ -189,12 +188,12 @@ impl Metered {
 
 impl Body for Metered {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = crate::waypoint::upstream::BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, crate::waypoint::upstream::BoxError>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
@@ -265,7 +264,7 @@ mod tests {
         assert_eq!(request.collect().await.unwrap().to_bytes().len(), 5);
         let mut trailers = http::HeaderMap::new();
         trailers.insert("grpc-status", "10".parse().unwrap());
-        let frames: Vec<Result<Frame<Bytes>, hyper::Error>> = vec![
+        let frames: Vec<Result<Frame<Bytes>, crate::waypoint::upstream::BoxError>> = vec![
             Ok(Frame::data(Bytes::from_static(b"0123456789"))),
             Ok(Frame::trailers(trailers)),
         ];

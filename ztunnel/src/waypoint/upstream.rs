@@ -25,7 +25,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use super::Io;
 
-pub type Body = BoxBody<Bytes, hyper::Error>;
+/// Any body's error: hyper's, or the stream idle timeout's.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type Body = BoxBody<Bytes, BoxError>;
 
 /// The protocol spoken to an endpoint.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]

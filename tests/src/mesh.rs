@@ -348,6 +348,25 @@ impl WorkloadSpec {
 }
 
 pub const TRUST_DOMAIN: &str = "cluster.local";
+
+/// Waypoint `demo/waypoint` (Gateway) and Service `demo/server` (10.96.0.80:80 →
+/// 8080, pods `app: server`) bound to it.
+pub const WAYPOINT_FOR_SERVER: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: demo}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: server, namespace: demo, labels: {istio.io/use-waypoint: waypoint}}
+spec:
+  clusterIP: 10.96.0.80
+  selector: {app: server}
+  ports: [{port: 80, targetPort: 8080}]
+"#;
 const CA_PORT: u16 = 15012;
 
 /// A running mesh on a testbed cluster: the config directory every node reads, the

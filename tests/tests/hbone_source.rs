@@ -232,26 +232,8 @@ async fn hbone_to_a_waypoint_leaves_from_the_client_pod() {
     )
     .unwrap();
     let mut mesh = Mesh::start(cluster, &workloads, &["demo"]).await.unwrap();
-    mesh.write_config(
-        "waypoint.yaml",
-        r#"
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: waypoint, namespace: demo}
-spec:
-  gatewayClassName: istio-waypoint
-  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: server, namespace: demo, labels: {istio.io/use-waypoint: waypoint}}
-spec:
-  clusterIP: 10.96.0.80
-  selector: {app: server}
-  ports: [{port: 80, targetPort: 8080}]
-"#,
-    )
-    .unwrap();
+    mesh.write_config("waypoint.yaml", testbed::mesh::WAYPOINT_FOR_SERVER)
+        .unwrap();
     eventually(Duration::from_secs(15), "the service on node-a", || async {
         mesh.config_dump("node-a").await["services"]
             .as_array()

@@ -234,23 +234,6 @@ async fn the_routing_is_set_once_across_restarts_and_leaves_with_the_pod() {
     );
 }
 
-const WAYPOINT: &str = r#"
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: waypoint, namespace: demo}
-spec:
-  gatewayClassName: istio-waypoint
-  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: server, namespace: demo, labels: {istio.io/use-waypoint: waypoint}}
-spec:
-  clusterIP: 10.96.0.80
-  selector: {app: server}
-  ports: [{port: 80, targetPort: 8080}]
-"#;
-
 /// Through a waypoint, as with Istio's ztunnel, the application sees the original
 /// client (which the waypoint forwards for), not the waypoint.
 #[tokio::test(flavor = "multi_thread")]
@@ -268,7 +251,8 @@ async fn through_a_waypoint_the_application_sees_the_original_client() {
             .label("gateway.networking.k8s.io/gateway-name", "waypoint"),
     ];
     let mut mesh = Mesh::start(cluster, &workloads, &["demo"]).await.unwrap();
-    mesh.write_config("waypoint.yaml", WAYPOINT).unwrap();
+    mesh.write_config("waypoint.yaml", testbed::mesh::WAYPOINT_FOR_SERVER)
+        .unwrap();
     eventually(Duration::from_secs(15), "the service known", || async {
         mesh.config_dump("node-a").await["services"]
             .as_array()

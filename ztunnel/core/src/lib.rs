@@ -7,6 +7,7 @@
 //! through [`ca::client`]), [`jwt`], [`extauthz`], [`metrics`] and the servers'
 //! accept loop ([`accept`], [`http_server`]); [`netns`] and [`discovery`] find and
 //! enter pods' network namespaces.
+#![deny(unsafe_code)]
 pub mod accept;
 pub mod ca;
 pub mod certs;

@@ -294,7 +294,10 @@ pub fn check(snapshot: Snapshot, settings: &MeshSettings, query: &Query) -> Resu
                 crate::forwarded::remote_ip(&forwarded_for, h.trusted_proxies, conn.source_ip);
             Request {
                 method: h.method.clone(),
-                path: path.clone().and_then(std::result::Result::ok).unwrap_or_default(),
+                path: path
+                    .clone()
+                    .and_then(std::result::Result::ok)
+                    .unwrap_or_default(),
                 host,
                 headers,
                 remote_ip: Some(remote_ip),
@@ -486,5 +489,120 @@ fn validate_offline(
         authn::JwksSource::Uri(uri) => Err(format!(
             "the keys are at {uri}; policy check does not fetch them"
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::config::{Namespace, Pod, Policy, AMBIENT, DATAPLANE_MODE};
+
+    fn pod(name: &str, ip: [u8; 4]) -> Pod {
+        Pod {
+            uid: None,
+            name: name.into(),
+            namespace: "shop".into(),
+            labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
+            service_account: name.into(),
+            node_name: "n1".into(),
+            ip: Some(ip.into()),
+            netns: None,
+            cgroup: None,
+        }
+    }
+
+    /// shop (ambient): client and web, and `policies` (YAML specs by name).
+    fn snapshot(policies: &[(&str, &str)]) -> Snapshot {
+        let mut snapshot = Snapshot::default();
+        snapshot.namespaces.insert(
+            "shop".into(),
+            Namespace {
+                name: "shop".into(),
+                labels: [(DATAPLANE_MODE.to_owned(), AMBIENT.to_owned())].into(),
+                annotations: BTreeMap::new(),
+            },
+        );
+        for p in [pod("client", [10, 0, 0, 1]), pod("web", [10, 0, 0, 2])] {
+            snapshot
+                .pods
+                .insert((p.namespace.clone(), p.name.clone()), p);
+        }
+        for (name, spec) in policies {
+            let policy = Policy::new(
+                "AuthorizationPolicy",
+                "security.istio.io/v1",
+                "shop",
+                name,
+                BTreeMap::new(),
+                serde_yaml::from_str(spec).unwrap(),
+            );
+            snapshot.policies.insert(
+                (policy.kind.clone(), "shop".into(), name.to_string()),
+                policy,
+            );
+        }
+        snapshot
+    }
+
+    fn query(from: &str, to: &str) -> Query {
+        Query {
+            from: from.into(),
+            to: to.into(),
+            plaintext: false,
+            http: None,
+        }
+    }
+
+    fn ask(snapshot: Snapshot, from: &str, to: &str) -> Result<Outcome> {
+        check(
+            snapshot,
+            &MeshSettings::new("n1", "cluster.local"),
+            &query(from, to),
+        )
+    }
+
+    #[test]
+    fn the_verdict_and_layer_are_types_that_print_as_before() {
+        let allowed = ask(snapshot(&[]), "shop/client", "shop/web:80").unwrap();
+        assert_eq!(
+            (allowed.decision, allowed.layer),
+            (Verdict::Allow, Layer::Ztunnel)
+        );
+        assert!(allowed.allowed());
+        let deny = "action: DENY\nrules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/client]}}]}]";
+        let denied = ask(
+            snapshot(&[("no-client", deny)]),
+            "shop/client",
+            "shop/web:80",
+        )
+        .unwrap();
+        assert_eq!(denied.decision, Verdict::Deny);
+        assert_eq!(denied.policy.as_deref(), Some("shop/no-client"));
+        let json = serde_json::to_value(&denied).unwrap();
+        assert_eq!(json["decision"], "DENY");
+        assert_eq!(json["layer"], "ztunnel");
+        assert_eq!(
+            format!("{} {}", Verdict::Unauthenticated, Layer::None),
+            "401 none"
+        );
+    }
+
+    #[test]
+    fn a_query_naming_what_the_config_lacks_is_refused_with_a_typed_error() {
+        let cases = [
+            ("shop/ghost", "shop/web:80", "NoPod"),
+            ("client", "shop/web:80", "Name"),
+            ("shop/client", "shop/web", "Destination"),
+            ("shop/client", "shop/web:http", "Port"),
+            ("shop/client", "shop/nothing:80", "NoDestination"),
+        ];
+        for (from, to, expected) in cases {
+            let err = ask(snapshot(&[]), from, to).unwrap_err();
+            let kind = format!("{err:?}");
+            assert!(kind.starts_with(expected), "{from} -> {to}: {kind}");
+        }
     }
 }

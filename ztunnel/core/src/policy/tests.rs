@@ -100,6 +100,29 @@ fn allows(index: &Index, conn: &Connection) -> bool {
     index.authorize(&web(), conn).allow
 }
 
+/// A refusal is data: each problem with its field's path from the resource's top.
+#[test]
+fn a_refusal_names_each_problem_by_its_field_path() {
+    let refused = ap(
+        "shop",
+        "bad",
+        "action: MAYBE\nrules:\n- from: [{source: {namespaces: [a]}}, {source: {ipBlocks: [10.0.0.0/99]}}]",
+    )
+    .refusal()
+    .expect("refused");
+    let paths: Vec<&str> = refused.problems.iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        ["spec.action", "spec.rules[0].from[1].source.ipBlocks"]
+    );
+    assert!(refused.in_force.contains("denies all traffic"), "{refused}");
+    assert!(ap("shop", "good", "rules: [{}]").refusal().is_none());
+    let pa = pa("shop", "bad", "mtls: {mode: STRICTER}")
+        .refusal()
+        .expect("refused");
+    assert_eq!(pa.problems[0].path, "spec.mtls.mode");
+}
+
 #[test]
 fn no_policy_allows() {
     let d = index(&[]).authorize(&web(), &mtls("a", "b", 80));

@@ -11,6 +11,7 @@ pub mod certs;
 pub mod config;
 pub mod daemon;
 pub mod discovery;
+pub mod dns;
 pub mod extauthz;
 pub mod forwarded;
 pub mod http_server;

@@ -308,3 +308,52 @@ async fn a_namespace_annotated_dns_capture_false_asks_its_server_directly() {
     let out = bed.dig("client", &[&at, "+short", "whoami.test"]);
     assert!(out.trim() != client && !out.trim().is_empty(), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dns_capture_false_leaves_every_pods_dns_alone() {
+    let mut bed = Bed::start().await;
+    let upstream = bed.mesh.cluster.pod("upstream").ip.to_string();
+    bed.mesh.kill_tunnel("node-a");
+    bed.mesh.tunnel_args.insert(
+        "node-a".into(),
+        vec![
+            "--dns-upstream".into(),
+            format!("{upstream}:53"),
+            "--dns-capture=false".into(),
+        ],
+    );
+    bed.mesh.start_tunnel("node-a").await.unwrap();
+    bed.mesh
+        .wait_enrolled("node-a", "client", true)
+        .await
+        .unwrap();
+    let client = bed.mesh.cluster.pod("client").ip.to_string();
+    let out = bed.dig(
+        "client",
+        &[&format!("@{upstream}"), "+short", "whoami.test"],
+    );
+    assert_eq!(out.trim(), client, "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_datagram_that_is_not_dns_is_dropped_and_counted() {
+    let bed = Bed::start().await;
+    let out = bed.mesh.output(
+        "client",
+        env!("CARGO_BIN_EXE_tb-probe"),
+        &["dns", "10.96.0.10:53", "not a dns query"],
+    );
+    assert!(!out.contains("reply="), "{out}");
+    let page = bed.mesh.metrics("node-a").await;
+    assert!(
+        metric(
+            &page,
+            "ztunnel_dns_queries_dropped_total",
+            &["reason=\"malformed\""]
+        ) >= 1.0,
+        "{page}"
+    );
+    // The pod is still served.
+    let out = bed.dig("client", &["+short", "server.demo.svc.cluster.local"]);
+    assert_eq!(out.trim(), "10.96.0.50", "{out}");
+}

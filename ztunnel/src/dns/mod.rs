@@ -298,13 +298,15 @@ impl Dns {
             [query] if request.metadata.op_code == OpCode::Query => {
                 (query.clone(), self.labels(pod, query, protocol))
             }
+            // Not one question, or not a query (an update, a notify): refused
+            // with the code that says which, and counted.
             _ => {
                 self.dropped(pod, "malformed");
-                return Prepared::Reply(encode(
-                    reply(&request, ResponseCode::NotImp),
-                    protocol,
-                    &request,
-                ));
+                let code = match request.metadata.op_code {
+                    OpCode::Query => ResponseCode::FormErr,
+                    _ => ResponseCode::NotImp,
+                };
+                return Prepared::Reply(encode(reply(&request, code), protocol, &request));
             }
         };
         self.metrics.requests.get_or_create(&labels).inc();
@@ -573,4 +575,141 @@ fn resolv_conf_nameservers() -> Vec<SocketAddr> {
         .filter_map(|ip| ip.trim().parse::<std::net::IpAddr>().ok())
         .map(|ip| SocketAddr::new(ip, 53))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_proto::rr::{rdata::TXT, Name};
+
+    fn dns(names: MeshNames) -> Dns {
+        Dns {
+            settings: Settings {
+                upstreams: Vec::new(),
+                cluster_domain: "cluster.local".into(),
+                limits: Limits::default(),
+                capture: true,
+            },
+            names: watch::channel(Arc::new(names)).1,
+            forwarder: Arc::new(Forwarder::new(Vec::new())),
+            in_flight: Arc::default(),
+            pods_in_flight: Mutex::default(),
+            metrics: Metrics::register(&mut Registry::default()),
+            log: RateLimitedLog::new(),
+        }
+    }
+
+    fn pod(namespace: &str) -> Workload {
+        let identity = crate::identity::Identity::new("cluster.local", namespace, "sa").unwrap();
+        Workload {
+            name: "client".into(),
+            namespace: namespace.into(),
+            service_account: "sa".into(),
+            node: "n".into(),
+            ip: Ipv4Addr::new(10, 0, 0, 9),
+            labels: Default::default(),
+            identity,
+            captured: true,
+            netns: None,
+            cgroup: None,
+            waypoint: None,
+        }
+    }
+
+    fn ask(dns: &Dns, pod: &Workload, name: &str, qtype: RecordType, edns: bool) -> Prepared {
+        let mut request = Message::new(7, MessageType::Query, OpCode::Query);
+        request.metadata.recursion_desired = true;
+        request.add_query(Query::query(Name::from_ascii(name).unwrap(), qtype));
+        if edns {
+            request.set_edns(Edns::new());
+        }
+        dns.prepare(pod, &request.to_vec().unwrap(), Protocol::Udp)
+    }
+
+    fn reply_of(prepared: Prepared) -> Message {
+        match prepared {
+            Prepared::Reply(bytes) => Message::from_vec(&bytes).unwrap(),
+            _ => panic!("not answered at once"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_mesh_name_is_answered_authoritatively_with_ttl_30_and_the_asked_case() {
+        let mut names = MeshNames::new("cluster.local");
+        names.add_service("demo", "server", vec![Ipv4Addr::new(10, 96, 0, 50)]);
+        let dns = dns(names);
+        let answer = reply_of(ask(&dns, &pod("demo"), "Server.", RecordType::A, false));
+        assert_eq!(answer.metadata.id, 7);
+        assert!(answer.metadata.authoritative && answer.metadata.recursion_desired);
+        assert_eq!(answer.metadata.response_code, ResponseCode::NoError);
+        assert_eq!(answer.answers.len(), 1);
+        assert_eq!(answer.answers[0].ttl, MESH_TTL);
+        assert_eq!(answer.answers[0].name.to_ascii(), "Server.");
+        let answer = reply_of(ask(
+            &dns,
+            &pod("demo"),
+            "server.demo.svc.cluster.local.",
+            RecordType::AAAA,
+            true,
+        ));
+        assert_eq!(answer.metadata.response_code, ResponseCode::NoError);
+        assert!(answer.answers.is_empty() && answer.edns.is_some());
+        let answer = reply_of(ask(
+            &dns,
+            &pod("demo"),
+            "nope.demo.svc.cluster.local.",
+            RecordType::A,
+            false,
+        ));
+        assert_eq!(answer.metadata.response_code, ResponseCode::NXDomain);
+        // Outside the mesh: for the forwarder (in flight, under the caps).
+        assert!(matches!(
+            ask(&dns, &pod("demo"), "example.com.", RecordType::A, false),
+            Prepared::Forward(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn what_is_not_a_dns_query_is_dropped_and_counted() {
+        let dns = dns(MeshNames::new("cluster.local"));
+        for garbage in [&b"hello"[..], &[0u8; 12][..]] {
+            // 12 zero bytes: a header with no question.
+            let prepared = dns.prepare(&pod("demo"), garbage, Protocol::Udp);
+            assert!(!matches!(prepared, Prepared::Forward(_)));
+        }
+        let dropped = dns
+            .metrics
+            .dropped
+            .get_or_create(&DroppedLabels {
+                reason: "malformed",
+            })
+            .get();
+        assert_eq!(dropped, 2);
+    }
+
+    #[test]
+    fn an_answer_too_big_for_the_client_is_truncated_over_udp_only() {
+        let mut request = Message::new(9, MessageType::Query, OpCode::Query);
+        request.add_query(Query::query(
+            Name::from_ascii("big.test.").unwrap(),
+            RecordType::TXT,
+        ));
+        let mut response = reply(&request, ResponseCode::NoError);
+        for _ in 0..12 {
+            response.add_answer(Record::from_rdata(
+                Name::from_ascii("big.test.").unwrap(),
+                60,
+                RData::TXT(TXT::new(vec!["x".repeat(60)])),
+            ));
+        }
+        let udp = Message::from_vec(&encode(response.clone(), Protocol::Udp, &request)).unwrap();
+        assert!(udp.metadata.truncation && udp.answers.is_empty());
+        assert_eq!((udp.metadata.id, udp.queries.len()), (9, 1));
+        let tcp = Message::from_vec(&encode(response.clone(), Protocol::Tcp, &request)).unwrap();
+        assert!(!tcp.metadata.truncation && tcp.answers.len() == 12);
+        // A client that takes 1232 bytes (EDNS) gets it whole over UDP.
+        request.set_edns(Edns::new().set_max_payload(1232).clone());
+        let udp = Message::from_vec(&encode(response, Protocol::Udp, &request)).unwrap();
+        assert!(!udp.metadata.truncation && udp.answers.len() == 12);
+    }
 }

@@ -93,6 +93,14 @@ impl Source {
 }
 
 type Key = (Name, RecordType);
+
+#[derive(Default)]
+struct Slots {
+    map: HashMap<Key, Slot>,
+    /// When a full map may next be swept of expired answers (a sweep walks it all:
+    /// not on every insert).
+    next_sweep: Option<Instant>,
+}
 type Pending = Shared<BoxFuture<'static, Arc<Upstream>>>;
 
 enum Slot {
@@ -103,7 +111,7 @@ enum Slot {
 /// The node's forwarder: one resolver and one cache for every pod.
 pub struct Forwarder {
     resolver: Resolver<ConnectedUdp>,
-    slots: Mutex<HashMap<Key, Slot>>,
+    slots: Mutex<Slots>,
     pub upstreams: Vec<SocketAddr>,
 }
 
@@ -155,7 +163,7 @@ impl Forwarder {
         let key = (name.to_lowercase(), qtype);
         let (pending, asked_upstream) = {
             let mut slots = self.slots.lock().expect("not poisoned");
-            match slots.get(&key) {
+            match slots.map.get(&key) {
                 Some(Slot::Cached(answer))
                     if answer.valid_until.is_some_and(|t| t > Instant::now()) =>
                 {
@@ -168,7 +176,7 @@ impl Forwarder {
                 Some(Slot::InFlight(pending)) => (pending.clone(), false),
                 _ => {
                     let pending = self.ask(key.clone());
-                    slots.insert(key, Slot::InFlight(pending.clone()));
+                    slots.map.insert(key, Slot::InFlight(pending.clone()));
                     (pending, true)
                 }
             }
@@ -197,25 +205,33 @@ impl Forwarder {
         .shared()
     }
 
-    /// The request's slot becomes the cached answer, or is freed.
+    /// The request's slot becomes the cached answer, or is freed. A full cache
+    /// drops its expired answers (at most once a second), else any one answer.
     fn settle(&self, key: Key, answer: &Arc<Upstream>) {
         let mut slots = self.slots.lock().expect("not poisoned");
         let now = Instant::now();
         if answer.valid_until.is_none_or(|t| t <= now) {
-            slots.remove(&key);
+            slots.map.remove(&key);
             return;
         }
-        if slots.len() >= CACHE_ENTRIES {
-            slots.retain(|_, slot| match slot {
+        if slots.map.len() >= CACHE_ENTRIES && slots.next_sweep.is_none_or(|t| t <= now) {
+            slots.map.retain(|_, slot| match slot {
                 Slot::InFlight(_) => true,
                 Slot::Cached(a) => a.valid_until.is_some_and(|t| t > now),
             });
+            slots.next_sweep = Some(now + Duration::from_secs(1));
         }
-        if slots.len() >= CACHE_ENTRIES {
-            slots.remove(&key);
-        } else {
-            slots.insert(key, Slot::Cached(answer.clone()));
+        if slots.map.len() >= CACHE_ENTRIES {
+            let evicted = slots
+                .map
+                .iter()
+                .find(|(k, slot)| **k != key && matches!(slot, Slot::Cached(_)))
+                .map(|(k, _)| k.clone());
+            if let Some(evicted) = evicted {
+                slots.map.remove(&evicted);
+            }
         }
+        slots.map.insert(key, Slot::Cached(answer.clone()));
     }
 
     async fn resolve(&self, (name, qtype): &Key) -> Upstream {
@@ -360,6 +376,27 @@ mod tests {
         // Another type of the same name is another question.
         let other = forwarder.lookup(&name, RecordType::AAAA).await;
         assert_eq!(other.source, Source::Upstream);
+    }
+
+    #[tokio::test]
+    async fn the_cache_stays_bounded_and_keeps_the_newest_answer() {
+        let forwarder = Forwarder::new(Vec::new());
+        let answer = Arc::new(Upstream {
+            valid_until: Some(Instant::now() + Duration::from_secs(60)),
+            ..Upstream::failure(ResponseCode::NoError)
+        });
+        let key = |i: usize| {
+            (
+                Name::from_ascii(format!("n{i}.example.")).unwrap(),
+                RecordType::A,
+            )
+        };
+        for i in 0..CACHE_ENTRIES + 100 {
+            forwarder.settle(key(i), &answer);
+        }
+        let slots = forwarder.slots.lock().unwrap();
+        assert_eq!(slots.map.len(), CACHE_ENTRIES);
+        assert!(slots.map.contains_key(&key(CACHE_ENTRIES + 99)));
     }
 
     #[tokio::test]

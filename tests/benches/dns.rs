@@ -3,6 +3,7 @@
 //! - a mesh name (a Service), answered by the proxy from the state;
 //! - a forwarded name asked again and again (the proxy's cache answers);
 //! - forwarded names all different (each one goes to the upstream);
+//!
 //! and, for comparison, the same kind of all-different names sent straight to the
 //! upstream from a pod outside the mesh. Queries per second, p50 and p99, medians
 //! of 3 rounds; the ratios are what compare (the machine is shared).

@@ -357,3 +357,43 @@ async fn a_datagram_that_is_not_dns_is_dropped_and_counted() {
     let out = bed.dig("client", &["+short", "server.demo.svc.cluster.local"]);
     assert_eq!(out.trim(), "10.96.0.50", "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_query_is_logged_at_debug_with_pod_name_type_and_source() {
+    let bed = Bed::start().await;
+    let (code, body) = bed
+        .mesh
+        .http_request("node-a", 15000, "POST", "/logging?level=info,dns=debug")
+        .await
+        .unwrap();
+    assert_eq!(code, 200, "{body}");
+    bed.dig("client", &["+short", "server.demo.svc.cluster.local"]);
+    bed.dig("client", &["+short", "logged.test"]);
+    bed.dig("client", &["+short", "logged.test"]);
+    let lines = |source: &str| {
+        bed.mesh
+            .log("node-a")
+            .lines()
+            .filter(|l| {
+                l.contains("dns query")
+                    && l.contains("pod=demo/client")
+                    && l.contains("type=A")
+                    && l.contains(&format!("source=\"{source}\""))
+                    && l.contains("latency_us=")
+            })
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    eventually(Duration::from_secs(5), "the three lines", || async {
+        lines("mesh")
+            .iter()
+            .any(|l| l.contains("name=server.demo.svc.cluster.local."))
+            && lines("upstream")
+                .iter()
+                .any(|l| l.contains("name=logged.test."))
+            && lines("cache")
+                .iter()
+                .any(|l| l.contains("name=logged.test."))
+    })
+    .await;
+}

@@ -7,6 +7,7 @@
 //! not linked here.
 pub mod admin;
 pub mod daemon;
+pub mod dns;
 pub mod orig_src;
 pub mod proxy;
 pub mod redirect;

@@ -170,10 +170,18 @@ struct RunArgs {
     /// is closed.
     #[arg(long, default_value = "1h", value_parser = parse_duration_ms)]
     idle_timeout: Duration,
-    /// Where enrolled pods' DNS queries are forwarded (default: the first
-    /// nameserver of /etc/resolv.conf).
+    /// Where enrolled pods' DNS queries for names outside the mesh are forwarded;
+    /// repeatable (default: the nameservers of /etc/resolv.conf).
     #[arg(long)]
-    dns_upstream: Option<SocketAddr>,
+    dns_upstream: Vec<SocketAddr>,
+    /// Capture enrolled pods' DNS (UDP and TCP port 53) and answer mesh names;
+    /// false leaves it alone (as does the annotation `ambient.istio.io/dns-capture:
+    /// "false"` on a Namespace or Pod).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    dns_capture: bool,
+    /// The cluster's DNS domain: Services are `<svc>.<ns>.svc.<domain>`.
+    #[arg(long, default_value = "cluster.local")]
+    cluster_domain: String,
 }
 
 #[derive(Args)]
@@ -319,7 +327,12 @@ async fn run(args: RunArgs, set_log_level: ztunnel::daemon::SetLogLevel) -> Resu
                 limits.idle_timeout = Some(args.idle_timeout);
                 limits
             },
-            dns_upstream: args.dns_upstream,
+            dns: ztunnel::dns::Settings {
+                upstreams: args.dns_upstream,
+                cluster_domain: args.cluster_domain,
+                limits: Default::default(),
+                capture: args.dns_capture,
+            },
         },
         set_log_level,
     )

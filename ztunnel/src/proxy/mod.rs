@@ -1,8 +1,7 @@
 //! The proxy: per enrolled pod, the captured outbound connections (15001), inbound
-//! HBONE (15008), inbound plaintext (15006) and DNS (15053).
+//! HBONE (15008), inbound plaintext (15006) and DNS (15053, served by `crate::dns`).
 
 pub mod active;
-pub mod dns;
 pub mod inbound;
 pub mod outbound;
 // The HBONE client pool and the relay are shared with the waypoint.
@@ -41,8 +40,8 @@ pub struct Context {
     pub policy_metrics: PolicyMetrics,
     /// Inbound connections, re-decided when policy changes.
     pub active: Arc<active::Active>,
-    /// DNS forwarding, its in-flight caps shared by every pod.
-    pub dns: Arc<dns::Forwarder>,
+    /// The DNS proxy, its in-flight caps shared by every pod.
+    pub dns: Arc<crate::dns::Dns>,
     /// The connection caps every pod's listeners share (one file-descriptor budget).
     pub limiter: Arc<crate::accept::Limiter>,
     /// Delivery to applications from their clients' addresses.
@@ -194,7 +193,7 @@ pub fn serve_pod(
         plaintext,
         delivery,
     ));
-    tasks.spawn(dns::serve(ctx.dns.clone(), workload, dns));
+    tasks.spawn(crate::dns::serve_udp(ctx.dns.clone(), workload, dns));
     Ok(tasks)
 }
 

@@ -538,7 +538,10 @@ impl Waypoint {
             let service = hyper::service::service_fn(move |req| {
                 let (this, conn, target, client) =
                     (this.clone(), conn.clone(), target.clone(), client.clone());
-                async move { Ok::<_, Infallible>(this.request(req, &conn, &client, &target).await) }
+                // Boxed: hyper moves each request's future into a task of its own.
+                Box::pin(async move {
+                    Ok::<_, Infallible>(this.request(req, &conn, &client, &target).await)
+                })
             });
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             builder
@@ -958,6 +961,10 @@ impl Waypoint {
         authentications: &[Arc<RequestAuthentication>],
         req: &mut Request<Incoming>,
     ) -> Result<Option<RequestAuth>, String> {
+        // Most requests have no RequestAuthentication: no header copy for them.
+        if authentications.is_empty() {
+            return Ok(None);
+        }
         let headers: Vec<(String, String)> = req
             .headers()
             .iter()
@@ -1250,37 +1257,49 @@ fn request_id() -> String {
     let (high, low) = (fastrand::u64(..), fastrand::u64(..));
     let high = (high & !0xf000) | 0x4000;
     let low = (low & !(0xc << 60)) | (0x8 << 60);
-    format!(
-        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
-        high >> 32,
-        (high >> 16) & 0xffff,
-        high & 0xffff,
-        low >> 48,
-        low & 0xffff_ffff_ffff
-    )
+    // Hex digits written directly: this runs for every request without an id.
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = String::with_capacity(36);
+    for (i, nibble) in (0..16)
+        .map(|i| (high >> (60 - 4 * i)) & 0xf)
+        .chain((0..16).map(|i| (low >> (60 - 4 * i)) & 0xf))
+        .enumerate()
+    {
+        if matches!(i, 8 | 12 | 16 | 20) {
+            id.push('-');
+        }
+        id.push(HEX[nibble as usize] as char);
+    }
+    id
 }
+
+/// Hop-by-hop headers that are no standard `http::header` constant.
+static KEEP_ALIVE: http::HeaderName = http::HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: http::HeaderName = http::HeaderName::from_static("proxy-connection");
 
 /// Removes the headers that describe one connection (RFC 9110 §7.6.1): those
 /// `connection` names and the fixed set. `te: trailers` stays (gRPC needs it).
 fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
-    let named: Vec<String> = headers
+    // Most requests name no header in `connection`: nothing allocated for them.
+    let named: Vec<http::HeaderName> = headers
         .get_all(http::header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .map(|n| n.trim().to_ascii_lowercase())
-        .filter(|n| !n.is_empty())
+        .filter_map(|n| http::HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .filter(|n| n != http::header::TE)
         .collect();
-    for name in named.iter().map(String::as_str).chain([
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "transfer-encoding",
-        "upgrade",
-    ]) {
-        if name != "te" {
-            headers.remove(name);
-        }
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        &http::header::CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &http::header::TRANSFER_ENCODING,
+        &http::header::UPGRADE,
+    ] {
+        headers.remove(name);
     }
     let trailers_only = headers
         .get_all(http::header::TE)

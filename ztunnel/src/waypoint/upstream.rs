@@ -315,7 +315,10 @@ impl Upstreams {
         let io = dial().await?;
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
-            .adaptive_window(true)
+            // Fixed windows as large as the HBONE pool's: no BDP pings, which
+            // cost a frame and a wakeup per round trip.
+            .initial_stream_window_size(4 * 1024 * 1024)
+            .initial_connection_window_size(16 * 1024 * 1024)
             .handshake(TokioIo::new(io))
             .await
             .context("HTTP/2 handshake")?;

@@ -1,0 +1,9 @@
+//! The client side of Istio's CA API (the server is crate `ztunnel-ca`).
+//!
+//! - [`api`]: the messages, client and server stubs generated from the `.proto`.
+//! - [`client`]: the tunnel's and the waypoint's client (also talks to istiod).
+//! - [`grpc`]: unary gRPC framing on hyper.
+
+pub mod api;
+pub mod client;
+pub mod grpc;

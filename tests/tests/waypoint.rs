@@ -1817,7 +1817,8 @@ async fn each_request_is_measured_and_logged_with_istio_labels() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_request_stalling_in_its_headers_is_closed_and_a_silent_upstream_gets_408() {
+async fn a_request_stalling_in_its_headers_is_closed_and_a_stalled_upload_or_silent_upstream_gets_408(
+) {
     let workloads = vec![
         WorkloadSpec::new("client", "demo", "client"),
         WorkloadSpec::new("echo-1", "demo", "echo").label("app", "echo"),
@@ -1850,6 +1851,21 @@ async fn a_request_stalling_in_its_headers_is_closed_and_a_silent_upstream_gets_
     let closed: u64 = field(&out, "closed_ms").parse().unwrap();
     assert!((900..15_000).contains(&closed), "{out}");
     assert_eq!(_echo1.started(), 0, "{out}");
+    // An upload that stalls halfway (the endpoint waits for the rest): 408 from
+    // the stream idle timeout, not a 503 for the aborted upstream request.
+    let out = probe(
+        &mesh,
+        &[
+            "stall",
+            WEB,
+            "POST /upload HTTP/1.1\\r\\nhost: web\\r\\ncontent-length: 100\\r\\n\\r\\nhalf",
+        ],
+    );
+    assert!(
+        field(&out, "reply").starts_with("HTTP/1.1 408"),
+        "a stalled upload: {out}"
+    );
+    assert!(field(&out, "reply").contains("stream timeout"), "{out}");
     // A request whose answer takes longer than the stream idle timeout: 408.
     let (status, body) = http(&mesh, WEB, "GET", "/slow?delay=6000", &[]);
     assert_eq!(status, "408", "{body}");
@@ -1865,4 +1881,53 @@ async fn a_request_stalling_in_its_headers_is_closed_and_a_silent_upstream_gets_
         })
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_endpoint_gets_the_original_client_in_forwarded() {
+    let mesh = l7_mesh().await;
+    let _echo1 = L7Server::start(mesh.cluster.pod("echo-1"), 9000).unwrap();
+    let _echo2 = L7Server::start(mesh.cluster.pod("echo-2"), 9000).unwrap();
+    let client = mesh.cluster.pod("client").ip.to_string();
+    let (status, body) = http(&mesh, "10.96.0.82:80", "GET", "/headers", &[]);
+    assert_eq!(status, "200", "{body}");
+    assert!(
+        body.contains(&format!(" forwarded=for=\"{client}:")),
+        "the client's address, quoted with its port: {body}"
+    );
+    // What the client says of itself stays first; the waypoint's word is last.
+    let (_, body) = http(
+        &mesh,
+        "10.96.0.82:80",
+        "GET",
+        "/headers",
+        &["forwarded: for=6.6.6.6"],
+    );
+    assert!(
+        body.contains(&format!(" forwarded=for=6.6.6.6, for=\"{client}:")),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_silent_past_the_protocol_sniff_is_still_served_as_http() {
+    let mesh = l7_mesh().await;
+    let _echo1 = L7Server::start(mesh.cluster.pod("echo-1"), 9000).unwrap();
+    let _echo2 = L7Server::start(mesh.cluster.pod("echo-2"), 9000).unwrap();
+    // Opened, then 1.5 s of silence (the sniff gives up after 500 ms), then a
+    // request: on a port declared HTTP, and on an undeclared one whose policy
+    // needs L7 (a plain TCP relay would skip the path DENY).
+    for (target, path, status) in [
+        ("10.96.0.82:81", "/late", "200"),
+        ("10.96.0.82:80", "/late", "200"),
+        ("10.96.0.82:80", "/secret", "403"),
+    ] {
+        let request =
+            format!("GET {path} HTTP/1.1\\r\\nhost: web\\r\\nconnection: close\\r\\n\\r\\n");
+        let out = probe(&mesh, &["late", target, "1500", &request]);
+        assert!(
+            field(&out, "reply").starts_with(&format!("HTTP/1.1 {status}")),
+            "{target}{path}: {out}"
+        );
+    }
 }

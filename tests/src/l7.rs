@@ -111,7 +111,11 @@ async fn serve(stream: tokio::net::TcpStream, pod: String, started: Arc<AtomicUs
             ))))
         }
     });
-    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // Room for the headers a proxy adds to a request at its own limit (hyper's
+    // default is 100, like the waypoint's).
+    builder.http1().max_headers(200);
+    let _ = builder
         .serve_connection_with_upgrades(TokioIo::new(stream), service)
         .await;
 }

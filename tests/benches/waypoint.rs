@@ -102,8 +102,17 @@ async fn main() -> Result<()> {
     let _server = L7Server::start(mesh.cluster.pod("server"), 9000)?;
     let direct = format!("{}:9000", mesh.cluster.pod("server").ip);
     println!("waypoint/setup    {REQUESTS} GETs per run, median of {ROUNDS} runs alternating the paths; goal: through the waypoint >= 0.7x the mesh's requests/s at 64 clients, <= 1 ms added p99");
+    // WAYPOINT_BENCH_ONLY=h2/c64,...: only those cases (quicker profiling runs).
+    let only = std::env::var("WAYPOINT_BENCH_ONLY").unwrap_or_default();
     for version in ["h1", "h2"] {
         for clients in ["1", "64"] {
+            if !only.is_empty()
+                && !only
+                    .split(',')
+                    .any(|c| c == format!("{version}/c{clients}"))
+            {
+                continue;
+            }
             let (mut waypoint, mut meshed) = (Figures::default(), Figures::default());
             for _ in 0..ROUNDS {
                 for (figures, target) in [

@@ -75,6 +75,18 @@ async fn serve(stream: tokio::net::TcpStream, pod: String, started: Arc<AtomicUs
             if req.headers().contains_key(http::header::UPGRADE) {
                 return Ok(switch_protocols(req, pod));
             }
+            // `/upload`: answered only once the whole request body is in.
+            let (parts, body) = req.into_parts();
+            if parts.uri.path() == "/upload" {
+                use http_body_util::BodyExt;
+                if body.collect().await.is_err() {
+                    return Ok(http::Response::builder()
+                        .status(400)
+                        .body(tonic::body::Body::empty())
+                        .expect("a valid response"));
+                }
+            }
+            let req = http::Request::from_parts(parts, ());
             let delay = req
                 .uri()
                 .query()
@@ -89,7 +101,7 @@ async fn serve(stream: tokio::net::TcpStream, pod: String, started: Arc<AtomicUs
                 req.uri().path()
             );
             if req.uri().path() == "/headers" {
-                for name in ["x-request-id", "x-forwarded-proto"] {
+                for name in ["x-request-id", "forwarded", "x-forwarded-proto"] {
                     let value = req.headers().get(name).and_then(|v| v.to_str().ok());
                     body.push_str(&format!(" {name}={}", value.unwrap_or("none")));
                 }
@@ -99,7 +111,11 @@ async fn serve(stream: tokio::net::TcpStream, pod: String, started: Arc<AtomicUs
             ))))
         }
     });
-    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // Room for the headers a proxy adds to a request at its own limit (hyper's
+    // default is 100, like the waypoint's).
+    builder.http1().max_headers(200);
+    let _ = builder
         .serve_connection_with_upgrades(TokioIo::new(stream), service)
         .await;
 }

@@ -1748,11 +1748,29 @@ async fn the_endpoint_gets_a_request_id_and_forwarded_proto_and_oversized_header
     );
     assert!(body.contains(" x-request-id=from-client "), "kept: {body}");
 
-    // At most 100 headers, at most 60 KiB of them.
+    // At most 100 headers (the probe sends 3 of its own: host, content-length,
+    // connection), at most 60 KiB of them.
     let many = |n: usize| (0..n).map(|i| format!("x-h{i}: v")).collect::<Vec<_>>();
-    let headers = many(90);
+    let headers = many(97);
     let refs: Vec<&str> = headers.iter().map(String::as_str).collect();
-    assert_eq!(http(&mesh, WEB, "GET", "/few", &refs).0, "200");
+    assert_eq!(
+        http(&mesh, WEB, "GET", "/few", &refs).0,
+        "200",
+        "100 headers"
+    );
+    let headers = many(98);
+    let refs: Vec<&str> = headers.iter().map(String::as_str).collect();
+    let reached = _echo1.started() + _echo2.started();
+    assert_eq!(
+        http(&mesh, WEB, "GET", "/many", &refs).0,
+        "431",
+        "101 headers"
+    );
+    assert_eq!(
+        _echo1.started() + _echo2.started(),
+        reached,
+        "refused at the waypoint"
+    );
     let headers = many(110);
     let refs: Vec<&str> = headers.iter().map(String::as_str).collect();
     assert_eq!(http(&mesh, WEB, "GET", "/many", &refs).0, "431");
@@ -1817,7 +1835,8 @@ async fn each_request_is_measured_and_logged_with_istio_labels() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_request_stalling_in_its_headers_is_closed_and_a_silent_upstream_gets_408() {
+async fn a_request_stalling_in_its_headers_is_closed_and_a_stalled_upload_or_silent_upstream_gets_408(
+) {
     let workloads = vec![
         WorkloadSpec::new("client", "demo", "client"),
         WorkloadSpec::new("echo-1", "demo", "echo").label("app", "echo"),
@@ -1850,6 +1869,21 @@ async fn a_request_stalling_in_its_headers_is_closed_and_a_silent_upstream_gets_
     let closed: u64 = field(&out, "closed_ms").parse().unwrap();
     assert!((900..15_000).contains(&closed), "{out}");
     assert_eq!(_echo1.started(), 0, "{out}");
+    // An upload that stalls halfway (the endpoint waits for the rest): 408 from
+    // the stream idle timeout, not a 503 for the aborted upstream request.
+    let out = probe(
+        &mesh,
+        &[
+            "stall",
+            WEB,
+            "POST /upload HTTP/1.1\\r\\nhost: web\\r\\ncontent-length: 100\\r\\n\\r\\nhalf",
+        ],
+    );
+    assert!(
+        field(&out, "reply").starts_with("HTTP/1.1 408"),
+        "a stalled upload: {out}"
+    );
+    assert!(field(&out, "reply").contains("stream timeout"), "{out}");
     // A request whose answer takes longer than the stream idle timeout: 408.
     let (status, body) = http(&mesh, WEB, "GET", "/slow?delay=6000", &[]);
     assert_eq!(status, "408", "{body}");
@@ -1865,4 +1899,99 @@ async fn a_request_stalling_in_its_headers_is_closed_and_a_silent_upstream_gets_
         })
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_endpoint_gets_the_original_client_in_forwarded() {
+    let mesh = l7_mesh().await;
+    let _echo1 = L7Server::start(mesh.cluster.pod("echo-1"), 9000).unwrap();
+    let _echo2 = L7Server::start(mesh.cluster.pod("echo-2"), 9000).unwrap();
+    let client = mesh.cluster.pod("client").ip.to_string();
+    let (status, body) = http(&mesh, "10.96.0.82:80", "GET", "/headers", &[]);
+    assert_eq!(status, "200", "{body}");
+    assert!(
+        body.contains(&format!(" forwarded=for=\"{client}:")),
+        "the client's address, quoted with its port: {body}"
+    );
+    // What the client says of itself stays first; the waypoint's word is last.
+    let (_, body) = http(
+        &mesh,
+        "10.96.0.82:80",
+        "GET",
+        "/headers",
+        &["forwarded: for=6.6.6.6"],
+    );
+    assert!(
+        body.contains(&format!(" forwarded=for=6.6.6.6, for=\"{client}:")),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_silent_past_the_protocol_sniff_is_still_served_as_http() {
+    let mesh = l7_mesh().await;
+    let _echo1 = L7Server::start(mesh.cluster.pod("echo-1"), 9000).unwrap();
+    let _echo2 = L7Server::start(mesh.cluster.pod("echo-2"), 9000).unwrap();
+    // Opened, then 1.5 s of silence (the sniff gives up after 500 ms), then a
+    // request: on a port declared HTTP, and on an undeclared one whose policy
+    // needs L7 (a plain TCP relay would skip the path DENY).
+    for (target, path, status) in [
+        ("10.96.0.82:81", "/late", "200"),
+        ("10.96.0.82:80", "/late", "200"),
+        ("10.96.0.82:80", "/secret", "403"),
+    ] {
+        let request =
+            format!("GET {path} HTTP/1.1\\r\\nhost: web\\r\\nconnection: close\\r\\n\\r\\n");
+        let out = probe(&mesh, &["late", target, "1500", &request]);
+        assert!(
+            field(&out, "reply").starts_with(&format!("HTTP/1.1 {status}")),
+            "{target}{path}: {out}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_the_endpoint_refuses_is_retried_on_another() {
+    let mesh = l7_mesh().await;
+    let _echo1 = L7Server::start(mesh.cluster.pod("echo-1"), 9000).unwrap();
+    // echo-2 speaks HTTP/2 and refuses every stream (RST_STREAM REFUSED_STREAM)
+    // after reading its request.
+    let refused = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = refused.clone();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let _refusing = mesh
+        .cluster
+        .pod("echo-2")
+        .spawn_task(move || async move {
+            let listener = tokio::net::TcpListener::bind("0.0.0.0:9000").await.unwrap();
+            ready_tx.send(()).unwrap();
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let count = count.clone();
+                tokio::spawn(async move {
+                    let Ok(mut connection) = h2::server::handshake(tcp).await else {
+                        return;
+                    };
+                    while let Some(Ok((_, mut respond))) = connection.accept().await {
+                        count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                    }
+                });
+            }
+        })
+        .unwrap();
+    ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    // web:82 is declared HTTP/2; requests alternate between the endpoints, and
+    // each refused one is answered by echo-1.
+    for i in 0..6 {
+        let (status, body) = http(&mesh, "10.96.0.82:82", "GET", &format!("/r{i}"), &[]);
+        assert_eq!(status, "200", "request {i}: {body}");
+        assert!(body.starts_with("echo-1 HTTP/2.0 GET"), "{body}");
+    }
+    assert!(
+        refused.load(std::sync::atomic::Ordering::Acquire) > 0,
+        "echo-2 was tried and refused"
+    );
 }

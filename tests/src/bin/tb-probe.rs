@@ -19,6 +19,7 @@
 //!   tb-probe slow <ip:port> <ms> <msg>     connect, send, wait, then half-close and read
 //!   tb-probe stall <ip:port> <msg>         send (e.g. part of a request), then nothing:
 //!                                          what came back and when the peer closed
+//!   tb-probe late <ip:port> <ms> <msg>     connect, wait, then send and read to the end
 //! Measurements (against testbed::app::BenchServer):
 //!   tb-probe throughput <ip:port> <bytes>  send to a sink; print bits per second
 //!   tb-probe rr <ip:port> <count> <cpu>    1-byte round trips to an echo, pinned to a CPU
@@ -60,6 +61,7 @@ fn main() -> ExitCode {
         ["connect-from", source, addr, message] => connect_from(source, addr, message),
         ["slow", addr, millis, message] => slow(addr, millis, message),
         ["stall", addr, message] => stall(addr, message),
+        ["late", addr, millis, message] => late(addr, millis, message),
         ["throughput", addr, bytes] => throughput(addr, bytes),
         ["rr", addr, count, cpu] => round_trips(addr, count, cpu),
         ["conns", addr, millis] => connections(addr, millis),
@@ -367,6 +369,23 @@ fn stall(addr: &str, message: &str) -> anyhow::Result<()> {
         String::from_utf8_lossy(&reply).replace("\r\n", " ")
     );
     println!("closed_ms={}", started.elapsed().as_millis());
+    Ok(())
+}
+
+/// Connects, stays silent for `millis`, then sends `message` (`\r\n` escapes
+/// allowed) and prints `reply=` (read until the peer closes).
+fn late(addr: &str, millis: &str, message: &str) -> anyhow::Result<()> {
+    let addr: SocketAddr = addr.parse()?;
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    std::thread::sleep(Duration::from_millis(millis.parse()?));
+    stream.write_all(message.replace("\\r\\n", "\r\n").as_bytes())?;
+    let mut reply = Vec::new();
+    let _ = stream.read_to_end(&mut reply);
+    println!(
+        "reply={}",
+        String::from_utf8_lossy(&reply).replace("\r\n", " ")
+    );
     Ok(())
 }
 

@@ -72,6 +72,9 @@ struct Args {
     /// On SIGTERM, how long requests in flight get to finish (seconds).
     #[arg(long, default_value = "5")]
     drain_grace_seconds: u64,
+    /// Tokio worker threads (default: one per CPU).
+    #[arg(long, env = "WAYPOINT_WORKER_THREADS")]
+    worker_threads: Option<usize>,
     /// How often the config directory is checked, in milliseconds.
     #[arg(long, default_value = "1000")]
     config_poll_ms: u64,
@@ -129,7 +132,11 @@ fn main() {
             stream_idle_timeout: Duration::from_secs(args.stream_idle_timeout_seconds),
         },
     };
-    let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = args.worker_threads {
+        runtime.worker_threads(n);
+    }
+    let runtime = runtime.enable_all().build().expect("a tokio runtime");
     if let Err(e) = runtime.block_on(ztunnel_waypoint::run(options)) {
         eprintln!("waypoint: error: {e:#}");
         std::process::exit(1);

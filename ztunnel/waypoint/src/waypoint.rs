@@ -178,6 +178,10 @@ enum Destination {
     Workload(Arc<Workload>),
 }
 
+/// How long a new connection's first bytes are awaited to tell HTTP from a
+/// protocol whose server speaks first.
+const SNIFF_TIMEOUT: Duration = Duration::from_millis(500);
+
 /// Attempts per request (Istio's default retry policy: connect failures and
 /// refused streams, on another endpoint).
 const ATTEMPTS: usize = 2;
@@ -516,19 +520,32 @@ impl Waypoint {
         client: Identity,
         target: Target,
     ) -> Result<()> {
-        let mut first = vec![0u8; 24];
-        let n =
-            match tokio::time::timeout(Duration::from_millis(500), stream.read(&mut first)).await {
-                Ok(read) => read?,
-                Err(_) => 0, // the server speaks first: not HTTP
-            };
-        first.truncate(n);
         let conn = Connection {
             source_identity: Some(client.clone()),
             source_ip: target.client.ip(),
             destination_ip: target.asked.ip(),
             destination_port: target.asked.port(),
         };
+        let mut first = vec![0u8; 24];
+        let n = match tokio::time::timeout(SNIFF_TIMEOUT, stream.read(&mut first)).await {
+            Ok(read) => read?,
+            // Silent: the server speaks first, unless the connection can only be
+            // HTTP. Then, as Istio (its protocol detection timeout is off), the
+            // client's first bytes decide, however late (within the header timeout).
+            Err(_) if self.only_http(&target, &conn) => {
+                match tokio::time::timeout(
+                    self.limits.request_headers_timeout,
+                    stream.read(&mut first),
+                )
+                .await
+                {
+                    Ok(read) => read?,
+                    Err(_) => 0,
+                }
+            }
+            Err(_) => 0,
+        };
+        first.truncate(n);
         let stream = Prefixed {
             prefix: first.clone(),
             inner: stream,
@@ -538,7 +555,10 @@ impl Waypoint {
             let service = hyper::service::service_fn(move |req| {
                 let (this, conn, target, client) =
                     (this.clone(), conn.clone(), target.clone(), client.clone());
-                async move { Ok::<_, Infallible>(this.request(req, &conn, &client, &target).await) }
+                // Boxed: hyper moves each request's future into a task of its own.
+                Box::pin(async move {
+                    Ok::<_, Infallible>(this.request(req, &conn, &client, &target).await)
+                })
             });
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             builder
@@ -593,6 +613,24 @@ impl Waypoint {
             target.asked,
             failures.join("; ")
         )
+    }
+
+    /// Whether a connection to `target` can only be HTTP: its Service port says
+    /// so, or the policies let no plain TCP connection through (they need L7).
+    fn only_http(&self, target: &Target, conn: &Connection) -> bool {
+        target.protocol.is_some()
+            || !self
+                .state
+                .borrow()
+                .policies
+                .authorize_request(
+                    (&self.key.0, &self.key.1),
+                    &target.services,
+                    conn,
+                    None,
+                    false,
+                )
+                .allow
     }
 
     /// The endpoints to try for one request or connection, in order: a Service's
@@ -958,6 +996,10 @@ impl Waypoint {
         authentications: &[Arc<RequestAuthentication>],
         req: &mut Request<Incoming>,
     ) -> Result<Option<RequestAuth>, String> {
+        // Most requests have no RequestAuthentication: no header copy for them.
+        if authentications.is_empty() {
+            return Ok(None);
+        }
         let headers: Vec<(String, String)> = req
             .headers()
             .iter()
@@ -1078,7 +1120,7 @@ impl Waypoint {
             let body = Metered::request(body.map_err(Into::into).boxed(), request_bytes.clone());
             IdleBody::new(body.boxed(), activity.clone()).boxed()
         });
-        let mut req = match upstream_request(req, host, target.asked, protocol, upgrade) {
+        let mut req = match upstream_request(req, host, target, protocol, upgrade) {
             Ok(req) => req,
             Err(e) => {
                 tracing::warn!(dst = %target.asked, "request refused (400): {e:#}");
@@ -1107,14 +1149,16 @@ impl Waypoint {
                     false => self.upstreams.send(&key, req, dial).await,
                 }
             };
+            let timed_out = || {
+                tracing::warn!(dst = %target.asked, endpoint = %endpoint.name, "request ended (408): its stream was idle for the stream idle timeout ({:?})", self.limits.stream_idle_timeout);
+                let mut handled =
+                    Handled::local(text(StatusCode::REQUEST_TIMEOUT, "stream timeout"));
+                handled.flags = "SI";
+                handled
+            };
             let sent = tokio::select! {
                 sent = sent => sent,
-                _ = activity.idle() => {
-                    tracing::warn!(dst = %target.asked, endpoint = %endpoint.name, "request ended (408): no response within the stream idle timeout ({:?})", self.limits.stream_idle_timeout);
-                    let mut handled = Handled::local(text(StatusCode::REQUEST_TIMEOUT, "stream timeout"));
-                    handled.flags = "SI";
-                    return handled;
-                }
+                _ = activity.idle() => return timed_out(),
             };
             match sent {
                 Ok(mut response) => {
@@ -1133,6 +1177,9 @@ impl Waypoint {
                         flags: "-",
                     };
                 }
+                // A client that stalls mid-upload fails the request body: the
+                // timeout's answer, not the upstream's failure.
+                Err(_) if activity.expired() => return timed_out(),
                 Err(e) => {
                     flags = match (e.connect_failure, attempt > 0) {
                         (true, false) => "UF",
@@ -1194,10 +1241,11 @@ impl Handled {
 fn upstream_request(
     req: Request<upstream::Body>,
     host: &str,
-    asked: SocketAddr,
+    target: &Target,
     protocol: Protocol,
     upgrade: Option<http::HeaderValue>,
 ) -> Result<Request<upstream::Body>> {
+    let asked = target.asked;
     let (mut parts, body) = req.into_parts();
     let path = parts
         .uri
@@ -1237,6 +1285,17 @@ fn upstream_request(
             .headers
             .insert("x-request-id", http::HeaderValue::from_str(&request_id())?);
     }
+    // The original client, appended (RFC 7239 §4): earlier elements are the
+    // client's own say, the last one the waypoint's.
+    let forwarded = forwarded::for_client(target.client);
+    let forwarded = match parts.headers.get(http::header::FORWARDED) {
+        Some(earlier) => [earlier.as_bytes(), b", ", forwarded.as_bytes()].concat(),
+        None => forwarded.into_bytes(),
+    };
+    parts.headers.insert(
+        http::header::FORWARDED,
+        http::HeaderValue::from_bytes(&forwarded)?,
+    );
     if !parts.headers.contains_key("x-forwarded-proto") {
         parts
             .headers
@@ -1250,37 +1309,49 @@ fn request_id() -> String {
     let (high, low) = (fastrand::u64(..), fastrand::u64(..));
     let high = (high & !0xf000) | 0x4000;
     let low = (low & !(0xc << 60)) | (0x8 << 60);
-    format!(
-        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
-        high >> 32,
-        (high >> 16) & 0xffff,
-        high & 0xffff,
-        low >> 48,
-        low & 0xffff_ffff_ffff
-    )
+    // Hex digits written directly: this runs for every request without an id.
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = String::with_capacity(36);
+    for (i, nibble) in (0..16)
+        .map(|i| (high >> (60 - 4 * i)) & 0xf)
+        .chain((0..16).map(|i| (low >> (60 - 4 * i)) & 0xf))
+        .enumerate()
+    {
+        if matches!(i, 8 | 12 | 16 | 20) {
+            id.push('-');
+        }
+        id.push(HEX[nibble as usize] as char);
+    }
+    id
 }
+
+/// Hop-by-hop headers that are no standard `http::header` constant.
+static KEEP_ALIVE: http::HeaderName = http::HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: http::HeaderName = http::HeaderName::from_static("proxy-connection");
 
 /// Removes the headers that describe one connection (RFC 9110 §7.6.1): those
 /// `connection` names and the fixed set. `te: trailers` stays (gRPC needs it).
 fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
-    let named: Vec<String> = headers
+    // Most requests name no header in `connection`: nothing allocated for them.
+    let named: Vec<http::HeaderName> = headers
         .get_all(http::header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .map(|n| n.trim().to_ascii_lowercase())
-        .filter(|n| !n.is_empty())
+        .filter_map(|n| http::HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .filter(|n| n != http::header::TE)
         .collect();
-    for name in named.iter().map(String::as_str).chain([
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "transfer-encoding",
-        "upgrade",
-    ]) {
-        if name != "te" {
-            headers.remove(name);
-        }
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        &http::header::CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &http::header::TRANSFER_ENCODING,
+        &http::header::UPGRADE,
+    ] {
+        headers.remove(name);
     }
     let trailers_only = headers
         .get_all(http::header::TE)

@@ -47,6 +47,11 @@ impl Activity {
         self.base + Duration::from_millis(self.last_ms.load(Ordering::Acquire)) + self.timeout
     }
 
+    /// Whether the stream has been idle for the timeout.
+    pub fn expired(&self) -> bool {
+        self.deadline() <= Instant::now()
+    }
+
     /// Returns once the stream has been idle for the timeout.
     pub async fn idle(&self) {
         loop {

@@ -16,7 +16,8 @@ use std::{
 use anyhow::{Context as _, Result};
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::combinators::BoxBody;
+use http_body::Body as _;
+use http_body_util::{combinators::BoxBody, BodyExt};
 use hyper::{
     body::Incoming,
     client::conn::{http1, http2},
@@ -286,13 +287,29 @@ impl Upstreams {
                 }
             }
         };
+        // A request without a body can be sent again if the server refuses its
+        // stream after it was sent (Istio retries on refused-stream).
+        let again = req.body().is_end_stream().then(|| {
+            let mut copy =
+                Request::new(http_body_util::Empty::new().map_err(|n| match n {}).boxed());
+            *copy.method_mut() = req.method().clone();
+            *copy.uri_mut() = req.uri().clone();
+            *copy.version_mut() = req.version();
+            *copy.headers_mut() = req.headers().clone();
+            copy
+        });
         match sender.try_send_request(req).await {
             Ok(response) => Ok(response),
-            Err(mut e) => Err(SendError {
-                unsent: e.take_message(),
-                error: e.into_error().into(),
-                connect_failure: false,
-            }),
+            Err(mut e) => {
+                let unsent = e.take_message();
+                let error = e.into_error();
+                let refused = refused_stream(&error);
+                Err(SendError {
+                    unsent: unsent.or(if refused { again } else { None }),
+                    error: error.into(),
+                    connect_failure: false,
+                })
+            }
         }
     }
 
@@ -315,7 +332,10 @@ impl Upstreams {
         let io = dial().await?;
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
-            .adaptive_window(true)
+            // Fixed windows as large as the HBONE pool's: no BDP pings, which
+            // cost a frame and a wakeup per round trip.
+            .initial_stream_window_size(4 * 1024 * 1024)
+            .initial_connection_window_size(16 * 1024 * 1024)
             .handshake(TokioIo::new(io))
             .await
             .context("HTTP/2 handshake")?;
@@ -350,6 +370,19 @@ impl Upstreams {
             .expect("not poisoned")
             .retain(|_, gate| Arc::strong_count(gate) > 1);
     }
+}
+
+/// Whether the server reset the stream with REFUSED_STREAM: it did not process
+/// the request (RFC 9113 §8.7), so it may be sent elsewhere.
+fn refused_stream(error: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(error);
+    while let Some(e) = source {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        source = e.source();
+    }
+    false
 }
 
 #[cfg(test)]

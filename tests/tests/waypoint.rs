@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use testbed::{
     app::HttpServer,
+    ext_authz::ExtAuthzServer,
     l7::L7Server,
     mesh::{eventually, Mesh, WorkloadSpec},
     Cluster, ClusterSpec,
@@ -351,17 +352,19 @@ fn start_ext_authz(mesh: &Mesh) -> std::thread::JoinHandle<()> {
                         }
                     }
                     let path = line.split_whitespace().nth(1).unwrap_or("").to_owned();
+                    // One request per connection, said so: the waypoint's client
+                    // pools connections and must not reuse this one.
                     let response = if path.contains("huge") {
                         // Past the waypoint's cap on a provider's answer.
                         let body = "x".repeat(ztunnel::extauthz::MAX_RESPONSE_BYTES + 1);
-                        format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len())
+                        format!("HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}", body.len())
                     } else if path.contains("slow") {
                         tokio::time::sleep(Duration::from_secs(5)).await;
-                        "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n".to_owned()
+                        "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n".to_owned()
                     } else if path.contains("deny") {
-                        "HTTP/1.1 403 Forbidden\r\nx-reason: denied-by-test\r\ncontent-length: 4\r\n\r\nnope".to_owned()
+                        "HTTP/1.1 403 Forbidden\r\nconnection: close\r\nx-reason: denied-by-test\r\ncontent-length: 4\r\n\r\nnope".to_owned()
                     } else {
-                        "HTTP/1.1 200 OK\r\nx-auth-user: alice\r\ncontent-length: 0\r\n\r\n".to_owned()
+                        "HTTP/1.1 200 OK\r\nconnection: close\r\nx-auth-user: alice\r\ncontent-length: 0\r\n\r\n".to_owned()
                     };
                     let _ = stream.get_mut().write_all(response.as_bytes()).await;
                 });
@@ -401,8 +404,18 @@ spec:
   rules: [{to: [{operation: {paths: ["/public/open/*"]}}]}]
 "#;
 
-#[tokio::test(flavor = "multi_thread")]
-async fn custom_external_authorization_allows_denies_and_honours_fail_open() {
+/// A mesh whose waypoint has the CUSTOM policies of EXT_AUTHZ_POLICIES, the HTTP
+/// providers `closed` and `open` (failOpen) on 127.0.0.1:9191 and the gRPC
+/// provider `grpc` on 127.0.0.1:9292 (timeout 1s), all running; and a server.
+struct ExtAuthzMesh {
+    mesh: Mesh,
+    grpc: ExtAuthzServer,
+    _http: std::thread::JoinHandle<()>,
+    _server: HttpServer,
+    _mesh_config: testbed::mesh::TempDir,
+}
+
+async fn ext_authz_mesh() -> ExtAuthzMesh {
     let cluster = Cluster::new(
         &ClusterSpec::new()
             .node("node-a", ["client"])
@@ -438,45 +451,51 @@ async fn custom_external_authorization_allows_denies_and_honours_fail_open() {
             .is_some_and(|s| !s.is_empty())
     })
     .await;
-    let _authz = start_ext_authz(&mesh);
-    let _grpc = start_grpc_ext_authz(&mesh);
+    let http = start_ext_authz(&mesh);
+    let grpc = ExtAuthzServer::start(mesh.cluster.pod("waypoint"), 9292).unwrap();
     mesh.start_waypoint_with("waypoint", "demo", "waypoint", Some(&path))
         .await
         .unwrap();
-    let _server = HttpServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    let server = HttpServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    ExtAuthzMesh {
+        mesh,
+        grpc,
+        _http: http,
+        _server: server,
+        _mesh_config: mesh_config,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn custom_external_authorization_allows_denies_and_honours_fail_open() {
+    let ExtAuthzMesh { mesh, .. } = &ext_authz_mesh().await;
 
     assert_eq!(
-        http(&mesh, VIP, "GET", "/public/ext/ok", &[]),
+        http(mesh, VIP, "GET", "/public/ext/ok", &[]),
         ("200".into(), "server GET /public/ext/ok".into())
     );
     assert_eq!(
-        http(&mesh, VIP, "GET", "/public/ext/deny", &[]),
+        http(mesh, VIP, "GET", "/public/ext/deny", &[]),
         ("403".into(), "nope".into()),
         "the provider's answer reaches the client"
     );
     assert_eq!(
-        http(&mesh, VIP, "GET", "/public/ext/slow", &[]).0,
+        http(mesh, VIP, "GET", "/public/ext/slow", &[]).0,
         "403",
         "timeout, failOpen false"
     );
     assert_eq!(
-        http(&mesh, VIP, "GET", "/public/open/slow", &[]).0,
+        http(mesh, VIP, "GET", "/public/open/slow", &[]).0,
         "200",
         "timeout, failOpen true"
     );
     assert_eq!(
-        http(&mesh, VIP, "GET", "/public/plain", &[]).0,
+        http(mesh, VIP, "GET", "/public/plain", &[]).0,
         "200",
         "CUSTOM applies only to its rules"
     );
-    // The gRPC protocol (Envoy's Authorization/Check).
-    assert_eq!(http(&mesh, VIP, "GET", "/public/grpc/ok", &[]).0, "200");
     assert_eq!(
-        http(&mesh, VIP, "GET", "/public/grpc/deny", &[]),
-        ("403".into(), "grpc says no".into())
-    );
-    assert_eq!(
-        http(&mesh, VIP, "GET", "/public/ext/huge", &[]).0,
+        http(mesh, VIP, "GET", "/public/ext/huge", &[]).0,
         "403",
         "an oversized answer is a failed check, failOpen false"
     );
@@ -489,76 +508,95 @@ async fn custom_external_authorization_allows_denies_and_honours_fail_open() {
         mesh.log("waypoint-waypoint")
     );
     // CUSTOM comes before ALLOW: an allowed provider does not bypass ALLOW rules.
-    assert_eq!(http(&mesh, VIP, "POST", "/public/ext/ok", &[]).0, "403");
+    assert_eq!(http(mesh, VIP, "POST", "/public/ext/ok", &[]).0, "403");
 }
 
-/// An Envoy-protocol gRPC ext-authz server (h2c) in the waypoint's pod on
-/// 127.0.0.1:9292: paths with "deny" are refused, others allowed.
-fn start_grpc_ext_authz(mesh: &Mesh) -> std::thread::JoinHandle<()> {
-    use http_body_util::BodyExt;
-    use ztunnel::{ca::grpc, extauthz::proto};
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let handle = mesh
-        .cluster
-        .pod("waypoint")
-        .spawn_task(move || async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:9292")
-                .await
-                .unwrap();
-            ready_tx.send(()).unwrap();
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else {
-                    return;
-                };
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(
-                        |req: http::Request<hyper::body::Incoming>| async move {
-                            assert_eq!(req.uri().path(), proto::CHECK_PATH);
-                            let body = req.into_body().collect().await.unwrap().to_bytes();
-                            let check: proto::CheckRequest = grpc::unframe(body).unwrap();
-                            let http = check.attributes.unwrap().request.unwrap().http.unwrap();
-                            let response = if http.path.contains("deny") {
-                                proto::CheckResponse {
-                                    status: Some(proto::RpcStatus {
-                                        code: 7,
-                                        message: "no".into(),
-                                    }),
-                                    denied_response: Some(proto::DeniedHttpResponse {
-                                        status: Some(proto::HttpStatus { code: 403 }),
-                                        headers: vec![],
-                                        body: "grpc says no".into(),
-                                    }),
-                                    ok_response: None,
-                                }
-                            } else {
-                                proto::CheckResponse {
-                                    status: Some(proto::RpcStatus::default()),
-                                    denied_response: None,
-                                    ok_response: Some(proto::OkHttpResponse::default()),
-                                }
-                            };
-                            Ok::<_, std::convert::Infallible>(
-                                http::Response::builder()
-                                    .header("content-type", "application/grpc")
-                                    .body(grpc::UnaryBody::new(
-                                        Some(grpc::frame(&response)),
-                                        grpc::status_trailers(grpc::Code::Ok, ""),
-                                    ))
-                                    .unwrap(),
-                            )
-                        },
-                    );
-                    let _ = hyper::server::conn::http2::Builder::new(
-                        hyper_util::rt::TokioExecutor::new(),
-                    )
-                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
-                    .await;
-                });
-            }
-        })
-        .unwrap();
-    ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
-    handle
+#[tokio::test(flavor = "multi_thread")]
+async fn a_grpc_provider_allows_denies_and_its_failures_deny() {
+    let ExtAuthzMesh { mesh, grpc, .. } = &ext_authz_mesh().await;
+    assert_eq!(
+        http(mesh, VIP, "GET", "/public/grpc/ok", &[]),
+        ("200".into(), "server GET /public/grpc/ok".into())
+    );
+    assert_eq!(
+        http(mesh, VIP, "GET", "/public/grpc/deny", &[]),
+        ("403".into(), "grpc says no".into()),
+        "the provider's status and body reach the client"
+    );
+    assert_eq!(
+        http(mesh, VIP, "GET", "/public/grpc/teapot", &[]).0,
+        "418",
+        "the provider's own status"
+    );
+    // No decision: fail closed (the provider is not failOpen).
+    assert_eq!(
+        http(mesh, VIP, "GET", "/public/grpc/unavailable", &[]).0,
+        "403",
+        "a gRPC error status"
+    );
+    assert_eq!(
+        http(mesh, VIP, "GET", "/public/grpc/slow", &[]).0,
+        "403",
+        "no answer within the timeout"
+    );
+    let log = mesh.log("waypoint-waypoint");
+    assert!(log.contains("gRPC status Unavailable"), "{log}");
+    assert!(log.contains("did not answer within 1s"), "{log}");
+    // Each request was checked once: five requests, five checks.
+    assert_eq!(grpc.checks().len(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_check_request_carries_the_request_and_both_principals() {
+    use testbed::ext_authz::proto::envoy::{
+        config::core::v3::{address, socket_address},
+        service::auth::v3::attribute_context::Peer,
+    };
+    let ExtAuthzMesh { mesh, grpc, .. } = &ext_authz_mesh().await;
+    let (status, _) = http(
+        mesh,
+        VIP,
+        "GET",
+        "/public/grpc/ok?q=1",
+        &["x-test: one", "x-test: two"],
+    );
+    assert_eq!(status, "200");
+    let checks = grpc.checks();
+    assert_eq!(checks.len(), 1, "{checks:?}");
+    let attributes = checks[0].attributes.clone().unwrap();
+    let request = attributes.request.unwrap().http.unwrap();
+    assert_eq!(request.method, "GET");
+    assert_eq!(
+        request.path, "/public/grpc/ok?q=1",
+        "the path with the query"
+    );
+    assert_eq!(request.host, VIP);
+    assert_eq!(request.protocol, "HTTP/1.1");
+    assert_eq!(request.headers["host"], VIP);
+    assert_eq!(
+        request.headers["x-test"], "one,two",
+        "repeated headers joined"
+    );
+    let address = |peer: &Peer| match peer.address.clone().unwrap().address.unwrap() {
+        address::Address::SocketAddress(socket) => {
+            let Some(socket_address::PortSpecifier::PortValue(port)) = socket.port_specifier else {
+                panic!("no port: {socket:?}")
+            };
+            (socket.address, port)
+        }
+    };
+    let source = attributes.source.unwrap();
+    assert_eq!(source.principal, "spiffe://cluster.local/ns/demo/sa/client");
+    assert_eq!(
+        address(&source).0,
+        mesh.cluster.pod("client").ip.to_string()
+    );
+    let destination = attributes.destination.unwrap();
+    assert_eq!(
+        destination.principal, "spiffe://cluster.local/ns/demo/sa/waypoint",
+        "the waypoint's own identity"
+    );
+    assert_eq!(address(&destination), ("10.96.0.80".to_string(), 80));
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -8,10 +8,14 @@ use std::{collections::HashMap, net::SocketAddr, path::Path, time::Duration};
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use http::{HeaderMap, Request, StatusCode};
-use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
+use http_body_util::Empty;
+use hyper_util::{
+    client::legacy::{connect::HttpConnector, Client as Pooled},
+    rt::TokioExecutor,
+};
 use serde::Deserialize;
-use tokio::net::TcpStream;
+
+use crate::http_client;
 
 /// The parts of Istio's MeshConfig the mesh uses.
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -160,13 +164,18 @@ pub enum Verdict {
 /// resolved.
 pub async fn check_http(
     provider: &HttpProvider,
+    client: &http_client::Client,
     address: SocketAddr,
     method: &http::Method,
     path: &str,
     headers: &HeaderMap,
 ) -> Verdict {
     let timeout = parse_timeout(provider.timeout.as_deref()).unwrap_or(Duration::from_millis(600));
-    let result = tokio::time::timeout(timeout, ask(provider, address, method, path, headers)).await;
+    let result = tokio::time::timeout(
+        timeout,
+        ask(provider, client, address, method, path, headers),
+    )
+    .await;
     let failure = match result {
         Ok(Ok((status, response_headers, _))) if status.is_success() => {
             let mut upstream = HeaderMap::new();
@@ -226,20 +235,16 @@ fn on_failure(fail_open: bool, status_on_error: Option<&str>, failure: String) -
 
 async fn ask(
     provider: &HttpProvider,
+    client: &http_client::Client,
     address: SocketAddr,
     method: &http::Method,
     path: &str,
     headers: &HeaderMap,
 ) -> Result<(StatusCode, HeaderMap, Bytes)> {
-    let tcp = TcpStream::connect(address)
-        .await
-        .with_context(|| format!("connecting to {address}"))?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
-    tokio::spawn(connection);
     let mut request = Request::builder()
         .method(method.clone())
         .uri(format!(
-            "{}{path}",
+            "http://{address}{}{path}",
             provider.path_prefix.as_deref().unwrap_or("")
         ))
         .header(http::header::HOST, provider.service.as_str())
@@ -252,143 +257,11 @@ async fn ask(
             );
         }
     }
-    let response = sender.send_request(request).await?;
-    let (parts, body) = response.into_parts();
-    Ok((
-        parts.status,
-        parts.headers,
-        read_capped(body).await?.to_bytes(),
-    ))
+    let (parts, body) = http_client::send(client, request, MAX_RESPONSE_BYTES).await?;
+    Ok((parts.status, parts.headers, body))
 }
 
-/// A provider's response body, at most MAX_RESPONSE_BYTES of it.
-async fn read_capped(body: hyper::body::Incoming) -> Result<http_body_util::Collected<Bytes>> {
-    http_body_util::Limited::new(body, MAX_RESPONSE_BYTES)
-        .collect()
-        .await
-        .map_err(|e| anyhow::anyhow!("the response body: {e} (at most {MAX_RESPONSE_BYTES} bytes)"))
-}
-
-/// Envoy's gRPC authorization API (`envoy.service.auth.v3.Authorization/Check`),
-/// the fields the waypoint sends and reads.
-pub mod proto {
-    use std::collections::HashMap;
-
-    pub const CHECK_PATH: &str = "/envoy.service.auth.v3.Authorization/Check";
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct CheckRequest {
-        #[prost(message, optional, tag = "1")]
-        pub attributes: Option<AttributeContext>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct AttributeContext {
-        #[prost(message, optional, tag = "1")]
-        pub source: Option<Peer>,
-        #[prost(message, optional, tag = "2")]
-        pub destination: Option<Peer>,
-        #[prost(message, optional, tag = "4")]
-        pub request: Option<AttributeRequest>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Peer {
-        #[prost(message, optional, tag = "1")]
-        pub address: Option<Address>,
-        #[prost(string, tag = "4")]
-        pub principal: String,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Address {
-        #[prost(message, optional, tag = "1")]
-        pub socket_address: Option<SocketAddress>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct SocketAddress {
-        #[prost(string, tag = "2")]
-        pub address: String,
-        #[prost(uint32, tag = "3")]
-        pub port_value: u32,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct AttributeRequest {
-        #[prost(message, optional, tag = "2")]
-        pub http: Option<HttpRequest>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct HttpRequest {
-        #[prost(string, tag = "2")]
-        pub method: String,
-        #[prost(map = "string, string", tag = "3")]
-        pub headers: HashMap<String, String>,
-        #[prost(string, tag = "4")]
-        pub path: String,
-        #[prost(string, tag = "5")]
-        pub host: String,
-        #[prost(string, tag = "10")]
-        pub protocol: String,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct CheckResponse {
-        #[prost(message, optional, tag = "1")]
-        pub status: Option<RpcStatus>,
-        #[prost(message, optional, tag = "2")]
-        pub denied_response: Option<DeniedHttpResponse>,
-        #[prost(message, optional, tag = "3")]
-        pub ok_response: Option<OkHttpResponse>,
-    }
-
-    /// google.rpc.Status
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct RpcStatus {
-        #[prost(int32, tag = "1")]
-        pub code: i32,
-        #[prost(string, tag = "2")]
-        pub message: String,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct DeniedHttpResponse {
-        #[prost(message, optional, tag = "1")]
-        pub status: Option<HttpStatus>,
-        #[prost(message, repeated, tag = "2")]
-        pub headers: Vec<HeaderValueOption>,
-        #[prost(string, tag = "3")]
-        pub body: String,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct OkHttpResponse {
-        #[prost(message, repeated, tag = "2")]
-        pub headers: Vec<HeaderValueOption>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct HttpStatus {
-        #[prost(int32, tag = "1")]
-        pub code: i32,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct HeaderValueOption {
-        #[prost(message, optional, tag = "1")]
-        pub header: Option<HeaderValue>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct HeaderValue {
-        #[prost(string, tag = "1")]
-        pub key: String,
-        #[prost(string, tag = "2")]
-        pub value: String,
-    }
-}
+pub mod proto;
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -406,58 +279,40 @@ pub struct GrpcProvider {
 /// What the waypoint tells a gRPC provider about a request.
 pub struct CheckContext<'a> {
     pub method: &'a http::Method,
+    /// The path with the query.
     pub path: &'a str,
     pub host: &'a str,
+    pub version: http::Version,
     pub headers: &'a HeaderMap,
+    /// The client's SPIFFE ID.
     pub source_principal: String,
     pub source: SocketAddr,
+    /// The waypoint's own SPIFFE ID: it is the downstream connection's local end,
+    /// as Envoy fills in `destination.principal`.
+    pub destination_principal: String,
     pub destination: SocketAddr,
+}
+
+/// The pooled HTTP/2 (h2c) client of the gRPC providers: tonic's generated client
+/// over hyper-util's pool, as the CA client is tonic over our own hyper transport.
+pub type GrpcClient = Pooled<HttpConnector, tonic::body::Body>;
+
+pub fn grpc_client() -> GrpcClient {
+    Pooled::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build(http_client::connector())
 }
 
 /// Asks a gRPC provider (plaintext HTTP/2) about a request.
 pub async fn check_grpc(
     provider: &GrpcProvider,
+    client: &GrpcClient,
     address: SocketAddr,
     context: CheckContext<'_>,
 ) -> Verdict {
     let timeout = parse_timeout(provider.timeout.as_deref()).unwrap_or(Duration::from_millis(600));
-    let failure = match tokio::time::timeout(timeout, ask_grpc(address, &context)).await {
-        Ok(Ok(response)) => {
-            let headers = |options: &[proto::HeaderValueOption]| {
-                let mut map = HeaderMap::new();
-                for header in options.iter().filter_map(|o| o.header.as_ref()) {
-                    if let (Ok(k), Ok(v)) = (
-                        http::HeaderName::try_from(header.key.as_str()),
-                        http::HeaderValue::from_str(&header.value),
-                    ) {
-                        map.append(k, v);
-                    }
-                }
-                map
-            };
-            let code = response.status.as_ref().map_or(0, |s| s.code);
-            if code == 0 {
-                return Verdict::Allow(
-                    response
-                        .ok_response
-                        .as_ref()
-                        .map(|o| headers(&o.headers))
-                        .unwrap_or_default(),
-                );
-            }
-            let denied = response.denied_response.unwrap_or_default();
-            let status = denied
-                .status
-                .and_then(|s| StatusCode::from_u16(s.code as u16).ok())
-                .filter(|s| s.as_u16() >= 100)
-                .unwrap_or(StatusCode::FORBIDDEN);
-            return Verdict::Deny {
-                status,
-                headers: headers(&denied.headers),
-                body: Bytes::from(denied.body),
-                reason: format!("the provider answered status {code}"),
-            };
-        }
+    let failure = match tokio::time::timeout(timeout, ask_grpc(client, address, &context)).await {
+        Ok(Ok(response)) => return verdict(response),
         Ok(Err(e)) => format!("the provider failed: {e:#}"),
         Err(_) => format!("the provider did not answer within {timeout:?}"),
     };
@@ -468,63 +323,114 @@ pub async fn check_grpc(
     )
 }
 
-async fn ask_grpc(address: SocketAddr, context: &CheckContext<'_>) -> Result<proto::CheckResponse> {
-    use crate::ca::grpc;
-    let peer = |addr: SocketAddr, principal: String| proto::Peer {
+/// What a provider's CheckResponse decides: OK allows (with the headers for
+/// upstream), any other code denies (with the provider's status, 403 by default,
+/// headers and body).
+fn verdict(response: proto::CheckResponse) -> Verdict {
+    use proto::check_response::HttpResponse;
+    let headers = |options: &[proto::HeaderValueOption]| {
+        let mut map = HeaderMap::new();
+        for header in options.iter().filter_map(|o| o.header.as_ref()) {
+            if let (Ok(k), Ok(v)) = (
+                http::HeaderName::try_from(header.key.as_str()),
+                http::HeaderValue::from_str(&header.value),
+            ) {
+                map.append(k, v);
+            }
+        }
+        map
+    };
+    let code = response.status.as_ref().map_or(0, |s| s.code);
+    if code == 0 {
+        return Verdict::Allow(match &response.http_response {
+            Some(HttpResponse::OkResponse(ok)) => headers(&ok.headers),
+            _ => HeaderMap::new(),
+        });
+    }
+    let denied = match response.http_response {
+        Some(HttpResponse::DeniedResponse(denied)) => denied,
+        _ => Default::default(),
+    };
+    let status = denied
+        .status
+        .and_then(|s| u16::try_from(s.code).ok())
+        .filter(|code| *code >= 100)
+        .and_then(|code| StatusCode::from_u16(code).ok())
+        .unwrap_or(StatusCode::FORBIDDEN);
+    Verdict::Deny {
+        status,
+        headers: headers(&denied.headers),
+        body: Bytes::from(denied.body),
+        reason: format!("the provider answered status {code}"),
+    }
+}
+
+/// The CheckRequest for a request: its method, path, host and headers (repeated
+/// ones joined with ",", as Envoy does), and both peers.
+pub fn check_request(context: &CheckContext<'_>) -> proto::CheckRequest {
+    use proto::attribute_context::{HttpRequest, Peer, Request};
+    let peer = |addr: SocketAddr, principal: String| Peer {
         address: Some(proto::Address {
-            socket_address: Some(proto::SocketAddress {
-                address: addr.ip().to_string(),
-                port_value: addr.port().into(),
-            }),
+            address: Some(proto::address::Address::SocketAddress(
+                proto::SocketAddress {
+                    address: addr.ip().to_string(),
+                    port_specifier: Some(proto::socket_address::PortSpecifier::PortValue(
+                        addr.port().into(),
+                    )),
+                },
+            )),
         }),
         principal,
     };
-    let request = proto::CheckRequest {
+    let mut headers = std::collections::HashMap::<String, String>::new();
+    for (name, value) in context.headers {
+        let Ok(value) = value.to_str() else { continue };
+        headers
+            .entry(name.as_str().to_owned())
+            .and_modify(|joined| {
+                joined.push(',');
+                joined.push_str(value);
+            })
+            .or_insert_with(|| value.to_owned());
+    }
+    proto::CheckRequest {
         attributes: Some(proto::AttributeContext {
             source: Some(peer(context.source, context.source_principal.clone())),
-            destination: Some(peer(context.destination, String::new())),
-            request: Some(proto::AttributeRequest {
-                http: Some(proto::HttpRequest {
+            destination: Some(peer(
+                context.destination,
+                context.destination_principal.clone(),
+            )),
+            request: Some(Request {
+                http: Some(HttpRequest {
                     method: context.method.to_string(),
-                    headers: context
-                        .headers
-                        .iter()
-                        .filter_map(|(k, v)| {
-                            v.to_str()
-                                .ok()
-                                .map(|v| (k.as_str().to_owned(), v.to_owned()))
-                        })
-                        .collect(),
+                    headers,
                     path: context.path.to_owned(),
                     host: context.host.to_owned(),
-                    protocol: "HTTP/1.1".into(),
+                    protocol: match context.version {
+                        http::Version::HTTP_10 => "HTTP/1.0",
+                        http::Version::HTTP_2 => "HTTP/2",
+                        _ => "HTTP/1.1",
+                    }
+                    .into(),
                 }),
             }),
         }),
-    };
-    let tcp = TcpStream::connect(address)
+    }
+}
+
+async fn ask_grpc(
+    client: &GrpcClient,
+    address: SocketAddr,
+    context: &CheckContext<'_>,
+) -> Result<proto::CheckResponse> {
+    let origin: http::Uri = format!("http://{address}").parse()?;
+    let mut authz = proto::AuthorizationClient::with_origin(client.clone(), origin)
+        .max_decoding_message_size(MAX_RESPONSE_BYTES);
+    let response = authz
+        .check(check_request(context))
         .await
-        .with_context(|| format!("connecting to {address}"))?;
-    tcp.set_nodelay(true)?;
-    let (mut sender, connection) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        TokioIo::new(tcp),
-    )
-    .await?;
-    tokio::spawn(connection);
-    let call = Request::post(format!("http://{address}{}", proto::CHECK_PATH))
-        .header(http::header::CONTENT_TYPE, grpc::CONTENT_TYPE)
-        .header("te", "trailers")
-        .body(http_body_util::Full::new(grpc::frame(&request)))?;
-    let response = sender.send_request(call).await?;
-    let (parts, body) = response.into_parts();
-    let collected = read_capped(body).await?;
-    let trailers = collected.trailers().cloned().unwrap_or_default();
-    let status = trailers
-        .get("grpc-status")
-        .or(parts.headers.get("grpc-status"))
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("0");
-    anyhow::ensure!(status == "0", "gRPC status {status}");
-    grpc::unframe(collected.to_bytes()).map_err(|e| anyhow::anyhow!(e))
+        .map_err(|status| {
+            anyhow::anyhow!("gRPC status {:?}: {}", status.code(), status.message())
+        })?;
+    Ok(response.into_inner())
 }

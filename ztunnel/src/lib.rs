@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod discovery;
 pub mod extauthz;
 pub mod forwarded;
+pub mod http_client;
 pub mod http_server;
 pub mod identity;
 pub mod jwt;

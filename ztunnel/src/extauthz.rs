@@ -434,3 +434,133 @@ async fn ask_grpc(
         })?;
     Ok(response.into_inner())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+    use proto::check_response::HttpResponse;
+
+    fn denied(code: i32, status: Option<i32>) -> proto::CheckResponse {
+        proto::CheckResponse {
+            status: Some(proto::RpcStatus {
+                code,
+                message: "no".into(),
+            }),
+            http_response: Some(HttpResponse::DeniedResponse(proto::DeniedHttpResponse {
+                status: status.map(|code| proto::HttpStatus { code }),
+                headers: vec![proto::HeaderValueOption {
+                    header: Some(proto::HeaderValue {
+                        key: "x-reason".into(),
+                        value: "policy".into(),
+                    }),
+                }],
+                body: "denied".into(),
+            })),
+        }
+    }
+
+    fn deny_status(verdict: Verdict) -> StatusCode {
+        match verdict {
+            Verdict::Deny { status, .. } => status,
+            Verdict::Allow(_) => panic!("allowed"),
+        }
+    }
+
+    #[test]
+    fn an_ok_status_allows_with_the_providers_headers() {
+        let response = proto::CheckResponse {
+            status: Some(proto::RpcStatus::default()),
+            http_response: Some(HttpResponse::OkResponse(proto::OkHttpResponse {
+                headers: vec![proto::HeaderValueOption {
+                    header: Some(proto::HeaderValue {
+                        key: "x-auth-user".into(),
+                        value: "alice".into(),
+                    }),
+                }],
+            })),
+        };
+        let Verdict::Allow(headers) = verdict(response) else {
+            panic!("denied")
+        };
+        assert_eq!(headers["x-auth-user"], "alice");
+        // No status at all is OK too (proto3: code 0 is the default).
+        assert!(matches!(
+            verdict(proto::CheckResponse::default()),
+            Verdict::Allow(_)
+        ));
+    }
+
+    #[test]
+    fn any_other_status_denies_with_the_providers_answer_or_403() {
+        let Verdict::Deny {
+            status,
+            headers,
+            body,
+            ..
+        } = verdict(denied(7, Some(418)))
+        else {
+            panic!("allowed")
+        };
+        assert_eq!(status, StatusCode::IM_A_TEAPOT);
+        assert_eq!(headers["x-reason"], "policy");
+        assert_eq!(body, "denied");
+        // Unset, or not an HTTP status: 403.
+        for code in [None, Some(0), Some(42), Some(70_000), Some(-1)] {
+            assert_eq!(
+                deny_status(verdict(denied(16, code))),
+                StatusCode::FORBIDDEN
+            );
+        }
+        // A non-OK status with an ok_response is still a denial.
+        let mut response = denied(7, None);
+        response.http_response = Some(HttpResponse::OkResponse(Default::default()));
+        assert_eq!(deny_status(verdict(response)), StatusCode::FORBIDDEN);
+    }
+
+    #[test]
+    fn a_check_request_has_envoys_field_numbers() {
+        let mut headers = HeaderMap::new();
+        headers.append("x-test", "one".parse().unwrap());
+        headers.append("x-test", "two".parse().unwrap());
+        let context = CheckContext {
+            method: &http::Method::POST,
+            path: "/a?b=c",
+            host: "web.shop",
+            version: http::Version::HTTP_2,
+            headers: &headers,
+            source_principal: "spiffe://td/ns/a/sa/b".into(),
+            source: "10.0.0.1:0".parse().unwrap(),
+            destination_principal: "spiffe://td/ns/a/sa/wp".into(),
+            destination: "10.96.0.1:80".parse().unwrap(),
+        };
+        let request = check_request(&context);
+        let http = request
+            .attributes
+            .as_ref()
+            .and_then(|a| a.request.as_ref())
+            .and_then(|r| r.http.as_ref())
+            .unwrap();
+        assert_eq!(http.headers["x-test"], "one,two");
+        assert_eq!(http.protocol, "HTTP/2");
+        // CheckRequest.attributes (1) → AttributeContext.request (4) →
+        // Request.http (2) → HttpRequest.path (4), by hand: the published numbers.
+        let bytes = bytes::Bytes::from(request.encode_to_vec());
+        let path = [1, 4, 2, 4].into_iter().fold(bytes, field);
+        assert_eq!(path, "/a?b=c");
+    }
+
+    /// The length-delimited field `wanted` of a message, read by hand.
+    fn field(mut message: Bytes, wanted: u32) -> Bytes {
+        use prost::encoding::{decode_key, decode_varint, WireType};
+        loop {
+            let (number, wire) = decode_key(&mut message).unwrap();
+            assert_eq!(wire, WireType::LengthDelimited);
+            let len = decode_varint(&mut message).unwrap() as usize;
+            let value = message.split_to(len);
+            if number == wanted {
+                return value;
+            }
+        }
+    }
+}

@@ -9,7 +9,6 @@
 pub mod api;
 pub mod auth;
 pub mod client;
-pub mod grpc;
 pub mod kube;
 pub mod server;
 

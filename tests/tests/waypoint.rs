@@ -71,6 +71,20 @@ async fn mesh_from(workloads: Vec<WorkloadSpec>, config: &str) -> Mesh {
 
 /// Like `mesh_from`, with more arguments to the waypoint.
 async fn mesh_from_args(workloads: Vec<WorkloadSpec>, config: &str, args: &[&str]) -> Mesh {
+    mesh_with(workloads, config, args, &[]).await
+}
+
+/// Like `mesh_from`, with more environment for the waypoint.
+async fn mesh_with_env(workloads: Vec<WorkloadSpec>, config: &str, env: &[(&str, &str)]) -> Mesh {
+    mesh_with(workloads, config, &[], env).await
+}
+
+async fn mesh_with(
+    workloads: Vec<WorkloadSpec>,
+    config: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Mesh {
     let others: Vec<&str> = workloads
         .iter()
         .map(|w| w.pod.as_str())
@@ -96,6 +110,10 @@ async fn mesh_from_args(workloads: Vec<WorkloadSpec>, config: &str, args: &[&str
         .map(|w| w.namespace.clone())
         .unwrap();
     let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
+    mesh.waypoint_env = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     mesh.start_waypoint_args("waypoint", &namespace, "waypoint", &args)
         .await
         .unwrap();
@@ -719,6 +737,124 @@ async fn jwks_are_fetched_from_jwks_uri() {
         )
         .0,
         "200"
+    );
+}
+
+/// A test CA: (its root PEM, a server chain PEM and key PEM for 127.0.0.1).
+fn tls_for_localhost() -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+    let root_key = KeyPair::generate().unwrap();
+    let mut root = CertificateParams::default();
+    root.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let root_pem = root.self_signed(&root_key).unwrap().pem();
+    let issuer = Issuer::new(root, root_key);
+    let key = KeyPair::generate().unwrap();
+    let mut leaf = CertificateParams::default();
+    leaf.subject_alt_names = vec![SanType::IpAddress([127, 0, 0, 1].into())];
+    let chain = leaf.signed_by(&key, &issuer).unwrap().pem();
+    (root_pem, chain, key.serialize_pem())
+}
+
+/// Serves `jwks` at https://127.0.0.1:`port`/jwks in the waypoint's pod with the
+/// certificate `chain`.
+fn serve_jwks_https(
+    mesh: &Mesh,
+    port: u16,
+    jwks: String,
+    (chain, key): (String, String),
+) -> std::thread::JoinHandle<()> {
+    let config = rustls::ServerConfig::builder_with_provider(ztunnel::tls::crypto_provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            ztunnel::tls::parse_certs(&chain).unwrap(),
+            ztunnel::tls::parse_key(&key).unwrap(),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let keys = mesh
+        .cluster
+        .pod("waypoint")
+        .spawn_task(move || async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+                .await
+                .unwrap();
+            ready_tx.send(()).unwrap();
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                // A client that refuses our certificate ends the handshake.
+                let Ok(mut stream) = acceptor.accept(tcp).await else {
+                    continue;
+                };
+                let mut buf = [0u8; 1024];
+                let _ = stream.read(&mut buf).await;
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    jwks.len()
+                );
+                let _ = stream.write_all(head.as_bytes()).await;
+                let _ = stream.write_all(jwks.as_bytes()).await;
+                let _ = stream.shutdown().await;
+            }
+        })
+        .unwrap();
+    ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    keys
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jwks_are_fetched_over_https_from_trusted_servers_only() {
+    let (root, chain, key) = tls_for_localhost();
+    // The waypoint trusts the system's roots: here, SSL_CERT_FILE.
+    let roots = testbed::mesh::TempDir::new("roots").unwrap();
+    let roots_file = roots.path().join("roots.pem");
+    std::fs::write(&roots_file, root).unwrap();
+    let mesh = mesh_with_env(
+        workloads(),
+        CONFIG,
+        &[("SSL_CERT_FILE", roots_file.to_str().unwrap())],
+    )
+    .await;
+    let _server = HttpServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    let (trusted, untrusted) = (
+        ztunnel::jwt::testing::Es256Issuer::default(),
+        ztunnel::jwt::testing::Es256Issuer::default(),
+    );
+    let _trusted = serve_jwks_https(&mesh, 9394, trusted.jwks(), (chain, key));
+    // The attack: a key server whose certificate no trusted root signed.
+    let (_, chain, key) = tls_for_localhost();
+    let _untrusted = serve_jwks_https(&mesh, 9395, untrusted.jwks(), (chain, key));
+    mesh.write_config(
+        "authn.yaml",
+        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: jwt, namespace: demo}\nspec:\n  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]\n  jwtRules:\n  - {issuer: https://issuer.test, jwksUri: 'https://127.0.0.1:9394/jwks'}\n  - {issuer: https://untrusted.test, jwksUri: 'https://127.0.0.1:9395/jwks'}\n",
+    )
+    .unwrap();
+    let token = |issuer: &ztunnel::jwt::testing::Es256Issuer, iss: &str| {
+        let mut claims = claims(600);
+        claims["iss"] = iss.into();
+        format!("authorization: Bearer {}", issuer.token(&claims))
+    };
+    // Once the rules are in force, a token signed by another key is refused.
+    let forged = token(&untrusted, "https://issuer.test");
+    eventually(
+        Duration::from_secs(15),
+        "a forged token refused",
+        || async { http(&mesh, VIP, "GET", "/public/x", &[&forged]).0 == "401" },
+    )
+    .await;
+    let good = token(&trusted, "https://issuer.test");
+    assert_eq!(http(&mesh, VIP, "GET", "/public/x", &[&good]).0, "200");
+    let bad = token(&untrusted, "https://untrusted.test");
+    assert_eq!(http(&mesh, VIP, "GET", "/public/x", &[&bad]).0, "401");
+    let log = mesh.log("waypoint-waypoint");
+    assert!(
+        log.contains("fetching the JWKS failed") && log.contains("https://127.0.0.1:9395/jwks"),
+        "{log}"
     );
 }
 

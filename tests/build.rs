@@ -5,7 +5,7 @@
 /// Where the waypoint's `.proto` files are: the test provider is generated from
 /// the same definitions as the waypoint's client.
 #[cfg(feature = "mesh")]
-const ZTUNNEL_PROTO: &str = "../ztunnel/proto";
+const ZTUNNEL_PROTO: &str = "../ztunnel/core/proto";
 
 fn main() -> anyhow::Result<()> {
     #[cfg(feature = "mesh")]

@@ -17,10 +17,10 @@ use tokio::{
 };
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use ztunnel::{
-    ca::{Authority, AuthorityOptions},
     certs::{CertManager, CertManagerConfig},
     identity::Identity,
 };
+use ztunnel_ca::{Authority, AuthorityOptions};
 
 const CSRS: usize = 2_000;
 const HANDSHAKES: usize = 2_000;

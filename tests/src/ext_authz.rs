@@ -1,6 +1,6 @@
 //! A gRPC ext_authz provider (Envoy's `Authorization/Check`) for the waypoint's
 //! tests: tonic's server generated here from the same `.proto` files as the
-//! waypoint's client (`ztunnel/proto/envoy`), served h2c on hyper in a pod. It
+//! waypoint's client (`ztunnel/core/proto/envoy`), served h2c on hyper in a pod. It
 //! keeps every CheckRequest it decodes, and answers by the request's path:
 //! - `deny`: denied, 403, `x-reason: denied-by-grpc`, body "grpc says no";
 //! - `teapot`: denied with the provider's own status, 418;

@@ -15,7 +15,7 @@ use std::{
 use anyhow::{Context, Result};
 use prometheus_client::registry::Registry;
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
-use ztunnel::ca::{
+use ztunnel_ca::{
     auth::{LocalPods, NodeTokens},
     client::{CaClient, CaClientConfig},
     server::{CaMetrics, CaServer},
@@ -59,7 +59,7 @@ pub struct PodOnNode<'a> {
     pub node: &'a str,
 }
 
-/// The CA (`ztunnel::ca`) serving on 127.0.0.1 inside the test's runtime, in local
+/// The CA (`ztunnel_ca`) serving on 127.0.0.1 inside the test's runtime, in local
 /// mode: a token per node, the pods in a config directory.
 pub struct LocalCa {
     pub dir: TempDir,
@@ -310,6 +310,11 @@ pub fn ztunnel_binary() -> PathBuf {
                 exe.display()
             )
         })
+}
+
+/// The built `ztunnel-ca` binary (the CA), next to [`ztunnel_binary`].
+pub fn ca_binary() -> PathBuf {
+    ztunnel_binary().with_file_name("ztunnel-ca")
 }
 
 /// A pod's place in the mesh config.

@@ -530,14 +530,14 @@ async fn a_tunnel_trusts_the_cas_new_root_once_its_roots_file_has_it() {
     std::fs::write(&roots, ca.root_pem()).unwrap();
     let token = dir.path().join("token");
     std::fs::write(&token, std::fs::read(ca.token_file("node-a")).unwrap()).unwrap();
-    let config = ztunnel::ca::client::CaClientConfig::from_files(
+    let config = ztunnel_ca::client::CaClientConfig::from_files(
         &ca.addr.to_string(),
         testbed::mesh::CA_SERVER_NAME,
         &roots,
         &token,
     )
     .unwrap();
-    let client = ztunnel::ca::client::CaClient::new(config).unwrap();
+    let client = ztunnel_ca::client::CaClient::new(config).unwrap();
     let sleep = id("demo", "sleep");
     let request = csr(vec![SanType::URI(sleep.to_string().try_into().unwrap())]);
     let ask = || client.create_certificate(&request, &sleep, Duration::from_secs(3600));
@@ -803,7 +803,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// `ztunnel ca` as a process, serving the files of a stopped [`LocalCa`] on
+/// `ztunnel-ca` as a process, serving the files of a stopped [`LocalCa`] on
 /// 127.0.0.1, its log in the CA's directory.
 struct CaProcess {
     files: LocalCa,
@@ -839,9 +839,8 @@ impl CaProcess {
         extra: &[&str],
     ) -> tokio::process::Child {
         let dir = files.dir.path();
-        tokio::process::Command::new(testbed::mesh::ztunnel_binary())
+        tokio::process::Command::new(testbed::mesh::ca_binary())
             .args([
-                "ca",
                 "--trust-domain",
                 TD,
                 "--server-name",
@@ -879,10 +878,10 @@ impl CaProcess {
             .await
             .is_err()
         {
-            assert!(Instant::now() < deadline, "ztunnel ca did not start");
+            assert!(Instant::now() < deadline, "ztunnel-ca did not start");
             assert!(
                 self.child.try_wait().unwrap().is_none(),
-                "ztunnel ca exited: {}",
+                "ztunnel-ca exited: {}",
                 self.log()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -976,7 +975,7 @@ async fn the_ca_restarts_over_the_files_it_left() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_ca_adopts_the_root_secret_over_files_already_in_its_directory() {
-    use ztunnel::ca::{kube::sync_root_secret, Authority, AuthorityOptions};
+    use ztunnel_ca::{kube::sync_root_secret, Authority, AuthorityOptions};
     let api = testbed::kube_api::FakeApiServer::start().await.unwrap();
     let dir = testbed::mesh::TempDir::new("ca-secret-restart").unwrap();
     let client = api.client(dir.path()).await.unwrap();
@@ -1164,7 +1163,7 @@ async fn one_client_holding_idle_connections_cannot_take_the_ca() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn refused_tokens_cannot_amplify_load_on_the_api_server() {
-    use ztunnel::ca::{
+    use ztunnel_ca::{
         auth::LocalPods,
         kube::{TokenReview, FAILURE_BURST},
         server::{CaMetrics, CaServer},
@@ -1218,7 +1217,7 @@ async fn refused_tokens_cannot_amplify_load_on_the_api_server() {
     let request = csr(vec![uri(&sleep.to_string())]);
     let tunnel_token = files.dir.path().join("tunnel-a.token");
     std::fs::write(&tunnel_token, "tunnel-a").unwrap();
-    let tunnel = ztunnel::ca::client::CaClient::new(ztunnel::ca::client::CaClientConfig {
+    let tunnel = ztunnel_ca::client::CaClient::new(ztunnel_ca::client::CaClientConfig {
         address: files.addr.to_string(),
         server_name: testbed::mesh::CA_SERVER_NAME.into(),
         roots_pem: files.root_pem(),
@@ -1368,7 +1367,7 @@ async fn our_ca_speaks_istios_field_numbers() {
 
 /// A CA that answers every call with `message` (a gRPC OK).
 async fn answering_ca(ca: &LocalCa, message: Vec<u8>) -> std::net::SocketAddr {
-    use ztunnel::ca::{Authority, AuthorityOptions};
+    use ztunnel_ca::{Authority, AuthorityOptions};
     let authority = Authority::load_or_create(AuthorityOptions {
         dir: ca.dir.path().join("cacerts"),
         trust_domain: TD.into(),
@@ -1490,7 +1489,7 @@ async fn our_client_reads_the_chain_from_field_1_as_istio_sends_it() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn token_review_authenticates_tunnels_for_their_node_and_workloads_for_themselves() {
-    use ztunnel::ca::{
+    use ztunnel_ca::{
         auth::{Authenticator, Caller},
         kube::TokenReview,
     };

@@ -324,8 +324,19 @@ fn the_dashboard_only_charts_metrics_the_code_exports() {
     .unwrap();
     // Metric names as the code registers them (counters gain `_total` on export).
     let mut exported = BTreeSet::new();
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ztunnel/src");
-    let mut dirs = vec![src];
+    // Every crate's sources: the node tunnel's and its nested crates'.
+    let ztunnel = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ztunnel");
+    let mut dirs: Vec<_> = [
+        "src",
+        "core/src",
+        "config/src",
+        "hbone/src",
+        "waypoint/src",
+        "ca/src",
+    ]
+    .iter()
+    .map(|dir| ztunnel.join(dir))
+    .collect();
     while let Some(dir) = dirs.pop() {
         for entry in std::fs::read_dir(dir).unwrap() {
             let path = entry.unwrap().path();

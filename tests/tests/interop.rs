@@ -2,7 +2,7 @@
 //! product): `$ISTIO_ZTUNNEL`, or `shared/peers/istio-ztunnel` beside the checkout.
 //! Run alone with `cargo xtask interop`.
 //!
-//! Here Istio's ztunnel gets its certificates from our CA (`ztunnel ca`, in a
+//! Here Istio's ztunnel gets its certificates from our CA (`ztunnel-ca`, in a
 //! testbed node), over Istio's CA API, in both of its modes; and, in dedicated mode
 //! in testbed pods, carries real traffic to and from pods our tunnel serves.
 
@@ -60,7 +60,7 @@ impl Drop for Running {
     }
 }
 
-/// Our CA (`ztunnel ca`) in node-a's network namespace, knowing `pods`.
+/// Our CA (`ztunnel-ca`) in node-a's network namespace, knowing `pods`.
 struct OurCa {
     files: LocalCa,
     addr: SocketAddr,
@@ -71,7 +71,7 @@ struct OurCa {
 impl OurCa {
     async fn start(cluster: &Cluster, pods: &[PodOnNode<'_>]) -> Self {
         // A LocalCa lays out the files (root, node tokens, pods); the CA serving
-        // them is the `ztunnel ca` binary.
+        // them is the `ztunnel-ca` binary.
         let mut files = LocalCa::start(TD, pods).await.unwrap();
         files.stop().await;
         let node = cluster.node("node-a");
@@ -79,9 +79,9 @@ impl OurCa {
         let dir = files.dir.path().to_owned();
         let log = dir.join("ca.log");
         let process = node
-            .command(testbed::mesh::ztunnel_binary())
+            .command(testbed::mesh::ca_binary())
             .unwrap()
-            .args(["ca", "--trust-domain", TD, "--server-name", CA_SERVER_NAME])
+            .args(["--trust-domain", TD, "--server-name", CA_SERVER_NAME])
             .arg("--dir")
             .arg(dir.join("cacerts"))
             .arg("--node-tokens")

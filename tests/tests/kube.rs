@@ -204,7 +204,7 @@ async fn tunnels_watching_the_api_server_enroll_their_ambient_pods_and_follow_ch
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_ca_keeps_its_root_in_a_secret_publishes_it_and_knows_which_node_runs_what() {
-    use ztunnel::ca::{
+    use ztunnel_ca::{
         auth::{Authenticator, Caller, NodeAuthorizer},
         kube::{
             publish_root, publish_root_in_ambient_namespaces, sync_root_secret, KubePods,

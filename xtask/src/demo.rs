@@ -9,15 +9,12 @@ use crate::status;
 pub fn run() -> Result<()> {
     // The demo drives the real binaries: build them (this needs what bootstrap
     // installed, so it cannot be a dependency of xtask itself).
-    status(Command::new("cargo").args([
-        "build",
-        "--quiet",
-        "-p",
-        "ztunnel",
-        "-p",
-        "ztunnel-tests",
-        "--bins",
-    ]))?;
+    status(
+        Command::new("cargo")
+            .args(["build", "--quiet"])
+            .args(crate::BINARY_PACKAGES)
+            .args(["-p", "ztunnel-tests", "--bins"]),
+    )?;
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("target"));

@@ -102,7 +102,17 @@ impl Options {
             ),
             step(
                 "cargo",
-                &["build", "--release", "-p", "ztunnel", "--bins"],
+                &[
+                    "build",
+                    "--release",
+                    "-p",
+                    "ztunnel",
+                    "-p",
+                    "ztunnel-ca",
+                    "-p",
+                    "ztunnel-waypoint",
+                    "--bins",
+                ],
                 When::Always,
             ),
             step("mkdir", &["-p", CONTEXT], When::Always),
@@ -110,6 +120,7 @@ impl Options {
                 "cp",
                 &[
                     "target/release/ztunnel",
+                    "target/release/ztunnel-ca",
                     "target/release/waypoint",
                     "deploy/Dockerfile",
                     CONTEXT,
@@ -121,6 +132,7 @@ impl Options {
                 "strip",
                 &[
                     "target/ztunnel-image/ztunnel",
+                    "target/ztunnel-image/ztunnel-ca",
                     "target/ztunnel-image/waypoint",
                 ],
                 When::Always,
@@ -528,8 +540,8 @@ mod tests {
             .collect();
         let expected = [
             "kind create cluster --name ztunnel --wait 120s    # only if the cluster does not exist",
-            "cargo build --release -p ztunnel --bins",
-            "strip target/ztunnel-image/ztunnel target/ztunnel-image/waypoint",
+            "cargo build --release -p ztunnel -p ztunnel-ca -p ztunnel-waypoint --bins",
+            "strip target/ztunnel-image/ztunnel target/ztunnel-image/ztunnel-ca target/ztunnel-image/waypoint",
             "docker build -t ztunnel:dev target/ztunnel-image",
             "kind load docker-image ztunnel:dev --name ztunnel",
             "kubectl --context kind-ztunnel apply -k deploy/gateway-api    # only if the cluster has no Gateway CRD",

@@ -134,10 +134,26 @@ fn run(cli: Cli) -> Result<()> {
 /// The smoke run's build: unoptimized, which builds quicker than it fuzzes.
 const FUZZ_SMOKE_DEV: bool = true;
 
+/// The packages of the binaries the end-to-end tests, the benchmarks, the demo and
+/// the image run: `ztunnel` (the node tunnel), `ztunnel-ca` and `waypoint`.
+pub const BINARY_PACKAGES: [&str; 6] = [
+    "-p",
+    "ztunnel",
+    "-p",
+    "ztunnel-ca",
+    "-p",
+    "ztunnel-waypoint",
+];
+
 fn test(args: &[String]) -> Result<()> {
-    // End-to-end tests run the real `ztunnel` binary; cargo only builds a package's
+    // End-to-end tests run the real binaries; cargo only builds a package's
     // binaries for that package's own integration tests.
-    status(Command::new("cargo").args(["build", "--quiet", "-p", "ztunnel", "--bins"]))?;
+    status(
+        Command::new("cargo")
+            .args(["build", "--quiet"])
+            .args(BINARY_PACKAGES)
+            .arg("--bins"),
+    )?;
     let mut cmd = Command::new("cargo");
     if bootstrap::have_nextest() {
         cmd.args(["nextest", "run", "--no-fail-fast"]);
@@ -167,14 +183,12 @@ fn bench(names: &[String]) -> Result<()> {
         false => names.iter().map(String::as_str).collect(),
     };
     // The mesh and waypoint benchmarks drive the real (optimized) binaries.
-    status(Command::new("cargo").args([
-        "build",
-        "--release",
-        "--quiet",
-        "-p",
-        "ztunnel",
-        "--bins",
-    ]))?;
+    status(
+        Command::new("cargo")
+            .args(["build", "--release", "--quiet"])
+            .args(BINARY_PACKAGES)
+            .arg("--bins"),
+    )?;
     for name in selected {
         status(Command::new("cargo").args(["bench", "-p", "ztunnel-tests", "--bench", name]))?;
     }

@@ -246,15 +246,7 @@ async fn serve_http(
     Ok(())
 }
 
-/// SIGTERM or Ctrl-C.
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
-}
+pub use ztunnel_core::shutdown_signal;
 
 /// Keeps enrollment, certificates and pooled connections in line with the state;
 /// retries the pods whose enrollment failed.

@@ -1,30 +1,20 @@
 //! ztunnel: the per-node tunnel of an eBPF-assisted ambient service mesh.
 //!
-//! Data flows one way: `config` → state → proxy. Around it: `identity` and `certs`
-//! (workload certificates from the `ca`), `tls` (mTLS with SPIFFE identities),
-//! `redirect` (the eBPF capture), `orig_src` (delivery from the client's address),
-//! `metrics` and `admin`.
-pub mod accept;
+//! Data flows one way: configuration (`ztunnel-config`) → state (`ztunnel-core`) →
+//! proxy. This crate is the node's part: `redirect` (the eBPF capture), `orig_src`
+//! (delivery from the client's address), `proxy`, `daemon` and `admin`. The CA
+//! (`ztunnel-ca`) and the waypoint (`ztunnel-waypoint`) are crates of their own,
+//! not linked here.
 pub mod admin;
-pub mod ca;
-pub mod certs;
-pub mod config;
 pub mod daemon;
-pub mod discovery;
-pub mod extauthz;
-pub mod forwarded;
-pub mod http_client;
-pub mod http_server;
-pub mod identity;
-pub mod jwt;
-pub mod k8s;
-pub mod metrics;
-pub mod netns;
 pub mod orig_src;
-pub mod path_normalization;
-pub mod policy;
 pub mod proxy;
 pub mod redirect;
-pub mod state;
-pub mod tls;
-pub mod waypoint;
+
+// What the node tunnel builds on, under the names it had when this was one crate:
+// core's modules, the configuration sources and the HBONE client.
+pub use ztunnel_config::{self as config, k8s};
+pub use ztunnel_core::{
+    accept, ca, certs, cli, discovery, extauthz, forwarded, http_server, identity, jwt, metrics,
+    netns, path_normalization, policy, state, tls,
+};

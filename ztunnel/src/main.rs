@@ -1,21 +1,12 @@
 //! `ztunnel`: the node tunnel and its tools.
 
-use std::{
-    net::SocketAddr,
-    path::PathBuf,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use ztunnel::{
-    ca::{
-        auth::{LocalPods, NodeTokens},
-        server::{CaMetrics, CaServer},
-        Authority, AuthorityOptions,
-    },
     certs::CertInfo,
+    cli::{parse_duration, parse_duration_ms},
 };
 
 #[derive(Parser)]
@@ -30,9 +21,6 @@ enum Command {
     /// Run the node tunnel: enroll this node's ambient pods and carry their traffic
     /// over HBONE with their own identities.
     Run(RunArgs),
-    /// Run the certificate authority: signs workload certificates for node tunnels,
-    /// serving Istio's CA API (gRPC over TLS).
-    Ca(CaArgs),
     /// Print the certificates a running tunnel holds (from its admin port).
     Certs(CertsArgs),
     /// Policy tools.
@@ -107,77 +95,6 @@ struct CheckArgs {
 }
 
 #[derive(Args)]
-struct CaArgs {
-    /// Directory with Istio's `cacerts` files (ca-cert.pem, ca-key.pem,
-    /// root-cert.pem, cert-chain.pem); a root is generated there if it is empty.
-    #[arg(long)]
-    dir: PathBuf,
-    #[arg(long, default_value = "cluster.local")]
-    trust_domain: String,
-    /// Address to serve the CA API on.
-    #[arg(long, default_value = "0.0.0.0:15012")]
-    listen: SocketAddr,
-    /// DNS names for the CA's TLS certificate (what clients verify).
-    #[arg(long = "server-name", default_value = "ztunnel-ca.istio-system.svc")]
-    server_names: Vec<String>,
-    /// Local mode: YAML file `node: token` authenticating each node's tunnel.
-    #[arg(long, conflicts_with = "kube", required_unless_present = "kube")]
-    node_tokens: Option<PathBuf>,
-    /// Local mode: directory of Kubernetes YAML whose pods say which node runs
-    /// which workload.
-    #[arg(long, conflicts_with = "kube", required_unless_present = "kube")]
-    config: Option<PathBuf>,
-    /// In a cluster (in-cluster config, or the kubeconfig outside one): callers
-    /// are authenticated by TokenReview, nodes' pods come from the API server.
-    #[arg(long)]
-    kube: bool,
-    /// With --kube: keep the root in this Secret of the CA's namespace (created
-    /// with a new root when missing). Without it, --dir is used as it is (e.g. the
-    /// `cacerts` Secret mounted there). deploy/'s RBAC lets the CA read only the
-    /// Secret `ztunnel-ca`.
-    #[arg(long, requires = "kube")]
-    root_secret: Option<String>,
-    /// With --kube: publish the root in this ConfigMap, key root-cert.pem, in the
-    /// CA's namespace for the tunnels and in every ambient namespace for the
-    /// waypoints (deploy/'s RBAC: `ztunnel-ca-root`).
-    #[arg(long, requires = "kube")]
-    root_config_map: Option<String>,
-    /// The CA's namespace (from the downward API in a pod).
-    #[arg(long, env = "POD_NAMESPACE", default_value = "istio-system")]
-    namespace: String,
-    /// `namespace/name` of the tunnels' service account.
-    #[arg(
-        long = "tunnel-service-account",
-        default_value = "istio-system/ztunnel"
-    )]
-    tunnel_service_accounts: Vec<String>,
-    /// Audience the tunnels' tokens must be for.
-    #[arg(long, default_value = "istio-ca")]
-    token_audience: String,
-    /// Lifetime of a certificate when the request names none.
-    #[arg(long, default_value = "24h", value_parser = parse_duration)]
-    default_ttl: Duration,
-    /// Longest lifetime granted; longer requests are refused.
-    #[arg(long, default_value = "90d", value_parser = parse_duration)]
-    max_ttl: Duration,
-    /// Where to serve Prometheus metrics.
-    #[arg(long, default_value = "127.0.0.1:15014")]
-    metrics_addr: SocketAddr,
-    /// A client's TLS handshake must finish within this.
-    #[arg(long, default_value = "10s", value_parser = parse_duration_ms)]
-    handshake_timeout: Duration,
-    /// A connection with no call in flight this long is closed.
-    #[arg(long, default_value = "5m", value_parser = parse_duration_ms)]
-    idle_timeout: Duration,
-    /// Connections open at once; more are closed at once.
-    #[arg(long, default_value_t = 4096)]
-    max_connections: usize,
-    /// Connections open at once from one address.
-    #[arg(long, default_value_t = 64)]
-    max_connections_per_source: usize,
-}
-
-#[derive(Args)]
 struct RunArgs {
     /// Directory of Kubernetes YAML (Namespaces, Pods, Services, Istio security
     /// resources), watched for changes.
@@ -203,7 +120,7 @@ struct RunArgs {
     /// Policies in this namespace apply to the whole mesh.
     #[arg(long, default_value = ztunnel::policy::ROOT_NAMESPACE)]
     root_namespace: String,
-    /// The CA (`ztunnel ca`, or istiod), host:port.
+    /// The CA (`ztunnel-ca`, or istiod), host:port.
     #[arg(long)]
     ca_address: String,
     /// The name on the CA's TLS certificate.
@@ -298,7 +215,6 @@ fn main() {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Run(args) => run(args, set_log_level).await,
-            Command::Ca(args) => ca(args).await,
             Command::Certs(args) => certs(args).await,
             Command::MountBpffs { path } => {
                 ztunnel::redirect::mount_bpffs(&path).and_then(|mounted| {
@@ -472,94 +388,6 @@ fn policy_check(args: CheckArgs) -> Result<bool> {
     Ok(outcome.allowed())
 }
 
-async fn ca(args: CaArgs) -> Result<()> {
-    let options = AuthorityOptions {
-        dir: args.dir.clone(),
-        trust_domain: args.trust_domain.clone(),
-        default_ttl: args.default_ttl,
-        max_ttl: args.max_ttl,
-    };
-    let (authenticator, authorizer): (
-        Arc<dyn ztunnel::ca::auth::Authenticator>,
-        Arc<dyn ztunnel::ca::auth::NodeAuthorizer>,
-    ) = match args.kube {
-        true => {
-            use ztunnel::ca::kube;
-            let client = ztunnel::k8s::client().await?;
-            if let Some(secret) = &args.root_secret {
-                kube::sync_root_secret(client.clone(), &args.namespace, secret, &args.dir, |dir| {
-                    Authority::load_or_create(options.clone())
-                        .map(drop)
-                        .with_context(|| format!("creating a root in {}", dir.display()))
-                })
-                .await?;
-            }
-            let pods = kube::KubePods::start(client.clone());
-            let review = kube::TokenReview::new(
-                client,
-                args.tunnel_service_accounts.clone(),
-                vec![args.token_audience.clone()],
-            );
-            (Arc::new(review), Arc::new(pods))
-        }
-        false => {
-            let tokens = args
-                .node_tokens
-                .as_ref()
-                .context("--node-tokens is required")?;
-            let config = args.config.clone().context("--config is required")?;
-            (
-                Arc::new(NodeTokens::from_file(tokens)?),
-                Arc::new(LocalPods::new(config)),
-            )
-        }
-    };
-    let authority = Arc::new(Authority::load_or_create(options)?);
-    if let Some(name) = &args.root_config_map {
-        let client = ztunnel::k8s::client().await?;
-        ztunnel::ca::kube::publish_root(
-            client.clone(),
-            &args.namespace,
-            name,
-            authority.root_pem(),
-        )
-        .await?;
-        tokio::spawn(ztunnel::ca::kube::publish_root_in_ambient_namespaces(
-            client,
-            name.clone(),
-            authority.root_pem().to_owned(),
-        ));
-    }
-    let mut registry = prometheus_client::registry::Registry::default();
-    let metrics = CaMetrics::register(&mut registry);
-    let limits = ztunnel::ca::server::ServeLimits {
-        handshake_timeout: args.handshake_timeout,
-        idle_timeout: args.idle_timeout,
-        max_connections: args.max_connections,
-        max_connections_per_source: args.max_connections_per_source,
-    };
-    let server = CaServer::with_limits(authority, authenticator, authorizer, metrics, limits);
-    let tls = server.tls_config(&args.server_names)?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("binding {}", args.listen))?;
-    let metrics_listener = tokio::net::TcpListener::bind(args.metrics_addr)
-        .await
-        .with_context(|| format!("binding {}", args.metrics_addr))?;
-    tracing::info!(
-        listen = %listener.local_addr()?,
-        trust_domain = %args.trust_domain,
-        dir = %args.dir.display(),
-        "CA serving"
-    );
-    let registry = Arc::new(Mutex::new(registry));
-    tokio::spawn(ztunnel::http_server::serve(
-        metrics_listener,
-        ztunnel::metrics::handler(registry),
-    ));
-    server.serve(listener, tls).await
-}
-
 async fn certs(args: CertsArgs) -> Result<()> {
     let body = http_get(args.admin, "/certs").await?;
     if args.output == "json" {
@@ -623,34 +451,4 @@ async fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
         bail!("{path}: HTTP {status}");
     }
     Ok(String::from_utf8_lossy(&body).into_owned())
-}
-
-/// Like [`parse_duration`], also accepting milliseconds (`250ms`).
-fn parse_duration_ms(text: &str) -> Result<Duration, String> {
-    match text.strip_suffix("ms") {
-        Some(ms) => ms
-            .parse()
-            .map(Duration::from_millis)
-            .map_err(|_| format!("{text:?}: expected a number of milliseconds")),
-        None => parse_duration(text),
-    }
-}
-
-/// `90s`, `30m`, `24h`, `90d`, or plain seconds.
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    let (number, unit) = text.split_at(
-        text.find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(text.len()),
-    );
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?}: expected a number with s, m, h or d"))?;
-    let secs = match unit {
-        "" | "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86_400,
-        _ => return Err(format!("{text:?}: unknown unit {unit:?} (s, m, h, d)")),
-    };
-    Ok(Duration::from_secs(secs))
 }

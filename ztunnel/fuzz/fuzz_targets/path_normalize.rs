@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use ztunnel::path_normalization::{check_properties, normalize, Level};
+use ztunnel_core::path_normalization::{check_properties, normalize, Level};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(path) = std::str::from_utf8(data) else {

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 
 use libfuzzer_sys::fuzz_target;
-use ztunnel::{
+use ztunnel_core::{
     identity::Identity,
     policy::{
         authn::RequestAuthentication, Action, Compiled, Connection, PeerAuthentication, Request,
@@ -31,7 +31,7 @@ fuzz_target!(|data: &[u8]| {
             let closed = PeerAuthentication::compile_fail_closed("ns", "p", &spec);
             assert_eq!(strict.is_ok(), closed.refused.is_none());
             if closed.refused.is_some() {
-                assert_eq!(closed.mode, ztunnel::policy::Mode::Strict);
+                assert_eq!(closed.mode, ztunnel_core::policy::Mode::Strict);
             }
         }
         _ => {

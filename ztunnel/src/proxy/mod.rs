@@ -5,8 +5,8 @@ pub mod active;
 pub mod dns;
 pub mod inbound;
 pub mod outbound;
-pub mod pool;
-mod relay;
+// The HBONE client pool and the relay are shared with the waypoint.
+pub use ztunnel_hbone::{pool, relay};
 
 use std::{
     net::SocketAddr,
@@ -16,8 +16,6 @@ use std::{
 
 use tokio::{sync::watch, task::JoinSet};
 use tokio_util::task::TaskTracker;
-
-pub use relay::relay;
 
 use crate::{
     accept::{Acceptor, Source},

@@ -84,6 +84,7 @@ impl Limits {
 const FD_RESERVE: usize = 256;
 
 /// The process's soft RLIMIT_NOFILE.
+#[allow(unsafe_code)] // one libc call, see SAFETY
 pub fn fd_limit() -> usize {
     let mut limit = libc::rlimit {
         rlim_cur: 0,

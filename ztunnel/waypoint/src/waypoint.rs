@@ -44,10 +44,10 @@ use crate::{
         authn::{self, find_token, JwksSource, JwtRule, Location, RequestAuthentication},
         Connection, Request as PolicyRequest, RequestAuth,
     },
-    proxy::{pool::Pool, relay},
     state::{MeshSettings, State, Workload},
     tls,
 };
+use ztunnel_hbone::{pool::Pool, relay};
 
 mod idle;
 mod telemetry;
@@ -305,7 +305,7 @@ pub async fn run(options: WaypointOptions) -> Result<()> {
     });
     tokio::select! {
         _ = serve => {}
-        _ = crate::daemon::shutdown_signal() => {}
+        _ = ztunnel_core::shutdown_signal() => {}
     }
     // Draining: no new connections (the listener is closed), GOAWAY on the open
     // ones, requests in flight finish within the grace period.
@@ -647,7 +647,7 @@ impl Waypoint {
             ));
         }
         let cert: Arc<WorkloadCert> = self.certs.fetch(&self.identity).await?;
-        let hbone = SocketAddr::new(IpAddr::V4(endpoint.ip), crate::redirect::HBONE_PORT);
+        let hbone = SocketAddr::new(IpAddr::V4(endpoint.ip), ztunnel_ebpf_common::HBONE_PORT);
         let mut headers = http::HeaderMap::new();
         // Who the waypoint acts for: the client, as Istio's waypoint says it.
         headers.insert(
@@ -1498,7 +1498,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
 /// An HBONE stream holding its pool slot.
 struct Guarded {
     inner: TokioIo<hyper::upgrade::Upgraded>,
-    _guard: crate::proxy::pool::StreamGuard,
+    _guard: ztunnel_hbone::pool::StreamGuard,
 }
 
 impl AsyncRead for Guarded {

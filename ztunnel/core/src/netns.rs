@@ -157,6 +157,7 @@ where
 }
 
 /// The network namespace cookie of the namespace `socket` lives in.
+#[allow(unsafe_code)] // one libc call, see SAFETY
 pub fn cookie(socket: &impl AsRawFd) -> io::Result<u64> {
     let mut value: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;

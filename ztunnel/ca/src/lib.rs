@@ -1,4 +1,4 @@
-//! The certificate authority (`ztunnel ca`): signs workload CSRs it can vouch for.
+//! The certificate authority (`ztunnel-ca`): signs workload CSRs it can vouch for.
 //!
 //! - [`Authority`]: the signing material (a self-generated root kept in a directory,
 //!   or Istio's `cacerts` files) and the rules every certificate follows.
@@ -6,11 +6,15 @@
 //!   over TLS, with caller authentication and node authorization.
 //! - [`client`]: the same API from the tunnel's side (also talks to istiod).
 
-pub mod api;
 pub mod auth;
-pub mod client;
 pub mod kube;
 pub mod server;
+
+// The API and its client live in core (the tunnel and the waypoint call the CA).
+pub use ztunnel_core::ca::{api, client};
+// Core's modules and the Kubernetes source under the names they had in one crate.
+use ztunnel_config::{self as config, k8s};
+use ztunnel_core::{identity, tls};
 
 use std::{
     fs,

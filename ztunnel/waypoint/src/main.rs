@@ -1,4 +1,4 @@
-//! `waypoint`: L7 policy for the destinations that use it (see ztunnel::waypoint).
+//! `waypoint`: L7 policy for the destinations that use it (see ztunnel_waypoint).
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -29,7 +29,7 @@ struct Args {
     trust_domain: String,
     #[arg(long = "trust-domain-alias")]
     trust_domain_aliases: Vec<String>,
-    #[arg(long, default_value = ztunnel::policy::ROOT_NAMESPACE)]
+    #[arg(long, default_value = ztunnel_core::policy::ROOT_NAMESPACE)]
     root_namespace: String,
     /// The CA, host:port.
     #[arg(long)]
@@ -89,11 +89,11 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let source = match ztunnel::config::Source::choose(
+    let source = match ztunnel_config::Source::choose(
         args.config.clone(),
         args.kube,
         Duration::from_millis(args.config_poll_ms),
-        ztunnel::config::kube::KubeOptions {
+        ztunnel_config::kube::KubeOptions {
             node: String::new(),
             pod_cgroup_root: None,
             resync: Duration::from_secs(60),
@@ -105,7 +105,7 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let options = ztunnel::waypoint::WaypointOptions {
+    let options = ztunnel_waypoint::WaypointOptions {
         source,
         name: args.name,
         namespace: args.namespace,
@@ -122,7 +122,7 @@ fn main() {
         metrics_addr: args.metrics_addr,
         mesh_config: args.mesh_config,
         drain_grace: Duration::from_secs(args.drain_grace_seconds),
-        limits: ztunnel::waypoint::RequestLimits {
+        limits: ztunnel_waypoint::RequestLimits {
             max_headers: args.max_request_headers,
             max_header_bytes: args.max_request_headers_kb * 1024,
             request_headers_timeout: Duration::from_secs(args.request_headers_timeout_seconds),
@@ -130,7 +130,7 @@ fn main() {
         },
     };
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
-    if let Err(e) = runtime.block_on(ztunnel::waypoint::run(options)) {
+    if let Err(e) = runtime.block_on(ztunnel_waypoint::run(options)) {
         eprintln!("waypoint: error: {e:#}");
         std::process::exit(1);
     }

@@ -493,7 +493,7 @@ fn allowed_namespaces(listeners: &[ListenerSpec]) -> Result<AllowedNamespaces> {
     let Some((i, listener)) = listeners
         .iter()
         .enumerate()
-        .find(|(_, l)| l.protocol == "HBONE" && l.port == crate::redirect::HBONE_PORT)
+        .find(|(_, l)| l.protocol == "HBONE" && l.port == ztunnel_ebpf_common::HBONE_PORT)
     else {
         return Ok(AllowedNamespaces::Same);
     };

@@ -146,7 +146,7 @@ pub const CA: &[Access] = &[
     CA_ROOT_CONFIG_MAP_CREATE,
 ];
 
-/// The Secret holding the CA's root in `deploy/` (`ztunnel ca --root-secret`): the
+/// The Secret holding the CA's root in `deploy/` (`ztunnel-ca --root-secret`): the
 /// only Secret the CA may read.
 pub const ROOT_SECRET: &str = "ztunnel-ca";
 /// The ConfigMap publishing the root in `deploy/` (`--root-config-map`).
@@ -223,7 +223,7 @@ pub fn reflect(
     tokio::spawn(async move {
         let events = watcher(api, watcher::Config::default())
             .default_backoff()
-            .modify(move |object| crate::config::kube::prune(resource, object))
+            .modify(move |object| crate::kube::prune(resource, object))
             .reflect(writer);
         let mut events = std::pin::pin!(events);
         while let Some(event) = events.next().await {

@@ -1,0 +1,38 @@
+//! ztunnel-core: what the node tunnel, the waypoint and the CA share.
+//!
+//! Data flows one way: a configuration source (crate `ztunnel-config`) produces a
+//! [`config::Snapshot`], [`state::State`] is built from it (with the compiled
+//! [`policy`]), and the proxies read the state. Around it: [`identity`], [`tls`]
+//! (mTLS with SPIFFE identities), [`certs`] (workload certificates from the CA,
+//! through [`ca::client`]), [`jwt`], [`extauthz`], [`http_client`], [`metrics`] and the servers'
+//! accept loop ([`accept`], [`http_server`]); [`netns`] and [`discovery`] find and
+//! enter pods' network namespaces.
+#![deny(unsafe_code)]
+pub mod accept;
+pub mod ca;
+pub mod certs;
+pub mod cli;
+pub mod config;
+pub mod discovery;
+pub mod extauthz;
+pub mod forwarded;
+pub mod http_client;
+pub mod http_server;
+pub mod identity;
+pub mod jwt;
+pub mod metrics;
+pub mod netns;
+pub mod path_normalization;
+pub mod policy;
+pub mod state;
+pub mod tls;
+
+/// SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,11 @@
+//! ztunnel-hbone: the HBONE pieces the node tunnel and the waypoint share.
+//!
+//! - [`pool`]: pooled mTLS HTTP/2 client connections carrying CONNECT streams.
+//! - [`relay`]: copying a connection's bytes both ways.
+pub mod pool;
+mod relay;
+
+pub use relay::relay;
+
+// Core's modules under the names the pool used in one crate.
+use ztunnel_core::{certs, identity, netns};

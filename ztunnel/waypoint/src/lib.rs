@@ -1,0 +1,13 @@
+//! ztunnel-waypoint: the waypoint, L7 policy for the destinations that use it (see
+//! [`waypoint`]; the binary is `waypoint`).
+pub mod waypoint;
+
+pub use waypoint::{run, RequestLimits, WaypointOptions};
+
+// Core's modules and the configuration sources under the names they had in one
+// crate.
+use ztunnel_config as config;
+use ztunnel_core::{
+    accept, ca, certs, extauthz, forwarded, http_client, http_server, identity, jwt, metrics,
+    path_normalization, policy, state, tls,
+};

@@ -9,13 +9,7 @@ use anyhow::{Context, Result};
 use bytes::Bytes;
 use http::{HeaderMap, Request, StatusCode};
 use http_body_util::Empty;
-use hyper_util::{
-    client::legacy::{connect::HttpConnector, Client as Pooled},
-    rt::TokioExecutor,
-};
 use serde::Deserialize;
-
-use crate::http_client;
 
 /// The parts of Istio's MeshConfig the mesh uses.
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -136,7 +130,8 @@ impl MeshConfig {
     }
 }
 
-fn parse_timeout(text: Option<&str>) -> Result<Duration> {
+/// A provider's `timeout` (600ms when unset).
+pub fn parse_timeout(text: Option<&str>) -> Result<Duration> {
     let Some(text) = text else {
         return Ok(Duration::from_millis(600));
     };
@@ -160,63 +155,40 @@ pub enum Verdict {
     },
 }
 
-/// Asks an HTTP provider about a request. `address` is where `provider.service`
-/// resolved.
-pub async fn check_http(
+/// What an HTTP provider's answer decides: a 2xx allows (with the headers
+/// `headersToUpstreamOnAllow` names), anything else denies with the provider's
+/// status, body and the headers `headersToDownstreamOnDeny` names.
+pub fn http_verdict(
     provider: &HttpProvider,
-    client: &http_client::Client,
-    address: SocketAddr,
-    method: &http::Method,
-    path: &str,
-    headers: &HeaderMap,
+    status: StatusCode,
+    response_headers: &HeaderMap,
+    body: Bytes,
 ) -> Verdict {
-    let timeout = parse_timeout(provider.timeout.as_deref()).unwrap_or(Duration::from_millis(600));
-    let result = tokio::time::timeout(
-        timeout,
-        ask(provider, client, address, method, path, headers),
-    )
-    .await;
-    let failure = match result {
-        Ok(Ok((status, response_headers, _))) if status.is_success() => {
-            let mut upstream = HeaderMap::new();
-            for name in &provider.headers_to_upstream_on_allow {
-                for value in response_headers.get_all(name.as_str()) {
-                    if let Ok(name) = http::HeaderName::try_from(name.as_str()) {
-                        upstream.append(name, value.clone());
-                    }
+    let pick = |names: &[String]| {
+        let mut picked = HeaderMap::new();
+        for name in names {
+            for value in response_headers.get_all(name.as_str()) {
+                if let Ok(name) = http::HeaderName::try_from(name.as_str()) {
+                    picked.append(name, value.clone());
                 }
             }
-            return Verdict::Allow(upstream);
         }
-        Ok(Ok((status, response_headers, body))) => {
-            let mut downstream = HeaderMap::new();
-            for name in &provider.headers_to_downstream_on_deny {
-                for value in response_headers.get_all(name.as_str()) {
-                    if let Ok(name) = http::HeaderName::try_from(name.as_str()) {
-                        downstream.append(name, value.clone());
-                    }
-                }
-            }
-            return Verdict::Deny {
-                status,
-                headers: downstream,
-                body,
-                reason: format!("the provider answered {status}"),
-            };
-        }
-        Ok(Err(e)) => format!("the provider failed: {e:#}"),
-        Err(_) => format!("the provider did not answer within {timeout:?}"),
+        picked
     };
-    on_failure(
-        provider.fail_open,
-        provider.status_on_error.as_deref(),
-        failure,
-    )
+    if status.is_success() {
+        return Verdict::Allow(pick(&provider.headers_to_upstream_on_allow));
+    }
+    Verdict::Deny {
+        status,
+        headers: pick(&provider.headers_to_downstream_on_deny),
+        body,
+        reason: format!("the provider answered {status}"),
+    }
 }
 
 /// A provider that failed or timed out: allowed if `failOpen`, else denied with
 /// `statusOnError` (403 by default).
-fn on_failure(fail_open: bool, status_on_error: Option<&str>, failure: String) -> Verdict {
+pub fn on_failure(fail_open: bool, status_on_error: Option<&str>, failure: String) -> Verdict {
     if fail_open {
         tracing::warn!("ext authz: {failure}; failOpen: allowed");
         return Verdict::Allow(HeaderMap::new());
@@ -233,14 +205,16 @@ fn on_failure(fail_open: bool, status_on_error: Option<&str>, failure: String) -
     }
 }
 
-async fn ask(
+/// The check request to an HTTP provider at `address` (where `provider.service`
+/// resolved): the request's method and path (after `pathPrefix`), no body, and
+/// the headers `includeRequestHeadersInCheck` names.
+pub fn http_request(
     provider: &HttpProvider,
-    client: &http_client::Client,
     address: SocketAddr,
     method: &http::Method,
     path: &str,
     headers: &HeaderMap,
-) -> Result<(StatusCode, HeaderMap, Bytes)> {
+) -> Result<Request<Empty<Bytes>>> {
     let mut request = Request::builder()
         .method(method.clone())
         .uri(format!(
@@ -257,8 +231,7 @@ async fn ask(
             );
         }
     }
-    let (parts, body) = http_client::send(client, request, MAX_RESPONSE_BYTES).await?;
-    Ok((parts.status, parts.headers, body))
+    Ok(request)
 }
 
 pub mod proto;
@@ -293,40 +266,10 @@ pub struct CheckContext<'a> {
     pub destination: SocketAddr,
 }
 
-/// The pooled HTTP/2 (h2c) client of the gRPC providers: tonic's generated client
-/// over hyper-util's pool, as the CA client is tonic over our own hyper transport.
-pub type GrpcClient = Pooled<HttpConnector, tonic::body::Body>;
-
-pub fn grpc_client() -> GrpcClient {
-    Pooled::builder(TokioExecutor::new())
-        .http2_only(true)
-        .build(http_client::connector())
-}
-
-/// Asks a gRPC provider (plaintext HTTP/2) about a request.
-pub async fn check_grpc(
-    provider: &GrpcProvider,
-    client: &GrpcClient,
-    address: SocketAddr,
-    context: CheckContext<'_>,
-) -> Verdict {
-    let timeout = parse_timeout(provider.timeout.as_deref()).unwrap_or(Duration::from_millis(600));
-    let failure = match tokio::time::timeout(timeout, ask_grpc(client, address, &context)).await {
-        Ok(Ok(response)) => return verdict(response),
-        Ok(Err(e)) => format!("the provider failed: {e:#}"),
-        Err(_) => format!("the provider did not answer within {timeout:?}"),
-    };
-    on_failure(
-        provider.fail_open,
-        provider.status_on_error.as_deref(),
-        failure,
-    )
-}
-
 /// What a provider's CheckResponse decides: OK allows (with the headers for
 /// upstream), any other code denies (with the provider's status, 403 by default,
 /// headers and body).
-fn verdict(response: proto::CheckResponse) -> Verdict {
+pub fn grpc_verdict(response: proto::CheckResponse) -> Verdict {
     use proto::check_response::HttpResponse;
     let headers = |options: &[proto::HeaderValueOption]| {
         let mut map = HeaderMap::new();
@@ -418,23 +361,6 @@ pub fn check_request(context: &CheckContext<'_>) -> proto::CheckRequest {
     }
 }
 
-async fn ask_grpc(
-    client: &GrpcClient,
-    address: SocketAddr,
-    context: &CheckContext<'_>,
-) -> Result<proto::CheckResponse> {
-    let origin: http::Uri = format!("http://{address}").parse()?;
-    let mut authz = proto::AuthorizationClient::with_origin(client.clone(), origin)
-        .max_decoding_message_size(MAX_RESPONSE_BYTES);
-    let response = authz
-        .check(check_request(context))
-        .await
-        .map_err(|status| {
-            anyhow::anyhow!("gRPC status {:?}: {}", status.code(), status.message())
-        })?;
-    Ok(response.into_inner())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -480,13 +406,13 @@ mod tests {
                 }],
             })),
         };
-        let Verdict::Allow(headers) = verdict(response) else {
+        let Verdict::Allow(headers) = grpc_verdict(response) else {
             panic!("denied")
         };
         assert_eq!(headers["x-auth-user"], "alice");
         // No status at all is OK too (proto3: code 0 is the default).
         assert!(matches!(
-            verdict(proto::CheckResponse::default()),
+            grpc_verdict(proto::CheckResponse::default()),
             Verdict::Allow(_)
         ));
     }
@@ -498,7 +424,7 @@ mod tests {
             headers,
             body,
             ..
-        } = verdict(denied(7, Some(418)))
+        } = grpc_verdict(denied(7, Some(418)))
         else {
             panic!("allowed")
         };
@@ -508,14 +434,48 @@ mod tests {
         // Unset, or not an HTTP status: 403.
         for code in [None, Some(0), Some(42), Some(70_000), Some(-1)] {
             assert_eq!(
-                deny_status(verdict(denied(16, code))),
+                deny_status(grpc_verdict(denied(16, code))),
                 StatusCode::FORBIDDEN
             );
         }
         // A non-OK status with an ok_response is still a denial.
         let mut response = denied(7, None);
         response.http_response = Some(HttpResponse::OkResponse(Default::default()));
-        assert_eq!(deny_status(verdict(response)), StatusCode::FORBIDDEN);
+        assert_eq!(deny_status(grpc_verdict(response)), StatusCode::FORBIDDEN);
+    }
+
+    #[test]
+    fn an_http_answer_passes_on_only_the_headers_the_provider_config_names() {
+        let provider: HttpProvider = serde_yaml::from_str(
+            "{service: authz, port: 80, headersToUpstreamOnAllow: [x-user], headersToDownstreamOnDeny: [x-reason]}",
+        )
+        .unwrap();
+        let mut answer = HeaderMap::new();
+        for (k, v) in [("x-user", "alice"), ("x-reason", "r"), ("set-cookie", "s")] {
+            answer.insert(k, v.parse().unwrap());
+        }
+        let Verdict::Allow(upstream) =
+            http_verdict(&provider, StatusCode::OK, &answer, Bytes::new())
+        else {
+            panic!("denied")
+        };
+        assert_eq!(upstream.len(), 1);
+        assert_eq!(upstream["x-user"], "alice");
+        let Verdict::Deny {
+            status,
+            headers,
+            body,
+            ..
+        } = http_verdict(&provider, StatusCode::UNAUTHORIZED, &answer, "no".into())
+        else {
+            panic!("allowed")
+        };
+        assert_eq!(
+            (status, body),
+            (StatusCode::UNAUTHORIZED, Bytes::from("no"))
+        );
+        assert_eq!(headers.len(), 1);
+        assert_eq!(headers["x-reason"], "r");
     }
 
     #[test]

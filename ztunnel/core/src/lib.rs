@@ -4,7 +4,7 @@
 //! [`config::Snapshot`], [`state::State`] is built from it (with the compiled
 //! [`policy`]), and the proxies read the state. Around it: [`identity`], [`tls`]
 //! (mTLS with SPIFFE identities), [`certs`] (workload certificates from the CA,
-//! through [`ca::client`]), [`jwt`], [`extauthz`], [`http_client`], [`metrics`] and the servers'
+//! through [`ca::client`]), [`jwt`], [`extauthz`], [`metrics`] and the servers'
 //! accept loop ([`accept`], [`http_server`]); [`netns`] and [`discovery`] find and
 //! enter pods' network namespaces.
 #![deny(unsafe_code)]
@@ -16,7 +16,6 @@ pub mod config;
 pub mod discovery;
 pub mod extauthz;
 pub mod forwarded;
-pub mod http_client;
 pub mod http_server;
 pub mod identity;
 pub mod jwt;

@@ -1,5 +1,6 @@
 //! ztunnel-waypoint: the waypoint, L7 policy for the destinations that use it (see
 //! [`waypoint`]; the binary is `waypoint`).
+pub mod http_client;
 pub mod waypoint;
 
 pub use waypoint::{run, RequestLimits, WaypointOptions};
@@ -8,6 +9,6 @@ pub use waypoint::{run, RequestLimits, WaypointOptions};
 // crate.
 use ztunnel_config as config;
 use ztunnel_core::{
-    accept, ca, certs, extauthz, forwarded, http_client, http_server, identity, jwt, metrics,
+    accept, ca, certs, extauthz, forwarded, http_server, identity, jwt, metrics,
     path_normalization, policy, state, tls,
 };

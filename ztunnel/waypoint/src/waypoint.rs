@@ -49,6 +49,7 @@ use crate::{
 };
 use ztunnel_hbone::{pool::Pool, relay};
 
+mod ext_authz;
 mod idle;
 mod telemetry;
 mod upstream;
@@ -139,7 +140,7 @@ struct Waypoint {
     jwks: Mutex<HashMap<String, (Arc<Jwks>, Instant)>>,
     /// Pooled clients: HTTP(S) for jwksUri and HTTP providers, h2c for gRPC ones.
     http_client: crate::http_client::Client,
-    grpc_client: extauthz::GrpcClient,
+    grpc_client: ext_authz::GrpcClient,
     /// The TLS server config of the current certificate, made once per certificate.
     tls: Mutex<Option<(Arc<WorkloadCert>, Arc<rustls::ServerConfig>)>>,
     /// Cancelled on SIGTERM: connections close once their requests are done
@@ -274,7 +275,7 @@ pub async fn run(options: WaypointOptions) -> Result<()> {
         trusted_proxies: mesh_config.trusted_proxies(),
         jwks: Mutex::new(HashMap::new()),
         http_client: crate::http_client::new(),
-        grpc_client: extauthz::grpc_client(),
+        grpc_client: ext_authz::grpc_client(),
         providers: mesh_config.providers(),
         tls: Mutex::new(None),
         draining: CancellationToken::new(),
@@ -851,13 +852,13 @@ impl Waypoint {
                 destination_principal: self.identity.to_string(),
                 destination: SocketAddr::new(conn.destination_ip, conn.destination_port),
             };
-            extauthz::check_grpc(grpc, &self.grpc_client, address, context).await
+            ext_authz::check_grpc(grpc, &self.grpc_client, address, context).await
         } else if let Some(http_provider) = &spec.envoy_ext_authz_http {
             let Some(address) = resolve_provider(state, &http_provider.service, http_provider.port)
             else {
                 return Err(deny(format!("cannot resolve {}", http_provider.service)));
             };
-            extauthz::check_http(
+            ext_authz::check_http(
                 http_provider,
                 &self.http_client,
                 address,

@@ -346,7 +346,7 @@ fn policy_check(args: CheckArgs) -> Result<bool> {
         || args.path.is_some()
         || !args.header.is_empty()
         || args.jwt.is_some())
-    .then(|| ztunnel::policy::check::HttpQuery {
+    .then(|| ztunnel::check::HttpQuery {
         method: args.method.clone().unwrap_or_else(|| "GET".into()),
         path: args.path.clone().unwrap_or_else(|| "/".into()),
         headers: args
@@ -362,13 +362,13 @@ fn policy_check(args: CheckArgs) -> Result<bool> {
         path_normalization,
         trusted_proxies: mesh_config.trusted_proxies(),
     });
-    let query = ztunnel::policy::check::Query {
+    let query = ztunnel::check::Query {
         from: args.from,
         to: args.to,
         plaintext: args.plaintext,
         http,
     };
-    let outcome = ztunnel::policy::check::check(snapshot, &settings, &query)?;
+    let outcome = ztunnel::check::check(snapshot, &settings, &query)?;
     let text = if args.output == "json" {
         format!("{}\n", serde_json::to_string_pretty(&outcome)?)
     } else {

@@ -25,7 +25,7 @@ pub use ztunnel_core::config::*;
 // What the sources use of core, under the names they had in one crate.
 #[cfg(test)]
 use ztunnel_core::{config, state};
-use ztunnel_core::{discovery, policy};
+use ztunnel_core::discovery;
 
 /// Where the configuration comes from.
 #[derive(Clone, Debug)]

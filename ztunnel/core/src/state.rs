@@ -48,6 +48,23 @@ impl Workload {
     }
 }
 
+/// What policy sees of a workload it judges traffic to.
+impl<'a> From<&'a Workload> for crate::policy::Target<'a> {
+    fn from(w: &'a Workload) -> Self {
+        Self {
+            namespace: &w.namespace,
+            name: &w.name,
+            labels: &w.labels,
+        }
+    }
+}
+
+impl<'a> From<&'a Arc<Workload>> for crate::policy::Target<'a> {
+    fn from(w: &'a Arc<Workload>) -> Self {
+        w.as_ref().into()
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Service {
     pub name: String,

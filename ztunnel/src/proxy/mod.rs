@@ -93,17 +93,13 @@ impl Context {
                 .inc();
         }
         for shadow in &decision.dry_run {
-            let (policy, rest) = shadow.split_once(": would ").unwrap_or((shadow, ""));
-            let would = if rest.starts_with("allow") {
-                "allow"
-            } else {
-                "deny"
-            };
+            let policy = &shadow.policy;
+            let would = if shadow.would_allow { "allow" } else { "deny" };
             tracing::info!(target: "dry_run", %policy, src = %describe_source(conn), dst = %format!("{}/{}", destination.namespace, destination.name), port = conn.destination_port, "dry-run: {shadow}");
             self.policy_metrics
                 .shadow
                 .get_or_create(&ShadowLabels {
-                    policy: policy.to_owned(),
+                    policy: policy.clone(),
                     decision: would.into(),
                 })
                 .inc();

@@ -17,6 +17,8 @@ pub mod cluster;
 #[cfg(feature = "mesh")]
 pub mod dns;
 #[cfg(feature = "mesh")]
+pub mod ext_authz;
+#[cfg(feature = "mesh")]
 pub mod faults;
 pub mod host;
 #[cfg(feature = "mesh")]

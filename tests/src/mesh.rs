@@ -390,6 +390,8 @@ pub struct Mesh {
     sandboxes: Vec<std::process::Child>,
     /// Extra arguments for `ztunnel run` by node (used at the next start).
     pub tunnel_args: BTreeMap<String, Vec<String>>,
+    /// Extra environment for the waypoints (used at the next start).
+    pub waypoint_env: Vec<(String, String)>,
 }
 
 /// Where the stand-in API server listens: in the first node's namespace.
@@ -498,6 +500,7 @@ impl Mesh {
             kubeconfig: None,
             sandboxes: Vec::new(),
             tunnel_args: BTreeMap::new(),
+            waypoint_env: Vec::new(),
         };
         if kube {
             mesh.start_api(workloads, ambient)?;
@@ -715,6 +718,7 @@ impl Mesh {
                 "RUST_LOG",
                 std::env::var("ZTB_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(self.waypoint_env.iter().map(|(k, v)| (k, v)))
             .stdout(std::process::Stdio::null())
             .stderr(log);
         cmd.args(args);

@@ -1367,10 +1367,7 @@ async fn our_ca_speaks_istios_field_numbers() {
 
 /// A CA that answers every call with `message` (a gRPC OK).
 async fn answering_ca(ca: &LocalCa, message: Vec<u8>) -> std::net::SocketAddr {
-    use ztunnel_ca::{
-        grpc::{status_trailers, Code, UnaryBody},
-        Authority, AuthorityOptions,
-    };
+    use ztunnel_ca::{Authority, AuthorityOptions};
     let authority = Authority::load_or_create(AuthorityOptions {
         dir: ca.dir.path().join("cacerts"),
         trust_domain: TD.into(),
@@ -1405,12 +1402,21 @@ async fn answering_ca(ca: &LocalCa, message: Vec<u8>) -> std::net::SocketAddr {
             tokio::spawn(async move {
                 let tls = acceptor.accept(tcp).await.unwrap();
                 let service = hyper::service::service_fn(move |_req| {
-                    let framed = framed.clone();
+                    // The framed message, then the status (OK) in trailers.
+                    let mut trailers = http::HeaderMap::new();
+                    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                    let frames = [
+                        hyper::body::Frame::data(framed.clone()),
+                        hyper::body::Frame::trailers(trailers),
+                    ];
+                    let body = http_body_util::StreamBody::new(futures_util::stream::iter(
+                        frames.map(Ok::<_, std::convert::Infallible>),
+                    ));
                     async move {
                         Ok::<_, std::convert::Infallible>(
                             http::Response::builder()
                                 .header("content-type", "application/grpc")
-                                .body(UnaryBody::new(Some(framed), status_trailers(Code::Ok, "")))
+                                .body(body)
                                 .unwrap(),
                         )
                     }

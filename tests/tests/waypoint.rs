@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use testbed::{
     app::HttpServer,
+    ext_authz::ExtAuthzServer,
     l7::L7Server,
     mesh::{eventually, Mesh, WorkloadSpec},
     Cluster, ClusterSpec,
@@ -70,6 +71,20 @@ async fn mesh_from(workloads: Vec<WorkloadSpec>, config: &str) -> Mesh {
 
 /// Like `mesh_from`, with more arguments to the waypoint.
 async fn mesh_from_args(workloads: Vec<WorkloadSpec>, config: &str, args: &[&str]) -> Mesh {
+    mesh_with(workloads, config, args, &[]).await
+}
+
+/// Like `mesh_from`, with more environment for the waypoint.
+async fn mesh_with_env(workloads: Vec<WorkloadSpec>, config: &str, env: &[(&str, &str)]) -> Mesh {
+    mesh_with(workloads, config, &[], env).await
+}
+
+async fn mesh_with(
+    workloads: Vec<WorkloadSpec>,
+    config: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Mesh {
     let others: Vec<&str> = workloads
         .iter()
         .map(|w| w.pod.as_str())
@@ -95,6 +110,10 @@ async fn mesh_from_args(workloads: Vec<WorkloadSpec>, config: &str, args: &[&str
         .map(|w| w.namespace.clone())
         .unwrap();
     let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
+    mesh.waypoint_env = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     mesh.start_waypoint_args("waypoint", &namespace, "waypoint", &args)
         .await
         .unwrap();
@@ -351,17 +370,19 @@ fn start_ext_authz(mesh: &Mesh) -> std::thread::JoinHandle<()> {
                         }
                     }
                     let path = line.split_whitespace().nth(1).unwrap_or("").to_owned();
+                    // One request per connection, said so: the waypoint's client
+                    // pools connections and must not reuse this one.
                     let response = if path.contains("huge") {
                         // Past the waypoint's cap on a provider's answer.
                         let body = "x".repeat(ztunnel::extauthz::MAX_RESPONSE_BYTES + 1);
-                        format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len())
+                        format!("HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}", body.len())
                     } else if path.contains("slow") {
                         tokio::time::sleep(Duration::from_secs(5)).await;
-                        "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n".to_owned()
+                        "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n".to_owned()
                     } else if path.contains("deny") {
-                        "HTTP/1.1 403 Forbidden\r\nx-reason: denied-by-test\r\ncontent-length: 4\r\n\r\nnope".to_owned()
+                        "HTTP/1.1 403 Forbidden\r\nconnection: close\r\nx-reason: denied-by-test\r\ncontent-length: 4\r\n\r\nnope".to_owned()
                     } else {
-                        "HTTP/1.1 200 OK\r\nx-auth-user: alice\r\ncontent-length: 0\r\n\r\n".to_owned()
+                        "HTTP/1.1 200 OK\r\nconnection: close\r\nx-auth-user: alice\r\ncontent-length: 0\r\n\r\n".to_owned()
                     };
                     let _ = stream.get_mut().write_all(response.as_bytes()).await;
                 });
@@ -401,8 +422,18 @@ spec:
   rules: [{to: [{operation: {paths: ["/public/open/*"]}}]}]
 "#;
 
-#[tokio::test(flavor = "multi_thread")]
-async fn custom_external_authorization_allows_denies_and_honours_fail_open() {
+/// A mesh whose waypoint has the CUSTOM policies of EXT_AUTHZ_POLICIES, the HTTP
+/// providers `closed` and `open` (failOpen) on 127.0.0.1:9191 and the gRPC
+/// provider `grpc` on 127.0.0.1:9292 (timeout 1s), all running; and a server.
+struct ExtAuthzMesh {
+    mesh: Mesh,
+    grpc: ExtAuthzServer,
+    _http: std::thread::JoinHandle<()>,
+    _server: HttpServer,
+    _mesh_config: testbed::mesh::TempDir,
+}
+
+async fn ext_authz_mesh() -> ExtAuthzMesh {
     let cluster = Cluster::new(
         &ClusterSpec::new()
             .node("node-a", ["client"])
@@ -438,45 +469,51 @@ async fn custom_external_authorization_allows_denies_and_honours_fail_open() {
             .is_some_and(|s| !s.is_empty())
     })
     .await;
-    let _authz = start_ext_authz(&mesh);
-    let _grpc = start_grpc_ext_authz(&mesh);
+    let http = start_ext_authz(&mesh);
+    let grpc = ExtAuthzServer::start(mesh.cluster.pod("waypoint"), 9292).unwrap();
     mesh.start_waypoint_with("waypoint", "demo", "waypoint", Some(&path))
         .await
         .unwrap();
-    let _server = HttpServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    let server = HttpServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    ExtAuthzMesh {
+        mesh,
+        grpc,
+        _http: http,
+        _server: server,
+        _mesh_config: mesh_config,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn custom_external_authorization_allows_denies_and_honours_fail_open() {
+    let ExtAuthzMesh { mesh, .. } = &ext_authz_mesh().await;
 
     assert_eq!(
-        http(&mesh, VIP, "GET", "/public/ext/ok", &[]),
+        http(mesh, VIP, "GET", "/public/ext/ok", &[]),
         ("200".into(), "server GET /public/ext/ok".into())
     );
     assert_eq!(
-        http(&mesh, VIP, "GET", "/public/ext/deny", &[]),
+        http(mesh, VIP, "GET", "/public/ext/deny", &[]),
         ("403".into(), "nope".into()),
         "the provider's answer reaches the client"
     );
     assert_eq!(
-        http(&mesh, VIP, "GET", "/public/ext/slow", &[]).0,
+        http(mesh, VIP, "GET", "/public/ext/slow", &[]).0,
         "403",
         "timeout, failOpen false"
     );
     assert_eq!(
-        http(&mesh, VIP, "GET", "/public/open/slow", &[]).0,
+        http(mesh, VIP, "GET", "/public/open/slow", &[]).0,
         "200",
         "timeout, failOpen true"
     );
     assert_eq!(
-        http(&mesh, VIP, "GET", "/public/plain", &[]).0,
+        http(mesh, VIP, "GET", "/public/plain", &[]).0,
         "200",
         "CUSTOM applies only to its rules"
     );
-    // The gRPC protocol (Envoy's Authorization/Check).
-    assert_eq!(http(&mesh, VIP, "GET", "/public/grpc/ok", &[]).0, "200");
     assert_eq!(
-        http(&mesh, VIP, "GET", "/public/grpc/deny", &[]),
-        ("403".into(), "grpc says no".into())
-    );
-    assert_eq!(
-        http(&mesh, VIP, "GET", "/public/ext/huge", &[]).0,
+        http(mesh, VIP, "GET", "/public/ext/huge", &[]).0,
         "403",
         "an oversized answer is a failed check, failOpen false"
     );
@@ -489,76 +526,95 @@ async fn custom_external_authorization_allows_denies_and_honours_fail_open() {
         mesh.log("waypoint-waypoint")
     );
     // CUSTOM comes before ALLOW: an allowed provider does not bypass ALLOW rules.
-    assert_eq!(http(&mesh, VIP, "POST", "/public/ext/ok", &[]).0, "403");
+    assert_eq!(http(mesh, VIP, "POST", "/public/ext/ok", &[]).0, "403");
 }
 
-/// An Envoy-protocol gRPC ext-authz server (h2c) in the waypoint's pod on
-/// 127.0.0.1:9292: paths with "deny" are refused, others allowed.
-fn start_grpc_ext_authz(mesh: &Mesh) -> std::thread::JoinHandle<()> {
-    use http_body_util::BodyExt;
-    use ztunnel::{ca::grpc, extauthz::proto};
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let handle = mesh
-        .cluster
-        .pod("waypoint")
-        .spawn_task(move || async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:9292")
-                .await
-                .unwrap();
-            ready_tx.send(()).unwrap();
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else {
-                    return;
-                };
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(
-                        |req: http::Request<hyper::body::Incoming>| async move {
-                            assert_eq!(req.uri().path(), proto::CHECK_PATH);
-                            let body = req.into_body().collect().await.unwrap().to_bytes();
-                            let check: proto::CheckRequest = grpc::unframe(body).unwrap();
-                            let http = check.attributes.unwrap().request.unwrap().http.unwrap();
-                            let response = if http.path.contains("deny") {
-                                proto::CheckResponse {
-                                    status: Some(proto::RpcStatus {
-                                        code: 7,
-                                        message: "no".into(),
-                                    }),
-                                    denied_response: Some(proto::DeniedHttpResponse {
-                                        status: Some(proto::HttpStatus { code: 403 }),
-                                        headers: vec![],
-                                        body: "grpc says no".into(),
-                                    }),
-                                    ok_response: None,
-                                }
-                            } else {
-                                proto::CheckResponse {
-                                    status: Some(proto::RpcStatus::default()),
-                                    denied_response: None,
-                                    ok_response: Some(proto::OkHttpResponse::default()),
-                                }
-                            };
-                            Ok::<_, std::convert::Infallible>(
-                                http::Response::builder()
-                                    .header("content-type", "application/grpc")
-                                    .body(grpc::UnaryBody::new(
-                                        Some(grpc::frame(&response)),
-                                        grpc::status_trailers(grpc::Code::Ok, ""),
-                                    ))
-                                    .unwrap(),
-                            )
-                        },
-                    );
-                    let _ = hyper::server::conn::http2::Builder::new(
-                        hyper_util::rt::TokioExecutor::new(),
-                    )
-                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
-                    .await;
-                });
-            }
-        })
-        .unwrap();
-    ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
-    handle
+#[tokio::test(flavor = "multi_thread")]
+async fn a_grpc_provider_allows_denies_and_its_failures_deny() {
+    let ExtAuthzMesh { mesh, grpc, .. } = &ext_authz_mesh().await;
+    assert_eq!(
+        http(mesh, VIP, "GET", "/public/grpc/ok", &[]),
+        ("200".into(), "server GET /public/grpc/ok".into())
+    );
+    assert_eq!(
+        http(mesh, VIP, "GET", "/public/grpc/deny", &[]),
+        ("403".into(), "grpc says no".into()),
+        "the provider's status and body reach the client"
+    );
+    assert_eq!(
+        http(mesh, VIP, "GET", "/public/grpc/teapot", &[]).0,
+        "418",
+        "the provider's own status"
+    );
+    // No decision: fail closed (the provider is not failOpen).
+    assert_eq!(
+        http(mesh, VIP, "GET", "/public/grpc/unavailable", &[]).0,
+        "403",
+        "a gRPC error status"
+    );
+    assert_eq!(
+        http(mesh, VIP, "GET", "/public/grpc/slow", &[]).0,
+        "403",
+        "no answer within the timeout"
+    );
+    let log = mesh.log("waypoint-waypoint");
+    assert!(log.contains("gRPC status Unavailable"), "{log}");
+    assert!(log.contains("did not answer within 1s"), "{log}");
+    // Each request was checked once: five requests, five checks.
+    assert_eq!(grpc.checks().len(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_check_request_carries_the_request_and_both_principals() {
+    use testbed::ext_authz::proto::envoy::{
+        config::core::v3::{address, socket_address},
+        service::auth::v3::attribute_context::Peer,
+    };
+    let ExtAuthzMesh { mesh, grpc, .. } = &ext_authz_mesh().await;
+    let (status, _) = http(
+        mesh,
+        VIP,
+        "GET",
+        "/public/grpc/ok?q=1",
+        &["x-test: one", "x-test: two"],
+    );
+    assert_eq!(status, "200");
+    let checks = grpc.checks();
+    assert_eq!(checks.len(), 1, "{checks:?}");
+    let attributes = checks[0].attributes.clone().unwrap();
+    let request = attributes.request.unwrap().http.unwrap();
+    assert_eq!(request.method, "GET");
+    assert_eq!(
+        request.path, "/public/grpc/ok?q=1",
+        "the path with the query"
+    );
+    assert_eq!(request.host, VIP);
+    assert_eq!(request.protocol, "HTTP/1.1");
+    assert_eq!(request.headers["host"], VIP);
+    assert_eq!(
+        request.headers["x-test"], "one,two",
+        "repeated headers joined"
+    );
+    let address = |peer: &Peer| match peer.address.clone().unwrap().address.unwrap() {
+        address::Address::SocketAddress(socket) => {
+            let Some(socket_address::PortSpecifier::PortValue(port)) = socket.port_specifier else {
+                panic!("no port: {socket:?}")
+            };
+            (socket.address, port)
+        }
+    };
+    let source = attributes.source.unwrap();
+    assert_eq!(source.principal, "spiffe://cluster.local/ns/demo/sa/client");
+    assert_eq!(
+        address(&source).0,
+        mesh.cluster.pod("client").ip.to_string()
+    );
+    let destination = attributes.destination.unwrap();
+    assert_eq!(
+        destination.principal, "spiffe://cluster.local/ns/demo/sa/waypoint",
+        "the waypoint's own identity"
+    );
+    assert_eq!(address(&destination), ("10.96.0.80".to_string(), 80));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -681,6 +737,124 @@ async fn jwks_are_fetched_from_jwks_uri() {
         )
         .0,
         "200"
+    );
+}
+
+/// A test CA: (its root PEM, a server chain PEM and key PEM for 127.0.0.1).
+fn tls_for_localhost() -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+    let root_key = KeyPair::generate().unwrap();
+    let mut root = CertificateParams::default();
+    root.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let root_pem = root.self_signed(&root_key).unwrap().pem();
+    let issuer = Issuer::new(root, root_key);
+    let key = KeyPair::generate().unwrap();
+    let mut leaf = CertificateParams::default();
+    leaf.subject_alt_names = vec![SanType::IpAddress([127, 0, 0, 1].into())];
+    let chain = leaf.signed_by(&key, &issuer).unwrap().pem();
+    (root_pem, chain, key.serialize_pem())
+}
+
+/// Serves `jwks` at https://127.0.0.1:`port`/jwks in the waypoint's pod with the
+/// certificate `chain`.
+fn serve_jwks_https(
+    mesh: &Mesh,
+    port: u16,
+    jwks: String,
+    (chain, key): (String, String),
+) -> std::thread::JoinHandle<()> {
+    let config = rustls::ServerConfig::builder_with_provider(ztunnel::tls::crypto_provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            ztunnel::tls::parse_certs(&chain).unwrap(),
+            ztunnel::tls::parse_key(&key).unwrap(),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let keys = mesh
+        .cluster
+        .pod("waypoint")
+        .spawn_task(move || async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+                .await
+                .unwrap();
+            ready_tx.send(()).unwrap();
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                // A client that refuses our certificate ends the handshake.
+                let Ok(mut stream) = acceptor.accept(tcp).await else {
+                    continue;
+                };
+                let mut buf = [0u8; 1024];
+                let _ = stream.read(&mut buf).await;
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    jwks.len()
+                );
+                let _ = stream.write_all(head.as_bytes()).await;
+                let _ = stream.write_all(jwks.as_bytes()).await;
+                let _ = stream.shutdown().await;
+            }
+        })
+        .unwrap();
+    ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    keys
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jwks_are_fetched_over_https_from_trusted_servers_only() {
+    let (root, chain, key) = tls_for_localhost();
+    // The waypoint trusts the system's roots: here, SSL_CERT_FILE.
+    let roots = testbed::mesh::TempDir::new("roots").unwrap();
+    let roots_file = roots.path().join("roots.pem");
+    std::fs::write(&roots_file, root).unwrap();
+    let mesh = mesh_with_env(
+        workloads(),
+        CONFIG,
+        &[("SSL_CERT_FILE", roots_file.to_str().unwrap())],
+    )
+    .await;
+    let _server = HttpServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    let (trusted, untrusted) = (
+        ztunnel::jwt::testing::Es256Issuer::default(),
+        ztunnel::jwt::testing::Es256Issuer::default(),
+    );
+    let _trusted = serve_jwks_https(&mesh, 9394, trusted.jwks(), (chain, key));
+    // The attack: a key server whose certificate no trusted root signed.
+    let (_, chain, key) = tls_for_localhost();
+    let _untrusted = serve_jwks_https(&mesh, 9395, untrusted.jwks(), (chain, key));
+    mesh.write_config(
+        "authn.yaml",
+        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: jwt, namespace: demo}\nspec:\n  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]\n  jwtRules:\n  - {issuer: https://issuer.test, jwksUri: 'https://127.0.0.1:9394/jwks'}\n  - {issuer: https://untrusted.test, jwksUri: 'https://127.0.0.1:9395/jwks'}\n",
+    )
+    .unwrap();
+    let token = |issuer: &ztunnel::jwt::testing::Es256Issuer, iss: &str| {
+        let mut claims = claims(600);
+        claims["iss"] = iss.into();
+        format!("authorization: Bearer {}", issuer.token(&claims))
+    };
+    // Once the rules are in force, a token signed by another key is refused.
+    let forged = token(&untrusted, "https://issuer.test");
+    eventually(
+        Duration::from_secs(15),
+        "a forged token refused",
+        || async { http(&mesh, VIP, "GET", "/public/x", &[&forged]).0 == "401" },
+    )
+    .await;
+    let good = token(&trusted, "https://issuer.test");
+    assert_eq!(http(&mesh, VIP, "GET", "/public/x", &[&good]).0, "200");
+    let bad = token(&untrusted, "https://untrusted.test");
+    assert_eq!(http(&mesh, VIP, "GET", "/public/x", &[&bad]).0, "401");
+    let log = mesh.log("waypoint-waypoint");
+    assert!(
+        log.contains("fetching the JWKS failed") && log.contains("https://127.0.0.1:9395/jwks"),
+        "{log}"
     );
 }
 

@@ -11,7 +11,7 @@ pub mod kube;
 pub mod server;
 
 // The API and its client live in core (the tunnel and the waypoint call the CA).
-pub use ztunnel_core::ca::{api, client, grpc};
+pub use ztunnel_core::ca::{api, client};
 // Core's modules and the Kubernetes source under the names they had in one crate.
 use ztunnel_config::{self as config, k8s};
 use ztunnel_core::{identity, tls};

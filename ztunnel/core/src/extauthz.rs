@@ -8,10 +8,8 @@ use std::{collections::HashMap, net::SocketAddr, path::Path, time::Duration};
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use http::{HeaderMap, Request, StatusCode};
-use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
+use http_body_util::Empty;
 use serde::Deserialize;
-use tokio::net::TcpStream;
 
 /// The parts of Istio's MeshConfig the mesh uses.
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -132,7 +130,8 @@ impl MeshConfig {
     }
 }
 
-fn parse_timeout(text: Option<&str>) -> Result<Duration> {
+/// A provider's `timeout` (600ms when unset).
+pub fn parse_timeout(text: Option<&str>) -> Result<Duration> {
     let Some(text) = text else {
         return Ok(Duration::from_millis(600));
     };
@@ -156,58 +155,40 @@ pub enum Verdict {
     },
 }
 
-/// Asks an HTTP provider about a request. `address` is where `provider.service`
-/// resolved.
-pub async fn check_http(
+/// What an HTTP provider's answer decides: a 2xx allows (with the headers
+/// `headersToUpstreamOnAllow` names), anything else denies with the provider's
+/// status, body and the headers `headersToDownstreamOnDeny` names.
+pub fn http_verdict(
     provider: &HttpProvider,
-    address: SocketAddr,
-    method: &http::Method,
-    path: &str,
-    headers: &HeaderMap,
+    status: StatusCode,
+    response_headers: &HeaderMap,
+    body: Bytes,
 ) -> Verdict {
-    let timeout = parse_timeout(provider.timeout.as_deref()).unwrap_or(Duration::from_millis(600));
-    let result = tokio::time::timeout(timeout, ask(provider, address, method, path, headers)).await;
-    let failure = match result {
-        Ok(Ok((status, response_headers, _))) if status.is_success() => {
-            let mut upstream = HeaderMap::new();
-            for name in &provider.headers_to_upstream_on_allow {
-                for value in response_headers.get_all(name.as_str()) {
-                    if let Ok(name) = http::HeaderName::try_from(name.as_str()) {
-                        upstream.append(name, value.clone());
-                    }
+    let pick = |names: &[String]| {
+        let mut picked = HeaderMap::new();
+        for name in names {
+            for value in response_headers.get_all(name.as_str()) {
+                if let Ok(name) = http::HeaderName::try_from(name.as_str()) {
+                    picked.append(name, value.clone());
                 }
             }
-            return Verdict::Allow(upstream);
         }
-        Ok(Ok((status, response_headers, body))) => {
-            let mut downstream = HeaderMap::new();
-            for name in &provider.headers_to_downstream_on_deny {
-                for value in response_headers.get_all(name.as_str()) {
-                    if let Ok(name) = http::HeaderName::try_from(name.as_str()) {
-                        downstream.append(name, value.clone());
-                    }
-                }
-            }
-            return Verdict::Deny {
-                status,
-                headers: downstream,
-                body,
-                reason: format!("the provider answered {status}"),
-            };
-        }
-        Ok(Err(e)) => format!("the provider failed: {e:#}"),
-        Err(_) => format!("the provider did not answer within {timeout:?}"),
+        picked
     };
-    on_failure(
-        provider.fail_open,
-        provider.status_on_error.as_deref(),
-        failure,
-    )
+    if status.is_success() {
+        return Verdict::Allow(pick(&provider.headers_to_upstream_on_allow));
+    }
+    Verdict::Deny {
+        status,
+        headers: pick(&provider.headers_to_downstream_on_deny),
+        body,
+        reason: format!("the provider answered {status}"),
+    }
 }
 
 /// A provider that failed or timed out: allowed if `failOpen`, else denied with
 /// `statusOnError` (403 by default).
-fn on_failure(fail_open: bool, status_on_error: Option<&str>, failure: String) -> Verdict {
+pub fn on_failure(fail_open: bool, status_on_error: Option<&str>, failure: String) -> Verdict {
     if fail_open {
         tracing::warn!("ext authz: {failure}; failOpen: allowed");
         return Verdict::Allow(HeaderMap::new());
@@ -224,22 +205,20 @@ fn on_failure(fail_open: bool, status_on_error: Option<&str>, failure: String) -
     }
 }
 
-async fn ask(
+/// The check request to an HTTP provider at `address` (where `provider.service`
+/// resolved): the request's method and path (after `pathPrefix`), no body, and
+/// the headers `includeRequestHeadersInCheck` names.
+pub fn http_request(
     provider: &HttpProvider,
     address: SocketAddr,
     method: &http::Method,
     path: &str,
     headers: &HeaderMap,
-) -> Result<(StatusCode, HeaderMap, Bytes)> {
-    let tcp = TcpStream::connect(address)
-        .await
-        .with_context(|| format!("connecting to {address}"))?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
-    tokio::spawn(connection);
+) -> Result<Request<Empty<Bytes>>> {
     let mut request = Request::builder()
         .method(method.clone())
         .uri(format!(
-            "{}{path}",
+            "http://{address}{}{path}",
             provider.path_prefix.as_deref().unwrap_or("")
         ))
         .header(http::header::HOST, provider.service.as_str())
@@ -252,143 +231,10 @@ async fn ask(
             );
         }
     }
-    let response = sender.send_request(request).await?;
-    let (parts, body) = response.into_parts();
-    Ok((
-        parts.status,
-        parts.headers,
-        read_capped(body).await?.to_bytes(),
-    ))
+    Ok(request)
 }
 
-/// A provider's response body, at most MAX_RESPONSE_BYTES of it.
-async fn read_capped(body: hyper::body::Incoming) -> Result<http_body_util::Collected<Bytes>> {
-    http_body_util::Limited::new(body, MAX_RESPONSE_BYTES)
-        .collect()
-        .await
-        .map_err(|e| anyhow::anyhow!("the response body: {e} (at most {MAX_RESPONSE_BYTES} bytes)"))
-}
-
-/// Envoy's gRPC authorization API (`envoy.service.auth.v3.Authorization/Check`),
-/// the fields the waypoint sends and reads.
-pub mod proto {
-    use std::collections::HashMap;
-
-    pub const CHECK_PATH: &str = "/envoy.service.auth.v3.Authorization/Check";
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct CheckRequest {
-        #[prost(message, optional, tag = "1")]
-        pub attributes: Option<AttributeContext>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct AttributeContext {
-        #[prost(message, optional, tag = "1")]
-        pub source: Option<Peer>,
-        #[prost(message, optional, tag = "2")]
-        pub destination: Option<Peer>,
-        #[prost(message, optional, tag = "4")]
-        pub request: Option<AttributeRequest>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Peer {
-        #[prost(message, optional, tag = "1")]
-        pub address: Option<Address>,
-        #[prost(string, tag = "4")]
-        pub principal: String,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Address {
-        #[prost(message, optional, tag = "1")]
-        pub socket_address: Option<SocketAddress>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct SocketAddress {
-        #[prost(string, tag = "2")]
-        pub address: String,
-        #[prost(uint32, tag = "3")]
-        pub port_value: u32,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct AttributeRequest {
-        #[prost(message, optional, tag = "2")]
-        pub http: Option<HttpRequest>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct HttpRequest {
-        #[prost(string, tag = "2")]
-        pub method: String,
-        #[prost(map = "string, string", tag = "3")]
-        pub headers: HashMap<String, String>,
-        #[prost(string, tag = "4")]
-        pub path: String,
-        #[prost(string, tag = "5")]
-        pub host: String,
-        #[prost(string, tag = "10")]
-        pub protocol: String,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct CheckResponse {
-        #[prost(message, optional, tag = "1")]
-        pub status: Option<RpcStatus>,
-        #[prost(message, optional, tag = "2")]
-        pub denied_response: Option<DeniedHttpResponse>,
-        #[prost(message, optional, tag = "3")]
-        pub ok_response: Option<OkHttpResponse>,
-    }
-
-    /// google.rpc.Status
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct RpcStatus {
-        #[prost(int32, tag = "1")]
-        pub code: i32,
-        #[prost(string, tag = "2")]
-        pub message: String,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct DeniedHttpResponse {
-        #[prost(message, optional, tag = "1")]
-        pub status: Option<HttpStatus>,
-        #[prost(message, repeated, tag = "2")]
-        pub headers: Vec<HeaderValueOption>,
-        #[prost(string, tag = "3")]
-        pub body: String,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct OkHttpResponse {
-        #[prost(message, repeated, tag = "2")]
-        pub headers: Vec<HeaderValueOption>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct HttpStatus {
-        #[prost(int32, tag = "1")]
-        pub code: i32,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct HeaderValueOption {
-        #[prost(message, optional, tag = "1")]
-        pub header: Option<HeaderValue>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct HeaderValue {
-        #[prost(string, tag = "1")]
-        pub key: String,
-        #[prost(string, tag = "2")]
-        pub value: String,
-    }
-}
+pub mod proto;
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -406,125 +252,275 @@ pub struct GrpcProvider {
 /// What the waypoint tells a gRPC provider about a request.
 pub struct CheckContext<'a> {
     pub method: &'a http::Method,
+    /// The path with the query.
     pub path: &'a str,
     pub host: &'a str,
+    pub version: http::Version,
     pub headers: &'a HeaderMap,
+    /// The client's SPIFFE ID.
     pub source_principal: String,
     pub source: SocketAddr,
+    /// The waypoint's own SPIFFE ID: it is the downstream connection's local end,
+    /// as Envoy fills in `destination.principal`.
+    pub destination_principal: String,
     pub destination: SocketAddr,
 }
 
-/// Asks a gRPC provider (plaintext HTTP/2) about a request.
-pub async fn check_grpc(
-    provider: &GrpcProvider,
-    address: SocketAddr,
-    context: CheckContext<'_>,
-) -> Verdict {
-    let timeout = parse_timeout(provider.timeout.as_deref()).unwrap_or(Duration::from_millis(600));
-    let failure = match tokio::time::timeout(timeout, ask_grpc(address, &context)).await {
-        Ok(Ok(response)) => {
-            let headers = |options: &[proto::HeaderValueOption]| {
-                let mut map = HeaderMap::new();
-                for header in options.iter().filter_map(|o| o.header.as_ref()) {
-                    if let (Ok(k), Ok(v)) = (
-                        http::HeaderName::try_from(header.key.as_str()),
-                        http::HeaderValue::from_str(&header.value),
-                    ) {
-                        map.append(k, v);
-                    }
-                }
-                map
-            };
-            let code = response.status.as_ref().map_or(0, |s| s.code);
-            if code == 0 {
-                return Verdict::Allow(
-                    response
-                        .ok_response
-                        .as_ref()
-                        .map(|o| headers(&o.headers))
-                        .unwrap_or_default(),
-                );
+/// What a provider's CheckResponse decides: OK allows (with the headers for
+/// upstream), any other code denies (with the provider's status, 403 by default,
+/// headers and body).
+pub fn grpc_verdict(response: proto::CheckResponse) -> Verdict {
+    use proto::check_response::HttpResponse;
+    let headers = |options: &[proto::HeaderValueOption]| {
+        let mut map = HeaderMap::new();
+        for header in options.iter().filter_map(|o| o.header.as_ref()) {
+            if let (Ok(k), Ok(v)) = (
+                http::HeaderName::try_from(header.key.as_str()),
+                http::HeaderValue::from_str(&header.value),
+            ) {
+                map.append(k, v);
             }
-            let denied = response.denied_response.unwrap_or_default();
-            let status = denied
-                .status
-                .and_then(|s| StatusCode::from_u16(s.code as u16).ok())
-                .filter(|s| s.as_u16() >= 100)
-                .unwrap_or(StatusCode::FORBIDDEN);
-            return Verdict::Deny {
-                status,
-                headers: headers(&denied.headers),
-                body: Bytes::from(denied.body),
-                reason: format!("the provider answered status {code}"),
-            };
         }
-        Ok(Err(e)) => format!("the provider failed: {e:#}"),
-        Err(_) => format!("the provider did not answer within {timeout:?}"),
+        map
     };
-    on_failure(
-        provider.fail_open,
-        provider.status_on_error.as_deref(),
-        failure,
-    )
+    let code = response.status.as_ref().map_or(0, |s| s.code);
+    if code == 0 {
+        return Verdict::Allow(match &response.http_response {
+            Some(HttpResponse::OkResponse(ok)) => headers(&ok.headers),
+            _ => HeaderMap::new(),
+        });
+    }
+    let denied = match response.http_response {
+        Some(HttpResponse::DeniedResponse(denied)) => denied,
+        _ => Default::default(),
+    };
+    let status = denied
+        .status
+        .and_then(|s| u16::try_from(s.code).ok())
+        .filter(|code| *code >= 100)
+        .and_then(|code| StatusCode::from_u16(code).ok())
+        .unwrap_or(StatusCode::FORBIDDEN);
+    Verdict::Deny {
+        status,
+        headers: headers(&denied.headers),
+        body: Bytes::from(denied.body),
+        reason: format!("the provider answered status {code}"),
+    }
 }
 
-async fn ask_grpc(address: SocketAddr, context: &CheckContext<'_>) -> Result<proto::CheckResponse> {
-    use crate::ca::grpc;
-    let peer = |addr: SocketAddr, principal: String| proto::Peer {
+/// The CheckRequest for a request: its method, path, host and headers (repeated
+/// ones joined with ",", as Envoy does), and both peers.
+pub fn check_request(context: &CheckContext<'_>) -> proto::CheckRequest {
+    use proto::attribute_context::{HttpRequest, Peer, Request};
+    let peer = |addr: SocketAddr, principal: String| Peer {
         address: Some(proto::Address {
-            socket_address: Some(proto::SocketAddress {
-                address: addr.ip().to_string(),
-                port_value: addr.port().into(),
-            }),
+            address: Some(proto::address::Address::SocketAddress(
+                proto::SocketAddress {
+                    address: addr.ip().to_string(),
+                    port_specifier: Some(proto::socket_address::PortSpecifier::PortValue(
+                        addr.port().into(),
+                    )),
+                },
+            )),
         }),
         principal,
     };
-    let request = proto::CheckRequest {
+    let mut headers = std::collections::HashMap::<String, String>::new();
+    for (name, value) in context.headers {
+        let Ok(value) = value.to_str() else { continue };
+        headers
+            .entry(name.as_str().to_owned())
+            .and_modify(|joined| {
+                joined.push(',');
+                joined.push_str(value);
+            })
+            .or_insert_with(|| value.to_owned());
+    }
+    proto::CheckRequest {
         attributes: Some(proto::AttributeContext {
             source: Some(peer(context.source, context.source_principal.clone())),
-            destination: Some(peer(context.destination, String::new())),
-            request: Some(proto::AttributeRequest {
-                http: Some(proto::HttpRequest {
+            destination: Some(peer(
+                context.destination,
+                context.destination_principal.clone(),
+            )),
+            request: Some(Request {
+                http: Some(HttpRequest {
                     method: context.method.to_string(),
-                    headers: context
-                        .headers
-                        .iter()
-                        .filter_map(|(k, v)| {
-                            v.to_str()
-                                .ok()
-                                .map(|v| (k.as_str().to_owned(), v.to_owned()))
-                        })
-                        .collect(),
+                    headers,
                     path: context.path.to_owned(),
                     host: context.host.to_owned(),
-                    protocol: "HTTP/1.1".into(),
+                    protocol: match context.version {
+                        http::Version::HTTP_10 => "HTTP/1.0",
+                        http::Version::HTTP_2 => "HTTP/2",
+                        _ => "HTTP/1.1",
+                    }
+                    .into(),
                 }),
             }),
         }),
-    };
-    let tcp = TcpStream::connect(address)
-        .await
-        .with_context(|| format!("connecting to {address}"))?;
-    tcp.set_nodelay(true)?;
-    let (mut sender, connection) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        TokioIo::new(tcp),
-    )
-    .await?;
-    tokio::spawn(connection);
-    let call = Request::post(format!("http://{address}{}", proto::CHECK_PATH))
-        .header(http::header::CONTENT_TYPE, grpc::CONTENT_TYPE)
-        .header("te", "trailers")
-        .body(http_body_util::Full::new(grpc::frame(&request)))?;
-    let response = sender.send_request(call).await?;
-    let (parts, body) = response.into_parts();
-    let collected = read_capped(body).await?;
-    let trailers = collected.trailers().cloned().unwrap_or_default();
-    let status = trailers
-        .get("grpc-status")
-        .or(parts.headers.get("grpc-status"))
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("0");
-    anyhow::ensure!(status == "0", "gRPC status {status}");
-    grpc::unframe(collected.to_bytes()).map_err(|e| anyhow::anyhow!(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+    use proto::check_response::HttpResponse;
+
+    fn denied(code: i32, status: Option<i32>) -> proto::CheckResponse {
+        proto::CheckResponse {
+            status: Some(proto::RpcStatus {
+                code,
+                message: "no".into(),
+            }),
+            http_response: Some(HttpResponse::DeniedResponse(proto::DeniedHttpResponse {
+                status: status.map(|code| proto::HttpStatus { code }),
+                headers: vec![proto::HeaderValueOption {
+                    header: Some(proto::HeaderValue {
+                        key: "x-reason".into(),
+                        value: "policy".into(),
+                    }),
+                }],
+                body: "denied".into(),
+            })),
+        }
+    }
+
+    fn deny_status(verdict: Verdict) -> StatusCode {
+        match verdict {
+            Verdict::Deny { status, .. } => status,
+            Verdict::Allow(_) => panic!("allowed"),
+        }
+    }
+
+    #[test]
+    fn an_ok_status_allows_with_the_providers_headers() {
+        let response = proto::CheckResponse {
+            status: Some(proto::RpcStatus::default()),
+            http_response: Some(HttpResponse::OkResponse(proto::OkHttpResponse {
+                headers: vec![proto::HeaderValueOption {
+                    header: Some(proto::HeaderValue {
+                        key: "x-auth-user".into(),
+                        value: "alice".into(),
+                    }),
+                }],
+            })),
+        };
+        let Verdict::Allow(headers) = grpc_verdict(response) else {
+            panic!("denied")
+        };
+        assert_eq!(headers["x-auth-user"], "alice");
+        // No status at all is OK too (proto3: code 0 is the default).
+        assert!(matches!(
+            grpc_verdict(proto::CheckResponse::default()),
+            Verdict::Allow(_)
+        ));
+    }
+
+    #[test]
+    fn any_other_status_denies_with_the_providers_answer_or_403() {
+        let Verdict::Deny {
+            status,
+            headers,
+            body,
+            ..
+        } = grpc_verdict(denied(7, Some(418)))
+        else {
+            panic!("allowed")
+        };
+        assert_eq!(status, StatusCode::IM_A_TEAPOT);
+        assert_eq!(headers["x-reason"], "policy");
+        assert_eq!(body, "denied");
+        // Unset, or not an HTTP status: 403.
+        for code in [None, Some(0), Some(42), Some(70_000), Some(-1)] {
+            assert_eq!(
+                deny_status(grpc_verdict(denied(16, code))),
+                StatusCode::FORBIDDEN
+            );
+        }
+        // A non-OK status with an ok_response is still a denial.
+        let mut response = denied(7, None);
+        response.http_response = Some(HttpResponse::OkResponse(Default::default()));
+        assert_eq!(deny_status(grpc_verdict(response)), StatusCode::FORBIDDEN);
+    }
+
+    #[test]
+    fn an_http_answer_passes_on_only_the_headers_the_provider_config_names() {
+        let provider: HttpProvider = serde_yaml::from_str(
+            "{service: authz, port: 80, headersToUpstreamOnAllow: [x-user], headersToDownstreamOnDeny: [x-reason]}",
+        )
+        .unwrap();
+        let mut answer = HeaderMap::new();
+        for (k, v) in [("x-user", "alice"), ("x-reason", "r"), ("set-cookie", "s")] {
+            answer.insert(k, v.parse().unwrap());
+        }
+        let Verdict::Allow(upstream) =
+            http_verdict(&provider, StatusCode::OK, &answer, Bytes::new())
+        else {
+            panic!("denied")
+        };
+        assert_eq!(upstream.len(), 1);
+        assert_eq!(upstream["x-user"], "alice");
+        let Verdict::Deny {
+            status,
+            headers,
+            body,
+            ..
+        } = http_verdict(&provider, StatusCode::UNAUTHORIZED, &answer, "no".into())
+        else {
+            panic!("allowed")
+        };
+        assert_eq!(
+            (status, body),
+            (StatusCode::UNAUTHORIZED, Bytes::from("no"))
+        );
+        assert_eq!(headers.len(), 1);
+        assert_eq!(headers["x-reason"], "r");
+    }
+
+    #[test]
+    fn a_check_request_has_envoys_field_numbers() {
+        let mut headers = HeaderMap::new();
+        headers.append("x-test", "one".parse().unwrap());
+        headers.append("x-test", "two".parse().unwrap());
+        let context = CheckContext {
+            method: &http::Method::POST,
+            path: "/a?b=c",
+            host: "web.shop",
+            version: http::Version::HTTP_2,
+            headers: &headers,
+            source_principal: "spiffe://td/ns/a/sa/b".into(),
+            source: "10.0.0.1:0".parse().unwrap(),
+            destination_principal: "spiffe://td/ns/a/sa/wp".into(),
+            destination: "10.96.0.1:80".parse().unwrap(),
+        };
+        let request = check_request(&context);
+        let http = request
+            .attributes
+            .as_ref()
+            .and_then(|a| a.request.as_ref())
+            .and_then(|r| r.http.as_ref())
+            .unwrap();
+        assert_eq!(http.headers["x-test"], "one,two");
+        assert_eq!(http.protocol, "HTTP/2");
+        // CheckRequest.attributes (1) → AttributeContext.request (4) →
+        // Request.http (2) → HttpRequest.path (4), by hand: the published numbers.
+        let bytes = bytes::Bytes::from(request.encode_to_vec());
+        let path = [1, 4, 2, 4].into_iter().fold(bytes, field);
+        assert_eq!(path, "/a?b=c");
+    }
+
+    /// The length-delimited field `wanted` of a message, read by hand.
+    fn field(mut message: Bytes, wanted: u32) -> Bytes {
+        use prost::encoding::{decode_key, decode_varint, WireType};
+        loop {
+            let (number, wire) = decode_key(&mut message).unwrap();
+            assert_eq!(wire, WireType::LengthDelimited);
+            let len = decode_varint(&mut message).unwrap() as usize;
+            let value = message.split_to(len);
+            if number == wanted {
+                return value;
+            }
+        }
+    }
 }

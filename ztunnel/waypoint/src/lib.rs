@@ -1,5 +1,6 @@
 //! ztunnel-waypoint: the waypoint, L7 policy for the destinations that use it (see
 //! [`waypoint`]; the binary is `waypoint`).
+pub mod http_client;
 pub mod waypoint;
 
 pub use waypoint::{run, RequestLimits, WaypointOptions};

@@ -49,6 +49,7 @@ use crate::{
 };
 use ztunnel_hbone::{pool::Pool, relay};
 
+mod ext_authz;
 mod idle;
 mod telemetry;
 mod upstream;
@@ -137,6 +138,9 @@ struct Waypoint {
     providers: HashMap<String, extauthz::ProviderSpec>,
     /// JWKS fetched from jwksUri: (keys, when fetched).
     jwks: Mutex<HashMap<String, (Arc<Jwks>, Instant)>>,
+    /// Pooled clients: HTTP(S) for jwksUri and HTTP providers, h2c for gRPC ones.
+    http_client: crate::http_client::Client,
+    grpc_client: ext_authz::GrpcClient,
     /// The TLS server config of the current certificate, made once per certificate.
     tls: Mutex<Option<(Arc<WorkloadCert>, Arc<rustls::ServerConfig>)>>,
     /// Cancelled on SIGTERM: connections close once their requests are done
@@ -274,6 +278,8 @@ pub async fn run(options: WaypointOptions) -> Result<()> {
             .map_err(|e| anyhow::anyhow!("pathNormalization: {e}"))?,
         trusted_proxies: mesh_config.trusted_proxies(),
         jwks: Mutex::new(HashMap::new()),
+        http_client: crate::http_client::new(),
+        grpc_client: ext_authz::grpc_client(),
         providers: mesh_config.providers(),
         tls: Mutex::new(None),
         draining: CancellationToken::new(),
@@ -877,19 +883,22 @@ impl Waypoint {
                 method: req.method(),
                 path: req.uri().path_and_query().map_or("/", |p| p.as_str()),
                 host,
+                version: req.version(),
                 headers: req.headers(),
                 source_principal: client.to_string(),
                 source: SocketAddr::new(conn.source_ip, 0),
+                destination_principal: self.identity.to_string(),
                 destination: SocketAddr::new(conn.destination_ip, conn.destination_port),
             };
-            extauthz::check_grpc(grpc, address, context).await
+            ext_authz::check_grpc(grpc, &self.grpc_client, address, context).await
         } else if let Some(http_provider) = &spec.envoy_ext_authz_http {
             let Some(address) = resolve_provider(state, &http_provider.service, http_provider.port)
             else {
                 return Err(deny(format!("cannot resolve {}", http_provider.service)));
             };
-            extauthz::check_http(
+            ext_authz::check_http(
                 http_provider,
+                &self.http_client,
                 address,
                 req.method(),
                 req.uri().path(),
@@ -1069,7 +1078,7 @@ impl Waypoint {
                 return Ok(jwks.clone());
             }
         }
-        match tokio::time::timeout(JWKS_TIMEOUT, fetch(uri))
+        match tokio::time::timeout(JWKS_TIMEOUT, fetch(&self.http_client, uri))
             .await
             .unwrap_or_else(|_| Err("timed out".into()))
         {
@@ -1464,42 +1473,22 @@ fn resolve_provider(state: &State, service: &str, port: u16) -> Option<SocketAdd
     Some(SocketAddr::new(IpAddr::V4(svc.vip), port))
 }
 
-/// GETs a JWKS over plain HTTP.
-async fn fetch(uri: &str) -> Result<Jwks, String> {
+/// GETs a JWKS over HTTP or HTTPS (the system's roots).
+async fn fetch(client: &crate::http_client::Client, uri: &str) -> Result<Jwks, String> {
     let parsed: http::Uri = uri.parse().map_err(|e| format!("{e}"))?;
-    if parsed.scheme_str() != Some("http") {
-        return Err("only http:// jwksUri is supported".into());
+    if !matches!(parsed.scheme_str(), Some("http" | "https")) {
+        return Err("only http:// and https:// jwksUri are supported".into());
     }
-    let authority = parsed.authority().ok_or("no host")?.clone();
-    let address = if authority.port().is_some() {
-        authority.to_string()
-    } else {
-        format!("{authority}:80")
-    };
-    let tcp = TcpStream::connect(&address)
-        .await
-        .map_err(|e| format!("connecting to {address}: {e}"))?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(connection);
-    let request = Request::get(parsed.path_and_query().map_or("/", |p| p.as_str()))
-        .header(http::header::HOST, authority.as_str())
+    let request = Request::get(parsed)
         .body(Empty::<Bytes>::new())
         .map_err(|e| e.to_string())?;
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|e| e.to_string())?;
-    if !response.status().is_success() {
-        return Err(format!("HTTP {}", response.status()));
-    }
     // Never more than MAX_JWKS_BYTES in memory, whatever the server sends.
-    let body = http_body_util::Limited::new(response.into_body(), jwt::MAX_JWKS_BYTES)
-        .collect()
+    let (parts, body) = crate::http_client::send(client, request, jwt::MAX_JWKS_BYTES)
         .await
-        .map_err(|e| format!("the body: {e} (at most {} bytes)", jwt::MAX_JWKS_BYTES))?
-        .to_bytes();
+        .map_err(|e| format!("{e:#}"))?;
+    if !parts.status.is_success() {
+        return Err(format!("HTTP {}", parts.status));
+    }
     Jwks::parse(&String::from_utf8_lossy(&body))
 }
 

@@ -2,8 +2,6 @@
 //!
 //! - [`api`]: the messages, client and server stubs generated from the `.proto`.
 //! - [`client`]: the tunnel's and the waypoint's client (also talks to istiod).
-//! - [`grpc`]: unary gRPC framing on hyper.
 
 pub mod api;
 pub mod client;
-pub mod grpc;

@@ -1828,10 +1828,10 @@ async fn a_request_stalling_in_its_headers_is_closed_and_a_silent_upstream_gets_
         workloads,
         L7_CONFIG,
         &[
-            "--request-headers-timeout-seconds",
-            "1",
-            "--stream-idle-timeout-seconds",
-            "2",
+            "--request-headers-timeout",
+            "1s",
+            "--stream-idle-timeout",
+            "2s",
         ],
     )
     .await;

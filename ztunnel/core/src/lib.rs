@@ -14,6 +14,7 @@ pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod discovery;
+pub mod drain;
 pub mod extauthz;
 pub mod forwarded;
 pub mod http_server;
@@ -24,6 +25,7 @@ pub mod netns;
 pub mod path_normalization;
 pub mod policy;
 pub mod state;
+pub mod telemetry;
 pub mod tls;
 
 /// SIGTERM or Ctrl-C.

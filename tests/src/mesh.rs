@@ -1003,13 +1003,21 @@ where
 
 /// Whether a `tb-probe connect` was refused by the mesh after it connected: the
 /// connection was made (to a tunnel, which refused it), then closed or reset with
-/// nothing received. A connect that failed, a timeout or any reply is not that.
+/// nothing received (a reset may show in a write, a broken pipe, or in the
+/// half-close, not connected). A connect that failed, a timeout or any reply is not that.
 pub fn refused_after_connect(out: &str) -> bool {
     let connected = out.lines().any(|l| l.starts_with("peer="));
     let closed_empty = out.lines().any(|l| l == "reply=");
-    let reset = out
-        .lines()
-        .any(|l| l.starts_with("error=") && l.contains("Connection reset by peer"));
+    let reset = out.lines().any(|l| {
+        l.starts_with("error=")
+            && [
+                "Connection reset by peer",
+                "Broken pipe",
+                "Transport endpoint is not connected",
+            ]
+            .iter()
+            .any(|reset| l.contains(reset))
+    });
     connected && (closed_empty || reset)
 }
 

@@ -239,7 +239,7 @@ async fn a_spoofed_source_address_is_refused() {
             "spoof",
         ],
     );
-    assert!(!out.contains("server:spoof"), "{out}");
+    assert_refused_after_connect(&out);
     assert!(
         echo.stop().unwrap().is_empty(),
         "the spoofed connection reached the server"
@@ -443,7 +443,7 @@ async fn an_unreachable_application_and_garbage_hbone_are_refused_and_the_tunnel
 async fn sigterm_drains_open_connections_then_the_pod_fails_closed() {
     let mut mesh = mesh().await;
     let echo = EchoServer::start(mesh.cluster.pod("server"), 8080).unwrap();
-    let (mut slow, mut stdout) = slow_exchange(&mesh, 1500, "patience");
+    let (mut slow, mut stdout) = slow_exchange(&mesh, 3000, "patience");
     eventually(
         Duration::from_secs(15),
         "the connection open at the source",
@@ -456,8 +456,40 @@ async fn sigterm_drains_open_connections_then_the_pod_fails_closed() {
     )
     .await;
 
+    let pid = mesh.tunnel_pid("node-a").unwrap();
+    let started = std::time::Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    // Draining: a new connection is refused (the pod's listeners are closed, it
+    // fails closed) while the open one is still being served.
+    eventually(
+        Duration::from_secs(3),
+        "new connections refused while draining",
+        || async {
+            probe(
+                &mesh,
+                "client",
+                &["connect", &addr(&mesh, "server", 8080), "late"],
+            )
+            .contains("error=Connection refused")
+        },
+    )
+    .await;
+    assert!(
+        slow.try_wait().unwrap().is_none(),
+        "the open connection was still in flight"
+    );
+    // A second SIGTERM changes nothing: the drain goes on.
     let status = mesh.stop_tunnel("node-a").await.unwrap();
     assert!(status.success(), "exit status {status}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5 + 2),
+        "exited {:?} after SIGTERM: the grace period is 5 s",
+        started.elapsed()
+    );
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
     assert!(

@@ -191,8 +191,16 @@ async fn ca(args: CaArgs) -> Result<()> {
         drain.clone(),
     ));
     let serving = drain.spawn(server.serve_draining(listener, tls, drain.clone()));
+    // The server ends by itself only on an error; when drained, the drain says so.
+    let failed = async {
+        match serving.await {
+            Ok(Ok(())) => std::future::pending().await,
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(e).context("the CA server task"),
+        }
+    };
     tokio::select! {
-        served = serving => served.context("the CA server task")?,
+        result = failed => result,
         () = drain::on_sigterm(&drain, args.common.drain_grace, "CA") => Ok(()),
     }
 }

@@ -18,14 +18,14 @@ use ztunnel::{
 const DECISIONS: usize = 200_000;
 
 fn policy(ns: &str, name: &str, spec: &str) -> Policy {
-    Policy {
-        kind: "AuthorizationPolicy".into(),
-        api_version: "security.istio.io/v1".into(),
-        name: name.into(),
-        namespace: ns.into(),
-        annotations: Default::default(),
-        spec: serde_yaml::from_str(spec).unwrap(),
-    }
+    Policy::new(
+        "AuthorizationPolicy",
+        "security.istio.io/v1",
+        ns,
+        name,
+        Default::default(),
+        serde_yaml::from_str(spec).unwrap(),
+    )
 }
 
 /// The destination's namespace: a DENY, three ALLOWs with principals, ports and

@@ -62,6 +62,7 @@ fn enrollment(redirector: &mut Redirector, cgroup_root: &Path) -> Result<()> {
             cgroup: cgroup.clone(),
             ip: Ipv4Addr::new(10, 200, (i / 250) as u8, (i % 250 + 1) as u8),
             allow_plaintext_udp: false,
+            dns_capture: true,
         };
         let t = Instant::now();
         let listeners = redirector.enroll(&pod)?;
@@ -99,6 +100,7 @@ fn connect_latency(cluster: &Cluster, redirector: &mut Redirector) -> Result<()>
         cgroup: enrolled.cgroup.clone(),
         ip: enrolled.ip,
         allow_plaintext_udp: false,
+        dns_capture: true,
     })?;
     let tunnel = listeners.outbound.try_clone()?;
     tunnel.set_nonblocking(false)?;

@@ -15,6 +15,8 @@ pub mod app;
 pub mod capture;
 pub mod cluster;
 #[cfg(feature = "mesh")]
+pub mod dns;
+#[cfg(feature = "mesh")]
 pub mod faults;
 pub mod host;
 #[cfg(feature = "mesh")]

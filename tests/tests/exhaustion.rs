@@ -249,27 +249,19 @@ async fn concurrent_dials_to_an_unreachable_destination_fail_together() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_dns_flood_is_bounded_and_counted() {
+async fn a_burst_of_20000_dns_queries_is_bounded_and_counted() {
     let mut mesh = mesh().await;
-    // The upstream, in node-a's namespace: answers queries starting with "ok",
-    // never the others (a silent upstream holds every forwarded query till timeout).
-    let upstream = mesh
+    // The upstream, in node-a's namespace (testbed::dns's zone): it never answers
+    // names under `silent.test.`, so each forwarded one holds its socket until
+    // the tunnel gives up on it.
+    let sockets = mesh
         .cluster
         .node("node-a")
-        .in_netns(|| std::net::UdpSocket::bind("127.0.0.1:0"))
+        .in_netns(|| testbed::dns::bind_upstream("127.0.0.1:0".parse().unwrap()))
         .unwrap()
         .unwrap();
-    let upstream_addr = upstream.local_addr().unwrap();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 1500];
-        while let Ok((n, from)) = upstream.recv_from(&mut buf) {
-            if buf[..n].starts_with(b"ok") {
-                let mut answer = buf[..n].to_vec();
-                answer.extend_from_slice(b" answered");
-                let _ = upstream.send_to(&answer, from);
-            }
-        }
-    });
+    let upstream_addr = sockets.0.local_addr().unwrap();
+    let _seen = testbed::dns::serve_upstream(sockets).unwrap();
     restart_with(
         &mut mesh,
         "node-a",
@@ -278,12 +270,13 @@ async fn a_dns_flood_is_bounded_and_counted() {
     .await;
     let pid = mesh.tunnel_pid("node-a").unwrap();
     let before = open_fds(pid);
+    // Every query a different name: none shares an upstream request or the cache.
     let out = probe(
         &mesh,
         "client",
-        &["dnsflood", "10.96.0.10:53", "3000", "xx-flood"],
+        &["dnsflood", "10.96.0.10:53", "20000", "q{i}.silent.test."],
     );
-    assert!(out.contains("sent=3000"), "{out}");
+    assert!(out.contains("sent=20000"), "{out}");
     eventually(Duration::from_secs(10), "drops counted", || async {
         metric(
             &mesh.metrics("node-a").await,
@@ -299,22 +292,37 @@ async fn a_dns_flood_is_bounded_and_counted() {
         during < before + 256 + 64,
         "{before} descriptors before, {during} during the flood"
     );
-    let out = probe(&mesh, "client-2", &["dns", "10.96.0.10:53", "ok-other-pod"]);
-    assert!(out.contains("reply=ok-other-pod answered"), "{out}");
+    let out = probe(
+        &mesh,
+        "client-2",
+        &["dnsquery", "10.96.0.10:53", "ok.test."],
+    );
+    assert!(out.contains("code=0\na=192.0.2.10"), "{out}");
     let page = mesh.metrics("node-a").await;
-    let forwarded = metric(&page, "ztunnel_dns_queries_forwarded_total", &[]);
+    let forwarded = metric(&page, "istio_dns_upstream_requests_total", &[]);
     assert!(
         forwarded <= 256.0 + 1.0 + 64.0,
         "at most the pod's share (and the other pod's query) forwarded: {forwarded}"
     );
-    // The flooding pod itself is served again once its queries time out.
+    // The flooding pod itself is served again once its queries time out, and the
+    // descriptors are given back.
     eventually(
         Duration::from_secs(15),
         "the flooder answered again",
         || async {
-            probe(&mesh, "client", &["dns", "10.96.0.10:53", "ok-again"])
-                .contains("reply=ok-again answered")
+            probe(
+                &mesh,
+                "client",
+                &["dnsquery", "10.96.0.10:53", "ok-again.test."],
+            )
+            .contains("a=192.0.2.10")
         },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(10),
+        "descriptors given back",
+        || async { open_fds(pid) < before + 16 },
     )
     .await;
 }

@@ -213,7 +213,7 @@ fn an_allow_policy_with_an_invalid_rule_keeps_the_workload_closed() {
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("reason: no ALLOW policy matched"), "{out}");
     assert!(
-        out.contains("note: shop/api-allow was refused (rules[0].from[0].source.ipBlocks"),
+        out.contains("note: shop/api-allow was refused (spec.rules[0].from[0].source.ipBlocks"),
         "{out}"
     );
     assert!(out.contains("config refused"), "{out}");

@@ -173,6 +173,7 @@ fn cleanup_leaves_nothing_behind() {
             cgroup: pod.cgroup.clone(),
             ip: pod.ip,
             allow_plaintext_udp: false,
+            dns_capture: true,
         })
         .unwrap();
     assert!(node.bpffs.join("ztunnel/links/connect4").exists());

@@ -225,7 +225,7 @@ async fn a_request_authentication_that_cannot_compile_lets_no_unverified_token_t
     assert!(!body.contains("x-token"), "{body}");
     let log = mesh.log("waypoint-waypoint");
     assert!(
-        log.contains("RequestAuthentication demo/jwt is refused (jwtRules[0].jwks"),
+        log.contains("RequestAuthentication demo/jwt is refused (spec.jwtRules[0].jwks"),
         "{log}"
     );
 

@@ -21,8 +21,10 @@ pub const BPF_LINKER_VERSION: &str = "0.13.0";
 pub const CARGO_FUZZ_VERSION: &str = "0.13.2";
 const NIGHTLY: &str = "nightly";
 /// Debian packages the tests need, with a binary that proves each is there
-/// (nftables: the interop tests redirect an Istio pod's traffic as istio-cni would).
-const DEBIAN_PACKAGES: [(&str, &str); 2] = [("iproute2", "ip"), ("nftables", "nft")];
+/// (nftables: the interop tests redirect an Istio pod's traffic as istio-cni would;
+/// dnsutils: the DNS tests ask with `dig`, a resolver no one here wrote).
+const DEBIAN_PACKAGES: [(&str, &str); 3] =
+    [("iproute2", "ip"), ("nftables", "nft"), ("dnsutils", "dig")];
 
 /// Checks every piece and installs what is missing. `verbose` also reports the
 /// pieces already in place.

@@ -43,7 +43,7 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Run benchmarks (as root), all of them or those named: redirect, ca, mesh, policy, waypoint, config.
+    /// Run benchmarks (as root), all of them or those named: redirect, ca, mesh, policy, waypoint, config, soak, dns.
     Bench { names: Vec<String> },
     /// Build a two-node testbed cluster, run the mesh on it and show traffic
     /// crossing it: which flows were encrypted, with which identities.
@@ -168,8 +168,8 @@ fn test(args: &[String]) -> Result<()> {
 
 /// Benchmarks of the tests package (tests/benches), each reporting ratios measured
 /// within one run.
-const BENCHES: [&str; 7] = [
-    "redirect", "ca", "mesh", "policy", "waypoint", "config", "soak",
+const BENCHES: [&str; 8] = [
+    "redirect", "ca", "mesh", "policy", "waypoint", "config", "soak", "dns",
 ];
 
 fn bench(names: &[String]) -> Result<()> {

@@ -15,7 +15,8 @@ use aya_ebpf::{
 };
 use ztunnel_ebpf_common::{
     ConnKey, DeliveryKey, ListenerKey, OrigDst, PodConfig, DNS_PORT, FLAG_ALLOW_PLAINTEXT_UDP,
-    HBONE_PORT, LISTENER_HBONE, LISTENER_PLAINTEXT, LOCALHOST, OUTBOUND_PORT, TUNNEL_MARK,
+    FLAG_NO_DNS_CAPTURE, HBONE_PORT, LISTENER_HBONE, LISTENER_PLAINTEXT, LOCALHOST, OUTBOUND_PORT,
+    TUNNEL_MARK,
 };
 
 const AF_INET: u32 = 2;
@@ -195,7 +196,9 @@ fn connect<const V6: bool>(ctx: &SockAddrContext) -> i32 {
             match call.kind {
                 SOCK_STREAM => steer::<V6>(ctx, &call, OUTBOUND_PORT, &ORIG_DST_BY_COOKIE),
                 SOCK_DGRAM if call.port == DNS_SERVER_PORT => {
-                    steer::<V6>(ctx, &call, DNS_PORT, &DNS_ORIG)
+                    if pod.flags & FLAG_NO_DNS_CAPTURE == 0 {
+                        steer::<V6>(ctx, &call, DNS_PORT, &DNS_ORIG)
+                    }
                 }
                 SOCK_DGRAM => return udp_verdict(&pod),
                 _ => {}
@@ -227,7 +230,9 @@ fn sendmsg<const V6: bool>(ctx: &SockAddrContext) -> i32 {
                 return PROCEED;
             }
             if call.port == DNS_SERVER_PORT {
-                steer::<V6>(ctx, &call, DNS_PORT, &DNS_ORIG);
+                if pod.flags & FLAG_NO_DNS_CAPTURE == 0 {
+                    steer::<V6>(ctx, &call, DNS_PORT, &DNS_ORIG);
+                }
                 return PROCEED;
             }
             udp_verdict(&pod)

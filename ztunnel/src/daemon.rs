@@ -54,8 +54,8 @@ pub struct RunOptions {
     pub drain_timeout: Duration,
     /// Caps and timeouts of the proxy's listeners.
     pub limits: Limits,
-    /// Where pods' DNS queries go (default: the node's resolv.conf).
-    pub dns_upstream: Option<SocketAddr>,
+    /// The DNS proxy: upstreams, cluster domain, caps, capture on or off.
+    pub dns: crate::dns::Settings,
 }
 
 /// Changes the log filter at run time (`/logging?level=`).
@@ -69,6 +69,7 @@ struct Enrolled {
     /// names now.
     netns: Netns,
     allow_plaintext_udp: bool,
+    dns_capture: bool,
     tasks: JoinSet<()>,
     /// Cancelled when the pod leaves (or is enrolled again): closes the HBONE
     /// connections dialed from it.
@@ -167,11 +168,7 @@ pub async fn run(options: RunOptions, set_log_level: SetLogLevel) -> Result<()> 
         policy_metrics: PolicyMetrics::register(&mut registry),
         active: Arc::default(),
         limiter: Limiter::new(options.limits.clone(), accept_metrics.clone()),
-        dns: Arc::new(proxy::dns::Forwarder::new(
-            options.dns_upstream,
-            Default::default(),
-            &mut registry,
-        )),
+        dns: crate::dns::Dns::new(options.dns.clone(), states.clone(), &mut registry),
         orig_src,
     });
     let enroll_metrics = EnrollMetrics::register(&mut registry);
@@ -452,17 +449,20 @@ async fn reconcile(
             Err(e) => tracing::warn!(pod = %pod.workload.name, "unenrolling failed: {e:#}"),
         }
     }
-    // What a namespace lets its pods send outside the mesh: a map update.
+    // What a namespace lets its pods send outside the mesh, and whether their DNS
+    // is captured: a map update.
     for (key, e) in enrolled.lock().expect("not poisoned").iter_mut() {
         let allow = state.snapshot.allows_plaintext_udp(&key.0);
-        if allow != e.allow_plaintext_udp {
-            let result = ctx
-                .redirect
-                .lock()
-                .expect("not poisoned")
-                .set_allow_plaintext_udp(e.netns_cookie, e.workload.ip, allow);
+        let dns_capture = ctx.dns.captures(&e.workload, state);
+        if allow != e.allow_plaintext_udp || dns_capture != e.dns_capture {
+            let result = ctx.redirect.lock().expect("not poisoned").set_pod_flags(
+                e.netns_cookie,
+                e.workload.ip,
+                allow,
+                dns_capture,
+            );
             match result {
-                Ok(()) => e.allow_plaintext_udp = allow,
+                Ok(()) => (e.allow_plaintext_udp, e.dns_capture) = (allow, dns_capture),
                 Err(e) => tracing::warn!(pod = %key.1, "updating the pod's UDP setting: {e:#}"),
             }
         }
@@ -531,11 +531,13 @@ async fn enroll(ctx: &Arc<Context>, state: &State, workload: &Arc<Workload>) -> 
         anyhow::bail!("its network namespace and cgroup are unknown");
     };
     let allow_plaintext_udp = state.snapshot.allows_plaintext_udp(&workload.namespace);
+    let dns_capture = ctx.dns.captures(workload, state);
     let network = PodNetwork {
         netns: netns.clone(),
         cgroup: cgroup.clone(),
         ip: workload.ip,
         allow_plaintext_udp,
+        dns_capture,
     };
     // setns threads and BPF syscalls: off the async runtime, so that connections
     // are served while a pod is enrolled.
@@ -555,6 +557,7 @@ async fn enroll(ctx: &Arc<Context>, state: &State, workload: &Arc<Workload>) -> 
         netns_cookie,
         netns,
         allow_plaintext_udp,
+        dns_capture,
         tasks,
         gone,
     })

@@ -7,6 +7,7 @@
 //! not linked here.
 pub mod admin;
 pub mod daemon;
+pub mod dns;
 pub mod orig_src;
 pub mod proxy;
 pub mod redirect;
@@ -15,6 +16,6 @@ pub mod redirect;
 // core's modules, the configuration sources and the HBONE client.
 pub use ztunnel_config::{self as config, k8s};
 pub use ztunnel_core::{
-    accept, ca, certs, cli, discovery, drain, extauthz, forwarded, http_server, identity, jwt,
-    metrics, netns, path_normalization, policy, state, telemetry, tls,
+    accept, ca, certs, check, cli, discovery, drain, extauthz, forwarded, http_server, identity,
+    jwt, metrics, netns, path_normalization, policy, state, telemetry, tls,
 };

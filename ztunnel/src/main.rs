@@ -139,10 +139,18 @@ struct RunArgs {
     /// is closed.
     #[arg(long, default_value = "1h", value_parser = parse_duration_ms)]
     idle_timeout: Duration,
-    /// Where enrolled pods' DNS queries are forwarded (default: the first
-    /// nameserver of /etc/resolv.conf).
+    /// Where enrolled pods' DNS queries for names outside the mesh are forwarded;
+    /// repeatable (default: the nameservers of /etc/resolv.conf).
     #[arg(long)]
-    dns_upstream: Option<SocketAddr>,
+    dns_upstream: Vec<SocketAddr>,
+    /// Capture enrolled pods' DNS (UDP and TCP port 53) and answer mesh names;
+    /// false leaves it alone (as does the annotation `ambient.istio.io/dns-capture:
+    /// "false"` on a Namespace or Pod).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    dns_capture: bool,
+    /// The cluster's DNS domain: Services are `<svc>.<ns>.svc.<domain>`.
+    #[arg(long, default_value = "cluster.local")]
+    cluster_domain: String,
 }
 
 #[derive(Args)]
@@ -275,7 +283,12 @@ async fn run(args: RunArgs, set_log_level: ztunnel::daemon::SetLogLevel) -> Resu
                 limits.idle_timeout = Some(args.idle_timeout);
                 limits
             },
-            dns_upstream: args.dns_upstream,
+            dns: ztunnel::dns::Settings {
+                upstreams: args.dns_upstream,
+                cluster_domain: args.cluster_domain,
+                limits: Default::default(),
+                capture: args.dns_capture,
+            },
         },
         set_log_level,
     )
@@ -302,7 +315,7 @@ fn policy_check(args: CheckArgs) -> Result<bool> {
         || args.path.is_some()
         || !args.header.is_empty()
         || args.jwt.is_some())
-    .then(|| ztunnel::policy::check::HttpQuery {
+    .then(|| ztunnel::check::HttpQuery {
         method: args.method.clone().unwrap_or_else(|| "GET".into()),
         path: args.path.clone().unwrap_or_else(|| "/".into()),
         headers: args
@@ -318,13 +331,13 @@ fn policy_check(args: CheckArgs) -> Result<bool> {
         path_normalization,
         trusted_proxies: mesh_config.trusted_proxies(),
     });
-    let query = ztunnel::policy::check::Query {
+    let query = ztunnel::check::Query {
         from: args.from,
         to: args.to,
         plaintext: args.plaintext,
         http,
     };
-    let outcome = ztunnel::policy::check::check(snapshot, &settings, &query)?;
+    let outcome = ztunnel::check::check(snapshot, &settings, &query)?;
     let text = if args.output == "json" {
         format!("{}\n", serde_json::to_string_pretty(&outcome)?)
     } else {

@@ -36,7 +36,7 @@ use aya::{
 };
 use ztunnel_ebpf_common::{
     maps, ConnKey, DeliveryKey, ListenerKey, OrigDst, PodConfig, FLAG_ALLOW_PLAINTEXT_UDP,
-    LISTENER_HBONE, LISTENER_PLAINTEXT,
+    FLAG_NO_DNS_CAPTURE, LISTENER_HBONE, LISTENER_PLAINTEXT,
 };
 pub use ztunnel_ebpf_common::{DNS_PORT, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 
@@ -83,16 +83,21 @@ pub struct PodNetwork {
     /// The pod may send UDP other than DNS in plaintext (its namespace opted out
     /// with [`crate::config::ALLOW_PLAINTEXT_UDP_ANNOTATION`]); otherwise that UDP is refused.
     pub allow_plaintext_udp: bool,
+    /// The pod's DNS (UDP/53) goes to the tunnel's DNS proxy; false: straight out.
+    pub dns_capture: bool,
 }
 
-fn pod_config(ip: Ipv4Addr, allow_plaintext_udp: bool) -> PodConfig {
+fn pod_config(ip: Ipv4Addr, allow_plaintext_udp: bool, dns_capture: bool) -> PodConfig {
+    let mut flags = 0;
+    if allow_plaintext_udp {
+        flags |= FLAG_ALLOW_PLAINTEXT_UDP;
+    }
+    if !dns_capture {
+        flags |= FLAG_NO_DNS_CAPTURE;
+    }
     PodConfig {
         pod_ip: u32::from_ne_bytes(ip.octets()),
-        flags: if allow_plaintext_udp {
-            FLAG_ALLOW_PLAINTEXT_UDP
-        } else {
-            0
-        },
+        flags,
     }
 }
 
@@ -209,7 +214,7 @@ impl Redirector {
             dns,
         };
         let cookie = listeners.netns_cookie;
-        let config = pod_config(pod.ip, pod.allow_plaintext_udp);
+        let config = pod_config(pod.ip, pod.allow_plaintext_udp, pod.dns_capture);
         let pod_ip = config.pod_ip;
 
         for (kind, socket) in [
@@ -237,15 +242,21 @@ impl Redirector {
         Ok(listeners)
     }
 
-    /// Changes what an enrolled pod may send outside the mesh: one map update.
-    pub fn set_allow_plaintext_udp(
+    /// Changes what an enrolled pod may send outside the mesh, and whether its DNS
+    /// is captured: one map update.
+    pub fn set_pod_flags(
         &mut self,
         netns_cookie: u64,
         ip: Ipv4Addr,
-        allow: bool,
+        allow_plaintext_udp: bool,
+        dns_capture: bool,
     ) -> Result<()> {
         self.enrolled
-            .insert(netns_cookie, pod_config(ip, allow), 0)
+            .insert(
+                netns_cookie,
+                pod_config(ip, allow_plaintext_udp, dns_capture),
+                0,
+            )
             .context("updating the pod in the enrolled map")
     }
 

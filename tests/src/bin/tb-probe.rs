@@ -8,7 +8,11 @@
 //!                                          the echo (`<name>:<payload>`) comes back whole
 //!   tb-probe parallel <ip:port> <n> <msg>  n connections at once, each one exchange
 //!                                          (also prints each one's time to its end)
-//!   tb-probe dnsflood <ip:port> <n> <q>    n datagrams from one socket, no waiting
+//!   tb-probe dnsflood <ip:port> <n> <name> n DNS queries (A) from one socket, no waiting;
+//!                                          `{i}` in the name becomes the query's number
+//!   tb-probe dnsquery <ip:port> <name>     one DNS query (A): id=, code=, a= (the addresses)
+//!   tb-probe dnsbench <ip:port> <n> <name> <c>  n DNS queries (A), c sockets each asking in
+//!                                          turn (`{i}` as above): rate, p50, p99, failed
 //!   tb-probe load <ip:port> <ms> <msg>     exchanges with an echo for a while, going
 //!                                          on through failures: ok=, failed=
 //!   tb-probe connect-from <ip> <ip:port> <msg>  like connect, from a chosen source
@@ -49,7 +53,9 @@ fn main() -> ExitCode {
         ["udp", addr, message] => udp(addr, message),
         ["bulk", addr, bytes] => bulk(addr, bytes),
         ["parallel", addr, n, message] => parallel(addr, n, message),
-        ["dnsflood", addr, n, query] => dns_flood(addr, n, query),
+        ["dnsflood", addr, n, name] => dns_flood(addr, n, name),
+        ["dnsquery", addr, name] => dns_query(addr, name),
+        ["dnsbench", addr, n, name, concurrency] => dns_bench(addr, n, name, concurrency),
         ["load", addr, millis, message] => load(addr, millis, message),
         ["connect-from", source, addr, message] => connect_from(source, addr, message),
         ["slow", addr, millis, message] => slow(addr, millis, message),
@@ -227,16 +233,99 @@ fn load(addr: &str, millis: &str, message: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn dns_flood(addr: &str, n: &str, query: &str) -> anyhow::Result<()> {
+fn dns_flood(addr: &str, n: &str, name: &str) -> anyhow::Result<()> {
     let addr: SocketAddr = addr.parse()?;
     let socket = UdpSocket::bind("0.0.0.0:0")?;
     let mut sent = 0;
-    for _ in 0..n.parse::<usize>()? {
-        if socket.send_to(query.as_bytes(), addr).is_ok() {
+    for i in 0..n.parse::<usize>()? {
+        let query = testbed::dns::query(&name.replace("{i}", &i.to_string()), "A", i as u16)?;
+        if socket.send_to(&query, addr).is_ok() {
             sent += 1;
         }
     }
     println!("sent={sent}");
+    Ok(())
+}
+
+/// Asks once (waiting up to 5 s for the answer with the query's ID).
+fn ask(socket: &UdpSocket, addr: SocketAddr, name: &str, id: u16) -> anyhow::Result<String> {
+    socket.send_to(&testbed::dns::query(name, "A", id)?, addr)?;
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = socket.recv(&mut buf)?;
+        let (got, code, ips) = testbed::dns::parse_answer(&buf[..n])?;
+        if got == id {
+            let ips: Vec<String> = ips.iter().map(|ip| ip.to_string()).collect();
+            return Ok(format!("code={}\na={}", u16::from(code), ips.join(",")));
+        }
+    }
+}
+
+fn dns_query(addr: &str, name: &str) -> anyhow::Result<()> {
+    let addr: SocketAddr = addr.parse()?;
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    socket.set_read_timeout(Some(Duration::from_secs(5)))?;
+    println!("{}", ask(&socket, addr, name, fastrand_id())?);
+    Ok(())
+}
+
+fn fastrand_id() -> u16 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_nanos();
+    (nanos ^ std::process::id()) as u16
+}
+
+fn dns_bench(addr: &str, n: &str, name: &str, concurrency: &str) -> anyhow::Result<()> {
+    let addr: SocketAddr = addr.parse()?;
+    let n: usize = n.parse()?;
+    let concurrency: usize = concurrency.parse()?;
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (next, name) = (next.clone(), name.to_owned());
+            std::thread::spawn(move || -> anyhow::Result<(Vec<Duration>, usize)> {
+                let socket = UdpSocket::bind("0.0.0.0:0")?;
+                socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+                let (mut times, mut failed) = (Vec::new(), 0);
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= n {
+                        return Ok((times, failed));
+                    }
+                    let t = Instant::now();
+                    match ask(
+                        &socket,
+                        addr,
+                        &name.replace("{i}", &i.to_string()),
+                        i as u16,
+                    ) {
+                        Ok(answer) if answer.starts_with("code=0\n") => times.push(t.elapsed()),
+                        _ => failed += 1,
+                    }
+                }
+            })
+        })
+        .collect();
+    let (mut times, mut failed) = (Vec::new(), 0);
+    for worker in workers {
+        let (t, f) = worker
+            .join()
+            .map_err(|_| anyhow::anyhow!("a worker panicked"))??;
+        times.extend(t);
+        failed += f;
+    }
+    let elapsed = started.elapsed();
+    times.sort();
+    let pct =
+        |p: f64| times.get(((times.len() as f64 * p) as usize).min(times.len().saturating_sub(1)));
+    println!("answered={} failed={failed}", times.len());
+    println!("rate={:.0}", times.len() as f64 / elapsed.as_secs_f64());
+    if let (Some(p50), Some(p99)) = (pct(0.5), pct(0.99)) {
+        println!("p50_us={} p99_us={}", p50.as_micros(), p99.as_micros());
+    }
     Ok(())
 }
 

@@ -109,6 +109,7 @@ fn parse_pod(text: &str) -> Result<PodNetwork> {
             Some("udp") => true,
             Some(other) => bail!("unknown pod option {other:?}"),
         },
+        dns_capture: true,
     })
 }
 

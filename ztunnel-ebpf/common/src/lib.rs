@@ -58,6 +58,10 @@ pub struct PodConfig {
 /// [`PodConfig::flags`]: the pod may send UDP other than DNS in plaintext (its
 /// namespace opted out). Without it such UDP is refused: it would bypass the mesh.
 pub const FLAG_ALLOW_PLAINTEXT_UDP: u32 = 1;
+/// [`PodConfig::flags`]: the pod's DNS is not captured (`--dns-capture=false`, or
+/// Istio's `ambient.istio.io/dns-capture: "false"`): UDP/53 goes straight to the
+/// server asked. TCP/53 stays captured as any TCP (the mesh carries it).
+pub const FLAG_NO_DNS_CAPTURE: u32 = 2;
 
 /// An original destination.
 #[repr(C)]

@@ -53,20 +53,30 @@ pub struct AuthorityOptions {
 }
 
 /// Why a CSR was not signed; `reason()` is the metric label.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
+    #[error("caller not authenticated: {0}")]
     Unauthenticated(String),
     /// Too many failed authentications from one address lately.
+    #[error("caller not authenticated, rate limited: {0}")]
     RateLimited(String),
+    #[error("not authorized: {0}")]
     NotOnNode(String),
+    #[error("not authorized: {0}")]
     NotOwnIdentity(String),
+    #[error("invalid CSR: {0}")]
     BadCsr(String),
+    #[error("invalid CSR: it must carry exactly one URI SAN, it has {0} SANs")]
     SanCount(usize),
+    #[error("invalid CSR: {0} is not in this CA's trust domain")]
     ForeignTrustDomain(String),
-    TtlTooLong {
-        asked: Duration,
-        max: Duration,
-    },
+    #[error(
+        "requested lifetime {}s exceeds the maximum {}s",
+        .asked.as_secs(),
+        .max.as_secs()
+    )]
+    TtlTooLong { asked: Duration, max: Duration },
+    #[error("internal error: {0}")]
     Internal(String),
 }
 
@@ -82,33 +92,6 @@ impl Refusal {
             Self::ForeignTrustDomain(_) => "foreign_trust_domain",
             Self::TtlTooLong { .. } => "ttl_too_long",
             Self::Internal(_) => "internal",
-        }
-    }
-}
-
-impl std::fmt::Display for Refusal {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Unauthenticated(why) => write!(f, "caller not authenticated: {why}"),
-            Self::RateLimited(why) => write!(f, "caller not authenticated, rate limited: {why}"),
-            Self::NotOnNode(why) | Self::NotOwnIdentity(why) => {
-                write!(f, "not authorized: {why}")
-            }
-            Self::BadCsr(why) => write!(f, "invalid CSR: {why}"),
-            Self::SanCount(n) => write!(
-                f,
-                "invalid CSR: it must carry exactly one URI SAN, it has {n} SANs"
-            ),
-            Self::ForeignTrustDomain(id) => {
-                write!(f, "invalid CSR: {id} is not in this CA's trust domain")
-            }
-            Self::TtlTooLong { asked, max } => write!(
-                f,
-                "requested lifetime {}s exceeds the maximum {}s",
-                asked.as_secs(),
-                max.as_secs()
-            ),
-            Self::Internal(why) => write!(f, "internal error: {why}"),
         }
     }
 }

@@ -676,6 +676,233 @@ mod tests {
         assert!(is_connection_error(&aborted));
     }
 
+    /// The CA's signing rules: which identity a caller may get, and every refusal.
+    mod signing {
+        use super::*;
+        use crate::AuthorityOptions;
+
+        /// Tokens → callers.
+        struct Tokens(Vec<(&'static str, Caller)>);
+
+        impl Authenticator for Tokens {
+            fn authenticate<'a>(
+                &'a self,
+                token: &'a str,
+                _source: IpAddr,
+            ) -> crate::auth::AuthFuture<'a> {
+                let found = self
+                    .0
+                    .iter()
+                    .find(|(t, _)| *t == token)
+                    .map(|(_, c)| c.clone());
+                Box::pin(std::future::ready(
+                    found.ok_or_else(|| Refusal::Unauthenticated("unknown token".into())),
+                ))
+            }
+        }
+
+        /// (node, namespace, service account) of the pods; `None`: the lookup fails.
+        struct Pods(Option<Vec<(&'static str, &'static str, &'static str)>>);
+
+        impl NodeAuthorizer for Pods {
+            fn runs_on(&self, identity: &Identity, node: &str) -> Result<bool, String> {
+                let pods = self.0.as_ref().ok_or("the API server is away")?;
+                Ok(pods.iter().any(|(n, ns, sa)| {
+                    *n == node && *ns == identity.namespace() && *sa == identity.service_account()
+                }))
+            }
+        }
+
+        fn server(name: &str, pods: Pods) -> Arc<CaServer> {
+            let dir = std::env::temp_dir()
+                .join(format!("ztunnel-ca-signing-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            let authority = Authority::load_or_create(AuthorityOptions {
+                dir: dir.clone(),
+                trust_domain: "cluster.local".into(),
+                default_ttl: Duration::from_secs(3600),
+                max_ttl: Duration::from_secs(7200),
+            })
+            .unwrap();
+            let _ = std::fs::remove_dir_all(&dir);
+            let tokens = Tokens(vec![
+                ("node-a-token", Caller::Node("node-a".into())),
+                (
+                    "waypoint-token",
+                    Caller::Workload {
+                        namespace: "shop".into(),
+                        service_account: "waypoint".into(),
+                    },
+                ),
+            ]);
+            CaServer::new(
+                Arc::new(authority),
+                Arc::new(tokens),
+                Arc::new(pods),
+                CaMetrics::default(),
+            )
+        }
+
+        fn csr(sans: &[&str]) -> String {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params = rcgen::CertificateParams::default();
+            params.subject_alt_names = sans
+                .iter()
+                .map(|s| match s.strip_prefix("dns:") {
+                    Some(dns) => rcgen::SanType::DnsName(dns.try_into().unwrap()),
+                    None => rcgen::SanType::URI((*s).try_into().unwrap()),
+                })
+                .collect();
+            params.serialize_request(&key).unwrap().pem().unwrap()
+        }
+
+        fn request(csr: String) -> IstioCertificateRequest {
+            IstioCertificateRequest {
+                csr,
+                validity_duration: 0,
+                metadata: None,
+            }
+        }
+
+        fn impersonating(csr: String, identity: &str) -> IstioCertificateRequest {
+            let mut metadata = prost_types::Struct::default();
+            metadata.fields.insert(
+                IMPERSONATED_IDENTITY.to_owned(),
+                prost_types::Value {
+                    kind: Some(prost_types::value::Kind::StringValue(identity.into())),
+                },
+            );
+            IstioCertificateRequest {
+                metadata: Some(metadata),
+                ..request(csr)
+            }
+        }
+
+        const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
+        const DB: &str = "spiffe://cluster.local/ns/shop/sa/db";
+        const WAYPOINT: &str = "spiffe://cluster.local/ns/shop/sa/waypoint";
+        const PEER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1));
+
+        async fn decide(
+            server: &CaServer,
+            token: &str,
+            request: IstioCertificateRequest,
+        ) -> Result<Identity, Refusal> {
+            server
+                .decide(Some(token), PEER, &request)
+                .await
+                .map(|(identity, _)| identity)
+        }
+
+        #[tokio::test]
+        async fn a_node_gets_only_the_identities_of_pods_on_it() {
+            let pods = Pods(Some(vec![
+                ("node-a", "shop", "web"),
+                ("node-b", "shop", "db"),
+            ]));
+            let server = server("node", pods);
+            let (identity, chain) = server
+                .decide(Some("node-a-token"), PEER, &impersonating(csr(&[WEB]), WEB))
+                .await
+                .unwrap();
+            assert_eq!(identity.to_string(), WEB);
+            assert_eq!(chain.len(), 2, "the leaf, then the root");
+            let leaf = crate::tls::parse_certs(&chain[0]).unwrap();
+            assert_eq!(crate::tls::identity_of(&leaf[0]).unwrap().to_string(), WEB);
+            let refused = decide(&server, "node-a-token", request(csr(&[DB])))
+                .await
+                .unwrap_err();
+            assert!(matches!(refused, Refusal::NotOnNode(_)), "{refused}");
+            assert_eq!(refused.reason(), "not_on_caller_node");
+            // A node cannot ask for one identity in the CSR and another by name.
+            let refused = decide(&server, "node-a-token", impersonating(csr(&[WEB]), DB))
+                .await
+                .unwrap_err();
+            assert!(matches!(refused, Refusal::BadCsr(_)), "{refused}");
+        }
+
+        #[tokio::test]
+        async fn when_the_pods_cannot_be_looked_up_nothing_is_signed() {
+            let server = server("lookup", Pods(None));
+            let refused = decide(&server, "node-a-token", request(csr(&[WEB])))
+                .await
+                .unwrap_err();
+            assert!(matches!(refused, Refusal::Internal(_)), "{refused}");
+        }
+
+        #[tokio::test]
+        async fn a_workload_gets_only_its_own_identity() {
+            let server = server("own", Pods(Some(vec![("node-a", "shop", "web")])));
+            let identity = decide(&server, "waypoint-token", request(csr(&[WAYPOINT])))
+                .await
+                .unwrap();
+            assert_eq!(identity.to_string(), WAYPOINT);
+            let refused = decide(&server, "waypoint-token", request(csr(&[WEB])))
+                .await
+                .unwrap_err();
+            assert!(matches!(refused, Refusal::NotOwnIdentity(_)), "{refused}");
+            assert_eq!(refused.reason(), "not_caller_identity");
+        }
+
+        #[tokio::test]
+        async fn callers_and_csrs_that_do_not_qualify_are_refused_with_their_reason() {
+            let server = server("refusals", Pods(Some(vec![("node-a", "shop", "web")])));
+            let no_token = server
+                .decide(None, PEER, &request(csr(&[WEB])))
+                .await
+                .unwrap_err();
+            assert_eq!(no_token.reason(), "unauthenticated");
+            let cases = [
+                ("forged", request(csr(&[WEB])), "unauthenticated"),
+                ("node-a-token", request("not a CSR".into()), "bad_csr"),
+                (
+                    "node-a-token",
+                    request(csr(&[WEB, "dns:web.shop.svc"])),
+                    "san_count",
+                ),
+                (
+                    "node-a-token",
+                    request(csr(&["spiffe://other.domain/ns/shop/sa/web"])),
+                    "foreign_trust_domain",
+                ),
+                (
+                    "node-a-token",
+                    IstioCertificateRequest {
+                        validity_duration: -1,
+                        ..request(csr(&[WEB]))
+                    },
+                    "bad_csr",
+                ),
+                (
+                    "node-a-token",
+                    IstioCertificateRequest {
+                        validity_duration: 7201,
+                        ..request(csr(&[WEB]))
+                    },
+                    "ttl_too_long",
+                ),
+            ];
+            for (token, request, reason) in cases {
+                let refused = decide(&server, token, request).await.unwrap_err();
+                assert_eq!(refused.reason(), reason, "{refused}");
+            }
+            assert_eq!(
+                Refusal::TtlTooLong {
+                    asked: Duration::from_secs(7201),
+                    max: Duration::from_secs(7200)
+                }
+                .to_string(),
+                "requested lifetime 7201s exceeds the maximum 7200s"
+            );
+            // The longest allowed lifetime is signed.
+            let ok = IstioCertificateRequest {
+                validity_duration: 7200,
+                ..request(csr(&[WEB]))
+            };
+            assert!(decide(&server, "node-a-token", ok).await.is_ok());
+        }
+    }
+
     #[test]
     fn throttled_warnings_count_what_they_hold_back() {
         let mut throttled = Throttled::default();

@@ -702,28 +702,27 @@ pub(super) fn parse(key: &Key, value: serde_yaml::Value) -> Result<Object> {
                 .cloned()
                 .unwrap_or(serde_yaml::Value::Null);
             let meta: Resource<serde_yaml::Value> = serde_yaml::from_value(value)?;
-            let policy = Policy {
-                kind,
-                api_version,
-                name,
-                namespace,
-                annotations: meta.metadata.annotations,
+            // Compiled here, once: the snapshot carries it to the state.
+            let policy = Policy::new(
+                &kind,
+                &api_version,
+                &namespace,
+                &name,
+                meta.metadata.annotations,
                 spec,
-            };
+            );
             Object::Policy(policy)
         }
     })
 }
 
 /// Why a policy is refused, if it is. A refused policy is still in force, in
-/// its newest version, compiled fail closed (see [`crate::policy::validate`]):
+/// its newest version, compiled fail closed (see `ztunnel_core::policy::Policy::refusal`):
 /// keeping an older version would drop what the new one denies, dropping it
 /// would open what it protects.
 pub(super) fn refused_policy(object: &Object) -> Option<String> {
     match object {
-        Object::Policy(policy) => crate::policy::validate(policy)
-            .err()
-            .map(|e| format!("spec.{e}")),
+        Object::Policy(policy) => policy.refusal().map(|e| e.to_string()),
         _ => None,
     }
 }

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use tokio::{sync::watch, task::JoinHandle};
 
 use crate::{
-    ca::client::{CaClient, CaError},
+    ca::client::{CaApi, CaError},
     identity::Identity,
     tls::{self, TrustBundle},
 };
@@ -86,6 +86,18 @@ impl WorkloadCert {
     }
 }
 
+/// Why the manager has no certificate to give.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CertError {
+    #[error("the certificate of {0} expired and could not be renewed")]
+    Expired(Identity),
+    /// The first request failed (the manager keeps asking, backing off).
+    #[error("no certificate for {identity}: {reason}")]
+    Unavailable { identity: Identity, reason: String },
+    #[error("the certificate manager stopped")]
+    Stopped,
+}
+
 #[derive(Clone)]
 enum State {
     Pending,
@@ -104,7 +116,7 @@ struct IdentityLabels {
 }
 
 pub struct CertManager {
-    ca: Arc<CaClient>,
+    ca: Arc<dyn CaApi>,
     config: CertManagerConfig,
     entries: Mutex<HashMap<Identity, Entry>>,
     expiry: Family<IdentityLabels, Gauge>,
@@ -113,7 +125,11 @@ pub struct CertManager {
 }
 
 impl CertManager {
-    pub fn new(ca: Arc<CaClient>, config: CertManagerConfig, registry: &mut Registry) -> Arc<Self> {
+    pub fn new(
+        ca: Arc<dyn CaApi>,
+        config: CertManagerConfig,
+        registry: &mut Registry,
+    ) -> Arc<Self> {
         let expiry = Family::<IdentityLabels, Gauge>::default();
         let root_expiry = Gauge::default();
         registry.register(
@@ -143,7 +159,10 @@ impl CertManager {
     }
 
     /// The workload's current certificate, requesting it first if need be.
-    pub async fn fetch(self: &Arc<Self>, identity: &Identity) -> Result<Arc<WorkloadCert>> {
+    pub async fn fetch(
+        self: &Arc<Self>,
+        identity: &Identity,
+    ) -> Result<Arc<WorkloadCert>, CertError> {
         let mut state = {
             let mut entries = self.entries.lock().expect("not poisoned");
             let entry = entries.entry(identity.clone()).or_insert_with(|| {
@@ -160,16 +179,16 @@ impl CertManager {
             let current = state.borrow_and_update().clone();
             match current {
                 State::Ready(cert) if cert.valid_at(SystemTime::now()) => return Ok(cert),
-                State::Ready(_) => {
-                    bail!("the certificate of {identity} expired and could not be renewed")
+                State::Ready(_) => return Err(CertError::Expired(identity.clone())),
+                State::Failed(reason) => {
+                    return Err(CertError::Unavailable {
+                        identity: identity.clone(),
+                        reason,
+                    })
                 }
-                State::Failed(e) => bail!("no certificate for {identity}: {e}"),
                 State::Pending => {}
             }
-            state
-                .changed()
-                .await
-                .context("the certificate manager stopped")?;
+            state.changed().await.map_err(|_| CertError::Stopped)?;
         }
     }
 
@@ -302,35 +321,48 @@ async fn refresh(
         let Some(this) = manager.upgrade() else {
             return;
         };
-        let result = this.request(&identity).await;
-        let wait = match result {
+        let wait = this.renew(&identity, &state, &mut backoff).await;
+        drop(this);
+        tokio::time::sleep(wait).await;
+    }
+}
+
+impl CertManager {
+    /// One round of [`refresh`]: asks the CA and publishes what it gives. On a
+    /// failure a certificate still valid keeps serving, and the next try backs off.
+    /// Returns how long to wait before the next round.
+    async fn renew(
+        &self,
+        identity: &Identity,
+        state: &watch::Sender<State>,
+        backoff: &mut Option<Duration>,
+    ) -> Duration {
+        match self.request(identity).await {
             Ok(cert) => {
-                this.publish_metrics(&cert);
+                self.publish_metrics(&cert);
                 let cert = Arc::new(cert);
                 let due = renewal_due(&cert.info);
                 tracing::info!(%identity, serial = %cert.info.serial, "workload certificate ready");
                 state.send_replace(State::Ready(cert));
-                backoff = None;
+                *backoff = None;
                 due
             }
             Err(e) => {
-                this.failures.inc();
+                self.failures.inc();
                 let still_valid =
                     matches!(&*state.borrow(), State::Ready(c) if c.valid_at(SystemTime::now()));
                 tracing::warn!(%identity, still_valid, "fetching the workload certificate failed: {e}");
                 if !still_valid {
                     state.send_replace(State::Failed(e));
                 }
-                let next = match backoff {
-                    None => this.config.backoff_initial,
-                    Some(b) => (b * 2).min(this.config.backoff_max),
+                let next = match *backoff {
+                    None => self.config.backoff_initial,
+                    Some(b) => (b * 2).min(self.config.backoff_max),
                 };
-                backoff = Some(next);
+                *backoff = Some(next);
                 jitter(next, 0.2)
             }
-        };
-        drop(this);
-        tokio::time::sleep(wait).await;
+        }
     }
 }
 
@@ -372,5 +404,229 @@ impl Drop for CertManager {
         for entry in self.entries.get_mut().expect("not poisoned").values() {
             entry.refresher.abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+        ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    };
+
+    use super::*;
+    use crate::ca::client::CertificateFuture;
+
+    /// A CA in memory: signs what it is asked for with its own root, or fails
+    /// while `down`. Counts the calls.
+    struct FakeCa {
+        issuer: Issuer<'static, KeyPair>,
+        root_pem: String,
+        down: AtomicBool,
+        calls: AtomicUsize,
+        /// Signs for this identity whatever is asked (a misbehaving CA).
+        substitute: Option<Identity>,
+    }
+
+    impl FakeCa {
+        fn new() -> Arc<Self> {
+            Self::signing_for(None)
+        }
+
+        fn signing_for(substitute: Option<Identity>) -> Arc<Self> {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::default();
+            params.distinguished_name = DistinguishedName::new();
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.key_usages = vec![
+                KeyUsagePurpose::KeyCertSign,
+                KeyUsagePurpose::CrlSign,
+                KeyUsagePurpose::DigitalSignature,
+            ];
+            let root_pem = params.self_signed(&key).unwrap().pem();
+            Arc::new(Self {
+                issuer: Issuer::new(params, key),
+                root_pem,
+                down: AtomicBool::new(false),
+                calls: AtomicUsize::new(0),
+                substitute,
+            })
+        }
+
+        fn sign(&self, csr_pem: &str, ttl: Duration) -> Result<Vec<String>, CaError> {
+            let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| {
+                CaError::Refused {
+                    code: 3,
+                    message: e.to_string(),
+                }
+            })?;
+            let now = time::OffsetDateTime::now_utc();
+            let mut params = CertificateParams::default();
+            params.distinguished_name = DistinguishedName::new();
+            params.not_before = now - Duration::from_secs(60);
+            params.not_after = now + ttl;
+            params.subject_alt_names = match &self.substitute {
+                Some(other) => vec![rcgen::SanType::URI(other.to_string().try_into().unwrap())],
+                None => csr.params.subject_alt_names.clone(),
+            };
+            params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+            params.extended_key_usages = vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ];
+            params.use_authority_key_identifier_extension = true;
+            let leaf = params.signed_by(&csr.public_key, &self.issuer).unwrap();
+            Ok(vec![leaf.pem(), self.root_pem.clone()])
+        }
+    }
+
+    impl CaApi for FakeCa {
+        fn create_certificate<'a>(
+            &'a self,
+            csr_pem: &'a str,
+            _identity: &'a Identity,
+            ttl: Duration,
+        ) -> CertificateFuture<'a> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let answer = match self.down.load(Ordering::SeqCst) {
+                true => Err(CaError::Unreachable("connection refused".into())),
+                false => self.sign(csr_pem, ttl),
+            };
+            Box::pin(std::future::ready(answer))
+        }
+    }
+
+    fn manager(ca: &Arc<FakeCa>) -> Arc<CertManager> {
+        let mut config = CertManagerConfig::new("cluster.local");
+        config.backoff_initial = Duration::from_millis(100);
+        config.backoff_max = Duration::from_millis(700);
+        CertManager::new(ca.clone(), config, &mut Registry::default())
+    }
+
+    fn id(name: &str) -> Identity {
+        Identity::new("cluster.local", "shop", name).unwrap()
+    }
+
+    fn serial(state: &watch::Sender<State>) -> Option<String> {
+        match &*state.borrow() {
+            State::Ready(cert) => Some(cert.info.serial.clone()),
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_first_uses_share_one_request() {
+        let ca = FakeCa::new();
+        let certs = manager(&ca);
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let certs = certs.clone();
+                tokio::spawn(
+                    async move { certs.fetch(&id("web")).await.unwrap().info.serial.clone() },
+                )
+            })
+            .collect();
+        let mut serials = Vec::new();
+        for task in tasks {
+            serials.push(task.await.unwrap());
+        }
+        serials.dedup();
+        assert_eq!(serials.len(), 1, "one certificate for all");
+        assert_eq!(ca.calls.load(Ordering::SeqCst), 1, "one CA request");
+        assert_eq!(certs.certificates()[0].identity, id("web").to_string());
+    }
+
+    #[tokio::test]
+    async fn renewal_rotates_the_certificate_and_schedules_the_next_at_half_its_life() {
+        let ca = FakeCa::new();
+        let certs = manager(&ca);
+        let (state, _rx) = watch::channel(State::Pending);
+        let mut backoff = None;
+        let due = certs.renew(&id("web"), &state, &mut backoff).await;
+        let first = serial(&state).expect("a certificate");
+        // 24 h asked for: renewal after half of it, give or take 5% of it.
+        let life = Duration::from_secs(24 * 3600);
+        assert!(
+            due >= life.mul_f64(0.449) && due <= life.mul_f64(0.551),
+            "{due:?}"
+        );
+        certs.renew(&id("web"), &state, &mut backoff).await;
+        let second = serial(&state).expect("a certificate");
+        assert_ne!(first, second, "renewal brings a new certificate");
+        assert_eq!(ca.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_failed_renewal_keeps_the_valid_certificate_and_backs_off() {
+        let ca = FakeCa::new();
+        let certs = manager(&ca);
+        let (state, _rx) = watch::channel(State::Pending);
+        let mut backoff = None;
+        certs.renew(&id("web"), &state, &mut backoff).await;
+        let held = serial(&state).expect("a certificate");
+        ca.down.store(true, Ordering::SeqCst);
+        // Doubling from 100 ms, capped at 700 ms, each within its 20% jitter.
+        for expected in [100, 200, 400, 700, 700] {
+            let wait = certs.renew(&id("web"), &state, &mut backoff).await;
+            let expected = Duration::from_millis(expected);
+            assert!(
+                wait >= expected.mul_f64(0.79) && wait <= expected.mul_f64(1.21),
+                "{wait:?} for {expected:?}"
+            );
+            assert_eq!(
+                serial(&state).as_deref(),
+                Some(held.as_str()),
+                "still serving"
+            );
+        }
+        assert_eq!(certs.request_failures(), 5);
+        // Back: a new certificate, and the backoff starts over.
+        ca.down.store(false, Ordering::SeqCst);
+        certs.renew(&id("web"), &state, &mut backoff).await;
+        assert_ne!(serial(&state).unwrap(), held);
+        assert_eq!(backoff, None);
+    }
+
+    #[tokio::test]
+    async fn without_a_certificate_a_failure_is_reported_with_its_reason() {
+        let ca = FakeCa::new();
+        ca.down.store(true, Ordering::SeqCst);
+        let certs = manager(&ca);
+        let err = certs.fetch(&id("web")).await.err().expect("no certificate");
+        assert!(
+            matches!(&err, CertError::Unavailable { identity, reason }
+                if *identity == id("web") && reason.contains("connection refused")),
+            "{err}"
+        );
+        assert!(certs.certificates().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_certificate_for_another_identity_is_refused() {
+        let ca = FakeCa::signing_for(Some(id("admin")));
+        let certs = manager(&ca);
+        let err = certs.fetch(&id("web")).await.err().expect("refused");
+        assert!(
+            err.to_string()
+                .contains("not spiffe://cluster.local/ns/shop/sa/web"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn workloads_that_leave_lose_their_certificates() {
+        let ca = FakeCa::new();
+        let certs = manager(&ca);
+        certs.fetch(&id("web")).await.unwrap();
+        certs.fetch(&id("db")).await.unwrap();
+        certs.retain(|i| *i == id("db"));
+        let held: Vec<String> = certs
+            .certificates()
+            .into_iter()
+            .map(|c| c.identity)
+            .collect();
+        assert_eq!(held, vec![id("db").to_string()]);
     }
 }

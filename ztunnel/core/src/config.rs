@@ -175,16 +175,8 @@ pub const WAYPOINT_FOR: &str = "istio.io/waypoint-for";
 /// On a waypoint's pods: the Gateway they serve.
 pub const GATEWAY_NAME: &str = "gateway.networking.k8s.io/gateway-name";
 
-/// A `security.istio.io` resource, kept as parsed YAML until policy reads it.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Policy {
-    pub kind: String,
-    pub api_version: String,
-    pub name: String,
-    pub namespace: String,
-    pub annotations: BTreeMap<String, String>,
-    pub spec: serde_yaml::Value,
-}
+/// A `security.istio.io` resource, compiled where the source reads it.
+pub use crate::policy::Policy;
 
 /// Everything a source knows at one moment.
 #[derive(Clone, Debug, Default, PartialEq)]

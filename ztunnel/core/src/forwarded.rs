@@ -85,6 +85,40 @@ mod tests {
         assert_eq!(parse_for("by=10.244.0.2"), None);
     }
 
+    /// What a sender could write to confuse the receiver: nothing here names a
+    /// client (the receiver then falls back to the connection's own address).
+    #[test]
+    fn malformed_for_values_name_no_client() {
+        for value in [
+            "",
+            "for=",
+            "for=\"\"",
+            "for=\"10.244.0.2:99999\"",
+            "for=\"10.244.0.2\"x",
+            "for=10.244.0.2.7",
+            "for=\"[10.244.0.2]:80",
+            "for=2001:db8::1:80:80:80:80:80:80",
+            "forwarded=10.244.0.2",
+            "xfor=10.244.0.2",
+        ] {
+            assert_eq!(parse_for(value), None, "{value:?}");
+        }
+        // Whitespace and case around a valid pair are tolerated.
+        assert_eq!(
+            parse_for("  FOR = \"10.244.0.2:80\" "),
+            Some(("10.244.0.2".parse().unwrap(), Some(80)))
+        );
+    }
+
+    #[test]
+    fn x_forwarded_for_with_empty_or_bogus_hops_falls_back_to_the_peer() {
+        let peer: IpAddr = "10.244.0.2".parse().unwrap();
+        assert_eq!(remote_ip(&["1.2.3.4,"], 1, peer), peer, "an empty last hop");
+        assert_eq!(remote_ip(&["1.2.3.4, unknown"], 1, peer), peer);
+        assert_eq!(remote_ip(&[""], 1, peer), peer);
+        assert_eq!(remote_ip(&["1.2.3.4"], usize::MAX, peer), peer);
+    }
+
     #[test]
     fn what_is_sent_parses_back() {
         for addr in ["10.244.0.2:4711", "[2001:db8::1]:80"] {

@@ -9,7 +9,58 @@ use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
 use ring::signature::{self, UnparsedPublicKey};
 use serde::Deserialize;
 
-use crate::policy::RequestAuth;
+/// A validated token: who it names, for whom, and its claims (what policy's
+/// `request.auth.*` attributes read).
+#[derive(Clone, Debug, Default)]
+pub struct RequestAuth {
+    /// `<iss>/<sub>`.
+    pub principal: String,
+    pub audiences: Vec<String>,
+    pub presenter: Option<String>,
+    pub claims: serde_json::Value,
+}
+
+/// Why a token is refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum JwtError {
+    #[error("not a JWT")]
+    NotAJwt,
+    #[error("not a JWT (three parts)")]
+    NotThreeParts,
+    #[error("not base64url")]
+    NotBase64,
+    #[error("malformed header")]
+    MalformedHeader,
+    #[error("malformed payload")]
+    MalformedPayload,
+    #[error("no iss claim")]
+    NoIssuer,
+    #[error("JWK without {0}")]
+    IncompleteKey(&'static str),
+    #[error("no key {0:?} in the JWKS")]
+    NoKey(String),
+    /// With the token's `alg`.
+    #[error("signature ({0}) does not verify")]
+    BadSignature(String),
+    #[error("issuer mismatch")]
+    IssuerMismatch,
+    /// The claim (`exp`, `nbf`).
+    #[error("{0} is not a number")]
+    NotANumber(&'static str),
+    #[error("the token expired")]
+    Expired,
+    #[error("the token is not valid yet")]
+    NotYetValid,
+    #[error("audience not allowed")]
+    AudienceNotAllowed,
+}
+
+/// For callers that answer with the reason in words.
+impl From<JwtError> for String {
+    fn from(e: JwtError) -> Self {
+        e.to_string()
+    }
+}
 
 /// A JSON Web Key Set.
 #[derive(Clone, Debug, Deserialize)]
@@ -60,21 +111,21 @@ struct Header {
     kid: Option<String>,
 }
 
-fn b64(part: &str) -> Result<Vec<u8>, String> {
+fn b64(part: &str) -> Result<Vec<u8>, JwtError> {
     URL_SAFE_NO_PAD
         .decode(part.trim_end_matches('='))
-        .map_err(|_| "not base64url".to_owned())
+        .map_err(|_| JwtError::NotBase64)
 }
 
 /// The issuer a token claims, read without verifying (to pick the rule).
-pub fn issuer(token: &str) -> Result<String, String> {
-    let payload = token.split('.').nth(1).ok_or("not a JWT")?;
+pub fn issuer(token: &str) -> Result<String, JwtError> {
+    let payload = token.split('.').nth(1).ok_or(JwtError::NotAJwt)?;
     let claims: serde_json::Value =
-        serde_json::from_slice(&b64(payload)?).map_err(|_| "malformed payload")?;
+        serde_json::from_slice(&b64(payload)?).map_err(|_| JwtError::MalformedPayload)?;
     claims["iss"]
         .as_str()
         .map(str::to_owned)
-        .ok_or_else(|| "no iss claim".into())
+        .ok_or(JwtError::NoIssuer)
 }
 
 /// Verifies `token` against `jwks`, its expiry, and `audiences` (when not empty).
@@ -83,13 +134,13 @@ pub fn verify(
     jwks: &Jwks,
     issuer: &str,
     audiences: &[String],
-) -> Result<RequestAuth, String> {
+) -> Result<RequestAuth, JwtError> {
     let parts: Vec<&str> = token.split('.').collect();
     let [header_b64, payload_b64, signature_b64] = parts.as_slice() else {
-        return Err("not a JWT (three parts)".into());
+        return Err(JwtError::NotThreeParts);
     };
     let header: Header =
-        serde_json::from_slice(&b64(header_b64)?).map_err(|_| "malformed header")?;
+        serde_json::from_slice(&b64(header_b64)?).map_err(|_| JwtError::MalformedHeader)?;
     let signature = b64(signature_b64)?;
     let signed = format!("{header_b64}.{payload_b64}");
     let candidates: Vec<&Jwk> = jwks
@@ -98,35 +149,32 @@ pub fn verify(
         .filter(|k| header.kid.is_none() || k.kid.is_none() || k.kid == header.kid)
         .collect();
     if candidates.is_empty() {
-        return Err(format!(
-            "no key {:?} in the JWKS",
-            header.kid.unwrap_or_default()
-        ));
+        return Err(JwtError::NoKey(header.kid.unwrap_or_default()));
     }
     let verified = candidates
         .iter()
         .any(|key| verify_with(key, &header.alg, signed.as_bytes(), &signature).unwrap_or(false));
     if !verified {
-        return Err(format!("signature ({}) does not verify", header.alg));
+        return Err(JwtError::BadSignature(header.alg));
     }
     let claims: serde_json::Value =
-        serde_json::from_slice(&b64(payload_b64)?).map_err(|_| "malformed payload")?;
+        serde_json::from_slice(&b64(payload_b64)?).map_err(|_| JwtError::MalformedPayload)?;
     if claims["iss"].as_str() != Some(issuer) {
-        return Err("issuer mismatch".into());
+        return Err(JwtError::IssuerMismatch);
     }
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0);
     if let Some(exp) = claims.get("exp") {
-        let exp = exp.as_i64().ok_or("exp is not a number")?;
+        let exp = exp.as_i64().ok_or(JwtError::NotANumber("exp"))?;
         if now >= exp {
-            return Err("the token expired".into());
+            return Err(JwtError::Expired);
         }
     }
     if let Some(nbf) = claims.get("nbf") {
-        if now < nbf.as_i64().ok_or("nbf is not a number")? {
-            return Err("the token is not valid yet".into());
+        if now < nbf.as_i64().ok_or(JwtError::NotANumber("nbf"))? {
+            return Err(JwtError::NotYetValid);
         }
     }
     let token_audiences: Vec<String> = match &claims["aud"] {
@@ -138,7 +186,7 @@ pub fn verify(
         _ => Vec::new(),
     };
     if !audiences.is_empty() && !token_audiences.iter().any(|a| audiences.contains(a)) {
-        return Err("audience not allowed".into());
+        return Err(JwtError::AudienceNotAllowed);
     }
     let subject = claims["sub"].as_str().unwrap_or_default();
     Ok(RequestAuth {
@@ -149,12 +197,12 @@ pub fn verify(
     })
 }
 
-fn verify_with(key: &Jwk, alg: &str, message: &[u8], signature: &[u8]) -> Result<bool, String> {
+fn verify_with(key: &Jwk, alg: &str, message: &[u8], signature: &[u8]) -> Result<bool, JwtError> {
     if key.alg.as_deref().is_some_and(|a| a != alg) {
         return Ok(false);
     }
-    let field = |v: &Option<String>, name: &str| -> Result<Vec<u8>, String> {
-        b64(v.as_deref().ok_or(format!("JWK without {name}"))?)
+    let field = |v: &Option<String>, name: &'static str| -> Result<Vec<u8>, JwtError> {
+        b64(v.as_deref().ok_or(JwtError::IncompleteKey(name))?)
     };
     Ok(match (key.kty.as_str(), alg) {
         ("RSA", "RS256") => {
@@ -198,14 +246,15 @@ mod tests {
         assert_eq!(issuer(RFC_TOKEN).unwrap(), "joe");
         assert_eq!(
             verify(RFC_TOKEN, &jwks, "joe", &[]).unwrap_err(),
-            "the token expired"
+            JwtError::Expired
         );
         // One flipped bit in the signature: it no longer verifies.
         let mut tampered = RFC_TOKEN.to_owned();
         tampered.replace_range(tampered.len() - 3..tampered.len() - 2, "A");
-        assert!(verify(&tampered, &jwks, "joe", &[])
-            .unwrap_err()
-            .contains("does not verify"));
+        assert_eq!(
+            verify(&tampered, &jwks, "joe", &[]).unwrap_err(),
+            JwtError::BadSignature("RS256".into())
+        );
     }
 
     #[test]
@@ -219,14 +268,17 @@ mod tests {
             URL_SAFE_NO_PAD.encode(r#"{"alg":"none"}"#),
             URL_SAFE_NO_PAD.encode(r#"{"iss":"joe"}"#)
         );
-        assert!(verify(&none, &jwks, "joe", &[])
-            .unwrap_err()
-            .contains("does not verify"));
+        assert_eq!(
+            verify(&none, &jwks, "joe", &[]).unwrap_err(),
+            JwtError::BadSignature("none".into())
+        );
         assert!(Jwks::parse("{}").is_err());
     }
 }
 
-/// Minting tokens with fresh keys: for tests and for trying policies out.
+/// Minting tokens with fresh keys, for tests (the `testing` feature): never in
+/// the product's binaries.
+#[cfg(any(test, feature = "testing"))]
 pub mod testing {
     use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
     use ring::{
@@ -321,11 +373,11 @@ mod minted {
             assert_eq!(auth.claims["role"]["name"], "admin");
             assert_eq!(
                 verify(&token, &jwks, "https://issuer.test", &["other".into()]).unwrap_err(),
-                "audience not allowed"
+                JwtError::AudienceNotAllowed
             );
             assert_eq!(
                 verify(&token, &jwks, "https://other.test", &[]).unwrap_err(),
-                "issuer mismatch"
+                JwtError::IssuerMismatch
             );
         }
         let (expired, jwks) = testing::es256(&claims(-10, "shop"));
@@ -337,7 +389,7 @@ mod minted {
                 &[]
             )
             .unwrap_err(),
-            "the token expired"
+            JwtError::Expired
         );
         // A token signed by another key.
         let (token, _) = testing::es256(&claims(3600, "shop"));

@@ -2,7 +2,10 @@
 //!
 //! Data flows one way: a configuration source (crate `ztunnel-config`) produces a
 //! [`config::Snapshot`], [`state::State`] is built from it (with the compiled
-//! [`policy`]), and the proxies read the state. Around it: [`identity`], [`tls`]
+//! [`policy`], compiled once where the source read each resource), and the
+//! proxies read the state; [`check`] (`ztunnel policy check`) builds a state to
+//! ask it. Modules depend one way: `identity`, `jwt` → `policy` → `config` (the
+//! snapshot carries compiled policies) → `state` → `check`. Around it: [`identity`], [`tls`]
 //! (mTLS with SPIFFE identities), [`certs`] (workload certificates from the CA,
 //! through [`ca::client`]), [`jwt`], [`extauthz`], [`metrics`] and the servers'
 //! accept loop ([`accept`], [`http_server`]); [`netns`] and [`discovery`] find and
@@ -11,6 +14,7 @@
 pub mod accept;
 pub mod ca;
 pub mod certs;
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod discovery;

@@ -48,6 +48,23 @@ impl Workload {
     }
 }
 
+/// What policy sees of a workload it judges traffic to.
+impl<'a> From<&'a Workload> for crate::policy::Target<'a> {
+    fn from(w: &'a Workload) -> Self {
+        Self {
+            namespace: &w.namespace,
+            name: &w.name,
+            labels: &w.labels,
+        }
+    }
+}
+
+impl<'a> From<&'a Arc<Workload>> for crate::policy::Target<'a> {
+    fn from(w: &'a Arc<Workload>) -> Self {
+        w.as_ref().into()
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Service {
     pub name: String,
@@ -122,6 +139,9 @@ pub struct State {
     /// The services each workload (by IP) is an endpoint of.
     services_of: HashMap<Ipv4Addr, Vec<Arc<Service>>>,
     waypoints: HashMap<(String, String), Arc<Waypoint>>,
+    /// Headless Services (no cluster IP), by (namespace, name): their endpoints.
+    /// They route nothing; DNS names their pods.
+    headless: HashMap<(String, String), Vec<Arc<Workload>>>,
     /// Waypoint bindings refused, by object (`Pod ns/name`, `Service ns/name`): why.
     pub refused_bindings: BTreeMap<String, String>,
 }
@@ -303,7 +323,6 @@ impl State {
         }
         let in_namespace = |ns: &str| by_namespace.get(ns).into_iter().flatten().copied();
         for svc in snapshot.services.values() {
-            let Some(vip) = svc.cluster_ip else { continue };
             let slices = slices_of
                 .get(&(svc.namespace.as_str(), svc.name.as_str()))
                 .map(Vec::as_slice)
@@ -340,6 +359,12 @@ impl State {
             };
             endpoints.sort_by_key(|w| w.ip);
             endpoints.dedup_by_key(|w| w.ip);
+            let Some(vip) = svc.cluster_ip else {
+                state
+                    .headless
+                    .insert((svc.namespace.clone(), svc.name.clone()), endpoints);
+                continue;
+            };
             let waypoint = binding(
                 &mut state.refused_bindings,
                 "Service",
@@ -440,6 +465,13 @@ impl State {
 
     pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
         self.by_ip.values()
+    }
+
+    /// Headless Services ((namespace, name)) and their endpoints.
+    pub fn headless_services(
+        &self,
+    ) -> impl Iterator<Item = (&(String, String), &Vec<Arc<Workload>>)> {
+        self.headless.iter()
     }
 
     pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {

@@ -1,8 +1,7 @@
 //! The proxy: per enrolled pod, the captured outbound connections (15001), inbound
-//! HBONE (15008), inbound plaintext (15006) and DNS (15053).
+//! HBONE (15008), inbound plaintext (15006) and DNS (15053, served by `crate::dns`).
 
 pub mod active;
-pub mod dns;
 pub mod inbound;
 pub mod outbound;
 // The HBONE client pool and the relay are shared with the waypoint.
@@ -43,8 +42,8 @@ pub struct Context {
     pub policy_metrics: PolicyMetrics,
     /// Inbound connections, re-decided when policy changes.
     pub active: Arc<active::Active>,
-    /// DNS forwarding, its in-flight caps shared by every pod.
-    pub dns: Arc<dns::Forwarder>,
+    /// The DNS proxy, its in-flight caps shared by every pod.
+    pub dns: Arc<crate::dns::Dns>,
     /// The connection caps every pod's listeners share (one file-descriptor budget).
     pub limiter: Arc<crate::accept::Limiter>,
     /// Delivery to applications from their clients' addresses.
@@ -95,17 +94,13 @@ impl Context {
                 .inc();
         }
         for shadow in &decision.dry_run {
-            let (policy, rest) = shadow.split_once(": would ").unwrap_or((shadow, ""));
-            let would = if rest.starts_with("allow") {
-                "allow"
-            } else {
-                "deny"
-            };
+            let policy = &shadow.policy;
+            let would = if shadow.would_allow { "allow" } else { "deny" };
             tracing::info!(target: "dry_run", %policy, src = %describe_source(conn), dst = %format!("{}/{}", destination.namespace, destination.name), port = conn.destination_port, "dry-run: {shadow}");
             self.policy_metrics
                 .shadow
                 .get_or_create(&ShadowLabels {
-                    policy: policy.to_owned(),
+                    policy: policy.clone(),
                     decision: would.into(),
                 })
                 .inc();
@@ -200,7 +195,7 @@ pub fn serve_pod(
         plaintext,
         delivery,
     ));
-    tasks.spawn(dns::serve(ctx.dns.clone(), workload, dns));
+    tasks.spawn(crate::dns::serve_udp(ctx.dns.clone(), workload, dns));
     Ok(tasks)
 }
 

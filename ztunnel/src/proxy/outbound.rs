@@ -117,6 +117,10 @@ async fn handle(
             "the source pod is no longer in the mesh state",
         );
     }
+    // Captured DNS over TCP is the DNS proxy's.
+    if original.port() == 53 && ctx.dns.captures(&source, &state) {
+        return crate::dns::serve_tcp(ctx.dns.clone(), source, stream).await;
+    }
     let route = match route(&state, original) {
         Ok(route) => route,
         Err(e) => return record.refused(&ctx.metrics, "NR", &format!("{e:#}")),

@@ -57,26 +57,43 @@ impl CaClientConfig {
 
 /// Why a call failed: the CA said no, it could not be reached, or it answered
 /// something that is not a usable certificate chain.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CaError {
+    #[error("CA refused (gRPC status {code}): {message}")]
     Refused { code: i32, message: String },
+    #[error("CA unreachable: {0}")]
     Unreachable(String),
+    #[error("CA protocol error: {0}")]
     Protocol(String),
 }
 
-impl std::fmt::Display for CaError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Refused { code, message } => {
-                write!(f, "CA refused (gRPC status {code}): {message}")
-            }
-            Self::Unreachable(e) => write!(f, "CA unreachable: {e}"),
-            Self::Protocol(e) => write!(f, "CA protocol error: {e}"),
-        }
-    }
+/// What [`CaApi::create_certificate`] returns.
+pub type CertificateFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<String>, CaError>> + Send + 'a>>;
+
+/// What the certificate manager asks of a CA: Istio's CA API through
+/// [`CaClient`] (to `ztunnel-ca` or istiod), or a fake in tests.
+pub trait CaApi: Send + Sync {
+    /// A chain for the CSR (the leaf first, the roots last), asked on
+    /// `identity`'s behalf, valid for `ttl`.
+    fn create_certificate<'a>(
+        &'a self,
+        csr_pem: &'a str,
+        identity: &'a Identity,
+        ttl: Duration,
+    ) -> CertificateFuture<'a>;
 }
 
-impl std::error::Error for CaError {}
+impl CaApi for CaClient {
+    fn create_certificate<'a>(
+        &'a self,
+        csr_pem: &'a str,
+        identity: &'a Identity,
+        ttl: Duration,
+    ) -> CertificateFuture<'a> {
+        Box::pin(CaClient::create_certificate(self, csr_pem, identity, ttl))
+    }
+}
 
 pub struct CaClient {
     config: CaClientConfig,

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
+use super::FieldError;
 use crate::jwt::Jwks;
 
 #[derive(Deserialize)]
@@ -91,7 +92,7 @@ pub struct RequestAuthentication {
 /// A part of a RequestAuthentication that was refused, and where its tokens would be.
 #[derive(Clone, Debug)]
 pub struct RefusedRule {
-    pub reason: String,
+    pub reason: FieldError,
     /// (header, prefix) and query parameters; None: unknown, every request is refused.
     pub locations: Option<(Vec<(String, String)>, Vec<String>)>,
 }
@@ -102,20 +103,18 @@ const SPEC_FIELDS: &[&str] = &["selector", "targetRef", "targetRefs", "jwtRules"
 impl RequestAuthentication {
     /// Compiles a RequestAuthentication as the config source's check does: Err with
     /// every reason when any part is refused.
-    pub fn compile(namespace: &str, name: &str, spec: &serde_yaml::Value) -> Result<Self, String> {
+    pub fn compile(
+        namespace: &str,
+        name: &str,
+        spec: &serde_yaml::Value,
+    ) -> Result<Self, super::Refusal> {
         let compiled = Self::compile_fail_closed(namespace, name, spec);
         match compiled.refused.is_empty() {
             true => Ok(compiled),
-            false => Err(format!(
-                "{} (in force, fail closed: {})",
-                compiled
-                    .refused
-                    .iter()
-                    .map(|r| r.reason.as_str())
-                    .collect::<Vec<_>>()
-                    .join("; "),
-                compiled.fail_closed_effect()
-            )),
+            false => Err(super::Refusal {
+                problems: compiled.refused.iter().map(|r| r.reason.clone()).collect(),
+                in_force: compiled.fail_closed_effect(),
+            }),
         }
     }
 
@@ -124,7 +123,7 @@ impl RequestAuthentication {
     /// would have refused (an application may trust the header the mesh passed).
     pub fn compile_fail_closed(namespace: &str, name: &str, spec: &serde_yaml::Value) -> Self {
         let mut refused = Vec::new();
-        let unknown = |reason: String| RefusedRule {
+        let unknown = |reason: FieldError| RefusedRule {
             reason,
             locations: None,
         };
@@ -133,7 +132,10 @@ impl RequestAuthentication {
             serde_yaml::Value::Null => &empty,
             serde_yaml::Value::Mapping(m) => m,
             _ => {
-                refused.push(unknown("spec: not an object".into()));
+                refused.push(unknown(FieldError {
+                    path: "spec".into(),
+                    problem: "not an object".into(),
+                }));
                 &empty
             }
         };
@@ -141,10 +143,13 @@ impl RequestAuthentication {
         for key in map.keys() {
             match key.as_str() {
                 Some(k) if SPEC_FIELDS.contains(&k) => {}
-                _ => refused.push(unknown(format!(
-                    "unknown field {key:?}, expected one of {}",
-                    SPEC_FIELDS.join(", ")
-                ))),
+                _ => refused.push(unknown(FieldError {
+                    path: "spec".into(),
+                    problem: format!(
+                        "unknown field {key:?}, expected one of {}",
+                        SPEC_FIELDS.join(", ")
+                    ),
+                })),
             }
             readable &= key.as_str().is_some_and(|k| SPEC_FIELDS.contains(&k));
         }
@@ -158,7 +163,7 @@ impl RequestAuthentication {
             // a bad selector is reported and changes nothing.
             Some(Err(e)) => {
                 refused.push(RefusedRule {
-                    reason: format!("selector: {e}"),
+                    reason: FieldError::spec("selector", e.to_string()),
                     locations: Some((Vec::new(), Vec::new())),
                 });
                 None
@@ -181,14 +186,14 @@ impl RequestAuthentication {
                 for (i, rule) in list.iter().enumerate() {
                     match compile_rule(rule) {
                         Ok(rule) => rules.push(rule),
-                        Err(reason) => refused.push(RefusedRule {
-                            reason: format!("jwtRules[{i}]{reason}"),
+                        Err((path, problem)) => refused.push(RefusedRule {
+                            reason: FieldError::spec(format!("jwtRules[{i}]{path}"), problem),
                             locations: rule_locations(rule),
                         }),
                     }
                 }
             }
-            Some(_) => refused.push(unknown("jwtRules: not a list".into())),
+            Some(_) => refused.push(unknown(FieldError::spec("jwtRules", "not a list"))),
         }
         Self {
             name: format!("{namespace}/{name}"),
@@ -246,24 +251,25 @@ pub fn refused_by(
         .find_map(|a| a.refuses(headers, query).map(|why| (a.name.clone(), why)))
 }
 
-/// One `jwtRules` entry, or why it is refused (after its field path).
-fn compile_rule(value: &serde_yaml::Value) -> Result<JwtRule, String> {
-    let rule: RuleSpec = serde_yaml::from_value(value.clone()).map_err(|e| format!(": {e}"))?;
+/// One `jwtRules` entry, or why it is refused: (the field's path under the rule,
+/// what is wrong).
+fn compile_rule(value: &serde_yaml::Value) -> Result<JwtRule, (&'static str, String)> {
+    let rule: RuleSpec = serde_yaml::from_value(value.clone()).map_err(|e| ("", e.to_string()))?;
     if rule.issuer.is_empty() {
-        return Err(".issuer: required".into());
+        return Err((".issuer", "required".into()));
     }
     if !rule.from_cookies.is_empty() {
-        return Err(".fromCookies: not supported".into());
+        return Err((".fromCookies", "not supported".into()));
     }
     let jwks = match (rule.jwks, rule.jwks_uri) {
         (Some(inline), _) => {
-            JwksSource::Inline(Jwks::parse(&inline).map_err(|e| format!(".jwks: {e}"))?)
+            JwksSource::Inline(Jwks::parse(&inline).map_err(|e| (".jwks", e.to_string()))?)
         }
         (None, Some(uri)) if uri.starts_with("http://") || uri.starts_with("https://") => {
             JwksSource::Uri(uri)
         }
-        (None, Some(uri)) => return Err(format!(".jwksUri: {uri:?} is not an http(s) URL")),
-        (None, None) => return Err(": jwks or jwksUri is required".into()),
+        (None, Some(uri)) => return Err((".jwksUri", format!("{uri:?} is not an http(s) URL"))),
+        (None, None) => return Err(("", "jwks or jwksUri is required".into())),
     };
     let (from_headers, from_params) = locations(
         rule.from_headers

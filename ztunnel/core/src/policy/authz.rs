@@ -11,7 +11,10 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 
 use super::matching::{Cidr, StringMatch};
-use super::{Connection, Request};
+use super::{Connection, FieldError, Request};
+
+/// Where the dry-run annotation is.
+const DRY_RUN_PATH: &str = "metadata.annotations[istio.io/dry-run]";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Action {
@@ -117,7 +120,7 @@ pub struct Compiled {
     pub has_l7: bool,
     /// Why the config source refused it; empty for a valid policy. A refused
     /// policy stays in force, fail closed (see [`Compiled::compile_fail_closed`]).
-    pub refused: Vec<String>,
+    pub refused: Vec<FieldError>,
     rules: Vec<Rule>,
 }
 
@@ -265,11 +268,11 @@ impl Compiled {
         name: &str,
         annotations: &BTreeMap<String, String>,
         spec: &serde_yaml::Value,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, Vec<FieldError>> {
         let compiled = Self::compile_fail_closed(namespace, name, annotations, spec);
         match compiled.refused.is_empty() {
             true => Ok(compiled),
-            false => Err(compiled.refused.join("; ")),
+            false => Err(compiled.refused),
         }
     }
 
@@ -297,7 +300,10 @@ impl Compiled {
             serde_yaml::Value::Null => &empty,
             serde_yaml::Value::Mapping(m) => m,
             _ => {
-                refused.push("spec: not an object".to_owned());
+                refused.push(FieldError {
+                    path: "spec".into(),
+                    problem: "not an object".into(),
+                });
                 &empty
             }
         };
@@ -305,10 +311,13 @@ impl Compiled {
         for key in map.keys() {
             match key.as_str() {
                 Some(k) if SPEC_FIELDS.contains(&k) => {}
-                _ => refused.push(format!(
-                    "unknown field {key:?}, expected one of {}",
-                    SPEC_FIELDS.join(", ")
-                )),
+                _ => refused.push(FieldError {
+                    path: "spec".into(),
+                    problem: format!(
+                        "unknown field {key:?}, expected one of {}",
+                        SPEC_FIELDS.join(", ")
+                    ),
+                }),
             }
         }
         let field = |name: &str| map.get(name).filter(|v| !v.is_null());
@@ -319,9 +328,12 @@ impl Compiled {
             Some(Some("AUDIT")) => Action::Audit,
             Some(Some("CUSTOM")) => Action::Custom,
             Some(other) => {
-                refused.push(format!(
-                    "action: {} is not ALLOW, DENY, AUDIT or CUSTOM",
-                    other.map_or("a non-string".to_owned(), |a| format!("{a:?}"))
+                refused.push(FieldError::spec(
+                    "action",
+                    format!(
+                        "{} is not ALLOW, DENY, AUDIT or CUSTOM",
+                        other.map_or("a non-string".to_owned(), |a| format!("{a:?}"))
+                    ),
                 ));
                 Action::Deny
             }
@@ -331,28 +343,36 @@ impl Compiled {
                 None => None,
                 Some(Ok(p)) => Some(p.name),
                 Some(Err(e)) => {
-                    refused.push(format!("provider: {e}"));
+                    refused.push(FieldError::spec("provider", e.to_string()));
                     None
                 }
             };
         match (action, &provider) {
-            (Action::Custom, None) => {
-                refused.push("provider: a CUSTOM policy needs provider.name".into())
-            }
+            (Action::Custom, None) => refused.push(FieldError::spec(
+                "provider",
+                "a CUSTOM policy needs provider.name",
+            )),
             (Action::Custom, _) | (_, None) => {}
-            (_, Some(_)) => refused.push("provider: only a CUSTOM policy names a provider".into()),
+            (_, Some(_)) => refused.push(FieldError::spec(
+                "provider",
+                "only a CUSTOM policy names a provider",
+            )),
         }
         let dry_run = match annotations.get("istio.io/dry-run").map(String::as_str) {
             None | Some("false") => false,
             Some("true") if action == Action::Custom => {
-                refused.push("istio.io/dry-run is not supported for CUSTOM policies".into());
+                refused.push(FieldError {
+                    path: DRY_RUN_PATH.into(),
+                    problem: "istio.io/dry-run is not supported for CUSTOM policies".into(),
+                });
                 false
             }
             Some("true") => true,
             Some(other) => {
-                refused.push(format!(
-                    "metadata.annotations[istio.io/dry-run]: {other:?} is not true or false"
-                ));
+                refused.push(FieldError {
+                    path: DRY_RUN_PATH.into(),
+                    problem: format!("{other:?} is not true or false"),
+                });
                 false
             }
         };
@@ -362,7 +382,7 @@ impl Compiled {
                 None => None,
                 Some(Ok(s)) => Some(s.match_labels),
                 Some(Err(e)) => {
-                    refused.push(format!("selector: {e}"));
+                    refused.push(FieldError::spec("selector", e.to_string()));
                     selector_unknown = true;
                     None
                 }
@@ -378,7 +398,10 @@ impl Compiled {
         any_target |= !readable;
         if field("selector").is_some() && has_targets {
             // Both scopes: the tunnel's (selector) and the waypoint's (targets).
-            refused.push("selector and targetRef(s) cannot both be set".into());
+            refused.push(FieldError::spec(
+                "selector",
+                "selector and targetRef(s) cannot both be set",
+            ));
         }
         let mut broken = !refused.is_empty();
         let mut has_l7 = false;
@@ -388,22 +411,26 @@ impl Compiled {
             Some(serde_yaml::Value::Sequence(list)) => {
                 for (i, rule) in list.iter().enumerate() {
                     let compiled = serde_yaml::from_value::<RuleSpec>(rule.clone())
-                        .map_err(|e| e.to_string())
-                        .and_then(|r| compile_rule(r, action));
+                        .map_err(|e| FieldError::spec(format!("rules[{i}]"), e.to_string()))
+                        .and_then(|r| {
+                            compile_rule(r, action).map_err(|e| {
+                                FieldError::spec(format!("rules[{i}].{}", e.path), e.problem)
+                            })
+                        });
                     match compiled {
                         Ok((rule, l7)) => {
                             has_l7 |= l7;
                             rules.push(rule);
                         }
                         Err(e) => {
-                            refused.push(format!("rules[{i}].{e}"));
+                            refused.push(e);
                             rules.push(Rule::fixed(action != Action::Allow));
                         }
                     }
                 }
             }
             Some(_) => {
-                refused.push("rules: not a list".into());
+                refused.push(FieldError::spec("rules", "not a list"));
                 broken = true;
             }
         }
@@ -470,14 +497,14 @@ pub(super) fn compile_targets(
     namespace: &str,
     target_ref: Option<&serde_yaml::Value>,
     target_refs: Option<&serde_yaml::Value>,
-    refused: &mut Vec<String>,
+    refused: &mut Vec<FieldError>,
 ) -> (Vec<(String, String)>, bool) {
     let mut unknown = false;
     let list: Vec<&serde_yaml::Value> = match target_refs {
         None => Vec::new(),
         Some(serde_yaml::Value::Sequence(l)) => l.iter().collect(),
         Some(_) => {
-            refused.push("targetRefs: not a list".into());
+            refused.push(FieldError::spec("targetRefs", "not a list"));
             unknown = true;
             Vec::new()
         }
@@ -492,16 +519,25 @@ pub(super) fn compile_targets(
                     "Gateway" | "Service" | "ServiceEntry" | "GatewayClass"
                 ) =>
             {
-                Some(format!("targetRefs[{i}].kind: {kind:?} is not Gateway, GatewayClass, Service or ServiceEntry"))
+                Some(FieldError::spec(
+                    format!("targetRefs[{i}].kind"),
+                    format!("{kind:?} is not Gateway, GatewayClass, Service or ServiceEntry"),
+                ))
             }
-            (Some(_), Some(_)) if field("namespace").is_some_and(|ns| ns != namespace) => Some(
-                format!("targetRefs[{i}].namespace: must be the policy's namespace"),
-            ),
+            (Some(_), Some(_)) if field("namespace").is_some_and(|ns| ns != namespace) => {
+                Some(FieldError::spec(
+                    format!("targetRefs[{i}].namespace"),
+                    "must be the policy's namespace",
+                ))
+            }
             (Some(kind), Some(name)) => {
                 targets.push((kind, name));
                 None
             }
-            _ => Some(format!("targetRefs[{i}]: kind and name are required")),
+            _ => Some(FieldError::spec(
+                format!("targetRefs[{i}]"),
+                "kind and name are required",
+            )),
         };
         if let Some(problem) = problem {
             refused.push(problem);
@@ -515,7 +551,9 @@ fn present(list: &Option<Vec<String>>) -> bool {
     list.as_ref().is_some_and(|l| !l.is_empty())
 }
 
-fn compile_rule(rule: RuleSpec, action: Action) -> Result<(Rule, bool), String> {
+/// One rule; an error's path is relative to the rule.
+fn compile_rule(rule: RuleSpec, action: Action) -> Result<(Rule, bool), FieldError> {
+    let err = |path: String, problem: String| FieldError { path, problem };
     let mut l7 = false;
     let mut from = Vec::new();
     for (i, f) in rule.from.unwrap_or_default().into_iter().enumerate() {
@@ -542,11 +580,15 @@ fn compile_rule(rule: RuleSpec, action: Action) -> Result<(Rule, bool), String> 
         .iter()
         .any(|f| present(f));
         if !any {
-            return Err(format!("from[{i}].source: at least one field must be set"));
+            return Err(err(
+                format!("from[{i}].source"),
+                "at least one field must be set".into(),
+            ));
         }
         if present(&s.service_accounts) && (present(&s.principals) || present(&s.namespaces)) {
-            return Err(format!(
-                "from[{i}].source: serviceAccounts cannot be set with principals or namespaces"
+            return Err(err(
+                format!("from[{i}].source"),
+                "serviceAccounts cannot be set with principals or namespaces".into(),
             ));
         }
         let strings = |v: &Option<Vec<String>>| {
@@ -555,13 +597,13 @@ fn compile_rule(rule: RuleSpec, action: Action) -> Result<(Rule, bool), String> 
                 .map(|p| StringMatch::parse(p))
                 .collect::<Vec<_>>()
         };
-        let cidrs = |v: &Option<Vec<String>>, field: &str| -> Result<Vec<Cidr>, String> {
+        let cidrs = |v: &Option<Vec<String>>, field: &str| -> Result<Vec<Cidr>, FieldError> {
             v.iter()
                 .flatten()
-                .map(|c| Cidr::parse(c).map_err(|e| format!("from[{i}].source.{field}: {e}")))
+                .map(|c| Cidr::parse(c).map_err(|e| err(format!("from[{i}].source.{field}"), e)))
                 .collect()
         };
-        let accounts = |v: &Option<Vec<String>>, field: &str| -> Result<Vec<String>, String> {
+        let accounts = |v: &Option<Vec<String>>, field: &str| -> Result<Vec<String>, FieldError> {
             v.iter()
                 .flatten()
                 .map(|sa| match sa.split_once('/') {
@@ -570,8 +612,9 @@ fn compile_rule(rule: RuleSpec, action: Action) -> Result<(Rule, bool), String> 
                     {
                         Ok(sa.clone())
                     }
-                    _ => Err(format!(
-                        "from[{i}].source.{field}: {sa:?} is not <namespace>/<name>"
+                    _ => Err(err(
+                        format!("from[{i}].source.{field}"),
+                        format!("{sa:?} is not <namespace>/<name>"),
                     )),
                 })
                 .collect()
@@ -602,16 +645,21 @@ fn compile_rule(rule: RuleSpec, action: Action) -> Result<(Rule, bool), String> 
             || present(&o.not_paths);
         l7 |= l7_here;
         if !(l7_here || present(&o.ports) || present(&o.not_ports)) {
-            return Err(format!("to[{i}].operation: at least one field must be set"));
+            return Err(err(
+                format!("to[{i}].operation"),
+                "at least one field must be set".into(),
+            ));
         }
-        let ports = |v: &Option<Vec<String>>, field: &str| -> Result<Vec<u16>, String> {
+        let ports = |v: &Option<Vec<String>>, field: &str| -> Result<Vec<u16>, FieldError> {
             v.iter()
                 .flatten()
                 .map(|p| {
-                    p.parse::<u16>()
-                        .ok()
-                        .filter(|p| *p > 0)
-                        .ok_or_else(|| format!("to[{i}].operation.{field}: {p:?} is not a port"))
+                    p.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| {
+                        err(
+                            format!("to[{i}].operation.{field}"),
+                            format!("{p:?} is not a port"),
+                        )
+                    })
                 })
                 .collect()
         };
@@ -641,7 +689,10 @@ fn compile_rule(rule: RuleSpec, action: Action) -> Result<(Rule, bool), String> 
     let mut when = Vec::new();
     for (i, c) in rule.when.unwrap_or_default().into_iter().enumerate() {
         if !present(&c.values) && !present(&c.not_values) {
-            return Err(format!("when[{i}]: values or notValues must be set"));
+            return Err(err(
+                format!("when[{i}]"),
+                "values or notValues must be set".into(),
+            ));
         }
         let key = match c.key.as_str() {
             "source.ip" => ConditionKey::SourceIp,
@@ -651,20 +702,26 @@ fn compile_rule(rule: RuleSpec, action: Action) -> Result<(Rule, bool), String> 
             "destination.port" => ConditionKey::DestinationPort,
             k if is_l7_key(k) => {
                 l7 = true;
-                l7_key(k).map_err(|e| format!("when[{i}].key: {e}"))?
+                l7_key(k).map_err(|e| err(format!("when[{i}].key"), e))?
             }
-            k => return Err(format!("when[{i}].key: unknown key {k:?}")),
+            k => return Err(err(format!("when[{i}].key"), format!("unknown key {k:?}"))),
         };
         let values = c.values.unwrap_or_default();
         let not_values = c.not_values.unwrap_or_default();
         for v in values.iter().chain(&not_values) {
             match key {
                 ConditionKey::SourceIp | ConditionKey::DestinationIp => {
-                    Cidr::parse(v).map_err(|e| format!("when[{i}] ({}): {e}", c.key))?;
+                    Cidr::parse(v).map_err(|e| {
+                        err(format!("when[{i}].values"), format!("({}): {e}", c.key))
+                    })?;
                 }
                 ConditionKey::DestinationPort => {
-                    v.parse::<u16>()
-                        .map_err(|_| format!("when[{i}] ({}): {v:?} is not a port", c.key))?;
+                    v.parse::<u16>().map_err(|_| {
+                        err(
+                            format!("when[{i}].values"),
+                            format!("({}): {v:?} is not a port", c.key),
+                        )
+                    })?;
                 }
                 _ => {}
             }

@@ -6,12 +6,11 @@
 
 pub mod authn;
 pub mod authz;
-pub mod check;
 pub mod matching;
 pub mod peer_auth;
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     net::IpAddr,
     sync::{Arc, Mutex},
 };
@@ -20,11 +19,22 @@ use serde::Serialize;
 
 pub use authz::{Action, Compiled};
 pub use peer_auth::{Mode, PeerAuthentication};
+// A validated token, as the JWT verifier returns it.
+pub use crate::jwt::RequestAuth;
 
-use crate::{config::Policy, identity::Identity, state::Workload};
+use crate::identity::Identity;
 
 /// Istio's default root namespace: its policies apply to the whole mesh.
 pub const ROOT_NAMESPACE: &str = "istio-system";
+
+/// The workload traffic goes to, as policy sees it (the state's workloads fill it
+/// in): policy never depends on the state that owns its [`Index`].
+#[derive(Clone, Copy, Debug)]
+pub struct Target<'a> {
+    pub namespace: &'a str,
+    pub name: &'a str,
+    pub labels: &'a BTreeMap<String, String>,
+}
 
 /// What the tunnel knows about a connection when it decides.
 #[derive(Clone, Debug)]
@@ -52,15 +62,6 @@ pub struct Request {
     pub auth: Option<RequestAuth>,
 }
 
-#[derive(Clone, Debug, Default)]
-pub struct RequestAuth {
-    /// `<iss>/<sub>`.
-    pub principal: String,
-    pub audiences: Vec<String>,
-    pub presenter: Option<String>,
-    pub claims: serde_json::Value,
-}
-
 /// The outcome for one connection.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Decision {
@@ -74,43 +75,170 @@ pub struct Decision {
     /// force fail closed.
     pub notes: Vec<String>,
     /// Dry-run policies that matched, with what they would have decided.
-    pub dry_run: Vec<String>,
+    pub dry_run: Vec<DryRun>,
     /// AUDIT policies that matched.
     pub audit: Vec<String>,
 }
 
-/// Validates a `security.istio.io` resource, for the config source: a bad one is
-/// refused with this message and stays in force fail closed (see
-/// [`Compiled::compile_fail_closed`], [`PeerAuthentication::compile_fail_closed`]).
-pub fn validate(policy: &Policy) -> Result<(), String> {
-    match policy.kind.as_str() {
-        "AuthorizationPolicy" => {
-            let c = Compiled::compile_fail_closed(
-                &policy.namespace,
-                &policy.name,
-                &policy.annotations,
-                &policy.spec,
-            );
-            match c.refused.is_empty() {
-                true => Ok(()),
-                false => Err(format!(
-                    "{} (in force, fail closed: {})",
-                    c.refused.join("; "),
-                    c.fail_closed_effect()
+/// A dry-run policy that matched, and what the decision would have been had it
+/// been enforced.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DryRun {
+    /// `namespace/name`.
+    pub policy: String,
+    pub would_allow: bool,
+    /// Why it would have been so; None where only the policy's own action is known
+    /// (at a waypoint).
+    pub reason: Option<String>,
+}
+
+impl std::fmt::Display for DryRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let would = if self.would_allow { "allow" } else { "deny" };
+        write!(f, "{}: would {would}", self.policy)?;
+        if let Some(reason) = &self.reason {
+            write!(f, " ({reason})")?;
+        }
+        Ok(())
+    }
+}
+
+/// One problem of a refused policy: the field, from the resource's top (e.g.
+/// `spec.rules[0].from[1].source.principals`), and what is wrong with it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {problem}")]
+pub struct FieldError {
+    pub path: String,
+    pub problem: String,
+}
+
+impl FieldError {
+    /// A problem of a field under `spec` (`path` relative to it).
+    pub fn spec(path: impl std::fmt::Display, problem: impl Into<String>) -> Self {
+        Self {
+            path: format!("spec.{path}"),
+            problem: problem.into(),
+        }
+    }
+}
+
+/// Why the config source refuses a `security.istio.io` resource: every problem,
+/// and what the policy does while it stays in force, fail closed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{} (in force, fail closed: {in_force})", join(.problems))]
+pub struct Refusal {
+    pub problems: Vec<FieldError>,
+    pub in_force: String,
+}
+
+/// The problems, `; `-separated.
+pub(crate) fn join(problems: &[FieldError]) -> String {
+    problems
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// A `security.istio.io` resource, compiled once, where the config source reads
+/// it: the snapshot carries what it compiled to (a refused policy compiled fail
+/// closed, and why it was refused) to [`Index::build`].
+#[derive(Clone, Debug)]
+pub struct Policy {
+    pub kind: String,
+    pub api_version: String,
+    pub name: String,
+    pub namespace: String,
+    pub annotations: BTreeMap<String, String>,
+    pub spec: serde_yaml::Value,
+    compiled: Rules,
+}
+
+/// What a policy compiled to.
+#[derive(Clone, Debug)]
+enum Rules {
+    Authorization(Arc<Compiled>),
+    RequestAuthentication(Arc<authn::RequestAuthentication>),
+    PeerAuthentication(Arc<PeerAuthentication>),
+    /// A kind the mesh does not enforce.
+    Other,
+}
+
+/// Equal when their resources are: what they compile to follows.
+impl PartialEq for Policy {
+    fn eq(&self, other: &Self) -> bool {
+        (
+            &self.kind,
+            &self.api_version,
+            &self.name,
+            &self.namespace,
+            &self.annotations,
+            &self.spec,
+        ) == (
+            &other.kind,
+            &other.api_version,
+            &other.name,
+            &other.namespace,
+            &other.annotations,
+            &other.spec,
+        )
+    }
+}
+
+impl Policy {
+    /// Compiles the resource (fail closed: see [`Compiled::compile_fail_closed`],
+    /// [`PeerAuthentication::compile_fail_closed`],
+    /// [`authn::RequestAuthentication::compile_fail_closed`]).
+    pub fn new(
+        kind: &str,
+        api_version: &str,
+        namespace: &str,
+        name: &str,
+        annotations: BTreeMap<String, String>,
+        spec: serde_yaml::Value,
+    ) -> Self {
+        let compiled =
+            match kind {
+                "AuthorizationPolicy" => Rules::Authorization(Arc::new(
+                    Compiled::compile_fail_closed(namespace, name, &annotations, &spec),
                 )),
-            }
+                "RequestAuthentication" => Rules::RequestAuthentication(Arc::new(
+                    authn::RequestAuthentication::compile_fail_closed(namespace, name, &spec),
+                )),
+                "PeerAuthentication" => Rules::PeerAuthentication(Arc::new(
+                    PeerAuthentication::compile_fail_closed(namespace, name, &spec),
+                )),
+                _ => Rules::Other,
+            };
+        Self {
+            kind: kind.to_owned(),
+            api_version: api_version.to_owned(),
+            name: name.to_owned(),
+            namespace: namespace.to_owned(),
+            annotations,
+            spec,
+            compiled,
         }
-        "RequestAuthentication" => {
-            authn::RequestAuthentication::compile(&policy.namespace, &policy.name, &policy.spec)
-                .map(|_| ())
+    }
+
+    /// Why the config source refuses it, if it does: a refused policy stays in
+    /// force, compiled fail closed.
+    pub fn refusal(&self) -> Option<Refusal> {
+        match &self.compiled {
+            Rules::Authorization(c) => (!c.refused.is_empty()).then(|| Refusal {
+                problems: c.refused.clone(),
+                in_force: c.fail_closed_effect(),
+            }),
+            Rules::RequestAuthentication(a) => (!a.refused.is_empty()).then(|| Refusal {
+                problems: a.refused.iter().map(|r| r.reason.clone()).collect(),
+                in_force: a.fail_closed_effect(),
+            }),
+            Rules::PeerAuthentication(p) => p.refused.clone().map(|problem| Refusal {
+                problems: vec![problem],
+                in_force: "STRICT on every port of the workloads it applies to".into(),
+            }),
+            Rules::Other => None,
         }
-        "PeerAuthentication" => {
-            PeerAuthentication::compile(&policy.namespace, &policy.name, &policy.spec).map_err(|e| {
-                format!("{e} (in force, fail closed: STRICT on every port of the workloads it applies to)")
-            })?;
-            Ok(())
-        }
-        _ => Ok(()),
     }
 }
 
@@ -147,8 +275,7 @@ pub struct Index {
 }
 
 impl Index {
-    /// Compiles the snapshot's policies. Invalid ones were refused by the config
-    /// source already; anything that still fails is skipped and logged.
+    /// Indexes the snapshot's policies, compiled where the config source read them.
     pub fn build<'a>(
         policies: impl IntoIterator<Item = &'a Policy>,
         root_namespace: &str,
@@ -160,14 +287,9 @@ impl Index {
             ..Default::default()
         };
         for policy in policies {
-            match policy.kind.as_str() {
-                "AuthorizationPolicy" => {
-                    let c = Arc::new(Compiled::compile_fail_closed(
-                        &policy.namespace,
-                        &policy.name,
-                        &policy.annotations,
-                        &policy.spec,
-                    ));
+            match &policy.compiled {
+                Rules::Authorization(c) => {
+                    let c = c.clone();
                     // The waypoint's: attached to its targets (or, when they cannot
                     // be read, to every target of the namespace).
                     for (kind, name) in &c.targets {
@@ -192,12 +314,7 @@ impl Index {
                     }
                     index.authz.entry(c.namespace.clone()).or_default().push(c);
                 }
-                "RequestAuthentication" => {
-                    let a = Arc::new(authn::RequestAuthentication::compile_fail_closed(
-                        &policy.namespace,
-                        &policy.name,
-                        &policy.spec,
-                    ));
+                Rules::RequestAuthentication(a) => {
                     if a.targets.is_empty() && !a.any_target {
                         tracing::debug!(policy = %a.name, "RequestAuthentication without targetRefs: no waypoint applies it");
                     }
@@ -213,22 +330,17 @@ impl Index {
                             .authn_anywhere
                             .entry(a.namespace.clone())
                             .or_default()
-                            .push(a);
+                            .push(a.clone());
                     }
                 }
-                "PeerAuthentication" => {
-                    let p = PeerAuthentication::compile_fail_closed(
-                        &policy.namespace,
-                        &policy.name,
-                        &policy.spec,
-                    );
+                Rules::PeerAuthentication(p) => {
                     index
                         .peer_auth
                         .entry(p.namespace.clone())
                         .or_default()
-                        .push(Arc::new(p));
+                        .push(p.clone());
                 }
-                _ => {}
+                Rules::Other => {}
             }
         }
         // Deterministic order: the first match in a list is the one reported.
@@ -245,15 +357,15 @@ impl Index {
         &self.trust_domains
     }
 
-    fn applicable(&self, workload: &Workload) -> Arc<Applicable> {
-        let key = (workload.namespace.clone(), workload.name.clone());
+    fn applicable(&self, workload: Target) -> Arc<Applicable> {
+        let key = (workload.namespace.to_owned(), workload.name.to_owned());
         if let Some(found) = self.cache.lock().expect("not poisoned").get(&key) {
             return found.clone();
         }
         let mut applicable = Applicable::default();
         let root = self.authz.get(&self.root_namespace).into_iter().flatten();
         let own = (workload.namespace != self.root_namespace)
-            .then(|| self.authz.get(&workload.namespace))
+            .then(|| self.authz.get(workload.namespace))
             .flatten()
             .into_iter()
             .flatten();
@@ -295,8 +407,8 @@ impl Index {
 
     /// AuthorizationPolicy for a connection to `destination`: CUSTOM, then DENY,
     /// then ALLOW; AUDIT and dry-run policies are recorded, never decide.
-    pub fn authorize(&self, destination: &Workload, conn: &Connection) -> Decision {
-        let applicable = self.applicable(destination);
+    pub fn authorize<'a>(&self, destination: impl Into<Target<'a>>, conn: &Connection) -> Decision {
+        let applicable = self.applicable(destination.into());
         let mut decision = decide(
             &applicable.custom,
             &applicable.deny,
@@ -329,20 +441,28 @@ impl Index {
                 _ => (applicable.deny.clone(), applicable.allow.clone()),
             };
             let would = decide(&applicable.custom, &deny, &allow, conn, &self.trust_domains);
-            decision.dry_run.push(format!(
-                "{}: would {} ({})",
-                shadow.name,
-                if would.allow { "allow" } else { "deny" },
-                would.reason
-            ));
+            decision.dry_run.push(DryRun {
+                policy: shadow.name.clone(),
+                would_allow: would.allow,
+                reason: Some(would.reason),
+            });
         }
         decision
     }
 
     /// The PeerAuthentication mode for plaintext to `destination:port`, and the
     /// policy that set it (None: the mesh default, PERMISSIVE).
-    pub fn peer_authentication(&self, destination: &Workload, port: u16) -> (Mode, Option<String>) {
-        peer_auth::effective(&self.peer_auth, &self.root_namespace, destination, port)
+    pub fn peer_authentication<'a>(
+        &self,
+        destination: impl Into<Target<'a>>,
+        port: u16,
+    ) -> (Mode, Option<String>) {
+        peer_auth::effective(
+            &self.peer_auth,
+            &self.root_namespace,
+            destination.into(),
+            port,
+        )
     }
 }
 
@@ -408,15 +528,11 @@ impl Index {
             .collect();
         decision.notes = policies.iter().filter_map(|p| refused_note(p)).collect();
         for shadow in policies.iter().filter(|p| p.dry_run && matcher(p)) {
-            decision.dry_run.push(format!(
-                "{}: would {}",
-                shadow.name,
-                if shadow.action == Action::Allow {
-                    "allow"
-                } else {
-                    "deny"
-                }
-            ));
+            decision.dry_run.push(DryRun {
+                policy: shadow.name.clone(),
+                would_allow: shadow.action == Action::Allow,
+                reason: None,
+            });
         }
         decision
     }
@@ -579,7 +695,7 @@ fn refused_note(policy: &Compiled) -> Option<String> {
         format!(
             "{} was refused ({}); in force fail closed: {}",
             policy.name,
-            policy.refused.join("; "),
+            join(&policy.refused),
             policy.fail_closed_effect()
         )
     })

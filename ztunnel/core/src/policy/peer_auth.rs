@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use crate::state::Workload;
+use super::{FieldError, Target};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub enum Mode {
@@ -22,15 +22,16 @@ pub enum Mode {
 }
 
 impl Mode {
-    fn parse(text: Option<&str>, field: &str) -> Result<Self, String> {
+    fn parse(text: Option<&str>, field: &str) -> Result<Self, FieldError> {
         Ok(match text.unwrap_or("UNSET") {
             "UNSET" => Mode::Unset,
             "STRICT" => Mode::Strict,
             "PERMISSIVE" => Mode::Permissive,
             "DISABLE" => Mode::Disable,
             other => {
-                return Err(format!(
-                    "{field}: {other:?} is not UNSET, STRICT, PERMISSIVE or DISABLE"
+                return Err(FieldError::spec(
+                    field,
+                    format!("{other:?} is not UNSET, STRICT, PERMISSIVE or DISABLE"),
                 ))
             }
         })
@@ -92,15 +93,22 @@ pub struct PeerAuthentication {
     pub mode: Mode,
     pub ports: BTreeMap<u16, Mode>,
     /// Why the config source refused it; None for a valid policy.
-    pub refused: Option<String>,
+    pub refused: Option<FieldError>,
 }
 
 impl PeerAuthentication {
-    pub fn compile(namespace: &str, name: &str, spec: &serde_yaml::Value) -> Result<Self, String> {
+    pub fn compile(
+        namespace: &str,
+        name: &str,
+        spec: &serde_yaml::Value,
+    ) -> Result<Self, FieldError> {
         let spec: Spec = if spec.is_null() {
             Spec::default()
         } else {
-            serde_yaml::from_value(spec.clone()).map_err(|e| e.to_string())?
+            serde_yaml::from_value(spec.clone()).map_err(|e| FieldError {
+                path: "spec".into(),
+                problem: e.to_string(),
+            })?
         };
         let mode = Mode::parse(
             spec.mtls.as_ref().and_then(|m| m.mode.as_deref()),
@@ -108,9 +116,9 @@ impl PeerAuthentication {
         )?;
         let mut ports = BTreeMap::new();
         for (port, mtls) in &spec.port_level_mtls {
-            let number = port
-                .port()
-                .ok_or_else(|| format!("portLevelMtls: {port} is not a port"))?;
+            let number = port.port().ok_or_else(|| {
+                FieldError::spec("portLevelMtls", format!("{port} is not a port"))
+            })?;
             ports.insert(
                 number,
                 Mode::parse(
@@ -124,7 +132,10 @@ impl PeerAuthentication {
             .map(|s| s.match_labels)
             .filter(|l| !l.is_empty());
         if !ports.is_empty() && selector.is_none() {
-            return Err("portLevelMtls: only a policy with a workload selector may set it".into());
+            return Err(FieldError::spec(
+                "portLevelMtls",
+                "only a policy with a workload selector may set it",
+            ));
         }
         Ok(Self {
             name: format!("{namespace}/{name}"),
@@ -165,11 +176,11 @@ impl PeerAuthentication {
 pub(super) fn effective(
     policies: &HashMap<String, Vec<Arc<PeerAuthentication>>>,
     root: &str,
-    workload: &Workload,
+    workload: Target,
     port: u16,
 ) -> (Mode, Option<String>) {
     let own = policies
-        .get(&workload.namespace)
+        .get(workload.namespace)
         .map(Vec::as_slice)
         .unwrap_or_default();
     // Workload scope: the first (by name) policy selecting the workload.

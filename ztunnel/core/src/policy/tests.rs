@@ -2,25 +2,39 @@
 //! PeerAuthentication reference, and the ambient L4 policy page).
 
 use super::*;
-use crate::{identity::Identity, state::Workload};
+use crate::identity::Identity;
+
+/// A destination workload, as the state would fill in [`Target`].
+struct Workload {
+    namespace: String,
+    name: String,
+    labels: BTreeMap<String, String>,
+}
+
+impl<'a> From<&'a Workload> for Target<'a> {
+    fn from(w: &'a Workload) -> Self {
+        Target {
+            namespace: &w.namespace,
+            name: &w.name,
+            labels: &w.labels,
+        }
+    }
+}
 
 fn workload(ns: &str, name: &str, labels: &[(&str, &str)]) -> Workload {
     Workload {
         name: name.into(),
         namespace: ns.into(),
-        service_account: name.into(),
-        node: "n".into(),
-        ip: "10.244.0.9".parse().unwrap(),
         labels: labels
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
-        identity: Identity::new("cluster.local", ns, name).unwrap(),
-        captured: true,
-        netns: None,
-        cgroup: None,
-        waypoint: None,
     }
+}
+
+/// The config source's check: the refusal the policy carries.
+fn validate(policy: &Policy) -> Result<(), String> {
+    policy.refusal().map_or(Ok(()), |r| Err(r.to_string()))
 }
 
 fn policy(kind: &str, ns: &str, name: &str, spec: &str) -> Policy {
@@ -34,17 +48,17 @@ fn policy_with(
     spec: &str,
     annotations: &[(&str, &str)],
 ) -> Policy {
-    Policy {
-        kind: kind.into(),
-        api_version: "security.istio.io/v1".into(),
-        name: name.into(),
-        namespace: ns.into(),
-        annotations: annotations
+    Policy::new(
+        kind,
+        "security.istio.io/v1",
+        ns,
+        name,
+        annotations
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
-        spec: serde_yaml::from_str(spec).unwrap(),
-    }
+        serde_yaml::from_str(spec).unwrap(),
+    )
 }
 
 fn ap(ns: &str, name: &str, spec: &str) -> Policy {
@@ -84,6 +98,29 @@ fn web() -> Workload {
 
 fn allows(index: &Index, conn: &Connection) -> bool {
     index.authorize(&web(), conn).allow
+}
+
+/// A refusal is data: each problem with its field's path from the resource's top.
+#[test]
+fn a_refusal_names_each_problem_by_its_field_path() {
+    let refused = ap(
+        "shop",
+        "bad",
+        "action: MAYBE\nrules:\n- from: [{source: {namespaces: [a]}}, {source: {ipBlocks: [10.0.0.0/99]}}]",
+    )
+    .refusal()
+    .expect("refused");
+    let paths: Vec<&str> = refused.problems.iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        ["spec.action", "spec.rules[0].from[1].source.ipBlocks"]
+    );
+    assert!(refused.in_force.contains("denies all traffic"), "{refused}");
+    assert!(ap("shop", "good", "rules: [{}]").refusal().is_none());
+    let pa = pa("shop", "bad", "mtls: {mode: STRICTER}")
+        .refusal()
+        .expect("refused");
+    assert_eq!(pa.problems[0].path, "spec.mtls.mode");
 }
 
 #[test]
@@ -431,7 +468,15 @@ fn dry_run_is_evaluated_not_enforced() {
     assert!(d.allow);
     assert_eq!(
         d.dry_run,
-        vec!["shop/try-deny: would deny (denied by DENY policy shop/try-deny)".to_string()]
+        vec![DryRun {
+            policy: "shop/try-deny".into(),
+            would_allow: false,
+            reason: Some("denied by DENY policy shop/try-deny".into()),
+        }]
+    );
+    assert_eq!(
+        d.dry_run[0].to_string(),
+        "shop/try-deny: would deny (denied by DENY policy shop/try-deny)"
     );
 }
 
@@ -576,7 +621,7 @@ fn evaluation_only_sees_the_policies_that_target_the_destination() {
     let i = index(&policies);
     let d = i.authorize(&web(), &mtls("a", "b", 80));
     assert_eq!(d.policy.as_deref(), Some("shop/allow-all"));
-    let applicable = i.applicable(&web());
+    let applicable = i.applicable((&web()).into());
     assert_eq!(applicable.allow.len() + applicable.deny.len(), 1);
 }
 
@@ -928,6 +973,7 @@ fn a_request_authentication_rule_that_cannot_compile_refuses_tokens_where_it_loo
         &serde_yaml::from_str("jwtRules: [{issuer: ''}]").unwrap()
     )
     .unwrap_err()
+    .to_string()
     .contains("in force, fail closed"),);
 }
 

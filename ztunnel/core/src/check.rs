@@ -1,15 +1,14 @@
 //! `ztunnel policy check`: what the data path would decide for a connection, from a
-//! config directory, with the same engine ([`super::Index`]) the tunnel and the
-//! waypoint call.
+//! config directory, with the same engine ([`crate::policy::Index`]) the tunnel and
+//! the waypoint call. It builds a [`State`], so it sits above both.
 
 use std::{net::IpAddr, sync::Arc};
 
-use anyhow::{bail, Context as _, Result};
 use serde::Serialize;
 
-use super::{Connection, Mode, Request};
 use crate::{
     config::Snapshot,
+    policy::{authn, Connection, Mode, Request},
     state::{MeshSettings, State, Waypoint, Workload},
 };
 
@@ -38,12 +37,56 @@ pub struct Query {
     pub http: Option<HttpQuery>,
 }
 
+/// What the data path would answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Verdict {
+    #[serde(rename = "ALLOW")]
+    Allow,
+    #[serde(rename = "DENY")]
+    Deny,
+    /// An invalid JWT.
+    #[serde(rename = "401")]
+    Unauthenticated,
+    /// A path the waypoint refuses.
+    #[serde(rename = "400")]
+    BadRequest,
+}
+
+/// Who decides.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layer {
+    Ztunnel,
+    Waypoint,
+    /// Nothing enforces policy there.
+    None,
+}
+
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Allow => "ALLOW",
+            Self::Deny => "DENY",
+            Self::Unauthenticated => "401",
+            Self::BadRequest => "400",
+        })
+    }
+}
+
+impl std::fmt::Display for Layer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Ztunnel => "ztunnel",
+            Self::Waypoint => "waypoint",
+            Self::None => "none",
+        })
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Outcome {
-    /// "ALLOW", "DENY", "401" (an invalid JWT) or "400" (a path the waypoint refuses).
-    pub decision: String,
-    /// "ztunnel", "waypoint", or "none" when nothing enforces policy there.
-    pub layer: String,
+    pub decision: Verdict,
+    pub layer: Layer,
     pub policy: Option<String>,
     pub reason: String,
     pub notes: Vec<String>,
@@ -51,19 +94,19 @@ pub struct Outcome {
 
 impl Outcome {
     pub fn allowed(&self) -> bool {
-        self.decision == "ALLOW"
+        self.decision == Verdict::Allow
     }
 
     fn new(
-        decision: &str,
-        layer: &str,
+        decision: Verdict,
+        layer: Layer,
         policy: Option<String>,
         reason: String,
         notes: Vec<String>,
     ) -> Self {
         Self {
-            decision: decision.into(),
-            layer: layer.into(),
+            decision,
+            layer,
             policy,
             reason,
             notes,
@@ -71,10 +114,31 @@ impl Outcome {
     }
 }
 
+/// A query that names what the config does not have, or is malformed.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    #[error("{0:?}: expected <namespace>/<name>")]
+    Name(String),
+    #[error("{0:?}: expected <namespace>/<pod>:<port>")]
+    Destination(String),
+    #[error("{0:?} is not a port")]
+    Port(String),
+    #[error("no pod {0} with an IP in the config")]
+    NoPod(String),
+    #[error("no pod or service {0} (with an IP) in the config")]
+    NoDestination(String),
+    #[error("service {0} has no port {1}")]
+    NoServicePort(String, u16),
+    #[error("service {0} has no endpoints")]
+    NoEndpoints(String),
+}
+
+type Result<T> = std::result::Result<T, QueryError>;
+
 fn split_name(text: &str) -> Result<(&str, &str)> {
     text.split_once('/')
         .filter(|(ns, name)| !ns.is_empty() && !name.is_empty())
-        .with_context(|| format!("{text:?}: expected <namespace>/<name>"))
+        .ok_or_else(|| QueryError::Name(text.to_owned()))
 }
 
 /// The destination of the query: a pod, or a service (one of its endpoints).
@@ -91,10 +155,10 @@ struct Destination {
 fn destination(state: &State, to: &str, notes: &mut Vec<String>) -> Result<Destination> {
     let (name, port) = to
         .rsplit_once(':')
-        .with_context(|| format!("{to:?}: expected <namespace>/<pod>:<port>"))?;
+        .ok_or_else(|| QueryError::Destination(to.to_owned()))?;
     let port: u16 = port
         .parse()
-        .with_context(|| format!("{port:?} is not a port"))?;
+        .map_err(|_| QueryError::Port(port.to_owned()))?;
     let (ns, name) = split_name(name)?;
     if let Some(workload) = state.workload_by_name(ns, name) {
         binding_note(state, "Pod", ns, name, notes);
@@ -118,17 +182,17 @@ fn destination(state: &State, to: &str, notes: &mut Vec<String>) -> Result<Desti
     let service = state
         .services()
         .find(|s| s.namespace == ns && s.name == name)
-        .with_context(|| format!("no pod or service {ns}/{name} (with an IP) in the config"))?;
+        .ok_or_else(|| QueryError::NoDestination(format!("{ns}/{name}")))?;
     let target = service
         .ports
         .iter()
         .find(|p| p.port == port)
-        .with_context(|| format!("service {ns}/{name} has no port {port}"))?
+        .ok_or_else(|| QueryError::NoServicePort(format!("{ns}/{name}"), port))?
         .target_port;
     let workload = service
         .endpoints
         .first()
-        .with_context(|| format!("service {ns}/{name} has no endpoints"))?
+        .ok_or_else(|| QueryError::NoEndpoints(format!("{ns}/{name}")))?
         .clone();
     if service.endpoints.len() > 1 {
         notes.push(format!(
@@ -160,11 +224,12 @@ fn binding_note(state: &State, kind: &str, ns: &str, name: &str, notes: &mut Vec
     }
 }
 
+/// What the data path would decide for `query` in the mesh `snapshot` describes.
 pub fn check(snapshot: Snapshot, settings: &MeshSettings, query: &Query) -> Result<Outcome> {
     let state = State::build(Arc::new(snapshot), settings);
     let (from_ns, from_pod) = split_name(&query.from)?;
     let Some(source) = state.workload_by_name(from_ns, from_pod).cloned() else {
-        bail!("no pod {from_ns}/{from_pod} with an IP in the config");
+        return Err(QueryError::NoPod(format!("{from_ns}/{from_pod}")));
     };
     let mut notes = Vec::new();
     let dst = destination(&state, &query.to, &mut notes)?;
@@ -198,7 +263,13 @@ pub fn check(snapshot: Snapshot, settings: &MeshSettings, query: &Query) -> Resu
         });
         if let Some(Err(e)) = &path {
             let reason = format!("the waypoint refuses the path (400): {e}");
-            return Ok(Outcome::new("400", "waypoint", None, reason, notes));
+            return Ok(Outcome::new(
+                Verdict::BadRequest,
+                Layer::Waypoint,
+                None,
+                reason,
+                notes,
+            ));
         }
         let request = query.http.as_ref().map(|h| {
             let (authority, headers): (Vec<_>, Vec<_>) = h
@@ -223,7 +294,10 @@ pub fn check(snapshot: Snapshot, settings: &MeshSettings, query: &Query) -> Resu
                 crate::forwarded::remote_ip(&forwarded_for, h.trusted_proxies, conn.source_ip);
             Request {
                 method: h.method.clone(),
-                path: path.clone().and_then(Result::ok).unwrap_or_default(),
+                path: path
+                    .clone()
+                    .and_then(std::result::Result::ok)
+                    .unwrap_or_default(),
                 host,
                 headers,
                 remote_ip: Some(remote_ip),
@@ -242,16 +316,22 @@ pub fn check(snapshot: Snapshot, settings: &MeshSettings, query: &Query) -> Resu
             }
             let query_string = h.path.split_once('?').map(|(_, q)| q);
             if let Some((policy, reason)) =
-                super::authn::refused_by(&authentications, &headers, query_string)
+                authn::refused_by(&authentications, &headers, query_string)
             {
-                return Ok(Outcome::new("401", "waypoint", Some(policy), reason, notes));
+                return Ok(Outcome::new(
+                    Verdict::Unauthenticated,
+                    Layer::Waypoint,
+                    Some(policy),
+                    reason,
+                    notes,
+                ));
             }
         }
         if let (Some(token), Some(req)) = (
             query.http.as_ref().and_then(|h| h.jwt.as_deref()),
             request.as_mut(),
         ) {
-            let rules: Vec<&super::authn::JwtRule> =
+            let rules: Vec<&authn::JwtRule> =
                 authentications.iter().flat_map(|a| &a.rules).collect();
             if rules.is_empty() {
                 notes.push("no RequestAuthentication applies: the token is not read".into());
@@ -261,8 +341,8 @@ pub fn check(snapshot: Snapshot, settings: &MeshSettings, query: &Query) -> Resu
                     Err(reason) => {
                         let reason = format!("Jwt verification fails: {reason}");
                         return Ok(Outcome::new(
-                            "401",
-                            "waypoint",
+                            Verdict::Unauthenticated,
+                            Layer::Waypoint,
                             authentications.first().map(|a| a.name.clone()),
                             reason,
                             notes,
@@ -295,8 +375,8 @@ pub fn check(snapshot: Snapshot, settings: &MeshSettings, query: &Query) -> Resu
         ));
         if !decision.allow {
             return Ok(Outcome::new(
-                "DENY",
-                "waypoint",
+                Verdict::Deny,
+                Layer::Waypoint,
                 decision.policy,
                 decision.reason,
                 notes,
@@ -316,8 +396,8 @@ pub fn check(snapshot: Snapshot, settings: &MeshSettings, query: &Query) -> Resu
                     notes.extend(tunnel.notes);
                     notes.push("the destination's tunnel judges the waypoint's connection".into());
                     return Ok(Outcome::new(
-                        "DENY",
-                        "ztunnel",
+                        Verdict::Deny,
+                        Layer::Ztunnel,
                         tunnel.policy,
                         tunnel.reason,
                         notes,
@@ -326,8 +406,8 @@ pub fn check(snapshot: Snapshot, settings: &MeshSettings, query: &Query) -> Resu
             }
         }
         return Ok(Outcome::new(
-            "ALLOW",
-            "waypoint",
+            Verdict::Allow,
+            Layer::Waypoint,
             decision.policy,
             decision.reason,
             notes,
@@ -342,7 +422,13 @@ pub fn check(snapshot: Snapshot, settings: &MeshSettings, query: &Query) -> Resu
             "{}/{} is not in the mesh: no tunnel enforces policy for it",
             dst.workload.namespace, dst.workload.name
         );
-        return Ok(Outcome::new("ALLOW", "none", None, reason, notes));
+        return Ok(Outcome::new(
+            Verdict::Allow,
+            Layer::None,
+            None,
+            reason,
+            notes,
+        ));
     }
     let conn = Connection {
         source_identity: identity,
@@ -355,8 +441,8 @@ pub fn check(snapshot: Snapshot, settings: &MeshSettings, query: &Query) -> Resu
         if mode == Mode::Strict {
             let name = policy.clone().unwrap_or_default();
             return Ok(Outcome::new(
-                "DENY",
-                "ztunnel",
+                Verdict::Deny,
+                Layer::Ztunnel,
                 policy,
                 format!("plaintext refused: PeerAuthentication {name} is STRICT"),
                 notes,
@@ -372,10 +458,14 @@ pub fn check(snapshot: Snapshot, settings: &MeshSettings, query: &Query) -> Resu
             .iter()
             .map(|a| format!("AUDIT policy {a} matched")),
     );
-    let verdict = if decision.allow { "ALLOW" } else { "DENY" };
+    let verdict = if decision.allow {
+        Verdict::Allow
+    } else {
+        Verdict::Deny
+    };
     Ok(Outcome::new(
         verdict,
-        "ztunnel",
+        Layer::Ztunnel,
         decision.policy,
         decision.reason,
         notes,
@@ -385,19 +475,134 @@ pub fn check(snapshot: Snapshot, settings: &MeshSettings, query: &Query) -> Resu
 /// Validates a token against rules with inline keys (a jwksUri is not fetched here).
 fn validate_offline(
     token: &str,
-    rules: &[&super::authn::JwtRule],
-) -> Result<super::RequestAuth, String> {
+    rules: &[&authn::JwtRule],
+) -> std::result::Result<crate::jwt::RequestAuth, String> {
     let issuer = crate::jwt::issuer(token)?;
     let rule = rules
         .iter()
         .find(|r| r.issuer == issuer)
         .ok_or_else(|| format!("issuer {issuer:?} is not accepted"))?;
     match &rule.jwks {
-        super::authn::JwksSource::Inline(jwks) => {
-            crate::jwt::verify(token, jwks, &rule.issuer, &rule.audiences)
+        authn::JwksSource::Inline(jwks) => {
+            crate::jwt::verify(token, jwks, &rule.issuer, &rule.audiences).map_err(String::from)
         }
-        super::authn::JwksSource::Uri(uri) => Err(format!(
+        authn::JwksSource::Uri(uri) => Err(format!(
             "the keys are at {uri}; policy check does not fetch them"
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::config::{Namespace, Pod, Policy, AMBIENT, DATAPLANE_MODE};
+
+    fn pod(name: &str, ip: [u8; 4]) -> Pod {
+        Pod {
+            uid: None,
+            name: name.into(),
+            namespace: "shop".into(),
+            labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
+            service_account: name.into(),
+            node_name: "n1".into(),
+            ip: Some(ip.into()),
+            netns: None,
+            cgroup: None,
+        }
+    }
+
+    /// shop (ambient): client and web, and `policies` (YAML specs by name).
+    fn snapshot(policies: &[(&str, &str)]) -> Snapshot {
+        let mut snapshot = Snapshot::default();
+        snapshot.namespaces.insert(
+            "shop".into(),
+            Namespace {
+                name: "shop".into(),
+                labels: [(DATAPLANE_MODE.to_owned(), AMBIENT.to_owned())].into(),
+                annotations: BTreeMap::new(),
+            },
+        );
+        for p in [pod("client", [10, 0, 0, 1]), pod("web", [10, 0, 0, 2])] {
+            snapshot
+                .pods
+                .insert((p.namespace.clone(), p.name.clone()), p);
+        }
+        for (name, spec) in policies {
+            let policy = Policy::new(
+                "AuthorizationPolicy",
+                "security.istio.io/v1",
+                "shop",
+                name,
+                BTreeMap::new(),
+                serde_yaml::from_str(spec).unwrap(),
+            );
+            snapshot.policies.insert(
+                (policy.kind.clone(), "shop".into(), name.to_string()),
+                policy,
+            );
+        }
+        snapshot
+    }
+
+    fn query(from: &str, to: &str) -> Query {
+        Query {
+            from: from.into(),
+            to: to.into(),
+            plaintext: false,
+            http: None,
+        }
+    }
+
+    fn ask(snapshot: Snapshot, from: &str, to: &str) -> Result<Outcome> {
+        check(
+            snapshot,
+            &MeshSettings::new("n1", "cluster.local"),
+            &query(from, to),
+        )
+    }
+
+    #[test]
+    fn the_verdict_and_layer_are_types_that_print_as_before() {
+        let allowed = ask(snapshot(&[]), "shop/client", "shop/web:80").unwrap();
+        assert_eq!(
+            (allowed.decision, allowed.layer),
+            (Verdict::Allow, Layer::Ztunnel)
+        );
+        assert!(allowed.allowed());
+        let deny = "action: DENY\nrules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/client]}}]}]";
+        let denied = ask(
+            snapshot(&[("no-client", deny)]),
+            "shop/client",
+            "shop/web:80",
+        )
+        .unwrap();
+        assert_eq!(denied.decision, Verdict::Deny);
+        assert_eq!(denied.policy.as_deref(), Some("shop/no-client"));
+        let json = serde_json::to_value(&denied).unwrap();
+        assert_eq!(json["decision"], "DENY");
+        assert_eq!(json["layer"], "ztunnel");
+        assert_eq!(
+            format!("{} {}", Verdict::Unauthenticated, Layer::None),
+            "401 none"
+        );
+    }
+
+    #[test]
+    fn a_query_naming_what_the_config_lacks_is_refused_with_a_typed_error() {
+        let cases = [
+            ("shop/ghost", "shop/web:80", "NoPod"),
+            ("client", "shop/web:80", "Name"),
+            ("shop/client", "shop/web", "Destination"),
+            ("shop/client", "shop/web:http", "Port"),
+            ("shop/client", "shop/nothing:80", "NoDestination"),
+        ];
+        for (from, to, expected) in cases {
+            let err = ask(snapshot(&[]), from, to).unwrap_err();
+            let kind = format!("{err:?}");
+            assert!(kind.starts_with(expected), "{from} -> {to}: {kind}");
+        }
     }
 }

@@ -109,7 +109,7 @@ pub async fn refused_by_policy(
     };
     let before = count().await;
     let out = mesh.output(pod, probe, &["connect", target, "refused"]);
-    !out.contains("reply=") && count().await > before
+    crate::mesh::refused_after_connect(&out) && count().await > before
 }
 
 /// Whether the metric (summed over its labels) satisfies `wanted` on every node's

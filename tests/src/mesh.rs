@@ -699,8 +699,8 @@ impl Mesh {
         cmd.arg("--config")
             .arg(self.config.path())
             .args([
-                "--config-poll-ms",
-                "100",
+                "--config-poll",
+                "100ms",
                 "--name",
                 name,
                 "--namespace",
@@ -1003,4 +1003,33 @@ where
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+}
+
+/// Whether a `tb-probe connect` was refused by the mesh after it connected: the
+/// connection was made (to a tunnel, which refused it), then closed or reset with
+/// nothing received (a reset may show in a write, a broken pipe, or in the
+/// half-close, not connected). A connect that failed, a timeout or any reply is not that.
+pub fn refused_after_connect(out: &str) -> bool {
+    let connected = out.lines().any(|l| l.starts_with("peer="));
+    let closed_empty = out.lines().any(|l| l == "reply=");
+    let reset = out.lines().any(|l| {
+        l.starts_with("error=")
+            && [
+                "Connection reset by peer",
+                "Broken pipe",
+                "Transport endpoint is not connected",
+            ]
+            .iter()
+            .any(|reset| l.contains(reset))
+    });
+    connected && (closed_empty || reset)
+}
+
+/// Asserts [`refused_after_connect`], showing the probe's output otherwise.
+#[track_caller]
+pub fn assert_refused_after_connect(out: &str) {
+    assert!(
+        refused_after_connect(out),
+        "expected: connected, then closed with nothing received (a refusal by the mesh); got:\n{out}"
+    );
 }

@@ -1561,3 +1561,53 @@ async fn token_review_authenticates_tunnels_for_their_node_and_workloads_for_the
         "one review per refusal, none for the tunnel"
     );
 }
+
+/// SIGTERM: the CA stops accepting, closes the connections it holds (one in its
+/// TLS handshake, one idle after a call; a keep-alive metrics client) rather than
+/// waiting for them, and exits 0 well within its grace period.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_drains_the_ca_and_it_exits_0_within_the_grace_period() {
+    let mut ca = CaProcess::start(&["--drain-grace", "30s"]).await;
+    let certs = manager(&ca.files, "node-a", Duration::from_secs(3600));
+    certs.fetch(&id("demo", "sleep")).await.unwrap();
+    let mut silent = TcpStream::connect(("127.0.0.1", ca.api)).await.unwrap();
+    let mut metrics = TcpStream::connect(("127.0.0.1", ca.metrics)).await.unwrap();
+    metrics
+        .write_all(b"GET /metrics HTTP/1.1\r\nhost: ca\r\n\r\n")
+        .await
+        .unwrap();
+    let mut first = [0u8; 15];
+    metrics.read_exact(&mut first).await.unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200 OK");
+
+    let started = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(ca.pid() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(15), ca.child.wait())
+        .await
+        .expect("ztunnel-ca exits after SIGTERM")
+        .unwrap();
+    assert!(status.success(), "exit status {status}: {}", ca.log());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "exited after {:?}: it waited for idle connections",
+        started.elapsed()
+    );
+    // Both held connections were closed (end of stream after what was sent).
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), silent.read_to_end(&mut rest)).await;
+    assert!(matches!(read, Ok(Ok(_)) | Ok(Err(_))), "still open");
+    let read = tokio::time::timeout(Duration::from_secs(5), metrics.read_to_end(&mut rest)).await;
+    assert!(matches!(read, Ok(Ok(_)) | Ok(Err(_))), "still open");
+    // Nothing accepts any more.
+    assert!(TcpStream::connect(("127.0.0.1", ca.api)).await.is_err());
+    assert!(TcpStream::connect(("127.0.0.1", ca.metrics)).await.is_err());
+    let log = ca.log();
+    assert!(
+        log.contains("CA draining") && log.contains("CA drained"),
+        "{log}"
+    );
+}

@@ -1861,7 +1861,7 @@ async fn a_websocket_upgrade_passes_the_waypoint_after_policy() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_drains_the_waypoint_and_requests_in_flight_finish() {
-    let mesh = l7_mesh().await;
+    let mut mesh = l7_mesh().await;
     let echo1 = L7Server::start(mesh.cluster.pod("echo-1"), 9000).unwrap();
     let echo2 = L7Server::start(mesh.cluster.pod("echo-2"), 9000).unwrap();
     let client = mesh.cluster.pod("client").clone();
@@ -1875,6 +1875,7 @@ async fn sigterm_drains_the_waypoint_and_requests_in_flight_finish() {
     )
     .await;
     let pid = mesh.tunnel_pid("waypoint-waypoint").unwrap();
+    let started = std::time::Instant::now();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid as i32),
         nix::sys::signal::Signal::SIGTERM,
@@ -1896,6 +1897,14 @@ async fn sigterm_drains_the_waypoint_and_requests_in_flight_finish() {
     assert!(
         !log.contains("grace period ended"),
         "nothing was cut: {log}"
+    );
+    // Exited 0, within the grace period (5 s).
+    let status = mesh.stop_tunnel("waypoint-waypoint").await.unwrap();
+    assert!(status.success(), "exit status {status}: {log}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5 + 2),
+        "exited {:?} after SIGTERM",
+        started.elapsed()
     );
 }
 
@@ -2021,10 +2030,10 @@ async fn a_request_stalling_in_its_headers_is_closed_and_a_stalled_upload_or_sil
         workloads,
         L7_CONFIG,
         &[
-            "--request-headers-timeout-seconds",
-            "1",
-            "--stream-idle-timeout-seconds",
-            "2",
+            "--request-headers-timeout",
+            "1s",
+            "--stream-idle-timeout",
+            "2s",
         ],
     )
     .await;

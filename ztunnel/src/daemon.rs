@@ -17,13 +17,14 @@ use http::{Method, StatusCode};
 use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use serde_json::json;
 use tokio::{net::TcpListener, sync::watch, task::JoinSet};
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio_util::sync::CancellationToken;
 
 use crate::{
     accept::{AcceptMetrics, Acceptor, Limiter, Limits},
     ca::client::{CaClient, CaClientConfig},
     certs::{CertManager, CertManagerConfig},
     config,
+    drain::Drain,
     http_server::{self, Handler},
     metrics::{self, PolicyMetrics, TcpMetrics},
     netns::Netns,
@@ -58,7 +59,7 @@ pub struct RunOptions {
 }
 
 /// Changes the log filter at run time (`/logging?level=`).
-pub type SetLogLevel = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+pub use ztunnel_core::telemetry::SetLogLevel;
 
 /// An enrolled pod: the workload it was enrolled as, and its listeners' tasks.
 struct Enrolled {
@@ -149,8 +150,11 @@ pub async fn run(options: RunOptions, set_log_level: SetLogLevel) -> Result<()> 
         pod_cgroup_root: options.pod_cgroup_root.clone(),
     })?;
     let orig_src = Arc::new(OrigSrc::new(redirector.take_deliveries()?, &mut registry));
+    let orig_dst = redirector.take_orig_dst()?;
     let settings = proxy::pool::PoolSettings::default();
     let accept_metrics = AcceptMetrics::register(&mut registry);
+    // One drain for every server and connection of the process.
+    let drain = Drain::new();
     tracing::info!(limits = ?options.limits, "connection limits");
     let ctx = Arc::new(Context {
         state: states.clone(),
@@ -158,7 +162,8 @@ pub async fn run(options: RunOptions, set_log_level: SetLogLevel) -> Result<()> 
         pool: Pool::new(settings.clone()),
         metrics: tcp_metrics,
         redirect: Arc::new(Mutex::new(redirector)),
-        connections: TaskTracker::new(),
+        orig_dst,
+        connections: drain.tracker().clone(),
         hbone: settings,
         policy_metrics: PolicyMetrics::register(&mut registry),
         active: Arc::default(),
@@ -182,7 +187,7 @@ pub async fn run(options: RunOptions, set_log_level: SetLogLevel) -> Result<()> 
         ("admin", options.admin_addr, admin),
     ];
     for (name, addr, handler) in endpoints {
-        serve_http(name, addr, handler, &accept_metrics).await?;
+        serve_http(name, addr, handler, &accept_metrics, &drain).await?;
     }
 
     let reconciler = tokio::spawn(reconcile_loop(
@@ -201,7 +206,8 @@ pub async fn run(options: RunOptions, set_log_level: SetLogLevel) -> Result<()> 
     );
     reconciler.abort();
     let _ = reconciler.await;
-    // Closing the listeners: new connections are refused (the pods fail closed).
+    // Closing the pods' listeners (and their DNS): new connections are refused
+    // (the pods fail closed).
     let pods: Vec<Enrolled> = enrolled
         .lock()
         .expect("not poisoned")
@@ -211,16 +217,13 @@ pub async fn run(options: RunOptions, set_log_level: SetLogLevel) -> Result<()> 
     for mut pod in pods {
         pod.tasks.shutdown().await;
     }
-    ctx.connections.close();
-    if tokio::time::timeout(options.drain_timeout, ctx.connections.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            "{} connections still open at the drain deadline: closing them",
-            ctx.connections.len()
-        );
+    // Then the admin, metrics and readiness listeners, and the wait for open
+    // connections.
+    let cut = drain.drain(options.drain_timeout).await;
+    if cut > 0 {
+        tracing::warn!("{cut} connections still open at the drain deadline: closing them");
     }
+    tracing::info!("drained");
     Ok(())
 }
 
@@ -231,14 +234,16 @@ async fn serve_http(
     addr: SocketAddr,
     handler: Handler,
     metrics: &AcceptMetrics,
+    drain: &Drain,
 ) -> Result<()> {
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding {addr}"))?;
     let limiter = Limiter::new(Limits::http_endpoint(), metrics.clone());
-    tokio::spawn(http_server::serve_with(
+    tokio::spawn(http_server::serve_draining(
         Acceptor::new(listener, limiter, name),
         handler,
+        drain.clone(),
     ));
     Ok(())
 }
@@ -267,7 +272,12 @@ async fn reconcile_loop(
             &metrics,
         )
         .await;
-        release_leftovers(&ctx, &state, &enrolled);
+        {
+            let (ctx, state, enrolled) = (ctx.clone(), state.clone(), enrolled.clone());
+            // BPF syscalls and pinned-link removal: off the async runtime.
+            let _ = tokio::task::spawn_blocking(move || release_leftovers(&ctx, &state, &enrolled))
+                .await;
+        }
         ready.store(true, Ordering::Release);
         previous = Some(state);
         let retry = pending.values().map(|p| p.next).min();
@@ -348,16 +358,15 @@ fn release_leftovers(ctx: &Context, state: &State, enrolled: &EnrolledPods) {
             Err(e) => tracing::warn!(%ip, "releasing a leftover pod: {e:#}"),
         }
     }
+    drop(redirect);
     if released.is_empty() {
         return;
     }
     // Their namespaces are known only by cookie: found by looking at every one.
-    tokio::task::spawn_blocking(move || {
-        let (_, failed) = orig_src::remove_by_cookie(&released);
-        for failure in failed {
-            tracing::warn!("original-source routing left in a released pod: {failure}");
-        }
-    });
+    let (_, failed) = orig_src::remove_by_cookie(&released);
+    for failure in failed {
+        tracing::warn!("original-source routing left in a released pod: {failure}");
+    }
 }
 
 async fn reconcile(
@@ -411,23 +420,28 @@ async fn reconcile(
     for mut pod in gone {
         pod.tasks.shutdown().await;
         pod.gone.cancel();
-        if let Err(e) = orig_src::remove_in(&pod.netns) {
-            tracing::warn!(pod = %pod.workload.name, "removing the original-source routing: {e}");
-        }
         let still_served = enrolled
             .lock()
             .expect("not poisoned")
             .values()
             .any(|e| e.workload.ip == pod.workload.ip);
-        let result = {
-            let mut redirect = ctx.redirect.lock().expect("not poisoned");
-            redirect
+        // setns threads and BPF syscalls: off the async runtime.
+        let ctx2 = ctx.clone();
+        let (pod, result) = tokio::task::spawn_blocking(move || {
+            if let Err(e) = orig_src::remove_in(&pod.netns) {
+                tracing::warn!(pod = %pod.workload.name, "removing the original-source routing: {e}");
+            }
+            let mut redirect = ctx2.redirect.lock().expect("not poisoned");
+            let result = redirect
                 .release_netns(pod.netns_cookie)
                 .and_then(|()| match still_served {
                     true => Ok(()),
                     false => redirect.remove_listeners(pod.workload.ip),
-                })
-        };
+                });
+            (pod, result)
+        })
+        .await
+        .expect("the unenrollment task does not panic");
         match result {
             Ok(()) => {
                 tracing::info!(pod = %pod.workload.name, namespace = %pod.workload.namespace, "unenrolled")
@@ -461,7 +475,7 @@ async fn reconcile(
         {
             continue;
         }
-        match enroll(ctx, state, &workload) {
+        match enroll(ctx, state, &workload).await {
             Ok(pod) => {
                 tracing::info!(pod = %workload.name, namespace = %workload.namespace, ip = %workload.ip, identity = %workload.identity, "enrolled");
                 pending.remove(&key);
@@ -512,7 +526,7 @@ async fn reconcile(
 }
 
 /// Captures one pod and serves its listeners.
-fn enroll(ctx: &Arc<Context>, state: &State, workload: &Arc<Workload>) -> Result<Enrolled> {
+async fn enroll(ctx: &Arc<Context>, state: &State, workload: &Arc<Workload>) -> Result<Enrolled> {
     let (Some(netns), Some(cgroup)) = (&workload.netns, &workload.cgroup) else {
         anyhow::bail!("its network namespace and cgroup are unknown");
     };
@@ -525,11 +539,14 @@ fn enroll(ctx: &Arc<Context>, state: &State, workload: &Arc<Workload>) -> Result
         allow_plaintext_udp,
         dns_capture,
     };
-    let listeners = ctx
-        .redirect
-        .lock()
-        .expect("not poisoned")
-        .enroll(&network)?;
+    // setns threads and BPF syscalls: off the async runtime, so that connections
+    // are served while a pod is enrolled.
+    let redirect = ctx.redirect.clone();
+    let listeners = tokio::task::spawn_blocking(move || {
+        redirect.lock().expect("not poisoned").enroll(&network)
+    })
+    .await
+    .context("the enrollment task")??;
     let netns = listeners.netns.try_clone()?;
     let netns_cookie = listeners.netns_cookie;
     let gone = CancellationToken::new();

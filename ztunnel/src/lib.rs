@@ -16,6 +16,6 @@ pub mod redirect;
 // core's modules, the configuration sources and the HBONE client.
 pub use ztunnel_config::{self as config, k8s};
 pub use ztunnel_core::{
-    accept, ca, certs, check, cli, discovery, extauthz, forwarded, http_server, identity, jwt,
-    metrics, netns, path_normalization, policy, state, tls,
+    accept, ca, certs, check, cli, discovery, drain, extauthz, forwarded, http_server, identity,
+    jwt, metrics, netns, path_normalization, policy, state, telemetry, tls,
 };

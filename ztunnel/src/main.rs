@@ -1,12 +1,12 @@
 //! `ztunnel`: the node tunnel and its tools.
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use ztunnel::{
     certs::CertInfo,
-    cli::{parse_duration, parse_duration_ms},
+    cli::{parse_duration, parse_duration_ms, CommonArgs, MeshArgs},
 };
 
 #[derive(Parser)]
@@ -96,45 +96,19 @@ struct CheckArgs {
 
 #[derive(Args)]
 struct RunArgs {
-    /// Directory of Kubernetes YAML (Namespaces, Pods, Services, Istio security
-    /// resources), watched for changes.
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Watch the cluster's API server instead (the default when running in a pod).
-    #[arg(long)]
-    kube: bool,
+    /// The flags the binaries share (--config: a directory of Kubernetes YAML;
+    /// --kube; --trust-domain; --metrics-addr; --drain-grace).
+    #[command(flatten)]
+    common: CommonArgs,
+    /// The mesh and the CA.
+    #[command(flatten)]
+    mesh: MeshArgs,
     /// Kubernetes source: the longest time between rebuilds of the state.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     resync: Duration,
-    /// How often the directory is checked for changes.
-    #[arg(long, default_value = "1s", value_parser = parse_duration_ms)]
-    config_poll: Duration,
     /// This node's name (`spec.nodeName` of its pods).
     #[arg(long, env = "NODE_NAME")]
     node: String,
-    #[arg(long, default_value = "cluster.local")]
-    trust_domain: String,
-    /// Other trust domains accepted as this one (Istio's trustDomainAliases).
-    #[arg(long = "trust-domain-alias")]
-    trust_domain_aliases: Vec<String>,
-    /// Policies in this namespace apply to the whole mesh.
-    #[arg(long, default_value = ztunnel::policy::ROOT_NAMESPACE)]
-    root_namespace: String,
-    /// The CA (`ztunnel-ca`, or istiod), host:port.
-    #[arg(long)]
-    ca_address: String,
-    /// The name on the CA's TLS certificate.
-    #[arg(long, default_value = "ztunnel-ca.istio-system.svc")]
-    ca_server_name: String,
-    /// PEM roots that signed the CA's TLS certificate.
-    #[arg(long)]
-    ca_root: PathBuf,
-    /// This node's credential for the CA.
-    #[arg(long)]
-    ca_token: PathBuf,
-    /// Lifetime asked for workload certificates.
-    #[arg(long, default_value = "24h", value_parser = parse_duration)]
-    cert_ttl: Duration,
     /// Directory on a bpffs mount for this tunnel's pinned programs and maps.
     #[arg(long, default_value = "/sys/fs/bpf/ztunnel")]
     pin_dir: PathBuf,
@@ -148,13 +122,8 @@ struct RunArgs {
     cgroup_mount: PathBuf,
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin_addr: SocketAddr,
-    #[arg(long, default_value = "0.0.0.0:15020")]
-    metrics_addr: SocketAddr,
     #[arg(long, default_value = "0.0.0.0:15021")]
     readiness_addr: SocketAddr,
-    /// How long open connections may finish after SIGTERM.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
-    drain_timeout: Duration,
     /// Most connections the proxy holds at once, across all pods (default: 65536,
     /// lowered to fit the file-descriptor limit).
     #[arg(long)]
@@ -195,21 +164,7 @@ struct CertsArgs {
 }
 
 fn main() {
-    use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt, EnvFilter};
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let (filter, reload) = tracing_subscriber::reload::Layer::new(filter);
-    tracing_subscriber::registry()
-        .with(filter)
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
-        )
-        .init();
-    let set_log_level: ztunnel::daemon::SetLogLevel = Arc::new(move |level: &str| {
-        let filter = EnvFilter::try_new(level).map_err(|e| format!("bad level {level:?}: {e}"))?;
-        reload.reload(filter).map_err(|e| e.to_string())
-    });
+    let set_log_level = ztunnel::telemetry::init_tracing(&[]);
     let cli = Cli::parse();
     // ZTUNNEL_WORKER_THREADS overrides tokio's default (one per CPU).
     let mut builder = tokio::runtime::Builder::new_multi_thread();
@@ -286,10 +241,11 @@ async fn run(args: RunArgs, set_log_level: ztunnel::daemon::SetLogLevel) -> Resu
             found
         }
     };
+    let (common, mesh) = (args.common, args.mesh);
     let source = ztunnel::config::Source::choose(
-        args.config,
-        args.kube,
-        args.config_poll,
+        common.config.clone(),
+        common.kube,
+        common.config_poll(),
         ztunnel::config::kube::KubeOptions {
             node: args.node.clone(),
             pod_cgroup_root: Some(pod_cgroup_root.clone()),
@@ -300,20 +256,20 @@ async fn run(args: RunArgs, set_log_level: ztunnel::daemon::SetLogLevel) -> Resu
         ztunnel::daemon::RunOptions {
             source,
             node: args.node,
-            trust_domain: args.trust_domain,
-            trust_domain_aliases: args.trust_domain_aliases,
-            root_namespace: args.root_namespace,
-            ca_address: args.ca_address,
-            ca_server_name: args.ca_server_name,
-            ca_root: args.ca_root,
-            ca_token: args.ca_token,
-            cert_ttl: args.cert_ttl,
+            trust_domain: common.trust_domain,
+            trust_domain_aliases: mesh.trust_domain_aliases,
+            root_namespace: mesh.root_namespace,
+            ca_address: mesh.ca_address,
+            ca_server_name: mesh.ca_server_name,
+            ca_root: mesh.ca_root,
+            ca_token: mesh.ca_token,
+            cert_ttl: mesh.cert_ttl,
             pin_dir: args.pin_dir,
             pod_cgroup_root,
             admin_addr: args.admin_addr,
-            metrics_addr: args.metrics_addr,
+            metrics_addr: common.metrics_addr,
             readiness_addr: args.readiness_addr,
-            drain_timeout: args.drain_timeout,
+            drain_timeout: common.drain_grace,
             limits: {
                 let mut limits = ztunnel::accept::Limits::proxy();
                 if let Some(max) = args.max_connections {

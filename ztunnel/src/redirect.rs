@@ -16,11 +16,13 @@
 //! ```
 
 use std::{
+    cell::RefCell,
     fs::{self, File},
     io,
     net::{Ipv4Addr, SocketAddrV4, TcpListener, UdpSocket},
     os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
+    sync::atomic::{AtomicU64, Ordering},
 };
 
 use anyhow::{bail, Context, Result};
@@ -122,7 +124,6 @@ pub struct Redirector {
     config: RedirectConfig,
     ebpf: Ebpf,
     enrolled: HashMap<MapData, u64, PodConfig>,
-    orig_dst: HashMap<MapData, ConnKey, OrigDst>,
     listeners: SockHash<MapData, ListenerKey>,
 }
 
@@ -180,13 +181,11 @@ impl Redirector {
             .with_context(|| format!("loading {INBOUND_PROGRAM}"))?;
 
         let enrolled = HashMap::try_from(take_map(&mut ebpf, maps::ENROLLED)?)?;
-        let orig_dst = HashMap::try_from(take_map(&mut ebpf, maps::ORIG_DST)?)?;
         let listeners = SockHash::try_from(take_map(&mut ebpf, maps::LISTENERS)?)?;
         Ok(Self {
             config,
             ebpf,
             enrolled,
-            orig_dst,
             listeners,
         })
     }
@@ -291,23 +290,18 @@ impl Redirector {
         Ok(())
     }
 
-    /// The destination a pod asked for, given the peer address of a connection
-    /// accepted on that pod's outbound listener. Taken, not read: a later
-    /// connection from the same address and port (one made straight to the
-    /// listener) must not inherit it.
-    pub fn original_dst(&mut self, netns_cookie: u64, peer: SocketAddrV4) -> Option<SocketAddrV4> {
-        let key = ConnKey {
-            netns_cookie,
-            ip: u32::from_ne_bytes(peer.ip().octets()),
-            port: peer.port(),
-            _pad: 0,
+    /// The original destinations of captured connections; there is one, taken once.
+    pub fn take_orig_dst(&mut self) -> Result<OrigDstMap> {
+        let map = take_map(&mut self.ebpf, maps::ORIG_DST)?;
+        // Its kind and sizes checked once here: each thread's handle is made from it.
+        HashMap::<_, ConnKey, OrigDst>::try_from(&map)?;
+        let (aya::maps::Map::HashMap(data) | aya::maps::Map::LruHashMap(data)) = &map else {
+            bail!("{} is not a hash map", maps::ORIG_DST);
         };
-        let orig = self.orig_dst.get(&key, 0).ok()?;
-        let _ = self.orig_dst.remove(&key);
-        Some(SocketAddrV4::new(
-            Ipv4Addr::from(orig.ip.to_ne_bytes()),
-            orig.port,
-        ))
+        Ok(OrigDstMap {
+            fd: data.fd().as_fd().try_clone_to_owned()?,
+            id: NEXT_ORIG_DST_ID.fetch_add(1, Ordering::Relaxed),
+        })
     }
 
     /// The map of deliveries from a client's address that `sk_lookup` lets
@@ -335,6 +329,62 @@ impl Redirector {
             .pin_dir
             .join("pods")
             .join(netns_cookie.to_string())
+    }
+}
+
+/// The original destinations of captured connections (the `ORIG_DST` map), read
+/// on every outbound connection with no lock: each thread takes entries through
+/// its own handle on the map (a duplicate of one descriptor), so a lookup waits
+/// neither for enrollment (the redirector) nor for other lookups.
+pub struct OrigDstMap {
+    fd: std::os::fd::OwnedFd,
+    /// Tells this map's thread handles from another instance's.
+    id: u64,
+}
+
+static NEXT_ORIG_DST_ID: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    static ORIG_DST_HANDLE: RefCell<Option<(u64, HashMap<MapData, ConnKey, OrigDst>)>> =
+        const { RefCell::new(None) };
+}
+
+impl OrigDstMap {
+    /// The destination a pod asked for, given the peer address of a connection
+    /// accepted on that pod's outbound listener. Taken, not read: a later
+    /// connection from the same address and port (one made straight to the
+    /// listener) must not inherit it.
+    pub fn take(&self, netns_cookie: u64, peer: SocketAddrV4) -> Option<SocketAddrV4> {
+        let key = ConnKey {
+            netns_cookie,
+            ip: u32::from_ne_bytes(peer.ip().octets()),
+            port: peer.port(),
+            _pad: 0,
+        };
+        ORIG_DST_HANDLE.with_borrow_mut(|handle| {
+            if handle.as_ref().is_none_or(|(id, _)| *id != self.id) {
+                match self.thread_handle() {
+                    Ok(map) => *handle = Some((self.id, map)),
+                    Err(e) => {
+                        // Fail closed: the connection is refused (NR).
+                        tracing::warn!("opening the original-destination map: {e:#}");
+                        return None;
+                    }
+                }
+            }
+            let (_, map) = handle.as_mut()?;
+            let orig = map.get(&key, 0).ok()?;
+            let _ = map.remove(&key);
+            Some(SocketAddrV4::new(
+                Ipv4Addr::from(orig.ip.to_ne_bytes()),
+                orig.port,
+            ))
+        })
+    }
+
+    fn thread_handle(&self) -> Result<HashMap<MapData, ConnKey, OrigDst>> {
+        let data = MapData::from_fd(self.fd.try_clone()?)?;
+        Ok(HashMap::try_from(aya::maps::Map::HashMap(data))?)
     }
 }
 

@@ -809,6 +809,7 @@ fn connect_from(source: &str, addr: &str, message: &str) -> anyhow::Result<()> {
         socket.bind(SocketAddr::new(source, 0))?;
         let mut stream =
             tokio::time::timeout(Duration::from_secs(5), socket.connect(addr)).await??;
+        println!("peer={}", stream.peer_addr()?);
         stream.write_all(message.as_bytes()).await?;
         stream.shutdown().await?;
         let mut reply = String::new();

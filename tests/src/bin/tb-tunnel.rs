@@ -33,11 +33,12 @@ use tokio::{
 };
 use ztunnel::{
     netns,
-    redirect::{PodListeners, PodNetwork, RedirectConfig, Redirector},
+    redirect::{OrigDstMap, PodListeners, PodNetwork, RedirectConfig, Redirector},
 };
 
 struct Tunnel {
     redirector: Redirector,
+    orig_dst: Arc<OrigDstMap>,
     /// Per enrolled pod: its netns cookie and the tasks serving its listeners.
     pods: HashMap<Ipv4Addr, (u64, JoinSet<()>)>,
 }
@@ -55,12 +56,14 @@ async fn main() -> Result<()> {
             other => bail!("unknown argument {other}"),
         }
     }
-    let redirector = Redirector::start(RedirectConfig {
+    let mut redirector = Redirector::start(RedirectConfig {
         pin_dir: pin_dir.context("--pin-dir is required")?,
         pod_cgroup_root: root.context("--pod-cgroup-root is required")?,
     })?;
+    let orig_dst = Arc::new(redirector.take_orig_dst()?);
     let tunnel = Arc::new(Mutex::new(Tunnel {
         redirector,
+        orig_dst,
         pods: HashMap::new(),
     }));
     for pod in &pods {
@@ -137,7 +140,8 @@ fn serve(tunnel: Arc<Mutex<Tunnel>>, pod: PodNetwork, l: PodListeners) -> Result
             let SocketAddr::V4(peer) = peer else {
                 return Ok(());
             };
-            let orig = tunnel.lock().await.redirector.original_dst(cookie, peer);
+            let orig_dst = tunnel.lock().await.orig_dst.clone();
+            let orig = orig_dst.take(cookie, peer);
             let header = match orig {
                 Some(orig) => format!("outbound orig={orig}\n"),
                 None => "outbound orig=unknown\n".to_owned(),

@@ -9,13 +9,16 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser};
 use ztunnel_ca::{
     auth::{LocalPods, NodeTokens},
     server::{CaMetrics, CaServer},
     Authority, AuthorityOptions,
 };
-use ztunnel_core::cli::{parse_duration, parse_duration_ms};
+use ztunnel_core::{
+    cli::{parse_duration, parse_duration_ms, CommonArgs},
+    drain::{self, Drain},
+};
 
 /// Run the certificate authority: signs workload certificates for node tunnels,
 /// serving Istio's CA API (gRPC over TLS).
@@ -26,8 +29,10 @@ struct CaArgs {
     /// root-cert.pem, cert-chain.pem); a root is generated there if it is empty.
     #[arg(long)]
     dir: PathBuf,
-    #[arg(long, default_value = "cluster.local")]
-    trust_domain: String,
+    /// The flags the binaries share. Local mode: --config is the directory of
+    /// Kubernetes YAML whose pods say which node runs which workload.
+    #[command(flatten)]
+    common: CommonArgs,
     /// Address to serve the CA API on.
     #[arg(long, default_value = "0.0.0.0:15012")]
     listen: SocketAddr,
@@ -37,14 +42,6 @@ struct CaArgs {
     /// Local mode: YAML file `node: token` authenticating each node's tunnel.
     #[arg(long, conflicts_with = "kube", required_unless_present = "kube")]
     node_tokens: Option<PathBuf>,
-    /// Local mode: directory of Kubernetes YAML whose pods say which node runs
-    /// which workload.
-    #[arg(long, conflicts_with = "kube", required_unless_present = "kube")]
-    config: Option<PathBuf>,
-    /// In a cluster (in-cluster config, or the kubeconfig outside one): callers
-    /// are authenticated by TokenReview, nodes' pods come from the API server.
-    #[arg(long)]
-    kube: bool,
     /// With --kube: keep the root in this Secret of the CA's namespace (created
     /// with a new root when missing). Without it, --dir is used as it is (e.g. the
     /// `cacerts` Secret mounted there). deploy/'s RBAC lets the CA read only the
@@ -74,9 +71,6 @@ struct CaArgs {
     /// Longest lifetime granted; longer requests are refused.
     #[arg(long, default_value = "90d", value_parser = parse_duration)]
     max_ttl: Duration,
-    /// Where to serve Prometheus metrics.
-    #[arg(long, default_value = "127.0.0.1:15014")]
-    metrics_addr: SocketAddr,
     /// A client's TLS handshake must finish within this.
     #[arg(long, default_value = "10s", value_parser = parse_duration_ms)]
     handshake_timeout: Duration,
@@ -92,15 +86,16 @@ struct CaArgs {
 }
 
 fn main() {
-    use tracing_subscriber::EnvFilter;
-    let args = CaArgs::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    // The shared flags, with the CA's own defaults and rules: metrics on
+    // localhost, and in local mode a config directory.
+    let matches = CaArgs::command()
+        .mut_arg("metrics_addr", |a| a.default_value("127.0.0.1:15014"))
+        .mut_arg("config", |a| {
+            a.conflicts_with("kube").required_unless_present("kube")
+        })
+        .get_matches();
+    let args = CaArgs::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    ztunnel_core::telemetry::init_tracing(&[]);
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
     if let Err(e) = runtime.block_on(ca(args)) {
         eprintln!("ztunnel-ca: error: {e:#}");
@@ -111,14 +106,14 @@ fn main() {
 async fn ca(args: CaArgs) -> Result<()> {
     let options = AuthorityOptions {
         dir: args.dir.clone(),
-        trust_domain: args.trust_domain.clone(),
+        trust_domain: args.common.trust_domain.clone(),
         default_ttl: args.default_ttl,
         max_ttl: args.max_ttl,
     };
     let (authenticator, authorizer): (
         Arc<dyn ztunnel_ca::auth::Authenticator>,
         Arc<dyn ztunnel_ca::auth::NodeAuthorizer>,
-    ) = match args.kube {
+    ) = match args.common.kube {
         true => {
             use ztunnel_ca::kube;
             let client = ztunnel_config::k8s::client().await?;
@@ -143,7 +138,7 @@ async fn ca(args: CaArgs) -> Result<()> {
                 .node_tokens
                 .as_ref()
                 .context("--node-tokens is required")?;
-            let config = args.config.clone().context("--config is required")?;
+            let config = args.common.config.clone().context("--config is required")?;
             (
                 Arc::new(NodeTokens::from_file(tokens)?),
                 Arc::new(LocalPods::new(config)),
@@ -174,19 +169,38 @@ async fn ca(args: CaArgs) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
-    let metrics_listener = tokio::net::TcpListener::bind(args.metrics_addr)
+    let metrics_addr = args.common.metrics_addr;
+    let metrics_listener = tokio::net::TcpListener::bind(metrics_addr)
         .await
-        .with_context(|| format!("binding {}", args.metrics_addr))?;
+        .with_context(|| format!("binding {metrics_addr}"))?;
     tracing::info!(
         listen = %listener.local_addr()?,
-        trust_domain = %args.trust_domain,
+        trust_domain = %args.common.trust_domain,
         dir = %args.dir.display(),
         "CA serving"
     );
     let registry = Arc::new(Mutex::new(registry));
-    tokio::spawn(ztunnel_core::http_server::serve(
-        metrics_listener,
+    let drain = Drain::new();
+    let limiter = ztunnel_core::accept::Limiter::new(
+        ztunnel_core::accept::Limits::http_endpoint(),
+        Default::default(),
+    );
+    tokio::spawn(ztunnel_core::http_server::serve_draining(
+        ztunnel_core::accept::Acceptor::new(metrics_listener, limiter, "metrics"),
         ztunnel_core::metrics::handler(registry),
+        drain.clone(),
     ));
-    server.serve(listener, tls).await
+    let serving = drain.spawn(server.serve_draining(listener, tls, drain.clone()));
+    // The server ends by itself only on an error; when drained, the drain says so.
+    let failed = async {
+        match serving.await {
+            Ok(Ok(())) => std::future::pending().await,
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(e).context("the CA server task"),
+        }
+    };
+    tokio::select! {
+        result = failed => result,
+        () = drain::on_sigterm(&drain, args.common.drain_grace, "CA") => Ok(()),
+    }
 }

@@ -34,6 +34,7 @@ use super::{
     Authority, Refusal,
 };
 use crate::identity::Identity;
+use ztunnel_core::drain::Drain;
 
 /// What clients may hold of the CA's listener.
 #[derive(Clone, Debug)]
@@ -207,6 +208,36 @@ impl CaServer {
         tls: Arc<rustls::ServerConfig>,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<()> {
+        self.serve_inner(listener, tls, shutdown, None).await
+    }
+
+    /// Serves until `drain` is signaled; then accepts no more, lets the calls in
+    /// flight finish (each connection closes gracefully: HTTP/2 GOAWAY) and
+    /// returns when every connection has closed. Run it as drained work, so that
+    /// the process's grace period bounds it.
+    pub async fn serve_draining(
+        self: Arc<Self>,
+        listener: TcpListener,
+        tls: Arc<rustls::ServerConfig>,
+        drain: Drain,
+    ) -> Result<()> {
+        let signaled = drain.clone();
+        self.serve_inner(
+            listener,
+            tls,
+            async move { signaled.signaled().await },
+            Some(drain),
+        )
+        .await
+    }
+
+    async fn serve_inner(
+        self: Arc<Self>,
+        listener: TcpListener,
+        tls: Arc<rustls::ServerConfig>,
+        shutdown: impl std::future::Future<Output = ()>,
+        drain: Option<Drain>,
+    ) -> Result<()> {
         let acceptor = TlsAcceptor::from(tls);
         let api = IstioCertificateServiceServer::from_arc(self.clone())
             .max_decoding_message_size(MAX_MESSAGE)
@@ -219,7 +250,7 @@ impl CaServer {
         loop {
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
-                _ = &mut shutdown => return Ok(()), // dropping the JoinSet aborts them all
+                _ = &mut shutdown => break,
                 Some(_) = connections.join_next() => continue,
             };
             let (tcp, peer) = match accepted {
@@ -242,7 +273,7 @@ impl CaServer {
                     // Connections ending meanwhile free what accept lacks.
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
-                        _ = &mut shutdown => return Ok(()),
+                        _ = &mut shutdown => break,
                     }
                     continue;
                 }
@@ -268,14 +299,24 @@ impl CaServer {
                 }
             };
             let (server, acceptor, api) = (self.clone(), acceptor.clone(), api.clone());
+            let drain = drain.clone();
             let _ = tcp.set_nodelay(true);
             connections.spawn(async move {
                 server.metrics.connections.inc();
-                server.serve_connection(acceptor, api, tcp, peer).await;
+                server
+                    .serve_connection(acceptor, api, tcp, peer, drain)
+                    .await;
                 server.metrics.connections.dec();
                 drop(slot);
             });
         }
+        // The listener is closed. Draining: the connections close once their calls
+        // are answered. Otherwise dropping the JoinSet aborts them all.
+        drop(listener);
+        if drain.is_some() {
+            while connections.join_next().await.is_some() {}
+        }
+        Ok(())
     }
 
     async fn serve_connection(
@@ -284,12 +325,25 @@ impl CaServer {
         api: IstioCertificateServiceServer<CaServer>,
         tcp: tokio::net::TcpStream,
         peer: SocketAddr,
+        drain: Option<Drain>,
     ) {
+        let drained = async {
+            match &drain {
+                Some(drain) => drain.signaled().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(drained);
         let handshake = acceptor.accept(tcp);
-        let tls = match tokio::time::timeout(self.limits.handshake_timeout, handshake).await {
-            Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => return tracing::debug!(%peer, "CA: TLS handshake failed: {e}"),
-            Err(_) => return tracing::debug!(%peer, "CA: TLS handshake timed out"),
+        let handshake = tokio::time::timeout(self.limits.handshake_timeout, handshake);
+        let tls = tokio::select! {
+            done = handshake => match done {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => return tracing::debug!(%peer, "CA: TLS handshake failed: {e}"),
+                Err(_) => return tracing::debug!(%peer, "CA: TLS handshake timed out"),
+            },
+            // No call in flight yet: nothing to wait for.
+            () = &mut drained => return tracing::debug!(%peer, "CA: draining, closing a connection in its handshake"),
         };
         let activity = Arc::new(Activity::new());
         let service = {
@@ -318,6 +372,11 @@ impl CaServer {
                 tokio::time::timeout(CLOSE_GRACE, connection.as_mut())
                     .await
                     .unwrap_or(Ok(()))
+            }
+            // The calls in flight finish; the process's grace period bounds them.
+            () = &mut drained => {
+                connection.as_mut().graceful_shutdown();
+                connection.as_mut().await
             }
         };
         if let Err(e) = ended {

@@ -23,9 +23,9 @@ use tokio::sync::watch;
 // module sees them as its parent's, as before the split.
 pub use ztunnel_core::config::*;
 // What the sources use of core, under the names they had in one crate.
+use ztunnel_core::discovery;
 #[cfg(test)]
 use ztunnel_core::{config, state};
-use ztunnel_core::discovery;
 
 /// Where the configuration comes from.
 #[derive(Clone, Debug)]

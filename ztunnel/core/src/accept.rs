@@ -347,6 +347,22 @@ impl Acceptor {
             tokio::spawn(handle(conn, peer));
         }
     }
+
+    /// Like [`Acceptor::serve`], until `drain` is signaled: then the listener is
+    /// closed, and draining waits for the connections' tasks.
+    pub async fn serve_until_drained<F, Fut>(self, drain: &crate::drain::Drain, handle: F)
+    where
+        F: Fn(Conn, SocketAddr) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        loop {
+            let (conn, peer) = tokio::select! {
+                accepted = self.accept() => accepted,
+                () = drain.signaled() => return,
+            };
+            drain.spawn(handle(conn, peer));
+        }
+    }
 }
 
 /// Errors of one incoming connection, not of the listener or the process.

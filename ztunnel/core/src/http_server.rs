@@ -9,7 +9,10 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
-use crate::accept::{Acceptor, Limiter, Limits};
+use crate::{
+    accept::{Acceptor, Limiter, Limits},
+    drain::Drain,
+};
 
 pub type Handler = Arc<dyn Fn(&Request<Incoming>) -> Response<Full<Bytes>> + Send + Sync>;
 
@@ -23,20 +26,35 @@ pub async fn serve(listener: TcpListener, handler: Handler) {
 /// Serves `handler` on every connection `acceptor` admits, for ever: a client must
 /// send its request's headers within the handshake timeout.
 pub async fn serve_with(acceptor: Acceptor, handler: Handler) {
+    serve_draining(acceptor, handler, Drain::new()).await
+}
+
+/// Like [`serve_with`], until `drain` is signaled: then it accepts no more, and
+/// each open connection closes once its current request is answered (draining
+/// waits for them).
+pub async fn serve_draining(acceptor: Acceptor, handler: Handler, drain: Drain) {
     let header_timeout = acceptor.limiter().limits().handshake_timeout;
+    let connections = drain.clone();
     acceptor
-        .serve(move |conn, _| {
-            let handler = handler.clone();
+        .serve_until_drained(&drain, move |conn, _| {
+            let (handler, drain) = (handler.clone(), connections.clone());
             async move {
                 let service = hyper::service::service_fn(move |req| {
                     let response = handler(&req);
                     async move { Ok::<_, Infallible>(response) }
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
+                let connection = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(header_timeout)
-                    .serve_connection(TokioIo::new(conn), service)
-                    .await;
+                    .serve_connection(TokioIo::new(conn), service);
+                tokio::pin!(connection);
+                tokio::select! {
+                    _ = connection.as_mut() => {}
+                    () = drain.signaled() => {
+                        connection.as_mut().graceful_shutdown();
+                        let _ = connection.await;
+                    }
+                }
             }
         })
         .await

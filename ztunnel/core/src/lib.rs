@@ -18,6 +18,7 @@ pub mod check;
 pub mod cli;
 pub mod config;
 pub mod discovery;
+pub mod drain;
 pub mod extauthz;
 pub mod forwarded;
 pub mod http_server;
@@ -28,6 +29,7 @@ pub mod netns;
 pub mod path_normalization;
 pub mod policy;
 pub mod state;
+pub mod telemetry;
 pub mod tls;
 
 /// SIGTERM or Ctrl-C.

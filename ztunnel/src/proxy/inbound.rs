@@ -36,8 +36,7 @@ pub async fn serve_hbone(
     acceptor: Acceptor,
     delivery: Delivery,
 ) {
-    // The TLS config for the pod's current certificate, rebuilt when it rotates.
-    let mut current: Option<(String, TlsAcceptor)> = None;
+    let tls = Arc::new(ServerTls::default());
     loop {
         let (tcp, peer) = acceptor.accept().await;
         if let Err(why) = arrived_for_the_pod(&tcp, &pod) {
@@ -45,48 +44,60 @@ pub async fn serve_hbone(
             continue;
         }
         let _ = tcp.set_nodelay(true);
-        let acceptor = match ctx.certs.fetch(&pod.identity).await {
-            Ok(cert) => match &current {
-                Some((serial, acceptor)) if *serial == cert.info.serial => acceptor.clone(),
-                _ => match cert.server_config() {
-                    Ok(config) => {
-                        let acceptor = TlsAcceptor::from(config);
-                        current = Some((cert.info.serial.clone(), acceptor.clone()));
-                        acceptor
-                    }
-                    Err(e) => {
-                        tracing::warn!(pod = %pod.name, "HBONE: TLS config: {e:#}");
-                        continue;
-                    }
-                },
-            },
-            Err(e) => {
-                // Fail closed: no certificate, no connection.
-                tracing::warn!(pod = %pod.name, %peer, "HBONE refused: {e:#}");
-                continue;
-            }
-        };
-        let (ctx2, pod, delivery) = (ctx.clone(), pod.clone(), delivery.clone());
+        // Everything else in the connection's own task: a slow CA holds only the
+        // connections waiting for the certificate (within the handshake timeout),
+        // never the accept loop.
+        let (ctx2, pod, delivery, tls) = (ctx.clone(), pod.clone(), delivery.clone(), tls.clone());
         ctx.connections.spawn(async move {
-            if let Err(e) = hbone_connection(ctx2, pod.clone(), acceptor, tcp, peer, delivery).await
-            {
+            if let Err(e) = hbone_connection(ctx2, pod.clone(), &tls, tcp, peer, delivery).await {
                 tracing::debug!(pod = %pod.name, %peer, "HBONE connection: {e:#}");
             }
         });
     }
 }
 
+/// The TLS config for a pod's current certificate, rebuilt when it rotates.
+#[derive(Default)]
+struct ServerTls(std::sync::Mutex<Option<(String, TlsAcceptor)>>);
+
+impl ServerTls {
+    async fn acceptor(&self, ctx: &Context, pod: &Workload) -> std::io::Result<TlsAcceptor> {
+        // Fail closed: no certificate, no connection.
+        let cert = ctx.certs.fetch(&pod.identity).await.map_err(|e| {
+            tracing::warn!(pod = %pod.name, "HBONE refused: {e:#}");
+            std::io::Error::other(format!("no certificate: {e:#}"))
+        })?;
+        let mut current = self.0.lock().expect("not poisoned");
+        if let Some((serial, acceptor)) = &*current {
+            if *serial == cert.info.serial {
+                return Ok(acceptor.clone());
+            }
+        }
+        let config = cert.server_config().map_err(|e| {
+            tracing::warn!(pod = %pod.name, "HBONE: TLS config: {e:#}");
+            std::io::Error::other(format!("TLS config: {e:#}"))
+        })?;
+        let acceptor = TlsAcceptor::from(config);
+        *current = Some((cert.info.serial.clone(), acceptor.clone()));
+        Ok(acceptor)
+    }
+}
+
 async fn hbone_connection(
     ctx: Arc<Context>,
     pod: Arc<Workload>,
-    acceptor: TlsAcceptor,
+    server_tls: &ServerTls,
     tcp: Conn,
     peer: SocketAddr,
     delivery: Delivery,
 ) -> Result<()> {
+    // The certificate's wait counts in the handshake's time.
     let tls = tcp
         .handshake()
-        .run(acceptor.accept(tcp))
+        .run(async {
+            let acceptor = server_tls.acceptor(&ctx, &pod).await?;
+            acceptor.accept(tcp).await
+        })
         .await
         .context("mTLS handshake")?;
     let peer_identity = tls::peer_identity(tls.get_ref().1.peer_certificates())?;

@@ -34,6 +34,8 @@ pub struct Context {
     pub pool: Arc<pool::Pool>,
     pub metrics: TcpMetrics,
     pub redirect: Arc<Mutex<Redirector>>,
+    /// Read on every outbound connection: no lock shared with enrollment.
+    pub orig_dst: crate::redirect::OrigDstMap,
     /// Every live connection, so that shutdown can wait for them.
     pub connections: TaskTracker,
     pub hbone: pool::PoolSettings,

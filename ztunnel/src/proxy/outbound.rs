@@ -91,11 +91,7 @@ async fn handle(
         tracing::warn!(pod = %source.name, %peer, "refused: source address is not the pod's");
         return record.refused(&ctx.metrics, "DENY", "spoofed source address");
     }
-    let original = ctx
-        .redirect
-        .lock()
-        .expect("not poisoned")
-        .original_dst(netns_cookie, peer_v4);
+    let original = ctx.orig_dst.take(netns_cookie, peer_v4);
     let Some(original) = original else {
         return record.refused(
             &ctx.metrics,

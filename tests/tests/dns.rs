@@ -191,7 +191,7 @@ async fn a_service_resolves_by_short_namespace_relative_and_full_name_with_glibc
         metric(
             &page,
             "istio_dns_requests_total",
-            &["request_protocol=\"tcp\""]
+            &["request_protocol=\"tcp\"", "request_query_type=\"a\""]
         ) >= 1.0,
         "{page}"
     );

@@ -401,7 +401,8 @@ impl Dns {
 
     fn labels(&self, pod: &Workload, query: &Query, protocol: Protocol) -> RequestLabels {
         RequestLabels {
-            request_query_type: query.query_type().to_string(),
+            // Lower case, as Istio's ztunnel labels it ("a", "aaaa").
+            request_query_type: query.query_type().to_string().to_lowercase(),
             request_protocol: protocol.as_str(),
             source_canonical_service: pod.workload_name().to_owned(),
             source_canonical_revision: [

@@ -1,32 +1,110 @@
-//! `cargo xtask bench mesh`: the mesh against the same pods without it, in one run.
+//! `cargo xtask bench mesh [--peer]`: the mesh against the same pods without it
+//! and, with `--peer`, against Istio's own ztunnel, in one run.
 //!
-//! Two pairs of pods across the two nodes of a testbed cluster: `client → server`
-//! in an ambient namespace (through both tunnels, HBONE over mTLS) and
-//! `legacy-client → legacy-server` outside the mesh (direct over the veths and the
-//! bridge). Reported as ratios, since the machine is shared and noisy:
-//! - single-stream throughput;
+//! Pairs of pods across the two nodes of a testbed cluster, each pair through one
+//! data plane:
+//! - `client → server`, in an ambient namespace: through our tunnels (one per node,
+//!   HBONE over mTLS);
+//! - `legacy-client → legacy-server`, outside the mesh: direct over the veths and
+//!   the bridge;
+//! - with `--peer`, `istio-client → istio-server`: through Istio's ztunnel in
+//!   dedicated mode in each pod (HBONE over mTLS, certificates from our CA).
+//!
+//! Every proxy runs the same number of tokio workers (`ZTB_WORKERS`, 1 here). The
+//! rounds of each measurement alternate between the paths (the machine is shared
+//! and noisy), and the figures are reported as ratios: ours/Istio and ours/direct.
+//! - single-stream and 8-stream throughput (1 GiB);
+//! - proxy CPU seconds per GB (utime + stime of the path's two proxies, from
+//!   /proc/<pid>/stat, over the single-stream runs);
+//! - 1-byte request/response latency p50/p99, unpinned, then with every process
+//!   on CPU 0 (both ends share a CPU, as the issue's figures assume); "added" is
+//!   the path's latency minus the direct path's;
 //! - new connections per second (connect, 1-byte exchange, close);
-//! - memory per idle proxied connection (RSS of both tunnels, 1,000 connections);
-//! - 1-byte request/response latency, every process pinned to CPU 0 (both ends
-//!   share a CPU, as the figures in the issue assume).
+//! - proxy RSS at idle, with 1,000 idle proxied connections, and per connection.
+
+use std::collections::BTreeMap;
 
 use anyhow::{Context, Result};
 use testbed::{
     app::{pin_process, BenchMode, BenchServer},
+    istio::{self, IstioProxy},
     mesh::{Mesh, WorkloadSpec},
     Cluster, ClusterSpec,
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_tb-probe");
-const BYTES: &str = "1073741824"; // 1 GiB per throughput run
+const BYTES: u64 = 1 << 30; // 1 GiB per throughput run
 const ROUNDS: usize = 3;
 const IDLE: usize = 1_000;
+/// The peer's pods: outside the ambient namespace, so our tunnels leave them alone.
+const PEER_NS: &str = "peer";
+const SINK: u16 = 9000;
+const ECHO: u16 = 9001;
+const PINNED_ECHO: u16 = 9002;
 
-fn probe(mesh: &Mesh, pod: &str, args: &[&str]) -> Result<String> {
-    let out = mesh.cluster.pod(pod).run(PROBE, args)?;
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    anyhow::ensure!(out.status.success(), "tb-probe {args:?} in {pod}: {stdout}");
-    Ok(stdout)
+/// One way from a client pod to a server pod, and the proxies it crosses.
+struct Path {
+    name: &'static str,
+    from: &'static str,
+    to: &'static str,
+    proxies: Vec<u32>,
+}
+
+/// A figure per path (by name).
+type Figures = BTreeMap<&'static str, f64>;
+
+struct Bench {
+    mesh: Mesh,
+    paths: Vec<Path>,
+}
+
+impl Bench {
+    fn probe(&self, pod: &str, args: &[&str]) -> Result<String> {
+        let out = self.mesh.cluster.pod(pod).run(PROBE, args)?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        anyhow::ensure!(out.status.success(), "tb-probe {args:?} in {pod}: {stdout}");
+        Ok(stdout)
+    }
+
+    fn target(&self, pod: &str, port: u16) -> String {
+        self.mesh.addr(pod, port)
+    }
+
+    /// Runs `measure` on every path, ROUNDS times, the paths alternating within
+    /// each round; the median per path of each of the values it returns.
+    fn rounds<const N: usize>(
+        &self,
+        mut measure: impl FnMut(&Path) -> Result<[f64; N]>,
+    ) -> Result<[Figures; N]> {
+        let mut samples: BTreeMap<&str, Vec<[f64; N]>> = BTreeMap::new();
+        for _ in 0..ROUNDS {
+            for path in &self.paths {
+                samples.entry(path.name).or_default().push(measure(path)?);
+            }
+        }
+        Ok(std::array::from_fn(|i| {
+            samples
+                .iter()
+                .map(|(name, s)| (*name, median(s.iter().map(|v| v[i]).collect())))
+                .collect()
+        }))
+    }
+
+    /// The proxies' RSS (KiB) on every path (0 for the direct one).
+    fn rss(&self) -> Result<Figures> {
+        self.paths
+            .iter()
+            .map(|p| {
+                Ok((
+                    p.name,
+                    p.proxies
+                        .iter()
+                        .map(|&pid| rss_kib(pid))
+                        .sum::<Result<f64>>()?,
+                ))
+            })
+            .collect()
+    }
 }
 
 fn value(out: &str, key: &str) -> Result<f64> {
@@ -53,138 +131,323 @@ fn rss_kib(pid: u32) -> Result<f64> {
         .context("VmRSS")
 }
 
+/// CPU seconds (user + system) a process has used: fields 14 and 15 of
+/// /proc/<pid>/stat, in clock ticks.
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name (field 2) may hold spaces; the fields after it do not.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .context("/proc/<pid>/stat")?
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(ticks / per_second)
+}
+
+/// One line of the report: each path's figure, and the ratios of ours to the others.
+fn report(label: &str, unit: &str, figures: &Figures, note: &str) {
+    let ours = figures["ours"];
+    let mut line = format!("mesh/{label:<22}");
+    for (name, v) in figures {
+        line += &format!(" {name} {v:.2}{unit},");
+    }
+    for other in ["istio", "direct"] {
+        if let Some(v) = figures.get(other).filter(|v| **v != 0.0) {
+            line += &format!(" ours/{other} {:.2},", ours / v);
+        }
+    }
+    println!("{} ({note})", line.trim_end_matches(','));
+}
+
+/// Latency added by each proxied path: its figure minus the direct path's.
+fn added(figures: &Figures) -> Figures {
+    figures
+        .iter()
+        .filter(|(name, _)| **name != "direct")
+        .map(|(name, v)| (*name, v - figures["direct"]))
+        .collect()
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
-    // One tokio worker per tunnel: four busy processes share this machine's two
+    let peer = std::env::args().any(|a| a == "--peer");
+    let istio = match peer {
+        true => Some(
+            istio::find()
+                .context("--peer: Istio's ztunnel is absent, so nothing can be compared with it")?,
+        ),
+        false => None,
+    };
+    // One tokio worker per proxy: six busy processes share this machine's two
     // CPUs, and one worker measured faster than two (ZTB_WORKERS overrides).
     if std::env::var_os("ZTB_WORKERS").is_none() {
         std::env::set_var("ZTB_WORKERS", "1");
     }
+    // 1,000 idle connections hold thousands of descriptors in the proxies and the
+    // servers: every process started from here may use as many as allowed.
+    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)?;
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard)?;
     println!(
-        "mesh/setup        tunnels with {} tokio worker(s) each",
-        std::env::var("ZTB_WORKERS").unwrap_or_default()
+        "mesh/setup        {} tokio worker(s) in each proxy; {}",
+        testbed::mesh::worker_threads(),
+        match &istio {
+            Some(path) => format!("peer: Istio's ztunnel ({}), dedicated mode", path.display()),
+            None => "no peer (--peer compares with Istio's ztunnel)".into(),
+        }
     );
     let cluster = Cluster::new(
         &ClusterSpec::new()
-            .node("node-a", ["client", "legacy-client"])
-            .node("node-b", ["server", "legacy-server"]),
+            .node("node-a", ["client", "legacy-client", "istio-client"])
+            .node("node-b", ["server", "legacy-server", "istio-server"]),
     )?;
     let workloads = [
         WorkloadSpec::new("client", "bench", "client"),
         WorkloadSpec::new("server", "bench", "server"),
         WorkloadSpec::new("legacy-client", "legacy", "default"),
         WorkloadSpec::new("legacy-server", "legacy", "default"),
+        WorkloadSpec::new("istio-client", PEER_NS, "istio-client"),
+        WorkloadSpec::new("istio-server", PEER_NS, "istio-server"),
     ];
     let mesh = Mesh::start(cluster, &workloads, &["bench"]).await?;
-    let target = |pod: &str, port: u16| format!("{}:{port}", mesh.cluster.pod(pod).ip);
-    let paths = [
-        ("mesh", "client", "server"),
-        ("direct", "legacy-client", "legacy-server"),
-    ];
-    let _sinks: Vec<_> = ["server", "legacy-server"]
-        .iter()
-        .map(|p| BenchServer::start(mesh.cluster.pod(p), 9000, BenchMode::Sink, None))
-        .collect::<Result<_>>()?;
-    let _echoes: Vec<_> = ["server", "legacy-server"]
-        .iter()
-        .map(|p| BenchServer::start(mesh.cluster.pod(p), 9001, BenchMode::Echo, None))
-        .collect::<Result<_>>()?;
-
-    // Throughput: rounds alternate between the paths.
-    let (mut mesh_bps, mut direct_bps) = (Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
-        for (name, from, to) in paths {
-            let bps = value(
-                &probe(&mesh, from, &["throughput", &target(to, 9000), BYTES])?,
-                "bits_per_second",
-            )?;
-            match name {
-                "mesh" => mesh_bps.push(bps),
-                _ => direct_bps.push(bps),
-            }
+    let ours = ["node-a", "node-b"]
+        .map(|n| {
+            mesh.tunnel_pid(n)
+                .with_context(|| format!("our tunnel on {n}"))
+        })
+        .into_iter()
+        .collect::<Result<Vec<u32>>>()?;
+    let mut peers = Vec::new();
+    if let Some(binary) = &istio {
+        let config: String = ["istio-client", "istio-server"]
+            .iter()
+            .map(|p| {
+                let pod = mesh.cluster.pod(p);
+                istio::workload_yaml(PEER_NS, p, p, &pod.ip.to_string(), &pod.node)
+            })
+            .collect();
+        for pod in ["istio-client", "istio-server"] {
+            let workload = format!("{PEER_NS}/{pod}/{pod}");
+            let ports = [SINK, ECHO, PINNED_ECHO];
+            peers.push(
+                IstioProxy::start_dedicated(&mesh, binary, pod, &workload, &config, "", &ports)
+                    .await?,
+            );
         }
     }
-    let (m, d) = (median(mesh_bps), median(direct_bps));
-    println!("mesh/throughput   mesh {:.2} Gbit/s, direct {:.2} Gbit/s: ratio {:.2} (single stream, 1 GiB, median of {ROUNDS})", m / 1e9, d / 1e9, m / d);
+    let mut paths = vec![
+        Path {
+            name: "ours",
+            from: "client",
+            to: "server",
+            proxies: ours.clone(),
+        },
+        Path {
+            name: "direct",
+            from: "legacy-client",
+            to: "legacy-server",
+            proxies: Vec::new(),
+        },
+    ];
+    if !peers.is_empty() {
+        paths.push(Path {
+            name: "istio",
+            from: "istio-client",
+            to: "istio-server",
+            proxies: peers.iter().map(IstioProxy::pid).collect(),
+        });
+    }
+    let bench = Bench { mesh, paths };
+    let servers = ["server", "legacy-server", "istio-server"];
+    let _servers = servers
+        .iter()
+        .flat_map(|p| [(p, SINK, BenchMode::Sink), (p, ECHO, BenchMode::Echo)])
+        .map(|(p, port, mode)| BenchServer::start(bench.mesh.cluster.pod(p), port, mode, None))
+        .collect::<Result<Vec<_>>>()?;
 
+    // Every path once end to end (certificates fetched, pools warm), then idle.
+    for path in &bench.paths {
+        bench.probe(
+            path.from,
+            &["rr", &bench.target(path.to, ECHO), "10", "any"],
+        )?;
+    }
+    let idle_rss = bench.rss()?;
+
+    // Throughput, and the proxies' CPU time over the single-stream runs.
+    let bytes = BYTES.to_string();
+    let [single, cpu_per_gb] = bench.rounds(|path| {
+        let cpu = |p: &Path| {
+            p.proxies
+                .iter()
+                .map(|&pid| cpu_seconds(pid))
+                .sum::<Result<f64>>()
+        };
+        let before = cpu(path)?;
+        let out = bench.probe(
+            path.from,
+            &["throughput", &bench.target(path.to, SINK), &bytes],
+        )?;
+        Ok([
+            value(&out, "bits_per_second")? / 1e9,
+            (cpu(path)? - before) / (BYTES as f64 / 1e9),
+        ])
+    })?;
+    report(
+        "throughput",
+        " Gbit/s",
+        &single,
+        "single stream, 1 GiB, median of 3",
+    );
     // ZTB_BENCH=throughput stops here (for tuning runs).
     if std::env::var("ZTB_BENCH").is_ok_and(|b| b == "throughput") {
         return Ok(());
     }
+    let [multi] = bench.rounds(|path| {
+        let target = bench.target(path.to, SINK);
+        Ok([value(
+            &bench.probe(path.from, &["throughput", &target, &bytes, "8"])?,
+            "bits_per_second",
+        )? / 1e9])
+    })?;
+    report(
+        "throughput-8",
+        " Gbit/s",
+        &multi,
+        "8 streams at once, 1 GiB in all",
+    );
+    let cpu_per_gb: Figures = cpu_per_gb
+        .into_iter()
+        .filter(|(n, _)| *n != "direct")
+        .collect();
+    report(
+        "cpu-per-gb",
+        " s",
+        &cpu_per_gb,
+        "proxy CPU seconds per GB, both proxies, single stream",
+    );
+
+    // Latency, unpinned.
+    let bench = &bench;
+    let rr = |port: u16, cpu: &'static str| {
+        bench.rounds(move |path| {
+            let out = bench.probe(
+                path.from,
+                &["rr", &bench.target(path.to, port), "20000", cpu],
+            )?;
+            Ok([
+                value(&out, "median_ns")? / 1e3,
+                value(&out, "p99_ns")? / 1e3,
+            ])
+        })
+    };
+    let [p50, p99] = rr(ECHO, "any")?;
+    report(
+        "rr-p50",
+        " µs",
+        &p50,
+        "1-byte round trip, unpinned, median of 3 x 20,000",
+    );
+    report("rr-p50-added", " µs", &added(&p50), "minus direct");
+    report("rr-p99", " µs", &p99, "unpinned");
+    report("rr-p99-added", " µs", &added(&p99), "minus direct");
 
     // New connections per second.
-    let (mut mesh_cps, mut direct_cps) = (Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
-        for (name, from, to) in paths {
-            let cps = value(
-                &probe(&mesh, from, &["conns", &target(to, 9001), "1000"])?,
-                "per_second",
-            )?;
-            match name {
-                "mesh" => mesh_cps.push(cps),
-                _ => direct_cps.push(cps),
-            }
-        }
-    }
-    let (m, d) = (median(mesh_cps), median(direct_cps));
-    println!("mesh/connections  mesh {m:.0}/s, direct {d:.0}/s: ratio {:.2} (connect + 1-byte exchange + close, sequential)", m / d);
-
-    // Memory per idle proxied connection, both tunnels together.
-    let pids = [
-        mesh.tunnel_pid("node-a").context("node-a")?,
-        mesh.tunnel_pid("node-b").context("node-b")?,
-    ];
-    let before: f64 = pids.iter().map(|p| rss_kib(*p)).sum::<Result<f64>>()?;
-    let mut holder = mesh
-        .cluster
-        .pod("client")
-        .command(PROBE)?
-        .args(["idle", &target("server", 9001), &IDLE.to_string()])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()?;
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(holder.stdout.take().context("stdout")?),
-        &mut line,
-    )?;
-    anyhow::ensure!(
-        line.trim() == format!("open={IDLE}"),
-        "idle connections: {line}"
-    );
-    let after: f64 = pids.iter().map(|p| rss_kib(*p)).sum::<Result<f64>>()?;
-    drop(holder.stdin.take());
-    holder.wait()?;
-    println!(
-        "mesh/idle-memory  {:.1} KiB per idle proxied connection (both tunnels' RSS: {before:.0} -> {after:.0} KiB for {IDLE})",
-        (after - before) / IDLE as f64
+    let [cps] = bench.rounds(|path| {
+        let out = bench.probe(path.from, &["conns", &bench.target(path.to, ECHO), "1000"])?;
+        Ok([value(&out, "per_second")?])
+    })?;
+    report(
+        "connections",
+        "/s",
+        &cps,
+        "connect + 1-byte exchange + close, sequential",
     );
 
-    // Latency, everything on CPU 0.
-    for pid in pids {
-        pin_process(pid, 0)?;
+    // Memory: idle, then with 1,000 idle proxied connections on each path in turn.
+    let mut held = Figures::new();
+    for path in &bench.paths {
+        let mut holder = bench
+            .mesh
+            .cluster
+            .pod(path.from)
+            .command(PROBE)?
+            .args(["idle", &bench.target(path.to, ECHO), &IDLE.to_string()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(holder.stdout.take().context("stdout")?),
+            &mut line,
+        )?;
+        anyhow::ensure!(
+            line.trim() == format!("open={IDLE}"),
+            "{}: idle connections: {line}",
+            path.name
+        );
+        held.insert(path.name, bench.rss()?[path.name]);
+        drop(holder.stdin.take());
+        holder.wait()?;
     }
-    let _pinned: Vec<_> = ["server", "legacy-server"]
+    let proxied = |f: &Figures| -> Figures {
+        f.iter()
+            .filter(|(n, _)| **n != "direct")
+            .map(|(n, v)| (*n, *v / 1024.0))
+            .collect()
+    };
+    report(
+        "rss-idle",
+        " MiB",
+        &proxied(&idle_rss),
+        "both proxies, after one exchange",
+    );
+    report(
+        "rss-1000-idle",
+        " MiB",
+        &proxied(&held),
+        "both proxies, 1,000 idle connections open",
+    );
+    let per_connection: Figures = held
         .iter()
-        .map(|p| BenchServer::start(mesh.cluster.pod(p), 9002, BenchMode::Echo, Some(0)))
-        .collect::<Result<_>>()?;
-    let (mut mesh_rtt, mut direct_rtt) = (Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
-        for (name, from, to) in paths {
-            let ns = value(
-                &probe(&mesh, from, &["rr", &target(to, 9002), "20000", "0"])?,
-                "median_ns",
-            )?;
-            match name {
-                "mesh" => mesh_rtt.push(ns),
-                _ => direct_rtt.push(ns),
-            }
-        }
-    }
-    let (m, d) = (median(mesh_rtt), median(direct_rtt));
-    println!(
-        "mesh/latency      mesh {:.1} µs, direct {:.1} µs per 1-byte round trip: ratio {:.2}, {:.1} µs added (all processes on CPU 0, median of {ROUNDS} x 20,000)",
-        m / 1e3, d / 1e3, m / d, (m - d) / 1e3
+        .filter(|(n, _)| **n != "direct")
+        .map(|(n, v)| (*n, (v - idle_rss[n]) / IDLE as f64))
+        .collect();
+    report(
+        "rss-per-connection",
+        " KiB",
+        &per_connection,
+        "both proxies' RSS growth / 1,000",
     );
+
+    // Latency with everything on CPU 0.
+    for pid in bench.paths.iter().flat_map(|p| &p.proxies) {
+        pin_process(*pid, 0)?;
+    }
+    let _pinned = servers
+        .iter()
+        .map(|p| {
+            BenchServer::start(
+                bench.mesh.cluster.pod(p),
+                PINNED_ECHO,
+                BenchMode::Echo,
+                Some(0),
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let [p50, p99] = rr(PINNED_ECHO, "0")?;
+    report(
+        "rr-pinned-p50",
+        " µs",
+        &p50,
+        "all processes on CPU 0, median of 3 x 20,000",
+    );
+    report("rr-pinned-p50-added", " µs", &added(&p50), "minus direct");
+    report("rr-pinned-p99", " µs", &p99, "all on CPU 0");
+    report("rr-pinned-p99-added", " µs", &added(&p99), "minus direct");
+    drop(peers);
     Ok(())
 }

@@ -22,6 +22,8 @@ pub mod ext_authz;
 pub mod faults;
 pub mod host;
 #[cfg(feature = "mesh")]
+pub mod istio;
+#[cfg(feature = "mesh")]
 pub mod kube_api;
 #[cfg(feature = "mesh")]
 pub mod l7;

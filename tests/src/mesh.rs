@@ -397,6 +397,12 @@ pub struct Mesh {
 /// Where the stand-in API server listens: in the first node's namespace.
 const API_PORT: u16 = 6443;
 
+/// The tokio workers of each tunnel (and of a peer proxy beside them):
+/// `ZTB_WORKERS`, 2 by default.
+pub fn worker_threads() -> String {
+    std::env::var("ZTB_WORKERS").unwrap_or_else(|_| "2".into())
+}
+
 /// The UID the stand-in API server gives the n-th workload's pod.
 pub fn pod_uid(n: usize) -> String {
     format!("0c0ffee0-0000-4000-8000-{n:012}")
@@ -614,10 +620,7 @@ impl Mesh {
         .arg("--pod-cgroup-root")
         .arg(&node.pod_cgroup_root)
         .args(self.tunnel_args.get(node_name).into_iter().flatten())
-        .env(
-            "ZTUNNEL_WORKER_THREADS",
-            std::env::var("ZTB_WORKERS").unwrap_or_else(|_| "2".into()),
-        )
+        .env("ZTUNNEL_WORKER_THREADS", worker_threads())
         // ZTB_LOG overrides the tunnels' log filter when debugging a test.
         .env(
             "RUST_LOG",

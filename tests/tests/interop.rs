@@ -9,55 +9,25 @@
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Child, Stdio},
+    process::Stdio,
     time::{Duration, Instant},
 };
 
 use base64::Engine as _;
 use testbed::{
     app::EchoServer,
+    istio::{self, ca_env, http_get, wait_for_line, IstioProxy, Running},
     mesh::{eventually, metric, LocalCa, Mesh, PodOnNode, TempDir, WorkloadSpec, CA_SERVER_NAME},
-    Cluster, ClusterSpec, Pod,
+    Cluster, ClusterSpec,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const TD: &str = "cluster.local";
 const CA_PORT: u16 = 15012;
 
-/// Istio's ztunnel: `$ISTIO_ZTUNNEL`, or `shared/peers/istio-ztunnel` in the
-/// nearest directory above the workspace that has one. Its absence fails the test
-/// loudly: CI has it.
+/// Istio's ztunnel. Its absence fails the test loudly: CI has it.
 fn istio_ztunnel() -> PathBuf {
-    if let Some(path) = std::env::var_os("ISTIO_ZTUNNEL") {
-        let path = PathBuf::from(path);
-        assert!(
-            path.exists(),
-            "ISTIO_ZTUNNEL={} does not exist: the interop tests need Istio's ztunnel",
-            path.display()
-        );
-        return path;
-    }
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    workspace
-        .ancestors()
-        .map(|dir| dir.join("../shared/peers/istio-ztunnel"))
-        .find(|path| path.exists())
-        .unwrap_or_else(|| {
-            panic!(
-                "Istio's ztunnel was not found (shared/peers/istio-ztunnel beside the \
-                 checkout, or set ISTIO_ZTUNNEL): the interop tests need it"
-            )
-        })
-}
-
-/// A process killed when the test ends, however it ends.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    istio::find().expect("the interop tests need Istio's ztunnel")
 }
 
 /// Our CA (`ztunnel-ca`) in node-a's network namespace, knowing `pods`.
@@ -122,99 +92,9 @@ impl OurCa {
     }
 }
 
-/// The environment that points Istio's ztunnel at the CA at `addr`, trusting
-/// `root`, authenticated with the node token in `token`.
-fn ca_env(addr: SocketAddr, root: &Path, token: &Path) -> Vec<(String, String)> {
-    [
-        ("CA_ADDRESS", format!("https://{addr}")),
-        ("ALT_CA_HOSTNAME", CA_SERVER_NAME.to_owned()),
-        ("CA_ROOT_CA", root.display().to_string()),
-        ("AUTH_TOKEN", token.display().to_string()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect()
-}
-
-/// Waits until one line of `log()` contains every one of `parts`; returns it.
-async fn wait_for_line(
-    what: &str,
-    log: impl Fn() -> String,
-    parts: &[&str],
-    within: Duration,
-) -> String {
-    let deadline = Instant::now() + within;
-    loop {
-        let text = log();
-        if let Some(line) = text.lines().find(|l| parts.iter().all(|p| l.contains(p))) {
-            return line.to_owned();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what} has no line with all of {parts:?} within {within:?}:\n{text}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Istio's local-config entry for a workload.
+/// Istio's local-config entry for a workload in `mesh`.
 fn workload_yaml(name: &str, service_account: &str, ip: &str, node: &str) -> String {
-    format!(
-        "- uid: Kubernetes//Pod/mesh/{name}\n  name: {name}\n  namespace: mesh\n  \
-         serviceAccount: {service_account}\n  trustDomain: {TD}\n  workloadIps: [{ip}]\n  \
-         protocol: HBONE\n  node: {node}\n  network: \"\"\n  services: {{}}\n"
-    )
-}
-
-/// Starts Istio's ztunnel through `command` (which enters a pod's or a node's
-/// network namespace) with its local config (`workloads`, `policies`: YAML list
-/// items, or empty) and `env`. It logs to `dir/istio.log`.
-fn start_istio(
-    mut command: std::process::Command,
-    dir: &Path,
-    workloads: &str,
-    policies: &str,
-    env: &[(String, String)],
-) -> Running {
-    let config = dir.join("istio-local.yaml");
-    let policies = match policies {
-        "" => " []\n".to_owned(),
-        items => format!("\n{items}"),
-    };
-    std::fs::write(
-        &config,
-        format!("workloads:\n{workloads}policies:{policies}services: []\n"),
-    )
-    .unwrap();
-    command
-        .env_clear()
-        .env("XDS_ADDRESS", "")
-        .env("LOCAL_XDS_PATH", &config)
-        .env("ENABLE_ORIG_SRC", "false")
-        .env("RUST_LOG", "info")
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdout(std::fs::File::create(dir.join("istio.log")).unwrap())
-        .stderr(Stdio::null());
-    Running(command.spawn().unwrap())
-}
-
-/// GET `path` from 127.0.0.1:`port` inside `netns` (Istio's ztunnel's admin and
-/// readiness ports): the status line and the body.
-fn http_get(netns: &Path, port: u16, path: &str) -> Option<(String, String)> {
-    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-    let body = ztunnel::netns::run_in(netns, move || {
-        use std::io::{Read, Write};
-        let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port))?;
-        tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
-        tcp.write_all(request.as_bytes())?;
-        let mut response = Vec::new();
-        tcp.read_to_end(&mut response)?;
-        Ok::<_, std::io::Error>(response)
-    })
-    .ok()?;
-    let text = String::from_utf8_lossy(&body);
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    Some((head.lines().next()?.to_owned(), body.to_owned()))
+    istio::workload_yaml(NS, name, service_account, ip, node)
 }
 
 /// Istio's ztunnel's `/config_dump`, read from inside `netns`.
@@ -347,21 +227,6 @@ impl Interop {
     /// Like [`Interop::istio`], with the proxy told that it serves `workload` (one
     /// of the four; its certificate is then that workload's).
     async fn istio_as(&self, pod: &str, workload: &str, policies: &str) -> IstioProxy {
-        let pod = self.mesh.cluster.pod(pod).clone();
-        let dir = TempDir::new("istio-dedicated").unwrap();
-        let mut env = ca_env(
-            self.mesh.ca.addr,
-            &self.mesh.root_file(),
-            &self.mesh.ca.token_file(&pod.node),
-        );
-        env.extend(
-            [
-                ("PROXY_MODE", "dedicated".to_owned()),
-                ("PROXY_WORKLOAD_INFO", format!("{NS}/{workload}/{workload}")),
-                ("NODE_NAME", pod.node.clone()),
-            ]
-            .map(|(k, v)| (k.to_owned(), v)),
-        );
         let workloads: String = self
             .mesh
             .cluster
@@ -369,21 +234,17 @@ impl Interop {
             .iter()
             .map(|p| workload_yaml(&p.name, &p.name, &p.ip.to_string(), &p.node))
             .collect();
-        redirect_outbound(&pod, dir.path());
-        let process = start_istio(
-            pod.command(&self.istio).unwrap(),
-            dir.path(),
+        IstioProxy::start_dedicated(
+            &self.mesh,
+            &self.istio,
+            pod,
+            &format!("{NS}/{workload}/{workload}"),
             &workloads,
             policies,
-            &env,
-        );
-        let proxy = IstioProxy {
-            _process: process,
-            pod,
-            dir,
-        };
-        proxy.wait_ready().await;
-        proxy
+            &[ECHO_PORT, CLOSED_PORT],
+        )
+        .await
+        .unwrap()
     }
 
     /// Runs tb-probe in `pod`; its output.
@@ -446,98 +307,6 @@ impl Interop {
     }
 }
 
-/// One Istio ztunnel process in dedicated mode (killed on drop).
-struct IstioProxy {
-    _process: Running,
-    pod: Pod,
-    dir: TempDir,
-}
-
-impl IstioProxy {
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("istio.log")).unwrap_or_default()
-    }
-
-    async fn wait_ready(&self) {
-        let netns = self.pod.netns_path();
-        eventually(
-            Duration::from_secs(20),
-            "Istio's ztunnel answers 200 on /healthz/ready",
-            || {
-                let netns = netns.clone();
-                async move {
-                    tokio::task::spawn_blocking(move || http_get(&netns, 15021, "/healthz/ready"))
-                        .await
-                        .unwrap()
-                        .is_some_and(|(status, _)| status.contains(" 200"))
-                }
-            },
-        )
-        .await;
-    }
-
-    /// Waits for Istio's access line ("connection complete") with every one of `parts`.
-    async fn access_line(&self, parts: &[&str]) -> String {
-        let mut all = vec!["connection complete"];
-        all.extend_from_slice(parts);
-        wait_for_line(
-            "Istio's ztunnel's log",
-            || self.log(),
-            &all,
-            Duration::from_secs(20),
-        )
-        .await
-    }
-}
-
-impl Drop for IstioProxy {
-    fn drop(&mut self) {
-        // As the mesh's tunnels' logs: kept where ZTB_KEEP_LOGS says.
-        if let Ok(dir) = std::env::var("ZTB_KEEP_LOGS") {
-            let _ = std::fs::copy(
-                self.dir.path().join("istio.log"),
-                Path::new(&dir).join(format!("istio-{}.log", self.pod.name)),
-            );
-        }
-    }
-}
-
-/// What istio-cni does for a pod in dedicated mode: its connections to the
-/// applications' ports, but not to itself, redirected to Istio's outbound
-/// listener (15001) with nftables.
-fn redirect_outbound(pod: &Pod, dir: &Path) {
-    let rules = dir.join("redirect.nft");
-    // Declared then deleted first: applying it again replaces the table.
-    std::fs::write(
-        &rules,
-        format!(
-            "table ip interop\ndelete table ip interop\ntable ip interop {{\n  \
-             chain out {{\n    type nat hook output priority -100; policy accept;\n    \
-             ip daddr != {{ 127.0.0.0/8, {ip} }} tcp dport {{ {ECHO_PORT}, {CLOSED_PORT} }} \
-             redirect to :15001\n  }}\n}}\n",
-            ip = pod.ip
-        ),
-    )
-    .unwrap();
-    let out = pod
-        .command("nft")
-        .unwrap()
-        .arg("-f")
-        .arg(&rules)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!(
-                "nft (Debian package nftables) is needed to redirect an Istio pod's \
-                 traffic; `cargo xtask bootstrap` installs it: {e}"
-            )
-        });
-    assert!(
-        out.status.success(),
-        "nft: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// Asserts that a probe's connection was accepted (by the capturing proxy), then
 /// closed (EOF, or reset however it surfaced) with no byte from the server, not
 /// left hanging until the probe's read timeout.
@@ -578,13 +347,14 @@ async fn istios_ztunnel_in_dedicated_mode_gets_its_certificate_from_our_ca() {
         ]
         .map(|(k, v)| (k.to_owned(), v.to_owned())),
     );
-    let _istio = start_istio(
+    let _istio = istio::start(
         pod.command(&istio).unwrap(),
         dir.path(),
         &workload_yaml("istio-a", "a1", &pod.ip.to_string(), "node-a"),
         "",
         &env,
-    );
+    )
+    .unwrap();
 
     // A dedicated proxy fetches its certificate when it first needs it: a TLS
     // connection to its HBONE port (refused afterwards: we present no certificate).
@@ -684,13 +454,14 @@ async fn istios_ztunnel_in_node_mode_gets_its_workloads_and_no_impostor() {
         workload_yaml("s1", "s1", "10.99.0.1", "node-b"),
         workload_yaml("b1", "b1", "10.99.0.2", "node-b"),
     );
-    let _istio = start_istio(
+    let _istio = istio::start(
         node.command(&istio).unwrap(),
         dir.path(),
         &workloads,
         "",
         &env,
-    );
+    )
+    .unwrap();
 
     let netns = testbed::cluster::netns_path(&node.netns);
     let s1 = certificate_state(

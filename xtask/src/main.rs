@@ -44,7 +44,13 @@ enum Task {
         args: Vec<String>,
     },
     /// Run benchmarks (as root), all of them or those named: redirect, ca, mesh, policy, waypoint, config, soak, dns.
-    Bench { names: Vec<String> },
+    Bench {
+        names: Vec<String>,
+        /// The mesh benchmark also measures Istio's ztunnel ($ISTIO_ZTUNNEL, or
+        /// shared/peers/istio-ztunnel beside the checkout) and reports ours/Istio.
+        #[arg(long)]
+        peer: bool,
+    },
     /// Build a two-node testbed cluster, run the mesh on it and show traffic
     /// crossing it: which flows were encrypted, with which identities.
     Demo,
@@ -100,10 +106,10 @@ fn run(cli: Cli) -> Result<()> {
             only.extend(args);
             test(&only)
         }
-        Task::Bench { names } => {
+        Task::Bench { names, peer } => {
             require_root("the benchmarks")?;
             bootstrap::run(false)?;
-            bench(&names)
+            bench(&names, peer)
         }
         Task::Demo => {
             require_root("the demo")?;
@@ -172,7 +178,7 @@ const BENCHES: [&str; 8] = [
     "redirect", "ca", "mesh", "policy", "waypoint", "config", "soak", "dns",
 ];
 
-fn bench(names: &[String]) -> Result<()> {
+fn bench(names: &[String], peer: bool) -> Result<()> {
     for name in names {
         if !BENCHES.contains(&name.as_str()) {
             bail!("no benchmark {name:?}; there are: {}", BENCHES.join(", "));
@@ -190,7 +196,12 @@ fn bench(names: &[String]) -> Result<()> {
             .arg("--bins"),
     )?;
     for name in selected {
-        status(Command::new("cargo").args(["bench", "-p", "ztunnel-tests", "--bench", name]))?;
+        let mut cmd = Command::new("cargo");
+        cmd.args(["bench", "-p", "ztunnel-tests", "--bench", name]);
+        if peer && name == "mesh" {
+            cmd.args(["--", "--peer"]);
+        }
+        status(&mut cmd)?;
     }
     Ok(())
 }

@@ -21,8 +21,10 @@
 //!                                          what came back and when the peer closed
 //!   tb-probe late <ip:port> <ms> <msg>     connect, wait, then send and read to the end
 //! Measurements (against testbed::app::BenchServer):
-//!   tb-probe throughput <ip:port> <bytes>  send to a sink; print bits per second
+//!   tb-probe throughput <ip:port> <bytes> [n]  send to a sink (over n connections at
+//!                                          once, bytes in all); print bits per second
 //!   tb-probe rr <ip:port> <count> <cpu>    1-byte round trips to an echo, pinned to a CPU
+//!                                          (`any`: not pinned)
 //!   tb-probe conns <ip:port> <ms>          connect/exchange/close for a while: rate
 //!   tb-probe idle <ip:port> <n>            hold n idle connections until stdin closes
 //!   tb-probe h2 <ip:port> <METHOD> <path>  one HTTP/2 request (prior knowledge)
@@ -62,7 +64,8 @@ fn main() -> ExitCode {
         ["slow", addr, millis, message] => slow(addr, millis, message),
         ["stall", addr, message] => stall(addr, message),
         ["late", addr, millis, message] => late(addr, millis, message),
-        ["throughput", addr, bytes] => throughput(addr, bytes),
+        ["throughput", addr, bytes] => throughput(addr, bytes, "1"),
+        ["throughput", addr, bytes, streams] => throughput(addr, bytes, streams),
         ["rr", addr, count, cpu] => round_trips(addr, count, cpu),
         ["conns", addr, millis] => connections(addr, millis),
         ["idle", addr, n] => idle(addr, n),
@@ -389,11 +392,31 @@ fn late(addr: &str, millis: &str, message: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn throughput(addr: &str, bytes: &str) -> anyhow::Result<()> {
+fn throughput(addr: &str, bytes: &str, streams: &str) -> anyhow::Result<()> {
     let addr: SocketAddr = addr.parse()?;
     let total: u64 = bytes.parse()?;
-    let chunk = vec![0x5au8; 256 * 1024];
+    let streams: u64 = streams.parse()?;
+    anyhow::ensure!(streams > 0, "at least one stream");
     let started = std::time::Instant::now();
+    let senders: Vec<_> = (0..streams)
+        .map(|_| std::thread::spawn(move || send_to_sink(addr, total / streams)))
+        .collect();
+    for sender in senders {
+        sender
+            .join()
+            .map_err(|_| anyhow::anyhow!("a sender panicked"))??;
+    }
+    let elapsed = started.elapsed();
+    println!(
+        "bits_per_second={:.0}",
+        (total / streams * streams) as f64 * 8.0 / elapsed.as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Sends `total` bytes to a sink on one connection and checks its count.
+fn send_to_sink(addr: SocketAddr, total: u64) -> anyhow::Result<()> {
+    let chunk = vec![0x5au8; 256 * 1024];
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     let mut sent = 0u64;
     while sent < total {
@@ -404,20 +427,17 @@ fn throughput(addr: &str, bytes: &str) -> anyhow::Result<()> {
     stream.shutdown(Shutdown::Write)?;
     let mut reply = String::new();
     stream.read_to_string(&mut reply)?;
-    let elapsed = started.elapsed();
     anyhow::ensure!(
         reply.trim() == total.to_string(),
         "the sink counted {reply:?}, sent {total}"
-    );
-    println!(
-        "bits_per_second={:.0}",
-        total as f64 * 8.0 / elapsed.as_secs_f64()
     );
     Ok(())
 }
 
 fn round_trips(addr: &str, count: &str, cpu: &str) -> anyhow::Result<()> {
-    testbed::app::pin_current_thread(cpu.parse()?)?;
+    if cpu != "any" {
+        testbed::app::pin_current_thread(cpu.parse()?)?;
+    }
     let addr: SocketAddr = addr.parse()?;
     let count: usize = count.parse()?;
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;

@@ -310,25 +310,29 @@ async fn hbone_to(
     authority: SocketAddr,
     stream: &mut Conn,
 ) -> Result<(u64, u64)> {
-    let cert = ctx.certs.fetch(&source.identity).await?;
     let address = SocketAddr::new(IpAddr::V4(peer.ip), crate::redirect::HBONE_PORT);
-    let destination = peer;
     // The client as Istio names it: the pod's address and the client's port.
     let client = SocketAddr::new(
         IpAddr::V4(source.ip),
         stream.peer_addr().map_or(0, |a| a.port()),
     );
-    let (upgraded, _guard) = ctx
-        .pool
-        .connect_from(
-            &hbone_origin(origin, source, peer),
-            &cert,
-            &destination.identity,
-            address,
-            authority,
-            headers(source, client),
-        )
-        .await?;
+    // Boxed: setting up (certificate, dial, TLS and HTTP/2 handshakes) takes far
+    // more state than relaying, and an async fn's task is as large as its largest
+    // step. Unboxed, every idle connection's task kept room for a handshake.
+    let (upgraded, _guard) = Box::pin(async {
+        let cert = ctx.certs.fetch(&source.identity).await?;
+        ctx.pool
+            .connect_from(
+                &hbone_origin(origin, source, peer),
+                &cert,
+                &peer.identity,
+                address,
+                authority,
+                headers(source, client),
+            )
+            .await
+    })
+    .await?;
     let mut tunnel = TokioIo::new(upgraded);
     Ok(relay(stream, &mut tunnel).await?)
 }

@@ -34,7 +34,13 @@ use testbed::{
 
 const PROBE: &str = env!("CARGO_BIN_EXE_tb-probe");
 const BYTES: u64 = 1 << 30; // 1 GiB per throughput run
-const ROUNDS: usize = 3;
+/// Rounds of each measurement (ZTB_ROUNDS overrides, for tuning runs).
+fn rounds() -> usize {
+    std::env::var("ZTB_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(3)
+}
 const IDLE: usize = 1_000;
 /// The peer's pods: outside the ambient namespace, so our tunnels leave them alone.
 const PEER_NS: &str = "peer";
@@ -70,14 +76,14 @@ impl Bench {
         self.mesh.addr(pod, port)
     }
 
-    /// Runs `measure` on every path, ROUNDS times, the paths alternating within
+    /// Runs `measure` on every path, rounds() times, the paths alternating within
     /// each round; the median per path of each of the values it returns.
     fn rounds<const N: usize>(
         &self,
         mut measure: impl FnMut(&Path) -> Result<[f64; N]>,
     ) -> Result<[Figures; N]> {
         let mut samples: BTreeMap<&str, Vec<[f64; N]>> = BTreeMap::new();
-        for _ in 0..ROUNDS {
+        for _ in 0..rounds() {
             for path in &self.paths {
                 samples.entry(path.name).or_default().push(measure(path)?);
             }
@@ -300,7 +306,17 @@ async fn main() -> Result<()> {
         "throughput",
         " Gbit/s",
         &single,
-        "single stream, 1 GiB, median of 3",
+        "single stream, 1 GiB, median of rounds",
+    );
+    let cpu_per_gb: Figures = cpu_per_gb
+        .into_iter()
+        .filter(|(n, _)| *n != "direct")
+        .collect();
+    report(
+        "cpu-per-gb",
+        " s",
+        &cpu_per_gb,
+        "proxy CPU seconds per GB, both proxies, single stream",
     );
     // ZTB_BENCH=throughput stops here (for tuning runs).
     if std::env::var("ZTB_BENCH").is_ok_and(|b| b == "throughput") {
@@ -318,16 +334,6 @@ async fn main() -> Result<()> {
         " Gbit/s",
         &multi,
         "8 streams at once, 1 GiB in all",
-    );
-    let cpu_per_gb: Figures = cpu_per_gb
-        .into_iter()
-        .filter(|(n, _)| *n != "direct")
-        .collect();
-    report(
-        "cpu-per-gb",
-        " s",
-        &cpu_per_gb,
-        "proxy CPU seconds per GB, both proxies, single stream",
     );
 
     // Latency, unpinned.
@@ -349,7 +355,7 @@ async fn main() -> Result<()> {
         "rr-p50",
         " µs",
         &p50,
-        "1-byte round trip, unpinned, median of 3 x 20,000",
+        "1-byte round trip, unpinned, median of rounds x 20,000",
     );
     report("rr-p50-added", " µs", &added(&p50), "minus direct");
     report("rr-p99", " µs", &p99, "unpinned");
@@ -443,7 +449,7 @@ async fn main() -> Result<()> {
         "rr-pinned-p50",
         " µs",
         &p50,
-        "all processes on CPU 0, median of 3 x 20,000",
+        "all processes on CPU 0, median of rounds x 20,000",
     );
     report("rr-pinned-p50-added", " µs", &added(&p50), "minus direct");
     report("rr-pinned-p99", " µs", &p99, "all on CPU 0");

@@ -2178,3 +2178,148 @@ async fn a_stream_the_endpoint_refuses_is_retried_on_another() {
         "echo-2 was tried and refused"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http2_clients_that_send_no_request_stall_or_go_idle_are_cut_off_and_others_served() {
+    let workloads = vec![
+        WorkloadSpec::new("client", "demo", "client"),
+        WorkloadSpec::new("echo-1", "demo", "echo").label("app", "echo"),
+        WorkloadSpec::new("waypoint", "demo", "waypoint")
+            .label("gateway.networking.k8s.io/gateway-name", "waypoint"),
+    ];
+    let mesh = mesh_from_args(
+        workloads,
+        L7_CONFIG,
+        &[
+            "--request-headers-timeout",
+            "1s",
+            "--stream-idle-timeout",
+            "2s",
+            "--idle-timeout",
+            "3s",
+        ],
+    )
+    .await;
+    let _echo1 = L7Server::start(mesh.cluster.pod("echo-1"), 9000).unwrap();
+    const WEB: &str = "10.96.0.82:80";
+    // The attackers, at once: the preface and no request; a header block never
+    // finished; an upload that stalls after 4 of its 100 bytes.
+    let attack = |args: &'static [&'static str]| {
+        let client = mesh.cluster.pod("client").clone();
+        std::thread::spawn(move || {
+            let out = client.run(PROBE, args).unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        })
+    };
+    let preface = attack(&["h2raw", WEB, "preface"]);
+    let headers = attack(&["h2raw", WEB, "headers"]);
+    let upload = attack(&["h2upload", WEB, "/upload"]);
+    // Meanwhile others are served.
+    let out = probe(&mesh, &["h2", WEB, "GET", "/meanwhile"]);
+    assert_eq!(field(&out, "status"), "200", "{out}");
+    for (what, out) in [
+        ("the preface alone", preface.join().unwrap()),
+        ("an unfinished header block", headers.join().unwrap()),
+    ] {
+        assert_eq!(
+            field(&out, "goaway"),
+            "0",
+            "{what}: GOAWAY(NO_ERROR): {out}"
+        );
+        let goaway: u64 = field(&out, "goaway_ms").parse().unwrap();
+        assert!(
+            (900..15_000).contains(&goaway),
+            "{what}: after the request headers timeout (1 s): {out}"
+        );
+        assert!(!field(&out, "frames").contains(":1"), "{what}: {out}");
+    }
+    let out = upload.join().unwrap();
+    assert_eq!(field(&out, "status"), "408", "a stalled upload: {out}");
+    let took: u64 = field(&out, "ms").parse().unwrap();
+    assert!(
+        (1_900..15_000).contains(&took),
+        "stream idle timeout (2 s): {out}"
+    );
+    // One whole request, then silence: the response (HEADERS on stream 1), then
+    // GOAWAY after the idle timeout.
+    let out = probe(&mesh, &["h2raw", WEB, "request"]);
+    assert!(field(&out, "frames").contains("1:1"), "answered: {out}");
+    assert_eq!(field(&out, "goaway"), "0", "{out}");
+    let goaway: u64 = field(&out, "goaway_ms").parse().unwrap();
+    assert!(
+        (2_900..20_000).contains(&goaway),
+        "idle timeout (3 s): {out}"
+    );
+
+    // The same one layer down: a mesh workload's TLS connection to the waypoint
+    // itself, with the HTTP/2 preface and no CONNECT.
+    let cert = {
+        let now = time::OffsetDateTime::now_utc();
+        std::sync::Arc::new(
+            mesh.ca
+                .forge(
+                    "spiffe://cluster.local/ns/demo/sa/client",
+                    now - time::Duration::minutes(1),
+                    now + time::Duration::hours(1),
+                )
+                .unwrap(),
+        )
+    };
+    let waypoint_ip = mesh.cluster.pod("waypoint").ip;
+    let seen = mesh
+        .cluster
+        .pod("client")
+        .spawn_task(move || async move {
+            use tokio::io::AsyncWriteExt;
+            let identity = "spiffe://cluster.local/ns/demo/sa/waypoint"
+                .parse()
+                .unwrap();
+            let config = cert.client_config(identity).unwrap();
+            let tcp = tokio::net::TcpStream::connect((waypoint_ip, 15008))
+                .await
+                .unwrap();
+            let name = rustls::pki_types::ServerName::IpAddress(
+                std::net::IpAddr::from(waypoint_ip).into(),
+            );
+            let mut tls = tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await
+                .unwrap();
+            tls.write_all(&testbed::l7::raw_h2::start()).await.unwrap();
+            testbed::l7::raw_h2::read_until_closed(&mut tls, Duration::from_secs(30), true).await
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+    assert_eq!(seen.goaway, Some(0), "HBONE: {seen:?}");
+    assert!(
+        (Duration::from_millis(900)..Duration::from_secs(15)).contains(&seen.goaway_after.unwrap()),
+        "HBONE: {seen:?}"
+    );
+    assert!(seen.closed_after.is_some(), "HBONE: {seen:?}");
+
+    // Each counted; the tunnel's own idle pooled connection went the same way,
+    // and the tunnel opens another for the next request.
+    eventually(
+        Duration::from_secs(15),
+        "the closed connections counted",
+        || async {
+            let page = mesh.waypoint_metrics("waypoint").await;
+            let counted = |layer: &str, timeout: &str| {
+                page.lines().any(|l| {
+                    l.starts_with("ztunnel_waypoint_connections_timed_out_total{")
+                        && l.contains(&format!("layer=\"{layer}\""))
+                        && l.contains(&format!("timeout=\"{timeout}\""))
+                        && !l.ends_with(" 0")
+                })
+            };
+            counted("http", "request_headers")
+                && counted("http", "idle")
+                && counted("hbone", "request_headers")
+                && counted("hbone", "idle")
+        },
+    )
+    .await;
+    let out = probe(&mesh, &["h2", WEB, "GET", "/after"]);
+    assert_eq!(field(&out, "status"), "200", "{out}");
+}

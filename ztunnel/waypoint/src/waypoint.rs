@@ -49,6 +49,7 @@ use crate::{
 };
 use ztunnel_hbone::{pool::Pool, relay};
 
+mod conn_idle;
 mod ext_authz;
 mod idle;
 mod telemetry;
@@ -89,13 +90,18 @@ pub struct RequestLimits {
     pub max_headers: usize,
     /// Header block size in bytes; over it: 431.
     pub max_header_bytes: usize,
-    /// HTTP/1.1: how long a request's headers may take to arrive, counted from
-    /// the end of the previous request (so it also closes an idle keep-alive
-    /// connection); past it the connection is closed.
+    /// How long a request's headers may take to arrive; past it the connection
+    /// is closed. HTTP/1.1: counted from the end of the previous request (so it
+    /// also closes an idle keep-alive connection); HTTP/2 and HBONE: the first
+    /// request's, from the connection's start (GOAWAY).
     pub request_headers_timeout: Duration,
     /// How long a request's stream may see nothing either way: before the
     /// response headers it is answered 408 (flag SI), after them reset.
     pub stream_idle_timeout: Duration,
+    /// How long a downstream connection (HBONE, HTTP/2, HTTP/1.1) may have no
+    /// request open before it is closed, HTTP/2 with GOAWAY. Before its first
+    /// request the request headers timeout applies instead.
+    pub idle_timeout: Duration,
 }
 
 impl Default for RequestLimits {
@@ -107,8 +113,18 @@ impl Default for RequestLimits {
             // for its headers.
             request_headers_timeout: Duration::from_secs(300),
             stream_idle_timeout: Duration::from_secs(300),
+            // Envoy's connection idle timeout.
+            idle_timeout: Duration::from_secs(3600),
         }
     }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TimedOutLabels {
+    /// `hbone` (the tunnel's connection) or `http` (a tunnelled HTTP connection).
+    layer: &'static str,
+    /// `request_headers` (no first request in time) or `idle`.
+    timeout: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -130,6 +146,8 @@ struct Waypoint {
     metrics: RequestMetrics,
     /// CONNECTs refused before any policy: destinations not bound here and the like.
     refused: Family<RefusedLabels, Counter>,
+    /// Downstream connections closed by their request headers or idle timeout.
+    timed_out: Family<TimedOutLabels, Counter>,
     limits: RequestLimits,
     path_normalization: path_normalization::Level,
     /// X-Forwarded-For hops believed (MeshConfig numTrustedProxies).
@@ -180,6 +198,35 @@ struct Target {
 enum Destination {
     Service(std::net::Ipv4Addr),
     Workload(Arc<Workload>),
+}
+
+/// After GOAWAY for a timeout: how long the peer gets to let the connection
+/// close (an attacker that never acknowledges is not waited for).
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+/// Runs a hyper server connection until it ends: gracefully (HTTP/2: GOAWAY)
+/// when the waypoint drains, its requests finishing; and when `streams` says no
+/// request came in time (logged and counted for `layer`), then at most CLOSE_WAIT.
+macro_rules! serve_until_done {
+    ($waypoint:expr, $connection:expr, $streams:expr, $layer:expr) => {{
+        let connection = $connection;
+        tokio::pin!(connection);
+        let limits = $waypoint.limits;
+        tokio::select! {
+            ended = connection.as_mut() => ended,
+            _ = $waypoint.draining.cancelled() => {
+                connection.as_mut().graceful_shutdown();
+                connection.as_mut().await
+            }
+            expired = $streams.expired(limits.request_headers_timeout, limits.idle_timeout) => {
+                $waypoint.timed_out($layer, expired);
+                connection.as_mut().graceful_shutdown();
+                tokio::time::timeout(CLOSE_WAIT, connection.as_mut())
+                    .await
+                    .unwrap_or(Ok(()))
+            }
+        }
+    }};
 }
 
 /// How long a new connection's first bytes are awaited to tell HTTP from a
@@ -243,6 +290,12 @@ pub async fn run(options: WaypointOptions) -> Result<()> {
         "CONNECTs the waypoint refused before any policy, by reason (not_bound: a destination not bound to this waypoint)",
         refused.clone(),
     );
+    let timed_out = Family::<TimedOutLabels, Counter>::default();
+    registry.register(
+        "ztunnel_waypoint_connections_timed_out",
+        "Downstream connections the waypoint closed (HTTP/2: GOAWAY) because no request came: none within the request headers timeout of the start, or none for the idle timeout",
+        timed_out.clone(),
+    );
     let mesh_config = match &options.mesh_config {
         Some(path) => extauthz::MeshConfig::load(path)?,
         None => Default::default(),
@@ -272,6 +325,7 @@ pub async fn run(options: WaypointOptions) -> Result<()> {
         next_endpoint: Mutex::new(HashMap::new()),
         metrics,
         refused,
+        timed_out,
         limits: options.limits,
         path_normalization: mesh_config
             .path_normalization()
@@ -339,24 +393,40 @@ impl Waypoint {
             .await
             .context("mTLS handshake")?;
         let client = tls::peer_identity(tls.get_ref().1.peer_certificates())?;
+        let streams = conn_idle::Streams::new();
         let this = self.clone();
+        let open = streams.clone();
         let service = hyper::service::service_fn(move |req| {
             let (this, client) = (this.clone(), client.clone());
-            async move { Ok::<_, Infallible>(this.connect(client, peer, req)) }
+            // The CONNECT's tunnelled stream keeps the connection busy.
+            let open = open.open();
+            async move { Ok::<_, Infallible>(this.connect(client, peer, req, open)) }
         });
         let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .serve_connection(TokioIo::new(tls), service);
-        tokio::pin!(connection);
-        tokio::select! {
-            ended = connection.as_mut() => ended,
-            _ = self.draining.cancelled() => {
-                connection.as_mut().graceful_shutdown();
-                connection.as_mut().await
-            }
-        }
-        .context("HTTP/2")?;
+        serve_until_done!(self, connection, streams, "hbone").context("HTTP/2")?;
         Ok(())
+    }
+
+    /// A downstream connection closed by its request headers or idle timeout:
+    /// logged and counted.
+    fn timed_out(&self, layer: &'static str, expired: conn_idle::Expired) {
+        let timeout = match expired {
+            conn_idle::Expired::RequestHeaders => self.limits.request_headers_timeout,
+            conn_idle::Expired::Idle => self.limits.idle_timeout,
+        };
+        tracing::info!(
+            layer,
+            "waypoint: closing a downstream connection: no request within its {} timeout ({timeout:?})",
+            expired.as_str()
+        );
+        self.timed_out
+            .get_or_create(&TimedOutLabels {
+                layer,
+                timeout: expired.as_str(),
+            })
+            .inc();
     }
 
     /// The TLS server config presenting the current certificate: one for all
@@ -446,6 +516,7 @@ impl Waypoint {
         client: Identity,
         peer: SocketAddr,
         mut req: Request<Incoming>,
+        open: conn_idle::Open,
     ) -> Response<Empty<Bytes>> {
         let status = |code| {
             Response::builder()
@@ -508,6 +579,7 @@ impl Waypoint {
         };
         let upgrade = hyper::upgrade::on(&mut req);
         self.tasks.clone().spawn(async move {
+            let _open = open;
             let stream = match upgrade.await {
                 Ok(upgraded) => TokioIo::new(upgraded),
                 Err(e) => return tracing::debug!("waypoint upgrade: {e}"),
@@ -557,13 +629,18 @@ impl Waypoint {
             inner: stream,
         };
         if looks_like_http(&first) {
+            let streams = conn_idle::Streams::new();
             let this = self.clone();
+            let opened = streams.clone();
             let service = hyper::service::service_fn(move |req| {
                 let (this, conn, target, client) =
                     (this.clone(), conn.clone(), target.clone(), client.clone());
+                // Open until the response's body is done (or dropped).
+                let open = opened.open();
                 // Boxed: hyper moves each request's future into a task of its own.
                 Box::pin(async move {
-                    Ok::<_, Infallible>(this.request(req, &conn, &client, &target).await)
+                    let response = this.request(req, &conn, &client, &target).await;
+                    Ok::<_, Infallible>(response.map(|body| conn_idle::Holding::new(body, open)))
                 })
             });
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -577,15 +654,8 @@ impl Waypoint {
                 .http2()
                 .max_header_list_size(self.limits.max_header_bytes as u32);
             let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            tokio::pin!(connection);
-            tokio::select! {
-                ended = connection.as_mut() => ended,
-                _ = self.draining.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    connection.as_mut().await
-                }
-            }
-            .map_err(|e| anyhow::anyhow!("HTTP: {e}"))?;
+            serve_until_done!(self, connection, streams, "http")
+                .map_err(|e| anyhow::anyhow!("HTTP: {e}"))?;
             return Ok(());
         }
         let state = self.state.borrow().clone();

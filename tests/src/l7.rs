@@ -75,15 +75,20 @@ async fn serve(stream: tokio::net::TcpStream, pod: String, started: Arc<AtomicUs
             if req.headers().contains_key(http::header::UPGRADE) {
                 return Ok(switch_protocols(req, pod));
             }
-            // `/upload`: answered only once the whole request body is in.
+            // `/upload`: answered only once the whole request body is in, with
+            // its length and digest.
             let (parts, body) = req.into_parts();
+            let mut received = None;
             if parts.uri.path() == "/upload" {
                 use http_body_util::BodyExt;
-                if body.collect().await.is_err() {
-                    return Ok(http::Response::builder()
-                        .status(400)
-                        .body(tonic::body::Body::empty())
-                        .expect("a valid response"));
+                match body.collect().await {
+                    Ok(body) => received = Some(body.to_bytes()),
+                    Err(_) => {
+                        return Ok(http::Response::builder()
+                            .status(400)
+                            .body(tonic::body::Body::empty())
+                            .expect("a valid response"))
+                    }
                 }
             }
             let req = http::Request::from_parts(parts, ());
@@ -100,6 +105,13 @@ async fn serve(stream: tokio::net::TcpStream, pod: String, started: Arc<AtomicUs
                 req.method(),
                 req.uri().path()
             );
+            if let Some(bytes) = received {
+                body.push_str(&format!(
+                    " bytes={} digest={:016x}",
+                    bytes.len(),
+                    digest(&bytes)
+                ));
+            }
             if req.uri().path() == "/headers" {
                 for name in ["x-request-id", "forwarded", "x-forwarded-proto"] {
                     let value = req.headers().get(name).and_then(|v| v.to_str().ok());
@@ -118,6 +130,18 @@ async fn serve(stream: tokio::net::TcpStream, pod: String, started: Arc<AtomicUs
     let _ = builder
         .serve_connection_with_upgrades(TokioIo::new(stream), service)
         .await;
+}
+
+/// A digest of a body (FNV-1a), to tell it arrived whole and unchanged.
+pub fn digest(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf29ce484222325, |hash, b| {
+        (hash ^ u64::from(*b)).wrapping_mul(0x100000001b3)
+    })
+}
+
+/// The body `tb-probe post` sends: `len` bytes of a pattern.
+pub fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 31 % 251) as u8).collect()
 }
 
 /// Agrees to any `upgrade` (as a WebSocket server would), then answers each

@@ -2133,18 +2133,15 @@ async fn a_client_silent_past_the_protocol_sniff_is_still_served_as_http() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_stream_the_endpoint_refuses_is_retried_on_another() {
-    let mesh = l7_mesh().await;
-    let _echo1 = L7Server::start(mesh.cluster.pod("echo-1"), 9000).unwrap();
-    // echo-2 speaks HTTP/2 and refuses every stream (RST_STREAM REFUSED_STREAM)
-    // after reading its request.
+/// An HTTP/2 server on port 9000 of `pod` that refuses every stream (RST_STREAM
+/// REFUSED_STREAM) once its request's headers are in; counts them. Returns once
+/// it listens.
+fn refuse_every_stream(mesh: &Mesh, pod: &str) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
     let refused = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let count = refused.clone();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let _refusing = mesh
-        .cluster
-        .pod("echo-2")
+    mesh.cluster
+        .pod(pod)
         .spawn_task(move || async move {
             let listener = tokio::net::TcpListener::bind("0.0.0.0:9000").await.unwrap();
             ready_tx.send(()).unwrap();
@@ -2166,6 +2163,16 @@ async fn a_stream_the_endpoint_refuses_is_retried_on_another() {
         })
         .unwrap();
     ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    refused
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_the_endpoint_refuses_is_retried_on_another() {
+    let mesh = l7_mesh().await;
+    let _echo1 = L7Server::start(mesh.cluster.pod("echo-1"), 9000).unwrap();
+    // echo-2 speaks HTTP/2 and refuses every stream (RST_STREAM REFUSED_STREAM)
+    // after reading its request.
+    let refused = refuse_every_stream(&mesh, "echo-2");
     // web:82 is declared HTTP/2; requests alternate between the endpoints, and
     // each refused one is answered by echo-1.
     for i in 0..6 {
@@ -2322,4 +2329,51 @@ async fn http2_clients_that_send_no_request_stall_or_go_idle_are_cut_off_and_oth
     .await;
     let out = probe(&mesh, &["h2", WEB, "GET", "/after"]);
     assert_eq!(field(&out, "status"), "200", "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_post_is_retried_whole_on_another_endpoint_and_a_large_one_only_unread() {
+    let mesh = l7_mesh().await;
+    let _echo1 = L7Server::start(mesh.cluster.pod("echo-1"), 9000).unwrap();
+    let post = |version: &str, port: u16, bytes: usize| {
+        let target = format!("10.96.0.82:{port}");
+        let out = probe(
+            &mesh,
+            &["post", &target, version, "/upload", &bytes.to_string()],
+        );
+        (field(&out, "status").to_owned(), out)
+    };
+    let whole = |bytes: usize| {
+        let digest = testbed::l7::digest(&testbed::l7::pattern(bytes));
+        format!(" bytes={bytes} digest={digest:016x}")
+    };
+    // echo-2 refuses connections (no server): every POST, small or large, over
+    // either protocol, reaches echo-1 whole (its body was not read yet).
+    for (version, port) in [("h1", 80), ("h2", 80), ("h2", 82)] {
+        for bytes in [20_000, 200_000, 20_000] {
+            let (status, out) = post(version, port, bytes);
+            assert_eq!(status, "200", "{version} to {port}, {bytes} bytes: {out}");
+            let body = field(&out, "body");
+            assert!(
+                body.starts_with("echo-1 ") && body.ends_with(&whole(bytes)),
+                "{version} to {port}: {out}"
+            );
+        }
+    }
+    // echo-2 now refuses each stream after its request was sent (port 82 is
+    // declared HTTP/2): a body within the retry buffer (64 KiB) is sent again,
+    // whole, to echo-1.
+    let refused = refuse_every_stream(&mesh, "echo-2");
+    for _ in 0..4 {
+        let (status, out) = post("h2", 82, 20_000);
+        assert_eq!(status, "200", "{out}");
+        assert!(field(&out, "body").ends_with(&whole(20_000)), "{out}");
+    }
+    let tried = refused.load(std::sync::atomic::Ordering::Acquire);
+    assert!(tried >= 2, "echo-2 was tried and refused ({tried} times)");
+    // A larger one is not kept: of two in turn, the one sent to echo-2 first is
+    // answered 503 (UC), the other passes.
+    let mut statuses: Vec<String> = (0..2).map(|_| post("h2", 82, 100_000).0).collect();
+    statuses.sort();
+    assert_eq!(statuses, ["200", "503"]);
 }

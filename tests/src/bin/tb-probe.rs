@@ -37,6 +37,8 @@
 //!                                          alone, a GET's header block never finished, or
 //!                                          one whole GET; then frames= (type:stream),
 //!                                          goaway= (its code, or none), goaway_ms=, closed_ms=
+//!   tb-probe post <ip:port> h1|h2 <path> <bytes>  a POST of that many bytes (testbed::l7::pattern)
+//!                                          with its content-length: status=, body=
 //!   tb-probe h2upload <ip:port> <path>     an HTTP/2 POST whose body stalls after 4 of
 //!                                          its 100 bytes: status=, ms=
 //!   tb-probe hold-cluster <spec.yaml>      build a cluster, print its prefix, wait
@@ -81,6 +83,7 @@ fn main() -> ExitCode {
         ["http", addr, method, path, headers @ ..] => http(addr, method, path, headers),
         ["h2raw", addr, mode] => h2_raw(addr, mode),
         ["h2upload", addr, path] => h2_upload(addr, path),
+        ["post", addr, version, path, bytes] => post(addr, version, path, bytes),
         ["hold-cluster", spec] => hold_cluster(spec),
         _ => Err(anyhow::anyhow!(
             "usage: tb-probe connect <ip:port> <message> | dns <ip:port> <query> | hold-cluster <spec.yaml>"
@@ -713,6 +716,47 @@ fn h2_raw(addr: &str, mode: &str) -> anyhow::Result<()> {
             Some(after) => println!("closed_ms={}", after.as_millis()),
             None => anyhow::bail!("still open after 30 s"),
         }
+        Ok(())
+    })
+}
+
+/// A POST of `bytes` bytes of testbed::l7::pattern over HTTP/1.1 or HTTP/2 (prior
+/// knowledge), with its content-length.
+fn post(addr: &str, version: &str, path: &str, bytes: &str) -> anyhow::Result<()> {
+    use http_body_util::BodyExt;
+    let body = bytes::Bytes::from(testbed::l7::pattern(bytes.parse()?));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let io = hyper_util::rt::TokioIo::new(tokio::net::TcpStream::connect(addr).await?);
+        let request = http::Request::post(format!("http://{addr}{path}"))
+            .header("content-length", body.len())
+            .body(http_body_util::Full::new(body))?;
+        let response = match version {
+            "h1" => {
+                let (mut sender, connection) = hyper::client::conn::http1::handshake(io).await?;
+                tokio::spawn(connection);
+                let (mut parts, body) = request.into_parts();
+                parts.uri = path.parse()?;
+                parts.headers.insert("host", addr.parse()?);
+                sender
+                    .send_request(http::Request::from_parts(parts, body))
+                    .await?
+            }
+            "h2" => {
+                let (mut sender, connection) =
+                    hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                        .await?;
+                tokio::spawn(connection);
+                sender.send_request(request).await?
+            }
+            _ => anyhow::bail!("h1 or h2"),
+        };
+        let status = response.status();
+        let body = response.into_body().collect().await?.to_bytes();
+        println!("status={}", status.as_u16());
+        println!("body={}", String::from_utf8_lossy(&body));
         Ok(())
     })
 }

@@ -52,6 +52,7 @@ use ztunnel_hbone::{pool::Pool, relay};
 mod conn_idle;
 mod ext_authz;
 mod idle;
+mod retry;
 mod telemetry;
 mod upstream;
 use idle::IdleBody;
@@ -1199,7 +1200,7 @@ impl Waypoint {
             let body = Metered::request(body.map_err(Into::into).boxed(), request_bytes.clone());
             IdleBody::new(body.boxed(), activity.clone()).boxed()
         });
-        let mut req = match upstream_request(req, host, target, protocol, upgrade) {
+        let req = match upstream_request(req, host, target, protocol, upgrade) {
             Ok(req) => req,
             Err(e) => {
                 tracing::warn!(dst = %target.asked, "request refused (400): {e:#}");
@@ -1214,6 +1215,18 @@ impl Waypoint {
             handled.flags = "UH";
             return handled;
         }
+        // A small body is read whole first: a refused stream can then be retried.
+        let (mut req, replay) = match retry::keep(req).await {
+            Ok(kept) => kept,
+            Err(_) if activity.expired() => return self.stream_timed_out(target, None),
+            Err(e) => {
+                tracing::warn!(dst = %target.asked, "request ended: its body failed: {e}");
+                let mut handled =
+                    Handled::local(text(StatusCode::BAD_REQUEST, "Bad Request: body\n"));
+                handled.flags = "DC";
+                return handled;
+            }
+        };
         let mut flags = "UC";
         for (attempt, endpoint) in endpoints.iter().take(ATTEMPTS).enumerate() {
             let key = upstream::Key {
@@ -1228,13 +1241,7 @@ impl Waypoint {
                     false => self.upstreams.send(&key, req, dial).await,
                 }
             };
-            let timed_out = || {
-                tracing::warn!(dst = %target.asked, endpoint = %endpoint.name, "request ended (408): its stream was idle for the stream idle timeout ({:?})", self.limits.stream_idle_timeout);
-                let mut handled =
-                    Handled::local(text(StatusCode::REQUEST_TIMEOUT, "stream timeout"));
-                handled.flags = "SI";
-                handled
-            };
+            let timed_out = || self.stream_timed_out(target, Some(endpoint));
             let sent = tokio::select! {
                 sent = sent => sent,
                 _ = activity.idle() => return timed_out(),
@@ -1266,7 +1273,9 @@ impl Waypoint {
                         (false, _) => "UC",
                     };
                     tracing::warn!(dst = %target.asked, endpoint = %endpoint.name, protocol = protocol.as_str(), "waypoint: upstream failed ({flags}): {:#}", e.error);
-                    match e.unsent {
+                    // Refused unprocessed: sent again from the copy, if kept.
+                    let again = || replay.as_ref().map(retry::Replay::request);
+                    match e.unsent.or_else(|| e.refused_stream.then(again).flatten()) {
                         Some(unsent) => req = unsent,
                         None => break,
                     }
@@ -1292,6 +1301,18 @@ impl Waypoint {
                 .expect("a valid response"),
         );
         handled.flags = flags;
+        handled
+    }
+}
+
+impl Waypoint {
+    /// The answer to a request whose stream was idle for the stream idle timeout
+    /// before its response headers.
+    fn stream_timed_out(&self, target: &Target, endpoint: Option<&Workload>) -> Handled {
+        let endpoint = endpoint.map_or("none", |e| e.name.as_str());
+        tracing::warn!(dst = %target.asked, %endpoint, "request ended (408): its stream was idle for the stream idle timeout ({:?})", self.limits.stream_idle_timeout);
+        let mut handled = Handled::local(text(StatusCode::REQUEST_TIMEOUT, "stream timeout"));
+        handled.flags = "SI";
         handled
     }
 }

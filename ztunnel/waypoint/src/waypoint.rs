@@ -47,6 +47,7 @@ use crate::{
     state::{MeshSettings, State, Workload},
     tls,
 };
+use ztunnel_core::balance::Balancer;
 use ztunnel_hbone::{pool::Pool, relay};
 
 mod conn_idle;
@@ -142,8 +143,8 @@ struct Waypoint {
     pool: Arc<Pool>,
     /// HTTP connections to endpoints, shared by every downstream connection.
     upstreams: Arc<Upstreams>,
-    /// Round-robin position per Service VIP.
-    next_endpoint: Mutex<HashMap<std::net::Ipv4Addr, usize>>,
+    /// Which endpoints a request tries (the tunnel's balancer too).
+    balancer: Balancer,
     metrics: RequestMetrics,
     /// CONNECTs refused before any policy: destinations not bound here and the like.
     refused: Family<RefusedLabels, Counter>,
@@ -323,7 +324,7 @@ pub async fn run(options: WaypointOptions) -> Result<()> {
         certs,
         pool: Pool::new(Default::default()),
         upstreams: Upstreams::new(),
-        next_endpoint: Mutex::new(HashMap::new()),
+        balancer: Balancer::new(),
         metrics,
         refused,
         timed_out,
@@ -672,7 +673,7 @@ impl Waypoint {
             return Ok(());
         }
         let mut failures = Vec::new();
-        for endpoint in self.endpoints(&state, &target).iter().take(ATTEMPTS) {
+        for endpoint in self.endpoints(&state, &target) {
             match self
                 .upstream_stream(endpoint, target.port, target.client)
                 .await
@@ -710,34 +711,20 @@ impl Waypoint {
                 .allow
     }
 
-    /// The endpoints to try for one request or connection, in order: a Service's
-    /// ready endpoints now, round robin per request; or the one workload.
-    fn endpoints(&self, state: &State, target: &Target) -> Vec<Arc<Workload>> {
+    /// The endpoints to try for one request or connection, in order, at most
+    /// ATTEMPTS: a Service's ready endpoints now, from the next in turn (a retry
+    /// never goes back to the one that failed); or the one workload.
+    fn endpoints<'a>(&self, state: &'a State, target: &'a Target) -> Vec<&'a Arc<Workload>> {
         let vip = match &target.destination {
-            Destination::Workload(w) => return vec![w.clone()],
+            Destination::Workload(w) => return vec![w],
             Destination::Service(vip) => *vip,
         };
         let Some(service) = state.service_by_vip(vip) else {
             return Vec::new();
         };
-        let all = &service.endpoints;
-        if all.is_empty() {
-            return Vec::new();
-        }
-        let start = {
-            let mut next = self.next_endpoint.lock().expect("not poisoned");
-            let slot = next
-                .entry(vip)
-                .or_insert_with(|| fastrand::usize(..all.len()));
-            let start = *slot % all.len();
-            *slot = start + 1;
-            start
-        };
-        all.iter()
-            .cycle()
-            .skip(start)
-            .take(all.len())
-            .cloned()
+        self.balancer
+            .attempts(vip, &service.endpoints)
+            .take(ATTEMPTS)
             .collect()
     }
 
@@ -1228,7 +1215,7 @@ impl Waypoint {
             }
         };
         let mut flags = "UC";
-        for (attempt, endpoint) in endpoints.iter().take(ATTEMPTS).enumerate() {
+        for (attempt, endpoint) in endpoints.into_iter().enumerate() {
             let key = upstream::Key {
                 endpoint: SocketAddr::new(IpAddr::V4(endpoint.ip), target.port),
                 client: target.client.ip(),

@@ -30,7 +30,6 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 use tokio_rustls::TlsAcceptor;
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     accept::{AcceptMetrics, Acceptor, Conn, Limiter, Limits},
@@ -47,7 +46,10 @@ use crate::{
     state::{MeshSettings, State, Workload},
     tls,
 };
-use ztunnel_core::balance::Balancer;
+use ztunnel_core::{
+    balance::Balancer,
+    drain::{self, Drain},
+};
 use ztunnel_hbone::{pool::Pool, relay};
 
 mod conn_idle;
@@ -163,11 +165,10 @@ struct Waypoint {
     grpc_client: ext_authz::GrpcClient,
     /// The TLS server config of the current certificate, made once per certificate.
     tls: Mutex<Option<(Arc<WorkloadCert>, Arc<rustls::ServerConfig>)>>,
-    /// Cancelled on SIGTERM: connections close once their requests are done
-    /// (HTTP/2 with GOAWAY).
-    draining: CancellationToken,
-    /// Every downstream connection and tunnelled stream, waited for when draining.
-    tasks: TaskTracker,
+    /// The process's drain, signaled on SIGTERM: connections close once their
+    /// requests are done (HTTP/2 with GOAWAY); it tracks every downstream
+    /// connection and tunnelled stream, and the metrics server's.
+    drain: Drain,
 }
 
 /// How long a fetched JWKS is used before it is fetched again (on failure the
@@ -216,7 +217,7 @@ macro_rules! serve_until_done {
         let limits = $waypoint.limits;
         tokio::select! {
             ended = connection.as_mut() => ended,
-            _ = $waypoint.draining.cancelled() => {
+            _ = $waypoint.drain.signaled() => {
                 connection.as_mut().graceful_shutdown();
                 connection.as_mut().await
             }
@@ -338,51 +339,41 @@ pub async fn run(options: WaypointOptions) -> Result<()> {
         grpc_client: ext_authz::grpc_client(),
         providers: mesh_config.providers(),
         tls: Mutex::new(None),
-        draining: CancellationToken::new(),
-        tasks: TaskTracker::new(),
+        drain: Drain::new(),
     });
+    let drain = waypoint.drain.clone();
     let accept_metrics = AcceptMetrics::register(&mut registry);
     let metrics = TcpListener::bind(options.metrics_addr)
         .await
         .with_context(|| format!("binding {}", options.metrics_addr))?;
     let metrics_limiter = Limiter::new(Limits::http_endpoint(), accept_metrics.clone());
-    tokio::spawn(crate::http_server::serve_with(
+    tokio::spawn(crate::http_server::serve_draining(
         Acceptor::new(metrics, metrics_limiter, "metrics"),
         crate::metrics::handler(Arc::new(Mutex::new(registry))),
+        drain.clone(),
     ));
     let listener = TcpListener::bind(options.listen)
         .await
         .with_context(|| format!("binding {}", options.listen))?;
     tracing::info!(waypoint = %format!("{}/{}", options.namespace, options.name), identity = %me.identity, listen = %options.listen, "waypoint running");
     let limiter = Limiter::new(Limits::proxy(), accept_metrics);
-    let this = waypoint.clone();
-    let serve = Acceptor::new(listener, limiter, "waypoint").serve(move |tcp, peer| {
-        let waypoint = this.clone();
-        this.tasks.track_future(async move {
-            if let Err(e) = waypoint.connection(tcp, peer).await {
-                tracing::debug!(%peer, "waypoint connection: {e:#}");
-            }
-        })
+    let acceptor = Acceptor::new(listener, limiter, "waypoint");
+    let accepting = drain.clone();
+    tokio::spawn(async move {
+        acceptor
+            .serve_until_drained(&accepting, move |tcp, peer| {
+                let waypoint = waypoint.clone();
+                async move {
+                    if let Err(e) = waypoint.connection(tcp, peer).await {
+                        tracing::debug!(%peer, "waypoint connection: {e:#}");
+                    }
+                }
+            })
+            .await
     });
-    tokio::select! {
-        _ = serve => {}
-        _ = ztunnel_core::shutdown_signal() => {}
-    }
-    // Draining: no new connections (the listener is closed), GOAWAY on the open
+    // On SIGTERM: no new connections (the listeners close), GOAWAY on the open
     // ones, requests in flight finish within the grace period.
-    let open = waypoint.tasks.len();
-    tracing::info!(open, grace = ?options.drain_grace, "waypoint draining");
-    waypoint.draining.cancel();
-    waypoint.tasks.close();
-    if tokio::time::timeout(options.drain_grace, waypoint.tasks.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            open = waypoint.tasks.len(),
-            "waypoint: the drain grace period ended with connections open; closing them"
-        );
-    }
+    drain::on_sigterm(&drain, options.drain_grace, "waypoint").await;
     tracing::info!("waypoint stopped");
     Ok(())
 }
@@ -580,7 +571,7 @@ impl Waypoint {
             }
         };
         let upgrade = hyper::upgrade::on(&mut req);
-        self.tasks.clone().spawn(async move {
+        self.drain.clone().spawn(async move {
             let _open = open;
             let stream = match upgrade.await {
                 Ok(upgraded) => TokioIo::new(upgraded),

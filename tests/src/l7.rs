@@ -75,15 +75,20 @@ async fn serve(stream: tokio::net::TcpStream, pod: String, started: Arc<AtomicUs
             if req.headers().contains_key(http::header::UPGRADE) {
                 return Ok(switch_protocols(req, pod));
             }
-            // `/upload`: answered only once the whole request body is in.
+            // `/upload`: answered only once the whole request body is in, with
+            // its length and digest.
             let (parts, body) = req.into_parts();
+            let mut received = None;
             if parts.uri.path() == "/upload" {
                 use http_body_util::BodyExt;
-                if body.collect().await.is_err() {
-                    return Ok(http::Response::builder()
-                        .status(400)
-                        .body(tonic::body::Body::empty())
-                        .expect("a valid response"));
+                match body.collect().await {
+                    Ok(body) => received = Some(body.to_bytes()),
+                    Err(_) => {
+                        return Ok(http::Response::builder()
+                            .status(400)
+                            .body(tonic::body::Body::empty())
+                            .expect("a valid response"))
+                    }
                 }
             }
             let req = http::Request::from_parts(parts, ());
@@ -100,6 +105,13 @@ async fn serve(stream: tokio::net::TcpStream, pod: String, started: Arc<AtomicUs
                 req.method(),
                 req.uri().path()
             );
+            if let Some(bytes) = received {
+                body.push_str(&format!(
+                    " bytes={} digest={:016x}",
+                    bytes.len(),
+                    digest(&bytes)
+                ));
+            }
             if req.uri().path() == "/headers" {
                 for name in ["x-request-id", "forwarded", "x-forwarded-proto"] {
                     let value = req.headers().get(name).and_then(|v| v.to_str().ok());
@@ -118,6 +130,18 @@ async fn serve(stream: tokio::net::TcpStream, pod: String, started: Arc<AtomicUs
     let _ = builder
         .serve_connection_with_upgrades(TokioIo::new(stream), service)
         .await;
+}
+
+/// A digest of a body (FNV-1a), to tell it arrived whole and unchanged.
+pub fn digest(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf29ce484222325, |hash, b| {
+        (hash ^ u64::from(*b)).wrapping_mul(0x100000001b3)
+    })
+}
+
+/// The body `tb-probe post` sends: `len` bytes of a pattern.
+pub fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 31 % 251) as u8).collect()
 }
 
 /// Agrees to any `upgrade` (as a WebSocket server would), then answers each
@@ -240,4 +264,109 @@ pub async fn client(addr: SocketAddr) -> Result<EchoClient<Channel>> {
         Channel(sender),
         format!("http://{addr}").parse()?,
     ))
+}
+
+/// HTTP/2 on the wire, for the attacks a library client does not make: a preface
+/// and no request, a header block never finished.
+pub mod raw_h2 {
+    use std::time::{Duration, Instant};
+
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+    pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    pub const HEADERS: u8 = 0x1;
+    pub const SETTINGS: u8 = 0x4;
+    pub const PING: u8 = 0x6;
+    pub const GOAWAY: u8 = 0x7;
+    pub const END_STREAM: u8 = 0x1;
+    pub const END_HEADERS: u8 = 0x4;
+    const ACK: u8 = 0x1;
+
+    pub fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let mut out = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        out.extend([kind, flags]);
+        out.extend(stream.to_be_bytes());
+        out.extend(payload);
+        out
+    }
+
+    /// The preface, then an empty SETTINGS frame.
+    pub fn start() -> Vec<u8> {
+        let mut out = PREFACE.to_vec();
+        out.extend(frame(SETTINGS, 0, 0, &[]));
+        out
+    }
+
+    /// A GET's HEADERS frame (HPACK: static-table method and scheme, literal
+    /// authority and path, nothing indexed); without END_HEADERS when `finished`
+    /// is false (the block would go on in CONTINUATION frames).
+    pub fn get(stream: u32, authority: &str, path: &str, finished: bool) -> Vec<u8> {
+        let mut block = vec![0x82, 0x86]; // :method GET, :scheme http
+        for (index, value) in [(1u8, authority), (4, path)] {
+            block.push(index); // literal without indexing, indexed name
+            block.push(value.len() as u8);
+            block.extend(value.as_bytes());
+        }
+        let flags = END_STREAM | if finished { END_HEADERS } else { 0 };
+        frame(HEADERS, flags, stream, &block)
+    }
+
+    /// What a connection sent until it closed.
+    #[derive(Debug, Default)]
+    pub struct Seen {
+        /// Each frame as `<type>:<stream>`.
+        pub frames: Vec<String>,
+        /// The error code of the first GOAWAY, and when it came.
+        pub goaway: Option<u32>,
+        pub goaway_after: Option<Duration>,
+        /// When the peer closed, from the call; None: still open at `limit`.
+        pub closed_after: Option<Duration>,
+    }
+
+    /// Reads frames until the peer closes (or `limit` passes); when `answer`,
+    /// acknowledges its SETTINGS and PINGs as any client does (a client in the
+    /// middle of a header block may send nothing else).
+    pub async fn read_until_closed<S: AsyncRead + AsyncWrite + Unpin>(
+        io: &mut S,
+        limit: Duration,
+        answer: bool,
+    ) -> Seen {
+        let started = Instant::now();
+        let mut seen = Seen::default();
+        let read = async {
+            loop {
+                let mut head = [0u8; 9];
+                if io.read_exact(&mut head).await.is_err() {
+                    return;
+                }
+                let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                let (kind, flags) = (head[3], head[4]);
+                let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & !(1 << 31);
+                let mut payload = vec![0u8; len];
+                if io.read_exact(&mut payload).await.is_err() {
+                    return;
+                }
+                seen.frames.push(format!("{kind}:{stream}"));
+                let answer_frame = match kind {
+                    GOAWAY if len >= 8 && seen.goaway.is_none() => {
+                        seen.goaway = Some(u32::from_be_bytes([
+                            payload[4], payload[5], payload[6], payload[7],
+                        ]));
+                        seen.goaway_after = Some(started.elapsed());
+                        None
+                    }
+                    SETTINGS if flags & ACK == 0 => Some(frame(SETTINGS, ACK, 0, &[])),
+                    PING if flags & ACK == 0 => Some(frame(PING, ACK, 0, &payload)),
+                    _ => None,
+                };
+                if let (true, Some(frame)) = (answer, answer_frame) {
+                    let _ = io.write_all(&frame).await;
+                }
+            }
+        };
+        if tokio::time::timeout(limit, read).await.is_ok() {
+            seen.closed_after = Some(started.elapsed());
+        }
+        seen
+    }
 }

@@ -1895,7 +1895,7 @@ async fn sigterm_drains_the_waypoint_and_requests_in_flight_finish() {
     let log = mesh.log("waypoint-waypoint");
     assert!(log.contains("waypoint draining"), "{log}");
     assert!(
-        !log.contains("grace period ended"),
+        !log.contains("still open at the end of the grace period"),
         "nothing was cut: {log}"
     );
     // Exited 0, within the grace period (5 s).
@@ -2133,18 +2133,15 @@ async fn a_client_silent_past_the_protocol_sniff_is_still_served_as_http() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_stream_the_endpoint_refuses_is_retried_on_another() {
-    let mesh = l7_mesh().await;
-    let _echo1 = L7Server::start(mesh.cluster.pod("echo-1"), 9000).unwrap();
-    // echo-2 speaks HTTP/2 and refuses every stream (RST_STREAM REFUSED_STREAM)
-    // after reading its request.
+/// An HTTP/2 server on port 9000 of `pod` that refuses every stream (RST_STREAM
+/// REFUSED_STREAM) once its request's headers are in; counts them. Returns once
+/// it listens.
+fn refuse_every_stream(mesh: &Mesh, pod: &str) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
     let refused = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let count = refused.clone();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let _refusing = mesh
-        .cluster
-        .pod("echo-2")
+    mesh.cluster
+        .pod(pod)
         .spawn_task(move || async move {
             let listener = tokio::net::TcpListener::bind("0.0.0.0:9000").await.unwrap();
             ready_tx.send(()).unwrap();
@@ -2166,6 +2163,16 @@ async fn a_stream_the_endpoint_refuses_is_retried_on_another() {
         })
         .unwrap();
     ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    refused
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_the_endpoint_refuses_is_retried_on_another() {
+    let mesh = l7_mesh().await;
+    let _echo1 = L7Server::start(mesh.cluster.pod("echo-1"), 9000).unwrap();
+    // echo-2 speaks HTTP/2 and refuses every stream (RST_STREAM REFUSED_STREAM)
+    // after reading its request.
+    let refused = refuse_every_stream(&mesh, "echo-2");
     // web:82 is declared HTTP/2; requests alternate between the endpoints, and
     // each refused one is answered by echo-1.
     for i in 0..6 {
@@ -2177,4 +2184,196 @@ async fn a_stream_the_endpoint_refuses_is_retried_on_another() {
         refused.load(std::sync::atomic::Ordering::Acquire) > 0,
         "echo-2 was tried and refused"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http2_clients_that_send_no_request_stall_or_go_idle_are_cut_off_and_others_served() {
+    let workloads = vec![
+        WorkloadSpec::new("client", "demo", "client"),
+        WorkloadSpec::new("echo-1", "demo", "echo").label("app", "echo"),
+        WorkloadSpec::new("waypoint", "demo", "waypoint")
+            .label("gateway.networking.k8s.io/gateway-name", "waypoint"),
+    ];
+    let mesh = mesh_from_args(
+        workloads,
+        L7_CONFIG,
+        &[
+            "--request-headers-timeout",
+            "1s",
+            "--stream-idle-timeout",
+            "2s",
+            "--idle-timeout",
+            "3s",
+        ],
+    )
+    .await;
+    let _echo1 = L7Server::start(mesh.cluster.pod("echo-1"), 9000).unwrap();
+    const WEB: &str = "10.96.0.82:80";
+    // The attackers, at once: the preface and no request; a header block never
+    // finished; an upload that stalls after 4 of its 100 bytes.
+    let attack = |args: &'static [&'static str]| {
+        let client = mesh.cluster.pod("client").clone();
+        std::thread::spawn(move || {
+            let out = client.run(PROBE, args).unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        })
+    };
+    let preface = attack(&["h2raw", WEB, "preface"]);
+    let headers = attack(&["h2raw", WEB, "headers"]);
+    let upload = attack(&["h2upload", WEB, "/upload"]);
+    // Meanwhile others are served.
+    let out = probe(&mesh, &["h2", WEB, "GET", "/meanwhile"]);
+    assert_eq!(field(&out, "status"), "200", "{out}");
+    for (what, out) in [
+        ("the preface alone", preface.join().unwrap()),
+        ("an unfinished header block", headers.join().unwrap()),
+    ] {
+        assert_eq!(
+            field(&out, "goaway"),
+            "0",
+            "{what}: GOAWAY(NO_ERROR): {out}"
+        );
+        let goaway: u64 = field(&out, "goaway_ms").parse().unwrap();
+        assert!(
+            (900..15_000).contains(&goaway),
+            "{what}: after the request headers timeout (1 s): {out}"
+        );
+        assert!(!field(&out, "frames").contains(":1"), "{what}: {out}");
+    }
+    let out = upload.join().unwrap();
+    assert_eq!(field(&out, "status"), "408", "a stalled upload: {out}");
+    let took: u64 = field(&out, "ms").parse().unwrap();
+    assert!(
+        (1_900..15_000).contains(&took),
+        "stream idle timeout (2 s): {out}"
+    );
+    // One whole request, then silence: the response (HEADERS on stream 1), then
+    // GOAWAY after the idle timeout.
+    let out = probe(&mesh, &["h2raw", WEB, "request"]);
+    assert!(field(&out, "frames").contains("1:1"), "answered: {out}");
+    assert_eq!(field(&out, "goaway"), "0", "{out}");
+    let goaway: u64 = field(&out, "goaway_ms").parse().unwrap();
+    assert!(
+        (2_900..20_000).contains(&goaway),
+        "idle timeout (3 s): {out}"
+    );
+
+    // The same one layer down: a mesh workload's TLS connection to the waypoint
+    // itself, with the HTTP/2 preface and no CONNECT.
+    let cert = {
+        let now = time::OffsetDateTime::now_utc();
+        std::sync::Arc::new(
+            mesh.ca
+                .forge(
+                    "spiffe://cluster.local/ns/demo/sa/client",
+                    now - time::Duration::minutes(1),
+                    now + time::Duration::hours(1),
+                )
+                .unwrap(),
+        )
+    };
+    let waypoint_ip = mesh.cluster.pod("waypoint").ip;
+    let seen = mesh
+        .cluster
+        .pod("client")
+        .spawn_task(move || async move {
+            use tokio::io::AsyncWriteExt;
+            let identity = "spiffe://cluster.local/ns/demo/sa/waypoint"
+                .parse()
+                .unwrap();
+            let config = cert.client_config(identity).unwrap();
+            let tcp = tokio::net::TcpStream::connect((waypoint_ip, 15008))
+                .await
+                .unwrap();
+            let name = rustls::pki_types::ServerName::IpAddress(
+                std::net::IpAddr::from(waypoint_ip).into(),
+            );
+            let mut tls = tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await
+                .unwrap();
+            tls.write_all(&testbed::l7::raw_h2::start()).await.unwrap();
+            testbed::l7::raw_h2::read_until_closed(&mut tls, Duration::from_secs(30), true).await
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+    assert_eq!(seen.goaway, Some(0), "HBONE: {seen:?}");
+    assert!(
+        (Duration::from_millis(900)..Duration::from_secs(15)).contains(&seen.goaway_after.unwrap()),
+        "HBONE: {seen:?}"
+    );
+    assert!(seen.closed_after.is_some(), "HBONE: {seen:?}");
+
+    // Each counted; the tunnel's own idle pooled connection went the same way,
+    // and the tunnel opens another for the next request.
+    eventually(
+        Duration::from_secs(15),
+        "the closed connections counted",
+        || async {
+            let page = mesh.waypoint_metrics("waypoint").await;
+            let counted = |layer: &str, timeout: &str| {
+                page.lines().any(|l| {
+                    l.starts_with("ztunnel_waypoint_connections_timed_out_total{")
+                        && l.contains(&format!("layer=\"{layer}\""))
+                        && l.contains(&format!("timeout=\"{timeout}\""))
+                        && !l.ends_with(" 0")
+                })
+            };
+            counted("http", "request_headers")
+                && counted("http", "idle")
+                && counted("hbone", "request_headers")
+                && counted("hbone", "idle")
+        },
+    )
+    .await;
+    let out = probe(&mesh, &["h2", WEB, "GET", "/after"]);
+    assert_eq!(field(&out, "status"), "200", "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_post_is_retried_whole_on_another_endpoint_and_a_large_one_only_unread() {
+    let mesh = l7_mesh().await;
+    let _echo1 = L7Server::start(mesh.cluster.pod("echo-1"), 9000).unwrap();
+    let post = |version: &str, port: u16, bytes: usize| {
+        let target = format!("10.96.0.82:{port}");
+        let out = probe(
+            &mesh,
+            &["post", &target, version, "/upload", &bytes.to_string()],
+        );
+        (field(&out, "status").to_owned(), out)
+    };
+    let whole = |bytes: usize| {
+        let digest = testbed::l7::digest(&testbed::l7::pattern(bytes));
+        format!(" bytes={bytes} digest={digest:016x}")
+    };
+    // echo-2 refuses connections (no server): every POST, small or large, over
+    // either protocol, reaches echo-1 whole (its body was not read yet).
+    for (version, port) in [("h1", 80), ("h2", 80), ("h2", 82)] {
+        for bytes in [20_000, 200_000, 20_000] {
+            let (status, out) = post(version, port, bytes);
+            assert_eq!(status, "200", "{version} to {port}, {bytes} bytes: {out}");
+            let body = field(&out, "body");
+            assert!(
+                body.starts_with("echo-1 ") && body.ends_with(&whole(bytes)),
+                "{version} to {port}: {out}"
+            );
+        }
+    }
+    // echo-2 now refuses each stream after its request was sent (port 82 is
+    // declared HTTP/2): a body within the retry buffer (64 KiB) is sent again,
+    // whole, to echo-1.
+    let refused = refuse_every_stream(&mesh, "echo-2");
+    for _ in 0..4 {
+        let (status, out) = post("h2", 82, 20_000);
+        assert_eq!(status, "200", "{out}");
+        assert!(field(&out, "body").ends_with(&whole(20_000)), "{out}");
+    }
+    let tried = refused.load(std::sync::atomic::Ordering::Acquire);
+    assert!(tried >= 2, "echo-2 was tried and refused ({tried} times)");
+    // A larger one is not kept: of two in turn, the one sent to echo-2 first is
+    // answered 503 (UC), the other passes.
+    let mut statuses: Vec<String> = (0..2).map(|_| post("h2", 82, 100_000).0).collect();
+    statuses.sort();
+    assert_eq!(statuses, ["200", "503"]);
 }

@@ -170,6 +170,7 @@ pub async fn run(options: RunOptions, set_log_level: SetLogLevel) -> Result<()> 
         limiter: Limiter::new(options.limits.clone(), accept_metrics.clone()),
         dns: crate::dns::Dns::new(options.dns.clone(), states.clone(), &mut registry),
         orig_src,
+        balancer: Default::default(),
     });
     let enroll_metrics = EnrollMetrics::register(&mut registry);
 

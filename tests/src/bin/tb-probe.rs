@@ -35,6 +35,14 @@
 //!   tb-probe httpbench <ip:port> h1|h2 <c> <n>  n GETs, c at a time (HTTP/1.1: c keep-alive
 //!                                          connections; HTTP/2: c streams on one): rate, p50, p99
 //!   tb-probe http <ip:port> <METHOD> <path> [Name:value]...  one HTTP/1.1 request
+//!   tb-probe h2raw <ip:port> preface|headers|request  HTTP/2 frames by hand: the preface
+//!                                          alone, a GET's header block never finished, or
+//!                                          one whole GET; then frames= (type:stream),
+//!                                          goaway= (its code, or none), goaway_ms=, closed_ms=
+//!   tb-probe post <ip:port> h1|h2 <path> <bytes>  a POST of that many bytes (testbed::l7::pattern)
+//!                                          with its content-length: status=, body=
+//!   tb-probe h2upload <ip:port> <path>     an HTTP/2 POST whose body stalls after 4 of
+//!                                          its 100 bytes: status=, ms=
 //!   tb-probe hold-cluster <spec.yaml>      build a cluster, print its prefix, wait
 use std::{
     io::{Read, Write},
@@ -76,6 +84,9 @@ fn main() -> ExitCode {
         ["upgrade", addr, path, message] => upgrade(addr, path, message),
         ["grpc", addr, call, message, count, code] => grpc(addr, call, message, count, code),
         ["http", addr, method, path, headers @ ..] => http(addr, method, path, headers),
+        ["h2raw", addr, mode] => h2_raw(addr, mode),
+        ["h2upload", addr, path] => h2_upload(addr, path),
+        ["post", addr, version, path, bytes] => post(addr, version, path, bytes),
         ["hold-cluster", spec] => hold_cluster(spec),
         _ => Err(anyhow::anyhow!(
             "usage: tb-probe connect <ip:port> <message> | dns <ip:port> <query> | hold-cluster <spec.yaml>"
@@ -688,6 +699,116 @@ fn h2(addr: &str, method: &str, path: &str) -> anyhow::Result<()> {
         let body = response.into_body().collect().await?.to_bytes();
         println!("status={}", status.as_u16());
         println!("body={}", String::from_utf8_lossy(&body));
+        Ok(())
+    })
+}
+
+/// Speaks HTTP/2 by hand (see the usage), then reads what comes until the peer
+/// closes or 30 s pass.
+fn h2_raw(addr: &str, mode: &str) -> anyhow::Result<()> {
+    use testbed::l7::raw_h2;
+    use tokio::io::AsyncWriteExt;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await?;
+        let mut sent = raw_h2::start();
+        match mode {
+            "preface" => {}
+            "headers" => sent.extend(raw_h2::get(1, addr, "/never", false)),
+            "request" => sent.extend(raw_h2::get(1, addr, "/once", true)),
+            _ => anyhow::bail!("mode: preface, headers or request"),
+        }
+        tcp.write_all(&sent).await?;
+        // In the middle of a header block a client may send nothing else.
+        let answer = mode != "headers";
+        let seen = raw_h2::read_until_closed(&mut tcp, Duration::from_secs(30), answer).await;
+        println!("frames={}", seen.frames.join(","));
+        println!(
+            "goaway={}",
+            seen.goaway.map_or("none".to_owned(), |c| c.to_string())
+        );
+        if let Some(after) = seen.goaway_after {
+            println!("goaway_ms={}", after.as_millis());
+        }
+        match seen.closed_after {
+            Some(after) => println!("closed_ms={}", after.as_millis()),
+            None => anyhow::bail!("still open after 30 s"),
+        }
+        Ok(())
+    })
+}
+
+/// A POST of `bytes` bytes of testbed::l7::pattern over HTTP/1.1 or HTTP/2 (prior
+/// knowledge), with its content-length.
+fn post(addr: &str, version: &str, path: &str, bytes: &str) -> anyhow::Result<()> {
+    use http_body_util::BodyExt;
+    let body = bytes::Bytes::from(testbed::l7::pattern(bytes.parse()?));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let io = hyper_util::rt::TokioIo::new(tokio::net::TcpStream::connect(addr).await?);
+        let request = http::Request::post(format!("http://{addr}{path}"))
+            .header("content-length", body.len())
+            .body(http_body_util::Full::new(body))?;
+        let response = match version {
+            "h1" => {
+                let (mut sender, connection) = hyper::client::conn::http1::handshake(io).await?;
+                tokio::spawn(connection);
+                let (mut parts, body) = request.into_parts();
+                parts.uri = path.parse()?;
+                parts.headers.insert("host", addr.parse()?);
+                sender
+                    .send_request(http::Request::from_parts(parts, body))
+                    .await?
+            }
+            "h2" => {
+                let (mut sender, connection) =
+                    hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                        .await?;
+                tokio::spawn(connection);
+                sender.send_request(request).await?
+            }
+            _ => anyhow::bail!("h1 or h2"),
+        };
+        let status = response.status();
+        let body = response.into_body().collect().await?.to_bytes();
+        println!("status={}", status.as_u16());
+        println!("body={}", String::from_utf8_lossy(&body));
+        Ok(())
+    })
+}
+
+/// An HTTP/2 POST announcing 100 bytes that sends 4, then nothing (the
+/// connection stays open): prints the status and how long it took to come.
+fn h2_upload(addr: &str, path: &str) -> anyhow::Result<()> {
+    use futures_util::StreamExt;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let (mut sender, connection) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await?;
+        tokio::spawn(connection);
+        let half = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(
+            hyper::body::Frame::data(bytes::Bytes::from_static(b"half")),
+        )])
+        .chain(futures_util::stream::pending());
+        let request = http::Request::post(format!("http://{addr}{path}"))
+            .header("content-length", "100")
+            .body(http_body_util::StreamBody::new(half))?;
+        let started = Instant::now();
+        let response = tokio::time::timeout(Duration::from_secs(30), sender.send_request(request))
+            .await
+            .map_err(|_| anyhow::anyhow!("no response in 30 s"))??;
+        println!("status={}", response.status().as_u16());
+        println!("ms={}", started.elapsed().as_millis());
         Ok(())
     })
 }

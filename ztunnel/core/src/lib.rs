@@ -8,10 +8,12 @@
 //! snapshot carries compiled policies) → `state` → `check`. Around it: [`identity`], [`tls`]
 //! (mTLS with SPIFFE identities), [`certs`] (workload certificates from the CA,
 //! through [`ca::client`]), [`jwt`], [`extauthz`], [`metrics`] and the servers'
-//! accept loop ([`accept`], [`http_server`]); [`netns`] and [`discovery`] find and
+//! accept loop ([`accept`], [`http_server`]); [`balance`] chooses endpoints for the
+//! tunnel and the waypoint; [`netns`] and [`discovery`] find and
 //! enter pods' network namespaces.
 #![deny(unsafe_code)]
 pub mod accept;
+pub mod balance;
 pub mod ca;
 pub mod certs;
 pub mod check;

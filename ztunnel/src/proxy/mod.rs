@@ -48,6 +48,8 @@ pub struct Context {
     pub limiter: Arc<crate::accept::Limiter>,
     /// Delivery to applications from their clients' addresses.
     pub orig_src: Arc<crate::orig_src::OrigSrc>,
+    /// Which endpoint of a Service each connection goes to (as the waypoint's).
+    pub balancer: ztunnel_core::balance::Balancer,
 }
 
 impl Context {

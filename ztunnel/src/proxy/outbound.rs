@@ -121,7 +121,7 @@ async fn handle(
     if original.port() == 53 && ctx.dns.captures(&source, &state) {
         return crate::dns::serve_tcp(ctx.dns.clone(), source, stream).await;
     }
-    let route = match route(&state, original) {
+    let route = match route(&state, original, &ctx.balancer) {
         Ok(route) => route,
         Err(e) => return record.refused(&ctx.metrics, "NR", &format!("{e:#}")),
     };
@@ -180,7 +180,11 @@ async fn handle(
     }
 }
 
-fn route(state: &crate::state::State, original: SocketAddrV4) -> Result<Route> {
+fn route(
+    state: &crate::state::State,
+    original: SocketAddrV4,
+    balancer: &ztunnel_core::balance::Balancer,
+) -> Result<Route> {
     let (ip, port) = (*original.ip(), original.port());
     if let Some(service) = state.service_by_vip(ip) {
         let name = format!("{}.{}.svc", service.name, service.namespace);
@@ -204,8 +208,11 @@ fn route(state: &crate::state::State, original: SocketAddrV4) -> Result<Route> {
                 });
             }
         }
-        // Spread connections across the endpoints.
-        let workload = service.endpoints[fastrand::usize(..service.endpoints.len())].clone();
+        // Round robin over its ready endpoints (the waypoint's balancer too).
+        let workload = balancer
+            .pick(ip, &service.endpoints)
+            .cloned()
+            .expect("endpoints, checked above");
         return Ok(match workload.captured {
             true => Route::Hbone {
                 workload,

@@ -38,14 +38,20 @@ struct Args {
     /// Requests whose headers take more (KiB) are answered 431.
     #[arg(long, default_value = "60")]
     max_request_headers_kb: usize,
-    /// HTTP/1.1: how long a request's headers may take, counted from the previous
-    /// request's end (an idle keep-alive connection closes after it too).
+    /// How long a request's headers may take: HTTP/1.1 counted from the previous
+    /// request's end (an idle keep-alive connection closes after it too); HTTP/2
+    /// and HBONE, the first request's, from the connection's start.
     #[arg(long, alias = "request-headers-timeout-seconds", default_value = "300s", value_parser = positive_duration)]
     request_headers_timeout: Duration,
     /// How long a request may see nothing either way: 408 before its response
     /// headers, a reset after them.
     #[arg(long, alias = "stream-idle-timeout-seconds", default_value = "300s", value_parser = positive_duration)]
     stream_idle_timeout: Duration,
+    /// How long a downstream connection may have no request open before it is
+    /// closed (HTTP/2 with GOAWAY). Before its first request, HTTP/2 and HBONE
+    /// connections get the request headers timeout instead.
+    #[arg(long, default_value = "1h", value_parser = positive_duration)]
+    idle_timeout: Duration,
     /// Log one `access` line per request (off by default, as Istio's
     /// `meshConfig.accessLogFile` is).
     #[arg(long)]
@@ -108,6 +114,7 @@ fn main() {
             max_header_bytes: args.max_request_headers_kb * 1024,
             request_headers_timeout: args.request_headers_timeout,
             stream_idle_timeout: args.stream_idle_timeout,
+            idle_timeout: args.idle_timeout,
         },
     };
     let mut runtime = tokio::runtime::Builder::new_multi_thread();

@@ -30,7 +30,6 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 use tokio_rustls::TlsAcceptor;
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     accept::{AcceptMetrics, Acceptor, Conn, Limiter, Limits},
@@ -47,10 +46,16 @@ use crate::{
     state::{MeshSettings, State, Workload},
     tls,
 };
+use ztunnel_core::{
+    balance::Balancer,
+    drain::{self, Drain},
+};
 use ztunnel_hbone::{pool::Pool, relay};
 
+mod conn_idle;
 mod ext_authz;
 mod idle;
+mod retry;
 mod telemetry;
 mod upstream;
 use idle::IdleBody;
@@ -89,13 +94,18 @@ pub struct RequestLimits {
     pub max_headers: usize,
     /// Header block size in bytes; over it: 431.
     pub max_header_bytes: usize,
-    /// HTTP/1.1: how long a request's headers may take to arrive, counted from
-    /// the end of the previous request (so it also closes an idle keep-alive
-    /// connection); past it the connection is closed.
+    /// How long a request's headers may take to arrive; past it the connection
+    /// is closed. HTTP/1.1: counted from the end of the previous request (so it
+    /// also closes an idle keep-alive connection); HTTP/2 and HBONE: the first
+    /// request's, from the connection's start (GOAWAY).
     pub request_headers_timeout: Duration,
     /// How long a request's stream may see nothing either way: before the
     /// response headers it is answered 408 (flag SI), after them reset.
     pub stream_idle_timeout: Duration,
+    /// How long a downstream connection (HBONE, HTTP/2, HTTP/1.1) may have no
+    /// request open before it is closed, HTTP/2 with GOAWAY. Before its first
+    /// request the request headers timeout applies instead.
+    pub idle_timeout: Duration,
 }
 
 impl Default for RequestLimits {
@@ -107,8 +117,18 @@ impl Default for RequestLimits {
             // for its headers.
             request_headers_timeout: Duration::from_secs(300),
             stream_idle_timeout: Duration::from_secs(300),
+            // Envoy's connection idle timeout.
+            idle_timeout: Duration::from_secs(3600),
         }
     }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TimedOutLabels {
+    /// `hbone` (the tunnel's connection) or `http` (a tunnelled HTTP connection).
+    layer: &'static str,
+    /// `request_headers` (no first request in time) or `idle`.
+    timeout: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -125,11 +145,13 @@ struct Waypoint {
     pool: Arc<Pool>,
     /// HTTP connections to endpoints, shared by every downstream connection.
     upstreams: Arc<Upstreams>,
-    /// Round-robin position per Service VIP.
-    next_endpoint: Mutex<HashMap<std::net::Ipv4Addr, usize>>,
+    /// Which endpoints a request tries (the tunnel's balancer too).
+    balancer: Balancer,
     metrics: RequestMetrics,
     /// CONNECTs refused before any policy: destinations not bound here and the like.
     refused: Family<RefusedLabels, Counter>,
+    /// Downstream connections closed by their request headers or idle timeout.
+    timed_out: Family<TimedOutLabels, Counter>,
     limits: RequestLimits,
     path_normalization: path_normalization::Level,
     /// X-Forwarded-For hops believed (MeshConfig numTrustedProxies).
@@ -143,11 +165,10 @@ struct Waypoint {
     grpc_client: ext_authz::GrpcClient,
     /// The TLS server config of the current certificate, made once per certificate.
     tls: Mutex<Option<(Arc<WorkloadCert>, Arc<rustls::ServerConfig>)>>,
-    /// Cancelled on SIGTERM: connections close once their requests are done
-    /// (HTTP/2 with GOAWAY).
-    draining: CancellationToken,
-    /// Every downstream connection and tunnelled stream, waited for when draining.
-    tasks: TaskTracker,
+    /// The process's drain, signaled on SIGTERM: connections close once their
+    /// requests are done (HTTP/2 with GOAWAY); it tracks every downstream
+    /// connection and tunnelled stream, and the metrics server's.
+    drain: Drain,
 }
 
 /// How long a fetched JWKS is used before it is fetched again (on failure the
@@ -180,6 +201,35 @@ struct Target {
 enum Destination {
     Service(std::net::Ipv4Addr),
     Workload(Arc<Workload>),
+}
+
+/// After GOAWAY for a timeout: how long the peer gets to let the connection
+/// close (an attacker that never acknowledges is not waited for).
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+/// Runs a hyper server connection until it ends: gracefully (HTTP/2: GOAWAY)
+/// when the waypoint drains, its requests finishing; and when `streams` says no
+/// request came in time (logged and counted for `layer`), then at most CLOSE_WAIT.
+macro_rules! serve_until_done {
+    ($waypoint:expr, $connection:expr, $streams:expr, $layer:expr) => {{
+        let connection = $connection;
+        tokio::pin!(connection);
+        let limits = $waypoint.limits;
+        tokio::select! {
+            ended = connection.as_mut() => ended,
+            _ = $waypoint.drain.signaled() => {
+                connection.as_mut().graceful_shutdown();
+                connection.as_mut().await
+            }
+            expired = $streams.expired(limits.request_headers_timeout, limits.idle_timeout) => {
+                $waypoint.timed_out($layer, expired);
+                connection.as_mut().graceful_shutdown();
+                tokio::time::timeout(CLOSE_WAIT, connection.as_mut())
+                    .await
+                    .unwrap_or(Ok(()))
+            }
+        }
+    }};
 }
 
 /// How long a new connection's first bytes are awaited to tell HTTP from a
@@ -243,6 +293,12 @@ pub async fn run(options: WaypointOptions) -> Result<()> {
         "CONNECTs the waypoint refused before any policy, by reason (not_bound: a destination not bound to this waypoint)",
         refused.clone(),
     );
+    let timed_out = Family::<TimedOutLabels, Counter>::default();
+    registry.register(
+        "ztunnel_waypoint_connections_timed_out",
+        "Downstream connections the waypoint closed (HTTP/2: GOAWAY) because no request came: none within the request headers timeout of the start, or none for the idle timeout",
+        timed_out.clone(),
+    );
     let mesh_config = match &options.mesh_config {
         Some(path) => extauthz::MeshConfig::load(path)?,
         None => Default::default(),
@@ -269,9 +325,10 @@ pub async fn run(options: WaypointOptions) -> Result<()> {
         certs,
         pool: Pool::new(Default::default()),
         upstreams: Upstreams::new(),
-        next_endpoint: Mutex::new(HashMap::new()),
+        balancer: Balancer::new(),
         metrics,
         refused,
+        timed_out,
         limits: options.limits,
         path_normalization: mesh_config
             .path_normalization()
@@ -282,51 +339,41 @@ pub async fn run(options: WaypointOptions) -> Result<()> {
         grpc_client: ext_authz::grpc_client(),
         providers: mesh_config.providers(),
         tls: Mutex::new(None),
-        draining: CancellationToken::new(),
-        tasks: TaskTracker::new(),
+        drain: Drain::new(),
     });
+    let drain = waypoint.drain.clone();
     let accept_metrics = AcceptMetrics::register(&mut registry);
     let metrics = TcpListener::bind(options.metrics_addr)
         .await
         .with_context(|| format!("binding {}", options.metrics_addr))?;
     let metrics_limiter = Limiter::new(Limits::http_endpoint(), accept_metrics.clone());
-    tokio::spawn(crate::http_server::serve_with(
+    tokio::spawn(crate::http_server::serve_draining(
         Acceptor::new(metrics, metrics_limiter, "metrics"),
         crate::metrics::handler(Arc::new(Mutex::new(registry))),
+        drain.clone(),
     ));
     let listener = TcpListener::bind(options.listen)
         .await
         .with_context(|| format!("binding {}", options.listen))?;
     tracing::info!(waypoint = %format!("{}/{}", options.namespace, options.name), identity = %me.identity, listen = %options.listen, "waypoint running");
     let limiter = Limiter::new(Limits::proxy(), accept_metrics);
-    let this = waypoint.clone();
-    let serve = Acceptor::new(listener, limiter, "waypoint").serve(move |tcp, peer| {
-        let waypoint = this.clone();
-        this.tasks.track_future(async move {
-            if let Err(e) = waypoint.connection(tcp, peer).await {
-                tracing::debug!(%peer, "waypoint connection: {e:#}");
-            }
-        })
+    let acceptor = Acceptor::new(listener, limiter, "waypoint");
+    let accepting = drain.clone();
+    tokio::spawn(async move {
+        acceptor
+            .serve_until_drained(&accepting, move |tcp, peer| {
+                let waypoint = waypoint.clone();
+                async move {
+                    if let Err(e) = waypoint.connection(tcp, peer).await {
+                        tracing::debug!(%peer, "waypoint connection: {e:#}");
+                    }
+                }
+            })
+            .await
     });
-    tokio::select! {
-        _ = serve => {}
-        _ = ztunnel_core::shutdown_signal() => {}
-    }
-    // Draining: no new connections (the listener is closed), GOAWAY on the open
+    // On SIGTERM: no new connections (the listeners close), GOAWAY on the open
     // ones, requests in flight finish within the grace period.
-    let open = waypoint.tasks.len();
-    tracing::info!(open, grace = ?options.drain_grace, "waypoint draining");
-    waypoint.draining.cancel();
-    waypoint.tasks.close();
-    if tokio::time::timeout(options.drain_grace, waypoint.tasks.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            open = waypoint.tasks.len(),
-            "waypoint: the drain grace period ended with connections open; closing them"
-        );
-    }
+    drain::on_sigterm(&drain, options.drain_grace, "waypoint").await;
     tracing::info!("waypoint stopped");
     Ok(())
 }
@@ -339,24 +386,40 @@ impl Waypoint {
             .await
             .context("mTLS handshake")?;
         let client = tls::peer_identity(tls.get_ref().1.peer_certificates())?;
+        let streams = conn_idle::Streams::new();
         let this = self.clone();
+        let open = streams.clone();
         let service = hyper::service::service_fn(move |req| {
             let (this, client) = (this.clone(), client.clone());
-            async move { Ok::<_, Infallible>(this.connect(client, peer, req)) }
+            // The CONNECT's tunnelled stream keeps the connection busy.
+            let open = open.open();
+            async move { Ok::<_, Infallible>(this.connect(client, peer, req, open)) }
         });
         let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .serve_connection(TokioIo::new(tls), service);
-        tokio::pin!(connection);
-        tokio::select! {
-            ended = connection.as_mut() => ended,
-            _ = self.draining.cancelled() => {
-                connection.as_mut().graceful_shutdown();
-                connection.as_mut().await
-            }
-        }
-        .context("HTTP/2")?;
+        serve_until_done!(self, connection, streams, "hbone").context("HTTP/2")?;
         Ok(())
+    }
+
+    /// A downstream connection closed by its request headers or idle timeout:
+    /// logged and counted.
+    fn timed_out(&self, layer: &'static str, expired: conn_idle::Expired) {
+        let timeout = match expired {
+            conn_idle::Expired::RequestHeaders => self.limits.request_headers_timeout,
+            conn_idle::Expired::Idle => self.limits.idle_timeout,
+        };
+        tracing::info!(
+            layer,
+            "waypoint: closing a downstream connection: no request within its {} timeout ({timeout:?})",
+            expired.as_str()
+        );
+        self.timed_out
+            .get_or_create(&TimedOutLabels {
+                layer,
+                timeout: expired.as_str(),
+            })
+            .inc();
     }
 
     /// The TLS server config presenting the current certificate: one for all
@@ -446,6 +509,7 @@ impl Waypoint {
         client: Identity,
         peer: SocketAddr,
         mut req: Request<Incoming>,
+        open: conn_idle::Open,
     ) -> Response<Empty<Bytes>> {
         let status = |code| {
             Response::builder()
@@ -507,7 +571,8 @@ impl Waypoint {
             }
         };
         let upgrade = hyper::upgrade::on(&mut req);
-        self.tasks.clone().spawn(async move {
+        self.drain.clone().spawn(async move {
+            let _open = open;
             let stream = match upgrade.await {
                 Ok(upgraded) => TokioIo::new(upgraded),
                 Err(e) => return tracing::debug!("waypoint upgrade: {e}"),
@@ -557,13 +622,18 @@ impl Waypoint {
             inner: stream,
         };
         if looks_like_http(&first) {
+            let streams = conn_idle::Streams::new();
             let this = self.clone();
+            let opened = streams.clone();
             let service = hyper::service::service_fn(move |req| {
                 let (this, conn, target, client) =
                     (this.clone(), conn.clone(), target.clone(), client.clone());
+                // Open until the response's body is done (or dropped).
+                let open = opened.open();
                 // Boxed: hyper moves each request's future into a task of its own.
                 Box::pin(async move {
-                    Ok::<_, Infallible>(this.request(req, &conn, &client, &target).await)
+                    let response = this.request(req, &conn, &client, &target).await;
+                    Ok::<_, Infallible>(response.map(|body| conn_idle::Holding::new(body, open)))
                 })
             });
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -577,15 +647,8 @@ impl Waypoint {
                 .http2()
                 .max_header_list_size(self.limits.max_header_bytes as u32);
             let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            tokio::pin!(connection);
-            tokio::select! {
-                ended = connection.as_mut() => ended,
-                _ = self.draining.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    connection.as_mut().await
-                }
-            }
-            .map_err(|e| anyhow::anyhow!("HTTP: {e}"))?;
+            serve_until_done!(self, connection, streams, "http")
+                .map_err(|e| anyhow::anyhow!("HTTP: {e}"))?;
             return Ok(());
         }
         let state = self.state.borrow().clone();
@@ -601,7 +664,7 @@ impl Waypoint {
             return Ok(());
         }
         let mut failures = Vec::new();
-        for endpoint in self.endpoints(&state, &target).iter().take(ATTEMPTS) {
+        for endpoint in self.endpoints(&state, &target) {
             match self
                 .upstream_stream(endpoint, target.port, target.client)
                 .await
@@ -639,34 +702,20 @@ impl Waypoint {
                 .allow
     }
 
-    /// The endpoints to try for one request or connection, in order: a Service's
-    /// ready endpoints now, round robin per request; or the one workload.
-    fn endpoints(&self, state: &State, target: &Target) -> Vec<Arc<Workload>> {
+    /// The endpoints to try for one request or connection, in order, at most
+    /// ATTEMPTS: a Service's ready endpoints now, from the next in turn (a retry
+    /// never goes back to the one that failed); or the one workload.
+    fn endpoints<'a>(&self, state: &'a State, target: &'a Target) -> Vec<&'a Arc<Workload>> {
         let vip = match &target.destination {
-            Destination::Workload(w) => return vec![w.clone()],
+            Destination::Workload(w) => return vec![w],
             Destination::Service(vip) => *vip,
         };
         let Some(service) = state.service_by_vip(vip) else {
             return Vec::new();
         };
-        let all = &service.endpoints;
-        if all.is_empty() {
-            return Vec::new();
-        }
-        let start = {
-            let mut next = self.next_endpoint.lock().expect("not poisoned");
-            let slot = next
-                .entry(vip)
-                .or_insert_with(|| fastrand::usize(..all.len()));
-            let start = *slot % all.len();
-            *slot = start + 1;
-            start
-        };
-        all.iter()
-            .cycle()
-            .skip(start)
-            .take(all.len())
-            .cloned()
+        self.balancer
+            .attempts(vip, &service.endpoints)
+            .take(ATTEMPTS)
             .collect()
     }
 
@@ -1129,7 +1178,7 @@ impl Waypoint {
             let body = Metered::request(body.map_err(Into::into).boxed(), request_bytes.clone());
             IdleBody::new(body.boxed(), activity.clone()).boxed()
         });
-        let mut req = match upstream_request(req, host, target, protocol, upgrade) {
+        let req = match upstream_request(req, host, target, protocol, upgrade) {
             Ok(req) => req,
             Err(e) => {
                 tracing::warn!(dst = %target.asked, "request refused (400): {e:#}");
@@ -1144,8 +1193,20 @@ impl Waypoint {
             handled.flags = "UH";
             return handled;
         }
+        // A small body is read whole first: a refused stream can then be retried.
+        let (mut req, replay) = match retry::keep(req).await {
+            Ok(kept) => kept,
+            Err(_) if activity.expired() => return self.stream_timed_out(target, None),
+            Err(e) => {
+                tracing::warn!(dst = %target.asked, "request ended: its body failed: {e}");
+                let mut handled =
+                    Handled::local(text(StatusCode::BAD_REQUEST, "Bad Request: body\n"));
+                handled.flags = "DC";
+                return handled;
+            }
+        };
         let mut flags = "UC";
-        for (attempt, endpoint) in endpoints.iter().take(ATTEMPTS).enumerate() {
+        for (attempt, endpoint) in endpoints.into_iter().enumerate() {
             let key = upstream::Key {
                 endpoint: SocketAddr::new(IpAddr::V4(endpoint.ip), target.port),
                 client: target.client.ip(),
@@ -1158,13 +1219,7 @@ impl Waypoint {
                     false => self.upstreams.send(&key, req, dial).await,
                 }
             };
-            let timed_out = || {
-                tracing::warn!(dst = %target.asked, endpoint = %endpoint.name, "request ended (408): its stream was idle for the stream idle timeout ({:?})", self.limits.stream_idle_timeout);
-                let mut handled =
-                    Handled::local(text(StatusCode::REQUEST_TIMEOUT, "stream timeout"));
-                handled.flags = "SI";
-                handled
-            };
+            let timed_out = || self.stream_timed_out(target, Some(endpoint));
             let sent = tokio::select! {
                 sent = sent => sent,
                 _ = activity.idle() => return timed_out(),
@@ -1196,7 +1251,9 @@ impl Waypoint {
                         (false, _) => "UC",
                     };
                     tracing::warn!(dst = %target.asked, endpoint = %endpoint.name, protocol = protocol.as_str(), "waypoint: upstream failed ({flags}): {:#}", e.error);
-                    match e.unsent {
+                    // Refused unprocessed: sent again from the copy, if kept.
+                    let again = || replay.as_ref().map(retry::Replay::request);
+                    match e.unsent.or_else(|| e.refused_stream.then(again).flatten()) {
                         Some(unsent) => req = unsent,
                         None => break,
                     }
@@ -1222,6 +1279,18 @@ impl Waypoint {
                 .expect("a valid response"),
         );
         handled.flags = flags;
+        handled
+    }
+}
+
+impl Waypoint {
+    /// The answer to a request whose stream was idle for the stream idle timeout
+    /// before its response headers.
+    fn stream_timed_out(&self, target: &Target, endpoint: Option<&Workload>) -> Handled {
+        let endpoint = endpoint.map_or("none", |e| e.name.as_str());
+        tracing::warn!(dst = %target.asked, %endpoint, "request ended (408): its stream was idle for the stream idle timeout ({:?})", self.limits.stream_idle_timeout);
+        let mut handled = Handled::local(text(StatusCode::REQUEST_TIMEOUT, "stream timeout"));
+        handled.flags = "SI";
         handled
     }
 }

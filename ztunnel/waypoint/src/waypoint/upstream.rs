@@ -16,8 +16,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body::Body as _;
-use http_body_util::{combinators::BoxBody, BodyExt};
+use http_body_util::combinators::BoxBody;
 use hyper::{
     body::Incoming,
     client::conn::{http1, http2},
@@ -79,6 +78,9 @@ pub struct SendError {
     pub unsent: Option<Request<Body>>,
     /// The connection could not be opened at all (Envoy's `UF`).
     pub connect_failure: bool,
+    /// The endpoint refused the stream unprocessed (HTTP/2 REFUSED_STREAM): the
+    /// request may go elsewhere, if the caller kept a copy of it.
+    pub refused_stream: bool,
 }
 
 /// Pooled connections idle longer than this are closed.
@@ -172,6 +174,7 @@ impl Upstreams {
                             error,
                             unsent: Some(req),
                             connect_failure: true,
+                            refused_stream: false,
                         })
                     }
                 }
@@ -195,6 +198,7 @@ impl Upstreams {
                 unsent: e.take_message(),
                 error: e.into_error().into(),
                 connect_failure: false,
+                refused_stream: false,
             }),
         }
     }
@@ -229,6 +233,7 @@ impl Upstreams {
                     error,
                     unsent: Some(req),
                     connect_failure: true,
+                    refused_stream: false,
                 })
             }
         };
@@ -239,6 +244,7 @@ impl Upstreams {
                 unsent: e.take_message(),
                 error: e.into_error().into(),
                 connect_failure: false,
+                refused_stream: false,
             })
     }
 
@@ -281,31 +287,21 @@ impl Upstreams {
                                 error,
                                 unsent: Some(req),
                                 connect_failure: true,
+                                refused_stream: false,
                             })
                         }
                     },
                 }
             }
         };
-        // A request without a body can be sent again if the server refuses its
-        // stream after it was sent (Istio retries on refused-stream).
-        let again = req.body().is_end_stream().then(|| {
-            let mut copy =
-                Request::new(http_body_util::Empty::new().map_err(|n| match n {}).boxed());
-            *copy.method_mut() = req.method().clone();
-            *copy.uri_mut() = req.uri().clone();
-            *copy.version_mut() = req.version();
-            *copy.headers_mut() = req.headers().clone();
-            copy
-        });
         match sender.try_send_request(req).await {
             Ok(response) => Ok(response),
             Err(mut e) => {
                 let unsent = e.take_message();
                 let error = e.into_error();
-                let refused = refused_stream(&error);
                 Err(SendError {
-                    unsent: unsent.or(if refused { again } else { None }),
+                    unsent,
+                    refused_stream: refused_stream(&error),
                     error: error.into(),
                     connect_failure: false,
                 })

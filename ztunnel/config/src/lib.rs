@@ -5,10 +5,14 @@
 //! - [`local`]: a directory of YAML, polled.
 //! - [`kube`]: the API server, watched through [`k8s`] (the Kubernetes client and
 //!   the access list the RBAC in deploy/ grants).
+//!
+//! Both read the same types ([`objects`]: `k8s-openapi`'s for Kubernetes' own
+//! kinds, small serde types for the custom ones) and translate them the same way.
 
 pub mod k8s;
 pub mod kube;
 pub mod local;
+pub mod objects;
 
 use std::{fmt, path::PathBuf, sync::Arc, time::Duration};
 

@@ -254,13 +254,12 @@ pub fn reflect<K: Kind>(
 }
 
 /// A client for the cluster the process runs in (or the kubeconfig's, outside one).
-pub async fn client() -> anyhow::Result<kube::Client> {
-    use anyhow::Context;
+pub async fn client() -> Result<kube::Client, crate::SourceError> {
     let mut config = kube::Config::infer()
         .await
-        .context("finding the Kubernetes API server (in-cluster config or kubeconfig)")?;
+        .map_err(crate::SourceError::KubeConfig)?;
     // Failures surface at once: the watchers back off and say so themselves, the
     // CA refuses (and the tunnel retries) rather than hold a request for minutes.
     config.default_retry = false;
-    kube::Client::try_from(config).context("a client for the Kubernetes API server")
+    kube::Client::try_from(config).map_err(crate::SourceError::KubeClient)
 }

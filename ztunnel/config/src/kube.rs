@@ -16,7 +16,6 @@ use std::{
     time::Duration,
 };
 
-use anyhow::Result;
 use futures_util::future::BoxFuture;
 use kube::runtime::reflector::Store;
 use tokio::sync::{watch, Notify};
@@ -24,7 +23,7 @@ use tokio::sync::{watch, Notify};
 use super::{
     local,
     objects::{self, Checked, Key, Kind, KindFn, Object, Stored},
-    ConfigMetrics, Snapshot,
+    ConfigMetrics, Snapshot, SourceError,
 };
 use crate::{discovery, k8s};
 
@@ -53,7 +52,7 @@ pub async fn watch(
     client: kube::Client,
     options: KubeOptions,
     metrics: ConfigMetrics,
-) -> Result<watch::Receiver<Arc<Snapshot>>> {
+) -> Result<watch::Receiver<Arc<Snapshot>>, SourceError> {
     let changed = Arc::new(Notify::new());
     let mut stores = Vec::new();
     for access in k8s::CONFIG {
@@ -76,7 +75,7 @@ pub async fn watch(
         loop {
             tokio::select! {
                 ready = &mut ready => {
-                    ready?;
+                    ready.map_err(|_| SourceError::NotListed(resource.kind))?;
                     break;
                 }
                 _ = tokio::time::sleep(Duration::from_secs(10)) => tracing::warn!(

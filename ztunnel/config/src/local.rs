@@ -14,13 +14,12 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use anyhow::{Context, Result};
 use serde::Deserialize;
 use tokio::sync::watch;
 
 use super::{
     objects::{self, refused_policy, Key, Object},
-    ConfigError, ConfigMetrics, Pod, Snapshot,
+    ConfigError, ConfigMetrics, Pod, Snapshot, SourceError,
 };
 use crate::k8s;
 
@@ -29,7 +28,7 @@ use crate::k8s;
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Fingerprint(Vec<(PathBuf, u64, Option<SystemTime>)>);
 
-pub fn fingerprint(dir: &Path) -> Result<Fingerprint> {
+pub fn fingerprint(dir: &Path) -> Result<Fingerprint, SourceError> {
     let mut files = Vec::new();
     for path in yaml_files(dir)? {
         // A file removed between listing and stat is simply gone.
@@ -41,10 +40,14 @@ pub fn fingerprint(dir: &Path) -> Result<Fingerprint> {
 }
 
 /// The `.yaml`/`.yml` files of the directory, sorted.
-pub fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>> {
+pub fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>, SourceError> {
+    let read = |error| SourceError::Read {
+        path: dir.to_owned(),
+        error,
+    };
     let mut files = Vec::new();
-    for entry in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
-        let path = entry?.path();
+    for entry in fs::read_dir(dir).map_err(read)? {
+        let path = entry.map_err(read)?.path();
         if matches!(
             path.extension().and_then(|e| e.to_str()),
             Some("yaml" | "yml")
@@ -79,7 +82,7 @@ impl LocalSource {
     }
 
     /// Reads the directory: the resulting snapshot, and every error found.
-    pub fn load(&mut self) -> Result<(Snapshot, Vec<ConfigError>)> {
+    pub fn load(&mut self) -> Result<(Snapshot, Vec<ConfigError>), SourceError> {
         let mut objects: HashMap<Key, (PathBuf, Object)> = HashMap::new();
         let mut errors = Vec::new();
         for path in yaml_files(&self.dir)? {
@@ -205,7 +208,7 @@ pub fn watch(
     dir: &Path,
     every: Duration,
     metrics: ConfigMetrics,
-) -> Result<watch::Receiver<Arc<Snapshot>>> {
+) -> Result<watch::Receiver<Arc<Snapshot>>, SourceError> {
     let mut source = LocalSource::new(dir);
     let mut seen = fingerprint(dir)?;
     let (snapshot, errors) = source.load()?;
@@ -220,7 +223,7 @@ pub fn watch(
             let now = match fingerprint(&dir) {
                 Ok(f) => f,
                 Err(e) => {
-                    tracing::warn!("config: {e:#}; keeping the last good state");
+                    tracing::warn!("config: {e}; keeping the last good state");
                     metrics.source_errors.inc();
                     continue;
                 }
@@ -247,7 +250,7 @@ pub fn watch(
                     }
                 }
                 Err(e) => {
-                    tracing::warn!("config: {e:#}; keeping the last good state");
+                    tracing::warn!("config: {e}; keeping the last good state");
                     metrics.source_errors.inc();
                 }
             }
@@ -365,7 +368,7 @@ impl Pods {
             Ok(())
         });
         if let Err(e) = reloaded {
-            tracing::warn!("config: {e:#}; keeping the pods last read");
+            tracing::warn!("config: {e}; keeping the pods last read");
         }
         &self.pods
     }

@@ -728,3 +728,57 @@ impl KindFn<&'static dyn Typed> for Erase {
 pub fn typed(resource: k8s::Resource) -> Option<&'static dyn Typed> {
     with_type(resource, Erase)
 }
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::Pod as KubePod;
+    use kube::core::ObjectList;
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn one_malformed_object_in_a_list_is_kept_as_such_and_the_others_are_read() {
+        let pod = |name: &str, ip: serde_json::Value| {
+            json!({"metadata": {"name": name, "namespace": "shop", "uid": format!("u-{name}"),
+                                "resourceVersion": "7"},
+                   "spec": {"nodeName": "node-a"}, "status": {"phase": "Running", "podIP": ip}})
+        };
+        let list = json!({"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "9"},
+            "items": [pod("good", "10.0.0.1".into()), pod("bad", 42.into()), pod("also-good", "10.0.0.2".into())]});
+        let list: ObjectList<Checked<KubePod>> = serde_json::from_value(list).unwrap();
+        let names: Vec<(&str, bool)> = list
+            .items
+            .iter()
+            .map(|p| {
+                let valid = matches!(p, Checked::Valid(_));
+                (kube::Resource::meta(p).name.as_deref().unwrap(), valid)
+            })
+            .collect();
+        assert_eq!(names, [("good", true), ("bad", false), ("also-good", true)]);
+        let bad = &list.items[1];
+        let key = ("Pod".into(), "shop".into(), "bad".into());
+        let refused = Stored::translate(bad, &key, "v1").unwrap_err();
+        assert!(refused.contains("invalid type: integer `42`"), "{refused}");
+        // Its identity survives, so that its refusal names it and a later good
+        // version replaces it.
+        let meta = Stored::meta(bad);
+        assert_eq!(
+            (meta.uid.as_deref(), meta.resource_version.as_deref()),
+            (Some("u-bad"), Some("7"))
+        );
+    }
+
+    #[test]
+    fn a_pod_address_that_is_not_ipv4_is_refused_naming_the_field() {
+        let pod: KubePod = serde_json::from_value(json!({
+            "metadata": {"name": "p", "namespace": "shop"},
+            "status": {"phase": "Running", "podIP": "fd00::1"}}))
+        .unwrap();
+        let key = ("Pod".into(), "shop".into(), "p".into());
+        assert_eq!(
+            pod.translate(&key, "v1").unwrap_err(),
+            "status.podIP: \"fd00::1\" is not an IPv4 address"
+        );
+    }
+}

@@ -7,11 +7,14 @@
 
 use std::{sync::Arc, time::Instant};
 
-use kube::{api::DynamicObject, ResourceExt};
+use k8s_openapi::api::core::v1::Pod;
 use serde_json::{json, Value};
 use ztunnel::{
-    config::kube::{prune, Translator},
-    k8s,
+    config::{
+        kube::Translator,
+        objects::{self, Prune, Stored},
+    },
+    k8s::{self, Checked},
     state::{MeshSettings, State},
 };
 
@@ -105,22 +108,23 @@ fn cluster(pods: usize) -> Vec<(k8s::Resource, Value)> {
     objects
 }
 
-/// The store's objects, pruned as the reflector prunes them.
-fn store(objects: &[(k8s::Resource, Value)]) -> Vec<(k8s::Resource, Arc<DynamicObject>)> {
+/// An object as the reflector stores it: typed, pruned.
+fn stored(resource: k8s::Resource, value: Value) -> Arc<dyn Stored> {
+    objects::typed(resource).unwrap().decode(value).unwrap()
+}
+
+/// The store's objects.
+fn store(objects: &[(k8s::Resource, Value)]) -> Vec<(k8s::Resource, Arc<dyn Stored>)> {
     objects
         .iter()
-        .map(|(resource, value)| {
-            let mut object: DynamicObject = serde_json::from_value(value.clone()).unwrap();
-            prune(*resource, &mut object);
-            (*resource, Arc::new(object))
-        })
+        .map(|(resource, value)| (*resource, stored(*resource, value.clone())))
         .collect()
 }
 
 /// One rebuild, as the source does it after a change: stores → snapshot → state.
 fn rebuild(
     translator: &mut Translator,
-    store: &[(k8s::Resource, Arc<DynamicObject>)],
+    store: &[(k8s::Resource, Arc<dyn Stored>)],
     settings: &MeshSettings,
 ) -> State {
     let (snapshot, errors) = translator.translate_stored(store.iter().map(|(r, o)| (*r, &**o)));
@@ -141,13 +145,10 @@ fn build_times(pods: usize) -> (f64, f64) {
     let again = (0..5)
         .map(|round| {
             // A pod's labels change, as a rollout's would.
-            let (_, pod) = store.last_mut().unwrap();
-            let mut changed = (**pod).clone();
-            changed.metadata.resource_version = Some(format!("changed-{round}"));
-            changed
-                .labels_mut()
-                .insert("round".into(), round.to_string());
-            *pod = Arc::new(changed);
+            let mut changed = pod(pods - 1);
+            changed["metadata"]["resourceVersion"] = format!("changed-{round}").into();
+            changed["metadata"]["labels"]["round"] = round.to_string().into();
+            *store.last_mut().unwrap() = (k8s::PODS, stored(k8s::PODS, changed));
             let started = Instant::now();
             let state = rebuild(&mut translator, &store, &settings);
             let elapsed = started.elapsed().as_secs_f64();
@@ -175,8 +176,11 @@ fn last_ip(pods: usize) -> std::net::Ipv4Addr {
 
 fn main() {
     let full = serde_json::to_vec(&pod(1)).unwrap().len();
-    let mut kept: DynamicObject = serde_json::from_value(pod(1)).unwrap();
-    prune(k8s::PODS, &mut kept);
+    let mut kept: Checked<Pod> = serde_json::from_value(pod(1)).unwrap();
+    kept.prune();
+    let Checked::Valid(kept) = kept else {
+        panic!("a valid pod")
+    };
     let kept = serde_json::to_vec(&kept).unwrap().len();
     println!(
         "config: a pod as sent {full} B, as kept {kept} B: kept/sent = {:.2}",

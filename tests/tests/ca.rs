@@ -951,6 +951,50 @@ async fn the_ztunnel_ca_command_serves_the_ca_api_and_metrics() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn with_log_format_json_every_log_line_is_a_json_object_with_the_event_fields() {
+    let ca = CaProcess::start(&["--log-format", "json"]).await;
+    // A refusal: logged at warn with fields (the caller's address, the reason).
+    let other = id("demo", "other");
+    let refused = ca
+        .files
+        .client("node-a")
+        .unwrap()
+        .create_certificate(
+            &csr(vec![uri(&other.to_string())]),
+            &other,
+            Duration::from_secs(60),
+        )
+        .await;
+    assert_eq!(refused_code(refused).0, 7);
+    let mut lines = Vec::new();
+    eventually(Duration::from_secs(10), "the refusal logged", || {
+        lines = ca.log().lines().map(str::to_owned).collect();
+        let found = lines.iter().any(|l| l.contains("CSR refused"));
+        async move { found }
+    })
+    .await;
+    for line in &lines {
+        let event: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        for key in ["timestamp", "level", "target", "message"] {
+            assert!(event[key].is_string(), "no {key}: {line}");
+        }
+    }
+    let refusal: serde_json::Value = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .find(|e: &serde_json::Value| {
+            e["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("CSR refused"))
+        })
+        .unwrap();
+    assert_eq!(refusal["level"], "WARN", "{refusal}");
+    assert_eq!(refusal["reason"], "not_on_caller_node", "{refusal}");
+    assert!(refusal["source"].is_string(), "{refusal}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn the_ca_restarts_over_the_files_it_left() {
     let mut ca = CaProcess::start(&[]).await;
     let root = ca.files.root_pem();

@@ -445,3 +445,133 @@ async fn through_an_api_server_outage_the_tunnels_keep_serving_and_enforcing_the
     assert_no_crash(&mesh, &before);
     assert_nothing_plaintext(&mesh, &capture.stop(), marker);
 }
+
+const ALLOW_CLIENT: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-client, namespace: demo}
+spec:
+  selector: {matchLabels: {app: server}}
+  action: ALLOW
+  rules: [{from: [{source: {principals: [cluster.local/ns/demo/sa/client]}}]}]
+";
+
+/// Whether node-b counts exactly `n` objects refused.
+async fn refused_objects(mesh: &Mesh, n: u32) -> bool {
+    let line = format!("ztunnel_config_refused_objects {n}");
+    mesh.metrics("node-b").await.lines().any(|l| l == line)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_api_objects_are_refused_one_by_one_and_a_malformed_policy_opens_nothing() {
+    let cluster = Cluster::new(
+        &ClusterSpec::new()
+            .node("node-a", ["client", "other"])
+            .node("node-b", ["server"]),
+    )
+    .unwrap();
+    let workloads = [
+        WorkloadSpec::new("client", "demo", "client"),
+        WorkloadSpec::new("other", "demo", "other"),
+        WorkloadSpec::new("server", "demo", "server").label("app", "server"),
+    ];
+    let mut mesh = Mesh::start_kube(cluster, &workloads, &["demo"])
+        .await
+        .unwrap();
+    for (node, pod) in [
+        ("node-a", "client"),
+        ("node-a", "other"),
+        ("node-b", "server"),
+    ] {
+        mesh.wait_enrolled(node, pod, true).await.unwrap();
+    }
+    let server = SocketAddr::new(mesh.cluster.pod("server").ip.into(), 8080).to_string();
+    let _echo = EchoServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    let served = |mesh: &Mesh, pod: &str, message: &str| {
+        let out = probe(mesh, pod, &server, message);
+        assert!(out.contains(&format!("reply=server:{message}")), "{out}");
+    };
+    mesh.api().apply_yaml(ALLOW_CLIENT);
+    eventually(Duration::from_secs(15), "the ALLOW in force", || {
+        refused_by_policy(&mesh, PROBE, "other", &server, "node-b", "none")
+    })
+    .await;
+    served(&mesh, "client", "allowed");
+
+    // Two pods the API server should never send: a field of the wrong JSON type,
+    // and an address that is not one. Each is refused and named; the rest of
+    // the mesh is served as before.
+    mesh.api().apply(json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "wrong-type", "namespace": "demo", "uid": "u-wrong-type"},
+        "spec": {"serviceAccountName": "other", "nodeName": "node-b"},
+        "status": {"phase": "Running", "podIP": 42}}));
+    mesh.api().apply(json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "not-an-ip", "namespace": "demo", "uid": "u-not-an-ip"},
+        "spec": {"serviceAccountName": "other", "nodeName": "node-b"},
+        "status": {"phase": "Running", "podIP": "10.0.0.300"}}));
+    eventually(
+        Duration::from_secs(15),
+        "both pods counted as refused",
+        || refused_objects(&mesh, 2),
+    )
+    .await;
+    let log = mesh.log("node-b");
+    assert!(
+        log.contains("Pod demo/wrong-type: not a valid object"),
+        "{log}"
+    );
+    assert!(log.contains("Pod demo/not-an-ip: status.podIP"), "{log}");
+    served(&mesh, "client", "beside-malformed-pods");
+
+    // The policy updated with a field of the wrong type, naming `other` where a
+    // list belongs: refused, counted, and in force fail closed. Its one rule is
+    // unreadable, so the ALLOW allows nobody: never more than before.
+    mesh.api().apply_yaml(&ALLOW_CLIENT.replace(
+        "[cluster.local/ns/demo/sa/client]",
+        "cluster.local/ns/demo/sa/other",
+    ));
+    eventually(
+        Duration::from_secs(15),
+        "the policy counted as refused",
+        || refused_objects(&mesh, 3),
+    )
+    .await;
+    assert!(
+        mesh.log("node-b")
+            .contains("AuthorizationPolicy demo/allow-client"),
+        "the refusal names the policy"
+    );
+    for pod in ["other", "client"] {
+        assert!(
+            refused_by_policy(&mesh, PROBE, pod, &server, "node-b", "none").await,
+            "{pod} refused under the malformed ALLOW"
+        );
+    }
+
+    // A tunnel starting now lists the malformed objects with the rest: it comes
+    // up, serves the good ones and refuses the bad ones the same way.
+    mesh.stop_tunnel("node-b").await.unwrap();
+    mesh.start_tunnel("node-b").await.unwrap();
+    mesh.wait_enrolled("node-b", "server", true).await.unwrap();
+    eventually(
+        Duration::from_secs(15),
+        "the restarted tunnel counts all three",
+        || refused_objects(&mesh, 3),
+    )
+    .await;
+    assert!(
+        refused_by_policy(&mesh, PROBE, "other", &server, "node-b", "none").await,
+        "other refused after the restart"
+    );
+
+    // Fixed: followed at once, the watches alive through it all.
+    mesh.api().apply_yaml(ALLOW_CLIENT);
+    eventually(Duration::from_secs(15), "only the two pods refused", || {
+        refused_objects(&mesh, 2)
+    })
+    .await;
+    served(&mesh, "client", "fixed");
+    assert!(
+        refused_by_policy(&mesh, PROBE, "other", &server, "node-b", "none").await,
+        "other still refused"
+    );
+}

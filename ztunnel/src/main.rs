@@ -164,8 +164,12 @@ struct CertsArgs {
 }
 
 fn main() {
-    let set_log_level = ztunnel::telemetry::init_tracing(&[]);
     let cli = Cli::parse();
+    let log_format = match &cli.command {
+        Command::Run(args) => args.common.log_format,
+        _ => Default::default(),
+    };
+    let set_log_level = ztunnel::telemetry::init_tracing(&[], log_format);
     // ZTUNNEL_WORKER_THREADS overrides tokio's default (one per CPU).
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = std::env::var("ZTUNNEL_WORKER_THREADS")

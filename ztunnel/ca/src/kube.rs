@@ -16,12 +16,12 @@ use anyhow::{Context, Result};
 use k8s_openapi::{
     api::{
         authentication::v1::{TokenReview as Review, TokenReviewSpec},
-        core::v1::{ConfigMap, Secret},
+        core::v1::{ConfigMap, Namespace, Pod, Secret},
     },
     ByteString,
 };
 use kube::{
-    api::{Api, DynamicObject, ObjectMeta, PostParams},
+    api::{Api, ObjectMeta, PostParams},
     runtime::reflector::Store,
 };
 
@@ -170,14 +170,14 @@ impl Authenticator for TokenReview {
 
 /// Which node runs which workload: the cluster's pods, watched.
 pub struct KubePods {
-    store: Store<DynamicObject>,
+    store: Store<k8s::Checked<Pod>>,
 }
 
 impl KubePods {
     /// Starts the watch; answers are refusals until the first list is in.
     pub fn start(client: kube::Client) -> Self {
         debug_assert!(k8s::granted(k8s::CA, k8s::PODS, "watch", None));
-        let store = k8s::reflect(client, k8s::PODS, || {}, || {});
+        let store = k8s::reflect::<Pod>(client, k8s::PODS, || {}, || {});
         Self { store }
     }
 
@@ -193,13 +193,19 @@ impl NodeAuthorizer for KubePods {
             return Err("the pod list is not synced yet".into());
         }
         Ok(self.store.state().iter().any(|pod| {
-            let spec = &pod.data["spec"];
-            let phase = pod.data["status"]["phase"].as_str().unwrap_or_default();
+            // A pod the API server sent malformed runs nothing here (fail closed).
+            let k8s::Checked::Valid(pod) = &**pod else {
+                return false;
+            };
+            let spec = pod.spec.as_ref();
+            let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
             pod.metadata.namespace.as_deref() == Some(identity.namespace())
-                && spec["nodeName"].as_str() == Some(node)
-                && spec["serviceAccountName"].as_str().unwrap_or("default")
+                && spec.and_then(|s| s.node_name.as_deref()) == Some(node)
+                && spec
+                    .and_then(|s| s.service_account_name.as_deref())
+                    .unwrap_or("default")
                     == identity.service_account()
-                && !matches!(phase, "Succeeded" | "Failed")
+                && !matches!(phase, Some("Succeeded" | "Failed"))
         }))
     }
 }
@@ -363,7 +369,7 @@ pub async fn publish_root_in_ambient_namespaces(
     debug_assert!(k8s::granted(k8s::CA, k8s::NAMESPACES, "watch", None));
     let changed = std::sync::Arc::new(tokio::sync::Notify::new());
     let notify = changed.clone();
-    let store = k8s::reflect(
+    let store = k8s::reflect::<Namespace>(
         client.clone(),
         k8s::NAMESPACES,
         move || notify.notify_one(),
@@ -381,13 +387,13 @@ pub async fn publish_root_in_ambient_namespaces(
             .state()
             .iter()
             .filter(|ns| {
-                ns.metadata
+                kube::Resource::meta(&***ns)
                     .labels
                     .as_ref()
                     .and_then(|l| l.get(crate::config::DATAPLANE_MODE))
                     .is_some_and(|mode| mode == crate::config::AMBIENT)
             })
-            .filter_map(|ns| ns.metadata.name.clone())
+            .filter_map(|ns| kube::Resource::meta(&**ns).name.clone())
             .collect();
         // A namespace deleted (or no longer ambient) is forgotten: re-created, it
         // gets the root again at once.

@@ -95,7 +95,7 @@ fn main() {
         })
         .get_matches();
     let args = CaArgs::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
-    ztunnel_core::telemetry::init_tracing(&[]);
+    ztunnel_core::telemetry::init_tracing(&[], args.common.log_format);
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
     if let Err(e) = runtime.block_on(ca(args)) {
         eprintln!("ztunnel-ca: error: {e:#}");

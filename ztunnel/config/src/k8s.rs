@@ -5,9 +5,11 @@
 //! the list does not name is a call RBAC does not grant, and a grant the list does
 //! not name is privilege nobody uses.
 
+pub use crate::objects::Checked;
+use crate::objects::{Kind, Prune};
 use futures_util::StreamExt;
 use kube::{
-    api::{Api, DynamicObject},
+    api::Api,
     core::{ApiResource, GroupVersionKind},
     runtime::{
         reflector::{self, Store},
@@ -205,25 +207,31 @@ pub const PARTS: &[(&str, &[Access])] = &[
     ("waypoint", CONFIG),
 ];
 
-/// A store of every `resource` object of the cluster, kept by a reflector (list,
-/// then watch, listing again with backoff after errors), each object pruned of
-/// what the mesh never reads. `on_change` runs after each change to the store and
-/// once the first list is in (not for each object of a relist); `on_error` after
-/// each error, which is logged: the store keeps its last state meanwhile.
-pub fn reflect(
+/// A store of every `resource` object of the cluster, read as `K` (a malformed
+/// one kept as such, see [`Checked`]), kept by a reflector (list, then watch,
+/// listing again with backoff after errors), each object pruned of what the mesh
+/// never reads. `on_change` runs after each change to the store and once the
+/// first list is in (not for each object of a relist); `on_error` after each
+/// error, which is logged: the store keeps its last state meanwhile.
+pub fn reflect<K: Kind>(
     client: kube::Client,
     resource: Resource,
     on_change: impl Fn() + Send + 'static,
     on_error: impl Fn() + Send + 'static,
-) -> Store<DynamicObject> {
-    let api_resource = resource.api_resource();
-    let api = Api::<DynamicObject>::all_with(client, &api_resource);
-    let writer = reflector::store::Writer::new(api_resource);
+) -> Store<Checked<K>> {
+    let dynamic_type = K::dynamic_type(resource);
+    assert_eq!(
+        K::kind(&dynamic_type),
+        resource.kind,
+        "a kind read as another's type"
+    );
+    let api = Api::<Checked<K>>::all_with(client, &dynamic_type);
+    let writer = reflector::store::Writer::new(dynamic_type);
     let store = writer.as_reader();
     tokio::spawn(async move {
         let events = watcher(api, watcher::Config::default())
             .default_backoff()
-            .modify(move |object| crate::kube::prune(resource, object))
+            .modify(Prune::prune)
             .reflect(writer);
         let mut events = std::pin::pin!(events);
         while let Some(event) = events.next().await {
@@ -246,13 +254,12 @@ pub fn reflect(
 }
 
 /// A client for the cluster the process runs in (or the kubeconfig's, outside one).
-pub async fn client() -> anyhow::Result<kube::Client> {
-    use anyhow::Context;
+pub async fn client() -> Result<kube::Client, crate::SourceError> {
     let mut config = kube::Config::infer()
         .await
-        .context("finding the Kubernetes API server (in-cluster config or kubeconfig)")?;
+        .map_err(crate::SourceError::KubeConfig)?;
     // Failures surface at once: the watchers back off and say so themselves, the
     // CA refuses (and the tunnel retries) rather than hold a request for minutes.
     config.default_retry = false;
-    kube::Client::try_from(config).context("a client for the Kubernetes API server")
+    kube::Client::try_from(config).map_err(crate::SourceError::KubeClient)
 }

@@ -16,14 +16,14 @@ use std::{
     time::Duration,
 };
 
-use anyhow::Result;
-use kube::{api::DynamicObject, runtime::reflector::Store};
-use serde_json::Value;
+use futures_util::future::BoxFuture;
+use kube::runtime::reflector::Store;
 use tokio::sync::{watch, Notify};
 
 use super::{
-    local::{self, Key, Object},
-    ConfigMetrics, Snapshot,
+    local,
+    objects::{self, Checked, Key, Kind, KindFn, Object, Stored},
+    ConfigMetrics, Snapshot, SourceError,
 };
 use crate::{discovery, k8s};
 
@@ -52,27 +52,30 @@ pub async fn watch(
     client: kube::Client,
     options: KubeOptions,
     metrics: ConfigMetrics,
-) -> Result<watch::Receiver<Arc<Snapshot>>> {
+) -> Result<watch::Receiver<Arc<Snapshot>>, SourceError> {
     let changed = Arc::new(Notify::new());
     let mut stores = Vec::new();
     for access in k8s::CONFIG {
         let changed = changed.clone();
         let metrics = metrics.clone();
-        let store = k8s::reflect(
-            client.clone(),
-            access.resource,
-            move || changed.notify_one(),
-            move || {
+        let start = Start {
+            client: client.clone(),
+            resource: access.resource,
+            on_change: Box::new(move || changed.notify_one()),
+            on_error: Box::new(move || {
                 metrics.source_errors.inc();
-            },
-        );
-        stores.push((access.resource, store));
+            }),
+        };
+        let (store, ready) = objects::with_type(access.resource, start)
+            .expect("the configuration's kinds each have a type");
+        stores.push((access.resource, store, ready));
     }
-    for (resource, store) in &stores {
+    let mut ready_stores = Vec::new();
+    for (resource, store, mut ready) in stores {
         loop {
             tokio::select! {
-                ready = store.wait_until_ready() => {
-                    ready?;
+                ready = &mut ready => {
+                    ready.map_err(|_| SourceError::NotListed(resource.kind))?;
                     break;
                 }
                 _ = tokio::time::sleep(Duration::from_secs(10)) => tracing::warn!(
@@ -81,7 +84,9 @@ pub async fn watch(
                 ),
             }
         }
+        ready_stores.push((resource, store));
     }
+    let stores = ready_stores;
     let mut builder = Builder {
         stores,
         options,
@@ -136,9 +141,44 @@ pub async fn watch(
     Ok(rx)
 }
 
+/// The reflector of one kind: its store, and when it has listed once.
+struct Start {
+    client: kube::Client,
+    resource: k8s::Resource,
+    on_change: Box<dyn Fn() + Send>,
+    on_error: Box<dyn Fn() + Send>,
+}
+
+type Ready = BoxFuture<'static, Result<(), kube::runtime::reflector::store::WriterDropped>>;
+
+impl KindFn<(Box<dyn Objects>, Ready)> for Start {
+    fn call<K: Kind>(self) -> (Box<dyn Objects>, Ready) {
+        let store = k8s::reflect::<K>(self.client, self.resource, self.on_change, self.on_error);
+        let ready = store.clone();
+        (
+            Box::new(store),
+            Box::pin(async move { ready.wait_until_ready().await }),
+        )
+    }
+}
+
+/// A store of one kind, whatever its type.
+trait Objects: Send + Sync {
+    fn objects(&self) -> Vec<Arc<dyn Stored>>;
+}
+
+impl<K: Kind> Objects for Store<Checked<K>> {
+    fn objects(&self) -> Vec<Arc<dyn Stored>> {
+        self.state()
+            .into_iter()
+            .map(|o| o as Arc<dyn Stored>)
+            .collect()
+    }
+}
+
 /// Turns the stores into snapshots.
 struct Builder {
-    stores: Vec<(k8s::Resource, Store<DynamicObject>)>,
+    stores: Vec<(k8s::Resource, Box<dyn Objects>)>,
     options: KubeOptions,
     translator: Translator,
     /// The objects' snapshot as last translated, before pods are located.
@@ -221,10 +261,10 @@ impl Builder {
     }
 
     fn translate(&mut self) {
-        let stored: Vec<(k8s::Resource, Arc<DynamicObject>)> = self
+        let stored: Vec<(k8s::Resource, Arc<dyn Stored>)> = self
             .stores
             .iter()
-            .flat_map(|(resource, store)| store.state().into_iter().map(|o| (*resource, o)))
+            .flat_map(|(resource, store)| store.objects().into_iter().map(|o| (*resource, o)))
             .collect();
         let (snapshot, errors) = self
             .translator
@@ -235,47 +275,6 @@ impl Builder {
         self.metrics.built(errors.len());
         self.reported = errors;
         self.translated = snapshot;
-    }
-}
-
-/// An object of the store as the translator reads it. List items come without
-/// apiVersion and kind: the store says which.
-fn to_value(resource: k8s::Resource, object: &DynamicObject) -> Option<Value> {
-    let mut value = serde_json::to_value(object).ok()?;
-    value["apiVersion"] = resource.api_version().into();
-    value["kind"] = resource.kind.into();
-    Some(value)
-}
-
-/// The kubectl annotation holding a whole copy of the object as last applied.
-const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
-
-/// Drops what the mesh never reads before the store keeps an object. Every tunnel
-/// holds every pod of the cluster, and most of a pod is containers, volumes and
-/// status the mesh has no use for.
-pub fn prune(resource: k8s::Resource, object: &mut DynamicObject) {
-    let meta = &mut object.metadata;
-    meta.managed_fields = None;
-    meta.owner_references = None;
-    if let Some(annotations) = meta.annotations.as_mut() {
-        annotations.remove(LAST_APPLIED);
-    }
-    if resource == k8s::PODS {
-        // Nothing reads a pod's annotations in a cluster (the local source's
-        // ztunnel.local/* ones are ignored here).
-        meta.annotations = None;
-        keep_only(
-            &mut object.data,
-            "spec",
-            &["serviceAccountName", "nodeName", "hostNetwork"],
-        );
-        keep_only(&mut object.data, "status", &["podIP", "phase"]);
-    }
-}
-
-fn keep_only(data: &mut Value, section: &str, fields: &[&str]) {
-    if let Some(Value::Object(map)) = data.get_mut(section) {
-        map.retain(|k, _| fields.contains(&k.as_str()));
     }
 }
 
@@ -399,44 +398,28 @@ enum Outcome {
     Parsed(Key),
     /// Refused (its last good version, if any, stays), with the message.
     Refused(Option<Key>, String),
-    /// A kind the mesh does not read.
-    Ignored,
 }
 
 impl Translator {
-    /// The snapshot of these objects, and one message per object refused
-    /// (`Kind namespace/name: field: problem`). Kinds the mesh does not read are
-    /// skipped.
-    pub fn translate(
-        &mut self,
-        objects: impl IntoIterator<Item = Value>,
-    ) -> (Snapshot, Vec<String>) {
-        let mut in_force = HashSet::new();
-        let mut errors = Vec::new();
-        for object in objects {
-            let outcome = self.translate_one(object);
-            file(&outcome, &mut in_force, &mut errors);
-        }
-        self.finish(in_force, errors)
-    }
-
-    /// Like [`translate`](Self::translate) for the stores' objects, parsing only
-    /// those whose resourceVersion changed since the last call.
+    /// The snapshot of the stores' objects, and one message per object refused
+    /// (`Kind namespace/name: field: problem`). Only objects whose
+    /// resourceVersion changed since the last call are translated again.
     pub fn translate_stored<'a>(
         &mut self,
-        objects: impl IntoIterator<Item = (k8s::Resource, &'a DynamicObject)>,
+        objects: impl IntoIterator<Item = (k8s::Resource, &'a dyn Stored)>,
     ) -> (Snapshot, Vec<String>) {
         let mut in_force = HashSet::new();
         let mut errors = Vec::new();
         let mut seen = HashMap::new();
         for (resource, object) in objects {
+            let meta = object.meta();
             let id = (
                 resource.kind,
-                object.metadata.namespace.clone().unwrap_or_default(),
-                object.metadata.name.clone().unwrap_or_default(),
+                meta.namespace.clone().unwrap_or_default(),
+                meta.name.clone().unwrap_or_default(),
             );
-            let version = object.metadata.resource_version.clone();
-            let uid = object.metadata.uid.clone();
+            let version = meta.resource_version.clone();
+            let uid = meta.uid.clone();
             let outcome = match self.seen.remove(&id) {
                 Some(seen) if Some(&seen.version) == version.as_ref() => seen.outcome,
                 previous => {
@@ -447,10 +430,7 @@ impl Translator {
                             self.last_good.remove(&key);
                         }
                     }
-                    match to_value(resource, object) {
-                        Some(value) => self.translate_one(value),
-                        None => continue,
-                    }
+                    self.translate_one(resource, object)
                 }
             };
             file(&outcome, &mut in_force, &mut errors);
@@ -469,19 +449,19 @@ impl Translator {
         self.finish(in_force, errors)
     }
 
-    fn translate_one(&mut self, object: Value) -> Outcome {
-        let value: serde_yaml::Value = match serde_yaml::to_value(&object) {
-            Ok(v) => v,
-            Err(e) => return Outcome::Refused(None, format!("not an object: {e}")),
+    fn translate_one(&mut self, resource: k8s::Resource, object: &dyn Stored) -> Outcome {
+        let meta = object.meta();
+        let Some(name) = meta.name.clone() else {
+            return Outcome::Refused(None, format!("{}: metadata.name is missing", resource.kind));
         };
-        let key = match local::identify(&value) {
-            Ok(Some(key)) => key,
-            Ok(None) => return Outcome::Ignored,
-            Err(e) => return Outcome::Refused(None, e),
+        let namespace = match resource == k8s::NAMESPACES {
+            true => String::new(),
+            false => meta.namespace.clone().unwrap_or_else(|| "default".into()),
         };
-        match local::parse(&key, value) {
+        let key: Key = (resource.kind.to_owned(), namespace, name);
+        match object.translate(&key, &resource.api_version()) {
             Ok(object) => {
-                let refused = local::refused_policy(&object);
+                let refused = objects::refused_policy(&object);
                 self.last_good.insert(key.clone(), object);
                 match refused {
                     // In force fail closed, and reported.
@@ -493,7 +473,7 @@ impl Translator {
                 }
             }
             Err(e) => {
-                let message = format!("{} {}/{}: {e:#}", key.0, key.1, key.2);
+                let message = format!("{} {}/{}: {e}", key.0, key.1, key.2);
                 Outcome::Refused(Some(key), message)
             }
         }
@@ -520,7 +500,6 @@ fn file(outcome: &Outcome, in_force: &mut HashSet<Key>, errors: &mut Vec<String>
             errors.push(message.clone());
             key.as_ref()
         }
-        Outcome::Ignored => None,
     };
     if let Some(key) = key {
         in_force.insert(key.clone());
@@ -529,6 +508,8 @@ fn file(outcome: &Outcome, in_force: &mut HashSet<Key>, errors: &mut Vec<String>
 
 #[cfg(test)]
 mod tests {
+    use serde_json::Value;
+
     use super::*;
 
     /// Objects as an API server returns them: managed fields, owner references,
@@ -592,9 +573,41 @@ mod tests {
         .unwrap()
     }
 
+    /// The watched kind of a recorded object; None for kinds no store holds.
+    fn resource_of(value: &Value) -> Option<k8s::Resource> {
+        k8s::CONFIG
+            .iter()
+            .map(|a| a.resource)
+            .find(|r| r.kind == value["kind"] && r.api_version() == value["apiVersion"])
+    }
+
+    /// The objects of the watched kinds as the reflectors store them.
+    fn stored(values: &[Value]) -> Vec<(k8s::Resource, Arc<dyn Stored>)> {
+        values
+            .iter()
+            .filter_map(|v| {
+                let resource = resource_of(v)?;
+                let typed = objects::typed(resource).unwrap();
+                Some((resource, typed.decode(v.clone()).unwrap()))
+            })
+            .collect()
+    }
+
+    fn translate_with(
+        translator: &mut Translator,
+        objects: &[(k8s::Resource, Arc<dyn Stored>)],
+    ) -> (Snapshot, Vec<String>) {
+        translator.translate_stored(objects.iter().map(|(r, o)| (*r, &**o)))
+    }
+
+    fn translate(values: impl IntoIterator<Item = Value>) -> (Snapshot, Vec<String>) {
+        let values: Vec<Value> = values.into_iter().collect();
+        translate_with(&mut Translator::default(), &stored(&values))
+    }
+
     #[test]
     fn api_objects_become_the_same_snapshot_the_local_source_builds() {
-        let (snapshot, errors) = Translator::default().translate(recorded());
+        let (snapshot, errors) = translate(recorded());
         assert_eq!(
             snapshot.namespaces["shop"].labels["istio.io/dataplane-mode"],
             "ambient"
@@ -666,43 +679,48 @@ mod tests {
             "metadata": {"name": "web", "namespace": "shop"},
             "spec": {"selector": {"matchLabels": {"app": "web"}}, "mtls": {"mode": "STRICT"},
                      "portLevelMtls": {"8080": {"mode": "DISABLE"}}}});
-        let (snapshot, errors) = Translator::default().translate([pa]);
+        let (snapshot, errors) = translate([pa]);
         assert!(errors.is_empty(), "{errors:?}");
         assert_eq!(snapshot.policies.len(), 1);
     }
 
-    fn dynamic(value: &Value) -> DynamicObject {
-        serde_json::from_value(value.clone()).unwrap()
-    }
+    /// Translates an object as sent and as pruned, expecting the same.
+    struct SamePruned(Value);
 
-    /// The watched kind of a recorded object; None for kinds no store holds.
-    fn resource_of(value: &Value) -> Option<k8s::Resource> {
-        k8s::CONFIG
-            .iter()
-            .map(|a| a.resource)
-            .find(|r| r.kind == value["kind"] && r.api_version() == value["apiVersion"])
+    impl KindFn<()> for SamePruned {
+        fn call<K: Kind>(self) {
+            let full: K = serde_json::from_value(self.0).unwrap();
+            let mut pruned = full.clone();
+            objects::Prune::prune(&mut pruned);
+            let key = ("Kind".into(), "shop".into(), "name".into());
+            assert_eq!(
+                full.translate(&key, "v1"),
+                pruned.translate(&key, "v1"),
+                "{pruned:?}"
+            );
+        }
     }
 
     #[test]
     fn pruned_objects_translate_to_the_same_snapshot() {
-        let full = recorded();
-        let pruned: Vec<Value> = full
-            .iter()
-            .map(|v| {
-                let mut object = dynamic(v);
-                if let Some(resource) = resource_of(v) {
-                    prune(resource, &mut object);
-                }
-                serde_json::to_value(object).unwrap()
-            })
-            .collect();
-        let pod = pruned.iter().find(|v| v["kind"] == "Pod").unwrap();
-        assert!(pod["spec"].get("containers").is_none(), "{pod}");
-        assert!(pod["metadata"].get("managedFields").is_none(), "{pod}");
-        assert_eq!(
-            Translator::default().translate(full),
-            Translator::default().translate(pruned)
-        );
+        for value in recorded() {
+            if let Some(resource) = resource_of(&value) {
+                objects::with_type(resource, SamePruned(value)).unwrap();
+            }
+        }
+        let pod = recorded().into_iter().find(|v| v["kind"] == "Pod").unwrap();
+        let mut kept: Checked<k8s_openapi::api::core::v1::Pod> =
+            serde_json::from_value(pod).unwrap();
+        objects::Prune::prune(&mut kept);
+        let Checked::Valid(kept) = kept else {
+            panic!("a valid pod")
+        };
+        let kept = serde_json::to_value(kept).unwrap();
+        // Required in the type: kept, empty.
+        assert_eq!(kept["spec"]["containers"], serde_json::json!([]), "{kept}");
+        assert!(kept["status"].get("podIPs").is_none(), "{kept}");
+        assert!(kept["metadata"].get("managedFields").is_none(), "{kept}");
+        assert!(kept["metadata"].get("ownerReferences").is_none(), "{kept}");
     }
 
     /// Removes the directory even when the test fails.
@@ -721,12 +739,11 @@ mod tests {
             crate::config::NETNS_ANNOTATION: "/proc/1/ns/net",
             crate::config::CGROUP_ANNOTATION: "/sys/fs/cgroup",
         });
-        let (mut snapshot, _) = Translator::default().translate(objects);
+        let (mut snapshot, _) = translate(objects);
         let key = ("shop".to_string(), "web-7d9f-abc".to_string());
         assert_eq!(
-            snapshot.pods[&key].netns.as_deref(),
-            Some(std::path::Path::new("/proc/1/ns/net")),
-            "the local source's annotation parsed"
+            snapshot.pods[&key].netns, None,
+            "the local source's annotation is not even stored"
         );
 
         // Not on the node yet: nowhere, and looked for again.
@@ -762,25 +779,24 @@ mod tests {
 
     #[test]
     fn stored_objects_are_parsed_again_only_when_their_version_changes() {
-        let stored = |values: &[Value]| -> Vec<(k8s::Resource, DynamicObject)> {
-            values
+        let stored = |values: &[Value]| {
+            let values: Vec<Value> = values
                 .iter()
-                .filter_map(|v| {
+                .map(|v| {
                     let mut v = v.clone();
                     if v["metadata"]["resourceVersion"].is_null() {
                         v["metadata"]["resourceVersion"] = "1".into();
                     }
-                    Some((resource_of(&v)?, dynamic(&v)))
+                    v
                 })
-                .collect()
+                .collect();
+            stored(&values)
         };
-        let translate = |t: &mut Translator, objects: &[(k8s::Resource, DynamicObject)]| {
-            t.translate_stored(objects.iter().map(|(r, o)| (*r, o)))
-        };
+        let translate = translate_with;
         let mut values = recorded();
         let mut translator = Translator::default();
         let first = translate(&mut translator, &stored(&values));
-        assert_eq!(first, Translator::default().translate(recorded()));
+        assert_eq!(first, super::tests::translate(recorded()));
 
         // The policy breaks: refused, and its new version in force (fail closed),
         // also on the rebuilds that do not parse it again.

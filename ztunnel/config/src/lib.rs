@@ -5,14 +5,17 @@
 //! - [`local`]: a directory of YAML, polled.
 //! - [`kube`]: the API server, watched through [`k8s`] (the Kubernetes client and
 //!   the access list the RBAC in deploy/ grants).
+//!
+//! Both read the same types ([`objects`]: `k8s-openapi`'s for Kubernetes' own
+//! kinds, small serde types for the custom ones) and translate them the same way.
 
 pub mod k8s;
 pub mod kube;
 pub mod local;
+pub mod objects;
 
 use std::{fmt, path::PathBuf, sync::Arc, time::Duration};
 
-use anyhow::Result;
 use prometheus_client::{
     metrics::{counter::Counter, gauge::Gauge},
     registry::Registry,
@@ -44,20 +47,21 @@ impl Source {
         kube: bool,
         poll: Duration,
         kube_options: kube::KubeOptions,
-    ) -> Result<Self> {
+    ) -> Result<Self, SourceError> {
         let in_pod = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
         match config {
             Some(dir) if !kube => Ok(Source::Local { dir, poll }),
-            Some(_) => anyhow::bail!("--config and --kube are two sources: choose one"),
+            Some(_) => Err(SourceError::TwoSources),
             None if kube || in_pod => Ok(Source::Kube(kube_options)),
-            None => anyhow::bail!(
-                "no configuration source: --config DIR (local YAML) or --kube (the cluster's API server)"
-            ),
+            None => Err(SourceError::NoSource),
         }
     }
 
     /// Starts watching; returns with the first snapshot.
-    pub async fn watch(&self, metrics: ConfigMetrics) -> Result<watch::Receiver<Arc<Snapshot>>> {
+    pub async fn watch(
+        &self,
+        metrics: ConfigMetrics,
+    ) -> Result<watch::Receiver<Arc<Snapshot>>, SourceError> {
         match self {
             Source::Local { dir, poll } => local::watch(dir, *poll, metrics),
             Source::Kube(options) => {
@@ -65,6 +69,29 @@ impl Source {
             }
         }
     }
+}
+
+/// Why a source cannot start, or cannot be read (a running source keeps its last
+/// state then).
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("--config and --kube are two sources: choose one")]
+    TwoSources,
+    #[error(
+        "no configuration source: --config DIR (local YAML) or --kube (the cluster's API server)"
+    )]
+    NoSource,
+    #[error("reading {}: {error}", .path.display())]
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("finding the Kubernetes API server (in-cluster config or kubeconfig): {0}")]
+    KubeConfig(::kube::config::InferConfigError),
+    #[error("a client for the Kubernetes API server: {0}")]
+    KubeClient(::kube::Error),
+    #[error("the watch of {0} ended before its first list")]
+    NotListed(&'static str),
 }
 
 /// How the configuration is doing: what an operator alerts on when a policy was

@@ -7,30 +7,28 @@
 //! stays in force in its newest version, fail closed (see [`refused_policy`]).
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     fs,
-    net::Ipv4Addr,
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, SystemTime},
 };
 
-use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use tokio::sync::watch;
 
 use super::{
-    AllowedNamespaces, ConfigError, ConfigMetrics, EndpointSlice, Gateway, LabelExpression,
-    LabelSelector, Namespace, Pod, Policy, Service, ServiceAccount, ServicePort, Snapshot,
-    CGROUP_ANNOTATION, NETNS_ANNOTATION, SERVICE_NAME_LABEL,
+    objects::{self, refused_policy, Key, Object},
+    ConfigError, ConfigMetrics, Pod, Snapshot, SourceError,
 };
+use crate::k8s;
 
 /// What the directory looked like: files with their size and modification time.
 /// Equal fingerprints mean nothing to re-read.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Fingerprint(Vec<(PathBuf, u64, Option<SystemTime>)>);
 
-pub fn fingerprint(dir: &Path) -> Result<Fingerprint> {
+pub fn fingerprint(dir: &Path) -> Result<Fingerprint, SourceError> {
     let mut files = Vec::new();
     for path in yaml_files(dir)? {
         // A file removed between listing and stat is simply gone.
@@ -42,10 +40,14 @@ pub fn fingerprint(dir: &Path) -> Result<Fingerprint> {
 }
 
 /// The `.yaml`/`.yml` files of the directory, sorted.
-pub fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>> {
+pub fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>, SourceError> {
+    let read = |error| SourceError::Read {
+        path: dir.to_owned(),
+        error,
+    };
     let mut files = Vec::new();
-    for entry in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
-        let path = entry?.path();
+    for entry in fs::read_dir(dir).map_err(read)? {
+        let path = entry.map_err(read)?.path();
         if matches!(
             path.extension().and_then(|e| e.to_str()),
             Some("yaml" | "yml")
@@ -55,20 +57,6 @@ pub fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>> {
     }
     files.sort();
     Ok(files)
-}
-
-/// (kind, namespace, name)
-pub(super) type Key = (String, String, String);
-
-#[derive(Clone, Debug, PartialEq)]
-pub(super) enum Object {
-    Namespace(Namespace),
-    ServiceAccount(ServiceAccount),
-    Pod(Pod),
-    Service(Service),
-    Policy(Policy),
-    Gateway(Gateway),
-    EndpointSlice(EndpointSlice),
 }
 
 /// The Istio kinds we keep for policy.
@@ -94,7 +82,7 @@ impl LocalSource {
     }
 
     /// Reads the directory: the resulting snapshot, and every error found.
-    pub fn load(&mut self) -> Result<(Snapshot, Vec<ConfigError>)> {
+    pub fn load(&mut self) -> Result<(Snapshot, Vec<ConfigError>), SourceError> {
         let mut objects: HashMap<Key, (PathBuf, Object)> = HashMap::new();
         let mut errors = Vec::new();
         for path in yaml_files(&self.dir)? {
@@ -147,7 +135,7 @@ impl LocalSource {
                         objects.insert(key, (path.clone(), object));
                     }
                     Err(e) => {
-                        errors.push(error(&path, Some(label), format!("{e:#}")));
+                        errors.push(error(&path, Some(label), e));
                         if let Some(previous) = self.last_good.get(&key) {
                             objects.insert(key, previous.clone());
                         }
@@ -220,7 +208,7 @@ pub fn watch(
     dir: &Path,
     every: Duration,
     metrics: ConfigMetrics,
-) -> Result<watch::Receiver<Arc<Snapshot>>> {
+) -> Result<watch::Receiver<Arc<Snapshot>>, SourceError> {
     let mut source = LocalSource::new(dir);
     let mut seen = fingerprint(dir)?;
     let (snapshot, errors) = source.load()?;
@@ -235,7 +223,7 @@ pub fn watch(
             let now = match fingerprint(&dir) {
                 Ok(f) => f,
                 Err(e) => {
-                    tracing::warn!("config: {e:#}; keeping the last good state");
+                    tracing::warn!("config: {e}; keeping the last good state");
                     metrics.source_errors.inc();
                     continue;
                 }
@@ -262,7 +250,7 @@ pub fn watch(
                     }
                 }
                 Err(e) => {
-                    tracing::warn!("config: {e:#}; keeping the last good state");
+                    tracing::warn!("config: {e}; keeping the last good state");
                     metrics.source_errors.inc();
                 }
             }
@@ -331,400 +319,20 @@ pub(super) fn identify(value: &serde_yaml::Value) -> Result<Option<Key>, String>
     )))
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Meta {
-    #[serde(default)]
-    uid: Option<String>,
-    #[serde(default)]
-    labels: BTreeMap<String, String>,
-    #[serde(default)]
-    annotations: BTreeMap<String, String>,
-}
-
-#[derive(Deserialize)]
-struct Resource<Spec, Status = serde_yaml::Value> {
-    metadata: Meta,
-    #[serde(default = "Option::default")]
-    spec: Option<Spec>,
-    #[serde(default = "Option::default")]
-    status: Option<Status>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase")]
-struct PodSpec {
-    #[serde(default)]
-    service_account_name: Option<String>,
-    #[serde(default)]
-    node_name: Option<String>,
-    #[serde(default)]
-    host_network: bool,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase")]
-struct PodStatus {
-    #[serde(default, rename = "podIP")]
-    pod_ip: Option<String>,
-    #[serde(default)]
-    phase: Option<String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase")]
-struct ServiceSpec {
-    #[serde(default, rename = "clusterIP")]
-    cluster_ip: Option<String>,
-    #[serde(default)]
-    ports: Vec<PortSpec>,
-    #[serde(default)]
-    selector: BTreeMap<String, String>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct PortSpec {
-    #[serde(default)]
-    name: Option<String>,
-    port: u16,
-    #[serde(default)]
-    target_port: Option<serde_yaml::Value>,
-    #[serde(default)]
-    app_protocol: Option<String>,
-}
-
-/// A container port name (IANA_SVC_NAME): lower-case letters, digits and
-/// hyphens, at most 15, with a letter.
-fn is_port_name(name: &str) -> bool {
-    (1..=15).contains(&name.len())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-        && name.chars().any(|c| c.is_ascii_lowercase())
-        && !name.starts_with('-')
-        && !name.ends_with('-')
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct EndpointSliceSpec {
-    metadata: Meta,
-    address_type: String,
-    #[serde(default)]
-    endpoints: Vec<EndpointSpec>,
-    #[serde(default)]
-    ports: Vec<EndpointPortSpec>,
-}
-
-#[derive(Deserialize)]
-struct EndpointSpec {
-    #[serde(default)]
-    addresses: Vec<String>,
-    #[serde(default)]
-    conditions: EndpointConditions,
-}
-
-#[derive(Deserialize, Default)]
-struct EndpointConditions {
-    #[serde(default)]
-    ready: Option<bool>,
-}
-
-#[derive(Deserialize)]
-struct EndpointPortSpec {
-    #[serde(default)]
-    name: Option<String>,
-    #[serde(default)]
-    port: Option<u16>,
-}
-
-#[derive(Deserialize, Default)]
-struct GatewaySpec {
-    #[serde(default)]
-    listeners: Vec<ListenerSpec>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct ListenerSpec {
-    #[serde(default)]
-    protocol: String,
-    #[serde(default)]
-    port: u16,
-    #[serde(default)]
-    allowed_routes: Option<AllowedRoutesSpec>,
-}
-
-#[derive(Deserialize)]
-struct AllowedRoutesSpec {
-    #[serde(default)]
-    namespaces: Option<RouteNamespacesSpec>,
-}
-
-#[derive(Deserialize)]
-struct RouteNamespacesSpec {
-    #[serde(default)]
-    from: Option<String>,
-    #[serde(default)]
-    selector: Option<SelectorSpec>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct SelectorSpec {
-    #[serde(default)]
-    match_labels: BTreeMap<String, String>,
-    #[serde(default)]
-    match_expressions: Vec<ExpressionSpec>,
-}
-
-#[derive(Deserialize)]
-struct ExpressionSpec {
-    key: String,
-    operator: String,
-    #[serde(default)]
-    values: Vec<String>,
-}
-
-/// Who may bind to a waypoint: its HBONE listener's (port 15008)
-/// `allowedRoutes.namespaces`, as Istio reads it; none says Same.
-fn allowed_namespaces(listeners: &[ListenerSpec]) -> Result<AllowedNamespaces> {
-    let Some((i, listener)) = listeners
+/// Parses a document of a kind the mesh reads (see [`identify`]) into its typed
+/// form and translates it, as the Kubernetes source does an API object.
+pub(super) fn parse(key: &Key, value: serde_yaml::Value) -> Result<Object, String> {
+    let api_version = value
+        .get("apiVersion")
+        .and_then(|a| a.as_str())
+        .unwrap_or_default()
+        .to_owned();
+    let typed = k8s::CONFIG
         .iter()
-        .enumerate()
-        .find(|(_, l)| l.protocol == "HBONE" && l.port == ztunnel_ebpf_common::HBONE_PORT)
-    else {
-        return Ok(AllowedNamespaces::Same);
-    };
-    let field = format!("spec.listeners[{i}].allowedRoutes.namespaces");
-    let Some(namespaces) = listener
-        .allowed_routes
-        .as_ref()
-        .and_then(|r| r.namespaces.as_ref())
-    else {
-        return Ok(AllowedNamespaces::Same);
-    };
-    Ok(match namespaces.from.as_deref().unwrap_or("Same") {
-        "Same" => AllowedNamespaces::Same,
-        "All" => AllowedNamespaces::All,
-        "Selector" => {
-            let selector = namespaces
-                .selector
-                .as_ref()
-                .with_context(|| format!("{field}.selector: required with from: Selector"))?;
-            let mut expressions = Vec::new();
-            for (j, e) in selector.match_expressions.iter().enumerate() {
-                let (key, values) = (e.key.clone(), e.values.clone());
-                expressions.push(match e.operator.as_str() {
-                    "In" => LabelExpression::In(key, values),
-                    "NotIn" => LabelExpression::NotIn(key, values),
-                    "Exists" => LabelExpression::Exists(key),
-                    "DoesNotExist" => LabelExpression::DoesNotExist(key),
-                    other => bail!(
-                        "{field}.selector.matchExpressions[{j}].operator: {other:?} is not In, NotIn, Exists or DoesNotExist"
-                    ),
-                });
-            }
-            AllowedNamespaces::Selector(LabelSelector {
-                match_labels: selector.match_labels.clone(),
-                match_expressions: expressions,
-            })
-        }
-        other => bail!("{field}.from: {other:?} is not Same, All or Selector"),
-    })
-}
-
-pub(super) fn parse(key: &Key, value: serde_yaml::Value) -> Result<Object> {
-    let (kind, namespace, name) = key.clone();
-    Ok(match kind.as_str() {
-        "Namespace" => {
-            let r: Resource<serde_yaml::Value> = serde_yaml::from_value(value)?;
-            Object::Namespace(Namespace {
-                name,
-                labels: r.metadata.labels,
-                annotations: r.metadata.annotations,
-            })
-        }
-        "ServiceAccount" => Object::ServiceAccount(ServiceAccount { name, namespace }),
-        "EndpointSlice" => {
-            let slice: EndpointSliceSpec = serde_yaml::from_value(value)?;
-            let mut addresses = Vec::new();
-            // Only IPv4 slices: the mesh is IPv4 (IPv6 is refused at capture).
-            if slice.address_type == "IPv4" {
-                for (i, endpoint) in slice.endpoints.iter().enumerate() {
-                    if endpoint.conditions.ready == Some(false) {
-                        continue;
-                    }
-                    for address in &endpoint.addresses {
-                        addresses.push(address.parse::<Ipv4Addr>().map_err(|_| {
-                            anyhow::anyhow!(
-                                "endpoints[{i}].addresses: {address:?} is not an IPv4 address"
-                            )
-                        })?);
-                    }
-                }
-            }
-            // A port without a number says "all ports": nothing to resolve a name to.
-            // The API writes "" for a port without a name; a Service port without
-            // one comes without the field.
-            let ports = slice
-                .ports
-                .into_iter()
-                .filter_map(|p| {
-                    Some((p.name.filter(|n| !n.is_empty()), p.port.filter(|n| *n > 0)?))
-                })
-                .collect();
-            Object::EndpointSlice(EndpointSlice {
-                name,
-                namespace,
-                service: slice.metadata.labels.get(SERVICE_NAME_LABEL).cloned(),
-                addresses,
-                ports,
-            })
-        }
-        "Pod" => {
-            let r: Resource<PodSpec, PodStatus> = serde_yaml::from_value(value)?;
-            let spec = r.spec.unwrap_or_default();
-            let status = r.status.unwrap_or_default();
-            // A pod on the host's network has the node's address, not its own; a
-            // terminated pod's address is free for another pod.
-            let own_address = !spec.host_network
-                && !matches!(status.phase.as_deref(), Some("Succeeded" | "Failed"));
-            let ip =
-                match status.pod_ip.filter(|_| own_address) {
-                    Some(ip) => Some(ip.parse::<Ipv4Addr>().map_err(|_| {
-                        anyhow::anyhow!("status.podIP: {ip:?} is not an IPv4 address")
-                    })?),
-                    None => None,
-                };
-            Object::Pod(Pod {
-                uid: r.metadata.uid,
-                name,
-                namespace,
-                labels: r.metadata.labels,
-                service_account: spec
-                    .service_account_name
-                    .unwrap_or_else(|| "default".into()),
-                node_name: spec.node_name.unwrap_or_default(),
-                ip,
-                netns: r
-                    .metadata
-                    .annotations
-                    .get(NETNS_ANNOTATION)
-                    .map(PathBuf::from),
-                cgroup: r
-                    .metadata
-                    .annotations
-                    .get(CGROUP_ANNOTATION)
-                    .map(PathBuf::from),
-                annotations: r.metadata.annotations,
-            })
-        }
-        "Service" => {
-            let r: Resource<ServiceSpec> = serde_yaml::from_value(value)?;
-            let spec = r.spec.unwrap_or_default();
-            let cluster_ip = match spec.cluster_ip.as_deref() {
-                None | Some("None") | Some("") => None,
-                Some(ip) => Some(ip.parse::<Ipv4Addr>().map_err(|_| {
-                    anyhow::anyhow!("spec.clusterIP: {ip:?} is not an IPv4 address")
-                })?),
-            };
-            let mut ports = Vec::new();
-            for (i, p) in spec.ports.into_iter().enumerate() {
-                if p.port == 0 {
-                    bail!("spec.ports[{i}].port: 0 is not a port");
-                }
-                let (target_port, target_port_name) = match p.target_port {
-                    None => (p.port, None),
-                    Some(serde_yaml::Value::Number(n)) => (
-                        n.as_u64()
-                            .and_then(|n| u16::try_from(n).ok())
-                            .filter(|n| *n > 0)
-                            .ok_or_else(|| {
-                                anyhow::anyhow!("spec.ports[{i}].targetPort: {n} is not a port")
-                            })?,
-                        None,
-                    ),
-                    // A number written as a string is still a number.
-                    Some(serde_yaml::Value::String(s)) => match s.parse::<u16>() {
-                        Ok(n) if n > 0 => (n, None),
-                        Ok(_) => bail!("spec.ports[{i}].targetPort: 0 is not a port"),
-                        Err(_) if is_port_name(&s) => (0, Some(s)),
-                        Err(_) => bail!(
-                            "spec.ports[{i}].targetPort: {s:?} is neither a port nor a port name"
-                        ),
-                    },
-                    Some(other) => bail!("spec.ports[{i}].targetPort: {other:?} is not a port"),
-                };
-                ports.push(ServicePort {
-                    name: p.name.filter(|n| !n.is_empty()),
-                    port: p.port,
-                    target_port,
-                    target_port_name,
-                    app_protocol: p.app_protocol.filter(|p| !p.is_empty()),
-                });
-            }
-            Object::Service(Service {
-                name,
-                namespace,
-                labels: r.metadata.labels,
-                cluster_ip,
-                ports,
-                selector: spec.selector,
-            })
-        }
-        "Gateway" => {
-            let class = value
-                .get("spec")
-                .and_then(|s| s.get("gatewayClassName"))
-                .and_then(|c| c.as_str())
-                .ok_or_else(|| anyhow::anyhow!("spec.gatewayClassName is required"))?
-                .to_owned();
-            let r: Resource<GatewaySpec> = serde_yaml::from_value(value)?;
-            let allowed_namespaces = allowed_namespaces(&r.spec.unwrap_or_default().listeners)?;
-            Object::Gateway(Gateway {
-                name,
-                namespace,
-                class,
-                labels: r.metadata.labels,
-                allowed_namespaces,
-            })
-        }
-        _ => {
-            let api_version = value
-                .get("apiVersion")
-                .and_then(|a| a.as_str())
-                .unwrap_or_default()
-                .to_owned();
-            let spec = value
-                .get("spec")
-                .cloned()
-                .unwrap_or(serde_yaml::Value::Null);
-            let meta: Resource<serde_yaml::Value> = serde_yaml::from_value(value)?;
-            // Compiled here, once: the snapshot carries it to the state.
-            let policy = Policy::new(
-                &kind,
-                &api_version,
-                &namespace,
-                &name,
-                meta.metadata.annotations,
-                spec,
-            );
-            Object::Policy(policy)
-        }
-    })
-}
-
-/// Why a policy is refused, if it is. A refused policy is still in force, in
-/// its newest version, compiled fail closed (see `ztunnel_core::policy::Policy::refusal`):
-/// keeping an older version would drop what the new one denies, dropping it
-/// would open what it protects.
-pub(super) fn refused_policy(object: &Object) -> Option<String> {
-    match object {
-        Object::Policy(policy) => policy.refusal().map(|e| e.to_string()),
-        _ => None,
-    }
+        .find(|a| a.resource.kind == key.0)
+        .and_then(|a| objects::typed(a.resource))
+        .ok_or_else(|| format!("{}: not a kind the mesh reads", key.0))?;
+    typed.parse_yaml(key, &api_version, value)
 }
 
 /// Every valid Pod in the directory (for the CA's node checks).
@@ -760,7 +368,7 @@ impl Pods {
             Ok(())
         });
         if let Err(e) = reloaded {
-            tracing::warn!("config: {e:#}; keeping the pods last read");
+            tracing::warn!("config: {e}; keeping the pods last read");
         }
         &self.pods
     }
@@ -768,7 +376,10 @@ impl Pods {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
+    use crate::{AllowedNamespaces, LabelExpression, LabelSelector};
 
     fn dir_with(files: &[(&str, &str)]) -> PathBuf {
         let dir = std::env::temp_dir().join(format!(

@@ -65,6 +65,9 @@ pub struct CommonArgs {
         value_parser = parse_duration_ms
     )]
     pub drain_grace: Duration,
+    /// How log lines are written: `text`, or `json` (one object per line).
+    #[arg(long, value_enum, default_value_t)]
+    pub log_format: crate::telemetry::LogFormat,
 }
 
 impl CommonArgs {

@@ -74,7 +74,7 @@ fn main() {
         true => &[],
         false => &["access=off"],
     };
-    ztunnel_core::telemetry::init_tracing(directives);
+    ztunnel_core::telemetry::init_tracing(directives, args.common.log_format);
     let (common, mesh) = (args.common, args.mesh);
     let source = match ztunnel_config::Source::choose(
         common.config.clone(),

@@ -47,6 +47,7 @@ use crate::{
     state::{MeshSettings, State, Workload},
     tls,
 };
+use ztunnel_core::response_flags::{ResponseFlag as Flag, ResponseFlags};
 use ztunnel_hbone::{pool::Pool, relay};
 
 mod ext_authz;
@@ -827,7 +828,9 @@ impl Waypoint {
                 Ok(upstream_headers) => req.headers_mut().extend(upstream_headers),
                 Err(response) => {
                     tracing::warn!(src = %client, dst = %target.asked, path = %attributes.path, %policy, %provider, "request denied by CUSTOM policy");
-                    return Handled::local(response);
+                    let mut handled = Handled::local(response);
+                    handled.flags = Flag::UnauthorizedExternalService.into();
+                    return handled;
                 }
             }
         }
@@ -992,7 +995,7 @@ impl Waypoint {
             request_protocol: if grpc { "grpc" } else { "http" }.into(),
             response_code: handled.response.status().as_u16().to_string(),
             grpc_response_status: String::new(),
-            response_flags: handled.flags.into(),
+            response_flags: handled.flags.to_string(),
             connection_security_policy: "mutual_tls".into(),
         }
     }
@@ -1141,10 +1144,10 @@ impl Waypoint {
             tracing::warn!(dst = %target.asked, "no endpoint to forward to (UH)");
             let mut handled =
                 Handled::local(text(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream"));
-            handled.flags = "UH";
+            handled.flags = Flag::NoHealthyUpstream.into();
             return handled;
         }
-        let mut flags = "UC";
+        let mut flags = ResponseFlags::from(Flag::UpstreamConnectionTermination);
         for (attempt, endpoint) in endpoints.iter().take(ATTEMPTS).enumerate() {
             let key = upstream::Key {
                 endpoint: SocketAddr::new(IpAddr::V4(endpoint.ip), target.port),
@@ -1162,7 +1165,7 @@ impl Waypoint {
                 tracing::warn!(dst = %target.asked, endpoint = %endpoint.name, "request ended (408): its stream was idle for the stream idle timeout ({:?})", self.limits.stream_idle_timeout);
                 let mut handled =
                     Handled::local(text(StatusCode::REQUEST_TIMEOUT, "stream timeout"));
-                handled.flags = "SI";
+                handled.flags = Flag::StreamIdleTimeout.into();
                 handled
             };
             let sent = tokio::select! {
@@ -1183,7 +1186,7 @@ impl Waypoint {
                     return Handled {
                         response,
                         endpoint: Some(endpoint.clone()),
-                        flags: "-",
+                        flags: ResponseFlags::NONE,
                     };
                 }
                 // A client that stalls mid-upload fails the request body: the
@@ -1191,9 +1194,10 @@ impl Waypoint {
                 Err(_) if activity.expired() => return timed_out(),
                 Err(e) => {
                     flags = match (e.connect_failure, attempt > 0) {
-                        (true, false) => "UF",
-                        (true, true) => "UF,URX",
-                        (false, _) => "UC",
+                        (true, false) => Flag::UpstreamConnectionFailure.into(),
+                        (true, true) => ResponseFlags::from(Flag::UpstreamConnectionFailure)
+                            .with(Flag::UpstreamRetryLimitExceeded),
+                        (false, _) => Flag::UpstreamConnectionTermination.into(),
                     };
                     tracing::warn!(dst = %target.asked, endpoint = %endpoint.name, protocol = protocol.as_str(), "waypoint: upstream failed ({flags}): {:#}", e.error);
                     match e.unsent {
@@ -1203,7 +1207,7 @@ impl Waypoint {
                 }
             }
         }
-        let reason = if flags.starts_with("UF") {
+        let reason = if flags.contains(Flag::UpstreamConnectionFailure) {
             "connection failure"
         } else {
             "connection termination"
@@ -1231,7 +1235,7 @@ struct Handled {
     response: Response<upstream::Body>,
     /// The endpoint that answered; None: the waypoint answered itself.
     endpoint: Option<Arc<Workload>>,
-    flags: &'static str,
+    flags: ResponseFlags,
 }
 
 impl Handled {
@@ -1239,7 +1243,7 @@ impl Handled {
         Self {
             response,
             endpoint: None,
-            flags: "-",
+            flags: ResponseFlags::NONE,
         }
     }
 }

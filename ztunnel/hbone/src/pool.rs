@@ -40,7 +40,7 @@ pub enum Error {
     #[error("the source pod {0} is no longer served")]
     OriginGone(Ipv4Addr),
     #[error("TLS client configuration: {0}")]
-    ClientConfig(String),
+    ClientConfig(crate::tls::TlsError),
     #[error("mTLS handshake with {address} (expecting {destination}): {error}")]
     Tls {
         address: SocketAddr,
@@ -421,7 +421,7 @@ impl Pool {
         };
         let config = source
             .client_config(destination.clone())
-            .map_err(|e| Error::ClientConfig(format!("{e:#}")))?;
+            .map_err(Error::ClientConfig)?;
         let connector = TlsConnector::from(config);
         let name = ServerName::IpAddress(address.ip().into());
         let tls_error = |error| Error::Tls {
@@ -610,7 +610,7 @@ mod tests {
 
     fn finished(result: Result<(), &str>, ago: Duration) -> Arc<Dial> {
         let dial = Dial::default();
-        let result = result.map_err(|e| Arc::new(Error::ClientConfig(e.into())));
+        let result = result.map_err(|_| Arc::new(Error::OriginGone(Ipv4Addr::LOCALHOST)));
         dial.0.set((result, Instant::now() - ago)).unwrap();
         Arc::new(dial)
     }

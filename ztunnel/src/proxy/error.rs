@@ -48,14 +48,14 @@ pub enum Error {
         address: SocketAddr,
         error: std::io::Error,
     },
-    #[error("{0}")]
+    #[error(transparent)]
     Certificate(#[from] CertError),
-    #[error("{0}")]
+    #[error(transparent)]
     Hbone(#[from] pool::Error),
     #[error("upgrade: {0}")]
     Upgrade(hyper::Error),
     /// The relay failed after the connection was open.
-    #[error("{0}")]
+    #[error(transparent)]
     Relay(#[from] std::io::Error),
 }
 

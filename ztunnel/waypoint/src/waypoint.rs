@@ -38,7 +38,7 @@ use crate::{
     certs::{CertManager, CertManagerConfig, WorkloadCert},
     config, extauthz, forwarded,
     identity::Identity,
-    jwt::{self, Jwks},
+    jwt::{self, Jwks, TokenError},
     path_normalization,
     policy::{
         authn::{self, find_token, JwksSource, JwtRule, Location, RequestAuthentication},
@@ -1007,7 +1007,7 @@ impl Waypoint {
         &self,
         authentications: &[Arc<RequestAuthentication>],
         req: &mut Request<Incoming>,
-    ) -> Result<Option<RequestAuth>, String> {
+    ) -> Result<Option<RequestAuth>, TokenError> {
         // Most requests have no RequestAuthentication: no header copy for them.
         if authentications.is_empty() {
             return Ok(None);
@@ -1022,7 +1022,7 @@ impl Waypoint {
             })
             .collect();
         if let Some((_, reason)) = authn::refused_by(authentications, &headers, req.uri().query()) {
-            return Err(reason);
+            return Err(TokenError::RefusedByPolicy(reason));
         }
         let rules: Vec<&JwtRule> = authentications.iter().flat_map(|a| &a.rules).collect();
         if rules.is_empty() {
@@ -1031,14 +1031,10 @@ impl Waypoint {
         let Some((token, location)) = find_token(&rules, &headers, req.uri().query()) else {
             return Ok(None);
         };
-        let issuer = jwt::issuer(&token)?;
-        let rule = rules
-            .iter()
-            .find(|r| r.issuer == issuer)
-            .ok_or_else(|| format!("issuer {issuer:?} is not accepted"))?;
+        let rule = authn::rule_for(&rules, &token)?;
         let jwks = match &rule.jwks {
             JwksSource::Inline(jwks) => Arc::new(jwks.clone()),
-            JwksSource::Uri(uri) => self.fetch_jwks(uri).await?,
+            JwksSource::Uri(uri) => self.fetch_jwks(uri).await.map_err(TokenError::NoKeys)?,
         };
         let auth = jwt::verify(&token, &jwks, &rule.issuer, &rule.audiences)?;
         let headers = req.headers_mut();
@@ -1493,7 +1489,7 @@ async fn fetch(client: &crate::http_client::Client, uri: &str) -> Result<Jwks, S
     if !parts.status.is_success() {
         return Err(format!("HTTP {}", parts.status));
     }
-    Jwks::parse(&String::from_utf8_lossy(&body))
+    Jwks::parse(&String::from_utf8_lossy(&body)).map_err(|e| e.to_string())
 }
 
 fn text(code: StatusCode, body: &'static str) -> Response<upstream::Body> {

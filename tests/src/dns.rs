@@ -7,6 +7,7 @@
 //! - `big.test.` TXT: about 1,100 bytes, so over UDP (it ignores EDNS, as a small
 //!   server may) it answers truncated and the asker must come back over TCP;
 //! - `<anything>.silent.test.`: never answered;
+//! - `<anything>.slow.test.`: A 192.0.2.10, answered over UDP after [`SLOW`];
 //! - any other name in `test.`: A 192.0.2.10, TTL 60;
 //! - names outside `test.`: NXDOMAIN with an SOA (negative TTL 5 s).
 
@@ -29,6 +30,10 @@ use hickory_proto::{
     },
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// How long the upstream takes to answer a `.slow.test.` name over UDP: within the
+/// forwarder's timeout (2 s), long enough to send the tunnel SIGTERM meanwhile.
+pub const SLOW: std::time::Duration = std::time::Duration::from_millis(1500);
 
 /// The address the upstream answers for every other name in `test.`.
 pub const TEST_ADDRESS: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
@@ -114,7 +119,20 @@ async fn serve(udp: std::net::UdpSocket, tcp: std::net::TcpListener, seen: Arc<S
     while let Ok((n, from)) = udp.recv_from(&mut buf).await {
         seen.udp.fetch_add(1, Ordering::SeqCst);
         if let Some(answer) = answer(&buf[..n], from.ip(), Some(512), &seen) {
-            let _ = udp.send_to(&answer, from).await;
+            let slow = Message::from_vec(&buf[..n]).is_ok_and(|m| {
+                m.queries
+                    .first()
+                    .is_some_and(|q| q.name().to_lowercase().to_ascii().ends_with(".slow.test."))
+            });
+            if slow {
+                let udp = udp.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(SLOW).await;
+                    let _ = udp.send_to(&answer, from).await;
+                });
+            } else {
+                let _ = udp.send_to(&answer, from).await;
+            }
         }
     }
 }

@@ -225,26 +225,26 @@ impl LocalCa {
             self.nodes.iter().any(|n| n == node),
             "the CA has no token for {node}"
         );
-        CaClient::new(CaClientConfig {
+        Ok(CaClient::new(CaClientConfig {
             address: self.addr.to_string(),
             server_name: CA_SERVER_NAME.into(),
             roots_pem: self.root_pem(),
             roots_file: None,
             token_file: self.dir.path().join("tokens").join(node),
-        })
+        })?)
     }
 
     /// A client whose token the CA does not know.
     pub fn client_with_token(&self, token: &str) -> Result<CaClient> {
         let path = self.dir.path().join("tokens/unknown");
         fs::write(&path, token)?;
-        CaClient::new(CaClientConfig {
+        Ok(CaClient::new(CaClientConfig {
             address: self.addr.to_string(),
             server_name: CA_SERVER_NAME.into(),
             roots_pem: self.root_pem(),
             roots_file: None,
             token_file: path,
-        })
+        })?)
     }
 
     /// A certificate for `identity`, signed with this CA's key, with any validity:

@@ -397,3 +397,37 @@ async fn each_query_is_logged_at_debug_with_pod_name_type_and_source() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_forwarded_query_in_flight_when_the_tunnel_drains_is_still_answered() {
+    let mut bed = Bed::start().await;
+    // dig asks a name the upstream answers slowly, on a thread of its own.
+    let conf = bed.conf.path().join("demo");
+    let client = bed.mesh.cluster.pod("client").clone();
+    let asking = std::thread::spawn(move || {
+        let out = run_with_resolv_conf(
+            &client,
+            &conf,
+            "dig",
+            &["+time=8", "+tries=1", "drain.slow.test"],
+        )
+        .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    });
+    // The query is in flight: the tunnel forwarded it, the upstream holds it.
+    eventually(
+        Duration::from_secs(15),
+        "the query forwarded to the upstream",
+        || async { bed.seen.count("drain.slow.test.") == 1 },
+    )
+    .await;
+    let status = bed.mesh.stop_tunnel("node-a").await.unwrap();
+    assert!(status.success(), "{status}");
+    let out = asking.join().unwrap();
+    assert!(out.contains("status: NOERROR"), "{out}");
+    assert_eq!(
+        records(&out).last().map(|r| r[4].as_str()),
+        Some("192.0.2.10"),
+        "{out}"
+    );
+}

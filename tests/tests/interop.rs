@@ -691,7 +691,7 @@ async fn half_close_and_a_refused_port_from_istios_client_to_our_server() {
             &[
                 "reporter=\"destination\"",
                 "source_workload=\"istio-client\"",
-                "response_flags=\"UF\"",
+                "response_flags=\"CONNECT\"",
             ],
         )
         .await;

@@ -391,17 +391,40 @@ async fn an_unreachable_application_and_garbage_hbone_are_refused_and_the_tunnel
         &["connect", &addr(&mesh, "server", 9999), "x"],
     );
     assert_refused_after_connect(&out);
+    // Flagged as Istio's ztunnel flags an unreachable upstream, on both sides:
+    // the server's tunnel could not reach the application, the client's got 503.
     eventually(
         Duration::from_secs(15),
-        "503 counted as an upstream failure",
+        "503 counted as an upstream failure on both sides",
         || async {
-            mesh.metrics("node-b").await.lines().any(|l| {
-                l.starts_with("istio_tcp_connections_opened_total{")
-                    && l.contains("response_flags=\"UF\"")
-            })
+            let flagged = |metrics: String, reporter: &str| {
+                metrics.lines().any(|l| {
+                    l.starts_with("istio_tcp_connections_closed_total{")
+                        && l.contains(&format!("reporter=\"{reporter}\""))
+                        && l.contains("response_flags=\"CONNECT\"")
+                })
+            };
+            flagged(mesh.metrics("node-b").await, "destination")
+                && flagged(mesh.metrics("node-a").await, "source")
         },
     )
     .await;
+    assert!(
+        access_line(
+            &mesh.log("node-b"),
+            &["response_flags=CONNECT", ":9999", "application unreachable"]
+        ),
+        "{}",
+        mesh.log("node-b")
+    );
+    assert!(
+        access_line(
+            &mesh.log("node-a"),
+            &["response_flags=CONNECT", ":9999", "503"]
+        ),
+        "{}",
+        mesh.log("node-a")
+    );
     assert!(mesh.log("node-a").contains("503"), "{}", mesh.log("node-a"));
     // The refusal itself reached the tunnel's delivery socket (bound to the
     // client's address), not a connect timeout.
@@ -616,6 +639,32 @@ async fn a_real_policy_allows_and_refuses_real_connections() {
         line.contains("spiffe://cluster.local/ns/demo/sa/server") && line.contains("port=8080"),
         "{line}"
     );
+    // Flagged DENY, as Istio's ztunnel flags a policy refusal: in the access log
+    // and in Istio's TCP metrics.
+    assert!(
+        access_line(
+            &log,
+            &[
+                "response_flags=DENY",
+                "src.workload=demo/local-server",
+                "no ALLOW policy matched"
+            ]
+        ),
+        "{log}"
+    );
+    eventually(
+        Duration::from_secs(15),
+        "the denial flagged DENY",
+        || async {
+            mesh.metrics("node-b").await.lines().any(|l| {
+                l.starts_with("istio_tcp_connections_closed_total{")
+                    && l.contains("reporter=\"destination\"")
+                    && l.contains("source_principal=\"spiffe://cluster.local/ns/demo/sa/server\"")
+                    && l.contains("response_flags=\"DENY\"")
+            })
+        },
+    )
+    .await;
 
     // A DENY policy names itself (the application is up: only policy stops it).
     let _echo = EchoServer::start(mesh.cluster.pod("server"), 8080).unwrap();
@@ -997,4 +1046,11 @@ async fn a_stalled_ca_does_not_stall_hbone_accepts() {
         assert_refused_after_connect(&out);
     }
     drop(stalled);
+}
+
+/// Whether `log` has an access-log line (a connection's) holding every one of `needles`.
+fn access_line(log: &str, needles: &[&str]) -> bool {
+    log.lines()
+        .filter(|l| l.contains(" access: ") && l.contains("connection"))
+        .any(|l| needles.iter().all(|n| l.contains(n)))
 }

@@ -527,6 +527,23 @@ async fn custom_external_authorization_allows_denies_and_honours_fail_open() {
     );
     // CUSTOM comes before ALLOW: an allowed provider does not bypass ALLOW rules.
     assert_eq!(http(mesh, VIP, "POST", "/public/ext/ok", &[]).0, "403");
+    // As Envoy flags them: the provider's denials UAEX, the RBAC denial none.
+    eventually(
+        Duration::from_secs(15),
+        "the denials counted with their flags",
+        || async {
+            let metrics = mesh.waypoint_metrics("waypoint").await;
+            let denied = |flags: &str| {
+                metrics.lines().any(|l| {
+                    l.starts_with("istio_requests_total{")
+                        && l.contains("response_code=\"403\"")
+                        && l.contains(&format!("response_flags=\"{flags}\""))
+                })
+            };
+            denied("UAEX") && denied("-")
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

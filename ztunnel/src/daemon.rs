@@ -168,7 +168,12 @@ pub async fn run(options: RunOptions, set_log_level: SetLogLevel) -> Result<()> 
         policy_metrics: PolicyMetrics::register(&mut registry),
         active: Arc::default(),
         limiter: Limiter::new(options.limits.clone(), accept_metrics.clone()),
-        dns: crate::dns::Dns::new(options.dns.clone(), states.clone(), &mut registry),
+        dns: crate::dns::Dns::new(
+            options.dns.clone(),
+            states.clone(),
+            &mut registry,
+            drain.clone(),
+        ),
         orig_src,
         balancer: Default::default(),
     });

@@ -17,5 +17,5 @@ pub mod redirect;
 pub use ztunnel_config::{self as config, k8s};
 pub use ztunnel_core::{
     accept, ca, certs, check, cli, discovery, drain, extauthz, forwarded, http_server, identity,
-    jwt, metrics, netns, path_normalization, policy, state, telemetry, tls,
+    jwt, metrics, netns, path_normalization, policy, response_flags, state, telemetry, tls,
 };

@@ -9,7 +9,6 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use anyhow::{bail, Context, Result};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{family::Family, gauge::Gauge},
@@ -22,7 +21,7 @@ use tokio::{sync::watch, task::JoinHandle};
 use crate::{
     ca::client::{CaApi, CaError},
     identity::Identity,
-    tls::{self, TrustBundle},
+    tls::{self, PeerError, TlsError, TrustBundle},
 };
 
 #[derive(Clone, Debug)]
@@ -76,12 +75,12 @@ impl WorkloadCert {
     }
 
     /// mTLS server side, presenting this certificate.
-    pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>> {
+    pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
         tls::server_config(self.key.clone(), self.bundle.clone())
     }
 
     /// mTLS client side, presenting this certificate and requiring `peer`.
-    pub fn client_config(&self, peer: Identity) -> Result<Arc<rustls::ClientConfig>> {
+    pub fn client_config(&self, peer: Identity) -> Result<Arc<rustls::ClientConfig>, TlsError> {
         tls::client_config(self.key.clone(), self.bundle.clone(), peer)
     }
 }
@@ -96,6 +95,29 @@ pub enum CertError {
     Unavailable { identity: Identity, reason: String },
     #[error("the certificate manager stopped")]
     Stopped,
+}
+
+/// Why one certificate request failed (the manager logs it and asks again).
+#[derive(Debug, thiserror::Error)]
+enum IssueError {
+    #[error("generating a key: {0}")]
+    Key(rcgen::Error),
+    #[error("building the CSR: {0}")]
+    Csr(rcgen::Error),
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    #[error("empty response")]
+    EmptyResponse,
+    #[error("the CA's root: {0}")]
+    Root(TlsError),
+    #[error("the CA's chain: {0}")]
+    Chain(TlsError),
+    #[error("the CA sent no certificate")]
+    NoCertificate,
+    #[error("the CA issued a certificate for {got}, not {asked}")]
+    WrongIdentity { got: Identity, asked: Identity },
+    #[error("the issued certificate does not verify: {0}")]
+    DoesNotVerify(PeerError),
 }
 
 #[derive(Clone)]
@@ -226,26 +248,21 @@ impl CertManager {
         infos
     }
 
-    async fn request(&self, identity: &Identity) -> Result<WorkloadCert, String> {
-        let key = rcgen::KeyPair::generate().map_err(|e| format!("generating a key: {e}"))?;
+    async fn request(&self, identity: &Identity) -> Result<WorkloadCert, IssueError> {
+        let key = rcgen::KeyPair::generate().map_err(IssueError::Key)?;
         let mut params = rcgen::CertificateParams::default();
         params.distinguished_name = rcgen::DistinguishedName::new();
-        let uri = identity
-            .to_string()
-            .try_into()
-            .map_err(|e| format!("{e}"))?;
+        let uri = identity.to_string().try_into().map_err(IssueError::Csr)?;
         params.subject_alt_names = vec![rcgen::SanType::URI(uri)];
         let csr = params
             .serialize_request(&key)
             .and_then(|csr| csr.pem())
-            .map_err(|e| format!("building the CSR: {e}"))?;
+            .map_err(IssueError::Csr)?;
         let response = self
             .ca
             .create_certificate(&csr, identity, self.config.ttl)
-            .await
-            .map_err(|e: CaError| e.to_string())?;
+            .await?;
         self.accept(identity, &key, &response)
-            .map_err(|e| format!("{e:#}"))
     }
 
     /// Checks what the CA sent and makes it usable.
@@ -254,23 +271,27 @@ impl CertManager {
         identity: &Identity,
         key: &rcgen::KeyPair,
         response: &[String],
-    ) -> Result<WorkloadCert> {
-        let (roots_pem, chain_pems) = response.split_last().context("empty response")?;
-        let roots = tls::parse_certs(roots_pem).context("the CA's root")?;
+    ) -> Result<WorkloadCert, IssueError> {
+        let (roots_pem, chain_pems) = response.split_last().ok_or(IssueError::EmptyResponse)?;
+        let roots = tls::parse_certs(roots_pem).map_err(IssueError::Root)?;
         let mut chain = Vec::new();
         for pem in chain_pems {
-            chain.extend(tls::parse_certs(pem)?);
+            chain.extend(tls::parse_certs(pem).map_err(IssueError::Chain)?);
         }
-        let leaf = chain.first().context("the CA sent no certificate")?.clone();
-        let got = tls::identity_of(&leaf)?;
+        let leaf = chain.first().ok_or(IssueError::NoCertificate)?.clone();
+        let got = tls::identity_of(&leaf).map_err(IssueError::Chain)?;
         if got != *identity {
-            bail!("the CA issued a certificate for {got}, not {identity}");
+            return Err(IssueError::WrongIdentity {
+                got,
+                asked: identity.clone(),
+            });
         }
         let bundle = TrustBundle::new(
             roots,
             &self.config.trust_domain,
             &self.config.trust_domain_aliases,
-        )?;
+        )
+        .map_err(IssueError::Root)?;
         // Our own certificate must verify like a peer's would.
         bundle
             .verify(
@@ -279,12 +300,12 @@ impl CertManager {
                 rustls::pki_types::UnixTime::now(),
                 webpki::KeyUsage::client_auth(),
             )
-            .map_err(|e| anyhow::anyhow!("the issued certificate does not verify: {e}"))?;
+            .map_err(IssueError::DoesNotVerify)?;
         let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        let info = cert_info(&leaf)?;
+        let info = cert_info(&leaf).map_err(IssueError::Chain)?;
         Ok(WorkloadCert {
             identity: identity.clone(),
-            key: tls::certified_key(chain.clone(), &key_der)?,
+            key: tls::certified_key(chain.clone(), &key_der).map_err(IssueError::Chain)?,
             chain,
             bundle,
             info,
@@ -353,7 +374,7 @@ impl CertManager {
                     matches!(&*state.borrow(), State::Ready(c) if c.valid_at(SystemTime::now()));
                 tracing::warn!(%identity, still_valid, "fetching the workload certificate failed: {e}");
                 if !still_valid {
-                    state.send_replace(State::Failed(e));
+                    state.send_replace(State::Failed(e.to_string()));
                 }
                 let next = match *backoff {
                     None => self.config.backoff_initial,
@@ -385,9 +406,9 @@ fn unix(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
-pub fn cert_info(der: &CertificateDer<'_>) -> Result<CertInfo> {
+pub fn cert_info(der: &CertificateDer<'_>) -> Result<CertInfo, TlsError> {
     use x509_parser::prelude::{FromDer, X509Certificate};
-    let (_, cert) = X509Certificate::from_der(der).context("parsing the certificate")?;
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| TlsError::Parse(e.to_string()))?;
     let identity = tls::identity_of(der)
         .map(|i| i.to_string())
         .unwrap_or_default();

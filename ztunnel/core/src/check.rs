@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::{
     config::Snapshot,
+    jwt::TokenError,
     policy::{authn, Connection, Mode, Request},
     state::{MeshSettings, State, Waypoint, Workload},
 };
@@ -476,19 +477,18 @@ pub fn check(snapshot: Snapshot, settings: &MeshSettings, query: &Query) -> Resu
 fn validate_offline(
     token: &str,
     rules: &[&authn::JwtRule],
-) -> std::result::Result<crate::jwt::RequestAuth, String> {
-    let issuer = crate::jwt::issuer(token)?;
-    let rule = rules
-        .iter()
-        .find(|r| r.issuer == issuer)
-        .ok_or_else(|| format!("issuer {issuer:?} is not accepted"))?;
+) -> std::result::Result<crate::jwt::RequestAuth, TokenError> {
+    let rule = authn::rule_for(rules, token)?;
     match &rule.jwks {
-        authn::JwksSource::Inline(jwks) => {
-            crate::jwt::verify(token, jwks, &rule.issuer, &rule.audiences).map_err(String::from)
-        }
-        authn::JwksSource::Uri(uri) => Err(format!(
+        authn::JwksSource::Inline(jwks) => Ok(crate::jwt::verify(
+            token,
+            jwks,
+            &rule.issuer,
+            &rule.audiences,
+        )?),
+        authn::JwksSource::Uri(uri) => Err(TokenError::NoKeys(format!(
             "the keys are at {uri}; policy check does not fetch them"
-        )),
+        ))),
     }
 }
 

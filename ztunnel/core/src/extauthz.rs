@@ -3,9 +3,13 @@
 //! (`envoyExtAuthzHttp`). A provider that errors or times out denies, unless it is
 //! `failOpen`.
 
-use std::{collections::HashMap, net::SocketAddr, path::Path, time::Duration};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
-use anyhow::{Context, Result};
 use bytes::Bytes;
 use http::{HeaderMap, Request, StatusCode};
 use http_body_util::Empty;
@@ -83,21 +87,56 @@ pub struct HttpProvider {
     pub status_on_error: Option<String>,
 }
 
+/// Why the mesh config file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum MeshConfigError {
+    #[error("reading {}: {error}", path.display())]
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("parsing {}: {error}", path.display())]
+    Parse {
+        path: PathBuf,
+        error: serde_yaml::Error,
+    },
+    #[error("provider {provider}: timeout: {error}")]
+    Timeout { provider: String, error: BadTimeout },
+    #[error("{}: pathNormalization.normalization: {error}", path.display())]
+    PathNormalization { path: PathBuf, error: String },
+}
+
+/// A provider `timeout` that is not a duration.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a duration (e.g. 600ms, 1.5s)")]
+pub struct BadTimeout(pub String);
+
 impl MeshConfig {
-    pub fn load(path: &Path) -> Result<Self> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let config: Self =
-            serde_yaml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    pub fn load(path: &Path) -> Result<Self, MeshConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|error| MeshConfigError::Read {
+            path: path.to_owned(),
+            error,
+        })?;
+        let config: Self = serde_yaml::from_str(&text).map_err(|error| MeshConfigError::Parse {
+            path: path.to_owned(),
+            error,
+        })?;
         for provider in &config.extension_providers {
             if let Some(http) = &provider.envoy_ext_authz_http {
-                parse_timeout(http.timeout.as_deref())
-                    .with_context(|| format!("provider {}: timeout", provider.name))?;
+                parse_timeout(http.timeout.as_deref()).map_err(|error| {
+                    MeshConfigError::Timeout {
+                        provider: provider.name.clone(),
+                        error,
+                    }
+                })?;
             }
         }
-        config.path_normalization().map_err(|e| {
-            anyhow::anyhow!("{}: pathNormalization.normalization: {e}", path.display())
-        })?;
+        config
+            .path_normalization()
+            .map_err(|error| MeshConfigError::PathNormalization {
+                path: path.to_owned(),
+                error,
+            })?;
         Ok(config)
     }
 
@@ -131,15 +170,21 @@ impl MeshConfig {
 }
 
 /// A provider's `timeout` (600ms when unset).
-pub fn parse_timeout(text: Option<&str>) -> Result<Duration> {
+pub fn parse_timeout(text: Option<&str>) -> Result<Duration, BadTimeout> {
     let Some(text) = text else {
         return Ok(Duration::from_millis(600));
     };
+    let bad = || BadTimeout(text.to_owned());
     if let Some(ms) = text.strip_suffix("ms") {
-        return Ok(Duration::from_millis(ms.parse()?));
+        return ms.parse().map(Duration::from_millis).map_err(|_| bad());
     }
-    let secs: f64 = text.strip_suffix('s').unwrap_or(text).parse()?;
-    Ok(Duration::from_secs_f64(secs))
+    let secs: f64 = text
+        .strip_suffix('s')
+        .unwrap_or(text)
+        .parse()
+        .map_err(|_| bad())?;
+    // Negative, infinite or NaN: refused, not a panic.
+    Duration::try_from_secs_f64(secs).map_err(|_| bad())
 }
 
 /// The provider's answer.
@@ -214,7 +259,7 @@ pub fn http_request(
     method: &http::Method,
     path: &str,
     headers: &HeaderMap,
-) -> Result<Request<Empty<Bytes>>> {
+) -> Result<Request<Empty<Bytes>>, http::Error> {
     let mut request = Request::builder()
         .method(method.clone())
         .uri(format!(
@@ -366,6 +411,22 @@ mod tests {
     use super::*;
     use prost::Message;
     use proto::check_response::HttpResponse;
+
+    #[test]
+    fn a_provider_timeout_is_a_duration_and_anything_else_a_typed_refusal() {
+        assert_eq!(parse_timeout(None), Ok(Duration::from_millis(600)));
+        assert_eq!(parse_timeout(Some("250ms")), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_timeout(Some("1.5s")), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_timeout(Some("2")), Ok(Duration::from_secs(2)));
+        // Negative and infinite seconds once panicked in Duration::from_secs_f64.
+        for bad in ["-1s", "inf", "NaN", "ten", "5m", "-3ms"] {
+            assert_eq!(
+                parse_timeout(Some(bad)),
+                Err(BadTimeout(bad.to_owned())),
+                "{bad}"
+            );
+        }
+    }
 
     fn denied(code: i32, status: Option<i32>) -> proto::CheckResponse {
         proto::CheckResponse {

@@ -55,11 +55,32 @@ pub enum JwtError {
     AudienceNotAllowed,
 }
 
-/// For callers that answer with the reason in words.
-impl From<JwtError> for String {
-    fn from(e: JwtError) -> Self {
-        e.to_string()
-    }
+/// Why a JWKS (inline in a policy, or fetched from its `jwksUri`) is refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum JwksError {
+    #[error("the JWKS is larger than {MAX_JWKS_BYTES} bytes")]
+    TooLarge,
+    #[error("not a JWKS: {0}")]
+    NotJson(String),
+    #[error("the JWKS has no keys")]
+    NoKeys,
+}
+
+/// Why a request's token is refused (the request is answered 401).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error(transparent)]
+    Jwt(#[from] JwtError),
+    #[error("issuer {0:?} is not accepted")]
+    IssuerNotAccepted(String),
+    /// No keys to check it with (the issuer's `jwksUri` could not be fetched, or
+    /// is not fetched at all by `policy check`).
+    #[error("{0}")]
+    NoKeys(String),
+    /// A RequestAuthentication that could not be compiled refuses every request
+    /// it applies to (fail closed).
+    #[error("{0}")]
+    RefusedByPolicy(String),
 }
 
 /// A JSON Web Key Set.
@@ -92,13 +113,14 @@ pub struct Jwk {
 pub const MAX_JWKS_BYTES: usize = 1024 * 1024;
 
 impl Jwks {
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, JwksError> {
         if text.len() > MAX_JWKS_BYTES {
-            return Err(format!("the JWKS is larger than {MAX_JWKS_BYTES} bytes"));
+            return Err(JwksError::TooLarge);
         }
-        let jwks: Jwks = serde_json::from_str(text).map_err(|e| format!("not a JWKS: {e}"))?;
+        let jwks: Jwks =
+            serde_json::from_str(text).map_err(|e| JwksError::NotJson(e.to_string()))?;
         if jwks.keys.is_empty() {
-            return Err("the JWKS has no keys".into());
+            return Err(JwksError::NoKeys);
         }
         Ok(jwks)
     }
@@ -272,7 +294,25 @@ mod tests {
             verify(&none, &jwks, "joe", &[]).unwrap_err(),
             JwtError::BadSignature("none".into())
         );
-        assert!(Jwks::parse("{}").is_err());
+        assert!(matches!(Jwks::parse("{}"), Err(JwksError::NotJson(_))));
+    }
+
+    #[test]
+    fn a_jwks_is_refused_with_a_typed_reason() {
+        assert_eq!(
+            Jwks::parse(r#"{"keys":[]}"#).unwrap_err(),
+            JwksError::NoKeys
+        );
+        assert_eq!(
+            Jwks::parse(&" ".repeat(MAX_JWKS_BYTES + 1)).unwrap_err(),
+            JwksError::TooLarge
+        );
+        let not_json = Jwks::parse("keys").unwrap_err();
+        assert!(matches!(not_json, JwksError::NotJson(_)), "{not_json}");
+        assert!(
+            not_json.to_string().starts_with("not a JWKS: "),
+            "{not_json}"
+        );
     }
 }
 

@@ -30,6 +30,7 @@ pub mod metrics;
 pub mod netns;
 pub mod path_normalization;
 pub mod policy;
+pub mod response_flags;
 pub mod state;
 pub mod telemetry;
 pub mod tls;

@@ -46,8 +46,9 @@ pub struct TcpLabels {
     pub destination_principal: String,
     pub destination_service: String,
     pub request_protocol: String,
-    /// "-" for none; "DENY" for policy denials, "UF" upstream failure, ...
-    pub response_flags: String,
+    /// As Istio's ztunnel: "-" for none, "DENY" for a refusal, "CONNECT" for an
+    /// unreachable upstream, ... (see [`crate::response_flags`]).
+    pub response_flags: crate::response_flags::ResponseFlags,
     /// "mutual_tls" over HBONE, "unknown" for plaintext.
     pub connection_security_policy: String,
 }

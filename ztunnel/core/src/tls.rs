@@ -8,7 +8,6 @@
 
 use std::{fmt, sync::Arc};
 
-use anyhow::{bail, ensure, Context, Result};
 use rustls::pki_types::TrustAnchor;
 use rustls::{
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
@@ -21,7 +20,42 @@ use rustls::{
 use rustls_pki_types::pem::PemObject;
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
-use crate::identity::Identity;
+use crate::identity::{Identity, IdentityError};
+
+/// Why certificates, keys or a TLS configuration could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("parsing PEM certificates: {0}")]
+    Pem(rustls_pki_types::pem::Error),
+    #[error("no certificate in the PEM text")]
+    NoCertificate,
+    #[error("parsing the PEM private key: {0}")]
+    Key(rustls_pki_types::pem::Error),
+    #[error("unsupported private key: {0}")]
+    UnsupportedKey(rustls::Error),
+    #[error("trust bundle: {0}")]
+    TrustBundle(Box<TlsError>),
+    #[error("the trust bundle holds no root certificate")]
+    NoRoot,
+    #[error("bad root certificate: {0}")]
+    BadRoot(webpki::Error),
+    #[error("parsing the certificate: {0}")]
+    Parse(String),
+    #[error("the certificate has no subject alternative name")]
+    NoSan,
+    #[error("the certificate has no URI SAN")]
+    NoUriSan,
+    #[error("the certificate has {0} URI SANs; exactly one is allowed")]
+    SeveralUriSans(usize),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error("the peer presented no certificate")]
+    NoPeerCertificate,
+    #[error("TLS configuration: {0}")]
+    Config(rustls::Error),
+}
+
+type Result<T, E = TlsError> = std::result::Result<T, E>;
 
 /// ALPN for HBONE and for the CA's gRPC: HTTP/2.
 pub const ALPN_H2: &[u8] = b"h2";
@@ -54,7 +88,7 @@ impl fmt::Debug for TrustBundle {
 impl TrustBundle {
     /// `roots_pem` may hold several certificates (root rotation).
     pub fn from_pem(roots_pem: &str, trust_domain: &str, aliases: &[String]) -> Result<Self> {
-        let roots = parse_certs(roots_pem).context("trust bundle")?;
+        let roots = parse_certs(roots_pem).map_err(|e| TlsError::TrustBundle(Box::new(e)))?;
         Self::new(roots, trust_domain, aliases)
     }
 
@@ -63,16 +97,15 @@ impl TrustBundle {
         trust_domain: &str,
         aliases: &[String],
     ) -> Result<Self> {
-        ensure!(
-            !roots.is_empty(),
-            "the trust bundle holds no root certificate"
-        );
+        if roots.is_empty() {
+            return Err(TlsError::NoRoot);
+        }
         let anchors = roots
             .iter()
             .map(|der| {
                 webpki::anchor_from_trusted_cert(der)
                     .map(|a| a.to_owned())
-                    .map_err(|e| anyhow::anyhow!("bad root certificate: {e}"))
+                    .map_err(TlsError::BadRoot)
             })
             .collect::<Result<Vec<_>>>()?;
         let mut trust_domains = vec![trust_domain.to_owned()];
@@ -132,8 +165,7 @@ impl TrustBundle {
             }
             other => PeerError::Chain(other.to_string()),
         })?;
-        let identity =
-            identity_of(end_entity).map_err(|e| PeerError::Identity(format!("{e:#}")))?;
+        let identity = identity_of(end_entity).map_err(|e| PeerError::Identity(e.to_string()))?;
         if !self.accepts_domain(identity.trust_domain()) {
             return Err(PeerError::Identity(format!(
                 "{identity}: trust domain {:?} is not trusted",
@@ -191,11 +223,11 @@ impl From<PeerError> for rustls::Error {
 
 /// The identity in a certificate: its one URI SAN, a SPIFFE ID.
 pub fn identity_of(der: &CertificateDer<'_>) -> Result<Identity> {
-    let (_, cert) = X509Certificate::from_der(der).context("parsing the certificate")?;
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| TlsError::Parse(e.to_string()))?;
     let sans = cert
         .subject_alternative_name()
-        .context("reading the subject alternative names")?
-        .context("the certificate has no subject alternative name")?;
+        .map_err(|e| TlsError::Parse(format!("the subject alternative names: {e}")))?
+        .ok_or(TlsError::NoSan)?;
     let uris: Vec<&str> = sans
         .value
         .general_names
@@ -207,11 +239,8 @@ pub fn identity_of(der: &CertificateDer<'_>) -> Result<Identity> {
         .collect();
     match uris.as_slice() {
         [uri] => Ok(uri.parse()?),
-        [] => bail!("the certificate has no URI SAN"),
-        _ => bail!(
-            "the certificate has {} URI SANs; exactly one is allowed",
-            uris.len()
-        ),
+        [] => Err(TlsError::NoUriSan),
+        _ => Err(TlsError::SeveralUriSans(uris.len())),
     }
 }
 
@@ -219,13 +248,15 @@ pub fn identity_of(der: &CertificateDer<'_>) -> Result<Identity> {
 pub fn parse_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>> {
     let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
-        .context("parsing PEM certificates")?;
-    ensure!(!certs.is_empty(), "no certificate in the PEM text");
+        .map_err(TlsError::Pem)?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate);
+    }
     Ok(certs)
 }
 
 pub fn parse_key(pem: &str) -> Result<PrivateKeyDer<'static>> {
-    PrivateKeyDer::from_pem_slice(pem.as_bytes()).context("parsing the PEM private key")
+    PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(TlsError::Key)
 }
 
 /// A certificate and key in rustls form.
@@ -233,7 +264,7 @@ pub fn certified_key(
     chain: Vec<CertificateDer<'static>>,
     key: &PrivateKeyDer<'_>,
 ) -> Result<Arc<CertifiedKey>> {
-    let signing = provider::sign::any_supported_type(key).context("unsupported private key")?;
+    let signing = provider::sign::any_supported_type(key).map_err(TlsError::UnsupportedKey)?;
     Ok(Arc::new(CertifiedKey::new(chain, signing)))
 }
 
@@ -379,7 +410,8 @@ pub fn server_config(
     bundle: TrustBundle,
 ) -> Result<Arc<rustls::ServerConfig>> {
     let mut config = rustls::ServerConfig::builder_with_provider(crypto_provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(TlsError::Config)?
         .with_client_cert_verifier(ClientVerifier::new(bundle))
         .with_cert_resolver(Arc::new(FixedServerCert(cert)));
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
@@ -394,7 +426,8 @@ pub fn client_config(
     expected: Identity,
 ) -> Result<Arc<rustls::ClientConfig>> {
     let mut config = rustls::ClientConfig::builder_with_provider(crypto_provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(TlsError::Config)?
         .dangerous()
         .with_custom_certificate_verifier(ServerVerifier::new(bundle, Some(expected)))
         .with_client_cert_resolver(Arc::new(FixedClientCert(cert)));
@@ -406,7 +439,7 @@ pub fn client_config(
 pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Result<Identity> {
     let leaf = certs
         .and_then(|c| c.first())
-        .context("the peer presented no certificate")?;
+        .ok_or(TlsError::NoPeerCertificate)?;
     identity_of(leaf)
 }
 

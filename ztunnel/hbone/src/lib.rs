@@ -8,4 +8,4 @@ mod relay;
 pub use relay::relay;
 
 // Core's modules under the names the pool used in one crate.
-use ztunnel_core::{certs, identity, netns};
+use ztunnel_core::{certs, identity, netns, response_flags, tls};

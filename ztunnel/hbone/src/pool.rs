@@ -14,7 +14,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::Empty;
@@ -25,7 +24,70 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 
-use crate::{certs::WorkloadCert, identity::Identity, netns::SocketFactory};
+use crate::{
+    certs::WorkloadCert, identity::Identity, netns::SocketFactory, response_flags::ResponseFlag,
+};
+
+/// Why no HBONE stream could be opened. Each names the response flag Istio's
+/// ztunnel reports for it.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("connecting to {address}: {error}")]
+    Connect {
+        address: SocketAddr,
+        error: std::io::Error,
+    },
+    #[error("the source pod {0} is no longer served")]
+    OriginGone(Ipv4Addr),
+    #[error("TLS client configuration: {0}")]
+    ClientConfig(crate::tls::TlsError),
+    #[error("mTLS handshake with {address} (expecting {destination}): {error}")]
+    Tls {
+        address: SocketAddr,
+        destination: Identity,
+        error: std::io::Error,
+    },
+    #[error("HTTP/2 handshake with {address}: {error}")]
+    Http2Handshake {
+        address: SocketAddr,
+        error: hyper::Error,
+    },
+    #[error("HBONE CONNECT: {0}")]
+    Request(hyper::Error),
+    #[error("HBONE CONNECT to {authority} via {address}: {status}")]
+    Status {
+        authority: SocketAddr,
+        address: SocketAddr,
+        status: StatusCode,
+    },
+    #[error("HBONE stream upgrade: {0}")]
+    Upgrade(hyper::Error),
+    /// Another connection's dial to the same place, whose failure this one shares.
+    #[error("{0}")]
+    Dial(Arc<Error>),
+    #[error("no HBONE stream to {0} after {DIAL_ROUNDS} dials: every new connection was taken or closed")]
+    NoStream(SocketAddr),
+}
+
+impl Error {
+    /// The flag Istio's ztunnel reports for a connection that failed this way.
+    pub fn flag(&self) -> ResponseFlag {
+        match self {
+            Self::Tls { .. } => ResponseFlag::TlsFailure,
+            Self::Http2Handshake { .. } => ResponseFlag::Http2HandshakeFailure,
+            Self::ClientConfig(_) => ResponseFlag::IdentityError,
+            Self::Dial(e) => e.flag(),
+            Self::Connect { .. }
+            | Self::OriginGone(_)
+            | Self::Request(_)
+            | Self::Status { .. }
+            | Self::Upgrade(_)
+            | Self::NoStream(_) => ResponseFlag::Connect,
+        }
+    }
+}
+
+type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// HTTP/2 and pool settings.
 #[derive(Clone, Debug)]
@@ -155,7 +217,7 @@ const DIAL_ROUNDS: usize = 4;
 /// dials; the others wait for that dial's result (a waiter takes over when the
 /// dialing one is cancelled). Its outcome, and when it was known.
 #[derive(Default)]
-struct Dial(tokio::sync::OnceCell<(Result<(), String>, Instant)>);
+struct Dial(tokio::sync::OnceCell<(Result<(), Arc<Error>>, Instant)>);
 
 #[derive(Default)]
 pub struct Pool {
@@ -224,25 +286,22 @@ impl Pool {
             address,
         };
         let (mut sender, guard) = self.slot(&key, origin, source).await?;
+        // An authority that is an ip:port is always a valid URI.
         let mut request = Request::builder()
             .method(Method::CONNECT)
             .uri(authority.to_string())
             .body(Empty::new())
-            .context("building the CONNECT request")?;
+            .expect("a valid CONNECT request");
         *request.headers_mut() = headers;
-        let response = sender
-            .send_request(request)
-            .await
-            .context("HBONE CONNECT")?;
+        let response = sender.send_request(request).await.map_err(Error::Request)?;
         if response.status() != StatusCode::OK {
-            bail!(
-                "HBONE CONNECT to {authority} via {address}: {}",
-                response.status()
-            );
+            return Err(Error::Status {
+                authority,
+                address,
+                status: response.status(),
+            });
         }
-        let upgraded = hyper::upgrade::on(response)
-            .await
-            .context("HBONE stream upgrade")?;
+        let upgraded = hyper::upgrade::on(response).await.map_err(Error::Upgrade)?;
         Ok((upgraded, guard))
     }
 
@@ -275,19 +334,16 @@ impl Pool {
                                 .push(Arc::new(connection));
                             Ok(())
                         }
-                        Err(e) => Err(format!("{e:#}")),
+                        Err(e) => Err(Arc::new(e)),
                     };
                     (result, Instant::now())
                 })
                 .await;
             if let Err(e) = result {
-                bail!("{e}");
+                return Err(Error::Dial(e.clone()));
             }
         }
-        bail!(
-            "no HBONE stream to {} after {DIAL_ROUNDS} dials: every new connection was taken or closed",
-            key.address
-        )
+        Err(Error::NoStream(key.address))
     }
 
     /// The dial to join for `key`: the one in flight, or a failure still fresh;
@@ -338,31 +394,45 @@ impl Pool {
         address: SocketAddr,
     ) -> Result<Connection> {
         let s = &self.settings;
+        let connect_error = |error| Error::Connect { address, error };
         let tcp = match origin {
             Origin::Local => {
                 let tcp = tokio::time::timeout(s.connect_timeout, TcpStream::connect(address))
                     .await
-                    .with_context(|| format!("connecting to {address} timed out"))?
-                    .with_context(|| format!("connecting to {address}"))?;
-                tcp.set_nodelay(true)?;
+                    .map_err(|_| connect_error(timed_out()))?
+                    .map_err(connect_error)?;
+                tcp.set_nodelay(true).map_err(connect_error)?;
                 tcp
             }
             Origin::Pod(pod) => {
                 if pod.gone.is_cancelled() {
-                    bail!("the source pod {} is no longer served", pod.ip);
+                    return Err(Error::OriginGone(pod.ip));
                 }
                 pod.sockets
                     .connect(address, s.connect_timeout)
                     .await
-                    .with_context(|| format!("connecting to {address} from the pod {}", pod.ip))?
+                    .map_err(|e| {
+                        connect_error(std::io::Error::new(
+                            e.kind(),
+                            format!("from the pod {}: {e}", pod.ip),
+                        ))
+                    })?
             }
         };
-        let connector = TlsConnector::from(source.client_config(destination.clone())?);
+        let config = source
+            .client_config(destination.clone())
+            .map_err(Error::ClientConfig)?;
+        let connector = TlsConnector::from(config);
         let name = ServerName::IpAddress(address.ip().into());
+        let tls_error = |error| Error::Tls {
+            address,
+            destination: destination.clone(),
+            error,
+        };
         let tls = tokio::time::timeout(s.connect_timeout, connector.connect(name, tcp))
             .await
-            .with_context(|| format!("TLS handshake with {address} timed out"))?
-            .with_context(|| format!("mTLS handshake with {address} (expecting {destination})"))?;
+            .map_err(|_| tls_error(timed_out()))?
+            .map_err(tls_error)?;
         // A pod's connections end with it (left the mesh, or enrolled again).
         let gone = origin.gone().cloned().unwrap_or_default();
         self.http2(tls, address, gone).await
@@ -390,7 +460,7 @@ impl Pool {
             .keep_alive_while_idle(true)
             .handshake(TokioIo::new(io))
             .await
-            .context("HTTP/2 handshake")?;
+            .map_err(|error| Error::Http2Handshake { address, error })?;
         tokio::spawn(async move {
             tokio::select! {
                 result = connection => if let Err(e) = result {
@@ -452,6 +522,10 @@ impl Pool {
             .filter(|c| !c.sender.is_closed())
             .count()
     }
+}
+
+fn timed_out() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out")
 }
 
 #[cfg(test)]
@@ -534,8 +608,9 @@ mod tests {
         assert!(pool.take_slot(&b).is_some(), "b's connection survived");
     }
 
-    fn finished(result: Result<(), String>, ago: Duration) -> Arc<Dial> {
+    fn finished(result: Result<(), &str>, ago: Duration) -> Arc<Dial> {
         let dial = Dial::default();
+        let result = result.map_err(|_| Arc::new(Error::OriginGone(Ipv4Addr::LOCALHOST)));
         dial.0.set((result, Instant::now() - ago)).unwrap();
         Arc::new(dial)
     }
@@ -548,13 +623,13 @@ mod tests {
         assert!(Arc::ptr_eq(&in_flight, &pool.dial_for(&key)), "joined");
         drop(in_flight);
         let cases = [
-            (Err("refused".to_owned()), Duration::ZERO, true),
-            (Err("refused".to_owned()), NEGATIVE_CACHE * 2, false),
+            (Err("refused"), Duration::ZERO, true),
+            (Err("refused"), NEGATIVE_CACHE * 2, false),
             // A success brought a connection; needing another means it is full.
             (Ok(()), Duration::ZERO, false),
         ];
         for (result, ago, joined) in cases {
-            let dial = finished(result.clone(), ago);
+            let dial = finished(result, ago);
             pool.dialing
                 .lock()
                 .unwrap()

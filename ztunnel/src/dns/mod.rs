@@ -8,6 +8,10 @@
 //! and per pod ([`Limits::per_pod`]); a query over either is dropped and counted
 //! (the client retries, as after any lost datagram). Answers from the mesh hold
 //! nothing and are never capped.
+//!
+//! On the node's drain, forwarded queries in flight are still answered (they are
+//! tracked work of the process's [`Drain`]); a TCP connection closes after the
+//! query it is answering.
 
 pub mod forward;
 pub mod names;
@@ -39,6 +43,7 @@ use tokio::{
 
 use crate::{
     accept::RateLimitedLog,
+    drain::Drain,
     state::{State, Workload},
 };
 use forward::Forwarder;
@@ -162,6 +167,8 @@ pub struct Dns {
     pods_in_flight: Mutex<HashMap<Ipv4Addr, Arc<AtomicUsize>>>,
     metrics: Metrics,
     log: RateLimitedLog,
+    /// The node's drain: forwarded queries are its tracked work.
+    drain: Drain,
 }
 
 /// Transport a query came by.
@@ -201,11 +208,13 @@ pub enum Prepared {
 }
 
 impl Dns {
-    /// The proxy, its names kept in step with the state.
+    /// The proxy, its names kept in step with the state, its forwarded queries
+    /// finished before `drain` completes.
     pub fn new(
         settings: Settings,
         mut states: watch::Receiver<Arc<State>>,
         registry: &mut Registry,
+        drain: Drain,
     ) -> Arc<Self> {
         let domain = settings.cluster_domain.clone();
         let first = MeshNames::from_state(&states.borrow_and_update(), &domain);
@@ -234,6 +243,7 @@ impl Dns {
             metrics: Metrics::register(registry),
             log: RateLimitedLog::new(),
             settings,
+            drain,
         })
     }
 
@@ -498,8 +508,11 @@ pub async fn serve_udp(dns: Arc<Dns>, pod: Arc<Workload>, socket: UdpSocket) {
                 let _ = socket.send_to(&answer, client).await;
             }
             Prepared::Forward(forward) => {
-                let (dns, pod, socket) = (dns.clone(), pod.clone(), socket.clone());
-                tokio::spawn(async move {
+                let (dns2, pod, socket) = (dns.clone(), pod.clone(), socket.clone());
+                // Tracked: a drain waits for the answer (the socket outlives
+                // this loop, which ends when the pod's listeners close).
+                dns.drain.spawn(async move {
+                    let dns = dns2;
                     let answer = dns.forward(&pod, forward).await;
                     let _ = socket.send_to(&answer, client).await;
                 });
@@ -517,9 +530,13 @@ where
 {
     let mut buf = Vec::new();
     loop {
-        let len = match tokio::time::timeout(TCP_IDLE, stream.read_u16()).await {
-            Ok(Ok(len)) => usize::from(len),
-            _ => return,
+        // Draining: the query being answered was the last.
+        let len = tokio::select! {
+            len = tokio::time::timeout(TCP_IDLE, stream.read_u16()) => match len {
+                Ok(Ok(len)) => usize::from(len),
+                _ => return,
+            },
+            () = dns.drain.signaled() => return,
         };
         buf.resize(len, 0);
         if !matches!(
@@ -597,6 +614,7 @@ mod tests {
             pods_in_flight: Mutex::default(),
             metrics: Metrics::register(&mut Registry::default()),
             log: RateLimitedLog::new(),
+            drain: Drain::new(),
         }
     }
 

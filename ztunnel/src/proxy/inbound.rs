@@ -17,7 +17,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
-use super::{relay, Context, Record};
+use super::{relay, Context, Error, Record};
 use crate::{
     accept::{Acceptor, Conn},
     identity::Identity,
@@ -161,32 +161,23 @@ async fn connect(
         mtls: true,
     };
     if req.method() != Method::CONNECT {
-        record.refused(
-            &ctx.metrics,
-            "DENY",
-            &format!("HBONE: {} is not CONNECT", req.method()),
-        );
+        record.refused(&ctx.metrics, &Error::NotConnect(req.method().clone()));
         return status(StatusCode::BAD_REQUEST);
     }
     let target: Option<SocketAddr> = req.uri().authority().and_then(|a| a.as_str().parse().ok());
     let Some(target) = target else {
-        record.refused(&ctx.metrics, "DENY", "HBONE: :authority is not ip:port");
+        record.refused(&ctx.metrics, &Error::BadAuthority);
         return status(StatusCode::BAD_REQUEST);
     };
     record.destination_addr = target;
     if target.ip() != IpAddr::V4(pod.ip) {
-        record.refused(
-            &ctx.metrics,
-            "DENY",
-            &format!("HBONE: {target} is not this pod"),
-        );
+        record.refused(&ctx.metrics, &Error::NotThisPod(target));
         return status(StatusCode::BAD_REQUEST);
     }
     if is_tunnel_port(target.port()) {
         record.refused(
             &ctx.metrics,
-            "DENY",
-            &format!("HBONE: {target} is the tunnel itself"),
+            &Error::SelfCall(format!("HBONE: {target} is the tunnel itself")),
         );
         return status(StatusCode::BAD_REQUEST);
     }
@@ -201,8 +192,8 @@ async fn connect(
         destination_ip: target.ip(),
         destination_port: target.port(),
     };
-    if let Err(reason) = ctx.authorize(&state, &pod, &conn, false) {
-        record.refused(&ctx.metrics, "DENY", &reason);
+    if let Err(denied) = ctx.authorize(&state, &pod, &conn, false) {
+        record.refused(&ctx.metrics, &denied);
         return status(StatusCode::UNAUTHORIZED);
     }
     let client = original_source(
@@ -215,11 +206,7 @@ async fn connect(
     let app = match deliver(delivery, client, target).await {
         Ok(app) => app,
         Err(e) => {
-            record.refused(
-                &ctx.metrics,
-                "UF",
-                &format!("application unreachable: {e:#}"),
-            );
+            record.refused(&ctx.metrics, &e);
             return status(StatusCode::SERVICE_UNAVAILABLE);
         }
     };
@@ -233,16 +220,15 @@ async fn connect(
             Ok(upgraded) => {
                 let mut tunnel = TokioIo::new(upgraded);
                 tokio::select! {
-                    result = relay(&mut tunnel, &mut app) => match result {
-                        Ok((received, sent)) => record.closed(&metrics, received, sent, None),
-                        Err(e) => record.closed(&metrics, 0, 0, Some(&e.to_string())),
-                    },
+                    result = relay(&mut tunnel, &mut app) => {
+                        record.closed(&metrics, result.map_err(Error::Relay));
+                    }
                     _ = registration.cancelled.cancelled() => {
-                        record.closed(&metrics, 0, 0, Some("closed: a policy change denies it"));
+                        record.closed(&metrics, Err(Error::DeniedByPolicyChange));
                     }
                 }
             }
-            Err(e) => record.closed(&metrics, 0, 0, Some(&format!("upgrade: {e}"))),
+            Err(e) => record.closed(&metrics, Err(Error::Upgrade(e))),
         }
         drop(registration);
     });
@@ -295,11 +281,11 @@ async fn deliver(
     delivery: &Delivery,
     client: Option<IpAddr>,
     target: SocketAddr,
-) -> Result<TcpStream> {
+) -> Result<TcpStream, Error> {
     delivery
         .connect(client, target, APP_CONNECT_TIMEOUT)
         .await
-        .with_context(|| format!("connecting to {target}"))
+        .map_err(|error| Error::ApplicationUnreachable { target, error })
 }
 
 /// Inbound connections reach the tunnel's listeners only through `sk_lookup`, for
@@ -354,10 +340,13 @@ pub async fn serve_plaintext(
             };
             if let Err(why) = arrived_for_the_pod(&stream, &pod) {
                 tracing::warn!(pod = %pod.name, %peer, "plaintext refused: {why}");
-                return record.refused(&ctx.metrics, "DENY", &why);
+                return record.refused(&ctx.metrics, &Error::SelfCall(why));
             }
             if delivery.is_own_delivery(peer, target) {
-                return record.refused(&ctx.metrics, "DENY", "the tunnel's own delivery came back");
+                return record.refused(
+                    &ctx.metrics,
+                    &Error::SelfCall("the tunnel's own delivery came back".into()),
+                );
             }
             let conn = Connection {
                 source_identity: None,
@@ -365,28 +354,21 @@ pub async fn serve_plaintext(
                 destination_ip: target.ip(),
                 destination_port: target.port(),
             };
-            if let Err(reason) = ctx.authorize(&state, &pod, &conn, true) {
-                return record.refused(&ctx.metrics, "DENY", &reason);
+            if let Err(denied) = ctx.authorize(&state, &pod, &conn, true) {
+                return record.refused(&ctx.metrics, &denied);
             }
             let mut app = match deliver(&delivery, Some(peer.ip()), target).await {
                 Ok(app) => app,
-                Err(e) => {
-                    return record.refused(
-                        &ctx.metrics,
-                        "UF",
-                        &format!("application unreachable: {e:#}"),
-                    )
-                }
+                Err(e) => return record.refused(&ctx.metrics, &e),
             };
             record.opened(&ctx.metrics);
             let registration = ctx.active.register(conn, pod.clone(), true);
             tokio::select! {
-                result = relay(&mut stream, &mut app) => match result {
-                    Ok((received, sent)) => record.closed(&ctx.metrics, received, sent, None),
-                    Err(e) => record.closed(&ctx.metrics, 0, 0, Some(&e.to_string())),
-                },
+                result = relay(&mut stream, &mut app) => {
+                    record.closed(&ctx.metrics, result.map_err(Error::Relay));
+                }
                 _ = registration.cancelled.cancelled() => {
-                    record.closed(&ctx.metrics, 0, 0, Some("closed: a policy change denies it"));
+                    record.closed(&ctx.metrics, Err(Error::DeniedByPolicyChange));
                 }
             }
         });

@@ -2,9 +2,11 @@
 //! HBONE (15008), inbound plaintext (15006) and DNS (15053, served by `crate::dns`).
 
 pub mod active;
+mod error;
 pub mod inbound;
 pub mod outbound;
 // The HBONE client pool and the relay are shared with the waypoint.
+pub use error::Error;
 pub use ztunnel_hbone::{pool, relay};
 
 use std::{
@@ -24,6 +26,7 @@ use crate::{
     orig_src::Delivery,
     policy::{authz::describe_source, Connection, Mode},
     redirect::{PodListeners, Redirector},
+    response_flags::ResponseFlags,
     state::{State, Workload},
 };
 
@@ -67,7 +70,7 @@ impl Context {
         destination: &Workload,
         conn: &Connection,
         plaintext: bool,
-    ) -> Result<(), String> {
+    ) -> Result<(), Error> {
         if plaintext {
             let (mode, policy) = state
                 .policies
@@ -81,7 +84,9 @@ impl Context {
                     conn,
                     &format!("plaintext refused: PeerAuthentication {policy} is STRICT"),
                 );
-                return Err(format!("PeerAuthentication {policy} is STRICT"));
+                return Err(Error::Denied(format!(
+                    "PeerAuthentication {policy} is STRICT"
+                )));
             }
         }
         let decision = state.policies.authorize(destination, conn);
@@ -118,7 +123,7 @@ impl Context {
             conn,
             &decision.reason,
         );
-        Err(decision.reason)
+        Err(Error::Denied(decision.reason))
     }
 
     fn deny(
@@ -215,7 +220,7 @@ pub struct Record {
 }
 
 impl Record {
-    fn labels(&self, response_flags: &str) -> TcpLabels {
+    fn labels(&self, response_flags: ResponseFlags) -> TcpLabels {
         let name = |w: &Option<Arc<Workload>>| {
             w.as_ref()
                 .map_or(UNKNOWN.into(), |w| w.workload_name().to_owned())
@@ -243,7 +248,7 @@ impl Record {
                 .clone()
                 .unwrap_or_else(|| UNKNOWN.into()),
             request_protocol: "tcp".into(),
-            response_flags: response_flags.into(),
+            response_flags,
             connection_security_policy: if self.mtls {
                 "mutual_tls".into()
             } else {
@@ -265,27 +270,38 @@ impl Record {
 
     /// Counts the connection as opened.
     pub fn opened(&self, metrics: &TcpMetrics) {
-        metrics.opened.get_or_create(&self.labels("-")).inc();
+        metrics
+            .opened
+            .get_or_create(&self.labels(ResponseFlags::NONE))
+            .inc();
     }
 
-    /// Counts the end of a connection and writes its access-log line.
-    pub fn closed(&self, metrics: &TcpMetrics, received: u64, sent: u64, error: Option<&str>) {
-        let labels = self.labels("-");
+    /// Counts the end of an opened connection, with the flag of how it failed if it
+    /// did, and writes its access-log line.
+    pub fn closed(&self, metrics: &TcpMetrics, outcome: Result<(u64, u64), Error>) {
+        let ((received, sent), error) = match outcome {
+            Ok(bytes) => (bytes, None),
+            Err(e) => ((0, 0), Some(e)),
+        };
+        let flags = ResponseFlags::from(error.as_ref().map(Error::flag));
+        let labels = self.labels(flags);
         metrics.closed.get_or_create(&labels).inc();
         metrics.received.get_or_create(&labels).inc_by(received);
         metrics.sent.get_or_create(&labels).inc_by(sent);
-        self.log(received, sent, error);
+        self.log(received, sent, flags, error.as_ref());
     }
 
-    /// A connection refused before it was opened: counted and logged with why.
-    pub fn refused(&self, metrics: &TcpMetrics, flags: &str, reason: &str) {
+    /// A connection refused before it was opened: counted with the error's flag
+    /// and logged with why.
+    pub fn refused(&self, metrics: &TcpMetrics, error: &Error) {
+        let flags = ResponseFlags::from(error.flag());
         let labels = self.labels(flags);
         metrics.opened.get_or_create(&labels).inc();
         metrics.closed.get_or_create(&labels).inc();
-        self.log(0, 0, Some(reason));
+        self.log(0, 0, flags, Some(error));
     }
 
-    fn log(&self, received: u64, sent: u64, error: Option<&str>) {
+    fn log(&self, received: u64, sent: u64, flags: ResponseFlags, error: Option<&Error>) {
         let identity = |w: &Option<Arc<Workload>>| {
             w.as_ref()
                 .map(|w| w.identity.to_string())
@@ -310,7 +326,8 @@ impl Record {
             bytes_received = received,
             bytes_sent = sent,
             duration_ms = self.started.elapsed().as_millis() as u64,
-            error = error.unwrap_or(""),
+            response_flags = %flags,
+            error = error.map(ToString::to_string).unwrap_or_default().as_str(),
             "connection"
         );
     }

@@ -7,13 +7,12 @@ use std::{
     time::Instant,
 };
 
-use anyhow::{Context as _, Result};
 use http::{HeaderMap, HeaderValue};
 use hyper_util::rt::TokioIo;
 
 use super::{
     pool::{Origin, PodOrigin},
-    relay, Context, Record,
+    relay, Context, Error, Record,
 };
 use crate::{
     accept::{Acceptor, Conn},
@@ -85,24 +84,20 @@ async fn handle(
     // Only the pod itself can have made this connection: from loopback or from its
     // own address. Any other source address is spoofed.
     let SocketAddr::V4(peer_v4) = peer else {
-        return record.refused(&ctx.metrics, "DENY", "non-IPv4 source");
+        return record.refused(&ctx.metrics, &Error::NotIpv4);
     };
     if !peer_v4.ip().is_loopback() && *peer_v4.ip() != source.ip {
         tracing::warn!(pod = %source.name, %peer, "refused: source address is not the pod's");
-        return record.refused(&ctx.metrics, "DENY", "spoofed source address");
+        return record.refused(&ctx.metrics, &Error::SpoofedSource);
     }
     let original = ctx.orig_dst.take(netns_cookie, peer_v4);
     let Some(original) = original else {
-        return record.refused(
-            &ctx.metrics,
-            "NR",
-            "no original destination for the connection",
-        );
+        return record.refused(&ctx.metrics, &Error::NoOriginalDestination);
     };
     record.destination_addr = original.into();
     if let Some(why) = self_call(original) {
         tracing::warn!(pod = %source.name, %original, "refused: {why}");
-        return record.refused(&ctx.metrics, "DENY", why);
+        return record.refused(&ctx.metrics, &Error::SelfCall(why.into()));
     }
     let state = ctx.snapshot();
     // The source must still be this pod, at this address.
@@ -111,11 +106,7 @@ async fn handle(
         .map(|w| w.identity != source.identity)
         .unwrap_or(true)
     {
-        return record.refused(
-            &ctx.metrics,
-            "DENY",
-            "the source pod is no longer in the mesh state",
-        );
+        return record.refused(&ctx.metrics, &Error::SourceGone);
     }
     // Captured DNS over TCP is the DNS proxy's.
     if original.port() == 53 && ctx.dns.captures(&source, &state) {
@@ -123,7 +114,7 @@ async fn handle(
     }
     let route = match route(&state, original, &ctx.balancer) {
         Ok(route) => route,
-        Err(e) => return record.refused(&ctx.metrics, "NR", &format!("{e:#}")),
+        Err(e) => return record.refused(&ctx.metrics, &e),
     };
     let result = match route {
         Route::Hbone {
@@ -174,17 +165,14 @@ async fn handle(
             .await
         }
     };
-    match result {
-        Ok((received, sent)) => record.closed(&ctx.metrics, received, sent, None),
-        Err(e) => record.closed(&ctx.metrics, 0, 0, Some(&format!("{e:#}"))),
-    }
+    record.closed(&ctx.metrics, result);
 }
 
 fn route(
     state: &crate::state::State,
     original: SocketAddrV4,
     balancer: &ztunnel_core::balance::Balancer,
-) -> Result<Route> {
+) -> Result<Route, Error> {
     let (ip, port) = (*original.ip(), original.port());
     if let Some(service) = state.service_by_vip(ip) {
         let name = format!("{}.{}.svc", service.name, service.namespace);
@@ -192,12 +180,11 @@ fn route(
             .ports
             .iter()
             .find(|p| p.port == port)
-            .with_context(|| format!("service {name} has no port {port}"))?
+            .ok_or_else(|| Error::NoRoute(format!("service {name} has no port {port}")))?
             .target_port;
-        anyhow::ensure!(
-            !service.endpoints.is_empty(),
-            "service {name} has no endpoints"
-        );
+        if service.endpoints.is_empty() {
+            return Err(Error::NoRoute(format!("service {name} has no endpoints")));
+        }
         if let Some(key) = &service.waypoint {
             if let Some(waypoint) = waypoint_pod(state, key, true)? {
                 return Ok(Route::Waypoint {
@@ -258,13 +245,12 @@ fn waypoint_pod(
     state: &crate::state::State,
     key: &(String, String),
     service: bool,
-) -> Result<Option<Arc<Workload>>> {
+) -> Result<Option<Arc<Workload>>, Error> {
     let Some(waypoint) = state.waypoint(key) else {
-        anyhow::bail!(
+        return Err(Error::NoRoute(format!(
             "waypoint {}/{} is not declared (no Gateway of class istio-waypoint)",
-            key.0,
-            key.1
-        );
+            key.0, key.1
+        )));
     };
     let serves = if service {
         waypoint.serves_services()
@@ -274,12 +260,12 @@ fn waypoint_pod(
     if !serves {
         return Ok(None);
     }
-    anyhow::ensure!(
-        !waypoint.pods.is_empty(),
-        "waypoint {}/{} has no pods",
-        key.0,
-        key.1
-    );
+    if waypoint.pods.is_empty() {
+        return Err(Error::NoRoute(format!(
+            "waypoint {}/{} has no pods",
+            key.0, key.1
+        )));
+    }
     Ok(Some(
         waypoint.pods[fastrand::usize(..waypoint.pods.len())].clone(),
     ))
@@ -292,7 +278,7 @@ async fn hbone(
     destination: &Arc<Workload>,
     port: u16,
     stream: &mut Conn,
-) -> Result<(u64, u64)> {
+) -> Result<(u64, u64), Error> {
     let authority = SocketAddr::new(IpAddr::V4(destination.ip), port);
     hbone_to(ctx, origin, source, destination, authority, stream).await
 }
@@ -316,7 +302,7 @@ async fn hbone_to(
     peer: &Arc<Workload>,
     authority: SocketAddr,
     stream: &mut Conn,
-) -> Result<(u64, u64)> {
+) -> Result<(u64, u64), Error> {
     let address = SocketAddr::new(IpAddr::V4(peer.ip), crate::redirect::HBONE_PORT);
     // The client as Istio names it: the pod's address and the client's port.
     let client = SocketAddr::new(
@@ -328,7 +314,8 @@ async fn hbone_to(
     // step. Unboxed, every idle connection's task kept room for a handshake.
     let (upgraded, _guard) = Box::pin(async {
         let cert = ctx.certs.fetch(&source.identity).await?;
-        ctx.pool
+        let connected = ctx
+            .pool
             .connect_from(
                 &hbone_origin(origin, source, peer),
                 &cert,
@@ -337,7 +324,8 @@ async fn hbone_to(
                 authority,
                 headers(source, client),
             )
-            .await
+            .await?;
+        Ok::<_, Error>(connected)
     })
     .await?;
     let mut tunnel = TokioIo::new(upgraded);
@@ -351,11 +339,14 @@ async fn passthrough(
     address: SocketAddrV4,
     timeout: std::time::Duration,
     stream: &mut Conn,
-) -> Result<(u64, u64)> {
+) -> Result<(u64, u64), Error> {
     let mut upstream = sockets
         .connect(address.into(), timeout)
         .await
-        .with_context(|| format!("connecting to {address} from the pod"))?;
+        .map_err(|error| Error::Passthrough {
+            address: address.into(),
+            error,
+        })?;
     Ok(relay(stream, &mut upstream).await?)
 }
 

@@ -37,7 +37,7 @@ use crate::{
     certs::{CertManager, CertManagerConfig, WorkloadCert},
     config, extauthz, forwarded,
     identity::Identity,
-    jwt::{self, Jwks},
+    jwt::{self, Jwks, TokenError},
     path_normalization,
     policy::{
         authn::{self, find_token, JwksSource, JwtRule, Location, RequestAuthentication},
@@ -49,6 +49,7 @@ use crate::{
 use ztunnel_core::{
     balance::Balancer,
     drain::{self, Drain},
+    response_flags::{ResponseFlag as Flag, ResponseFlags},
 };
 use ztunnel_hbone::{pool::Pool, relay};
 
@@ -876,7 +877,9 @@ impl Waypoint {
                 Ok(upstream_headers) => req.headers_mut().extend(upstream_headers),
                 Err(response) => {
                     tracing::warn!(src = %client, dst = %target.asked, path = %attributes.path, %policy, %provider, "request denied by CUSTOM policy");
-                    return Handled::local(response);
+                    let mut handled = Handled::local(response);
+                    handled.flags = Flag::UnauthorizedExternalService.into();
+                    return handled;
                 }
             }
         }
@@ -1041,7 +1044,7 @@ impl Waypoint {
             request_protocol: if grpc { "grpc" } else { "http" }.into(),
             response_code: handled.response.status().as_u16().to_string(),
             grpc_response_status: String::new(),
-            response_flags: handled.flags.into(),
+            response_flags: handled.flags.to_string(),
             connection_security_policy: "mutual_tls".into(),
         }
     }
@@ -1053,7 +1056,7 @@ impl Waypoint {
         &self,
         authentications: &[Arc<RequestAuthentication>],
         req: &mut Request<Incoming>,
-    ) -> Result<Option<RequestAuth>, String> {
+    ) -> Result<Option<RequestAuth>, TokenError> {
         // Most requests have no RequestAuthentication: no header copy for them.
         if authentications.is_empty() {
             return Ok(None);
@@ -1068,7 +1071,7 @@ impl Waypoint {
             })
             .collect();
         if let Some((_, reason)) = authn::refused_by(authentications, &headers, req.uri().query()) {
-            return Err(reason);
+            return Err(TokenError::RefusedByPolicy(reason));
         }
         let rules: Vec<&JwtRule> = authentications.iter().flat_map(|a| &a.rules).collect();
         if rules.is_empty() {
@@ -1077,14 +1080,10 @@ impl Waypoint {
         let Some((token, location)) = find_token(&rules, &headers, req.uri().query()) else {
             return Ok(None);
         };
-        let issuer = jwt::issuer(&token)?;
-        let rule = rules
-            .iter()
-            .find(|r| r.issuer == issuer)
-            .ok_or_else(|| format!("issuer {issuer:?} is not accepted"))?;
+        let rule = authn::rule_for(&rules, &token)?;
         let jwks = match &rule.jwks {
             JwksSource::Inline(jwks) => Arc::new(jwks.clone()),
-            JwksSource::Uri(uri) => self.fetch_jwks(uri).await?,
+            JwksSource::Uri(uri) => self.fetch_jwks(uri).await.map_err(TokenError::NoKeys)?,
         };
         let auth = jwt::verify(&token, &jwks, &rule.issuer, &rule.audiences)?;
         let headers = req.headers_mut();
@@ -1190,7 +1189,7 @@ impl Waypoint {
             tracing::warn!(dst = %target.asked, "no endpoint to forward to (UH)");
             let mut handled =
                 Handled::local(text(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream"));
-            handled.flags = "UH";
+            handled.flags = Flag::NoHealthyUpstream.into();
             return handled;
         }
         // A small body is read whole first: a refused stream can then be retried.
@@ -1201,11 +1200,11 @@ impl Waypoint {
                 tracing::warn!(dst = %target.asked, "request ended: its body failed: {e}");
                 let mut handled =
                     Handled::local(text(StatusCode::BAD_REQUEST, "Bad Request: body\n"));
-                handled.flags = "DC";
+                handled.flags = Flag::DownstreamConnectionTermination.into();
                 return handled;
             }
         };
-        let mut flags = "UC";
+        let mut flags = ResponseFlags::from(Flag::UpstreamConnectionTermination);
         for (attempt, endpoint) in endpoints.into_iter().enumerate() {
             let key = upstream::Key {
                 endpoint: SocketAddr::new(IpAddr::V4(endpoint.ip), target.port),
@@ -1238,7 +1237,7 @@ impl Waypoint {
                     return Handled {
                         response,
                         endpoint: Some(endpoint.clone()),
-                        flags: "-",
+                        flags: ResponseFlags::NONE,
                     };
                 }
                 // A client that stalls mid-upload fails the request body: the
@@ -1246,9 +1245,10 @@ impl Waypoint {
                 Err(_) if activity.expired() => return timed_out(),
                 Err(e) => {
                     flags = match (e.connect_failure, attempt > 0) {
-                        (true, false) => "UF",
-                        (true, true) => "UF,URX",
-                        (false, _) => "UC",
+                        (true, false) => Flag::UpstreamConnectionFailure.into(),
+                        (true, true) => ResponseFlags::from(Flag::UpstreamConnectionFailure)
+                            .with(Flag::UpstreamRetryLimitExceeded),
+                        (false, _) => Flag::UpstreamConnectionTermination.into(),
                     };
                     tracing::warn!(dst = %target.asked, endpoint = %endpoint.name, protocol = protocol.as_str(), "waypoint: upstream failed ({flags}): {:#}", e.error);
                     // Refused unprocessed: sent again from the copy, if kept.
@@ -1260,7 +1260,7 @@ impl Waypoint {
                 }
             }
         }
-        let reason = if flags.starts_with("UF") {
+        let reason = if flags.contains(Flag::UpstreamConnectionFailure) {
             "connection failure"
         } else {
             "connection termination"
@@ -1290,7 +1290,7 @@ impl Waypoint {
         let endpoint = endpoint.map_or("none", |e| e.name.as_str());
         tracing::warn!(dst = %target.asked, %endpoint, "request ended (408): its stream was idle for the stream idle timeout ({:?})", self.limits.stream_idle_timeout);
         let mut handled = Handled::local(text(StatusCode::REQUEST_TIMEOUT, "stream timeout"));
-        handled.flags = "SI";
+        handled.flags = Flag::StreamIdleTimeout.into();
         handled
     }
 }
@@ -1300,7 +1300,7 @@ struct Handled {
     response: Response<upstream::Body>,
     /// The endpoint that answered; None: the waypoint answered itself.
     endpoint: Option<Arc<Workload>>,
-    flags: &'static str,
+    flags: ResponseFlags,
 }
 
 impl Handled {
@@ -1308,7 +1308,7 @@ impl Handled {
         Self {
             response,
             endpoint: None,
-            flags: "-",
+            flags: ResponseFlags::NONE,
         }
     }
 }
@@ -1558,7 +1558,7 @@ async fn fetch(client: &crate::http_client::Client, uri: &str) -> Result<Jwks, S
     if !parts.status.is_success() {
         return Err(format!("HTTP {}", parts.status));
     }
-    Jwks::parse(&String::from_utf8_lossy(&body))
+    Jwks::parse(&String::from_utf8_lossy(&body)).map_err(|e| e.to_string())
 }
 
 fn text(code: StatusCode, body: &'static str) -> Response<upstream::Body> {

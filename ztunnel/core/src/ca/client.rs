@@ -42,17 +42,34 @@ impl CaClientConfig {
         server_name: &str,
         roots_file: &std::path::Path,
         token_file: &std::path::Path,
-    ) -> anyhow::Result<Self> {
-        use anyhow::Context;
+    ) -> Result<Self, CaConfigError> {
         Ok(Self {
             address: address.to_owned(),
             server_name: server_name.to_owned(),
-            roots_pem: std::fs::read_to_string(roots_file)
-                .with_context(|| format!("reading {}", roots_file.display()))?,
+            roots_pem: std::fs::read_to_string(roots_file).map_err(|error| {
+                CaConfigError::Read {
+                    path: roots_file.to_owned(),
+                    error,
+                }
+            })?,
             roots_file: Some(roots_file.to_owned()),
             token_file: token_file.to_owned(),
         })
     }
+}
+
+/// Why a CA client could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum CaConfigError {
+    #[error("reading {}: {error}", path.display())]
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("the CA's roots: {0}")]
+    Roots(crate::tls::TlsError),
+    #[error("the CA's roots: {0}")]
+    Tls(rustls::Error),
 }
 
 /// Why a call failed: the CA said no, it could not be reached, or it answered
@@ -103,13 +120,14 @@ pub struct CaClient {
 }
 
 /// A TLS connector trusting exactly these roots.
-fn connector(roots_pem: &str) -> anyhow::Result<TlsConnector> {
+fn connector(roots_pem: &str) -> Result<TlsConnector, CaConfigError> {
     let mut roots = rustls::RootCertStore::empty();
-    for root in crate::tls::parse_certs(roots_pem)? {
-        roots.add(root)?;
+    for root in crate::tls::parse_certs(roots_pem).map_err(CaConfigError::Roots)? {
+        roots.add(root).map_err(CaConfigError::Tls)?;
     }
     let mut tls = rustls::ClientConfig::builder_with_provider(crate::tls::crypto_provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(CaConfigError::Tls)?
         .with_root_certificates(roots)
         .with_no_client_auth();
     tls.alpn_protocols = vec![crate::tls::ALPN_H2.to_vec()];
@@ -117,7 +135,7 @@ fn connector(roots_pem: &str) -> anyhow::Result<TlsConnector> {
 }
 
 impl CaClient {
-    pub fn new(config: CaClientConfig) -> anyhow::Result<Self> {
+    pub fn new(config: CaClientConfig) -> Result<Self, CaConfigError> {
         let tls = connector(&config.roots_pem)?;
         Ok(Self {
             tls: std::sync::Mutex::new((config.roots_pem.clone(), tls)),

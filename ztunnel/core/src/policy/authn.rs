@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 
 use super::FieldError;
-use crate::jwt::Jwks;
+use crate::jwt::{Jwks, TokenError};
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -249,6 +249,16 @@ pub fn refused_by(
     authentications
         .iter()
         .find_map(|a| a.refuses(headers, query).map(|why| (a.name.clone(), why)))
+}
+
+/// The rule for a token's issuer, among those that apply.
+pub fn rule_for<'a>(rules: &[&'a JwtRule], token: &str) -> Result<&'a JwtRule, TokenError> {
+    let issuer = crate::jwt::issuer(token)?;
+    rules
+        .iter()
+        .find(|r| r.issuer == issuer)
+        .copied()
+        .ok_or(TokenError::IssuerNotAccepted(issuer))
 }
 
 /// One `jwtRules` entry, or why it is refused: (the field's path under the rule,

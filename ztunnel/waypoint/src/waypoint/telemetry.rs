@@ -34,8 +34,10 @@ pub struct RequestLabels {
     pub response_code: String,
     /// The `grpc-status` of a gRPC response (headers or trailers); else empty.
     pub grpc_response_status: String,
-    /// Envoy's flags for a response the waypoint made itself: `UH` no endpoint,
-    /// `UF` connect failure, `URX` retries exhausted, `UC` the upstream reset.
+    /// Envoy's flags for a response the waypoint made itself
+    /// (`ztunnel_core::response_flags::ResponseFlags`, displayed): `UH` no endpoint,
+    /// `UF` connect failure, `URX` retries exhausted, `UC` the upstream reset,
+    /// `UAEX` denied by an external authorizer.
     pub response_flags: String,
     pub connection_security_policy: String,
 }

@@ -28,6 +28,7 @@ pub mod metrics;
 pub mod netns;
 pub mod path_normalization;
 pub mod policy;
+pub mod sockinfo;
 pub mod state;
 pub mod telemetry;
 pub mod tls;

@@ -48,6 +48,8 @@ pub struct Context {
     pub limiter: Arc<crate::accept::Limiter>,
     /// Delivery to applications from their clients' addresses.
     pub orig_src: Arc<crate::orig_src::OrigSrc>,
+    /// Same-node connections joined in the kernel (or relayed without HBONE).
+    pub splice: Arc<crate::splice::Splicer>,
 }
 
 impl Context {
@@ -193,8 +195,9 @@ pub fn serve_pod(
         ctx.clone(),
         workload.clone(),
         plaintext,
-        delivery,
+        delivery.clone(),
     ));
+    tasks.spawn(ctx.splice.serve_local(workload.clone(), delivery.clone()));
     tasks.spawn(crate::dns::serve_udp(ctx.dns.clone(), workload, dns));
     Ok(tasks)
 }

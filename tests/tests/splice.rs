@@ -92,13 +92,24 @@ async fn a_same_node_connection_is_spliced_and_carries_every_byte_both_ways() {
     );
 
     // 8 MB each way, the reply only after the client's half-close.
-    let out = probe(&mesh, &["bulk", &target, "8000000"]);
-    assert!(out.contains("ok sent=8000000 received=8000000"), "{out}");
-    assert_eq!(same_node(&mesh, "spliced").await, 2.0);
-    eventually(Duration::from_secs(15), "the bulk byte counts", || async {
-        bytes(&mesh, "source").await == (8_000_004.0, 8_000_030.0)
-    })
-    .await;
+    for round in 1..=3u32 {
+        let out = probe(&mesh, &["bulk", &target, "8000000"]);
+        assert!(
+            out.contains("ok sent=8000000 received=8000000"),
+            "{out}\n{}",
+            mesh.log("node-a")
+        );
+        let n = f64::from(round);
+        // Spliced, unless the client sent everything and half-closed before
+        // the tunnel decided (a loaded machine, large buffers): then relayed.
+        let joined = same_node(&mesh, "spliced").await;
+        assert_eq!(joined + same_node(&mesh, "not_established").await, 1.0 + n);
+        assert!(joined >= 1.0);
+        eventually(Duration::from_secs(15), "the bulk byte counts", || async {
+            bytes(&mesh, "source").await == (4.0 + n * 8_000_000.0, 17.0 + n * 8_000_013.0)
+        })
+        .await;
+    }
 
     // In the kernel: no byte through the tunnel's user space.
     let carried = metric(

@@ -75,6 +75,8 @@ pub enum SpliceError {
     Disabled,
     #[error("the splice program is not loaded: {0}")]
     NotLoaded(Arc<str>),
+    #[error("a socket is no longer established (a peer already sent FIN)")]
+    NotEstablished,
     #[error("reading a socket cookie: {0}")]
     Cookie(io::Error),
     #[error("the kernel refused the splice: {}", detail(.0))]
@@ -95,6 +97,7 @@ impl SpliceError {
             Self::Disabled => "disabled",
             Self::NotLoaded(_) => "not_loaded",
             Self::Cookie(_) => "cookie",
+            Self::NotEstablished => "not_established",
             // Only established sockets go into a sockhash: one whose peer
             // already sent FIN (a short exchange) cannot be spliced.
             Self::Map(aya::maps::MapError::SyscallError(e))
@@ -240,6 +243,15 @@ impl Splicer {
             .kernel
             .as_ref()
             .map_err(|e| SpliceError::NotLoaded(e.clone()))?;
+        // Only established sockets go into a sockhash: a client that sent all
+        // and half-closed before the decision is relayed (checked first, so
+        // that no socket goes in and out of the map).
+        const TCP_ESTABLISHED: u8 = 1;
+        for s in [a, b] {
+            if sockinfo::tcp_counters(s).map_or(true, |c| c.state != TCP_ESTABLISHED) {
+                return Err(SpliceError::NotEstablished);
+            }
+        }
         let (ca, cb) = (
             sockinfo::cookie(a).map_err(SpliceError::Cookie)?,
             sockinfo::cookie(b).map_err(SpliceError::Cookie)?,

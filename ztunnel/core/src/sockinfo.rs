@@ -52,6 +52,8 @@ pub fn set_rcvlowat(socket: &impl AsRawFd, bytes: libc::c_int) -> io::Result<()>
 /// A TCP socket's byte counters, raw as the kernel keeps them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TcpCounters {
+    /// `tcpi_state`: `TCP_ESTABLISHED` is 1.
+    pub state: u8,
     /// `tcpi_bytes_received`: sequence space received, a FIN included.
     pub bytes_received: u64,
     /// `tcpi_bytes_acked`: sequence space acknowledged by the peer, an active
@@ -87,6 +89,7 @@ pub fn tcp_counters(socket: &impl AsRawFd) -> io::Result<TcpCounters> {
         return Err(io::Error::last_os_error());
     }
     Ok(TcpCounters {
+        state: info.tcpi_state,
         bytes_received: info.tcpi_bytes_received,
         bytes_acked: info.tcpi_bytes_acked,
         outq: outq.max(0) as u64,

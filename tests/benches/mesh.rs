@@ -56,6 +56,14 @@ struct Path {
     proxies: Vec<u32>,
 }
 
+/// tb-probe run in `pod`; its output.
+fn probe_in(mesh: &Mesh, pod: &str, args: &[&str]) -> Result<String> {
+    let out = mesh.cluster.pod(pod).run(PROBE, args)?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    anyhow::ensure!(out.status.success(), "tb-probe {args:?} in {pod}: {stdout}");
+    Ok(stdout)
+}
+
 /// A figure per path (by name).
 type Figures = BTreeMap<&'static str, f64>;
 
@@ -66,10 +74,7 @@ struct Bench {
 
 impl Bench {
     fn probe(&self, pod: &str, args: &[&str]) -> Result<String> {
-        let out = self.mesh.cluster.pod(pod).run(PROBE, args)?;
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        anyhow::ensure!(out.status.success(), "tb-probe {args:?} in {pod}: {stdout}");
-        Ok(stdout)
+        probe_in(&self.mesh, pod, args)
     }
 
     fn target(&self, pod: &str, port: u16) -> String {
@@ -205,6 +210,21 @@ async fn main() -> Result<()> {
             None => "no peer (--peer compares with Istio's ztunnel)".into(),
         }
     );
+    // ZTB_BENCH=same-node runs only the same-node section (below).
+    if std::env::var("ZTB_BENCH").is_ok_and(|b| b == "same-node") {
+        return same_node().await;
+    }
+    across_nodes(istio).await?;
+    // ZTB_BENCH=throughput is a tuning run of the cross-node throughput only.
+    if std::env::var("ZTB_BENCH").is_ok_and(|b| b == "throughput") {
+        return Ok(());
+    }
+    same_node().await
+}
+
+/// Two nodes: our tunnels, Istio's (with --peer) and direct, rounds interleaved.
+/// Everything it starts is gone when it returns.
+async fn across_nodes(istio: Option<std::path::PathBuf>) -> Result<()> {
     let cluster = Cluster::new(
         &ClusterSpec::new()
             .node("node-a", ["client", "legacy-client", "istio-client"])
@@ -455,5 +475,91 @@ async fn main() -> Result<()> {
     report("rr-pinned-p99", " µs", &p99, "all on CPU 0");
     report("rr-pinned-p99-added", " µs", &added(&p99), "minus direct");
     drop(peers);
+    Ok(())
+}
+
+/// Same-node section: pods on one node, through the tunnel with
+/// `--same-node-splice=kernel` (joined in the kernel), with `off` (HBONE on the
+/// same tunnel), and direct (outside the mesh). Throughput and 1-byte round trips
+/// (everything on CPU 0), as ratios to direct. Goals (issue 18): spliced
+/// throughput >= 0.8x direct, round trip <= 1.3x direct.
+async fn same_node() -> Result<()> {
+    let cluster = Cluster::new(&ClusterSpec::new().node(
+        "node-a",
+        ["client", "server", "legacy-client", "legacy-server"],
+    ))?;
+    let workloads = [
+        WorkloadSpec::new("client", "bench", "client"),
+        WorkloadSpec::new("server", "bench", "server"),
+        WorkloadSpec::new("legacy-client", "legacy", "default"),
+        WorkloadSpec::new("legacy-server", "legacy", "default"),
+    ];
+    let mut mesh = Mesh::start(cluster, &workloads, &["bench"]).await?;
+    let target = |mesh: &Mesh, pod: &str, port: u16| format!("{}:{port}", mesh.cluster.pod(pod).ip);
+    let _servers: Vec<_> = ["server", "legacy-server"]
+        .iter()
+        .flat_map(|p| {
+            [
+                BenchServer::start(mesh.cluster.pod(p), 9000, BenchMode::Sink, None),
+                BenchServer::start(mesh.cluster.pod(p), 9002, BenchMode::Echo, Some(0)),
+            ]
+        })
+        .collect::<Result<_>>()?;
+    // (path, client, server, tunnel mode), rounds interleaved per mode.
+    let mut results: Vec<(&str, f64, f64)> = Vec::new();
+    let mut spliced = 0.0;
+    for mode in ["kernel", "off"] {
+        mesh.stop_tunnel("node-a").await?;
+        mesh.tunnel_args.insert(
+            "node-a".into(),
+            vec!["--same-node-splice".into(), mode.into()],
+        );
+        mesh.start_tunnel("node-a").await?;
+        pin_process(mesh.tunnel_pid("node-a").context("node-a")?, 0)?;
+        let paths = [
+            (mode, "client", "server"),
+            ("direct", "legacy-client", "legacy-server"),
+        ];
+        let (mut bps, mut rtt) = (vec![Vec::new(); 2], vec![Vec::new(); 2]);
+        for _ in 0..rounds() {
+            for (i, (_, from, to)) in paths.iter().enumerate() {
+                let out = probe_in(
+                    &mesh,
+                    from,
+                    &["throughput", &target(&mesh, to, 9000), &BYTES.to_string()],
+                )?;
+                bps[i].push(value(&out, "bits_per_second")?);
+                let out = probe_in(&mesh, from, &["rr", &target(&mesh, to, 9002), "20000", "0"])?;
+                rtt[i].push(value(&out, "median_ns")?);
+            }
+        }
+        if mode == "kernel" {
+            // Every mesh connection of the rounds: 2 per round (one throughput, one RR).
+            spliced = testbed::mesh::metric(
+                &mesh.metrics("node-a").await,
+                "ztunnel_same_node_connections_total",
+                &["result=\"spliced\""],
+            );
+        }
+        for (i, (name, _, _)) in paths.iter().enumerate() {
+            results.push((name, median(bps[i].clone()), median(rtt[i].clone())));
+        }
+    }
+    let direct: Vec<_> = results.iter().filter(|r| r.0 == "direct").collect();
+    let (d_bps, d_rtt) = (
+        median(direct.iter().map(|r| r.1).collect()),
+        median(direct.iter().map(|r| r.2).collect()),
+    );
+    for (name, label) in [("kernel", "spliced"), ("off", "hbone   ")] {
+        let (_, b, r) = results.iter().find(|r| r.0 == name).context("a result")?;
+        println!(
+            "same-node/{label} throughput {:.2} Gbit/s vs direct {:.2}: ratio {:.2}; 1-byte round trip {:.1} µs vs direct {:.1}: ratio {:.2} (median of {}; round trips on CPU 0)",
+            b / 1e9, d_bps / 1e9, b / d_bps, r / 1e3, d_rtt / 1e3, r / d_rtt, rounds()
+        );
+    }
+    println!(
+        "same-node/check    {spliced} of {} same-node connections spliced in the kernel",
+        2 * rounds()
+    );
     Ok(())
 }

@@ -8,15 +8,15 @@ use core::ptr::{read_volatile, write_volatile};
 use aya_ebpf::{
     bindings::{bpf_sock_addr, sk_action::SK_DROP, sk_action::SK_PASS},
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
+    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops, stream_verdict},
     maps::{HashMap, LruHashMap, SockHash},
-    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
+    programs::{SkBuffContext, SkLookupContext, SockAddrContext, SockOpsContext},
     EbpfContext,
 };
 use ztunnel_ebpf_common::{
     ConnKey, DeliveryKey, ListenerKey, OrigDst, PodConfig, DNS_PORT, FLAG_ALLOW_PLAINTEXT_UDP,
     FLAG_NO_DNS_CAPTURE, HBONE_PORT, LISTENER_HBONE, LISTENER_PLAINTEXT, LOCALHOST, OUTBOUND_PORT,
-    TUNNEL_MARK,
+    SPLICE_MAX_SOCKETS, TUNNEL_MARK,
 };
 
 const AF_INET: u32 = 2;
@@ -53,6 +53,15 @@ static LISTENERS: SockHash<ListenerKey> = SockHash::pinned(32_768, 0);
 
 #[map(name = "ZT_DELIVERIES")]
 static DELIVERIES: LruHashMap<DeliveryKey, u8> = LruHashMap::pinned(65_536, 0);
+
+// The splice maps are the process's own (not pinned): a spliced connection is held
+// by the running tunnel, and the maps, with the program attached to them, go away
+// with it.
+#[map(name = "ZT_SPLICE_SOCKETS")]
+static SPLICE_SOCKETS: SockHash<u64> = SockHash::with_max_entries(SPLICE_MAX_SOCKETS, 0);
+
+#[map(name = "ZT_SPLICE_PEERS")]
+static SPLICE_PEERS: HashMap<u64, u64> = HashMap::with_max_entries(SPLICE_MAX_SOCKETS, 0);
 
 /// What a sock_addr call is about, read once from the context.
 struct Call {
@@ -435,6 +444,23 @@ fn inbound_v6(ctx: &SkLookupContext) -> u32 {
     } else {
         SK_DROP
     }
+}
+
+/// Same-node splice: bytes arriving on one of a spliced pair of the tunnel's
+/// sockets are sent out on the other, in the kernel. Without a peer, or if the
+/// peer is gone, the bytes stay on this socket for the tunnel to read (it then
+/// carries them, or ends the connection): never dropped here.
+#[stream_verdict]
+pub fn splice_verdict(ctx: SkBuffContext) -> u32 {
+    // SAFETY: helper valid for sk_skb programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: read-only lookup of a plain value, copied out at once.
+    if let Some(mut peer) = unsafe { SPLICE_PEERS.get(&cookie) }.copied() {
+        // On success this marks the skb for the peer's egress; on failure it
+        // leaves it unmarked and SK_PASS keeps it here.
+        let _ = SPLICE_SOCKETS.redirect_skb(&ctx, &mut peer, 0);
+    }
+    SK_PASS
 }
 
 #[cfg(not(test))]

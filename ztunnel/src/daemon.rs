@@ -56,6 +56,8 @@ pub struct RunOptions {
     pub limits: Limits,
     /// The DNS proxy: upstreams, cluster domain, caps, capture on or off.
     pub dns: crate::dns::Settings,
+    /// Connections between two pods of this node: HBONE, or spliced.
+    pub same_node_splice: crate::splice::Mode,
 }
 
 /// Changes the log filter at run time (`/logging?level=`).
@@ -151,6 +153,11 @@ pub async fn run(options: RunOptions, set_log_level: SetLogLevel) -> Result<()> 
     })?;
     let orig_src = Arc::new(OrigSrc::new(redirector.take_deliveries()?, &mut registry));
     let orig_dst = redirector.take_orig_dst()?;
+    let splice = Arc::new(crate::splice::Splicer::new(
+        options.same_node_splice,
+        &mut redirector,
+        &mut registry,
+    ));
     let settings = proxy::pool::PoolSettings::default();
     let accept_metrics = AcceptMetrics::register(&mut registry);
     // One drain for every server and connection of the process.
@@ -176,6 +183,7 @@ pub async fn run(options: RunOptions, set_log_level: SetLogLevel) -> Result<()> 
         ),
         orig_src,
         balancer: Default::default(),
+        splice,
     });
     let enroll_metrics = EnrollMetrics::register(&mut registry);
 

@@ -11,11 +11,13 @@ pub mod dns;
 pub mod orig_src;
 pub mod proxy;
 pub mod redirect;
+pub mod splice;
 
 // What the node tunnel builds on, under the names it had when this was one crate:
 // core's modules, the configuration sources and the HBONE client.
 pub use ztunnel_config::{self as config, k8s};
 pub use ztunnel_core::{
     accept, ca, certs, check, cli, discovery, drain, extauthz, forwarded, http_server, identity,
-    jwt, metrics, netns, path_normalization, policy, response_flags, state, telemetry, tls,
+    jwt, metrics, netns, path_normalization, policy, response_flags, sockinfo, state, telemetry,
+    tls,
 };

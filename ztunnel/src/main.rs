@@ -151,6 +151,12 @@ struct RunArgs {
     /// The cluster's DNS domain: Services are `<svc>.<ns>.svc.<domain>`.
     #[arg(long, default_value = "cluster.local")]
     cluster_domain: String,
+    /// Connections between two pods of this node: `off` takes HBONE as for any
+    /// pod; `kernel` joins the two sockets in the kernel once policy allows the
+    /// connection (eBPF sockmap; relayed in user space if that fails); `user`
+    /// relays them in user space without HBONE.
+    #[arg(long, value_enum, default_value = "off")]
+    same_node_splice: ztunnel::splice::Mode,
 }
 
 #[derive(Args)]
@@ -293,6 +299,7 @@ async fn run(args: RunArgs, set_log_level: ztunnel::daemon::SetLogLevel) -> Resu
                 limits: Default::default(),
                 capture: args.dns_capture,
             },
+            same_node_splice: args.same_node_splice,
         },
         set_log_level,
     )

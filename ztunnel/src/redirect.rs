@@ -324,6 +324,11 @@ impl Redirector {
             .collect()
     }
 
+    /// The loaded object: the same-node splice takes its program and maps from it.
+    pub(crate) fn ebpf(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
     fn pod_pin_dir(&self, netns_cookie: u64) -> PathBuf {
         self.config
             .pin_dir

@@ -43,7 +43,14 @@ pub mod maps {
     /// [`crate::DeliveryKey`] → 0: connections the tunnel is opening to an
     /// application from the client's address, which `sk_lookup` lets through.
     pub const DELIVERIES: &str = "ZT_DELIVERIES";
+    /// socket cookie → a spliced socket of the tunnel (not pinned).
+    pub const SPLICE_SOCKETS: &str = "ZT_SPLICE_SOCKETS";
+    /// socket cookie → the cookie of the socket its bytes go out on (not pinned).
+    pub const SPLICE_PEERS: &str = "ZT_SPLICE_PEERS";
 }
+
+/// How many sockets can be spliced at once (two per connection).
+pub const SPLICE_MAX_SOCKETS: u32 = 65_536;
 
 /// An enrolled pod, keyed by its network namespace cookie.
 #[repr(C)]

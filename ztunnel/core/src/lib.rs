@@ -31,6 +31,7 @@ pub mod netns;
 pub mod path_normalization;
 pub mod policy;
 pub mod response_flags;
+pub mod sockinfo;
 pub mod state;
 pub mod telemetry;
 pub mod tls;

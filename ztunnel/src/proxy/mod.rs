@@ -53,6 +53,8 @@ pub struct Context {
     pub orig_src: Arc<crate::orig_src::OrigSrc>,
     /// Which endpoint of a Service each connection goes to (as the waypoint's).
     pub balancer: ztunnel_core::balance::Balancer,
+    /// Same-node connections joined in the kernel (or relayed without HBONE).
+    pub splice: Arc<crate::splice::Splicer>,
 }
 
 impl Context {
@@ -200,8 +202,9 @@ pub fn serve_pod(
         ctx.clone(),
         workload.clone(),
         plaintext,
-        delivery,
+        delivery.clone(),
     ));
+    tasks.spawn(ctx.splice.serve_local(workload.clone(), delivery.clone()));
     tasks.spawn(crate::dns::serve_udp(ctx.dns.clone(), workload, dns));
     Ok(tasks)
 }
@@ -279,10 +282,15 @@ impl Record {
     /// Counts the end of an opened connection, with the flag of how it failed if it
     /// did, and writes its access-log line.
     pub fn closed(&self, metrics: &TcpMetrics, outcome: Result<(u64, u64), Error>) {
-        let ((received, sent), error) = match outcome {
-            Ok(bytes) => (bytes, None),
-            Err(e) => ((0, 0), Some(e)),
-        };
+        match outcome {
+            Ok((received, sent)) => self.ended(metrics, received, sent, None),
+            Err(e) => self.ended(metrics, 0, 0, Some(e)),
+        }
+    }
+
+    /// As [`Record::closed`], for a connection whose bytes are known even when it
+    /// failed (a spliced one counts them from its sockets).
+    pub fn ended(&self, metrics: &TcpMetrics, received: u64, sent: u64, error: Option<Error>) {
         let flags = ResponseFlags::from(error.as_ref().map(Error::flag));
         let labels = self.labels(flags);
         metrics.closed.get_or_create(&labels).inc();

@@ -122,6 +122,20 @@ async fn handle(
             port,
             service,
         } => {
+            // A pod this tunnel serves: no HBONE, if same-node splice is on.
+            let splice = crate::splice::same_node(
+                &ctx,
+                &state,
+                &source,
+                &workload,
+                port,
+                &service,
+                &mut record,
+                &mut stream,
+            );
+            if splice.await {
+                return;
+            }
             record.destination = Some(workload.clone());
             record.destination_service = service;
             record.mtls = true;

@@ -157,24 +157,8 @@ where
 }
 
 /// The network namespace cookie of the namespace `socket` lives in.
-#[allow(unsafe_code)] // one libc call, see SAFETY
 pub fn cookie(socket: &impl AsRawFd) -> io::Result<u64> {
-    let mut value: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: value/len describe a valid u64 buffer for the kernel to fill.
-    let rc = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&mut value as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(value)
+    crate::sockinfo::socket_option_u64(socket, SO_NETNS_COOKIE)
 }
 
 /// A non-blocking TCP socket created inside the network namespace at `netns` and

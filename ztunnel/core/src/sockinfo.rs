@@ -8,8 +8,13 @@ use std::{io, os::fd::AsRawFd};
 const SO_COOKIE: libc::c_int = 57;
 
 /// The socket's cookie.
-#[allow(unsafe_code)] // one libc call, see SAFETY
 pub fn cookie(socket: &impl AsRawFd) -> io::Result<u64> {
+    socket_option_u64(socket, SO_COOKIE)
+}
+
+/// A `SOL_SOCKET` option whose value is a u64 (a cookie).
+#[allow(unsafe_code)] // one libc call, see SAFETY
+pub(crate) fn socket_option_u64(socket: &impl AsRawFd, option: libc::c_int) -> io::Result<u64> {
     let mut value: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
     // SAFETY: value/len describe a valid u64 buffer for the kernel to fill.
@@ -17,7 +22,7 @@ pub fn cookie(socket: &impl AsRawFd) -> io::Result<u64> {
         libc::getsockopt(
             socket.as_raw_fd(),
             libc::SOL_SOCKET,
-            SO_COOKIE,
+            option,
             (&mut value as *mut u64).cast(),
             &mut len,
         )

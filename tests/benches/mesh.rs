@@ -303,96 +303,18 @@ async fn across_nodes(istio: Option<std::path::PathBuf>) -> Result<()> {
     }
     let idle_rss = bench.rss()?;
 
-    // Throughput, and the proxies' CPU time over the single-stream runs.
-    let bytes = BYTES.to_string();
-    let [single, cpu_per_gb] = bench.rounds(|path| {
-        let cpu = |p: &Path| {
-            p.proxies
-                .iter()
-                .map(|&pid| cpu_seconds(pid))
-                .sum::<Result<f64>>()
-        };
-        let before = cpu(path)?;
-        let out = bench.probe(
-            path.from,
-            &["throughput", &bench.target(path.to, SINK), &bytes],
-        )?;
-        Ok([
-            value(&out, "bits_per_second")? / 1e9,
-            (cpu(path)? - before) / (BYTES as f64 / 1e9),
-        ])
-    })?;
-    report(
-        "throughput",
-        " Gbit/s",
-        &single,
-        "single stream, 1 GiB, median of rounds",
-    );
-    let cpu_per_gb: Figures = cpu_per_gb
-        .into_iter()
-        .filter(|(n, _)| *n != "direct")
-        .collect();
-    report(
-        "cpu-per-gb",
-        " s",
-        &cpu_per_gb,
-        "proxy CPU seconds per GB, both proxies, single stream",
-    );
-    // ZTB_BENCH=throughput stops here (for tuning runs).
-    if std::env::var("ZTB_BENCH").is_ok_and(|b| b == "throughput") {
-        return Ok(());
+    // ZTB_BENCH=memory measures only memory (for tuning runs and heap profiles).
+    let memory_only = std::env::var("ZTB_BENCH").is_ok_and(|b| b == "memory");
+    if !memory_only {
+        throughput(&bench)?;
+        // ZTB_BENCH=throughput stops here (for tuning runs).
+        if std::env::var("ZTB_BENCH").is_ok_and(|b| b == "throughput") {
+            return Ok(());
+        }
+        latency_and_connections(&bench)?;
     }
-    let [multi] = bench.rounds(|path| {
-        let target = bench.target(path.to, SINK);
-        Ok([value(
-            &bench.probe(path.from, &["throughput", &target, &bytes, "8"])?,
-            "bits_per_second",
-        )? / 1e9])
-    })?;
-    report(
-        "throughput-8",
-        " Gbit/s",
-        &multi,
-        "8 streams at once, 1 GiB in all",
-    );
 
-    // Latency, unpinned.
     let bench = &bench;
-    let rr = |port: u16, cpu: &'static str| {
-        bench.rounds(move |path| {
-            let out = bench.probe(
-                path.from,
-                &["rr", &bench.target(path.to, port), "20000", cpu],
-            )?;
-            Ok([
-                value(&out, "median_ns")? / 1e3,
-                value(&out, "p99_ns")? / 1e3,
-            ])
-        })
-    };
-    let [p50, p99] = rr(ECHO, "any")?;
-    report(
-        "rr-p50",
-        " µs",
-        &p50,
-        "1-byte round trip, unpinned, median of rounds x 20,000",
-    );
-    report("rr-p50-added", " µs", &added(&p50), "minus direct");
-    report("rr-p99", " µs", &p99, "unpinned");
-    report("rr-p99-added", " µs", &added(&p99), "minus direct");
-
-    // New connections per second.
-    let [cps] = bench.rounds(|path| {
-        let out = bench.probe(path.from, &["conns", &bench.target(path.to, ECHO), "1000"])?;
-        Ok([value(&out, "per_second")?])
-    })?;
-    report(
-        "connections",
-        "/s",
-        &cps,
-        "connect + 1-byte exchange + close, sequential",
-    );
-
     // Memory: idle, then with 1,000 idle proxied connections on each path in turn.
     let mut held = Figures::new();
     for path in &bench.paths {
@@ -449,6 +371,9 @@ async fn across_nodes(istio: Option<std::path::PathBuf>) -> Result<()> {
         "both proxies' RSS growth / 1,000",
     );
 
+    if memory_only {
+        return Ok(());
+    }
     // Latency with everything on CPU 0.
     for pid in bench.paths.iter().flat_map(|p| &p.proxies) {
         pin_process(*pid, 0)?;
@@ -464,7 +389,7 @@ async fn across_nodes(istio: Option<std::path::PathBuf>) -> Result<()> {
             )
         })
         .collect::<Result<Vec<_>>>()?;
-    let [p50, p99] = rr(PINNED_ECHO, "0")?;
+    let [p50, p99] = rr(bench, PINNED_ECHO, "0")?;
     report(
         "rr-pinned-p50",
         " µs",
@@ -475,6 +400,103 @@ async fn across_nodes(istio: Option<std::path::PathBuf>) -> Result<()> {
     report("rr-pinned-p99", " µs", &p99, "all on CPU 0");
     report("rr-pinned-p99-added", " µs", &added(&p99), "minus direct");
     drop(peers);
+    Ok(())
+}
+
+/// 1-byte round trips to `port` (p50, p99 in µs), the client on `cpu` ("any": unpinned).
+fn rr(bench: &Bench, port: u16, cpu: &str) -> Result<[Figures; 2]> {
+    bench.rounds(move |path| {
+        let out = bench.probe(
+            path.from,
+            &["rr", &bench.target(path.to, port), "20000", cpu],
+        )?;
+        Ok([
+            value(&out, "median_ns")? / 1e3,
+            value(&out, "p99_ns")? / 1e3,
+        ])
+    })
+}
+
+/// Throughput with 1 stream and the proxies' CPU per GB (from /proc).
+fn throughput(bench: &Bench) -> Result<()> {
+    let bytes = BYTES.to_string();
+    let [single, cpu_per_gb] = bench.rounds(|path| {
+        let cpu = |p: &Path| {
+            p.proxies
+                .iter()
+                .map(|&pid| cpu_seconds(pid))
+                .sum::<Result<f64>>()
+        };
+        let before = cpu(path)?;
+        let out = bench.probe(
+            path.from,
+            &["throughput", &bench.target(path.to, SINK), &bytes],
+        )?;
+        Ok([
+            value(&out, "bits_per_second")? / 1e9,
+            (cpu(path)? - before) / (BYTES as f64 / 1e9),
+        ])
+    })?;
+    report(
+        "throughput",
+        " Gbit/s",
+        &single,
+        "single stream, 1 GiB, median of rounds",
+    );
+    let cpu_per_gb: Figures = cpu_per_gb
+        .into_iter()
+        .filter(|(n, _)| *n != "direct")
+        .collect();
+    report(
+        "cpu-per-gb",
+        " s",
+        &cpu_per_gb,
+        "proxy CPU seconds per GB, both proxies, single stream",
+    );
+    Ok(())
+}
+
+/// Throughput with 8 streams, round trips (unpinned) and new connections per second.
+fn latency_and_connections(bench: &Bench) -> Result<()> {
+    let bytes = BYTES.to_string();
+    let [multi] = bench.rounds(|path| {
+        let target = bench.target(path.to, SINK);
+        Ok([value(
+            &bench.probe(path.from, &["throughput", &target, &bytes, "8"])?,
+            "bits_per_second",
+        )? / 1e9])
+    })?;
+    report(
+        "throughput-8",
+        " Gbit/s",
+        &multi,
+        "8 streams at once, 1 GiB in all",
+    );
+
+    // Latency, unpinned.
+    let [p50, p99] = rr(bench, ECHO, "any")?;
+    report(
+        "rr-p50",
+        " µs",
+        &p50,
+        "1-byte round trip, unpinned, median of rounds x 20,000",
+    );
+    report("rr-p50-added", " µs", &added(&p50), "minus direct");
+    report("rr-p99", " µs", &p99, "unpinned");
+    report("rr-p99-added", " µs", &added(&p99), "minus direct");
+
+    // New connections per second.
+    let [cps] = bench.rounds(|path| {
+        let out = bench.probe(path.from, &["conns", &bench.target(path.to, ECHO), "1000"])?;
+        Ok([value(&out, "per_second")?])
+    })?;
+    report(
+        "connections",
+        "/s",
+        &cps,
+        "connect + 1-byte exchange + close, sequential",
+    );
+
     Ok(())
 }
 

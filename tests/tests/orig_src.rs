@@ -314,11 +314,10 @@ async fn an_unknown_client_address_falls_back_to_the_pods_own_and_is_counted() {
             let pool = ztunnel::proxy::pool::Pool::new(Default::default());
             let mut replies = Vec::new();
             for _ in 0..2 {
-                let (upgraded, _guard) = pool
+                let (mut io, _guard) = pool
                     .connect(&cert, &server_id, hbone, app, http::HeaderMap::new())
                     .await
                     .map_err(|e| format!("{e:#}"))?;
-                let mut io = hyper_util::rt::TokioIo::new(upgraded);
                 io.write_all(b"who").await.map_err(|e| e.to_string())?;
                 io.shutdown().await.map_err(|e| e.to_string())?;
                 let mut reply = Vec::new();

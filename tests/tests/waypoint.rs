@@ -999,11 +999,10 @@ fn hbone_to(
             if let Some(f) = forwarded {
                 headers.insert("forwarded", f.parse().unwrap());
             }
-            let (upgraded, _guard) = pool
+            let (mut io, _guard) = pool
                 .connect(&cert, &id, waypoint, authority, headers)
                 .await
                 .map_err(|e| format!("{e:#}"))?;
-            let mut io = hyper_util::rt::TokioIo::new(upgraded);
             io.write_all(request.as_bytes())
                 .await
                 .map_err(|e| e.to_string())?;

@@ -2,8 +2,10 @@
 //!
 //! - [`pool`]: pooled mTLS HTTP/2 client connections carrying CONNECT streams.
 //! - [`relay`]: copying a connection's bytes both ways.
+//! - [`stream`]: an HBONE stream as a byte stream, on `h2` directly.
 pub mod pool;
 mod relay;
+pub mod stream;
 
 pub use relay::relay;
 

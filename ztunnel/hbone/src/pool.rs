@@ -15,10 +15,8 @@ use std::{
 };
 
 use bytes::Bytes;
+use h2::client::SendRequest;
 use http::{Method, Request, StatusCode};
-use http_body_util::Empty;
-use hyper::client::conn::http2::SendRequest;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -26,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     certs::WorkloadCert, identity::Identity, netns::SocketFactory, response_flags::ResponseFlag,
+    stream::H2Stream,
 };
 
 /// Why no HBONE stream could be opened. Each names the response flag Istio's
@@ -50,18 +49,16 @@ pub enum Error {
     #[error("HTTP/2 handshake with {address}: {error}")]
     Http2Handshake {
         address: SocketAddr,
-        error: hyper::Error,
+        error: h2::Error,
     },
     #[error("HBONE CONNECT: {0}")]
-    Request(hyper::Error),
+    Request(h2::Error),
     #[error("HBONE CONNECT to {authority} via {address}: {status}")]
     Status {
         authority: SocketAddr,
         address: SocketAddr,
         status: StatusCode,
     },
-    #[error("HBONE stream upgrade: {0}")]
-    Upgrade(hyper::Error),
     /// Another connection's dial to the same place, whose failure this one shares.
     #[error("{0}")]
     Dial(Arc<Error>),
@@ -81,7 +78,6 @@ impl Error {
             | Self::OriginGone(_)
             | Self::Request(_)
             | Self::Status { .. }
-            | Self::Upgrade(_)
             | Self::NoStream(_) => ResponseFlag::Connect,
         }
     }
@@ -188,9 +184,17 @@ struct Key {
 }
 
 struct Connection {
-    sender: SendRequest<Empty<Bytes>>,
+    sender: SendRequest<Bytes>,
+    /// Cancelled when the connection's task ends (closed, failed, or its pod gone).
+    closed: CancellationToken,
     streams: Arc<AtomicUsize>,
     last_used: Mutex<Instant>,
+}
+
+impl Connection {
+    fn is_closed(&self) -> bool {
+        self.closed.is_cancelled()
+    }
 }
 
 /// A stream in use; dropping it frees its slot on the connection.
@@ -256,7 +260,7 @@ impl Pool {
         address: SocketAddr,
         authority: SocketAddr,
         headers: http::HeaderMap,
-    ) -> Result<(hyper::upgrade::Upgraded, StreamGuard)> {
+    ) -> Result<(H2Stream, StreamGuard)> {
         self.connect_from(
             &Origin::Local,
             source,
@@ -278,22 +282,26 @@ impl Pool {
         address: SocketAddr,
         authority: SocketAddr,
         headers: http::HeaderMap,
-    ) -> Result<(hyper::upgrade::Upgraded, StreamGuard)> {
+    ) -> Result<(H2Stream, StreamGuard)> {
         let key = Key {
             origin: origin.key(),
             source: source.identity.clone(),
             destination: destination.clone(),
             address,
         };
-        let (mut sender, guard) = self.slot(&key, origin, source).await?;
+        let (sender, guard) = self.slot(&key, origin, source).await?;
         // An authority that is an ip:port is always a valid URI.
         let mut request = Request::builder()
             .method(Method::CONNECT)
             .uri(authority.to_string())
-            .body(Empty::new())
+            .body(())
             .expect("a valid CONNECT request");
         *request.headers_mut() = headers;
-        let response = sender.send_request(request).await.map_err(Error::Request)?;
+        let mut sender = sender.ready().await.map_err(Error::Request)?;
+        let (response, send) = sender
+            .send_request(request, false)
+            .map_err(Error::Request)?;
+        let response = response.await.map_err(Error::Request)?;
         if response.status() != StatusCode::OK {
             return Err(Error::Status {
                 authority,
@@ -301,8 +309,7 @@ impl Pool {
                 status: response.status(),
             });
         }
-        let upgraded = hyper::upgrade::on(response).await.map_err(Error::Upgrade)?;
-        Ok((upgraded, guard))
+        Ok((H2Stream::new(send, response.into_body()), guard))
     }
 
     /// A stream slot on a pooled connection, dialing one when none is free. Streams
@@ -312,7 +319,7 @@ impl Pool {
         key: &Key,
         origin: &Origin,
         source: &Arc<WorkloadCert>,
-    ) -> Result<(SendRequest<Empty<Bytes>>, StreamGuard)> {
+    ) -> Result<(SendRequest<Bytes>, StreamGuard)> {
         for _ in 0..DIAL_ROUNDS {
             if let Some(slot) = self.take_slot(key) {
                 return Ok(slot);
@@ -367,11 +374,11 @@ impl Pool {
     }
 
     /// A free stream slot on a live pooled connection.
-    fn take_slot(&self, key: &Key) -> Option<(SendRequest<Empty<Bytes>>, StreamGuard)> {
+    fn take_slot(&self, key: &Key) -> Option<(SendRequest<Bytes>, StreamGuard)> {
         let mut connections = self.connections.lock().expect("not poisoned");
         let list = connections.get_mut(key)?;
         // A broken connection is never handed out again.
-        list.retain(|c| !c.sender.is_closed());
+        list.retain(|c| !c.is_closed());
         for connection in list.iter() {
             let streams = connection.streams.load(Ordering::Acquire);
             if streams < self.settings.max_streams_per_connection {
@@ -438,8 +445,8 @@ impl Pool {
         self.http2(tls, address, gone).await
     }
 
-    /// The HTTP/2 client over an established stream, driven until it ends or
-    /// `gone` is cancelled.
+    /// The HTTP/2 client over an established stream, driven until it ends, its
+    /// keepalive fails or `gone` is cancelled.
     async fn http2<T>(
         &self,
         io: T,
@@ -450,29 +457,37 @@ impl Pool {
         T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let s = &self.settings;
-        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .initial_stream_window_size(s.stream_window)
+        let (sender, mut connection) = h2::client::Builder::new()
+            .initial_window_size(s.stream_window)
             .initial_connection_window_size(s.connection_window)
             .max_frame_size(s.max_frame_size)
-            .keep_alive_interval(s.keepalive_interval)
-            .keep_alive_timeout(s.keepalive_timeout)
-            .keep_alive_while_idle(true)
-            .handshake(TokioIo::new(io))
+            .max_header_list_size(crate::stream::MAX_HEADER_LIST_SIZE)
+            .enable_push(false)
+            .handshake::<_, Bytes>(io)
             .await
             .map_err(|error| Error::Http2Handshake { address, error })?;
+        let keepalive = crate::stream::keepalive(
+            connection.ping_pong(),
+            s.keepalive_interval,
+            s.keepalive_timeout,
+        );
+        let closed = CancellationToken::new();
+        let on_close = closed.clone().drop_guard();
         tokio::spawn(async move {
             tokio::select! {
                 result = connection => if let Err(e) = result {
                     tracing::debug!(%address, "HBONE connection ended: {e}");
                 },
+                e = keepalive => tracing::debug!(%address, "HBONE connection closed: {e}"),
                 _ = gone.cancelled() => {
                     tracing::debug!(%address, "HBONE connection closed: its source pod is no longer served");
                 }
             }
+            drop(on_close);
         });
         Ok(Connection {
             sender,
+            closed,
             streams: Arc::new(AtomicUsize::new(0)),
             last_used: Mutex::new(Instant::now()),
         })
@@ -492,7 +507,7 @@ impl Pool {
         let mut connections = self.connections.lock().expect("not poisoned");
         for list in connections.values_mut() {
             list.retain(|c| {
-                !c.sender.is_closed()
+                !c.is_closed()
                     && (c.streams.load(Ordering::Acquire) > 0
                         || c.last_used.lock().expect("not poisoned").elapsed() < idle)
             });
@@ -519,7 +534,7 @@ impl Pool {
             .expect("not poisoned")
             .values()
             .flatten()
-            .filter(|c| !c.sender.is_closed())
+            .filter(|c| !c.is_closed())
             .count()
     }
 }
@@ -546,14 +561,12 @@ mod tests {
     /// is cancelled.
     async fn served(pool: &Pool, gone: CancellationToken) -> Arc<Connection> {
         let (client, server) = tokio::io::duplex(64 * 1024);
-        tokio::spawn(
-            hyper::server::conn::http2::Builder::new(TokioExecutor::new()).serve_connection(
-                TokioIo::new(server),
-                hyper::service::service_fn(|_req| async {
-                    Ok::<_, std::convert::Infallible>(http::Response::new(Empty::<Bytes>::new()))
-                }),
-            ),
-        );
+        tokio::spawn(async move {
+            let mut connection = h2::server::handshake(server).await.unwrap();
+            while let Some(Ok((_req, mut respond))) = connection.accept().await {
+                let _ = respond.send_response(http::Response::new(()), false);
+            }
+        });
         let address = "10.0.0.1:15008".parse().unwrap();
         Arc::new(pool.http2(client, address, gone).await.unwrap())
     }

@@ -52,8 +52,8 @@ pub enum Error {
     Certificate(#[from] CertError),
     #[error(transparent)]
     Hbone(#[from] pool::Error),
-    #[error("upgrade: {0}")]
-    Upgrade(hyper::Error),
+    #[error("HBONE stream: {0}")]
+    Upgrade(h2::Error),
     /// The relay failed after the connection was open.
     #[error(transparent)]
     Relay(#[from] std::io::Error),

@@ -2,7 +2,6 @@
 //! pod, delivered to the application from inside the pod.
 
 use std::{
-    convert::Infallible,
     net::{IpAddr, SocketAddr},
     sync::Arc,
     time::{Duration, Instant},
@@ -10,14 +9,13 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use bytes::Bytes;
+use h2::{server::SendResponse, RecvStream};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Empty;
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
+use ztunnel_hbone::stream::{keepalive, H2Stream};
 
-use super::{relay, Context, Error, Record};
+use super::{active::Registration, relay, Context, Error, Record};
 use crate::{
     accept::{Acceptor, Conn},
     identity::Identity,
@@ -104,44 +102,96 @@ async fn hbone_connection(
     // Once per pooled connection: where HBONE comes from (a source pod's own
     // address, from tunnels that dial inside the pod as Istio's does).
     tracing::info!(target: "hbone", pod = %pod.name, %peer, identity = %peer_identity, "HBONE connection accepted");
-    let settings = ctx.hbone.clone();
-    let service = hyper::service::service_fn(move |req| {
-        let (ctx, pod, peer_identity) = (ctx.clone(), pod.clone(), peer_identity.clone());
-        let delivery = delivery.clone();
-        async move { Ok::<_, Infallible>(connect(ctx, pod, peer_identity, peer, req, &delivery).await) }
-    });
-    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .initial_stream_window_size(settings.stream_window)
+    let settings = &ctx.hbone;
+    let mut connection = h2::server::Builder::new()
+        .initial_window_size(settings.stream_window)
         .initial_connection_window_size(settings.connection_window)
         .max_frame_size(settings.max_frame_size)
         .max_concurrent_streams(settings.max_streams_per_connection as u32)
-        .keep_alive_interval(settings.keepalive_interval)
-        .keep_alive_timeout(settings.keepalive_timeout)
-        .serve_connection(TokioIo::new(tls), service)
+        .max_header_list_size(ztunnel_hbone::stream::MAX_HEADER_LIST_SIZE)
+        .handshake::<_, Bytes>(tls)
         .await
-        .context("HTTP/2")?;
-    Ok(())
+        .context("HTTP/2 handshake")?;
+    let keepalive = keepalive(
+        connection.ping_pong(),
+        settings.keepalive_interval,
+        settings.keepalive_timeout,
+    );
+    tokio::pin!(keepalive);
+    // Accepting drives the connection (every stream's frames); each stream is
+    // served in its own task.
+    loop {
+        let (req, respond) = tokio::select! {
+            accepted = connection.accept() => match accepted {
+                None => return Ok(()),
+                Some(accepted) => accepted.context("HTTP/2")?,
+            },
+            e = &mut keepalive => return Err(e).context("HTTP/2 keepalive"),
+        };
+        let (ctx, pod, peer_identity) = (ctx.clone(), pod.clone(), peer_identity.clone());
+        let delivery = delivery.clone();
+        ctx.connections.clone().spawn(async move {
+            stream(ctx, pod, peer_identity, peer, req, respond, delivery).await;
+        });
+    }
 }
 
-fn status(code: StatusCode) -> Response<Empty<Bytes>> {
+fn status(code: StatusCode) -> Response<()> {
     Response::builder()
         .status(code)
-        .body(Empty::new())
+        .body(())
         .expect("a valid response")
 }
 
-/// One CONNECT stream: answered 200 only once the application accepted.
-async fn connect(
+/// One CONNECT stream: answered 200 only once the application accepted, then
+/// relayed until both sides are done or a policy change denies it.
+async fn stream(
     ctx: Arc<Context>,
     pod: Arc<Workload>,
     peer_identity: Identity,
     peer: SocketAddr,
-    mut req: Request<Incoming>,
+    req: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    delivery: Delivery,
+) {
+    // Boxed: deciding and reaching the application take more state than
+    // relaying, and an idle connection's task need not keep room for them.
+    let opened = Box::pin(connect(&ctx, &pod, peer_identity, peer, &req, &delivery)).await;
+    let (record, registration, mut app) = match opened {
+        Ok(opened) => opened,
+        Err(code) => {
+            let _ = respond.send_response(status(code), true);
+            return;
+        }
+    };
+    let send = match respond.send_response(status(StatusCode::OK), false) {
+        Ok(send) => send,
+        Err(e) => return record.closed(&ctx.metrics, Err(Error::Upgrade(e))),
+    };
+    let mut tunnel = H2Stream::new(send, req.into_body());
+    tokio::select! {
+        result = relay(&mut tunnel, &mut app) => {
+            record.closed(&ctx.metrics, result.map_err(Error::Relay));
+        }
+        _ = registration.cancelled.cancelled() => {
+            record.closed(&ctx.metrics, Err(Error::DeniedByPolicyChange));
+        }
+    }
+}
+
+/// Decides a CONNECT stream and reaches the application: the connection's record,
+/// its registration (for policy changes) and the application's connection; or
+/// the status that refuses it (counted and logged).
+async fn connect(
+    ctx: &Context,
+    pod: &Arc<Workload>,
+    peer_identity: Identity,
+    peer: SocketAddr,
+    req: &Request<RecvStream>,
     delivery: &Delivery,
-) -> Response<Empty<Bytes>> {
+) -> Result<(Record, Registration, TcpStream), StatusCode> {
     let state = ctx.snapshot();
-    let forwarded = forwarded_for(&req);
+    let forwarded = forwarded_for(req);
     // The client's workload, when its claimed address belongs to the identity it proved.
     let source = forwarded
         .and_then(|ip| state.workload_by_ip(ip))
@@ -162,24 +212,24 @@ async fn connect(
     };
     if req.method() != Method::CONNECT {
         record.refused(&ctx.metrics, &Error::NotConnect(req.method().clone()));
-        return status(StatusCode::BAD_REQUEST);
+        return Err(StatusCode::BAD_REQUEST);
     }
     let target: Option<SocketAddr> = req.uri().authority().and_then(|a| a.as_str().parse().ok());
     let Some(target) = target else {
         record.refused(&ctx.metrics, &Error::BadAuthority);
-        return status(StatusCode::BAD_REQUEST);
+        return Err(StatusCode::BAD_REQUEST);
     };
     record.destination_addr = target;
     if target.ip() != IpAddr::V4(pod.ip) {
         record.refused(&ctx.metrics, &Error::NotThisPod(target));
-        return status(StatusCode::BAD_REQUEST);
+        return Err(StatusCode::BAD_REQUEST);
     }
     if is_tunnel_port(target.port()) {
         record.refused(
             &ctx.metrics,
             &Error::SelfCall(format!("HBONE: {target} is the tunnel itself")),
         );
-        return status(StatusCode::BAD_REQUEST);
+        return Err(StatusCode::BAD_REQUEST);
     }
     // The source address policy sees: the client workload's, when its identity
     // proved it; otherwise the address the connection came from.
@@ -192,9 +242,9 @@ async fn connect(
         destination_ip: target.ip(),
         destination_port: target.port(),
     };
-    if let Err(denied) = ctx.authorize(&state, &pod, &conn, false) {
+    if let Err(denied) = ctx.authorize(&state, pod, &conn, false) {
         record.refused(&ctx.metrics, &denied);
-        return status(StatusCode::UNAUTHORIZED);
+        return Err(StatusCode::UNAUTHORIZED);
     }
     let client = original_source(
         &state,
@@ -207,37 +257,17 @@ async fn connect(
         Ok(app) => app,
         Err(e) => {
             record.refused(&ctx.metrics, &e);
-            return status(StatusCode::SERVICE_UNAVAILABLE);
+            return Err(StatusCode::SERVICE_UNAVAILABLE);
         }
     };
     record.opened(&ctx.metrics);
     let registration = ctx.active.register(conn, pod.clone(), false);
-    let upgrade = hyper::upgrade::on(&mut req);
-    let metrics = ctx.metrics.clone();
-    ctx.connections.spawn(async move {
-        let mut app = app;
-        match upgrade.await {
-            Ok(upgraded) => {
-                let mut tunnel = TokioIo::new(upgraded);
-                tokio::select! {
-                    result = relay(&mut tunnel, &mut app) => {
-                        record.closed(&metrics, result.map_err(Error::Relay));
-                    }
-                    _ = registration.cancelled.cancelled() => {
-                        record.closed(&metrics, Err(Error::DeniedByPolicyChange));
-                    }
-                }
-            }
-            Err(e) => record.closed(&metrics, Err(Error::Upgrade(e))),
-        }
-        drop(registration);
-    });
-    status(StatusCode::OK)
+    Ok((record, registration, app))
 }
 
 /// The `for=` address of a `forwarded` header (HBONE clients name the workload
 /// they act for; trust it only when the proven identity matches).
-pub(crate) fn forwarded_for(req: &Request<Incoming>) -> Option<std::net::Ipv4Addr> {
+pub(crate) fn forwarded_for<B>(req: &Request<B>) -> Option<std::net::Ipv4Addr> {
     let value = req.headers().get("forwarded")?.to_str().ok()?;
     match crate::forwarded::parse_for(value)? {
         (IpAddr::V4(ip), _) => Some(ip),

@@ -8,7 +8,6 @@ use std::{
 };
 
 use http::{HeaderMap, HeaderValue};
-use hyper_util::rt::TokioIo;
 
 use super::{
     pool::{Origin, PodOrigin},
@@ -326,7 +325,7 @@ async fn hbone_to(
     // Boxed: setting up (certificate, dial, TLS and HTTP/2 handshakes) takes far
     // more state than relaying, and an async fn's task is as large as its largest
     // step. Unboxed, every idle connection's task kept room for a handshake.
-    let (upgraded, _guard) = Box::pin(async {
+    let (mut tunnel, _guard) = Box::pin(async {
         let cert = ctx.certs.fetch(&source.identity).await?;
         let connected = ctx
             .pool
@@ -342,7 +341,6 @@ async fn hbone_to(
         Ok::<_, Error>(connected)
     })
     .await?;
-    let mut tunnel = TokioIo::new(upgraded);
     Ok(relay(stream, &mut tunnel).await?)
 }
 

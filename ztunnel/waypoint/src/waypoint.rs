@@ -748,7 +748,7 @@ impl Waypoint {
             .connect(&cert, &endpoint.identity, hbone, address, headers)
             .await?;
         Ok(Box::new(Guarded {
-            inner: TokioIo::new(upgraded),
+            inner: upgraded,
             _guard: guard,
         }))
     }
@@ -1638,7 +1638,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
 
 /// An HBONE stream holding its pool slot.
 struct Guarded {
-    inner: TokioIo<hyper::upgrade::Upgraded>,
+    inner: ztunnel_hbone::stream::H2Stream,
     _guard: ztunnel_hbone::pool::StreamGuard,
 }
 

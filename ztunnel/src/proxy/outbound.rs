@@ -107,9 +107,11 @@ async fn handle(
     {
         return record.refused(&ctx.metrics, &Error::SourceGone);
     }
-    // Captured DNS over TCP is the DNS proxy's.
+    // Captured DNS over TCP is the DNS proxy's. (Boxed, like every path but
+    // HBONE's relay: a task is as large as its largest step, and most idle
+    // connections are HBONE ones.)
     if original.port() == 53 && ctx.dns.captures(&source, &state) {
-        return crate::dns::serve_tcp(ctx.dns.clone(), source, stream).await;
+        return Box::pin(crate::dns::serve_tcp(ctx.dns.clone(), source, stream)).await;
     }
     let route = match route(&state, original, &ctx.balancer) {
         Ok(route) => route,
@@ -122,7 +124,7 @@ async fn handle(
             service,
         } => {
             // A pod this tunnel serves: no HBONE, if same-node splice is on.
-            let splice = crate::splice::same_node(
+            let splice = Box::pin(crate::splice::same_node(
                 &ctx,
                 &state,
                 &source,
@@ -131,7 +133,7 @@ async fn handle(
                 &service,
                 &mut record,
                 &mut stream,
-            );
+            ));
             if splice.await {
                 return;
             }
@@ -169,12 +171,12 @@ async fn handle(
             record.destination = workload;
             record.destination_service = service;
             record.opened(&ctx.metrics);
-            passthrough(
+            Box::pin(passthrough(
                 origin.sockets(),
                 address,
                 ctx.hbone.connect_timeout,
                 &mut stream,
-            )
+            ))
             .await
         }
     };

@@ -215,8 +215,8 @@ async fn main() -> Result<()> {
         return same_node().await;
     }
     across_nodes(istio).await?;
-    // ZTB_BENCH=throughput is a tuning run of the cross-node throughput only.
-    if std::env::var("ZTB_BENCH").is_ok_and(|b| b == "throughput") {
+    // ZTB_BENCH=throughput and =memory are tuning runs of the cross-node part only.
+    if std::env::var("ZTB_BENCH").is_ok_and(|b| b == "throughput" || b == "memory") {
         return Ok(());
     }
     same_node().await

@@ -170,6 +170,7 @@ struct CertsArgs {
 }
 
 fn main() {
+    ztunnel_core::memory::one_malloc_arena();
     let cli = Cli::parse();
     let log_format = match &cli.command {
         Command::Run(args) => args.common.log_format,

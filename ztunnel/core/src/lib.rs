@@ -26,6 +26,7 @@ pub mod forwarded;
 pub mod http_server;
 pub mod identity;
 pub mod jwt;
+pub mod memory;
 pub mod metrics;
 pub mod netns;
 pub mod path_normalization;

@@ -190,11 +190,10 @@ fn main() {
             Command::Run(args) => run(args, set_log_level).await,
             Command::Certs(args) => certs(args).await,
             Command::MountBpffs { path } => {
-                ztunnel::redirect::mount_bpffs(&path).and_then(|mounted| {
-                    write_stdout(&match mounted {
-                        true => format!("mounted bpffs at {}\n", path.display()),
-                        false => format!("{} is already a bpffs mount\n", path.display()),
-                    })
+                let mounted = ztunnel::redirect::mount_bpffs(&path)?;
+                write_stdout(&match mounted {
+                    true => format!("mounted bpffs at {}\n", path.display()),
+                    false => format!("{} is already a bpffs mount\n", path.display()),
                 })
             }
             Command::Uninstall { pin_dir, wait } => {
@@ -212,7 +211,7 @@ fn main() {
                         "removed {n} pins at {}: pods are no longer captured",
                         pin_dir.display()
                     ),
-                    Err(e) => return Err(e),
+                    Err(e) => return Err(e.into()),
                 }
                 if wait {
                     ztunnel::daemon::shutdown_signal().await;
@@ -303,7 +302,8 @@ async fn run(args: RunArgs, set_log_level: ztunnel::daemon::SetLogLevel) -> Resu
         },
         set_log_level,
     )
-    .await
+    .await?;
+    Ok(())
 }
 
 /// Prints the decision; Ok(true) for allow.

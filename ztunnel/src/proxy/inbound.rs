@@ -8,7 +8,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result};
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Empty;
@@ -50,7 +49,7 @@ pub async fn serve_hbone(
         let (ctx2, pod, delivery, tls) = (ctx.clone(), pod.clone(), delivery.clone(), tls.clone());
         ctx.connections.spawn(async move {
             if let Err(e) = hbone_connection(ctx2, pod.clone(), &tls, tcp, peer, delivery).await {
-                tracing::debug!(pod = %pod.name, %peer, "HBONE connection: {e:#}");
+                tracing::debug!(pod = %pod.name, %peer, "HBONE connection: {e}");
             }
         });
     }
@@ -83,6 +82,18 @@ impl ServerTls {
     }
 }
 
+/// Why an HBONE connection ended in error (logged at debug: the peer's trouble;
+/// each CONNECT on it is counted by itself).
+#[derive(Debug, thiserror::Error)]
+enum HboneConnectionError {
+    #[error("mTLS handshake: {0}")]
+    Handshake(std::io::Error),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("HTTP/2: {0}")]
+    Http2(hyper::Error),
+}
+
 async fn hbone_connection(
     ctx: Arc<Context>,
     pod: Arc<Workload>,
@@ -90,7 +101,7 @@ async fn hbone_connection(
     tcp: Conn,
     peer: SocketAddr,
     delivery: Delivery,
-) -> Result<()> {
+) -> Result<(), HboneConnectionError> {
     // The certificate's wait counts in the handshake's time.
     let tls = tcp
         .handshake()
@@ -99,7 +110,7 @@ async fn hbone_connection(
             acceptor.accept(tcp).await
         })
         .await
-        .context("mTLS handshake")?;
+        .map_err(HboneConnectionError::Handshake)?;
     let peer_identity = tls::peer_identity(tls.get_ref().1.peer_certificates())?;
     // Once per pooled connection: where HBONE comes from (a source pod's own
     // address, from tunnels that dial inside the pod as Istio's does).
@@ -120,8 +131,7 @@ async fn hbone_connection(
         .keep_alive_timeout(settings.keepalive_timeout)
         .serve_connection(TokioIo::new(tls), service)
         .await
-        .context("HTTP/2")?;
-    Ok(())
+        .map_err(HboneConnectionError::Http2)
 }
 
 fn status(code: StatusCode) -> Response<Empty<Bytes>> {

@@ -5,6 +5,8 @@ pub mod waypoint;
 
 pub use waypoint::{run, RequestLimits, WaypointOptions};
 
+use ztunnel_core::telemetry::error_chain;
+
 // Core's modules and the configuration sources under the names they had in one
 // crate.
 use ztunnel_config as config;

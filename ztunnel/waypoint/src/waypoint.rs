@@ -767,7 +767,7 @@ impl Waypoint {
             return Vec::new();
         };
         self.balancer
-            .attempts(vip, &service.endpoints)
+            .attempts(&vip, &service.endpoints)
             .take(ATTEMPTS)
             .collect()
     }

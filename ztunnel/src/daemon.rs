@@ -20,8 +20,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     accept::{AcceptMetrics, Acceptor, Limiter, Limits},
-    ca::client::{CaClient, CaClientConfig},
-    certs::{CertManager, CertManagerConfig},
     config,
     drain::Drain,
     http_server::{self, Handler},
@@ -30,21 +28,15 @@ use crate::{
     orig_src::{self, OrigSrc},
     proxy::{self, pool::Pool, Context},
     redirect::{PodNetwork, RedirectConfig, RedirectError, Redirector},
-    state::{MeshSettings, State, Workload},
+    state::{State, Workload},
 };
 
 #[derive(Clone, Debug)]
 pub struct RunOptions {
     pub source: config::Source,
     pub node: String,
-    pub trust_domain: String,
-    pub trust_domain_aliases: Vec<String>,
-    pub root_namespace: String,
-    pub ca_address: String,
-    pub ca_server_name: String,
-    pub ca_root: PathBuf,
-    pub ca_token: PathBuf,
-    pub cert_ttl: Duration,
+    /// Trust, the root namespace and the CA.
+    pub mesh: ztunnel_core::cli::MeshOptions,
     pub pin_dir: PathBuf,
     pub pod_cgroup_root: PathBuf,
     pub admin_addr: SocketAddr,
@@ -157,24 +149,9 @@ pub async fn run(options: RunOptions, set_log_level: SetLogLevel) -> Result<(), 
 
     let config_metrics = config::ConfigMetrics::register(&mut registry);
     let snapshots = options.source.watch(config_metrics.clone()).await?;
-    let settings = MeshSettings {
-        node: options.node.clone(),
-        trust_domain: options.trust_domain.clone(),
-        trust_domain_aliases: options.trust_domain_aliases.clone(),
-        root_namespace: options.root_namespace.clone(),
-    };
+    let settings = options.mesh.settings(&options.node);
     let states = crate::state::spawn_updates(snapshots, settings, config_metrics.bindings_refused);
-
-    let ca = CaClient::new(CaClientConfig::from_files(
-        &options.ca_address,
-        &options.ca_server_name,
-        &options.ca_root,
-        &options.ca_token,
-    )?)?;
-    let mut cert_config = CertManagerConfig::new(&options.trust_domain);
-    cert_config.trust_domain_aliases = options.trust_domain_aliases.clone();
-    cert_config.ttl = options.cert_ttl;
-    let certs = CertManager::new(Arc::new(ca), cert_config, &mut registry);
+    let certs = options.mesh.cert_manager(&mut registry)?;
 
     let mut redirector = Redirector::start(RedirectConfig {
         pin_dir: options.pin_dir.clone(),

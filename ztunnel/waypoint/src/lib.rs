@@ -11,6 +11,6 @@ use ztunnel_core::telemetry::error_chain;
 // crate.
 use ztunnel_config as config;
 use ztunnel_core::{
-    accept, ca, certs, extauthz, forwarded, http_server, identity, jwt, metrics,
-    path_normalization, policy, state, tls,
+    accept, certs, extauthz, forwarded, http_server, identity, jwt, metrics, path_normalization,
+    policy, state, tls,
 };

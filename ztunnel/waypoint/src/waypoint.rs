@@ -32,8 +32,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::{
     accept::{AcceptMetrics, Acceptor, Conn, Limiter, Limits},
-    ca::client::{CaClient, CaClientConfig},
-    certs::{CertError, CertManager, CertManagerConfig, WorkloadCert},
+    certs::{CertError, CertManager, WorkloadCert},
     config, extauthz, forwarded,
     identity::Identity,
     jwt::{self, Jwks, TokenError},
@@ -42,7 +41,7 @@ use crate::{
         authn::{self, find_token, JwksSource, JwtRule, Location, RequestAuthentication},
         Connection, Request as PolicyRequest, RequestAuth,
     },
-    state::{MeshSettings, State, Workload},
+    state::{State, Workload},
     tls,
 };
 use ztunnel_core::{
@@ -70,14 +69,8 @@ pub struct WaypointOptions {
     pub namespace: String,
     /// This waypoint's own pod (its identity comes from its service account).
     pub pod: String,
-    pub trust_domain: String,
-    pub trust_domain_aliases: Vec<String>,
-    pub root_namespace: String,
-    pub ca_address: String,
-    pub ca_server_name: String,
-    pub ca_root: PathBuf,
-    pub ca_token: PathBuf,
-    pub cert_ttl: Duration,
+    /// Trust, the root namespace and the CA.
+    pub mesh: ztunnel_core::cli::MeshOptions,
     pub listen: SocketAddr,
     pub metrics_addr: SocketAddr,
     /// Istio MeshConfig YAML with `extensionProviders` (for CUSTOM policies).
@@ -304,12 +297,7 @@ enum Unforwardable {
 const OWN_POD_WAIT: Duration = Duration::from_secs(60);
 
 pub async fn run(options: WaypointOptions) -> Result<(), StartError> {
-    let settings = MeshSettings {
-        node: String::new(),
-        trust_domain: options.trust_domain.clone(),
-        trust_domain_aliases: options.trust_domain_aliases.clone(),
-        root_namespace: options.root_namespace.clone(),
-    };
+    let settings = options.mesh.settings("");
     let mut registry = Registry::default();
     let config_metrics = config::ConfigMetrics::register(&mut registry);
     let mut snapshots = options.source.watch(config_metrics.clone()).await?;
@@ -357,16 +345,7 @@ pub async fn run(options: WaypointOptions) -> Result<(), StartError> {
         Some(path) => extauthz::MeshConfig::load(path)?,
         None => Default::default(),
     };
-    let ca = CaClient::new(CaClientConfig::from_files(
-        &options.ca_address,
-        &options.ca_server_name,
-        &options.ca_root,
-        &options.ca_token,
-    )?)?;
-    let mut cert_config = CertManagerConfig::new(&options.trust_domain);
-    cert_config.trust_domain_aliases = options.trust_domain_aliases.clone();
-    cert_config.ttl = options.cert_ttl;
-    let certs = CertManager::new(Arc::new(ca), cert_config, &mut registry);
+    let certs = options.mesh.cert_manager(&mut registry)?;
     certs.fetch(&me.identity).await?;
 
     let waypoint = Arc::new(Waypoint {

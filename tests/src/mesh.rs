@@ -71,7 +71,7 @@ pub struct LocalCa {
     pub trust_domain: String,
     pub registry: Arc<Mutex<Registry>>,
     nodes: Vec<String>,
-    task: Option<(oneshot::Sender<()>, JoinHandle<Result<()>>)>,
+    task: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
 }
 
 impl LocalCa {

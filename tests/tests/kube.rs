@@ -516,8 +516,10 @@ async fn malformed_api_objects_are_refused_one_by_one_and_a_malformed_policy_ope
     .await;
     let log = mesh.log("node-b");
     assert!(
-        log.contains("Pod demo/wrong-type: not a valid object"),
-        "{log}"
+        log.contains(
+            "Pod demo/wrong-type: not a valid object of its kind: status.podIP: invalid type: integer `42`"
+        ),
+        "the refusal names the pod and the field's path: {log}"
     );
     assert!(log.contains("Pod demo/not-an-ip: status.podIP"), "{log}");
     served(&mesh, "client", "beside-malformed-pods");
@@ -535,10 +537,10 @@ async fn malformed_api_objects_are_refused_one_by_one_and_a_malformed_policy_ope
         || refused_objects(&mesh, 3),
     )
     .await;
+    let log = mesh.log("node-b");
     assert!(
-        mesh.log("node-b")
-            .contains("AuthorizationPolicy demo/allow-client"),
-        "the refusal names the policy"
+        log.contains("AuthorizationPolicy demo/allow-client: spec.rules[0].from[0].source.principals: invalid type: string"),
+        "the refusal names the policy and the field's path: {log}"
     );
     for pod in ["other", "client"] {
         assert!(

@@ -875,6 +875,53 @@ async fn jwks_are_fetched_over_https_from_trusted_servers_only() {
     );
 }
 
+/// Requests a waypoint pod answered 200, as its metrics count them.
+async fn answered_ok(mesh: &Mesh, pod: &str) -> u64 {
+    mesh.waypoint_metrics(pod)
+        .await
+        .lines()
+        .filter(|l| l.starts_with("istio_requests_total{") && l.contains("response_code=\"200\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_to_a_waypoint_take_its_pods_in_turn() {
+    let mut workloads = workloads();
+    workloads.push(
+        WorkloadSpec::new("waypoint-2", "demo", "waypoint")
+            .label("gateway.networking.k8s.io/gateway-name", "waypoint"),
+    );
+    let mut mesh = mesh_from(workloads, CONFIG).await;
+    mesh.start_waypoint("waypoint-2", "demo", "waypoint")
+        .await
+        .unwrap();
+    let _server = HttpServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    let pods = ["waypoint", "waypoint-2"];
+    let mut before = Vec::new();
+    for pod in pods {
+        before.push(answered_ok(&mesh, pod).await);
+    }
+    // One connection each: the client's tunnel takes the waypoint's pods in turn.
+    for i in 0..10 {
+        let path = format!("/public/{i}");
+        assert_eq!(http(&mesh, VIP, "GET", &path, &[]).0, "200", "{path}");
+    }
+    let answered = || async {
+        let mut since = Vec::new();
+        for (pod, before) in pods.iter().zip(&before) {
+            since.push(answered_ok(&mesh, pod).await.saturating_sub(*before));
+        }
+        since
+    };
+    eventually(Duration::from_secs(15), "10 requests counted", || async {
+        answered().await.iter().sum::<u64>() == 10
+    })
+    .await;
+    let counted = answered().await;
+    assert_eq!(counted, [5, 5], "round robin over the two waypoint pods");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_waypoint_whose_pod_is_not_in_the_config_yet_waits_for_it() {
     let cluster = Cluster::new(

@@ -12,7 +12,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result};
 use http::{Method, StatusCode};
 use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use serde_json::json;
@@ -21,8 +20,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     accept::{AcceptMetrics, Acceptor, Limiter, Limits},
-    ca::client::{CaClient, CaClientConfig},
-    certs::{CertManager, CertManagerConfig},
     config,
     drain::Drain,
     http_server::{self, Handler},
@@ -30,22 +27,16 @@ use crate::{
     netns::Netns,
     orig_src::{self, OrigSrc},
     proxy::{self, pool::Pool, Context},
-    redirect::{PodNetwork, RedirectConfig, Redirector},
-    state::{MeshSettings, State, Workload},
+    redirect::{PodNetwork, RedirectConfig, RedirectError, Redirector},
+    state::{State, Workload},
 };
 
 #[derive(Clone, Debug)]
 pub struct RunOptions {
     pub source: config::Source,
     pub node: String,
-    pub trust_domain: String,
-    pub trust_domain_aliases: Vec<String>,
-    pub root_namespace: String,
-    pub ca_address: String,
-    pub ca_server_name: String,
-    pub ca_root: PathBuf,
-    pub ca_token: PathBuf,
-    pub cert_ttl: Duration,
+    /// Trust, the root namespace and the CA.
+    pub mesh: ztunnel_core::cli::MeshOptions,
     pub pin_dir: PathBuf,
     pub pod_cgroup_root: PathBuf,
     pub admin_addr: SocketAddr,
@@ -58,6 +49,36 @@ pub struct RunOptions {
     pub dns: crate::dns::Settings,
     /// Connections between two pods of this node: HBONE, or spliced.
     pub same_node_splice: crate::splice::Mode,
+}
+
+/// Why the tunnel could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Source(#[from] config::SourceError),
+    #[error(transparent)]
+    Ca(#[from] ztunnel_core::ca::client::CaConfigError),
+    #[error("the redirection: {0}")]
+    Redirect(#[from] RedirectError),
+    #[error("binding {address}: {error}")]
+    Bind {
+        address: SocketAddr,
+        error: std::io::Error,
+    },
+}
+
+/// Why a pod could not be enrolled (it is retried; a pod the previous run
+/// captured stays captured meanwhile).
+#[derive(Debug, thiserror::Error)]
+enum EnrollError {
+    #[error("its network namespace and cgroup are unknown")]
+    Unlocated,
+    #[error(transparent)]
+    Redirect(#[from] RedirectError),
+    #[error("the enrollment task: {0}")]
+    Task(tokio::task::JoinError),
+    #[error("serving the pod: {0}")]
+    Serve(std::io::Error),
 }
 
 /// Changes the log filter at run time (`/logging?level=`).
@@ -122,30 +143,15 @@ impl EnrollMetrics {
     }
 }
 
-pub async fn run(options: RunOptions, set_log_level: SetLogLevel) -> Result<()> {
+pub async fn run(options: RunOptions, set_log_level: SetLogLevel) -> Result<(), StartError> {
     let mut registry = prometheus_client::registry::Registry::default();
     let tcp_metrics = TcpMetrics::register(&mut registry);
 
     let config_metrics = config::ConfigMetrics::register(&mut registry);
     let snapshots = options.source.watch(config_metrics.clone()).await?;
-    let settings = MeshSettings {
-        node: options.node.clone(),
-        trust_domain: options.trust_domain.clone(),
-        trust_domain_aliases: options.trust_domain_aliases.clone(),
-        root_namespace: options.root_namespace.clone(),
-    };
+    let settings = options.mesh.settings(&options.node);
     let states = crate::state::spawn_updates(snapshots, settings, config_metrics.bindings_refused);
-
-    let ca = CaClient::new(CaClientConfig::from_files(
-        &options.ca_address,
-        &options.ca_server_name,
-        &options.ca_root,
-        &options.ca_token,
-    )?)?;
-    let mut cert_config = CertManagerConfig::new(&options.trust_domain);
-    cert_config.trust_domain_aliases = options.trust_domain_aliases.clone();
-    cert_config.ttl = options.cert_ttl;
-    let certs = CertManager::new(Arc::new(ca), cert_config, &mut registry);
+    let certs = options.mesh.cert_manager(&mut registry)?;
 
     let mut redirector = Redirector::start(RedirectConfig {
         pin_dir: options.pin_dir.clone(),
@@ -249,10 +255,13 @@ async fn serve_http(
     handler: Handler,
     metrics: &AcceptMetrics,
     drain: &Drain,
-) -> Result<()> {
+) -> Result<(), StartError> {
     let listener = TcpListener::bind(addr)
         .await
-        .with_context(|| format!("binding {addr}"))?;
+        .map_err(|error| StartError::Bind {
+            address: addr,
+            error,
+        })?;
     let limiter = Limiter::new(Limits::http_endpoint(), metrics.clone());
     tokio::spawn(http_server::serve_draining(
         Acceptor::new(listener, limiter, name),
@@ -352,7 +361,7 @@ fn release_leftovers(ctx: &Context, state: &State, enrolled: &EnrolledPods) {
     let mut redirect = ctx.redirect.lock().expect("not poisoned");
     let pinned = match redirect.enrolled_pods() {
         Ok(pinned) => pinned,
-        Err(e) => return tracing::warn!("listing enrolled pods: {e:#}"),
+        Err(e) => return tracing::warn!("listing enrolled pods: {e}"),
     };
     let mut released = std::collections::HashSet::new();
     for (cookie, ip) in pinned {
@@ -375,7 +384,7 @@ fn release_leftovers(ctx: &Context, state: &State, enrolled: &EnrolledPods) {
             Ok(()) => {
                 tracing::info!(%ip, "released a pod a previous run enrolled: it is no longer in the mesh")
             }
-            Err(e) => tracing::warn!(%ip, "releasing a leftover pod: {e:#}"),
+            Err(e) => tracing::warn!(%ip, "releasing a leftover pod: {e}"),
         }
     }
     drop(redirect);
@@ -466,7 +475,7 @@ async fn reconcile(
             Ok(()) => {
                 tracing::info!(pod = %pod.workload.name, namespace = %pod.workload.namespace, "unenrolled")
             }
-            Err(e) => tracing::warn!(pod = %pod.workload.name, "unenrolling failed: {e:#}"),
+            Err(e) => tracing::warn!(pod = %pod.workload.name, "unenrolling failed: {e}"),
         }
     }
     // What a namespace lets its pods send outside the mesh, and whether their DNS
@@ -483,7 +492,7 @@ async fn reconcile(
             );
             match result {
                 Ok(()) => (e.allow_plaintext_udp, e.dns_capture) = (allow, dns_capture),
-                Err(e) => tracing::warn!(pod = %key.1, "updating the pod's UDP setting: {e:#}"),
+                Err(e) => tracing::warn!(pod = %key.1, "updating the pod's UDP setting: {e}"),
             }
         }
     }
@@ -505,7 +514,7 @@ async fn reconcile(
                 let attempts = pending.get(&key).map_or(0, |p| p.attempts) + 1;
                 let delay = retry_after(attempts);
                 metrics.failures.inc();
-                tracing::warn!(pod = %workload.name, namespace = %workload.namespace, ip = %workload.ip, attempts, "enrolling failed (kept captured if it was; retried in {delay:?}): {e:#}");
+                tracing::warn!(pod = %workload.name, namespace = %workload.namespace, ip = %workload.ip, attempts, "enrolling failed (kept captured if it was; retried in {delay:?}): {e}");
                 pending.insert(
                     key,
                     Pending {
@@ -546,9 +555,13 @@ async fn reconcile(
 }
 
 /// Captures one pod and serves its listeners.
-async fn enroll(ctx: &Arc<Context>, state: &State, workload: &Arc<Workload>) -> Result<Enrolled> {
+async fn enroll(
+    ctx: &Arc<Context>,
+    state: &State,
+    workload: &Arc<Workload>,
+) -> Result<Enrolled, EnrollError> {
     let (Some(netns), Some(cgroup)) = (&workload.netns, &workload.cgroup) else {
-        anyhow::bail!("its network namespace and cgroup are unknown");
+        return Err(EnrollError::Unlocated);
     };
     let allow_plaintext_udp = state.snapshot.allows_plaintext_udp(&workload.namespace);
     let dns_capture = ctx.dns.captures(workload, state);
@@ -566,12 +579,12 @@ async fn enroll(ctx: &Arc<Context>, state: &State, workload: &Arc<Workload>) -> 
         redirect.lock().expect("not poisoned").enroll(&network)
     })
     .await
-    .context("the enrollment task")??;
-    let netns = listeners.netns.try_clone()?;
+    .map_err(EnrollError::Task)??;
+    let netns = listeners.netns.try_clone().map_err(EnrollError::Serve)?;
     let netns_cookie = listeners.netns_cookie;
     let gone = CancellationToken::new();
     let tasks = proxy::serve_pod(ctx.clone(), workload.clone(), listeners, gone.clone())
-        .context("serving the pod")?;
+        .map_err(EnrollError::Serve)?;
     Ok(Enrolled {
         workload: workload.clone(),
         netns_cookie,

@@ -191,11 +191,10 @@ fn main() {
             Command::Run(args) => run(args, set_log_level).await,
             Command::Certs(args) => certs(args).await,
             Command::MountBpffs { path } => {
-                ztunnel::redirect::mount_bpffs(&path).and_then(|mounted| {
-                    write_stdout(&match mounted {
-                        true => format!("mounted bpffs at {}\n", path.display()),
-                        false => format!("{} is already a bpffs mount\n", path.display()),
-                    })
+                let mounted = ztunnel::redirect::mount_bpffs(&path)?;
+                write_stdout(&match mounted {
+                    true => format!("mounted bpffs at {}\n", path.display()),
+                    false => format!("{} is already a bpffs mount\n", path.display()),
                 })
             }
             Command::Uninstall { pin_dir, wait } => {
@@ -213,7 +212,7 @@ fn main() {
                         "removed {n} pins at {}: pods are no longer captured",
                         pin_dir.display()
                     ),
-                    Err(e) => return Err(e),
+                    Err(e) => return Err(e.into()),
                 }
                 if wait {
                     ztunnel::daemon::shutdown_signal().await;
@@ -267,14 +266,7 @@ async fn run(args: RunArgs, set_log_level: ztunnel::daemon::SetLogLevel) -> Resu
         ztunnel::daemon::RunOptions {
             source,
             node: args.node,
-            trust_domain: common.trust_domain,
-            trust_domain_aliases: mesh.trust_domain_aliases,
-            root_namespace: mesh.root_namespace,
-            ca_address: mesh.ca_address,
-            ca_server_name: mesh.ca_server_name,
-            ca_root: mesh.ca_root,
-            ca_token: mesh.ca_token,
-            cert_ttl: mesh.cert_ttl,
+            mesh: mesh.options(&common),
             pin_dir: args.pin_dir,
             pod_cgroup_root,
             admin_addr: args.admin_addr,
@@ -304,7 +296,8 @@ async fn run(args: RunArgs, set_log_level: ztunnel::daemon::SetLogLevel) -> Resu
         },
         set_log_level,
     )
-    .await
+    .await?;
+    Ok(())
 }
 
 /// Prints the decision; Ok(true) for allow.

@@ -25,7 +25,6 @@ use std::{
     sync::atomic::{AtomicU64, Ordering},
 };
 
-use anyhow::{bail, Context, Result};
 use aya::{
     maps::{HashMap, MapData, SockHash},
     programs::{
@@ -40,7 +39,88 @@ use ztunnel_ebpf_common::{
 };
 pub use ztunnel_ebpf_common::{DNS_PORT, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 
-use crate::netns::{self, Netns};
+use crate::netns::{self, Netns, NetnsError};
+use ztunnel_core::telemetry::error_chain;
+
+/// Why the redirection could not be installed, or a pod captured or released.
+/// `what` says which step (with the path or the program's name).
+#[derive(Debug, thiserror::Error)]
+pub enum RedirectError {
+    #[error("{what}: {error}")]
+    Io { what: String, error: io::Error },
+    #[error("{what}: {error}")]
+    Sys { what: String, error: nix::Error },
+    #[error(
+        "{} is not on a bpffs mount: mount one (mount -t bpf bpf /sys/fs/bpf, or `ztunnel \
+         mount-bpffs /sys/fs/bpf`)",
+        .0.display()
+    )]
+    NotBpffs(PathBuf),
+    #[error(
+        "pod cgroup {} is not under the pod cgroup root {}: its traffic would not be captured",
+        .cgroup.display(),
+        .root.display()
+    )]
+    CgroupOutsideRoot { cgroup: PathBuf, root: PathBuf },
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error("loading the redirection programs: {}", error_chain(.0))]
+    Load(aya::EbpfError),
+    #[error("{0} missing from the eBPF object")]
+    Missing(String),
+    #[error("{what}: {}", error_chain(.error))]
+    Program {
+        what: String,
+        error: aya::programs::ProgramError,
+    },
+    #[error("{what}: {}", error_chain(.error))]
+    Link {
+        what: String,
+        error: aya::programs::links::LinkError,
+    },
+    #[error("pinning {}: {}", .path.display(), error_chain(.error))]
+    Pin {
+        path: PathBuf,
+        error: aya::pin::PinError,
+    },
+    #[error("{what}: {}", error_chain(.error))]
+    Map {
+        what: String,
+        error: aya::maps::MapError,
+    },
+}
+
+type Result<T, E = RedirectError> = std::result::Result<T, E>;
+
+/// Error constructors for `map_err`, naming the step.
+fn io_error(what: impl Into<String>) -> impl FnOnce(io::Error) -> RedirectError {
+    let what = what.into();
+    move |error| RedirectError::Io { what, error }
+}
+
+fn program_error(
+    what: impl Into<String>,
+) -> impl FnOnce(aya::programs::ProgramError) -> RedirectError {
+    let what = what.into();
+    move |error| RedirectError::Program { what, error }
+}
+
+fn link_error(
+    what: impl Into<String>,
+) -> impl FnOnce(aya::programs::links::LinkError) -> RedirectError {
+    let what = what.into();
+    move |error| RedirectError::Link { what, error }
+}
+
+fn map_error(what: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> RedirectError {
+    let what = what.into();
+    move |error| RedirectError::Map { what, error }
+}
+
+fn pin_error(path: &Path) -> impl FnOnce(aya::pin::PinError) -> RedirectError {
+    let path = path.to_owned();
+    move |error| RedirectError::Pin { path, error }
+}
 
 /// The compiled redirection programs, embedded at build time.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ztunnel-redirect"));
@@ -134,54 +214,59 @@ impl Redirector {
         let maps_dir = config.pin_dir.join("maps");
         let links_dir = config.pin_dir.join("links");
         for dir in [&maps_dir, &links_dir, &config.pin_dir.join("pods")] {
-            fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            fs::create_dir_all(dir).map_err(io_error(format!("creating {}", dir.display())))?;
         }
         // Pins elsewhere would die with this process, and with them the capture of
         // every pod while the tunnel is away: refuse rather than fail open.
-        anyhow::ensure!(
-            is_bpffs(&config.pin_dir)?,
-            "{} is not on a bpffs mount: mount one (mount -t bpf bpf /sys/fs/bpf, or `ztunnel mount-bpffs /sys/fs/bpf`)",
-            config.pin_dir.display()
-        );
+        if !is_bpffs(&config.pin_dir)? {
+            return Err(RedirectError::NotBpffs(config.pin_dir.clone()));
+        }
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
             .load(OBJECT)
-            .context("loading the redirection programs")?;
-        let root = File::open(&config.pod_cgroup_root)
-            .with_context(|| format!("opening cgroup {}", config.pod_cgroup_root.display()))?;
+            .map_err(RedirectError::Load)?;
+        let root = File::open(&config.pod_cgroup_root).map_err(io_error(format!(
+            "opening cgroup {}",
+            config.pod_cgroup_root.display()
+        )))?;
 
+        // Loads a cgroup program and attaches it to the pod cgroup root, unless a
+        // previous run's link is pinned (the cgroup programs have no common trait).
+        macro_rules! load_and_attach {
+            ($kind:ty, $name:expr, $pin:expr) => {{
+                let (name, pin) = ($name, links_dir.join($pin));
+                let program: &mut $kind = program_mut(&mut ebpf, name)?;
+                program
+                    .load()
+                    .map_err(program_error(format!("loading {name}")))?;
+                if !pin.exists() {
+                    let attaching = format!("attaching {name} to the pod cgroup root");
+                    let id = program
+                        .attach(root.as_fd(), LINK_MODE)
+                        .map_err(program_error(&attaching))?;
+                    let link: FdLink = program
+                        .take_link(id)
+                        .map_err(program_error(&attaching))?
+                        .try_into()
+                        .map_err(link_error(&attaching))?;
+                    link.pin(&pin).map_err(pin_error(&pin))?;
+                }
+            }};
+        }
         for (name, pin) in CGROUP_PROGRAMS {
-            let program: &mut CgroupSockAddr = program_mut(&mut ebpf, name)?;
-            program.load().with_context(|| format!("loading {name}"))?;
-            let pin = links_dir.join(pin);
-            if !pin.exists() {
-                let id = program
-                    .attach(root.as_fd(), LINK_MODE)
-                    .with_context(|| format!("attaching {name} to the pod cgroup root"))?;
-                let link: FdLink = program.take_link(id)?.try_into()?;
-                link.pin(&pin)
-                    .with_context(|| format!("pinning {}", pin.display()))?;
-            }
+            load_and_attach!(CgroupSockAddr, name, pin);
         }
         let (name, pin) = SOCKOPS_PROGRAM;
-        let program: &mut SockOps = program_mut(&mut ebpf, name)?;
-        program.load().with_context(|| format!("loading {name}"))?;
-        let pin = links_dir.join(pin);
-        if !pin.exists() {
-            let id = program
-                .attach(root.as_fd(), LINK_MODE)
-                .with_context(|| format!("attaching {name} to the pod cgroup root"))?;
-            let link: FdLink = program.take_link(id)?.try_into()?;
-            link.pin(&pin)
-                .with_context(|| format!("pinning {}", pin.display()))?;
-        }
+        load_and_attach!(SockOps, name, pin);
         let program: &mut SkLookup = program_mut(&mut ebpf, INBOUND_PROGRAM)?;
         program
             .load()
-            .with_context(|| format!("loading {INBOUND_PROGRAM}"))?;
+            .map_err(program_error(format!("loading {INBOUND_PROGRAM}")))?;
 
-        let enrolled = HashMap::try_from(take_map(&mut ebpf, maps::ENROLLED)?)?;
-        let listeners = SockHash::try_from(take_map(&mut ebpf, maps::LISTENERS)?)?;
+        let enrolled = HashMap::try_from(take_map(&mut ebpf, maps::ENROLLED)?)
+            .map_err(map_error(maps::ENROLLED))?;
+        let listeners = SockHash::try_from(take_map(&mut ebpf, maps::LISTENERS)?)
+            .map_err(map_error(maps::LISTENERS))?;
         Ok(Self {
             config,
             ebpf,
@@ -195,16 +280,17 @@ impl Redirector {
     /// listeners.
     pub fn enroll(&mut self, pod: &PodNetwork) -> Result<PodListeners> {
         if !pod.cgroup.starts_with(&self.config.pod_cgroup_root) {
-            bail!(
-                "pod cgroup {} is not under the pod cgroup root {}: its traffic would not be captured",
-                pod.cgroup.display(),
-                self.config.pod_cgroup_root.display()
-            );
+            return Err(RedirectError::CgroupOutsideRoot {
+                cgroup: pod.cgroup.clone(),
+                root: self.config.pod_cgroup_root.clone(),
+            });
         }
         let ns = Netns::open_for_pod(&pod.netns, &pod.cgroup)?;
         let (netns_cookie, outbound, inbound_plaintext, hbone, dns) =
-            netns::run_in_ns(&ns, open_listeners)
-                .with_context(|| format!("opening listeners in {}", pod.netns.display()))?;
+            netns::run_in_ns(&ns, open_listeners).map_err(io_error(format!(
+                "opening listeners in {}",
+                pod.netns.display()
+            )))?;
         let listeners = PodListeners {
             netns_cookie,
             netns: ns,
@@ -223,22 +309,26 @@ impl Redirector {
         ] {
             self.listeners
                 .insert(ListenerKey { pod_ip, kind }, socket.as_raw_fd(), 0)
-                .context("registering an inbound listener")?;
+                .map_err(map_error("registering an inbound listener"))?;
         }
         let pin = self.pod_pin_dir(cookie).join("inbound");
         if !pin.exists() {
-            fs::create_dir_all(self.pod_pin_dir(cookie))?;
+            let dir = self.pod_pin_dir(cookie);
+            fs::create_dir_all(&dir).map_err(io_error(format!("creating {}", dir.display())))?;
             let program: &mut SkLookup = program_mut(&mut self.ebpf, INBOUND_PROGRAM)?;
+            let attaching = "attaching the inbound sk_lookup program to the pod's netns";
             let id = program
                 .attach(listeners.netns.as_fd())
-                .context("attaching the inbound sk_lookup program to the pod's netns")?;
-            let link: FdLink = program.take_link(id)?.into();
-            link.pin(&pin)
-                .with_context(|| format!("pinning {}", pin.display()))?;
+                .map_err(program_error(attaching))?;
+            let link: FdLink = program
+                .take_link(id)
+                .map_err(program_error(attaching))?
+                .into();
+            link.pin(&pin).map_err(pin_error(&pin))?;
         }
         self.enrolled
             .insert(cookie, config, 0)
-            .context("adding the pod to the enrolled map")?;
+            .map_err(map_error("adding the pod to the enrolled map"))?;
         Ok(listeners)
     }
 
@@ -257,7 +347,7 @@ impl Redirector {
                 pod_config(ip, allow_plaintext_udp, dns_capture),
                 0,
             )
-            .context("updating the pod in the enrolled map")
+            .map_err(map_error("updating the pod in the enrolled map"))
     }
 
     /// Stops capturing the pod: its traffic flows directly again.
@@ -269,15 +359,17 @@ impl Redirector {
     /// Stops capturing the namespace (its map entry and its sk_lookup link), but
     /// leaves the listeners registered for its IP (another namespace may serve it).
     pub fn release_netns(&mut self, netns_cookie: u64) -> Result<()> {
-        remove_if_present(self.enrolled.remove(&netns_cookie))?;
+        remove_if_present(self.enrolled.remove(&netns_cookie))
+            .map_err(map_error("removing the pod from the enrolled map"))?;
         let dir = self.pod_pin_dir(netns_cookie);
         let pin = dir.join("inbound");
         if pin.exists() {
             // Unpinning and dropping the last reference detaches the link.
-            let link = PinnedLink::from_pin(&pin)?;
-            drop(link.unpin()?);
+            let unpinning = format!("unpinning {}", pin.display());
+            let link = PinnedLink::from_pin(&pin).map_err(link_error(&unpinning))?;
+            drop(link.unpin().map_err(io_error(unpinning))?);
         }
-        remove_dir_if_present(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        remove_dir_if_present(&dir).map_err(io_error(format!("removing {}", dir.display())))?;
         Ok(())
     }
 
@@ -285,7 +377,8 @@ impl Redirector {
     pub fn remove_listeners(&mut self, ip: Ipv4Addr) -> Result<()> {
         let pod_ip = u32::from_ne_bytes(ip.octets());
         for kind in [LISTENER_PLAINTEXT, LISTENER_HBONE] {
-            remove_if_present(self.listeners.remove(&ListenerKey { pod_ip, kind }))?;
+            remove_if_present(self.listeners.remove(&ListenerKey { pod_ip, kind }))
+                .map_err(map_error("unregistering an inbound listener"))?;
         }
         Ok(())
     }
@@ -294,12 +387,19 @@ impl Redirector {
     pub fn take_orig_dst(&mut self) -> Result<OrigDstMap> {
         let map = take_map(&mut self.ebpf, maps::ORIG_DST)?;
         // Its kind and sizes checked once here: each thread's handle is made from it.
-        HashMap::<_, ConnKey, OrigDst>::try_from(&map)?;
+        HashMap::<_, ConnKey, OrigDst>::try_from(&map).map_err(map_error(maps::ORIG_DST))?;
         let (aya::maps::Map::HashMap(data) | aya::maps::Map::LruHashMap(data)) = &map else {
-            bail!("{} is not a hash map", maps::ORIG_DST);
+            return Err(RedirectError::Missing(format!(
+                "hash map {}",
+                maps::ORIG_DST
+            )));
         };
         Ok(OrigDstMap {
-            fd: data.fd().as_fd().try_clone_to_owned()?,
+            fd: data
+                .fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(io_error(format!("duplicating {}", maps::ORIG_DST)))?,
             id: NEXT_ORIG_DST_ID.fetch_add(1, Ordering::Relaxed),
         })
     }
@@ -307,10 +407,8 @@ impl Redirector {
     /// The map of deliveries from a client's address that `sk_lookup` lets
     /// through (see [`crate::orig_src`]); there is one, taken once.
     pub fn take_deliveries(&mut self) -> Result<HashMap<MapData, DeliveryKey, u8>> {
-        Ok(HashMap::try_from(take_map(
-            &mut self.ebpf,
-            maps::DELIVERIES,
-        )?)?)
+        HashMap::try_from(take_map(&mut self.ebpf, maps::DELIVERIES)?)
+            .map_err(map_error(maps::DELIVERIES))
     }
 
     /// Netns cookies of every pod enrolled, including by a previous run.
@@ -318,7 +416,7 @@ impl Redirector {
         self.enrolled
             .iter()
             .map(|entry| {
-                let (cookie, config) = entry?;
+                let (cookie, config) = entry.map_err(map_error(maps::ENROLLED))?;
                 Ok((cookie, Ipv4Addr::from(config.pod_ip.to_ne_bytes())))
             })
             .collect()
@@ -372,7 +470,7 @@ impl OrigDstMap {
                     Ok(map) => *handle = Some((self.id, map)),
                     Err(e) => {
                         // Fail closed: the connection is refused (NR).
-                        tracing::warn!("opening the original-destination map: {e:#}");
+                        tracing::warn!("opening the original-destination map: {e}");
                         return None;
                     }
                 }
@@ -388,8 +486,10 @@ impl OrigDstMap {
     }
 
     fn thread_handle(&self) -> Result<HashMap<MapData, ConnKey, OrigDst>> {
-        let data = MapData::from_fd(self.fd.try_clone()?)?;
-        Ok(HashMap::try_from(aya::maps::Map::HashMap(data))?)
+        let what = || format!("a handle on {}", maps::ORIG_DST);
+        let fd = self.fd.try_clone().map_err(io_error(what()))?;
+        let data = MapData::from_fd(fd).map_err(map_error(what()))?;
+        HashMap::try_from(aya::maps::Map::HashMap(data)).map_err(map_error(what()))
     }
 }
 
@@ -410,9 +510,9 @@ pub fn uninstall(pin_dir: &Path) -> Result<usize> {
     }
     let pins = match count(pin_dir) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
-        other => other.with_context(|| format!("reading {}", pin_dir.display()))?,
+        other => other.map_err(io_error(format!("reading {}", pin_dir.display())))?,
     };
-    fs::remove_dir_all(pin_dir).with_context(|| format!("removing {}", pin_dir.display()))?;
+    fs::remove_dir_all(pin_dir).map_err(io_error(format!("removing {}", pin_dir.display())))?;
     Ok(pins)
 }
 
@@ -422,18 +522,20 @@ where
 {
     let program = ebpf
         .program_mut(name)
-        .with_context(|| format!("program {name} missing from the eBPF object"))?;
-    Ok(program.try_into()?)
+        .ok_or_else(|| RedirectError::Missing(format!("program {name}")))?;
+    program
+        .try_into()
+        .map_err(program_error(format!("program {name}")))
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
     ebpf.take_map(name)
-        .with_context(|| format!("map {name} missing from the eBPF object"))
+        .ok_or_else(|| RedirectError::Missing(format!("map {name}")))
 }
 
 /// A missing key is fine: sockhash entries vanish by themselves when the socket
 /// closes, and a previous attempt may have removed the rest.
-fn remove_if_present(result: Result<(), aya::maps::MapError>) -> Result<()> {
+fn remove_if_present(result: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
     match result {
         Err(aya::maps::MapError::KeyNotFound) => Ok(()),
         Err(aya::maps::MapError::SyscallError(e))
@@ -441,7 +543,7 @@ fn remove_if_present(result: Result<(), aya::maps::MapError>) -> Result<()> {
         {
             Ok(())
         }
-        other => Ok(other?),
+        other => other,
     }
 }
 
@@ -507,15 +609,17 @@ const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
 /// Whether the path lies on a bpffs mount.
 pub fn is_bpffs(path: &Path) -> Result<bool> {
-    let stat =
-        nix::sys::statfs::statfs(path).with_context(|| format!("statfs {}", path.display()))?;
+    let stat = nix::sys::statfs::statfs(path).map_err(|error| RedirectError::Sys {
+        what: format!("statfs {}", path.display()),
+        error,
+    })?;
     Ok(stat.filesystem_type().0 as i64 == BPF_FS_MAGIC)
 }
 
 /// Mounts bpffs at `path` unless one is there already; returns whether it mounted.
 /// (Some nodes, e.g. kind's, come without one; pins must outlive the tunnel.)
 pub fn mount_bpffs(path: &Path) -> Result<bool> {
-    fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
+    fs::create_dir_all(path).map_err(io_error(format!("creating {}", path.display())))?;
     if is_bpffs(path)? {
         return Ok(false);
     }
@@ -526,6 +630,9 @@ pub fn mount_bpffs(path: &Path) -> Result<bool> {
         nix::mount::MsFlags::empty(),
         None::<&str>,
     )
-    .with_context(|| format!("mounting bpffs at {}", path.display()))?;
+    .map_err(|error| RedirectError::Sys {
+        what: format!("mounting bpffs at {}", path.display()),
+        error,
+    })?;
     Ok(true)
 }

@@ -162,9 +162,9 @@ impl Splicer {
         let kernel = match mode {
             Mode::Kernel => load(redirector).map(Mutex::new).map_err(|e| {
                 tracing::warn!(
-                    "same-node splice: loading the program failed, relaying in user space: {e:#}"
+                    "same-node splice: loading the program failed, relaying in user space: {e}"
                 );
-                Arc::from(format!("{e:#}"))
+                Arc::from(e.to_string())
             }),
             Mode::Off | Mode::User => Err(Arc::from("not requested")),
         };
@@ -280,25 +280,49 @@ impl Splicer {
     }
 }
 
-fn load(redirector: &mut Redirector) -> anyhow::Result<Kernel> {
-    use anyhow::Context as _;
+/// Why the splice program could not be loaded (the tunnel then relays in user
+/// space).
+#[derive(Debug, thiserror::Error)]
+enum LoadError {
+    #[error("the {0} is missing from the eBPF object")]
+    Missing(&'static str),
+    #[error("the {what}: {}", ztunnel_core::telemetry::error_chain(.error))]
+    Map {
+        what: &'static str,
+        error: aya::maps::MapError,
+    },
+    #[error("{what}: {}", ztunnel_core::telemetry::error_chain(.error))]
+    Program {
+        what: &'static str,
+        error: aya::programs::ProgramError,
+    },
+}
+
+fn load(redirector: &mut Redirector) -> Result<Kernel, LoadError> {
+    let map = |what| move |error| LoadError::Map { what, error };
+    let program = |what| move |error| LoadError::Program { what, error };
     let ebpf = redirector.ebpf();
     let sockets: SockHash<MapData, u64> = SockHash::try_from(
         ebpf.take_map(maps::SPLICE_SOCKETS)
-            .context("the splice sockhash is missing from the eBPF object")?,
-    )?;
+            .ok_or(LoadError::Missing("splice sockhash"))?,
+    )
+    .map_err(map("splice sockhash"))?;
     let peers = BpfHashMap::try_from(
         ebpf.take_map(maps::SPLICE_PEERS)
-            .context("the splice peers map is missing from the eBPF object")?,
-    )?;
-    let program: &mut SkSkb = ebpf
+            .ok_or(LoadError::Missing("splice peers map"))?,
+    )
+    .map_err(map("splice peers map"))?;
+    let verdict: &mut SkSkb = ebpf
         .program_mut(PROGRAM)
-        .context("the splice program is missing from the eBPF object")?
-        .try_into()?;
-    program.load().context("loading the splice program")?;
-    let link = program
+        .ok_or(LoadError::Missing("splice program"))?
+        .try_into()
+        .map_err(program("the splice program"))?;
+    verdict
+        .load()
+        .map_err(program("loading the splice program"))?;
+    let link = verdict
         .attach(sockets.fd())
-        .context("attaching the splice program to its sockhash")?;
+        .map_err(program("attaching the splice program to its sockhash"))?;
     Ok(Kernel {
         sockets,
         peers,

@@ -127,7 +127,7 @@ async fn unenroll(tunnel: &Arc<Mutex<Tunnel>>, ip: &str) -> Result<()> {
     let mut guard = tunnel.lock().await;
     let (cookie, tasks) = guard.pods.remove(&ip).context("pod not enrolled")?;
     drop(tasks); // aborts the tasks, closing the listeners
-    guard.redirector.unenroll(cookie, ip)
+    Ok(guard.redirector.unenroll(cookie, ip)?)
 }
 
 fn serve(tunnel: Arc<Mutex<Tunnel>>, pod: PodNetwork, l: PodListeners) -> Result<JoinSet<()>> {

@@ -9,8 +9,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result};
-
 use super::Refusal;
 use crate::{config, identity::Identity};
 
@@ -40,18 +38,42 @@ pub struct NodeTokens {
     tokens: Vec<(String, Vec<u8>)>,
 }
 
+/// Why the node tokens file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum TokensError {
+    #[error("reading {}: {error}", .path.display())]
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{}: expected `node: token` lines: {error}", .path.display())]
+    Parse {
+        path: PathBuf,
+        error: serde_yaml::Error,
+    },
+    #[error("{}: the token of node {node} is shorter than {MIN_TOKEN} characters", .path.display())]
+    TooShort { path: PathBuf, node: String },
+}
+
+/// A node token is a secret: too short, it could be guessed.
+const MIN_TOKEN: usize = 16;
+
 impl NodeTokens {
-    pub fn from_file(path: &std::path::Path) -> Result<Self> {
-        let text =
-            fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let map: BTreeMap<String, String> = serde_yaml::from_str(&text)
-            .with_context(|| format!("{}: expected `node: token` lines", path.display()))?;
-        for (node, token) in &map {
-            anyhow::ensure!(
-                token.len() >= 16,
-                "{}: the token of node {node} is shorter than 16 characters",
-                path.display()
-            );
+    pub fn from_file(path: &std::path::Path) -> Result<Self, TokensError> {
+        let text = fs::read_to_string(path).map_err(|error| TokensError::Read {
+            path: path.to_owned(),
+            error,
+        })?;
+        let map: BTreeMap<String, String> =
+            serde_yaml::from_str(&text).map_err(|error| TokensError::Parse {
+                path: path.to_owned(),
+                error,
+            })?;
+        if let Some((node, _)) = map.iter().find(|(_, token)| token.len() < MIN_TOKEN) {
+            return Err(TokensError::TooShort {
+                path: path.to_owned(),
+                node: node.clone(),
+            });
         }
         Ok(Self {
             tokens: map.into_iter().map(|(n, t)| (n, t.into_bytes())).collect(),

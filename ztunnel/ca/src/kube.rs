@@ -12,7 +12,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result};
 use k8s_openapi::{
     api::{
         authentication::v1::{TokenReview as Review, TokenReviewSpec},
@@ -27,7 +26,7 @@ use kube::{
 
 use super::{
     auth::{AuthFuture, Authenticator, Caller, FailureBudget, NodeAuthorizer},
-    Refusal,
+    AuthorityError, Refusal,
 };
 use crate::{identity::Identity, k8s};
 
@@ -182,8 +181,8 @@ impl KubePods {
     }
 
     /// The pods known, once listed (for a test or a readiness check).
-    pub async fn synced(&self) -> Result<()> {
-        Ok(self.store.wait_until_ready().await?)
+    pub async fn synced(&self) -> Result<(), kube::runtime::reflector::store::WriterDropped> {
+        self.store.wait_until_ready().await
     }
 }
 
@@ -227,6 +226,31 @@ trait NowOrNever: std::future::Future + Sized {
 
 impl<F: std::future::Future> NowOrNever for F {}
 
+/// Why the root could not be kept in its Secret or published in a ConfigMap.
+#[derive(Debug, thiserror::Error)]
+pub enum RootStoreError {
+    /// `what`: the call, e.g. "reading the root Secret".
+    #[error("{what}: {error}")]
+    Api {
+        what: &'static str,
+        error: kube::Error,
+    },
+    #[error("the root Secret has no data")]
+    NoData,
+    #[error("the root Secret lacks {} or {}", super::CA_CERT, super::CA_KEY)]
+    Incomplete,
+    #[error("the root Secret holds an unexpected key {0:?}")]
+    UnexpectedKey(String),
+    #[error(transparent)]
+    Files(#[from] AuthorityError),
+}
+
+impl RootStoreError {
+    fn api(what: &'static str) -> impl FnOnce(kube::Error) -> Self {
+        move |error| Self::Api { what, error }
+    }
+}
+
 /// Makes the Secret `name` and the directory `dir` hold the same root: the
 /// Secret's files are written to the directory; when there is no Secret, the
 /// directory's root (generated if none) is stored in a new one. Two CAs starting
@@ -236,10 +260,11 @@ pub async fn sync_root_secret(
     namespace: &str,
     name: &str,
     dir: &Path,
-    create_root: impl FnOnce(&Path) -> Result<()>,
-) -> Result<()> {
+    create_root: impl FnOnce(&Path) -> Result<(), AuthorityError>,
+) -> Result<(), RootStoreError> {
     let api: Api<Secret> = Api::namespaced(client, namespace);
-    if let Some(secret) = api.get_opt(name).await.context("reading the root Secret")? {
+    let read = RootStoreError::api("reading the root Secret");
+    if let Some(secret) = api.get_opt(name).await.map_err(read)? {
         return write_secret_files(&secret, dir);
     }
     create_root(dir)?;
@@ -270,40 +295,39 @@ pub async fn sync_root_secret(
             Ok(())
         }
         Err(kube::Error::Api(status)) if status.code == 409 => {
-            let secret = api.get(name).await.context("reading the root Secret")?;
+            let secret = api
+                .get(name)
+                .await
+                .map_err(RootStoreError::api("reading the root Secret"))?;
             tracing::info!("another CA stored a root first: using it");
             write_secret_files(&secret, dir)
         }
-        Err(e) => Err(e).context("storing the root Secret"),
+        Err(e) => Err(RootStoreError::api("storing the root Secret")(e)),
     }
 }
 
-fn write_secret_files(secret: &Secret, dir: &Path) -> Result<()> {
-    let data = secret
-        .data
-        .as_ref()
-        .context("the root Secret has no data")?;
-    anyhow::ensure!(
-        data.contains_key(super::CA_CERT) && data.contains_key(super::CA_KEY),
-        "the root Secret lacks {} or {}",
+fn write_secret_files(secret: &Secret, dir: &Path) -> Result<(), RootStoreError> {
+    const FILES: [&str; 4] = [
         super::CA_CERT,
-        super::CA_KEY
-    );
-    fs::create_dir_all(dir)?;
+        super::CA_KEY,
+        super::ROOT_CERT,
+        super::CERT_CHAIN,
+    ];
+    let data = secret.data.as_ref().ok_or(RootStoreError::NoData)?;
+    if !(data.contains_key(super::CA_CERT) && data.contains_key(super::CA_KEY)) {
+        return Err(RootStoreError::Incomplete);
+    }
+    if let Some(file) = data.keys().find(|file| !FILES.contains(&file.as_str())) {
+        return Err(RootStoreError::UnexpectedKey(file.clone()));
+    }
+    fs::create_dir_all(dir).map_err(|error| AuthorityError::CreateDir {
+        path: dir.to_owned(),
+        error,
+    })?;
     // The key file first, ca-cert.pem last: its presence means complete.
     let mut files: Vec<_> = data.iter().collect();
     files.sort_by_key(|(name, _)| name.as_str() == super::CA_CERT);
     for (file, bytes) in files {
-        anyhow::ensure!(
-            [
-                super::CA_CERT,
-                super::CA_KEY,
-                super::ROOT_CERT,
-                super::CERT_CHAIN
-            ]
-            .contains(&file.as_str()),
-            "the root Secret holds an unexpected key {file:?}"
-        );
         // Over what a previous run (or a CA that lost the race) left there.
         super::write_atomically(&dir.join(file), &bytes.0, super::PRIVATE)?;
     }
@@ -317,7 +341,7 @@ pub async fn publish_root(
     namespace: &str,
     name: &str,
     root_pem: &str,
-) -> Result<()> {
+) -> Result<(), RootStoreError> {
     let api: Api<ConfigMap> = Api::namespaced(client, namespace);
     let config_map = ConfigMap {
         metadata: ObjectMeta {
@@ -334,12 +358,12 @@ pub async fn publish_root(
     match api
         .get_opt(name)
         .await
-        .context("reading the root ConfigMap")?
+        .map_err(RootStoreError::api("reading the root ConfigMap"))?
     {
         None => {
             api.create(&PostParams::default(), &config_map)
                 .await
-                .context("creating the root ConfigMap")?;
+                .map_err(RootStoreError::api("creating the root ConfigMap"))?;
         }
         Some(existing) if existing.data == config_map.data => {}
         Some(existing) => {
@@ -347,7 +371,7 @@ pub async fn publish_root(
             updated.metadata.resource_version = existing.metadata.resource_version;
             api.replace(name, &PostParams::default(), &updated)
                 .await
-                .context("updating the root ConfigMap")?;
+                .map_err(RootStoreError::api("updating the root ConfigMap"))?;
         }
     }
     Ok(())

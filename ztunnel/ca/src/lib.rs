@@ -22,7 +22,6 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use anyhow::{bail, Context, Result};
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
@@ -81,6 +80,20 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    /// The gRPC status the caller gets: Istio's CA answers the same codes.
+    pub fn code(&self) -> tonic::Code {
+        match self {
+            Self::Unauthenticated(_) => tonic::Code::Unauthenticated,
+            Self::RateLimited(_) => tonic::Code::ResourceExhausted,
+            Self::NotOnNode(_) | Self::NotOwnIdentity(_) => tonic::Code::PermissionDenied,
+            Self::BadCsr(_)
+            | Self::SanCount(_)
+            | Self::ForeignTrustDomain(_)
+            | Self::TtlTooLong { .. } => tonic::Code::InvalidArgument,
+            Self::Internal(_) => tonic::Code::Internal,
+        }
+    }
+
     pub fn reason(&self) -> &'static str {
         match self {
             Self::Unauthenticated(_) => "unauthenticated",
@@ -92,6 +105,48 @@ impl Refusal {
             Self::ForeignTrustDomain(_) => "foreign_trust_domain",
             Self::TtlTooLong { .. } => "ttl_too_long",
             Self::Internal(_) => "internal",
+        }
+    }
+}
+
+/// Why the signing material could not be loaded, generated or stored: each
+/// names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthorityError {
+    #[error("reading {}: {error}", .path.display())]
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("writing {}: {error}", .path.display())]
+    Write {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("creating {}: {error}", .path.display())]
+    CreateDir {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{}: {reason}", .path.display())]
+    Malformed { path: PathBuf, reason: String },
+    #[error(
+        "{} exists without {CA_CERT}: refusing to overwrite a key (remove it to have a new \
+         root generated)",
+        .0.display()
+    )]
+    KeyWithoutCertificate(PathBuf),
+    #[error("in {}: {CA_KEY} is not the key of {CA_CERT}", .0.display())]
+    KeyMismatch(PathBuf),
+    #[error("generating a certificate: {0}")]
+    Generate(rcgen::Error),
+}
+
+impl AuthorityError {
+    fn malformed(path: &Path, reason: impl std::fmt::Display) -> Self {
+        Self::Malformed {
+            path: path.to_owned(),
+            reason: reason.to_string(),
         }
     }
 }
@@ -111,32 +166,37 @@ pub struct Authority {
 impl Authority {
     /// Loads `cacerts` from the directory, generating a self-signed root there first
     /// if it holds none.
-    pub fn load_or_create(options: AuthorityOptions) -> Result<Self> {
+    pub fn load_or_create(options: AuthorityOptions) -> Result<Self, AuthorityError> {
         let dir = &options.dir;
         if !dir.join(CA_CERT).exists() {
             generate_root(dir, &options.trust_domain)?;
         }
-        let read = |name: &str| -> Result<String> {
+        let read = |name: &str| {
             let path = dir.join(name);
-            fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
+            fs::read_to_string(&path)
+                .map(|text| (text, path.clone()))
+                .map_err(|error| AuthorityError::Read { path, error })
         };
-        let ca_cert = read(CA_CERT)?;
-        let key = KeyPair::from_pem(&read(CA_KEY)?).context("parsing ca-key.pem")?;
-        check_key_matches(&ca_cert, &key).with_context(|| format!("in {}", dir.display()))?;
-        let issuer = Issuer::from_ca_cert_pem(&ca_cert, key).context("parsing ca-cert.pem")?;
-        let root_pem = read(ROOT_CERT)?;
+        let (ca_cert, cert_path) = read(CA_CERT)?;
+        let (key, key_path) = read(CA_KEY)?;
+        let key = KeyPair::from_pem(&key).map_err(|e| AuthorityError::malformed(&key_path, e))?;
+        check_key_matches(&ca_cert, &cert_path, &key)?;
+        let issuer = Issuer::from_ca_cert_pem(&ca_cert, key)
+            .map_err(|e| AuthorityError::malformed(&cert_path, e))?;
+        let (root_pem, root_path) = read(ROOT_CERT)?;
         let chain_pem = match dir.join(CERT_CHAIN).exists() {
-            true => read(CERT_CHAIN)?,
+            true => read(CERT_CHAIN)?.0,
             false => String::new(),
         };
-        let roots = crate::tls::parse_certs(&root_pem).context("root-cert.pem")?;
+        let roots = crate::tls::parse_certs(&root_pem)
+            .map_err(|e| AuthorityError::malformed(&root_path, e))?;
         let root_not_after = roots
             .iter()
-            .map(|r| not_after(r))
-            .collect::<Result<Vec<_>>>()?
+            .map(|r| not_after(r, &root_path))
+            .collect::<Result<Vec<_>, _>>()?
             .into_iter()
             .min()
-            .context("no root")?;
+            .expect("parse_certs returns at least one");
         Ok(Self {
             options,
             issuer,
@@ -196,12 +256,8 @@ impl Authority {
         }
         let leaf = self
             .leaf_params(identity, ttl)
-            .and_then(|params| {
-                params
-                    .signed_by(&csr.public_key, &self.issuer)
-                    .map_err(Into::into)
-            })
-            .map_err(|e| Refusal::Internal(format!("{e:#}")))?;
+            .and_then(|params| params.signed_by(&csr.public_key, &self.issuer))
+            .map_err(|e| Refusal::Internal(format!("signing: {e}")))?;
         let mut chain = vec![leaf.pem()];
         if !self.chain_pem.trim().is_empty() {
             chain.push(self.chain_pem.clone());
@@ -210,7 +266,11 @@ impl Authority {
         Ok(chain)
     }
 
-    fn leaf_params(&self, identity: &Identity, ttl: Duration) -> Result<CertificateParams> {
+    fn leaf_params(
+        &self,
+        identity: &Identity,
+        ttl: Duration,
+    ) -> Result<CertificateParams, rcgen::Error> {
         let now = OffsetDateTime::now_utc();
         let mut params = CertificateParams::default();
         // Istio leaves the subject empty; the SAN carries the identity.
@@ -232,7 +292,10 @@ impl Authority {
     }
 
     /// A certificate for the CA's own TLS listener, for these DNS names.
-    pub fn serving_certificate(&self, dns_names: &[String]) -> Result<(String, String)> {
+    pub fn serving_certificate(
+        &self,
+        dns_names: &[String],
+    ) -> Result<(String, String), rcgen::Error> {
         let key = KeyPair::generate()?;
         let now = OffsetDateTime::now_utc();
         let mut params = CertificateParams::new(dns_names.to_vec())?;
@@ -272,16 +335,23 @@ fn fastrand_fill(bytes: &mut [u8]) {
         .expect("the system random source works");
 }
 
-fn not_after(der: &rustls::pki_types::CertificateDer<'_>) -> Result<SystemTime> {
+fn not_after(
+    der: &rustls::pki_types::CertificateDer<'_>,
+    path: &Path,
+) -> Result<SystemTime, AuthorityError> {
     use x509_parser::prelude::{FromDer, X509Certificate};
-    let (_, cert) = X509Certificate::from_der(der).context("parsing a root certificate")?;
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| AuthorityError::malformed(path, e))?;
     let secs = cert.validity().not_after.timestamp();
     Ok(SystemTime::UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64))
 }
 
-fn generate_root(dir: &Path, trust_domain: &str) -> Result<()> {
-    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let key = KeyPair::generate()?;
+fn generate_root(dir: &Path, trust_domain: &str) -> Result<(), AuthorityError> {
+    fs::create_dir_all(dir).map_err(|error| AuthorityError::CreateDir {
+        path: dir.to_owned(),
+        error,
+    })?;
+    let key = KeyPair::generate().map_err(AuthorityError::Generate)?;
     let now = OffsetDateTime::now_utc();
     let mut params = CertificateParams::default();
     params.distinguished_name = DistinguishedName::new();
@@ -300,13 +370,9 @@ fn generate_root(dir: &Path, trust_domain: &str) -> Result<()> {
     params.not_before = now - BACKDATE;
     params.not_after = now + ROOT_LIFETIME;
     params.serial_number = Some(random_serial());
-    let cert = params.self_signed(&key)?;
+    let cert = params.self_signed(&key).map_err(AuthorityError::Generate)?;
     if dir.join(CA_KEY).exists() {
-        bail!(
-            "{} exists without {CA_CERT}: refusing to overwrite a key (remove it to \
-             have a new root generated)",
-            dir.join(CA_KEY).display()
-        );
+        return Err(AuthorityError::KeyWithoutCertificate(dir.join(CA_KEY)));
     }
     write_atomically(&dir.join(CA_KEY), key.serialize_pem().as_bytes(), PRIVATE)?;
     write_atomically(&dir.join(ROOT_CERT), cert.pem().as_bytes(), PUBLIC)?;
@@ -322,12 +388,19 @@ pub(crate) const PUBLIC: u32 = 0o644;
 /// restarted CA finds the old contents or the new, never a part. A file that
 /// already holds exactly `contents` is left as it is (a restart over the same
 /// directory adopts it).
-pub(crate) fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
+pub(crate) fn write_atomically(
+    path: &Path,
+    contents: &[u8],
+    mode: u32,
+) -> Result<(), AuthorityError> {
     use std::{io::Write, os::unix::fs::OpenOptionsExt};
     if fs::read(path).is_ok_and(|existing| existing == contents) {
         return Ok(());
     }
-    let name = path.file_name().context("a file name")?.to_string_lossy();
+    let Some(name) = path.file_name() else {
+        return Err(AuthorityError::malformed(path, "not a file name"));
+    };
+    let name = name.to_string_lossy();
     let temporary = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
     let write = || -> std::io::Result<()> {
         let mut file = fs::OpenOptions::new()
@@ -340,25 +413,29 @@ pub(crate) fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Resul
         file.sync_all()?;
         fs::rename(&temporary, path)
     };
-    write().map_err(|e| {
+    write().map_err(|error| {
         let _ = fs::remove_file(&temporary);
-        anyhow::anyhow!("writing {}: {e}", path.display())
+        AuthorityError::Write {
+            path: path.to_owned(),
+            error,
+        }
     })
 }
 
 /// That `key` is the key of the certificate `cert_pem`: a directory whose key
 /// and certificate disagree would sign certificates nobody can verify.
-fn check_key_matches(cert_pem: &str, key: &KeyPair) -> Result<()> {
+fn check_key_matches(cert_pem: &str, path: &Path, key: &KeyPair) -> Result<(), AuthorityError> {
     use rcgen::PublicKeyData;
-    let der = crate::tls::parse_certs(cert_pem)?
-        .into_iter()
-        .next()
-        .context("no certificate")?;
-    let (_, cert) = x509_parser::parse_x509_certificate(&der).context("parsing it")?;
-    anyhow::ensure!(
-        cert.public_key().raw == key.subject_public_key_info().as_slice(),
-        "{CA_KEY} is not the key of {CA_CERT}"
-    );
+    let der = crate::tls::parse_certs(cert_pem)
+        .map_err(|e| AuthorityError::malformed(path, e))?
+        .swap_remove(0);
+    let (_, cert) = x509_parser::parse_x509_certificate(&der)
+        .map_err(|e| AuthorityError::malformed(path, e))?;
+    if cert.public_key().raw != key.subject_public_key_info().as_slice() {
+        return Err(AuthorityError::KeyMismatch(
+            path.parent().unwrap_or(path).to_owned(),
+        ));
+    }
     Ok(())
 }
 
@@ -403,12 +480,100 @@ mod tests {
     }
 
     #[test]
+    fn each_refusal_answers_its_grpc_code_and_names_its_reason() {
+        use tonic::Code;
+        let s = String::new;
+        let ttl = Duration::from_secs(1);
+        let cases = [
+            (
+                Refusal::Unauthenticated(s()),
+                Code::Unauthenticated,
+                "unauthenticated",
+            ),
+            (
+                Refusal::RateLimited(s()),
+                Code::ResourceExhausted,
+                "rate_limited",
+            ),
+            (
+                Refusal::NotOnNode(s()),
+                Code::PermissionDenied,
+                "not_on_caller_node",
+            ),
+            (
+                Refusal::NotOwnIdentity(s()),
+                Code::PermissionDenied,
+                "not_caller_identity",
+            ),
+            (Refusal::BadCsr(s()), Code::InvalidArgument, "bad_csr"),
+            (Refusal::SanCount(2), Code::InvalidArgument, "san_count"),
+            (
+                Refusal::ForeignTrustDomain(s()),
+                Code::InvalidArgument,
+                "foreign_trust_domain",
+            ),
+            (
+                Refusal::TtlTooLong {
+                    asked: ttl,
+                    max: ttl,
+                },
+                Code::InvalidArgument,
+                "ttl_too_long",
+            ),
+            (Refusal::Internal(s()), Code::Internal, "internal"),
+        ];
+        for (refusal, code, reason) in cases {
+            assert_eq!(
+                (refusal.code(), refusal.reason()),
+                (code, reason),
+                "{refusal}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_key_without_its_certificate_is_never_overwritten() {
+        let dir = temp_dir("orphan-key");
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join(CA_KEY), "the operator's key").unwrap();
+        let err = Authority::load_or_create(options(&dir)).err().unwrap();
+        assert!(
+            matches!(&err, AuthorityError::KeyWithoutCertificate(p) if *p == dir.join(CA_KEY)),
+            "{err}"
+        );
+        assert_eq!(
+            fs::read_to_string(dir.join(CA_KEY)).unwrap(),
+            "the operator's key"
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_malformed_root_file_is_refused_with_its_path() {
+        let dir = temp_dir("bad-root");
+        Authority::load_or_create(options(&dir)).unwrap();
+        fs::write(dir.join(ROOT_CERT), "not PEM").unwrap();
+        let err = Authority::load_or_create(options(&dir)).err().unwrap();
+        assert!(
+            matches!(&err, AuthorityError::Malformed { path, .. } if *path == dir.join(ROOT_CERT)),
+            "{err}"
+        );
+        assert!(
+            err.to_string()
+                .starts_with(&dir.join(ROOT_CERT).display().to_string()),
+            "{err}"
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn a_key_that_is_not_the_certificates_is_refused() {
         let (a, b) = (temp_dir("key-a"), temp_dir("key-b"));
         Authority::load_or_create(options(&a)).unwrap();
         Authority::load_or_create(options(&b)).unwrap();
         fs::copy(b.join(CA_KEY), a.join(CA_KEY)).unwrap();
         let err = Authority::load_or_create(options(&a)).err().unwrap();
+        assert!(matches!(err, AuthorityError::KeyMismatch(_)), "{err}");
         assert!(
             format!("{err:#}").contains("is not the key of ca-cert.pem"),
             "{err:#}"

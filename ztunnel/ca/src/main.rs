@@ -118,10 +118,8 @@ async fn ca(args: CaArgs) -> Result<()> {
             use ztunnel_ca::kube;
             let client = ztunnel_config::k8s::client().await?;
             if let Some(secret) = &args.root_secret {
-                kube::sync_root_secret(client.clone(), &args.namespace, secret, &args.dir, |dir| {
-                    Authority::load_or_create(options.clone())
-                        .map(drop)
-                        .with_context(|| format!("creating a root in {}", dir.display()))
+                kube::sync_root_secret(client.clone(), &args.namespace, secret, &args.dir, |_| {
+                    Authority::load_or_create(options.clone()).map(drop)
                 })
                 .await?;
             }
@@ -191,11 +189,11 @@ async fn ca(args: CaArgs) -> Result<()> {
         drain.clone(),
     ));
     let serving = drain.spawn(server.serve_draining(listener, tls, drain.clone()));
-    // The server ends by itself only on an error; when drained, the drain says so.
+    // The server ends by itself only if its task fails; when drained, the drain
+    // says so.
     let failed = async {
         match serving.await {
-            Ok(Ok(())) => std::future::pending().await,
-            Ok(Err(e)) => Err(e),
+            Ok(()) => std::future::pending().await,
             Err(e) => Err(e).context("the CA server task"),
         }
     };

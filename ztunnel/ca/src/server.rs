@@ -12,7 +12,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use prometheus_client::{
@@ -129,6 +128,17 @@ impl CaMetrics {
     }
 }
 
+/// Why the CA's TLS listener could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ServingError {
+    #[error("signing the CA's serving certificate: {0}")]
+    Sign(rcgen::Error),
+    #[error("the CA's serving certificate: {0}")]
+    Pem(crate::tls::TlsError),
+    #[error("the CA's TLS configuration: {0}")]
+    Tls(rustls::Error),
+}
+
 pub struct CaServer {
     authority: Arc<Authority>,
     authenticator: Arc<dyn Authenticator>,
@@ -176,26 +186,26 @@ impl CaServer {
     }
 
     /// TLS for the listener: a certificate for `dns_names` signed by this CA.
-    pub fn tls_config(&self, dns_names: &[String]) -> Result<Arc<rustls::ServerConfig>> {
-        let (chain, key) = self.authority.serving_certificate(dns_names)?;
+    pub fn tls_config(
+        &self,
+        dns_names: &[String],
+    ) -> Result<Arc<rustls::ServerConfig>, ServingError> {
+        let (chain, key) = self
+            .authority
+            .serving_certificate(dns_names)
+            .map_err(ServingError::Sign)?;
+        let chain = crate::tls::parse_certs(&chain).map_err(ServingError::Pem)?;
+        let key = crate::tls::parse_key(&key).map_err(ServingError::Pem)?;
         let mut config = rustls::ServerConfig::builder_with_provider(crate::tls::crypto_provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_no_client_auth()
-            .with_single_cert(
-                crate::tls::parse_certs(&chain)?,
-                crate::tls::parse_key(&key)?,
-            )
-            .context("the CA's serving certificate")?;
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .and_then(|builder| builder.with_no_client_auth().with_single_cert(chain, key))
+            .map_err(ServingError::Tls)?;
         config.alpn_protocols = vec![crate::tls::ALPN_H2.to_vec()];
         Ok(Arc::new(config))
     }
 
     /// Serves until the process ends.
-    pub async fn serve(
-        self: Arc<Self>,
-        listener: TcpListener,
-        tls: Arc<rustls::ServerConfig>,
-    ) -> Result<()> {
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, tls: Arc<rustls::ServerConfig>) {
         self.serve_until(listener, tls, std::future::pending())
             .await
     }
@@ -207,7 +217,7 @@ impl CaServer {
         listener: TcpListener,
         tls: Arc<rustls::ServerConfig>,
         shutdown: impl std::future::Future<Output = ()>,
-    ) -> Result<()> {
+    ) {
         self.serve_inner(listener, tls, shutdown, None).await
     }
 
@@ -220,7 +230,7 @@ impl CaServer {
         listener: TcpListener,
         tls: Arc<rustls::ServerConfig>,
         drain: Drain,
-    ) -> Result<()> {
+    ) {
         let signaled = drain.clone();
         self.serve_inner(
             listener,
@@ -237,7 +247,7 @@ impl CaServer {
         tls: Arc<rustls::ServerConfig>,
         shutdown: impl std::future::Future<Output = ()>,
         drain: Option<Drain>,
-    ) -> Result<()> {
+    ) {
         let acceptor = TlsAcceptor::from(tls);
         let api = IstioCertificateServiceServer::from_arc(self.clone())
             .max_decoding_message_size(MAX_MESSAGE)
@@ -316,7 +326,6 @@ impl CaServer {
         if drain.is_some() {
             while connections.join_next().await.is_some() {}
         }
-        Ok(())
     }
 
     async fn serve_connection(
@@ -483,16 +492,7 @@ impl IstioCertificateService for CaServer {
                     })
                     .inc();
                 tracing::warn!(%source, reason = refusal.reason(), "CA: CSR refused: {refusal}");
-                let code = match refusal {
-                    Refusal::Unauthenticated(_) => tonic::Code::Unauthenticated,
-                    Refusal::RateLimited(_) => tonic::Code::ResourceExhausted,
-                    Refusal::NotOnNode(_) | Refusal::NotOwnIdentity(_) => {
-                        tonic::Code::PermissionDenied
-                    }
-                    Refusal::Internal(_) => tonic::Code::Internal,
-                    _ => tonic::Code::InvalidArgument,
-                };
-                Err(tonic::Status::new(code, refusal.to_string()))
+                Err(tonic::Status::new(refusal.code(), refusal.to_string()))
             }
         }
     }

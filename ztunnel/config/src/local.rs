@@ -516,6 +516,19 @@ mod tests {
                 .contains("Service demo/web: spec.ports[0].targetPort")),
             "{errors:?}"
         );
+
+        // A field of the wrong type is refused naming its path.
+        let policy = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: allow, namespace: demo}\nspec:\n  rules:\n  - from:\n    - source: {principals: 42}\n";
+        fs::write(dir.join("ap.yaml"), policy).unwrap();
+        fs::write(dir.join("pod.yaml"), POD.replace("10.244.0.2", "[42]")).unwrap();
+        let (_, errors) = source.load().unwrap();
+        let text: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+        for expected in [
+            "ap.yaml: AuthorizationPolicy demo/allow: spec.rules[0].from[0].source.principals: invalid type: integer `42`",
+            "pod.yaml: Pod demo/sleep: status.podIP: invalid type: sequence",
+        ] {
+            assert!(text.iter().any(|e| e.contains(expected)), "{expected}: {text:?}");
+        }
         fs::remove_dir_all(dir).unwrap();
     }
 

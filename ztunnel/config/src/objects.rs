@@ -565,7 +565,8 @@ impl<K: kube::Resource> kube::Resource for Checked<K> {
 impl<'de, K: DeserializeOwned> Deserialize<'de> for Checked<K> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let value = serde_json::Value::deserialize(deserializer)?;
-        Ok(match K::deserialize(&value) {
+        // The error names the field's path (`status.podIP: invalid type ...`).
+        Ok(match serde_path_to_error::deserialize::<_, K>(&value) {
             Ok(k) => Checked::Valid(k),
             Err(e) => {
                 let text = |field: &str| value["metadata"][field].as_str().map(str::to_owned);
@@ -683,7 +684,7 @@ impl<K: Kind> Typed for TypeOf<K> {
         api_version: &str,
         value: serde_yaml::Value,
     ) -> Result<Object, String> {
-        let object: K = serde_yaml::from_value(value).map_err(|e| e.to_string())?;
+        let object: K = serde_path_to_error::deserialize(value).map_err(|e| e.to_string())?;
         object.translate(key, api_version)
     }
 
@@ -759,7 +760,10 @@ mod tests {
         let bad = &list.items[1];
         let key = ("Pod".into(), "shop".into(), "bad".into());
         let refused = Stored::translate(bad, &key, "v1").unwrap_err();
-        assert!(refused.contains("invalid type: integer `42`"), "{refused}");
+        assert!(
+            refused.contains("status.podIP: invalid type: integer `42`"),
+            "{refused}"
+        );
         // Its identity survives, so that its refusal names it and a later good
         // version replaces it.
         let meta = Stored::meta(bad);

@@ -108,6 +108,71 @@ pub struct MeshArgs {
     pub cert_ttl: Duration,
 }
 
+impl MeshArgs {
+    /// The options the tunnel and the waypoint are run with, from their flags.
+    pub fn options(self, common: &CommonArgs) -> MeshOptions {
+        MeshOptions {
+            trust_domain: common.trust_domain.clone(),
+            trust_domain_aliases: self.trust_domain_aliases,
+            root_namespace: self.root_namespace,
+            ca_address: self.ca_address,
+            ca_server_name: self.ca_server_name,
+            ca_root: self.ca_root,
+            ca_token: self.ca_token,
+            cert_ttl: self.cert_ttl,
+        }
+    }
+}
+
+/// A proxy's place in the mesh (the tunnel's and the waypoint's): whose
+/// identities it trusts, where policies apply mesh-wide, and the CA its
+/// certificates come from.
+#[derive(Clone, Debug)]
+pub struct MeshOptions {
+    pub trust_domain: String,
+    pub trust_domain_aliases: Vec<String>,
+    pub root_namespace: String,
+    pub ca_address: String,
+    pub ca_server_name: String,
+    pub ca_root: PathBuf,
+    pub ca_token: PathBuf,
+    pub cert_ttl: Duration,
+}
+
+impl MeshOptions {
+    /// The state's settings, for a proxy on `node` (empty: not a node's).
+    pub fn settings(&self, node: &str) -> crate::state::MeshSettings {
+        crate::state::MeshSettings {
+            node: node.to_owned(),
+            trust_domain: self.trust_domain.clone(),
+            trust_domain_aliases: self.trust_domain_aliases.clone(),
+            root_namespace: self.root_namespace.clone(),
+        }
+    }
+
+    /// The certificate manager, with a client of the CA (its metrics registered).
+    pub fn cert_manager(
+        &self,
+        registry: &mut prometheus_client::registry::Registry,
+    ) -> Result<std::sync::Arc<crate::certs::CertManager>, crate::ca::client::CaConfigError> {
+        use crate::ca::client::{CaClient, CaClientConfig};
+        let ca = CaClient::new(CaClientConfig::from_files(
+            &self.ca_address,
+            &self.ca_server_name,
+            &self.ca_root,
+            &self.ca_token,
+        )?)?;
+        let mut config = crate::certs::CertManagerConfig::new(&self.trust_domain);
+        config.trust_domain_aliases = self.trust_domain_aliases.clone();
+        config.ttl = self.cert_ttl;
+        Ok(crate::certs::CertManager::new(
+            std::sync::Arc::new(ca),
+            config,
+            registry,
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

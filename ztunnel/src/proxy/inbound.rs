@@ -7,7 +7,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result};
 use bytes::Bytes;
 use h2::{server::SendResponse, RecvStream};
 use http::{Method, Request, Response, StatusCode};
@@ -48,7 +47,7 @@ pub async fn serve_hbone(
         let (ctx2, pod, delivery, tls) = (ctx.clone(), pod.clone(), delivery.clone(), tls.clone());
         ctx.connections.spawn(async move {
             if let Err(e) = hbone_connection(ctx2, pod.clone(), &tls, tcp, peer, delivery).await {
-                tracing::debug!(pod = %pod.name, %peer, "HBONE connection: {e:#}");
+                tracing::debug!(pod = %pod.name, %peer, "HBONE connection: {e}");
             }
         });
     }
@@ -81,6 +80,20 @@ impl ServerTls {
     }
 }
 
+/// Why an HBONE connection ended in error (logged at debug: the peer's trouble;
+/// each CONNECT on it is counted by itself).
+#[derive(Debug, thiserror::Error)]
+enum HboneConnectionError {
+    #[error("mTLS handshake: {0}")]
+    Handshake(std::io::Error),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("HTTP/2: {0}")]
+    Http2(h2::Error),
+    #[error("HTTP/2 keepalive: {0}")]
+    Keepalive(ztunnel_hbone::stream::KeepaliveError),
+}
+
 async fn hbone_connection(
     ctx: Arc<Context>,
     pod: Arc<Workload>,
@@ -88,7 +101,7 @@ async fn hbone_connection(
     tcp: Conn,
     peer: SocketAddr,
     delivery: Delivery,
-) -> Result<()> {
+) -> Result<(), HboneConnectionError> {
     // The certificate's wait counts in the handshake's time.
     let tls = tcp
         .handshake()
@@ -97,7 +110,7 @@ async fn hbone_connection(
             acceptor.accept(tcp).await
         })
         .await
-        .context("mTLS handshake")?;
+        .map_err(HboneConnectionError::Handshake)?;
     let peer_identity = tls::peer_identity(tls.get_ref().1.peer_certificates())?;
     // Once per pooled connection: where HBONE comes from (a source pod's own
     // address, from tunnels that dial inside the pod as Istio's does).
@@ -111,7 +124,7 @@ async fn hbone_connection(
         .max_header_list_size(ztunnel_hbone::stream::MAX_HEADER_LIST_SIZE)
         .handshake::<_, Bytes>(tls)
         .await
-        .context("HTTP/2 handshake")?;
+        .map_err(HboneConnectionError::Http2)?;
     let keepalive = keepalive(
         connection.ping_pong(),
         settings.keepalive_interval,
@@ -124,9 +137,9 @@ async fn hbone_connection(
         let (req, respond) = tokio::select! {
             accepted = connection.accept() => match accepted {
                 None => return Ok(()),
-                Some(accepted) => accepted.context("HTTP/2")?,
+                Some(accepted) => accepted.map_err(HboneConnectionError::Http2)?,
             },
-            e = &mut keepalive => return Err(e).context("HTTP/2 keepalive"),
+            e = &mut keepalive => return Err(HboneConnectionError::Keepalive(e)),
         };
         let (ctx, pod, peer_identity) = (ctx.clone(), pod.clone(), peer_identity.clone());
         let delivery = delivery.clone();

@@ -51,8 +51,9 @@ pub struct Context {
     pub limiter: Arc<crate::accept::Limiter>,
     /// Delivery to applications from their clients' addresses.
     pub orig_src: Arc<crate::orig_src::OrigSrc>,
-    /// Which endpoint of a Service each connection goes to (as the waypoint's).
-    pub balancer: ztunnel_core::balance::Balancer,
+    /// Which endpoint of a Service, or which pod of a waypoint, each connection
+    /// goes to (the waypoint's balancer too).
+    pub balancer: ztunnel_core::balance::Balancer<ztunnel_core::balance::Turn>,
     /// Same-node connections joined in the kernel (or relayed without HBONE).
     pub splice: Arc<crate::splice::Splicer>,
 }

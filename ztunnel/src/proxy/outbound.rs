@@ -8,6 +8,7 @@ use std::{
 };
 
 use http::{HeaderMap, HeaderValue};
+use ztunnel_core::balance::{Balancer, Turn};
 
 use super::{
     pool::{Origin, PodOrigin},
@@ -186,7 +187,7 @@ async fn handle(
 fn route(
     state: &crate::state::State,
     original: SocketAddrV4,
-    balancer: &ztunnel_core::balance::Balancer,
+    balancer: &Balancer<Turn>,
 ) -> Result<Route, Error> {
     let (ip, port) = (*original.ip(), original.port());
     if let Some(service) = state.service_by_vip(ip) {
@@ -201,7 +202,7 @@ fn route(
             return Err(Error::NoRoute(format!("service {name} has no endpoints")));
         }
         if let Some(key) = &service.waypoint {
-            if let Some(waypoint) = waypoint_pod(state, key, true)? {
+            if let Some(waypoint) = waypoint_pod(state, key, true, balancer)? {
                 return Ok(Route::Waypoint {
                     waypoint,
                     authority: original,
@@ -212,7 +213,7 @@ fn route(
         }
         // Round robin over its ready endpoints (the waypoint's balancer too).
         let workload = balancer
-            .pick(ip, &service.endpoints)
+            .pick(&Turn::Service(ip), &service.endpoints)
             .cloned()
             .expect("endpoints, checked above");
         return Ok(match workload.captured {
@@ -230,7 +231,7 @@ fn route(
     }
     if let Some(workload) = state.workload_by_ip(ip) {
         if let Some(key) = &workload.waypoint {
-            if let Some(waypoint) = waypoint_pod(state, key, false)? {
+            if let Some(waypoint) = waypoint_pod(state, key, false, balancer)? {
                 return Ok(Route::Waypoint {
                     waypoint,
                     authority: original,
@@ -255,11 +256,13 @@ fn route(
 }
 
 /// A waypoint pod for traffic to `key`'s waypoint, if that waypoint handles this
-/// kind of traffic. A waypoint that is declared but has no pods fails closed.
+/// kind of traffic: its pods in turn. A waypoint that is declared but has no pods
+/// fails closed.
 fn waypoint_pod(
     state: &crate::state::State,
     key: &(String, String),
     service: bool,
+    balancer: &Balancer<Turn>,
 ) -> Result<Option<Arc<Workload>>, Error> {
     let Some(waypoint) = state.waypoint(key) else {
         return Err(Error::NoRoute(format!(
@@ -275,15 +278,14 @@ fn waypoint_pod(
     if !serves {
         return Ok(None);
     }
-    if waypoint.pods.is_empty() {
-        return Err(Error::NoRoute(format!(
+    let turn = Turn::Waypoint(key.0.clone(), key.1.clone());
+    match balancer.pick(&turn, &waypoint.pods) {
+        Some(pod) => Ok(Some(pod.clone())),
+        None => Err(Error::NoRoute(format!(
             "waypoint {}/{} has no pods",
             key.0, key.1
-        )));
+        ))),
     }
-    Ok(Some(
-        waypoint.pods[fastrand::usize(..waypoint.pods.len())].clone(),
-    ))
 }
 
 async fn hbone(

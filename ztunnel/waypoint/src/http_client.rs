@@ -5,7 +5,6 @@
 
 use std::time::Duration;
 
-use anyhow::{anyhow, Context, Result};
 use bytes::Bytes;
 use http::{response::Parts, Request};
 use http_body_util::{BodyExt, Empty, Limited};
@@ -51,23 +50,39 @@ pub fn connector() -> HttpConnector {
     http
 }
 
+/// Why a request got no whole response.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// With the causes: hyper-util's own message is only "client error (Connect)".
+    #[error("requesting {uri}: {}", crate::error_chain(.error))]
+    Request {
+        uri: http::Uri,
+        error: hyper_util::client::legacy::Error,
+    },
+    #[error("the response body: {error} (at most {max} bytes)")]
+    Body {
+        error: Box<dyn std::error::Error + Send + Sync>,
+        max: usize,
+    },
+}
+
 /// Sends `request` (an absolute URI); returns the response with its body, at most
 /// `max` bytes of it: a larger body is an error, never read whole.
 pub async fn send(
     client: &Client,
     request: Request<Empty<Bytes>>,
     max: usize,
-) -> Result<(Parts, Bytes)> {
+) -> Result<(Parts, Bytes), SendError> {
     let uri = request.uri().clone();
     let response = client
         .request(request)
         .await
-        .with_context(|| format!("requesting {uri}"))?;
+        .map_err(|error| SendError::Request { uri, error })?;
     let (parts, body) = response.into_parts();
     let body = Limited::new(body, max)
         .collect()
         .await
-        .map_err(|e| anyhow!("the response body: {e} (at most {max} bytes)"))?
+        .map_err(|error| SendError::Body { error, max })?
         .to_bytes();
     Ok((parts, body))
 }

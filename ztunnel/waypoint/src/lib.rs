@@ -5,10 +5,12 @@ pub mod waypoint;
 
 pub use waypoint::{run, RequestLimits, WaypointOptions};
 
+use ztunnel_core::telemetry::error_chain;
+
 // Core's modules and the configuration sources under the names they had in one
 // crate.
 use ztunnel_config as config;
 use ztunnel_core::{
-    accept, ca, certs, extauthz, forwarded, http_server, identity, jwt, metrics,
-    path_normalization, policy, state, tls,
+    accept, certs, extauthz, forwarded, http_server, identity, jwt, metrics, path_normalization,
+    policy, state, tls,
 };

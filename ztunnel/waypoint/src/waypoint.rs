@@ -14,7 +14,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context as _, Result};
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
@@ -33,8 +32,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::{
     accept::{AcceptMetrics, Acceptor, Conn, Limiter, Limits},
-    ca::client::{CaClient, CaClientConfig},
-    certs::{CertManager, CertManagerConfig, WorkloadCert},
+    certs::{CertError, CertManager, WorkloadCert},
     config, extauthz, forwarded,
     identity::Identity,
     jwt::{self, Jwks, TokenError},
@@ -43,7 +41,7 @@ use crate::{
         authn::{self, find_token, JwksSource, JwtRule, Location, RequestAuthentication},
         Connection, Request as PolicyRequest, RequestAuth,
     },
-    state::{MeshSettings, State, Workload},
+    state::{State, Workload},
     tls,
 };
 use ztunnel_core::{
@@ -61,7 +59,7 @@ mod telemetry;
 mod upstream;
 use idle::IdleBody;
 use telemetry::{Metered, Record, RequestLabels, RequestMetrics};
-use upstream::{Protocol, Upstreams};
+use upstream::{Protocol, UpstreamError, Upstreams};
 
 #[derive(Clone, Debug)]
 pub struct WaypointOptions {
@@ -71,14 +69,8 @@ pub struct WaypointOptions {
     pub namespace: String,
     /// This waypoint's own pod (its identity comes from its service account).
     pub pod: String,
-    pub trust_domain: String,
-    pub trust_domain_aliases: Vec<String>,
-    pub root_namespace: String,
-    pub ca_address: String,
-    pub ca_server_name: String,
-    pub ca_root: PathBuf,
-    pub ca_token: PathBuf,
-    pub cert_ttl: Duration,
+    /// Trust, the root namespace and the CA.
+    pub mesh: ztunnel_core::cli::MeshOptions,
     pub listen: SocketAddr,
     pub metrics_addr: SocketAddr,
     /// Istio MeshConfig YAML with `extensionProviders` (for CUSTOM policies).
@@ -248,16 +240,64 @@ enum Refusal {
     UnknownDestination(String),
 }
 
+/// Why the waypoint could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Source(#[from] config::SourceError),
+    #[error(
+        "pod {0} is not in the config (or has no address): the waypoint needs its own identity"
+    )]
+    NoOwnPod(String),
+    #[error(transparent)]
+    MeshConfig(#[from] extauthz::MeshConfigError),
+    #[error("pathNormalization: {0}")]
+    PathNormalization(String),
+    #[error(transparent)]
+    Ca(#[from] ztunnel_core::ca::client::CaConfigError),
+    #[error("the waypoint's own certificate: {0}")]
+    Certificate(#[from] CertError),
+    #[error("binding {address}: {error}")]
+    Bind {
+        address: SocketAddr,
+        error: std::io::Error,
+    },
+}
+
+/// Why a downstream connection or one of its streams ended in error (logged at
+/// debug: the client's trouble, or the endpoint's, already counted per request).
+#[derive(Debug, thiserror::Error)]
+enum ConnectionError {
+    #[error("the waypoint's certificate: {0}")]
+    Certificate(#[from] CertError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("mTLS handshake: {0}")]
+    Handshake(std::io::Error),
+    #[error("HTTP/2: {0}")]
+    Http2(hyper::Error),
+    #[error("HTTP: {0}")]
+    Http(upstream::BoxError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("no endpoint of {asked} reachable: {failures}")]
+    Unreachable { asked: SocketAddr, failures: String },
+}
+
+/// Why a request cannot be sent on as it came (answered 400).
+#[derive(Debug, thiserror::Error)]
+enum Unforwardable {
+    #[error("its URI: {0}")]
+    Uri(#[from] http::uri::InvalidUri),
+    #[error("a header value: {0}")]
+    Header(#[from] http::header::InvalidHeaderValue),
+}
+
 /// How long a starting waypoint waits to find its own pod in the config.
 const OWN_POD_WAIT: Duration = Duration::from_secs(60);
 
-pub async fn run(options: WaypointOptions) -> Result<()> {
-    let settings = MeshSettings {
-        node: String::new(),
-        trust_domain: options.trust_domain.clone(),
-        trust_domain_aliases: options.trust_domain_aliases.clone(),
-        root_namespace: options.root_namespace.clone(),
-    };
+pub async fn run(options: WaypointOptions) -> Result<(), StartError> {
+    let settings = options.mesh.settings("");
     let mut registry = Registry::default();
     let config_metrics = config::ConfigMetrics::register(&mut registry);
     let mut snapshots = options.source.watch(config_metrics.clone()).await?;
@@ -278,11 +318,12 @@ pub async fn run(options: WaypointOptions) -> Result<()> {
         );
         match tokio::time::timeout_at(deadline, snapshots.changed()).await {
             Ok(Ok(())) => {}
-            _ => bail!(
-                "pod {}/{} is not in the config (or has no address): the waypoint needs its own identity",
-                options.namespace,
-                options.pod
-            ),
+            _ => {
+                return Err(StartError::NoOwnPod(format!(
+                    "{}/{}",
+                    options.namespace, options.pod
+                )))
+            }
         }
     };
     let states = crate::state::spawn_updates(snapshots, settings, config_metrics.bindings_refused);
@@ -304,20 +345,8 @@ pub async fn run(options: WaypointOptions) -> Result<()> {
         Some(path) => extauthz::MeshConfig::load(path)?,
         None => Default::default(),
     };
-    let ca = CaClient::new(CaClientConfig::from_files(
-        &options.ca_address,
-        &options.ca_server_name,
-        &options.ca_root,
-        &options.ca_token,
-    )?)?;
-    let mut cert_config = CertManagerConfig::new(&options.trust_domain);
-    cert_config.trust_domain_aliases = options.trust_domain_aliases.clone();
-    cert_config.ttl = options.cert_ttl;
-    let certs = CertManager::new(Arc::new(ca), cert_config, &mut registry);
-    certs
-        .fetch(&me.identity)
-        .await
-        .context("the waypoint's own certificate")?;
+    let certs = options.mesh.cert_manager(&mut registry)?;
+    certs.fetch(&me.identity).await?;
 
     let waypoint = Arc::new(Waypoint {
         key: (options.namespace.clone(), options.name.clone()),
@@ -333,7 +362,7 @@ pub async fn run(options: WaypointOptions) -> Result<()> {
         limits: options.limits,
         path_normalization: mesh_config
             .path_normalization()
-            .map_err(|e| anyhow::anyhow!("pathNormalization: {e}"))?,
+            .map_err(StartError::PathNormalization)?,
         trusted_proxies: mesh_config.trusted_proxies(),
         jwks: Mutex::new(HashMap::new()),
         http_client: crate::http_client::new(),
@@ -344,18 +373,19 @@ pub async fn run(options: WaypointOptions) -> Result<()> {
     });
     let drain = waypoint.drain.clone();
     let accept_metrics = AcceptMetrics::register(&mut registry);
-    let metrics = TcpListener::bind(options.metrics_addr)
-        .await
-        .with_context(|| format!("binding {}", options.metrics_addr))?;
+    let bind = |address| async move {
+        TcpListener::bind(address)
+            .await
+            .map_err(|error| StartError::Bind { address, error })
+    };
+    let metrics = bind(options.metrics_addr).await?;
     let metrics_limiter = Limiter::new(Limits::http_endpoint(), accept_metrics.clone());
     tokio::spawn(crate::http_server::serve_draining(
         Acceptor::new(metrics, metrics_limiter, "metrics"),
         crate::metrics::handler(Arc::new(Mutex::new(registry))),
         drain.clone(),
     ));
-    let listener = TcpListener::bind(options.listen)
-        .await
-        .with_context(|| format!("binding {}", options.listen))?;
+    let listener = bind(options.listen).await?;
     tracing::info!(waypoint = %format!("{}/{}", options.namespace, options.name), identity = %me.identity, listen = %options.listen, "waypoint running");
     let limiter = Limiter::new(Limits::proxy(), accept_metrics);
     let acceptor = Acceptor::new(listener, limiter, "waypoint");
@@ -366,7 +396,7 @@ pub async fn run(options: WaypointOptions) -> Result<()> {
                 let waypoint = waypoint.clone();
                 async move {
                     if let Err(e) = waypoint.connection(tcp, peer).await {
-                        tracing::debug!(%peer, "waypoint connection: {e:#}");
+                        tracing::debug!(%peer, "waypoint connection: {e}");
                     }
                 }
             })
@@ -380,12 +410,16 @@ pub async fn run(options: WaypointOptions) -> Result<()> {
 }
 
 impl Waypoint {
-    async fn connection(self: Arc<Self>, tcp: Conn, peer: SocketAddr) -> Result<()> {
+    async fn connection(
+        self: Arc<Self>,
+        tcp: Conn,
+        peer: SocketAddr,
+    ) -> Result<(), ConnectionError> {
         let tls = tcp
             .handshake()
             .run(TlsAcceptor::from(self.server_config().await?).accept(tcp))
             .await
-            .context("mTLS handshake")?;
+            .map_err(ConnectionError::Handshake)?;
         let client = tls::peer_identity(tls.get_ref().1.peer_certificates())?;
         let streams = conn_idle::Streams::new();
         let this = self.clone();
@@ -399,8 +433,7 @@ impl Waypoint {
         let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .serve_connection(TokioIo::new(tls), service);
-        serve_until_done!(self, connection, streams, "hbone").context("HTTP/2")?;
-        Ok(())
+        serve_until_done!(self, connection, streams, "hbone").map_err(ConnectionError::Http2)
     }
 
     /// A downstream connection closed by its request headers or idle timeout:
@@ -425,7 +458,7 @@ impl Waypoint {
 
     /// The TLS server config presenting the current certificate: one for all
     /// connections, made again when the certificate is renewed.
-    async fn server_config(&self) -> Result<Arc<rustls::ServerConfig>> {
+    async fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, ConnectionError> {
         let cert = self.certs.fetch(&self.identity).await?;
         let mut cached = self.tls.lock().expect("not poisoned");
         if let Some((for_cert, config)) = cached.as_ref() {
@@ -591,7 +624,7 @@ impl Waypoint {
         mut stream: TokioIo<hyper::upgrade::Upgraded>,
         client: Identity,
         target: Target,
-    ) -> Result<()> {
+    ) -> Result<(), ConnectionError> {
         let conn = Connection {
             source_identity: Some(client.clone()),
             source_ip: target.client.ip(),
@@ -648,9 +681,8 @@ impl Waypoint {
                 .http2()
                 .max_header_list_size(self.limits.max_header_bytes as u32);
             let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            serve_until_done!(self, connection, streams, "http")
-                .map_err(|e| anyhow::anyhow!("HTTP: {e}"))?;
-            return Ok(());
+            return serve_until_done!(self, connection, streams, "http")
+                .map_err(ConnectionError::Http);
         }
         let state = self.state.borrow().clone();
         let decision = state.policies.authorize_request(
@@ -675,14 +707,13 @@ impl Waypoint {
                     relay(&mut stream, &mut upstream).await?;
                     return Ok(());
                 }
-                Err(e) => failures.push(format!("{}: {e:#}", endpoint.name)),
+                Err(e) => failures.push(format!("{}: {e}", endpoint.name)),
             }
         }
-        bail!(
-            "no endpoint of {} reachable: {}",
-            target.asked,
-            failures.join("; ")
-        )
+        Err(ConnectionError::Unreachable {
+            asked: target.asked,
+            failures: failures.join("; "),
+        })
     }
 
     /// Whether a connection to `target` can only be HTTP: its Service port says
@@ -715,7 +746,7 @@ impl Waypoint {
             return Vec::new();
         };
         self.balancer
-            .attempts(vip, &service.endpoints)
+            .attempts(&vip, &service.endpoints)
             .take(ATTEMPTS)
             .collect()
     }
@@ -726,14 +757,13 @@ impl Waypoint {
         endpoint: &Workload,
         port: u16,
         client: SocketAddr,
-    ) -> Result<Box<dyn Io>> {
+    ) -> Result<Box<dyn Io>, UpstreamError> {
         let address = SocketAddr::new(IpAddr::V4(endpoint.ip), port);
         if !endpoint.captured {
-            return Ok(Box::new(
-                TcpStream::connect(address)
-                    .await
-                    .with_context(|| format!("connecting to {address}"))?,
-            ));
+            return match TcpStream::connect(address).await {
+                Ok(tcp) => Ok(Box::new(tcp)),
+                Err(error) => Err(UpstreamError::Connect { address, error }),
+            };
         }
         let cert: Arc<WorkloadCert> = self.certs.fetch(&self.identity).await?;
         let hbone = SocketAddr::new(IpAddr::V4(endpoint.ip), ztunnel_ebpf_common::HBONE_PORT);
@@ -1180,7 +1210,7 @@ impl Waypoint {
         let req = match upstream_request(req, host, target, protocol, upgrade) {
             Ok(req) => req,
             Err(e) => {
-                tracing::warn!(dst = %target.asked, "request refused (400): {e:#}");
+                tracing::warn!(dst = %target.asked, "request refused (400): {e}");
                 return Handled::local(text(StatusCode::BAD_REQUEST, "Bad Request\n"));
             }
         };
@@ -1250,7 +1280,7 @@ impl Waypoint {
                             .with(Flag::UpstreamRetryLimitExceeded),
                         (false, _) => Flag::UpstreamConnectionTermination.into(),
                     };
-                    tracing::warn!(dst = %target.asked, endpoint = %endpoint.name, protocol = protocol.as_str(), "waypoint: upstream failed ({flags}): {:#}", e.error);
+                    tracing::warn!(dst = %target.asked, endpoint = %endpoint.name, protocol = protocol.as_str(), "waypoint: upstream failed ({flags}): {}", e.error);
                     // Refused unprocessed: sent again from the copy, if kept.
                     let again = || replay.as_ref().map(retry::Replay::request);
                     match e.unsent.or_else(|| e.refused_stream.then(again).flatten()) {
@@ -1322,7 +1352,7 @@ fn upstream_request(
     target: &Target,
     protocol: Protocol,
     upgrade: Option<http::HeaderValue>,
-) -> Result<Request<upstream::Body>> {
+) -> Result<Request<upstream::Body>, Unforwardable> {
     let asked = target.asked;
     let (mut parts, body) = req.into_parts();
     let path = parts
@@ -1554,7 +1584,7 @@ async fn fetch(client: &crate::http_client::Client, uri: &str) -> Result<Jwks, S
     // Never more than MAX_JWKS_BYTES in memory, whatever the server sends.
     let (parts, body) = crate::http_client::send(client, request, jwt::MAX_JWKS_BYTES)
         .await
-        .map_err(|e| format!("{e:#}"))?;
+        .map_err(|e| e.to_string())?;
     if !parts.status.is_success() {
         return Err(format!("HTTP {}", parts.status));
     }

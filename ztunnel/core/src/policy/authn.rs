@@ -154,16 +154,14 @@ impl RequestAuthentication {
             readable &= key.as_str().is_some_and(|k| SPEC_FIELDS.contains(&k));
         }
         let field = |name: &str| map.get(name).filter(|v| !v.is_null());
-        let selector = match field("selector")
-            .map(|s| serde_yaml::from_value::<super::authz::Selector>(s.clone()))
-        {
+        let selector = match field("selector").map(super::read::<super::authz::Selector>) {
             None => None,
             Some(Ok(s)) => Some(s.match_labels),
             // Only a waypoint applies RequestAuthentication here, by targetRefs:
             // a bad selector is reported and changes nothing.
-            Some(Err(e)) => {
+            Some(Err((below, e))) => {
                 refused.push(RefusedRule {
-                    reason: FieldError::spec("selector", e.to_string()),
+                    reason: FieldError::spec(format!("selector{below}"), e),
                     locations: Some((Vec::new(), Vec::new())),
                 });
                 None
@@ -263,23 +261,25 @@ pub fn rule_for<'a>(rules: &[&'a JwtRule], token: &str) -> Result<&'a JwtRule, T
 
 /// One `jwtRules` entry, or why it is refused: (the field's path under the rule,
 /// what is wrong).
-fn compile_rule(value: &serde_yaml::Value) -> Result<JwtRule, (&'static str, String)> {
-    let rule: RuleSpec = serde_yaml::from_value(value.clone()).map_err(|e| ("", e.to_string()))?;
+fn compile_rule(value: &serde_yaml::Value) -> Result<JwtRule, (String, String)> {
+    let rule: RuleSpec = super::read(value)?;
     if rule.issuer.is_empty() {
-        return Err((".issuer", "required".into()));
+        return Err((".issuer".into(), "required".into()));
     }
     if !rule.from_cookies.is_empty() {
-        return Err((".fromCookies", "not supported".into()));
+        return Err((".fromCookies".into(), "not supported".into()));
     }
     let jwks = match (rule.jwks, rule.jwks_uri) {
         (Some(inline), _) => {
-            JwksSource::Inline(Jwks::parse(&inline).map_err(|e| (".jwks", e.to_string()))?)
+            JwksSource::Inline(Jwks::parse(&inline).map_err(|e| (".jwks".into(), e.to_string()))?)
         }
         (None, Some(uri)) if uri.starts_with("http://") || uri.starts_with("https://") => {
             JwksSource::Uri(uri)
         }
-        (None, Some(uri)) => return Err((".jwksUri", format!("{uri:?} is not an http(s) URL"))),
-        (None, None) => return Err(("", "jwks or jwksUri is required".into())),
+        (None, Some(uri)) => {
+            return Err((".jwksUri".into(), format!("{uri:?} is not an http(s) URL")))
+        }
+        (None, None) => return Err((String::new(), "jwks or jwksUri is required".into())),
     };
     let (from_headers, from_params) = locations(
         rule.from_headers

@@ -338,15 +338,14 @@ impl Compiled {
                 Action::Deny
             }
         };
-        let provider =
-            match field("provider").map(|p| serde_yaml::from_value::<Provider>(p.clone())) {
-                None => None,
-                Some(Ok(p)) => Some(p.name),
-                Some(Err(e)) => {
-                    refused.push(FieldError::spec("provider", e.to_string()));
-                    None
-                }
-            };
+        let provider = match field("provider").map(super::read::<Provider>) {
+            None => None,
+            Some(Ok(p)) => Some(p.name),
+            Some(Err((below, e))) => {
+                refused.push(FieldError::spec(format!("provider{below}"), e));
+                None
+            }
+        };
         match (action, &provider) {
             (Action::Custom, None) => refused.push(FieldError::spec(
                 "provider",
@@ -377,16 +376,15 @@ impl Compiled {
             }
         };
         let mut selector_unknown = !readable;
-        let selector =
-            match field("selector").map(|s| serde_yaml::from_value::<Selector>(s.clone())) {
-                None => None,
-                Some(Ok(s)) => Some(s.match_labels),
-                Some(Err(e)) => {
-                    refused.push(FieldError::spec("selector", e.to_string()));
-                    selector_unknown = true;
-                    None
-                }
-            };
+        let selector = match field("selector").map(super::read::<Selector>) {
+            None => None,
+            Some(Ok(s)) => Some(s.match_labels),
+            Some(Err((below, e))) => {
+                refused.push(FieldError::spec(format!("selector{below}"), e));
+                selector_unknown = true;
+                None
+            }
+        };
         let (targets, mut any_target) = compile_targets(
             namespace,
             field("targetRef"),
@@ -410,8 +408,8 @@ impl Compiled {
             None => {}
             Some(serde_yaml::Value::Sequence(list)) => {
                 for (i, rule) in list.iter().enumerate() {
-                    let compiled = serde_yaml::from_value::<RuleSpec>(rule.clone())
-                        .map_err(|e| FieldError::spec(format!("rules[{i}]"), e.to_string()))
+                    let compiled = super::read::<RuleSpec>(rule)
+                        .map_err(|(below, e)| FieldError::spec(format!("rules[{i}]{below}"), e))
                         .and_then(|r| {
                             compile_rule(r, action).map_err(|e| {
                                 FieldError::spec(format!("rules[{i}].{}", e.path), e.problem)

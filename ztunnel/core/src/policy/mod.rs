@@ -122,6 +122,22 @@ impl FieldError {
     }
 }
 
+/// Reads a part of a policy as `T`. Refused: the path below `value` of the field
+/// at fault, as a suffix to `value`'s own path (`.from[0].source.principals`,
+/// `[2]`, or empty for `value` itself), and what is wrong with it.
+pub(crate) fn read<T: serde::de::DeserializeOwned>(
+    value: &serde_yaml::Value,
+) -> Result<T, (String, String)> {
+    serde_path_to_error::deserialize(value.clone()).map_err(|e| {
+        let below = match e.path().to_string() {
+            whole if whole == "." => String::new(),
+            index if index.starts_with('[') => index,
+            field => format!(".{field}"),
+        };
+        (below, e.into_inner().to_string())
+    })
+}
+
 /// Why the config source refuses a `security.istio.io` resource: every problem,
 /// and what the policy does while it stays in force, fail closed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

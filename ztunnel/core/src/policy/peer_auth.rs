@@ -105,9 +105,9 @@ impl PeerAuthentication {
         let spec: Spec = if spec.is_null() {
             Spec::default()
         } else {
-            serde_yaml::from_value(spec.clone()).map_err(|e| FieldError {
-                path: "spec".into(),
-                problem: e.to_string(),
+            super::read(spec).map_err(|(below, problem)| FieldError {
+                path: format!("spec{below}"),
+                problem,
             })?
         };
         let mode = Mode::parse(

@@ -505,10 +505,24 @@ fn invalid_policies_are_refused_with_the_field() {
             "rules: [{from: [{source: {serviceAccounts: [nons]}}]}]",
             "serviceAccounts",
         ),
+        // A field of the wrong type: refused with its own path.
+        (
+            "rules: [{from: [{source: {principals: 42}}]}]",
+            "spec.rules[0].from[0].source.principals: invalid type: integer `42`",
+        ),
+        (
+            "selector: {matchLabels: [web]}",
+            "spec.selector.matchLabels: invalid type: sequence",
+        ),
     ] {
         let err = validate(&ap("shop", "bad", spec)).unwrap_err();
         assert!(err.contains(error), "{spec}: {err}");
     }
+    let err = validate(&pa("shop", "bad", "mtls: {mode: [STRICT]}")).unwrap_err();
+    assert!(
+        err.contains("spec.mtls.mode: invalid type: sequence"),
+        "{err}"
+    );
     let err = validate(&policy_with(
         "AuthorizationPolicy",
         "shop",

@@ -7,7 +7,6 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use anyhow::Result;
 use http::HeaderMap;
 use hyper_util::{
     client::legacy::{connect::HttpConnector, Client as Pooled},
@@ -21,6 +20,19 @@ use crate::{
     },
     http_client,
 };
+
+/// Why a provider gave no answer (the request is then decided per `failOpen`).
+#[derive(Debug, thiserror::Error)]
+enum ProviderError {
+    #[error("the check request: {0}")]
+    Request(#[from] http::Error),
+    #[error(transparent)]
+    Send(#[from] http_client::SendError),
+    #[error("the provider's address: {0}")]
+    Uri(#[from] http::uri::InvalidUri),
+    #[error("gRPC status {:?}: {}", .0.code(), .0.message())]
+    Status(tonic::Status),
+}
 
 /// When a provider's timeout cannot be read (it was checked at load).
 const DEFAULT_TIMEOUT: Duration = Duration::from_millis(600);
@@ -38,11 +50,11 @@ pub async fn check_http(
     let timeout = parse_timeout(provider.timeout.as_deref()).unwrap_or(DEFAULT_TIMEOUT);
     let ask = async {
         let request = http_request(provider, address, method, path, headers)?;
-        http_client::send(client, request, MAX_RESPONSE_BYTES).await
+        Ok::<_, ProviderError>(http_client::send(client, request, MAX_RESPONSE_BYTES).await?)
     };
     let failure = match tokio::time::timeout(timeout, ask).await {
         Ok(Ok((parts, body))) => return http_verdict(provider, parts.status, &parts.headers, body),
-        Ok(Err(e)) => format!("the provider failed: {e:#}"),
+        Ok(Err(e)) => format!("the provider failed: {e}"),
         Err(_) => format!("the provider did not answer within {timeout:?}"),
     };
     on_failure(
@@ -71,7 +83,7 @@ pub async fn check_grpc(
     let timeout = parse_timeout(provider.timeout.as_deref()).unwrap_or(DEFAULT_TIMEOUT);
     let failure = match tokio::time::timeout(timeout, ask_grpc(client, address, &context)).await {
         Ok(Ok(response)) => return grpc_verdict(response),
-        Ok(Err(e)) => format!("the provider failed: {e:#}"),
+        Ok(Err(e)) => format!("the provider failed: {e}"),
         Err(_) => format!("the provider did not answer within {timeout:?}"),
     };
     on_failure(
@@ -85,15 +97,13 @@ async fn ask_grpc(
     client: &GrpcClient,
     address: SocketAddr,
     context: &CheckContext<'_>,
-) -> Result<proto::CheckResponse> {
+) -> Result<proto::CheckResponse, ProviderError> {
     let origin: http::Uri = format!("http://{address}").parse()?;
     let mut authz = proto::AuthorizationClient::with_origin(client.clone(), origin)
         .max_decoding_message_size(MAX_RESPONSE_BYTES);
     let response = authz
         .check(check_request(context))
         .await
-        .map_err(|status| {
-            anyhow::anyhow!("gRPC status {:?}: {}", status.code(), status.message())
-        })?;
+        .map_err(ProviderError::Status)?;
     Ok(response.into_inner())
 }

@@ -13,7 +13,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result};
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::combinators::BoxBody;
@@ -70,11 +69,36 @@ pub struct Key {
     pub protocol: Protocol,
 }
 
+/// Why an upstream connection could not be opened, or a request on it failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("connecting to {address}: {error}")]
+    Connect {
+        address: SocketAddr,
+        error: std::io::Error,
+    },
+    #[error("the waypoint's certificate: {0}")]
+    Certificate(#[from] crate::certs::CertError),
+    #[error("HBONE: {0}")]
+    Hbone(#[from] ztunnel_hbone::pool::Error),
+    #[error("{protocol} handshake: {}", crate::error_chain(.error))]
+    Handshake {
+        protocol: &'static str,
+        error: hyper::Error,
+    },
+    /// With its causes: hyper's own message is often only "connection error".
+    #[error("{}", crate::error_chain(.0))]
+    Request(hyper::Error),
+}
+
+/// What a dial returns: a byte stream to the endpoint.
+pub type Dialed = Result<Box<dyn Io>, UpstreamError>;
+
 /// A request that failed before any of it reached the endpoint comes back, so
 /// that it can be tried on another (Istio's retry on connect failure and refused
 /// streams).
 pub struct SendError {
-    pub error: anyhow::Error,
+    pub error: UpstreamError,
     pub unsent: Option<Request<Body>>,
     /// The connection could not be opened at all (Envoy's `UF`).
     pub connect_failure: bool,
@@ -132,7 +156,7 @@ impl Upstreams {
     ) -> Result<Response<Incoming>, SendError>
     where
         D: FnOnce() -> F,
-        F: Future<Output = Result<Box<dyn Io>>>,
+        F: Future<Output = Dialed>,
     {
         match key.protocol {
             Protocol::Http1 => self.send_http1(key, req, dial).await,
@@ -148,7 +172,7 @@ impl Upstreams {
     ) -> Result<Response<Incoming>, SendError>
     where
         D: FnOnce() -> F,
-        F: Future<Output = Result<Box<dyn Io>>>,
+        F: Future<Output = Dialed>,
     {
         let mut sender = match self.idle_http1(key) {
             Some(sender) => sender,
@@ -158,14 +182,14 @@ impl Upstreams {
                     let (mut sender, connection) = http1::Builder::new()
                         .handshake(TokioIo::new(io))
                         .await
-                        .context("HTTP/1.1 handshake")?;
+                        .map_err(handshake("HTTP/1.1"))?;
                     tokio::spawn(async move {
                         if let Err(e) = connection.await {
                             tracing::debug!("waypoint upstream HTTP/1.1: {e}");
                         }
                     });
-                    sender.ready().await.context("HTTP/1.1 connection")?;
-                    anyhow::Ok(sender)
+                    sender.ready().await.map_err(handshake("HTTP/1.1"))?;
+                    Ok::<_, UpstreamError>(sender)
                 };
                 match connect.await {
                     Ok(sender) => sender,
@@ -196,7 +220,7 @@ impl Upstreams {
             }
             Err(mut e) => Err(SendError {
                 unsent: e.take_message(),
-                error: e.into_error().into(),
+                error: UpstreamError::Request(e.into_error()),
                 connect_failure: false,
                 refused_stream: false,
             }),
@@ -212,19 +236,19 @@ impl Upstreams {
     ) -> Result<Response<Incoming>, SendError>
     where
         D: FnOnce() -> F,
-        F: Future<Output = Result<Box<dyn Io>>>,
+        F: Future<Output = Dialed>,
     {
         let connect = async {
             let io = dial().await?;
             let (sender, connection) = http1::handshake(TokioIo::new(io))
                 .await
-                .context("HTTP/1.1 handshake")?;
+                .map_err(handshake("HTTP/1.1"))?;
             tokio::spawn(async move {
                 if let Err(e) = connection.with_upgrades().await {
                     tracing::debug!("waypoint upstream HTTP/1.1 (upgrade): {e}");
                 }
             });
-            anyhow::Ok(sender)
+            Ok::<_, UpstreamError>(sender)
         };
         let mut sender = match connect.await {
             Ok(sender) => sender,
@@ -242,7 +266,7 @@ impl Upstreams {
             .await
             .map_err(|mut e| SendError {
                 unsent: e.take_message(),
-                error: e.into_error().into(),
+                error: UpstreamError::Request(e.into_error()),
                 connect_failure: false,
                 refused_stream: false,
             })
@@ -265,7 +289,7 @@ impl Upstreams {
     ) -> Result<Response<Incoming>, SendError>
     where
         D: FnOnce() -> F,
-        F: Future<Output = Result<Box<dyn Io>>>,
+        F: Future<Output = Dialed>,
     {
         let mut sender = match self.open_http2(key) {
             Some(sender) => sender,
@@ -302,7 +326,7 @@ impl Upstreams {
                 Err(SendError {
                     unsent,
                     refused_stream: refused_stream(&error),
-                    error: error.into(),
+                    error: UpstreamError::Request(error),
                     connect_failure: false,
                 })
             }
@@ -320,10 +344,14 @@ impl Upstreams {
         Some(conn.sender.clone())
     }
 
-    async fn dial_http2<D, F>(&self, key: &Key, dial: D) -> Result<http2::SendRequest<Body>>
+    async fn dial_http2<D, F>(
+        &self,
+        key: &Key,
+        dial: D,
+    ) -> Result<http2::SendRequest<Body>, UpstreamError>
     where
         D: FnOnce() -> F,
-        F: Future<Output = Result<Box<dyn Io>>>,
+        F: Future<Output = Dialed>,
     {
         let io = dial().await?;
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
@@ -334,7 +362,7 @@ impl Upstreams {
             .initial_connection_window_size(16 * 1024 * 1024)
             .handshake(TokioIo::new(io))
             .await
-            .context("HTTP/2 handshake")?;
+            .map_err(handshake("HTTP/2"))?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!("waypoint upstream HTTP/2: {e}");
@@ -366,6 +394,10 @@ impl Upstreams {
             .expect("not poisoned")
             .retain(|_, gate| Arc::strong_count(gate) > 1);
     }
+}
+
+fn handshake(protocol: &'static str) -> impl FnOnce(hyper::Error) -> UpstreamError {
+    move |error| UpstreamError::Handshake { protocol, error }
 }
 
 /// Whether the server reset the stream with REFUSED_STREAM: it did not process

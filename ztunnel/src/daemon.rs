@@ -301,13 +301,7 @@ async fn reconcile_loop(
             let _ = tokio::task::spawn_blocking(move || release_leftovers(&ctx, &state, &enrolled))
                 .await;
         }
-        if !ready.swap(true, Ordering::AcqRel) {
-            // Start-up is over: its code need not stay resident.
-            match ztunnel_core::memory::release_startup_code() {
-                Ok(bytes) => tracing::debug!(bytes, "start-up code released"),
-                Err(e) => tracing::debug!("start-up code not released: {e}"),
-            }
-        }
+        ready.store(true, Ordering::Release);
         previous = Some(state);
         let retry = pending.values().map(|p| p.next).min();
         loop {

@@ -109,12 +109,11 @@ async fn a_same_node_connection_is_spliced_and_carries_every_byte_both_ways() {
     );
 }
 
-/// Known bug, left for its own issue: on a loaded machine (the full suite), a
-/// spliced 8 MB echo sometimes ends with "Broken pipe": the reply redirected to
-/// the client's socket (which has received the client's FIN) fails in the
-/// kernel's sockmap backlog, and the client gets no reply. Run alone it passes.
+/// 8 MB each way, the client's FIN right behind its last byte and the reply only
+/// after it: each FIN arrives on its own (an empty skb) while bytes are in
+/// flight the other way. (Redirecting an empty skb once made the kernel mark
+/// the peer socket EPIPE, which ended the connection before the reply.)
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "fails under load (EPIPE in the sockmap egress redirect to a half-closed socket); see issue 18 item 3 report"]
 async fn large_spliced_transfers_deliver_every_byte_both_ways() {
     let mesh = mesh("kernel").await;
     let _echo = EchoServer::start(mesh.cluster.pod("local-server"), 8080).unwrap();

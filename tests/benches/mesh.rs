@@ -501,8 +501,8 @@ fn latency_and_connections(bench: &Bench) -> Result<()> {
 }
 
 /// Same-node section: pods on one node, through the tunnel with
-/// `--same-node-splice=kernel` (joined in the kernel), with `off` (HBONE on the
-/// same tunnel), and direct (outside the mesh). Throughput and 1-byte round trips
+/// `--same-node-splice=kernel` (joined in the kernel), with `user` (relayed in
+/// user space without HBONE), with `off` (HBONE on the same tunnel), and direct (outside the mesh). Throughput and 1-byte round trips
 /// (everything on CPU 0), as ratios to direct. Goals (issue 18): spliced
 /// throughput >= 0.8x direct, round trip <= 1.3x direct.
 async fn same_node() -> Result<()> {
@@ -530,7 +530,7 @@ async fn same_node() -> Result<()> {
     // (path, client, server, tunnel mode), rounds interleaved per mode.
     let mut results: Vec<(&str, f64, f64)> = Vec::new();
     let mut spliced = 0.0;
-    for mode in ["kernel", "off"] {
+    for mode in ["kernel", "user", "off"] {
         mesh.stop_tunnel("node-a").await?;
         mesh.tunnel_args.insert(
             "node-a".into(),
@@ -572,7 +572,7 @@ async fn same_node() -> Result<()> {
         median(direct.iter().map(|r| r.1).collect()),
         median(direct.iter().map(|r| r.2).collect()),
     );
-    for (name, label) in [("kernel", "spliced"), ("off", "hbone   ")] {
+    for (name, label) in [("kernel", "spliced"), ("user", "user   "), ("off", "hbone  ")] {
         let (_, b, r) = results.iter().find(|r| r.0 == name).context("a result")?;
         println!(
             "same-node/{label} throughput {:.2} Gbit/s vs direct {:.2}: ratio {:.2}; 1-byte round trip {:.1} µs vs direct {:.1}: ratio {:.2} (median of {}; round trips on CPU 0)",

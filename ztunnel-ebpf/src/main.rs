@@ -452,13 +452,25 @@ fn inbound_v6(ctx: &SkLookupContext) -> u32 {
 /// carries them, or ends the connection): never dropped here.
 #[stream_verdict]
 pub fn splice_verdict(ctx: SkBuffContext) -> u32 {
+    // A FIN that arrives without payload comes here as an empty skb. Redirected,
+    // the kernel's send of its zero bytes counts as a failure: EPIPE on the peer
+    // socket and no more redirects into it. The FIN is already in this socket's
+    // state, which the tunnel watches and passes on in order; the skb holds no byte.
+    if ctx.len() == 0 {
+        return SK_DROP;
+    }
     // SAFETY: helper valid for sk_skb programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: read-only lookup of a plain value, copied out at once.
     if let Some(mut peer) = unsafe { SPLICE_PEERS.get(&cookie) }.copied() {
-        // On success this marks the skb for the peer's egress; on failure it
-        // leaves it unmarked and SK_PASS keeps it here.
-        let _ = SPLICE_SOCKETS.redirect_skb(&ctx, &mut peer, 0);
+        // On success this marks the skb for the peer's egress.
+        if SPLICE_SOCKETS.redirect_skb(&ctx, &mut peer, 0) == i64::from(SK_PASS) {
+            return SK_PASS;
+        }
+        // The peer is not in the map (yet, or any more): these bytes stay here for
+        // the tunnel, and so does everything after them on this socket, so that
+        // the kernel never sends later bytes ahead of ones the tunnel carries.
+        let _ = SPLICE_PEERS.remove(&cookie);
     }
     SK_PASS
 }

@@ -265,8 +265,10 @@ impl Splicer {
         k.peers.insert(cb, ca, 0)?;
         // The delivery first: until the client's socket is in, bytes from the
         // application stay on its socket and the watcher carries them (see
-        // `watch`); the client usually speaks first, and its bytes already
-        // queued are taken by the program once its socket is in.
+        // `watch`), and the rest of that direction too, in order (the program
+        // then drops the socket's peer entry); the client usually speaks first,
+        // and its bytes already queued are taken by the program once its
+        // socket is in.
         k.sockets.insert(cb, b.as_fd().as_raw_fd(), 0)?;
         k.sockets.insert(ca, a.as_fd().as_raw_fd(), 0)?;
         drop(k);

@@ -20,6 +20,8 @@
 //!   tb-probe stall <ip:port> <msg>         send (e.g. part of a request), then nothing:
 //!                                          what came back and when the peer closed
 //!   tb-probe late <ip:port> <ms> <msg>     connect, wait, then send and read to the end
+//!   tb-probe reset <ip:port> <bytes>       send up to that many bytes (what the peer takes
+//!                                          within a second, reading nothing), then reset: sent=
 //! Measurements (against testbed::app::BenchServer):
 //!   tb-probe throughput <ip:port> <bytes> [n]  send to a sink (over n connections at
 //!                                          once, bytes in all); print bits per second
@@ -72,6 +74,7 @@ fn main() -> ExitCode {
         ["slow", addr, millis, message] => slow(addr, millis, message),
         ["stall", addr, message] => stall(addr, message),
         ["late", addr, millis, message] => late(addr, millis, message),
+        ["reset", addr, bytes] => reset(addr, bytes),
         ["throughput", addr, bytes] => throughput(addr, bytes, "1"),
         ["throughput", addr, bytes, streams] => throughput(addr, bytes, streams),
         ["rr", addr, count, cpu] => round_trips(addr, count, cpu),
@@ -179,6 +182,30 @@ fn bulk(addr: &str, bytes: &str) -> anyhow::Result<()> {
         data.len(),
         reply.len() - colon - 1
     );
+    Ok(())
+}
+
+/// Writes without reading the reply until the bytes are sent or the peer stops
+/// taking them, then closes with SO_LINGER 0: a reset mid-transfer.
+fn reset(addr: &str, bytes: &str) -> anyhow::Result<()> {
+    let addr: SocketAddr = addr.parse()?;
+    let data = payload(bytes.parse()?);
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_write_timeout(Some(Duration::from_secs(1)))?;
+    let mut sent = 0;
+    while sent < data.len() {
+        match stream.write(&data[sent..]) {
+            Ok(n) => sent += n,
+            Err(_) => break,
+        }
+    }
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    nix::sys::socket::setsockopt(&stream, nix::sys::socket::sockopt::Linger, &linger)?;
+    drop(stream);
+    println!("sent={sent}");
     Ok(())
 }
 

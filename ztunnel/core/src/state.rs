@@ -959,4 +959,335 @@ mod tests {
             assert_eq!(b.waypoint == key, own, "{allowed:?}");
         }
     }
+
+    /// A small deterministic generator (xorshift), so a failure is reproducible
+    /// from its seed.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+        fn chance(&mut self, percent: u64) -> bool {
+            self.next() % 100 < percent
+        }
+        fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
+            items[self.below(items.len())]
+        }
+    }
+
+    const NAMESPACES: [&str; 4] = ["a", "b", "infra", "istio-system"];
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    /// One random object of a small world, so that objects collide: pods share
+    /// addresses, Services share VIPs, slices list pods of other namespaces,
+    /// bindings name Gateways that admit or refuse them.
+    fn random_change(rng: &mut Rng, snapshot: &mut Snapshot) {
+        use config::{AllowedNamespaces, EndpointSlice, Gateway, LabelSelector};
+        let ns = rng.pick(&NAMESPACES).to_string();
+        let delete = rng.chance(25);
+        match rng.below(7) {
+            0 => {
+                let key = ns.clone();
+                if delete {
+                    snapshot.namespaces.remove(&key);
+                    return;
+                }
+                let mut l = Vec::new();
+                if rng.chance(70) {
+                    l.push((config::DATAPLANE_MODE, config::AMBIENT));
+                }
+                if rng.chance(30) {
+                    l.push((config::USE_WAYPOINT, "wp"));
+                    if rng.chance(50) {
+                        l.push((config::USE_WAYPOINT_NAMESPACE, "infra"));
+                    }
+                }
+                if rng.chance(50) {
+                    l.push(("team", rng.pick(&["x", "y"])));
+                }
+                snapshot.namespaces.insert(
+                    key.clone(),
+                    Namespace {
+                        name: key,
+                        labels: labels(&l),
+                        annotations: BTreeMap::new(),
+                    },
+                );
+            }
+            1 | 2 => {
+                let key = (ns.clone(), format!("p{}", rng.below(6)));
+                if delete {
+                    snapshot.pods.remove(&key);
+                    return;
+                }
+                let mut l = vec![("app", rng.pick(&["x", "y", "z"]))];
+                if rng.chance(15) {
+                    l.push((config::DATAPLANE_MODE, config::OPT_OUT));
+                }
+                if rng.chance(20) {
+                    l.push((config::GATEWAY_NAME, "wp"));
+                }
+                if rng.chance(20) {
+                    l.push((config::USE_WAYPOINT, rng.pick(&["wp", "none"])));
+                    if rng.chance(50) {
+                        l.push((config::USE_WAYPOINT_NAMESPACE, "infra"));
+                    }
+                }
+                let mut p = pod(
+                    &key.0,
+                    &key.1,
+                    rng.pick(&["n1", "n2"]),
+                    [10, 0, 0, 1 + rng.below(5) as u8],
+                    &l,
+                );
+                if rng.chance(10) {
+                    p.ip = None;
+                }
+                if rng.chance(5) {
+                    p.service_account = "Not A Name".into();
+                }
+                snapshot.pods.insert(key, p);
+            }
+            3 => {
+                let key = (ns.clone(), format!("s{}", rng.below(4)));
+                if delete {
+                    snapshot.services.remove(&key);
+                    return;
+                }
+                let named = rng.chance(30);
+                snapshot.services.insert(
+                    key.clone(),
+                    SvcConfig {
+                        name: key.1.clone(),
+                        namespace: key.0.clone(),
+                        labels: match rng.chance(30) {
+                            true => labels(&[(config::USE_WAYPOINT, "wp")]),
+                            false => BTreeMap::new(),
+                        },
+                        cluster_ip: (!rng.chance(20))
+                            .then(|| [10, 96, 0, 1 + rng.below(3) as u8].into()),
+                        ports: vec![ServicePort {
+                            name: Some("http".into()),
+                            port: 80,
+                            target_port: if named { 0 } else { 8080 },
+                            target_port_name: named.then(|| "web".into()),
+                            app_protocol: None,
+                        }],
+                        selector: match rng.chance(30) {
+                            true => BTreeMap::new(),
+                            false => labels(&[("app", rng.pick(&["x", "y"]))]),
+                        },
+                    },
+                );
+            }
+            4 => {
+                let key = (ns.clone(), format!("e{}", rng.below(4)));
+                if delete {
+                    snapshot.endpoint_slices.remove(&key);
+                    return;
+                }
+                let addresses = (1..=5)
+                    .filter(|_| rng.chance(40))
+                    .map(|i| [10, 0, 0, i].into())
+                    .collect();
+                snapshot.endpoint_slices.insert(
+                    key.clone(),
+                    EndpointSlice {
+                        name: key.1.clone(),
+                        namespace: key.0.clone(),
+                        service: (!rng.chance(10)).then(|| format!("s{}", rng.below(4))),
+                        addresses,
+                        ports: vec![(Some("http".into()), 8000 + rng.below(3) as u16)],
+                    },
+                );
+            }
+            5 => {
+                let key = (rng.pick(&["a", "infra"]).to_string(), "wp".to_string());
+                if delete {
+                    snapshot.gateways.remove(&key);
+                    return;
+                }
+                let allowed = match rng.below(3) {
+                    0 => AllowedNamespaces::Same,
+                    1 => AllowedNamespaces::All,
+                    _ => AllowedNamespaces::Selector(LabelSelector {
+                        match_labels: labels(&[("team", "x")]),
+                        match_expressions: Vec::new(),
+                    }),
+                };
+                snapshot.gateways.insert(
+                    key.clone(),
+                    Gateway {
+                        name: key.1.clone(),
+                        namespace: key.0.clone(),
+                        class: rng.pick(&[config::WAYPOINT_CLASS, "other"]).into(),
+                        labels: labels(&[(
+                            config::WAYPOINT_FOR,
+                            rng.pick(&["service", "workload", "all"]),
+                        )]),
+                        allowed_namespaces: allowed,
+                    },
+                );
+            }
+            _ => {
+                let name = format!("ap{}", rng.below(3));
+                let key = ("AuthorizationPolicy".to_string(), ns.clone(), name.clone());
+                if delete {
+                    snapshot.policies.remove(&key);
+                    return;
+                }
+                let spec = rng.pick(&[
+                    "{action: DENY, selector: {matchLabels: {app: x}}, rules: [{from: [{source: {namespaces: [b]}}]}]}",
+                    "{rules: [{from: [{source: {namespaces: [a]}}]}]}",
+                    "{selector: {matchLabels: {app: y}}, rules: [{}]}",
+                    // Refused: in force fail closed.
+                    "{action: PERHAPS}",
+                ]);
+                let policy = crate::policy::Policy::new(
+                    "AuthorizationPolicy",
+                    "security.istio.io/v1",
+                    &ns,
+                    &name,
+                    BTreeMap::new(),
+                    serde_yaml::from_str(spec).unwrap(),
+                );
+                snapshot.policies.insert(key, policy);
+            }
+        }
+    }
+
+    /// Every index and every decision of `incremental` is that of `scratch`.
+    fn assert_same(incremental: &State, scratch: &State, context: &str) {
+        assert_eq!(incremental.by_ip, scratch.by_ip, "by_ip: {context}");
+        assert_eq!(
+            incremental.ip_claims, scratch.ip_claims,
+            "ip_claims: {context}"
+        );
+        assert_eq!(
+            incremental.by_namespace, scratch.by_namespace,
+            "by_namespace: {context}"
+        );
+        assert_eq!(incremental.local, scratch.local, "local: {context}");
+        assert_eq!(
+            incremental.services, scratch.services,
+            "services: {context}"
+        );
+        assert_eq!(
+            incremental.vip_claims, scratch.vip_claims,
+            "vip_claims: {context}"
+        );
+        assert_eq!(
+            incremental.services_by_name, scratch.services_by_name,
+            "services_by_name: {context}"
+        );
+        assert_eq!(
+            incremental.services_of, scratch.services_of,
+            "services_of: {context}"
+        );
+        assert_eq!(
+            incremental.waypoints, scratch.waypoints,
+            "waypoints: {context}"
+        );
+        assert_eq!(
+            incremental.headless, scratch.headless,
+            "headless: {context}"
+        );
+        assert_eq!(
+            incremental.services_in, scratch.services_in,
+            "services_in: {context}"
+        );
+        assert_eq!(
+            incremental.slices_of, scratch.slices_of,
+            "slices_of: {context}"
+        );
+        assert_eq!(
+            incremental.slices_at, scratch.slices_at,
+            "slices_at: {context}"
+        );
+        assert_eq!(
+            incremental.refused_bindings, scratch.refused_bindings,
+            "refused: {context}"
+        );
+        // The same decisions, for every pair of workloads, from the policy index
+        // the update kept or rebuilt.
+        for to in scratch.workloads() {
+            for from in scratch.workloads() {
+                let conn = crate::policy::Connection {
+                    source_identity: Some(from.identity.clone()),
+                    source_ip: from.ip.into(),
+                    destination_ip: to.ip.into(),
+                    destination_port: 8080,
+                };
+                assert_eq!(
+                    incremental.policies.authorize(to, &conn),
+                    scratch.policies.authorize(to, &conn),
+                    "decision {} -> {}: {context}",
+                    from.name,
+                    to.name
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn random_changes_applied_one_by_one_give_the_state_built_from_scratch() {
+        let settings = MeshSettings::new("n1", "cluster.local");
+        for seed in 1..=60u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+            let mut snapshot = Snapshot::default();
+            let mut state = State::build(Arc::new(snapshot.clone()), &settings);
+            for step in 0..80 {
+                // Mostly one object at a time, as a watch delivers them; sometimes
+                // a burst.
+                for _ in 0..1 + usize::from(rng.chance(20)) * rng.below(6) {
+                    random_change(&mut rng, &mut snapshot);
+                }
+                // Sometimes the source rebuilds the whole snapshot (the local
+                // one does): nothing shared, the same objects.
+                let next = match rng.chance(10) {
+                    true => Snapshot {
+                        pods: snapshot
+                            .pods
+                            .iter()
+                            .map(|(k, v)| (k.clone(), v.clone()))
+                            .collect(),
+                        ..snapshot.clone()
+                    },
+                    false => snapshot.clone(),
+                };
+                let next = Arc::new(next);
+                // Ask the old state first: its policy cache is shared.
+                for w in state.workloads() {
+                    let conn = crate::policy::Connection {
+                        source_identity: None,
+                        source_ip: w.ip.into(),
+                        destination_ip: w.ip.into(),
+                        destination_port: 80,
+                    };
+                    state.policies.authorize(w, &conn);
+                }
+                let previous = state;
+                let before: Vec<Workload> = previous.workloads().map(|w| (**w).clone()).collect();
+                state = previous.update(next.clone());
+                let scratch = State::build(next, &settings);
+                assert_same(&state, &scratch, &format!("seed {seed}, step {step}"));
+                // Readers of the old state see it unchanged.
+                let after: Vec<Workload> = previous.workloads().map(|w| (**w).clone()).collect();
+                assert_eq!(before, after);
+            }
+        }
+    }
 }

@@ -127,23 +127,25 @@ fn pod(i: usize) -> Value {
     })
 }
 
-/// Namespaces, a Service per ten pods and a policy per namespace around the pods.
+/// Namespaces, a Service per ten pods and a policy per namespace around the pods,
+/// each with a resourceVersion as the API server gives them (an object without one
+/// is translated again on every walk).
 fn cluster(pods: usize) -> Vec<(k8s::Resource, Value)> {
     let mut objects = Vec::new();
     for n in 0..pods.div_ceil(100) {
         objects.push((k8s::NAMESPACES, json!({"apiVersion": "v1", "kind": "Namespace",
-            "metadata": {"name": format!("team-{n}"), "labels": {"istio.io/dataplane-mode": "ambient"}}})));
+            "metadata": {"name": format!("team-{n}"), "resourceVersion": "1", "labels": {"istio.io/dataplane-mode": "ambient"}}})));
         objects.push((
             k8s::AUTHORIZATION_POLICIES,
             json!({"apiVersion": "security.istio.io/v1",
             "kind": "AuthorizationPolicy",
-            "metadata": {"name": "allow-team", "namespace": format!("team-{n}")},
+            "metadata": {"name": "allow-team", "namespace": format!("team-{n}"), "resourceVersion": "1"},
             "spec": {"rules": [{"from": [{"source": {"namespaces": [format!("team-{n}")]}}]}]}}),
         ));
     }
     for s in 0..pods / 10 {
         objects.push((k8s::SERVICES, json!({"apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": format!("app-{s}"), "namespace": format!("team-{}", s / 10)},
+            "metadata": {"name": format!("app-{s}"), "namespace": format!("team-{}", s / 10), "resourceVersion": "1"},
             "spec": {"clusterIP": format!("10.96.{}.{}", s / 256, s % 256), "selector": {"app": format!("app-{s}")},
                      "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}})));
     }

@@ -768,6 +768,24 @@ impl State {
         self.services.get_arc(&ip)
     }
 
+    /// The addresses whose workload differs from `previous`'s (a state this one
+    /// was updated from, or any other): before and after. In time that grows
+    /// with the difference when the two share their indexes.
+    pub fn workload_changes<'a>(
+        &'a self,
+        previous: &'a State,
+    ) -> Vec<(
+        Ipv4Addr,
+        Option<&'a Arc<Workload>>,
+        Option<&'a Arc<Workload>>,
+    )> {
+        self.by_ip
+            .diff(&previous.by_ip)
+            .into_iter()
+            .map(|(ip, old, new)| (*ip, old, new))
+            .collect()
+    }
+
     pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
         self.by_ip.arcs().map(|(_, w)| w)
     }
@@ -1284,6 +1302,22 @@ mod tests {
                 state = previous.update(next.clone());
                 let scratch = State::build(next, &settings);
                 assert_same(&state, &scratch, &format!("seed {seed}, step {step}"));
+                // The changed addresses are those whose workload differs.
+                let mut changed: Vec<Ipv4Addr> = state
+                    .workload_changes(&previous)
+                    .iter()
+                    .map(|c| c.0)
+                    .collect();
+                changed.sort();
+                let mut expected: Vec<Ipv4Addr> = previous
+                    .workloads()
+                    .chain(state.workloads())
+                    .map(|w| w.ip)
+                    .filter(|ip| previous.workload_by_ip(*ip) != state.workload_by_ip(*ip))
+                    .collect();
+                expected.sort();
+                expected.dedup();
+                assert_eq!(changed, expected, "seed {seed}, step {step}");
                 // Readers of the old state see it unchanged.
                 let after: Vec<Workload> = previous.workloads().map(|w| (**w).clone()).collect();
                 assert_eq!(before, after);

@@ -1,11 +1,21 @@
-//! `cargo xtask bench config`: what the Kubernetes source costs a tunnel in a large
-//! cluster. Every tunnel keeps every pod of the cluster, so the figures are per pod:
-//! bytes kept (as the API server sends a pod against what the store keeps after
-//! pruning), and the time to rebuild the mesh state from the stores after a change,
-//! at 1,000 and at 10,000 pods (the ratio says whether it grows with the cluster
-//! and nothing else).
+//! `cargo xtask bench config`: what the configuration costs a tunnel in a large
+//! cluster. Every tunnel keeps every pod of the cluster, so the figures are per
+//! pod: bytes kept (as the API server sends a pod against what the store keeps
+//! after pruning); then, at 1,000, 10,000 and 100,000 pods, the first build
+//! (stores → snapshot → state), one pod change applied (p50/p99 of 200 changes:
+//! labels changed, a pod deleted, one added), and the memory the snapshot and
+//! the state hold per pod, counted by this binary's allocator (bytes asked for,
+//! live after the build less live before; the allocator's own overhead not
+//! included).
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    alloc::{GlobalAlloc, Layout, System},
+    sync::{
+        atomic::{AtomicIsize, Ordering::Relaxed},
+        Arc,
+    },
+    time::Instant,
+};
 
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::{json, Value};
@@ -13,10 +23,43 @@ use ztunnel::{
     config::{
         kube::Translator,
         objects::{self, Prune, Stored},
+        Snapshot,
     },
     k8s::{self, Checked},
     state::{MeshSettings, State},
 };
+
+/// Counts the bytes live on the heap.
+struct Counting;
+
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+#[allow(unsafe_code)]
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE.fetch_add(layout.size() as isize, Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        LIVE.fetch_add(layout.size() as isize, Relaxed);
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size() as isize, Relaxed);
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LIVE.fetch_add(new_size as isize - layout.size() as isize, Relaxed);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+fn live() -> isize {
+    LIVE.load(Relaxed)
+}
 
 /// A pod as a kubelet reports it: one app container with the usual env, mounts and
 /// probes, and the status the kubelet writes.
@@ -84,23 +127,25 @@ fn pod(i: usize) -> Value {
     })
 }
 
-/// Namespaces, a Service per ten pods and a policy per namespace around the pods.
+/// Namespaces, a Service per ten pods and a policy per namespace around the pods,
+/// each with a resourceVersion as the API server gives them (an object without one
+/// is translated again on every walk).
 fn cluster(pods: usize) -> Vec<(k8s::Resource, Value)> {
     let mut objects = Vec::new();
     for n in 0..pods.div_ceil(100) {
         objects.push((k8s::NAMESPACES, json!({"apiVersion": "v1", "kind": "Namespace",
-            "metadata": {"name": format!("team-{n}"), "labels": {"istio.io/dataplane-mode": "ambient"}}})));
+            "metadata": {"name": format!("team-{n}"), "resourceVersion": "1", "labels": {"istio.io/dataplane-mode": "ambient"}}})));
         objects.push((
             k8s::AUTHORIZATION_POLICIES,
             json!({"apiVersion": "security.istio.io/v1",
             "kind": "AuthorizationPolicy",
-            "metadata": {"name": "allow-team", "namespace": format!("team-{n}")},
+            "metadata": {"name": "allow-team", "namespace": format!("team-{n}"), "resourceVersion": "1"},
             "spec": {"rules": [{"from": [{"source": {"namespaces": [format!("team-{n}")]}}]}]}}),
         ));
     }
     for s in 0..pods / 10 {
         objects.push((k8s::SERVICES, json!({"apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": format!("app-{s}"), "namespace": format!("team-{}", s / 10)},
+            "metadata": {"name": format!("app-{s}"), "namespace": format!("team-{}", s / 10), "resourceVersion": "1"},
             "spec": {"clusterIP": format!("10.96.{}.{}", s / 256, s % 256), "selector": {"app": format!("app-{s}")},
                      "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}})));
     }
@@ -113,65 +158,147 @@ fn stored(resource: k8s::Resource, value: Value) -> Arc<dyn Stored> {
     objects::typed(resource).unwrap().decode(value).unwrap()
 }
 
-/// The store's objects.
-fn store(objects: &[(k8s::Resource, Value)]) -> Vec<(k8s::Resource, Arc<dyn Stored>)> {
-    objects
-        .iter()
-        .map(|(resource, value)| (*resource, stored(*resource, value.clone())))
+/// The store's objects (the pods last).
+fn store(pods: usize) -> Vec<(k8s::Resource, Arc<dyn Stored>)> {
+    cluster(pods)
+        .into_iter()
+        .map(|(resource, value)| (resource, stored(resource, value)))
         .collect()
 }
 
-/// One rebuild, as the source does it after a change: stores → snapshot → state.
-fn rebuild(
-    translator: &mut Translator,
-    store: &[(k8s::Resource, Arc<dyn Stored>)],
-    settings: &MeshSettings,
-) -> State {
+fn translate(translator: &mut Translator, store: &[(k8s::Resource, Arc<dyn Stored>)]) -> Snapshot {
     let (snapshot, errors) = translator.translate_stored(store.iter().map(|(r, o)| (*r, &**o)));
     assert!(errors.is_empty(), "{errors:?}");
-    State::build(Arc::new(snapshot), settings)
+    snapshot
 }
 
-/// Seconds for the first build and per rebuild after one pod changed (best of a
-/// few), at this size.
-fn build_times(pods: usize) -> (f64, f64) {
-    let mut store = store(&cluster(pods));
+fn pod_ip(i: usize) -> std::net::Ipv4Addr {
+    pod(i)["status"]["podIP"].as_str().unwrap().parse().unwrap()
+}
+
+/// The bytes a copy of the snapshot sharing nothing takes.
+fn deep_bytes(s: &Snapshot) -> isize {
+    fn copy<K: Clone + Ord + std::hash::Hash, V: Clone>(
+        map: &ztunnel::config::CowMap<K, V>,
+    ) -> ztunnel::config::CowMap<K, V> {
+        map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+    let before = live();
+    let copied = Snapshot {
+        namespaces: copy(&s.namespaces),
+        service_accounts: copy(&s.service_accounts),
+        pods: copy(&s.pods),
+        services: copy(&s.services),
+        policies: copy(&s.policies),
+        gateways: copy(&s.gateways),
+        endpoint_slices: copy(&s.endpoint_slices),
+    };
+    let bytes = live() - before;
+    drop(copied);
+    bytes
+}
+
+/// The p-th percentile of sorted samples.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p / 100.0).round() as usize]
+}
+
+struct Row {
+    pods: usize,
+    first: f64,
+    /// One pod change, the snapshot handed over: the state updated.
+    update: Vec<f64>,
+    /// The same, with the Kubernetes source's walk of its stores before it.
+    walk: Vec<f64>,
+    state_bytes: f64,
+    source_bytes: f64,
+}
+
+fn measure(pods: usize) -> Row {
     let settings = MeshSettings::new("node-0", "cluster.local");
+    let before_store = live();
+    let store = store(pods);
+    let source_objects = live() - before_store;
+    let offset = store.len() - pods;
     let mut translator = Translator::default();
+    let before = live();
     let started = Instant::now();
-    let state = rebuild(&mut translator, &store, &settings);
+    let snapshot = Arc::new(translate(&mut translator, &store));
+    let translated = live();
+    let mut state = State::build(snapshot.clone(), &settings);
     let first = started.elapsed().as_secs_f64();
+    let indexes = live() - translated;
     assert_eq!(state.local_workloads().count(), pods / 50);
-    let again = (0..5)
-        .map(|round| {
-            // A pod's labels change, as a rollout's would.
-            let mut changed = pod(pods - 1);
-            changed["metadata"]["resourceVersion"] = format!("changed-{round}").into();
-            changed["metadata"]["labels"]["round"] = round.to_string().into();
-            *store.last_mut().unwrap() = (k8s::PODS, stored(k8s::PODS, changed));
-            let started = Instant::now();
-            let state = rebuild(&mut translator, &store, &settings);
-            let elapsed = started.elapsed().as_secs_f64();
-            let last = state
-                .workload_by_ip(last_ip(pods))
-                .expect("the changed pod");
-            assert_eq!(
-                last.labels["round"],
+    // The state's share: the snapshot it holds (shared with the translator) and
+    // its indexes; the translator's own record of each object (its last good
+    // version, its resourceVersion) counts for the source, with the store.
+    let snapshot_bytes = deep_bytes(&snapshot);
+    let translator_only = translated - before - snapshot_bytes;
+    let state_bytes = (snapshot_bytes + indexes) as f64 / pods as f64;
+    let source_bytes = (source_objects + translator_only) as f64 / pods as f64;
+
+    let mut update = Vec::new();
+    let mut walk = Vec::new();
+    let mut snapshot = snapshot;
+    for round in 0..200usize {
+        let i = (round * 7919) % pods;
+        let key = (
+            format!("team-{}", i / 100),
+            pod(i)["metadata"]["name"].as_str().unwrap().to_owned(),
+        );
+        // A change as a watch delivers it: labels changed (a rollout), or the
+        // pod deleted, or added back.
+        let mut changed = pod(i);
+        changed["metadata"]["resourceVersion"] = format!("changed-{round}").into();
+        changed["metadata"]["labels"]["round"] = round.to_string().into();
+        let deleted = round % 4 == 1 && snapshot.pods.contains_key(&key);
+        // The source's path: its stores walked, the snapshot made (shared with
+        // the last one but for the pod), the state updated.
+        let mut walked_store = store.clone();
+        if deleted {
+            walked_store.remove(offset + i);
+        } else {
+            walked_store[offset + i] = (k8s::PODS, stored(k8s::PODS, changed.clone()));
+        }
+        let started = Instant::now();
+        let next = Arc::new(translate(&mut translator, &walked_store));
+        let walked = state.update(next.clone());
+        walk.push(started.elapsed().as_secs_f64());
+        drop(walked);
+        // The state's part alone: the next snapshot handed over.
+        let started = Instant::now();
+        let next_state = state.update(next.clone());
+        update.push(started.elapsed().as_secs_f64());
+        match deleted {
+            true => assert!(
+                next_state.workload_by_ip(pod_ip(i)).is_none(),
+                "the deletion is seen"
+            ),
+            false => assert_eq!(
+                next_state
+                    .workload_by_ip(pod_ip(i))
+                    .expect("the changed pod")
+                    .labels["round"],
                 round.to_string(),
                 "the change is seen"
-            );
-            elapsed
-        })
-        .fold(f64::INFINITY, f64::min);
-    (first, again)
-}
-
-fn last_ip(pods: usize) -> std::net::Ipv4Addr {
-    pod(pods - 1)["status"]["podIP"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap()
+            ),
+        }
+        state = next_state;
+        snapshot = next;
+        // Back as it was, so every round changes one pod of the full cluster.
+        let restored = translate(&mut translator, &store);
+        state = state.update(Arc::new(restored));
+    }
+    update.sort_by(f64::total_cmp);
+    walk.sort_by(f64::total_cmp);
+    Row {
+        pods,
+        first,
+        update,
+        walk,
+        state_bytes,
+        source_bytes,
+    }
 }
 
 fn main() {
@@ -186,19 +313,32 @@ fn main() {
         "config: a pod as sent {full} B, as kept {kept} B: kept/sent = {:.2}",
         kept as f64 / full as f64
     );
-
-    let (_, small) = build_times(1_000);
-    let (first, large) = build_times(10_000);
+    let sizes: Vec<usize> = match std::env::var("ZTUNNEL_BENCH_CONFIG_PODS") {
+        Ok(list) => list
+            .split(',')
+            .map(|n| n.trim().parse().expect("pod counts"))
+            .collect(),
+        Err(_) => vec![1_000, 10_000, 100_000],
+    };
     println!(
-        "config: rebuild after a change: {:.1} ms at 1,000 pods, {:.1} ms at 10,000 pods; \
-         per pod, 10,000/1,000 = {:.2} (1.00 = linear)",
-        small * 1e3,
-        large * 1e3,
-        (large / 10_000.0) / (small / 1_000.0)
+        "config: |    pods | first build | one pod change: state update p50 / p99 | with the kube source's store walk p50 / p99 | state B/pod | source B/pod |"
     );
+    let ms = |s: f64| s * 1e3;
+    for pods in sizes {
+        let row = measure(pods);
+        println!(
+            "config: | {:>7} | {:>8.1} ms | {:>17.3} ms / {:>7.3} ms | {:>22.2} ms / {:>7.2} ms | {:>11.0} | {:>12.0} |",
+            row.pods,
+            ms(row.first),
+            ms(percentile(&row.update, 50.0)),
+            ms(percentile(&row.update, 99.0)),
+            ms(percentile(&row.walk, 50.0)),
+            ms(percentile(&row.walk, 99.0)),
+            row.state_bytes,
+            row.source_bytes,
+        );
+    }
     println!(
-        "config: at 10,000 pods, rebuild after a change / first build = {:.2} \
-         (unchanged objects are not parsed again)",
-        large / first
+        "config: goals: one pod change <= 1 ms p99 at 100,000 pods (state update), first build <= 5 s, state <= 1024 B/pod"
     );
 }

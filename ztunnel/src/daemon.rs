@@ -535,14 +535,11 @@ async fn reconcile(
         .collect();
     ctx.certs.retain(|identity| local.contains(identity));
     // Pooled connections to an address whose workload left or changed are closed.
+    // Only the addresses whose workload changed are looked at.
     if let Some(previous) = previous {
-        for old in previous.workloads() {
-            if state
-                .workload_by_ip(old.ip)
-                .map(|w| w.identity != old.identity)
-                .unwrap_or(true)
-            {
-                ctx.pool.evict_address(old.ip);
+        for (ip, old, new) in state.workload_changes(previous) {
+            if old.is_some_and(|old| new.is_none_or(|w| w.identity != old.identity)) {
+                ctx.pool.evict_address(ip);
             }
         }
     }

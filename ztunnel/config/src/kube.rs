@@ -290,9 +290,20 @@ fn locate_pods(
     pod_cgroup_root: Option<&std::path::Path>,
     known: &mut HashMap<String, discovery::PodRuntime>,
 ) -> Vec<Unlocated> {
-    for pod in snapshot.pods.values_mut() {
-        pod.netns = None;
-        pod.cgroup = None;
+    // Translated pods carry neither (only the local source reads them from
+    // annotations); this node's are set below. Only what differs is written, so
+    // the snapshot keeps sharing the rest with the one before.
+    let located: Vec<(String, String)> = snapshot
+        .pods
+        .iter()
+        .filter(|(_, p)| p.netns.is_some() || p.cgroup.is_some())
+        .map(|(k, _)| k.clone())
+        .collect();
+    for key in located {
+        if let Some(pod) = snapshot.pods.get_mut(&key) {
+            pod.netns = None;
+            pod.cgroup = None;
+        }
     }
     match pod_cgroup_root {
         Some(root) => attach_runtimes(snapshot, node, root, known),
@@ -358,18 +369,23 @@ fn attach_runtimes(
 ) -> Vec<Unlocated> {
     discover(snapshot, node, root, known);
     let mut unlocated = Vec::new();
-    for pod in snapshot
+    let mut found = Vec::new();
+    for (key, pod) in snapshot
         .pods
-        .values_mut()
-        .filter(|p| p.node_name == node && p.ip.is_some())
+        .iter()
+        .filter(|(_, p)| p.node_name == node && p.ip.is_some())
     {
         let Some(uid) = &pod.uid else { continue };
         match known.get(uid) {
-            Some(runtime) => {
-                pod.netns = Some(runtime.netns.clone());
-                pod.cgroup = Some(runtime.cgroup.clone());
-            }
+            Some(runtime) => found.push((key.clone(), runtime)),
             None => unlocated.push((uid.clone(), format!("{}/{}", pod.namespace, pod.name))),
+        }
+    }
+    // Written only where they change: the other pods stay shared.
+    for (key, runtime) in found {
+        if let Some(pod) = snapshot.pods.get_mut(&key) {
+            pod.netns = Some(runtime.netns.clone());
+            pod.cgroup = Some(runtime.cgroup.clone());
         }
     }
     unlocated
@@ -380,6 +396,11 @@ fn attach_runtimes(
 #[derive(Default)]
 pub struct Translator {
     last_good: HashMap<Key, Object>,
+    /// The snapshot of `last_good`, kept up to date object by object: the next
+    /// one shares all that did not change with it (see `CowMap`).
+    snapshot: Snapshot,
+    /// Keys whose last good version changed (or went) since the last snapshot.
+    touched: HashSet<Key>,
     /// What each stored object came to at its resourceVersion: one that has not
     /// changed since the last build is not parsed again.
     seen: HashMap<(&'static str, String, String), Seen>,
@@ -428,6 +449,7 @@ impl Translator {
                     if let Some(old) = previous.filter(|p| p.uid != uid) {
                         if let Outcome::Parsed(key) | Outcome::Refused(Some(key), _) = old.outcome {
                             self.last_good.remove(&key);
+                            self.touched.insert(key);
                         }
                     }
                     self.translate_one(resource, object)
@@ -463,6 +485,7 @@ impl Translator {
             Ok(object) => {
                 let refused = objects::refused_policy(&object);
                 self.last_good.insert(key.clone(), object);
+                self.touched.insert(key.clone());
                 match refused {
                     // In force fail closed, and reported.
                     Some(e) => Outcome::Refused(
@@ -486,8 +509,21 @@ impl Translator {
         mut errors: Vec<String>,
     ) -> (Snapshot, Vec<String>) {
         errors.sort();
-        self.last_good.retain(|key, _| in_force.contains(key));
-        (local::build_snapshot(self.last_good.iter()), errors)
+        let snapshot = &mut self.snapshot;
+        self.last_good.retain(|key, _| {
+            let keep = in_force.contains(key);
+            if !keep {
+                local::remove_object(snapshot, key);
+            }
+            keep
+        });
+        for key in self.touched.drain() {
+            match self.last_good.get(&key) {
+                Some(object) => local::insert_object(snapshot, &key, object.clone()),
+                None => local::remove_object(snapshot, &key),
+            }
+        }
+        (self.snapshot.clone(), errors)
     }
 }
 

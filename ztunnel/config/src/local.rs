@@ -168,38 +168,54 @@ impl LocalSource {
 /// The snapshot holding these objects.
 pub(super) fn build_snapshot<'a>(objects: impl Iterator<Item = (&'a Key, &'a Object)>) -> Snapshot {
     let mut snapshot = Snapshot::default();
-    for ((kind, ns, name), object) in objects {
-        match object.clone() {
-            Object::Namespace(n) => {
-                snapshot.namespaces.insert(name.clone(), n);
-            }
-            Object::ServiceAccount(sa) => {
-                snapshot
-                    .service_accounts
-                    .insert((ns.clone(), name.clone()), sa);
-            }
-            Object::Pod(p) => {
-                snapshot.pods.insert((ns.clone(), name.clone()), p);
-            }
-            Object::Service(s) => {
-                snapshot.services.insert((ns.clone(), name.clone()), s);
-            }
-            Object::Gateway(g) => {
-                snapshot.gateways.insert((ns.clone(), name.clone()), g);
-            }
-            Object::EndpointSlice(e) => {
-                snapshot
-                    .endpoint_slices
-                    .insert((ns.clone(), name.clone()), e);
-            }
-            Object::Policy(p) => {
-                snapshot
-                    .policies
-                    .insert((kind.clone(), ns.clone(), name.clone()), p);
-            }
-        }
+    for (key, object) in objects {
+        insert_object(&mut snapshot, key, object.clone());
     }
     snapshot
+}
+
+/// Puts an object in the snapshot, in place of its previous version.
+pub(super) fn insert_object(snapshot: &mut Snapshot, (kind, ns, name): &Key, object: Object) {
+    let key = || (ns.clone(), name.clone());
+    match object {
+        Object::Namespace(n) => {
+            snapshot.namespaces.insert(name.clone(), n);
+        }
+        Object::ServiceAccount(sa) => {
+            snapshot.service_accounts.insert(key(), sa);
+        }
+        Object::Pod(p) => {
+            snapshot.pods.insert(key(), p);
+        }
+        Object::Service(s) => {
+            snapshot.services.insert(key(), s);
+        }
+        Object::Gateway(g) => {
+            snapshot.gateways.insert(key(), g);
+        }
+        Object::EndpointSlice(e) => {
+            snapshot.endpoint_slices.insert(key(), e);
+        }
+        Object::Policy(p) => {
+            snapshot
+                .policies
+                .insert((kind.clone(), ns.clone(), name.clone()), p);
+        }
+    }
+}
+
+/// Takes an object (by its key's kind) out of the snapshot.
+pub(super) fn remove_object(snapshot: &mut Snapshot, key @ (kind, ns, name): &Key) {
+    let named = (ns.clone(), name.clone());
+    match kind.as_str() {
+        "Namespace" => drop(snapshot.namespaces.remove(name)),
+        "ServiceAccount" => drop(snapshot.service_accounts.remove(&named)),
+        "Pod" => drop(snapshot.pods.remove(&named)),
+        "Service" => drop(snapshot.services.remove(&named)),
+        "Gateway" => drop(snapshot.gateways.remove(&named)),
+        "EndpointSlice" => drop(snapshot.endpoint_slices.remove(&named)),
+        _ => drop(snapshot.policies.remove(key)),
+    }
 }
 
 /// Watches the directory, publishing a new snapshot whenever a file changes.

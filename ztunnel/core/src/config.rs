@@ -4,6 +4,8 @@
 
 use std::{collections::BTreeMap, fmt, net::Ipv4Addr, path::PathBuf};
 
+pub use crate::cow_map::CowMap;
+
 /// The namespace label that puts a namespace's pods in the mesh, and the value.
 pub const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
 pub const AMBIENT: &str = "ambient";
@@ -178,16 +180,19 @@ pub const GATEWAY_NAME: &str = "gateway.networking.k8s.io/gateway-name";
 /// A `security.istio.io` resource, compiled where the source reads it.
 pub use crate::policy::Policy;
 
-/// Everything a source knows at one moment.
+/// Everything a source knows at one moment. Its maps share their contents with
+/// the snapshot before (see [`CowMap`]): a source that changes one object makes
+/// the next snapshot in time that does not grow with the cluster, and the state
+/// finds what changed between two in time that grows with what changed.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
-    pub namespaces: BTreeMap<String, Namespace>,
-    pub service_accounts: BTreeMap<(String, String), ServiceAccount>,
-    pub pods: BTreeMap<(String, String), Pod>,
-    pub services: BTreeMap<(String, String), Service>,
-    pub policies: BTreeMap<(String, String, String), Policy>,
-    pub gateways: BTreeMap<(String, String), Gateway>,
-    pub endpoint_slices: BTreeMap<(String, String), EndpointSlice>,
+    pub namespaces: CowMap<String, Namespace>,
+    pub service_accounts: CowMap<(String, String), ServiceAccount>,
+    pub pods: CowMap<(String, String), Pod>,
+    pub services: CowMap<(String, String), Service>,
+    pub policies: CowMap<(String, String, String), Policy>,
+    pub gateways: CowMap<(String, String), Gateway>,
+    pub endpoint_slices: CowMap<(String, String), EndpointSlice>,
 }
 
 impl Snapshot {

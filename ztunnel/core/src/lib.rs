@@ -19,6 +19,7 @@ pub mod certs;
 pub mod check;
 pub mod cli;
 pub mod config;
+pub mod cow_map;
 pub mod discovery;
 pub mod drain;
 pub mod extauthz;

@@ -287,7 +287,9 @@ pub struct Index {
     /// Refused RequestAuthentications whose targetRefs cannot be read: namespace →
     /// those applying to every waypoint target there.
     authn_anywhere: HashMap<String, Vec<Arc<authn::RequestAuthentication>>>,
-    cache: Mutex<HashMap<(String, String), Arc<Applicable>>>,
+    /// Per workload, with the labels the entry was made for: the index outlives
+    /// state updates that change a workload's labels (a stale entry is made again).
+    cache: Mutex<HashMap<(String, String), (BTreeMap<String, String>, Arc<Applicable>)>>,
 }
 
 impl Index {
@@ -375,8 +377,10 @@ impl Index {
 
     fn applicable(&self, workload: Target) -> Arc<Applicable> {
         let key = (workload.namespace.to_owned(), workload.name.to_owned());
-        if let Some(found) = self.cache.lock().expect("not poisoned").get(&key) {
-            return found.clone();
+        if let Some((labels, found)) = self.cache.lock().expect("not poisoned").get(&key) {
+            if labels == workload.labels {
+                return found.clone();
+            }
         }
         let mut applicable = Applicable::default();
         let root = self.authz.get(&self.root_namespace).into_iter().flatten();
@@ -417,8 +421,17 @@ impl Index {
         self.cache
             .lock()
             .expect("not poisoned")
-            .insert(key, applicable.clone());
+            .insert(key, (workload.labels.clone(), applicable.clone()));
         applicable
+    }
+
+    /// Drops what was worked out for a workload that is gone (the index is kept
+    /// across state updates that leave the policies alone).
+    pub fn forget(&self, namespace: &str, name: &str) {
+        self.cache
+            .lock()
+            .expect("not poisoned")
+            .remove(&(namespace.to_owned(), name.to_owned()));
     }
 
     /// AuthorizationPolicy for a connection to `destination`: CUSTOM, then DENY,

@@ -13,6 +13,7 @@ use testbed::{
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_tb-probe");
+/// Requests per run; WAYPOINT_BENCH_REQUESTS overrides it (longer runs to profile).
 const REQUESTS: &str = "5000";
 const ROUNDS: usize = 3;
 
@@ -101,7 +102,8 @@ async fn main() -> Result<()> {
     mesh.start_waypoint("waypoint", "bench", "waypoint").await?;
     let _server = L7Server::start(mesh.cluster.pod("server"), 9000)?;
     let direct = format!("{}:9000", mesh.cluster.pod("server").ip);
-    println!("waypoint/setup    {REQUESTS} GETs per run, median of {ROUNDS} runs alternating the paths; goal: through the waypoint >= 0.7x the mesh's requests/s at 64 clients, <= 1 ms added p99");
+    let requests = std::env::var("WAYPOINT_BENCH_REQUESTS").unwrap_or(REQUESTS.into());
+    println!("waypoint/setup    {requests} GETs per run, median of {ROUNDS} runs alternating the paths; goal: through the waypoint >= 0.7x the mesh's requests/s at 64 clients, <= 1 ms added p99");
     // WAYPOINT_BENCH_ONLY=h2/c64,...: only those cases (quicker profiling runs).
     let only = std::env::var("WAYPOINT_BENCH_ONLY").unwrap_or_default();
     for version in ["h1", "h2"] {
@@ -122,7 +124,7 @@ async fn main() -> Result<()> {
                     let out = mesh
                         .cluster
                         .pod("client")
-                        .run(PROBE, ["httpbench", target, version, clients, REQUESTS])?;
+                        .run(PROBE, ["httpbench", target, version, clients, &requests])?;
                     let out = String::from_utf8_lossy(&out.stdout).into_owned();
                     figures
                         .add(&out)

@@ -1189,55 +1189,29 @@ mod tests {
 
     /// Every index and every decision of `incremental` is that of `scratch`.
     fn assert_same(incremental: &State, scratch: &State, context: &str) {
-        assert_eq!(incremental.by_ip, scratch.by_ip, "by_ip: {context}");
-        assert_eq!(
-            incremental.ip_claims, scratch.ip_claims,
-            "ip_claims: {context}"
-        );
-        assert_eq!(
-            incremental.by_namespace, scratch.by_namespace,
-            "by_namespace: {context}"
-        );
-        assert_eq!(incremental.local, scratch.local, "local: {context}");
-        assert_eq!(
-            incremental.services, scratch.services,
-            "services: {context}"
-        );
-        assert_eq!(
-            incremental.vip_claims, scratch.vip_claims,
-            "vip_claims: {context}"
-        );
-        assert_eq!(
-            incremental.services_by_name, scratch.services_by_name,
-            "services_by_name: {context}"
-        );
-        assert_eq!(
-            incremental.services_of, scratch.services_of,
-            "services_of: {context}"
-        );
-        assert_eq!(
-            incremental.waypoints, scratch.waypoints,
-            "waypoints: {context}"
-        );
-        assert_eq!(
-            incremental.headless, scratch.headless,
-            "headless: {context}"
-        );
-        assert_eq!(
-            incremental.services_in, scratch.services_in,
-            "services_in: {context}"
-        );
-        assert_eq!(
-            incremental.slices_of, scratch.slices_of,
-            "slices_of: {context}"
-        );
-        assert_eq!(
-            incremental.slices_at, scratch.slices_at,
-            "slices_at: {context}"
-        );
-        assert_eq!(
-            incremental.refused_bindings, scratch.refused_bindings,
-            "refused: {context}"
+        macro_rules! same_index {
+            ($($index:ident),+) => {$(
+                assert_eq!(
+                    incremental.$index, scratch.$index,
+                    "{}: {context}", stringify!($index)
+                );
+            )+};
+        }
+        same_index!(
+            by_ip,
+            ip_claims,
+            by_namespace,
+            local,
+            services,
+            vip_claims,
+            services_by_name,
+            services_of,
+            waypoints,
+            headless,
+            services_in,
+            slices_of,
+            slices_at,
+            refused_bindings
         );
         // The same decisions, for every pair of workloads, from the policy index
         // the update kept or rebuilt.

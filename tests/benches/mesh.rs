@@ -572,7 +572,11 @@ async fn same_node() -> Result<()> {
         median(direct.iter().map(|r| r.1).collect()),
         median(direct.iter().map(|r| r.2).collect()),
     );
-    for (name, label) in [("kernel", "spliced"), ("user", "user   "), ("off", "hbone  ")] {
+    for (name, label) in [
+        ("kernel", "spliced"),
+        ("user", "user   "),
+        ("off", "hbone  "),
+    ] {
         let (_, b, r) = results.iter().find(|r| r.0 == name).context("a result")?;
         println!(
             "same-node/{label} throughput {:.2} Gbit/s vs direct {:.2}: ratio {:.2}; 1-byte round trip {:.1} µs vs direct {:.1}: ratio {:.2} (median of {}; round trips on CPU 0)",

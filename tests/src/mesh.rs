@@ -861,6 +861,25 @@ impl Mesh {
         write_config_file(self.config.path(), name, yaml)
     }
 
+    /// Denies everything in `demo`, then waits until `node`'s tunnel logs that it
+    /// closed a live connection the new policy denies.
+    pub async fn deny_all_and_wait_for_a_live_connection_closed(&self, node: &str) {
+        self.write_config(
+            "deny-all.yaml",
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-all, namespace: demo}\nspec: {}\n",
+        )
+        .expect("writing deny-all.yaml");
+        eventually(
+            std::time::Duration::from_secs(15),
+            &format!("{node} closed the live connection the new policy denies"),
+            || async {
+                self.log(node)
+                    .contains("closing a connection the new policy denies")
+            },
+        )
+        .await;
+    }
+
     /// A config writer that outlives a borrow of the mesh (for a thread that
     /// changes the config while the test waits on the mesh).
     pub fn config_writer(&self) -> impl Fn(&str, &str) -> Result<()> + Send + 'static {

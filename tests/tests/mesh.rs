@@ -756,17 +756,8 @@ async fn a_policy_edit_closes_a_live_connection() {
         },
     )
     .await;
-    mesh.write_config("deny-all.yaml", "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-all, namespace: demo}\nspec: {}\n")
-        .unwrap();
-    eventually(
-        Duration::from_secs(15),
-        "the live connection closed",
-        || async {
-            mesh.log("node-b")
-                .contains("closing a connection the new policy denies")
-        },
-    )
-    .await;
+    mesh.deny_all_and_wait_for_a_live_connection_closed("node-b")
+        .await;
     let mut rest = String::new();
     let _ = std::io::Read::read_to_string(&mut stdout, &mut rest);
     let _ = slow.wait();

@@ -27,6 +27,7 @@ use std::collections::BTreeMap;
 use anyhow::{Context, Result};
 use testbed::{
     app::{pin_process, BenchMode, BenchServer},
+    host::cpu_seconds,
     istio::{self, IstioProxy},
     mesh::{Mesh, WorkloadSpec},
     Cluster, ClusterSpec,
@@ -140,23 +141,6 @@ fn rss_kib(pid: u32) -> Result<f64> {
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .context("VmRSS")
-}
-
-/// CPU seconds (user + system) a process has used: fields 14 and 15 of
-/// /proc/<pid>/stat, in clock ticks.
-fn cpu_seconds(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // The command name (field 2) may hold spaces; the fields after it do not.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .context("/proc/<pid>/stat")?
-        .1
-        .split_whitespace()
-        .collect();
-    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
-    // SAFETY: sysconf has no preconditions.
-    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Ok(ticks / per_second)
 }
 
 /// One line of the report: each path's figure, and the ratios of ours to the others.

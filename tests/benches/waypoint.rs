@@ -2,20 +2,35 @@
 //! pods through the mesh without it (pod-addressed traffic skips a service
 //! waypoint), in one run: over HTTP/1.1 (one keep-alive connection per client)
 //! and HTTP/2 (one connection, a stream per client), with 1 and 64 clients at
-//! once: requests per second, p50 and p99 latency, and the issue's goal beside
-//! the measured figure (reported, not asserted: the machine is shared).
+//! once (closed loop: each client sends its next GET when the last is done):
+//! requests per second, p50 and p99 latency, the waypoint's CPU per request, and
+//! the issue's goal beside the measured figure (reported, not asserted: the
+//! machine is shared). Each round runs for a fixed time, the two paths
+//! alternating; figures are medians of the rounds.
+//!
+//! At 64 clients both paths saturate the machine's cores, so a closed loop's
+//! latency is mostly queueing (Little's law: mean latency = 64 / rate); what the
+//! rates predict is printed beside it. A proxy's own added latency shows when it
+//! is not saturated: an open-loop run at a fixed rate (half the waypoint's
+//! closed-loop capacity, the same for both paths) reports that too.
 
 use anyhow::{Context, Result};
 use testbed::{
+    host::cpu_seconds,
     l7::L7Server,
     mesh::{Mesh, WorkloadSpec},
     Cluster, ClusterSpec,
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_tb-probe");
-/// Requests per run; WAYPOINT_BENCH_REQUESTS overrides it (longer runs to profile).
-const REQUESTS: &str = "5000";
+/// How long each round runs (`<ms>ms`; or `<n>` GETs); WAYPOINT_BENCH_RUN
+/// overrides it (longer runs to profile).
+const RUN: &str = "2500ms";
+/// The open loop's rounds, each this long.
+const OPEN_LOOP_MS: &str = "2500";
 const ROUNDS: usize = 3;
+/// The open loop's rate: this share of the waypoint's closed-loop rate at 64.
+const OPEN_LOOP_LOAD: f64 = 0.5;
 
 const CONFIG: &str = r#"
 apiVersion: gateway.networking.k8s.io/v1
@@ -59,6 +74,15 @@ struct Figures {
     rps: Vec<f64>,
     p50: Vec<f64>,
     p99: Vec<f64>,
+    /// The waypoint's CPU (user + system) per request, µs.
+    cpu_us: Vec<f64>,
+}
+
+struct Medians {
+    rps: f64,
+    p50: f64,
+    p99: f64,
+    cpu_us: Option<f64>,
 }
 
 impl Figures {
@@ -69,8 +93,56 @@ impl Figures {
         Ok(())
     }
 
-    fn medians(self) -> (f64, f64, f64) {
-        (median(self.rps), median(self.p50), median(self.p99))
+    fn medians(self) -> Medians {
+        Medians {
+            rps: median(self.rps),
+            p50: median(self.p50),
+            p99: median(self.p99),
+            cpu_us: (!self.cpu_us.is_empty()).then(|| median(self.cpu_us)),
+        }
+    }
+}
+
+/// One bench's run from the client pod to each path, `ROUNDS` times
+/// alternating: the waypoint's figures (with its CPU per request), the mesh's.
+fn rounds(
+    mesh: &Mesh,
+    waypoint_pid: u32,
+    direct: &str,
+    args: &[&str],
+    case: &str,
+) -> Result<(Medians, Medians)> {
+    let (mut waypoint, mut meshed) = (Figures::default(), Figures::default());
+    for _ in 0..ROUNDS {
+        for (through_waypoint, target) in [(true, "10.96.0.80:80"), (false, direct)] {
+            let cpu_before = cpu_seconds(waypoint_pid)?;
+            let out = mesh
+                .cluster
+                .pod("client")
+                .run(PROBE, [args[0], target].iter().chain(&args[1..]))?;
+            let cpu = cpu_seconds(waypoint_pid)? - cpu_before;
+            let out = String::from_utf8_lossy(&out.stdout).into_owned();
+            let figures = match through_waypoint {
+                true => &mut waypoint,
+                false => &mut meshed,
+            };
+            figures
+                .add(&out)
+                .with_context(|| format!("{case} to {target}"))?;
+            if through_waypoint {
+                let requests = value(&out, "requests")? + value(&out, "warmup")?;
+                figures.cpu_us.push(cpu * 1e6 / requests);
+            }
+        }
+    }
+    Ok((waypoint.medians(), meshed.medians()))
+}
+
+fn met(yes: bool) -> &'static str {
+    if yes {
+        "met"
+    } else {
+        "missed"
     }
 }
 
@@ -100,52 +172,62 @@ async fn main() -> Result<()> {
     )
     .await;
     mesh.start_waypoint("waypoint", "bench", "waypoint").await?;
+    let waypoint_pid = mesh
+        .tunnel_pid("waypoint-waypoint")
+        .context("the waypoint's process")?;
     let _server = L7Server::start(mesh.cluster.pod("server"), 9000)?;
     let direct = format!("{}:9000", mesh.cluster.pod("server").ip);
-    let requests = std::env::var("WAYPOINT_BENCH_REQUESTS").unwrap_or(REQUESTS.into());
-    println!("waypoint/setup    {requests} GETs per run, median of {ROUNDS} runs alternating the paths; goal: through the waypoint >= 0.7x the mesh's requests/s at 64 clients, <= 1 ms added p99");
-    // WAYPOINT_BENCH_ONLY=h2/c64,...: only those cases (quicker profiling runs).
+    let run = std::env::var("WAYPOINT_BENCH_RUN").unwrap_or(RUN.into());
+    println!("waypoint/setup    GETs for {run} per round, median of {ROUNDS} rounds alternating the paths; goal: through the waypoint >= 0.7x the mesh's requests/s at 64 clients, <= 1 ms added p99");
+    // WAYPOINT_BENCH_ONLY=h2/c64,...: only those cases (quicker profiling runs);
+    // h2/open: the open loop at 64.
     let only = std::env::var("WAYPOINT_BENCH_ONLY").unwrap_or_default();
+    let wanted = |case: &str| only.is_empty() || only.split(',').any(|c| c == case);
     for version in ["h1", "h2"] {
+        let name = match version {
+            "h1" => "HTTP/1.1",
+            _ => "HTTP/2",
+        };
         for clients in ["1", "64"] {
-            if !only.is_empty()
-                && !only
-                    .split(',')
-                    .any(|c| c == format!("{version}/c{clients}"))
-            {
+            let case = format!("{version}/c{clients}");
+            if !wanted(&case) {
                 continue;
             }
-            let (mut waypoint, mut meshed) = (Figures::default(), Figures::default());
-            for _ in 0..ROUNDS {
-                for (figures, target) in [
-                    (&mut waypoint, "10.96.0.80:80"),
-                    (&mut meshed, direct.as_str()),
-                ] {
-                    let out = mesh
-                        .cluster
-                        .pod("client")
-                        .run(PROBE, ["httpbench", target, version, clients, &requests])?;
-                    let out = String::from_utf8_lossy(&out.stdout).into_owned();
-                    figures
-                        .add(&out)
-                        .with_context(|| format!("{version} c={clients} to {target}"))?;
-                }
-            }
-            let ((w, w50, w99), (m, m50, m99)) = (waypoint.medians(), meshed.medians());
-            let name = match version {
-                "h1" => "HTTP/1.1",
-                _ => "HTTP/2",
-            };
+            let (w, m) = rounds(
+                &mesh,
+                waypoint_pid,
+                &direct,
+                &["httpbench", version, clients, &run],
+                &case,
+            )?;
             let goal = match clients {
-                "64" => format!(
-                    " (goal >= 0.70: {})",
-                    if w / m >= 0.7 { "met" } else { "missed" }
-                ),
+                "64" => format!(" (goal >= 0.70: {})", met(w.rps / m.rps >= 0.7)),
                 _ => String::new(),
             };
-            println!("waypoint/{version}/c{clients:<2}  {name}, {clients} at once: waypoint {w:.0}/s, mesh {m:.0}/s: ratio {:.2}{goal}", w / m);
-            let added = (w99 - m99) / 1000.0;
-            println!("waypoint/{version}/c{clients:<2}  p50 waypoint {w50:.0} µs, mesh {m50:.0} µs: ratio {:.2}; p99 waypoint {w99:.0} µs, mesh {m99:.0} µs: ratio {:.2}, added {added:.2} ms (goal <= 1 ms: {})", w50 / m50, w99 / m99, if added <= 1.0 { "met" } else { "missed" });
+            println!("waypoint/{case:<6}  {name}, {clients} at once: waypoint {:.0}/s, mesh {:.0}/s: ratio {:.2}{goal}; waypoint CPU {:.1} µs/request", w.rps, m.rps, w.rps / m.rps, w.cpu_us.unwrap_or_default());
+            let added = (w.p99 - m.p99) / 1000.0;
+            println!("waypoint/{case:<6}  p50 waypoint {:.0} µs, mesh {:.0} µs: ratio {:.2}; p99 waypoint {:.0} µs, mesh {:.0} µs: ratio {:.2}, added {added:.2} ms (goal <= 1 ms: {})", w.p50, m.p50, w.p50 / m.p50, w.p99, m.p99, w.p99 / m.p99, met(added <= 1.0));
+            if clients != "64" {
+                continue;
+            }
+            // Saturated, closed loop: latency is queueing behind the other
+            // clients, 64 / rate on average, whatever the proxy adds itself.
+            let queueing = 64.0 / w.rps - 64.0 / m.rps;
+            println!("waypoint/{case:<6}  saturated: Little's law predicts {:.2} ms added mean latency from the rates alone (64/waypoint - 64/mesh)", queueing * 1000.0);
+            let open = format!("{version}/open");
+            if !wanted(&open) {
+                continue;
+            }
+            let rate = format!("{:.0}", w.rps * OPEN_LOOP_LOAD);
+            let (ow, om) = rounds(
+                &mesh,
+                waypoint_pid,
+                &direct,
+                &["httprate", version, clients, &rate, OPEN_LOOP_MS],
+                &open,
+            )?;
+            let (added50, added99) = ((ow.p50 - om.p50) / 1000.0, (ow.p99 - om.p99) / 1000.0);
+            println!("waypoint/{open:<6}  open loop, {rate}/s offered ({:.0}% of the waypoint's rate at 64) on {clients} clients: waypoint {:.0}/s, mesh {:.0}/s; p50 waypoint {:.0} µs, mesh {:.0} µs: added {added50:.2} ms; p99 waypoint {:.0} µs, mesh {:.0} µs: added {added99:.2} ms (goal <= 1 ms: {}); waypoint CPU {:.1} µs/request", OPEN_LOOP_LOAD * 100.0, ow.rps, om.rps, ow.p50, om.p50, ow.p99, om.p99, met(added99 <= 1.0), ow.cpu_us.unwrap_or_default());
         }
     }
     Ok(())

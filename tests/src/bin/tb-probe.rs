@@ -34,8 +34,11 @@
 //!   tb-probe h2many <ip:port> <n> <path>   one GET, then n at once, on one HTTP/2 connection
 //!   tb-probe grpc <ip:port> unary|stream <message> <count> <code>  a call of testbed::l7's Echo
 //!   tb-probe httpload <ip:port> <n>        n keep-alive GETs on one connection: rate, p50, p99
-//!   tb-probe httpbench <ip:port> h1|h2 <c> <n>  n GETs, c at a time (HTTP/1.1: c keep-alive
-//!                                          connections; HTTP/2: c streams on one): rate, p50, p99
+//!   tb-probe httpbench <ip:port> h1|h2 <c> <n>  n GETs (or for `<ms>ms`), c at a time (HTTP/1.1:
+//!                                          c keep-alive connections; HTTP/2: c streams on one):
+//!                                          rate, p50, p99
+//!   tb-probe httprate <ip:port> h1|h2 <c> <rate> <ms>  GETs started at a fixed rate (open
+//!                                          loop) for ms, on c connections or streams: rate, p50, p99
 //!   tb-probe http <ip:port> <METHOD> <path> [Name:value]...  one HTTP/1.1 request
 //!   tb-probe h2raw <ip:port> preface|headers|request  HTTP/2 frames by hand: the preface
 //!                                          alone, a GET's header block never finished, or
@@ -82,6 +85,9 @@ fn main() -> ExitCode {
         ["idle", addr, n] => idle(addr, n),
         ["httpload", addr, n] => http_load(addr, n),
         ["httpbench", addr, version, concurrency, n] => http_bench(addr, version, concurrency, n),
+        ["httprate", addr, version, concurrency, rate, millis] => {
+            http_rate(addr, version, concurrency, rate, millis)
+        }
         ["h2", addr, method, path] => h2(addr, method, path),
         ["h2many", addr, n, path] => h2_many(addr, n, path),
         ["upgrade", addr, path, message] => upgrade(addr, path, message),
@@ -654,36 +660,84 @@ impl Sender {
     }
 }
 
+/// How long a bench runs: `<n>` requests, or `<ms>ms` of time.
+#[derive(Clone, Copy)]
+enum Run {
+    Requests(usize),
+    For(Duration),
+}
+
+impl Run {
+    fn parse(text: &str) -> anyhow::Result<Self> {
+        Ok(match text.strip_suffix("ms") {
+            Some(ms) => Self::For(Duration::from_millis(ms.parse()?)),
+            None => Self::Requests(text.parse()?),
+        })
+    }
+}
+
+/// GETs on each new connection before a bench counts.
+const WARMUP: usize = 10;
+
+/// `c` senders with their connections open and warm: HTTP/1.1 one keep-alive
+/// connection each, HTTP/2 one connection's sender cloned. Prints how many GETs
+/// warmed them (`warmup=`: not in the figures, but in a proxy's CPU time).
+async fn warm_senders(
+    addr: &str,
+    version: &str,
+    concurrency: usize,
+) -> anyhow::Result<Vec<Sender>> {
+    // Warm-up: each connection's first requests (pools, caches) are not
+    // counted. Each is used as soon as it is open: the waypoint takes a
+    // connection silent for 500 ms for a server-first protocol.
+    let mut senders = Vec::new();
+    let connections = if version == "h2" { 1 } else { concurrency };
+    for _ in 0..connections {
+        let mut sender = Sender::connect(addr, version).await?;
+        for _ in 0..WARMUP {
+            sender.get(addr).await?;
+        }
+        senders.push(sender);
+    }
+    println!("warmup={}", connections * WARMUP);
+    if let Some(Sender::H2(sender)) = senders.first() {
+        let sender = sender.clone();
+        senders.extend((1..concurrency).map(|_| Sender::H2(sender.clone())));
+    }
+    Ok(senders)
+}
+
+/// Prints the rate and the latency percentiles of `times`.
+fn print_latencies(count: usize, elapsed: Duration, mut times: Vec<Duration>) {
+    times.sort_unstable();
+    let n = times.len();
+    println!("requests={count}");
+    println!("per_second={:.0}", count as f64 / elapsed.as_secs_f64());
+    println!("p50_us={}", times[n / 2].as_micros());
+    println!("p99_us={}", times[n * 99 / 100].as_micros());
+}
+
+/// Closed loop: each of `c` clients sends its next GET when the last is done.
 fn http_bench(addr: &str, version: &str, concurrency: &str, n: &str) -> anyhow::Result<()> {
     use std::sync::atomic::{AtomicUsize, Ordering};
-    let (concurrency, n): (usize, usize) = (concurrency.parse()?, n.parse()?);
+    let concurrency: usize = concurrency.parse()?;
+    let run = Run::parse(n)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        // Warm-up: each connection's first requests (pools, caches) are not
-        // counted. Each is used as soon as it is open: the waypoint takes a
-        // connection silent for 500 ms for a server-first protocol.
-        let mut senders = Vec::new();
-        let connections = if version == "h2" { 1 } else { concurrency };
-        for _ in 0..connections {
-            let mut sender = Sender::connect(addr, version).await?;
-            for _ in 0..10 {
-                sender.get(addr).await?;
-            }
-            senders.push(sender);
-        }
-        if let Some(Sender::H2(sender)) = senders.first() {
-            let sender = sender.clone();
-            senders.extend((1..concurrency).map(|_| Sender::H2(sender.clone())));
-        }
+        let senders = warm_senders(addr, version, concurrency).await?;
         let claimed = AtomicUsize::new(0);
         let started = Instant::now();
+        let more = |claimed: &AtomicUsize| match run {
+            Run::Requests(n) => claimed.fetch_add(1, Ordering::Relaxed) < n,
+            Run::For(duration) => started.elapsed() < duration,
+        };
         let workers = senders.into_iter().map(|mut sender| {
-            let claimed = &claimed;
+            let (claimed, more) = (&claimed, &more);
             async move {
                 let mut times = Vec::new();
-                while claimed.fetch_add(1, Ordering::Relaxed) < n {
+                while more(claimed) {
                     let t = Instant::now();
                     sender.get(addr).await?;
                     times.push(t.elapsed());
@@ -691,15 +745,65 @@ fn http_bench(addr: &str, version: &str, concurrency: &str, n: &str) -> anyhow::
                 anyhow::Ok(times)
             }
         });
-        let mut times = Vec::with_capacity(n);
+        let mut times = Vec::new();
         for worker in futures_util::future::join_all(workers).await {
             times.extend(worker?);
         }
-        let elapsed = started.elapsed();
-        times.sort_unstable();
-        println!("per_second={:.0}", n as f64 / elapsed.as_secs_f64());
-        println!("p50_us={}", times[n / 2].as_micros());
-        println!("p99_us={}", times[n * 99 / 100].as_micros());
+        print_latencies(times.len(), started.elapsed(), times);
+        Ok(())
+    })
+}
+
+/// Open loop: GETs started at a fixed rate for `ms`, whatever the answers do, on
+/// `c` connections (HTTP/1.1; a GET waits for a free one) or `c` streams of one
+/// (HTTP/2). Each GET's time counts from its start, a wait for a free connection
+/// included (the client's timer is 1 ms coarse: GETs due within one tick start
+/// together). Prints the rate achieved and p50/p99.
+fn http_rate(
+    addr: &str,
+    version: &str,
+    concurrency: &str,
+    rate: &str,
+    millis: &str,
+) -> anyhow::Result<()> {
+    use std::sync::{Arc, Mutex};
+    let concurrency: usize = concurrency.parse()?;
+    let (rate, millis): (f64, u64) = (rate.parse()?, millis.parse()?);
+    anyhow::ensure!(rate > 0.0, "the rate must be more than 0");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let addr: Arc<str> = addr.into();
+        let free = Arc::new(Mutex::new(warm_senders(&addr, version, concurrency).await?));
+        let permits = Arc::new(tokio::sync::Semaphore::new(concurrency));
+        let interval = Duration::from_secs_f64(1.0 / rate);
+        let started = tokio::time::Instant::now();
+        let end = started + Duration::from_millis(millis);
+        let mut gets = tokio::task::JoinSet::new();
+        let mut due = started;
+        while due < end {
+            tokio::time::sleep_until(due).await;
+            // Every GET due by now starts now.
+            let now = tokio::time::Instant::now();
+            while due <= now && due < end {
+                let (free, permits, addr) = (free.clone(), permits.clone(), addr.clone());
+                let began = Instant::now();
+                gets.spawn(async move {
+                    let _permit = permits.acquire_owned().await?;
+                    let mut sender = free.lock().unwrap().pop().expect("one per permit");
+                    let result = sender.get(&addr).await;
+                    free.lock().unwrap().push(sender);
+                    result.map(|()| began.elapsed())
+                });
+                due += interval;
+            }
+        }
+        let mut times = Vec::new();
+        while let Some(done) = gets.join_next().await {
+            times.push(done??);
+        }
+        print_latencies(times.len(), started.elapsed(), times);
         Ok(())
     })
 }

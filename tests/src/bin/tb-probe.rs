@@ -37,8 +37,8 @@
 //!   tb-probe httpbench <ip:port> h1|h2 <c> <n>  n GETs (or for `<ms>ms`), c at a time (HTTP/1.1:
 //!                                          c keep-alive connections; HTTP/2: c streams on one):
 //!                                          rate, p50, p99
-//!   tb-probe httprate <ip:port> h1|h2 <c> <rate> <ms>  GETs started at a fixed rate (open
-//!                                          loop) for ms, on c connections or streams: rate, p50, p99
+//!   tb-probe httprate <ip:port> h1|h2 <c> <rate> <ms>  GETs due at a fixed rate (open loop)
+//!                                          for ms, on c connections or streams: rate, p50, p99
 //!   tb-probe http <ip:port> <METHOD> <path> [Name:value]...  one HTTP/1.1 request
 //!   tb-probe h2raw <ip:port> preface|headers|request  HTTP/2 frames by hand: the preface
 //!                                          alone, a GET's header block never finished, or
@@ -754,11 +754,11 @@ fn http_bench(addr: &str, version: &str, concurrency: &str, n: &str) -> anyhow::
     })
 }
 
-/// Open loop: GETs started at a fixed rate for `ms`, whatever the answers do, on
-/// `c` connections (HTTP/1.1; a GET waits for a free one) or `c` streams of one
-/// (HTTP/2). Each GET's time counts from its start, a wait for a free connection
-/// included (the client's timer is 1 ms coarse: GETs due within one tick start
-/// together). Prints the rate achieved and p50/p99.
+/// Open loop: GETs due at a fixed rate for `ms`, evenly spaced, whatever the
+/// answers do, on `c` connections (HTTP/1.1; a GET waits for a free one) or `c`
+/// streams of one (HTTP/2). Each GET's time counts from when it was due. A thread
+/// of its own paces them (tokio's timer is 1 ms coarse: it would send bursts).
+/// Prints the rate achieved and p50/p99.
 fn http_rate(
     addr: &str,
     version: &str,
@@ -777,28 +777,36 @@ fn http_rate(
         let addr: Arc<str> = addr.into();
         let free = Arc::new(Mutex::new(warm_senders(&addr, version, concurrency).await?));
         let permits = Arc::new(tokio::sync::Semaphore::new(concurrency));
-        let interval = Duration::from_secs_f64(1.0 / rate);
-        let started = tokio::time::Instant::now();
-        let end = started + Duration::from_millis(millis);
-        let mut gets = tokio::task::JoinSet::new();
-        let mut due = started;
-        while due < end {
-            tokio::time::sleep_until(due).await;
-            // Every GET due by now starts now.
-            let now = tokio::time::Instant::now();
-            while due <= now && due < end {
-                let (free, permits, addr) = (free.clone(), permits.clone(), addr.clone());
-                let began = Instant::now();
-                gets.spawn(async move {
-                    let _permit = permits.acquire_owned().await?;
-                    let mut sender = free.lock().unwrap().pop().expect("one per permit");
-                    let result = sender.get(&addr).await;
-                    free.lock().unwrap().push(sender);
-                    result.map(|()| began.elapsed())
-                });
-                due += interval;
+        let (pace, mut due) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+        let (interval, duration) = (
+            Duration::from_secs_f64(1.0 / rate),
+            Duration::from_millis(millis),
+        );
+        let started = Instant::now();
+        let pacer = std::thread::spawn(move || {
+            let mut next = started;
+            while next < started + duration {
+                if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                if pace.send(next).is_err() {
+                    return;
+                }
+                next += interval;
             }
+        });
+        let mut gets = tokio::task::JoinSet::new();
+        while let Some(due) = due.recv().await {
+            let (free, permits, addr) = (free.clone(), permits.clone(), addr.clone());
+            gets.spawn(async move {
+                let _permit = permits.acquire_owned().await?;
+                let mut sender = free.lock().unwrap().pop().expect("one per permit");
+                let result = sender.get(&addr).await;
+                free.lock().unwrap().push(sender);
+                result.map(|()| due.elapsed())
+            });
         }
+        let _ = pacer.join();
         let mut times = Vec::new();
         while let Some(done) = gets.join_next().await {
             times.push(done??);

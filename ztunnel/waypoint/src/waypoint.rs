@@ -15,6 +15,7 @@ use std::{
 };
 
 use bytes::Bytes;
+use h2::{server::SendResponse, RecvStream};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
@@ -49,7 +50,11 @@ use ztunnel_core::{
     drain::{self, Drain},
     response_flags::{ResponseFlag as Flag, ResponseFlags},
 };
-use ztunnel_hbone::{pool::Pool, relay};
+use ztunnel_hbone::{
+    pool::{Pool, PoolSettings},
+    relay,
+    stream::H2Stream,
+};
 
 mod conn_idle;
 mod ext_authz;
@@ -58,7 +63,7 @@ mod retry;
 mod telemetry;
 mod upstream;
 use idle::IdleBody;
-use telemetry::{Metered, Record, RequestLabels, RequestMetrics};
+use telemetry::{Access, ConnMetrics, Metered, Outcome, Record, RequestLabels, RequestMetrics};
 use upstream::{Protocol, UpstreamError, Upstreams};
 
 #[derive(Clone, Debug)]
@@ -190,6 +195,14 @@ struct Target {
     client: SocketAddr,
 }
 
+/// One tunnelled HTTP connection: what each of its requests shares.
+struct Downstream {
+    conn: Connection,
+    client: Identity,
+    target: Target,
+    metrics: Arc<ConnMetrics>,
+}
+
 #[derive(Clone)]
 enum Destination {
     Service(std::net::Ipv4Addr),
@@ -224,6 +237,10 @@ macro_rules! serve_until_done {
         }
     }};
 }
+
+/// CONNECTs at once on one HBONE connection (hyper's server default, which
+/// the waypoint had before).
+const MAX_CONNECTS_PER_CONNECTION: u32 = 200;
 
 /// How long a new connection's first bytes are awaited to tell HTTP from a
 /// protocol whose server speaks first.
@@ -275,7 +292,7 @@ enum ConnectionError {
     #[error("mTLS handshake: {0}")]
     Handshake(std::io::Error),
     #[error("HTTP/2: {0}")]
-    Http2(hyper::Error),
+    Http2(h2::Error),
     #[error("HTTP: {0}")]
     Http(upstream::BoxError),
     #[error(transparent)]
@@ -410,6 +427,10 @@ pub async fn run(options: WaypointOptions) -> Result<(), StartError> {
 }
 
 impl Waypoint {
+    /// One HBONE connection: mTLS, then HTTP/2 on `h2` directly (hyper's server
+    /// and upgrade gave each CONNECT's bytes a task and a copy more). It ends
+    /// gracefully (GOAWAY, its streams finishing) when the waypoint drains, and
+    /// when no CONNECT came in time (logged and counted), then within CLOSE_WAIT.
     async fn connection(
         self: Arc<Self>,
         tcp: Conn,
@@ -421,19 +442,59 @@ impl Waypoint {
             .await
             .map_err(ConnectionError::Handshake)?;
         let client = tls::peer_identity(tls.get_ref().1.peer_certificates())?;
+        let settings = PoolSettings::default();
+        let mut connection = h2::server::Builder::new()
+            .initial_window_size(settings.stream_window)
+            .initial_connection_window_size(settings.connection_window)
+            .max_frame_size(settings.max_frame_size)
+            .max_concurrent_streams(MAX_CONNECTS_PER_CONNECTION)
+            .max_header_list_size(ztunnel_hbone::stream::MAX_HEADER_LIST_SIZE)
+            .handshake::<_, Bytes>(tls)
+            .await
+            .map_err(ConnectionError::Http2)?;
         let streams = conn_idle::Streams::new();
-        let this = self.clone();
-        let open = streams.clone();
-        let service = hyper::service::service_fn(move |req| {
-            let (this, client) = (this.clone(), client.clone());
-            // The CONNECT's tunnelled stream keeps the connection busy.
-            let open = open.open();
-            async move { Ok::<_, Infallible>(this.connect(client, peer, req, open)) }
-        });
-        let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .serve_connection(TokioIo::new(tls), service);
-        serve_until_done!(self, connection, streams, "hbone").map_err(ConnectionError::Http2)
+        let limits = self.limits;
+        let drained = self.drain.signaled();
+        let expired = streams.expired(limits.request_headers_timeout, limits.idle_timeout);
+        tokio::pin!(drained, expired);
+        // Set once GOAWAY is sent: by when the connection must be gone.
+        let mut closing: Option<tokio::time::Instant> = None;
+        let far = || tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
+        enum Event {
+            Accepted(Option<Result<(Request<RecvStream>, SendResponse<Bytes>), h2::Error>>),
+            Drain,
+            Expired(conn_idle::Expired),
+            Gone,
+        }
+        loop {
+            // Accepting drives the connection (every stream's frames).
+            let event = tokio::select! {
+                accepted = connection.accept() => Event::Accepted(accepted),
+                _ = &mut drained, if closing.is_none() => Event::Drain,
+                expired = &mut expired, if closing.is_none() => Event::Expired(expired),
+                _ = tokio::time::sleep_until(closing.unwrap_or_else(far)), if closing.is_some() => Event::Gone,
+            };
+            match event {
+                Event::Accepted(None) | Event::Gone => return Ok(()),
+                Event::Accepted(Some(accepted)) => {
+                    let (req, respond) = accepted.map_err(ConnectionError::Http2)?;
+                    // The CONNECT's tunnelled stream keeps the connection busy.
+                    let open = streams.open();
+                    self.clone()
+                        .connect(client.clone(), peer, req, respond, open);
+                }
+                // Requests in flight get the drain's grace period.
+                Event::Drain => {
+                    connection.graceful_shutdown();
+                    closing = Some(far());
+                }
+                Event::Expired(expired) => {
+                    self.timed_out("hbone", expired);
+                    connection.graceful_shutdown();
+                    closing = Some(tokio::time::Instant::now() + CLOSE_WAIT);
+                }
+            }
+        }
     }
 
     /// A downstream connection closed by its request headers or idle timeout:
@@ -538,19 +599,44 @@ impl Waypoint {
         })
     }
 
+    /// One CONNECT: answered 200 and tunnelled when its destination is bound
+    /// here, else refused (logged and counted).
     fn connect(
         self: Arc<Self>,
         client: Identity,
         peer: SocketAddr,
-        mut req: Request<Incoming>,
+        req: Request<RecvStream>,
+        mut respond: SendResponse<Bytes>,
         open: conn_idle::Open,
-    ) -> Response<Empty<Bytes>> {
-        let status = |code| {
-            Response::builder()
-                .status(code)
-                .body(Empty::new())
-                .expect("valid")
+    ) {
+        let status = |code| Response::builder().status(code).body(()).expect("valid");
+        let target = match self.connect_target(&client, peer, &req) {
+            Ok(target) => target,
+            Err(code) => {
+                let _ = respond.send_response(status(code), true);
+                return;
+            }
         };
+        let send = match respond.send_response(status(StatusCode::OK), false) {
+            Ok(send) => send,
+            Err(e) => return tracing::debug!("waypoint: answering a CONNECT: {e}"),
+        };
+        let stream = H2Stream::new(send, req.into_body());
+        self.drain.clone().spawn(async move {
+            let _open = open;
+            if let Err(e) = self.stream(stream, client, target).await {
+                tracing::debug!("waypoint stream: {e:#}");
+            }
+        });
+    }
+
+    /// Where a CONNECT goes; or the status that refuses it (logged and counted).
+    fn connect_target(
+        &self,
+        client: &Identity,
+        peer: SocketAddr,
+        req: &Request<RecvStream>,
+    ) -> Result<Target, StatusCode> {
         let refuse = |reason: &str, code: StatusCode, why: &str| {
             tracing::warn!(src = %client, %peer, "waypoint: CONNECT refused: {why}");
             self.refused
@@ -558,21 +644,25 @@ impl Waypoint {
                     reason: reason.into(),
                 })
                 .inc();
-            status(code)
+            code
         };
         if req.method() != Method::CONNECT {
-            return refuse("bad_request", StatusCode::BAD_REQUEST, "not CONNECT");
+            return Err(refuse(
+                "bad_request",
+                StatusCode::BAD_REQUEST,
+                "not CONNECT",
+            ));
         }
         let Some(asked) = req
             .uri()
             .authority()
             .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
         else {
-            return refuse(
+            return Err(refuse(
                 "bad_request",
                 StatusCode::BAD_REQUEST,
                 ":authority is not ip:port",
-            );
+            ));
         };
         let state = self.state.borrow().clone();
         // The client's own address when its identity proves it (as the tunnel
@@ -586,42 +676,28 @@ impl Waypoint {
             .and_then(|(ip, port)| match ip {
                 IpAddr::V4(v4) => state
                     .workload_by_ip(v4)
-                    .filter(|w| w.identity == client)
+                    .filter(|w| &w.identity == client)
                     .map(|_| SocketAddr::new(ip, port.unwrap_or(peer.port()))),
                 IpAddr::V6(_) => None,
             })
             .unwrap_or(peer);
-        let target = match self.resolve(&state, asked, client_addr) {
-            Ok(target) => target,
-            Err(Refusal::NotBound(why)) => {
-                return refuse(
+        self.resolve(&state, asked, client_addr)
+            .map_err(|refusal| match refusal {
+                Refusal::NotBound(why) => refuse(
                     "not_bound",
                     StatusCode::FORBIDDEN,
                     &format!("{asked}: {why}"),
-                )
-            }
-            Err(Refusal::UnknownDestination(why)) => {
-                return refuse("unknown_destination", StatusCode::SERVICE_UNAVAILABLE, &why)
-            }
-        };
-        let upgrade = hyper::upgrade::on(&mut req);
-        self.drain.clone().spawn(async move {
-            let _open = open;
-            let stream = match upgrade.await {
-                Ok(upgraded) => TokioIo::new(upgraded),
-                Err(e) => return tracing::debug!("waypoint upgrade: {e}"),
-            };
-            if let Err(e) = self.stream(stream, client, target).await {
-                tracing::debug!("waypoint stream: {e:#}");
-            }
-        });
-        status(StatusCode::OK)
+                ),
+                Refusal::UnknownDestination(why) => {
+                    refuse("unknown_destination", StatusCode::SERVICE_UNAVAILABLE, &why)
+                }
+            })
     }
 
     /// One tunnelled stream: HTTP gets L7 policy per request; anything else L4.
     async fn stream(
         self: Arc<Self>,
-        mut stream: TokioIo<hyper::upgrade::Upgraded>,
+        mut stream: H2Stream,
         client: Identity,
         target: Target,
     ) -> Result<(), ConnectionError> {
@@ -656,17 +732,23 @@ impl Waypoint {
             inner: stream,
         };
         if looks_like_http(&first) {
+            let labels = self.connection_labels(&self.state.borrow(), &conn, &client, &target);
+            let downstream = Arc::new(Downstream {
+                conn,
+                client,
+                target,
+                metrics: Arc::new(ConnMetrics::new(self.metrics.clone(), labels)),
+            });
             let streams = conn_idle::Streams::new();
             let this = self.clone();
             let opened = streams.clone();
             let service = hyper::service::service_fn(move |req| {
-                let (this, conn, target, client) =
-                    (this.clone(), conn.clone(), target.clone(), client.clone());
+                let (this, downstream) = (this.clone(), downstream.clone());
                 // Open until the response's body is done (or dropped).
                 let open = opened.open();
                 // Boxed: hyper moves each request's future into a task of its own.
                 Box::pin(async move {
-                    let response = this.request(req, &conn, &client, &target).await;
+                    let response = this.request(req, &downstream).await;
                     Ok::<_, Infallible>(response.map(|body| conn_idle::Holding::new(body, open)))
                 })
             });
@@ -788,29 +870,46 @@ impl Waypoint {
     async fn request(
         &self,
         req: Request<Incoming>,
-        conn: &Connection,
-        client: &Identity,
-        target: &Target,
+        downstream: &Downstream,
     ) -> Response<upstream::Body> {
         let started = Instant::now();
+        let Downstream {
+            conn,
+            client,
+            target,
+            metrics,
+        } = downstream;
         let grpc = is_grpc(req.headers());
-        let (method, path) = (req.method().to_string(), req.uri().path().to_owned());
+        let access = Access::on().then(|| Access {
+            method: req.method().to_string(),
+            path: req.uri().path().to_owned(),
+            destination: target.asked,
+            endpoint: None,
+        });
         let request_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let mut handled = self.handle(req, conn, client, target, &request_bytes).await;
         if handled.endpoint.is_none() && grpc {
             handled.response = grpc_local_reply(handled.response);
         }
-        let state = self.state.borrow().clone();
-        let labels = self.labels(&state, conn, client, target, &handled, grpc);
+        let endpoint = handled.endpoint.clone();
         let record = Record {
-            metrics: self.metrics.clone(),
-            labels,
+            conn: metrics.clone(),
+            outcome: Outcome {
+                destination: endpoint.clone().or_else(|| match &target.destination {
+                    Destination::Workload(w) => Some(w.clone()),
+                    Destination::Service(_) => None,
+                }),
+                grpc,
+                response_code: handled.response.status(),
+                flags: handled.flags,
+                grpc_status: None,
+            },
             started,
             request_bytes,
-            method,
-            path,
-            destination: target.asked.to_string(),
-            endpoint: handled.endpoint.as_ref().map(|e| e.name.clone()),
+            access: access.map(|access| Access {
+                endpoint: endpoint.map(|e| e.name.clone()),
+                ..access
+            }),
         };
         let grpc_status = handled
             .response
@@ -863,7 +962,14 @@ impl Waypoint {
         let authentications = state
             .policies
             .request_authentications((&self.key.0, &self.key.1), service);
-        let auth = match self.authenticate(&authentications, &mut req).await {
+        // Boxed, as the other rare steps (ext_authz, dialing an endpoint): inline,
+        // their futures made every request's larger, and moving a request's
+        // future (into its task, into its box) copied them each time.
+        let auth = match authentications.is_empty() {
+            true => Ok(None),
+            false => Box::pin(self.authenticate(&authentications, &mut req)).await,
+        };
+        let auth = match auth {
             Ok(auth) => auth,
             Err(reason) => {
                 tracing::warn!(src = %client, dst = %target.asked, path = %req.uri().path(), "request refused: JWT: {reason}");
@@ -900,10 +1006,7 @@ impl Waypoint {
                 .policies
                 .custom_request((&self.key.0, &self.key.1), service, conn, &attributes);
         for (policy, provider) in &custom {
-            match self
-                .ext_authz(&state, provider, &req, client, conn, &host)
-                .await
-            {
+            match Box::pin(self.ext_authz(&state, provider, &req, client, conn, &host)).await {
                 Ok(upstream_headers) => req.headers_mut().extend(upstream_headers),
                 Err(response) => {
                     tracing::warn!(src = %client, dst = %target.asked, path = %attributes.path, %policy, %provider, "request denied by CUSTOM policy");
@@ -1036,20 +1139,15 @@ impl Waypoint {
         Ok(())
     }
 
-    /// Istio's labels of one request's metrics.
-    fn labels(
+    /// Istio's labels that every request of a downstream connection has: its
+    /// source and the service addressed (each request sets its own others).
+    fn connection_labels(
         &self,
         state: &State,
         conn: &Connection,
         client: &Identity,
         target: &Target,
-        handled: &Handled,
-        grpc: bool,
     ) -> RequestLabels {
-        let destination = handled.endpoint.as_deref().or(match &target.destination {
-            Destination::Workload(w) => Some(w),
-            Destination::Service(_) => None,
-        });
         let source = match conn.source_ip {
             IpAddr::V4(ip) => state.workload_by_ip(ip).filter(|w| &w.identity == client),
             IpAddr::V6(_) => None,
@@ -1060,22 +1158,14 @@ impl Waypoint {
                 w.workload_name().to_owned()
             }),
             source_principal: client.to_string(),
-            destination_workload: destination.map_or(crate::metrics::UNKNOWN.into(), |w| {
-                w.workload_name().to_owned()
-            }),
-            destination_principal: destination
-                .map_or(crate::metrics::UNKNOWN.into(), |w| w.identity.to_string()),
             destination_service: target
                 .service
                 .as_ref()
                 .map_or(crate::metrics::UNKNOWN.into(), |(ns, n)| {
                     format!("{n}.{ns}.svc")
                 }),
-            request_protocol: if grpc { "grpc" } else { "http" }.into(),
-            response_code: handled.response.status().as_u16().to_string(),
-            grpc_response_status: String::new(),
-            response_flags: handled.flags.to_string(),
             connection_security_policy: "mutual_tls".into(),
+            ..Default::default()
         }
     }
 
@@ -1222,8 +1312,14 @@ impl Waypoint {
             handled.flags = Flag::NoHealthyUpstream.into();
             return handled;
         }
-        // A small body is read whole first: a refused stream can then be retried.
-        let (mut req, replay) = match retry::keep(req).await {
+        // HTTP/2: a small body is read whole first, so that a refused stream can
+        // be retried. HTTP/1.1 has no refused streams: a request it did not send
+        // comes back whole, with no copy.
+        let kept = match protocol {
+            Protocol::Http2 => retry::keep(req).await,
+            Protocol::Http1 => Ok((req, None)),
+        };
+        let (mut req, replay) = match kept {
             Ok(kept) => kept,
             Err(_) if activity.expired() => return self.stream_timed_out(target, None),
             Err(e) => {
@@ -1241,7 +1337,7 @@ impl Waypoint {
                 client: target.client.ip(),
                 protocol,
             };
-            let dial = || self.upstream_stream(endpoint, target.port, target.client);
+            let dial = || Box::pin(self.upstream_stream(endpoint, target.port, target.client));
             let sent = async {
                 match downstream_upgrade.is_some() {
                     true => self.upstreams.send_upgrade(req, dial).await,
@@ -1355,20 +1451,19 @@ fn upstream_request(
 ) -> Result<Request<upstream::Body>, Unforwardable> {
     let asked = target.asked;
     let (mut parts, body) = req.into_parts();
-    let path = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
     strip_hop_by_hop(&mut parts.headers);
     let authority = if host.is_empty() {
         asked.to_string()
     } else {
         host.to_owned()
     };
+    let path = || parts.uri.path_and_query().map_or("/", |p| p.as_str());
     match protocol {
         Protocol::Http1 => {
-            parts.uri = path.parse()?;
+            // Already in origin form (as HTTP/1.1 clients send): kept as it is.
+            if parts.uri.authority().is_some() || parts.uri.scheme().is_some() {
+                parts.uri = path().parse()?;
+            }
             parts.version = http::Version::HTTP_11;
             parts
                 .headers
@@ -1382,7 +1477,13 @@ fn upstream_request(
             }
         }
         Protocol::Http2 => {
-            parts.uri = format!("http://{authority}{path}").parse()?;
+            // Already absolute with this authority (as HTTP/2 clients send it):
+            // kept as it is.
+            let absolute = parts.uri.scheme() == Some(&http::uri::Scheme::HTTP)
+                && parts.uri.authority().map(|a| a.as_str()) == Some(authority.as_str());
+            if !absolute {
+                parts.uri = format!("http://{authority}{}", path()).parse()?;
+            }
             parts.version = http::Version::HTTP_2;
             parts.headers.remove(http::header::HOST);
         }
@@ -1668,7 +1769,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
 
 /// An HBONE stream holding its pool slot.
 struct Guarded {
-    inner: ztunnel_hbone::stream::H2Stream,
+    inner: H2Stream,
     _guard: ztunnel_hbone::pool::StreamGuard,
 }
 

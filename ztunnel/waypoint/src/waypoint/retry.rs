@@ -5,7 +5,8 @@
 //! end of the stream with the headers) at most [`RETRY_BUFFER`] bytes, it is read
 //! whole before the first attempt. Larger bodies, and bodies of unknown length
 //! (streaming gRPC among them), are sent as they come and not retried after a
-//! refused stream.
+//! refused stream. A request without a body (most GETs) is sent as it came; the
+//! copy is of its head only.
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Uri, Version};
@@ -56,6 +57,17 @@ impl Replay {
 /// enough to keep (read whole here; an error is the body's: the client's reset
 /// or the stream idle timeout).
 pub async fn keep(req: Request<Body>) -> Result<(Request<Body>, Option<Replay>), BoxError> {
+    if req.body().is_end_stream() {
+        let replay = Replay {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            headers: req.headers().clone(),
+            body: Bytes::new(),
+            trailers: None,
+        };
+        return Ok((req, Some(replay)));
+    }
     if req
         .body()
         .size_hint()
@@ -102,6 +114,25 @@ mod tests {
             let bytes = req.into_body().collect().await.unwrap().to_bytes();
             assert_eq!(bytes, vec![7u8; 1000]);
         }
+    }
+
+    #[tokio::test]
+    async fn a_request_without_a_body_is_sent_as_it_came_and_its_copy_has_none() {
+        let empty = http_body_util::Empty::new()
+            .map_err(|never| match never {})
+            .boxed();
+        let (first, replay) = keep(request(empty)).await.unwrap();
+        assert!(first.body().is_end_stream());
+        let again = replay.expect("kept").request();
+        assert_eq!(again.headers()["x-kept"], "yes");
+        assert_eq!(again.uri(), "http://web/upload");
+        assert!(again
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .is_empty());
     }
 
     #[tokio::test]

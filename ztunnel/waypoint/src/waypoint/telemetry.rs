@@ -4,24 +4,27 @@
 //! when the response's body ends (a gRPC status may come in its trailers).
 
 use std::{
+    net::SocketAddr,
     pin::Pin,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc,
+        Arc, Mutex,
     },
     task::{Context, Poll},
     time::Instant,
 };
 
 use bytes::Bytes;
+use http::StatusCode;
 use http_body::{Body, Frame, SizeHint};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, histogram::Histogram},
     registry::Registry,
 };
+use ztunnel_core::{metrics::UNKNOWN, response_flags::ResponseFlags, state::Workload};
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub reporter: String,
     pub source_workload: String,
@@ -96,46 +99,164 @@ impl RequestMetrics {
     }
 }
 
+/// What varies between the requests of one downstream connection, as labels.
+#[derive(Clone)]
+pub struct Outcome {
+    /// The workload that answered, or the one addressed; None: unknown.
+    pub destination: Option<Arc<Workload>>,
+    pub grpc: bool,
+    pub response_code: StatusCode,
+    pub flags: ResponseFlags,
+    /// A gRPC response's status (headers or trailers), known when it ends.
+    pub grpc_status: Option<String>,
+}
+
+impl Outcome {
+    /// Whether both give the same labels.
+    fn labels_as(&self, other: &Outcome) -> bool {
+        let destination = match (&self.destination, &other.destination) {
+            (None, None) => true,
+            (Some(a), Some(b)) => {
+                Arc::ptr_eq(a, b)
+                    || (a.workload_name() == b.workload_name() && a.identity == b.identity)
+            }
+            _ => false,
+        };
+        destination
+            && self.grpc == other.grpc
+            && self.response_code == other.response_code
+            && self.flags == other.flags
+            && self.grpc_status == other.grpc_status
+    }
+}
+
+/// One label set's metrics: handles into the families, found once.
+struct Recorded {
+    labels: RequestLabels,
+    requests: Counter,
+    duration: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
+}
+
+/// How many label sets a connection keeps handles for (its requests mostly
+/// share one or two: the same source, service and a few endpoints and codes).
+const LABEL_SETS_KEPT: usize = 16;
+
+/// The metrics of one downstream (tunnelled) connection's requests. The labels
+/// that are the connection's own (its source, the service addressed) are made
+/// once; each label set its requests had keeps its handles into the families, so
+/// recording a request neither formats labels nor hashes them (the families'
+/// `get_or_create` per request took about a tenth of the waypoint's CPU).
+pub struct ConnMetrics {
+    metrics: RequestMetrics,
+    /// The connection's labels; the per-request ones come from each Outcome.
+    base: RequestLabels,
+    seen: Mutex<Vec<(Outcome, Arc<Recorded>)>>,
+}
+
+impl ConnMetrics {
+    /// `base`: the labels every request of the connection has (the per-request
+    /// ones are replaced).
+    pub fn new(metrics: RequestMetrics, base: RequestLabels) -> Self {
+        Self {
+            metrics,
+            base,
+            seen: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn recorded(&self, outcome: &Outcome) -> Arc<Recorded> {
+        let mut seen = self.seen.lock().expect("not poisoned");
+        if let Some((_, recorded)) = seen.iter().find(|(o, _)| o.labels_as(outcome)) {
+            return recorded.clone();
+        }
+        let labels = self.labels(outcome);
+        let m = &self.metrics;
+        let recorded = Arc::new(Recorded {
+            requests: m.requests.get_or_create(&labels).clone(),
+            duration: m.duration.get_or_create(&labels).clone(),
+            request_bytes: m.request_bytes.get_or_create(&labels).clone(),
+            response_bytes: m.response_bytes.get_or_create(&labels).clone(),
+            labels,
+        });
+        if seen.len() == LABEL_SETS_KEPT {
+            seen.remove(0);
+        }
+        seen.push((outcome.clone(), recorded.clone()));
+        recorded
+    }
+
+    /// Istio's labels of a request with this outcome.
+    fn labels(&self, outcome: &Outcome) -> RequestLabels {
+        let destination = outcome.destination.as_deref();
+        RequestLabels {
+            destination_workload: destination
+                .map_or(UNKNOWN.into(), |w| w.workload_name().to_owned()),
+            destination_principal: destination.map_or(UNKNOWN.into(), |w| w.identity.to_string()),
+            request_protocol: if outcome.grpc { "grpc" } else { "http" }.into(),
+            response_code: outcome.response_code.as_u16().to_string(),
+            grpc_response_status: outcome.grpc_status.clone().unwrap_or_default(),
+            response_flags: outcome.flags.to_string(),
+            ..self.base.clone()
+        }
+    }
+}
+
 /// A request whose response has started: recorded when that response ends.
 pub struct Record {
-    pub metrics: RequestMetrics,
-    pub labels: RequestLabels,
+    pub conn: Arc<ConnMetrics>,
+    pub outcome: Outcome,
     pub started: Instant,
     /// Request body bytes read so far.
     pub request_bytes: Arc<AtomicU64>,
+    /// The access log's own fields; None when it is off.
+    pub access: Option<Access>,
+}
+
+/// What an access log line says beyond the labels.
+pub struct Access {
     pub method: String,
     pub path: String,
-    pub destination: String,
+    pub destination: SocketAddr,
+    /// The endpoint that answered; None: the waypoint did.
     pub endpoint: Option<String>,
+}
+
+impl Access {
+    /// Whether access lines are logged (`--access-log`): only then is a request's
+    /// method and path copied for them.
+    pub fn on() -> bool {
+        tracing::enabled!(target: "access", tracing::Level::INFO)
+    }
 }
 
 impl Record {
     fn finish(mut self, response_bytes: u64, grpc_status: Option<String>) {
-        if let Some(status) = grpc_status {
-            self.labels.grpc_response_status = status;
+        if grpc_status.is_some() {
+            self.outcome.grpc_status = grpc_status;
         }
         let millis = self.started.elapsed().as_secs_f64() * 1000.0;
         let request_bytes = self.request_bytes.load(Ordering::Acquire);
-        let m = &self.metrics;
-        m.requests.get_or_create(&self.labels).inc();
-        m.duration.get_or_create(&self.labels).observe(millis);
-        m.request_bytes
-            .get_or_create(&self.labels)
-            .observe(request_bytes as f64);
-        m.response_bytes
-            .get_or_create(&self.labels)
-            .observe(response_bytes as f64);
-        let l = &self.labels;
+        let recorded = self.conn.recorded(&self.outcome);
+        recorded.requests.inc();
+        recorded.duration.observe(millis);
+        recorded.request_bytes.observe(request_bytes as f64);
+        recorded.response_bytes.observe(response_bytes as f64);
+        let Some(access) = self.access else {
+            return;
+        };
+        let l = &recorded.labels;
         tracing::info!(
             target: "access",
             src_workload = %l.source_workload,
             src_identity = %l.source_principal,
-            dst = %self.destination,
+            dst = %access.destination,
             dst_service = %l.destination_service,
             dst_workload = %l.destination_workload,
-            endpoint = self.endpoint.as_deref().unwrap_or("-"),
-            method = %self.method,
-            path = %self.path,
+            endpoint = access.endpoint.as_deref().unwrap_or("-"),
+            method = %access.method,
+            path = %access.path,
             protocol = %l.request_protocol,
             status = %l.response_code,
             grpc_status = %l.grpc_response_status,
@@ -241,8 +362,8 @@ mod tests {
             reporter: "waypoint".into(),
             source_workload: "a".into(),
             source_principal: "p".into(),
-            destination_workload: "b".into(),
-            destination_principal: "q".into(),
+            destination_workload: UNKNOWN.into(),
+            destination_principal: UNKNOWN.into(),
             destination_service: "s".into(),
             request_protocol: "grpc".into(),
             response_code: "200".into(),
@@ -250,6 +371,36 @@ mod tests {
             response_flags: "-".into(),
             connection_security_policy: "mutual_tls".into(),
         }
+    }
+
+    #[test]
+    fn requests_with_the_same_outcome_share_their_label_set_and_each_is_counted() {
+        let mut registry = Registry::default();
+        let metrics = RequestMetrics::register(&mut registry);
+        let conn = ConnMetrics::new(metrics.clone(), labels());
+        let outcome = |code: u16| Outcome {
+            destination: None,
+            grpc: true,
+            response_code: StatusCode::from_u16(code).unwrap(),
+            flags: ResponseFlags::NONE,
+            grpc_status: None,
+        };
+        for _ in 0..3 {
+            conn.recorded(&outcome(200)).requests.inc();
+        }
+        conn.recorded(&outcome(403)).requests.inc();
+        assert_eq!(metrics.requests.get_or_create(&labels()).get(), 3);
+        let denied = RequestLabels {
+            response_code: "403".into(),
+            ..labels()
+        };
+        assert_eq!(metrics.requests.get_or_create(&denied).get(), 1);
+        // More label sets than a connection keeps: the first is found again.
+        for code in 500..500 + LABEL_SETS_KEPT as u16 {
+            conn.recorded(&outcome(code)).requests.inc();
+        }
+        conn.recorded(&outcome(200)).requests.inc();
+        assert_eq!(metrics.requests.get_or_create(&labels()).get(), 4);
     }
 
     #[tokio::test]
@@ -271,14 +422,17 @@ mod tests {
             Ok(Frame::trailers(trailers)),
         ];
         let record = Record {
-            metrics: metrics.clone(),
-            labels: labels(),
+            conn: Arc::new(ConnMetrics::new(metrics.clone(), labels())),
+            outcome: Outcome {
+                destination: None,
+                grpc: true,
+                response_code: StatusCode::OK,
+                flags: ResponseFlags::NONE,
+                grpc_status: None,
+            },
             started: Instant::now(),
             request_bytes,
-            method: "POST".into(),
-            path: "/x".into(),
-            destination: "10.0.0.1:80".into(),
-            endpoint: None,
+            access: None,
         };
         let response = Metered::response(
             StreamBody::new(futures_util::stream::iter(frames)).boxed(),

@@ -25,9 +25,9 @@ use testbed::{
 const PROBE: &str = env!("CARGO_BIN_EXE_tb-probe");
 /// How long each round runs (`<ms>ms`; or `<n>` GETs); WAYPOINT_BENCH_RUN
 /// overrides it (longer runs to profile).
-const RUN: &str = "2500ms";
+const RUN: &str = "2000ms";
 /// The open loop's rounds, each this long.
-const OPEN_LOOP_MS: &str = "2500";
+const OPEN_LOOP_MS: &str = "2000";
 const ROUNDS: usize = 3;
 /// The open loop's rate: this share of the waypoint's closed-loop rate at 64.
 const OPEN_LOOP_LOAD: f64 = 0.5;

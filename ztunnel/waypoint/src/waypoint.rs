@@ -460,8 +460,11 @@ impl Waypoint {
         // Set once GOAWAY is sent: by when the connection must be gone.
         let mut closing: Option<tokio::time::Instant> = None;
         let far = || tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
+        type Accepted = Option<Result<(Request<RecvStream>, SendResponse<Bytes>), h2::Error>>;
+        // One per turn of the loop, never kept: its size does not matter.
+        #[allow(clippy::large_enum_variant)]
         enum Event {
-            Accepted(Option<Result<(Request<RecvStream>, SendResponse<Bytes>), h2::Error>>),
+            Accepted(Accepted),
             Drain,
             Expired(conn_idle::Expired),
             Gone,

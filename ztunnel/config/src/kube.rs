@@ -1101,12 +1101,9 @@ mod tests {
             .unwrap();
         assert_eq!(s1.pods[&pod_key].labels["app"], "other");
         assert_eq!(s1.pods.diff(&s0.pods).len(), 1);
-        for (a, b) in [(&s1, &s0)] {
-            assert!(a.services.ptr_eq(&b.services) && a.policies.ptr_eq(&b.policies));
-            assert!(
-                a.namespaces.ptr_eq(&b.namespaces) && a.endpoint_slices.ptr_eq(&b.endpoint_slices)
-            );
-        }
+        assert!(s1.services.ptr_eq(&s0.services) && s1.policies.ptr_eq(&s0.policies));
+        assert!(s1.namespaces.ptr_eq(&s0.namespaces));
+        assert!(s1.endpoint_slices.ptr_eq(&s0.endpoint_slices));
 
         // A malformed update of the policy: refused, in force fail closed; the
         // pod untouched.

@@ -432,7 +432,7 @@ mod tests {
                     name,
                     namespace: ns,
                     labels: Default::default(),
-                    cluster_ip: (rng.bool()).then(|| Ipv4Addr::new(10, 96, 0, rng.u8(1..4))),
+                    cluster_ip: rng.bool().then(|| Ipv4Addr::new(10, 96, 0, rng.u8(1..4))),
                     ports: Vec::new(),
                     selector: match rng.bool() {
                         true => [("app".to_string(), format!("a{}", rng.usize(0..2)))].into(),

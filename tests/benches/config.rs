@@ -6,25 +6,29 @@
 //! labels changed, a pod deleted, one added), and the memory the snapshot and
 //! the state hold per pod, counted by this binary's allocator (bytes asked for,
 //! live after the build less live before; the allocator's own overhead not
-//! included).
+//! included). Then the same change as the Kubernetes source takes it from a watch
+//! (the one object applied or deleted, the snapshot made, the state updated: what
+//! it costs per event, where its store walk was paid on every event before), and
+//! the DNS names updated from that state (against their build from scratch).
 
 use std::{
     alloc::{GlobalAlloc, Layout, System},
     sync::{
         atomic::{AtomicIsize, Ordering::Relaxed},
-        Arc,
+        Arc, Mutex,
     },
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::{json, Value};
 use ztunnel::{
     config::{
-        kube::Translator,
+        kube::{Builder, KubeOptions, Objects, Scope, Translator},
         objects::{self, Prune, Stored},
-        Snapshot,
+        ConfigMetrics, Snapshot,
     },
+    dns::names::{Answer, MeshNames},
     k8s::{self, Checked},
     state::{MeshSettings, State},
 };
@@ -212,6 +216,120 @@ struct Row {
     walk: Vec<f64>,
     state_bytes: f64,
     source_bytes: f64,
+    /// One pod change as the Kubernetes source takes it from a watch, the state
+    /// updated.
+    event: Vec<f64>,
+    /// The DNS names updated from that state, and built from scratch (once).
+    names: Vec<f64>,
+    names_built: f64,
+}
+
+/// A pod's key in the snapshot, and the pod changed as a watch delivers a change
+/// (labels changed in a rollout, a new resourceVersion).
+fn changed_pod(i: usize, round: usize) -> ((String, String), Value) {
+    let key = (
+        format!("team-{}", i / 100),
+        pod(i)["metadata"]["name"].as_str().unwrap().to_owned(),
+    );
+    let mut changed = pod(i);
+    changed["metadata"]["resourceVersion"] = format!("changed-{round}").into();
+    changed["metadata"]["labels"]["round"] = round.to_string().into();
+    (key, changed)
+}
+
+/// One pod change (applied, or deleted one round in four) through the
+/// Kubernetes source's builder as a watch reports it, then the state updated
+/// from the snapshot, then the DNS names from the state; each round then puts the
+/// pod back. Returns the times of the first two, and of the names built from
+/// scratch. The builder runs as a waypoint's (no cgroup root): a tunnel's also
+/// looks at the changed pod on the node, if it is this node's.
+fn measure_events(
+    pods: usize,
+    store: &[(k8s::Resource, Arc<dyn Stored>)],
+    settings: &MeshSettings,
+) -> (Vec<f64>, Vec<f64>, f64) {
+    let stores = k8s::CONFIG
+        .iter()
+        .map(|a| {
+            let objects: Vec<Arc<dyn Stored>> = store
+                .iter()
+                .filter(|(r, _)| *r == a.resource)
+                .map(|(_, o)| o.clone())
+                .collect();
+            (
+                a.resource,
+                Box::new(Mutex::new(objects)) as Box<dyn Objects>,
+            )
+        })
+        .collect();
+    let options = KubeOptions {
+        node: "node-0".into(),
+        pod_cgroup_root: None,
+        resync: Duration::from_secs(60),
+    };
+    let mut builder = Builder::new(stores, options, ConfigMetrics::default());
+    let first = builder
+        .build(Scope::Everything)
+        .0
+        .expect("a first snapshot");
+    let mut state = State::build(Arc::new(first), settings);
+    let started = Instant::now();
+    let mut names = MeshNames::from_state(&state, "cluster.local");
+    let names_built = started.elapsed().as_secs_f64();
+    let (mut event, mut dns) = (Vec::new(), Vec::new());
+    for round in 0..200usize {
+        let i = (round * 7919) % pods;
+        let (key, changed) = changed_pod(i, round);
+        let deleted = round % 4 == 1;
+        let original = stored(k8s::PODS, pod(i));
+        let change = match deleted {
+            true => k8s::Change::Deleted(original.clone()),
+            false => k8s::Change::Applied(stored(k8s::PODS, changed)),
+        };
+        let started = Instant::now();
+        let snapshot = builder.build(Scope::Changes(vec![(k8s::PODS, change)])).0;
+        let next = state.update(Arc::new(snapshot.expect("a snapshot")));
+        event.push(started.elapsed().as_secs_f64());
+        let started = Instant::now();
+        let next_names = names.update(&state, &next);
+        dns.push(started.elapsed().as_secs_f64());
+        let ip = pod_ip(i);
+        let dashed = format!(
+            "{}.{}.pod.cluster.local",
+            ip.to_string().replace('.', "-"),
+            key.0
+        );
+        match deleted {
+            true => {
+                assert!(next.workload_by_ip(ip).is_none(), "the deletion is seen");
+                assert_eq!(next_names.resolve(&dashed, "x"), Answer::NxDomain);
+            }
+            false => {
+                assert_eq!(
+                    next.workload_by_ip(ip).expect("the changed pod").labels["round"],
+                    round.to_string(),
+                    "the change is seen"
+                );
+                assert_eq!(
+                    next_names.resolve(&dashed, "x"),
+                    Answer::Addresses(vec![ip])
+                );
+            }
+        }
+        (state, names) = (next, next_names);
+        // Back as it was.
+        let snapshot = builder.build(Scope::Changes(vec![(
+            k8s::PODS,
+            k8s::Change::Applied(original),
+        )]));
+        let next = state.update(Arc::new(snapshot.0.expect("a snapshot")));
+        names = names.update(&state, &next);
+        state = next;
+    }
+    assert_eq!(names, MeshNames::from_state(&state, "cluster.local"));
+    event.sort_by(f64::total_cmp);
+    dns.sort_by(f64::total_cmp);
+    (event, dns, names_built)
 }
 
 fn measure(pods: usize) -> Row {
@@ -242,15 +360,9 @@ fn measure(pods: usize) -> Row {
     let mut snapshot = snapshot;
     for round in 0..200usize {
         let i = (round * 7919) % pods;
-        let key = (
-            format!("team-{}", i / 100),
-            pod(i)["metadata"]["name"].as_str().unwrap().to_owned(),
-        );
         // A change as a watch delivers it: labels changed (a rollout), or the
         // pod deleted, or added back.
-        let mut changed = pod(i);
-        changed["metadata"]["resourceVersion"] = format!("changed-{round}").into();
-        changed["metadata"]["labels"]["round"] = round.to_string().into();
+        let (key, changed) = changed_pod(i, round);
         let deleted = round % 4 == 1 && snapshot.pods.contains_key(&key);
         // The source's path: its stores walked, the snapshot made (shared with
         // the last one but for the pod), the state updated.
@@ -291,6 +403,8 @@ fn measure(pods: usize) -> Row {
     }
     update.sort_by(f64::total_cmp);
     walk.sort_by(f64::total_cmp);
+    drop((state, snapshot, translator));
+    let (event, names, names_built) = measure_events(pods, &store, &settings);
     Row {
         pods,
         first,
@@ -298,6 +412,9 @@ fn measure(pods: usize) -> Row {
         walk,
         state_bytes,
         source_bytes,
+        event,
+        names,
+        names_built,
     }
 }
 
@@ -321,13 +438,13 @@ fn main() {
         Err(_) => vec![1_000, 10_000, 100_000],
     };
     println!(
-        "config: |    pods | first build | one pod change: state update p50 / p99 | with the kube source's store walk p50 / p99 | state B/pod | source B/pod |"
+        "config: |    pods | first build | one pod change: state update p50 / p99 | with the kube source's store walk p50 / p99 | state B/pod | source B/pod | kube source event + state p50 / p99 | DNS names update p50 / p99 | DNS names from scratch |"
     );
     let ms = |s: f64| s * 1e3;
     for pods in sizes {
         let row = measure(pods);
         println!(
-            "config: | {:>7} | {:>8.1} ms | {:>17.3} ms / {:>7.3} ms | {:>22.2} ms / {:>7.2} ms | {:>11.0} | {:>12.0} |",
+            "config: | {:>7} | {:>8.1} ms | {:>17.3} ms / {:>7.3} ms | {:>22.2} ms / {:>7.2} ms | {:>11.0} | {:>12.0} | {:>16.3} ms / {:>7.3} ms | {:>11.3} ms / {:>7.3} ms | {:>19.2} ms |",
             row.pods,
             ms(row.first),
             ms(percentile(&row.update, 50.0)),
@@ -336,6 +453,11 @@ fn main() {
             ms(percentile(&row.walk, 99.0)),
             row.state_bytes,
             row.source_bytes,
+            ms(percentile(&row.event, 50.0)),
+            ms(percentile(&row.event, 99.0)),
+            ms(percentile(&row.names, 50.0)),
+            ms(percentile(&row.names, 99.0)),
+            ms(row.names_built),
         );
     }
     println!(

@@ -48,6 +48,8 @@ struct Store {
     history: Vec<(u64, Collection, Value)>,
     calls: Vec<Call>,
     available: bool,
+    /// Versions up to this one are forgotten (see `compact`).
+    compacted: u64,
 }
 
 #[derive(Clone)]
@@ -187,6 +189,15 @@ impl FakeApiServer {
         }
     }
 
+    /// Forgets the history so far, as an API server compacting its storage does:
+    /// a watch resuming from an older version is told 410 Gone and must list
+    /// again, so what it missed meanwhile (deletions too) only the list shows.
+    pub fn compact(&self) {
+        let mut store = self.store.lock().unwrap();
+        store.history.clear();
+        store.compacted = store.version;
+    }
+
     /// Every call made so far.
     pub fn calls(&self) -> Vec<Call> {
         self.store.lock().unwrap().calls.clone()
@@ -310,15 +321,22 @@ impl FakeApiServer {
 
     fn watch(&self, target: Target, from: u64) -> Response<BoxBody<Bytes, Infallible>> {
         // The backlog and the subscription under one lock: no event falls between.
-        let (backlog, mut live) = {
+        let (backlog, mut live, gone) = {
             let store = self.store.lock().unwrap();
-            let backlog: Vec<Value> = store
-                .history
-                .iter()
-                .filter(|(v, c, _)| *v > from && *c == target.collection)
-                .map(|(_, _, e)| e.clone())
-                .collect();
-            (backlog, self.events.subscribe())
+            if from < store.compacted {
+                let expired = json!({"type": "ERROR", "object": {"apiVersion": "v1", "kind": "Status",
+                    "metadata": {}, "status": "Failure", "reason": "Expired", "code": 410,
+                    "message": format!("too old resource version: {from} ({})", store.compacted)}});
+                (vec![expired], self.events.subscribe(), true)
+            } else {
+                let backlog: Vec<Value> = store
+                    .history
+                    .iter()
+                    .filter(|(v, c, _)| *v > from && *c == target.collection)
+                    .map(|(_, _, e)| e.clone())
+                    .collect();
+                (backlog, self.events.subscribe(), false)
+            }
         };
         let mut outage = self.outage.subscribe();
         let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
@@ -327,6 +345,9 @@ impl FakeApiServer {
                 if tx.send(line(&event)).await.is_err() {
                     return;
                 }
+            }
+            if gone {
+                return;
             }
             loop {
                 tokio::select! {

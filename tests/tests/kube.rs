@@ -577,3 +577,114 @@ async fn malformed_api_objects_are_refused_one_by_one_and_a_malformed_policy_ope
         "other still refused"
     );
 }
+
+const ALLOW_OTHER: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-other, namespace: demo}
+spec:
+  selector: {matchLabels: {app: server}}
+  action: ALLOW
+  rules: [{from: [{source: {principals: [cluster.local/ns/demo/sa/other]}}]}]
+";
+
+/// The attack: while the tunnels' watches are down, a pod and the policy that let
+/// `other` in are deleted, and the API server compacts its history, so no DELETED
+/// is ever sent. Told their place is gone, the watches list again: both must go
+/// from the tunnels' state (nothing the API server no longer has stays allowed),
+/// and nothing else may move.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relist_after_missed_deletes_removes_the_pod_and_the_policy_and_nothing_else() {
+    let cluster = Cluster::new(
+        &ClusterSpec::new()
+            .node("node-a", ["client", "other"])
+            .node("node-b", ["server"]),
+    )
+    .unwrap();
+    let workloads = [
+        WorkloadSpec::new("client", "demo", "client"),
+        WorkloadSpec::new("other", "demo", "other"),
+        WorkloadSpec::new("server", "demo", "server").label("app", "server"),
+    ];
+    let mesh = Mesh::start_kube(cluster, &workloads, &["demo"])
+        .await
+        .unwrap();
+    for (node, pod) in [
+        ("node-a", "client"),
+        ("node-a", "other"),
+        ("node-b", "server"),
+    ] {
+        mesh.wait_enrolled(node, pod, true).await.unwrap();
+    }
+    let server = SocketAddr::new(mesh.cluster.pod("server").ip.into(), 8080).to_string();
+    let _echo = EchoServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    let served = |pod: &str, message: &str| {
+        let out = probe(&mesh, pod, &server, message);
+        assert!(out.contains(&format!("reply=server:{message}")), "{out}");
+    };
+    mesh.api().apply_yaml(ALLOW_CLIENT);
+    mesh.api().apply_yaml(ALLOW_OTHER);
+    policy_on(&mesh, "node-b", "allow-other", true).await;
+    served("client", "before");
+    served("other", "before");
+    let pod_lists = || {
+        mesh.api()
+            .calls()
+            .iter()
+            .filter(|c| c.verb == "list" && c.resource == "/pods")
+            .count()
+    };
+    let listed = pod_lists();
+
+    mesh.api().set_available(false);
+    eventually(
+        Duration::from_secs(15),
+        "both tunnels count the outage",
+        || on_every_node(&mesh, "ztunnel_config_source_errors_total", |n| n > 0.0),
+    )
+    .await;
+    let client = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "client", "namespace": "demo"}});
+    let client = mesh.api().get(&client).expect("the client pod");
+    mesh.api().delete(&client);
+    mesh.api()
+        .delete(&serde_yaml::from_str(ALLOW_OTHER).unwrap());
+    mesh.api().compact();
+    mesh.api().set_available(true);
+
+    // Listed again: the policy and the pod are gone.
+    policy_on(&mesh, "node-b", "allow-other", false).await;
+    for node in ["node-a", "node-b"] {
+        eventually(
+            Duration::from_secs(30),
+            &format!("the deleted pod gone from {node}'s state"),
+            || async {
+                mesh.config_dump(node).await["workloads"]
+                    .as_array()
+                    .is_some_and(|ws| !ws.iter().any(|w| w["name"] == "client"))
+            },
+        )
+        .await;
+    }
+    mesh.wait_enrolled("node-a", "client", false).await.unwrap();
+    assert!(pod_lists() > listed, "the pods were listed again");
+    assert!(
+        refused_by_policy(&mesh, PROBE, "other", &server, "node-b", "none").await,
+        "other is no longer allowed"
+    );
+
+    // Nothing else moved: the other policy, the other pods.
+    policy_on(&mesh, "node-b", "allow-client", true).await;
+    mesh.wait_enrolled("node-a", "other", true).await.unwrap();
+    mesh.wait_enrolled("node-b", "server", true).await.unwrap();
+    let dump = mesh.config_dump("node-b").await;
+    let names: Vec<&str> = dump["workloads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|w| w["name"].as_str())
+        .collect();
+    assert!(
+        names.contains(&"other") && names.contains(&"server"),
+        "{names:?}"
+    );
+}

@@ -176,7 +176,7 @@ impl KubePods {
     /// Starts the watch; answers are refusals until the first list is in.
     pub fn start(client: kube::Client) -> Self {
         debug_assert!(k8s::granted(k8s::CA, k8s::PODS, "watch", None));
-        let store = k8s::reflect::<Pod>(client, k8s::PODS, || {}, || {});
+        let store = k8s::reflect::<Pod>(client, k8s::PODS, |_| {}, || {});
         Self { store }
     }
 
@@ -396,7 +396,7 @@ pub async fn publish_root_in_ambient_namespaces(
     let store = k8s::reflect::<Namespace>(
         client.clone(),
         k8s::NAMESPACES,
-        move || notify.notify_one(),
+        move |_| notify.notify_one(),
         || {},
     );
     if let Err(e) = store.wait_until_ready().await {

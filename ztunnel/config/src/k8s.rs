@@ -207,16 +207,39 @@ pub const PARTS: &[(&str, &[Access])] = &[
     ("waypoint", CONFIG),
 ];
 
+/// A change to a store, as [`reflect`] reports it once the store has taken it.
+#[derive(Debug)]
+pub enum Change<K> {
+    /// An object created or updated, as stored (pruned).
+    Applied(K),
+    /// An object deleted: its last version.
+    Deleted(K),
+    /// A list is in: the first, or a relist after the watch lost its place (the
+    /// API server's history compacted, say). The store now holds exactly the API
+    /// server's objects: those deleted meanwhile went without a `Deleted`.
+    Listed,
+}
+
+impl<K> Change<K> {
+    pub fn map<T>(self, f: impl FnOnce(K) -> T) -> Change<T> {
+        match self {
+            Change::Applied(k) => Change::Applied(f(k)),
+            Change::Deleted(k) => Change::Deleted(f(k)),
+            Change::Listed => Change::Listed,
+        }
+    }
+}
+
 /// A store of every `resource` object of the cluster, read as `K` (a malformed
 /// one kept as such, see [`Checked`]), kept by a reflector (list, then watch,
 /// listing again with backoff after errors), each object pruned of what the mesh
-/// never reads. `on_change` runs after each change to the store and once the
-/// first list is in (not for each object of a relist); `on_error` after each
-/// error, which is logged: the store keeps its last state meanwhile.
+/// never reads. `on_change` runs after each change to the store with that change,
+/// and once each list is in (not for each object of a relist); `on_error` after
+/// each error, which is logged: the store keeps its last state meanwhile.
 pub fn reflect<K: Kind>(
     client: kube::Client,
     resource: Resource,
-    on_change: impl Fn() + Send + 'static,
+    on_change: impl Fn(Change<Checked<K>>) + Send + 'static,
     on_error: impl Fn() + Send + 'static,
 ) -> Store<Checked<K>> {
     let dynamic_type = K::dynamic_type(resource);
@@ -236,10 +259,11 @@ pub fn reflect<K: Kind>(
         let mut events = std::pin::pin!(events);
         while let Some(event) = events.next().await {
             match event {
-                Ok(
-                    watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone,
-                ) => on_change(),
-                Ok(_) => {}
+                Ok(watcher::Event::Apply(object)) => on_change(Change::Applied(object)),
+                Ok(watcher::Event::Delete(object)) => on_change(Change::Deleted(object)),
+                Ok(watcher::Event::InitDone) => on_change(Change::Listed),
+                // A relist's objects: the store takes them all at its end (Listed).
+                Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
                 Err(e) => {
                     tracing::warn!(
                         kind = resource.kind,

@@ -1,24 +1,28 @@
 //! The Kubernetes source: a reflector (list, then watch, relisting with backoff
-//! after errors) per kind the mesh reads — the [`k8s::CONFIG`] list — whose stores
-//! are translated into the same [`Snapshot`] the local source builds, through the
-//! same typed parsing and validation.
+//! after errors) per kind the mesh reads — the [`k8s::CONFIG`] list — whose
+//! changes are translated into the same [`Snapshot`] the local source builds,
+//! through the same typed parsing and validation.
 //!
 //! The first snapshot waits until every kind has been listed once: a tunnel that
 //! served before it knew the AuthorizationPolicies would fail open. After that, an
 //! API server outage changes nothing: the stores keep the last state while the
-//! watchers retry. The snapshot is rebuilt on every change and at least every
-//! `resync`, which is also how pods whose runtime was not on the node yet are found.
+//! watchers retry. Each change a watch reports is applied by itself: one pod
+//! changed costs that pod, not the cluster. A relist (the watch lost its place) is
+//! compared with what was known, so objects deleted while nobody watched go. At
+//! least every `resync` the snapshot is checked against the stores in full (what
+//! the changes kept is not trusted forever); and this node's pods whose runtime
+//! was not there yet are looked for again until found.
 
 use std::{
     collections::{HashMap, HashSet},
     path::PathBuf,
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
 use futures_util::future::BoxFuture;
 use kube::runtime::reflector::Store;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{mpsc, watch};
 
 use super::{
     local,
@@ -35,7 +39,7 @@ pub struct KubeOptions {
     /// The node's pod cgroup root (kubepods), where the pods' cgroups are found by
     /// UID; None for a waypoint, which enrolls nothing.
     pub pod_cgroup_root: Option<PathBuf>,
-    /// The longest time between rebuilds of the snapshot.
+    /// The longest time between checks of the snapshot against every stored object.
     pub resync: Duration,
 }
 
@@ -46,6 +50,9 @@ const RUNTIME_RETRY: Duration = Duration::from_millis(100);
 const RUNTIME_RETRY_SLOW: Duration = Duration::from_secs(1);
 const RUNTIME_RETRY_FAST_FOR: Duration = Duration::from_secs(10);
 
+/// A change one of the watches reported, for an object of that kind.
+pub type Event = (k8s::Resource, k8s::Change<Arc<dyn Stored>>);
+
 /// Starts the watchers; returns once every kind has been listed, with the first
 /// snapshot.
 pub async fn watch(
@@ -53,15 +60,14 @@ pub async fn watch(
     options: KubeOptions,
     metrics: ConfigMetrics,
 ) -> Result<watch::Receiver<Arc<Snapshot>>, SourceError> {
-    let changed = Arc::new(Notify::new());
+    let (events_tx, mut events) = mpsc::unbounded_channel();
     let mut stores = Vec::new();
     for access in k8s::CONFIG {
-        let changed = changed.clone();
         let metrics = metrics.clone();
         let start = Start {
             client: client.clone(),
             resource: access.resource,
-            on_change: Box::new(move || changed.notify_one()),
+            events: events_tx.clone(),
             on_error: Box::new(move || {
                 metrics.source_errors.inc();
             }),
@@ -70,6 +76,7 @@ pub async fn watch(
             .expect("the configuration's kinds each have a type");
         stores.push((access.resource, store, ready));
     }
+    drop(events_tx);
     let mut ready_stores = Vec::new();
     for (resource, store, mut ready) in stores {
         loop {
@@ -86,35 +93,33 @@ pub async fn watch(
         }
         ready_stores.push((resource, store));
     }
-    let stores = ready_stores;
-    let mut builder = Builder {
-        stores,
-        options,
-        translator: Translator::default(),
-        translated: Snapshot::default(),
-        runtimes: HashMap::new(),
-        unlocated_since: HashMap::new(),
-        reported: Vec::new(),
-        metrics,
-    };
-    let (first, mut retry) = builder.build(true);
+    // The stores already hold every change reported so far: the first build
+    // reads them all.
+    while events.try_recv().is_ok() {}
+    let mut builder = Builder::new(ready_stores, options, metrics);
+    let (first, mut retry) = builder.build(Scope::Everything);
     let first = first.expect("a build from the objects makes a snapshot");
     builder.metrics.updates.inc();
     let (tx, rx) = watch::channel(Arc::new(first));
     tokio::spawn(async move {
         let mut resync = tokio::time::interval(builder.options.resync);
         resync.tick().await;
+        let mut batch = Vec::new();
         loop {
-            // A retry only looks at the node again; the objects have not changed.
-            let objects_changed = tokio::select! {
-                _ = changed.notified() => true,
-                _ = resync.tick() => true,
-                _ = tokio::time::sleep(retry.unwrap_or_default()), if retry.is_some() => false,
+            let scope = tokio::select! {
+                received = events.recv_many(&mut batch, usize::MAX) => match received {
+                    // Every watch gone (they never end): nothing more will come.
+                    0 => return,
+                    _ => Scope::Changes(std::mem::take(&mut batch)),
+                },
+                _ = resync.tick() => Scope::Everything,
+                // A retry only looks at the node again; the objects have not changed.
+                _ = tokio::time::sleep(retry.unwrap_or_default()), if retry.is_some() => Scope::Node,
             };
-            // Building walks every object (and the node's cgroups): not on the
+            // A build may read the stores and the node's cgroups: not on the
             // proxy's threads.
             let (b, (snapshot, next)) = tokio::task::spawn_blocking(move || {
-                let built = builder.build(objects_changed);
+                let built = builder.build(scope);
                 (builder, built)
             })
             .await
@@ -141,11 +146,12 @@ pub async fn watch(
     Ok(rx)
 }
 
-/// The reflector of one kind: its store, and when it has listed once.
+/// The reflector of one kind: its store, and when it has listed once; its changes
+/// go to `events`.
 struct Start {
     client: kube::Client,
     resource: k8s::Resource,
-    on_change: Box<dyn Fn() + Send>,
+    events: mpsc::UnboundedSender<Event>,
     on_error: Box<dyn Fn() + Send>,
 }
 
@@ -153,7 +159,12 @@ type Ready = BoxFuture<'static, Result<(), kube::runtime::reflector::store::Writ
 
 impl KindFn<(Box<dyn Objects>, Ready)> for Start {
     fn call<K: Kind>(self) -> (Box<dyn Objects>, Ready) {
-        let store = k8s::reflect::<K>(self.client, self.resource, self.on_change, self.on_error);
+        let (resource, events) = (self.resource, self.events);
+        let on_change = move |change: k8s::Change<Checked<K>>| {
+            // Fails only once the source is gone, and nobody reads the changes.
+            let _ = events.send((resource, change.map(|o| Arc::new(o) as Arc<dyn Stored>)));
+        };
+        let store = k8s::reflect::<K>(self.client, resource, on_change, self.on_error);
         let ready = store.clone();
         (
             Box::new(store),
@@ -163,7 +174,7 @@ impl KindFn<(Box<dyn Objects>, Ready)> for Start {
 }
 
 /// A store of one kind, whatever its type.
-trait Objects: Send + Sync {
+pub trait Objects: Send + Sync {
     fn objects(&self) -> Vec<Arc<dyn Stored>>;
 }
 
@@ -176,13 +187,41 @@ impl<K: Kind> Objects for Store<Checked<K>> {
     }
 }
 
-/// Turns the stores into snapshots.
-struct Builder {
+/// A store kept by hand (tests, benchmarks).
+impl Objects for Mutex<Vec<Arc<dyn Stored>>> {
+    fn objects(&self) -> Vec<Arc<dyn Stored>> {
+        self.lock().expect("a store's lock is not poisoned").clone()
+    }
+}
+
+impl<T: Objects + ?Sized> Objects for Arc<T> {
+    fn objects(&self) -> Vec<Arc<dyn Stored>> {
+        (**self).objects()
+    }
+}
+
+/// What a build looks at.
+pub enum Scope {
+    /// The changes the watches reported: only the objects they name (and, for a
+    /// list, the objects of that kind).
+    Changes(Vec<Event>),
+    /// Every object of every store, and every pod of this node: the first build
+    /// and the resync.
+    Everything,
+    /// Only the node, for its pods not found yet: the objects have not changed.
+    Node,
+}
+
+/// Turns the stores' changes into snapshots.
+pub struct Builder {
     stores: Vec<(k8s::Resource, Box<dyn Objects>)>,
     options: KubeOptions,
+    /// Holds the snapshot, which this builder completes with where this node's
+    /// pods live.
     translator: Translator,
-    /// The objects' snapshot as last translated, before pods are located.
-    translated: Snapshot,
+    /// This node's pods with an address (those it may serve), by (namespace,
+    /// name): their UID.
+    local: HashMap<(String, String), String>,
     /// Pods of this node already found, by UID.
     runtimes: HashMap<String, discovery::PodRuntime>,
     /// Pods of this node not found yet, by UID: since when, whether that was
@@ -194,40 +233,202 @@ struct Builder {
 }
 
 impl Builder {
-    /// The snapshot (from the stores when `objects_changed`, else from the last
-    /// translation; None when only the node was looked at and nothing was found),
-    /// and when to look for this node's missing pods again (None: none missing).
-    fn build(&mut self, objects_changed: bool) -> (Option<Snapshot>, Option<Duration>) {
-        let node = self.options.node.clone();
-        let node = node.as_str();
-        if objects_changed {
-            self.translate();
-        } else if let Some(root) = &self.options.pod_cgroup_root {
-            let before = self.runtimes.len();
-            let lost = discover(&self.translated, node, root, &mut self.runtimes);
-            if !lost && self.runtimes.len() == before {
-                self.warn_overdue();
-                return (None, self.retry());
+    pub fn new(
+        stores: Vec<(k8s::Resource, Box<dyn Objects>)>,
+        options: KubeOptions,
+        metrics: ConfigMetrics,
+    ) -> Self {
+        Self {
+            stores,
+            options,
+            translator: Translator::default(),
+            local: HashMap::new(),
+            runtimes: HashMap::new(),
+            unlocated_since: HashMap::new(),
+            reported: Vec::new(),
+            metrics,
+        }
+    }
+
+    /// The snapshot after `scope` (None when only the node was looked at and
+    /// nothing changed), and when to look for this node's missing pods again
+    /// (None: none missing).
+    pub fn build(&mut self, scope: Scope) -> (Option<Snapshot>, Option<Duration>) {
+        let node_only = matches!(scope, Scope::Node);
+        let pods = match scope {
+            Scope::Changes(events) => {
+                for event in events {
+                    self.change(event);
+                }
+                self.translated()
             }
-        }
-        let mut snapshot = self.translated.clone();
-        let unlocated = locate_pods(
-            &mut snapshot,
-            node,
-            self.options.pod_cgroup_root.as_deref(),
-            &mut self.runtimes,
-        );
-        let now = std::time::Instant::now();
-        self.unlocated_since
-            .retain(|uid, _| unlocated.iter().any(|(u, _)| u == uid));
-        for (uid, pod) in unlocated {
-            self.unlocated_since.entry(uid).or_insert((now, false, pod));
-        }
+            Scope::Everything => {
+                self.translate_all();
+                let mut pods = self.translated();
+                // This node's pods from the snapshot itself, and those the index
+                // holds: what the changes kept is checked, not trusted.
+                let node = &self.options.node;
+                pods.extend(self.local.keys().cloned());
+                pods.extend(
+                    self.translator
+                        .snapshot
+                        .pods
+                        .iter()
+                        .filter(|(_, p)| p.node_name == *node && p.ip.is_some())
+                        .map(|(k, _)| k.clone()),
+                );
+                pods.sort();
+                pods.dedup();
+                pods
+            }
+            Scope::Node => self.local.keys().cloned().collect(),
+        };
+        let relocated = self.locate(pods);
         self.metrics
             .pods_unlocated
             .set(self.unlocated_since.len() as i64);
         self.warn_overdue();
-        (Some(snapshot), self.retry())
+        match node_only && !relocated {
+            true => (None, self.retry()),
+            false => (Some(self.translator.snapshot.clone()), self.retry()),
+        }
+    }
+
+    fn change(&mut self, (resource, change): Event) {
+        match change {
+            k8s::Change::Applied(object) => self.translator.apply(resource, &*object),
+            k8s::Change::Deleted(object) => self.translator.delete(resource, &*object),
+            k8s::Change::Listed => match self.stores.iter().find(|(r, _)| *r == resource) {
+                Some((_, store)) => {
+                    let objects = store.objects();
+                    self.translator
+                        .relist(Some(resource), objects.iter().map(|o| (resource, &**o)));
+                }
+                // Not a kind of these stores: everything from them.
+                None => self.translate_all(),
+            },
+        }
+    }
+
+    /// Every object of every store; those known and not in them are gone.
+    fn translate_all(&mut self) {
+        let stored: Vec<(k8s::Resource, Arc<dyn Stored>)> = self
+            .stores
+            .iter()
+            .flat_map(|(resource, store)| store.objects().into_iter().map(|o| (*resource, o)))
+            .collect();
+        self.translator
+            .relist(None, stored.iter().map(|(r, o)| (*r, &**o)));
+    }
+
+    /// Writes what was translated into the snapshot and reports new refusals.
+    /// Returns the pods written, by (namespace, name).
+    fn translated(&mut self) -> Vec<(String, String)> {
+        let written = self.translator.flush();
+        let errors = self.translator.errors();
+        for error in errors.iter().filter(|e| !self.reported.contains(e)) {
+            tracing::warn!("config refused: {error}");
+        }
+        self.metrics.built(errors.len());
+        self.reported = errors;
+        written
+            .into_iter()
+            .filter(|(kind, ..)| kind == "Pod")
+            .map(|(_, ns, name)| (ns, name))
+            .collect()
+    }
+
+    /// Brings `pods` up to date with the node: whether each is this node's, and
+    /// where it lives (its network namespace and cgroup, found by UID in the
+    /// node's cgroups: the node says, never the API — a pod annotated with the
+    /// local source's `ztunnel.local/netns` must not point the tunnel at the
+    /// host's namespace). Written into the snapshot only where it differs, so the
+    /// rest stays shared. Returns whether some pod's location changed.
+    fn locate(&mut self, pods: Vec<(String, String)>) -> bool {
+        let Some(root) = self.options.pod_cgroup_root.clone() else {
+            // A waypoint enrolls nothing: its pods are located nowhere.
+            return false;
+        };
+        let snapshot = &mut self.translator.snapshot;
+        let mut mine = Vec::new();
+        for key in pods {
+            let uid = snapshot
+                .pods
+                .get(&key)
+                .filter(|p| p.node_name == self.options.node && p.ip.is_some())
+                .and_then(|p| p.uid.clone());
+            let was = match &uid {
+                Some(uid) => self.local.insert(key.clone(), uid.clone()),
+                None => self.local.remove(&key),
+            };
+            // Gone from the node, or replaced by a pod of the same name.
+            if let Some(was) = was.filter(|was| Some(was) != uid.as_ref()) {
+                self.runtimes.remove(&was);
+                self.unlocated_since.remove(&was);
+            }
+            mine.push((key, uid));
+        }
+        // A runtime is stale once its process left the pod's cgroup or the cgroup
+        // is gone; the missing are looked for in one listing of the node's cgroups.
+        let mut missing = Vec::new();
+        for uid in mine.iter().filter_map(|(_, uid)| uid.as_ref()) {
+            if self.runtimes.get(uid).is_some_and(|r| !r.is_current()) {
+                self.runtimes.remove(uid);
+            }
+            if !self.runtimes.contains_key(uid) {
+                missing.push(uid);
+            }
+        }
+        if !missing.is_empty() {
+            match discovery::pod_cgroups(&root) {
+                Ok(cgroups) => {
+                    for uid in missing {
+                        match cgroups.get(uid).map(|c| discovery::runtime_of(c)) {
+                            Some(Ok(Some(runtime))) => {
+                                self.runtimes.insert(uid.clone(), runtime);
+                            }
+                            Some(Err(e)) => {
+                                tracing::debug!(uid = %uid, "reading the pod's cgroup: {e}")
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(root = %root.display(), "listing the node's pod cgroups: {e}")
+                }
+            }
+        }
+        let now = std::time::Instant::now();
+        let mut relocated = false;
+        for (key, uid) in mine {
+            let runtime = uid.as_ref().and_then(|u| self.runtimes.get(u));
+            let netns = runtime.map(|r| r.netns.clone());
+            let cgroup = runtime.map(|r| r.cgroup.clone());
+            if snapshot
+                .pods
+                .get(&key)
+                .is_some_and(|p| p.netns != netns || p.cgroup != cgroup)
+            {
+                if let Some(pod) = snapshot.pods.get_mut(&key) {
+                    pod.netns = netns;
+                    pod.cgroup = cgroup;
+                    relocated = true;
+                }
+            }
+            match (uid, runtime.is_some()) {
+                (Some(uid), true) => {
+                    self.unlocated_since.remove(&uid);
+                }
+                (Some(uid), false) => {
+                    self.unlocated_since
+                        .entry(uid)
+                        .or_insert_with(|| (now, false, format!("{}/{}", key.0, key.1)));
+                }
+                (None, _) => {}
+            }
+        }
+        relocated
     }
 
     /// Often while a pod has just been placed here, then less for one that does
@@ -259,136 +460,18 @@ impl Builder {
             }
         }
     }
-
-    fn translate(&mut self) {
-        let stored: Vec<(k8s::Resource, Arc<dyn Stored>)> = self
-            .stores
-            .iter()
-            .flat_map(|(resource, store)| store.objects().into_iter().map(|o| (*resource, o)))
-            .collect();
-        let (snapshot, errors) = self
-            .translator
-            .translate_stored(stored.iter().map(|(r, o)| (*r, &**o)));
-        for error in errors.iter().filter(|e| !self.reported.contains(e)) {
-            tracing::warn!("config refused: {error}");
-        }
-        self.metrics.built(errors.len());
-        self.reported = errors;
-        self.translated = snapshot;
-    }
 }
 
-/// A pod of this node not found on it (yet): its UID and `namespace/name`.
-type Unlocated = (String, String);
+/// An object as its store names it: (kind, namespace, name).
+type Id = (&'static str, String, String);
 
-/// Where this node's pods live. The node says, never the API: a pod annotated with
-/// the local source's `ztunnel.local/netns` must not point the tunnel at the host's
-/// namespace. Returns the pods of this node that could not be found yet.
-fn locate_pods(
-    snapshot: &mut Snapshot,
-    node: &str,
-    pod_cgroup_root: Option<&std::path::Path>,
-    known: &mut HashMap<String, discovery::PodRuntime>,
-) -> Vec<Unlocated> {
-    // Translated pods carry neither (only the local source reads them from
-    // annotations); this node's are set below. Only what differs is written, so
-    // the snapshot keeps sharing the rest with the one before.
-    let located: Vec<(String, String)> = snapshot
-        .pods
-        .iter()
-        .filter(|(_, p)| p.netns.is_some() || p.cgroup.is_some())
-        .map(|(k, _)| k.clone())
-        .collect();
-    for key in located {
-        if let Some(pod) = snapshot.pods.get_mut(&key) {
-            pod.netns = None;
-            pod.cgroup = None;
-        }
-    }
-    match pod_cgroup_root {
-        Some(root) => attach_runtimes(snapshot, node, root, known),
-        None => Vec::new(),
-    }
-}
-
-/// This node's pods: those with an address (not on the host's network), by UID.
-fn local_uids<'a>(snapshot: &'a Snapshot, node: &'a str) -> impl Iterator<Item = &'a String> {
-    snapshot
-        .pods
-        .values()
-        .filter(move |p| p.node_name == node && p.ip.is_some())
-        .filter_map(|p| p.uid.as_ref())
-}
-
-/// Brings `known` up to date with the node: forgets pods gone (or whose sandbox
-/// was replaced) and finds those not known yet. Returns whether some were
-/// forgotten.
-fn discover(
-    snapshot: &Snapshot,
-    node: &str,
-    root: &std::path::Path,
-    known: &mut HashMap<String, discovery::PodRuntime>,
-) -> bool {
-    let uids: HashSet<&String> = local_uids(snapshot, node).collect();
-    let before = known.len();
-    // A runtime is stale once its process left the pod's cgroup or the cgroup is
-    // gone.
-    known.retain(|uid, runtime| uids.contains(uid) && runtime.is_current());
-    let lost = known.len() != before;
-    let missing: Vec<&String> = uids
-        .into_iter()
-        .filter(|u| !known.contains_key(*u))
-        .collect();
-    if missing.is_empty() {
-        return lost;
-    }
-    match discovery::pod_cgroups(root) {
-        Ok(cgroups) => {
-            for uid in missing {
-                match cgroups.get(uid).map(|c| discovery::runtime_of(c)) {
-                    Some(Ok(Some(runtime))) => {
-                        known.insert(uid.clone(), runtime);
-                    }
-                    Some(Err(e)) => tracing::debug!(uid = %uid, "reading the pod's cgroup: {e}"),
-                    _ => {}
-                }
-            }
-        }
-        Err(e) => tracing::debug!(root = %root.display(), "listing the node's pod cgroups: {e}"),
-    }
-    lost
-}
-
-/// Fills in where this node's pods live (their network namespace and cgroup), found
-/// from their UID. Returns the pods not found.
-fn attach_runtimes(
-    snapshot: &mut Snapshot,
-    node: &str,
-    root: &std::path::Path,
-    known: &mut HashMap<String, discovery::PodRuntime>,
-) -> Vec<Unlocated> {
-    discover(snapshot, node, root, known);
-    let mut unlocated = Vec::new();
-    let mut found = Vec::new();
-    for (key, pod) in snapshot
-        .pods
-        .iter()
-        .filter(|(_, p)| p.node_name == node && p.ip.is_some())
-    {
-        let Some(uid) = &pod.uid else { continue };
-        match known.get(uid) {
-            Some(runtime) => found.push((key.clone(), runtime)),
-            None => unlocated.push((uid.clone(), format!("{}/{}", pod.namespace, pod.name))),
-        }
-    }
-    // Written only where they change: the other pods stay shared.
-    for (key, runtime) in found {
-        if let Some(pod) = snapshot.pods.get_mut(&key) {
-            pod.netns = Some(runtime.netns.clone());
-            pod.cgroup = Some(runtime.cgroup.clone());
-        }
-    }
-    unlocated
+fn id(resource: k8s::Resource, object: &dyn Stored) -> Id {
+    let meta = object.meta();
+    (
+        resource.kind,
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    )
 }
 
 /// Translates API objects, remembering the last good version of every object: a
@@ -399,16 +482,18 @@ pub struct Translator {
     /// The snapshot of `last_good`, kept up to date object by object: the next
     /// one shares all that did not change with it (see `CowMap`).
     snapshot: Snapshot,
-    /// Keys whose last good version changed (or went) since the last snapshot.
+    /// Keys whose last good version changed (or went) since the last flush.
     touched: HashSet<Key>,
     /// What each stored object came to at its resourceVersion: one that has not
-    /// changed since the last build is not parsed again.
-    seen: HashMap<(&'static str, String, String), Seen>,
+    /// changed is not parsed again.
+    seen: HashMap<Id, Seen>,
+    /// The refusals of the stored objects: one message each.
+    refused: HashMap<Id, String>,
 }
 
 /// An object as last translated: its resourceVersion and UID, and the outcome.
 struct Seen {
-    version: String,
+    version: Option<String>,
     uid: Option<String>,
     outcome: Outcome,
 }
@@ -422,53 +507,100 @@ enum Outcome {
 }
 
 impl Translator {
-    /// The snapshot of the stores' objects, and one message per object refused
-    /// (`Kind namespace/name: field: problem`). Only objects whose
-    /// resourceVersion changed since the last call are translated again.
+    /// The snapshot of exactly these objects (those known and not among them are
+    /// gone), and one message per object refused (`Kind namespace/name: field:
+    /// problem`). Only objects whose resourceVersion changed since they were last
+    /// seen are translated again.
     pub fn translate_stored<'a>(
         &mut self,
         objects: impl IntoIterator<Item = (k8s::Resource, &'a dyn Stored)>,
     ) -> (Snapshot, Vec<String>) {
-        let mut in_force = HashSet::new();
-        let mut errors = Vec::new();
-        let mut seen = HashMap::new();
-        for (resource, object) in objects {
-            let meta = object.meta();
-            let id = (
-                resource.kind,
-                meta.namespace.clone().unwrap_or_default(),
-                meta.name.clone().unwrap_or_default(),
-            );
-            let version = meta.resource_version.clone();
-            let uid = meta.uid.clone();
-            let outcome = match self.seen.remove(&id) {
-                Some(seen) if Some(&seen.version) == version.as_ref() => seen.outcome,
-                previous => {
-                    // Deleted and created again under the same name: what was good
-                    // of the old object is not a version of this one.
-                    if let Some(old) = previous.filter(|p| p.uid != uid) {
-                        if let Outcome::Parsed(key) | Outcome::Refused(Some(key), _) = old.outcome {
-                            self.last_good.remove(&key);
-                            self.touched.insert(key);
-                        }
-                    }
-                    self.translate_one(resource, object)
+        self.relist(None, objects);
+        self.flush();
+        (self.snapshot.clone(), self.errors())
+    }
+
+    /// An object created or updated (as a watch reports it): translated again
+    /// unless its resourceVersion is the one last seen.
+    pub fn apply(&mut self, resource: k8s::Resource, object: &dyn Stored) {
+        self.applied(resource, object);
+    }
+
+    fn applied(&mut self, resource: k8s::Resource, object: &dyn Stored) -> Id {
+        let id = id(resource, object);
+        let meta = object.meta();
+        let (version, uid) = (meta.resource_version.clone(), meta.uid.clone());
+        let outcome = match self.seen.remove(&id) {
+            Some(seen) if version.is_some() && seen.version == version => seen.outcome,
+            previous => {
+                // Deleted and created again under the same name: what was good
+                // of the old object is not a version of this one.
+                if let Some(old) = previous.filter(|p| p.uid != uid) {
+                    self.forget(&old.outcome);
                 }
-            };
-            file(&outcome, &mut in_force, &mut errors);
-            if let Some(version) = version {
-                seen.insert(
-                    id,
-                    Seen {
-                        version,
-                        uid,
-                        outcome,
-                    },
-                );
+                self.translate_one(resource, object)
+            }
+        };
+        match &outcome {
+            Outcome::Refused(_, message) => {
+                self.refused.insert(id.clone(), message.clone());
+            }
+            Outcome::Parsed(_) => {
+                self.refused.remove(&id);
             }
         }
-        self.seen = seen;
-        self.finish(in_force, errors)
+        self.seen.insert(
+            id.clone(),
+            Seen {
+                version,
+                uid,
+                outcome,
+            },
+        );
+        id
+    }
+
+    /// An object deleted: its last good version goes with it.
+    pub fn delete(&mut self, resource: k8s::Resource, object: &dyn Stored) {
+        self.remove(&id(resource, object));
+    }
+
+    /// Every object of `kind` (None: of every kind), as a list gives them: each
+    /// applied, and those known but not listed are gone (deleted while the watch
+    /// was down, their deletion never reported).
+    pub fn relist<'a>(
+        &mut self,
+        kind: Option<k8s::Resource>,
+        objects: impl IntoIterator<Item = (k8s::Resource, &'a dyn Stored)>,
+    ) {
+        let mut listed = HashSet::new();
+        for (resource, object) in objects {
+            listed.insert(self.applied(resource, object));
+        }
+        let gone: Vec<Id> = self
+            .seen
+            .keys()
+            .filter(|id| kind.is_none_or(|k| k.kind == id.0) && !listed.contains(*id))
+            .cloned()
+            .collect();
+        for id in gone {
+            self.remove(&id);
+        }
+    }
+
+    fn remove(&mut self, id: &Id) {
+        if let Some(seen) = self.seen.remove(id) {
+            self.forget(&seen.outcome);
+        }
+        self.refused.remove(id);
+    }
+
+    /// The object of `outcome` is no longer in force.
+    fn forget(&mut self, outcome: &Outcome) {
+        if let Outcome::Parsed(key) | Outcome::Refused(Some(key), _) = outcome {
+            self.last_good.remove(key);
+            self.touched.insert(key.clone());
+        }
     }
 
     fn translate_one(&mut self, resource: k8s::Resource, object: &dyn Stored) -> Outcome {
@@ -502,43 +634,25 @@ impl Translator {
         }
     }
 
-    /// The snapshot of the objects in force: each one's last good version.
-    fn finish(
-        &mut self,
-        in_force: HashSet<Key>,
-        mut errors: Vec<String>,
-    ) -> (Snapshot, Vec<String>) {
-        errors.sort();
-        let snapshot = &mut self.snapshot;
-        self.last_good.retain(|key, _| {
-            let keep = in_force.contains(key);
-            if !keep {
-                local::remove_object(snapshot, key);
-            }
-            keep
-        });
-        for key in self.touched.drain() {
-            match self.last_good.get(&key) {
-                Some(object) => local::insert_object(snapshot, &key, object.clone()),
-                None => local::remove_object(snapshot, &key),
+    /// Writes each object whose last good version changed since the last flush
+    /// into the snapshot (each in place of its previous version: the rest stays
+    /// shared). Returns their keys.
+    fn flush(&mut self) -> Vec<Key> {
+        let written: Vec<Key> = self.touched.drain().collect();
+        for key in &written {
+            match self.last_good.get(key) {
+                Some(object) => local::insert_object(&mut self.snapshot, key, object.clone()),
+                None => local::remove_object(&mut self.snapshot, key),
             }
         }
-        (self.snapshot.clone(), errors)
+        written
     }
-}
 
-/// Records an object's outcome: its key is in force (for a refusal, its last good
-/// version stays, if it had one).
-fn file(outcome: &Outcome, in_force: &mut HashSet<Key>, errors: &mut Vec<String>) {
-    let key = match outcome {
-        Outcome::Parsed(key) => Some(key),
-        Outcome::Refused(key, message) => {
-            errors.push(message.clone());
-            key.as_ref()
-        }
-    };
-    if let Some(key) = key {
-        in_force.insert(key.clone());
+    /// The refusals in force, sorted: one message per object refused.
+    pub fn errors(&self) -> Vec<String> {
+        let mut errors: Vec<String> = self.refused.values().cloned().collect();
+        errors.sort();
+        errors
     }
 }
 
@@ -767,50 +881,380 @@ mod tests {
         }
     }
 
+    /// A store per watched kind, kept by hand, holding those of `values`.
+    type HandStore = Arc<Mutex<Vec<Arc<dyn Stored>>>>;
+
+    fn hand_stores(values: &[Value]) -> Vec<(k8s::Resource, HandStore)> {
+        let objects = stored(values);
+        k8s::CONFIG
+            .iter()
+            .map(|a| {
+                let of_kind = objects
+                    .iter()
+                    .filter(|(r, _)| *r == a.resource)
+                    .map(|(_, o)| o.clone())
+                    .collect();
+                (a.resource, Arc::new(Mutex::new(of_kind)))
+            })
+            .collect()
+    }
+
+    fn store_of(stores: &[(k8s::Resource, HandStore)], resource: k8s::Resource) -> &HandStore {
+        &stores.iter().find(|(r, _)| *r == resource).unwrap().1
+    }
+
+    fn builder(
+        stores: &[(k8s::Resource, HandStore)],
+        node: &str,
+        pod_cgroup_root: Option<PathBuf>,
+    ) -> Builder {
+        Builder::new(
+            stores
+                .iter()
+                .map(|(r, s)| (*r, Box::new(s.clone()) as Box<dyn Objects>))
+                .collect(),
+            KubeOptions {
+                node: node.into(),
+                pod_cgroup_root,
+                resync: Duration::from_secs(60),
+            },
+            ConfigMetrics::default(),
+        )
+    }
+
+    /// Takes the object named like `value` out of its store (no event): returns it.
+    fn take(stores: &[(k8s::Resource, HandStore)], value: &Value) -> Arc<dyn Stored> {
+        let resource = resource_of(value).unwrap();
+        let mut objects = store_of(stores, resource).lock().unwrap();
+        let i = objects
+            .iter()
+            .position(|o| o.meta().name.as_deref() == value["metadata"]["name"].as_str())
+            .unwrap();
+        objects.remove(i)
+    }
+
+    /// Puts `value` in its store (no event), in place of the object of its name:
+    /// returns it as stored.
+    fn put(
+        stores: &[(k8s::Resource, HandStore)],
+        value: &Value,
+    ) -> (k8s::Resource, Arc<dyn Stored>) {
+        let resource = resource_of(value).unwrap();
+        let object = objects::typed(resource)
+            .unwrap()
+            .decode(value.clone())
+            .unwrap();
+        let mut objects = store_of(stores, resource).lock().unwrap();
+        let meta = object.meta();
+        objects.retain(|o| o.meta().name != meta.name || o.meta().namespace != meta.namespace);
+        objects.push(object.clone());
+        (resource, object)
+    }
+
+    fn find<'a>(values: &'a mut [Value], kind: &str) -> &'a mut Value {
+        values.iter_mut().find(|v| v["kind"] == kind).unwrap()
+    }
+
     #[test]
     fn where_a_pod_lives_comes_from_the_node_not_from_its_annotations() {
         let mut objects = recorded();
-        let pod = objects.iter_mut().find(|v| v["kind"] == "Pod").unwrap();
+        let pod = find(&mut objects, "Pod");
         pod["metadata"]["annotations"] = serde_json::json!({
             crate::config::NETNS_ANNOTATION: "/proc/1/ns/net",
             crate::config::CGROUP_ANNOTATION: "/sys/fs/cgroup",
         });
-        let (mut snapshot, _) = translate(objects);
-        let key = ("shop".to_string(), "web-7d9f-abc".to_string());
-        assert_eq!(
-            snapshot.pods[&key].netns, None,
-            "the local source's annotation is not even stored"
-        );
-
-        // Not on the node yet: nowhere, and looked for again.
+        pod["metadata"]["resourceVersion"] = "1".into();
         let root =
             TempDir(std::env::temp_dir().join(format!("ztunnel-kube-test-{}", std::process::id())));
         let pod_cgroup = root
             .0
             .join("kubepods/besteffort/pod5f0c1a2b-3c4d-4e5f-8a9b-0c1d2e3f4a5b");
         std::fs::create_dir_all(pod_cgroup.join("sandbox")).unwrap();
-        let mut known = HashMap::new();
-        let unlocated = locate_pods(&mut snapshot, "node-a", Some(&root.0), &mut known);
-        let expected = (
-            "5f0c1a2b-3c4d-4e5f-8a9b-0c1d2e3f4a5b".to_string(),
-            "shop/web-7d9f-abc".to_string(),
+        let stores = hand_stores(&objects);
+        let mut builder = builder(&stores, "node-a", Some(root.0.clone()));
+        let key = ("shop".to_string(), "web-7d9f-abc".to_string());
+
+        // Not on the node yet: nowhere, counted, and looked for again soon.
+        let (snapshot, retry) = builder.build(Scope::Everything);
+        let snapshot = snapshot.unwrap();
+        assert_eq!(
+            snapshot.pods[&key].netns, None,
+            "the local source's annotation is not even stored"
         );
-        assert_eq!(unlocated, vec![expected]);
-        assert_eq!(snapshot.pods[&key].netns, None);
         assert_eq!(snapshot.pods[&key].cgroup, None);
+        assert_eq!(retry, Some(RUNTIME_RETRY));
+        assert_eq!(builder.metrics.pods_unlocated.get(), 1);
+        assert!(
+            builder.build(Scope::Node).0.is_none(),
+            "nothing new on the node: nothing to publish"
+        );
 
         // Its sandbox runs: found by UID, in that process's namespace.
         std::fs::write(pod_cgroup.join("sandbox/cgroup.procs"), "4242\n").unwrap();
-        let unlocated = locate_pods(&mut snapshot, "node-a", Some(&root.0), &mut known);
-        assert!(unlocated.is_empty(), "{unlocated:?}");
-        assert_eq!(
-            snapshot.pods[&key].netns.as_deref(),
-            Some(std::path::Path::new("/proc/4242/ns/net"))
+        let (snapshot, retry) = builder.build(Scope::Node);
+        let snapshot = snapshot.expect("the pod found");
+        let located = |s: &Snapshot| (s.pods[&key].netns.clone(), s.pods[&key].cgroup.clone());
+        let expected = (
+            Some(PathBuf::from("/proc/4242/ns/net")),
+            Some(pod_cgroup.clone()),
         );
-        assert_eq!(
-            snapshot.pods[&key].cgroup.as_deref(),
-            Some(pod_cgroup.as_path())
+        assert_eq!(located(&snapshot), expected);
+        assert_eq!((retry, builder.metrics.pods_unlocated.get()), (None, 0));
+
+        // Updated: translated again, and still where it lives.
+        let pod = find(&mut objects, "Pod");
+        pod["metadata"]["labels"]["version"] = "2".into();
+        pod["metadata"]["resourceVersion"] = "2".into();
+        let (resource, object) = put(&stores, pod);
+        let changes = vec![(resource, k8s::Change::Applied(object))];
+        let snapshot = builder.build(Scope::Changes(changes)).0.unwrap();
+        assert_eq!(snapshot.pods[&key].labels["version"], "2");
+        assert_eq!(located(&snapshot), expected);
+        // A resync finds all as it was.
+        assert_eq!(builder.build(Scope::Everything).0.unwrap(), snapshot);
+
+        // Its sandbox gone: no longer located once the node is looked at.
+        std::fs::remove_file(pod_cgroup.join("sandbox/cgroup.procs")).unwrap();
+        let snapshot = builder.build(Scope::Everything).0.unwrap();
+        assert_eq!(located(&snapshot), (None, None));
+        assert_eq!(builder.metrics.pods_unlocated.get(), 1);
+
+        // Deleted: forgotten.
+        let gone = take(&stores, find(&mut objects, "Pod"));
+        let changes = vec![(k8s::PODS, k8s::Change::Deleted(gone))];
+        let (snapshot, retry) = builder.build(Scope::Changes(changes));
+        assert!(!snapshot.unwrap().pods.contains_key(&key));
+        assert_eq!((retry, builder.metrics.pods_unlocated.get()), (None, 0));
+        assert!(builder.local.is_empty() && builder.unlocated_since.is_empty());
+    }
+
+    /// The attack: while the watch is down, a pod and the policy that let it in
+    /// are deleted; the API server's history is compacted, so no `Deleted` ever
+    /// comes. The relist must take both out, and nothing else.
+    #[test]
+    fn a_relist_after_missed_deletes_removes_the_pod_and_its_policy_and_nothing_else() {
+        let objects = recorded();
+        let stores = hand_stores(&objects);
+        let mut builder = builder(&stores, "node-a", None);
+        let before = builder.build(Scope::Everything).0.unwrap();
+        let settings = crate::state::MeshSettings::new("node-a", "cluster.local");
+        let state = crate::state::State::build(Arc::new(before.clone()), &settings);
+        let ip = "10.244.0.5".parse().unwrap();
+        assert!(state.workload_by_ip(ip).is_some());
+        let policy = (
+            "AuthorizationPolicy".to_string(),
+            "shop".to_string(),
+            "allow-front".to_string(),
         );
+        assert!(before.policies.contains_key(&policy));
+
+        take(&stores, &objects[1]);
+        take(&stores, policy_value(&objects));
+        // Until the list is in, the last state stays (the stores' too).
+        let stale = builder.build(Scope::Changes(Vec::new())).0.unwrap();
+        assert_eq!(stale, before);
+
+        let relisted = vec![
+            (k8s::PODS, k8s::Change::Listed),
+            (k8s::AUTHORIZATION_POLICIES, k8s::Change::Listed),
+        ];
+        let after = builder.build(Scope::Changes(relisted)).0.unwrap();
+        assert!(after.pods.is_empty(), "{:?}", after.pods);
+        assert!(!after.policies.contains_key(&policy));
+        let state = state.update(Arc::new(after.clone()));
+        assert!(
+            state.workload_by_ip(ip).is_none(),
+            "the deleted pod's address names nobody"
+        );
+        // The refused PeerAuthentication is still refused, and in force.
+        assert_eq!(after.policies.len(), 1);
+        assert_eq!(builder.translator.errors().len(), 1);
+        // Everything else is as it was, shared.
+        assert!(after.services.ptr_eq(&before.services));
+        assert!(after.namespaces.ptr_eq(&before.namespaces));
+        assert!(after.endpoint_slices.ptr_eq(&before.endpoint_slices));
+        // And a resync from the stores agrees.
+        assert_eq!(builder.build(Scope::Everything).0.unwrap(), after);
+    }
+
+    #[test]
+    fn an_event_for_one_object_changes_that_object_and_shares_the_rest() {
+        let mut objects = recorded();
+        for v in &mut objects {
+            v["metadata"]["resourceVersion"] = "1".into();
+        }
+        let stores = hand_stores(&objects);
+        let mut builder = builder(&stores, "node-a", None);
+        let s0 = builder.build(Scope::Everything).0.unwrap();
+        let pod_key = ("shop".to_string(), "web-7d9f-abc".to_string());
+
+        let pod = find(&mut objects, "Pod");
+        pod["metadata"]["labels"]["app"] = "other".into();
+        pod["metadata"]["resourceVersion"] = "2".into();
+        let (resource, object) = put(&stores, pod);
+        let s1 = builder
+            .build(Scope::Changes(vec![(
+                resource,
+                k8s::Change::Applied(object),
+            )]))
+            .0
+            .unwrap();
+        assert_eq!(s1.pods[&pod_key].labels["app"], "other");
+        assert_eq!(s1.pods.diff(&s0.pods).len(), 1);
+        assert!(s1.services.ptr_eq(&s0.services) && s1.policies.ptr_eq(&s0.policies));
+        assert!(s1.namespaces.ptr_eq(&s0.namespaces));
+        assert!(s1.endpoint_slices.ptr_eq(&s0.endpoint_slices));
+
+        // A malformed update of the policy: refused, in force fail closed; the
+        // pod untouched.
+        let policy = find(&mut objects, "AuthorizationPolicy");
+        policy["spec"]["action"] = "PERHAPS".into();
+        policy["metadata"]["resourceVersion"] = "3".into();
+        let (resource, object) = put(&stores, policy);
+        let s2 = builder
+            .build(Scope::Changes(vec![(
+                resource,
+                k8s::Change::Applied(object),
+            )]))
+            .0
+            .unwrap();
+        assert_eq!(s2.policies.diff(&s1.policies).len(), 1);
+        assert!(s2.pods.ptr_eq(&s1.pods) && s2.services.ptr_eq(&s1.services));
+        let errors = builder.translator.errors();
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert_eq!(builder.metrics.refused.get(), 2);
+
+        // The same version reported again (a resync, a relist) changes nothing.
+        let (resource, object) = put(&stores, policy_value(&objects));
+        let s3 = builder
+            .build(Scope::Changes(vec![
+                (resource, k8s::Change::Applied(object)),
+                (k8s::PODS, k8s::Change::Listed),
+            ]))
+            .0
+            .unwrap();
+        assert!(s3.pods.ptr_eq(&s2.pods) && s3.policies.ptr_eq(&s2.policies));
+
+        // A Service deleted: only the Services change.
+        let svc = objects.iter().find(|v| v["kind"] == "Service").unwrap();
+        let gone = take(&stores, svc);
+        let s4 = builder
+            .build(Scope::Changes(vec![(
+                k8s::SERVICES,
+                k8s::Change::Deleted(gone),
+            )]))
+            .0
+            .unwrap();
+        assert_eq!(s4.services.len() + 1, s3.services.len());
+        assert!(s4.pods.ptr_eq(&s3.pods) && s4.policies.ptr_eq(&s3.policies));
+    }
+
+    fn policy_value(objects: &[Value]) -> &Value {
+        objects
+            .iter()
+            .find(|v| v["kind"] == "AuthorizationPolicy")
+            .unwrap()
+    }
+
+    /// A random object of a small cluster (a few names per kind, two UIDs per
+    /// name, so that changes hit the same objects again, and objects are
+    /// recreated), some of them malformed.
+    fn random_object(rng: &mut fastrand::Rng, version: u64) -> Value {
+        let ns = format!("ns-{}", rng.usize(0..3));
+        let mut meta = serde_json::json!({
+            "name": format!("o-{}", rng.usize(0..5)), "namespace": ns,
+            "uid": format!("uid-{}", rng.usize(0..2)),
+            "resourceVersion": version.to_string(),
+            "labels": {"app": format!("a{}", rng.usize(0..3))}});
+        match rng.usize(0..6) {
+            0 => {
+                meta["name"] = ns.into();
+                meta["labels"]["istio.io/dataplane-mode"] = "ambient".into();
+                serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": meta})
+            }
+            1 | 2 => {
+                let ip = match rng.usize(0..10) {
+                    0 => serde_json::json!(42),
+                    1 => serde_json::json!("10.0.0.300"),
+                    n => serde_json::json!(format!("10.0.0.{n}")),
+                };
+                serde_json::json!({"apiVersion": "v1", "kind": "Pod", "metadata": meta,
+                    "spec": {"serviceAccountName": "sa", "nodeName": format!("node-{}", rng.usize(0..2)), "containers": []},
+                    "status": {"phase": "Running", "podIP": ip}})
+            }
+            3 => serde_json::json!({"apiVersion": "v1", "kind": "Service", "metadata": meta,
+                "spec": {"clusterIP": format!("10.96.0.{}", rng.usize(1..4)), "selector": {"app": "a1"},
+                         "ports": [{"port": 80, "targetPort": 8080}]}}),
+            _ => {
+                let action = ["ALLOW", "DENY", "PERHAPS"][rng.usize(0..3)];
+                serde_json::json!({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+                    "metadata": meta,
+                    "spec": {"action": action, "rules": [{"from": [{"source": {"namespaces": ["ns-1"]}}]}]}})
+            }
+        }
+    }
+
+    /// Applied one by one as the watches report them, with relists after
+    /// changes no watch reported, the changes give the snapshot and refusals a
+    /// walk of every stored object gives.
+    #[test]
+    fn random_changes_one_by_one_give_the_snapshot_a_walk_of_the_stores_gives() {
+        for seed in 1..=30u64 {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            let stores = hand_stores(&[]);
+            let mut builder = builder(&stores, "node-0", None);
+            builder.build(Scope::Everything);
+            let mut reference = Translator::default();
+            let mut version = 0;
+            for step in 0..120 {
+                // Sometimes the watch was down: nothing reported until the list.
+                let unreported = rng.usize(0..8) == 0;
+                let mut changes = Vec::new();
+                let mut changed = HashSet::new();
+                let mut listed = Vec::new();
+                for _ in 0..1 + rng.usize(0..3) {
+                    version += 1;
+                    let value = random_object(&mut rng, version);
+                    let resource = resource_of(&value).unwrap();
+                    let name = (
+                        value["kind"].clone(),
+                        value["metadata"]["namespace"].clone(),
+                        value["metadata"]["name"].clone(),
+                    );
+                    // One change per object between two walks.
+                    if !changed.insert(name) {
+                        continue;
+                    }
+                    let exists = store_of(&stores, resource).lock().unwrap().iter().any(|o| {
+                        o.meta().name.as_deref() == value["metadata"]["name"].as_str()
+                            && o.meta().namespace.as_deref()
+                                == value["metadata"]["namespace"].as_str()
+                    });
+                    let change = match exists && rng.usize(0..3) == 0 {
+                        true => k8s::Change::Deleted(take(&stores, &value)),
+                        false => k8s::Change::Applied(put(&stores, &value).1),
+                    };
+                    match unreported {
+                        true if !listed.contains(&resource) => listed.push(resource),
+                        true => {}
+                        false => changes.push((resource, change)),
+                    }
+                }
+                changes.extend(listed.into_iter().map(|r| (r, k8s::Change::Listed)));
+                let snapshot = builder.build(Scope::Changes(changes)).0.unwrap();
+                let all: Vec<(k8s::Resource, Arc<dyn Stored>)> = stores
+                    .iter()
+                    .flat_map(|(r, s)| s.objects().into_iter().map(|o| (*r, o)))
+                    .collect();
+                let (expected, errors) = translate_with(&mut reference, &all);
+                assert_eq!(snapshot, expected, "seed {seed}, step {step}");
+                assert_eq!(
+                    builder.translator.errors(),
+                    errors,
+                    "seed {seed}, step {step}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -786,6 +786,33 @@ impl State {
             .collect()
     }
 
+    /// The VIPs whose Service differs from `previous`'s: before and after (as
+    /// [`State::workload_changes`]).
+    pub fn service_changes<'a>(
+        &'a self,
+        previous: &'a State,
+    ) -> Vec<(Ipv4Addr, Option<&'a Arc<Service>>, Option<&'a Arc<Service>>)> {
+        self.services
+            .diff(&previous.services)
+            .into_iter()
+            .map(|(ip, old, new)| (*ip, old, new))
+            .collect()
+    }
+
+    /// The headless Services whose endpoints differ from `previous`'s: before
+    /// and after (as [`State::workload_changes`]).
+    pub fn headless_changes<'a>(
+        &'a self,
+        previous: &'a State,
+    ) -> Vec<crate::cow_map::Change<'a, (String, String), Vec<Arc<Workload>>>> {
+        self.headless.diff(&previous.headless)
+    }
+
+    /// A headless Service's endpoints, by (namespace, name).
+    pub fn headless_service(&self, key: &(String, String)) -> Option<&Vec<Arc<Workload>>> {
+        self.headless.get(key)
+    }
+
     pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
         self.by_ip.arcs().map(|(_, w)| w)
     }

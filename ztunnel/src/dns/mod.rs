@@ -217,15 +217,16 @@ impl Dns {
         drain: Drain,
     ) -> Arc<Self> {
         let domain = settings.cluster_domain.clone();
-        let first = MeshNames::from_state(&states.borrow_and_update(), &domain);
+        let mut previous = states.borrow_and_update().clone();
+        let first = MeshNames::from_state(&previous, &domain);
         let (tx, names) = watch::channel(Arc::new(first));
         tokio::spawn(async move {
             while states.changed().await.is_ok() {
                 let state = states.borrow_and_update().clone();
-                if tx
-                    .send(Arc::new(MeshNames::from_state(&state, &domain)))
-                    .is_err()
-                {
+                // Only the names of what changed are derived again.
+                let next = tx.borrow().update(&previous, &state);
+                previous = state;
+                if tx.send(Arc::new(next)).is_err() {
                     return;
                 }
             }

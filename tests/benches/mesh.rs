@@ -142,6 +142,22 @@ fn rss_kib(pid: u32) -> Result<f64> {
         .context("VmRSS")
 }
 
+/// A process's resident pages backed by files and anonymous ones (KiB), from
+/// /proc/<pid>/smaps_rollup.
+fn rss_file_and_anon_kib(pid: u32) -> Result<(f64, f64)> {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
+    let field = |name: &str| -> Result<f64> {
+        rollup
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("{name} in smaps_rollup"))
+    };
+    let (rss, anon) = (field("Rss:")?, field("Anonymous:")?);
+    Ok((rss - anon, anon))
+}
+
 /// CPU seconds (user + system) a process has used: fields 14 and 15 of
 /// /proc/<pid>/stat, in clock ticks.
 fn cpu_seconds(pid: u32) -> Result<f64> {
@@ -232,6 +248,17 @@ async fn main() -> Result<()> {
 /// Two nodes: our tunnels, Istio's (with --peer) and direct, rounds interleaved.
 /// Everything it starts is gone when it returns.
 async fn across_nodes(istio: Option<std::path::PathBuf>) -> Result<()> {
+    // Kernel TLS would move HBONE's record encryption into the kernel; say whether
+    // this kernel has it (both proxies encrypt in user space either way).
+    let ulps = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp").unwrap_or_default();
+    println!(
+        "mesh/ktls          kernel TLS {} (tcp_available_ulp: {})",
+        match ulps.split_whitespace().any(|u| u == "tls") {
+            true => "available",
+            false => "unavailable on this kernel",
+        },
+        ulps.trim()
+    );
     let cluster = Cluster::new(
         &ClusterSpec::new()
             .node("node-a", ["client", "legacy-client", "istio-client"])
@@ -309,6 +336,22 @@ async fn across_nodes(istio: Option<std::path::PathBuf>) -> Result<()> {
         )?;
     }
     let idle_rss = bench.rss()?;
+    // What the idle memory is: pages of files (code, read-only data, libraries:
+    // shared with the page cache, dropped and read again under pressure) and
+    // anonymous pages (heap, stacks).
+    for path in bench.paths.iter().filter(|p| !p.proxies.is_empty()) {
+        let mut line = format!("mesh/rss-idle-breakdown  {}:", path.name);
+        for &pid in &path.proxies {
+            let (file, anon) = rss_file_and_anon_kib(pid)?;
+            line += &format!(
+                " [{:.1} MiB file-backed, {:.1} MiB anonymous, {} threads]",
+                file / 1024.0,
+                anon / 1024.0,
+                threads(pid)?
+            );
+        }
+        println!("{line} (each proxy, after one exchange)");
+    }
 
     // ZTB_BENCH=memory measures only memory (for tuning runs and heap profiles).
     let memory_only = std::env::var("ZTB_BENCH").is_ok_and(|b| b == "memory");

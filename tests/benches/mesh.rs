@@ -143,6 +143,22 @@ fn rss_kib(pid: u32) -> Result<f64> {
         .context("VmRSS")
 }
 
+/// A process's resident pages backed by files and anonymous ones (KiB), from
+/// /proc/<pid>/smaps_rollup.
+fn rss_file_and_anon_kib(pid: u32) -> Result<(f64, f64)> {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
+    let field = |name: &str| -> Result<f64> {
+        rollup
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("{name} in smaps_rollup"))
+    };
+    let (rss, anon) = (field("Rss:")?, field("Anonymous:")?);
+    Ok((rss - anon, anon))
+}
+
 /// One line of the report: each path's figure, and the ratios of ours to the others.
 fn report(label: &str, unit: &str, figures: &Figures, note: &str) {
     let ours = figures["ours"];
@@ -198,7 +214,14 @@ async fn main() -> Result<()> {
     if std::env::var("ZTB_BENCH").is_ok_and(|b| b == "same-node") {
         return same_node().await;
     }
+    // ZTB_BENCH=pods runs only the enrolled-pods memory section (below).
+    if std::env::var("ZTB_BENCH").is_ok_and(|b| b == "pods") {
+        return enrolled_pods().await;
+    }
     across_nodes(istio).await?;
+    if std::env::var_os("ZTB_BENCH").is_none() {
+        enrolled_pods().await?;
+    }
     // ZTB_BENCH=throughput and =memory are tuning runs of the cross-node part only.
     if std::env::var("ZTB_BENCH").is_ok_and(|b| b == "throughput" || b == "memory") {
         return Ok(());
@@ -209,6 +232,17 @@ async fn main() -> Result<()> {
 /// Two nodes: our tunnels, Istio's (with --peer) and direct, rounds interleaved.
 /// Everything it starts is gone when it returns.
 async fn across_nodes(istio: Option<std::path::PathBuf>) -> Result<()> {
+    // Kernel TLS would move HBONE's record encryption into the kernel; say whether
+    // this kernel has it (both proxies encrypt in user space either way).
+    let ulps = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp").unwrap_or_default();
+    println!(
+        "mesh/ktls          kernel TLS {} (tcp_available_ulp: {})",
+        match ulps.split_whitespace().any(|u| u == "tls") {
+            true => "available",
+            false => "unavailable on this kernel",
+        },
+        ulps.trim()
+    );
     let cluster = Cluster::new(
         &ClusterSpec::new()
             .node("node-a", ["client", "legacy-client", "istio-client"])
@@ -286,6 +320,22 @@ async fn across_nodes(istio: Option<std::path::PathBuf>) -> Result<()> {
         )?;
     }
     let idle_rss = bench.rss()?;
+    // What the idle memory is: pages of files (code, read-only data, libraries:
+    // shared with the page cache, dropped and read again under pressure) and
+    // anonymous pages (heap, stacks).
+    for path in bench.paths.iter().filter(|p| !p.proxies.is_empty()) {
+        let mut line = format!("mesh/rss-idle-breakdown  {}:", path.name);
+        for &pid in &path.proxies {
+            let (file, anon) = rss_file_and_anon_kib(pid)?;
+            line += &format!(
+                " [{:.1} MiB file-backed, {:.1} MiB anonymous, {} threads]",
+                file / 1024.0,
+                anon / 1024.0,
+                threads(pid)?
+            );
+        }
+        println!("{line} (each proxy, after one exchange)");
+    }
 
     // ZTB_BENCH=memory measures only memory (for tuning runs and heap profiles).
     let memory_only = std::env::var("ZTB_BENCH").is_ok_and(|b| b == "memory");
@@ -385,6 +435,68 @@ async fn across_nodes(istio: Option<std::path::PathBuf>) -> Result<()> {
     report("rr-pinned-p99-added", " µs", &added(&p99), "minus direct");
     drop(peers);
     Ok(())
+}
+
+/// Pods on one node, enrolled in the mesh or not.
+const PODS: usize = 100;
+
+/// The tunnel's memory per enrolled pod: its RSS and threads with `PODS` pods on
+/// its node outside the mesh, then with their namespace in the mesh (each pod
+/// enrolled: listeners in its namespace, its socket thread, its certificate).
+async fn enrolled_pods() -> Result<()> {
+    let names: Vec<String> = (0..PODS).map(|i| format!("p{i:03}")).collect();
+    let cluster = Cluster::new(&ClusterSpec::new().node("node-a", &names))?;
+    let workloads: Vec<WorkloadSpec> = names
+        .iter()
+        .map(|p| WorkloadSpec::new(p, "many", "default"))
+        .collect();
+    let mesh = Mesh::start(cluster, &workloads, &[]).await?;
+    let pid = mesh.tunnel_pid("node-a").context("our tunnel")?;
+    // What the last change started (enrolment, certificates) is done before
+    // memory is read: RSS is measured once it holds still.
+    let settled = || -> Result<(f64, usize)> {
+        let mut last = rss_kib(pid)?;
+        for _ in 0..20 {
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            let now = rss_kib(pid)?;
+            if now == last {
+                break;
+            }
+            last = now;
+        }
+        Ok((last, threads(pid)?))
+    };
+    anyhow::ensure!(enrolled(&mesh).await == 0, "pods enrolled outside the mesh");
+    let (rss_none, threads_none) = settled()?;
+    mesh.write_config("ns-many.yaml", &testbed::mesh::namespace_yaml("many", true))?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while enrolled(&mesh).await < PODS {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "only {} of {PODS} pods enrolled",
+            enrolled(&mesh).await
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let (rss_all, threads_all) = settled()?;
+    println!(
+        "mesh/rss-per-100-pods   {:.2} MiB with 0 pods enrolled, {:.2} MiB with {PODS}: {:.1} KiB per enrolled pod; threads {threads_none} -> {threads_all} (our tunnel, {PODS} pods on its node)",
+        rss_none / 1024.0,
+        rss_all / 1024.0,
+        (rss_all - rss_none) / PODS as f64
+    );
+    Ok(())
+}
+
+/// Pods the node-a tunnel has enrolled (its /config_dump).
+async fn enrolled(mesh: &Mesh) -> usize {
+    mesh.config_dump("node-a").await["enrolled"]
+        .as_array()
+        .map_or(0, Vec::len)
+}
+
+fn threads(pid: u32) -> Result<usize> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/task"))?.count())
 }
 
 /// 1-byte round trips to `port` (p50, p99 in µs), the client on `cpu` ("any": unpinned).

@@ -301,7 +301,10 @@ async fn reconcile_loop(
             let _ = tokio::task::spawn_blocking(move || release_leftovers(&ctx, &state, &enrolled))
                 .await;
         }
-        ready.store(true, Ordering::Release);
+        if !ready.swap(true, Ordering::AcqRel) {
+            // Start-up is done: what it freed goes back to the kernel.
+            ztunnel_core::memory::release_free_heap();
+        }
         previous = Some(state);
         let retry = pending.values().map(|p| p.next).min();
         loop {

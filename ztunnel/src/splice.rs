@@ -588,3 +588,162 @@ pub async fn same_node(
     drop(registration);
     true
 }
+
+/// EXPERIMENT (not for landing): how the kernel treats sk_msg ingress redirects.
+#[cfg(test)]
+mod msg_probe {
+    use std::{
+        io::{Read, Write},
+        net::{TcpListener, TcpStream},
+        os::fd::AsRawFd,
+        time::Instant,
+    };
+
+    use aya::{
+        maps::{HashMap as BpfHashMap, MapData, SockHash},
+        programs::SkMsg,
+        EbpfLoader,
+    };
+
+    fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().unwrap();
+        c.set_nodelay(true).unwrap();
+        s.set_nodelay(true).unwrap();
+        (c, s)
+    }
+
+    fn port(s: &TcpStream) -> u32 {
+        u32::from(s.local_addr().unwrap().port())
+    }
+
+    fn pattern(offset: u64, buf: &mut [u8]) {
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = ((offset + i as u64) % 251) as u8;
+        }
+    }
+
+    fn throughput(mut tx: TcpStream, mut rx: TcpStream, total: usize) -> f64 {
+        let reader = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut got = 0;
+            while got < total {
+                let n = rx.read(&mut buf).unwrap();
+                assert!(n > 0);
+                got += n;
+            }
+        });
+        let buf = vec![7u8; 256 * 1024];
+        let start = Instant::now();
+        let mut sent = 0;
+        while sent < total {
+            tx.write_all(&buf).unwrap();
+            sent += buf.len();
+        }
+        reader.join().unwrap();
+        (total as f64 * 8.0) / start.elapsed().as_secs_f64() / 1e9
+    }
+
+    fn round_trips(mut a: TcpStream, mut b: TcpStream, n: u32) -> f64 {
+        let echo = std::thread::spawn(move || {
+            let mut x = [0u8; 1];
+            for _ in 0..n {
+                b.read_exact(&mut x).unwrap();
+                b.write_all(&x).unwrap();
+            }
+        });
+        let mut x = [1u8; 1];
+        let start = Instant::now();
+        for _ in 0..n {
+            a.write_all(&x).unwrap();
+            a.read_exact(&mut x).unwrap();
+        }
+        echo.join().unwrap();
+        start.elapsed().as_secs_f64() * 1e6 / f64::from(n)
+    }
+
+    #[test]
+    #[ignore = "experiment"]
+    fn sk_msg_ingress_redirect_behaviour() {
+        let dir = std::path::PathBuf::from(format!("/sys/fs/bpf/ztb-msgprobe-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&dir)
+            .load(crate::redirect::OBJECT)
+            .unwrap();
+        let mut sockets: SockHash<MapData, u32> =
+            SockHash::try_from(ebpf.take_map("ZT_MSG_PROBE_SOCKETS").unwrap()).unwrap();
+        let mut peers: BpfHashMap<MapData, u32, u32> =
+            BpfHashMap::try_from(ebpf.take_map("ZT_MSG_PROBE_PEERS").unwrap()).unwrap();
+        let prog: &mut SkMsg = ebpf.program_mut("msg_probe").unwrap().try_into().unwrap();
+        prog.load().unwrap();
+        prog.attach(sockets.fd()).unwrap();
+        // Joins x's sends into y's receive queue (and y's into x's).
+        let mut join = |x: &TcpStream, y: &TcpStream| {
+            sockets.insert(port(x), x.as_raw_fd(), 0).unwrap();
+            sockets.insert(port(y), y.as_raw_fd(), 0).unwrap();
+            peers.insert(port(x), port(y), 0).unwrap();
+            peers.insert(port(y), port(x), 0).unwrap();
+        };
+
+        // 1. Order: bytes waiting in y's TCP queue vs bytes redirected after them.
+        let (mut c1, _s1) = pair();
+        let (mut c2, mut s2) = pair();
+        c2.write_all(b"old").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        join(&c1, &s2);
+        c1.write_all(b"new").unwrap();
+        let mut got = [0u8; 6];
+        s2.read_exact(&mut got).unwrap();
+        println!("order: {:?}", String::from_utf8_lossy(&got));
+
+        // 2. Flow control: a non-blocking sender into a receiver that never reads.
+        let (c3, _s3) = pair();
+        let (_c4, s4) = pair();
+        join(&c3, &s4);
+        c3.set_nonblocking(true).unwrap();
+        let rcvbuf = nix::sys::socket::getsockopt(&s4, nix::sys::socket::sockopt::RcvBuf).unwrap();
+        let mut accepted = 0u64;
+        let mut chunk = vec![0u8; 1 << 20];
+        let cap = 128u64 << 20;
+        let mut c3w = &c3;
+        while accepted < cap {
+            pattern(accepted, &mut chunk);
+            match c3w.write(&chunk) {
+                Ok(n) => accepted += n as u64,
+                Err(e) => {
+                    println!("flow: write error after {accepted}: {e}");
+                    break;
+                }
+            }
+        }
+        println!("flow: a non-reading receiver (SO_RCVBUF {rcvbuf}) took {accepted} bytes");
+        let mut s4r = &s4;
+        let mut seen = 0u64;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut expect = vec![0u8; 1 << 20];
+        while seen < accepted {
+            let n = s4r.read(&mut buf).unwrap();
+            pattern(seen, &mut expect[..n]);
+            assert_eq!(&buf[..n], &expect[..n], "at {seen}");
+            seen += n as u64;
+        }
+        println!("flow: all {seen} in order");
+
+        // 3. Throughput and round trips, redirected vs plain loopback TCP.
+        let total = 2usize << 30;
+        let (c5, s5) = pair();
+        let (c6, s6) = pair();
+        join(&c5, &s6);
+        let redirected = throughput(c5.try_clone().unwrap(), s6.try_clone().unwrap(), total);
+        let (c7, s7) = pair();
+        let plain = throughput(c7.try_clone().unwrap(), s7.try_clone().unwrap(), total);
+        println!("throughput: redirected {redirected:.1} Gbit/s, plain loopback {plain:.1} Gbit/s");
+        let rt_redirected = round_trips(c5, s6, 20_000);
+        let rt_plain = round_trips(c7, s7, 20_000);
+        println!("round trip: redirected {rt_redirected:.1} µs, plain {rt_plain:.1} µs");
+        drop((s5, c6));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -8,9 +8,9 @@ use core::ptr::{read_volatile, write_volatile};
 use aya_ebpf::{
     bindings::{bpf_sock_addr, sk_action::SK_DROP, sk_action::SK_PASS},
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, map, sk_lookup, sk_msg, sock_ops, stream_verdict},
+    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops, stream_verdict},
     maps::{HashMap, LruHashMap, SockHash},
-    programs::{SkBuffContext, SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext},
+    programs::{SkBuffContext, SkLookupContext, SockAddrContext, SockOpsContext},
     EbpfContext,
 };
 use ztunnel_ebpf_common::{
@@ -471,27 +471,6 @@ pub fn splice_verdict(ctx: SkBuffContext) -> u32 {
         // the tunnel, and so does everything after them on this socket, so that
         // the kernel never sends later bytes ahead of ones the tunnel carries.
         let _ = SPLICE_PEERS.remove(&cookie);
-    }
-    SK_PASS
-}
-
-// EXPERIMENT (not for landing): sk_msg ingress redirect between sockets keyed
-// by local port, to measure the kernel's behaviour.
-#[map(name = "ZT_MSG_PROBE_SOCKETS")]
-static MSG_PROBE_SOCKETS: SockHash<u32> = SockHash::with_max_entries(16, 0);
-
-#[map(name = "ZT_MSG_PROBE_PEERS")]
-static MSG_PROBE_PEERS: HashMap<u32, u32> = HashMap::with_max_entries(16, 0);
-
-#[sk_msg]
-pub fn msg_probe(ctx: SkMsgContext) -> u32 {
-    // SAFETY: valid context; 4-byte load.
-    let port = unsafe { read_volatile(&(*ctx.msg).local_port) };
-    // SAFETY: read-only lookup of a plain value, copied out at once.
-    if let Some(mut peer) = unsafe { MSG_PROBE_PEERS.get(&port) }.copied() {
-        if MSG_PROBE_SOCKETS.redirect_msg(&ctx, &mut peer, 1) == i64::from(SK_PASS) {
-            return SK_PASS;
-        }
     }
     SK_PASS
 }

@@ -123,7 +123,7 @@ fn pin_error(path: &Path) -> impl FnOnce(aya::pin::PinError) -> RedirectError {
 }
 
 /// The compiled redirection programs, embedded at build time.
-pub(crate) static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ztunnel-redirect"));
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ztunnel-redirect"));
 
 /// The cgroup programs: (program name in the object, pin name).
 const CGROUP_PROGRAMS: [(&str, &str); 8] = [

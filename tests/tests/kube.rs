@@ -455,14 +455,9 @@ spec:
   rules: [{from: [{source: {principals: [cluster.local/ns/demo/sa/client]}}]}]
 ";
 
-/// Whether node-b counts exactly `n` objects refused.
-async fn refused_objects(mesh: &Mesh, n: u32) -> bool {
-    let line = format!("ztunnel_config_refused_objects {n}");
-    mesh.metrics("node-b").await.lines().any(|l| l == line)
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn malformed_api_objects_are_refused_one_by_one_and_a_malformed_policy_opens_nothing() {
+/// Two nodes under the Kubernetes source: `client` and `other` on node-a, an echo
+/// server (labelled app=server) on node-b, all enrolled; with the server's address.
+async fn client_other_and_server() -> (Mesh, String, EchoServer) {
     let cluster = Cluster::new(
         &ClusterSpec::new()
             .node("node-a", ["client", "other"])
@@ -474,7 +469,7 @@ async fn malformed_api_objects_are_refused_one_by_one_and_a_malformed_policy_ope
         WorkloadSpec::new("other", "demo", "other"),
         WorkloadSpec::new("server", "demo", "server").label("app", "server"),
     ];
-    let mut mesh = Mesh::start_kube(cluster, &workloads, &["demo"])
+    let mesh = Mesh::start_kube(cluster, &workloads, &["demo"])
         .await
         .unwrap();
     for (node, pod) in [
@@ -485,7 +480,19 @@ async fn malformed_api_objects_are_refused_one_by_one_and_a_malformed_policy_ope
         mesh.wait_enrolled(node, pod, true).await.unwrap();
     }
     let server = SocketAddr::new(mesh.cluster.pod("server").ip.into(), 8080).to_string();
-    let _echo = EchoServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    let echo = EchoServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    (mesh, server, echo)
+}
+
+/// Whether node-b counts exactly `n` objects refused.
+async fn refused_objects(mesh: &Mesh, n: u32) -> bool {
+    let line = format!("ztunnel_config_refused_objects {n}");
+    mesh.metrics("node-b").await.lines().any(|l| l == line)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_api_objects_are_refused_one_by_one_and_a_malformed_policy_opens_nothing() {
+    let (mut mesh, server, _echo) = client_other_and_server().await;
     let served = |mesh: &Mesh, pod: &str, message: &str| {
         let out = probe(mesh, pod, &server, message);
         assert!(out.contains(&format!("reply=server:{message}")), "{out}");
@@ -594,29 +601,7 @@ spec:
 /// and nothing else may move.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_relist_after_missed_deletes_removes_the_pod_and_the_policy_and_nothing_else() {
-    let cluster = Cluster::new(
-        &ClusterSpec::new()
-            .node("node-a", ["client", "other"])
-            .node("node-b", ["server"]),
-    )
-    .unwrap();
-    let workloads = [
-        WorkloadSpec::new("client", "demo", "client"),
-        WorkloadSpec::new("other", "demo", "other"),
-        WorkloadSpec::new("server", "demo", "server").label("app", "server"),
-    ];
-    let mesh = Mesh::start_kube(cluster, &workloads, &["demo"])
-        .await
-        .unwrap();
-    for (node, pod) in [
-        ("node-a", "client"),
-        ("node-a", "other"),
-        ("node-b", "server"),
-    ] {
-        mesh.wait_enrolled(node, pod, true).await.unwrap();
-    }
-    let server = SocketAddr::new(mesh.cluster.pod("server").ip.into(), 8080).to_string();
-    let _echo = EchoServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    let (mesh, server, _echo) = client_other_and_server().await;
     let served = |pod: &str, message: &str| {
         let out = probe(&mesh, pod, &server, message);
         assert!(out.contains(&format!("reply=server:{message}")), "{out}");

@@ -146,14 +146,24 @@ impl<K: Ord + Hash + Clone, V> CowMap<K, V> {
         K: Borrow<Q>,
         Q: Hash + Ord + ?Sized,
     {
+        let removed = self.shard_holding(key)?.remove(key);
+        self.len -= 1;
+        removed
+    }
+
+    /// The shard holding `key`, made this version's own (copied if shared); `None`
+    /// when the key is absent, so a miss copies nothing.
+    fn shard_holding<Q>(&mut self, key: &Q) -> Option<&mut BTreeMap<K, Arc<V>>>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Ord + ?Sized,
+    {
         if !self.contains_key(key) {
             return None;
         }
         let index = self.shard_index(key);
         let shards = Arc::make_mut(&mut self.shards);
-        let removed = Arc::make_mut(&mut shards[index]).remove(key);
-        self.len -= 1;
-        removed
+        Some(Arc::make_mut(&mut shards[index]))
     }
 
     /// Doubles the shards (one, when there are none): amortised over the inserts
@@ -174,14 +184,7 @@ impl<K: Ord + Hash + Clone, V: Clone> CowMap<K, V> {
         K: Borrow<Q>,
         Q: Hash + Ord + ?Sized,
     {
-        if !self.contains_key(key) {
-            return None;
-        }
-        let index = self.shard_index(key);
-        let shards = Arc::make_mut(&mut self.shards);
-        Arc::make_mut(&mut shards[index])
-            .get_mut(key)
-            .map(Arc::make_mut)
+        self.shard_holding(key)?.get_mut(key).map(Arc::make_mut)
     }
 
     /// Copies every shard still shared: for whole-map rewrites only.

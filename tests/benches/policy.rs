@@ -9,7 +9,7 @@ use std::{
 };
 
 use ztunnel::{
-    config::Policy,
+    config::{Pod, Policy},
     identity::Identity,
     policy::{Connection, Index, ROOT_NAMESPACE},
     state::Workload,
@@ -60,17 +60,23 @@ fn run(total: usize) {
     ));
     let compile = started.elapsed();
 
+    let ip = "10.244.1.2".parse().unwrap();
     let web = Workload {
-        name: "web".into(),
-        namespace: "shop".into(),
-        service_account: "web".into(),
-        node: "n".into(),
-        ip: "10.244.1.2".parse().unwrap(),
-        labels: [("app".to_string(), "web".to_string())].into(),
+        pod: Arc::new(Pod {
+            uid: None,
+            name: "web".into(),
+            namespace: "shop".into(),
+            labels: Arc::new([("app".to_string(), "web".to_string())].into()),
+            annotations: Default::default(),
+            service_account: "web".into(),
+            node_name: "n".into(),
+            ip: Some(ip),
+            netns: None,
+            cgroup: None,
+        }),
+        ip,
         identity: Identity::new("cluster.local", "shop", "web").unwrap(),
         captured: true,
-        netns: None,
-        cgroup: None,
         waypoint: None,
     };
     let sources: Vec<Connection> = ["front", "ops", "legacy", "evil", "other"]

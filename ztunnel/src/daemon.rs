@@ -616,7 +616,7 @@ fn admin_handler(
                 .map(|w| {
                     json!({
                         "name": w.name, "namespace": w.namespace, "ip": w.ip.to_string(),
-                        "node": w.node, "identity": w.identity.to_string(), "captured": w.captured,
+                        "node": w.node_name, "identity": w.identity.to_string(), "captured": w.captured,
                     })
                 })
                 .collect();

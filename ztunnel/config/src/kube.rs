@@ -14,7 +14,7 @@
 //! was not there yet are looked for again until found.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     path::PathBuf,
     sync::{Arc, Mutex},
     time::Duration,
@@ -23,6 +23,7 @@ use std::{
 use futures_util::future::BoxFuture;
 use kube::runtime::reflector::Store;
 use tokio::sync::{mpsc, watch};
+use ztunnel_core::intern::Interner;
 
 use super::{
     local,
@@ -489,6 +490,8 @@ pub struct Translator {
     seen: HashMap<Id, Seen>,
     /// The refusals of the stored objects: one message each.
     refused: HashMap<Id, String>,
+    /// One copy of each distinct set of pod labels.
+    labels: Interner<BTreeMap<String, String>>,
 }
 
 /// An object as last translated: its resourceVersion and UID, and the outcome.
@@ -614,7 +617,8 @@ impl Translator {
         };
         let key: Key = (resource.kind.to_owned(), namespace, name);
         match object.translate(&key, &resource.api_version()) {
-            Ok(object) => {
+            Ok(mut object) => {
+                object.share_labels(&mut self.labels);
                 let refused = objects::refused_policy(&object);
                 self.last_good.insert(key.clone(), object);
                 self.touched.insert(key.clone());
@@ -1075,6 +1079,47 @@ mod tests {
         assert!(after.endpoint_slices.ptr_eq(&before.endpoint_slices));
         // And a resync from the stores agrees.
         assert_eq!(builder.build(Scope::Everything).0.unwrap(), after);
+    }
+
+    #[test]
+    fn pods_labelled_alike_share_one_copy_of_their_labels() {
+        let pod = |name: &str, app: &str| {
+            serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": "shop", "resourceVersion": "1",
+                             "labels": {"app": app, "version": "v1"}},
+                "spec": {"nodeName": "node-a"}, "status": {"podIP": "10.0.0.1"}})
+        };
+        let key = |name: &str| ("shop".to_string(), name.to_string());
+        let mut translator = Translator::default();
+        let objects = stored(&[pod("a", "web"), pod("b", "web"), pod("c", "db")]);
+        let (s0, _) = translate_with(&mut translator, &objects);
+        let labels = |s: &Snapshot, name: &str| s.pods[&key(name)].labels.clone();
+        assert!(Arc::ptr_eq(&labels(&s0, "a"), &labels(&s0, "b")));
+        assert!(!Arc::ptr_eq(&labels(&s0, "a"), &labels(&s0, "c")));
+        // One pod relabelled: the other keeps its labels (and their copy).
+        let mut b = pod("b", "api");
+        b["metadata"]["resourceVersion"] = "2".into();
+        let objects = stored(&[pod("a", "web"), b, pod("c", "db")]);
+        let (s1, _) = translate_with(&mut translator, &objects);
+        assert_eq!(s1.pods[&key("b")].labels["app"], "api");
+        assert_eq!(s1.pods[&key("a")].labels["app"], "web");
+        assert!(Arc::ptr_eq(&labels(&s1, "a"), &labels(&s0, "a")));
+        // The labels no pod holds any more are swept; those in use stay shared.
+        drop((s0, s1));
+        translator.labels.sweep();
+        assert_eq!(translator.labels.len(), 3, "web, api and db");
+        let objects = stored(&[pod("a", "web")]);
+        let (s2, _) = translate_with(&mut translator, &objects);
+        drop(objects);
+        translator.labels.sweep();
+        assert_eq!(translator.labels.len(), 1, "only web");
+        let d = stored(&[pod("d", "web")]);
+        translator.apply(k8s::PODS, &*d[0].1);
+        translator.flush();
+        assert!(Arc::ptr_eq(
+            &labels(&translator.snapshot, "d"),
+            &labels(&s2, "a")
+        ));
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! stays in force in its newest version, fail closed (see [`refused_policy`]).
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     fs,
     path::{Path, PathBuf},
     sync::Arc,
@@ -16,6 +16,7 @@ use std::{
 
 use serde::Deserialize;
 use tokio::sync::watch;
+use ztunnel_core::intern::Interner;
 
 use super::{
     objects::{self, refused_policy, Key, Object},
@@ -71,6 +72,8 @@ const POLICY_KINDS: [&str; 3] = [
 pub struct LocalSource {
     dir: PathBuf,
     last_good: HashMap<Key, (PathBuf, Object)>,
+    /// One copy of each distinct set of pod labels.
+    labels: Interner<BTreeMap<String, String>>,
 }
 
 impl LocalSource {
@@ -78,6 +81,7 @@ impl LocalSource {
         Self {
             dir: dir.to_owned(),
             last_good: HashMap::new(),
+            labels: Interner::default(),
         }
     }
 
@@ -128,7 +132,8 @@ impl LocalSource {
                     continue;
                 }
                 match parse(&key, value) {
-                    Ok(object) => {
+                    Ok(mut object) => {
+                        object.share_labels(&mut self.labels);
                         if let Some(problem) = refused_policy(&object) {
                             errors.push(error(&path, Some(label), problem));
                         }

@@ -22,6 +22,8 @@ use k8s_openapi::{
 use kube::core::ApiResource;
 use serde::{de::DeserializeOwned, Deserialize, Deserializer};
 
+use ztunnel_core::intern::Interner;
+
 use super::{
     AllowedNamespaces, EndpointSlice, Gateway, LabelExpression, LabelSelector, Namespace, Pod,
     Policy, Service, ServiceAccount, ServicePort, CGROUP_ANNOTATION, NETNS_ANNOTATION,
@@ -42,6 +44,16 @@ pub enum Object {
     Policy(Policy),
     Gateway(Gateway),
     EndpointSlice(EndpointSlice),
+}
+
+impl Object {
+    /// Makes a pod's labels the one copy `labels` keeps of them, shared with
+    /// every pod labelled the same.
+    pub fn share_labels(&mut self, labels: &mut Interner<BTreeMap<String, String>>) {
+        if let Object::Pod(pod) = self {
+            pod.labels = labels.intern(pod.labels.clone());
+        }
+    }
 }
 
 /// What an object becomes in a snapshot; `Err` says why it is refused
@@ -318,7 +330,7 @@ impl Translate for core::Pod {
             uid: self.metadata.uid.clone(),
             name: name.clone(),
             namespace: namespace.clone(),
-            labels: labels(&self.metadata),
+            labels: labels(&self.metadata).into(),
             service_account: spec
                 .and_then(|s| s.service_account_name.clone())
                 .unwrap_or_else(|| "default".into()),

@@ -504,7 +504,7 @@ mod tests {
             uid: None,
             name: name.into(),
             namespace: "shop".into(),
-            labels: BTreeMap::new(),
+            labels: Default::default(),
             annotations: BTreeMap::new(),
             service_account: name.into(),
             node_name: "n1".into(),

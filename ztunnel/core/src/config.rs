@@ -2,7 +2,7 @@
 //! typed objects (a [`Snapshot`]) by a source (crate `ztunnel-config`); the rest of
 //! the mesh never sees where they came from.
 
-use std::{collections::BTreeMap, fmt, net::Ipv4Addr, path::PathBuf};
+use std::{collections::BTreeMap, fmt, net::Ipv4Addr, path::PathBuf, sync::Arc};
 
 pub use crate::cow_map::CowMap;
 
@@ -20,6 +20,11 @@ pub const CGROUP_ANNOTATION: &str = "ztunnel.local/cgroup";
 /// On a Namespace, `"true"` lets its enrolled pods send UDP other than DNS in
 /// plaintext, outside the mesh; without it that UDP is refused (fail closed).
 pub const ALLOW_PLAINTEXT_UDP_ANNOTATION: &str = "ztunnel.io/allow-plaintext-udp";
+
+/// A pod's labels. Pods with the same labels (the replicas of a Deployment)
+/// share one copy: the sources intern them (`intern::Interner`), and the state's
+/// workloads take the pod's.
+pub type Labels = Arc<BTreeMap<String, String>>;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Namespace {
@@ -41,7 +46,7 @@ pub struct Pod {
     pub uid: Option<String>,
     pub name: String,
     pub namespace: String,
-    pub labels: BTreeMap<String, String>,
+    pub labels: Labels,
     pub annotations: BTreeMap<String, String>,
     /// `spec.serviceAccountName`, "default" when unset.
     pub service_account: String,

@@ -1,37 +1,49 @@
 //! A map whose clones share their contents, for the snapshot and the state.
 //!
-//! The entries are spread over shards by hash; a clone shares every shard, and a
-//! write copies only the shard it touches (and the list of shards). So a new
-//! version of a map of 100,000 objects after one object changed costs a few dozen
-//! entries, and [`CowMap::diff`] between two versions skips the shards they still
-//! share: it grows with what differs, not with the map. Values sit behind an
-//! `Arc`, so a copied shard copies pointers, and readers of an old version are
-//! never disturbed by a writer.
+//! The entries are spread over shards by hash, each shard a vector sorted by
+//! key; the shards hang in groups of up to [`FANOUT`], so a map is a tree two
+//! levels deep (groups, then shards). A clone shares everything, and a write
+//! copies only the path to the shard it touches: the list of groups, one group
+//! and one shard, each at most [`FANOUT`] pointers or a few dozen entries. So a
+//! new version of a map of 100,000 objects after one object changed costs about
+//! a hundred pointers and a few dozen entries, and [`CowMap::diff`] between two
+//! versions skips the groups and shards they still share: it grows with what
+//! differs, not with the map. Values sit behind an `Arc`, so a copied shard
+//! copies pointers, and readers of an old version are never disturbed by a
+//! writer. A sorted vector holds an entry in its key and one pointer, with no
+//! per-node overhead (a `BTreeMap` leaf of eleven slots took 536 bytes for
+//! `String` keys and values).
 
 use std::{
     borrow::Borrow,
-    collections::BTreeMap,
+    cmp::Ordering,
     fmt,
     hash::{DefaultHasher, Hash, Hasher},
     sync::Arc,
 };
 
+/// Shards per group, and groups per map at most.
+const FANOUT: usize = 64;
 /// Entries per shard before the shards double (up to [`MAX_SHARDS`]).
 const PER_SHARD: usize = 32;
-const MAX_SHARDS: usize = 4096;
+const MAX_SHARDS: usize = FANOUT * FANOUT;
 
-type Shard<K, V> = Arc<BTreeMap<K, Arc<V>>>;
+type Shard<K, V> = Arc<Vec<(K, Arc<V>)>>;
+type Group<K, V> = Arc<Vec<Shard<K, V>>>;
 
 pub struct CowMap<K, V> {
-    /// A power of two of them (none while empty).
-    shards: Arc<Vec<Shard<K, V>>>,
+    /// Shard `i` is `groups[i / FANOUT][i % FANOUT]`; a power of two of shards
+    /// (none while empty).
+    groups: Arc<Vec<Group<K, V>>>,
+    shards: usize,
     len: usize,
 }
 
 impl<K, V> Clone for CowMap<K, V> {
     fn clone(&self) -> Self {
         Self {
-            shards: self.shards.clone(),
+            groups: self.groups.clone(),
+            shards: self.shards,
             len: self.len,
         }
     }
@@ -40,7 +52,8 @@ impl<K, V> Clone for CowMap<K, V> {
 impl<K, V> Default for CowMap<K, V> {
     fn default() -> Self {
         Self {
-            shards: Arc::new(Vec::new()),
+            groups: Arc::new(Vec::new()),
+            shards: 0,
             len: 0,
         }
     }
@@ -52,6 +65,22 @@ fn hash_of<Q: Hash + ?Sized>(key: &Q) -> u64 {
     let mut hasher = DefaultHasher::new();
     key.hash(&mut hasher);
     hasher.finish()
+}
+
+/// The vector behind `arc`, this version's own: copied if shared, with room for
+/// one more entry (a write that inserts then does not reallocate it).
+fn own<T: Clone>(arc: &mut Arc<Vec<T>>) -> &mut Vec<T> {
+    if Arc::get_mut(arc).is_none() {
+        let mut copy = Vec::with_capacity(arc.len() + 1);
+        copy.extend(arc.iter().cloned());
+        *arc = Arc::new(copy);
+    }
+    Arc::get_mut(arc).expect("just made unique")
+}
+
+/// Where `key` is in a sorted shard.
+fn search<K: Borrow<Q>, V, Q: Ord + ?Sized>(shard: &[(K, V)], key: &Q) -> Result<usize, usize> {
+    shard.binary_search_by(|(k, _)| k.borrow().cmp(key))
 }
 
 impl<K, V> CowMap<K, V> {
@@ -74,7 +103,10 @@ impl<K, V> CowMap<K, V> {
     }
 
     pub fn arcs(&self) -> impl Iterator<Item = (&K, &Arc<V>)> {
-        self.shards.iter().flat_map(|s| s.iter())
+        self.groups
+            .iter()
+            .flat_map(|g| g.iter())
+            .flat_map(|s| s.iter().map(|(k, v)| (k, v)))
     }
 
     pub fn keys(&self) -> impl Iterator<Item = &K> {
@@ -88,13 +120,17 @@ impl<K, V> CowMap<K, V> {
     /// Whether the two share all their contents (one is an unchanged clone of the
     /// other).
     pub fn ptr_eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.shards, &other.shards)
+        Arc::ptr_eq(&self.groups, &other.groups)
+    }
+
+    fn shard(&self, index: usize) -> &[(K, Arc<V>)] {
+        &self.groups[index / FANOUT][index % FANOUT]
     }
 }
 
 impl<K: Ord + Hash + Clone, V> CowMap<K, V> {
     fn shard_index<Q: Hash + ?Sized>(&self, key: &Q) -> usize {
-        (hash_of(key) as usize) & (self.shards.len().wrapping_sub(1))
+        (hash_of(key) as usize) & (self.shards.wrapping_sub(1))
     }
 
     pub fn get_arc<Q>(&self, key: &Q) -> Option<&Arc<V>>
@@ -102,10 +138,11 @@ impl<K: Ord + Hash + Clone, V> CowMap<K, V> {
         K: Borrow<Q>,
         Q: Hash + Ord + ?Sized,
     {
-        if self.shards.is_empty() {
+        if self.shards == 0 {
             return None;
         }
-        self.shards[self.shard_index(key)].get(key)
+        let shard = self.shard(self.shard_index(key));
+        search(shard, key).ok().map(|i| &shard[i].1)
     }
 
     pub fn get<Q>(&self, key: &Q) -> Option<&V>
@@ -129,16 +166,19 @@ impl<K: Ord + Hash + Clone, V> CowMap<K, V> {
     }
 
     pub fn insert_arc(&mut self, key: K, value: Arc<V>) -> Option<Arc<V>> {
-        if self.shards.len() < MAX_SHARDS && self.len >= self.shards.len() * PER_SHARD {
+        if self.shards < MAX_SHARDS && self.len >= self.shards * PER_SHARD {
             self.grow();
         }
         let index = self.shard_index(&key);
-        let shards = Arc::make_mut(&mut self.shards);
-        let previous = Arc::make_mut(&mut shards[index]).insert(key, value);
-        if previous.is_none() {
-            self.len += 1;
+        let shard = self.own_shard(index);
+        match search(shard, &key) {
+            Ok(i) => Some(std::mem::replace(&mut shard[i].1, value)),
+            Err(i) => {
+                shard.insert(i, (key, value));
+                self.len += 1;
+                None
+            }
         }
-        previous
     }
 
     pub fn remove<Q>(&mut self, key: &Q) -> Option<Arc<V>>
@@ -146,35 +186,51 @@ impl<K: Ord + Hash + Clone, V> CowMap<K, V> {
         K: Borrow<Q>,
         Q: Hash + Ord + ?Sized,
     {
-        let removed = self.shard_holding(key)?.remove(key);
+        let (shard, i) = self.shard_holding(key)?;
+        let (_, removed) = shard.remove(i);
         self.len -= 1;
-        removed
+        Some(removed)
     }
 
-    /// The shard holding `key`, made this version's own (copied if shared); `None`
-    /// when the key is absent, so a miss copies nothing.
-    fn shard_holding<Q>(&mut self, key: &Q) -> Option<&mut BTreeMap<K, Arc<V>>>
+    /// Shard `index`, made this version's own (the groups and the group on the
+    /// way copied if shared).
+    fn own_shard(&mut self, index: usize) -> &mut Vec<(K, Arc<V>)> {
+        let group = own(&mut self.groups)
+            .get_mut(index / FANOUT)
+            .expect("a shard of the map");
+        own(&mut own(group)[index % FANOUT])
+    }
+
+    /// The shard holding `key`, made this version's own, and the key's place in
+    /// it; `None` when the key is absent, so a miss copies nothing.
+    fn shard_holding<Q>(&mut self, key: &Q) -> Option<(&mut Vec<(K, Arc<V>)>, usize)>
     where
         K: Borrow<Q>,
         Q: Hash + Ord + ?Sized,
     {
-        if !self.contains_key(key) {
+        if self.shards == 0 {
             return None;
         }
         let index = self.shard_index(key);
-        let shards = Arc::make_mut(&mut self.shards);
-        Some(Arc::make_mut(&mut shards[index]))
+        let i = search(self.shard(index), key).ok()?;
+        Some((self.own_shard(index), i))
     }
 
     /// Doubles the shards (one, when there are none): amortised over the inserts
-    /// that filled them.
+    /// that filled them. Shard `i` splits into shards `i` and `i + shards`, each
+    /// still sorted.
     fn grow(&mut self) {
-        let count = (self.shards.len() * 2).max(1);
-        let mut shards: Vec<BTreeMap<K, Arc<V>>> = (0..count).map(|_| BTreeMap::new()).collect();
+        let count = (self.shards * 2).max(1);
+        let mut shards: Vec<Vec<(K, Arc<V>)>> = (0..count).map(|_| Vec::new()).collect();
         for (key, value) in self.arcs() {
-            shards[(hash_of(key) as usize) & (count - 1)].insert(key.clone(), value.clone());
+            shards[(hash_of(key) as usize) & (count - 1)].push((key.clone(), value.clone()));
         }
-        self.shards = Arc::new(shards.into_iter().map(Arc::new).collect());
+        let mut shards = shards.into_iter().map(Arc::new);
+        let groups = (0..count.div_ceil(FANOUT))
+            .map(|_| Arc::new(shards.by_ref().take(FANOUT).collect()))
+            .collect();
+        self.groups = Arc::new(groups);
+        self.shards = count;
     }
 }
 
@@ -184,14 +240,16 @@ impl<K: Ord + Hash + Clone, V: Clone> CowMap<K, V> {
         K: Borrow<Q>,
         Q: Hash + Ord + ?Sized,
     {
-        self.shard_holding(key)?.get_mut(key).map(Arc::make_mut)
+        let (shard, i) = self.shard_holding(key)?;
+        Some(Arc::make_mut(&mut shard[i].1))
     }
 
     /// Copies every shard still shared: for whole-map rewrites only.
     pub fn values_mut(&mut self) -> impl Iterator<Item = &mut V> {
-        Arc::make_mut(&mut self.shards)
+        own(&mut self.groups)
             .iter_mut()
-            .flat_map(|s| Arc::make_mut(s).values_mut().map(Arc::make_mut))
+            .flat_map(|g| own(g).iter_mut())
+            .flat_map(|s| own(s).iter_mut().map(|(_, v)| Arc::make_mut(v)))
     }
 
     pub fn into_values(self) -> impl Iterator<Item = V> {
@@ -206,15 +264,15 @@ impl<K: Ord + Hash + Clone, V: Clone> CowMap<K, V> {
 pub type Change<'a, K, V> = (&'a K, Option<&'a Arc<V>>, Option<&'a Arc<V>>);
 
 impl<K: Ord + Hash + Clone, V: PartialEq> CowMap<K, V> {
-    /// The entries that differ from `old`'s, in no particular order. Shards both
-    /// versions share are skipped, and so are values they share.
+    /// The entries that differ from `old`'s, in no particular order. Groups and
+    /// shards both versions share are skipped, and so are values they share.
     pub fn diff<'a>(&'a self, old: &'a Self) -> Vec<Change<'a, K, V>> {
         let mut changes = Vec::new();
         if self.ptr_eq(old) {
             return changes;
         }
         let same = |a: &Arc<V>, b: &Arc<V>| Arc::ptr_eq(a, b) || **a == **b;
-        if self.shards.len() != old.shards.len() {
+        if self.shards != old.shards {
             // Laid out differently: key by key.
             for (key, new) in self.arcs() {
                 match old.get_arc(key) {
@@ -229,40 +287,40 @@ impl<K: Ord + Hash + Clone, V: PartialEq> CowMap<K, V> {
             }
             return changes;
         }
-        for (new, was) in self.shards.iter().zip(old.shards.iter()) {
+        for (new, was) in self.groups.iter().zip(old.groups.iter()) {
             if Arc::ptr_eq(new, was) {
                 continue;
             }
-            // Both sorted: one merge.
-            let (mut a, mut b) = (new.iter().peekable(), was.iter().peekable());
-            loop {
-                match (a.peek(), b.peek()) {
-                    (None, None) => break,
-                    (Some((k, v)), None) => {
-                        changes.push((*k, None, Some(*v)));
-                        a.next();
-                    }
-                    (None, Some((k, v))) => {
-                        changes.push((*k, Some(*v), None));
-                        b.next();
-                    }
-                    (Some((ka, va)), Some((kb, vb))) => match ka.cmp(kb) {
-                        std::cmp::Ordering::Less => {
-                            changes.push((*ka, None, Some(*va)));
-                            a.next();
+            for (new, was) in new.iter().zip(was.iter()) {
+                if Arc::ptr_eq(new, was) {
+                    continue;
+                }
+                // Both sorted: one merge.
+                let (mut a, mut b) = (new.iter().peekable(), was.iter().peekable());
+                loop {
+                    let order = match (a.peek(), b.peek()) {
+                        (None, None) => break,
+                        (Some(_), None) => Ordering::Less,
+                        (None, Some(_)) => Ordering::Greater,
+                        (Some((ka, _)), Some((kb, _))) => ka.cmp(kb),
+                    };
+                    match order {
+                        Ordering::Less => {
+                            let (k, v) = a.next().expect("peeked");
+                            changes.push((k, None, Some(v)));
                         }
-                        std::cmp::Ordering::Greater => {
-                            changes.push((*kb, Some(*vb), None));
-                            b.next();
+                        Ordering::Greater => {
+                            let (k, v) = b.next().expect("peeked");
+                            changes.push((k, Some(v), None));
                         }
-                        std::cmp::Ordering::Equal => {
-                            if !same(va, vb) {
-                                changes.push((*ka, Some(*vb), Some(*va)));
+                        Ordering::Equal => {
+                            let ((k, now), (_, then)) =
+                                (a.next().expect("peeked"), b.next().expect("peeked"));
+                            if !same(now, then) {
+                                changes.push((k, Some(then), Some(now)));
                             }
-                            a.next();
-                            b.next();
                         }
-                    },
+                    }
                 }
             }
         }
@@ -363,14 +421,41 @@ mod tests {
         let a: CowMap<u32, u32> = (0..10_000).map(|i| (i, i)).collect();
         let mut b = a.clone();
         *b.get_mut(&5).unwrap() = 6;
-        let shared = a
-            .shards
-            .iter()
-            .zip(b.shards.iter())
+        let pairs = || a.groups.iter().zip(b.groups.iter());
+        let shared_groups = pairs().filter(|(x, y)| Arc::ptr_eq(x, y)).count();
+        assert_eq!(shared_groups, a.groups.len() - 1);
+        let shared_shards = pairs()
+            .flat_map(|(x, y)| x.iter().zip(y.iter()))
             .filter(|(x, y)| Arc::ptr_eq(x, y))
             .count();
-        assert_eq!(shared, a.shards.len() - 1);
+        assert_eq!(shared_shards, a.shards - 1);
+        assert!(a.groups.len() > 1, "two levels: {} shards", a.shards);
         assert_eq!(a[&5], 5);
         assert_eq!(b[&5], 6);
+    }
+
+    #[test]
+    fn every_key_is_found_after_growing_through_both_levels() {
+        let mut map: CowMap<u32, u32> = CowMap::new();
+        let mut versions = Vec::new();
+        for i in 0..200_000 {
+            map.insert(i, i * 2);
+            if i % 50_000 == 0 {
+                versions.push((i, map.clone()));
+            }
+        }
+        assert_eq!(map.shards, MAX_SHARDS);
+        assert!((0..200_000).all(|i| map.get(&i) == Some(&(i * 2))));
+        assert_eq!(map.get(&200_000), None);
+        for i in (0..200_000).step_by(3) {
+            assert_eq!(map.remove(&i), Some(Arc::new(i * 2)));
+        }
+        assert!((0..200_000).all(|i| map.contains_key(&i) == (i % 3 != 0)));
+        assert_eq!(map.len(), map.iter().count());
+        // Older versions keep what they had.
+        for (last, version) in versions {
+            assert_eq!(version.len(), last as usize + 1);
+            assert!((0..=last).all(|i| version.get(&i) == Some(&(i * 2))));
+        }
     }
 }

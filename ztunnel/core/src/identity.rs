@@ -1,14 +1,28 @@
 //! Workload identity: `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
 
-use std::{fmt, str::FromStr};
+use std::{fmt, str::FromStr, sync::Arc};
 
 /// A workload's SPIFFE identity, parsed strictly: lowercase scheme, a valid trust
-/// domain, and exactly the path `/ns/<namespace>/sa/<service-account>`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Identity {
+/// domain, and exactly the path `/ns/<namespace>/sa/<service-account>`. Clones
+/// share one copy (the workloads of a service account hold one identity).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Identity(Arc<Parts>);
+
+#[derive(PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct Parts {
     trust_domain: String,
     namespace: String,
     service_account: String,
+}
+
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Identity")
+            .field("trust_domain", &self.0.trust_domain)
+            .field("namespace", &self.0.namespace)
+            .field("service_account", &self.0.service_account)
+            .finish()
+    }
 }
 
 /// Why a string is not an identity.
@@ -34,11 +48,11 @@ impl Identity {
         check_trust_domain(trust_domain)?;
         check_name("namespace", namespace)?;
         check_name("service account", service_account)?;
-        Ok(Self {
+        Ok(Self(Arc::new(Parts {
             trust_domain: trust_domain.to_owned(),
             namespace: namespace.to_owned(),
             service_account: service_account.to_owned(),
-        })
+        })))
     }
 
     /// Parses Istio's principal form, `<trust-domain>/ns/<ns>/sa/<sa>`, as used by
@@ -53,28 +67,28 @@ impl Identity {
     }
 
     pub fn trust_domain(&self) -> &str {
-        &self.trust_domain
+        &self.0.trust_domain
     }
 
     pub fn namespace(&self) -> &str {
-        &self.namespace
+        &self.0.namespace
     }
 
     pub fn service_account(&self) -> &str {
-        &self.service_account
+        &self.0.service_account
     }
 
     /// `<trust-domain>/ns/<ns>/sa/<sa>`.
     pub fn principal(&self) -> String {
         format!(
             "{}/ns/{}/sa/{}",
-            self.trust_domain, self.namespace, self.service_account
+            self.0.trust_domain, self.0.namespace, self.0.service_account
         )
     }
 
     /// The same workload in another trust domain (for trust-domain aliases).
     pub fn with_trust_domain(&self, trust_domain: &str) -> Result<Self, IdentityError> {
-        Self::new(trust_domain, &self.namespace, &self.service_account)
+        Self::new(trust_domain, self.namespace(), self.service_account())
     }
 }
 

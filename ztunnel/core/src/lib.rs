@@ -26,6 +26,7 @@ pub mod extauthz;
 pub mod forwarded;
 pub mod http_server;
 pub mod identity;
+pub mod intern;
 pub mod jwt;
 pub mod memory;
 pub mod metrics;

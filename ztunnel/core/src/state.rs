@@ -14,7 +14,6 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
-    path::PathBuf,
     sync::Arc,
 };
 
@@ -23,23 +22,30 @@ use crate::{
     identity::Identity,
 };
 
+/// A pod in the mesh: the pod as the snapshot has it (its name, namespace,
+/// service account, node, labels, and where its node finds its network namespace
+/// and cgroup, all read through `Deref`), shared with the snapshot rather than
+/// copied, and what the state derives from it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Workload {
-    pub name: String,
-    pub namespace: String,
-    pub service_account: String,
-    pub node: String,
+    pub pod: Arc<config::Pod>,
+    /// The pod's address (a pod without one has no workload).
     pub ip: Ipv4Addr,
-    pub labels: BTreeMap<String, String>,
+    /// Shared by the workloads of one service account (see `State::identities`).
     pub identity: Identity,
     /// In an ambient namespace and not opted out: its node's tunnel carries its
     /// traffic, and it is reached over HBONE.
     pub captured: bool,
-    /// Local mode: where its node finds its network namespace and cgroup.
-    pub netns: Option<PathBuf>,
-    pub cgroup: Option<PathBuf>,
     /// The waypoint (namespace, name) its pod-addressed traffic may go through.
     pub waypoint: Option<(String, String)>,
+}
+
+impl std::ops::Deref for Workload {
+    type Target = config::Pod;
+
+    fn deref(&self) -> &config::Pod {
+        &self.pod
+    }
 }
 
 impl Workload {
@@ -155,7 +161,12 @@ pub struct State {
     /// The workload each IP routes to: of the pods claiming it (a reused address
     /// may have two for a while), the one with the greatest (namespace, name).
     by_ip: CowMap<Ipv4Addr, Workload>,
-    ip_claims: CowMap<Ipv4Addr, BTreeSet<Name>>,
+    /// The pods claiming an address more than one pod claims. An address only
+    /// one claims (nearly all) has no entry: its claimant is `by_ip`'s workload.
+    contested_ips: CowMap<Ipv4Addr, BTreeSet<Name>>,
+    /// One identity per (namespace, service account) of the workloads, shared
+    /// by them, and how many use it.
+    identities: CowMap<Name, (Identity, usize)>,
     /// Workloads by namespace, then name: what selectors choose among.
     by_namespace: CowMap<String, CowMap<String, Workload>>,
     /// The captured workloads this node's tunnel serves, by IP.
@@ -166,8 +177,10 @@ pub struct State {
     vip_claims: CowMap<Ipv4Addr, BTreeSet<Name>>,
     /// Services with a cluster IP, by (namespace, name).
     services_by_name: CowMap<Name, Service>,
-    /// The services each workload (by IP) is an endpoint of.
-    services_of: CowMap<Ipv4Addr, BTreeMap<Name, Arc<Service>>>,
+    /// The Services bound to a waypoint that each workload (by IP) is an
+    /// endpoint of: what a waypoint asks (`bound_services`). Services without a
+    /// waypoint (nearly all) are not indexed.
+    bound_services_of: CowMap<Ipv4Addr, BTreeMap<Name, Arc<Service>>>,
     waypoints: CowMap<Name, Waypoint>,
     /// Headless Services (no cluster IP), by (namespace, name): their endpoints.
     /// They route nothing; DNS names their pods.
@@ -436,7 +449,7 @@ impl State {
     }
 
     /// The workload of a pod, if it has one.
-    fn workload(&mut self, pod: &config::Pod, snapshot: &Snapshot) -> Option<Workload> {
+    fn workload(&mut self, pod: &Arc<config::Pod>, snapshot: &Snapshot) -> Option<Workload> {
         let ip = pod.ip?;
         let ambient_ns = snapshot
             .namespaces
@@ -449,25 +462,15 @@ impl State {
             .is_some_and(|m| m == config::OPT_OUT);
         // A waypoint's pods are never captured: they speak HBONE themselves.
         let is_waypoint = pod.labels.contains_key(config::GATEWAY_NAME);
-        let Ok(identity) = Identity::new(
-            &self.settings.trust_domain,
-            &pod.namespace,
-            &pod.service_account,
-        ) else {
+        let Ok(identity) = self.acquire_identity(&pod.namespace, &pod.service_account) else {
             tracing::warn!(pod = %pod.name, namespace = %pod.namespace, "no valid identity for the pod; left out of the mesh");
             return None;
         };
         Some(Workload {
-            name: pod.name.clone(),
-            namespace: pod.namespace.clone(),
-            service_account: pod.service_account.clone(),
-            node: pod.node_name.clone(),
+            pod: pod.clone(),
             ip,
-            labels: pod.labels.clone(),
             identity,
             captured: ambient_ns && !opted_out && !is_waypoint,
-            netns: pod.netns.clone(),
-            cgroup: pod.cgroup.clone(),
             waypoint: binding(
                 &mut self.refused_bindings,
                 "Pod",
@@ -476,6 +479,34 @@ impl State {
                 snapshot,
             ),
         })
+    }
+
+    /// The identity of a service account's workloads, counted as used by one
+    /// more.
+    fn acquire_identity(
+        &mut self,
+        namespace: &str,
+        service_account: &str,
+    ) -> Result<Identity, crate::identity::IdentityError> {
+        let key = (namespace.to_owned(), service_account.to_owned());
+        if let Some((identity, users)) = self.identities.get_mut(&key) {
+            *users += 1;
+            return Ok(identity.clone());
+        }
+        let identity = Identity::new(&self.settings.trust_domain, namespace, service_account)?;
+        self.identities.insert(key, (identity.clone(), 1));
+        Ok(identity)
+    }
+
+    /// A workload no longer uses its identity (forgotten once none does).
+    fn release_identity(&mut self, workload: &Workload) {
+        let key = (workload.namespace.clone(), workload.service_account.clone());
+        if let Some((_, users)) = self.identities.get_mut(&key) {
+            *users -= 1;
+            if *users == 0 {
+                self.identities.remove(&key);
+            }
+        }
     }
 
     /// Derives a pod's workload again, and marks what depends on it (before and
@@ -488,7 +519,7 @@ impl State {
             .and_then(|pods| pods.get_arc(name))
             .cloned();
         self.refused_bindings.remove(&format!("Pod {ns}/{name}"));
-        let new = match snapshot.pods.get(key) {
+        let new = match snapshot.pods.get_arc(key) {
             Some(pod) => self.workload(pod, snapshot).map(Arc::new),
             None => None,
         };
@@ -499,7 +530,7 @@ impl State {
                     self.by_namespace.remove(ns);
                 }
             }
-            unclaim(&mut self.ip_claims, &old.ip, key);
+            self.release_identity(old);
             if new.is_none() {
                 self.policies.forget(ns, name);
             }
@@ -515,26 +546,56 @@ impl State {
                     self.by_namespace.insert(ns.clone(), pods);
                 }
             }
-            claim(&mut self.ip_claims, new.ip, key.clone());
+        }
+        if let Some(old) = &old {
+            self.claim_ip(old.ip, key, false);
+        }
+        if let Some(new) = &new {
+            self.claim_ip(new.ip, key, true);
         }
         for workload in old.iter().chain(new.iter()) {
-            self.settle_ip(workload.ip);
             self.dependents(workload, snapshot, dirty);
         }
     }
 
-    /// Points an IP at the workload claiming it (see `by_ip`).
-    fn settle_ip(&mut self, ip: Ipv4Addr) {
-        let owner = self
-            .ip_claims
-            .get(&ip)
-            .and_then(|claims| claims.last())
+    /// The pods claiming `ip`.
+    fn claimants(&self, ip: Ipv4Addr) -> BTreeSet<Name> {
+        match self.contested_ips.get(&ip) {
+            Some(claimants) => claimants.clone(),
+            None => self
+                .by_ip
+                .get(&ip)
+                .map(|w| (w.namespace.clone(), w.name.clone()))
+                .into_iter()
+                .collect(),
+        }
+    }
+
+    /// Pod `key` claims `ip` (with `claims`; or no longer does): the address
+    /// goes to the claimant with the greatest (namespace, name), whose workload
+    /// (as `by_namespace` has it now) `by_ip` and `local` then hold.
+    fn claim_ip(&mut self, ip: Ipv4Addr, key: &Name, claims: bool) {
+        let mut claimants = self.claimants(ip);
+        match claims {
+            true => claimants.insert(key.clone()),
+            false => claimants.remove(key),
+        };
+        let owner = claimants
+            .last()
             .and_then(|(ns, name)| self.by_namespace.get(ns)?.get_arc(name))
             .cloned();
+        match claimants.len() > 1 {
+            true => {
+                self.contested_ips.insert(ip, claimants);
+            }
+            false => {
+                self.contested_ips.remove(&ip);
+            }
+        }
         self.local.remove(&ip);
         match owner {
             Some(workload) => {
-                if workload.captured && workload.node == self.node {
+                if workload.captured && workload.node_name == self.node {
                     self.local.insert_arc(ip, workload.clone());
                 }
                 self.by_ip.insert_arc(ip, workload);
@@ -584,11 +645,11 @@ impl State {
     /// Derives a Service again: its ports, endpoints and waypoint.
     fn derive_service(&mut self, key: &Name, snapshot: &Snapshot) {
         if let Some(old) = self.services_by_name.remove(key) {
-            for endpoint in &old.endpoints {
-                if let Some(services) = self.services_of.get_mut(&endpoint.ip) {
+            for endpoint in old.endpoints.iter().filter(|_| old.waypoint.is_some()) {
+                if let Some(services) = self.bound_services_of.get_mut(&endpoint.ip) {
                     services.remove(key);
                     if services.is_empty() {
-                        self.services_of.remove(&endpoint.ip);
+                        self.bound_services_of.remove(&endpoint.ip);
                     }
                 }
             }
@@ -659,13 +720,17 @@ impl State {
             endpoints,
             waypoint,
         });
-        for endpoint in &service.endpoints {
-            match self.services_of.get_mut(&endpoint.ip) {
+        for endpoint in service
+            .endpoints
+            .iter()
+            .filter(|_| service.waypoint.is_some())
+        {
+            match self.bound_services_of.get_mut(&endpoint.ip) {
                 Some(services) => {
                     services.insert(key.clone(), service.clone());
                 }
                 None => {
-                    self.services_of.insert(
+                    self.bound_services_of.insert(
                         endpoint.ip,
                         BTreeMap::from([(key.clone(), service.clone())]),
                     );
@@ -736,7 +801,7 @@ impl State {
         workload: &Workload,
         key: &(String, String),
     ) -> Vec<(String, String)> {
-        self.services_of
+        self.bound_services_of
             .get(&workload.ip)
             .into_iter()
             .flatten()
@@ -844,10 +909,12 @@ mod tests {
             uid: None,
             name: name.into(),
             namespace: ns.into(),
-            labels: labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            labels: Arc::new(
+                labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
             annotations: BTreeMap::new(),
             service_account: "default".into(),
             node_name: node.into(),
@@ -916,6 +983,74 @@ mod tests {
             state.workload_by_name("mesh", "a").unwrap().workload_name(),
             "web"
         );
+    }
+
+    #[test]
+    fn an_address_two_pods_claim_has_one_owner_and_passes_to_the_other() {
+        let settings = MeshSettings::new("n1", "cluster.local");
+        let ip = Ipv4Addr::new(10, 0, 0, 7);
+        let key = |name: &str| ("demo".to_string(), name.to_string());
+        let with = |names: &[&str]| {
+            let mut snapshot = Snapshot::default();
+            for name in names {
+                snapshot
+                    .pods
+                    .insert(key(name), pod("demo", name, "n1", ip.octets(), &[]));
+            }
+            Arc::new(snapshot)
+        };
+        // Whichever came first, the greatest (namespace, name) owns it.
+        let empty = State::build(with(&[]), &settings);
+        for first in ["new", "old"] {
+            let state = empty.update(with(&[first])).update(with(&["new", "old"]));
+            assert_eq!(
+                state.workload_by_ip(ip).unwrap().name,
+                "old",
+                "{first} first"
+            );
+            assert_eq!(state.contested_ips.len(), 1);
+            assert_eq!(
+                state.contested_ips[&ip],
+                BTreeSet::from([key("new"), key("old")])
+            );
+        }
+        let both = empty.update(with(&["new", "old"]));
+        // The owner goes: the other has the address, no longer contested.
+        let one = both.update(with(&["new"]));
+        assert_eq!(one.workload_by_ip(ip).unwrap().name, "new");
+        assert!(one.contested_ips.is_empty());
+        // The other goes instead: the owner keeps it.
+        let other = both.update(with(&["old"]));
+        assert_eq!(other.workload_by_ip(ip).unwrap().name, "old");
+        assert!(other.contested_ips.is_empty());
+        // An address only one pod claims has no entry at all.
+        assert!(empty.update(with(&["new"])).contested_ips.is_empty());
+        assert!(one.update(with(&[])).workload_by_ip(ip).is_none());
+    }
+
+    #[test]
+    fn workloads_of_one_service_account_share_its_identity() {
+        let mut snapshot = Snapshot::default();
+        for (name, sa, ip) in [("a", "web", 1), ("b", "web", 2), ("c", "db", 3)] {
+            let mut p = pod("demo", name, "n1", [10, 0, 0, ip], &[]);
+            p.service_account = sa.into();
+            snapshot.pods.insert(("demo".into(), name.into()), p);
+        }
+        let settings = MeshSettings::new("n1", "cluster.local");
+        let state = State::build(Arc::new(snapshot.clone()), &settings);
+        let identity =
+            |s: &State, name: &str| s.workload_by_name("demo", name).unwrap().identity.clone();
+        assert_eq!(
+            identity(&state, "a").to_string(),
+            "spiffe://cluster.local/ns/demo/sa/web"
+        );
+        assert_eq!(state.identities.len(), 2);
+        assert_eq!(state.identities[&("demo".into(), "web".into())].1, 2);
+        // The last workload of a service account gone: its identity is forgotten.
+        snapshot.pods.remove(&("demo".into(), "c".into()));
+        let state = state.update(Arc::new(snapshot));
+        assert_eq!(state.identities.len(), 1);
+        assert_eq!(identity(&state, "b"), identity(&state, "a"));
     }
 
     #[test]
@@ -1226,13 +1361,14 @@ mod tests {
         }
         same_index!(
             by_ip,
-            ip_claims,
+            contested_ips,
+            identities,
             by_namespace,
             local,
             services,
             vip_claims,
             services_by_name,
-            services_of,
+            bound_services_of,
             waypoints,
             headless,
             services_in,

@@ -621,17 +621,23 @@ mod tests {
 
     fn pod(namespace: &str) -> Workload {
         let identity = crate::identity::Identity::new("cluster.local", namespace, "sa").unwrap();
+        let ip = Ipv4Addr::new(10, 0, 0, 9);
         Workload {
-            name: "client".into(),
-            namespace: namespace.into(),
-            service_account: "sa".into(),
-            node: "n".into(),
-            ip: Ipv4Addr::new(10, 0, 0, 9),
-            labels: Default::default(),
+            pod: std::sync::Arc::new(crate::config::Pod {
+                uid: None,
+                name: "client".into(),
+                namespace: namespace.into(),
+                labels: Default::default(),
+                annotations: Default::default(),
+                service_account: "sa".into(),
+                node_name: "n".into(),
+                ip: Some(ip),
+                netns: None,
+                cgroup: None,
+            }),
+            ip,
             identity,
             captured: true,
-            netns: None,
-            cgroup: None,
             waypoint: None,
         }
     }

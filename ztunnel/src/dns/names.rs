@@ -416,7 +416,9 @@ mod tests {
                     uid: None,
                     name,
                     namespace: ns,
-                    labels: [("app".to_string(), format!("a{}", rng.usize(0..2)))].into(),
+                    labels: std::sync::Arc::new(
+                        [("app".to_string(), format!("a{}", rng.usize(0..2)))].into(),
+                    ),
                     annotations: Default::default(),
                     service_account: "default".into(),
                     node_name: "n1".into(),

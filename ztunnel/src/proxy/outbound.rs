@@ -354,7 +354,14 @@ async fn hbone_to(
     })
     .await?;
     let relayed = relay(stream, &mut tunnel).await;
-    relayed.map_err(|error| match tunnel.refusal() {
+    let refusal = relayed.as_ref().err().and_then(|_| tunnel.refusal());
+    if refusal.is_some() && tunnel.wrote_any() {
+        // Refused after the client's bytes were taken: reset, as closing with
+        // them unread (waiting for the answer first) did, so the client sees a
+        // refusal, not an orderly end.
+        let _ = socket2::SockRef::from(&**stream).set_linger(Some(std::time::Duration::ZERO));
+    }
+    relayed.map_err(|error| match refusal {
         Some(Refusal::Status(status)) => Error::Hbone(pool::Error::Status {
             authority,
             address,

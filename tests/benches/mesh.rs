@@ -222,8 +222,11 @@ async fn main() -> Result<()> {
     if std::env::var_os("ZTB_BENCH").is_none() {
         enrolled_pods().await?;
     }
-    // ZTB_BENCH=throughput and =memory are tuning runs of the cross-node part only.
-    if std::env::var("ZTB_BENCH").is_ok_and(|b| b == "throughput" || b == "memory") {
+    // ZTB_BENCH=throughput, =memory, =latency and =hold are tuning runs of the
+    // cross-node part only.
+    if std::env::var("ZTB_BENCH")
+        .is_ok_and(|b| ["throughput", "memory", "latency", "hold"].contains(&b.as_str()))
+    {
         return Ok(());
     }
     same_node().await
@@ -337,18 +340,40 @@ async fn across_nodes(istio: Option<std::path::PathBuf>) -> Result<()> {
         println!("{line} (each proxy, after one exchange)");
     }
 
-    // ZTB_BENCH=memory measures only memory (for tuning runs and heap profiles).
+    // ZTB_BENCH=hold keeps everything up for profiling by hand, until asked to stop.
+    if std::env::var("ZTB_BENCH").is_ok_and(|b| b == "hold") {
+        return hold(&bench, &servers);
+    }
+    // ZTB_BENCH=memory measures only memory (for tuning runs and heap profiles);
+    // ZTB_BENCH=latency only round trips and connections/s (tuning runs).
     let memory_only = std::env::var("ZTB_BENCH").is_ok_and(|b| b == "memory");
+    let latency_only = std::env::var("ZTB_BENCH").is_ok_and(|b| b == "latency");
     if !memory_only {
-        throughput(&bench)?;
+        if !latency_only {
+            throughput(&bench)?;
+        }
         // ZTB_BENCH=throughput stops here (for tuning runs).
         if std::env::var("ZTB_BENCH").is_ok_and(|b| b == "throughput") {
             return Ok(());
         }
-        latency_and_connections(&bench)?;
+        latency_and_connections(&bench, !latency_only)?;
     }
 
     let bench = &bench;
+    if !latency_only {
+        memory(bench, &idle_rss)?;
+    }
+    if memory_only {
+        return Ok(());
+    }
+    pinned_rr(bench, &servers)?;
+    drop(peers);
+    Ok(())
+}
+
+/// Memory: idle (`idle_rss`, measured before), then with 1,000 idle proxied
+/// connections on each path in turn.
+fn memory(bench: &Bench, idle_rss: &Figures) -> Result<()> {
     // Memory: idle, then with 1,000 idle proxied connections on each path in turn.
     let mut held = Figures::new();
     for path in &bench.paths {
@@ -404,15 +429,16 @@ async fn across_nodes(istio: Option<std::path::PathBuf>) -> Result<()> {
         &per_connection,
         "both proxies' RSS growth / 1,000",
     );
+    Ok(())
+}
 
-    if memory_only {
-        return Ok(());
-    }
-    // Latency with everything on CPU 0.
+/// Pins every proxy to CPU 0 and starts the pinned echo servers (kept while the
+/// returned servers live).
+fn pin_all(bench: &Bench, servers: &[&str]) -> Result<Vec<BenchServer>> {
     for pid in bench.paths.iter().flat_map(|p| &p.proxies) {
         pin_process(*pid, 0)?;
     }
-    let _pinned = servers
+    servers
         .iter()
         .map(|p| {
             BenchServer::start(
@@ -422,7 +448,13 @@ async fn across_nodes(istio: Option<std::path::PathBuf>) -> Result<()> {
                 Some(0),
             )
         })
-        .collect::<Result<Vec<_>>>()?;
+        .collect::<Result<Vec<_>>>()
+}
+
+/// Round trips with everything on CPU 0.
+fn pinned_rr(bench: &Bench, servers: &[&str]) -> Result<()> {
+    // Latency with everything on CPU 0.
+    let _pinned = pin_all(bench, servers)?;
     let [p50, p99] = rr(bench, PINNED_ECHO, "0")?;
     report(
         "rr-pinned-p50",
@@ -433,7 +465,31 @@ async fn across_nodes(istio: Option<std::path::PathBuf>) -> Result<()> {
     report("rr-pinned-p50-added", " µs", &added(&p50), "minus direct");
     report("rr-pinned-p99", " µs", &p99, "all on CPU 0");
     report("rr-pinned-p99-added", " µs", &added(&p99), "minus direct");
-    drop(peers);
+    Ok(())
+}
+
+/// Keeps the paths up, pinned to CPU 0 with their pinned echo servers, until
+/// /tmp/ztb-hold is removed; prints what a profiling session needs: each path's
+/// proxies and how to run tb-probe in its client pod.
+fn hold(bench: &Bench, servers: &[&str]) -> Result<()> {
+    let _pinned = pin_all(bench, servers)?;
+    std::fs::write("/tmp/ztb-hold", "")?;
+    for path in &bench.paths {
+        let pod = bench.mesh.cluster.pod(path.from);
+        println!(
+            "hold/{} proxies={:?} netns={} cgroup={} probe={PROBE} echo={} pinned={}",
+            path.name,
+            path.proxies,
+            pod.netns_path().display(),
+            pod.cgroup.display(),
+            bench.target(path.to, ECHO),
+            bench.target(path.to, PINNED_ECHO),
+        );
+    }
+    println!("hold: until /tmp/ztb-hold is removed");
+    while std::path::Path::new("/tmp/ztb-hold").exists() {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
     Ok(())
 }
 
@@ -553,21 +609,23 @@ fn throughput(bench: &Bench) -> Result<()> {
 }
 
 /// Throughput with 8 streams, round trips (unpinned) and new connections per second.
-fn latency_and_connections(bench: &Bench) -> Result<()> {
-    let bytes = BYTES.to_string();
-    let [multi] = bench.rounds(|path| {
-        let target = bench.target(path.to, SINK);
-        Ok([value(
-            &bench.probe(path.from, &["throughput", &target, &bytes, "8"])?,
-            "bits_per_second",
-        )? / 1e9])
-    })?;
-    report(
-        "throughput-8",
-        " Gbit/s",
-        &multi,
-        "8 streams at once, 1 GiB in all",
-    );
+fn latency_and_connections(bench: &Bench, multi_stream: bool) -> Result<()> {
+    if multi_stream {
+        let bytes = BYTES.to_string();
+        let [multi] = bench.rounds(|path| {
+            let target = bench.target(path.to, SINK);
+            Ok([value(
+                &bench.probe(path.from, &["throughput", &target, &bytes, "8"])?,
+                "bits_per_second",
+            )? / 1e9])
+        })?;
+        report(
+            "throughput-8",
+            " Gbit/s",
+            &multi,
+            "8 streams at once, 1 GiB in all",
+        );
+    }
 
     // Latency, unpinned.
     let [p50, p99] = rr(bench, ECHO, "any")?;

@@ -337,8 +337,7 @@ impl Delivery {
         // another port each time.
         let mut colliding = Vec::new();
         for _ in 0..BIND_ATTEMPTS {
-            let socket = self.sockets.tcp_socket().await?;
-            socket.set_mark(ORIG_SRC_MARK)?;
+            let socket = self.sockets.tcp_socket_marked(ORIG_SRC_MARK)?;
             socket.set_ip_transparent_v4(true)?;
             socket.bind(&SocketAddrV4::new(client, 0).into())?;
             let local = socket

@@ -12,6 +12,7 @@ use std::{
     net::SocketAddr,
     os::{fd::AsRawFd, unix::fs::MetadataExt},
     path::{Path, PathBuf},
+    sync::Arc,
     thread,
     time::Duration,
 };
@@ -168,53 +169,67 @@ pub fn tcp_socket_in(netns: &Path) -> io::Result<socket2::Socket> {
     run_in(netns, marked_tcp_socket)
 }
 
-type SocketReply = tokio::sync::oneshot::Sender<io::Result<socket2::Socket>>;
-
-/// Makes the tunnel's (marked) sockets inside one pod: a thread that stays in the
-/// pod's network namespace, so a connection costs a message, not a thread. Every
-/// connection the tunnel makes on a pod's behalf (delivery to the application,
-/// traffic leaving the mesh) is dialed here, so it leaves from the pod's own
-/// address, never the node's. The thread ends when the last clone is dropped.
+/// Makes the tunnel's (marked) sockets inside one pod. Every connection the
+/// tunnel makes on a pod's behalf (delivery to the application, traffic leaving
+/// the mesh, HBONE from the pod's address) is dialed with its sockets, so it
+/// leaves from the pod's own address, never the node's.
+///
+/// A socket belongs to the namespace it was created in for its whole life, so the
+/// calling thread enters the pod's namespace for the one `socket(2)` call and
+/// returns to its own at once: two `setns(2)` calls, where a thread kept in the
+/// pod cost a message, two wake-ups and a thread per enrolled pod. A thread that
+/// could not return would make later sockets in the wrong namespace: the process
+/// aborts instead (the pods fail closed while the tunnel is away).
 #[derive(Clone)]
 pub struct SocketFactory {
-    requests: std::sync::mpsc::Sender<SocketReply>,
+    netns: Arc<File>,
+}
+
+thread_local! {
+    /// The calling thread's own namespace, to return to (opened on first use).
+    static HOME: std::cell::OnceCell<File> = const { std::cell::OnceCell::new() };
 }
 
 impl SocketFactory {
+    /// Fails if the namespace cannot be entered (or left).
     pub fn new(netns: &Netns) -> io::Result<Self> {
-        let ns = netns.file.try_clone()?;
-        let (requests, incoming) = std::sync::mpsc::channel::<SocketReply>();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        thread::Builder::new()
-            .name("netns-sockets".into())
-            .spawn(move || {
-                let entered = setns(&ns, CloneFlags::CLONE_NEWNET);
-                // The thread stays in the namespace; the fd is no longer needed.
-                drop(ns);
-                if let Err(e) = entered {
-                    let _ = ready_tx.send(Err(io::Error::from(e)));
-                    return;
-                }
-                let _ = ready_tx.send(Ok(()));
-                while let Ok(reply) = incoming.recv() {
-                    let _ = reply.send(marked_tcp_socket());
-                }
-            })?;
-        ready_rx
-            .recv()
-            .map_err(|_| io::Error::other("the socket thread did not start"))??;
-        Ok(Self { requests })
+        let factory = Self {
+            netns: Arc::new(netns.file.try_clone()?),
+        };
+        factory.tcp_socket_marked(ztunnel_ebpf_common::TUNNEL_MARK)?;
+        Ok(factory)
     }
 
     /// A non-blocking, marked TCP socket in the pod's namespace.
     pub async fn tcp_socket(&self) -> io::Result<socket2::Socket> {
-        let (reply, socket) = tokio::sync::oneshot::channel();
-        self.requests
-            .send(reply)
-            .map_err(|_| io::Error::other("the socket thread is gone"))?;
-        socket
-            .await
-            .map_err(|_| io::Error::other("the socket thread is gone"))?
+        self.tcp_socket_marked(ztunnel_ebpf_common::TUNNEL_MARK)
+    }
+
+    /// A non-blocking TCP socket in the pod's namespace with `mark` (one the
+    /// redirection programs leave alone).
+    pub fn tcp_socket_marked(&self, mark: u32) -> io::Result<socket2::Socket> {
+        HOME.with(|home| {
+            let home = match home.get() {
+                Some(home) => home,
+                None => {
+                    let own = File::open("/proc/thread-self/ns/net")?;
+                    home.get_or_init(|| own)
+                }
+            };
+            setns(&*self.netns, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+            let socket = socket2::Socket::new(
+                socket2::Domain::IPV4,
+                socket2::Type::STREAM.nonblocking().cloexec(),
+                Some(socket2::Protocol::TCP),
+            );
+            if let Err(e) = setns(home, CloneFlags::CLONE_NEWNET) {
+                tracing::error!("cannot return to the tunnel's network namespace after making a pod's socket: {e}; aborting (pods fail closed)");
+                std::process::abort();
+            }
+            let socket = socket?;
+            socket.set_mark(mark)?;
+            Ok(socket)
+        })
     }
 
     /// A TCP connection to `target` made from inside the pod, as the tunnel.

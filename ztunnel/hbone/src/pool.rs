@@ -283,6 +283,52 @@ impl Pool {
         authority: SocketAddr,
         headers: http::HeaderMap,
     ) -> Result<(H2Stream, StreamGuard)> {
+        let (response, send, guard) = self
+            .send_connect(origin, source, destination, address, authority, headers)
+            .await?;
+        let response = response.await.map_err(Error::Request)?;
+        if response.status() != StatusCode::OK {
+            return Err(Error::Status {
+                authority,
+                address,
+                status: response.status(),
+            });
+        }
+        Ok((H2Stream::new(send, response.into_body()), guard))
+    }
+
+    /// Like [`Pool::connect_from`], without waiting for the CONNECT's response:
+    /// the stream takes writes at once and reads once the server has answered
+    /// 200 (see [`H2Stream::awaiting_response`]; its `refusal` says why not).
+    pub async fn connect_early_from(
+        &self,
+        origin: &Origin,
+        source: &Arc<WorkloadCert>,
+        destination: &Identity,
+        address: SocketAddr,
+        authority: SocketAddr,
+        headers: http::HeaderMap,
+    ) -> Result<(H2Stream, StreamGuard)> {
+        let (response, send, guard) = self
+            .send_connect(origin, source, destination, address, authority, headers)
+            .await?;
+        Ok((H2Stream::awaiting_response(send, response), guard))
+    }
+
+    /// Sends a CONNECT on a pooled connection: its response to come, its stream.
+    async fn send_connect(
+        &self,
+        origin: &Origin,
+        source: &Arc<WorkloadCert>,
+        destination: &Identity,
+        address: SocketAddr,
+        authority: SocketAddr,
+        headers: http::HeaderMap,
+    ) -> Result<(
+        h2::client::ResponseFuture,
+        h2::SendStream<Bytes>,
+        StreamGuard,
+    )> {
         let key = Key {
             origin: origin.key(),
             source: source.identity.clone(),
@@ -301,15 +347,7 @@ impl Pool {
         let (response, send) = sender
             .send_request(request, false)
             .map_err(Error::Request)?;
-        let response = response.await.map_err(Error::Request)?;
-        if response.status() != StatusCode::OK {
-            return Err(Error::Status {
-                authority,
-                address,
-                status: response.status(),
-            });
-        }
-        Ok((H2Stream::new(send, response.into_body()), guard))
+        Ok((response, send, guard))
     }
 
     /// A stream slot on a pooled connection, dialing one when none is free. Streams

@@ -6,6 +6,7 @@
 //! two, and no extra hop per write.
 
 use std::{
+    future::Future,
     io,
     pin::Pin,
     task::{ready, Context, Poll},
@@ -13,7 +14,8 @@ use std::{
 };
 
 use bytes::{Buf, Bytes};
-use h2::{Reason, RecvStream, SendStream};
+use h2::{client::ResponseFuture, Reason, RecvStream, SendStream};
+use http::StatusCode;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// The largest header block a peer may send (hyper's bound, which HBONE had
@@ -25,21 +27,92 @@ pub const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
 /// (END_STREAM), and dropping it resets the stream if it is not done.
 pub struct H2Stream {
     send: SendStream<Bytes>,
-    recv: RecvStream,
+    recv: Incoming,
     /// The rest of the last DATA frame read.
     buf: Bytes,
     /// END_STREAM sent.
     shut: bool,
+    /// Some bytes were written.
+    wrote: bool,
+}
+
+/// What a stream reads from: the peer's DATA frames, or first (a client's
+/// CONNECT sent without waiting) the response that opens them.
+enum Incoming {
+    Response(ResponseFuture),
+    Body(RecvStream),
+    /// The CONNECT was answered with anything but 200, or failed: nothing to read.
+    Refused(Option<Refusal>),
+}
+
+/// Why a CONNECT sent without waiting for its response was not accepted.
+#[derive(Debug)]
+pub enum Refusal {
+    /// The server answered with this status.
+    Status(StatusCode),
+    /// The request failed (reset, connection lost) before any answer.
+    Request(h2::Error),
 }
 
 impl H2Stream {
     pub fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
         Self {
             send,
-            recv,
+            recv: Incoming::Body(recv),
             buf: Bytes::new(),
             shut: false,
+            wrote: false,
         }
+    }
+
+    /// A client's CONNECT stream, usable before its response: writes go out at
+    /// once (the server holds them, unread, until it has decided and answered
+    /// 200), reads start once a 200 has come. Any other answer fails reads, and
+    /// [`H2Stream::refusal`] says what it was. This saves the round trip a
+    /// client would otherwise wait before sending its first bytes.
+    pub fn awaiting_response(send: SendStream<Bytes>, response: ResponseFuture) -> Self {
+        Self {
+            send,
+            recv: Incoming::Response(response),
+            buf: Bytes::new(),
+            shut: false,
+            wrote: false,
+        }
+    }
+
+    /// Whether any byte was written to the stream.
+    pub fn wrote_any(&self) -> bool {
+        self.wrote
+    }
+
+    /// Why the CONNECT of an [`H2Stream::awaiting_response`] stream was not
+    /// accepted, if it was not: its answer when known (one that has arrived is
+    /// taken now, even if no read has looked at it yet), once.
+    pub fn refusal(&mut self) -> Option<Refusal> {
+        if let Incoming::Response(_) = self.recv {
+            let waker = std::task::Waker::noop();
+            let _ = self.poll_response(&mut Context::from_waker(waker));
+        }
+        match &mut self.recv {
+            Incoming::Refused(refusal) => refusal.take(),
+            _ => None,
+        }
+    }
+
+    /// Ready once the response (if any is awaited) has come: the stream's body
+    /// is then readable, or the stream refused.
+    fn poll_response(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let Incoming::Response(response) = &mut self.recv else {
+            return Poll::Ready(());
+        };
+        self.recv = match ready!(Pin::new(response).poll(cx)) {
+            Ok(response) if response.status() == StatusCode::OK => {
+                Incoming::Body(response.into_body())
+            }
+            Ok(response) => Incoming::Refused(Some(Refusal::Status(response.status()))),
+            Err(e) => Incoming::Refused(Some(Refusal::Request(e))),
+        };
+        Poll::Ready(())
     }
 }
 
@@ -50,8 +123,18 @@ impl AsyncRead for H2Stream {
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        ready!(this.poll_response(cx));
+        let recv = match &mut this.recv {
+            Incoming::Body(recv) => recv,
+            Incoming::Refused(_) | Incoming::Response(_) => {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::ConnectionRefused,
+                    "HBONE CONNECT not accepted",
+                )))
+            }
+        };
         while this.buf.is_empty() {
-            match ready!(this.recv.poll_data(cx)) {
+            match ready!(recv.poll_data(cx)) {
                 // END_STREAM: end of file.
                 None => return Poll::Ready(Ok(())),
                 Some(Ok(data)) => this.buf = data,
@@ -74,7 +157,7 @@ impl AsyncRead for H2Stream {
             // from: let it go, so that an idle stream holds none.
             this.buf = Bytes::new();
         }
-        let _ = this.recv.flow_control().release_capacity(n);
+        let _ = recv.flow_control().release_capacity(n);
         Poll::Ready(Ok(()))
     }
 }
@@ -117,6 +200,7 @@ impl AsyncWrite for H2Stream {
         this.send
             .send_data(Bytes::copy_from_slice(&buf[..n]), false)
             .map_err(into_io)?;
+        this.wrote = true;
         Poll::Ready(Ok(n))
     }
 
@@ -256,6 +340,67 @@ mod tests {
             taken <= 65_535,
             "{taken} bytes taken beyond the peer's 64 KiB window"
         );
+    }
+
+    /// A client's CONNECT sent without waiting, to a server that reads what came
+    /// before it answers `status`: (client's stream, bytes the server had read
+    /// when it answered).
+    async fn early(status: http::StatusCode) -> (H2Stream, tokio::task::JoinHandle<Vec<u8>>) {
+        let (client, server) = tokio::io::duplex(1 << 20);
+        let server = tokio::spawn(async move {
+            let mut connection = h2::server::handshake(server).await.unwrap();
+            let (req, mut respond) = connection.accept().await.unwrap().unwrap();
+            tokio::spawn(async move { while connection.accept().await.is_some() {} });
+            // The client's bytes are there before any answer.
+            let mut body = req.into_body();
+            let data = body.data().await.unwrap().unwrap().to_vec();
+            let response = http::Response::builder().status(status).body(()).unwrap();
+            let done = status != http::StatusCode::OK;
+            let send = respond.send_response(response, done).unwrap();
+            if !done {
+                let mut stream = H2Stream::new(send, body);
+                stream.write_all(b"answer").await.unwrap();
+                stream.shutdown().await.unwrap();
+            }
+            data
+        });
+        let (sender, connection) = h2::client::handshake(client).await.unwrap();
+        tokio::spawn(connection);
+        let mut sender = sender.ready().await.unwrap();
+        let request = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri("10.0.0.1:8080")
+            .body(())
+            .unwrap();
+        let (response, send) = sender.send_request(request, false).unwrap();
+        (H2Stream::awaiting_response(send, response), server)
+    }
+
+    #[tokio::test]
+    async fn an_early_stream_sends_before_the_answer_and_reads_after_a_200() {
+        let (mut client, server) = early(http::StatusCode::OK).await;
+        client.write_all(b"first bytes").await.unwrap();
+        let mut reply = Vec::new();
+        client.read_to_end(&mut reply).await.unwrap();
+        assert_eq!(reply, b"answer");
+        assert_eq!(server.await.unwrap(), b"first bytes");
+        assert!(client.refusal().is_none());
+    }
+
+    #[tokio::test]
+    async fn an_early_stream_refused_fails_its_reads_and_says_with_what_status() {
+        let (mut client, server) = early(http::StatusCode::UNAUTHORIZED).await;
+        client.write_all(b"never delivered").await.unwrap();
+        let mut reply = Vec::new();
+        let error = client.read_to_end(&mut reply).await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::ConnectionRefused);
+        assert!(reply.is_empty());
+        server.await.unwrap();
+        match client.refusal() {
+            Some(Refusal::Status(status)) => assert_eq!(status, http::StatusCode::UNAUTHORIZED),
+            other => panic!("{other:?}"),
+        }
+        assert!(client.refusal().is_none(), "said once");
     }
 
     #[tokio::test]

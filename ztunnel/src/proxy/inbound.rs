@@ -40,8 +40,7 @@ pub async fn serve_hbone(
             tracing::warn!(pod = %pod.name, %peer, "HBONE refused: {why}");
             continue;
         }
-        let _ = tcp.set_nodelay(true);
-        // Everything else in the connection's own task: a slow CA holds only the
+        // (No delay is set by the acceptor.) Everything else in the connection's own task: a slow CA holds only the
         // connections waiting for the certificate (within the handshake timeout),
         // never the accept loop.
         let (ctx2, pod, delivery, tls) = (ctx.clone(), pod.clone(), delivery.clone(), tls.clone());

@@ -10,8 +10,10 @@ use std::{
 use http::{HeaderMap, HeaderValue};
 use ztunnel_core::balance::{Balancer, Turn};
 
+use ztunnel_hbone::stream::Refusal;
+
 use super::{
-    pool::{Origin, PodOrigin},
+    pool::{self, Origin, PodOrigin},
     relay, Context, Error, Record,
 };
 use crate::{
@@ -69,7 +71,7 @@ async fn handle(
     peer: SocketAddr,
     origin: PodOrigin,
 ) {
-    let _ = stream.set_nodelay(true);
+    // (No delay is set by the acceptor.)
     let mut record = Record {
         started: Instant::now(),
         reporter: "source",
@@ -142,7 +144,7 @@ async fn handle(
             record.destination_service = service;
             record.mtls = true;
             record.opened(&ctx.metrics);
-            hbone(&ctx, &origin, &source, &workload, port, &mut stream).await
+            hbone(&ctx, &origin, &source, &workload, port, &mut stream, peer).await
         }
         Route::Waypoint {
             waypoint,
@@ -161,6 +163,7 @@ async fn handle(
                 &waypoint,
                 SocketAddr::V4(authority),
                 &mut stream,
+                peer,
             )
             .await
         }
@@ -295,9 +298,10 @@ async fn hbone(
     destination: &Arc<Workload>,
     port: u16,
     stream: &mut Conn,
+    peer: SocketAddr,
 ) -> Result<(u64, u64), Error> {
     let authority = SocketAddr::new(IpAddr::V4(destination.ip), port);
-    hbone_to(ctx, origin, source, destination, authority, stream).await
+    hbone_to(ctx, origin, source, destination, authority, stream, peer).await
 }
 
 /// Where HBONE from `source` to `peer` is dialed: from inside the source pod, so it
@@ -311,7 +315,8 @@ fn hbone_origin(origin: &PodOrigin, source: &Workload, peer: &Workload) -> Origi
     }
 }
 
-/// HBONE to `peer`'s port 15008 (a workload's tunnel, or a waypoint), for `authority`.
+/// HBONE to `peer`'s port 15008 (a workload's tunnel, or a waypoint), for
+/// `authority`; `client` is where the captured connection came from.
 async fn hbone_to(
     ctx: &Context,
     origin: &PodOrigin,
@@ -319,21 +324,24 @@ async fn hbone_to(
     peer: &Arc<Workload>,
     authority: SocketAddr,
     stream: &mut Conn,
+    client: SocketAddr,
 ) -> Result<(u64, u64), Error> {
     let address = SocketAddr::new(IpAddr::V4(peer.ip), crate::redirect::HBONE_PORT);
     // The client as Istio names it: the pod's address and the client's port.
-    let client = SocketAddr::new(
-        IpAddr::V4(source.ip),
-        stream.peer_addr().map_or(0, |a| a.port()),
-    );
+    let client = SocketAddr::new(IpAddr::V4(source.ip), client.port());
     // Boxed: setting up (certificate, dial, TLS and HTTP/2 handshakes) takes far
     // more state than relaying, and an async fn's task is as large as its largest
     // step. Unboxed, every idle connection's task kept room for a handshake.
+    //
+    // The CONNECT is not waited for: the client's first bytes follow it at once
+    // (often in the same TLS record), and the server holds them unread until it
+    // has decided and reached the application. A refusal fails the relay's
+    // reads, and is reported as if it had been waited for.
     let (mut tunnel, _guard) = Box::pin(async {
         let cert = ctx.certs.fetch(&source.identity).await?;
         let connected = ctx
             .pool
-            .connect_from(
+            .connect_early_from(
                 &hbone_origin(origin, source, peer),
                 &cert,
                 &peer.identity,
@@ -345,7 +353,23 @@ async fn hbone_to(
         Ok::<_, Error>(connected)
     })
     .await?;
-    Ok(relay(stream, &mut tunnel).await?)
+    let relayed = relay(stream, &mut tunnel).await;
+    let refusal = relayed.as_ref().err().and_then(|_| tunnel.refusal());
+    if refusal.is_some() && tunnel.wrote_any() {
+        // Refused after the client's bytes were taken: reset, as closing with
+        // them unread (waiting for the answer first) did, so the client sees a
+        // refusal, not an orderly end.
+        let _ = socket2::SockRef::from(&**stream).set_linger(Some(std::time::Duration::ZERO));
+    }
+    relayed.map_err(|error| match refusal {
+        Some(Refusal::Status(status)) => Error::Hbone(pool::Error::Status {
+            authority,
+            address,
+            status,
+        }),
+        Some(Refusal::Request(e)) => Error::Hbone(pool::Error::Request(e)),
+        None => Error::Relay(error),
+    })
 }
 
 /// A destination outside the mesh, dialed from inside the pod: it sees the pod's

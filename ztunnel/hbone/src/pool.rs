@@ -261,30 +261,15 @@ impl Pool {
         authority: SocketAddr,
         headers: http::HeaderMap,
     ) -> Result<(H2Stream, StreamGuard)> {
-        self.connect_from(
-            &Origin::Local,
-            source,
-            destination,
-            address,
-            authority,
-            headers,
-        )
-        .await
-    }
-
-    /// Like [`Pool::connect`], on a connection dialed from `origin` (one pooled
-    /// connection per origin: a source pod's streams share only its own).
-    pub async fn connect_from(
-        &self,
-        origin: &Origin,
-        source: &Arc<WorkloadCert>,
-        destination: &Identity,
-        address: SocketAddr,
-        authority: SocketAddr,
-        headers: http::HeaderMap,
-    ) -> Result<(H2Stream, StreamGuard)> {
         let (response, send, guard) = self
-            .send_connect(origin, source, destination, address, authority, headers)
+            .send_connect(
+                &Origin::Local,
+                source,
+                destination,
+                address,
+                authority,
+                headers,
+            )
             .await?;
         let response = response.await.map_err(Error::Request)?;
         if response.status() != StatusCode::OK {
@@ -297,9 +282,11 @@ impl Pool {
         Ok((H2Stream::new(send, response.into_body()), guard))
     }
 
-    /// Like [`Pool::connect_from`], without waiting for the CONNECT's response:
-    /// the stream takes writes at once and reads once the server has answered
-    /// 200 (see [`H2Stream::awaiting_response`]; its `refusal` says why not).
+    /// Like [`Pool::connect`], dialed from `origin` (one pooled connection per
+    /// origin: a source pod's streams share only its own), without waiting for
+    /// the CONNECT's response: the stream takes writes at once and reads once
+    /// the server has answered 200 (see [`H2Stream::awaiting_response`]; its
+    /// `refusal` says why not).
     pub async fn connect_early_from(
         &self,
         origin: &Origin,

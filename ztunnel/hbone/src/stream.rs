@@ -266,6 +266,20 @@ mod tests {
 
     use super::*;
 
+    /// The client side of a test CONNECT over `client`: its response to come,
+    /// its stream.
+    async fn send_connect(client: tokio::io::DuplexStream) -> (ResponseFuture, SendStream<Bytes>) {
+        let (sender, connection) = h2::client::handshake(client).await.unwrap();
+        tokio::spawn(connection);
+        let mut sender = sender.ready().await.unwrap();
+        let request = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri("10.0.0.1:8080")
+            .body(())
+            .unwrap();
+        sender.send_request(request, false).unwrap()
+    }
+
     /// A CONNECT stream over an in-memory HTTP/2 connection: (client's, server's).
     async fn pair() -> (H2Stream, H2Stream) {
         let (client, server) = tokio::io::duplex(1 << 20);
@@ -279,15 +293,7 @@ mod tests {
             tokio::spawn(async move { while connection.accept().await.is_some() {} });
             H2Stream::new(send, req.into_body())
         });
-        let (sender, connection) = h2::client::handshake(client).await.unwrap();
-        tokio::spawn(connection);
-        let mut sender = sender.ready().await.unwrap();
-        let request = http::Request::builder()
-            .method(http::Method::CONNECT)
-            .uri("10.0.0.1:8080")
-            .body(())
-            .unwrap();
-        let (response, send) = sender.send_request(request, false).unwrap();
+        let (response, send) = send_connect(client).await;
         let response = response.await.unwrap();
         assert_eq!(response.status(), http::StatusCode::OK);
         (
@@ -364,15 +370,7 @@ mod tests {
             }
             data
         });
-        let (sender, connection) = h2::client::handshake(client).await.unwrap();
-        tokio::spawn(connection);
-        let mut sender = sender.ready().await.unwrap();
-        let request = http::Request::builder()
-            .method(http::Method::CONNECT)
-            .uri("10.0.0.1:8080")
-            .body(())
-            .unwrap();
-        let (response, send) = sender.send_request(request, false).unwrap();
+        let (response, send) = send_connect(client).await;
         (H2Stream::awaiting_response(send, response), server)
     }
 

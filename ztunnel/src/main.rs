@@ -103,7 +103,8 @@ struct RunArgs {
     /// The mesh and the CA.
     #[command(flatten)]
     mesh: MeshArgs,
-    /// Kubernetes source: the longest time between rebuilds of the state.
+    /// Kubernetes source: the longest time between full checks of the snapshot
+    /// against the watched objects (changes apply as they come in between).
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     resync: Duration,
     /// This node's name (`spec.nodeName` of its pods).

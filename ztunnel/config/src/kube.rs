@@ -1032,6 +1032,31 @@ mod tests {
         assert!(builder.local.is_empty() && builder.unlocated_since.is_empty());
     }
 
+    /// Istio's per-pod switch must survive the store's pruning, or a pod that
+    /// asked to keep its own DNS would have it captured in a cluster.
+    #[test]
+    fn a_pods_dns_capture_annotation_is_kept_and_its_other_annotations_are_not() {
+        let mut objects = recorded();
+        let pod = find(&mut objects, "Pod");
+        pod["metadata"]["annotations"] = serde_json::json!({
+            crate::config::DNS_CAPTURE_ANNOTATION: "false",
+            "kubectl.kubernetes.io/last-applied-configuration": "{\"big\": true}",
+            "prometheus.io/scrape": "true",
+        });
+        let stores = hand_stores(&objects);
+        let mut builder = builder(&stores, "node-a", None);
+        let snapshot = builder.build(Scope::Everything).0.unwrap();
+        let key = ("shop".to_string(), "web-7d9f-abc".to_string());
+        let kept: Vec<_> = snapshot.pods[&key].annotations.iter().collect();
+        assert_eq!(
+            kept,
+            [(
+                &crate::config::DNS_CAPTURE_ANNOTATION.to_string(),
+                &"false".to_string()
+            )]
+        );
+    }
+
     /// The attack: while the watch is down, a pod and the policy that let it in
     /// are deleted; the API server's history is compacted, so no `Deleted` ever
     /// comes. The relist must take both out, and nothing else.

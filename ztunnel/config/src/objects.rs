@@ -26,8 +26,8 @@ use ztunnel_core::intern::Interner;
 
 use super::{
     AllowedNamespaces, EndpointSlice, Gateway, LabelExpression, LabelSelector, Namespace, Pod,
-    Policy, Service, ServiceAccount, ServicePort, CGROUP_ANNOTATION, NETNS_ANNOTATION,
-    SERVICE_NAME_LABEL,
+    Policy, Service, ServiceAccount, ServicePort, CGROUP_ANNOTATION, DNS_CAPTURE_ANNOTATION,
+    NETNS_ANNOTATION, SERVICE_NAME_LABEL,
 };
 use crate::k8s;
 
@@ -478,9 +478,11 @@ impl Prune for core::ServiceAccount {
 impl Prune for core::Pod {
     fn prune(&mut self) {
         prune_meta(&mut self.metadata);
-        // Nothing reads a pod's annotations in a cluster (the local source's
-        // ztunnel.local/* ones are ignored there).
-        self.metadata.annotations = None;
+        // Of a pod's annotations a tunnel reads only Istio's DNS capture switch
+        // (the local source's ztunnel.local/* ones are ignored in a cluster).
+        if let Some(annotations) = self.metadata.annotations.as_mut() {
+            annotations.retain(|key, _| key == DNS_CAPTURE_ANNOTATION);
+        }
         self.spec = self.spec.take().map(|s| PodSpec {
             service_account_name: s.service_account_name,
             node_name: s.node_name,

@@ -21,6 +21,10 @@ pub const CGROUP_ANNOTATION: &str = "ztunnel.local/cgroup";
 /// plaintext, outside the mesh; without it that UDP is refused (fail closed).
 pub const ALLOW_PLAINTEXT_UDP_ANNOTATION: &str = "ztunnel.io/allow-plaintext-udp";
 
+/// On a Namespace or a Pod, `"false"` turns DNS capture off for its pods (Istio's
+/// annotation): their DNS goes straight to the server they ask.
+pub const DNS_CAPTURE_ANNOTATION: &str = "ambient.istio.io/dns-capture";
+
 /// A pod's labels. Pods with the same labels (the replicas of a Deployment)
 /// share one copy: the sources intern them (`intern::Interner`), and the state's
 /// workloads take the pod's.

@@ -41,6 +41,8 @@ use tokio::{
     sync::watch,
 };
 
+pub use ztunnel_core::config::DNS_CAPTURE_ANNOTATION;
+
 use crate::{
     accept::RateLimitedLog,
     drain::Drain,
@@ -55,10 +57,6 @@ const MESH_TTL: u32 = 30;
 const MAX_UDP_PAYLOAD: u16 = 1232;
 /// A TCP client silent this long between queries is closed.
 const TCP_IDLE: Duration = Duration::from_secs(10);
-
-/// On a Namespace or a Pod, `"false"` turns DNS capture off for its pods (Istio's
-/// annotation): their DNS goes straight to the server they ask.
-pub const DNS_CAPTURE_ANNOTATION: &str = "ambient.istio.io/dns-capture";
 
 /// In-flight caps on forwarded queries: well under the tunnel's file-descriptor
 /// limit (each holds an upstream socket).

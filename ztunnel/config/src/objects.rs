@@ -480,9 +480,10 @@ impl Prune for core::Pod {
         prune_meta(&mut self.metadata);
         // Of a pod's annotations a tunnel reads only Istio's DNS capture switch
         // (the local source's ztunnel.local/* ones are ignored in a cluster).
-        if let Some(annotations) = self.metadata.annotations.as_mut() {
-            annotations.retain(|key, _| key == DNS_CAPTURE_ANNOTATION);
-        }
+        let annotations = self.metadata.annotations.take().unwrap_or_default();
+        self.metadata.annotations = annotations
+            .get_key_value(DNS_CAPTURE_ANNOTATION)
+            .map(|(k, v)| [(k.clone(), v.clone())].into());
         self.spec = self.spec.take().map(|s| PodSpec {
             service_account_name: s.service_account_name,
             node_name: s.node_name,

@@ -1,13 +1,14 @@
 //! Where HBONE leaves from: the source pod's own address (the tunnel's socket is
 //! made inside the pod's network namespace, as Istio's ztunnel does), one pooled
-//! connection per source pod, closed when the pod leaves the mesh.
+//! connection per source pod, closed when the pod leaves the mesh, and left for a
+//! new one when its peer drains.
 
 use std::{collections::BTreeSet, net::SocketAddrV4, time::Duration};
 
 use testbed::{
     app::{EchoServer, HttpServer},
     capture::Capture,
-    mesh::{eventually, Mesh, WorkloadSpec},
+    mesh::{eventually, LocalCa, Mesh, WorkloadSpec},
     Cluster, ClusterSpec,
 };
 
@@ -263,4 +264,98 @@ async fn hbone_to_a_waypoint_leaves_from_the_client_pod() {
         !peers.contains(&node),
         "the waypoint's HBONE peers: {peers:?}"
     );
+}
+
+/// The peer drains (a rolling upgrade of a node tunnel or waypoint): it sends
+/// GOAWAY and lets its open streams finish. A new CONNECT must not fail on that
+/// connection for as long as they last: it goes on a new connection, while the
+/// open stream still carries bytes both ways.
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_peers_goaway_a_new_connect_dials_again_and_the_open_stream_still_flows() {
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use ztunnel::proxy::stream::H2Stream;
+
+    async fn first_line(stream: &mut H2Stream) -> String {
+        let mut line = [0; 13];
+        stream.read_exact(&mut line).await.unwrap();
+        String::from_utf8_lossy(&line).into_owned()
+    }
+
+    let ca = LocalCa::start("cluster.local", &[]).await.unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let cert = |sa: &str| {
+        let identity = format!("spiffe://cluster.local/ns/demo/sa/{sa}");
+        let valid = (
+            now - time::Duration::minutes(1),
+            now + time::Duration::hours(1),
+        );
+        Arc::new(ca.forge(&identity, valid.0, valid.1).unwrap())
+    };
+    let (client, server) = (cert("client"), cert("server"));
+
+    // The peer: each stream is told its connection's number and echoes what it
+    // gets; the first connection starts draining at its first stream.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let tls = tokio_rustls::TlsAcceptor::from(server.server_config().unwrap());
+    tokio::spawn(async move {
+        for number in 0.. {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                let tls = tls.accept(tcp).await.unwrap();
+                let mut connection = h2::server::handshake(tls).await.unwrap();
+                while let Some(Ok((request, mut respond))) = connection.accept().await {
+                    if number == 0 {
+                        // Queued before the stream's first bytes, so it reaches
+                        // the client first.
+                        connection.graceful_shutdown();
+                    }
+                    let send = respond
+                        .send_response(http::Response::new(()), false)
+                        .unwrap();
+                    tokio::spawn(async move {
+                        let mut stream = H2Stream::new(send, request.into_body());
+                        stream
+                            .write_all(format!("connection {number}\n").as_bytes())
+                            .await
+                            .unwrap();
+                        let mut echo = Vec::new();
+                        stream.read_to_end(&mut echo).await.unwrap();
+                        stream.write_all(&echo).await.unwrap();
+                        stream.shutdown().await.unwrap();
+                    });
+                }
+            });
+        }
+    });
+
+    let pool = ztunnel::proxy::pool::Pool::new(Default::default());
+    let peer: ztunnel::identity::Identity =
+        "spiffe://cluster.local/ns/demo/sa/server".parse().unwrap();
+    let authority = "10.0.0.9:8080".parse().unwrap();
+    let connect = || pool.connect(&client, &peer, address, authority, Default::default());
+    let (mut open, _open_slot) = connect().await.unwrap();
+    // Read after the GOAWAY: the client has seen it.
+    assert_eq!(first_line(&mut open).await, "connection 0\n");
+
+    let (mut next, _next_slot) = connect()
+        .await
+        .expect("a CONNECT after the peer's GOAWAY goes on a new connection");
+    assert_eq!(first_line(&mut next).await, "connection 1\n");
+
+    for (stream, bytes) in [
+        (&mut open, &b"on the draining one"[..]),
+        (&mut next, b"new"),
+    ] {
+        stream.write_all(bytes).await.unwrap();
+        stream.shutdown().await.unwrap();
+        let mut echo = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut echo))
+            .await
+            .expect("the echo came back")
+            .unwrap();
+        assert_eq!(echo, bytes);
+    }
 }

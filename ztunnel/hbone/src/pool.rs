@@ -185,7 +185,9 @@ struct Key {
 
 struct Connection {
     sender: SendRequest<Bytes>,
-    /// Cancelled when the connection's task ends (closed, failed, or its pod gone).
+    /// Cancelled when no new stream may go on the connection: its task ended
+    /// (closed, failed, or its pod gone), or the peer refused new streams
+    /// (GOAWAY: it is draining) while its open streams carry on.
     closed: CancellationToken,
     streams: Arc<AtomicUsize>,
     last_used: Mutex<Instant>,
@@ -322,7 +324,7 @@ impl Pool {
             destination: destination.clone(),
             address,
         };
-        let (sender, guard) = self.slot(&key, origin, source).await?;
+        let (mut sender, guard) = self.slot(&key, origin, source).await?;
         // An authority that is an ip:port is always a valid URI.
         let mut request = Request::builder()
             .method(Method::CONNECT)
@@ -330,24 +332,35 @@ impl Pool {
             .body(())
             .expect("a valid CONNECT request");
         *request.headers_mut() = headers;
-        let mut sender = sender.ready().await.map_err(Error::Request)?;
         let (response, send) = sender
             .send_request(request, false)
             .map_err(Error::Request)?;
         Ok((response, send, guard))
     }
 
-    /// A stream slot on a pooled connection, dialing one when none is free. Streams
-    /// that start together share one dial, and its failure.
+    /// A stream slot on a pooled connection, ready for a request, dialing one when
+    /// none is free. Streams that start together share one dial, and its failure.
     async fn slot(
         &self,
         key: &Key,
         origin: &Origin,
         source: &Arc<WorkloadCert>,
     ) -> Result<(SendRequest<Bytes>, StreamGuard)> {
+        let mut refused = None;
         for _ in 0..DIAL_ROUNDS {
-            if let Some(slot) = self.take_slot(key) {
-                return Ok(slot);
+            if let Some((connection, guard)) = self.take_slot(key) {
+                match connection.sender.clone().ready().await {
+                    Ok(sender) => return Ok((sender, guard)),
+                    // Nothing was sent on it: the next round takes another
+                    // connection or dials one (to the peer's successor, when it
+                    // was draining).
+                    Err(e) => {
+                        tracing::debug!(address = %key.address, "HBONE connection refuses new streams: {e}");
+                        connection.closed.cancel();
+                        refused = Some(e);
+                        continue;
+                    }
+                }
             }
             let dial = self.dial_for(key);
             let (result, _) = dial
@@ -375,7 +388,7 @@ impl Pool {
                 return Err(Error::Dial(e.clone()));
             }
         }
-        Err(Error::NoStream(key.address))
+        Err(refused.map_or(Error::NoStream(key.address), Error::Request))
     }
 
     /// The dial to join for `key`: the one in flight, or a failure still fresh;
@@ -399,7 +412,7 @@ impl Pool {
     }
 
     /// A free stream slot on a live pooled connection.
-    fn take_slot(&self, key: &Key) -> Option<(SendRequest<Bytes>, StreamGuard)> {
+    fn take_slot(&self, key: &Key) -> Option<(Arc<Connection>, StreamGuard)> {
         let mut connections = self.connections.lock().expect("not poisoned");
         let list = connections.get_mut(key)?;
         // A broken connection is never handed out again.
@@ -409,10 +422,7 @@ impl Pool {
             if streams < self.settings.max_streams_per_connection {
                 connection.streams.fetch_add(1, Ordering::AcqRel);
                 *connection.last_used.lock().expect("not poisoned") = Instant::now();
-                return Some((
-                    connection.sender.clone(),
-                    StreamGuard(connection.streams.clone()),
-                ));
+                return Some((connection.clone(), StreamGuard(connection.streams.clone())));
             }
         }
         None

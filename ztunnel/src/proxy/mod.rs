@@ -7,7 +7,7 @@ pub mod inbound;
 pub mod outbound;
 // The HBONE client pool and the relay are shared with the waypoint.
 pub use error::Error;
-pub use ztunnel_hbone::{pool, relay};
+pub use ztunnel_hbone::{pool, relay, stream};
 
 use std::{
     net::SocketAddr,

@@ -23,8 +23,11 @@ use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    certs::WorkloadCert, identity::Identity, netns::SocketFactory, response_flags::ResponseFlag,
-    stream::H2Stream,
+    certs::WorkloadCert,
+    identity::Identity,
+    netns::SocketFactory,
+    response_flags::ResponseFlag,
+    stream::{H2Stream, Refusal},
 };
 
 /// Why no HBONE stream could be opened. Each names the response flag Istio's
@@ -67,6 +70,18 @@ pub enum Error {
 }
 
 impl Error {
+    /// Why the CONNECT to `authority` via `address` was not accepted.
+    pub fn refused(refusal: Refusal, authority: SocketAddr, address: SocketAddr) -> Self {
+        match refusal {
+            Refusal::Status(status) => Self::Status {
+                authority,
+                address,
+                status,
+            },
+            Refusal::Request(e) => Self::Request(e),
+        }
+    }
+
     /// The flag Istio's ztunnel reports for a connection that failed this way.
     pub fn flag(&self) -> ResponseFlag {
         match self {
@@ -263,8 +278,8 @@ impl Pool {
         authority: SocketAddr,
         headers: http::HeaderMap,
     ) -> Result<(H2Stream, StreamGuard)> {
-        let (response, send, guard) = self
-            .send_connect(
+        let (mut stream, guard) = self
+            .connect_early_from(
                 &Origin::Local,
                 source,
                 destination,
@@ -273,15 +288,10 @@ impl Pool {
                 headers,
             )
             .await?;
-        let response = response.await.map_err(Error::Request)?;
-        if response.status() != StatusCode::OK {
-            return Err(Error::Status {
-                authority,
-                address,
-                status: response.status(),
-            });
+        match stream.answered().await {
+            Ok(()) => Ok((stream, guard)),
+            Err(refusal) => Err(Error::refused(refusal, authority, address)),
         }
-        Ok((H2Stream::new(send, response.into_body()), guard))
     }
 
     /// Like [`Pool::connect`], dialed from `origin` (one pooled connection per
@@ -298,26 +308,6 @@ impl Pool {
         authority: SocketAddr,
         headers: http::HeaderMap,
     ) -> Result<(H2Stream, StreamGuard)> {
-        let (response, send, guard) = self
-            .send_connect(origin, source, destination, address, authority, headers)
-            .await?;
-        Ok((H2Stream::awaiting_response(send, response), guard))
-    }
-
-    /// Sends a CONNECT on a pooled connection: its response to come, its stream.
-    async fn send_connect(
-        &self,
-        origin: &Origin,
-        source: &Arc<WorkloadCert>,
-        destination: &Identity,
-        address: SocketAddr,
-        authority: SocketAddr,
-        headers: http::HeaderMap,
-    ) -> Result<(
-        h2::client::ResponseFuture,
-        h2::SendStream<Bytes>,
-        StreamGuard,
-    )> {
         let key = Key {
             origin: origin.key(),
             source: source.identity.clone(),
@@ -335,7 +325,7 @@ impl Pool {
         let (response, send) = sender
             .send_request(request, false)
             .map_err(Error::Request)?;
-        Ok((response, send, guard))
+        Ok((H2Stream::awaiting_response(send, response), guard))
     }
 
     /// A stream slot on a pooled connection, ready for a request, dialing one when

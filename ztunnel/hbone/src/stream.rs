@@ -99,6 +99,19 @@ impl H2Stream {
         }
     }
 
+    /// Waits for the answer to the CONNECT of an [`H2Stream::awaiting_response`]
+    /// stream (at once for any other): Ok once it is 200, or why not.
+    pub async fn answered(&mut self) -> Result<(), Refusal> {
+        std::future::poll_fn(|cx| self.poll_response(cx)).await;
+        match &mut self.recv {
+            // Taken already by `refusal`: refused all the same.
+            Incoming::Refused(refusal) => Err(refusal
+                .take()
+                .unwrap_or_else(|| Refusal::Request(Reason::REFUSED_STREAM.into()))),
+            _ => Ok(()),
+        }
+    }
+
     /// Ready once the response (if any is awaited) has come: the stream's body
     /// is then readable, or the stream refused.
     fn poll_response(&mut self, cx: &mut Context<'_>) -> Poll<()> {

@@ -10,8 +10,6 @@ use std::{
 use http::{HeaderMap, HeaderValue};
 use ztunnel_core::balance::{Balancer, Turn};
 
-use ztunnel_hbone::stream::Refusal;
-
 use super::{
     pool::{self, Origin, PodOrigin},
     relay, Context, Error, Record,
@@ -362,12 +360,7 @@ async fn hbone_to(
         let _ = socket2::SockRef::from(&**stream).set_linger(Some(std::time::Duration::ZERO));
     }
     relayed.map_err(|error| match refusal {
-        Some(Refusal::Status(status)) => Error::Hbone(pool::Error::Status {
-            authority,
-            address,
-            status,
-        }),
-        Some(Refusal::Request(e)) => Error::Hbone(pool::Error::Request(e)),
+        Some(refusal) => Error::Hbone(pool::Error::refused(refusal, authority, address)),
         None => Error::Relay(error),
     })
 }

@@ -1361,8 +1361,7 @@ impl Waypoint {
                     } else {
                         strip_hop_by_hop(response.headers_mut());
                     }
-                    let response = response
-                        .map(|b| IdleBody::new(b.map_err(Into::into).boxed(), activity).boxed());
+                    let response = response.map(|b| IdleBody::new(b, activity).boxed());
                     return Handled {
                         response,
                         endpoint: Some(endpoint.clone()),

@@ -1361,7 +1361,8 @@ impl Waypoint {
                     } else {
                         strip_hop_by_hop(response.headers_mut());
                     }
-                    let response = response.map(|b| IdleBody::new(b, activity).boxed());
+                    let response = response
+                        .map(|b| IdleBody::new(b.map_err(Into::into).boxed(), activity).boxed());
                     return Handled {
                         response,
                         endpoint: Some(endpoint.clone()),

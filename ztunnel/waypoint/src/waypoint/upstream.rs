@@ -3,27 +3,19 @@
 //! protocol). No lock is held across a request: an HTTP/2 connection's sender is
 //! cloned per request (streams multiplex, bounded by the server's
 //! SETTINGS_MAX_CONCURRENT_STREAMS), an HTTP/1.1 connection is taken by one request
-//! at a time and put back when its response body has been read to the end.
-//!
-//! An HTTP/1.1 connection has no task of its own: the task of the request on it
-//! polls it, with the response future and then with the response body. A
-//! spawned connection task cost each request two more task wakeups (the request
-//! handed over, the response handed back), often across worker threads.
+//! at a time and found again when its previous response is done.
 
 use std::{
     collections::HashMap,
     future::Future,
     net::{IpAddr, SocketAddr},
-    pin::Pin,
     sync::{Arc, Mutex},
-    task::{Context, Poll, Waker},
     time::{Duration, Instant},
 };
 
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body::{Body as _, Frame, SizeHint};
-use http_body_util::{combinators::BoxBody, BodyExt};
+use http_body_util::combinators::BoxBody;
 use hyper::{
     body::Incoming,
     client::conn::{http1, http2},
@@ -94,8 +86,6 @@ pub enum UpstreamError {
         protocol: &'static str,
         error: hyper::Error,
     },
-    #[error("the connection closed before its first request")]
-    Closed,
     /// With its causes: hyper's own message is often only "connection error".
     #[error("{}", crate::error_chain(.0))]
     Request(hyper::Error),
@@ -122,126 +112,9 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// At most this many idle HTTP/1.1 connections kept per key.
 const MAX_IDLE_HTTP1: usize = 256;
 
-type Http1Connection = http1::Connection<TokioIo<Box<dyn Io>>, Body>;
-
-/// An HTTP/1.1 connection with no request on it (kept in the pool), or with the
-/// one whose task drives it.
 struct Http1Conn {
     sender: http1::SendRequest<Body>,
-    connection: Http1Connection,
     since: Instant,
-}
-
-impl Http1Conn {
-    /// Polls the connection once: false if it has ended (closed by the peer, or
-    /// failed), so it cannot take another request.
-    fn poll_open(&mut self, cx: &mut Context<'_>) -> bool {
-        match Pin::new(&mut self.connection).poll(cx) {
-            Poll::Pending => true,
-            Poll::Ready(ended) => {
-                if let Err(e) = ended {
-                    tracing::debug!("waypoint upstream HTTP/1.1: {e}");
-                }
-                false
-            }
-        }
-    }
-
-    /// Hands a connection no one will use again to a task of its own, which runs
-    /// it to its end: hyper finishes the message in flight (a request body still
-    /// being sent), then closes it.
-    fn finish_alone(self) {
-        let Http1Conn { connection, .. } = self;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!("waypoint upstream HTTP/1.1: {e}");
-            }
-        });
-    }
-}
-
-/// Polls `future` to its end while driving `conn` in the same task. A
-/// connection that ends meanwhile is dropped (`None`): hyper has given the
-/// future its outcome before that.
-async fn driving<F: Future>(conn: &mut Option<Http1Connection>, future: F) -> F::Output {
-    let mut future = std::pin::pin!(future);
-    std::future::poll_fn(|cx| {
-        if let Some(connection) = conn {
-            if let Poll::Ready(ended) = Pin::new(connection).poll(cx) {
-                if let Err(e) = ended {
-                    tracing::debug!("waypoint upstream HTTP/1.1: {e}");
-                }
-                *conn = None;
-            }
-        }
-        future.as_mut().poll(cx)
-    })
-    .await
-}
-
-/// An HTTP/1.1 response body whose reader drives its connection: each poll for
-/// a frame polls the connection first (it reads the socket and feeds the body).
-/// Read to the end, the connection goes back to the pool; dropped before that,
-/// the connection is closed (HTTP/1.1 cannot abandon a response and go on).
-struct Driven {
-    body: Incoming,
-    /// The connection while it is still needed; behind a mutex only to make the
-    /// body `Sync` (only `get_mut` is used: never locked).
-    conn: Mutex<Option<Http1Conn>>,
-    upstreams: Arc<Upstreams>,
-    key: Key,
-}
-
-impl Driven {
-    /// The body has ended: the connection goes back to the pool, if it is ready
-    /// for another request.
-    fn release(&mut self) {
-        let Some(conn) = self.conn.get_mut().expect("not poisoned").take() else {
-            return;
-        };
-        self.upstreams.put_http1(&self.key, conn);
-    }
-}
-
-impl http_body::Body for Driven {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = &mut *self;
-        let conn = this.conn.get_mut().expect("not poisoned");
-        if let Some(open) = conn {
-            if !open.poll_open(cx) {
-                *conn = None;
-            }
-        }
-        let frame = std::task::ready!(Pin::new(&mut this.body).poll_frame(cx));
-        if frame.is_none() || this.body.is_end_stream() {
-            this.release();
-        }
-        Poll::Ready(frame.map(|frame| frame.map_err(Into::into)))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
-}
-
-impl Drop for Driven {
-    fn drop(&mut self) {
-        // A body with nothing to read (a 204, a HEAD's answer) may never be
-        // polled; ended, its connection is as reusable as any.
-        if self.body.is_end_stream() {
-            self.release();
-        }
-    }
 }
 
 struct Http2Conn {
@@ -251,7 +124,6 @@ struct Http2Conn {
 
 #[derive(Default)]
 pub struct Upstreams {
-    /// Idle HTTP/1.1 connections (one in use is its request's).
     http1: Mutex<HashMap<Key, Vec<Http1Conn>>>,
     http2: Mutex<HashMap<Key, Http2Conn>>,
     /// One HTTP/2 dial per key at a time: the streams that start together share it.
@@ -277,37 +149,33 @@ impl Upstreams {
     /// Sends `req` to the endpoint of `key`, on a pooled connection or one made
     /// with `dial`.
     pub async fn send<D, F>(
-        self: &Arc<Self>,
+        &self,
         key: &Key,
         req: Request<Body>,
         dial: D,
-    ) -> Result<Response<Body>, SendError>
+    ) -> Result<Response<Incoming>, SendError>
     where
         D: FnOnce() -> F,
         F: Future<Output = Dialed>,
     {
         match key.protocol {
             Protocol::Http1 => self.send_http1(key, req, dial).await,
-            Protocol::Http2 => Ok(self.send_http2(key, req, dial).await?.map(boxed)),
+            Protocol::Http2 => self.send_http2(key, req, dial).await,
         }
     }
 
     async fn send_http1<D, F>(
-        self: &Arc<Self>,
+        &self,
         key: &Key,
         req: Request<Body>,
         dial: D,
-    ) -> Result<Response<Body>, SendError>
+    ) -> Result<Response<Incoming>, SendError>
     where
         D: FnOnce() -> F,
         F: Future<Output = Dialed>,
     {
-        let Http1Conn {
-            mut sender,
-            connection,
-            ..
-        } = match std::future::poll_fn(|cx| Poll::Ready(self.idle_http1(key, cx))).await {
-            Some(conn) => conn,
+        let mut sender = match self.idle_http1(key) {
+            Some(sender) => sender,
             None => {
                 let connect = async {
                     let io = dial().await?;
@@ -315,19 +183,16 @@ impl Upstreams {
                         .handshake(TokioIo::new(io))
                         .await
                         .map_err(handshake("HTTP/1.1"))?;
-                    let mut connection = Some(connection);
-                    driving(&mut connection, sender.ready())
-                        .await
-                        .map_err(handshake("HTTP/1.1"))?;
-                    let connection = connection.ok_or_else(|| UpstreamError::Closed)?;
-                    Ok::<_, UpstreamError>(Http1Conn {
-                        sender,
-                        connection,
-                        since: Instant::now(),
-                    })
+                    tokio::spawn(async move {
+                        if let Err(e) = connection.await {
+                            tracing::debug!("waypoint upstream HTTP/1.1: {e}");
+                        }
+                    });
+                    sender.ready().await.map_err(handshake("HTTP/1.1"))?;
+                    Ok::<_, UpstreamError>(sender)
                 };
                 match connect.await {
-                    Ok(conn) => conn,
+                    Ok(sender) => sender,
                     Err(error) => {
                         return Err(SendError {
                             error,
@@ -339,26 +204,19 @@ impl Upstreams {
                 }
             }
         };
-        let mut connection = Some(connection);
-        match driving(&mut connection, sender.try_send_request(req)).await {
+        let response = sender.try_send_request(req).await;
+        match response {
             Ok(response) => {
-                // The connection goes on with the body, which puts it back.
-                let conn = connection.map(|connection| Http1Conn {
-                    sender,
-                    connection,
-                    since: Instant::now(),
-                });
-                let upstreams = self.clone();
-                let key = key.clone();
-                Ok(response.map(|body| {
-                    Driven {
-                        body,
-                        conn: Mutex::new(conn),
-                        upstreams,
-                        key,
-                    }
-                    .boxed()
-                }))
+                // Ready again once this response's body is read; found then.
+                let mut idle = self.http1.lock().expect("not poisoned");
+                let list = idle.entry(key.clone()).or_default();
+                if list.len() < MAX_IDLE_HTTP1 {
+                    list.push(Http1Conn {
+                        sender,
+                        since: Instant::now(),
+                    });
+                }
+                Ok(response)
             }
             Err(mut e) => Err(SendError {
                 unsent: e.take_message(),
@@ -375,7 +233,7 @@ impl Upstreams {
         &self,
         req: Request<Body>,
         dial: D,
-    ) -> Result<Response<Body>, SendError>
+    ) -> Result<Response<Incoming>, SendError>
     where
         D: FnOnce() -> F,
         F: Future<Output = Dialed>,
@@ -406,7 +264,6 @@ impl Upstreams {
         sender
             .try_send_request(req)
             .await
-            .map(|response| response.map(boxed))
             .map_err(|mut e| SendError {
                 unsent: e.take_message(),
                 error: UpstreamError::Request(e.into_error()),
@@ -415,40 +272,13 @@ impl Upstreams {
             })
     }
 
-    /// An idle HTTP/1.1 connection of `key` ready for a request. Each is polled
-    /// once here first (no task polls an idle one): closed ones go.
-    fn idle_http1(&self, key: &Key, cx: &mut Context<'_>) -> Option<Http1Conn> {
-        loop {
-            // Not locked while polling.
-            let mut conn = self
-                .http1
-                .lock()
-                .expect("not poisoned")
-                .get_mut(key)?
-                .pop()?;
-            if !conn.poll_open(cx) {
-                continue;
-            }
-            if conn.sender.is_ready() {
-                return Some(conn);
-            }
-            conn.finish_alone();
-        }
-    }
-
-    /// A connection whose response has been read to the end: kept for the next
-    /// request if it is ready for one (hyper agreed to keep it alive and the
-    /// request's body has been sent), else run to its end alone.
-    fn put_http1(&self, key: &Key, mut conn: Http1Conn) {
-        if !conn.sender.is_ready() {
-            return conn.finish_alone();
-        }
-        conn.since = Instant::now();
+    /// An idle HTTP/1.1 connection of `key` ready for a request; closed ones go.
+    fn idle_http1(&self, key: &Key) -> Option<http1::SendRequest<Body>> {
         let mut idle = self.http1.lock().expect("not poisoned");
-        let list = idle.entry(key.clone()).or_default();
-        if list.len() < MAX_IDLE_HTTP1 {
-            list.push(conn);
-        }
+        let list = idle.get_mut(key)?;
+        list.retain(|c| !c.sender.is_closed());
+        let ready = list.iter().position(|c| c.sender.is_ready())?;
+        Some(list.swap_remove(ready).sender)
     }
 
     async fn send_http2<D, F>(
@@ -549,11 +379,8 @@ impl Upstreams {
     }
 
     fn evict_idle(&self) {
-        // Polled here with no task to wake: a connection the endpoint closed
-        // while idle ends now rather than at its next use.
-        let mut cx = Context::from_waker(Waker::noop());
         self.http1.lock().expect("not poisoned").retain(|_, list| {
-            list.retain_mut(|c| c.since.elapsed() < IDLE_TIMEOUT && c.poll_open(&mut cx));
+            list.retain(|c| !c.sender.is_closed() && c.since.elapsed() < IDLE_TIMEOUT);
             !list.is_empty()
         });
         // Dropping the last sender of an HTTP/2 connection closes it (streams in
@@ -567,11 +394,6 @@ impl Upstreams {
             .expect("not poisoned")
             .retain(|_, gate| Arc::strong_count(gate) > 1);
     }
-}
-
-/// A response body as the waypoint passes it on.
-fn boxed(body: Incoming) -> Body {
-    body.map_err(Into::into).boxed()
 }
 
 fn handshake(protocol: &'static str) -> impl FnOnce(hyper::Error) -> UpstreamError {

@@ -2,8 +2,9 @@
 //! speaks HTTP/1.1 and HTTP/2 (h2c) — gRPC requests go to the Echo service
 //! (tonic's generated server, on hyper), others are answered
 //! `<pod> <HTTP version> <method> <path>` (and for `/headers` the values of
-//! x-request-id and x-forwarded-proto), after `?delay=<ms>` when asked — and a
-//! gRPC client on one HTTP/2 connection.
+//! x-request-id and x-forwarded-proto; for `/conn` the connection's peer address,
+//! as `conn=<ip:port>`; `/big?bytes=<n>` streams n bytes instead), after
+//! `?delay=<ms>` when asked — and a gRPC client on one HTTP/2 connection.
 
 use std::{
     net::SocketAddr,
@@ -37,19 +38,31 @@ use echo::{
 pub struct L7Server {
     _inner: EchoServer,
     started: Arc<AtomicUsize>,
+    closed: Arc<AtomicUsize>,
 }
 
 impl L7Server {
     /// Listens on 0.0.0.0:`port` in `pod`; returns once it listens.
     pub fn start(pod: &Pod, port: u16) -> Result<Self> {
         let started = Arc::new(AtomicUsize::new(0));
-        let count = started.clone();
+        let closed = Arc::new(AtomicUsize::new(0));
+        let (count, ended) = (started.clone(), closed.clone());
         Ok(Self {
             _inner: EchoServer::serve(pod, port, move |stream, pod| {
-                serve(stream, pod, count.clone())
+                let (count, ended) = (count.clone(), ended.clone());
+                async move {
+                    serve(stream, pod, count).await;
+                    ended.fetch_add(1, Ordering::AcqRel);
+                }
             })?,
             started,
+            closed,
         })
+    }
+
+    /// Connections that have ended so far.
+    pub fn closed(&self) -> usize {
+        self.closed.load(Ordering::Acquire)
     }
 
     /// Requests received so far (answered or not).
@@ -60,8 +73,11 @@ impl L7Server {
 
 async fn serve(stream: tokio::net::TcpStream, pod: String, started: Arc<AtomicUsize>) {
     let grpc = EchoService::new(Replies { pod: pod.clone() });
+    let peer = stream
+        .peer_addr()
+        .map_or_else(|e| e.to_string(), |a| a.to_string());
     let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
-        let (grpc, pod) = (grpc.clone(), pod.clone());
+        let (grpc, pod, peer) = (grpc.clone(), pod.clone(), peer.clone());
         started.fetch_add(1, Ordering::AcqRel);
         async move {
             let is_grpc = req
@@ -112,6 +128,18 @@ async fn serve(stream: tokio::net::TcpStream, pod: String, started: Arc<AtomicUs
                     digest(&bytes)
                 ));
             }
+            if req.uri().path() == "/big" {
+                let bytes: usize = req
+                    .uri()
+                    .query()
+                    .and_then(|q| q.strip_prefix("bytes="))
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0);
+                return Ok(http::Response::new(tonic::body::Body::new(big(bytes))));
+            }
+            if req.uri().path() == "/conn" {
+                body.push_str(&format!(" conn={peer}"));
+            }
             if req.uri().path() == "/headers" {
                 for name in ["x-request-id", "forwarded", "x-forwarded-proto"] {
                     let value = req.headers().get(name).and_then(|v| v.to_str().ok());
@@ -130,6 +158,22 @@ async fn serve(stream: tokio::net::TcpStream, pod: String, started: Arc<AtomicUs
     let _ = builder
         .serve_connection_with_upgrades(TokioIo::new(stream), service)
         .await;
+}
+
+/// A body of `bytes` bytes, made as it is read.
+fn big(
+    bytes: usize,
+) -> http_body_util::StreamBody<
+    impl futures_util::Stream<Item = Result<hyper::body::Frame<Bytes>, std::convert::Infallible>>,
+> {
+    const CHUNK: usize = 64 * 1024;
+    let chunk = Bytes::from(vec![b'x'; CHUNK]);
+    let chunks = (0..bytes.div_ceil(CHUNK)).map(move |i| {
+        Ok(hyper::body::Frame::data(
+            chunk.slice(..CHUNK.min(bytes - i * CHUNK)),
+        ))
+    });
+    http_body_util::StreamBody::new(futures_util::stream::iter(chunks))
 }
 
 /// A digest of a body (FNV-1a), to tell it arrived whole and unchanged.

@@ -1902,6 +1902,45 @@ async fn a_dead_endpoint_is_retried_on_another_and_none_reachable_is_503_uf() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_upstream_http1_connection_is_reused_once_its_response_is_read_and_closed_if_left_unread(
+) {
+    let mesh = l7_mesh().await;
+    // `idle` has one endpoint, echo-2: every request goes to it, from the same
+    // client, so on the waypoint's pooled connections of one key.
+    let echo2 = L7Server::start(mesh.cluster.pod("echo-2"), 9000).unwrap();
+    // The endpoint's view of the connection a request came on (each upstream
+    // connection of the waypoint is a connection of its own there).
+    let conn = |method: &str| {
+        let (status, body) = http(&mesh, "10.96.0.85:80", method, "/conn", &[]);
+        assert_eq!(status, "200", "{body}");
+        body.split_once("conn=").map(|(_, c)| c.to_owned())
+    };
+    // Each request on a downstream connection of its own: the pool is shared.
+    let first = conn("GET").expect("the endpoint says its connection");
+    // A response without a body (to HEAD) ends as soon as it is read: its
+    // connection goes back to the pool too.
+    assert_eq!(conn("HEAD"), None, "no body to HEAD");
+    assert_eq!(
+        conn("GET").as_deref(),
+        Some(first.as_str()),
+        "a response read to the end (and one without a body) leaves its connection for the next request"
+    );
+    assert_eq!(echo2.closed(), 0);
+    // A response the client leaves unread: its connection cannot carry another
+    // request, so it is closed, not pooled.
+    let out = probe(&mesh, &["httpstop", "10.96.0.85:80", "/big?bytes=67108864"]);
+    assert_eq!(field(&out, "status"), "200", "{out}");
+    eventually(
+        Duration::from_secs(15),
+        "the connection of the unread response closed",
+        || async { echo2.closed() == 1 },
+    )
+    .await;
+    let next = conn("GET").expect("the endpoint says its connection");
+    assert_ne!(next, first, "a new connection for the next request");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_websocket_upgrade_passes_the_waypoint_after_policy() {
     let mesh = l7_mesh().await;
     let _echo1 = L7Server::start(mesh.cluster.pod("echo-1"), 9000).unwrap();

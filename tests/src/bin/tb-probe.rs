@@ -40,6 +40,8 @@
 //!   tb-probe httprate <ip:port> h1|h2 <c> <rate> <ms>  GETs due at a fixed rate (open loop)
 //!                                          for ms, on c connections or streams: rate, p50, p99
 //!   tb-probe http <ip:port> <METHOD> <path> [Name:value]...  one HTTP/1.1 request
+//!   tb-probe httpstop <ip:port> <path>  a GET whose response is left unread: the head
+//!                                          read (status=), then the connection closed
 //!   tb-probe h2raw <ip:port> preface|headers|request  HTTP/2 frames by hand: the preface
 //!                                          alone, a GET's header block never finished, or
 //!                                          one whole GET; then frames= (type:stream),
@@ -93,6 +95,7 @@ fn main() -> ExitCode {
         ["upgrade", addr, path, message] => upgrade(addr, path, message),
         ["grpc", addr, call, message, count, code] => grpc(addr, call, message, count, code),
         ["http", addr, method, path, headers @ ..] => http(addr, method, path, headers),
+        ["httpstop", addr, path] => http_stop(addr, path),
         ["h2raw", addr, mode] => h2_raw(addr, mode),
         ["h2upload", addr, path] => h2_upload(addr, path),
         ["post", addr, version, path, bytes] => post(addr, version, path, bytes),
@@ -559,6 +562,29 @@ fn http(addr: &str, method: &str, path: &str, headers: &[&str]) -> anyhow::Resul
         .unwrap_or("");
     println!("status={status}");
     println!("body={body}");
+    Ok(())
+}
+
+/// A GET whose response is left unread: reads the head and the first body
+/// bytes, then closes the connection with the rest unread.
+fn http_stop(addr: &str, path: &str) -> anyhow::Result<()> {
+    let target: SocketAddr = addr.parse()?;
+    let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let request = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\n\r\n");
+    stream.write_all(request.as_bytes())?;
+    let mut response = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !response.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut chunk)?;
+        anyhow::ensure!(n > 0, "closed before the response's head");
+        response.extend_from_slice(&chunk[..n]);
+    }
+    let head = String::from_utf8_lossy(&response);
+    println!(
+        "status={}",
+        head.split_whitespace().nth(1).unwrap_or("none")
+    );
     Ok(())
 }
 

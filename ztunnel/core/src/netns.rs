@@ -217,11 +217,7 @@ impl SocketFactory {
                 }
             };
             setns(&*self.netns, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
-            let socket = socket2::Socket::new(
-                socket2::Domain::IPV4,
-                socket2::Type::STREAM.nonblocking().cloexec(),
-                Some(socket2::Protocol::TCP),
-            );
+            let socket = ipv4_socket(socket2::Type::STREAM, socket2::Protocol::TCP);
             if let Err(e) = setns(home, CloneFlags::CLONE_NEWNET) {
                 tracing::error!("cannot return to the tunnel's network namespace after making a pod's socket: {e}; aborting (pods fail closed)");
                 std::process::abort();
@@ -252,17 +248,22 @@ fn marked_tcp_socket() -> io::Result<socket2::Socket> {
     marked_socket(socket2::Type::STREAM, socket2::Protocol::TCP)
 }
 
+/// A non-blocking, close-on-exec IPv4 socket in the calling thread's namespace.
+fn ipv4_socket(kind: socket2::Type, protocol: socket2::Protocol) -> io::Result<socket2::Socket> {
+    socket2::Socket::new(
+        socket2::Domain::IPV4,
+        kind.nonblocking().cloexec(),
+        Some(protocol),
+    )
+}
+
 /// A non-blocking IPv4 socket in the calling thread's namespace, marked as the
 /// tunnel's own: the redirection programs never capture or judge it.
 pub fn marked_socket(
     kind: socket2::Type,
     protocol: socket2::Protocol,
 ) -> io::Result<socket2::Socket> {
-    let socket = socket2::Socket::new(
-        socket2::Domain::IPV4,
-        kind.nonblocking().cloexec(),
-        Some(protocol),
-    )?;
+    let socket = ipv4_socket(kind, protocol)?;
     socket.set_mark(ztunnel_ebpf_common::TUNNEL_MARK)?;
     Ok(socket)
 }

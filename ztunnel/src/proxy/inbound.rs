@@ -40,9 +40,9 @@ pub async fn serve_hbone(
             tracing::warn!(pod = %pod.name, %peer, "HBONE refused: {why}");
             continue;
         }
-        // (No delay is set by the acceptor.) Everything else in the connection's own task: a slow CA holds only the
-        // connections waiting for the certificate (within the handshake timeout),
-        // never the accept loop.
+        // (The acceptor has set no delay.) Everything else in the connection's
+        // own task: a slow CA holds only the connections waiting for the
+        // certificate (within the handshake timeout), never the accept loop.
         let (ctx2, pod, delivery, tls) = (ctx.clone(), pod.clone(), delivery.clone(), tls.clone());
         ctx.connections.spawn(async move {
             if let Err(e) = hbone_connection(ctx2, pod.clone(), &tls, tcp, peer, delivery).await {

@@ -488,7 +488,7 @@ impl Pool {
             .max_frame_size(s.max_frame_size)
             .max_header_list_size(crate::stream::MAX_HEADER_LIST_SIZE)
             .enable_push(false)
-            .handshake::<_, Bytes>(io)
+            .handshake::<_, Bytes>(crate::batched::BatchedWrites::new(io))
             .await
             .map_err(|error| Error::Http2Handshake { address, error })?;
         let keepalive = crate::stream::keepalive(

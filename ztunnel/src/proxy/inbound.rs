@@ -121,7 +121,7 @@ async fn hbone_connection(
         .max_frame_size(settings.max_frame_size)
         .max_concurrent_streams(settings.max_streams_per_connection as u32)
         .max_header_list_size(ztunnel_hbone::stream::MAX_HEADER_LIST_SIZE)
-        .handshake::<_, Bytes>(tls)
+        .handshake::<_, Bytes>(ztunnel_hbone::batched::BatchedWrites::new(tls))
         .await
         .map_err(HboneConnectionError::Http2)?;
     let keepalive = keepalive(

@@ -449,7 +449,7 @@ impl Waypoint {
             .max_frame_size(settings.max_frame_size)
             .max_concurrent_streams(MAX_CONNECTS_PER_CONNECTION)
             .max_header_list_size(ztunnel_hbone::stream::MAX_HEADER_LIST_SIZE)
-            .handshake::<_, Bytes>(tls)
+            .handshake::<_, Bytes>(ztunnel_hbone::batched::BatchedWrites::new(tls))
             .await
             .map_err(ConnectionError::Http2)?;
         let streams = conn_idle::Streams::new();

@@ -6,7 +6,8 @@
 //! that is one TLS record and one `writev` (and the peer's wakeup and read) per
 //! frame. Yielding once before a batch's first write lets every stream that is
 //! already runnable queue its frames first: one record and one syscall for all of
-//! them. When nothing else is runnable, the yield costs a task poll and no syscall.
+//! them. When nothing else is runnable, the wait costs a poll of the connection
+//! and the worker's non-blocking look for I/O (one `epoll_wait`).
 
 use std::{
     future::Future,
@@ -72,10 +73,6 @@ impl<T> BatchedWrites<T> {
     /// Ready once this batch may write: after the worker has run the tasks that
     /// were ready when it began (or a bounded number of them).
     fn poll_turn(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        if *OFF.get_or_init(|| std::env::var_os("XXX_NO_BATCH").is_some()) {
-            return Poll::Ready(());
-        }
         match self.batch {
             Batch::Writing => return Poll::Ready(()),
             Batch::Waiting if self.turn.came.load(Ordering::Acquire) => {
@@ -149,5 +146,111 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for BatchedWrites<T> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use bytes::Bytes;
+    use tokio::io::DuplexStream;
+
+    use super::*;
+
+    /// Counts the writes that reach the transport.
+    struct Counted {
+        inner: DuplexStream,
+        writes: Arc<AtomicUsize>,
+    }
+
+    impl AsyncRead for Counted {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Counted {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let written = Pin::new(&mut self.inner).poll_write(cx, buf);
+            if let Poll::Ready(Ok(_)) = written {
+                self.writes.fetch_add(1, Ordering::Relaxed);
+            }
+            written
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_flush(cx)
+        }
+
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    // One worker, as under load: a stream's task that queues a frame wakes the
+    // connection's task to run right after it (tokio's LIFO slot), so unbatched,
+    // each stream's frame is a write of its own.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn frames_that_streams_queue_in_one_turn_leave_in_one_write() {
+        const STREAMS: usize = 16;
+        let (client_io, server_io) = tokio::io::duplex(1 << 20);
+        let writes = Arc::new(AtomicUsize::new(0));
+        let client_io = BatchedWrites::new(Counted {
+            inner: client_io,
+            writes: writes.clone(),
+        });
+        // The server counts the DATA frames that arrive, on all streams.
+        let (arrived_tx, mut arrived) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut server = h2::server::handshake(server_io).await.unwrap();
+            while let Some(Ok((request, _respond))) = server.accept().await {
+                let arrived = arrived_tx.clone();
+                tokio::spawn(async move {
+                    let mut body = request.into_body();
+                    arrived.send(()).unwrap();
+                    while let Some(Ok(data)) = body.data().await {
+                        let _ = body.flow_control().release_capacity(data.len());
+                        arrived.send(()).unwrap();
+                    }
+                });
+            }
+        });
+        let (client, connection) = h2::client::handshake(client_io).await.unwrap();
+        tokio::spawn(connection);
+        let go = Arc::new(tokio::sync::Barrier::new(STREAMS + 1));
+        for _ in 0..STREAMS {
+            let mut client = client.clone().ready().await.unwrap();
+            let request = http::Request::post("http://test/").body(()).unwrap();
+            let (_response, mut send) = client.send_request(request, false).unwrap();
+            let go = go.clone();
+            tokio::spawn(async move {
+                go.wait().await;
+                send.send_data(Bytes::from_static(b"x"), false).unwrap();
+                // Kept open: the server reads until the test ends.
+                std::future::pending::<()>().await;
+            });
+        }
+        for _ in 0..STREAMS {
+            arrived.recv().await.expect("each stream's headers arrive");
+        }
+        let before = writes.load(Ordering::Relaxed);
+        go.wait().await;
+        for _ in 0..STREAMS {
+            arrived.recv().await.expect("each stream's frame arrives");
+        }
+        let frames_writes = writes.load(Ordering::Relaxed) - before;
+        assert!(
+            frames_writes <= 2,
+            "{STREAMS} streams' frames queued in one turn took {frames_writes} writes"
+        );
     }
 }

@@ -114,7 +114,11 @@ async fn serve(stream: tokio::net::TcpStream, pod: String, started: Arc<AtomicUs
                 .and_then(|q| q.strip_prefix("delay="))
                 .and_then(|ms| ms.parse().ok())
                 .unwrap_or(0);
-            tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+            // Only when asked: tokio rounds a timer up to its next millisecond, so
+            // even a zero sleep would hold every answer for up to 1 ms.
+            if delay > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+            }
             let mut body = format!(
                 "{pod} {:?} {} {}",
                 req.version(),

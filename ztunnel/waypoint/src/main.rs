@@ -56,7 +56,8 @@ struct Args {
     /// `meshConfig.accessLogFile` is).
     #[arg(long)]
     access_log: bool,
-    /// Tokio worker threads (default: one per CPU).
+    /// Threads that serve connections, each with its own event loop (default:
+    /// one per CPU).
     #[arg(long, env = "WAYPOINT_WORKER_THREADS")]
     worker_threads: Option<usize>,
 }
@@ -114,12 +115,16 @@ fn main() {
             stream_idle_timeout: args.stream_idle_timeout,
             idle_timeout: args.idle_timeout,
         },
+        workers: args
+            .worker_threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
     };
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = args.worker_threads {
-        runtime.worker_threads(n);
-    }
-    let runtime = runtime.enable_all().build().expect("a tokio runtime");
+    // The control plane (config, certificates, metrics, drain) runs here; the
+    // connections on the workers `run` starts.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
     if let Err(e) = runtime.block_on(ztunnel_waypoint::run(options)) {
         eprintln!("waypoint: error: {e:#}");
         std::process::exit(1);

@@ -1001,6 +1001,49 @@ pub fn open_fds(pid: u32) -> usize {
     fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
 
+/// What a process's descriptors are, for a failure message: counts by kind
+/// (`udp`, `tcp`, `unix` sockets of its network namespace, `anon_inode:[eventfd]`,
+/// files...).
+pub fn fd_kinds(pid: u32) -> String {
+    let mut sockets = std::collections::HashMap::new();
+    for table in ["udp", "udp6", "tcp", "tcp6", "unix", "netlink", "raw"] {
+        let Ok(text) = fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
+            continue;
+        };
+        // The inode column: 10th for inet tables, 7th for unix, 10th for netlink.
+        let column = match table {
+            "unix" => 6,
+            "netlink" => 9,
+            _ => 9,
+        };
+        for line in text.lines().skip(1) {
+            if let Some(inode) = line.split_whitespace().nth(column) {
+                sockets.insert(inode.to_string(), table);
+            }
+        }
+    }
+    let mut kinds = std::collections::BTreeMap::<String, usize>::new();
+    for entry in fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let target = fs::read_link(entry.path())
+            .map(|t| t.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let kind = match target
+            .strip_prefix("socket:[")
+            .and_then(|t| t.strip_suffix(']'))
+        {
+            Some(inode) => sockets.get(inode).copied().unwrap_or("socket").to_string(),
+            None if target.starts_with('/') => "file".to_string(),
+            None => target,
+        };
+        *kinds.entry(kind).or_default() += 1;
+    }
+    format!("{kinds:?}")
+}
+
 /// The value of a counter (or gauge) line of a metrics page, summed over the
 /// lines whose labels contain every one of `labels`.
 pub fn metric(page: &str, name: &str, labels: &[&str]) -> f64 {

@@ -10,7 +10,10 @@ use std::{
     io,
     net::SocketAddr,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, Instant},
 };
 
@@ -18,7 +21,7 @@ use futures_util::future::{BoxFuture, FutureExt, Shared};
 use hickory_resolver::{
     config::{NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts},
     net::{
-        runtime::{RuntimeProvider, TokioHandle, TokioRuntimeProvider, TokioTime},
+        runtime::{DnsUdpSocket, RuntimeProvider, TokioHandle, TokioRuntimeProvider, TokioTime},
         DnsError, NetError,
     },
     proto::{
@@ -27,6 +30,7 @@ use hickory_resolver::{
     },
     Resolver,
 };
+use prometheus_client::metrics::counter::Counter;
 
 /// How long one upstream attempt may take, and how many are made.
 const TIMEOUT: Duration = Duration::from_secs(2);
@@ -111,6 +115,7 @@ enum Slot {
 /// The node's forwarder: one resolver and one cache for every pod.
 pub struct Forwarder {
     resolver: Resolver<ConnectedUdp>,
+    sockets: Arc<SocketCounts>,
     slots: Mutex<Slots>,
     pub upstreams: Vec<SocketAddr>,
 }
@@ -125,6 +130,10 @@ pub struct Lookup {
 
 impl Forwarder {
     pub fn new(upstreams: Vec<SocketAddr>) -> Self {
+        Self::with_resend_cap(upstreams, RETRANSMIT_SOCKETS)
+    }
+
+    fn with_resend_cap(upstreams: Vec<SocketAddr>, resend_cap: usize) -> Self {
         let servers = upstreams
             .iter()
             .map(|upstream| {
@@ -146,15 +155,23 @@ impl Forwarder {
         options.use_hosts_file = ResolveHosts::Never;
         // Our map in front caches; hickory's would hide whether upstream was asked.
         options.cache_size = 0;
-        let resolver = Resolver::builder_with_config(config, ConnectedUdp::default())
+        let provider = ConnectedUdp::new(resend_cap);
+        let sockets = provider.sockets.clone();
+        let resolver = Resolver::builder_with_config(config, provider)
             .with_options(options)
             .build()
             .expect("a resolver without TLS or DNSSEC always builds");
         Self {
             resolver,
+            sockets,
             slots: Mutex::default(),
             upstreams,
         }
+    }
+
+    /// Resends hickory would have made but the socket budget withheld.
+    pub fn resends_withheld(&self) -> Counter {
+        self.sockets.withheld.clone()
     }
 
     /// The answer for (`name`, `qtype`): cached, shared with an identical query
@@ -192,11 +209,11 @@ impl Forwarder {
     /// its slot, even if every asker is gone).
     fn ask(self: &Arc<Self>, key: Key) -> Pending {
         let this = self.clone();
-        let task = tokio::spawn(async move {
+        let task = tokio::spawn(REQUEST_SOCKETS.scope(Arc::default(), async move {
             let answer = Arc::new(this.resolve(&key).await);
             this.settle(key, &answer);
             answer
-        });
+        }));
         async move {
             task.await
                 .unwrap_or_else(|_| Arc::new(Upstream::failure(ResponseCode::ServFail)))
@@ -270,20 +287,141 @@ impl Forwarder {
     }
 }
 
+/// Upstream UDP sockets beyond each request's first, node-wide: hickory resends an
+/// unanswered UDP query on a new socket (after at least 333 ms, at most twice), so
+/// without a cap a query would hold up to three sockets and the in-flight caps
+/// would not bound the descriptors. Over it, a resend is withheld: the query
+/// still waits for its first socket's answer, then hickory's next attempt.
+const RETRANSMIT_SOCKETS: usize = 64;
+
+tokio::task_local! {
+    /// How many sockets the upstream request on this task holds.
+    static REQUEST_SOCKETS: Arc<AtomicUsize>;
+}
+
 /// Tokio's runtime for hickory, but each UDP socket is connected to the server it
-/// asks: the kernel drops datagrams from anyone else (hickory checks the source
-/// too; this makes it so before a byte is read).
-#[derive(Clone, Default)]
-pub struct ConnectedUdp(TokioRuntimeProvider);
+/// asks (the kernel drops datagrams from anyone else; hickory checks the source
+/// too: this makes it so before a byte is read), and a request's resends share a
+/// node-wide budget of sockets.
+#[derive(Clone)]
+pub struct ConnectedUdp {
+    tokio: TokioRuntimeProvider,
+    sockets: Arc<SocketCounts>,
+}
+
+/// The upstream sockets open, of them the resends, and the resends withheld.
+struct SocketCounts {
+    open: AtomicUsize,
+    resends: AtomicUsize,
+    resend_cap: usize,
+    withheld: Counter,
+    #[cfg(test)]
+    peak: AtomicUsize,
+}
+
+impl ConnectedUdp {
+    fn new(resend_cap: usize) -> Self {
+        Self {
+            tokio: TokioRuntimeProvider::default(),
+            sockets: Arc::new(SocketCounts {
+                open: AtomicUsize::new(0),
+                resends: AtomicUsize::new(0),
+                resend_cap,
+                withheld: Counter::default(),
+                #[cfg(test)]
+                peak: AtomicUsize::new(0),
+            }),
+        }
+    }
+
+    /// A place for another socket of the request on this task: its first always
+    /// (the in-flight caps bound those), a resend while the budget lasts.
+    fn admit(&self) -> Option<SocketSlot> {
+        let request = REQUEST_SOCKETS.try_with(Arc::clone).ok();
+        let first = request
+            .as_ref()
+            .is_none_or(|held| held.load(Ordering::Acquire) == 0);
+        let resend = !first;
+        if resend {
+            let counts = &self.sockets;
+            let taken = counts
+                .resends
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < counts.resend_cap).then_some(n + 1)
+                });
+            if taken.is_err() {
+                counts.withheld.inc();
+                return None;
+            }
+        }
+        if let Some(held) = &request {
+            held.fetch_add(1, Ordering::AcqRel);
+        }
+        let _open = self.sockets.open.fetch_add(1, Ordering::AcqRel) + 1;
+        #[cfg(test)]
+        self.sockets.peak.fetch_max(_open, Ordering::AcqRel);
+        Some(SocketSlot {
+            counts: self.sockets.clone(),
+            request,
+            resend,
+        })
+    }
+}
+
+/// One upstream socket's place in the counts, given back on drop.
+struct SocketSlot {
+    counts: Arc<SocketCounts>,
+    request: Option<Arc<AtomicUsize>>,
+    resend: bool,
+}
+
+impl Drop for SocketSlot {
+    fn drop(&mut self) {
+        self.counts.open.fetch_sub(1, Ordering::AcqRel);
+        if self.resend {
+            self.counts.resends.fetch_sub(1, Ordering::AcqRel);
+        }
+        if let Some(held) = &self.request {
+            held.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// An upstream UDP socket with its place in the counts.
+pub struct UpstreamUdp {
+    socket: tokio::net::UdpSocket,
+    _slot: SocketSlot,
+}
+
+impl DnsUdpSocket for UpstreamUdp {
+    type Time = TokioTime;
+
+    fn poll_recv_from(
+        &self,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut [u8],
+    ) -> std::task::Poll<io::Result<(usize, SocketAddr)>> {
+        DnsUdpSocket::poll_recv_from(&self.socket, cx, buf)
+    }
+
+    fn poll_send_to(
+        &self,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+        target: SocketAddr,
+    ) -> std::task::Poll<io::Result<usize>> {
+        DnsUdpSocket::poll_send_to(&self.socket, cx, buf, target)
+    }
+}
 
 impl RuntimeProvider for ConnectedUdp {
     type Handle = TokioHandle;
     type Timer = TokioTime;
-    type Udp = tokio::net::UdpSocket;
+    type Udp = UpstreamUdp;
     type Tcp = <TokioRuntimeProvider as RuntimeProvider>::Tcp;
 
     fn create_handle(&self) -> Self::Handle {
-        self.0.create_handle()
+        self.tokio.create_handle()
     }
 
     fn connect_tcp(
@@ -292,7 +430,7 @@ impl RuntimeProvider for ConnectedUdp {
         bind_addr: Option<SocketAddr>,
         timeout: Option<Duration>,
     ) -> Pin<Box<dyn Send + Future<Output = io::Result<Self::Tcp>>>> {
-        self.0.connect_tcp(server_addr, bind_addr, timeout)
+        self.tokio.connect_tcp(server_addr, bind_addr, timeout)
     }
 
     fn bind_udp(
@@ -300,10 +438,19 @@ impl RuntimeProvider for ConnectedUdp {
         local_addr: SocketAddr,
         server_addr: SocketAddr,
     ) -> Pin<Box<dyn Send + Future<Output = io::Result<Self::Udp>>>> {
+        let slot = self.admit();
         Box::pin(async move {
+            // A withheld resend never starts (an error would end the whole
+            // request, answer or not): the request's other sockets go on.
+            let Some(slot) = slot else {
+                return std::future::pending().await;
+            };
             let socket = tokio::net::UdpSocket::bind(local_addr).await?;
             socket.connect(server_addr).await?;
-            Ok(socket)
+            Ok(UpstreamUdp {
+                socket,
+                _slot: slot,
+            })
         })
     }
 }
@@ -410,6 +557,37 @@ mod tests {
             .await;
         assert_eq!(r.answer.code, ResponseCode::ServFail);
         assert!(started.elapsed() < TIMEOUT * (ATTEMPTS as u32 + 2));
+        drop(silent);
+    }
+
+    #[tokio::test]
+    async fn resends_to_a_silent_upstream_stay_within_the_socket_budget() {
+        let silent = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let forwarder = Arc::new(Forwarder::with_resend_cap(
+            vec![silent.local_addr().unwrap()],
+            2,
+        ));
+        // Eight requests in flight; each would resend twice on a socket of its own.
+        let lookups = (0..8).map(|i| {
+            let forwarder = forwarder.clone();
+            let name = Name::from_ascii(format!("q{i}.silent.example.")).unwrap();
+            tokio::spawn(async move { forwarder.lookup(&name, RecordType::A).await })
+        });
+        for r in futures_util::future::join_all(lookups).await {
+            assert_eq!(r.unwrap().answer.code, ResponseCode::ServFail);
+        }
+        let sockets = &forwarder.sockets;
+        assert_eq!(
+            sockets.peak.load(Ordering::Acquire),
+            8 + 2,
+            "each request's first socket, and the 2 resends the budget allows"
+        );
+        assert!(
+            sockets.withheld.get() > 0,
+            "the other resends were withheld"
+        );
+        assert_eq!(sockets.open.load(Ordering::Acquire), 0, "all given back");
+        assert_eq!(sockets.resends.load(Ordering::Acquire), 0);
         drop(silent);
     }
 

@@ -59,7 +59,8 @@ const MAX_UDP_PAYLOAD: u16 = 1232;
 const TCP_IDLE: Duration = Duration::from_secs(10);
 
 /// In-flight caps on forwarded queries: well under the tunnel's file-descriptor
-/// limit (each holds an upstream socket).
+/// limit (each holds an upstream socket; their resends share a node-wide budget
+/// of 64 more, see `forward`).
 #[derive(Clone, Debug)]
 pub struct Limits {
     pub per_node: usize,
@@ -234,8 +235,14 @@ impl Dns {
             false => settings.upstreams.clone(),
         };
         tracing::info!(?upstreams, domain = %settings.cluster_domain, capture = settings.capture, "DNS proxy");
+        let forwarder = Arc::new(Forwarder::new(upstreams));
+        registry.register(
+            "ztunnel_dns_upstream_resends_withheld",
+            "Resends of unanswered forwarded DNS queries not made: the node's budget of upstream sockets for resends was taken",
+            forwarder.resends_withheld(),
+        );
         Arc::new(Self {
-            forwarder: Arc::new(Forwarder::new(upstreams)),
+            forwarder,
             names,
             in_flight: Arc::default(),
             pods_in_flight: Mutex::default(),

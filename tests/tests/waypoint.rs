@@ -2434,6 +2434,33 @@ async fn http2_clients_that_send_no_request_stall_or_go_idle_are_cut_off_and_oth
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_upload_expecting_100_continue_is_invited_only_once_policy_allows_it() {
+    let mesh = l7_mesh().await;
+    let _echo1 = L7Server::start(mesh.cluster.pod("echo-1"), 9000).unwrap();
+    const WEB: &str = "10.96.0.82:80";
+    // Allowed: the client is told to go on, and its body reaches the endpoint
+    // whole (within the retry buffer, and streamed beyond it).
+    for bytes in [20_000usize, 200_000] {
+        let out = probe(&mesh, &["expect100", WEB, "/upload", &bytes.to_string()]);
+        assert_eq!(field(&out, "interim"), "HTTP/1.1 100 Continue", "{out}");
+        let reply = field(&out, "reply");
+        let digest = testbed::l7::digest(&testbed::l7::pattern(bytes));
+        assert!(
+            reply.starts_with("HTTP/1.1 200")
+                && reply.contains(&format!("/upload bytes={bytes} digest={digest:016x}")),
+            "{bytes} bytes: {out}"
+        );
+    }
+    // Denied (`/secret*`): the final 403 comes instead of the 100, so the client
+    // never sends what it meant to upload.
+    let out = probe(&mesh, &["expect100", WEB, "/secret/upload", "20000"]);
+    assert!(
+        field(&out, "interim").starts_with("HTTP/1.1 403"),
+        "a denied upload: {out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_post_is_retried_whole_on_another_endpoint_and_a_large_one_only_unread() {
     let mesh = l7_mesh().await;
     let _echo1 = L7Server::start(mesh.cluster.pod("echo-1"), 9000).unwrap();

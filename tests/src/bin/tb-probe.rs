@@ -99,6 +99,7 @@ fn main() -> ExitCode {
         ["h2raw", addr, mode] => h2_raw(addr, mode),
         ["h2upload", addr, path] => h2_upload(addr, path),
         ["post", addr, version, path, bytes] => post(addr, version, path, bytes),
+        ["expect100", addr, path, bytes] => expect_100(addr, path, bytes),
         ["hold-cluster", spec] => hold_cluster(spec),
         _ => Err(anyhow::anyhow!(
             "usage: tb-probe connect <ip:port> <message> | dns <ip:port> <query> | hold-cluster <spec.yaml>"
@@ -944,6 +945,46 @@ fn post(addr: &str, version: &str, path: &str, bytes: &str) -> anyhow::Result<()
         println!("body={}", String::from_utf8_lossy(&body));
         Ok(())
     })
+}
+
+/// An HTTP/1.1 upload of `bytes` announced with `Expect: 100-continue`: sends
+/// its headers, waits (up to 10 s) for the answer to them and sends the body
+/// only after a `100 Continue`. Prints `interim=` (the first status line: the
+/// 100, or the final answer to an upload refused unread), then `reply=` (what
+/// follows, until the peer closes: the request asks it to).
+fn expect_100(addr: &str, path: &str, bytes: &str) -> anyhow::Result<()> {
+    let body = testbed::l7::pattern(bytes.parse()?);
+    let addr: SocketAddr = addr.parse()?;
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nhost: web\r\ncontent-length: {}\r\nexpect: 100-continue\r\nconnection: close\r\n\r\n",
+        body.len()
+    )?;
+    // The first response head, byte by byte: nothing after it is read yet.
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        match stream.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            Ok(_) => anyhow::bail!("closed before any answer to the headers"),
+            Err(e) => anyhow::bail!("no answer to the headers within 10 s: {e}"),
+        }
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let status_line = head.lines().next().unwrap_or_default();
+    println!("interim={status_line}");
+    if status_line.split(' ').nth(1) == Some("100") {
+        stream.write_all(&body)?;
+    }
+    let mut reply = Vec::new();
+    let _ = stream.read_to_end(&mut reply);
+    println!(
+        "reply={}",
+        String::from_utf8_lossy(&reply).replace("\r\n", " ")
+    );
+    Ok(())
 }
 
 /// An HTTP/2 POST announcing 100 bytes that sends 4, then nothing (the

@@ -431,13 +431,19 @@ fn late(addr: &str, millis: &str, message: &str) -> anyhow::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     std::thread::sleep(Duration::from_millis(millis.parse()?));
     stream.write_all(message.replace("\\r\\n", "\r\n").as_bytes())?;
+    print_reply(&mut stream);
+    Ok(())
+}
+
+/// Prints `reply=`: what the peer sends until it closes (or the read times out),
+/// line breaks as spaces.
+fn print_reply(stream: &mut TcpStream) {
     let mut reply = Vec::new();
     let _ = stream.read_to_end(&mut reply);
     println!(
         "reply={}",
         String::from_utf8_lossy(&reply).replace("\r\n", " ")
     );
-    Ok(())
 }
 
 fn throughput(addr: &str, bytes: &str, streams: &str) -> anyhow::Result<()> {
@@ -978,12 +984,7 @@ fn expect_100(addr: &str, path: &str, bytes: &str) -> anyhow::Result<()> {
     if status_line.split(' ').nth(1) == Some("100") {
         stream.write_all(&body)?;
     }
-    let mut reply = Vec::new();
-    let _ = stream.read_to_end(&mut reply);
-    println!(
-        "reply={}",
-        String::from_utf8_lossy(&reply).replace("\r\n", " ")
-    );
+    print_reply(&mut stream);
     Ok(())
 }
 

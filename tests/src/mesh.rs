@@ -1010,12 +1010,8 @@ pub fn fd_kinds(pid: u32) -> String {
         let Ok(text) = fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
             continue;
         };
-        // The inode column: 10th for inet tables, 7th for unix, 10th for netlink.
-        let column = match table {
-            "unix" => 6,
-            "netlink" => 9,
-            _ => 9,
-        };
+        // The inode column: the 7th for unix, the 10th for the others.
+        let column = if table == "unix" { 6 } else { 9 };
         for line in text.lines().skip(1) {
             if let Some(inode) = line.split_whitespace().nth(column) {
                 sockets.insert(inode.to_string(), table);

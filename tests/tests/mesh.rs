@@ -699,6 +699,53 @@ async fn a_real_policy_allows_and_refuses_real_connections() {
     .await;
 }
 
+/// A refused connection ends in a reset, never in an orderly close that the
+/// client could take for an empty answer, however the refusal races the client's
+/// first bytes: many at once, so that some refusals arrive after the source
+/// tunnel has read those bytes and before it has passed them on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_connection_is_reset_never_closed_as_if_answered() {
+    const CONNECTIONS: usize = 40;
+    let mesh = mesh().await;
+    let _echo = EchoServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    mesh.write_config(
+        "deny.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-client, namespace: demo}\nspec:\n  action: DENY\n  rules: [{from: [{source: {principals: ['*/sa/client']}}]}]\n",
+    )
+    .unwrap();
+    eventually(
+        Duration::from_secs(15),
+        "the DENY policy loaded on node-b",
+        || async {
+            mesh.config_dump("node-b").await["policies"]
+                .to_string()
+                .contains("no-client")
+        },
+    )
+    .await;
+    let out = probe(
+        &mesh,
+        "client",
+        &[
+            "parallel",
+            &addr(&mesh, "server", 8080),
+            &CONNECTIONS.to_string(),
+            "x",
+        ],
+    );
+    // An orderly close shows as "a reply did not match" (an empty reply).
+    let resets = out
+        .lines()
+        .filter(|l| {
+            l.starts_with("error=")
+                && ["Connection reset by peer", "Broken pipe"]
+                    .iter()
+                    .any(|reset| l.contains(reset))
+        })
+        .count();
+    assert_eq!(resets, CONNECTIONS, "every refusal a reset:\n{out}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn strict_refuses_a_client_outside_the_mesh() {
     let mesh = mesh().await;

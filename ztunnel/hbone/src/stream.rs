@@ -32,8 +32,6 @@ pub struct H2Stream {
     buf: Bytes,
     /// END_STREAM sent.
     shut: bool,
-    /// Some bytes were written.
-    wrote: bool,
 }
 
 /// What a stream reads from: the peer's DATA frames, or first (a client's
@@ -61,7 +59,6 @@ impl H2Stream {
             recv: Incoming::Body(recv),
             buf: Bytes::new(),
             shut: false,
-            wrote: false,
         }
     }
 
@@ -76,13 +73,7 @@ impl H2Stream {
             recv: Incoming::Response(response),
             buf: Bytes::new(),
             shut: false,
-            wrote: false,
         }
-    }
-
-    /// Whether any byte was written to the stream.
-    pub fn wrote_any(&self) -> bool {
-        self.wrote
     }
 
     /// Why the CONNECT of an [`H2Stream::awaiting_response`] stream was not
@@ -213,7 +204,6 @@ impl AsyncWrite for H2Stream {
         this.send
             .send_data(Bytes::copy_from_slice(&buf[..n]), false)
             .map_err(into_io)?;
-        this.wrote = true;
         Poll::Ready(Ok(n))
     }
 

@@ -353,10 +353,10 @@ async fn hbone_to(
     .await?;
     let relayed = relay(stream, &mut tunnel).await;
     let refusal = relayed.as_ref().err().and_then(|_| tunnel.refusal());
-    if refusal.is_some() && tunnel.wrote_any() {
-        // Refused after the client's bytes were taken: reset, as closing with
-        // them unread (waiting for the answer first) did, so the client sees a
-        // refusal, not an orderly end.
+    if refusal.is_some() {
+        // A refusal is never an orderly end: reset the client, whether or not
+        // its bytes had been taken (read from it, or already written into the
+        // tunnel). Closing after reading them would end with a clean EOF.
         let _ = socket2::SockRef::from(&**stream).set_linger(Some(std::time::Duration::ZERO));
     }
     relayed.map_err(|error| match refusal {

@@ -6,7 +6,7 @@ use testbed::{
     app::HttpServer,
     ext_authz::ExtAuthzServer,
     l7::L7Server,
-    mesh::{eventually, Mesh, WorkloadSpec},
+    mesh::{eventually, metric, Mesh, WorkloadSpec},
     Cluster, ClusterSpec,
 };
 
@@ -2431,6 +2431,81 @@ async fn http2_clients_that_send_no_request_stall_or_go_idle_are_cut_off_and_oth
     .await;
     let out = probe(&mesh, &["h2", WEB, "GET", "/after"]);
     assert_eq!(field(&out, "status"), "200", "{out}");
+}
+
+/// HTTP/2 rapid reset (CVE-2023-44487) on the waypoint's only worker: the
+/// flooding connection is told to calm down and closed, and a client sharing
+/// that worker is served meanwhile and after.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rapid_reset_flood_is_cut_off_and_its_worker_keeps_serving_others() {
+    let mesh = l7_mesh_args(&["--worker-threads", "1"]).await;
+    let _echo1 = L7Server::start(mesh.cluster.pod("echo-1"), 9000).unwrap();
+    const WEB: &str = "10.96.0.82:80";
+    let flood = {
+        let client = mesh.cluster.pod("client").clone();
+        std::thread::spawn(move || {
+            let out = client.run(PROBE, ["h2raw", WEB, "rapidreset"]).unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        })
+    };
+    let out = probe(&mesh, &["h2", WEB, "GET", "/meanwhile"]);
+    assert_eq!(field(&out, "status"), "200", "{out}");
+    // GOAWAY(ENHANCE_YOUR_CALM), then closed, long before it could send all.
+    let out = flood.join().unwrap();
+    assert_eq!(field(&out, "goaway"), "11", "{out}");
+    field(&out, "closed_ms");
+    let out = probe(&mesh, &["h2", WEB, "GET", "/after"]);
+    assert_eq!(field(&out, "status"), "200", "{out}");
+    // Explained and counted.
+    eventually(Duration::from_secs(15), "the flood counted", || async {
+        mesh.waypoint_metrics("waypoint").await.contains(
+            "ztunnel_waypoint_protocol_errors_total{layer=\"http\",reason=\"ENHANCE_YOUR_CALM\"} 1",
+        )
+    })
+    .await;
+    assert!(
+        mesh.log("waypoint-waypoint")
+            .contains("closed a downstream connection that broke HTTP/2 (ENHANCE_YOUR_CALM)"),
+        "{}",
+        mesh.log("waypoint-waypoint")
+    );
+}
+
+/// A client loading the waypoint's only worker as hard as it can (64 streams
+/// at once, each sending its next request the moment it has an answer) does not
+/// starve another client on that worker: its request is answered while the load
+/// still runs (the worker's tasks take turns).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_loading_the_only_worker_flat_out_leaves_room_for_another() {
+    let mesh = l7_mesh_args(&["--worker-threads", "1"]).await;
+    let _echo1 = L7Server::start(mesh.cluster.pod("echo-1"), 9000).unwrap();
+    const WEB: &str = "10.96.0.82:80";
+    let mut load = mesh
+        .cluster
+        .pod("client")
+        .command(PROBE)
+        .unwrap()
+        .args(["httpbench", WEB, "h2", "64", "60000ms"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let answered = || async {
+        metric(
+            &mesh.waypoint_metrics("waypoint").await,
+            "istio_requests_total",
+            &[],
+        )
+    };
+    eventually(Duration::from_secs(15), "the load under way", || async {
+        answered().await >= 1000.0
+    })
+    .await;
+    let out = probe(&mesh, &["h2", WEB, "GET", "/meanwhile"]);
+    let still_loading = load.try_wait().unwrap().is_none();
+    let _ = load.kill();
+    let _ = load.wait();
+    assert_eq!(field(&out, "status"), "200", "{out}");
+    assert!(still_loading, "answered only once the load had ended");
 }
 
 #[tokio::test(flavor = "multi_thread")]

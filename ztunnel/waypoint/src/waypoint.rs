@@ -59,6 +59,7 @@ use ztunnel_hbone::{
 mod conn_idle;
 mod ext_authz;
 mod idle;
+mod resets;
 mod retry;
 mod telemetry;
 mod upstream;
@@ -136,7 +137,8 @@ struct ProtocolErrorLabels {
     /// `hbone` or `http`, as for timeouts.
     layer: &'static str,
     /// The error code of the GOAWAY the waypoint sent (`ENHANCE_YOUR_CALM`: a
-    /// flood, such as rapid reset; `PROTOCOL_ERROR`, ...).
+    /// flood, such as rapid reset; `PROTOCOL_ERROR`, ...), or `PREMATURE_RESETS`
+    /// (most of its requests cancelled soon after they were sent).
     reason: String,
 }
 
@@ -225,6 +227,8 @@ struct Downstream {
     client: Identity,
     target: Target,
     metrics: Arc<ConnMetrics>,
+    /// Its requests cancelled soon after they were sent.
+    resets: resets::Resets,
 }
 
 #[derive(Clone)]
@@ -239,9 +243,10 @@ const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 /// Runs a hyper server connection until it ends: gracefully (HTTP/2: GOAWAY)
 /// when the waypoint drains, its requests finishing; and when `streams` says no
-/// request came in time (logged and counted for `layer`), then at most CLOSE_WAIT.
+/// request came in time (logged and counted for `layer`), then at most
+/// CLOSE_WAIT; at once when its client cancelled most of its requests (`resets`).
 macro_rules! serve_until_done {
-    ($waypoint:expr, $connection:expr, $streams:expr, $layer:expr) => {{
+    ($waypoint:expr, $connection:expr, $streams:expr, $resets:expr, $layer:expr) => {{
         let connection = $connection;
         tokio::pin!(connection);
         let limits = $waypoint.limits;
@@ -257,6 +262,11 @@ macro_rules! serve_until_done {
                 tokio::time::timeout(CLOSE_WAIT, connection.as_mut())
                     .await
                     .unwrap_or(Ok(()))
+            }
+            // Its requests are the flood's: dropped with the connection.
+            (premature, ended) = $resets.tripped() => {
+                $waypoint.reset_flood($layer, premature, ended);
+                Ok(())
             }
         }
     }};
@@ -409,7 +419,7 @@ pub async fn run(options: WaypointOptions) -> Result<(), StartError> {
     let protocol_errors = Family::<ProtocolErrorLabels, Counter>::default();
     registry.register(
         "ztunnel_waypoint_protocol_errors",
-        "Downstream HTTP/2 connections the waypoint closed with a GOAWAY error because the client broke the protocol or flooded it (reason: the error code; ENHANCE_YOUR_CALM for floods such as rapid reset)",
+        "Downstream HTTP/2 connections the waypoint closed because the client broke the protocol or flooded it (reason: the GOAWAY's error code, ENHANCE_YOUR_CALM for floods such as rapid reset; PREMATURE_RESETS: most of its requests cancelled within a second)",
         protocol_errors.clone(),
     );
     let mesh_config = match &options.mesh_config {
@@ -645,6 +655,21 @@ impl Waypoint {
             .inc();
     }
 
+    /// A downstream connection closed because its client cancelled most of its
+    /// requests soon after sending them: logged and counted.
+    fn reset_flood(&self, layer: &'static str, premature: u32, ended: u32) {
+        tracing::warn!(
+            layer,
+            "waypoint: closed a downstream connection whose client cancelled {premature} of its {ended} requests within a second of sending them (a reset flood)"
+        );
+        self.protocol_errors
+            .get_or_create(&ProtocolErrorLabels {
+                layer,
+                reason: "PREMATURE_RESETS".into(),
+            })
+            .inc();
+    }
+
     /// The TLS server config presenting the current certificate: one for all
     /// connections, made again when the certificate is renewed.
     async fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, ConnectionError> {
@@ -866,7 +891,9 @@ impl Waypoint {
                 client,
                 target,
                 metrics: Arc::new(ConnMetrics::new(self.metrics.clone(), labels)),
+                resets: Default::default(),
             });
+            let watched = downstream.clone();
             let streams = conn_idle::Streams::new();
             let this = self.clone();
             let opened = streams.clone();
@@ -876,7 +903,9 @@ impl Waypoint {
                 let open = opened.open();
                 // Boxed: hyper moves each request's future into a task of its own.
                 Box::pin(async move {
+                    let request = downstream.resets.begin();
                     let response = this.request(req, &downstream).await;
+                    request.answered();
                     Ok::<_, Infallible>(response.map(|body| conn_idle::Holding::new(body, open)))
                 })
             });
@@ -891,7 +920,7 @@ impl Waypoint {
                 .http2()
                 .max_header_list_size(self.limits.max_header_bytes as u32);
             let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            return serve_until_done!(self, connection, streams, "http")
+            return serve_until_done!(self, connection, streams, watched.resets, "http")
                 .map_err(ConnectionError::Http);
         }
         let state = self.state.borrow().clone();
@@ -1007,6 +1036,7 @@ impl Waypoint {
             client,
             target,
             metrics,
+            resets: _,
         } = downstream;
         let grpc = is_grpc(req.headers());
         let access = Access::on().then(|| Access {

@@ -668,23 +668,9 @@ async fn a_real_policy_allows_and_refuses_real_connections() {
 
     // A DENY policy names itself (the application is up: only policy stops it).
     let _echo = EchoServer::start(mesh.cluster.pod("server"), 8080).unwrap();
-    mesh.write_config(
-        "deny.yaml",
-        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-client, namespace: demo}\nspec:\n  action: DENY\n  rules: [{from: [{source: {principals: ['*/sa/client']}}]}]\n",
-    )
-    .unwrap();
     // Loaded first, then one connection: a connection failing for any other reason
     // must not pass for the policy's work (and leave nothing to count).
-    eventually(
-        Duration::from_secs(15),
-        "the DENY policy loaded on node-b",
-        || async {
-            mesh.config_dump("node-b").await["policies"]
-                .to_string()
-                .contains("no-client")
-        },
-    )
-    .await;
+    deny_the_client(&mesh).await;
     let out = probe(
         &mesh,
         "client",
@@ -699,15 +685,8 @@ async fn a_real_policy_allows_and_refuses_real_connections() {
     .await;
 }
 
-/// A refused connection ends in a reset, never in an orderly close that the
-/// client could take for an empty answer, however the refusal races the client's
-/// first bytes: many at once, so that some refusals arrive after the source
-/// tunnel has read those bytes and before it has passed them on.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_refused_connection_is_reset_never_closed_as_if_answered() {
-    const CONNECTIONS: usize = 40;
-    let mesh = mesh().await;
-    let _echo = EchoServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+/// DENY policy demo/no-client (the client's service account), loaded on node-b.
+async fn deny_the_client(mesh: &Mesh) {
     mesh.write_config(
         "deny.yaml",
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-client, namespace: demo}\nspec:\n  action: DENY\n  rules: [{from: [{source: {principals: ['*/sa/client']}}]}]\n",
@@ -723,6 +702,18 @@ async fn a_refused_connection_is_reset_never_closed_as_if_answered() {
         },
     )
     .await;
+}
+
+/// A refused connection ends in a reset, never in an orderly close that the
+/// client could take for an empty answer, however the refusal races the client's
+/// first bytes: many at once, so that some refusals arrive after the source
+/// tunnel has read those bytes and before it has passed them on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_connection_is_reset_never_closed_as_if_answered() {
+    const CONNECTIONS: usize = 40;
+    let mesh = mesh().await;
+    let _echo = EchoServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    deny_the_client(&mesh).await;
     let out = probe(
         &mesh,
         "client",

@@ -480,6 +480,77 @@ async fn a_peer_tunnel_reset_mid_stream_ends_the_stream_and_the_next_is_served()
     assert_nothing_plaintext(&mesh, &capture.stop(), marker);
 }
 
+/// A peer holding a valid certificate of the mesh floods a pod's HBONE port
+/// with HTTP/2 rapid reset (CVE-2023-44487): streams opened and cancelled at
+/// once. Its connection is told to calm down and closed, the tunnel warns and
+/// counts it, and serves everyone else meanwhile and after.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_peer_flooding_hbone_with_rapid_reset_is_cut_off_and_others_are_served() {
+    use testbed::l7::raw_h2;
+    let mesh = mesh().await;
+    let _echo = EchoServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let cert = std::sync::Arc::new(
+        mesh.ca
+            .forge(
+                "spiffe://cluster.local/ns/demo/sa/client",
+                now - time::Duration::minutes(1),
+                now + time::Duration::hours(1),
+            )
+            .unwrap(),
+    );
+    let server = mesh.cluster.pod("server").ip;
+    let flood = mesh
+        .cluster
+        .pod("rogue")
+        .spawn_task(move || async move {
+            use tokio::io::AsyncWriteExt;
+            let identity = "spiffe://cluster.local/ns/demo/sa/server".parse().unwrap();
+            let config = cert.client_config(identity).unwrap();
+            let tcp = tokio::net::TcpStream::connect((server, 15008))
+                .await
+                .unwrap();
+            let name =
+                rustls::pki_types::ServerName::IpAddress(std::net::IpAddr::from(server).into());
+            let mut tls = tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await
+                .unwrap();
+            let mut sent = raw_h2::start();
+            for stream in (1..2000u32).step_by(2) {
+                sent.extend(raw_h2::get(stream, "server", "/", true));
+                let cancel = 8u32.to_be_bytes();
+                sent.extend(raw_h2::frame(raw_h2::RST_STREAM, 0, stream, &cancel));
+            }
+            // Cut off before it is all taken: the write may fail.
+            let _ = tls.write_all(&sent).await;
+            raw_h2::read_until_closed(&mut tls, Duration::from_secs(30), true).await
+        })
+        .unwrap();
+    served(&mesh, "meanwhile");
+    let seen = flood.join().unwrap();
+    assert!(
+        seen.closed_after.is_some(),
+        "closed, not left open: {seen:?}"
+    );
+    // The GOAWAY, when it reaches the flood: the bytes the tunnel left unread may
+    // reset the connection first. The count below is the tunnel's word for it.
+    assert!(matches!(seen.goaway, None | Some(11)), "{seen:?}");
+    eventually(Duration::from_secs(15), "the flood counted", || async {
+        mesh.metrics("node-b")
+            .await
+            .contains("ztunnel_hbone_protocol_errors_total{reason=\"ENHANCE_YOUR_CALM\"} 1")
+    })
+    .await;
+    assert!(
+        mesh.log("node-b")
+            .contains("HBONE connection closed: the peer broke HTTP/2 (ENHANCE_YOUR_CALM)"),
+        "{}",
+        mesh.log("node-b")
+    );
+    served(&mesh, "after");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn at_the_fd_limit_the_tunnel_backs_off_and_serves_again() {
     let mesh = mesh().await;

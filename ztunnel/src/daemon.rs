@@ -169,6 +169,12 @@ pub async fn run(options: RunOptions, set_log_level: SetLogLevel) -> Result<(), 
     // One drain for every server and connection of the process.
     let drain = Drain::new();
     tracing::info!(limits = ?options.limits, "connection limits");
+    let hbone_protocol_errors = Default::default();
+    registry.register(
+        "ztunnel_hbone_protocol_errors",
+        "Inbound HBONE connections closed with a GOAWAY error because the peer broke HTTP/2 or flooded it, by error code (ENHANCE_YOUR_CALM for floods such as rapid reset)",
+        Clone::clone(&hbone_protocol_errors),
+    );
     let ctx = Arc::new(Context {
         state: states.clone(),
         certs: certs.clone(),
@@ -179,6 +185,7 @@ pub async fn run(options: RunOptions, set_log_level: SetLogLevel) -> Result<(), 
         connections: drain.tracker().clone(),
         hbone: settings,
         policy_metrics: PolicyMetrics::register(&mut registry),
+        hbone_protocol_errors,
         active: Arc::default(),
         limiter: Limiter::new(options.limits.clone(), accept_metrics.clone()),
         dns: crate::dns::Dns::new(

@@ -223,6 +223,13 @@ impl AsyncWrite for H2Stream {
     }
 }
 
+/// The error code of the GOAWAY this side's HTTP/2 library sent because the
+/// peer broke the protocol or flooded it (`ENHANCE_YOUR_CALM`: rapid reset,
+/// CONTINUATION floods), if that is how the connection ended.
+pub fn goaway_sent(e: &h2::Error) -> Option<h2::Reason> {
+    e.reason().filter(|_| e.is_go_away() && e.is_library())
+}
+
 fn into_io(e: h2::Error) -> io::Error {
     match e.is_io() {
         true => e.into_io().expect("an I/O error"),

@@ -45,8 +45,21 @@ pub async fn serve_hbone(
         // certificate (within the handshake timeout), never the accept loop.
         let (ctx2, pod, delivery, tls) = (ctx.clone(), pod.clone(), delivery.clone(), tls.clone());
         ctx.connections.spawn(async move {
+            let metrics = ctx2.hbone_protocol_errors.clone();
             if let Err(e) = hbone_connection(ctx2, pod.clone(), &tls, tcp, peer, delivery).await {
-                tracing::debug!(pod = %pod.name, %peer, "HBONE connection: {e}");
+                match e.goaway_sent() {
+                    // A peer with a valid certificate that breaks HTTP/2 or floods
+                    // it (rapid reset): worth a warning, and counted.
+                    Some(reason) => {
+                        tracing::warn!(pod = %pod.name, %peer, "HBONE connection closed: the peer broke HTTP/2 ({reason:?}): {e}");
+                        metrics
+                            .get_or_create(&ProtocolErrorLabels {
+                                reason: format!("{reason:?}"),
+                            })
+                            .inc();
+                    }
+                    None => tracing::debug!(pod = %pod.name, %peer, "HBONE connection: {e}"),
+                }
             }
         });
     }
@@ -91,6 +104,24 @@ enum HboneConnectionError {
     Http2(h2::Error),
     #[error("HTTP/2 keepalive: {0}")]
     Keepalive(ztunnel_hbone::stream::KeepaliveError),
+}
+
+impl HboneConnectionError {
+    /// The error code of the GOAWAY sent because the peer broke HTTP/2, if that
+    /// ended the connection.
+    fn goaway_sent(&self) -> Option<h2::Reason> {
+        match self {
+            HboneConnectionError::Http2(e) => ztunnel_hbone::stream::goaway_sent(e),
+            _ => None,
+        }
+    }
+}
+
+/// Inbound HBONE connections closed because the peer broke HTTP/2, by the
+/// GOAWAY's error code.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct ProtocolErrorLabels {
+    pub reason: String,
 }
 
 async fn hbone_connection(

@@ -43,6 +43,11 @@ pub struct Context {
     pub connections: TaskTracker,
     pub hbone: pool::PoolSettings,
     pub policy_metrics: PolicyMetrics,
+    /// Inbound HBONE connections closed for breaking HTTP/2 (GOAWAY's code).
+    pub hbone_protocol_errors: prometheus_client::metrics::family::Family<
+        inbound::ProtocolErrorLabels,
+        prometheus_client::metrics::counter::Counter,
+    >,
     /// Inbound connections, re-decided when policy changes.
     pub active: Arc<active::Active>,
     /// The DNS proxy, its in-flight caps shared by every pod.

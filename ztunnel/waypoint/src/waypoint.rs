@@ -351,7 +351,7 @@ impl ConnectionError {
         };
         while let Some(e) = error {
             if let Some(e) = e.downcast_ref::<h2::Error>() {
-                return e.reason().filter(|_| e.is_go_away() && e.is_library());
+                return ztunnel_hbone::stream::goaway_sent(e);
             }
             error = e.source();
         }

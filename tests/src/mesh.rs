@@ -282,6 +282,17 @@ impl LocalCa {
         })
     }
 
+    /// A certificate for `identity` valid now (for an hour), signed with this
+    /// CA's key: a mesh peer's, without a tunnel.
+    pub fn forge_valid(&self, identity: &str) -> Result<ztunnel::certs::WorkloadCert> {
+        let now = time::OffsetDateTime::now_utc();
+        self.forge(
+            identity,
+            now - time::Duration::minutes(1),
+            now + time::Duration::hours(1),
+        )
+    }
+
     /// The CA's metrics in Prometheus text form.
     pub fn metrics(&self) -> String {
         let mut text = String::new();
@@ -1093,4 +1104,20 @@ pub fn assert_refused_after_connect(out: &str) {
         refused_after_connect(out),
         "expected: connected, then closed with nothing received (a refusal by the mesh); got:\n{out}"
     );
+}
+
+/// An mTLS connection to `ip`'s HBONE port as a mesh peer holding `cert`,
+/// requiring the server to be `server` (a SPIFFE URI): for raw HTTP/2 frames
+/// that no tunnel would send. Run inside a pod's namespace.
+pub async fn hbone_tls(
+    cert: &ztunnel::certs::WorkloadCert,
+    ip: std::net::Ipv4Addr,
+    server: &str,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let config = cert.client_config(server.parse()?)?;
+    let tcp = tokio::net::TcpStream::connect((ip, 15008)).await?;
+    let name = rustls::pki_types::ServerName::IpAddress(std::net::IpAddr::from(ip).into());
+    Ok(tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await?)
 }

@@ -14,7 +14,7 @@ use testbed::{
     faults::{
         assert_no_crash, assert_nothing_plaintext, on_every_node, refused_by_policy, tunnels, Load,
     },
-    mesh::{eventually, metric, open_fds, set_fd_limit, Mesh, WorkloadSpec},
+    mesh::{eventually, hbone_tls, metric, open_fds, set_fd_limit, Mesh, WorkloadSpec},
     Cluster, ClusterSpec,
 };
 
@@ -489,31 +489,17 @@ async fn a_peer_flooding_hbone_with_rapid_reset_is_cut_off_and_others_are_served
     use testbed::l7::raw_h2;
     let mesh = mesh().await;
     let _echo = EchoServer::start(mesh.cluster.pod("server"), 8080).unwrap();
-    let now = time::OffsetDateTime::now_utc();
-    let cert = std::sync::Arc::new(
-        mesh.ca
-            .forge(
-                "spiffe://cluster.local/ns/demo/sa/client",
-                now - time::Duration::minutes(1),
-                now + time::Duration::hours(1),
-            )
-            .unwrap(),
-    );
+    let cert = mesh
+        .ca
+        .forge_valid("spiffe://cluster.local/ns/demo/sa/client")
+        .unwrap();
     let server = mesh.cluster.pod("server").ip;
     let flood = mesh
         .cluster
         .pod("rogue")
         .spawn_task(move || async move {
             use tokio::io::AsyncWriteExt;
-            let identity = "spiffe://cluster.local/ns/demo/sa/server".parse().unwrap();
-            let config = cert.client_config(identity).unwrap();
-            let tcp = tokio::net::TcpStream::connect((server, 15008))
-                .await
-                .unwrap();
-            let name =
-                rustls::pki_types::ServerName::IpAddress(std::net::IpAddr::from(server).into());
-            let mut tls = tokio_rustls::TlsConnector::from(config)
-                .connect(name, tcp)
+            let mut tls = hbone_tls(&cert, server, "spiffe://cluster.local/ns/demo/sa/server")
                 .await
                 .unwrap();
             let mut sent = raw_h2::start();

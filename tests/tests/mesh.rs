@@ -4,7 +4,10 @@ use std::time::Duration;
 
 use testbed::{
     app::EchoServer,
-    mesh::{assert_refused_after_connect, eventually, refused_after_connect, Mesh, WorkloadSpec},
+    mesh::{
+        assert_refused_after_connect, eventually, hbone_tls, refused_after_connect, Mesh,
+        WorkloadSpec,
+    },
     Cluster, ClusterSpec,
 };
 
@@ -459,6 +462,46 @@ async fn an_unreachable_application_and_garbage_hbone_are_refused_and_the_tunnel
         &["connect", &addr(&mesh, "server", 8080), "still"],
     );
     assert!(out.contains("reply=server:still"), "{out}");
+}
+
+/// A draining tunnel tells its HBONE peers with GOAWAY (NO_ERROR), so that they
+/// open no more streams on a connection about to go and dial afresh; a
+/// connection with no stream open then closes at once, not at the end of the
+/// grace period.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_draining_tunnel_sends_goaway_on_its_hbone_connections() {
+    use testbed::l7::raw_h2;
+    let mut mesh = mesh().await;
+    let cert = mesh
+        .ca
+        .forge_valid("spiffe://cluster.local/ns/demo/sa/client")
+        .unwrap();
+    let server = mesh.cluster.pod("server").ip;
+    let (connected_tx, connected_rx) = std::sync::mpsc::channel();
+    let peer = mesh
+        .cluster
+        .pod("rogue")
+        .spawn_task(move || async move {
+            use tokio::io::AsyncWriteExt;
+            let mut tls = hbone_tls(&cert, server, "spiffe://cluster.local/ns/demo/sa/server")
+                .await
+                .unwrap();
+            tls.write_all(&raw_h2::start()).await.unwrap();
+            connected_tx.send(()).unwrap();
+            raw_h2::read_until_closed(&mut tls, Duration::from_secs(30), true).await
+        })
+        .unwrap();
+    connected_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    let status = mesh.stop_tunnel("node-b").await.unwrap();
+    assert!(status.success(), "exit status {status}");
+    let seen = peer.join().unwrap();
+    assert_eq!(seen.goaway, Some(0), "GOAWAY(NO_ERROR): {seen:?}");
+    // Closed at once, so the drain waited for nothing (not the grace period).
+    let log = mesh.log("node-b");
+    assert!(
+        log.contains("drained") && !log.contains("still open at the drain deadline"),
+        "{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

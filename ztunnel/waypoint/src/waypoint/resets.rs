@@ -3,8 +3,9 @@
 //! policy decision and an upstream stream while costing the client two frames,
 //! and the HTTP/2 library's own guard only counts streams reset before they are
 //! taken up (rapid reset, CVE-2023-44487, paced just slower than that). As
-//! Envoy's `premature_reset_*` limits: once enough requests have ended, a
-//! connection on which more than half ended that way is closed.
+//! Envoy's `premature_reset_*` limits: a connection is closed once half of
+//! `JUDGED_AFTER` requests ended that way, or, past that many requests, once
+//! half of them did.
 
 use std::{
     sync::atomic::{AtomicU32, Ordering},
@@ -17,8 +18,8 @@ use tokio::sync::Notify;
 /// `premature_reset_min_stream_lifetime_seconds`).
 const MIN_LIFETIME: Duration = Duration::from_secs(1);
 
-/// Requests that must have ended before the share is judged (Envoy's
-/// `premature_reset_total_stream_count`).
+/// Requests after which the share of premature ones is judged; half this many
+/// trip it sooner (Envoy's `premature_reset_total_stream_count`).
 const JUDGED_AFTER: u32 = 500;
 
 /// The requests of one connection, as they end.
@@ -56,8 +57,9 @@ impl Resets {
             true => self.premature.fetch_add(1, Ordering::Relaxed) + 1,
             false => self.premature.load(Ordering::Relaxed),
         };
-        // Tripped once: `notify_one` keeps its permit for the waiting loop.
-        if premature && ended >= JUDGED_AFTER && cancelled * 2 > ended {
+        let limit = ended.max(JUDGED_AFTER);
+        // `notify_one` keeps its permit for the waiting loop.
+        if premature && cancelled * 2 >= limit {
             self.tripped.notify_one();
         }
     }
@@ -102,24 +104,32 @@ mod tests {
     }
 
     #[test]
-    fn mostly_cancelled_requests_trip_once_enough_have_ended() {
+    fn half_the_judged_count_cancelled_trips_at_once() {
         let resets = Resets::default();
-        cancel(&resets, JUDGED_AFTER - 1);
-        assert!(!is_tripped(&resets), "judged only after {JUDGED_AFTER}");
+        answer(&resets, 10);
+        cancel(&resets, JUDGED_AFTER / 2 - 1);
+        assert!(!is_tripped(&resets));
         cancel(&resets, 1);
         assert!(is_tripped(&resets));
     }
 
     #[test]
-    fn answered_requests_and_a_minority_of_cancels_never_trip() {
+    fn past_the_judged_count_half_cancelled_trips() {
         let resets = Resets::default();
-        for _ in 0..1000 {
-            answer(&resets, 1);
+        answer(&resets, 5_000);
+        cancel(&resets, 4_999);
+        assert!(!is_tripped(&resets), "under half");
+        cancel(&resets, 1);
+        assert!(is_tripped(&resets), "half");
+    }
+
+    #[test]
+    fn a_client_that_answers_more_than_it_cancels_never_trips() {
+        let resets = Resets::default();
+        for _ in 0..10_000 {
+            answer(&resets, 2);
             cancel(&resets, 1);
         }
-        assert!(!is_tripped(&resets), "half, not more than half");
-        answer(&resets, 10_000);
-        cancel(&resets, 5_000);
         assert!(!is_tripped(&resets));
     }
 

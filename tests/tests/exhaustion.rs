@@ -533,6 +533,95 @@ async fn a_peer_flooding_hbone_with_rapid_reset_is_cut_off_and_others_are_served
     served(&mesh, "after");
 }
 
+/// CONNECTs to an application that does not accept (its backlog full: each
+/// dial waits for its timeout), cancelled by the peer: the tunnel stops each
+/// dial when its CONNECT is cancelled. A cancelled stream frees its place under
+/// the connection's stream limit at once, so dials left running behind them
+/// would let one peer hold any number of the tunnel's sockets.
+#[tokio::test(flavor = "multi_thread")]
+async fn cancelled_connects_stop_their_dials_to_a_stalled_application() {
+    const CONNECTS: usize = 30;
+    let mesh = mesh().await;
+    // The application: listening with a one-place backlog, never accepting,
+    // the backlog filled from inside the pod (over loopback, not captured).
+    let (_app, _held) = mesh
+        .cluster
+        .pod("server")
+        .spawn_task(|| async {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind("0.0.0.0:8081".parse().unwrap()).unwrap();
+            let listener = socket.listen(0).unwrap();
+            let mut held = Vec::new();
+            while let Ok(Ok(stream)) = tokio::time::timeout(
+                Duration::from_millis(300),
+                tokio::net::TcpStream::connect("127.0.0.1:8081"),
+            )
+            .await
+            {
+                held.push(stream.into_std().unwrap());
+            }
+            (listener.into_std().unwrap(), held)
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+    let tunnel = mesh.tunnel_pid("node-b").unwrap();
+    let before = open_fds(tunnel);
+    let cert = mesh
+        .ca
+        .forge_valid("spiffe://cluster.local/ns/demo/sa/client")
+        .unwrap();
+    let server = mesh.cluster.pod("server").ip;
+    let (dialing_tx, dialing_rx) = std::sync::mpsc::channel();
+    let (cancel_tx, cancel_rx) = tokio::sync::oneshot::channel::<()>();
+    let (cancelled_tx, cancelled_rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let peer = mesh
+        .cluster
+        .pod("rogue")
+        .spawn_task(move || async move {
+            let tls = hbone_tls(&cert, server, "spiffe://cluster.local/ns/demo/sa/server")
+                .await
+                .unwrap();
+            let (mut sender, connection) = h2::client::handshake(tls).await.unwrap();
+            tokio::spawn(connection);
+            let mut streams = Vec::new();
+            for _ in 0..CONNECTS {
+                let request = http::Request::connect(format!("{server}:8081"))
+                    .body(())
+                    .unwrap();
+                sender = sender.ready().await.unwrap();
+                streams.push(sender.send_request(request, false).unwrap());
+            }
+            dialing_tx.send(()).unwrap();
+            // Dropped: each stream is reset (CANCEL). The connection stays
+            // open until the test is done: only the streams go.
+            let _ = cancel_rx.await;
+            drop(streams);
+            cancelled_tx.send(()).unwrap();
+            let _ = done_rx.await;
+            drop(sender);
+        })
+        .unwrap();
+    dialing_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    eventually(Duration::from_secs(10), "the dials under way", || async {
+        open_fds(tunnel) >= before + CONNECTS
+    })
+    .await;
+    cancel_tx.send(()).unwrap();
+    cancelled_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    // Well within the 10 s the dials would otherwise wait.
+    eventually(Duration::from_secs(5), "the dials stopped", || async {
+        open_fds(tunnel) < before + CONNECTS / 3
+    })
+    .await;
+    let _ = done_tx.send(());
+    peer.join().unwrap();
+    // And the tunnel serves on.
+    let _echo = EchoServer::start(mesh.cluster.pod("server"), 8080).unwrap();
+    served(&mesh, "after");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn at_the_fd_limit_the_tunnel_backs_off_and_serves_again() {
     let mesh = mesh().await;

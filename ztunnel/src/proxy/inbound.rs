@@ -210,7 +210,16 @@ async fn stream(
 ) {
     // Boxed: deciding and reaching the application take more state than
     // relaying, and an idle connection's task need not keep room for them.
-    let opened = Box::pin(connect(&ctx, &pod, peer_identity, peer, &req, &delivery)).await;
+    let opened = tokio::select! {
+        opened = Box::pin(connect(&ctx, &pod, peer_identity, peer, &req, &delivery)) => opened,
+        // Cancelled by the peer: stop dialing. A cancelled stream frees its
+        // place under the connection's stream limit at once, so CONNECTs
+        // cancelled while the application is slow to accept must not leave
+        // dials (and their sockets) running behind it.
+        reset = std::future::poll_fn(|cx| respond.poll_reset(cx)) => {
+            return tracing::debug!(pod = %pod.name, %peer, "CONNECT cancelled by the peer before the application answered: {reset:?}");
+        }
+    };
     let (record, registration, mut app) = match opened {
         Ok(opened) => opened,
         Err(code) => {

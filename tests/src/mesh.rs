@@ -1084,17 +1084,21 @@ where
 pub fn refused_after_connect(out: &str) -> bool {
     let connected = out.lines().any(|l| l.starts_with("peer="));
     let closed_empty = out.lines().any(|l| l == "reply=");
-    let reset = out.lines().any(|l| {
-        l.starts_with("error=")
-            && [
-                "Connection reset by peer",
-                "Broken pipe",
-                "Transport endpoint is not connected",
-            ]
-            .iter()
-            .any(|reset| l.contains(reset))
-    });
+    let reset = out.lines().any(is_reset);
     connected && (closed_empty || reset)
+}
+
+/// Whether a probe's `error=` line is a reset, however it surfaced: in a write
+/// (a broken pipe), in the half-close (not connected) or in a read.
+pub fn is_reset(line: &str) -> bool {
+    line.starts_with("error=")
+        && [
+            "Connection reset by peer",
+            "Broken pipe",
+            "Transport endpoint is not connected",
+        ]
+        .iter()
+        .any(|reset| line.contains(reset))
 }
 
 /// Asserts [`refused_after_connect`], showing the probe's output otherwise.

@@ -217,7 +217,9 @@ async fn stream(
         // cancelled while the application is slow to accept must not leave
         // dials (and their sockets) running behind it.
         reset = std::future::poll_fn(|cx| respond.poll_reset(cx)) => {
-            return tracing::debug!(pod = %pod.name, %peer, "CONNECT cancelled by the peer before the application answered: {reset:?}");
+            // A RST_STREAM from the peer, or the connection gone (either way the
+            // stream can no longer be answered).
+            return tracing::debug!(pod = %pod.name, %peer, "CONNECT ended before the application answered (reset: {reset:?})");
         }
     };
     let (record, registration, mut app) = match opened {

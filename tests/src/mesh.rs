@@ -1082,10 +1082,21 @@ where
 /// nothing received (a reset may show in a write, a broken pipe, or in the
 /// half-close, not connected). A connect that failed, a timeout or any reply is not that.
 pub fn refused_after_connect(out: &str) -> bool {
-    let connected = out.lines().any(|l| l.starts_with("peer="));
+    let connected = accepted(out);
     let closed_empty = out.lines().any(|l| l == "reply=");
     let reset = out.lines().any(is_reset);
     connected && (closed_empty || reset)
+}
+
+/// Whether a probe's connection was accepted (by the capturing tunnel): it got
+/// as far as printing its peer, or a reset beat its connect call back (the
+/// tunnel took the connection and refused it at once; a refused SYN would say
+/// "Connection refused").
+pub fn accepted(out: &str) -> bool {
+    out.lines().any(|l| {
+        l.starts_with("peer=")
+            || (l.starts_with("error=") && l.contains("Connection reset by peer"))
+    })
 }
 
 /// Whether a probe's `error=` line is a reset, however it surfaced: in a write

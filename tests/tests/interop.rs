@@ -311,7 +311,7 @@ impl Interop {
 /// closed (EOF, or reset however it surfaced) with no byte from the server, not
 /// left hanging until the probe's read timeout.
 fn assert_closed_without_bytes(out: &str, context: &str) {
-    let connected = out.lines().any(|l| l.starts_with("peer="));
+    let connected = testbed::mesh::accepted(out);
     let got_bytes = out
         .lines()
         .any(|l| l.starts_with("reply=") && l != "reply=");

@@ -1121,10 +1121,42 @@ pub fn assert_refused_after_connect(out: &str) {
     );
 }
 
-/// An mTLS connection to `ip`'s HBONE port as a mesh peer holding `cert`,
-/// requiring the server to be `server` (a SPIFFE URI): for raw HTTP/2 frames
-/// that no tunnel would send. Run inside a pod's namespace.
-pub async fn hbone_tls(
+/// A raw HBONE peer's mTLS connection (see [`Mesh::hbone_peer`]).
+pub type HboneTls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+impl Mesh {
+    /// Runs `f` in pod `from` (on a thread of its own; join the handle for its
+    /// output) with an mTLS connection to pod `to`'s HBONE port: a mesh peer
+    /// with a valid certificate for `identity` and no tunnel, for raw HTTP/2
+    /// that no tunnel would send. The server must prove it is `to_identity`.
+    pub fn hbone_peer<F, Fut>(
+        &self,
+        from: &str,
+        identity: &str,
+        to: &str,
+        to_identity: &str,
+        f: F,
+    ) -> Result<std::thread::JoinHandle<Fut::Output>>
+    where
+        F: FnOnce(HboneTls) -> Fut + Send + 'static,
+        Fut: std::future::Future + 'static,
+        Fut::Output: Send + 'static,
+    {
+        let cert = self.ca.forge_valid(identity)?;
+        let ip = self.cluster.pod(to).ip;
+        let to_identity = to_identity.to_owned();
+        self.cluster.pod(from).spawn_task(move || async move {
+            let tls = hbone_tls(&cert, ip, &to_identity)
+                .await
+                .expect("an mTLS connection to the HBONE port");
+            f(tls).await
+        })
+    }
+}
+
+/// An mTLS connection to `ip`'s HBONE port holding `cert`, requiring the
+/// server to be `server` (a SPIFFE URI). Run inside a pod's namespace.
+async fn hbone_tls(
     cert: &ztunnel::certs::WorkloadCert,
     ip: std::net::Ipv4Addr,
     server: &str,

@@ -14,11 +14,14 @@ use testbed::{
     faults::{
         assert_no_crash, assert_nothing_plaintext, on_every_node, refused_by_policy, tunnels, Load,
     },
-    mesh::{eventually, hbone_tls, metric, open_fds, set_fd_limit, Mesh, WorkloadSpec},
+    mesh::{eventually, metric, open_fds, set_fd_limit, Mesh, WorkloadSpec},
     Cluster, ClusterSpec,
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_tb-probe");
+/// The identities of pods client and server.
+const CLIENT: &str = "spiffe://cluster.local/ns/demo/sa/client";
+const SERVER: &str = "spiffe://cluster.local/ns/demo/sa/server";
 
 /// node-a: client, client-2 (service account `other`); node-b: server, rogue (not
 /// in the mesh).
@@ -489,19 +492,9 @@ async fn a_peer_flooding_hbone_with_rapid_reset_is_cut_off_and_others_are_served
     use testbed::l7::raw_h2;
     let mesh = mesh().await;
     let _echo = EchoServer::start(mesh.cluster.pod("server"), 8080).unwrap();
-    let cert = mesh
-        .ca
-        .forge_valid("spiffe://cluster.local/ns/demo/sa/client")
-        .unwrap();
-    let server = mesh.cluster.pod("server").ip;
     let flood = mesh
-        .cluster
-        .pod("rogue")
-        .spawn_task(move || async move {
+        .hbone_peer("rogue", CLIENT, "server", SERVER, |mut tls| async move {
             use tokio::io::AsyncWriteExt;
-            let mut tls = hbone_tls(&cert, server, "spiffe://cluster.local/ns/demo/sa/server")
-                .await
-                .unwrap();
             let mut sent = raw_h2::start();
             sent.extend(raw_h2::rapid_reset("server", 1000));
             // Cut off before it is all taken: the write may fail.
@@ -567,22 +560,13 @@ async fn cancelled_connects_stop_their_dials_to_a_stalled_application() {
         .unwrap();
     let tunnel = mesh.tunnel_pid("node-b").unwrap();
     let before = open_fds(tunnel);
-    let cert = mesh
-        .ca
-        .forge_valid("spiffe://cluster.local/ns/demo/sa/client")
-        .unwrap();
     let server = mesh.cluster.pod("server").ip;
     let (dialing_tx, dialing_rx) = std::sync::mpsc::channel();
     let (cancel_tx, cancel_rx) = tokio::sync::oneshot::channel::<()>();
     let (cancelled_tx, cancelled_rx) = std::sync::mpsc::channel();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
     let peer = mesh
-        .cluster
-        .pod("rogue")
-        .spawn_task(move || async move {
-            let tls = hbone_tls(&cert, server, "spiffe://cluster.local/ns/demo/sa/server")
-                .await
-                .unwrap();
+        .hbone_peer("rogue", CLIENT, "server", SERVER, move |tls| async move {
             let (mut sender, connection) = h2::client::handshake(tls).await.unwrap();
             tokio::spawn(connection);
             let mut streams = Vec::new();

@@ -5,7 +5,7 @@ use std::time::Duration;
 use testbed::{
     app::EchoServer,
     mesh::{
-        assert_refused_after_connect, eventually, hbone_tls, is_reset, refused_after_connect, Mesh,
+        assert_refused_after_connect, eventually, is_reset, refused_after_connect, Mesh,
         WorkloadSpec,
     },
     Cluster, ClusterSpec,
@@ -472,24 +472,20 @@ async fn an_unreachable_application_and_garbage_hbone_are_refused_and_the_tunnel
 async fn a_draining_tunnel_sends_goaway_on_its_hbone_connections() {
     use testbed::l7::raw_h2;
     let mut mesh = mesh().await;
-    let cert = mesh
-        .ca
-        .forge_valid("spiffe://cluster.local/ns/demo/sa/client")
-        .unwrap();
-    let server = mesh.cluster.pod("server").ip;
     let (connected_tx, connected_rx) = std::sync::mpsc::channel();
     let peer = mesh
-        .cluster
-        .pod("rogue")
-        .spawn_task(move || async move {
-            use tokio::io::AsyncWriteExt;
-            let mut tls = hbone_tls(&cert, server, "spiffe://cluster.local/ns/demo/sa/server")
-                .await
-                .unwrap();
-            tls.write_all(&raw_h2::start()).await.unwrap();
-            connected_tx.send(()).unwrap();
-            raw_h2::read_until_closed(&mut tls, Duration::from_secs(30), true).await
-        })
+        .hbone_peer(
+            "rogue",
+            "spiffe://cluster.local/ns/demo/sa/client",
+            "server",
+            "spiffe://cluster.local/ns/demo/sa/server",
+            move |mut tls| async move {
+                use tokio::io::AsyncWriteExt;
+                tls.write_all(&raw_h2::start()).await.unwrap();
+                connected_tx.send(()).unwrap();
+                raw_h2::read_until_closed(&mut tls, Duration::from_secs(30), true).await
+            },
+        )
         .unwrap();
     connected_rx.recv_timeout(Duration::from_secs(10)).unwrap();
     let status = mesh.stop_tunnel("node-b").await.unwrap();

@@ -2362,23 +2362,19 @@ async fn http2_clients_that_send_no_request_stall_or_go_idle_are_cut_off_and_oth
 
     // The same one layer down: a mesh workload's TLS connection to the waypoint
     // itself, with the HTTP/2 preface and no CONNECT.
-    let cert = mesh
-        .ca
-        .forge_valid("spiffe://cluster.local/ns/demo/sa/client")
-        .unwrap();
-    let waypoint_ip = mesh.cluster.pod("waypoint").ip;
     let seen = mesh
-        .cluster
-        .pod("client")
-        .spawn_task(move || async move {
-            use tokio::io::AsyncWriteExt;
-            let waypoint = "spiffe://cluster.local/ns/demo/sa/waypoint";
-            let mut tls = testbed::mesh::hbone_tls(&cert, waypoint_ip, waypoint)
-                .await
-                .unwrap();
-            tls.write_all(&testbed::l7::raw_h2::start()).await.unwrap();
-            testbed::l7::raw_h2::read_until_closed(&mut tls, Duration::from_secs(30), true).await
-        })
+        .hbone_peer(
+            "client",
+            "spiffe://cluster.local/ns/demo/sa/client",
+            "waypoint",
+            "spiffe://cluster.local/ns/demo/sa/waypoint",
+            |mut tls| async move {
+                use tokio::io::AsyncWriteExt;
+                tls.write_all(&testbed::l7::raw_h2::start()).await.unwrap();
+                testbed::l7::raw_h2::read_until_closed(&mut tls, Duration::from_secs(30), true)
+                    .await
+            },
+        )
         .unwrap()
         .join()
         .unwrap();

@@ -1680,6 +1680,17 @@ spec:
   selector: {role: idle}
   ports: [{port: 80, targetPort: 9000}]
 ---
+apiVersion: v1
+kind: Service
+metadata: {name: raw, namespace: demo, labels: {istio.io/use-waypoint: waypoint}}
+spec:
+  clusterIP: 10.96.0.86
+  selector: {app: echo}
+  ports:
+  - {name: tcp-web, port: 80, targetPort: 9000}
+  - {port: 3306, targetPort: 9100, appProtocol: mysql}
+  - {name: greeter, port: 3307, targetPort: 9100}
+---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {name: no-unary, namespace: demo}
@@ -2233,6 +2244,59 @@ async fn a_client_silent_past_the_protocol_sniff_is_still_served_as_http() {
             "{target}{path}: {out}"
         );
     }
+}
+
+/// A server-first protocol on port 9100 of `pod`: each connection gets a
+/// greeting, then is closed. Returns once it listens.
+fn greet_on_connect(mesh: &Mesh, pod: &str) {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let greeting = format!("220 {pod} ready\r\n");
+    mesh.cluster
+        .pod(pod)
+        .spawn_task(move || async move {
+            use tokio::io::AsyncWriteExt;
+            let listener = tokio::net::TcpListener::bind("0.0.0.0:9100").await.unwrap();
+            ready_tx.send(()).unwrap();
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                let _ = tcp.write_all(greeting.as_bytes()).await;
+            }
+        })
+        .unwrap();
+    ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_port_declared_tcp_is_relayed_unread_and_its_server_may_speak_first() {
+    // A detection timeout far longer than the probes wait: a port that declares
+    // nothing holds a server's greeting back until the client speaks.
+    let dir = testbed::mesh::TempDir::new("detection").unwrap();
+    let mesh_yaml = dir.path().join("mesh.yaml");
+    std::fs::write(&mesh_yaml, "protocolDetectionTimeout: 60s\n").unwrap();
+    let mesh = l7_mesh_args(&["--mesh-config", mesh_yaml.to_str().unwrap()]).await;
+    let _echo1 = L7Server::start(mesh.cluster.pod("echo-1"), 9000).unwrap();
+    let _echo2 = L7Server::start(mesh.cluster.pod("echo-2"), 9000).unwrap();
+    greet_on_connect(&mesh, "echo-1");
+    greet_on_connect(&mesh, "echo-2");
+
+    // HTTP on a port named tcp-*: relayed as bytes, so the endpoint gets the
+    // request as the client sent it (no request id, no forwarded proto added).
+    let (status, body) = http(&mesh, "10.96.0.86:80", "GET", "/headers", &[]);
+    assert_eq!(status, "200", "{body}");
+    assert!(
+        body.ends_with(" x-request-id=none forwarded=none x-forwarded-proto=none"),
+        "not read as HTTP: {body}"
+    );
+    // appProtocol mysql: the server's greeting comes with nothing sent.
+    let out = probe(&mesh, &["greeting", "10.96.0.86:3306", "30000"]);
+    assert!(
+        field(&out, "reply").starts_with("220 echo-"),
+        "the greeting on a declared port: {out}"
+    );
+    // The same server on an undeclared port: the waypoint still waits for the
+    // client's first bytes (60 s), so nothing comes within 3 s.
+    let out = probe(&mesh, &["greeting", "10.96.0.86:3307", "3000"]);
+    assert_eq!(field(&out, "reply"), "", "held back on an undeclared port: {out}");
+    drop(dir);
 }
 
 /// An HTTP/2 server on port 9000 of `pod` that refuses every stream (RST_STREAM

@@ -20,6 +20,8 @@
 //!   tb-probe stall <ip:port> <msg>         send (e.g. part of a request), then nothing:
 //!                                          what came back and when the peer closed
 //!   tb-probe late <ip:port> <ms> <msg>     connect, wait, then send and read to the end
+//!   tb-probe greeting <ip:port> <ms>       connect, send nothing: reply= (what the server
+//!                                          sends first, until it closes or for ms)
 //!   tb-probe reset <ip:port> <bytes>       send up to that many bytes (what the peer takes
 //!                                          within a second, reading nothing), then reset: sent=
 //! Measurements (against testbed::app::BenchServer):
@@ -79,6 +81,7 @@ fn main() -> ExitCode {
         ["slow", addr, millis, message] => slow(addr, millis, message),
         ["stall", addr, message] => stall(addr, message),
         ["late", addr, millis, message] => late(addr, millis, message),
+        ["greeting", addr, millis] => greeting(addr, millis),
         ["reset", addr, bytes] => reset(addr, bytes),
         ["throughput", addr, bytes] => throughput(addr, bytes, "1"),
         ["throughput", addr, bytes, streams] => throughput(addr, bytes, streams),
@@ -431,6 +434,16 @@ fn late(addr: &str, millis: &str, message: &str) -> anyhow::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     std::thread::sleep(Duration::from_millis(millis.parse()?));
     stream.write_all(message.replace("\\r\\n", "\r\n").as_bytes())?;
+    print_reply(&mut stream);
+    Ok(())
+}
+
+/// Connects and says nothing: prints `reply=`, what the server sends first
+/// (until it closes, or for at most `millis`).
+fn greeting(addr: &str, millis: &str) -> anyhow::Result<()> {
+    let addr: SocketAddr = addr.parse()?;
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_millis(millis.parse()?)))?;
     print_reply(&mut stream);
     Ok(())
 }

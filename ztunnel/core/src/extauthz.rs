@@ -28,6 +28,10 @@ pub struct MeshConfig {
     /// the waypoint believes.
     #[serde(default)]
     pub default_config: Option<ProxyConfigSpec>,
+    /// How long a waypoint waits for a client's first bytes on a port that
+    /// declares no protocol (`0s`: until the client speaks).
+    #[serde(default)]
+    pub protocol_detection_timeout: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -104,6 +108,8 @@ pub enum MeshConfigError {
     Timeout { provider: String, error: BadTimeout },
     #[error("{}: pathNormalization.normalization: {error}", path.display())]
     PathNormalization { path: PathBuf, error: String },
+    #[error("{}: protocolDetectionTimeout: {error}", path.display())]
+    ProtocolDetectionTimeout { path: PathBuf, error: BadTimeout },
 }
 
 /// A provider `timeout` that is not a duration.
@@ -137,6 +143,12 @@ impl MeshConfig {
                 path: path.to_owned(),
                 error,
             })?;
+        config.protocol_detection_timeout().map_err(|error| {
+            MeshConfigError::ProtocolDetectionTimeout {
+                path: path.to_owned(),
+                error,
+            }
+        })?;
         Ok(config)
     }
 
@@ -154,6 +166,15 @@ impl MeshConfig {
 
     /// How many proxies in front of the waypoint add to X-Forwarded-For (0: none
     /// is believed).
+    /// `protocolDetectionTimeout`: None when not set; zero turns detection's
+    /// timeout off.
+    pub fn protocol_detection_timeout(&self) -> Result<Option<Duration>, BadTimeout> {
+        self.protocol_detection_timeout
+            .as_deref()
+            .map(|text| parse_timeout(Some(text)))
+            .transpose()
+    }
+
     pub fn trusted_proxies(&self) -> usize {
         self.default_config
             .as_ref()
@@ -452,6 +473,32 @@ mod tests {
             Verdict::Deny { status, .. } => status,
             Verdict::Allow(_) => panic!("allowed"),
         }
+    }
+
+    #[test]
+    fn a_bad_protocol_detection_timeout_is_refused_and_zero_kept_as_off() {
+        let load = |yaml: &str| {
+            let dir = std::env::temp_dir().join(format!("meshconfig-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let path = dir.join(format!("{}.yaml", yaml.len()));
+            std::fs::write(&path, yaml).unwrap();
+            let loaded = MeshConfig::load(&path);
+            std::fs::remove_file(&path).unwrap();
+            loaded
+        };
+        let config = load("protocolDetectionTimeout: 0s\n").unwrap();
+        assert_eq!(config.protocol_detection_timeout(), Ok(Some(Duration::ZERO)));
+        let config = load("protocolDetectionTimeout: 100ms\n").unwrap();
+        assert_eq!(
+            config.protocol_detection_timeout(),
+            Ok(Some(Duration::from_millis(100)))
+        );
+        assert_eq!(load("{}\n").unwrap().protocol_detection_timeout(), Ok(None));
+        let refused = load("protocolDetectionTimeout: soon\n").unwrap_err();
+        assert!(
+            matches!(refused, MeshConfigError::ProtocolDetectionTimeout { .. }),
+            "{refused}"
+        );
     }
 
     #[test]

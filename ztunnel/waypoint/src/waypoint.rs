@@ -181,6 +181,10 @@ struct Waypoint {
     path_normalization: path_normalization::Level,
     /// X-Forwarded-For hops believed (MeshConfig numTrustedProxies).
     trusted_proxies: usize,
+    /// How long an undeclared port's first bytes are awaited before it is taken
+    /// for a server-first protocol (MeshConfig protocolDetectionTimeout; None:
+    /// until the client speaks, within the request headers timeout).
+    protocol_detection_timeout: Option<Duration>,
     /// Extension providers of the mesh config, by name.
     providers: HashMap<String, extauthz::ProviderSpec>,
     /// JWKS fetched from jwksUri: (keys, when fetched).
@@ -208,8 +212,8 @@ struct Target {
     destination: Destination,
     /// The port on the endpoint.
     port: u16,
-    /// The protocol the Service port declares (None: the downstream one's).
-    protocol: Option<Protocol>,
+    /// The protocol the Service port declares.
+    protocol: upstream::Declared,
     /// The service addressed, if any: (namespace, name).
     service: Option<(String, String)>,
     /// The Services bound here whose policies apply: the one addressed, or every
@@ -278,8 +282,8 @@ macro_rules! serve_until_done {
 const MAX_CONNECTS_PER_CONNECTION: u32 = 200;
 
 /// How long a new connection's first bytes are awaited to tell HTTP from a
-/// protocol whose server speaks first.
-const SNIFF_TIMEOUT: Duration = Duration::from_millis(500);
+/// protocol whose server speaks first, unless the mesh config says.
+const PROTOCOL_DETECTION_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Attempts per request (Istio's default retry policy: connect failures and
 /// refused streams, on another endpoint).
@@ -305,6 +309,8 @@ pub enum StartError {
     MeshConfig(#[from] extauthz::MeshConfigError),
     #[error("pathNormalization: {0}")]
     PathNormalization(String),
+    #[error("protocolDetectionTimeout: {0}")]
+    ProtocolDetectionTimeout(extauthz::BadTimeout),
     #[error(transparent)]
     Ca(#[from] ztunnel_core::ca::client::CaConfigError),
     #[error("the waypoint's own certificate: {0}")]
@@ -451,6 +457,12 @@ pub async fn run(options: WaypointOptions) -> Result<(), StartError> {
             .path_normalization()
             .map_err(StartError::PathNormalization)?,
         trusted_proxies: mesh_config.trusted_proxies(),
+        protocol_detection_timeout: match mesh_config.protocol_detection_timeout() {
+            Ok(None) => Some(PROTOCOL_DETECTION_TIMEOUT),
+            Ok(Some(Duration::ZERO)) => None,
+            Ok(Some(timeout)) => Some(timeout),
+            Err(e) => return Err(StartError::ProtocolDetectionTimeout(e)),
+        },
         jwks: Mutex::new(HashMap::new()),
         http_client: crate::http_client::new(),
         grpc_client: ext_authz::grpc_client(),
@@ -746,7 +758,7 @@ impl Waypoint {
             services: state.bound_services(&workload, &self.key),
             destination: Destination::Workload(workload),
             port: asked.port(),
-            protocol: None,
+            protocol: upstream::Declared::Undeclared,
             service: None,
             asked,
             client,
@@ -861,31 +873,23 @@ impl Waypoint {
             destination_ip: target.asked.ip(),
             destination_port: target.asked.port(),
         };
-        let mut first = vec![0u8; 24];
-        let n = match tokio::time::timeout(SNIFF_TIMEOUT, stream.read(&mut first)).await {
-            Ok(read) => read?,
-            // Silent: the server speaks first, unless the connection can only be
-            // HTTP. Then, as Istio (its protocol detection timeout is off), the
-            // client's first bytes decide, however late (within the header timeout).
-            Err(_) if self.only_http(&target, &conn) => {
-                match tokio::time::timeout(
-                    self.limits.request_headers_timeout,
-                    stream.read(&mut first),
-                )
-                .await
-                {
-                    Ok(read) => read?,
-                    Err(_) => 0,
-                }
+        // A declared protocol is taken at its word: HTTP goes to the HTTP server
+        // (which refuses what is not HTTP), anything else is relayed unread, at
+        // once (a server-first protocol must not wait for the client).
+        let (first, http) = match target.protocol {
+            upstream::Declared::Http(_) => (Vec::new(), true),
+            upstream::Declared::Opaque => (Vec::new(), false),
+            upstream::Declared::Undeclared => {
+                let first = self.sniff(&mut stream, &target, &conn).await?;
+                let http = looks_like_http(&first);
+                (first, http)
             }
-            Err(_) => 0,
         };
-        first.truncate(n);
         let stream = Prefixed {
-            prefix: first.clone(),
+            prefix: first,
             inner: stream,
         };
-        if looks_like_http(&first) {
+        if http {
             let labels = self.connection_labels(&self.state.borrow(), &conn, &client, &target);
             let downstream = Arc::new(Downstream {
                 conn,
@@ -956,10 +960,40 @@ impl Waypoint {
         })
     }
 
+    /// The first bytes of a connection to an undeclared port, to tell HTTP from
+    /// the rest: none when the client stays silent past the protocol detection
+    /// timeout (a server-first protocol), unless the connection can only be HTTP.
+    /// Then, as Istio with its detection timeout off, the client's first bytes
+    /// decide, however late (within the request headers timeout).
+    async fn sniff(
+        &self,
+        stream: &mut H2Stream,
+        target: &Target,
+        conn: &Connection,
+    ) -> std::io::Result<Vec<u8>> {
+        let mut first = vec![0u8; 24];
+        let detection = self
+            .protocol_detection_timeout
+            .unwrap_or(self.limits.request_headers_timeout);
+        let n = match tokio::time::timeout(detection, stream.read(&mut first)).await {
+            Ok(read) => read?,
+            Err(_) if self.only_http(target, conn) => {
+                let late = stream.read(&mut first);
+                match tokio::time::timeout(self.limits.request_headers_timeout, late).await {
+                    Ok(read) => read?,
+                    Err(_) => 0,
+                }
+            }
+            Err(_) => 0,
+        };
+        first.truncate(n);
+        Ok(first)
+    }
+
     /// Whether a connection to `target` can only be HTTP: its Service port says
     /// so, or the policies let no plain TCP connection through (they need L7).
     fn only_http(&self, target: &Target, conn: &Connection) -> bool {
-        target.protocol.is_some()
+        target.protocol.http().is_some()
             || !self
                 .state
                 .borrow()
@@ -1440,6 +1474,7 @@ impl Waypoint {
     ) -> Handled {
         let protocol = target
             .protocol
+            .http()
             .unwrap_or(if req.version() == http::Version::HTTP_2 {
                 Protocol::Http2
             } else {

@@ -44,19 +44,45 @@ impl Protocol {
     }
 }
 
+/// What a Service port says its traffic is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Declared {
+    /// Nothing (or a name Istio does not know): the client's first bytes decide.
+    Undeclared,
+    /// HTTP, spoken upstream in this protocol.
+    Http(Protocol),
+    /// An opaque byte stream (`tcp`, `tls`, `https`, and the protocols Istio
+    /// proxies as TCP unless told otherwise: `mongo`, `mysql`, `redis`): relayed
+    /// without reading it, and without waiting for the client to speak first.
+    Opaque,
+}
+
+impl Declared {
+    pub fn http(self) -> Option<Protocol> {
+        match self {
+            Declared::Http(protocol) => Some(protocol),
+            Declared::Undeclared | Declared::Opaque => None,
+        }
+    }
+}
+
 /// A Service port's protocol as Istio reads it: `appProtocol` first, else the
-/// port name's prefix (`<protocol>` or `<protocol>-<suffix>`). None: not declared,
-/// the downstream request's protocol is used.
-pub fn declared(app_protocol: Option<&str>, name: Option<&str>) -> Option<Protocol> {
+/// port name's prefix (`<protocol>` or `<protocol>-<suffix>`).
+pub fn declared(app_protocol: Option<&str>, name: Option<&str>) -> Declared {
     let of = |p: &str| match p.to_ascii_lowercase().as_str() {
-        "http2" | "grpc" | "grpc-web" | "h2c" | "kubernetes.io/h2c" => Some(Protocol::Http2),
-        "http" => Some(Protocol::Http1),
-        _ => None,
+        "http2" | "grpc" | "grpc-web" | "h2c" | "kubernetes.io/h2c" => {
+            Declared::Http(Protocol::Http2)
+        }
+        "http" => Declared::Http(Protocol::Http1),
+        "tcp" | "tls" | "https" | "mongo" | "mysql" | "redis" => Declared::Opaque,
+        _ => Declared::Undeclared,
     };
     if let Some(p) = app_protocol {
         return of(p);
     }
-    let name = name?;
+    let Some(name) = name else {
+        return Declared::Undeclared;
+    };
     of(name.split_once('-').map_or(name, |(prefix, _)| prefix))
 }
 
@@ -419,16 +445,28 @@ mod tests {
 
     #[test]
     fn the_port_protocol_is_app_protocol_then_the_name_prefix() {
+        use Declared::*;
         use Protocol::*;
-        assert_eq!(declared(Some("grpc"), Some("http")), Some(Http2));
-        assert_eq!(declared(Some("kubernetes.io/h2c"), None), Some(Http2));
-        assert_eq!(declared(Some("HTTP"), Some("grpc")), Some(Http1));
-        assert_eq!(declared(Some("tcp"), Some("grpc")), None);
-        assert_eq!(declared(None, Some("grpc-web")), Some(Http2));
-        assert_eq!(declared(None, Some("grpc")), Some(Http2));
-        assert_eq!(declared(None, Some("http2-api")), Some(Http2));
-        assert_eq!(declared(None, Some("http-api")), Some(Http1));
-        assert_eq!(declared(None, Some("grpcish")), None);
-        assert_eq!(declared(None, None), None);
+        assert_eq!(declared(Some("grpc"), Some("http")), Http(Http2));
+        assert_eq!(declared(Some("kubernetes.io/h2c"), None), Http(Http2));
+        assert_eq!(declared(Some("HTTP"), Some("grpc")), Http(Http1));
+        assert_eq!(declared(Some("tcp"), Some("grpc")), Opaque);
+        assert_eq!(declared(Some("bogus"), Some("http")), Undeclared);
+        assert_eq!(declared(None, Some("grpc-web")), Http(Http2));
+        assert_eq!(declared(None, Some("grpc")), Http(Http2));
+        assert_eq!(declared(None, Some("http2-api")), Http(Http2));
+        assert_eq!(declared(None, Some("http-api")), Http(Http1));
+        assert_eq!(declared(None, Some("grpcish")), Undeclared);
+        assert_eq!(declared(None, None), Undeclared);
+    }
+
+    #[test]
+    fn tcp_tls_and_the_protocols_istio_proxies_as_tcp_are_opaque() {
+        for p in ["tcp", "TLS", "https", "mongo", "mysql", "redis"] {
+            assert_eq!(declared(Some(p), None), Declared::Opaque, "appProtocol {p}");
+            let name = format!("{p}-db");
+            assert_eq!(declared(None, Some(&name)), Declared::Opaque, "name {name}");
+        }
+        assert_eq!(declared(None, Some("tcpish")), Declared::Undeclared);
     }
 }

@@ -46,6 +46,21 @@ spec:
   selector: {app: server}
   ports: [{port: 80, targetPort: 9000}]
 ---
+apiVersion: v1
+kind: Service
+metadata: {name: server-tcp, namespace: bench, labels: {istio.io/use-waypoint: waypoint}}
+spec:
+  clusterIP: 10.96.0.81
+  selector: {app: server}
+  ports: [{name: tcp-web, port: 80, targetPort: 9000}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: any-connection, namespace: bench}
+spec:
+  targetRefs: [{kind: Service, group: "", name: server-tcp}]
+  rules: [{}]
+---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {name: gets, namespace: bench}
@@ -103,18 +118,25 @@ impl Figures {
     }
 }
 
-/// One bench's run from the client pod to each path, `ROUNDS` times
-/// alternating: the waypoint's figures (with its CPU per request), the mesh's.
+/// The Service through the waypoint as HTTP (L7 policy), and the same pods'
+/// Service whose port is declared `tcp`: the waypoint relays its bytes.
+const VIA_WAYPOINT: &str = "10.96.0.80:80";
+const VIA_WAYPOINT_L4: &str = "10.96.0.81:80";
+
+/// One bench's run from the client pod to each path (`via` the waypoint, and
+/// `direct`), `ROUNDS` times alternating: the waypoint's figures (with its CPU
+/// per request), the mesh's.
 fn rounds(
     mesh: &Mesh,
     waypoint_pid: u32,
+    via: &str,
     direct: &str,
     args: &[&str],
     case: &str,
 ) -> Result<(Medians, Medians)> {
     let (mut waypoint, mut meshed) = (Figures::default(), Figures::default());
     for _ in 0..ROUNDS {
-        for (through_waypoint, target) in [(true, "10.96.0.80:80"), (false, direct)] {
+        for (through_waypoint, target) in [(true, via), (false, direct)] {
             let cpu_before = cpu_seconds(waypoint_pid)?;
             let out = mesh
                 .cluster
@@ -180,7 +202,7 @@ async fn main() -> Result<()> {
     let run = std::env::var("WAYPOINT_BENCH_RUN").unwrap_or(RUN.into());
     println!("waypoint/setup    GETs for {run} per round, median of {ROUNDS} rounds alternating the paths; goal: through the waypoint >= 0.7x the mesh's requests/s at 64 clients, <= 1 ms added p99");
     // WAYPOINT_BENCH_ONLY=h2/c64,...: only those cases (quicker profiling runs);
-    // h2/open: the open loop at 64.
+    // h2/open: the open loop at 64; h2/l4: the waypoint relaying bytes at 64.
     let only = std::env::var("WAYPOINT_BENCH_ONLY").unwrap_or_default();
     let wanted = |case: &str| only.is_empty() || only.split(',').any(|c| c == case);
     for version in ["h1", "h2"] {
@@ -196,6 +218,7 @@ async fn main() -> Result<()> {
             let (w, m) = rounds(
                 &mesh,
                 waypoint_pid,
+                VIA_WAYPOINT,
                 &direct,
                 &["httpbench", version, clients, &run],
                 &case,
@@ -214,6 +237,21 @@ async fn main() -> Result<()> {
             // clients, 64 / rate on average, whatever the proxy adds itself.
             let queueing = 64.0 / w.rps - 64.0 / m.rps;
             println!("waypoint/{case:<6}  saturated: Little's law predicts {:.2} ms added mean latency from the rates alone (64/waypoint - 64/mesh)", queueing * 1000.0);
+            // The floor: any waypoint on this path terminates and re-originates
+            // HBONE; here it does only that (the same GETs to a port declared
+            // tcp, relayed unread), what an L7 waypoint can at best approach.
+            let l4 = format!("{version}/l4");
+            if wanted(&l4) {
+                let (lw, lm) = rounds(
+                    &mesh,
+                    waypoint_pid,
+                    VIA_WAYPOINT_L4,
+                    &direct,
+                    &["httpbench", version, clients, &run],
+                    &l4,
+                )?;
+                println!("waypoint/{l4:<6}  {name}, {clients} at once, the waypoint relaying bytes only (port declared tcp): waypoint {:.0}/s, mesh {:.0}/s: ratio {:.2}, the ceiling for any waypoint on this path; waypoint CPU {:.1} µs/request; p99 added {:.2} ms", lw.rps, lm.rps, lw.rps / lm.rps, lw.cpu_us.unwrap_or_default(), (lw.p99 - lm.p99) / 1000.0);
+            }
             let open = format!("{version}/open");
             if !wanted(&open) {
                 continue;
@@ -222,6 +260,7 @@ async fn main() -> Result<()> {
             let (ow, om) = rounds(
                 &mesh,
                 waypoint_pid,
+                VIA_WAYPOINT,
                 &direct,
                 &["httprate", version, clients, &rate, OPEN_LOOP_MS],
                 &open,

@@ -2286,6 +2286,46 @@ async fn a_port_declared_tcp_is_relayed_unread_and_its_server_may_speak_first() 
         body.ends_with(" x-request-id=none forwarded=none x-forwarded-proto=none"),
         "not read as HTTP: {body}"
     );
+    // Counted as a TCP connection (bytes both ways), never as a request.
+    let raw = [
+        "reporter=\"waypoint\"",
+        "destination_service=\"raw.demo.svc\"",
+        "request_protocol=\"tcp\"",
+        "source_principal=\"spiffe://cluster.local/ns/demo/sa/client\"",
+        "destination_workload_namespace=\"demo\"",
+        "connection_security_policy=\"mutual_tls\"",
+    ];
+    eventually(
+        Duration::from_secs(15),
+        "the relayed connection closed",
+        || async {
+            let page = mesh.waypoint_metrics("waypoint").await;
+            metric(&page, "istio_tcp_connections_closed_total", &raw) >= 1.0
+        },
+    )
+    .await;
+    let page = mesh.waypoint_metrics("waypoint").await;
+    assert!(
+        metric(&page, "istio_tcp_connections_opened_total", &raw) >= 1.0,
+        "{page}"
+    );
+    assert!(
+        metric(&page, "istio_tcp_received_bytes_total", &raw) > 0.0,
+        "{page}"
+    );
+    assert!(
+        metric(&page, "istio_tcp_sent_bytes_total", &raw) > 0.0,
+        "{page}"
+    );
+    assert_eq!(
+        metric(
+            &page,
+            "istio_requests_total",
+            &["destination_service=\"raw.demo.svc\""]
+        ),
+        0.0,
+        "{page}"
+    );
     // appProtocol mysql: the server's greeting comes with nothing sent.
     let out = probe(&mesh, &["greeting", "10.96.0.86:3306", "30000"]);
     assert!(
@@ -2295,7 +2335,11 @@ async fn a_port_declared_tcp_is_relayed_unread_and_its_server_may_speak_first() 
     // The same server on an undeclared port: the waypoint still waits for the
     // client's first bytes (60 s), so nothing comes within 3 s.
     let out = probe(&mesh, &["greeting", "10.96.0.86:3307", "3000"]);
-    assert_eq!(field(&out, "reply"), "", "held back on an undeclared port: {out}");
+    assert_eq!(
+        field(&out, "reply"),
+        "",
+        "held back on an undeclared port: {out}"
+    );
     drop(dir);
 }
 

@@ -487,7 +487,10 @@ mod tests {
             loaded
         };
         let config = load("protocolDetectionTimeout: 0s\n").unwrap();
-        assert_eq!(config.protocol_detection_timeout(), Ok(Some(Duration::ZERO)));
+        assert_eq!(
+            config.protocol_detection_timeout(),
+            Ok(Some(Duration::ZERO))
+        );
         let config = load("protocolDetectionTimeout: 100ms\n").unwrap();
         assert_eq!(
             config.protocol_detection_timeout(),

@@ -170,6 +170,8 @@ struct Waypoint {
     /// Which endpoints a request tries (the tunnel's balancer too).
     balancer: Balancer,
     metrics: RequestMetrics,
+    /// Istio's TCP metrics, of the connections relayed unread.
+    tcp_metrics: crate::metrics::TcpMetrics,
     /// CONNECTs refused before any policy: destinations not bound here and the like.
     refused: Family<RefusedLabels, Counter>,
     /// Downstream connections closed by their request headers or idle timeout.
@@ -411,6 +413,7 @@ pub async fn run(options: WaypointOptions) -> Result<(), StartError> {
     let states = crate::state::spawn_updates(snapshots, settings, config_metrics.bindings_refused);
 
     let metrics = RequestMetrics::register(&mut registry);
+    let tcp_metrics = crate::metrics::TcpMetrics::register(&mut registry);
     let refused = Family::<RefusedLabels, Counter>::default();
     registry.register(
         "ztunnel_waypoint_connects_refused",
@@ -449,6 +452,7 @@ pub async fn run(options: WaypointOptions) -> Result<(), StartError> {
             .collect(),
         balancer: Balancer::new(),
         metrics,
+        tcp_metrics,
         refused,
         timed_out,
         protocol_errors,
@@ -936,28 +940,109 @@ impl Waypoint {
             None,
             false,
         );
+        // Counted as Envoy's TCP proxy does: opened and closed (with the bytes
+        // relayed each way); a refusal or an unreachable upstream as both at once
+        // (RBAC: no flag; no endpoint: UH; every endpoint failed: UF, and URX after
+        // a retry).
+        let count =
+            |endpoint: Option<&Workload>, flags: ResponseFlags, bytes: Option<(u64, u64)>| {
+                let labels = self.tcp_labels(&state, &conn, &client, &target, endpoint, flags);
+                let m = &self.tcp_metrics;
+                if bytes.is_none() {
+                    m.opened.get_or_create(&labels).inc();
+                }
+                m.closed.get_or_create(&labels).inc();
+                let (received, sent) = bytes.unwrap_or_default();
+                m.received.get_or_create(&labels).inc_by(received);
+                m.sent.get_or_create(&labels).inc_by(sent);
+            };
         if !decision.allow {
             tracing::warn!(src = %client, dst = %target.asked, "waypoint: connection denied: {}", decision.reason);
+            count(None, ResponseFlags::NONE, None);
             return Ok(());
         }
+        let endpoints = self.endpoints(&state, &target);
+        if endpoints.is_empty() {
+            count(None, Flag::NoHealthyUpstream.into(), None);
+        }
         let mut failures = Vec::new();
-        for endpoint in self.endpoints(&state, &target) {
+        for endpoint in &endpoints {
             match self
                 .upstream_stream(endpoint, target.port, target.client)
                 .await
             {
                 Ok(mut upstream) => {
+                    let labels = self.tcp_labels(
+                        &state,
+                        &conn,
+                        &client,
+                        &target,
+                        Some(endpoint),
+                        ResponseFlags::NONE,
+                    );
+                    self.tcp_metrics.opened.get_or_create(&labels).inc();
                     let mut stream = stream;
-                    relay(&mut stream, &mut upstream).await?;
+                    let relayed = relay(&mut stream, &mut upstream).await;
+                    // A relay that failed counts no bytes: they are not known.
+                    count(
+                        Some(endpoint),
+                        ResponseFlags::NONE,
+                        Some(*relayed.as_ref().unwrap_or(&(0, 0))),
+                    );
+                    relayed?;
                     return Ok(());
                 }
                 Err(e) => failures.push(format!("{}: {e}", endpoint.name)),
             }
         }
+        if failures.len() > 1 {
+            let flags = ResponseFlags::from(Flag::UpstreamConnectionFailure)
+                .with(Flag::UpstreamRetryLimitExceeded);
+            count(None, flags, None);
+        } else if !failures.is_empty() {
+            count(None, Flag::UpstreamConnectionFailure.into(), None);
+        }
         Err(ConnectionError::Unreachable {
             asked: target.asked,
             failures: failures.join("; "),
         })
+    }
+
+    /// Istio's TCP labels of a connection the waypoint relays unread, to
+    /// `endpoint` when it reached one.
+    fn tcp_labels(
+        &self,
+        state: &State,
+        conn: &Connection,
+        client: &Identity,
+        target: &Target,
+        endpoint: Option<&Workload>,
+        response_flags: ResponseFlags,
+    ) -> crate::metrics::TcpLabels {
+        use crate::metrics::UNKNOWN;
+        let source = match conn.source_ip {
+            IpAddr::V4(ip) => state.workload_by_ip(ip).filter(|w| &w.identity == client),
+            IpAddr::V6(_) => None,
+        };
+        let workload =
+            |w: Option<&Workload>| w.map_or(UNKNOWN.into(), |w| w.workload_name().to_owned());
+        let namespace = |w: Option<&Workload>| w.map_or(UNKNOWN.into(), |w| w.namespace.clone());
+        crate::metrics::TcpLabels {
+            reporter: "waypoint".into(),
+            source_workload: workload(source.map(|w| &**w)),
+            source_workload_namespace: namespace(source.map(|w| &**w)),
+            source_principal: client.to_string(),
+            destination_workload: workload(endpoint),
+            destination_workload_namespace: namespace(endpoint),
+            destination_principal: endpoint.map_or(UNKNOWN.into(), |w| w.identity.to_string()),
+            destination_service: target
+                .service
+                .as_ref()
+                .map_or(UNKNOWN.into(), |(ns, n)| format!("{n}.{ns}.svc")),
+            request_protocol: "tcp".into(),
+            response_flags,
+            connection_security_policy: "mutual_tls".into(),
+        }
     }
 
     /// The first bytes of a connection to an undeclared port, to tell HTTP from
@@ -1472,14 +1557,15 @@ impl Waypoint {
         target: &Target,
         request_bytes: &Arc<std::sync::atomic::AtomicU64>,
     ) -> Handled {
-        let protocol = target
-            .protocol
-            .http()
-            .unwrap_or(if req.version() == http::Version::HTTP_2 {
-                Protocol::Http2
-            } else {
-                Protocol::Http1
-            });
+        let protocol =
+            target
+                .protocol
+                .http()
+                .unwrap_or(if req.version() == http::Version::HTTP_2 {
+                    Protocol::Http2
+                } else {
+                    Protocol::Http1
+                });
         // HTTP/1.1 Upgrade (WebSocket): after policy, the two connections are
         // joined once the endpoint agrees (101).
         let upgrade = match protocol {

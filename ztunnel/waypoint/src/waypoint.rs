@@ -226,6 +226,8 @@ struct Target {
     /// The client's address (the one its source tunnel forwarded, when the
     /// client's identity proves it; else the peer's): sent on in `forwarded`.
     client: SocketAddr,
+    /// `for="<client>"`, the element the waypoint appends to `forwarded`.
+    forwarded: http::HeaderValue,
 }
 
 /// One tunnelled HTTP connection: what each of its requests shares.
@@ -745,6 +747,7 @@ impl Waypoint {
                 services: vec![name],
                 asked,
                 client,
+                forwarded: forwarded_for(client),
             });
         }
         let Some(workload) = state.workload_by_ip(ip).cloned() else {
@@ -766,6 +769,7 @@ impl Waypoint {
             service: None,
             asked,
             client,
+            forwarded: forwarded_for(client),
         })
     }
 
@@ -1128,10 +1132,7 @@ impl Waypoint {
         let hbone = SocketAddr::new(IpAddr::V4(endpoint.ip), ztunnel_ebpf_common::HBONE_PORT);
         let mut headers = http::HeaderMap::new();
         // Who the waypoint acts for: the client, as Istio's waypoint says it.
-        headers.insert(
-            "forwarded",
-            http::HeaderValue::from_str(&forwarded::for_client(client)).expect("an address"),
-        );
+        headers.insert("forwarded", forwarded_for(client));
         let (upgraded, guard) = self
             .upstream()
             .pool
@@ -1236,17 +1237,18 @@ impl Waypoint {
             tracing::warn!(src = %client, dst = %target.asked, path = %req.uri().path(), "request refused (400): {why}");
             return Handled::local(text(StatusCode::BAD_REQUEST, "Bad Request: path\n"));
         }
-        let service = &target.services;
-        // RequestAuthentication first: an invalid token is 401, none passes.
-        let authentications = state
+        // What applies here, worked out once per destination and policy change.
+        let policies = state
             .policies
-            .request_authentications((&self.key.0, &self.key.1), service);
+            .at_waypoint((&self.key.0, &self.key.1), &target.services);
+        // RequestAuthentication first: an invalid token is 401, none passes.
+        let authentications = policies.request_authentications();
         // Boxed, as the other rare steps (ext_authz, dialing an endpoint): inline,
         // their futures made every request's larger, and moving a request's
         // future (into its task, into its box) copied them each time.
         let auth = match authentications.is_empty() {
             true => Ok(None),
-            false => Box::pin(self.authenticate(&authentications, &mut req)).await,
+            false => Box::pin(self.authenticate(authentications, &mut req)).await,
         };
         let auth = match auth {
             Ok(auth) => auth,
@@ -1280,10 +1282,7 @@ impl Waypoint {
             auth,
         };
         // CUSTOM first: the external authorizer of each matching policy.
-        let custom =
-            state
-                .policies
-                .custom_request((&self.key.0, &self.key.1), service, conn, &attributes);
+        let custom = policies.custom_request(conn, &attributes);
         for (policy, provider) in &custom {
             match Box::pin(self.ext_authz(&state, provider, &req, client, conn, &host)).await {
                 Ok(upstream_headers) => req.headers_mut().extend(upstream_headers),
@@ -1295,13 +1294,7 @@ impl Waypoint {
                 }
             }
         }
-        let decision = state.policies.authorize_request(
-            (&self.key.0, &self.key.1),
-            service,
-            conn,
-            Some(&attributes),
-            true,
-        );
+        let decision = policies.authorize_request(conn, Some(&attributes), true);
         if !decision.allow {
             tracing::warn!(
                 src = %client,
@@ -1397,6 +1390,9 @@ impl Waypoint {
     /// Replaces the request's path with its normalized form (the query stays).
     fn normalize_path(&self, req: &mut Request<Incoming>) -> Result<(), String> {
         let path = req.uri().path();
+        if path_normalization::is_normalized(path) {
+            return Ok(());
+        }
         let normalized = path_normalization::normalize(path, self.path_normalization)
             .map_err(|e| e.to_string())?;
         if normalized == path {
@@ -1777,21 +1773,25 @@ fn upstream_request(
     }
     // The original client, appended (RFC 7239 §4): earlier elements are the
     // client's own say, the last one the waypoint's.
-    let forwarded = forwarded::for_client(target.client);
     let forwarded = match parts.headers.get(http::header::FORWARDED) {
-        Some(earlier) => [earlier.as_bytes(), b", ", forwarded.as_bytes()].concat(),
-        None => forwarded.into_bytes(),
+        Some(earlier) => http::HeaderValue::from_bytes(
+            &[earlier.as_bytes(), b", ", target.forwarded.as_bytes()].concat(),
+        )?,
+        None => target.forwarded.clone(),
     };
-    parts.headers.insert(
-        http::header::FORWARDED,
-        http::HeaderValue::from_bytes(&forwarded)?,
-    );
+    parts.headers.insert(http::header::FORWARDED, forwarded);
     if !parts.headers.contains_key("x-forwarded-proto") {
         parts
             .headers
             .insert("x-forwarded-proto", http::HeaderValue::from_static("http"));
     }
     Ok(Request::from_parts(parts, body))
+}
+
+/// The `forwarded` element naming the client.
+fn forwarded_for(client: SocketAddr) -> http::HeaderValue {
+    http::HeaderValue::from_str(&forwarded::for_client(client))
+        .expect("an address is a valid value")
 }
 
 /// A random (version 4) UUID.

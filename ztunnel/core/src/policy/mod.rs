@@ -290,6 +290,25 @@ pub struct Index {
     /// Per workload, with the labels the entry was made for: the index outlives
     /// state updates that change a workload's labels (a stale entry is made again).
     cache: Mutex<HashMap<(String, String), (BTreeMap<String, String>, Arc<Applicable>)>>,
+    /// Per waypoint destination (hashed: a lookup makes no key), what it applies.
+    at_waypoints: Mutex<HashMap<u64, Vec<(WaypointTarget, Arc<AtWaypoint>)>>>,
+}
+
+/// A waypoint and the Services of one destination: (namespace, name) each.
+type WaypointTarget = ((String, String), Vec<(String, String)>);
+
+/// At most this many destinations' policies are kept per index (the index is
+/// rebuilt when the policies change; destinations change less often).
+const AT_WAYPOINTS_KEPT: usize = 4096;
+
+/// What a waypoint applies for one destination: the AuthorizationPolicies attached
+/// to its Gateway and to the destination's Services (and refused ones whose targets
+/// cannot be read there), by action, and the RequestAuthentications.
+#[derive(Debug)]
+pub struct AtWaypoint {
+    policies: Applicable,
+    authn: Vec<Arc<authn::RequestAuthentication>>,
+    trust_domains: Vec<String>,
 }
 
 impl Index {
@@ -496,24 +515,74 @@ impl Index {
 }
 
 impl Index {
-    /// The AuthorizationPolicies a waypoint applies for a destination: attached to
-    /// its Gateway and to the destination Service, and refused ones whose targets
-    /// cannot be read in either's namespace.
-    fn attached_to(
+    /// What the waypoint applies for a destination, worked out once per index.
+    pub fn at_waypoint(
         &self,
         waypoint: (&str, &str),
         services: &[(String, String)],
-    ) -> Vec<&Arc<Compiled>> {
-        with_anywhere(
+    ) -> Arc<AtWaypoint> {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        (waypoint, services).hash(&mut hasher);
+        let hash = hasher.finish();
+        let same =
+            |(w, s): &WaypointTarget| (w.0.as_str(), w.1.as_str()) == waypoint && s == services;
+        let mut cache = self.at_waypoints.lock().expect("not poisoned");
+        if let Some((_, found)) = cache
+            .get(&hash)
+            .and_then(|b| b.iter().find(|(k, _)| same(k)))
+        {
+            return found.clone();
+        }
+        let mut policies = Applicable::default();
+        let attached = with_anywhere(
             attached_to(&self.attached, waypoint, services),
             &self.attached_anywhere,
             waypoint,
             services,
+        );
+        for policy in attached {
+            if let Some(note) = refused_note(policy) {
+                policies.notes.push(note);
+            }
+            if policy.dry_run {
+                policies.dry_run.push(policy.clone());
+                continue;
+            }
+            match policy.action {
+                Action::Custom => policies.custom.push(policy.clone()),
+                Action::Deny => policies.deny.push(policy.clone()),
+                Action::Allow => policies.allow.push(policy.clone()),
+                Action::Audit => policies.audit.push(policy.clone()),
+            }
+        }
+        let authn = with_anywhere(
+            attached_to(&self.authn, waypoint, services),
+            &self.authn_anywhere,
+            waypoint,
+            services,
         )
+        .into_iter()
+        .cloned()
+        .collect();
+        let found = Arc::new(AtWaypoint {
+            policies,
+            authn,
+            trust_domains: self.trust_domains.clone(),
+        });
+        if cache.len() >= AT_WAYPOINTS_KEPT {
+            cache.clear();
+        }
+        let key = (
+            (waypoint.0.to_owned(), waypoint.1.to_owned()),
+            services.to_vec(),
+        );
+        cache.entry(hash).or_default().push((key, found.clone()));
+        found
     }
 
-    /// AuthorizationPolicy at a waypoint, for one request: the policies attached to
-    /// the waypoint's Gateway and to the destination Service, with every field.
+    /// AuthorizationPolicy at a waypoint, for one request (see
+    /// [`AtWaypoint::authorize_request`]).
     pub fn authorize_request(
         &self,
         waypoint: (&str, &str),
@@ -522,48 +591,8 @@ impl Index {
         req: Option<&Request>,
         ext_authz: bool,
     ) -> Decision {
-        let policies = self.attached_to(waypoint, services);
-        let tds = &self.trust_domains;
-        let pick = |action: Action| -> Vec<Arc<Compiled>> {
-            policies
-                .iter()
-                .filter(|p| p.action == action && !p.dry_run)
-                .map(|p| (*p).clone())
-                .collect()
-        };
-        // Without a request (non-HTTP traffic) the waypoint judges like the tunnel.
-        let matcher = |p: &Compiled| match req {
-            Some(req) => p.matches_request(conn, req, tds),
-            None => p.matches(conn, tds),
-        };
-        // With an external authorizer the waypoint asks it for CUSTOM policies
-        // itself (see `custom_request`); without one they deny (fail closed).
-        let custom = if ext_authz {
-            Vec::new()
-        } else {
-            pick(Action::Custom)
-        };
-        let mut decision = decide_with(
-            &custom,
-            &pick(Action::Deny),
-            &pick(Action::Allow),
-            &matcher,
-            "the waypoint",
-        );
-        decision.audit = pick(Action::Audit)
-            .iter()
-            .filter(|p| matcher(p))
-            .map(|p| p.name.clone())
-            .collect();
-        decision.notes = policies.iter().filter_map(|p| refused_note(p)).collect();
-        for shadow in policies.iter().filter(|p| p.dry_run && matcher(p)) {
-            decision.dry_run.push(DryRun {
-                policy: shadow.name.clone(),
-                would_allow: shadow.action == Action::Allow,
-                reason: None,
-            });
-        }
-        decision
+        self.at_waypoint(waypoint, services)
+            .authorize_request(conn, req, ext_authz)
     }
 
     /// The RequestAuthentications a waypoint applies for a destination: those
@@ -573,19 +602,11 @@ impl Index {
         waypoint: (&str, &str),
         services: &[(String, String)],
     ) -> Vec<Arc<authn::RequestAuthentication>> {
-        with_anywhere(
-            attached_to(&self.authn, waypoint, services),
-            &self.authn_anywhere,
-            waypoint,
-            services,
-        )
-        .into_iter()
-        .cloned()
-        .collect()
+        self.at_waypoint(waypoint, services).authn.clone()
     }
 
     /// The CUSTOM policies attached to this waypoint or service whose rules match
-    /// the request: (policy, provider), in name order.
+    /// the request (see [`AtWaypoint::custom_request`]).
     pub fn custom_request(
         &self,
         waypoint: (&str, &str),
@@ -593,13 +614,65 @@ impl Index {
         conn: &Connection,
         req: &Request,
     ) -> Vec<(String, String)> {
-        self.attached_to(waypoint, services)
-            .into_iter()
-            .filter(|p| {
-                p.action == Action::Custom
-                    && !p.dry_run
-                    && p.matches_request(conn, req, &self.trust_domains)
-            })
+        self.at_waypoint(waypoint, services)
+            .custom_request(conn, req)
+    }
+}
+
+impl AtWaypoint {
+    /// AuthorizationPolicy for one request (None: non-HTTP traffic, judged as
+    /// the tunnel judges) with every field: CUSTOM, then DENY, then ALLOW.
+    pub fn authorize_request(
+        &self,
+        conn: &Connection,
+        req: Option<&Request>,
+        ext_authz: bool,
+    ) -> Decision {
+        let policies = &self.policies;
+        let tds = &self.trust_domains;
+        let matcher = |p: &Compiled| match req {
+            Some(req) => p.matches_request(conn, req, tds),
+            None => p.matches(conn, tds),
+        };
+        // With an external authorizer the waypoint asks it for CUSTOM policies
+        // itself (see `custom_request`); without one they deny (fail closed).
+        let custom: &[Arc<Compiled>] = if ext_authz { &[] } else { &policies.custom };
+        let mut decision = decide_with(
+            custom,
+            &policies.deny,
+            &policies.allow,
+            &matcher,
+            "the waypoint",
+        );
+        decision.audit = policies
+            .audit
+            .iter()
+            .filter(|p| matcher(p))
+            .map(|p| p.name.clone())
+            .collect();
+        decision.notes = policies.notes.clone();
+        for shadow in policies.dry_run.iter().filter(|p| matcher(p)) {
+            decision.dry_run.push(DryRun {
+                policy: shadow.name.clone(),
+                would_allow: shadow.action == Action::Allow,
+                reason: None,
+            });
+        }
+        decision
+    }
+
+    /// The RequestAuthentications that apply.
+    pub fn request_authentications(&self) -> &[Arc<authn::RequestAuthentication>] {
+        &self.authn
+    }
+
+    /// The CUSTOM policies whose rules match the request: (policy, provider), in
+    /// name order.
+    pub fn custom_request(&self, conn: &Connection, req: &Request) -> Vec<(String, String)> {
+        self.policies
+            .custom
+            .iter()
+            .filter(|p| p.matches_request(conn, req, &self.trust_domains))
             .map(|p| (p.name.clone(), p.provider.clone().unwrap_or_default()))
             .collect()
     }

@@ -80,16 +80,16 @@ impl std::error::Error for StreamIdle {}
 pub struct IdleBody {
     inner: upstream::Body,
     activity: Arc<Activity>,
-    sleep: Pin<Box<Sleep>>,
+    /// Made when the body first waits (most bodies never do).
+    sleep: Option<Pin<Box<Sleep>>>,
 }
 
 impl IdleBody {
     pub fn new(inner: upstream::Body, activity: Arc<Activity>) -> Self {
-        let sleep = Box::pin(tokio::time::sleep_until(activity.deadline()));
         Self {
             inner,
             activity,
-            sleep,
+            sleep: None,
         }
     }
 }
@@ -111,10 +111,13 @@ impl Body for IdleBody {
             if deadline <= Instant::now() {
                 return Poll::Ready(Some(Err(StreamIdle.into())));
             }
-            if self.sleep.deadline() != deadline {
-                self.sleep.as_mut().reset(deadline);
+            let sleep = self
+                .sleep
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+            if sleep.deadline() != deadline {
+                sleep.as_mut().reset(deadline);
             }
-            if self.sleep.as_mut().poll(cx).is_pending() {
+            if sleep.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
         }

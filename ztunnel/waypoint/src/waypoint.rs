@@ -1194,7 +1194,7 @@ impl Waypoint {
         let grpc_status = handled
             .response
             .headers()
-            .get("grpc-status")
+            .get(&GRPC_STATUS)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
         handled
@@ -1766,10 +1766,11 @@ fn upstream_request(
         }
     }
     // The request's id: the client's, or a new one (as Envoy's x-request-id).
-    if !parts.headers.contains_key("x-request-id") {
-        parts
-            .headers
-            .insert("x-request-id", http::HeaderValue::from_str(&request_id())?);
+    if !parts.headers.contains_key(&X_REQUEST_ID) {
+        parts.headers.insert(
+            X_REQUEST_ID.clone(),
+            http::HeaderValue::from_str(&request_id())?,
+        );
     }
     // The original client, appended (RFC 7239 §4): earlier elements are the
     // client's own say, the last one the waypoint's.
@@ -1780,10 +1781,11 @@ fn upstream_request(
         None => target.forwarded.clone(),
     };
     parts.headers.insert(http::header::FORWARDED, forwarded);
-    if !parts.headers.contains_key("x-forwarded-proto") {
-        parts
-            .headers
-            .insert("x-forwarded-proto", http::HeaderValue::from_static("http"));
+    if !parts.headers.contains_key(&X_FORWARDED_PROTO) {
+        parts.headers.insert(
+            X_FORWARDED_PROTO.clone(),
+            http::HeaderValue::from_static("http"),
+        );
     }
     Ok(Request::from_parts(parts, body))
 }
@@ -1817,6 +1819,10 @@ fn request_id() -> String {
 
 /// Hop-by-hop headers that are no standard `http::header` constant.
 static KEEP_ALIVE: http::HeaderName = http::HeaderName::from_static("keep-alive");
+// Named once: a name given as a string is parsed (and its case checked) each use.
+static X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+static X_FORWARDED_PROTO: http::HeaderName = http::HeaderName::from_static("x-forwarded-proto");
+static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
 static PROXY_CONNECTION: http::HeaderName = http::HeaderName::from_static("proxy-connection");
 
 /// Removes the headers that describe one connection (RFC 9110 §7.6.1): those

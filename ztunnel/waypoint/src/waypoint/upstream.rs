@@ -217,7 +217,9 @@ impl Upstreams {
                     sender.ready().await.map_err(handshake("HTTP/1.1"))?;
                     Ok::<_, UpstreamError>(sender)
                 };
-                match connect.await {
+                // Boxed, as every rare step: inline, it made each request's
+                // future larger, and that future is copied into its task.
+                match Box::pin(connect).await {
                     Ok(sender) => sender,
                     Err(error) => {
                         return Err(SendError {
@@ -330,7 +332,7 @@ impl Upstreams {
                 let _dialing = gate.lock().await;
                 match self.open_http2(key) {
                     Some(sender) => sender,
-                    None => match self.dial_http2(key, dial).await {
+                    None => match Box::pin(self.dial_http2(key, dial)).await {
                         Ok(sender) => sender,
                         Err(error) => {
                             return Err(SendError {

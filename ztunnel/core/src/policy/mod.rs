@@ -269,6 +269,26 @@ struct Applicable {
     notes: Vec<String>,
 }
 
+impl Applicable {
+    /// Files a policy that applies under its action (dry-run ones apart), with
+    /// the note of what was refused in it, if anything.
+    fn add(&mut self, policy: &Arc<Compiled>) {
+        if let Some(note) = refused_note(policy) {
+            self.notes.push(note);
+        }
+        if policy.dry_run {
+            self.dry_run.push(policy.clone());
+            return;
+        }
+        match policy.action {
+            Action::Custom => self.custom.push(policy.clone()),
+            Action::Deny => self.deny.push(policy.clone()),
+            Action::Allow => self.allow.push(policy.clone()),
+            Action::Audit => self.audit.push(policy.clone()),
+        }
+    }
+}
+
 /// All policies of the mesh, compiled.
 #[derive(Debug, Default)]
 pub struct Index {
@@ -422,19 +442,7 @@ impl Index {
                     .notes
                     .push(format!("{}: {}", policy.name, l7_note(policy)));
             }
-            if let Some(note) = refused_note(policy) {
-                applicable.notes.push(note);
-            }
-            if policy.dry_run {
-                applicable.dry_run.push(policy.clone());
-                continue;
-            }
-            match policy.action {
-                Action::Custom => applicable.custom.push(policy.clone()),
-                Action::Deny => applicable.deny.push(policy.clone()),
-                Action::Allow => applicable.allow.push(policy.clone()),
-                Action::Audit => applicable.audit.push(policy.clone()),
-            }
+            applicable.add(policy);
         }
         let applicable = Arc::new(applicable);
         self.cache
@@ -542,19 +550,7 @@ impl Index {
             services,
         );
         for policy in attached {
-            if let Some(note) = refused_note(policy) {
-                policies.notes.push(note);
-            }
-            if policy.dry_run {
-                policies.dry_run.push(policy.clone());
-                continue;
-            }
-            match policy.action {
-                Action::Custom => policies.custom.push(policy.clone()),
-                Action::Deny => policies.deny.push(policy.clone()),
-                Action::Allow => policies.allow.push(policy.clone()),
-                Action::Audit => policies.audit.push(policy.clone()),
-            }
+            policies.add(policy);
         }
         let authn = with_anywhere(
             attached_to(&self.authn, waypoint, services),

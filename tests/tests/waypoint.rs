@@ -2099,6 +2099,8 @@ async fn each_request_is_measured_and_logged_with_istio_labels() {
                     && l.contains("grpc_response_status=\"10\"")
                     && l.contains("destination_service=\"grpc.demo.svc\"")
                     && l.contains("source_principal=\"spiffe://cluster.local/ns/demo/sa/client\"")
+                && l.contains("source_workload_namespace=\"demo\"")
+                && l.contains("destination_workload_namespace=\"demo\"")
             };
             page.lines()
                 .filter(grpc)

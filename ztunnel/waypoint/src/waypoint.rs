@@ -1024,10 +1024,7 @@ impl Waypoint {
         response_flags: ResponseFlags,
     ) -> crate::metrics::TcpLabels {
         use crate::metrics::UNKNOWN;
-        let source = match conn.source_ip {
-            IpAddr::V4(ip) => state.workload_by_ip(ip).filter(|w| &w.identity == client),
-            IpAddr::V6(_) => None,
-        };
+        let source = source_workload(state, conn, client);
         let workload =
             |w: Option<&Workload>| w.map_or(UNKNOWN.into(), |w| w.workload_name().to_owned());
         let namespace = |w: Option<&Workload>| w.map_or(UNKNOWN.into(), |w| w.namespace.clone());
@@ -1423,15 +1420,14 @@ impl Waypoint {
         client: &Identity,
         target: &Target,
     ) -> RequestLabels {
-        let source = match conn.source_ip {
-            IpAddr::V4(ip) => state.workload_by_ip(ip).filter(|w| &w.identity == client),
-            IpAddr::V6(_) => None,
-        };
+        let source = source_workload(state, conn, client);
         RequestLabels {
             reporter: "waypoint".into(),
             source_workload: source.map_or(crate::metrics::UNKNOWN.into(), |w| {
                 w.workload_name().to_owned()
             }),
+            source_workload_namespace: source
+                .map_or(crate::metrics::UNKNOWN.into(), |w| w.namespace.clone()),
             source_principal: client.to_string(),
             destination_service: target
                 .service
@@ -1788,6 +1784,19 @@ fn upstream_request(
         );
     }
     Ok(Request::from_parts(parts, body))
+}
+
+/// The workload a connection came from, when its certificate's identity is that
+/// workload's: an address alone names no one.
+fn source_workload<'a>(
+    state: &'a State,
+    conn: &Connection,
+    client: &Identity,
+) -> Option<&'a Arc<Workload>> {
+    match conn.source_ip {
+        IpAddr::V4(ip) => state.workload_by_ip(ip).filter(|w| &w.identity == client),
+        IpAddr::V6(_) => None,
+    }
 }
 
 /// The `forwarded` element naming the client.

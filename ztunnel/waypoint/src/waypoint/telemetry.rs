@@ -28,8 +28,10 @@ use ztunnel_core::{metrics::UNKNOWN, response_flags::ResponseFlags, state::Workl
 pub struct RequestLabels {
     pub reporter: String,
     pub source_workload: String,
+    pub source_workload_namespace: String,
     pub source_principal: String,
     pub destination_workload: String,
+    pub destination_workload_namespace: String,
     pub destination_principal: String,
     pub destination_service: String,
     /// `http` or `grpc`.
@@ -193,6 +195,8 @@ impl ConnMetrics {
         RequestLabels {
             destination_workload: destination
                 .map_or(UNKNOWN.into(), |w| w.workload_name().to_owned()),
+            destination_workload_namespace: destination
+                .map_or(UNKNOWN.into(), |w| w.namespace.clone()),
             destination_principal: destination.map_or(UNKNOWN.into(), |w| w.identity.to_string()),
             request_protocol: if outcome.grpc { "grpc" } else { "http" }.into(),
             response_code: outcome.response_code.as_u16().to_string(),
@@ -361,8 +365,10 @@ mod tests {
         RequestLabels {
             reporter: "waypoint".into(),
             source_workload: "a".into(),
+            source_workload_namespace: "n".into(),
             source_principal: "p".into(),
             destination_workload: UNKNOWN.into(),
+            destination_workload_namespace: UNKNOWN.into(),
             destination_principal: UNKNOWN.into(),
             destination_service: "s".into(),
             request_protocol: "grpc".into(),

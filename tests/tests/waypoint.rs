@@ -2099,8 +2099,8 @@ async fn each_request_is_measured_and_logged_with_istio_labels() {
                     && l.contains("grpc_response_status=\"10\"")
                     && l.contains("destination_service=\"grpc.demo.svc\"")
                     && l.contains("source_principal=\"spiffe://cluster.local/ns/demo/sa/client\"")
-                && l.contains("source_workload_namespace=\"demo\"")
-                && l.contains("destination_workload_namespace=\"demo\"")
+                    && l.contains("source_workload_namespace=\"demo\"")
+                    && l.contains("destination_workload_namespace=\"demo\"")
             };
             page.lines()
                 .filter(grpc)
@@ -2277,6 +2277,23 @@ async fn a_port_declared_tcp_is_relayed_unread_and_its_server_may_speak_first() 
     let mesh = l7_mesh_args(&["--mesh-config", mesh_yaml.to_str().unwrap()]).await;
     let _echo1 = L7Server::start(mesh.cluster.pod("echo-1"), 9000).unwrap();
     let _echo2 = L7Server::start(mesh.cluster.pod("echo-2"), 9000).unwrap();
+    // Nothing listens on the greeting port yet: both endpoints refuse, and the
+    // relay that could not be opened is counted with Envoy's flags.
+    let out = probe(&mesh, &["greeting", "10.96.0.86:3306", "30000"]);
+    assert_eq!(field(&out, "reply"), "", "{out}");
+    let failed = [
+        "destination_service=\"raw.demo.svc\"",
+        "response_flags=\"UF,URX\"",
+    ];
+    eventually(
+        Duration::from_secs(15),
+        "the failed relay counted",
+        || async {
+            let page = mesh.waypoint_metrics("waypoint").await;
+            metric(&page, "istio_tcp_connections_closed_total", &failed) >= 1.0
+        },
+    )
+    .await;
     greet_on_connect(&mesh, "echo-1");
     greet_on_connect(&mesh, "echo-2");
 

@@ -944,31 +944,21 @@ impl Waypoint {
             None,
             false,
         );
-        // Counted as Envoy's TCP proxy does: opened and closed (with the bytes
-        // relayed each way); a refusal or an unreachable upstream as both at once
-        // (RBAC: no flag; no endpoint: UH; every endpoint failed: UF, and URX after
-        // a retry).
-        let count =
-            |endpoint: Option<&Workload>, flags: ResponseFlags, bytes: Option<(u64, u64)>| {
-                let labels = self.tcp_labels(&state, &conn, &client, &target, endpoint, flags);
-                let m = &self.tcp_metrics;
-                if bytes.is_none() {
-                    m.opened.get_or_create(&labels).inc();
-                }
-                m.closed.get_or_create(&labels).inc();
-                let (received, sent) = bytes.unwrap_or_default();
-                m.received.get_or_create(&labels).inc_by(received);
-                m.sent.get_or_create(&labels).inc_by(sent);
-            };
+        // Counted as Envoy's TCP proxy does: opened, then closed with the bytes
+        // relayed each way; one refused or unreachable as both at once (RBAC: no
+        // flag; no endpoint: UH; every endpoint failed: UF, and URX after a retry).
+        let m = &self.tcp_metrics;
+        let refused = |flags: ResponseFlags| {
+            let labels = self.tcp_labels(&state, &conn, &client, &target, None, flags);
+            m.opened.get_or_create(&labels).inc();
+            m.closed.get_or_create(&labels).inc();
+        };
         if !decision.allow {
             tracing::warn!(src = %client, dst = %target.asked, "waypoint: connection denied: {}", decision.reason);
-            count(None, ResponseFlags::NONE, None);
+            refused(ResponseFlags::NONE);
             return Ok(());
         }
         let endpoints = self.endpoints(&state, &target);
-        if endpoints.is_empty() {
-            count(None, Flag::NoHealthyUpstream.into(), None);
-        }
         let mut failures = Vec::new();
         for endpoint in &endpoints {
             match self
@@ -984,28 +974,26 @@ impl Waypoint {
                         Some(endpoint),
                         ResponseFlags::NONE,
                     );
-                    self.tcp_metrics.opened.get_or_create(&labels).inc();
+                    m.opened.get_or_create(&labels).inc();
                     let mut stream = stream;
                     let relayed = relay(&mut stream, &mut upstream).await;
                     // A relay that failed counts no bytes: they are not known.
-                    count(
-                        Some(endpoint),
-                        ResponseFlags::NONE,
-                        Some(*relayed.as_ref().unwrap_or(&(0, 0))),
-                    );
+                    let (received, sent) = relayed.as_ref().map_or((0, 0), |bytes| *bytes);
+                    m.closed.get_or_create(&labels).inc();
+                    m.received.get_or_create(&labels).inc_by(received);
+                    m.sent.get_or_create(&labels).inc_by(sent);
                     relayed?;
                     return Ok(());
                 }
                 Err(e) => failures.push(format!("{}: {e}", endpoint.name)),
             }
         }
-        if failures.len() > 1 {
-            let flags = ResponseFlags::from(Flag::UpstreamConnectionFailure)
-                .with(Flag::UpstreamRetryLimitExceeded);
-            count(None, flags, None);
-        } else if !failures.is_empty() {
-            count(None, Flag::UpstreamConnectionFailure.into(), None);
-        }
+        refused(match failures.len() {
+            0 => Flag::NoHealthyUpstream.into(),
+            1 => Flag::UpstreamConnectionFailure.into(),
+            _ => ResponseFlags::from(Flag::UpstreamConnectionFailure)
+                .with(Flag::UpstreamRetryLimitExceeded),
+        });
         Err(ConnectionError::Unreachable {
             asked: target.asked,
             failures: failures.join("; "),
@@ -1063,7 +1051,8 @@ impl Waypoint {
             .unwrap_or(self.limits.request_headers_timeout);
         let n = match tokio::time::timeout(detection, stream.read(&mut first)).await {
             Ok(read) => read?,
-            Err(_) if self.only_http(target, conn) => {
+            // Detection off: that was the request headers timeout already.
+            Err(_) if self.protocol_detection_timeout.is_some() && self.only_http(target, conn) => {
                 let late = stream.read(&mut first);
                 match tokio::time::timeout(self.limits.request_headers_timeout, late).await {
                     Ok(read) => read?,

@@ -1671,6 +1671,7 @@ spec:
   - {port: 80, targetPort: 9000}
   - {name: http, port: 81, targetPort: 9000}
   - {name: http2-web, port: 82, targetPort: 9000}
+  - {name: tcp-web, port: 83, targetPort: 9000}
 ---
 apiVersion: v1
 kind: Service
@@ -2344,6 +2345,20 @@ async fn a_port_declared_tcp_is_relayed_unread_and_its_server_may_speak_first() 
         ),
         0.0,
         "{page}"
+    );
+    // A DENY whose rule reads the path still holds on a port declared tcp: with
+    // no path to read, the rule matches every connection (Istio: HTTP-only fields
+    // are ignored in a DENY), so declaring a port opaque never opens a way around it.
+    let (status, body) = http(&mesh, "10.96.0.82:83", "GET", "/public", &[]);
+    assert_eq!(
+        status, "none",
+        "no answer: web's DENY /secret* refuses its tcp port whole: {body}"
+    );
+    assert!(
+        mesh.log("waypoint-waypoint")
+            .contains("waypoint: connection denied"),
+        "{}",
+        mesh.log("waypoint-waypoint")
     );
     // appProtocol mysql: the server's greeting comes with nothing sent.
     let out = probe(&mesh, &["greeting", "10.96.0.86:3306", "30000"]);

@@ -600,19 +600,6 @@ impl Index {
     ) -> Vec<Arc<authn::RequestAuthentication>> {
         self.at_waypoint(waypoint, services).authn.clone()
     }
-
-    /// The CUSTOM policies attached to this waypoint or service whose rules match
-    /// the request (see [`AtWaypoint::custom_request`]).
-    pub fn custom_request(
-        &self,
-        waypoint: (&str, &str),
-        services: &[(String, String)],
-        conn: &Connection,
-        req: &Request,
-    ) -> Vec<(String, String)> {
-        self.at_waypoint(waypoint, services)
-            .custom_request(conn, req)
-    }
 }
 
 impl AtWaypoint {

@@ -1031,3 +1031,35 @@ fn a_request_authentication_that_cannot_be_read_refuses_every_request_of_its_nam
         .request_authentications(("other", "wp"), &[("other".into(), "svc".into())])
         .is_empty());
 }
+
+/// What a waypoint applies is kept per destination: destinations asked in turn,
+/// over and over and past the cache's size, never get each other's policies (a
+/// DENY attached to one Service stays on that Service alone).
+#[test]
+fn a_waypoints_policies_are_kept_per_destination_and_never_mixed() {
+    let i = index(&[ap(
+        "shop",
+        "no-admin",
+        "targetRefs: [{kind: Service, group: \"\", name: admin}]\naction: DENY\nrules: [{}]",
+    )]);
+    let req = request("GET", "/", "web", &[]);
+    let service = |name: &str| vec![("shop".to_string(), name.to_string())];
+    let allows = |services: &[(String, String)]| {
+        i.authorize_request(
+            ("shop", "wp"),
+            services,
+            &mtls("a", "b", 80),
+            Some(&req),
+            false,
+        )
+        .allow
+    };
+    for n in 0..(AT_WAYPOINTS_KEPT + 10) {
+        assert!(!allows(&service("admin")), "round {n}: admin");
+        assert!(allows(&service(&format!("web-{n}"))), "round {n}: web-{n}");
+        // The denied Service among others is denied too, in any order.
+        let both = [service("admin"), service("web")].concat();
+        assert!(!allows(&both), "round {n}: admin and web");
+        assert!(allows(&service("web")), "round {n}: web");
+    }
+}
